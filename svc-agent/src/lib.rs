@@ -1,0 +1,4 @@
+//! svc-agent: loads the svc eBPF dataplane, programs Kubernetes Services into its maps and
+//! lets operators inspect it.
+
+pub mod loader;

@@ -1,0 +1,105 @@
+//! Packet and drop counters.
+//!
+//! Map `PKT_STATS_V1` (per-CPU array, written by every kernel program, read by the agent's
+//! `inspect` and metrics): key `u32` = a [`PktCounter`] index, value [`Counter`] (host byte
+//! order). Each packet a program sees adds to exactly one L3 counter and, when it is IP with a
+//! readable transport header, exactly one L4 counter.
+
+use crate::impl_pod;
+
+/// Packets and bytes, host byte order. Summed over CPUs by the reader.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counter {
+    /// Number of packets.
+    pub packets: u64,
+    /// Number of bytes (the whole frame, `skb->len`).
+    pub bytes: u64,
+}
+crate::assert_layout!(Counter, size = 16, packets = 0, bytes = 8);
+impl_pod!(Counter);
+
+/// Index into `PKT_STATS_V1`: what the parser saw.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PktCounter {
+    /// Not IPv4 or IPv6 (ARP, VLAN-tagged frames, ...): passed untouched.
+    NonIp = 0,
+    /// An IPv4 packet with a valid header.
+    Ipv4 = 1,
+    /// An IPv6 packet with a valid header.
+    Ipv6 = 2,
+    /// The IP header is truncated or inconsistent (version, IHL, total length): passed to the
+    /// kernel, whose own validation decides.
+    MalformedIp = 3,
+    /// TCP with a complete header.
+    Tcp = 4,
+    /// UDP with a complete header.
+    Udp = 5,
+    /// ICMP (v4) with a complete header.
+    Icmp = 6,
+    /// ICMPv6 with a complete header.
+    Icmpv6 = 7,
+    /// Any other transport protocol (SCTP, GRE, ...).
+    OtherL4 = 8,
+    /// An IP fragment (IPv4 MF/offset or IPv6 fragment header).
+    Fragment = 9,
+    /// The transport header is truncated or inconsistent (e.g. TCP data offset < 5).
+    MalformedL4 = 10,
+    /// The IPv6 extension header chain is longer than the parser follows.
+    Ipv6ExtTooLong = 11,
+}
+
+impl PktCounter {
+    /// Every counter, in index order.
+    pub const ALL: [Self; 12] = [
+        Self::NonIp,
+        Self::Ipv4,
+        Self::Ipv6,
+        Self::MalformedIp,
+        Self::Tcp,
+        Self::Udp,
+        Self::Icmp,
+        Self::Icmpv6,
+        Self::OtherL4,
+        Self::Fragment,
+        Self::MalformedL4,
+        Self::Ipv6ExtTooLong,
+    ];
+    /// Number of entries in `PKT_STATS_V1`.
+    pub const COUNT: u32 = Self::ALL.len() as u32;
+
+    /// The counter's name as `inspect` and metrics show it.
+    #[must_use]
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::NonIp => "non_ip",
+            Self::Ipv4 => "ipv4",
+            Self::Ipv6 => "ipv6",
+            Self::MalformedIp => "malformed_ip",
+            Self::Tcp => "tcp",
+            Self::Udp => "udp",
+            Self::Icmp => "icmp",
+            Self::Icmpv6 => "icmpv6",
+            Self::OtherL4 => "other_l4",
+            Self::Fragment => "fragment",
+            Self::MalformedL4 => "malformed_l4",
+            Self::Ipv6ExtTooLong => "ipv6_ext_too_long",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counter_indices_are_dense_and_names_unique() {
+        for (i, c) in PktCounter::ALL.iter().enumerate() {
+            assert_eq!(*c as usize, i);
+            for other in &PktCounter::ALL[i + 1..] {
+                assert_ne!(c.name(), other.name());
+            }
+        }
+    }
+}

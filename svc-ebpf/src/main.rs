@@ -1,0 +1,29 @@
+//! svc kernel programs. This file holds only the entry points; each one hands its context to
+//! the module that tells the packet's story (see the README's packet-path picture).
+#![no_std]
+#![no_main]
+
+mod maps;
+mod parse;
+mod pod;
+mod stats;
+
+use aya_ebpf::{macros::classifier, programs::TcContext};
+
+/// TC ingress on a pod-facing interface (the host end of a pod's veth): packets *from* a pod.
+#[classifier]
+pub fn svc_tc_from_pod(ctx: TcContext) -> i32 {
+    pod::from_pod(&ctx)
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    // The verifier rejects any program that could reach a real panic; this is never run.
+    loop {}
+}
+
+/// The kernel only lets GPL-compatible programs call some helpers.
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -1,0 +1,187 @@
+//! Packet parsing: Ethernet, then IPv4 or IPv6 (with its extension headers), then the
+//! transport header. The parser reads through direct packet access and never writes.
+//!
+//! Policy: a packet the parser cannot make sense of is *not ours*. It is counted under a named
+//! reason and handed to the kernel stack untouched, whose own validation decides its fate.
+
+use core::mem::size_of;
+
+use aya_ebpf::programs::TcContext;
+use network_types::{
+    eth::EthHdr,
+    icmp::Icmpv4Hdr,
+    ip::{Ipv4Hdr, Ipv6Hdr},
+    tcp::TcpHdr,
+    udp::UdpHdr,
+};
+use svc_common::{
+    net::{ETH_P_IP, ETH_P_IPV6, ipproto},
+    stats::PktCounter,
+};
+
+/// Length of an Ethernet header.
+pub const ETH_HLEN: usize = EthHdr::LEN;
+/// How many leading bytes the parser wants in the linear part of the packet.
+const PARSE_WINDOW: u32 = 128;
+/// How many IPv6 extension headers the parser follows before giving up.
+const MAX_IPV6_EXT: usize = 4;
+/// Minimum length of an ICMPv6 header (type, code, checksum, 4 bytes of body).
+const ICMPV6_HLEN: usize = 8;
+
+/// Returns a pointer to a `T` at `off` bytes into the packet, if all of it is in bounds.
+#[inline(always)]
+pub fn ptr_at<T>(ctx: &TcContext, off: usize) -> Option<*mut T> {
+    let start = ctx.data();
+    let end = ctx.data_end();
+    if start + off + size_of::<T>() > end {
+        return None;
+    }
+    Some((start + off) as *mut T)
+}
+
+/// Makes sure the headers are in the linear part of the packet, so direct access can see them.
+#[inline(always)]
+pub fn pull_headers(ctx: &TcContext) {
+    let want = if ctx.len() < PARSE_WINDOW { ctx.len() } else { PARSE_WINDOW };
+    if ((ctx.data_end() - ctx.data()) as u32) < want {
+        // A failed pull leaves the packet as it was; the bounds checks below then fail safely.
+        let _ = ctx.pull_data(want);
+    }
+}
+
+/// The IP family of a parsed packet.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    /// IPv4.
+    V4,
+    /// IPv6.
+    V6,
+}
+
+/// What the parser found.
+#[derive(Clone, Copy)]
+pub struct Parsed {
+    /// Which L3 counter the packet adds to.
+    pub l3: PktCounter,
+    /// Which L4 counter it adds to, if it got that far.
+    pub l4: Option<PktCounter>,
+    /// IP family, for IP packets with a valid header.
+    pub family: Option<Family>,
+    /// The transport protocol number (after IPv6 extension headers).
+    pub proto: u8,
+    /// Offset of the transport header from the start of the frame.
+    pub l4_off: usize,
+}
+
+impl Parsed {
+    const fn l3_only(l3: PktCounter) -> Self {
+        Self { l3, l4: None, family: None, proto: 0, l4_off: 0 }
+    }
+}
+
+/// Parses the headers of the frame in `ctx`.
+#[inline(always)]
+pub fn parse(ctx: &TcContext) -> Parsed {
+    let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
+        return Parsed::l3_only(PktCounter::NonIp);
+    };
+    // SAFETY: `ptr_at` checked the header is inside the packet.
+    let ether_type = unsafe { (*eth).ether_type };
+    if ether_type == ETH_P_IP.0 {
+        parse_ipv4(ctx)
+    } else if ether_type == ETH_P_IPV6.0 {
+        parse_ipv6(ctx)
+    } else {
+        Parsed::l3_only(PktCounter::NonIp)
+    }
+}
+
+#[inline(always)]
+fn parse_ipv4(ctx: &TcContext) -> Parsed {
+    let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, ETH_HLEN) else {
+        return Parsed::l3_only(PktCounter::MalformedIp);
+    };
+    // SAFETY: `ptr_at` checked the fixed header is inside the packet.
+    let ip = unsafe { &*ip };
+    let ihl = usize::from(ip.vihl & 0x0f) * 4;
+    let tot_len = usize::from(u16::from_be_bytes(ip.tot_len));
+    if ip.vihl >> 4 != 4 || ihl < Ipv4Hdr::LEN || tot_len < ihl || ETH_HLEN + tot_len > ctx.len() as usize {
+        return Parsed::l3_only(PktCounter::MalformedIp);
+    }
+    let l4_off = ETH_HLEN + ihl;
+    let ip_end = ETH_HLEN + tot_len;
+    // More-fragments flag or a non-zero offset: the transport header is not (all) here.
+    let l4 = if u16::from_be_bytes(ip.frags) & 0x3fff != 0 {
+        PktCounter::Fragment
+    } else {
+        classify_l4(ctx, ip.proto, l4_off, ip_end)
+    };
+    Parsed { l3: PktCounter::Ipv4, l4: Some(l4), family: Some(Family::V4), proto: ip.proto, l4_off }
+}
+
+#[inline(always)]
+fn parse_ipv6(ctx: &TcContext) -> Parsed {
+    let Some(ip) = ptr_at::<Ipv6Hdr>(ctx, ETH_HLEN) else {
+        return Parsed::l3_only(PktCounter::MalformedIp);
+    };
+    // SAFETY: `ptr_at` checked the fixed header is inside the packet.
+    let ip = unsafe { &*ip };
+    let ip_end = ETH_HLEN + Ipv6Hdr::LEN + usize::from(u16::from_be_bytes(ip.payload_len));
+    if ip.vcf[0] >> 4 != 6 || ip_end > ctx.len() as usize {
+        return Parsed::l3_only(PktCounter::MalformedIp);
+    }
+    let mut next = ip.next_hdr;
+    let mut off = ETH_HLEN + Ipv6Hdr::LEN;
+    let mut l4 = None;
+    for _ in 0..MAX_IPV6_EXT {
+        match next {
+            ipproto::HOPOPTS | ipproto::ROUTING | ipproto::DSTOPTS => {
+                let Some(ext) = ptr_at::<[u8; 2]>(ctx, off) else {
+                    l4 = Some(PktCounter::MalformedL4);
+                    break;
+                };
+                // SAFETY: `ptr_at` checked both bytes are inside the packet.
+                let [nh, len] = unsafe { *ext };
+                next = nh;
+                off += (usize::from(len) + 1) * 8;
+            }
+            ipproto::FRAGMENT => {
+                l4 = Some(PktCounter::Fragment);
+                break;
+            }
+            _ => {
+                l4 = Some(classify_l4(ctx, next, off, ip_end));
+                break;
+            }
+        }
+    }
+    let l4 = l4.unwrap_or(PktCounter::Ipv6ExtTooLong);
+    Parsed { l3: PktCounter::Ipv6, l4: Some(l4), family: Some(Family::V6), proto: next, l4_off: off }
+}
+
+/// Checks the transport header at `off` is complete (inside the packet and inside the IP
+/// payload, which ends at `ip_end`) and names its counter.
+#[inline(always)]
+fn classify_l4(ctx: &TcContext, proto: u8, off: usize, ip_end: usize) -> PktCounter {
+    let (counter, hlen) = match proto {
+        ipproto::TCP => (PktCounter::Tcp, TcpHdr::LEN),
+        ipproto::UDP => (PktCounter::Udp, UdpHdr::LEN),
+        ipproto::ICMP => (PktCounter::Icmp, Icmpv4Hdr::LEN),
+        ipproto::ICMPV6 => (PktCounter::Icmpv6, ICMPV6_HLEN),
+        _ => return PktCounter::OtherL4,
+    };
+    if off + hlen > ip_end || ctx.data() + off + hlen > ctx.data_end() {
+        return PktCounter::MalformedL4;
+    }
+    if proto == ipproto::TCP {
+        let Some(tcp) = ptr_at::<TcpHdr>(ctx, off) else {
+            return PktCounter::MalformedL4;
+        };
+        // SAFETY: `ptr_at` checked the header is inside the packet.
+        let doff = usize::from(unsafe { (*tcp).doff() }) * 4;
+        if doff < TcpHdr::LEN || off + doff > ip_end {
+            return PktCounter::MalformedL4;
+        }
+    }
+    counter
+}
