@@ -2,3 +2,5 @@
 //! lets operators inspect it.
 
 pub mod loader;
+pub mod model;
+pub mod source;

@@ -1,1 +1,5 @@
+//! Test support for svc: the packet fixture runner (BPF_PROG_TEST_RUN) and the network
+//! namespace harness used by the end-to-end tests.
 
+pub mod fixture;
+pub mod netns;

@@ -1,0 +1,1 @@
+//! Desired-state model: Kubernetes objects in, frontends and backends out (pure functions).

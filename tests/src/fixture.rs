@@ -1,0 +1,1 @@
+//! Packet fixture runner.
