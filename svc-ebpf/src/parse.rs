@@ -42,7 +42,11 @@ pub fn ptr_at<T>(ctx: &TcContext, off: usize) -> Option<*mut T> {
 /// Makes sure the headers are in the linear part of the packet, so direct access can see them.
 #[inline(always)]
 pub fn pull_headers(ctx: &TcContext) {
-    let want = if ctx.len() < PARSE_WINDOW { ctx.len() } else { PARSE_WINDOW };
+    let want = if ctx.len() < PARSE_WINDOW {
+        ctx.len()
+    } else {
+        PARSE_WINDOW
+    };
     if ((ctx.data_end() - ctx.data()) as u32) < want {
         // A failed pull leaves the packet as it was; the bounds checks below then fail safely.
         let _ = ctx.pull_data(want);
@@ -75,7 +79,13 @@ pub struct Parsed {
 
 impl Parsed {
     const fn l3_only(l3: PktCounter) -> Self {
-        Self { l3, l4: None, family: None, proto: 0, l4_off: 0 }
+        Self {
+            l3,
+            l4: None,
+            family: None,
+            proto: 0,
+            l4_off: 0,
+        }
     }
 }
 
@@ -105,7 +115,11 @@ fn parse_ipv4(ctx: &TcContext) -> Parsed {
     let ip = unsafe { &*ip };
     let ihl = usize::from(ip.vihl & 0x0f) * 4;
     let tot_len = usize::from(u16::from_be_bytes(ip.tot_len));
-    if ip.vihl >> 4 != 4 || ihl < Ipv4Hdr::LEN || tot_len < ihl || ETH_HLEN + tot_len > ctx.len() as usize {
+    if ip.vihl >> 4 != 4
+        || ihl < Ipv4Hdr::LEN
+        || tot_len < ihl
+        || ETH_HLEN + tot_len > ctx.len() as usize
+    {
         return Parsed::l3_only(PktCounter::MalformedIp);
     }
     let l4_off = ETH_HLEN + ihl;
@@ -116,7 +130,13 @@ fn parse_ipv4(ctx: &TcContext) -> Parsed {
     } else {
         classify_l4(ctx, ip.proto, l4_off, ip_end)
     };
-    Parsed { l3: PktCounter::Ipv4, l4: Some(l4), family: Some(Family::V4), proto: ip.proto, l4_off }
+    Parsed {
+        l3: PktCounter::Ipv4,
+        l4: Some(l4),
+        family: Some(Family::V4),
+        proto: ip.proto,
+        l4_off,
+    }
 }
 
 #[inline(always)]
@@ -156,7 +176,13 @@ fn parse_ipv6(ctx: &TcContext) -> Parsed {
         }
     }
     let l4 = l4.unwrap_or(PktCounter::Ipv6ExtTooLong);
-    Parsed { l3: PktCounter::Ipv6, l4: Some(l4), family: Some(Family::V6), proto: next, l4_off: off }
+    Parsed {
+        l3: PktCounter::Ipv6,
+        l4: Some(l4),
+        family: Some(Family::V6),
+        proto: next,
+        l4_off: off,
+    }
 }
 
 /// Checks the transport header at `off` is complete (inside the packet and inside the IP

@@ -1,1 +1,281 @@
-//! Packet fixture runner.
+//! Packet fixture runner: table rows run through `BPF_PROG_TEST_RUN` (aya `TestRun`).
+//!
+//! A row names a program, the map entries it needs (a setup function over the freshly loaded
+//! object), an input frame, the expected verdict, the expected output frame (compared byte for
+//! byte) and the expected counter deltas. Every row gets its own freshly loaded object, so rows
+//! never see each other's state. A mismatch reports the row and both frames decoded (addresses,
+//! ports, checksums with their validity) plus the first differing byte.
+//!
+//! With a repeat count above one, the row is run again that many times in the kernel after it
+//! passed and the kernel-measured average cost per packet is reported.
+
+use std::{fmt::Write as _, time::Duration};
+
+use anyhow::{Context as _, anyhow, bail};
+use aya::{
+    Ebpf,
+    maps::PerCpuArray,
+    programs::{Program, TestRun, TestRunOptions},
+};
+use svc_common::stats::{Counter, PktCounter};
+
+use crate::packets::describe;
+
+/// TC verdicts (`TC_ACT_*`) a program can return.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// `TC_ACT_OK`: continue into the stack.
+    Ok,
+    /// `TC_ACT_SHOT`: drop.
+    Shot,
+    /// `TC_ACT_REDIRECT`: sent elsewhere by `bpf_redirect`.
+    Redirect,
+}
+
+impl Verdict {
+    /// The value the program returns for this verdict.
+    #[must_use]
+    pub const fn code(self) -> u32 {
+        match self {
+            Self::Ok => 0,
+            Self::Shot => 2,
+            Self::Redirect => 7,
+        }
+    }
+}
+
+/// What the output frame must be.
+#[derive(Clone, Debug)]
+pub enum Expected {
+    /// Exactly the input frame.
+    Unchanged,
+    /// Exactly these bytes.
+    Packet(Vec<u8>),
+}
+
+/// Writes the map entries a row needs into the freshly loaded object.
+pub type Setup = fn(&mut Ebpf) -> anyhow::Result<()>;
+
+/// One row of a fixture table.
+#[derive(Clone)]
+pub struct Fixture {
+    /// Unique row name (what `cargo test ... -- NAME` selects).
+    pub name: String,
+    /// Name of the program under test in the eBPF object.
+    pub program: &'static str,
+    /// Map entries the row needs, written before the run.
+    pub setup: Option<Setup>,
+    /// The frame given to the program.
+    pub input: Vec<u8>,
+    /// The verdict the program must return.
+    pub verdict: Verdict,
+    /// The frame the program must leave behind.
+    pub output: Expected,
+    /// Parser counters that must have moved by exactly these packet counts; all others by 0.
+    pub counters: Vec<(PktCounter, u64)>,
+}
+
+impl Fixture {
+    /// A row for `program` that expects `input` to pass unchanged.
+    #[must_use]
+    pub fn passes(name: &str, program: &'static str, input: Vec<u8>) -> Self {
+        Self {
+            name: name.to_owned(),
+            program,
+            setup: None,
+            input,
+            verdict: Verdict::Ok,
+            output: Expected::Unchanged,
+            counters: Vec::new(),
+        }
+    }
+
+    /// Sets the counters this row must move (one packet each unless given).
+    #[must_use]
+    pub fn counts(mut self, counters: &[PktCounter]) -> Self {
+        self.counters = counters.iter().map(|c| (*c, 1)).collect();
+        self
+    }
+}
+
+/// Outcome of a passing row.
+#[derive(Debug)]
+pub struct Report {
+    /// Kernel-measured average time per run, when a repeat run was asked for.
+    pub per_packet: Option<Duration>,
+}
+
+/// Room for programs that grow a packet (generated ICMP errors and the like).
+const OUT_HEADROOM: usize = 256;
+
+/// Runs one row: checks verdict, output bytes and counters, then (if `repeat > 1`) measures.
+pub fn run(fixture: &Fixture, repeat: u32) -> anyhow::Result<Report> {
+    let mut ebpf = svc_agent::loader::load_object()?;
+    if let Some(setup) = fixture.setup {
+        setup(&mut ebpf).context("row setup (writing its map entries)")?;
+    }
+    let before = read_counters(&ebpf)?;
+    let mut out = vec![0u8; fixture.input.len() + OUT_HEADROOM];
+    let result = test_run(&mut ebpf, fixture.program, &fixture.input, &mut out, 1)?;
+    out.truncate(result.0);
+    let after = read_counters(&ebpf)?;
+
+    let mut problems = String::new();
+    if result.1 != fixture.verdict.code() {
+        let _ = writeln!(
+            problems,
+            "verdict: got {} want {} ({:?})",
+            result.1,
+            fixture.verdict.code(),
+            fixture.verdict
+        );
+    }
+    let want = match &fixture.output {
+        Expected::Unchanged => &fixture.input,
+        Expected::Packet(p) => p,
+    };
+    if out != *want {
+        let diff_at = out
+            .iter()
+            .zip(want.iter())
+            .position(|(a, b)| a != b)
+            .unwrap_or(out.len().min(want.len()));
+        let _ = writeln!(problems, "output frame differs from byte {diff_at}");
+        let _ = writeln!(problems, "  got  ({} bytes): {}", out.len(), describe(&out));
+        let _ = writeln!(
+            problems,
+            "  want ({} bytes): {}",
+            want.len(),
+            describe(want)
+        );
+        let _ = writeln!(problems, "  got  hex: {}", hex(&out, diff_at));
+        let _ = writeln!(problems, "  want hex: {}", hex(want, diff_at));
+    }
+    for c in PktCounter::ALL {
+        let want = fixture
+            .counters
+            .iter()
+            .find(|(k, _)| *k == c)
+            .map_or(0, |(_, n)| *n);
+        let got = after[c as usize].packets - before[c as usize].packets;
+        if got != want {
+            let _ = writeln!(
+                problems,
+                "counter {}: moved by {got}, want {want}",
+                c.name()
+            );
+        }
+    }
+    if !problems.is_empty() {
+        bail!(
+            "row `{}` failed:\n  input: {}\n{problems}",
+            fixture.name,
+            describe(&fixture.input)
+        );
+    }
+
+    let per_packet = if repeat > 1 {
+        let mut out = vec![0u8; fixture.input.len() + OUT_HEADROOM];
+        Some(test_run_timed(
+            &mut ebpf,
+            fixture.program,
+            &fixture.input,
+            &mut out,
+            repeat,
+        )?)
+    } else {
+        None
+    };
+    Ok(Report { per_packet })
+}
+
+/// Runs `program` over `input` `repeat` times; returns (output length, return value).
+fn test_run(
+    ebpf: &mut Ebpf,
+    program: &str,
+    input: &[u8],
+    out: &mut [u8],
+    repeat: u32,
+) -> anyhow::Result<(usize, u32)> {
+    let r = raw_test_run(ebpf, program, input, out, repeat)?;
+    Ok((r.data_size_out as usize, r.return_value))
+}
+
+fn test_run_timed(
+    ebpf: &mut Ebpf,
+    program: &str,
+    input: &[u8],
+    out: &mut [u8],
+    repeat: u32,
+) -> anyhow::Result<Duration> {
+    Ok(raw_test_run(ebpf, program, input, out, repeat)?.duration)
+}
+
+fn raw_test_run(
+    ebpf: &mut Ebpf,
+    program: &str,
+    input: &[u8],
+    out: &mut [u8],
+    repeat: u32,
+) -> anyhow::Result<aya::programs::TestRunResult> {
+    let prog = ebpf
+        .program_mut(program)
+        .ok_or_else(|| anyhow!("no program `{program}` in the object"))?;
+    let opts = TestRunOptions {
+        data_in: Some(input),
+        data_out: Some(out),
+        repeat,
+        ..TestRunOptions::default()
+    };
+    let result = match prog {
+        Program::SchedClassifier(p) => {
+            if p.fd().is_err() {
+                p.load()
+                    .with_context(|| format!("loading `{program}` (verifier)"))?;
+            }
+            p.test_run(opts)
+        }
+        Program::Xdp(p) => {
+            if p.fd().is_err() {
+                p.load()
+                    .with_context(|| format!("loading `{program}` (verifier)"))?;
+            }
+            p.test_run(opts)
+        }
+        other => bail!("program `{program}` has a type the runner does not drive: {other:?}"),
+    };
+    result.with_context(|| format!("BPF_PROG_TEST_RUN of `{program}`"))
+}
+
+/// Reads the parser counters, summed over CPUs, indexed by [`PktCounter`].
+pub fn read_counters(ebpf: &Ebpf) -> anyhow::Result<Vec<Counter>> {
+    let map: PerCpuArray<_, Counter> = PerCpuArray::try_from(
+        ebpf.map("PKT_STATS_V1")
+            .ok_or_else(|| anyhow!("no map PKT_STATS_V1"))?,
+    )?;
+    PktCounter::ALL
+        .iter()
+        .map(|c| {
+            let per_cpu = map.get(&(*c as u32), 0)?;
+            Ok(per_cpu.iter().fold(Counter::default(), |acc, v| Counter {
+                packets: acc.packets + v.packets,
+                bytes: acc.bytes + v.bytes,
+            }))
+        })
+        .collect()
+}
+
+/// Hex dump with the first differing byte bracketed.
+fn hex(data: &[u8], mark: usize) -> String {
+    data.iter()
+        .enumerate()
+        .map(|(i, b)| {
+            if i == mark {
+                format!("[{b:02x}]")
+            } else {
+                format!("{b:02x}")
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
