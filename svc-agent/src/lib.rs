@@ -1,6 +1,8 @@
 //! svc-agent: loads the svc eBPF dataplane, programs Kubernetes Services into its maps and
 //! lets operators inspect it.
 
+pub mod cli;
+pub mod inspect;
 pub mod loader;
 pub mod model;
 pub mod source;

@@ -1,7 +1,20 @@
-//! Loading the embedded eBPF object.
+//! Loading the embedded eBPF object, pinning its maps, attaching its programs.
+//!
+//! Maps are pinned one by one under `<bpffs>/svc/v1/<MAP_NAME>` (the layout version is in the
+//! directory and in every map name), so a restarted agent adopts the state the previous one
+//! left. Objects loaded with [`load_object`] (tests) get private maps.
 
-use anyhow::{Context as _, bail};
-use aya::Ebpf;
+use std::{
+    collections::BTreeSet,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context as _, anyhow, bail};
+use aya::{
+    Ebpf, EbpfLoader,
+    programs::{SchedClassifier, TcAttachType, tc},
+};
+use svc_common::{MAP_NAMES, PIN_SUBDIR};
 
 /// The eBPF object built from `svc-ebpf` by this crate's build script.
 ///
@@ -11,13 +24,147 @@ pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DI
 /// Name of the TC program for packets coming from a pod (ingress on the host end of its veth).
 pub const PROG_TC_FROM_POD: &str = "svc_tc_from_pod";
 
-/// Parses the embedded object and loads its maps, without loading or attaching programs.
-pub fn load_object() -> anyhow::Result<Ebpf> {
+/// Where the agent keeps its pinned state: `<bpffs>/svc/v1`.
+#[must_use]
+pub fn pin_dir(bpffs: &Path) -> PathBuf {
+    bpffs.join(PIN_SUBDIR)
+}
+
+fn check_object() -> anyhow::Result<()> {
     if EBPF_OBJECT.is_empty() {
         bail!(
             "this svc-agent was built with AYA_BUILD_SKIP=1 and carries no eBPF object; \
              rebuild without it (cargo xtask build)"
         );
     }
-    Ebpf::load(EBPF_OBJECT).context("loading the embedded eBPF object (are you root?)")
+    Ok(())
+}
+
+/// Loads the object with private, unpinned maps (fixture tests, one-off tools).
+pub fn load_object() -> anyhow::Result<Ebpf> {
+    check_object()?;
+    Ebpf::load(EBPF_OBJECT).context("loading the embedded eBPF object (root is needed)")
+}
+
+/// Loads the object with every map pinned under [`pin_dir`]: existing pins are adopted, missing
+/// ones created. `bpffs` must be a mounted bpf filesystem (see [`ensure_bpffs`]).
+pub fn load_pinned(bpffs: &Path) -> anyhow::Result<Ebpf> {
+    check_object()?;
+    let dir = pin_dir(bpffs);
+    std::fs::create_dir_all(&dir)
+        .with_context(|| format!("creating pin directory {}", dir.display()))?;
+    let paths: Vec<(&str, PathBuf)> = MAP_NAMES.iter().map(|n| (*n, dir.join(n))).collect();
+    let mut loader = EbpfLoader::new();
+    for (name, path) in &paths {
+        loader.map_pin_path(*name, path.as_path());
+    }
+    loader.load(EBPF_OBJECT).with_context(|| {
+        format!(
+            "loading the eBPF object with maps pinned in {}",
+            dir.display()
+        )
+    })
+}
+
+/// Mounts a bpf filesystem at `path` unless one is already there.
+pub fn ensure_bpffs(path: &Path) -> anyhow::Result<()> {
+    let mounts =
+        std::fs::read_to_string("/proc/self/mounts").context("reading /proc/self/mounts")?;
+    let want = path.to_string_lossy();
+    if mounts.lines().any(|l| {
+        let mut f = l.split_whitespace();
+        let (_, mnt, fstype) = (f.next(), f.next(), f.next());
+        mnt == Some(&want) && fstype == Some("bpf")
+    }) {
+        return Ok(());
+    }
+    std::fs::create_dir_all(path).with_context(|| format!("creating {}", path.display()))?;
+    nix::mount::mount(
+        Some("bpf"),
+        path,
+        Some("bpf"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .with_context(|| format!("mounting a bpf filesystem at {}", path.display()))
+}
+
+/// Interface-name patterns (shell globs such as `svcpod*`, `lxc*`) that select the pod-facing
+/// interfaces the TC programs attach to.
+#[derive(Clone, Debug)]
+pub struct IfacePatterns(Vec<glob::Pattern>);
+
+impl IfacePatterns {
+    /// Parses a comma-separated list of globs.
+    pub fn parse(list: &str) -> anyhow::Result<Self> {
+        let pats = list
+            .split(',')
+            .map(str::trim)
+            .filter(|p| !p.is_empty())
+            .map(|p| glob::Pattern::new(p).with_context(|| format!("bad interface pattern `{p}`")))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        if pats.is_empty() {
+            bail!("no interface pattern given");
+        }
+        Ok(Self(pats))
+    }
+
+    /// Whether `name` matches one of the patterns.
+    #[must_use]
+    pub fn matches(&self, name: &str) -> bool {
+        self.0.iter().any(|p| p.matches(name))
+    }
+}
+
+/// Names of this network namespace's interfaces that match `patterns` (read over netlink, so
+/// it is right for the calling thread's namespace whatever `/sys` shows).
+pub fn matching_interfaces(patterns: &IfacePatterns) -> anyhow::Result<BTreeSet<String>> {
+    let all = nix::net::if_::if_nameindex().context("listing interfaces")?;
+    Ok(all
+        .iter()
+        .filter_map(|i| i.name().to_str().ok().map(str::to_owned))
+        .filter(|n| patterns.matches(n))
+        .collect())
+}
+
+/// Loads (if needed) the pod-facing TC program and attaches it to ingress of `iface`.
+pub fn attach_from_pod(ebpf: &mut Ebpf, iface: &str) -> anyhow::Result<()> {
+    let prog: &mut SchedClassifier = ebpf
+        .program_mut(PROG_TC_FROM_POD)
+        .ok_or_else(|| anyhow!("no program {PROG_TC_FROM_POD} in the object"))?
+        .try_into()?;
+    if prog.fd().is_err() {
+        prog.load()
+            .with_context(|| format!("loading {PROG_TC_FROM_POD} (verifier)"))?;
+    }
+    // With TCX (kernel >= 6.6) no qdisc is needed; on older kernels aya falls back to netlink,
+    // which needs clsact. Adding it is harmless when it exists.
+    let _ = tc::qdisc_add_clsact(iface);
+    prog.attach(iface, TcAttachType::Ingress)
+        .with_context(|| format!("attaching {PROG_TC_FROM_POD} to ingress of {iface}"))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn interface_patterns_match_globs() {
+        let p = IfacePatterns::parse("svcpod*, lxc?").unwrap();
+        assert!(p.matches("svcpod0"));
+        assert!(p.matches("lxca"));
+        assert!(!p.matches("eth0"));
+        assert!(!p.matches("lxcab"));
+        assert!(IfacePatterns::parse(" , ").is_err());
+        assert!(IfacePatterns::parse("[").is_err());
+    }
+
+    #[test]
+    fn pin_dir_carries_the_layout_version() {
+        assert_eq!(
+            pin_dir(Path::new("/sys/fs/bpf")),
+            Path::new("/sys/fs/bpf/svc/v1")
+        );
+    }
 }

@@ -1,9 +1,63 @@
-//! The svc-agent binary.
+//! The svc-agent binary: see `svc-agent --help`.
 
-fn main() -> anyhow::Result<()> {
-    let ebpf = svc_agent::loader::load_object()?;
-    for (name, _) in ebpf.programs() {
-        println!("{name}");
+use anyhow::Context as _;
+use clap::Parser as _;
+use svc_agent::{
+    cli::{Cli, Command, Inspect, RunArgs},
+    inspect, loader,
+};
+use tracing::{info, warn};
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Run(args) => run(&cli.bpffs, &args).await,
+        Command::Inspect {
+            what: Inspect::Stats,
+        } => {
+            print!(
+                "{}",
+                inspect::format_pkt_stats(&inspect::read_pkt_stats(&cli.bpffs)?)
+            );
+            Ok(())
+        }
+        Command::Cleanup => {
+            let dir = loader::pin_dir(&cli.bpffs);
+            match std::fs::remove_dir_all(&dir) {
+                Ok(()) => info!(dir = %dir.display(), "removed pinned state"),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => info!("nothing pinned"),
+                Err(e) => return Err(e).with_context(|| format!("removing {}", dir.display())),
+            }
+            Ok(())
+        }
     }
+}
+
+async fn run(bpffs: &std::path::Path, args: &RunArgs) -> anyhow::Result<()> {
+    loader::ensure_bpffs(bpffs)?;
+    let mut ebpf = loader::load_pinned(bpffs)?;
+    let patterns = loader::IfacePatterns::parse(&args.pod_ifaces)?;
+    let ifaces = loader::matching_interfaces(&patterns)?;
+    if ifaces.is_empty() {
+        warn!(patterns = %args.pod_ifaces, "no pod-facing interface matches yet");
+    }
+    for iface in &ifaces {
+        loader::attach_from_pod(&mut ebpf, iface)?;
+        info!(%iface, "attached svc_tc_from_pod (TC ingress)");
+    }
+    info!(node = %args.node_name, pin_dir = %loader::pin_dir(bpffs).display(), "svc-agent running");
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    info!("stopping: programs detach with this process, pinned maps stay for the next agent");
     Ok(())
 }

@@ -19,6 +19,13 @@ pub use net::{Be16, Be32};
 /// (`/sys/fs/bpf/svc/v1/...`), so an agent with a new layout never reads an old pin.
 pub const MAP_LAYOUT_VERSION: u32 = 1;
 
+/// Name of every map in the kernel object. The agent pins each one as `<pin dir>/<name>`;
+/// a fixture test checks this list against the object.
+pub const MAP_NAMES: &[&str] = &["PKT_STATS_V1"];
+
+/// Directory (below the bpffs mount) where the agent pins this layout's maps and links.
+pub const PIN_SUBDIR: &str = "svc/v1";
+
 /// Asserts a type's size and field offsets at compile time.
 #[macro_export]
 macro_rules! assert_layout {

@@ -1,0 +1,510 @@
+//! The emulated cluster: an underlay bridge, two nodes, an external client and pods.
+
+use std::{
+    fs,
+    net::{Ipv4Addr, Ipv6Addr},
+    path::{Path, PathBuf},
+    process::Command,
+    sync::{
+        Once,
+        atomic::{AtomicU32, Ordering},
+    },
+    time::Duration,
+};
+
+use anyhow::{Context as _, anyhow, bail};
+use nix::mount::{MsFlags, mount};
+
+use super::{
+    Netns, Process,
+    cleanup::{self, CGROUP2_ROOT},
+    cmd,
+    plan::{
+        EXTERNAL_V4, EXTERNAL_V6, Ipv4Cidr, Ipv6Cidr, MAX_PODS_PER_NODE, NODE_COUNT, TEST_PREFIX,
+        UNDERLAY_V4, UNDERLAY_V6, node_pod_cidr_v4, node_pod_cidr_v6, node_underlay_v4,
+        node_underlay_v6, pod_v4, pod_v6,
+    },
+    require_root,
+};
+
+/// Name of the bridge in the underlay namespace.
+pub const BRIDGE: &str = "br0";
+
+/// Name of the node side of a pod's veth: `svcpod<N>` (N counts the node's pods from 0). A
+/// later agent finds pod-facing interfaces by this pattern.
+pub const POD_IFNAME_PREFIX: &str = "svcpod";
+
+/// Name of the underlay interface in node and external namespaces, and of a pod's interface.
+pub const ETH0: &str = "eth0";
+
+/// Readiness polls: this many checks ...
+const READY_TRIES: u32 = 300;
+/// ... this far apart (3 s in all).
+const READY_STEP: Duration = Duration::from_millis(10);
+
+/// Sysctls for every namespace: addresses are usable at once (no DAD), no reverse-path filter.
+const COMMON_SYSCTLS: &[&str] = &[
+    "net.ipv6.conf.all.accept_dad=0",
+    "net.ipv6.conf.default.accept_dad=0",
+    "net.ipv4.conf.all.rp_filter=0",
+    "net.ipv4.conf.default.rp_filter=0",
+];
+
+/// Sysctls for nodes: they route (both families) and send no redirects (the external client's
+/// routes stay as the test set them).
+const NODE_SYSCTLS: &[&str] = &[
+    "net.ipv4.ip_forward=1",
+    "net.ipv6.conf.all.forwarding=1",
+    "net.ipv6.conf.default.forwarding=1",
+    "net.ipv4.conf.all.send_redirects=0",
+    "net.ipv4.conf.default.send_redirects=0",
+];
+
+/// Sysctls for the underlay: a pure layer-2 segment, no IPv6 on the bridge or its ports.
+const UNDERLAY_SYSCTLS: &[&str] = &[
+    "net.ipv6.conf.all.disable_ipv6=1",
+    "net.ipv6.conf.default.disable_ipv6=1",
+];
+
+static RUN_COUNTER: AtomicU32 = AtomicU32::new(0);
+static STALE_CLEANUP: Once = Once::new();
+
+/// An emulated node: its own namespace that routes between its pods and the underlay, its own
+/// bpffs and its own cgroup.
+#[derive(Clone, Debug)]
+pub struct Node {
+    /// 0-based index (node `i` is `node{i+1}`).
+    pub index: usize,
+    /// `node1`, `node2`.
+    pub name: String,
+    /// The node's network namespace.
+    pub ns: Netns,
+    /// The underlay interface (`eth0`).
+    pub underlay_ifname: String,
+    /// Underlay address (`198.18.0.11`, ...), on `eth0` as a /24.
+    pub underlay_v4: Ipv4Addr,
+    /// Underlay address, IPv6 (`2001:db8::11`, ...), on `eth0` as a /64.
+    pub underlay_v6: Ipv6Addr,
+    /// The node's pod CIDR (`198.18.1.0/24`, ...).
+    pub pod_cidr_v4: Ipv4Cidr,
+    /// The node's IPv6 pod CIDR (`2001:db8:1::/64`, ...).
+    pub pod_cidr_v6: Ipv6Cidr,
+    /// Pods' gateway (`.1` of the pod CIDR), on every pod-facing interface as a /32.
+    pub gateway_v4: Ipv4Addr,
+    /// Pods' IPv6 gateway (`::1` of the pod CIDR), on every pod-facing interface as a /128.
+    pub gateway_v6: Ipv6Addr,
+    /// A bpffs mounted for this node alone (`/run/svc-tests/<prefix>/<node>/bpffs`).
+    pub bpffs: PathBuf,
+    /// A cgroup v2 directory for this node's processes (`/sys/fs/cgroup/unified/<prefix>-<node>`).
+    pub cgroup: PathBuf,
+    /// The node sides of its pods' veths (`svcpod0`, `svcpod1`, ...), in creation order.
+    pub pod_ifnames: Vec<String>,
+}
+
+impl Node {
+    /// Starts `command` in the background in this node's namespace and cgroup (see
+    /// [`Netns::spawn`]).
+    pub fn spawn(&self, command: &Command) -> anyhow::Result<Process> {
+        self.ns.spawn(command, Some(&self.cgroup))
+    }
+}
+
+/// A pod: its own namespace, wired to its node like the ptp CNI does.
+#[derive(Clone, Debug)]
+pub struct Pod {
+    /// The name the test gave it.
+    pub name: String,
+    /// Index of its node in [`Topology::nodes`].
+    pub node: usize,
+    /// The pod's network namespace.
+    pub ns: Netns,
+    /// The pod's interface (`eth0`).
+    pub ifname: String,
+    /// The node side of its veth (`svcpod<N>`, in the node's namespace).
+    pub host_ifname: String,
+    /// The pod's address (a /32 on `eth0`).
+    pub ipv4: Ipv4Addr,
+    /// The pod's IPv6 address (a /128 on `eth0`).
+    pub ipv6: Ipv6Addr,
+}
+
+/// The client outside the cluster, on the underlay.
+#[derive(Clone, Debug)]
+pub struct External {
+    /// Its network namespace.
+    pub ns: Netns,
+    /// Its underlay interface (`eth0`).
+    pub ifname: String,
+    /// [`EXTERNAL_V4`](super::EXTERNAL_V4), a /24 on `eth0`.
+    pub ipv4: Ipv4Addr,
+    /// [`EXTERNAL_V6`](super::EXTERNAL_V6), a /64 on `eth0`.
+    pub ipv6: Ipv6Addr,
+}
+
+/// The emulated cluster of one test run. Everything it creates is named with its
+/// [prefix](Topology::prefix) and is removed when it is dropped, also during a panic.
+///
+/// ```text
+///  pod ns (eth0 .10/32) ==veth== svcpod0 [node1 ns] eth0 ==veth== n1 ┐
+///                                                                    ├ br0 [underlay ns]
+///  pod ns (eth0 .10/32) ==veth== svcpod0 [node2 ns] eth0 ==veth== n2 ┤
+///                                              [external ns] eth0 ==veth== ext ┘
+/// ```
+#[derive(Debug)]
+pub struct Topology {
+    prefix: String,
+    underlay: Netns,
+    nodes: Vec<Node>,
+    external: External,
+    pods: Vec<Pod>,
+    // Last, so the handles above are gone before the cleanup runs (they own nothing anyway).
+    guard: RunGuard,
+}
+
+impl Topology {
+    /// Builds the underlay, [`NODE_COUNT`] nodes and the external client, and waits (bounded)
+    /// until every link is up. Fails first thing, with a message saying so, when not root.
+    pub fn new() -> anyhow::Result<Self> {
+        require_root()?;
+        if !Path::new(CGROUP2_ROOT).join("cgroup.controllers").exists() {
+            bail!(
+                "cgroup v2 is not mounted at {CGROUP2_ROOT}; the harness needs it for node cgroups"
+            );
+        }
+        STALE_CLEANUP.call_once(cleanup::remove_stale_runs);
+        let prefix = format!(
+            "{TEST_PREFIX}{}x{}",
+            std::process::id(),
+            RUN_COUNTER.fetch_add(1, Ordering::Relaxed)
+        );
+        // From here on, an early return drops the guard, which removes what was created.
+        let guard = RunGuard {
+            prefix: prefix.clone(),
+        };
+        let underlay = guard.add_netns("u", &[COMMON_SYSCTLS, UNDERLAY_SYSCTLS])?;
+        underlay.ip_batch(&[
+            format!("link add {BRIDGE} type bridge stp_state 0 forward_delay 0 mcast_snooping 0"),
+            format!("link set {BRIDGE} up"),
+        ])?;
+
+        let mut nodes = Vec::new();
+        for index in 0..NODE_COUNT {
+            nodes.push(guard.add_node(&underlay, index)?);
+        }
+        let external = guard.add_external(&underlay, &nodes[0])?;
+
+        // Each node reaches the other nodes' pods through their underlay address.
+        for node in &nodes {
+            let routes: Vec<String> = nodes
+                .iter()
+                .filter(|other| other.index != node.index)
+                .flat_map(|other| {
+                    [
+                        format!(
+                            "route add {} via {} dev {ETH0}",
+                            other.pod_cidr_v4, other.underlay_v4
+                        ),
+                        format!(
+                            "route add {} via {} dev {ETH0}",
+                            other.pod_cidr_v6, other.underlay_v6
+                        ),
+                    ]
+                })
+                .collect();
+            node.ns.ip_batch(&routes)?;
+        }
+
+        let mut ports: Vec<String> = (1..=NODE_COUNT).map(|i| format!("n{i}")).collect();
+        ports.push("ext".to_owned());
+        wait_bridge_forwarding(&underlay, &ports)?;
+        for ns in nodes.iter().map(|n| &n.ns).chain([&external.ns]) {
+            ns.wait_links_up(&[ETH0], READY_TRIES, READY_STEP)?;
+        }
+        Ok(Self {
+            prefix,
+            underlay,
+            nodes,
+            external,
+            pods: Vec::new(),
+            guard,
+        })
+    }
+
+    /// Adds a pod named `name` on node `node` (0-based): its namespace, a veth `eth0` (pod) /
+    /// `svcpod<N>` (node), addresses, routes both ways; waits until the veth is up.
+    pub fn add_pod(&mut self, node: usize, name: &str) -> anyhow::Result<Pod> {
+        let index = self.pods.len();
+        let n = self
+            .nodes
+            .get_mut(node)
+            .ok_or_else(|| anyhow!("no node {node}: the topology has {NODE_COUNT} (0-based)"))?;
+        let slot = u32::try_from(n.pod_ifnames.len()).unwrap_or(u32::MAX);
+        if slot >= MAX_PODS_PER_NODE {
+            bail!("node {} already has {MAX_PODS_PER_NODE} pods", n.name);
+        }
+        let ns = self
+            .guard
+            .add_netns(&format!("p{index}"), &[COMMON_SYSCTLS])?;
+        let pod = Pod {
+            name: name.to_owned(),
+            node,
+            ns,
+            ifname: ETH0.to_owned(),
+            host_ifname: format!("{POD_IFNAME_PREFIX}{slot}"),
+            ipv4: pod_v4(node, slot),
+            ipv6: pod_v6(node, slot),
+        };
+        let host = &pod.host_ifname;
+        n.ns.ip([
+            "link",
+            "add",
+            host,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            ETH0,
+            "netns",
+            pod.ns.name(),
+        ])?;
+        n.ns.ip_batch(&[
+            format!("link set {host} up"),
+            format!("addr add {}/32 dev {host}", n.gateway_v4),
+            format!("addr add {}/128 dev {host} nodad", n.gateway_v6),
+            format!("route add {}/32 dev {host}", pod.ipv4),
+            format!("route add {}/128 dev {host}", pod.ipv6),
+        ])?;
+        pod.ns.ip_batch(&[
+            format!("link set {ETH0} up"),
+            format!("addr add {}/32 dev {ETH0}", pod.ipv4),
+            format!("addr add {}/128 dev {ETH0} nodad", pod.ipv6),
+            format!("route add {}/32 dev {ETH0} scope link", n.gateway_v4),
+            format!("route add 0.0.0.0/0 via {} dev {ETH0}", n.gateway_v4),
+            format!("route add {}/128 dev {ETH0}", n.gateway_v6),
+            format!("route add ::/0 via {} dev {ETH0}", n.gateway_v6),
+        ])?;
+        pod.ns.wait_links_up(&[ETH0], READY_TRIES, READY_STEP)?;
+        n.ns.wait_links_up(&[host], READY_TRIES, READY_STEP)?;
+        n.pod_ifnames.push(pod.host_ifname.clone());
+        self.pods.push(pod.clone());
+        Ok(pod)
+    }
+
+    /// The run's prefix (`svct<pid>x<n>`); every name the run creates starts with it.
+    #[must_use]
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// The namespace holding the underlay bridge ([`BRIDGE`]).
+    #[must_use]
+    pub fn underlay(&self) -> &Netns {
+        &self.underlay
+    }
+
+    /// The nodes, index 0 first.
+    #[must_use]
+    pub fn nodes(&self) -> &[Node] {
+        &self.nodes
+    }
+
+    /// Node `index` (0-based).
+    ///
+    /// # Panics
+    /// When `index >= NODE_COUNT`.
+    #[must_use]
+    pub fn node(&self, index: usize) -> &Node {
+        &self.nodes[index]
+    }
+
+    /// The external client (routes to every pod CIDR via node 0).
+    #[must_use]
+    pub fn external(&self) -> &External {
+        &self.external
+    }
+
+    /// The pods, in creation order.
+    #[must_use]
+    pub fn pods(&self) -> &[Pod] {
+        &self.pods
+    }
+
+    /// The run's directory (`/run/svc-tests/<prefix>`), removed on drop.
+    #[must_use]
+    pub fn run_dir(&self) -> PathBuf {
+        cleanup::run_dir(&self.prefix)
+    }
+
+    /// Every namespace of the run (underlay, nodes, external, pods).
+    #[must_use]
+    pub fn all_netns(&self) -> Vec<&Netns> {
+        std::iter::once(&self.underlay)
+            .chain(self.nodes.iter().map(|n| &n.ns))
+            .chain([&self.external.ns])
+            .chain(self.pods.iter().map(|p| &p.ns))
+            .collect()
+    }
+}
+
+/// Owns the run's resources; dropping it removes all of them (found by prefix, so whatever
+/// was created before an error is removed too).
+#[derive(Debug)]
+struct RunGuard {
+    prefix: String,
+}
+
+impl RunGuard {
+    /// Creates namespace `<prefix>-<suffix>` with loopback up and `sysctls` set.
+    fn add_netns(&self, suffix: &str, sysctls: &[&[&str]]) -> anyhow::Result<Netns> {
+        let name = format!("{}-{suffix}", self.prefix);
+        cmd::ip(&["netns", "add", &name])?;
+        let ns = Netns::named(&name);
+        ns.ip(["link", "set", "lo", "up"])?;
+        ns.sysctl(&sysctls.concat())?;
+        Ok(ns)
+    }
+
+    fn add_node(&self, underlay: &Netns, index: usize) -> anyhow::Result<Node> {
+        let name = format!("node{}", index + 1);
+        let ns = self.add_netns(&format!("n{}", index + 1), &[COMMON_SYSCTLS, NODE_SYSCTLS])?;
+        let port = format!("n{}", index + 1);
+        let node = Node {
+            index,
+            ns,
+            underlay_ifname: ETH0.to_owned(),
+            underlay_v4: node_underlay_v4(index),
+            underlay_v6: node_underlay_v6(index),
+            pod_cidr_v4: node_pod_cidr_v4(index),
+            pod_cidr_v6: node_pod_cidr_v6(index),
+            gateway_v4: node_pod_cidr_v4(index).host(1),
+            gateway_v6: node_pod_cidr_v6(index).host(1),
+            bpffs: self.add_bpffs(&name)?,
+            cgroup: self.add_cgroup(&name)?,
+            pod_ifnames: Vec::new(),
+            name,
+        };
+        Self::plug_into_bridge(&node.ns, underlay, &port)?;
+        node.ns.ip_batch(&[
+            format!(
+                "addr add {}/{} dev {ETH0}",
+                node.underlay_v4, UNDERLAY_V4.len
+            ),
+            format!(
+                "addr add {}/{} dev {ETH0} nodad",
+                node.underlay_v6, UNDERLAY_V6.len
+            ),
+        ])?;
+        Ok(node)
+    }
+
+    fn add_external(&self, underlay: &Netns, via: &Node) -> anyhow::Result<External> {
+        let ns = self.add_netns("ext", &[COMMON_SYSCTLS])?;
+        Self::plug_into_bridge(&ns, underlay, "ext")?;
+        let mut lines = vec![
+            format!("addr add {EXTERNAL_V4}/{} dev {ETH0}", UNDERLAY_V4.len),
+            format!(
+                "addr add {EXTERNAL_V6}/{} dev {ETH0} nodad",
+                UNDERLAY_V6.len
+            ),
+        ];
+        for index in 0..NODE_COUNT {
+            lines.push(format!(
+                "route add {} via {}",
+                node_pod_cidr_v4(index),
+                via.underlay_v4
+            ));
+            lines.push(format!(
+                "route add {} via {}",
+                node_pod_cidr_v6(index),
+                via.underlay_v6
+            ));
+        }
+        ns.ip_batch(&lines)?;
+        Ok(External {
+            ns,
+            ifname: ETH0.to_owned(),
+            ipv4: EXTERNAL_V4,
+            ipv6: EXTERNAL_V6,
+        })
+    }
+
+    /// A veth `eth0` in `ns` whose peer `port` is created directly in the underlay namespace
+    /// (nothing appears in the root namespace) and enslaved to the bridge; both ends up.
+    fn plug_into_bridge(ns: &Netns, underlay: &Netns, port: &str) -> anyhow::Result<()> {
+        ns.ip([
+            "link",
+            "add",
+            ETH0,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            port,
+            "netns",
+            underlay.name(),
+        ])?;
+        underlay.ip_batch(&[
+            format!("link set {port} master {BRIDGE}"),
+            format!("link set {port} up"),
+        ])?;
+        ns.ip(["link", "set", ETH0, "up"]).map(drop)
+    }
+
+    fn add_bpffs(&self, node: &str) -> anyhow::Result<PathBuf> {
+        let dir = cleanup::run_dir(&self.prefix).join(node).join("bpffs");
+        fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        mount(
+            Some("bpf"),
+            &dir,
+            Some("bpf"),
+            MsFlags::empty(),
+            None::<&str>,
+        )
+        .with_context(|| format!("mount -t bpf bpf {}", dir.display()))?;
+        Ok(dir)
+    }
+
+    fn add_cgroup(&self, node: &str) -> anyhow::Result<PathBuf> {
+        let dir = Path::new(CGROUP2_ROOT).join(format!("{}-{node}", self.prefix));
+        fs::create_dir(&dir).with_context(|| format!("creating cgroup {}", dir.display()))?;
+        Ok(dir)
+    }
+}
+
+impl Drop for RunGuard {
+    fn drop(&mut self) {
+        for e in cleanup::remove_run(&self.prefix) {
+            eprintln!("svc-tests: cleaning up run {}: {e:#}", self.prefix);
+        }
+    }
+}
+
+/// Waits (bounded) until every `port` of the underlay bridge is forwarding.
+fn wait_bridge_forwarding(underlay: &Netns, ports: &[String]) -> anyhow::Result<()> {
+    let mut waiting = Vec::new();
+    for _ in 0..READY_TRIES {
+        let mut command = Command::new("bridge");
+        command.args(["-n", underlay.name(), "link", "show"]);
+        let links = cmd::output(&mut command, None)?;
+        waiting = ports
+            .iter()
+            .filter(|port| {
+                !links.lines().any(|l| {
+                    l.split_whitespace()
+                        .nth(1)
+                        .and_then(|n| n.trim_end_matches(':').split('@').next())
+                        == Some(port.as_str())
+                        && l.contains("state forwarding")
+                })
+            })
+            .cloned()
+            .collect();
+        if waiting.is_empty() {
+            return Ok(());
+        }
+        std::thread::sleep(READY_STEP);
+    }
+    Err(anyhow!(
+        "bridge ports {waiting:?} in {underlay} not forwarding after {READY_TRIES} checks"
+    ))
+}
