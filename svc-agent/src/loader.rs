@@ -56,7 +56,7 @@ pub fn load_pinned(bpffs: &Path) -> anyhow::Result<Ebpf> {
     let paths: Vec<(&str, PathBuf)> = MAP_NAMES.iter().map(|n| (*n, dir.join(n))).collect();
     let mut loader = EbpfLoader::new();
     for (name, path) in &paths {
-        loader.map_pin_path(*name, path.as_path());
+        loader.map_pin_path(name, path.as_path());
     }
     loader.load(EBPF_OBJECT).with_context(|| {
         format!(

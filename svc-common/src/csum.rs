@@ -63,10 +63,10 @@ pub const fn udp_fixup(old_check: u16, new_check: u16) -> u16 {
 pub fn sum_bytes(mut sum: u32, data: &[u8]) -> u32 {
     let mut chunks = data.chunks_exact(2);
     for c in &mut chunks {
-        sum = fold(sum + u32::from(u16::from_ne_bytes([c[0], c[1]]))) as u32;
+        sum = u32::from(fold(sum + u32::from(u16::from_ne_bytes([c[0], c[1]]))));
     }
     if let [last] = chunks.remainder() {
-        sum = fold(sum + u32::from(u16::from_ne_bytes([*last, 0]))) as u32;
+        sum = u32::from(fold(sum + u32::from(u16::from_ne_bytes([*last, 0]))));
     }
     sum
 }

@@ -54,8 +54,8 @@ impl core::fmt::Debug for Be16 {
 
 impl core::fmt::Debug for Be32 {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        let [a, b, c, d] = self.octets();
-        write!(f, "{a}.{b}.{c}.{d}")
+        let [o1, o2, o3, o4] = self.octets();
+        write!(f, "{o1}.{o2}.{o3}.{o4}")
     }
 }
 

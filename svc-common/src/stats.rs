@@ -38,7 +38,7 @@ pub enum PktCounter {
     Udp = 5,
     /// ICMP (v4) with a complete header.
     Icmp = 6,
-    /// ICMPv6 with a complete header.
+    /// `ICMPv6` with a complete header.
     Icmpv6 = 7,
     /// Any other transport protocol (SCTP, GRE, ...).
     OtherL4 = 8,

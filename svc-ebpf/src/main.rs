@@ -2,6 +2,14 @@
 //! the module that tells the packet's story (see the README's packet-path picture).
 #![no_std]
 #![no_main]
+#![expect(
+    clippy::inline_always,
+    reason = "packet pointers are verified best when every helper is inlined into its program"
+)]
+#![expect(
+    missing_docs,
+    reason = "aya's program macros generate undocumented wrapper functions"
+)]
 
 mod maps;
 mod parse;
@@ -12,6 +20,10 @@ use aya_ebpf::{macros::classifier, programs::TcContext};
 
 /// TC ingress on a pod-facing interface (the host end of a pod's veth): packets *from* a pod.
 #[classifier]
+#[expect(
+    clippy::needless_pass_by_value,
+    reason = "the classifier macro fixes the signature"
+)]
 pub fn svc_tc_from_pod(ctx: TcContext) -> i32 {
     pod::from_pod(&ctx)
 }

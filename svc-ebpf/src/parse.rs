@@ -25,7 +25,7 @@ pub const ETH_HLEN: usize = EthHdr::LEN;
 const PARSE_WINDOW: u32 = 128;
 /// How many IPv6 extension headers the parser follows before giving up.
 const MAX_IPV6_EXT: usize = 4;
-/// Minimum length of an ICMPv6 header (type, code, checksum, 4 bytes of body).
+/// Minimum length of an `ICMPv6` header (type, code, checksum, 4 bytes of body).
 const ICMPV6_HLEN: usize = 8;
 
 /// Returns a pointer to a `T` at `off` bytes into the packet, if all of it is in bounds.
@@ -64,6 +64,10 @@ pub enum Family {
 
 /// What the parser found.
 #[derive(Clone, Copy)]
+#[expect(
+    dead_code,
+    reason = "family, proto and l4_off feed the service lookup, which is next"
+)]
 pub struct Parsed {
     /// Which L3 counter the packet adds to.
     pub l3: PktCounter,

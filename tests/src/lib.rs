@@ -1,4 +1,4 @@
-//! Test support for svc: the packet fixture runner (BPF_PROG_TEST_RUN) and the network
+//! Test support for svc: the packet fixture runner (`BPF_PROG_TEST_RUN`) and the network
 //! namespace harness used by the end-to-end tests.
 
 pub mod fixture;

@@ -28,6 +28,9 @@ pub struct Flow {
 
 impl Flow {
     /// A flow from `src:sport` to `dst:dport`; both addresses must be of one family.
+    ///
+    /// # Panics
+    /// On an address that does not parse (test inputs are literals).
     #[must_use]
     pub fn new(src: &str, sport: u16, dst: &str, dport: u16) -> Self {
         Self {
@@ -52,8 +55,8 @@ impl Flow {
     fn ip(self) -> etherparse::PacketBuilderStep<etherparse::IpHeaders> {
         let eth = PacketBuilder::ethernet2(POD_MAC, HOST_MAC);
         match (self.src, self.dst) {
-            (IpAddr::V4(s), IpAddr::V4(d)) => eth.ipv4(s.octets(), d.octets(), TTL).into(),
-            (IpAddr::V6(s), IpAddr::V6(d)) => eth.ipv6(s.octets(), d.octets(), TTL).into(),
+            (IpAddr::V4(s), IpAddr::V4(d)) => eth.ipv4(s.octets(), d.octets(), TTL),
+            (IpAddr::V6(s), IpAddr::V6(d)) => eth.ipv6(s.octets(), d.octets(), TTL),
             _ => panic!("test flow mixes address families: {self:?}"),
         }
     }
@@ -61,6 +64,10 @@ impl Flow {
 
 /// TCP flags for [`tcp`].
 #[derive(Clone, Copy, Debug, Default)]
+#[expect(
+    clippy::struct_excessive_bools,
+    reason = "one field per TCP flag reads best in fixture rows"
+)]
 pub struct TcpFlags {
     /// SYN.
     pub syn: bool,
@@ -106,6 +113,9 @@ pub fn tcp(flow: Flow, flags: TcpFlags, payload: &[u8]) -> Vec<u8> {
 }
 
 /// An Ethernet/IP/TCP frame carrying TCP options (MSS, SACK permitted, window scale).
+///
+/// # Panics
+/// Never for these fixed options (they fit the header).
 #[must_use]
 pub fn tcp_with_options(flow: Flow) -> Vec<u8> {
     use etherparse::TcpOptionElement::{
@@ -132,7 +142,7 @@ pub fn udp(flow: Flow, payload: &[u8]) -> Vec<u8> {
     write(b.size(payload.len()), |v| b.write(v, payload))
 }
 
-/// An ICMP (v4) or ICMPv6 echo request from `flow.src` to `flow.dst`, id `flow.sport`.
+/// An ICMP (v4) or `ICMPv6` echo request from `flow.src` to `flow.dst`, id `flow.sport`.
 #[must_use]
 pub fn echo_request(flow: Flow, seq: u16) -> Vec<u8> {
     let payload = b"svc-ping";
@@ -146,6 +156,9 @@ pub fn echo_request(flow: Flow, seq: u16) -> Vec<u8> {
 }
 
 /// An IPv4 frame with an arbitrary protocol number and payload.
+///
+/// # Panics
+/// When `flow` is not IPv4.
 #[must_use]
 pub fn ipv4_raw(flow: Flow, proto: u8, payload: &[u8]) -> Vec<u8> {
     let (IpAddr::V4(s), IpAddr::V4(d)) = (flow.src, flow.dst) else {
@@ -265,6 +278,15 @@ pub fn describe(frame: &[u8]) -> String {
         Some(LaxNetSlice::Arp(_)) => parts.push("arp".to_owned()),
         None => {}
     }
+    parts.extend(describe_transport(&p, pseudo));
+    if let Some((err, layer)) = &p.stop_err {
+        parts.push(format!("<stopped at {layer:?}: {err}>"));
+    }
+    parts.join(" | ")
+}
+
+/// The transport part of [`describe`]; `pseudo` is the pseudo-header sum of the IP layer.
+fn describe_transport(p: &LaxSlicedPacket<'_>, pseudo: Option<u32>) -> Option<String> {
     let l4_ok = |seg: &[u8], with_pseudo: bool| -> &'static str {
         let s = if with_pseudo { pseudo.unwrap_or(0) } else { 0 };
         if csum::finish(csum::sum_bytes(s, seg)) == 0 {
@@ -273,8 +295,8 @@ pub fn describe(frame: &[u8]) -> String {
             "BAD"
         }
     };
-    match &p.transport {
-        Some(TransportSlice::Tcp(t)) => parts.push(format!(
+    Some(match p.transport.as_ref()? {
+        TransportSlice::Tcp(t) => format!(
             "tcp {}->{} [{}{}{}{}{}] seq {} ack {} csum {:#06x} ({}) payload {}",
             t.source_port(),
             t.destination_port(),
@@ -288,8 +310,8 @@ pub fn describe(frame: &[u8]) -> String {
             t.checksum(),
             l4_ok(t.slice(), true),
             t.payload().len()
-        )),
-        Some(TransportSlice::Udp(u)) => parts.push(format!(
+        ),
+        TransportSlice::Udp(u) => format!(
             "udp {}->{} len {} csum {:#06x} ({}) payload {}",
             u.source_port(),
             u.destination_port(),
@@ -301,27 +323,22 @@ pub fn describe(frame: &[u8]) -> String {
                 l4_ok(u.slice(), true)
             },
             u.payload().len()
-        )),
-        Some(TransportSlice::Icmpv4(i)) => parts.push(format!(
+        ),
+        TransportSlice::Icmpv4(i) => format!(
             "icmp type {} code {} csum {:#06x} ({})",
             i.type_u8(),
             i.code_u8(),
             i.checksum(),
             l4_ok(i.slice(), false)
-        )),
-        Some(TransportSlice::Icmpv6(i)) => parts.push(format!(
+        ),
+        TransportSlice::Icmpv6(i) => format!(
             "icmpv6 type {} code {} csum {:#06x} ({})",
             i.type_u8(),
             i.code_u8(),
             i.checksum(),
             l4_ok(i.slice(), true)
-        )),
-        None => {}
-    }
-    if let Some((err, layer)) = &p.stop_err {
-        parts.push(format!("<stopped at {layer:?}: {err}>"));
-    }
-    parts.join(" | ")
+        ),
+    })
 }
 
 #[cfg(test)]

@@ -63,15 +63,25 @@ fn with(mut frame: Vec<u8>, edit: impl FnOnce(&mut Vec<u8>)) -> Vec<u8> {
     frame
 }
 
+fn row(name: &str, input: Vec<u8>) -> Fixture {
+    Fixture::passes(name, FROM_POD, input)
+}
+
 fn table() -> Vec<Fixture> {
-    let row = |name: &str, input: Vec<u8>| Fixture::passes(name, FROM_POD, input);
+    let mut rows = parse_rows();
+    rows.extend(fragment_rows());
+    rows.extend(malformed_rows());
+    rows
+}
+
+/// Well-formed traffic that is not for a service passes untouched, counted.
+fn parse_rows() -> Vec<Fixture> {
     let ack = TcpFlags {
         ack: Some(1),
         psh: true,
         ..TcpFlags::default()
     };
     vec![
-        // Well-formed traffic that is not for a service passes untouched, counted.
         row("parse/ipv4_tcp_syn", packets::tcp(v4(), SYN, b"")).counts(&[Ipv4, Tcp]),
         row(
             "parse/ipv4_tcp_data",
@@ -83,7 +93,7 @@ fn table() -> Vec<Fixture> {
         row(
             "parse/ipv4_udp_zero_checksum",
             with(packets::udp(v4(), b"q"), |f| {
-                f[40..42].copy_from_slice(&[0, 0])
+                f[40..42].copy_from_slice(&[0, 0]);
             }),
         )
         .counts(&[Ipv4, Udp]),
@@ -110,7 +120,12 @@ fn table() -> Vec<Fixture> {
             packets::arp_request([198, 18, 1, 10], [198, 18, 1, 1]),
         )
         .counts(&[NonIp]),
-        // Fragments: counted as such; the transport header is not looked at.
+    ]
+}
+
+/// Fragments: counted as such; the transport header is not looked at.
+fn fragment_rows() -> Vec<Fixture> {
+    vec![
         row(
             "frag/ipv4_first_fragment",
             with(packets::udp(v4(), b"q"), |f| {
@@ -128,7 +143,16 @@ fn table() -> Vec<Fixture> {
         )
         .counts(&[Ipv4, Fragment]),
         row("frag/ipv6_fragment_header", ipv6_with_ext(44, 1)).counts(&[Ipv6, Fragment]),
-        // Malformed and truncated input: counted under a named reason, passed to the kernel.
+    ]
+}
+
+/// Malformed and truncated input: counted under a named reason, passed to the kernel.
+#[expect(
+    clippy::too_many_lines,
+    reason = "a fixture table: one row per case reads best in one place"
+)]
+fn malformed_rows() -> Vec<Fixture> {
+    vec![
         // BPF_PROG_TEST_RUN refuses IP frames shorter than the fixed IP header (EINVAL), so the
         // shortest truncation a row can carry cuts the header's options off.
         row(
@@ -245,6 +269,20 @@ fn table() -> Vec<Fixture> {
     ]
 }
 
+/// The agent pins exactly the maps `svc_common::MAP_NAMES` lists: it must be the object's set.
+fn map_names_match() -> anyhow::Result<()> {
+    let ebpf = svc_agent::loader::load_object()?;
+    let mut in_object: Vec<&str> = ebpf.maps().map(|(name, _)| name).collect();
+    in_object.sort_unstable();
+    let mut listed = svc_common::MAP_NAMES.to_vec();
+    listed.sort_unstable();
+    anyhow::ensure!(
+        in_object == listed,
+        "object has maps {in_object:?}, MAP_NAMES lists {listed:?}"
+    );
+    Ok(())
+}
+
 fn main() {
     let mut args = Arguments::from_args();
     // Rows print their ns/packet inline; one thread keeps each figure on its row's line.
@@ -259,19 +297,19 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(2000u32);
-    let trials = table()
-        .into_iter()
-        .map(|f| {
-            Trial::test(f.name.clone(), move || match fixture::run(&f, repeat) {
-                Ok(report) => {
-                    if let Some(d) = report.per_packet {
-                        print!("[{:>5} ns/pkt] ", d.as_nanos());
-                    }
-                    Ok(())
+    let mut trials: Vec<Trial> = vec![Trial::test("object/map_names_match_the_object", || {
+        map_names_match().map_err(|e| Failed::from(format!("{e:#}")))
+    })];
+    trials.extend(table().into_iter().map(|f| {
+        Trial::test(f.name.clone(), move || match fixture::run(&f, repeat) {
+            Ok(report) => {
+                if let Some(d) = report.per_packet {
+                    print!("[{:>5} ns/pkt] ", d.as_nanos());
                 }
-                Err(e) => Err(Failed::from(format!("{e:#}"))),
-            })
+                Ok(())
+            }
+            Err(e) => Err(Failed::from(format!("{e:#}"))),
         })
-        .collect();
+    }));
     libtest_mimic::run(&args, trials).exit();
 }

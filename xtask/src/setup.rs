@@ -24,6 +24,8 @@ const PACKAGES: &[&str] = &[
     "rustc-web",
     "cargo-web",
     "libstd-rust-web-dev-bpf",
+    // Lints the kernel crate on its own target.
+    "rust-web-clippy",
     // The netns harness and the agent's interface handling.
     "iproute2",
     // Operators' and tests' view of loaded programs and maps.

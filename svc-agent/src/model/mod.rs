@@ -1,1 +1,244 @@
 //! Desired-state model: Kubernetes objects in, frontends and backends out (pure functions).
+//!
+//! [`compute`] turns a [`Snapshot`] of Services, `EndpointSlice`s and Nodes into a
+//! [`DesiredState`]: one [`Frontend`] per (virtual address, port, protocol, scope) with the
+//! backends new connections may choose from, the backends whose established connections must
+//! keep working, and what to do when there is no backend. The reconciler diffs this against the
+//! BPF maps; nothing here touches the kernel, the network or a clock, and the output depends
+//! only on the set of input objects, never on their order.
+//!
+//! Objects that fail validation are reported in [`DesiredState::errors`] (one [`ObjectError`]
+//! per bad field) and skipped; everything else is still produced. The rules follow kube-proxy
+//! (see `shared/notes/service-semantics.md`); each deliberate difference is documented where it
+//! is implemented:
+//! - duplicate objects (same kind, namespace and name, different content; possible with the
+//!   file source) are all skipped with an error, so the result does not depend on order;
+//! - an address:port listed in several slices is merged deterministically (see
+//!   `endpoints.rs`);
+//! - two Services claiming the same frontend: the first by namespace/name keeps it.
+
+mod endpoints;
+mod error;
+mod frontend;
+mod node;
+mod service;
+
+use std::collections::{BTreeMap, btree_map::Entry};
+
+pub use error::ObjectError;
+pub use frontend::{
+    Backend, DropReason, EmptyAction, Frontend, FrontendKey, Protocol, Scope, ServicePortRef,
+};
+use k8s_openapi::api::{
+    core::v1::{Node, Service},
+    discovery::v1::EndpointSlice,
+};
+pub use node::{NodeAddress, NodeAddressKind, node_addresses};
+
+use self::{
+    endpoints::{SliceIndex, select_backends},
+    service::{ServiceView, TrafficPolicy},
+};
+
+/// The label that links an `EndpointSlice` to its Service (same namespace).
+pub const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
+/// Services with this label (any value) belong to another proxy and are ignored.
+pub const LABEL_SERVICE_PROXY_NAME: &str = "service.kubernetes.io/service-proxy-name";
+/// Services with this label (any value) are headless: nothing to program.
+pub const LABEL_HEADLESS: &str = "service.kubernetes.io/headless";
+/// The namespace of an object that names none (what `kubectl apply` uses by default).
+pub const DEFAULT_NAMESPACE: &str = "default";
+
+/// The Kubernetes objects the desired state is computed from.
+///
+/// The order of the objects does not matter. Objects of the same kind, namespace and name
+/// appearing more than once are merged when identical and rejected when they differ.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Snapshot {
+    /// `v1` Services.
+    pub services: Vec<Service>,
+    /// `discovery.k8s.io/v1` `EndpointSlice`s.
+    pub slices: Vec<EndpointSlice>,
+    /// `v1` Nodes (only the one named like this node is used).
+    pub nodes: Vec<Node>,
+}
+
+/// What the dataplane of one node should do, computed by [`compute`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DesiredState {
+    /// Every virtual address the dataplane captures, with its backends.
+    pub frontends: BTreeMap<FrontendKey, Frontend>,
+    /// This node's addresses (from its Node object), sorted; where `NodePorts` will listen.
+    pub node_addresses: Vec<NodeAddress>,
+    /// Objects (or parts of objects) that were skipped, sorted and deduplicated.
+    pub errors: Vec<ObjectError>,
+}
+
+/// Computes the desired state of the node named `node_name` from `snapshot`.
+///
+/// Never panics; bad objects end up in [`DesiredState::errors`]. The result is identical for
+/// any order of the objects in `snapshot`.
+#[must_use]
+pub fn compute(snapshot: &Snapshot, node_name: &str) -> DesiredState {
+    let mut errors = Vec::new();
+
+    let services = unique_objects(
+        "Service",
+        &snapshot.services,
+        |s| (&s.metadata.namespace, &s.metadata.name),
+        &mut errors,
+    );
+    let slices = unique_objects(
+        "EndpointSlice",
+        &snapshot.slices,
+        |s| (&s.metadata.namespace, &s.metadata.name),
+        &mut errors,
+    );
+    let slice_index = SliceIndex::build(&slices, node_name, &mut errors);
+    let (node_addresses, node_errors) = node_addresses(&snapshot.nodes, node_name);
+    errors.extend(node_errors);
+
+    // `services` is sorted by namespace/name, so conflicts are resolved the same way whatever
+    // the input order.
+    let mut frontends = BTreeMap::new();
+    for svc in services {
+        let Some(view) = ServiceView::parse(svc, &mut errors) else {
+            continue;
+        };
+        add_service_frontends(&view, &slice_index, &mut frontends, &mut errors);
+    }
+
+    errors.sort();
+    errors.dedup();
+    DesiredState {
+        frontends,
+        node_addresses,
+        errors,
+    }
+}
+
+/// Adds the frontends of one validated Service.
+///
+/// Today only the `ClusterIP`s (scope [`Scope::Internal`], governed by
+/// `internalTrafficPolicy`); `NodePort`, `LoadBalancer` and `externalIPs` frontends (scope
+/// [`Scope::External`], `externalTrafficPolicy`) will be added here from the same view.
+fn add_service_frontends(
+    view: &ServiceView<'_>,
+    slices: &SliceIndex<'_>,
+    frontends: &mut BTreeMap<FrontendKey, Frontend>,
+    errors: &mut Vec<ObjectError>,
+) {
+    for (ip_index, &addr) in view.cluster_ips.iter().enumerate() {
+        for port in &view.ports {
+            let key = FrontendKey {
+                addr,
+                port: port.port,
+                proto: port.proto,
+                scope: Scope::Internal,
+            };
+            let endpoints =
+                slices.endpoints(view.namespace, view.name, addr, port.name, port.proto);
+            let selection = select_backends(&endpoints, view.internal_traffic_policy);
+            let on_empty = match view.internal_traffic_policy {
+                TrafficPolicy::Local if selection.any_usable => {
+                    EmptyAction::Drop(DropReason::InternalTrafficPolicyLocal)
+                }
+                TrafficPolicy::Local | TrafficPolicy::Cluster => EmptyAction::Reject,
+            };
+            let frontend = Frontend {
+                service: ServicePortRef {
+                    namespace: view.namespace.to_owned(),
+                    name: view.name.to_owned(),
+                    port_name: port.name.to_owned(),
+                },
+                affinity_timeout: view.affinity_timeout,
+                backends: selection.backends,
+                kept_backends: selection.kept_backends,
+                on_empty,
+            };
+            match frontends.entry(key) {
+                Entry::Vacant(slot) => {
+                    slot.insert(frontend);
+                }
+                Entry::Occupied(taken) => {
+                    let owner = &taken.get().service;
+                    errors.push(view.error(
+                        view.cluster_ip_field(ip_index),
+                        format!(
+                            "{key} (spec.ports[{}]) is already used by Service {}/{} port {:?}",
+                            port.index, owner.namespace, owner.name, owner.port_name
+                        ),
+                    ));
+                }
+            }
+        }
+    }
+}
+
+/// Groups objects by namespace/name (sorted), keeping one of each group when all its members
+/// are identical and reporting an error and keeping none when they differ.
+///
+/// With a live API server names are unique; with the file source the same object may be in
+/// two files. Rejecting differing copies keeps the result independent of the input order.
+fn unique_objects<'a, T: PartialEq>(
+    kind: &'static str,
+    objects: &'a [T],
+    meta: impl Fn(&'a T) -> (&'a Option<String>, &'a Option<String>),
+    errors: &mut Vec<ObjectError>,
+) -> Vec<&'a T> {
+    let mut groups: BTreeMap<(&str, &str), Vec<&T>> = BTreeMap::new();
+    for object in objects {
+        let (namespace, name) = meta(object);
+        let namespace = namespace.as_deref().unwrap_or(DEFAULT_NAMESPACE);
+        let name = name.as_deref().unwrap_or_default();
+        groups.entry((namespace, name)).or_default().push(object);
+    }
+    let mut unique = Vec::with_capacity(groups.len());
+    for ((namespace, name), group) in groups {
+        let Some(&first) = group.first() else {
+            continue;
+        };
+        if !name.is_empty() && group.iter().any(|other| *other != first) {
+            errors.push(ObjectError {
+                kind,
+                namespace: namespace.to_owned(),
+                name: name.to_owned(),
+                field: "metadata.name".to_owned(),
+                reason: format!(
+                    "{} objects have this name and they differ; all are ignored",
+                    group.len()
+                ),
+            });
+        } else if name.is_empty() {
+            // Nameless objects are not duplicates of each other: keep them all, the parser
+            // reports each.
+            unique.extend(group);
+        } else {
+            unique.push(first);
+        }
+    }
+    unique
+}
+
+/// The namespace an object lives in (`default` when it names none, like `kubectl apply`).
+fn namespace_of(namespace: Option<&String>) -> &str {
+    namespace.map_or(DEFAULT_NAMESPACE, String::as_str)
+}
+
+#[cfg(test)]
+mod tests;
+
+#[cfg(test)]
+pub(crate) mod test_support {
+    //! Building objects from YAML in `kubectl get -o yaml` shape.
+
+    use serde::de::DeserializeOwned;
+
+    /// Parses one YAML document, panicking with the error (tests only).
+    pub(crate) fn yaml<T: DeserializeOwned>(text: &str) -> T {
+        match serde_saphyr::from_str(text) {
+            Ok(value) => value,
+            Err(e) => panic!("test YAML does not parse: {e}\n{text}"),
+        }
+    }
+}

@@ -1,0 +1,367 @@
+//! `EndpointSlice`s: validating them, finding the endpoints of a Service port, and choosing
+//! which of them take new connections.
+//!
+//! Rules (kube-proxy's, `pkg/proxy/endpointslicecache.go` and `topology.go`):
+//! - a slice belongs to the Service named by its `kubernetes.io/service-name` label in its own
+//!   namespace; slices without the label are not for a proxy and are ignored;
+//! - `addressType` `IPv4`/`IPv6` slices serve frontends of that family only; `FQDN` slices are
+//!   ignored;
+//! - a Service port uses the slice port with the same name (both empty for an unnamed port)
+//!   and protocol, and takes the port number from it, so a named `targetPort` may resolve to
+//!   different numbers in different slices;
+//! - a slice port without a number ("all ports", allowed for slices not derived from a
+//!   Service) is skipped, like kube-proxy does; it is valid API, so it is no error;
+//! - only the first of an endpoint's `addresses` is used (kube-proxy does the same; the API
+//!   defines no meaning for the others);
+//! - conditions: `ready` nil = true, `serving` nil = true, `terminating` nil = false, as the
+//!   API documents them and kube-proxy reads them;
+//! - `local` = the endpoint's `nodeName` is this node's name.
+//!
+//! The same address:port may be listed in several slices (for example while the controller
+//! moves an endpoint between slices). kube-proxy keeps whichever slice it happens to read last
+//! (preferring a local one); here the most usable copy wins (ready, then serving, then not
+//! terminating, then local), which does not depend on the order of the slices.
+
+use std::{collections::BTreeMap, net::IpAddr};
+
+use k8s_openapi::api::discovery::v1::{Endpoint, EndpointSlice};
+
+use super::{
+    Backend, LABEL_SERVICE_NAME, ObjectError, Protocol, namespace_of, service::TrafficPolicy,
+};
+
+/// An endpoint's conditions, with the API's defaults applied.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Conditions {
+    pub ready: bool,
+    pub serving: bool,
+    pub terminating: bool,
+}
+
+/// One endpoint of a Service port, merged over all slices.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Candidate {
+    pub addr: IpAddr,
+    pub port: u16,
+    pub local: bool,
+    pub conditions: Conditions,
+}
+
+impl Candidate {
+    /// Which of two copies of the same address:port wins (the greater).
+    fn rank(&self) -> (bool, bool, bool, bool) {
+        let c = self.conditions;
+        (c.ready, c.serving, !c.terminating, self.local)
+    }
+
+    /// May take new connections when no ready endpoint is available (graceful termination).
+    fn is_fallback(&self) -> bool {
+        self.conditions.serving && self.conditions.terminating
+    }
+
+    /// Could take new connections (ready, or the terminating fallback).
+    fn is_usable(&self) -> bool {
+        self.conditions.ready || self.is_fallback()
+    }
+
+    /// Established connections to it should keep working even when it is not chosen.
+    fn is_alive(&self) -> bool {
+        let c = self.conditions;
+        c.ready || c.serving || c.terminating
+    }
+
+    fn backend(&self) -> Backend {
+        Backend {
+            addr: self.addr,
+            port: self.port,
+            local: self.local,
+            terminating: self.conditions.terminating,
+        }
+    }
+}
+
+/// A validated slice port.
+#[derive(Debug)]
+struct SlicePort<'a> {
+    name: &'a str,
+    proto: Protocol,
+    port: u16,
+}
+
+/// A validated endpoint (its first address); `port` is filled from the slice port.
+#[derive(Debug)]
+struct SliceEndpoint {
+    addr: IpAddr,
+    local: bool,
+    conditions: Conditions,
+}
+
+/// A validated `IPv4` or `IPv6` slice.
+#[derive(Debug)]
+struct SliceView<'a> {
+    ipv6: bool,
+    ports: Vec<SlicePort<'a>>,
+    endpoints: Vec<SliceEndpoint>,
+}
+
+/// The valid slices of each Service, by namespace and Service name.
+#[derive(Debug, Default)]
+pub(crate) struct SliceIndex<'a> {
+    by_service: BTreeMap<(&'a str, &'a str), Vec<SliceView<'a>>>,
+}
+
+impl<'a> SliceIndex<'a> {
+    /// Validates and indexes `slices`; one error per bad field is pushed onto `errors`. A slice
+    /// with a bad field is skipped as a whole, except a bad endpoint: only that endpoint is.
+    pub(crate) fn build(
+        slices: &[&'a EndpointSlice],
+        node_name: &str,
+        errors: &mut Vec<ObjectError>,
+    ) -> Self {
+        let mut index = Self::default();
+        for slice in slices {
+            let Some(service) = slice
+                .metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(LABEL_SERVICE_NAME))
+            else {
+                continue;
+            };
+            let namespace = namespace_of(slice.metadata.namespace.as_ref());
+            if let Some(view) = parse_slice(slice, node_name, errors) {
+                index
+                    .by_service
+                    .entry((namespace, service.as_str()))
+                    .or_default()
+                    .push(view);
+            }
+        }
+        index
+    }
+
+    /// The endpoints of one Service port for frontends of `frontend_addr`'s family, merged
+    /// over all slices, sorted by address and port, each address:port once.
+    pub(crate) fn endpoints(
+        &self,
+        namespace: &str,
+        service: &str,
+        frontend_addr: IpAddr,
+        port_name: &str,
+        proto: Protocol,
+    ) -> Vec<Candidate> {
+        let mut merged: BTreeMap<(IpAddr, u16), Candidate> = BTreeMap::new();
+        let slices = self.by_service.get(&(namespace, service));
+        for slice in slices.into_iter().flatten() {
+            if slice.ipv6 != frontend_addr.is_ipv6() {
+                continue;
+            }
+            let ports = slice
+                .ports
+                .iter()
+                .filter(|p| p.name == port_name && p.proto == proto);
+            for port in ports {
+                for ep in &slice.endpoints {
+                    let candidate = Candidate {
+                        addr: ep.addr,
+                        port: port.port,
+                        local: ep.local,
+                        conditions: ep.conditions,
+                    };
+                    merged
+                        .entry((ep.addr, port.port))
+                        .and_modify(|kept| {
+                            if candidate.rank() > kept.rank() {
+                                *kept = candidate;
+                            }
+                        })
+                        .or_insert(candidate);
+                }
+            }
+        }
+        merged.into_values().collect()
+    }
+}
+
+/// Validates one slice linked to a Service. `None` when it is ignored (FQDN) or invalid.
+fn parse_slice<'a>(
+    slice: &'a EndpointSlice,
+    node_name: &str,
+    errors: &mut Vec<ObjectError>,
+) -> Option<SliceView<'a>> {
+    let namespace = namespace_of(slice.metadata.namespace.as_ref());
+    let name = slice.metadata.name.as_deref().unwrap_or_default();
+    let error = |field: String, reason: String| ObjectError {
+        kind: "EndpointSlice",
+        namespace: namespace.to_owned(),
+        name: name.to_owned(),
+        field,
+        reason,
+    };
+    // Errors that skip the whole slice.
+    let mut fatal = Vec::new();
+    if name.is_empty() {
+        fatal.push(error("metadata.name".to_owned(), "missing".to_owned()));
+    }
+
+    let ipv6 = match slice.address_type.as_str() {
+        "IPv4" => false,
+        "IPv6" => true,
+        "FQDN" => return None,
+        other => {
+            errors.extend(fatal);
+            errors.push(error(
+                "addressType".to_owned(),
+                format!("unknown address type {other:?} (expected IPv4, IPv6 or FQDN)"),
+            ));
+            return None;
+        }
+    };
+
+    let listed_ports = slice.ports.as_deref().unwrap_or_default();
+    let mut ports: Vec<SlicePort<'a>> = Vec::with_capacity(listed_ports.len());
+    for (i, port) in listed_ports.iter().enumerate() {
+        let port_name = port.name.as_deref().unwrap_or_default();
+        let proto = match port.protocol.as_deref() {
+            None => Some(Protocol::Tcp),
+            Some(p) => Protocol::from_k8s(p),
+        };
+        if proto.is_none() {
+            fatal.push(error(
+                format!("ports[{i}].protocol"),
+                format!(
+                    "unknown protocol {:?} (expected TCP, UDP or SCTP)",
+                    port.protocol.as_deref().unwrap_or_default()
+                ),
+            ));
+        }
+        if let Some(first) = listed_ports[..i]
+            .iter()
+            .position(|p| p.name.as_deref().unwrap_or_default() == port_name)
+        {
+            fatal.push(error(
+                format!("ports[{i}].name"),
+                format!("duplicate port name {port_name:?} (also ports[{first}])"),
+            ));
+        }
+        // No number: "all ports", which kube-proxy cannot program and skips; so do we.
+        let Some(number) = port.port else {
+            continue;
+        };
+        let Some(number) = u16::try_from(number).ok().filter(|&n| n != 0) else {
+            fatal.push(error(
+                format!("ports[{i}].port"),
+                format!("{number} is not in 1..=65535"),
+            ));
+            continue;
+        };
+        if let Some(proto) = proto {
+            ports.push(SlicePort {
+                name: port_name,
+                proto,
+                port: number,
+            });
+        }
+    }
+
+    // A bad endpoint only loses itself: report it without skipping the slice.
+    let mut endpoints = Vec::with_capacity(slice.endpoints.len());
+    let mut endpoint_errors = Vec::new();
+    for (i, ep) in slice.endpoints.iter().enumerate() {
+        match parse_endpoint(ep, ipv6, node_name) {
+            Ok(ep) => endpoints.push(ep),
+            Err((field, reason)) => {
+                endpoint_errors.push(error(format!("endpoints[{i}].{field}"), reason));
+            }
+        }
+    }
+
+    let valid = fatal.is_empty();
+    errors.extend(fatal);
+    errors.extend(endpoint_errors);
+    valid.then_some(SliceView {
+        ipv6,
+        ports,
+        endpoints,
+    })
+}
+
+/// Validates one endpoint of a slice of family `ipv6`; on error, the bad field (relative to
+/// the endpoint) and why.
+fn parse_endpoint(
+    ep: &Endpoint,
+    ipv6: bool,
+    node_name: &str,
+) -> Result<SliceEndpoint, (&'static str, String)> {
+    let Some(first) = ep.addresses.first() else {
+        return Err((
+            "addresses",
+            "empty: an endpoint needs an address".to_owned(),
+        ));
+    };
+    let addr = match first.parse::<IpAddr>() {
+        Ok(addr) if addr.is_ipv6() == ipv6 => addr,
+        Ok(_) => {
+            let family = if ipv6 { "IPv6" } else { "IPv4" };
+            return Err((
+                "addresses[0]",
+                format!("{first:?} is not an {family} address (the slice's addressType)"),
+            ));
+        }
+        Err(_) => return Err(("addresses[0]", format!("{first:?} is not an IP address"))),
+    };
+    let conditions = ep.conditions.as_ref();
+    let local = !node_name.is_empty() && ep.node_name.as_deref() == Some(node_name);
+    Ok(SliceEndpoint {
+        addr,
+        local,
+        conditions: Conditions {
+            ready: conditions.and_then(|c| c.ready).unwrap_or(true),
+            serving: conditions.and_then(|c| c.serving).unwrap_or(true),
+            terminating: conditions.and_then(|c| c.terminating).unwrap_or(false),
+        },
+    })
+}
+
+/// The backends of one frontend.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(crate) struct Selection {
+    /// Take new connections.
+    pub backends: Vec<Backend>,
+    /// Keep their established connections.
+    pub kept_backends: Vec<Backend>,
+    /// Some endpoint anywhere could take new connections (ready or the terminating
+    /// fallback): with a Local policy and no local backend, drop rather than reject.
+    pub any_usable: bool,
+}
+
+/// Chooses among a frontend's `endpoints` (sorted, unique) under `policy`.
+///
+/// New connections go to the ready endpoints (only local ones under `Local`); when there are
+/// none, to the serving and terminating ones (graceful termination). Every other endpoint that
+/// is ready, serving or terminating keeps its established connections; endpoints that are
+/// none of these are gone.
+pub(crate) fn select_backends(endpoints: &[Candidate], policy: TrafficPolicy) -> Selection {
+    let eligible = |c: &Candidate| policy == TrafficPolicy::Cluster || c.local;
+    let any_ready = endpoints.iter().any(|c| eligible(c) && c.conditions.ready);
+    let chosen = |c: &Candidate| {
+        eligible(c)
+            && if any_ready {
+                c.conditions.ready
+            } else {
+                c.is_fallback()
+            }
+    };
+    let mut selection = Selection {
+        any_usable: endpoints.iter().any(Candidate::is_usable),
+        ..Selection::default()
+    };
+    for c in endpoints {
+        if chosen(c) {
+            selection.backends.push(c.backend());
+        } else if c.is_alive() {
+            selection.kept_backends.push(c.backend());
+        }
+    }
+    selection
+}

@@ -1,0 +1,225 @@
+//! This node's addresses, from its Node object.
+
+use std::{collections::BTreeSet, net::IpAddr};
+
+use k8s_openapi::api::core::v1::Node;
+
+use super::ObjectError;
+
+/// What kind of node address an address is (`status.addresses[].type`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum NodeAddressKind {
+    /// `InternalIP`: reachable inside the cluster.
+    InternalIp,
+    /// `ExternalIP`: reachable from outside the cluster.
+    ExternalIp,
+}
+
+/// One IP address of this node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct NodeAddress {
+    /// The address.
+    pub addr: IpAddr,
+    /// Its kind.
+    pub kind: NodeAddressKind,
+}
+
+/// The `InternalIP` and `ExternalIP` addresses of the Node named `node_name`, sorted and
+/// deduplicated, and the errors found in that Node's addresses.
+///
+/// Other address types (`Hostname`, `InternalDNS`, ...) are not IPs and are skipped; an
+/// unparseable IP is reported and skipped. No Node of that name gives no addresses and no
+/// error (standalone mode may have no Node objects). Several differing Node objects of that
+/// name give no addresses and an error, whatever their order. Only this node is checked.
+#[must_use]
+pub fn node_addresses(nodes: &[Node], node_name: &str) -> (Vec<NodeAddress>, Vec<ObjectError>) {
+    let mut errors = Vec::new();
+    let mine: Vec<&Node> = nodes
+        .iter()
+        .filter(|n| !node_name.is_empty() && n.metadata.name.as_deref() == Some(node_name))
+        .collect();
+    let Some(&node) = mine.first() else {
+        return (Vec::new(), errors);
+    };
+    if mine.iter().any(|other| *other != node) {
+        errors.push(node_error(
+            node_name,
+            "metadata.name".to_owned(),
+            format!(
+                "{} Node objects have this name and they differ; all are ignored",
+                mine.len()
+            ),
+        ));
+        return (Vec::new(), errors);
+    }
+
+    let mut addresses = BTreeSet::new();
+    let listed = node.status.as_ref().and_then(|s| s.addresses.as_deref());
+    for (i, address) in listed.unwrap_or_default().iter().enumerate() {
+        let kind = match address.type_.as_str() {
+            "InternalIP" => NodeAddressKind::InternalIp,
+            "ExternalIP" => NodeAddressKind::ExternalIp,
+            _ => continue,
+        };
+        match address.address.parse::<IpAddr>() {
+            Ok(addr) => {
+                addresses.insert(NodeAddress { addr, kind });
+            }
+            Err(_) => errors.push(node_error(
+                node_name,
+                format!("status.addresses[{i}].address"),
+                format!("{:?} is not an IP address", address.address),
+            )),
+        }
+    }
+    (addresses.into_iter().collect(), errors)
+}
+
+fn node_error(name: &str, field: String, reason: String) -> ObjectError {
+    ObjectError {
+        kind: "Node",
+        namespace: String::new(),
+        name: name.to_owned(),
+        field,
+        reason,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::test_support::yaml;
+
+    const NODE1: &str = r#"
+apiVersion: v1
+kind: Node
+metadata:
+  labels:
+    kubernetes.io/hostname: node1
+    kubernetes.io/os: linux
+  name: node1
+  resourceVersion: "1234"
+  uid: 1b3c1a8e-4d8e-4f4c-9a59-0c7b6c0a7e11
+spec:
+  podCIDR: 10.244.1.0/24
+  podCIDRs:
+  - 10.244.1.0/24
+  - fd00:10:244:1::/64
+status:
+  addresses:
+  - address: 192.168.1.11
+    type: InternalIP
+  - address: fd00:c0a8:1::11
+    type: InternalIP
+  - address: 203.0.113.11
+    type: ExternalIP
+  - address: node1
+    type: Hostname
+  - address: node1.example.internal
+    type: InternalDNS
+  nodeInfo:
+    architecture: amd64
+    bootID: 7f6e5d4c
+    containerRuntimeVersion: containerd://2.0.5
+    kernelVersion: 6.12.0
+    kubeProxyVersion: ""
+    kubeletVersion: v1.33.1
+    machineID: 0f1e2d3c
+    operatingSystem: linux
+    osImage: Debian GNU/Linux 13 (trixie)
+    systemUUID: 0f1e2d3c
+"#;
+
+    const NODE2: &str = r"
+apiVersion: v1
+kind: Node
+metadata:
+  name: node2
+status:
+  addresses:
+  - address: 192.168.1.12
+    type: InternalIP
+";
+
+    fn addr(addr: &str, kind: NodeAddressKind) -> NodeAddress {
+        NodeAddress {
+            addr: addr.parse().unwrap(),
+            kind,
+        }
+    }
+
+    #[test]
+    fn internal_and_external_ips_of_this_node_only() {
+        let nodes: Vec<Node> = vec![yaml(NODE2), yaml(NODE1)];
+        let (addresses, errors) = node_addresses(&nodes, "node1");
+        assert_eq!(errors, []);
+        assert_eq!(
+            addresses,
+            [
+                addr("192.168.1.11", NodeAddressKind::InternalIp),
+                addr("203.0.113.11", NodeAddressKind::ExternalIp),
+                addr("fd00:c0a8:1::11", NodeAddressKind::InternalIp),
+            ]
+        );
+        let (addresses, _) = node_addresses(&nodes, "node2");
+        assert_eq!(
+            addresses,
+            [addr("192.168.1.12", NodeAddressKind::InternalIp)]
+        );
+    }
+
+    #[test]
+    fn unknown_node_or_no_status_gives_nothing() {
+        let nodes: Vec<Node> = vec![
+            yaml(NODE1),
+            yaml("apiVersion: v1\nkind: Node\nmetadata:\n  name: bare\n"),
+        ];
+        assert_eq!(node_addresses(&nodes, "node9"), (vec![], vec![]));
+        assert_eq!(node_addresses(&nodes, "bare"), (vec![], vec![]));
+        assert_eq!(node_addresses(&nodes, ""), (vec![], vec![]));
+        assert_eq!(node_addresses(&[], "node1"), (vec![], vec![]));
+    }
+
+    #[test]
+    fn bad_address_is_reported_and_the_rest_kept() {
+        let node: Node = yaml(
+            r"
+apiVersion: v1
+kind: Node
+metadata:
+  name: node3
+status:
+  addresses:
+  - address: 192.168.1.300
+    type: InternalIP
+  - address: 192.168.1.13
+    type: InternalIP
+",
+        );
+        let (addresses, errors) = node_addresses(&[node], "node3");
+        assert_eq!(
+            addresses,
+            [addr("192.168.1.13", NodeAddressKind::InternalIp)]
+        );
+        assert_eq!(errors.len(), 1);
+        assert_eq!(
+            errors[0].to_string(),
+            "Node node3: status.addresses[0].address: \"192.168.1.300\" is not an IP address"
+        );
+    }
+
+    #[test]
+    fn identical_duplicates_merge_and_differing_ones_are_rejected() {
+        let same: Vec<Node> = vec![yaml(NODE1), yaml(NODE1)];
+        assert_eq!(node_addresses(&same, "node1").0.len(), 3);
+
+        let mut other: Node = yaml(NODE1);
+        other.status = None;
+        for nodes in [vec![yaml(NODE1), other.clone()], vec![other, yaml(NODE1)]] {
+            let (addresses, errors) = node_addresses(&nodes, "node1");
+            assert_eq!(addresses, []);
+            assert_eq!(errors.len(), 1);
+            assert_eq!(errors[0].field, "metadata.name");
+        }
+    }
+}

@@ -1,0 +1,312 @@
+//! Validating a Service into the parts the model uses.
+
+use std::{net::IpAddr, time::Duration};
+
+use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
+
+use super::{LABEL_HEADLESS, LABEL_SERVICE_PROXY_NAME, ObjectError, Protocol, namespace_of};
+
+/// `sessionAffinityConfig.clientIP.timeoutSeconds` when the Service sets none.
+pub(crate) const DEFAULT_AFFINITY_TIMEOUT_SECONDS: i32 = 10_800;
+/// The largest valid `sessionAffinityConfig.clientIP.timeoutSeconds` (one day).
+pub(crate) const MAX_AFFINITY_TIMEOUT_SECONDS: i32 = 86_400;
+
+/// `internalTrafficPolicy` / `externalTrafficPolicy`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum TrafficPolicy {
+    /// Any endpoint in the cluster (the default).
+    Cluster,
+    /// Only endpoints on this node.
+    Local,
+}
+
+/// A validated Service that has virtual IPs to program.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct ServiceView<'a> {
+    pub namespace: &'a str,
+    pub name: &'a str,
+    /// The `ClusterIP`s (one per family), in the order of the Service.
+    pub cluster_ips: Vec<IpAddr>,
+    /// The addresses came from `spec.clusterIPs` (else from `spec.clusterIP`).
+    pub cluster_ips_listed: bool,
+    pub ports: Vec<PortView<'a>>,
+    pub internal_traffic_policy: TrafficPolicy,
+    pub affinity_timeout: Option<Duration>,
+}
+
+/// A validated Service port.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct PortView<'a> {
+    /// Index in `spec.ports`, for error messages.
+    pub index: usize,
+    /// Empty for an unnamed port.
+    pub name: &'a str,
+    pub port: u16,
+    pub proto: Protocol,
+    /// Kept for the `NodePort` frontends to come.
+    pub node_port: Option<u16>,
+}
+
+impl<'a> ServiceView<'a> {
+    /// Validates `svc`. `None` when it has nothing to program (ignored, headless,
+    /// `ExternalName`, no `ClusterIP`) or when it is invalid; then one error per bad field is
+    /// pushed onto `errors`.
+    pub(crate) fn parse(svc: &'a Service, errors: &mut Vec<ObjectError>) -> Option<Self> {
+        let labels = svc.metadata.labels.as_ref();
+        if labels.is_some_and(|l| l.contains_key(LABEL_SERVICE_PROXY_NAME)) {
+            // Belongs to another proxy (kube-proxy skips these the same way).
+            return None;
+        }
+        if labels.is_some_and(|l| l.contains_key(LABEL_HEADLESS)) {
+            return None;
+        }
+        let spec = svc.spec.as_ref()?;
+        let namespace = namespace_of(svc.metadata.namespace.as_ref());
+        let name = svc.metadata.name.as_deref().unwrap_or_default();
+        let mut checker = Checker {
+            namespace,
+            name,
+            errors,
+            failed: false,
+        };
+        if name.is_empty() {
+            checker.fail("metadata.name".to_owned(), "missing".to_owned());
+        }
+
+        match spec.type_.as_deref() {
+            None | Some("ClusterIP" | "NodePort" | "LoadBalancer") => {}
+            Some("ExternalName") => return None, // DNS only.
+            Some(other) => checker.fail(
+                "spec.type".to_owned(),
+                format!(
+                    "unknown type {other:?} (expected ClusterIP, NodePort, LoadBalancer or \
+                     ExternalName)"
+                ),
+            ),
+        }
+
+        let (cluster_ips, cluster_ips_listed) = checker.cluster_ips(spec)?;
+        let ports = spec
+            .ports
+            .as_deref()
+            .unwrap_or_default()
+            .iter()
+            .enumerate()
+            .filter_map(|(index, port)| checker.port(index, port))
+            .collect::<Vec<_>>();
+        checker.duplicate_ports(&ports);
+        let internal_traffic_policy = checker.traffic_policy(
+            "spec.internalTrafficPolicy",
+            spec.internal_traffic_policy.as_deref(),
+        );
+        let affinity_timeout = checker.affinity(spec);
+
+        if checker.failed {
+            return None;
+        }
+        Some(Self {
+            namespace,
+            name,
+            cluster_ips,
+            cluster_ips_listed,
+            ports,
+            internal_traffic_policy,
+            affinity_timeout,
+        })
+    }
+
+    /// The field the `index`th of `cluster_ips` came from.
+    pub(crate) fn cluster_ip_field(&self, index: usize) -> String {
+        if self.cluster_ips_listed {
+            format!("spec.clusterIPs[{index}]")
+        } else {
+            "spec.clusterIP".to_owned()
+        }
+    }
+
+    /// An error about this Service.
+    pub(crate) fn error(&self, field: String, reason: String) -> ObjectError {
+        service_error(self.namespace, self.name, field, reason)
+    }
+}
+
+fn service_error(namespace: &str, name: &str, field: String, reason: String) -> ObjectError {
+    ObjectError {
+        kind: "Service",
+        namespace: namespace.to_owned(),
+        name: name.to_owned(),
+        field,
+        reason,
+    }
+}
+
+/// Collects the errors of one Service and remembers whether there was any.
+struct Checker<'e, 'a> {
+    namespace: &'a str,
+    name: &'a str,
+    errors: &'e mut Vec<ObjectError>,
+    failed: bool,
+}
+
+impl Checker<'_, '_> {
+    fn fail(&mut self, field: String, reason: String) {
+        self.failed = true;
+        self.errors
+            .push(service_error(self.namespace, self.name, field, reason));
+    }
+
+    /// The `ClusterIP`s: `spec.clusterIPs`, or `spec.clusterIP` when that list is empty.
+    /// `None` when the Service has none (headless `None`, or not allocated: empty), so there
+    /// is nothing to program and nothing else worth checking.
+    fn cluster_ips(&mut self, spec: &ServiceSpec) -> Option<(Vec<IpAddr>, bool)> {
+        let list = spec.cluster_ips.as_deref().unwrap_or_default();
+        let single = spec.cluster_ip.as_deref().unwrap_or_default();
+        let listed = !list.is_empty();
+        let raw: Vec<&str> = if listed {
+            list.iter().map(String::as_str).collect()
+        } else {
+            vec![single]
+        };
+        let first = raw.first().copied().unwrap_or_default();
+        if first.is_empty() || first == "None" {
+            return None;
+        }
+        if listed && !single.is_empty() && single != first {
+            self.fail(
+                "spec.clusterIP".to_owned(),
+                format!("{single:?} must equal spec.clusterIPs[0] ({first:?})"),
+            );
+        }
+        let mut ips: Vec<IpAddr> = Vec::with_capacity(raw.len());
+        for (i, text) in raw.iter().enumerate() {
+            let field = if listed {
+                format!("spec.clusterIPs[{i}]")
+            } else {
+                "spec.clusterIP".to_owned()
+            };
+            match text.parse::<IpAddr>() {
+                Ok(ip) if ips.iter().any(|seen| seen.is_ipv4() == ip.is_ipv4()) => self.fail(
+                    field,
+                    format!("{text:?}: at most one address per IP family"),
+                ),
+                Ok(ip) if ip.is_unspecified() || ip.is_multicast() => {
+                    self.fail(field, format!("{text:?} cannot be a service address"));
+                }
+                Ok(ip) => ips.push(ip),
+                Err(_) => self.fail(field, format!("{text:?} is not an IP address")),
+            }
+        }
+        Some((ips, listed))
+    }
+
+    fn port<'p>(&mut self, index: usize, port: &'p ServicePort) -> Option<PortView<'p>> {
+        let field = |name: &str| format!("spec.ports[{index}].{name}");
+        let number = u16::try_from(port.port).ok().filter(|&p| p != 0);
+        if number.is_none() {
+            self.fail(field("port"), format!("{} is not in 1..=65535", port.port));
+        }
+        let proto = match port.protocol.as_deref() {
+            None => Some(Protocol::Tcp),
+            Some(name) => Protocol::from_k8s(name),
+        };
+        if proto.is_none() {
+            self.fail(
+                field("protocol"),
+                format!(
+                    "unknown protocol {:?} (expected TCP, UDP or SCTP)",
+                    port.protocol.as_deref().unwrap_or_default()
+                ),
+            );
+        }
+        // 0 means "not allocated" (the API server allocates one for NodePort Services).
+        let node_port = match port.node_port {
+            None | Some(0) => Some(None),
+            Some(n) => u16::try_from(n).ok().map(Some),
+        };
+        if node_port.is_none() {
+            self.fail(
+                field("nodePort"),
+                format!("{} is not in 1..=65535", port.node_port.unwrap_or_default()),
+            );
+        }
+        Some(PortView {
+            index,
+            name: port.name.as_deref().unwrap_or_default(),
+            port: number?,
+            proto: proto?,
+            node_port: node_port?,
+        })
+    }
+
+    /// Port numbers must be unique per protocol and names unique (slices match by name).
+    fn duplicate_ports(&mut self, ports: &[PortView<'_>]) {
+        for (i, port) in ports.iter().enumerate() {
+            let earlier = &ports[..i];
+            if let Some(first) = earlier
+                .iter()
+                .find(|p| p.port == port.port && p.proto == port.proto)
+            {
+                self.fail(
+                    format!("spec.ports[{}]", port.index),
+                    format!(
+                        "duplicate port {}/{} (also spec.ports[{}])",
+                        port.port, port.proto, first.index
+                    ),
+                );
+            }
+            if let Some(first) = earlier.iter().find(|p| p.name == port.name) {
+                self.fail(
+                    format!("spec.ports[{}].name", port.index),
+                    format!(
+                        "duplicate port name {:?} (also spec.ports[{}])",
+                        port.name, first.index
+                    ),
+                );
+            }
+        }
+    }
+
+    fn traffic_policy(&mut self, field: &str, value: Option<&str>) -> TrafficPolicy {
+        match value {
+            None | Some("Cluster") => TrafficPolicy::Cluster,
+            Some("Local") => TrafficPolicy::Local,
+            Some(other) => {
+                self.fail(
+                    field.to_owned(),
+                    format!("unknown policy {other:?} (expected Cluster or Local)"),
+                );
+                TrafficPolicy::Cluster
+            }
+        }
+    }
+
+    fn affinity(&mut self, spec: &ServiceSpec) -> Option<Duration> {
+        match spec.session_affinity.as_deref() {
+            None | Some("None") => None,
+            Some("ClientIP") => {
+                let seconds = spec
+                    .session_affinity_config
+                    .as_ref()
+                    .and_then(|c| c.client_ip.as_ref())
+                    .and_then(|c| c.timeout_seconds)
+                    .unwrap_or(DEFAULT_AFFINITY_TIMEOUT_SECONDS);
+                if (1..=MAX_AFFINITY_TIMEOUT_SECONDS).contains(&seconds) {
+                    Some(Duration::from_secs(seconds.unsigned_abs().into()))
+                } else {
+                    self.fail(
+                        "spec.sessionAffinityConfig.clientIP.timeoutSeconds".to_owned(),
+                        format!("{seconds} is not in 1..={MAX_AFFINITY_TIMEOUT_SECONDS}"),
+                    );
+                    None
+                }
+            }
+            Some(other) => {
+                self.fail(
+                    "spec.sessionAffinity".to_owned(),
+                    format!("unknown session affinity {other:?} (expected None or ClientIP)"),
+                );
+                None
+            }
+        }
+    }
+}
