@@ -2,6 +2,7 @@
 //! lets operators inspect it.
 
 pub mod cli;
+pub mod datapath;
 pub mod inspect;
 pub mod loader;
 pub mod model;

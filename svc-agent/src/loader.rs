@@ -23,6 +23,58 @@ pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DI
 
 /// Name of the TC program for packets coming from a pod (ingress on the host end of its veth).
 pub const PROG_TC_FROM_POD: &str = "svc_tc_from_pod";
+/// Name of the TC program for packets going to a pod (egress on the host end of its veth).
+pub const PROG_TC_TO_POD: &str = "svc_tc_to_pod";
+
+/// Sizes of the maps that scale with the cluster.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapSizes {
+    /// `SERVICES_V1` entries (frontends plus backend slots).
+    pub services: u32,
+    /// `BACKENDS_V1` entries.
+    pub backends: u32,
+    /// `CT_V1` entries (two per connection).
+    pub conntrack: u32,
+}
+
+impl Default for MapSizes {
+    fn default() -> Self {
+        Self {
+            services: svc_common::sizes::SERVICES,
+            backends: svc_common::sizes::BACKENDS,
+            conntrack: svc_common::sizes::CT,
+        }
+    }
+}
+
+impl MapSizes {
+    /// Small maps for tests: quick to create, plenty for a fixture or an end-to-end test.
+    #[must_use]
+    pub const fn small() -> Self {
+        Self {
+            services: 4096,
+            backends: 4096,
+            conntrack: 16384,
+        }
+    }
+
+    /// Approximate kernel memory the sized maps take, in bytes (key + value + per-entry
+    /// overhead of a preallocated hash element).
+    #[must_use]
+    pub fn approx_bytes(&self) -> u64 {
+        const HASH_ELEM_OVERHEAD: u64 = 48;
+        let svc = u64::from(self.services) * (24 + 16 + HASH_ELEM_OVERHEAD);
+        let be = u64::from(self.backends) * (4 + 20 + HASH_ELEM_OVERHEAD);
+        let ct = u64::from(self.conntrack) * (40 + 32 + HASH_ELEM_OVERHEAD);
+        svc + be + ct
+    }
+
+    fn apply(&self, loader: &mut EbpfLoader<'_>) {
+        loader.map_max_entries("SERVICES_V1", self.services);
+        loader.map_max_entries("BACKENDS_V1", self.backends);
+        loader.map_max_entries("CT_V1", self.conntrack);
+    }
+}
 
 /// Where the agent keeps its pinned state: `<bpffs>/svc/v1`.
 #[must_use]
@@ -41,20 +93,25 @@ fn check_object() -> anyhow::Result<()> {
 }
 
 /// Loads the object with private, unpinned maps (fixture tests, one-off tools).
-pub fn load_object() -> anyhow::Result<Ebpf> {
+pub fn load_object(sizes: MapSizes) -> anyhow::Result<Ebpf> {
     check_object()?;
-    Ebpf::load(EBPF_OBJECT).context("loading the embedded eBPF object (root is needed)")
+    let mut loader = EbpfLoader::new();
+    sizes.apply(&mut loader);
+    loader
+        .load(EBPF_OBJECT)
+        .context("loading the embedded eBPF object (root is needed)")
 }
 
 /// Loads the object with every map pinned under [`pin_dir`]: existing pins are adopted, missing
 /// ones created. `bpffs` must be a mounted bpf filesystem (see [`ensure_bpffs`]).
-pub fn load_pinned(bpffs: &Path) -> anyhow::Result<Ebpf> {
+pub fn load_pinned(bpffs: &Path, sizes: MapSizes) -> anyhow::Result<Ebpf> {
     check_object()?;
     let dir = pin_dir(bpffs);
     std::fs::create_dir_all(&dir)
         .with_context(|| format!("creating pin directory {}", dir.display()))?;
     let paths: Vec<(&str, PathBuf)> = MAP_NAMES.iter().map(|n| (*n, dir.join(n))).collect();
     let mut loader = EbpfLoader::new();
+    sizes.apply(&mut loader);
     for (name, path) in &paths {
         loader.map_pin_path(name, path.as_path());
     }
@@ -127,21 +184,27 @@ pub fn matching_interfaces(patterns: &IfacePatterns) -> anyhow::Result<BTreeSet<
         .collect())
 }
 
-/// Loads (if needed) the pod-facing TC program and attaches it to ingress of `iface`.
-pub fn attach_from_pod(ebpf: &mut Ebpf, iface: &str) -> anyhow::Result<()> {
-    let prog: &mut SchedClassifier = ebpf
-        .program_mut(PROG_TC_FROM_POD)
-        .ok_or_else(|| anyhow!("no program {PROG_TC_FROM_POD} in the object"))?
-        .try_into()?;
-    if prog.fd().is_err() {
-        prog.load()
-            .with_context(|| format!("loading {PROG_TC_FROM_POD} (verifier)"))?;
-    }
+/// Loads (if needed) both pod-facing TC programs and attaches them to `iface`: from-pod on
+/// ingress, to-pod on egress.
+pub fn attach_pod_iface(ebpf: &mut Ebpf, iface: &str) -> anyhow::Result<()> {
     // With TCX (kernel >= 6.6) no qdisc is needed; on older kernels aya falls back to netlink,
     // which needs clsact. Adding it is harmless when it exists.
     let _ = tc::qdisc_add_clsact(iface);
-    prog.attach(iface, TcAttachType::Ingress)
-        .with_context(|| format!("attaching {PROG_TC_FROM_POD} to ingress of {iface}"))?;
+    for (name, at) in [
+        (PROG_TC_FROM_POD, TcAttachType::Ingress),
+        (PROG_TC_TO_POD, TcAttachType::Egress),
+    ] {
+        let prog: &mut SchedClassifier = ebpf
+            .program_mut(name)
+            .ok_or_else(|| anyhow!("no program {name} in the object"))?
+            .try_into()?;
+        if prog.fd().is_err() {
+            prog.load()
+                .with_context(|| format!("loading {name} (verifier)"))?;
+        }
+        prog.attach(iface, at)
+            .with_context(|| format!("attaching {name} to {at:?} of {iface}"))?;
+    }
     Ok(())
 }
 

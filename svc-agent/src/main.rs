@@ -42,15 +42,17 @@ async fn main() -> anyhow::Result<()> {
 
 async fn run(bpffs: &std::path::Path, args: &RunArgs) -> anyhow::Result<()> {
     loader::ensure_bpffs(bpffs)?;
-    let mut ebpf = loader::load_pinned(bpffs)?;
+    let sizes = loader::MapSizes::default();
+    info!(?sizes, approx_mib = sizes.approx_bytes() >> 20, "map sizes");
+    let mut ebpf = loader::load_pinned(bpffs, sizes)?;
     let patterns = loader::IfacePatterns::parse(&args.pod_ifaces)?;
     let ifaces = loader::matching_interfaces(&patterns)?;
     if ifaces.is_empty() {
         warn!(patterns = %args.pod_ifaces, "no pod-facing interface matches yet");
     }
     for iface in &ifaces {
-        loader::attach_from_pod(&mut ebpf, iface)?;
-        info!(%iface, "attached svc_tc_from_pod (TC ingress)");
+        loader::attach_pod_iface(&mut ebpf, iface)?;
+        info!(%iface, "attached svc_tc_from_pod (ingress) and svc_tc_to_pod (egress)");
     }
     info!(node = %args.node_name, pin_dir = %loader::pin_dir(bpffs).display(), "svc-agent running");
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;

@@ -8,9 +8,16 @@
 //!
 //! With the `user` feature every map type implements `aya::Pod`.
 #![no_std]
+#![expect(
+    clippy::pub_underscore_fields,
+    reason = "padding is written out as public `_pad` fields so map types can be built with struct literals and have no implicit padding"
+)]
 
+pub mod addr;
+pub mod conntrack;
 pub mod csum;
 pub mod net;
+pub mod service;
 pub mod stats;
 
 pub use net::{Be16, Be32};
@@ -21,7 +28,24 @@ pub const MAP_LAYOUT_VERSION: u32 = 1;
 
 /// Name of every map in the kernel object. The agent pins each one as `<pin dir>/<name>`;
 /// a fixture test checks this list against the object.
-pub const MAP_NAMES: &[&str] = &["PKT_STATS_V1"];
+pub const MAP_NAMES: &[&str] = &[
+    "PKT_STATS_V1",
+    "DROP_STATS_V1",
+    "SERVICES_V1",
+    "BACKENDS_V1",
+    "CT_V1",
+];
+
+/// Default map sizes (the agent's flags override them at load time).
+pub mod sizes {
+    /// `SERVICES_V1` entries: frontends plus backend slots (30,000 service ports with 11
+    /// slots each on average).
+    pub const SERVICES: u32 = 360_000;
+    /// `BACKENDS_V1` entries.
+    pub const BACKENDS: u32 = 300_000;
+    /// `CT_V1` entries: two per connection, for 1,000,000 connections.
+    pub const CT: u32 = 2_000_000;
+}
 
 /// Directory (below the bpffs mount) where the agent pins this layout's maps and links.
 pub const PIN_SUBDIR: &str = "svc/v1";

@@ -3,7 +3,8 @@
 //! Map `PKT_STATS_V1` (per-CPU array, written by every kernel program, read by the agent's
 //! `inspect` and metrics): key `u32` = a [`PktCounter`] index, value [`Counter`] (host byte
 //! order). Each packet a program sees adds to exactly one L3 counter and, when it is IP with a
-//! readable transport header, exactly one L4 counter.
+//! readable transport header, exactly one L4 counter; a translated packet also adds to `dnat` or
+//! `rev_nat`, a dropped one to `dropped` (and its reason in `DROP_STATS_V1`).
 
 use crate::impl_pod;
 
@@ -48,11 +49,17 @@ pub enum PktCounter {
     MalformedL4 = 10,
     /// The IPv6 extension header chain is longer than the parser follows.
     Ipv6ExtTooLong = 11,
+    /// Destination NAT to a service backend (forward direction).
+    Dnat = 12,
+    /// Source restored to the service address on a reply (reverse direction).
+    RevNat = 13,
+    /// A packet to a service address and port was dropped (see `DROP_STATS_V1`).
+    Dropped = 14,
 }
 
 impl PktCounter {
     /// Every counter, in index order.
-    pub const ALL: [Self; 12] = [
+    pub const ALL: [Self; 15] = [
         Self::NonIp,
         Self::Ipv4,
         Self::Ipv6,
@@ -65,6 +72,9 @@ impl PktCounter {
         Self::Fragment,
         Self::MalformedL4,
         Self::Ipv6ExtTooLong,
+        Self::Dnat,
+        Self::RevNat,
+        Self::Dropped,
     ];
     /// Number of entries in `PKT_STATS_V1`.
     pub const COUNT: u32 = Self::ALL.len() as u32;
@@ -85,6 +95,9 @@ impl PktCounter {
             Self::Fragment => "fragment",
             Self::MalformedL4 => "malformed_l4",
             Self::Ipv6ExtTooLong => "ipv6_ext_too_long",
+            Self::Dnat => "dnat",
+            Self::RevNat => "rev_nat",
+            Self::Dropped => "dropped",
         }
     }
 }
@@ -100,6 +113,65 @@ mod tests {
             for other in &PktCounter::ALL[i + 1..] {
                 assert_ne!(c.name(), other.name());
             }
+        }
+    }
+}
+
+/// Why a program dropped a packet: index into `DROP_STATS_V1` (per-CPU array, written by the
+/// kernel programs, read by `inspect` and metrics; value [`Counter`], host order).
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DropReason {
+    /// A service port with no endpoint at all (until reject packets are generated, counted here).
+    NoEndpoints = 0,
+    /// internalTrafficPolicy Local and no endpoint on this node.
+    NoLocalEndpoint = 1,
+    /// A backend slot points at a backend id the backends map does not hold.
+    BackendMissing = 2,
+    /// The connection table refused the pair of entries (forward and reply).
+    CtInsertFailed = 3,
+    /// Rewriting the packet (store or checksum helper) failed.
+    RewriteFailed = 4,
+}
+
+impl DropReason {
+    /// Every reason, in index order.
+    pub const ALL: [Self; 5] = [
+        Self::NoEndpoints,
+        Self::NoLocalEndpoint,
+        Self::BackendMissing,
+        Self::CtInsertFailed,
+        Self::RewriteFailed,
+    ];
+    /// Number of entries in `DROP_STATS_V1`.
+    pub const COUNT: u32 = Self::ALL.len() as u32;
+
+    /// The reason's name as `inspect` and metrics show it.
+    #[must_use]
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::NoEndpoints => "no_endpoints",
+            Self::NoLocalEndpoint => "no_local_endpoint",
+            Self::BackendMissing => "backend_missing",
+            Self::CtInsertFailed => "ct_insert_failed",
+            Self::RewriteFailed => "rewrite_failed",
+        }
+    }
+}
+
+#[cfg(test)]
+mod drop_tests {
+    use super::*;
+
+    #[test]
+    fn drop_reasons_are_dense_and_named_uniquely() {
+        for (i, r) in DropReason::ALL.iter().enumerate() {
+            assert_eq!(*r as usize, i);
+            assert!(
+                DropReason::ALL[i + 1..]
+                    .iter()
+                    .all(|o| o.name() != r.name())
+            );
         }
     }
 }

@@ -3,6 +3,10 @@
 #![no_std]
 #![no_main]
 #![expect(
+    clippy::needless_borrows_for_generic_args,
+    reason = "map keys go by reference: copies of 24-40 byte keys would eat the 512-byte stack"
+)]
+#![expect(
     clippy::inline_always,
     reason = "packet pointers are verified best when every helper is inlined into its program"
 )]
@@ -11,7 +15,10 @@
     reason = "aya's program macros generate undocumented wrapper functions"
 )]
 
+mod conntrack;
+mod lb;
 mod maps;
+mod nat;
 mod parse;
 mod pod;
 mod stats;
@@ -26,6 +33,17 @@ use aya_ebpf::{macros::classifier, programs::TcContext};
 )]
 pub fn svc_tc_from_pod(ctx: TcContext) -> i32 {
     pod::from_pod(&ctx)
+}
+
+/// TC egress on a pod-facing interface: packets *to* a pod (replies get the service address
+/// back as their source).
+#[classifier]
+#[expect(
+    clippy::needless_pass_by_value,
+    reason = "the classifier macro fixes the signature"
+)]
+pub fn svc_tc_to_pod(ctx: TcContext) -> i32 {
+    pod::to_pod(&ctx)
 }
 
 #[cfg(not(test))]

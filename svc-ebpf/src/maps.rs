@@ -1,10 +1,37 @@
-//! Every map the kernel programs use. Layouts live in `svc-common`; each map's comment says who
-//! writes it, its key and value, and their byte order. Names carry the layout version (`_V1`).
+//! Every map the kernel programs use. Layouts, byte order and writers are documented beside
+//! each type in `svc-common`; names carry the layout version (`_V1`) and the agent pins each
+//! one as `<bpffs>/svc/v1/<NAME>`. Sizes here are defaults; the agent sets them at load time.
 
-use aya_ebpf::{macros::map, maps::PerCpuArray};
-use svc_common::stats::{Counter, PktCounter};
+use aya_ebpf::{
+    macros::map,
+    maps::{HashMap, LruHashMap, PerCpuArray},
+};
+use svc_common::{
+    conntrack::{CtKey, CtValue},
+    service::{Backend, ServiceKey, ServiceValue},
+    sizes,
+    stats::{Counter, DropReason, PktCounter},
+};
 
-/// Parser counters. Written by every program (per CPU); read by `svc-agent inspect stats`.
-/// Key: `u32` [`PktCounter`] index. Value: [`Counter`] (host byte order).
+/// Parser and translation counters. Writer: every program. Key: `u32` [`PktCounter`] index.
 #[map]
 pub static PKT_STATS_V1: PerCpuArray<Counter> = PerCpuArray::with_max_entries(PktCounter::COUNT, 0);
+
+/// Drops by reason. Writer: every program. Key: `u32` [`DropReason`] index.
+#[map]
+pub static DROP_STATS_V1: PerCpuArray<Counter> =
+    PerCpuArray::with_max_entries(DropReason::COUNT, 0);
+
+/// Frontends and their backend slots. Writer: the agent. See `svc_common::service`.
+#[map]
+pub static SERVICES_V1: HashMap<ServiceKey, ServiceValue> =
+    HashMap::with_max_entries(sizes::SERVICES, 0);
+
+/// Backends by id. Writer: the agent. See `svc_common::service`.
+#[map]
+pub static BACKENDS_V1: HashMap<u32, Backend> = HashMap::with_max_entries(sizes::BACKENDS, 0);
+
+/// Connection table, forward and reply entries. Writer: the programs. See
+/// `svc_common::conntrack`.
+#[map]
+pub static CT_V1: LruHashMap<CtKey, CtValue> = LruHashMap::with_max_entries(sizes::CT, 0);

@@ -15,6 +15,7 @@ use network_types::{
     udp::UdpHdr,
 };
 use svc_common::{
+    addr::{Addr, FAMILY_V4, FAMILY_V6, from_v4},
     net::{ETH_P_IP, ETH_P_IPV6, ipproto},
     stats::PktCounter,
 };
@@ -53,43 +54,91 @@ pub fn pull_headers(ctx: &TcContext) {
     }
 }
 
-/// The IP family of a parsed packet.
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub enum Family {
-    /// IPv4.
-    V4,
-    /// IPv6.
-    V6,
+/// TCP flag bits (byte 13 of the TCP header).
+pub mod tcp_flags {
+    /// FIN.
+    pub const FIN: u8 = 0x01;
+    /// RST.
+    pub const RST: u8 = 0x04;
 }
 
 /// What the parser found.
 #[derive(Clone, Copy)]
-#[expect(
-    dead_code,
-    reason = "family, proto and l4_off feed the service lookup, which is next"
-)]
 pub struct Parsed {
     /// Which L3 counter the packet adds to.
     pub l3: PktCounter,
     /// Which L4 counter it adds to, if it got that far.
     pub l4: Option<PktCounter>,
-    /// IP family, for IP packets with a valid header.
-    pub family: Option<Family>,
+    /// `FAMILY_V4` / `FAMILY_V6` for IP packets with a valid header, else 0.
+    pub family: u8,
     /// The transport protocol number (after IPv6 extension headers).
     pub proto: u8,
     /// Offset of the transport header from the start of the frame.
     pub l4_off: usize,
+    /// Source address (16 bytes, IPv4 in the first four), network order.
+    pub src: Addr,
+    /// Destination address, network order.
+    pub dst: Addr,
+    /// TCP/UDP source port as on the wire (network order); 0 otherwise.
+    pub sport: u16,
+    /// TCP/UDP destination port as on the wire; 0 otherwise.
+    pub dport: u16,
+    /// TCP flags byte; 0 otherwise.
+    pub tcp_flags: u8,
 }
 
 impl Parsed {
     const fn l3_only(l3: PktCounter) -> Self {
+        Self::ip(l3, None, 0, 0, 0, [0; 16], [0; 16])
+    }
+
+    const fn ip(
+        l3: PktCounter,
+        l4: Option<PktCounter>,
+        family: u8,
+        proto: u8,
+        l4_off: usize,
+        src: Addr,
+        dst: Addr,
+    ) -> Self {
         Self {
             l3,
-            l4: None,
-            family: None,
-            proto: 0,
-            l4_off: 0,
+            l4,
+            family,
+            proto,
+            l4_off,
+            src,
+            dst,
+            sport: 0,
+            dport: 0,
+            tcp_flags: 0,
         }
+    }
+
+    /// Whether this is a complete, unfragmented TCP or UDP packet: the ones services translate.
+    pub fn is_tcp_or_udp(&self) -> bool {
+        matches!(self.l4, Some(PktCounter::Tcp | PktCounter::Udp))
+    }
+
+    /// Reads the ports (and TCP flags) of a complete TCP/UDP header.
+    #[inline(always)]
+    fn with_ports(mut self, ctx: &TcContext) -> Self {
+        if !self.is_tcp_or_udp() {
+            return self;
+        }
+        if let Some(ports) = ptr_at::<[u16; 2]>(ctx, self.l4_off) {
+            // SAFETY: `ptr_at` checked both ports are inside the packet.
+            let [sport, dport] = unsafe { *ports };
+            self.sport = sport;
+            self.dport = dport;
+        }
+        if let Some(flags) =
+            ptr_at::<u8>(ctx, self.l4_off + 13).filter(|_| self.proto == ipproto::TCP)
+        {
+            // SAFETY: `ptr_at` checked the byte is inside the packet.
+            self.tcp_flags = unsafe { *flags };
+        }
+        self
     }
 }
 
@@ -134,13 +183,17 @@ fn parse_ipv4(ctx: &TcContext) -> Parsed {
     } else {
         classify_l4(ctx, ip.proto, l4_off, ip_end)
     };
-    Parsed {
-        l3: PktCounter::Ipv4,
-        l4: Some(l4),
-        family: Some(Family::V4),
-        proto: ip.proto,
+    let (src, dst) = (from_v4(ip.src_addr), from_v4(ip.dst_addr));
+    Parsed::ip(
+        PktCounter::Ipv4,
+        Some(l4),
+        FAMILY_V4,
+        ip.proto,
         l4_off,
-    }
+        src,
+        dst,
+    )
+    .with_ports(ctx)
 }
 
 #[inline(always)]
@@ -180,13 +233,8 @@ fn parse_ipv6(ctx: &TcContext) -> Parsed {
         }
     }
     let l4 = l4.unwrap_or(PktCounter::Ipv6ExtTooLong);
-    Parsed {
-        l3: PktCounter::Ipv6,
-        l4: Some(l4),
-        family: Some(Family::V6),
-        proto: next,
-        l4_off: off,
-    }
+    let (src, dst) = (ip.src_addr, ip.dst_addr);
+    Parsed::ip(PktCounter::Ipv6, Some(l4), FAMILY_V6, next, off, src, dst).with_ports(ctx)
 }
 
 /// Checks the transport header at `off` is complete (inside the packet and inside the IP

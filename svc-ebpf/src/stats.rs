@@ -1,13 +1,13 @@
 //! Counter updates.
 
-use svc_common::stats::PktCounter;
+use aya_ebpf::maps::PerCpuArray;
+use svc_common::stats::{Counter, DropReason, PktCounter};
 
-use crate::maps::PKT_STATS_V1;
+use crate::maps::{DROP_STATS_V1, PKT_STATS_V1};
 
-/// Adds one packet of `len` bytes to counter `c` on this CPU.
 #[inline(always)]
-pub fn count(c: PktCounter, len: u32) {
-    if let Some(slot) = PKT_STATS_V1.get_ptr_mut(c as u32) {
+fn add(map: &PerCpuArray<Counter>, index: u32, len: u32) {
+    if let Some(slot) = map.get_ptr_mut(index) {
         // SAFETY: a per-CPU slot is only touched by this CPU, and programs are not preempted
         // by another program on the same CPU while they update it.
         unsafe {
@@ -15,4 +15,17 @@ pub fn count(c: PktCounter, len: u32) {
             (*slot).bytes += u64::from(len);
         }
     }
+}
+
+/// Adds one packet of `len` bytes to counter `c` on this CPU.
+#[inline(always)]
+pub fn count(c: PktCounter, len: u32) {
+    add(&PKT_STATS_V1, c as u32, len);
+}
+
+/// Adds one packet of `len` bytes to drop reason `r` (and to the `dropped` counter).
+#[inline(always)]
+pub fn count_drop(r: DropReason, len: u32) {
+    add(&DROP_STATS_V1, r as u32, len);
+    add(&PKT_STATS_V1, PktCounter::Dropped as u32, len);
 }

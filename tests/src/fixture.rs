@@ -110,7 +110,7 @@ const OUT_HEADROOM: usize = 256;
 
 /// Runs one row: checks verdict, output bytes and counters, then (if `repeat > 1`) measures.
 pub fn run(fixture: &Fixture, repeat: u32) -> anyhow::Result<Report> {
-    let mut ebpf = svc_agent::loader::load_object()?;
+    let mut ebpf = svc_agent::loader::load_object(svc_agent::loader::MapSizes::small())?;
     if let Some(setup) = fixture.setup {
         setup(&mut ebpf).context("row setup (writing its map entries)")?;
     }

@@ -271,7 +271,7 @@ fn malformed_rows() -> Vec<Fixture> {
 
 /// The agent pins exactly the maps `svc_common::MAP_NAMES` lists: it must be the object's set.
 fn map_names_match() -> anyhow::Result<()> {
-    let ebpf = svc_agent::loader::load_object()?;
+    let ebpf = svc_agent::loader::load_object(svc_agent::loader::MapSizes::small())?;
     let mut in_object: Vec<&str> = ebpf.maps().map(|(name, _)| name).collect();
     in_object.sort_unstable();
     let mut listed = svc_common::MAP_NAMES.to_vec();

@@ -311,7 +311,7 @@ fn spawned_processes_run_in_their_node_and_the_external_client_reaches_pods() {
 /// the node's first pod-facing interface, from inside the node's namespace. The link lives as
 /// long as the returned object.
 fn attach_from_pod(node: &Node) -> anyhow::Result<Ebpf> {
-    let mut ebpf = load_object()?;
+    let mut ebpf = load_object(svc_agent::loader::MapSizes::small())?;
     let prog: &mut SchedClassifier = ebpf
         .program_mut(PROG_TC_FROM_POD)
         .with_context(|| format!("no program {PROG_TC_FROM_POD} in the object"))?

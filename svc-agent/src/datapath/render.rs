@@ -1,0 +1,355 @@
+//! The map contents a desired state means (pure: no maps, no kernel).
+
+use std::{collections::BTreeMap, net::IpAddr};
+
+use svc_common::{
+    Be16,
+    addr::{Addr, FAMILY_V4, FAMILY_V6, from_v4},
+    net::ipproto,
+    service::{self, Backend, ServiceKey, ServiceValue, backend_flags, scope},
+};
+
+use super::ids::IdMap;
+use crate::model::{self, DesiredState, EmptyAction, FrontendKey, Protocol, Scope};
+
+/// Key of a backend's id: address and port (shared by all frontends that use it).
+pub type BackendRef = (IpAddr, u16);
+
+/// Everything `SERVICES_V1` and `BACKENDS_V1` should hold.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Rendered {
+    /// `SERVICES_V1`: frontend entries (slot 0) and their backend slots.
+    pub services: BTreeMap<ServiceKey, ServiceValue>,
+    /// `BACKENDS_V1`.
+    pub backends: BTreeMap<u32, Backend>,
+    /// Frontends left out, with why (capacity, unsupported protocol).
+    pub skipped: Vec<(FrontendKey, String)>,
+}
+
+/// Map capacities the rendering must fit into.
+#[derive(Debug, Clone, Copy)]
+pub struct Capacity {
+    /// Entries `SERVICES_V1` can hold.
+    pub services: u32,
+    /// Entries `BACKENDS_V1` can hold.
+    pub backends: u32,
+}
+
+/// The 16-byte map form of an address, and its family.
+#[must_use]
+pub fn map_addr(ip: IpAddr) -> (Addr, u8) {
+    match ip {
+        IpAddr::V4(v4) => (from_v4(v4.octets()), FAMILY_V4),
+        IpAddr::V6(v6) => (v6.octets(), FAMILY_V6),
+    }
+}
+
+/// The slot-0 key of a frontend.
+#[must_use]
+pub fn frontend_key(k: &FrontendKey) -> ServiceKey {
+    let (addr, family) = map_addr(k.addr);
+    ServiceKey {
+        addr,
+        port: Be16::from_host(k.port),
+        slot: 0,
+        proto: match k.proto {
+            Protocol::Tcp => ipproto::TCP,
+            Protocol::Udp => ipproto::UDP,
+            Protocol::Sctp => ipproto::SCTP,
+        },
+        family,
+        scope: match k.scope {
+            Scope::Internal => scope::INTERNAL,
+            Scope::External => scope::EXTERNAL,
+        },
+        _pad: 0,
+    }
+}
+
+fn backend_value(b: &model::Backend) -> Backend {
+    let (addr, family) = map_addr(b.addr);
+    let mut flags = 0;
+    if b.local {
+        flags |= backend_flags::LOCAL;
+    }
+    if b.terminating {
+        flags |= backend_flags::TERMINATING;
+    }
+    Backend {
+        addr,
+        port: Be16::from_host(b.port),
+        family,
+        flags,
+    }
+}
+
+/// Renders `desired` into map contents, allocating ids in `frontend_ids` / `backend_ids` and
+/// freeing the ids of objects that are gone. Frontends that do not fit `cap` are left out
+/// whole (never half-programmed), in reverse key order, and listed in `skipped`.
+pub fn render(
+    desired: &DesiredState,
+    frontend_ids: &mut IdMap<FrontendKey>,
+    backend_ids: &mut IdMap<BackendRef>,
+    cap: Capacity,
+) -> Rendered {
+    let mut out = Rendered::default();
+    let mut fitting = Vec::new();
+    let (mut svc_entries, mut backend_set) = (0u64, std::collections::BTreeSet::new());
+    for (key, fe) in &desired.frontends {
+        if key.proto == Protocol::Sctp {
+            out.skipped.push((
+                *key,
+                "SCTP is not translated by this datapath yet".to_owned(),
+            ));
+            continue;
+        }
+        if fe.backends.len() > usize::from(u16::MAX) {
+            out.skipped.push((
+                *key,
+                format!(
+                    "{} endpoints; at most {} per port",
+                    fe.backends.len(),
+                    u16::MAX
+                ),
+            ));
+            continue;
+        }
+        let needs = 1 + fe.backends.len() as u64;
+        let new_backends: Vec<BackendRef> = fe
+            .backends
+            .iter()
+            .chain(&fe.kept_backends)
+            .map(|b| (b.addr, b.port))
+            .filter(|r| !backend_set.contains(r))
+            .collect();
+        if svc_entries + needs > u64::from(cap.services) {
+            out.skipped.push((
+                *key,
+                format!("map SERVICES_V1 is full ({} entries)", cap.services),
+            ));
+            continue;
+        }
+        if backend_set.len() + new_backends.len() > cap.backends as usize {
+            out.skipped.push((
+                *key,
+                format!("map BACKENDS_V1 is full ({} entries)", cap.backends),
+            ));
+            continue;
+        }
+        svc_entries += needs;
+        backend_set.extend(new_backends);
+        fitting.push((key, fe));
+    }
+    let fitting_keys: std::collections::BTreeSet<&FrontendKey> =
+        fitting.iter().map(|(k, _)| *k).collect();
+    frontend_ids.retain(|k| fitting_keys.contains(k));
+    backend_ids.retain(|r| backend_set.contains(r));
+    for (key, fe) in fitting {
+        let slot0 = frontend_key(key);
+        let flags = match (fe.backends.is_empty(), fe.on_empty) {
+            (false, _) => 0,
+            (true, EmptyAction::Reject) => service::flags::REJECT_EMPTY,
+            (true, EmptyAction::Drop(_)) => service::flags::DROP_EMPTY,
+        };
+        let affinity = fe
+            .affinity_timeout
+            .map_or(0, |t| u32::try_from(t.as_secs()).unwrap_or(u32::MAX));
+        out.services.insert(
+            slot0,
+            ServiceValue {
+                id: frontend_ids.get_or_alloc(key),
+                count: fe.backends.len() as u16,
+                flags,
+                affinity_timeout: affinity,
+                _pad: 0,
+            },
+        );
+        for (i, b) in fe.backends.iter().enumerate() {
+            let id = backend_ids.get_or_alloc(&(b.addr, b.port));
+            out.backends.insert(id, backend_value(b));
+            out.services.insert(
+                ServiceKey {
+                    slot: i as u16 + 1,
+                    ..slot0
+                },
+                ServiceValue {
+                    id,
+                    ..ServiceValue::default()
+                },
+            );
+        }
+        for b in &fe.kept_backends {
+            let id = backend_ids.get_or_alloc(&(b.addr, b.port));
+            out.backends.entry(id).or_insert_with(|| backend_value(b));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::model::{Backend as MBackend, Frontend, ServicePortRef};
+
+    fn fe_key(addr: &str, port: u16) -> FrontendKey {
+        FrontendKey {
+            addr: addr.parse().unwrap(),
+            port,
+            proto: Protocol::Tcp,
+            scope: Scope::Internal,
+        }
+    }
+
+    fn backend(addr: &str, port: u16) -> MBackend {
+        MBackend {
+            addr: addr.parse().unwrap(),
+            port,
+            local: false,
+            terminating: false,
+        }
+    }
+
+    fn frontend(backends: Vec<MBackend>, kept: Vec<MBackend>) -> Frontend {
+        Frontend {
+            service: ServicePortRef {
+                namespace: "default".into(),
+                name: "web".into(),
+                port_name: String::new(),
+            },
+            affinity_timeout: None,
+            backends,
+            kept_backends: kept,
+            on_empty: EmptyAction::Reject,
+        }
+    }
+
+    fn cap() -> Capacity {
+        Capacity {
+            services: 100,
+            backends: 100,
+        }
+    }
+
+    #[test]
+    fn a_frontend_becomes_slot_zero_plus_one_slot_per_backend() {
+        let mut desired = DesiredState::default();
+        let mut fe = frontend(
+            vec![backend("198.18.1.10", 5000), backend("198.18.2.10", 5000)],
+            vec![],
+        );
+        fe.affinity_timeout = Some(Duration::from_hours(3));
+        desired.frontends.insert(fe_key("198.19.0.10", 80), fe);
+        let r = render(
+            &desired,
+            &mut IdMap::default(),
+            &mut IdMap::default(),
+            cap(),
+        );
+        assert_eq!(r.services.len(), 3);
+        let slot0 = frontend_key(&fe_key("198.19.0.10", 80));
+        assert_eq!(slot0.addr[..4], [198, 19, 0, 10]);
+        assert_eq!(slot0.port.0.to_ne_bytes(), [0, 80]);
+        let v = r.services[&slot0];
+        assert_eq!((v.count, v.flags, v.affinity_timeout), (2, 0, 10800));
+        let ids: Vec<u32> = (1..=2)
+            .map(|s| r.services[&ServiceKey { slot: s, ..slot0 }].id)
+            .collect();
+        assert_eq!(r.backends.len(), 2);
+        assert!(ids.iter().all(|id| r.backends.contains_key(id)));
+    }
+
+    #[test]
+    fn kept_backends_are_in_the_backend_map_but_in_no_slot() {
+        let mut d = DesiredState::default();
+        d.frontends.insert(
+            fe_key("198.19.0.10", 80),
+            frontend(
+                vec![backend("198.18.1.10", 5000)],
+                vec![backend("198.18.1.11", 5000)],
+            ),
+        );
+        let (mut f, mut b) = (IdMap::default(), IdMap::default());
+        let r = render(&d, &mut f, &mut b, cap());
+        assert_eq!(r.services.len(), 2);
+        assert_eq!(r.backends.len(), 2);
+    }
+
+    #[test]
+    fn empty_frontends_carry_what_to_do() {
+        let mut d = DesiredState::default();
+        d.frontends
+            .insert(fe_key("198.19.0.10", 80), frontend(vec![], vec![]));
+        let mut drop = frontend(vec![], vec![backend("198.18.2.10", 1)]);
+        drop.on_empty = EmptyAction::Drop(model::DropReason::InternalTrafficPolicyLocal);
+        d.frontends.insert(fe_key("198.19.0.11", 80), drop);
+        let r = render(&d, &mut IdMap::default(), &mut IdMap::default(), cap());
+        assert_eq!(
+            r.services[&frontend_key(&fe_key("198.19.0.10", 80))].flags,
+            service::flags::REJECT_EMPTY
+        );
+        assert_eq!(
+            r.services[&frontend_key(&fe_key("198.19.0.11", 80))].flags,
+            service::flags::DROP_EMPTY
+        );
+    }
+
+    #[test]
+    fn ids_survive_rerender_and_shared_backends_share_an_id() {
+        let mut d = DesiredState::default();
+        d.frontends.insert(
+            fe_key("198.19.0.10", 80),
+            frontend(vec![backend("198.18.1.10", 5000)], vec![]),
+        );
+        d.frontends.insert(
+            fe_key("198.19.0.11", 80),
+            frontend(vec![backend("198.18.1.10", 5000)], vec![]),
+        );
+        let (mut f, mut b) = (IdMap::default(), IdMap::default());
+        let r1 = render(&d, &mut f, &mut b, cap());
+        assert_eq!(r1.backends.len(), 1);
+        let r2 = render(&d, &mut f, &mut b, cap());
+        assert_eq!(r1, r2);
+    }
+
+    #[test]
+    fn frontends_that_do_not_fit_are_left_out_whole() {
+        let mut d = DesiredState::default();
+        d.frontends.insert(
+            fe_key("198.19.0.10", 80),
+            frontend(
+                vec![backend("198.18.1.10", 1), backend("198.18.1.11", 1)],
+                vec![],
+            ),
+        );
+        d.frontends.insert(
+            fe_key("198.19.0.11", 80),
+            frontend(
+                vec![backend("198.18.1.12", 1), backend("198.18.1.13", 1)],
+                vec![],
+            ),
+        );
+        let r = render(
+            &d,
+            &mut IdMap::default(),
+            &mut IdMap::default(),
+            Capacity {
+                services: 4,
+                backends: 100,
+            },
+        );
+        assert_eq!(
+            r.services.len(),
+            3,
+            "only the first frontend (3 entries) fits in 4"
+        );
+        assert_eq!(r.skipped.len(), 1);
+        assert!(r.skipped[0].1.contains("SERVICES_V1 is full (4 entries)"));
+        assert_eq!(
+            r.backends.len(),
+            2,
+            "backends of a skipped frontend are not written"
+        );
+    }
+}

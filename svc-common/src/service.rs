@@ -1,0 +1,119 @@
+//! Service frontends and their backend slots.
+//!
+//! Map `SERVICES_V1` (hash; written by the agent's reconciler, read by every program).
+//! Key [`ServiceKey`]: the frontend (address, port, protocol, family, scope) plus a slot.
+//! Slot 0 holds the frontend itself ([`ServiceValue`] with `count`, `flags`, `id`, affinity);
+//! slots `1..=count` each hold one backend id for new connections to choose from. The agent
+//! computes the set; the kernel picks slot `1 + random % count` and looks it up.
+//! Byte order: addresses and `port` network order, everything else host order.
+//!
+//! Map `BACKENDS_V1` (hash; written by the reconciler): key `u32` backend id, value
+//! [`Backend`]. Holds every backend a slot points at and also the ones only kept for existing
+//! connections (terminating endpoints), so established flows can check theirs still exists.
+
+use crate::{Be16, addr::Addr, impl_pod};
+
+/// Scope of a frontend: who the traffic comes from.
+pub mod scope {
+    /// From inside the cluster (pods, host processes): `ClusterIP`, and LB/external IPs reached
+    /// from inside.
+    pub const INTERNAL: u8 = 0;
+    /// From outside the cluster: `NodePort`, `LoadBalancer`, external IPs (a later issue).
+    pub const EXTERNAL: u8 = 1;
+}
+
+/// Flags of a frontend (slot 0's `flags`).
+pub mod flags {
+    /// No backend for new connections and none anywhere: reject at once (TCP RST / ICMP port
+    /// unreachable).
+    pub const REJECT_EMPTY: u16 = 1 << 0;
+    /// No backend allowed by policy (internalTrafficPolicy Local with no local endpoint): drop,
+    /// counted as `DropReason::NoLocalEndpoint`.
+    pub const DROP_EMPTY: u16 = 1 << 1;
+}
+
+/// Key of `SERVICES_V1`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServiceKey {
+    /// Frontend address (see [`crate::addr`]), network order.
+    pub addr: Addr,
+    /// Frontend port, network order.
+    pub port: Be16,
+    /// 0 for the frontend entry, `1..=count` for backend slots.
+    pub slot: u16,
+    /// IP protocol number (TCP 6, UDP 17, SCTP 132).
+    pub proto: u8,
+    /// [`crate::addr::FAMILY_V4`] or [`crate::addr::FAMILY_V6`].
+    pub family: u8,
+    /// [`scope::INTERNAL`] or [`scope::EXTERNAL`].
+    pub scope: u8,
+    /// Explicit padding, always zero.
+    pub _pad: u8,
+}
+crate::assert_layout!(
+    ServiceKey,
+    size = 24,
+    addr = 0,
+    port = 16,
+    slot = 18,
+    proto = 20,
+    family = 21,
+    scope = 22
+);
+
+/// Value of `SERVICES_V1`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ServiceValue {
+    /// Slot 0: the service port's id (counters, affinity). Slot n: the backend id.
+    pub id: u32,
+    /// Slot 0: how many backend slots follow. Slot n: 0.
+    pub count: u16,
+    /// Slot 0: [`flags`]. Slot n: 0.
+    pub flags: u16,
+    /// Slot 0: `ClientIP` session affinity timeout in seconds; 0 = no affinity.
+    pub affinity_timeout: u32,
+    /// Explicit padding, always zero.
+    pub _pad: u32,
+}
+crate::assert_layout!(
+    ServiceValue,
+    size = 16,
+    id = 0,
+    count = 4,
+    flags = 6,
+    affinity_timeout = 8
+);
+
+/// Flags of a backend.
+pub mod backend_flags {
+    /// The endpoint runs on this node.
+    pub const LOCAL: u8 = 1 << 0;
+    /// The endpoint is terminating (kept for existing connections).
+    pub const TERMINATING: u8 = 1 << 1;
+}
+
+/// Value of `BACKENDS_V1`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Backend {
+    /// Endpoint address, network order.
+    pub addr: Addr,
+    /// Endpoint port (the resolved targetPort), network order.
+    pub port: Be16,
+    /// [`crate::addr::FAMILY_V4`] or [`crate::addr::FAMILY_V6`].
+    pub family: u8,
+    /// [`backend_flags`].
+    pub flags: u8,
+}
+crate::assert_layout!(
+    Backend,
+    size = 20,
+    addr = 0,
+    port = 16,
+    family = 18,
+    flags = 19
+);
+
+impl_pod!(ServiceKey, ServiceValue, Backend);
