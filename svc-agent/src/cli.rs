@@ -40,11 +40,26 @@ pub struct RunArgs {
     /// Comma-separated globs naming the pod-facing interfaces (host ends of pod veths).
     #[arg(long, default_value = "svcpod*,lxc*,veth*", env = "SVC_POD_IFACES")]
     pub pod_ifaces: String,
+    /// Standalone mode: read `Service`, `EndpointSlice` and `Node` objects from the YAML/JSON files in
+    /// this directory and follow its changes live.
+    #[arg(long)]
+    pub from_dir: Option<std::path::PathBuf>,
+    /// `SERVICES_V1` entries (frontends plus one per backend slot).
+    #[arg(long, default_value_t = svc_common::sizes::SERVICES)]
+    pub max_service_entries: u32,
+    /// `BACKENDS_V1` entries.
+    #[arg(long, default_value_t = svc_common::sizes::BACKENDS)]
+    pub max_backends: u32,
+    /// `CT_V1` entries (two per tracked connection).
+    #[arg(long, default_value_t = svc_common::sizes::CT)]
+    pub max_conntrack_entries: u32,
 }
 
 /// `svc-agent inspect` subjects.
 #[derive(Subcommand, Debug)]
 pub enum Inspect {
-    /// Parser counters (packets and bytes per protocol and per malformed-input reason).
+    /// Parser, translation and drop counters.
     Stats,
+    /// Programmed frontends with their backend slots.
+    Services,
 }

@@ -7,3 +7,4 @@ pub mod inspect;
 pub mod loader;
 pub mod model;
 pub mod source;
+pub mod standalone;

@@ -184,6 +184,22 @@ pub fn matching_interfaces(patterns: &IfacePatterns) -> anyhow::Result<BTreeSet<
         .collect())
 }
 
+/// Loads every program into the kernel (without attaching). Do this before taking maps out of
+/// the object: loaded programs hold their maps.
+pub fn load_programs(ebpf: &mut Ebpf) -> anyhow::Result<()> {
+    for name in [PROG_TC_FROM_POD, PROG_TC_TO_POD] {
+        let prog: &mut SchedClassifier = ebpf
+            .program_mut(name)
+            .ok_or_else(|| anyhow!("no program {name} in the object"))?
+            .try_into()?;
+        if prog.fd().is_err() {
+            prog.load()
+                .with_context(|| format!("loading {name} (verifier)"))?;
+        }
+    }
+    Ok(())
+}
+
 /// Loads (if needed) both pod-facing TC programs and attaches them to `iface`: from-pod on
 /// ingress, to-pod on egress.
 pub fn attach_pod_iface(ebpf: &mut Ebpf, iface: &str) -> anyhow::Result<()> {

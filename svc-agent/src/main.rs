@@ -4,7 +4,8 @@ use anyhow::Context as _;
 use clap::Parser as _;
 use svc_agent::{
     cli::{Cli, Command, Inspect, RunArgs},
-    inspect, loader,
+    datapath::{AyaMaps, Reconciler},
+    inspect, loader, standalone,
 };
 use tracing::{info, warn};
 
@@ -26,6 +27,19 @@ async fn main() -> anyhow::Result<()> {
                 "{}",
                 inspect::format_pkt_stats(&inspect::read_pkt_stats(&cli.bpffs)?)
             );
+            print!(
+                "{}",
+                inspect::format_drop_stats(&inspect::read_drop_stats(&cli.bpffs)?)
+            );
+            Ok(())
+        }
+        Command::Inspect {
+            what: Inspect::Services,
+        } => {
+            print!(
+                "{}",
+                inspect::format_services(&inspect::read_services(&cli.bpffs)?)
+            );
             Ok(())
         }
         Command::Cleanup => {
@@ -42,9 +56,14 @@ async fn main() -> anyhow::Result<()> {
 
 async fn run(bpffs: &std::path::Path, args: &RunArgs) -> anyhow::Result<()> {
     loader::ensure_bpffs(bpffs)?;
-    let sizes = loader::MapSizes::default();
+    let sizes = loader::MapSizes {
+        services: args.max_service_entries,
+        backends: args.max_backends,
+        conntrack: args.max_conntrack_entries,
+    };
     info!(?sizes, approx_mib = sizes.approx_bytes() >> 20, "map sizes");
     let mut ebpf = loader::load_pinned(bpffs, sizes)?;
+    loader::load_programs(&mut ebpf)?;
     let patterns = loader::IfacePatterns::parse(&args.pod_ifaces)?;
     let ifaces = loader::matching_interfaces(&patterns)?;
     if ifaces.is_empty() {
@@ -54,9 +73,21 @@ async fn run(bpffs: &std::path::Path, args: &RunArgs) -> anyhow::Result<()> {
         loader::attach_pod_iface(&mut ebpf, iface)?;
         info!(%iface, "attached svc_tc_from_pod (ingress) and svc_tc_to_pod (egress)");
     }
-    info!(node = %args.node_name, pin_dir = %loader::pin_dir(bpffs).display(), "svc-agent running");
+    let mut reconciler = Reconciler::adopt(AyaMaps::take(&mut ebpf)?)?;
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let source = async {
+        if let Some(dir) = &args.from_dir {
+            // The first sync happens before "running" is announced.
+            standalone::sync_once(dir, &args.node_name, &mut reconciler)?;
+            info!(node = %args.node_name, pin_dir = %loader::pin_dir(bpffs).display(), "svc-agent running");
+            standalone::follow(dir, &args.node_name, &mut reconciler).await
+        } else {
+            info!(node = %args.node_name, pin_dir = %loader::pin_dir(bpffs).display(), "svc-agent running");
+            std::future::pending().await
+        }
+    };
     tokio::select! {
+        r = source => r?,
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
     }

@@ -1,0 +1,74 @@
+//! Standalone mode: the desired state comes from a directory of Kubernetes YAML/JSON files,
+//! re-read whenever the directory changes (changes arriving together are coalesced).
+
+use std::{path::Path, time::Duration};
+
+use anyhow::Context as _;
+use notify::Watcher as _;
+use tracing::{info, warn};
+
+use crate::{
+    datapath::{DatapathMaps, Reconciler},
+    model, source,
+};
+
+/// How long to wait for more changes after one arrives before reconciling.
+const COALESCE: Duration = Duration::from_millis(50);
+
+/// Reads `dir`, computes the desired state for `node_name` and applies it.
+pub fn sync_once<M: DatapathMaps>(
+    dir: &Path,
+    node_name: &str,
+    rec: &mut Reconciler<M>,
+) -> anyhow::Result<()> {
+    let loaded = source::files::load_dir(dir)?;
+    for e in &loaded.errors {
+        warn!(error = %e, "skipped a document");
+    }
+    let desired = model::compute(&loaded.snapshot, node_name);
+    for e in &desired.errors {
+        warn!(error = %e, "skipped an object");
+    }
+    let report = rec.apply(&desired);
+    for e in &report.errors {
+        warn!(error = %e, "not programmed");
+    }
+    info!(
+        frontends = desired.frontends.len(),
+        services_written = report.services_written,
+        services_deleted = report.services_deleted,
+        backends_written = report.backends_written,
+        backends_deleted = report.backends_deleted,
+        "synced {}",
+        dir.display()
+    );
+    Ok(())
+}
+
+/// Syncs `dir` now and again after every change, until the task is dropped.
+pub async fn follow<M: DatapathMaps>(
+    dir: &Path,
+    node_name: &str,
+    rec: &mut Reconciler<M>,
+) -> anyhow::Result<()> {
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(1);
+    let mut watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
+        if ev.is_ok() {
+            // A full channel already holds a wake-up: nothing is lost.
+            let _ = tx.try_send(());
+        }
+    })
+    .context("starting the directory watcher")?;
+    watcher
+        .watch(dir, notify::RecursiveMode::NonRecursive)
+        .with_context(|| format!("watching {}", dir.display()))?;
+    sync_once(dir, node_name, rec)?;
+    while rx.recv().await.is_some() {
+        tokio::time::sleep(COALESCE).await;
+        while rx.try_recv().is_ok() {}
+        if let Err(e) = sync_once(dir, node_name, rec) {
+            warn!(error = %format!("{e:#}"), "sync failed; keeping the last programmed state");
+        }
+    }
+    Ok(())
+}
