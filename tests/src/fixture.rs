@@ -17,7 +17,8 @@ use aya::{
     maps::PerCpuArray,
     programs::{Program, TestRun, TestRunOptions},
 };
-use svc_common::stats::{Counter, PktCounter};
+use svc_agent::loader::{self, MapSizes};
+use svc_common::stats::{Counter, DropReason, PktCounter};
 
 use crate::packets::describe;
 
@@ -73,6 +74,10 @@ pub struct Fixture {
     pub output: Expected,
     /// Parser counters that must have moved by exactly these packet counts; all others by 0.
     pub counters: Vec<(PktCounter, u64)>,
+    /// Drop reasons that must have moved by exactly these packet counts; all others by 0.
+    pub drops: Vec<(DropReason, u64)>,
+    /// Map sizes for this row's object (small unless the row says otherwise).
+    pub sizes: MapSizes,
 }
 
 impl Fixture {
@@ -87,7 +92,35 @@ impl Fixture {
             verdict: Verdict::Ok,
             output: Expected::Unchanged,
             counters: Vec::new(),
+            drops: Vec::new(),
+            sizes: MapSizes::small(),
         }
+    }
+
+    /// A row for `program` that expects `input` to leave as `output`.
+    #[must_use]
+    pub fn rewrites(name: &str, program: &'static str, input: Vec<u8>, output: Vec<u8>) -> Self {
+        Self {
+            output: Expected::Packet(output),
+            ..Self::passes(name, program, input)
+        }
+    }
+
+    /// A row for `program` that expects `input` to be dropped for `reason`.
+    #[must_use]
+    pub fn drops(name: &str, program: &'static str, input: Vec<u8>, reason: DropReason) -> Self {
+        Self {
+            verdict: Verdict::Shot,
+            drops: vec![(reason, 1)],
+            ..Self::passes(name, program, input)
+        }
+    }
+
+    /// Sets the map entries the row needs.
+    #[must_use]
+    pub fn with_setup(mut self, setup: Setup) -> Self {
+        self.setup = Some(setup);
+        self
     }
 
     /// Sets the counters this row must move (one packet each unless given).
@@ -110,15 +143,19 @@ const OUT_HEADROOM: usize = 256;
 
 /// Runs one row: checks verdict, output bytes and counters, then (if `repeat > 1`) measures.
 pub fn run(fixture: &Fixture, repeat: u32) -> anyhow::Result<Report> {
-    let mut ebpf = svc_agent::loader::load_object(svc_agent::loader::MapSizes::small())?;
+    let mut ebpf = loader::load_object(fixture.sizes)?;
+    // Programs first: loaded programs hold their maps, so a setup may take maps out.
+    loader::load_programs(&mut ebpf)?;
     if let Some(setup) = fixture.setup {
         setup(&mut ebpf).context("row setup (writing its map entries)")?;
     }
     let before = read_counters(&ebpf)?;
+    let drops_before = read_drops(&ebpf)?;
     let mut out = vec![0u8; fixture.input.len() + OUT_HEADROOM];
     let result = test_run(&mut ebpf, fixture.program, &fixture.input, &mut out, 1)?;
     out.truncate(result.0);
     let after = read_counters(&ebpf)?;
+    let drops_after = read_drops(&ebpf)?;
 
     let mut problems = String::new();
     if result.1 != fixture.verdict.code() {
@@ -163,6 +200,21 @@ pub fn run(fixture: &Fixture, repeat: u32) -> anyhow::Result<Report> {
                 problems,
                 "counter {}: moved by {got}, want {want}",
                 c.name()
+            );
+        }
+    }
+    for r in DropReason::ALL {
+        let want = fixture
+            .drops
+            .iter()
+            .find(|(k, _)| *k == r)
+            .map_or(0, |(_, n)| *n);
+        let got = drops_after[r as usize].packets - drops_before[r as usize].packets;
+        if got != want {
+            let _ = writeln!(
+                problems,
+                "drop reason {}: moved by {got}, want {want}",
+                r.name()
             );
         }
     }
@@ -247,16 +299,31 @@ fn raw_test_run(
     result.with_context(|| format!("BPF_PROG_TEST_RUN of `{program}`"))
 }
 
+/// Runs `program` once over `input` (for setups that need earlier packets, e.g. a request
+/// before its reply). Returns the verdict and the output frame.
+pub fn run_once(ebpf: &mut Ebpf, program: &str, input: &[u8]) -> anyhow::Result<(u32, Vec<u8>)> {
+    let mut out = vec![0u8; input.len() + OUT_HEADROOM];
+    let (len, verdict) = test_run(ebpf, program, input, &mut out, 1)?;
+    out.truncate(len);
+    Ok((verdict, out))
+}
+
+/// Reads the drop counters, summed over CPUs, indexed by [`DropReason`].
+pub fn read_drops(ebpf: &Ebpf) -> anyhow::Result<Vec<Counter>> {
+    sum_per_cpu(ebpf, "DROP_STATS_V1", DropReason::COUNT)
+}
+
 /// Reads the parser counters, summed over CPUs, indexed by [`PktCounter`].
 pub fn read_counters(ebpf: &Ebpf) -> anyhow::Result<Vec<Counter>> {
-    let map: PerCpuArray<_, Counter> = PerCpuArray::try_from(
-        ebpf.map("PKT_STATS_V1")
-            .ok_or_else(|| anyhow!("no map PKT_STATS_V1"))?,
-    )?;
-    PktCounter::ALL
-        .iter()
-        .map(|c| {
-            let per_cpu = map.get(&(*c as u32), 0)?;
+    sum_per_cpu(ebpf, "PKT_STATS_V1", PktCounter::COUNT)
+}
+
+fn sum_per_cpu(ebpf: &Ebpf, name: &str, n: u32) -> anyhow::Result<Vec<Counter>> {
+    let map: PerCpuArray<_, Counter> =
+        PerCpuArray::try_from(ebpf.map(name).ok_or_else(|| anyhow!("no map {name}"))?)?;
+    (0..n)
+        .map(|i| {
+            let per_cpu = map.get(&i, 0)?;
             Ok(per_cpu.iter().fold(Counter::default(), |acc, v| Counter {
                 packets: acc.packets + v.packets,
                 bytes: acc.bytes + v.bytes,

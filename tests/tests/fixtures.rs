@@ -46,7 +46,12 @@ fn ipv6_with_ext(ext: u8, n: usize) -> Vec<u8> {
 
 /// An IPv4 TCP SYN with `words` 32-bit words of IP options (NOPs then EOL).
 fn ipv4_with_options(words: usize) -> Vec<u8> {
-    let frame = packets::tcp(v4(), SYN, b"");
+    ipv4_with_options_flow(v4(), words)
+}
+
+/// [`ipv4_with_options`] for any IPv4 flow.
+fn ipv4_with_options_flow(flow: Flow, words: usize) -> Vec<u8> {
+    let frame = packets::tcp(flow, SYN, b"");
     let mut out = frame[..34].to_vec();
     out.extend(std::iter::repeat_n(1u8, words * 4 - 1));
     out.push(0);
@@ -67,8 +72,12 @@ fn row(name: &str, input: Vec<u8>) -> Fixture {
     Fixture::passes(name, FROM_POD, input)
 }
 
+#[path = "fixtures/clusterip.rs"]
+mod clusterip;
+
 fn table() -> Vec<Fixture> {
     let mut rows = parse_rows();
+    rows.extend(clusterip::rows());
     rows.extend(fragment_rows());
     rows.extend(malformed_rows());
     rows
