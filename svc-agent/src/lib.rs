@@ -1,8 +1,10 @@
 //! svc-agent: loads the svc eBPF dataplane, programs Kubernetes Services into its maps and
 //! lets operators inspect it.
 
+pub mod cgroup;
 pub mod cli;
 pub mod datapath;
+pub mod ifaces;
 pub mod inspect;
 pub mod loader;
 pub mod model;

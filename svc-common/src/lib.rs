@@ -18,6 +18,7 @@ pub mod conntrack;
 pub mod csum;
 pub mod net;
 pub mod service;
+pub mod sock;
 pub mod stats;
 
 pub use net::{Be16, Be32};

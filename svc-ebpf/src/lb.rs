@@ -24,12 +24,10 @@ pub enum Choice {
     Backend,
 }
 
-/// Looks the packet's destination up as an internal-scope frontend and picks a backend, which
-/// it writes to `out` (id, backend). A subprogram of its own: its keys and values need not
-/// share the caller's 512-byte stack frame.
-#[inline(never)]
-pub fn lb_select_backend(pkt: &Parsed, out: &mut (u32, Backend)) -> Choice {
-    let mut key = ServiceKey {
+/// The slot-0 key of the internal-scope frontend a packet is addressed to.
+#[inline(always)]
+pub fn lb_frontend_key(pkt: &Parsed) -> ServiceKey {
+    ServiceKey {
         addr: pkt.dst,
         port: Be16(pkt.dport),
         slot: 0,
@@ -37,9 +35,17 @@ pub fn lb_select_backend(pkt: &Parsed, out: &mut (u32, Backend)) -> Choice {
         family: pkt.family,
         scope: scope::INTERNAL,
         _pad: 0,
-    };
+    }
+}
+
+/// Looks `key` (a slot-0 frontend key) up and picks a backend, which it writes to `out`
+/// (id, backend); `key.slot` is left pointing at the chosen slot. A subprogram of its own: its
+/// keys and values need not share the caller's 512-byte stack frame. Used by the packet path
+/// and the connect-time path alike.
+#[inline(never)]
+pub fn lb_select_backend(key: &mut ServiceKey, out: &mut (u32, Backend)) -> Choice {
     // SAFETY: the value is copied out before anything else touches the map.
-    let Some(frontend) = (unsafe { SERVICES_V1.get(&key) }).copied() else {
+    let Some(frontend) = (unsafe { SERVICES_V1.get(&*key) }).copied() else {
         return Choice::NotService;
     };
     if frontend.count == 0 {
@@ -53,7 +59,7 @@ pub fn lb_select_backend(pkt: &Parsed, out: &mut (u32, Backend)) -> Choice {
     let random = unsafe { bpf_get_prandom_u32() };
     key.slot = (random % u32::from(frontend.count)) as u16 + 1;
     // SAFETY: copied out at once.
-    let Some(slot) = (unsafe { SERVICES_V1.get(&key) }).copied() else {
+    let Some(slot) = (unsafe { SERVICES_V1.get(&*key) }).copied() else {
         return Choice::Drop(DropReason::BackendMissing);
     };
     match lb_backend(slot.id) {

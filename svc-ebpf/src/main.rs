@@ -21,6 +21,7 @@ mod maps;
 mod nat;
 mod parse;
 mod pod;
+mod sock;
 mod stats;
 
 use aya_ebpf::{macros::classifier, programs::TcContext};

@@ -19,7 +19,7 @@ use svc_common::{
 
 use crate::{
     conntrack::{ct_backend_alive, ct_create, ct_key, ct_lookup},
-    lb::{Choice, lb_backend, lb_select_backend},
+    lb::{Choice, lb_backend, lb_frontend_key, lb_select_backend},
     nat::{End, nat_rewrite},
     parse, stats,
 };
@@ -48,7 +48,8 @@ pub fn from_pod(ctx: &TcContext) -> i32 {
     } else {
         // 2. A new flow: is it for a service? Which backend? Remember the choice.
         let mut chosen = (0, Backend::default());
-        match lb_select_backend(&pkt, &mut chosen) {
+        let mut key = lb_frontend_key(&pkt);
+        match lb_select_backend(&mut key, &mut chosen) {
             Choice::NotService => return TC_ACT_OK,
             Choice::Drop(reason) => return drop(ctx, reason),
             Choice::Backend => {

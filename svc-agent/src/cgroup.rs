@@ -1,0 +1,1 @@
+//! Attaching the connect-time programs to a cgroup v2 hierarchy.

@@ -1,0 +1,1 @@
+//! Following pod-facing interfaces as they appear and disappear (netlink link events).

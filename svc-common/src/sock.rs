@@ -1,0 +1,1 @@
+//! Connect-time translation state (cgroup sock_addr programs): reverse-translation entries per socket.

@@ -1,0 +1,1 @@
+//! Connect-time translation (cgroup sock_addr hooks) for host-network processes.
