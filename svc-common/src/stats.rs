@@ -55,11 +55,14 @@ pub enum PktCounter {
     RevNat = 13,
     /// A packet to a service address and port was dropped (see `DROP_STATS_V1`).
     Dropped = 14,
+    /// A packet to a service without endpoints was answered with a TCP reset or an ICMP port
+    /// unreachable.
+    Rejected = 15,
 }
 
 impl PktCounter {
     /// Every counter, in index order.
-    pub const ALL: [Self; 15] = [
+    pub const ALL: [Self; 16] = [
         Self::NonIp,
         Self::Ipv4,
         Self::Ipv6,
@@ -75,6 +78,7 @@ impl PktCounter {
         Self::Dnat,
         Self::RevNat,
         Self::Dropped,
+        Self::Rejected,
     ];
     /// Number of entries in `PKT_STATS_V1`.
     pub const COUNT: u32 = Self::ALL.len() as u32;
@@ -98,6 +102,7 @@ impl PktCounter {
             Self::Dnat => "dnat",
             Self::RevNat => "rev_nat",
             Self::Dropped => "dropped",
+            Self::Rejected => "rejected",
         }
     }
 }
@@ -122,7 +127,8 @@ mod tests {
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DropReason {
-    /// A service port with no endpoint at all (until reject packets are generated, counted here).
+    /// A service port with no endpoint at all, and the rejection reply could not be built
+    /// (IPv4 options on a non-TCP request, a TCP reset answering a reset).
     NoEndpoints = 0,
     /// internalTrafficPolicy Local and no endpoint on this node.
     NoLocalEndpoint = 1,

@@ -21,6 +21,7 @@ mod maps;
 mod nat;
 mod parse;
 mod pod;
+mod reject;
 mod sock;
 mod stats;
 

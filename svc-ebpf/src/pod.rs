@@ -7,11 +7,12 @@
 //! To a pod (egress): a reply from a backend gets the service address back as its source.
 
 use aya_ebpf::{
-    bindings::{TC_ACT_OK, TC_ACT_SHOT},
+    bindings::{TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT},
     helpers::bpf_ktime_get_ns,
     programs::TcContext,
 };
 use svc_common::{
+    addr::Addr,
     conntrack::dir,
     service::Backend,
     stats::{DropReason, PktCounter},
@@ -21,7 +22,7 @@ use crate::{
     conntrack::{ct_backend_alive, ct_create, ct_key, ct_lookup},
     lb::{Choice, lb_backend, lb_frontend_key, lb_select_backend},
     nat::{End, nat_rewrite},
-    parse, stats,
+    parse, reject, stats,
 };
 
 /// Handles one packet from a pod. Returns the TC verdict.
@@ -36,37 +37,92 @@ pub fn from_pod(ctx: &TcContext) -> i32 {
     if !pkt.is_tcp_or_udp() {
         return TC_ACT_OK;
     }
+    match to_service(ctx, &pkt) {
+        Outcome::NotService => TC_ACT_OK,
+        Outcome::Translated => {
+            stats::count(PktCounter::Dnat, ctx.len());
+            TC_ACT_OK
+        }
+        // Answered beside, not inside, the translation step: both need stack room.
+        Outcome::Drop(DropReason::NoEndpoints) => reject_or_drop(ctx, &pkt),
+        Outcome::Drop(reason) => drop(ctx, reason),
+    }
+}
+
+/// What happened to a TCP/UDP packet from a pod.
+enum Outcome {
+    /// Not addressed to a service: untouched.
+    NotService,
+    /// Sent to a backend (destination rewritten).
+    Translated,
+    /// For a service, but dropped (or to be rejected, for `NoEndpoints`).
+    Drop(DropReason),
+}
+
+/// Where a translated packet goes: backend address and port (network order).
+struct Target {
+    addr: Addr,
+    port: u16,
+}
+
+/// The service story of one packet: conntrack -> service -> backend -> rewrite. Each step is
+/// a subprogram with its own stack frame; only the target travels between them.
+#[inline(never)]
+fn to_service(ctx: &TcContext, pkt: &parse::Parsed) -> Outcome {
     // SAFETY: bpf_ktime_get_ns has no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
-
-    // 1. A flow already translated keeps its backend, as long as the backend exists.
-    let fwd = ct_key(&pkt, dir::FORWARD);
-    let known =
-        ct_lookup(&fwd, &pkt, now).filter(|e| ct_backend_alive(e, lb_backend(e.backend_id)));
-    let (addr, port) = if let Some(entry) = known {
-        (entry.addr, entry.port.0)
-    } else {
-        // 2. A new flow: is it for a service? Which backend? Remember the choice.
-        let mut chosen = (0, Backend::default());
-        let mut key = lb_frontend_key(&pkt);
-        match lb_select_backend(&mut key, &mut chosen) {
-            Choice::NotService => return TC_ACT_OK,
-            Choice::Drop(reason) => return drop(ctx, reason),
-            Choice::Backend => {
-                if let Err(reason) = ct_create(&pkt, &fwd, chosen.0, &chosen.1, now) {
-                    return drop(ctx, reason);
-                }
-                (chosen.1.addr, chosen.1.port.0)
-            }
-        }
+    let mut target = Target {
+        addr: [0; 16],
+        port: 0,
     };
-
-    // 3. Send it there.
-    if nat_rewrite(ctx, &pkt, End::Dst, &addr, port).is_err() {
-        return drop(ctx, DropReason::RewriteFailed);
+    // 1. A flow already translated keeps its backend, as long as the backend exists.
+    if !established_backend(pkt, now, &mut target) {
+        // 2. A new flow: is it for a service? Which backend? Remember the choice.
+        match new_flow_backend(pkt, now, &mut target) {
+            Outcome::Translated => {}
+            other => return other,
+        }
     }
-    stats::count(PktCounter::Dnat, ctx.len());
-    TC_ACT_OK
+    // 3. Send it there.
+    if nat_rewrite(ctx, pkt, End::Dst, &target.addr, target.port).is_err() {
+        return Outcome::Drop(DropReason::RewriteFailed);
+    }
+    Outcome::Translated
+}
+
+/// The backend of an established flow whose backend still exists, into `target`.
+#[inline(never)]
+fn established_backend(pkt: &parse::Parsed, now: u64, target: &mut Target) -> bool {
+    let fwd = ct_key(pkt, dir::FORWARD);
+    match ct_lookup(&fwd, pkt, now) {
+        Some(e) if ct_backend_alive(&e, lb_backend(e.backend_id)) => {
+            target.addr = e.addr;
+            target.port = e.port.0;
+            true
+        }
+        _ => false,
+    }
+}
+
+/// Chooses a backend for a new flow to a service and records the flow; `Translated` means
+/// `target` holds the backend.
+#[inline(never)]
+fn new_flow_backend(pkt: &parse::Parsed, now: u64, target: &mut Target) -> Outcome {
+    let mut chosen = (0, Backend::default());
+    let mut key = lb_frontend_key(pkt);
+    match lb_select_backend(&mut key, &mut chosen) {
+        Choice::NotService => Outcome::NotService,
+        Choice::Drop(reason) => Outcome::Drop(reason),
+        Choice::Backend => {
+            let fwd = ct_key(pkt, dir::FORWARD);
+            if let Err(reason) = ct_create(pkt, &fwd, chosen.0, &chosen.1, now) {
+                return Outcome::Drop(reason);
+            }
+            target.addr = chosen.1.addr;
+            target.port = chosen.1.port.0;
+            Outcome::Translated
+        }
+    }
 }
 
 /// Handles one packet to a pod. Returns the TC verdict.
@@ -87,6 +143,18 @@ pub fn to_pod(ctx: &TcContext) -> i32 {
     }
     stats::count(PktCounter::RevNat, ctx.len());
     TC_ACT_OK
+}
+
+/// A service without endpoints: answer with a reset or port unreachable, else drop.
+#[inline(always)]
+fn reject_or_drop(ctx: &TcContext, pkt: &parse::Parsed) -> i32 {
+    let len = ctx.len();
+    if reject::reject(ctx, pkt).is_ok() {
+        stats::count(PktCounter::Rejected, len);
+        TC_ACT_REDIRECT
+    } else {
+        drop(ctx, DropReason::NoEndpoints)
+    }
 }
 
 #[inline(always)]

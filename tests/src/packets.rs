@@ -371,3 +371,47 @@ mod tests {
         assert!(describe(&frame).contains("BAD"));
     }
 }
+
+/// Builder of a frame sent by the host end of the veth towards the pod (MACs reversed).
+fn to_pod_ip(flow: Flow) -> etherparse::PacketBuilderStep<etherparse::IpHeaders> {
+    let eth = PacketBuilder::ethernet2(HOST_MAC, POD_MAC);
+    match (flow.src, flow.dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => eth.ipv4(s.octets(), d.octets(), TTL),
+        (IpAddr::V6(s), IpAddr::V6(d)) => eth.ipv6(s.octets(), d.octets(), TTL),
+        _ => panic!("test flow mixes address families: {flow:?}"),
+    }
+}
+
+/// A TCP reset sent to the pod: window 0, no options; `ack` sets the ACK flag and number.
+///
+/// # Panics
+/// When the flow mixes address families.
+#[must_use]
+pub fn reset_to_pod(flow: Flow, seq: u32, ack: Option<u32>) -> Vec<u8> {
+    let mut b = to_pod_ip(flow).tcp(flow.sport, flow.dport, seq, 0).rst();
+    if let Some(a) = ack {
+        b = b.ack(a);
+    }
+    write(b.size(0), |v| b.write(v, &[]))
+}
+
+/// An ICMP (v4: type 3 code 3) or `ICMPv6` (type 1 code 4) port unreachable sent to the pod,
+/// from `from` to `to`, quoting `quote`.
+///
+/// # Panics
+/// When the addresses mix families.
+#[must_use]
+pub fn port_unreachable_to_pod(from: &str, to: &str, quote: &[u8]) -> Vec<u8> {
+    let flow = Flow::new(from, 0, to, 0);
+    if flow.src.is_ipv4() {
+        let b = to_pod_ip(flow).icmpv4(etherparse::Icmpv4Type::DestinationUnreachable(
+            etherparse::icmpv4::DestUnreachableHeader::Port,
+        ));
+        write(b.size(quote.len()), |v| b.write(v, quote))
+    } else {
+        let b = to_pod_ip(flow).icmpv6(etherparse::Icmpv6Type::DestinationUnreachable(
+            etherparse::icmpv6::DestUnreachableCode::Port,
+        ));
+        write(b.size(quote.len()), |v| b.write(v, quote))
+    }
+}
