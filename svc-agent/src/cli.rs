@@ -53,6 +53,14 @@ pub struct RunArgs {
     /// `CT_V1` entries (two per tracked connection).
     #[arg(long, default_value_t = svc_common::sizes::CT)]
     pub max_conntrack_entries: u32,
+    /// `AFFINITY_V1` entries (client and service-port pairs with `ClientIP` affinity).
+    #[arg(long, default_value_t = svc_common::sizes::AFFINITY)]
+    pub max_affinity_entries: u32,
+    /// cgroup v2 directory whose processes (and those of its descendants) get connect-time
+    /// translation: `connect()`/`sendto()` to a service address go to a backend directly. An
+    /// empty value disables it.
+    #[arg(long, default_value = "/sys/fs/cgroup/unified", env = "SVC_CGROUP")]
+    pub cgroup: String,
 }
 
 /// `svc-agent inspect` subjects.

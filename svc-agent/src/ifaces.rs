@@ -1,1 +1,812 @@
 //! Following pod-facing interfaces as they appear and disappear (netlink link events).
+//!
+//! [`IfaceWatch`] joins the rtnetlink link group (`RTNLGRP_LINK`) of the calling thread's
+//! network namespace first and lists the links (an `RTM_GETLINK` dump on a second socket)
+//! second, so a link created in between is seen at least once: in the listing, as an event or
+//! both. [`IfaceTracker`] turns the listing and the events into [`IfaceEvent`]s for the links
+//! whose names match the patterns, keyed by ifindex: the kernel sends `RTM_NEWLINK` for every
+//! flag, carrier or address change, and again for links the listing already showed, and those
+//! give no event. When the event socket overflows (`ENOBUFS`: events were lost) the watch lists
+//! again and diffs what it knew against the listing, like a relist in kube-rs, so a lost event
+//! delays a change but never hides it.
+//!
+//! [`PodIfaceLinks`] attaches the two pod-facing TC programs on [`IfaceEvent::Appeared`],
+//! idempotently (it keeps the TCX link ids per ifindex, and asks the kernel which programs an
+//! interface already has, so one attached at startup is adopted, not attached twice). It
+//! detaches them when an interface is renamed out of the patterns and forgets the links of an
+//! interface that is gone (the kernel has dropped them; closing them frees the link objects).
+//! [`follow`] runs both for the agent's lifetime.
+//!
+//! Netlink comes from the rust-netlink family: `rtnetlink` 0.24 (the dump and the multicast
+//! subscription), with its `netlink-packet-route` 0.34, `netlink-proto` 0.14 and `netlink-sys`
+//! 0.9, all maintained together and building on stable Rust. Events and requests use separate
+//! sockets: `netlink-proto` routes an incoming message to a pending request by sequence number,
+//! and a notification carries the sequence number of whichever process caused it, so on a
+//! shared socket it could land in the dump's reply stream.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+
+use anyhow::{Context as _, anyhow, bail};
+use aya::{
+    Ebpf,
+    programs::{SchedClassifier, TcAttachType, tc, tc::SchedClassifierLinkId},
+};
+use futures_util::{StreamExt as _, TryStreamExt as _, stream::BoxStream};
+use rtnetlink::{
+    Handle, MulticastGroup,
+    packet_core::{NetlinkMessage, NetlinkPayload},
+    packet_route::{
+        AddressFamily, RouteNetlinkMessage,
+        link::{LinkAttribute, LinkMessage},
+    },
+    proto::sys::{AsyncSocket as _, SocketAddr},
+};
+use tokio::task::JoinHandle;
+use tracing::{debug, info, warn};
+
+use crate::loader::{IfacePatterns, PROG_TC_FROM_POD, PROG_TC_TO_POD};
+
+/// Receive buffer asked for the event socket (the kernel caps it at `net.core.rmem_max`). The
+/// connection task drains it into a channel at once, so it only has to absorb bursts.
+const EVENT_RCVBUF: usize = 4 << 20;
+
+/// A failed listing is tried this many times before the watch gives up.
+const LIST_ATTEMPTS: u32 = 3;
+
+/// The pod-facing programs and where they go: from-pod on ingress, to-pod on egress of the
+/// host end of a pod's veth.
+const POD_PROGRAMS: [(&str, TcAttachType); 2] = [
+    (PROG_TC_FROM_POD, TcAttachType::Ingress),
+    (PROG_TC_TO_POD, TcAttachType::Egress),
+];
+
+/// One link's state as rtnetlink reports it, for links of this namespace only.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LinkChange {
+    /// The link exists under this name (`RTM_NEWLINK`: created, renamed, moved here, or any
+    /// other change of it; also every entry of a listing).
+    Present {
+        /// Interface index.
+        index: u32,
+        /// Interface name.
+        name: String,
+    },
+    /// The link is no longer in this namespace (`RTM_DELLINK`: deleted or moved away).
+    Removed {
+        /// Interface index.
+        index: u32,
+    },
+}
+
+/// What the event socket delivered, translated.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Incoming {
+    /// A change of a link.
+    Link(LinkChange),
+    /// Events were lost (`ENOBUFS`): the state must be listed again.
+    Overrun,
+    /// Anything else (bridge-port notifications, other message types): ignored.
+    Other,
+}
+
+/// What happened to a pod-facing interface: one whose name matches the patterns.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum IfaceEvent {
+    /// A matching interface is there: created, moved into the namespace, renamed into the
+    /// patterns, or found by a listing.
+    Appeared {
+        /// Interface index.
+        index: u32,
+        /// Interface name.
+        name: String,
+    },
+    /// A matching interface got another matching name.
+    Renamed {
+        /// Interface index.
+        index: u32,
+        /// The name it had.
+        from: String,
+        /// The name it has now.
+        to: String,
+    },
+    /// A matching interface stopped being one.
+    Disappeared {
+        /// Interface index.
+        index: u32,
+        /// The name it had.
+        name: String,
+        /// `None` when the interface is gone (deleted or moved to another namespace); its new,
+        /// non-matching name when it was renamed out of the patterns and still exists.
+        renamed_to: Option<String>,
+    },
+}
+
+impl IfaceEvent {
+    /// The interface index the event is about.
+    #[must_use]
+    pub const fn index(&self) -> u32 {
+        match self {
+            Self::Appeared { index, .. }
+            | Self::Renamed { index, .. }
+            | Self::Disappeared { index, .. } => *index,
+        }
+    }
+
+    /// The interface's name after the event (its last name when it is gone).
+    #[must_use]
+    pub fn name(&self) -> &str {
+        match self {
+            Self::Appeared { name, .. } | Self::Disappeared { name, .. } => name,
+            Self::Renamed { to, .. } => to,
+        }
+    }
+}
+
+/// `(ifindex, name)` of a link message that describes a link itself, `None` for anything else:
+/// bridge-port messages (`AF_BRIDGE`: an `RTM_DELLINK` of that family only says a port left its
+/// bridge) and messages without a name.
+fn link_of(msg: &LinkMessage) -> Option<(u32, String)> {
+    if msg.header.interface_family != AddressFamily::Unspec {
+        return None;
+    }
+    msg.attributes.iter().find_map(|a| match a {
+        LinkAttribute::IfName(name) => Some((msg.header.index, name.clone())),
+        _ => None,
+    })
+}
+
+/// Translates a message from the event socket.
+fn translate(msg: &NetlinkMessage<RouteNetlinkMessage>) -> Incoming {
+    match &msg.payload {
+        NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(link)) => link_of(link)
+            .map_or(Incoming::Other, |(index, name)| {
+                Incoming::Link(LinkChange::Present { index, name })
+            }),
+        NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelLink(link))
+            if link.header.interface_family == AddressFamily::Unspec =>
+        {
+            Incoming::Link(LinkChange::Removed {
+                index: link.header.index,
+            })
+        }
+        NetlinkPayload::Overrun(_) => Incoming::Overrun,
+        _ => Incoming::Other,
+    }
+}
+
+/// The matching interfaces known so far, by ifindex: turns link changes and listings into
+/// [`IfaceEvent`]s, each change of a matching interface once. Pure: no netlink, no eBPF.
+#[derive(Clone, Debug)]
+pub struct IfaceTracker {
+    patterns: IfacePatterns,
+    matching: BTreeMap<u32, String>,
+}
+
+impl IfaceTracker {
+    /// A tracker that knows no interface yet.
+    #[must_use]
+    pub const fn new(patterns: IfacePatterns) -> Self {
+        Self {
+            patterns,
+            matching: BTreeMap::new(),
+        }
+    }
+
+    /// Applies one link change; returns the event it makes, if any.
+    pub fn apply(&mut self, change: LinkChange) -> Option<IfaceEvent> {
+        match change {
+            LinkChange::Present { index, name } => {
+                let matches = self.patterns.matches(&name);
+                match self.matching.get(&index) {
+                    None if matches => {
+                        self.matching.insert(index, name.clone());
+                        Some(IfaceEvent::Appeared { index, name })
+                    }
+                    None => None,
+                    Some(known) if *known == name => None,
+                    Some(_) if matches => {
+                        let from = self.matching.insert(index, name.clone())?;
+                        Some(IfaceEvent::Renamed {
+                            index,
+                            from,
+                            to: name,
+                        })
+                    }
+                    Some(_) => {
+                        let old = self.matching.remove(&index)?;
+                        Some(IfaceEvent::Disappeared {
+                            index,
+                            name: old,
+                            renamed_to: Some(name),
+                        })
+                    }
+                }
+            }
+            LinkChange::Removed { index } => {
+                self.matching
+                    .remove(&index)
+                    .map(|name| IfaceEvent::Disappeared {
+                        index,
+                        name,
+                        renamed_to: None,
+                    })
+            }
+        }
+    }
+
+    /// Replaces what is known with a full listing of the namespace's links: the events that
+    /// bring the known state to the listing's (gone ones first, then renamed and new ones).
+    pub fn resync<I>(&mut self, links: I) -> Vec<IfaceEvent>
+    where
+        I: IntoIterator<Item = (u32, String)>,
+    {
+        let listed: BTreeMap<u32, String> = links.into_iter().collect();
+        let gone: Vec<u32> = self
+            .matching
+            .keys()
+            .filter(|index| !listed.contains_key(index))
+            .copied()
+            .collect();
+        let mut events: Vec<IfaceEvent> = gone
+            .into_iter()
+            .filter_map(|index| self.apply(LinkChange::Removed { index }))
+            .collect();
+        events.extend(
+            listed
+                .into_iter()
+                .filter_map(|(index, name)| self.apply(LinkChange::Present { index, name })),
+        );
+        events
+    }
+
+    /// Forgets interface `index`, so its next `RTM_NEWLINK` makes it appear again (used when
+    /// attaching to it failed). Returns whether it was known.
+    pub fn forget(&mut self, index: u32) -> bool {
+        self.matching.remove(&index).is_some()
+    }
+
+    /// The matching interfaces known now: `(ifindex, name)`, by ifindex.
+    pub fn matching(&self) -> impl Iterator<Item = (u32, &str)> {
+        self.matching.iter().map(|(i, n)| (*i, n.as_str()))
+    }
+}
+
+/// The netlink side: a subscription to link events of this network namespace plus a socket
+/// for listings, turned into [`IfaceEvent`]s by an [`IfaceTracker`].
+pub struct IfaceWatch {
+    tracker: IfaceTracker,
+    /// Messages from the event socket with their sender, as `rtnetlink` hands them over.
+    events: BoxStream<'static, (NetlinkMessage<RouteNetlinkMessage>, SocketAddr)>,
+    requests: Handle,
+    connections: [JoinHandle<()>; 2],
+    ready: VecDeque<IfaceEvent>,
+}
+
+impl std::fmt::Debug for IfaceWatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IfaceWatch")
+            .field("tracker", &self.tracker)
+            .field("ready", &self.ready)
+            .finish_non_exhaustive()
+    }
+}
+
+impl IfaceWatch {
+    /// Joins `RTNLGRP_LINK` in the calling thread's network namespace, then lists its links:
+    /// the matching ones come first out of [`IfaceWatch::next`] as [`IfaceEvent::Appeared`].
+    /// Needs a tokio runtime (the two netlink connections run as tasks).
+    pub async fn start(patterns: IfacePatterns) -> anyhow::Result<Self> {
+        let (mut conn, _, events) = rtnetlink::new_multicast_connection(&[MulticastGroup::Link])
+            .context("joining the rtnetlink link group (RTNLGRP_LINK)")?;
+        if let Err(e) = conn.socket_mut().socket_ref().set_rx_buf_sz(EVENT_RCVBUF) {
+            debug!(error = %e, "could not enlarge the netlink event socket's buffer");
+        }
+        let events_task = tokio::spawn(conn);
+        // From here on every link change is queued on `events`: the listing below can only be
+        // older than what follows it there.
+        let (conn, requests, _) =
+            rtnetlink::new_connection().context("opening an rtnetlink socket")?;
+        let requests_task = tokio::spawn(conn);
+        let mut watch = Self {
+            tracker: IfaceTracker::new(patterns),
+            events: events.boxed(),
+            requests,
+            connections: [events_task, requests_task],
+            ready: VecDeque::new(),
+        };
+        watch.relist().await?;
+        info!(
+            matching = watch.ready.len(),
+            "following pod-facing interfaces (rtnetlink link events)"
+        );
+        Ok(watch)
+    }
+
+    /// The next change of a pod-facing interface. Fails only when netlink does (the event
+    /// connection closed, listings keep failing); the watch is of no further use then.
+    pub async fn next(&mut self) -> anyhow::Result<IfaceEvent> {
+        loop {
+            if let Some(event) = self.ready.pop_front() {
+                return Ok(event);
+            }
+            let Some((msg, _)) = self.events.next().await else {
+                bail!("the rtnetlink link event connection closed");
+            };
+            match translate(&msg) {
+                Incoming::Link(change) => self.ready.extend(self.tracker.apply(change)),
+                Incoming::Overrun => {
+                    warn!("link events were lost (netlink socket buffer full): listing again");
+                    self.relist().await?;
+                }
+                Incoming::Other => {}
+            }
+        }
+    }
+
+    /// Forgets interface `index` so its next link event makes it appear again (see
+    /// [`IfaceTracker::forget`]).
+    pub fn forget(&mut self, index: u32) -> bool {
+        self.tracker.forget(index)
+    }
+
+    /// The matching interfaces known now: `(ifindex, name)`.
+    pub fn matching(&self) -> impl Iterator<Item = (u32, &str)> {
+        self.tracker.matching()
+    }
+
+    /// Lists the links and queues the events that bring the tracker up to date.
+    async fn relist(&mut self) -> anyhow::Result<()> {
+        let mut attempt = 1;
+        let links = loop {
+            match list_links(&self.requests).await {
+                Ok(links) => break links,
+                Err(e) if attempt < LIST_ATTEMPTS => {
+                    warn!(error = %format!("{e:#}"), attempt, "listing links failed; again");
+                    attempt += 1;
+                }
+                Err(e) => return Err(e),
+            }
+        };
+        self.ready.extend(self.tracker.resync(links));
+        Ok(())
+    }
+}
+
+impl Drop for IfaceWatch {
+    fn drop(&mut self) {
+        for task in &self.connections {
+            task.abort();
+        }
+    }
+}
+
+/// Every link of the namespace, `(ifindex, name)` (an `RTM_GETLINK` dump).
+async fn list_links(handle: &Handle) -> anyhow::Result<Vec<(u32, String)>> {
+    let links: Vec<LinkMessage> = handle
+        .link()
+        .get()
+        .execute()
+        .try_collect()
+        .await
+        .context("listing links (RTM_GETLINK dump)")?;
+    Ok(links.iter().filter_map(link_of).collect())
+}
+
+/// The pod-facing programs' links on one interface.
+#[derive(Debug)]
+struct Attached {
+    name: String,
+    /// Links this follower made and can detach: `(program, link)`.
+    links: Vec<(&'static str, SchedClassifierLinkId)>,
+    /// Programs found attached already (by the startup attach, which keeps no link ids).
+    adopted: Vec<&'static str>,
+}
+
+/// The pod-facing TC programs' attachments, by ifindex.
+#[derive(Debug, Default)]
+pub struct PodIfaceLinks {
+    by_index: HashMap<u32, Attached>,
+}
+
+impl PodIfaceLinks {
+    /// No attachment known yet.
+    #[must_use]
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Whether the programs are on interface `index` (as far as this knows).
+    #[must_use]
+    pub fn is_attached(&self, index: u32) -> bool {
+        self.by_index.contains_key(&index)
+    }
+
+    /// Acts on one event and logs what it did: attaches on [`IfaceEvent::Appeared`] (and on a
+    /// rename of an interface it had not attached to), detaches on a rename out of the
+    /// patterns, forgets the links of a gone interface. Fails only when attaching did; then
+    /// the interface is left without the programs (nothing half-attached).
+    pub fn apply(&mut self, ebpf: &mut Ebpf, event: &IfaceEvent) -> anyhow::Result<()> {
+        match event {
+            IfaceEvent::Appeared { index, name } => self.attach(ebpf, *index, name),
+            IfaceEvent::Renamed { index, from, to } => {
+                if let Some(attached) = self.by_index.get_mut(index) {
+                    attached.name.clone_from(to);
+                    info!(iface = %to, ifindex = index, %from, "pod-facing interface renamed; its programs stay");
+                    Ok(())
+                } else {
+                    self.attach(ebpf, *index, to)
+                }
+            }
+            IfaceEvent::Disappeared {
+                index,
+                name,
+                renamed_to,
+            } => {
+                let Some(attached) = self.by_index.remove(index) else {
+                    return Ok(());
+                };
+                // For a gone interface this only closes the links (the kernel dropped them).
+                let failed = release(ebpf, attached.links);
+                let Some(to) = renamed_to else {
+                    info!(iface = %name, ifindex = index, "pod-facing interface gone: forgot its TC links");
+                    return Ok(());
+                };
+                if failed.is_empty() {
+                    info!(iface = %name, ifindex = index, renamed_to = %to, "renamed out of the pod-facing patterns: detached its programs");
+                } else {
+                    let errors = failed.join("; ");
+                    warn!(iface = %name, ifindex = index, renamed_to = %to, %errors, "renamed out of the pod-facing patterns: detaching failed");
+                }
+                if !attached.adopted.is_empty() {
+                    warn!(iface = %name, ifindex = index, renamed_to = %to, kept = ?attached.adopted,
+                        "these were attached at startup, which keeps no handle to detach them: they stay until the agent stops");
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Attaches both programs to `name` unless they are there already; all or nothing.
+    fn attach(&mut self, ebpf: &mut Ebpf, index: u32, name: &str) -> anyhow::Result<()> {
+        if self.by_index.contains_key(&index) {
+            debug!(iface = %name, ifindex = index, "programs already attached");
+            return Ok(());
+        }
+        // The event is about `index`; make sure the name still means that interface (it may
+        // have been deleted and recreated, or renamed, since: its own events follow).
+        match nix::net::if_::if_nametoindex(name) {
+            Ok(now) if now == index => {}
+            Ok(now) => bail!("{name} is ifindex {now} by now, not {index}: its own event follows"),
+            Err(e) => bail!("{name} (ifindex {index}) is no longer there: {e}"),
+        }
+        let mut links = Vec::new();
+        let mut adopted = Vec::new();
+        for (prog_name, at) in POD_PROGRAMS {
+            match attach_one(ebpf, name, prog_name, at) {
+                Ok(Some(link)) => links.push((prog_name, link)),
+                Ok(None) => adopted.push(prog_name),
+                Err(e) => {
+                    let _ = release(ebpf, links);
+                    return Err(e);
+                }
+            }
+        }
+        if adopted.is_empty() {
+            info!(iface = %name, ifindex = index, "attached {PROG_TC_FROM_POD} (ingress) and {PROG_TC_TO_POD} (egress)");
+        } else if links.is_empty() {
+            info!(iface = %name, ifindex = index, "pod-facing programs already attached (at startup); following the interface");
+        } else {
+            info!(iface = %name, ifindex = index, already = ?adopted, "attached the pod-facing programs that were missing");
+        }
+        self.by_index.insert(
+            index,
+            Attached {
+                name: name.to_owned(),
+                links,
+                adopted,
+            },
+        );
+        Ok(())
+    }
+}
+
+/// The object's program `name` as a TC classifier.
+fn classifier<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut SchedClassifier> {
+    Ok(ebpf
+        .program_mut(name)
+        .ok_or_else(|| anyhow!("no program {name} in the object"))?
+        .try_into()?)
+}
+
+/// Attaches `prog_name` to `at` of `iface`; `None` when the kernel says it is there already.
+fn attach_one(
+    ebpf: &mut Ebpf,
+    iface: &str,
+    prog_name: &str,
+    at: TcAttachType,
+) -> anyhow::Result<Option<SchedClassifierLinkId>> {
+    let prog = classifier(ebpf, prog_name)?;
+    if prog.fd().is_err() {
+        prog.load()
+            .with_context(|| format!("loading {prog_name} (verifier)"))?;
+    }
+    let id = prog.info()?.id();
+    match SchedClassifier::query_tcx(iface, at) {
+        Ok((_, attached)) if attached.iter().any(|p| p.id() == id) => return Ok(None),
+        Ok(_) => {}
+        // No TCX (kernel < 6.6): aya attaches through netlink, which needs clsact.
+        Err(_) => {
+            let _ = tc::qdisc_add_clsact(iface);
+        }
+    }
+    prog.attach(iface, at)
+        .map(Some)
+        .with_context(|| format!("attaching {prog_name} to {at:?} of {iface}"))
+}
+
+/// Detaches (or, for a gone interface, just closes) `links`; returns what failed.
+fn release(ebpf: &mut Ebpf, links: Vec<(&'static str, SchedClassifierLinkId)>) -> Vec<String> {
+    let mut failed = Vec::new();
+    for (prog_name, link) in links {
+        let result = classifier(ebpf, prog_name).and_then(|p| Ok(p.detach(link)?));
+        if let Err(e) = result {
+            failed.push(format!("{prog_name}: {e:#}"));
+        }
+    }
+    failed
+}
+
+/// Keeps the pod-facing programs on every matching interface of this namespace for as long as
+/// it runs: attaches to each that appears, detaches from each renamed away, forgets each that
+/// goes. A failed attach is logged with the interface's name and retried on the interface's
+/// next link event; the agent goes on. Returns only when netlink fails.
+pub async fn follow(ebpf: &mut Ebpf, mut watch: IfaceWatch) -> anyhow::Result<()> {
+    let mut links = PodIfaceLinks::new();
+    loop {
+        let event = watch.next().await?;
+        if let Err(e) = links.apply(ebpf, &event) {
+            warn!(
+                iface = %event.name(), ifindex = event.index(), error = %format!("{e:#}"),
+                "could not attach the pod-facing programs; retried on this interface's next link event"
+            );
+            watch.forget(event.index());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rtnetlink::packet_core::NetlinkHeader;
+
+    use super::*;
+
+    fn patterns() -> IfacePatterns {
+        IfacePatterns::parse("svcpod*,lxc*").unwrap()
+    }
+
+    fn link_msg(family: AddressFamily, index: u32, name: Option<&str>) -> LinkMessage {
+        let mut msg = LinkMessage::default();
+        msg.header.interface_family = family;
+        msg.header.index = index;
+        msg.attributes
+            .extend(name.map(|n| LinkAttribute::IfName(n.to_owned())));
+        msg
+    }
+
+    fn new_link(index: u32, name: &str) -> NetlinkMessage<RouteNetlinkMessage> {
+        NetlinkMessage::from(RouteNetlinkMessage::NewLink(link_msg(
+            AddressFamily::Unspec,
+            index,
+            Some(name),
+        )))
+    }
+
+    fn present(index: u32, name: &str) -> LinkChange {
+        LinkChange::Present {
+            index,
+            name: name.to_owned(),
+        }
+    }
+
+    fn appeared(index: u32, name: &str) -> IfaceEvent {
+        IfaceEvent::Appeared {
+            index,
+            name: name.to_owned(),
+        }
+    }
+
+    fn gone(index: u32, name: &str) -> IfaceEvent {
+        IfaceEvent::Disappeared {
+            index,
+            name: name.to_owned(),
+            renamed_to: None,
+        }
+    }
+
+    #[test]
+    fn translates_link_messages_of_this_namespace() {
+        assert_eq!(
+            translate(&new_link(7, "svcpod0")),
+            Incoming::Link(present(7, "svcpod0"))
+        );
+        let del = NetlinkMessage::from(RouteNetlinkMessage::DelLink(link_msg(
+            AddressFamily::Unspec,
+            7,
+            Some("svcpod0"),
+        )));
+        assert_eq!(
+            translate(&del),
+            Incoming::Link(LinkChange::Removed { index: 7 })
+        );
+    }
+
+    #[test]
+    fn ignores_bridge_port_messages_and_nameless_links() {
+        // `ip link set X nomaster` sends an AF_BRIDGE RTM_DELLINK for X, which still exists.
+        for msg in [
+            RouteNetlinkMessage::DelLink(link_msg(AddressFamily::Bridge, 7, Some("svcpod0"))),
+            RouteNetlinkMessage::NewLink(link_msg(AddressFamily::Bridge, 7, Some("svcpod0"))),
+            RouteNetlinkMessage::NewLink(link_msg(AddressFamily::Unspec, 7, None)),
+            RouteNetlinkMessage::GetLink(link_msg(AddressFamily::Unspec, 7, Some("svcpod0"))),
+        ] {
+            assert_eq!(
+                translate(&NetlinkMessage::from(msg.clone())),
+                Incoming::Other,
+                "{msg:?}"
+            );
+        }
+        assert_eq!(
+            link_of(&link_msg(AddressFamily::Bridge, 3, Some("x"))),
+            None
+        );
+        assert_eq!(
+            link_of(&link_msg(AddressFamily::Unspec, 3, Some("x"))),
+            Some((3, "x".to_owned()))
+        );
+    }
+
+    #[test]
+    fn an_overrun_asks_for_a_relisting() {
+        let msg = NetlinkMessage::new(NetlinkHeader::default(), NetlinkPayload::Overrun(vec![]));
+        assert_eq!(translate(&msg), Incoming::Overrun);
+    }
+
+    #[test]
+    fn only_matching_interfaces_make_events() {
+        let mut t = IfaceTracker::new(patterns());
+        assert_eq!(t.apply(present(1, "lo")), None);
+        assert_eq!(t.apply(present(2, "eth0")), None);
+        assert_eq!(t.apply(LinkChange::Removed { index: 2 }), None);
+        assert_eq!(t.apply(present(5, "lxc12")), Some(appeared(5, "lxc12")));
+        assert_eq!(t.matching().collect::<Vec<_>>(), [(5, "lxc12")]);
+    }
+
+    #[test]
+    fn repeated_newlinks_of_a_known_interface_make_no_event() {
+        let mut t = IfaceTracker::new(patterns());
+        assert_eq!(t.apply(present(5, "svcpod0")), Some(appeared(5, "svcpod0")));
+        // Up, carrier, addresses: each is another RTM_NEWLINK with the same name.
+        for _ in 0..3 {
+            assert_eq!(t.apply(present(5, "svcpod0")), None);
+        }
+        assert_eq!(
+            t.apply(LinkChange::Removed { index: 5 }),
+            Some(gone(5, "svcpod0"))
+        );
+        assert_eq!(t.apply(LinkChange::Removed { index: 5 }), None);
+    }
+
+    #[test]
+    fn renames_inside_out_of_and_into_the_patterns() {
+        let mut t = IfaceTracker::new(patterns());
+        t.apply(present(5, "svcpod0"));
+        assert_eq!(
+            t.apply(present(5, "svcpod9")),
+            Some(IfaceEvent::Renamed {
+                index: 5,
+                from: "svcpod0".into(),
+                to: "svcpod9".into()
+            })
+        );
+        assert_eq!(
+            t.apply(present(5, "moved0")),
+            Some(IfaceEvent::Disappeared {
+                index: 5,
+                name: "svcpod9".into(),
+                renamed_to: Some("moved0".into())
+            })
+        );
+        assert_eq!(t.apply(present(5, "moved1")), None);
+        assert_eq!(t.apply(present(5, "lxcab")), Some(appeared(5, "lxcab")));
+    }
+
+    #[test]
+    fn a_name_reused_by_a_new_interface_is_a_new_interface() {
+        let mut t = IfaceTracker::new(patterns());
+        t.apply(present(5, "svcpod0"));
+        assert_eq!(
+            t.apply(LinkChange::Removed { index: 5 }),
+            Some(gone(5, "svcpod0"))
+        );
+        assert_eq!(t.apply(present(6, "svcpod0")), Some(appeared(6, "svcpod0")));
+    }
+
+    #[test]
+    fn a_listing_is_diffed_against_what_is_known() {
+        let mut t = IfaceTracker::new(patterns());
+        let first = t.resync([
+            (1, "lo".to_owned()),
+            (4, "svcpod1".to_owned()),
+            (3, "svcpod0".to_owned()),
+        ]);
+        assert_eq!(first, [appeared(3, "svcpod0"), appeared(4, "svcpod1")]);
+        assert_eq!(t.resync([(3, "svcpod0".to_owned())]), [gone(4, "svcpod1")]);
+        // After lost events: 3 was renamed away, 7 came.
+        assert_eq!(
+            t.resync([(3, "other".to_owned()), (7, "lxc7".to_owned())]),
+            [
+                IfaceEvent::Disappeared {
+                    index: 3,
+                    name: "svcpod0".into(),
+                    renamed_to: Some("other".into())
+                },
+                appeared(7, "lxc7")
+            ]
+        );
+        assert_eq!(t.resync([(7, "lxc7".to_owned())]), []);
+    }
+
+    /// The watch subscribes, then lists, then applies what was queued meanwhile: whatever the
+    /// interleaving, the outcome is the final state, and nothing appears twice.
+    #[test]
+    fn events_queued_while_listing_converge_to_the_final_state() {
+        // Created before the listing started: listed, and its queued NEWLINK is a repeat.
+        let mut t = IfaceTracker::new(patterns());
+        let mut events = t.resync([(5, "svcpod0".to_owned())]);
+        events.extend(t.apply(present(5, "svcpod0")));
+        assert_eq!(events, [appeared(5, "svcpod0")]);
+
+        // Created and deleted while the listing ran, which missed it: appears, then goes.
+        let mut t = IfaceTracker::new(patterns());
+        let mut events = t.resync([]);
+        events.extend(t.apply(present(5, "svcpod0")));
+        events.extend(t.apply(LinkChange::Removed { index: 5 }));
+        assert_eq!(events, [appeared(5, "svcpod0"), gone(5, "svcpod0")]);
+        assert_eq!(t.matching().count(), 0);
+
+        // Listed, then deleted and its name reused before the queue was read.
+        let mut t = IfaceTracker::new(patterns());
+        let mut events = t.resync([(5, "svcpod0".to_owned())]);
+        events.extend(t.apply(LinkChange::Removed { index: 5 }));
+        events.extend(t.apply(present(6, "svcpod0")));
+        assert_eq!(
+            events,
+            [
+                appeared(5, "svcpod0"),
+                gone(5, "svcpod0"),
+                appeared(6, "svcpod0")
+            ]
+        );
+        assert_eq!(t.matching().collect::<Vec<_>>(), [(6, "svcpod0")]);
+    }
+
+    #[test]
+    fn a_forgotten_interface_appears_again_on_its_next_event() {
+        let mut t = IfaceTracker::new(patterns());
+        t.apply(present(5, "svcpod0"));
+        assert!(t.forget(5));
+        assert!(!t.forget(5));
+        assert_eq!(t.apply(present(5, "svcpod0")), Some(appeared(5, "svcpod0")));
+    }
+
+    #[test]
+    fn events_name_their_interface() {
+        let renamed = IfaceEvent::Renamed {
+            index: 2,
+            from: "svcpod0".into(),
+            to: "svcpod1".into(),
+        };
+        assert_eq!((renamed.index(), renamed.name()), (2, "svcpod1"));
+        assert_eq!(gone(3, "svcpod3").name(), "svcpod3");
+    }
+}

@@ -4,15 +4,12 @@
 //! directory and in every map name), so a restarted agent adopts the state the previous one
 //! left. Objects loaded with [`load_object`] (tests) get private maps.
 
-use std::{
-    collections::BTreeSet,
-    path::{Path, PathBuf},
-};
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context as _, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader,
-    programs::{SchedClassifier, TcAttachType, tc},
+    programs::{CgroupSockAddr, SchedClassifier},
 };
 use svc_common::{MAP_NAMES, PIN_SUBDIR};
 
@@ -25,6 +22,33 @@ pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DI
 pub const PROG_TC_FROM_POD: &str = "svc_tc_from_pod";
 /// Name of the TC program for packets going to a pod (egress on the host end of its veth).
 pub const PROG_TC_TO_POD: &str = "svc_tc_to_pod";
+/// Name of the cgroup `connect4` program (connect-time translation, IPv4).
+pub const PROG_SOCK_CONNECT4: &str = "svc_sock_conn4";
+/// Name of the cgroup `connect6` program (connect-time translation, IPv6).
+pub const PROG_SOCK_CONNECT6: &str = "svc_sock_conn6";
+/// Name of the cgroup `sendmsg4` program (UDP `sendto()` translation, IPv4).
+pub const PROG_SOCK_SENDMSG4: &str = "svc_sock_send4";
+/// Name of the cgroup `sendmsg6` program (UDP `sendto()` translation, IPv6).
+pub const PROG_SOCK_SENDMSG6: &str = "svc_sock_send6";
+/// Name of the cgroup `recvmsg4` program (UDP `recvfrom()` shows the service, IPv4).
+pub const PROG_SOCK_RECVMSG4: &str = "svc_sock_recv4";
+/// Name of the cgroup `recvmsg6` program (UDP `recvfrom()` shows the service, IPv6).
+pub const PROG_SOCK_RECVMSG6: &str = "svc_sock_recv6";
+/// Name of the cgroup `getpeername4` program (`getpeername()` shows the service, IPv4).
+pub const PROG_SOCK_GETPEERNAME4: &str = "svc_sock_peer4";
+/// Name of the cgroup `getpeername6` program (`getpeername()` shows the service, IPv6).
+pub const PROG_SOCK_GETPEERNAME6: &str = "svc_sock_peer6";
+/// Every connect-time (cgroup `sock_addr`) program; `svc-agent run --cgroup` attaches them all.
+pub const PROGS_SOCK: [&str; 8] = [
+    PROG_SOCK_CONNECT4,
+    PROG_SOCK_CONNECT6,
+    PROG_SOCK_SENDMSG4,
+    PROG_SOCK_SENDMSG6,
+    PROG_SOCK_RECVMSG4,
+    PROG_SOCK_RECVMSG6,
+    PROG_SOCK_GETPEERNAME4,
+    PROG_SOCK_GETPEERNAME6,
+];
 
 /// Sizes of the maps that scale with the cluster.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -35,6 +59,8 @@ pub struct MapSizes {
     pub backends: u32,
     /// `CT_V1` entries (two per connection).
     pub conntrack: u32,
+    /// `AFFINITY_V1` entries.
+    pub affinity: u32,
 }
 
 impl Default for MapSizes {
@@ -43,6 +69,7 @@ impl Default for MapSizes {
             services: svc_common::sizes::SERVICES,
             backends: svc_common::sizes::BACKENDS,
             conntrack: svc_common::sizes::CT,
+            affinity: svc_common::sizes::AFFINITY,
         }
     }
 }
@@ -55,6 +82,7 @@ impl MapSizes {
             services: 4096,
             backends: 4096,
             conntrack: 16384,
+            affinity: 4096,
         }
     }
 
@@ -66,13 +94,15 @@ impl MapSizes {
         let svc = u64::from(self.services) * (24 + 16 + HASH_ELEM_OVERHEAD);
         let be = u64::from(self.backends) * (4 + 20 + HASH_ELEM_OVERHEAD);
         let ct = u64::from(self.conntrack) * (40 + 32 + HASH_ELEM_OVERHEAD);
-        svc + be + ct
+        let aff = u64::from(self.affinity) * (24 + 16 + HASH_ELEM_OVERHEAD);
+        svc + be + ct + aff
     }
 
     fn apply(&self, loader: &mut EbpfLoader<'_>) {
         loader.map_max_entries("SERVICES_V1", self.services);
         loader.map_max_entries("BACKENDS_V1", self.backends);
         loader.map_max_entries("CT_V1", self.conntrack);
+        loader.map_max_entries("AFFINITY_V1", self.affinity);
     }
 }
 
@@ -173,17 +203,6 @@ impl IfacePatterns {
     }
 }
 
-/// Names of this network namespace's interfaces that match `patterns` (read over netlink, so
-/// it is right for the calling thread's namespace whatever `/sys` shows).
-pub fn matching_interfaces(patterns: &IfacePatterns) -> anyhow::Result<BTreeSet<String>> {
-    let all = nix::net::if_::if_nameindex().context("listing interfaces")?;
-    Ok(all
-        .iter()
-        .filter_map(|i| i.name().to_str().ok().map(str::to_owned))
-        .filter(|n| patterns.matches(n))
-        .collect())
-}
-
 /// Loads every program into the kernel (without attaching). Do this before taking maps out of
 /// the object: loaded programs hold their maps.
 pub fn load_programs(ebpf: &mut Ebpf) -> anyhow::Result<()> {
@@ -197,20 +216,8 @@ pub fn load_programs(ebpf: &mut Ebpf) -> anyhow::Result<()> {
                 .with_context(|| format!("loading {name} (verifier)"))?;
         }
     }
-    Ok(())
-}
-
-/// Loads (if needed) both pod-facing TC programs and attaches them to `iface`: from-pod on
-/// ingress, to-pod on egress.
-pub fn attach_pod_iface(ebpf: &mut Ebpf, iface: &str) -> anyhow::Result<()> {
-    // With TCX (kernel >= 6.6) no qdisc is needed; on older kernels aya falls back to netlink,
-    // which needs clsact. Adding it is harmless when it exists.
-    let _ = tc::qdisc_add_clsact(iface);
-    for (name, at) in [
-        (PROG_TC_FROM_POD, TcAttachType::Ingress),
-        (PROG_TC_TO_POD, TcAttachType::Egress),
-    ] {
-        let prog: &mut SchedClassifier = ebpf
+    for name in PROGS_SOCK {
+        let prog: &mut CgroupSockAddr = ebpf
             .program_mut(name)
             .ok_or_else(|| anyhow!("no program {name} in the object"))?
             .try_into()?;
@@ -218,8 +225,6 @@ pub fn attach_pod_iface(ebpf: &mut Ebpf, iface: &str) -> anyhow::Result<()> {
             prog.load()
                 .with_context(|| format!("loading {name} (verifier)"))?;
         }
-        prog.attach(iface, at)
-            .with_context(|| format!("attaching {name} to {at:?} of {iface}"))?;
     }
     Ok(())
 }

@@ -7,7 +7,7 @@ use svc_agent::{
     datapath::{AyaMaps, Reconciler},
     inspect, loader, standalone,
 };
-use tracing::{info, warn};
+use tracing::info;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -60,20 +60,18 @@ async fn run(bpffs: &std::path::Path, args: &RunArgs) -> anyhow::Result<()> {
         services: args.max_service_entries,
         backends: args.max_backends,
         conntrack: args.max_conntrack_entries,
+        affinity: args.max_affinity_entries,
     };
     info!(?sizes, approx_mib = sizes.approx_bytes() >> 20, "map sizes");
     let mut ebpf = loader::load_pinned(bpffs, sizes)?;
     loader::load_programs(&mut ebpf)?;
     let patterns = loader::IfacePatterns::parse(&args.pod_ifaces)?;
-    let ifaces = loader::matching_interfaces(&patterns)?;
-    if ifaces.is_empty() {
-        warn!(patterns = %args.pod_ifaces, "no pod-facing interface matches yet");
-    }
-    for iface in &ifaces {
-        loader::attach_pod_iface(&mut ebpf, iface)?;
-        info!(%iface, "attached svc_tc_from_pod (ingress) and svc_tc_to_pod (egress)");
-    }
+    // Held until run() returns: dropping the links detaches the connect-time programs.
+    let _cgroup_links = svc_agent::cgroup::attach_from_arg(&mut ebpf, &args.cgroup)?;
     let mut reconciler = Reconciler::adopt(AyaMaps::take(&mut ebpf)?)?;
+    // Pod-facing interfaces, those there now (the watch's first listing) and those that appear
+    // later (netlink link events), get the TC programs; they are followed for the agent's life.
+    let iface_watch = svc_agent::ifaces::IfaceWatch::start(patterns).await?;
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let source = async {
         if let Some(dir) = &args.from_dir {
@@ -88,6 +86,7 @@ async fn run(bpffs: &std::path::Path, args: &RunArgs) -> anyhow::Result<()> {
     };
     tokio::select! {
         r = source => r?,
+        r = svc_agent::ifaces::follow(&mut ebpf, iface_watch) => r?,
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
     }

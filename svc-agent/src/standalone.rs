@@ -45,6 +45,21 @@ pub fn sync_once<M: DatapathMaps>(
     Ok(())
 }
 
+/// Whether a directory event can change what the directory holds. Opening and closing files
+/// (reading them, as every sync does) does not: reacting to those would re-sync forever.
+fn changes_content(e: &notify::Event) -> bool {
+    use notify::{EventKind, event::AccessKind, event::AccessMode};
+    // A file written in place and closed counts too: its content is final now.
+    matches!(
+        e.kind,
+        EventKind::Create(_)
+            | EventKind::Modify(_)
+            | EventKind::Remove(_)
+            | EventKind::Any
+            | EventKind::Access(AccessKind::Close(AccessMode::Write))
+    )
+}
+
 /// Syncs `dir` now and again after every change, until the task is dropped.
 pub async fn follow<M: DatapathMaps>(
     dir: &Path,
@@ -53,7 +68,7 @@ pub async fn follow<M: DatapathMaps>(
 ) -> anyhow::Result<()> {
     let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(1);
     let mut watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
-        if ev.is_ok() {
+        if ev.is_ok_and(|e| changes_content(&e)) {
             // A full channel already holds a wake-up: nothing is lost.
             let _ = tx.try_send(());
         }
@@ -71,4 +86,36 @@ pub async fn follow<M: DatapathMaps>(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use notify::{
+        Event, EventKind,
+        event::{AccessKind, AccessMode, CreateKind, ModifyKind, RemoveKind},
+    };
+
+    use super::changes_content;
+
+    #[test]
+    fn reading_the_directory_is_not_a_change() {
+        assert!(!changes_content(&Event::new(EventKind::Access(
+            AccessKind::Open(AccessMode::Any)
+        ))));
+        assert!(!changes_content(&Event::new(EventKind::Access(
+            AccessKind::Close(AccessMode::Read)
+        ))));
+        assert!(changes_content(&Event::new(EventKind::Access(
+            AccessKind::Close(AccessMode::Write)
+        ))));
+        assert!(changes_content(&Event::new(EventKind::Create(
+            CreateKind::File
+        ))));
+        assert!(changes_content(&Event::new(EventKind::Modify(
+            ModifyKind::Any
+        ))));
+        assert!(changes_content(&Event::new(EventKind::Remove(
+            RemoveKind::File
+        ))));
+    }
 }

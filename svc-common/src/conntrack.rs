@@ -24,6 +24,10 @@ pub mod dir {
 pub mod state {
     /// A FIN or RST was seen in this entry's direction: the short timeout applies.
     pub const CLOSING: u8 = 1 << 0;
+    /// The reply leg of a hairpinned flow (a pod reaching itself through a service), keyed as
+    /// the pod sends it (`pod:backend-port -> VIP:client-port`, direction forward); the value
+    /// holds the VIP and service port to put back as its source.
+    pub const HAIRPIN_REPLY: u8 = 1 << 1;
 }
 
 /// Idle timeouts, in nanoseconds of `bpf_ktime_get_ns`.

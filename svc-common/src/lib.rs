@@ -14,6 +14,7 @@
 )]
 
 pub mod addr;
+pub mod affinity;
 pub mod conntrack;
 pub mod csum;
 pub mod net;
@@ -35,6 +36,8 @@ pub const MAP_NAMES: &[&str] = &[
     "SERVICES_V1",
     "BACKENDS_V1",
     "CT_V1",
+    "AFFINITY_V1",
+    "SOCK_REVNAT_V1",
 ];
 
 /// Default map sizes (the agent's flags override them at load time).
@@ -46,6 +49,8 @@ pub mod sizes {
     pub const BACKENDS: u32 = 300_000;
     /// `CT_V1` entries: two per connection, for 1,000,000 connections.
     pub const CT: u32 = 2_000_000;
+    /// `AFFINITY_V1` entries: (client, service port) pairs with `ClientIP` affinity.
+    pub const AFFINITY: u32 = 262_144;
 }
 
 /// Directory (below the bpffs mount) where the agent pins this layout's maps and links.

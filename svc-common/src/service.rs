@@ -30,6 +30,12 @@ pub mod flags {
     /// No backend allowed by policy (internalTrafficPolicy Local with no local endpoint): drop,
     /// counted as `DropReason::NoLocalEndpoint`.
     pub const DROP_EMPTY: u16 = 1 << 1;
+    /// The slots hold terminating endpoints (no ready one exists): session affinity may stick
+    /// to a terminating backend.
+    pub const SERVES_TERMINATING: u16 = 1 << 2;
+    /// New connections only go to endpoints on this node (internalTrafficPolicy Local): session
+    /// affinity may only stick to a local backend.
+    pub const LOCAL_ONLY: u16 = 1 << 3;
 }
 
 /// Key of `SERVICES_V1`.

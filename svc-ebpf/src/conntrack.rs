@@ -89,20 +89,23 @@ pub fn ct_create(
         backend_id: id,
         last_seen_ns: now,
     };
+    // Hairpin (the client is its own backend): the reply leaves the pod towards the VIP, the
+    // source the forward leg was given; otherwise it comes from the backend to the client.
+    let hairpin = addr_eq(&backend.addr, &pkt.src);
     let reply_key = CtKey {
         src: backend.addr,
-        dst: pkt.src,
+        dst: if hairpin { pkt.dst } else { pkt.src },
         sport: backend.port,
         dport: Be16(pkt.sport),
         proto: pkt.proto,
         family: pkt.family,
-        dir: dir::REPLY,
+        dir: if hairpin { dir::FORWARD } else { dir::REPLY },
         _pad: 0,
     };
     let reply = CtValue {
         addr: pkt.dst,
         port: Be16(pkt.dport),
-        state: st,
+        state: st | if hairpin { state::HAIRPIN_REPLY } else { 0 },
         _pad: 0,
         backend_id: id,
         last_seen_ns: now,

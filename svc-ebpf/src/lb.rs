@@ -5,12 +5,14 @@
 use aya_ebpf::helpers::bpf_get_prandom_u32;
 use svc_common::{
     Be16,
-    service::{Backend, ServiceKey, flags, scope},
+    addr::Addr,
+    affinity::{AffinityKey, AffinityValue},
+    service::{Backend, ServiceKey, ServiceValue, backend_flags, flags, scope},
     stats::DropReason,
 };
 
 use crate::{
-    maps::{BACKENDS_V1, SERVICES_V1},
+    maps::{AFFINITY_V1, BACKENDS_V1, SERVICES_V1},
     parse::Parsed,
 };
 
@@ -38,16 +40,67 @@ pub fn lb_frontend_key(pkt: &Parsed) -> ServiceKey {
     }
 }
 
-/// Looks `key` (a slot-0 frontend key) up and picks a backend, which it writes to `out`
-/// (id, backend); `key.slot` is left pointing at the chosen slot. A subprogram of its own: its
-/// keys and values need not share the caller's 512-byte stack frame. Used by the packet path
-/// and the connect-time path alike.
+/// Looks `key` (a slot-0 frontend key) up and picks a backend for `client`, writing it to
+/// `out` (id, backend) and leaving `key.slot` at the chosen slot. With `ClientIP` session
+/// affinity, a client with a live entry whose backend is still eligible goes there again (the
+/// entry is refreshed); otherwise the pick is uniformly random over the slots (and recorded for
+/// an affine frontend). Used by the packet path and the connect-time path alike. A subprogram
+/// of its own: its keys and values need not share the caller's 512-byte stack frame.
 #[inline(never)]
-pub fn lb_select_backend(key: &mut ServiceKey, out: &mut (u32, Backend)) -> Choice {
+pub fn lb_select_for_client(
+    key: &mut ServiceKey,
+    client: &Addr,
+    now: u64,
+    out: &mut (u32, Backend),
+) -> Choice {
     // SAFETY: the value is copied out before anything else touches the map.
     let Some(frontend) = (unsafe { SERVICES_V1.get(&*key) }).copied() else {
         return Choice::NotService;
     };
+    if frontend.affinity_timeout == 0 || frontend.count == 0 {
+        return lb_pick_slot(key, &frontend, out);
+    }
+    let akey = AffinityKey {
+        client: *client,
+        frontend_id: frontend.id,
+        family: key.family,
+        _pad: [0; 3],
+    };
+    let timeout_ns = u64::from(frontend.affinity_timeout) * 1_000_000_000;
+    if let Some(entry) = AFFINITY_V1.get_ptr_mut(&akey) {
+        // SAFETY: a pointer into the map's value; a racing update can only lose a refresh.
+        let (id, last) = unsafe { ((*entry).backend_id, (*entry).last_used_ns) };
+        let live = now.saturating_sub(last) <= timeout_ns;
+        if let Some(b) = lb_backend(id).filter(|b| live && affinity_eligible(&frontend, b)) {
+            // SAFETY: as above.
+            unsafe { (*entry).last_used_ns = now };
+            *out = (id, b);
+            return Choice::Backend;
+        }
+    }
+    let choice = lb_pick_slot(key, &frontend, out);
+    if let Choice::Backend = choice {
+        let value = AffinityValue {
+            backend_id: out.0,
+            _pad: 0,
+            last_used_ns: now,
+        };
+        // A full LRU map evicts; an error only costs this client its stickiness.
+        let _ = AFFINITY_V1.insert(&akey, &value, 0);
+    }
+    choice
+}
+
+/// Whether an affinity entry's backend may still take new connections from `frontend`.
+#[inline(always)]
+fn affinity_eligible(frontend: &ServiceValue, b: &Backend) -> bool {
+    (b.flags & backend_flags::TERMINATING == 0 || frontend.flags & flags::SERVES_TERMINATING != 0)
+        && (b.flags & backend_flags::LOCAL != 0 || frontend.flags & flags::LOCAL_ONLY == 0)
+}
+
+/// Picks slot `1 + random % count` of `frontend` (looked up with `key`) and its backend.
+#[inline(always)]
+fn lb_pick_slot(key: &mut ServiceKey, frontend: &ServiceValue, out: &mut (u32, Backend)) -> Choice {
     if frontend.count == 0 {
         return Choice::Drop(if frontend.flags & flags::DROP_EMPTY != 0 {
             DropReason::NoLocalEndpoint

@@ -59,3 +59,88 @@ fn panic(_info: &core::panic::PanicInfo) -> ! {
 #[unsafe(link_section = "license")]
 #[unsafe(no_mangle)]
 static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
+
+// Connect-time translation for processes in the cgroup the agent attaches these to (see
+// sock.rs): connect and sendto name a backend instead of a service address; getpeername and
+// recvfrom report the service address again.
+use aya_ebpf::{macros::cgroup_sock_addr, programs::SockAddrContext};
+
+/// `connect()` of an IPv4 socket: a service address becomes one of its backends.
+#[cgroup_sock_addr(connect4)]
+#[expect(
+    clippy::needless_pass_by_value,
+    reason = "the cgroup_sock_addr macro fixes the signature"
+)]
+pub fn svc_sock_conn4(ctx: SockAddrContext) -> i32 {
+    sock::sock4_forward(&ctx)
+}
+
+/// `connect()` of an IPv6 socket: a service address becomes one of its backends.
+#[cgroup_sock_addr(connect6)]
+#[expect(
+    clippy::needless_pass_by_value,
+    reason = "the cgroup_sock_addr macro fixes the signature"
+)]
+pub fn svc_sock_conn6(ctx: SockAddrContext) -> i32 {
+    sock::sock6_forward(&ctx)
+}
+
+/// `sendto()`/`sendmsg()` with an address on an IPv4 UDP socket: as `connect()`, per datagram.
+#[cgroup_sock_addr(sendmsg4)]
+#[expect(
+    clippy::needless_pass_by_value,
+    reason = "the cgroup_sock_addr macro fixes the signature"
+)]
+pub fn svc_sock_send4(ctx: SockAddrContext) -> i32 {
+    sock::sock4_forward(&ctx)
+}
+
+/// `sendto()`/`sendmsg()` with an address on an IPv6 UDP socket: as `connect()`, per datagram.
+#[cgroup_sock_addr(sendmsg6)]
+#[expect(
+    clippy::needless_pass_by_value,
+    reason = "the cgroup_sock_addr macro fixes the signature"
+)]
+pub fn svc_sock_send6(ctx: SockAddrContext) -> i32 {
+    sock::sock6_forward(&ctx)
+}
+
+/// `recvfrom()`/`recvmsg()` on an IPv4 UDP socket: a backend sender is shown as the service.
+#[cgroup_sock_addr(recvmsg4)]
+#[expect(
+    clippy::needless_pass_by_value,
+    reason = "the cgroup_sock_addr macro fixes the signature"
+)]
+pub fn svc_sock_recv4(ctx: SockAddrContext) -> i32 {
+    sock::sock4_reverse(&ctx)
+}
+
+/// `recvfrom()`/`recvmsg()` on an IPv6 UDP socket: a backend sender is shown as the service.
+#[cgroup_sock_addr(recvmsg6)]
+#[expect(
+    clippy::needless_pass_by_value,
+    reason = "the cgroup_sock_addr macro fixes the signature"
+)]
+pub fn svc_sock_recv6(ctx: SockAddrContext) -> i32 {
+    sock::sock6_reverse(&ctx)
+}
+
+/// `getpeername()` of an IPv4 socket: a backend peer is shown as the service.
+#[cgroup_sock_addr(getpeername4)]
+#[expect(
+    clippy::needless_pass_by_value,
+    reason = "the cgroup_sock_addr macro fixes the signature"
+)]
+pub fn svc_sock_peer4(ctx: SockAddrContext) -> i32 {
+    sock::sock4_reverse(&ctx)
+}
+
+/// `getpeername()` of an IPv6 socket: a backend peer is shown as the service.
+#[cgroup_sock_addr(getpeername6)]
+#[expect(
+    clippy::needless_pass_by_value,
+    reason = "the cgroup_sock_addr macro fixes the signature"
+)]
+pub fn svc_sock_peer6(ctx: SockAddrContext) -> i32 {
+    sock::sock6_reverse(&ctx)
+}

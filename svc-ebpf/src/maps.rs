@@ -7,6 +7,7 @@ use aya_ebpf::{
     maps::{HashMap, LruHashMap, PerCpuArray},
 };
 use svc_common::{
+    affinity::{AffinityKey, AffinityValue},
     conntrack::{CtKey, CtValue},
     service::{Backend, ServiceKey, ServiceValue},
     sizes,
@@ -35,3 +36,8 @@ pub static BACKENDS_V1: HashMap<u32, Backend> = HashMap::with_max_entries(sizes:
 /// `svc_common::conntrack`.
 #[map]
 pub static CT_V1: LruHashMap<CtKey, CtValue> = LruHashMap::with_max_entries(sizes::CT, 0);
+
+/// `ClientIP` session affinity. Writer: the programs. See `svc_common::affinity`.
+#[map]
+pub static AFFINITY_V1: LruHashMap<AffinityKey, AffinityValue> =
+    LruHashMap::with_max_entries(sizes::AFFINITY, 0);

@@ -8,19 +8,19 @@
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT},
-    helpers::bpf_ktime_get_ns,
+    helpers::{bpf_ktime_get_ns, bpf_redirect},
     programs::TcContext,
 };
 use svc_common::{
     addr::Addr,
-    conntrack::dir,
+    conntrack::{dir, state},
     service::Backend,
     stats::{DropReason, PktCounter},
 };
 
 use crate::{
     conntrack::{ct_backend_alive, ct_create, ct_key, ct_lookup},
-    lb::{Choice, lb_backend, lb_frontend_key, lb_select_backend},
+    lb::{Choice, lb_backend, lb_frontend_key, lb_select_for_client},
     nat::{End, nat_rewrite},
     parse, reject, stats,
 };
@@ -44,6 +44,10 @@ pub fn from_pod(ctx: &TcContext) -> i32 {
             TC_ACT_OK
         }
         // Answered beside, not inside, the translation step: both need stack room.
+        Outcome::Hairpin => {
+            stats::count(PktCounter::Dnat, ctx.len());
+            bounce(ctx)
+        }
         Outcome::Drop(DropReason::NoEndpoints) => reject_or_drop(ctx, &pkt),
         Outcome::Drop(reason) => drop(ctx, reason),
     }
@@ -55,14 +59,18 @@ enum Outcome {
     NotService,
     /// Sent to a backend (destination rewritten).
     Translated,
+    /// A pod reaching itself through a service (either leg): rewritten, goes back to the pod.
+    Hairpin,
     /// For a service, but dropped (or to be rejected, for `NoEndpoints`).
     Drop(DropReason),
 }
 
-/// Where a translated packet goes: backend address and port (network order).
+/// Where a translated packet goes: backend address and port (network order); for the reply
+/// leg of a hairpinned flow, the service address and port to put back as its source.
 struct Target {
     addr: Addr,
     port: u16,
+    hairpin_reply: bool,
 }
 
 /// The service story of one packet: conntrack -> service -> backend -> rewrite. Each step is
@@ -74,6 +82,7 @@ fn to_service(ctx: &TcContext, pkt: &parse::Parsed) -> Outcome {
     let mut target = Target {
         addr: [0; 16],
         port: 0,
+        hairpin_reply: false,
     };
     // 1. A flow already translated keeps its backend, as long as the backend exists.
     if !established_backend(pkt, now, &mut target) {
@@ -84,8 +93,27 @@ fn to_service(ctx: &TcContext, pkt: &parse::Parsed) -> Outcome {
         }
     }
     // 3. Send it there.
+    if target.hairpin_reply {
+        // The pod answers itself through the service: backend:port -> VIP:client-port becomes
+        // VIP:service-port -> pod:client-port.
+        let ok = nat_rewrite(ctx, pkt, End::Dst, &pkt.src, pkt.dport).is_ok()
+            && nat_rewrite(ctx, pkt, End::Src, &target.addr, target.port).is_ok();
+        return if ok {
+            Outcome::Hairpin
+        } else {
+            Outcome::Drop(DropReason::RewriteFailed)
+        };
+    }
     if nat_rewrite(ctx, pkt, End::Dst, &target.addr, target.port).is_err() {
         return Outcome::Drop(DropReason::RewriteFailed);
+    }
+    if target.addr == pkt.src {
+        // Hairpin: the pod reaches itself. Its source becomes the VIP, so its own reply comes
+        // back here (to the hairpin reply entry) instead of being answered locally.
+        if nat_rewrite(ctx, pkt, End::Src, &pkt.dst, pkt.sport).is_err() {
+            return Outcome::Drop(DropReason::RewriteFailed);
+        }
+        return Outcome::Hairpin;
     }
     Outcome::Translated
 }
@@ -94,14 +122,20 @@ fn to_service(ctx: &TcContext, pkt: &parse::Parsed) -> Outcome {
 #[inline(never)]
 fn established_backend(pkt: &parse::Parsed, now: u64, target: &mut Target) -> bool {
     let fwd = ct_key(pkt, dir::FORWARD);
-    match ct_lookup(&fwd, pkt, now) {
-        Some(e) if ct_backend_alive(&e, lb_backend(e.backend_id)) => {
-            target.addr = e.addr;
-            target.port = e.port.0;
-            true
+    let Some(e) = ct_lookup(&fwd, pkt, now) else {
+        return false;
+    };
+    if e.state & state::HAIRPIN_REPLY != 0 {
+        if lb_backend(e.backend_id).is_none() {
+            return false;
         }
-        _ => false,
+        target.hairpin_reply = true;
+    } else if !ct_backend_alive(&e, lb_backend(e.backend_id)) {
+        return false;
     }
+    target.addr = e.addr;
+    target.port = e.port.0;
+    true
 }
 
 /// Chooses a backend for a new flow to a service and records the flow; `Translated` means
@@ -110,7 +144,7 @@ fn established_backend(pkt: &parse::Parsed, now: u64, target: &mut Target) -> bo
 fn new_flow_backend(pkt: &parse::Parsed, now: u64, target: &mut Target) -> Outcome {
     let mut chosen = (0, Backend::default());
     let mut key = lb_frontend_key(pkt);
-    match lb_select_backend(&mut key, &mut chosen) {
+    match lb_select_for_client(&mut key, &pkt.src, now, &mut chosen) {
         Choice::NotService => Outcome::NotService,
         Choice::Drop(reason) => Outcome::Drop(reason),
         Choice::Backend => {
@@ -143,6 +177,26 @@ pub fn to_pod(ctx: &TcContext) -> i32 {
     }
     stats::count(PktCounter::RevNat, ctx.len());
     TC_ACT_OK
+}
+
+/// Sends the packet back out of the interface it came in on, to the pod, with the Ethernet
+/// addresses swapped (routing it would bounce it off the host's reverse-path checks).
+#[inline(always)]
+fn bounce(ctx: &TcContext) -> i32 {
+    let Some(eth) = parse::ptr_at::<[u8; 12]>(ctx, 0) else {
+        return drop(ctx, DropReason::RewriteFailed);
+    };
+    // SAFETY: `ptr_at` checked the 12 bytes are inside the packet.
+    let macs = unsafe { *eth };
+    let mut swapped = [0u8; 12];
+    swapped[..6].copy_from_slice(&macs[6..]);
+    swapped[6..].copy_from_slice(&macs[..6]);
+    if ctx.store(0, &swapped, 0).is_err() {
+        return drop(ctx, DropReason::RewriteFailed);
+    }
+    // SAFETY: ctx.skb.skb is this program's context.
+    unsafe { bpf_redirect((*ctx.skb.skb).ifindex, 0) };
+    TC_ACT_REDIRECT
 }
 
 /// A service without endpoints: answer with a reset or port unreachable, else drop.

@@ -1,1 +1,295 @@
-//! Connect-time translation (cgroup sock_addr hooks) for host-network processes.
+//! Connect-time translation (cgroup `sock_addr` hooks) for host-network processes.
+//!
+//! Forward (`connect4/6`, `sendmsg4/6`): the address a process hands to `connect()` or
+//! `sendto()` -> is it an internal-scope service frontend (same lookup and backend choice as the
+//! packet path) -> remember (socket, backend) -> (service address) -> hand the kernel the
+//! backend instead. The socket never sees the service address on the wire, so no packet needs
+//! translating and the TC programs leave its packets alone.
+//!
+//! Reverse (`getpeername4/6`, `recvmsg4/6`): the backend address the kernel is about to report
+//! for a socket we translated becomes the service address again, so `getpeername()` and
+//! `recvfrom()` show what the process connected or sent to.
+//!
+//! A service without endpoints refuses the call: `connect()` / `sendto()` fail at once with
+//! `ECONNREFUSED`. Anything unexpected (another protocol, IPv4-mapped IPv6 addresses, a backend
+//! of the other family) is left untouched.
+
+use aya_ebpf::{
+    EbpfContext as _,
+    bindings::bpf_sock_addr,
+    helpers::{bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_set_retval},
+    macros::map,
+    maps::LruHashMap,
+    programs::SockAddrContext,
+};
+use svc_common::{
+    Be16,
+    addr::{Addr, FAMILY_V4, FAMILY_V6},
+    net::ipproto,
+    service::{Backend, ServiceKey, scope},
+    sock::{SOCK_REVNAT_ENTRIES, SockRevNatKey, SockRevNatValue},
+    stats::{DropReason, PktCounter},
+};
+
+use crate::{
+    lb::{Choice, lb_select_for_client},
+    stats,
+};
+
+/// Reverse translation per socket: (socket cookie, backend) -> service address. Writer: the
+/// forward programs here; readers: the reverse programs here. See `svc_common::sock`.
+#[map]
+pub static SOCK_REVNAT_V1: LruHashMap<SockRevNatKey, SockRevNatValue> =
+    LruHashMap::with_max_entries(SOCK_REVNAT_ENTRIES, 0);
+
+/// Verdict of a cgroup `sock_addr` program: let the call go on (with whatever address the program
+/// left in the context).
+const SOCK_PROCEED: i32 = 1;
+/// Verdict of a cgroup `sock_addr` program: fail the call (`EPERM` unless a program set another
+/// error with `bpf_set_retval`).
+const SOCK_REFUSE: i32 = 0;
+
+/// The error a refused `connect()` / `sendto()` returns.
+const ECONNREFUSED: i32 = 111;
+
+/// `sa_family` values.
+const AF_INET: u32 = 2;
+const AF_INET6: u32 = 10;
+/// `sk_type` values.
+const SOCK_STREAM: u32 = 1;
+const SOCK_DGRAM: u32 = 2;
+/// Multipath TCP sockets (`SOCK_STREAM`, this protocol) reach services as TCP does.
+const IPPROTO_MPTCP: u32 = 262;
+
+/// An address and port as a `sock_addr` context carries them, in map layout.
+struct SockAddr {
+    addr: Addr,
+    /// Network order.
+    port: u16,
+}
+
+/// `connect()` / `sendto()` of an IPv4 socket (`connect4`, `sendmsg4`). Returns the verdict.
+#[inline(always)]
+pub fn sock4_forward(ctx: &SockAddrContext) -> i32 {
+    sock_xlate_fwd(ctx, FAMILY_V4)
+}
+
+/// `connect()` / `sendto()` of an IPv6 socket (`connect6`, `sendmsg6`). Returns the verdict.
+#[inline(always)]
+pub fn sock6_forward(ctx: &SockAddrContext) -> i32 {
+    sock_xlate_fwd(ctx, FAMILY_V6)
+}
+
+/// `getpeername()` / `recvfrom()` of an IPv4 socket (`getpeername4`, `recvmsg4`). Returns the
+/// verdict (always proceed).
+#[inline(always)]
+pub fn sock4_reverse(ctx: &SockAddrContext) -> i32 {
+    sock_xlate_rev(ctx, FAMILY_V4)
+}
+
+/// `getpeername()` / `recvfrom()` of an IPv6 socket (`getpeername6`, `recvmsg6`). Returns the
+/// verdict (always proceed).
+#[inline(always)]
+pub fn sock6_reverse(ctx: &SockAddrContext) -> i32 {
+    sock_xlate_rev(ctx, FAMILY_V6)
+}
+
+/// `connect()` / `sendto()` of a socket of `family` ([`FAMILY_V4`] or [`FAMILY_V6`], the
+/// program's own) in the attached cgroup: a service address becomes one of its backends.
+/// Returns the program's verdict.
+#[inline(always)]
+fn sock_xlate_fwd(ctx: &SockAddrContext, family: u8) -> i32 {
+    let sa = ctx.sock_addr;
+    let Some(proto) = sock_service_proto(sa) else {
+        return SOCK_PROCEED;
+    };
+    let Some(dst) = sock_user_addr(sa, family) else {
+        return SOCK_PROCEED;
+    };
+    let mut key = ServiceKey {
+        addr: dst.addr,
+        port: Be16(dst.port),
+        slot: 0,
+        proto,
+        family,
+        scope: scope::INTERNAL,
+        _pad: 0,
+    };
+    let mut chosen = (0, Backend::default());
+    // Host-network processes share this node's address: as a ClientIP-affinity client they
+    // are this node, keyed by the unspecified address.
+    // SAFETY: bpf_ktime_get_ns has no preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    match lb_select_for_client(&mut key, &[0; 16], now, &mut chosen) {
+        Choice::NotService => SOCK_PROCEED,
+        Choice::Drop(reason) => sock_refuse(reason),
+        Choice::Backend => {
+            let backend = &chosen.1;
+            if backend.family != family {
+                // The agent never pairs frontends and backends of different families.
+                return SOCK_PROCEED;
+            }
+            let rev_key = SockRevNatKey {
+                // SAFETY: the context is the program's own; the helper only reads its socket.
+                cookie: unsafe { bpf_get_socket_cookie(ctx.as_ptr()) },
+                addr: backend.addr,
+                port: backend.port,
+                family,
+                _pad: [0; 5],
+            };
+            let rev = SockRevNatValue {
+                addr: dst.addr,
+                port: Be16(dst.port),
+                _pad: 0,
+            };
+            // Without its reverse entry the process would see replies from an address it never
+            // named (and drop them, as resolvers do): refuse rather than half-translate.
+            if SOCK_REVNAT_V1.insert(&rev_key, &rev, 0).is_err() {
+                return sock_refuse(DropReason::CtInsertFailed);
+            }
+            sock_set_user_addr(sa, family, &backend.addr, backend.port.0);
+            SOCK_PROCEED
+        }
+    }
+}
+
+/// `getpeername()` / `recvfrom()` of a socket of `family` in the attached cgroup: a backend
+/// this socket was sent to is reported as the service address it asked for. Always lets the
+/// call go on (these hooks cannot fail a call).
+#[inline(always)]
+fn sock_xlate_rev(ctx: &SockAddrContext, family: u8) -> i32 {
+    let sa = ctx.sock_addr;
+    let Some(peer) = sock_user_addr(sa, family) else {
+        return SOCK_PROCEED;
+    };
+    let key = SockRevNatKey {
+        // SAFETY: the context is the program's own; the helper only reads its socket.
+        cookie: unsafe { bpf_get_socket_cookie(ctx.as_ptr()) },
+        addr: peer.addr,
+        port: Be16(peer.port),
+        family,
+        _pad: [0; 5],
+    };
+    // SAFETY: copied out at once.
+    if let Some(orig) = unsafe { SOCK_REVNAT_V1.get(&key) }.copied() {
+        sock_set_user_addr(sa, family, &orig.addr, orig.port.0);
+    }
+    SOCK_PROCEED
+}
+
+/// Fails the call with `ECONNREFUSED`. A service without endpoints counts as `rejected`, as
+/// the packet path's resets and port unreachables do; anything else as a drop with `reason`.
+#[inline(always)]
+fn sock_refuse(reason: DropReason) -> i32 {
+    if reason == DropReason::NoEndpoints {
+        stats::count(PktCounter::Rejected, 0);
+    } else {
+        stats::count_drop(reason, 0);
+    }
+    // SAFETY: no preconditions; connect and sendmsg programs may set the call's error (without
+    // it a refused call fails with EPERM).
+    unsafe { bpf_set_retval(-ECONNREFUSED) };
+    SOCK_REFUSE
+}
+
+/// The IP protocol a service frontend of this socket would be keyed by: TCP for stream
+/// sockets (TCP, MPTCP), UDP for datagram sockets; `None` for anything else.
+#[inline(always)]
+fn sock_service_proto(sa: *mut bpf_sock_addr) -> Option<u8> {
+    // SAFETY: `sa` is the program's context; the verifier allows 4-byte reads of these fields
+    // (volatile keeps them exactly 4 bytes).
+    let (sk_type, protocol) = unsafe {
+        (
+            (&raw const (*sa).type_).read_volatile(),
+            (&raw const (*sa).protocol).read_volatile(),
+        )
+    };
+    match sk_type {
+        SOCK_STREAM if protocol == u32::from(ipproto::TCP) || protocol == IPPROTO_MPTCP => {
+            Some(ipproto::TCP)
+        }
+        SOCK_DGRAM if protocol == u32::from(ipproto::UDP) => Some(ipproto::UDP),
+        _ => None,
+    }
+}
+
+/// The address and port the call names (`connect`/`sendmsg`: destination; `getpeername`:
+/// peer; `recvmsg`: the datagram's source), if it is of `family` and not IPv4-mapped.
+#[inline(always)]
+fn sock_user_addr(sa: *mut bpf_sock_addr, family: u8) -> Option<SockAddr> {
+    // SAFETY: `sa` is the program's context; every field is read with one 4-byte load, which
+    // the verifier allows for all of them.
+    unsafe {
+        let user_family = (&raw const (*sa).user_family).read_volatile();
+        let port = (&raw const (*sa).user_port).read_volatile() as u16;
+        if family == FAMILY_V4 {
+            if user_family != AF_INET {
+                return None;
+            }
+            let ip = (&raw const (*sa).user_ip4).read_volatile();
+            return Some(SockAddr {
+                addr: addr_from_words([ip, 0, 0, 0]),
+                port,
+            });
+        }
+        if user_family != AF_INET6 {
+            return None;
+        }
+        let words = [
+            (&raw const (*sa).user_ip6[0]).read_volatile(),
+            (&raw const (*sa).user_ip6[1]).read_volatile(),
+            (&raw const (*sa).user_ip6[2]).read_volatile(),
+            (&raw const (*sa).user_ip6[3]).read_volatile(),
+        ];
+        let addr = addr_from_words(words);
+        // ::ffff:a.b.c.d reaches IPv4 through an IPv6 socket without the IPv4 hooks; the
+        // datapath does not translate between families.
+        if words[0] == 0 && words[1] == 0 && words[2] == u32::from_ne_bytes([0, 0, 0xff, 0xff]) {
+            return None;
+        }
+        Some(SockAddr { addr, port })
+    }
+}
+
+/// Replaces the address and port the call names. `port` network order.
+#[inline(always)]
+fn sock_set_user_addr(sa: *mut bpf_sock_addr, family: u8, addr: &Addr, port: u16) {
+    let w = addr_to_words(addr);
+    // SAFETY: `sa` is the program's context; these fields take 4-byte stores in every hook that
+    // runs this (connect, sendmsg, recvmsg, getpeername). The kernel stores the port's low 16
+    // bits, which hold it in network order.
+    unsafe {
+        if family == FAMILY_V4 {
+            (&raw mut (*sa).user_ip4).write_volatile(w[0]);
+        } else {
+            (&raw mut (*sa).user_ip6[0]).write_volatile(w[0]);
+            (&raw mut (*sa).user_ip6[1]).write_volatile(w[1]);
+            (&raw mut (*sa).user_ip6[2]).write_volatile(w[2]);
+            (&raw mut (*sa).user_ip6[3]).write_volatile(w[3]);
+        }
+        (&raw mut (*sa).user_port).write_volatile(u32::from(port));
+    }
+}
+
+/// Four context words (each holding four address bytes in memory order) as an [`Addr`].
+#[inline(always)]
+fn addr_from_words(w: [u32; 4]) -> Addr {
+    let [a0, a1, a2, a3] = w[0].to_ne_bytes();
+    let [b0, b1, b2, b3] = w[1].to_ne_bytes();
+    let [c0, c1, c2, c3] = w[2].to_ne_bytes();
+    let [d0, d1, d2, d3] = w[3].to_ne_bytes();
+    [
+        a0, a1, a2, a3, b0, b1, b2, b3, c0, c1, c2, c3, d0, d1, d2, d3,
+    ]
+}
+
+/// An [`Addr`] as four context words.
+#[inline(always)]
+fn addr_to_words(a: &Addr) -> [u32; 4] {
+    [
+        u32::from_ne_bytes([a[0], a[1], a[2], a[3]]),
+        u32::from_ne_bytes([a[4], a[5], a[6], a[7]]),
+        u32::from_ne_bytes([a[8], a[9], a[10], a[11]]),
+        u32::from_ne_bytes([a[12], a[13], a[14], a[15]]),
+    ]
+}

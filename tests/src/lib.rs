@@ -2,5 +2,6 @@
 //! namespace harness used by the end-to-end tests.
 
 pub mod fixture;
+pub mod k8s;
 pub mod netns;
 pub mod packets;

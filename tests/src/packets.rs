@@ -341,37 +341,6 @@ fn describe_transport(p: &LaxSlicedPacket<'_>, pseudo: Option<u32>) -> Option<St
     })
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn built_frames_have_valid_checksums() {
-        let f4 = Flow::new("198.18.1.10", 40000, "198.19.0.10", 80);
-        let f6 = Flow::new("2001:db8:1::10", 40000, "2001:db8:f::10", 80);
-        for frame in [
-            tcp(f4, SYN, b"x"),
-            udp(f4, b"hello"),
-            echo_request(f4, 1),
-            tcp(f6, SYN, b""),
-            udp(f6, b"y"),
-            echo_request(f6, 2),
-        ] {
-            let d = describe(&frame);
-            assert!(!d.contains("BAD"), "{d}");
-            assert!(d.contains("(ok)"), "{d}");
-        }
-    }
-
-    #[test]
-    fn describe_flags_a_bad_checksum() {
-        let mut frame = udp(Flow::new("198.18.1.10", 1, "198.18.2.10", 2), b"abc");
-        let n = frame.len();
-        frame[n - 1] ^= 0xff;
-        assert!(describe(&frame).contains("BAD"));
-    }
-}
-
 /// Builder of a frame sent by the host end of the veth towards the pod (MACs reversed).
 fn to_pod_ip(flow: Flow) -> etherparse::PacketBuilderStep<etherparse::IpHeaders> {
     let eth = PacketBuilder::ethernet2(HOST_MAC, POD_MAC);
@@ -413,5 +382,45 @@ pub fn port_unreachable_to_pod(from: &str, to: &str, quote: &[u8]) -> Vec<u8> {
             etherparse::icmpv6::DestUnreachableCode::Port,
         ));
         write(b.size(quote.len()), |v| b.write(v, quote))
+    }
+}
+
+/// The same frame with its Ethernet source and destination swapped (a frame the host sends
+/// back to the pod it came from).
+#[must_use]
+pub fn swap_macs(mut frame: Vec<u8>) -> Vec<u8> {
+    let (dst, rest) = frame.split_at_mut(6);
+    dst.swap_with_slice(&mut rest[..6]);
+    frame
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn built_frames_have_valid_checksums() {
+        let f4 = Flow::new("198.18.1.10", 40000, "198.19.0.10", 80);
+        let f6 = Flow::new("2001:db8:1::10", 40000, "2001:db8:f::10", 80);
+        for frame in [
+            tcp(f4, SYN, b"x"),
+            udp(f4, b"hello"),
+            echo_request(f4, 1),
+            tcp(f6, SYN, b""),
+            udp(f6, b"y"),
+            echo_request(f6, 2),
+        ] {
+            let d = describe(&frame);
+            assert!(!d.contains("BAD"), "{d}");
+            assert!(d.contains("(ok)"), "{d}");
+        }
+    }
+
+    #[test]
+    fn describe_flags_a_bad_checksum() {
+        let mut frame = udp(Flow::new("198.18.1.10", 1, "198.18.2.10", 2), b"abc");
+        let n = frame.len();
+        frame[n - 1] ^= 0xff;
+        assert!(describe(&frame).contains("BAD"));
     }
 }

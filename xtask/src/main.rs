@@ -129,13 +129,14 @@ fn test(no_lint: bool) -> anyhow::Result<()> {
     )?;
     step("tier 2: packet fixtures through BPF_PROG_TEST_RUN");
     cargo(&["test", "-p", "svc-tests", "--test", "fixtures"])?;
-    step("tier 3: network-namespace end to end");
+    step("tier 3: network-namespace end to end (the real svc-agent binary per emulated node)");
+    cargo(&["build", "-p", "svc-agent"])?;
     cargo(&[
         "test",
         "-p",
         "svc-tests",
         "--test",
-        "netns_e2e",
+        "*_e2e",
         "--",
         "--test-threads=1",
     ])

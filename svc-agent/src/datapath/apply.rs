@@ -419,6 +419,7 @@ mod tests {
                         port_name: String::new(),
                     },
                     affinity_timeout: None,
+                    local_only: false,
                     backends: backends
                         .iter()
                         .map(|b| MBackend {

@@ -146,11 +146,17 @@ pub fn render(
     backend_ids.retain(|r| backend_set.contains(r));
     for (key, fe) in fitting {
         let slot0 = frontend_key(key);
-        let flags = match (fe.backends.is_empty(), fe.on_empty) {
+        let mut flags = match (fe.backends.is_empty(), fe.on_empty) {
             (false, _) => 0,
             (true, EmptyAction::Reject) => service::flags::REJECT_EMPTY,
             (true, EmptyAction::Drop(_)) => service::flags::DROP_EMPTY,
         };
+        if !fe.backends.is_empty() && fe.backends.iter().all(|b| b.terminating) {
+            flags |= service::flags::SERVES_TERMINATING;
+        }
+        if fe.local_only {
+            flags |= service::flags::LOCAL_ONLY;
+        }
         let affinity = fe
             .affinity_timeout
             .map_or(0, |t| u32::try_from(t.as_secs()).unwrap_or(u32::MAX));
@@ -219,6 +225,7 @@ mod tests {
                 port_name: String::new(),
             },
             affinity_timeout: None,
+            local_only: false,
             backends,
             kept_backends: kept,
             on_empty: EmptyAction::Reject,

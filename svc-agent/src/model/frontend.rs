@@ -125,6 +125,8 @@ pub struct Frontend {
     pub service: ServicePortRef,
     /// `sessionAffinity: ClientIP`: how long a client sticks to its backend (refreshed on use).
     pub affinity_timeout: Option<Duration>,
+    /// New connections may only go to endpoints on this node (internalTrafficPolicy Local).
+    pub local_only: bool,
     /// The backends new connections choose from, sorted by address and port, no duplicates.
     pub backends: Vec<Backend>,
     /// Backends that take no new connections but whose established connections must keep
@@ -166,19 +168,19 @@ mod tests {
     #[test]
     fn frontend_key_display_brackets_ipv6() {
         let v4 = FrontendKey {
-            addr: "10.96.0.1".parse().unwrap(),
+            addr: "198.19.0.1".parse().unwrap(),
             port: 443,
             proto: Protocol::Tcp,
             scope: Scope::Internal,
         };
-        assert_eq!(v4.to_string(), "10.96.0.1:443/TCP (internal)");
+        assert_eq!(v4.to_string(), "198.19.0.1:443/TCP (internal)");
         let v6 = FrontendKey {
-            addr: "fd00::1".parse().unwrap(),
+            addr: "2001:db8::1".parse().unwrap(),
             port: 53,
             proto: Protocol::Udp,
             scope: Scope::External,
         };
-        assert_eq!(v6.to_string(), "[fd00::1]:53/UDP (external)");
+        assert_eq!(v6.to_string(), "[2001:db8::1]:53/UDP (external)");
     }
 
     #[test]

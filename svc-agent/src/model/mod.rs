@@ -152,6 +152,7 @@ fn add_service_frontends(
                     port_name: port.name.to_owned(),
                 },
                 affinity_timeout: view.affinity_timeout,
+                local_only: view.internal_traffic_policy == TrafficPolicy::Local,
                 backends: selection.backends,
                 kept_backends: selection.kept_backends,
                 on_empty,

@@ -101,15 +101,15 @@ metadata:
   resourceVersion: "1234"
   uid: 1b3c1a8e-4d8e-4f4c-9a59-0c7b6c0a7e11
 spec:
-  podCIDR: 10.244.1.0/24
+  podCIDR: 198.18.1.0/24
   podCIDRs:
-  - 10.244.1.0/24
-  - fd00:10:244:1::/64
+  - 198.18.1.0/24
+  - 2001:db8:1::/64
 status:
   addresses:
-  - address: 192.168.1.11
+  - address: 198.18.100.11
     type: InternalIP
-  - address: fd00:c0a8:1::11
+  - address: 2001:db8:100::11
     type: InternalIP
   - address: 203.0.113.11
     type: ExternalIP
@@ -137,7 +137,7 @@ metadata:
   name: node2
 status:
   addresses:
-  - address: 192.168.1.12
+  - address: 198.18.100.12
     type: InternalIP
 ";
 
@@ -156,15 +156,15 @@ status:
         assert_eq!(
             addresses,
             [
-                addr("192.168.1.11", NodeAddressKind::InternalIp),
+                addr("198.18.100.11", NodeAddressKind::InternalIp),
                 addr("203.0.113.11", NodeAddressKind::ExternalIp),
-                addr("fd00:c0a8:1::11", NodeAddressKind::InternalIp),
+                addr("2001:db8:100::11", NodeAddressKind::InternalIp),
             ]
         );
         let (addresses, _) = node_addresses(&nodes, "node2");
         assert_eq!(
             addresses,
-            [addr("192.168.1.12", NodeAddressKind::InternalIp)]
+            [addr("198.18.100.12", NodeAddressKind::InternalIp)]
         );
     }
 
@@ -190,21 +190,21 @@ metadata:
   name: node3
 status:
   addresses:
-  - address: 192.168.1.300
+  - address: 198.18.100.300
     type: InternalIP
-  - address: 192.168.1.13
+  - address: 198.18.100.13
     type: InternalIP
 ",
         );
         let (addresses, errors) = node_addresses(&[node], "node3");
         assert_eq!(
             addresses,
-            [addr("192.168.1.13", NodeAddressKind::InternalIp)]
+            [addr("198.18.100.13", NodeAddressKind::InternalIp)]
         );
         assert_eq!(errors.len(), 1);
         assert_eq!(
             errors[0].to_string(),
-            "Node node3: status.addresses[0].address: \"192.168.1.300\" is not an IP address"
+            "Node node3: status.addresses[0].address: \"198.18.100.300\" is not an IP address"
         );
     }
 

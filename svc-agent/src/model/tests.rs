@@ -126,7 +126,7 @@ metadata:
   name: node1
 status:
   addresses:
-  - address: 192.168.1.11
+  - address: 198.18.100.11
     type: InternalIP
   - address: node1
     type: Hostname
@@ -335,6 +335,7 @@ fn documentation_example_gives_one_frontend_with_three_backends() {
                 port_name: "http".into(),
             },
             affinity_timeout: None,
+            local_only: false,
             backends: vec![
                 local(b("198.18.1.10:5000")),
                 local(b("198.18.1.11:5000")),
@@ -347,7 +348,7 @@ fn documentation_example_gives_one_frontend_with_three_backends() {
     assert_eq!(
         state.node_addresses,
         [NodeAddress {
-            addr: "192.168.1.11".parse().unwrap(),
+            addr: "198.18.100.11".parse().unwrap(),
             kind: NodeAddressKind::InternalIp,
         }]
     );
@@ -408,7 +409,7 @@ fn multiport_service_resolves_each_port_by_name() {
         "multi",
         "",
         r"
-  clusterIP: 10.96.0.30
+  clusterIP: 198.19.0.30
   ports:
   - name: http
     port: 80
@@ -434,7 +435,7 @@ ports:
   protocol: TCP
 endpoints:
 - addresses:
-  - 10.244.1.5
+  - 198.18.1.5
   conditions:
     ready: true
   nodeName: node1
@@ -443,11 +444,11 @@ endpoints:
     let state = compute_any_order(&snapshot(vec![svc], vec![sl]), "node9");
     assert_eq!(state.errors, []);
     assert_eq!(
-        frontend(&state, &tcp("10.96.0.30", 80)).backends,
-        [b("10.244.1.5:8080")]
+        frontend(&state, &tcp("198.19.0.30", 80)).backends,
+        [b("198.18.1.5:8080")]
     );
-    let metrics = frontend(&state, &tcp("10.96.0.30", 9090));
-    assert_eq!(metrics.backends, [b("10.244.1.5:9100")]);
+    let metrics = frontend(&state, &tcp("198.19.0.30", 9090));
+    assert_eq!(metrics.backends, [b("198.18.1.5:9100")]);
     assert_eq!(metrics.service.port_name, "metrics");
 }
 
@@ -457,7 +458,7 @@ fn same_port_with_two_protocols_gives_two_frontends() {
         "kube-dns",
         "",
         r"
-  clusterIP: 10.96.0.10
+  clusterIP: 198.19.0.10
   ports:
   - name: dns
     port: 53
@@ -483,7 +484,7 @@ ports:
   protocol: UDP
 endpoints:
 - addresses:
-  - 10.244.0.2
+  - 198.18.0.2
   conditions:
     ready: true
 ",
@@ -491,10 +492,10 @@ endpoints:
     let state = compute_any_order(&snapshot(vec![svc], vec![sl]), "node1");
     assert_eq!(state.errors, []);
     assert_eq!(state.frontends.len(), 2);
-    let udp = frontend(&state, &key("10.96.0.10", 53, Protocol::Udp));
-    assert_eq!(udp.backends, [b("10.244.0.2:53")]);
+    let udp = frontend(&state, &key("198.19.0.10", 53, Protocol::Udp));
+    assert_eq!(udp.backends, [b("198.18.0.2:53")]);
     assert_eq!(udp.service.port_name, "dns");
-    let tcp_f = frontend(&state, &tcp("10.96.0.10", 53));
+    let tcp_f = frontend(&state, &tcp("198.19.0.10", 53));
     assert_eq!(tcp_f.service.port_name, "dns-tcp");
 }
 
@@ -506,7 +507,7 @@ fn protocol_defaults_to_tcp_and_unnamed_ports_match() {
         "plain",
         "",
         r"
-  clusterIP: 10.96.0.40
+  clusterIP: 198.19.0.40
   ports:
   - port: 8080
 ",
@@ -521,13 +522,13 @@ ports:
   port: 8080
 endpoints:
 - addresses:
-  - 10.244.2.2
+  - 198.18.2.2
 "#,
     );
     let state = compute_any_order(&snapshot(vec![svc], vec![sl]), "node1");
     assert_eq!(state.errors, []);
-    let f = frontend(&state, &tcp("10.96.0.40", 8080));
-    assert_eq!(f.backends, [b("10.244.2.2:8080")]);
+    let f = frontend(&state, &tcp("198.19.0.40", 8080));
+    assert_eq!(f.backends, [b("198.18.2.2:8080")]);
     assert_eq!(f.service.port_name, "");
 }
 
@@ -537,7 +538,7 @@ fn sctp_is_accepted() {
         "sig",
         "",
         r"
-  clusterIP: 10.96.0.41
+  clusterIP: 198.19.0.41
   ports:
   - name: sig
     port: 3868
@@ -555,19 +556,19 @@ ports:
   protocol: SCTP
 endpoints:
 - addresses:
-  - 10.244.2.3
+  - 198.18.2.3
 ",
     );
     let state = compute_any_order(&snapshot(vec![svc], vec![sl]), "node1");
     assert_eq!(
-        frontend(&state, &key("10.96.0.41", 3868, Protocol::Sctp)).backends,
-        [b("10.244.2.3:3868")]
+        frontend(&state, &key("198.19.0.41", 3868, Protocol::Sctp)).backends,
+        [b("198.18.2.3:3868")]
     );
 }
 
 #[test]
 fn slice_port_must_match_name_and_protocol() {
-    let svc = web("web", "10.96.0.42", "");
+    let svc = web("web", "198.19.0.42", "");
     let wrong_name = slice(
         "web-a",
         "web",
@@ -578,7 +579,7 @@ ports:
   port: 8443
 endpoints:
 - addresses:
-  - 10.244.3.1
+  - 198.18.3.1
 ",
     );
     let wrong_proto = slice(
@@ -592,19 +593,19 @@ ports:
   protocol: UDP
 endpoints:
 - addresses:
-  - 10.244.3.2
+  - 198.18.3.2
 ",
     );
     let state = compute_any_order(&snapshot(vec![svc], vec![wrong_name, wrong_proto]), "node1");
     assert_eq!(state.errors, []);
-    let f = frontend(&state, &tcp("10.96.0.42", 80));
+    let f = frontend(&state, &tcp("198.19.0.42", 80));
     assert_eq!(f.backends, []);
     assert_eq!(f.on_empty, EmptyAction::Reject);
 }
 
 #[test]
 fn slice_port_without_number_is_skipped_without_error() {
-    let svc = web("web", "10.96.0.43", "");
+    let svc = web("web", "198.19.0.43", "");
     let all_ports = slice(
         "web-a",
         "web",
@@ -614,17 +615,17 @@ ports:
 - name: http
 endpoints:
 - addresses:
-  - 10.244.3.1
+  - 198.18.3.1
 ",
     );
     let state = compute_any_order(&snapshot(vec![svc], vec![all_ports]), "node1");
     assert_eq!(state.errors, []);
-    assert_eq!(frontend(&state, &tcp("10.96.0.43", 80)).backends, []);
+    assert_eq!(frontend(&state, &tcp("198.19.0.43", 80)).backends, []);
 }
 
 #[test]
 fn service_without_ports_has_no_frontend() {
-    let svc = service("noports", "", "  clusterIP: 10.96.0.44\n");
+    let svc = service("noports", "", "  clusterIP: 198.19.0.44\n");
     let state = compute_any_order(&snapshot(vec![svc], vec![]), "node1");
     assert_eq!(state, DesiredState::default());
 }
@@ -636,42 +637,42 @@ fn service_without_ports_has_no_frontend() {
 #[test]
 fn named_target_port_resolves_per_slice() {
     // During a rollout the new pods name port `http` 8081, the old ones 8080.
-    let svc = web("web", "10.96.0.50", "");
-    let old = web_slice("web-old", "web", 8080, &ready("10.244.1.1", "node1"));
-    let new = web_slice("web-new", "web", 8081, &ready("10.244.2.1", "node2"));
+    let svc = web("web", "198.19.0.50", "");
+    let old = web_slice("web-old", "web", 8080, &ready("198.18.1.1", "node1"));
+    let new = web_slice("web-new", "web", 8081, &ready("198.18.2.1", "node2"));
     let state = compute_any_order(&snapshot(vec![svc], vec![old, new]), "node1");
     assert_eq!(
-        frontend(&state, &tcp("10.96.0.50", 80)).backends,
-        [local(b("10.244.1.1:8080")), b("10.244.2.1:8081")]
+        frontend(&state, &tcp("198.19.0.50", 80)).backends,
+        [local(b("198.18.1.1:8080")), b("198.18.2.1:8081")]
     );
 }
 
 #[test]
 fn same_address_with_two_ports_is_two_backends() {
-    let svc = web("web", "10.96.0.51", "");
-    let a = web_slice("web-a", "web", 8080, &ready("10.244.1.1", "node1"));
-    let b2 = web_slice("web-b", "web", 8081, &ready("10.244.1.1", "node1"));
+    let svc = web("web", "198.19.0.51", "");
+    let a = web_slice("web-a", "web", 8080, &ready("198.18.1.1", "node1"));
+    let b2 = web_slice("web-b", "web", 8081, &ready("198.18.1.1", "node1"));
     let state = compute_any_order(&snapshot(vec![svc], vec![a, b2]), "node2");
     assert_eq!(
-        frontend(&state, &tcp("10.96.0.51", 80)).backends,
-        [b("10.244.1.1:8080"), b("10.244.1.1:8081")]
+        frontend(&state, &tcp("198.19.0.51", 80)).backends,
+        [b("198.18.1.1:8080"), b("198.18.1.1:8081")]
     );
 }
 
 #[test]
 fn duplicate_endpoint_across_slices_is_deduplicated() {
-    let svc = web("web", "10.96.0.52", "");
+    let svc = web("web", "198.19.0.52", "");
     let a = web_slice(
         "web-a",
         "web",
         8080,
-        &(ready("10.244.1.1", "node1") + &ready("10.244.1.2", "node1")),
+        &(ready("198.18.1.1", "node1") + &ready("198.18.1.2", "node1")),
     );
-    let dup = web_slice("web-b", "web", 8080, &ready("10.244.1.1", "node1"));
+    let dup = web_slice("web-b", "web", 8080, &ready("198.18.1.1", "node1"));
     let state = compute_any_order(&snapshot(vec![svc], vec![a, dup]), "node1");
     assert_eq!(
-        frontend(&state, &tcp("10.96.0.52", 80)).backends,
-        [local(b("10.244.1.1:8080")), local(b("10.244.1.2:8080"))]
+        frontend(&state, &tcp("198.19.0.52", 80)).backends,
+        [local(b("198.18.1.1:8080")), local(b("198.18.1.2:8080"))]
     );
 }
 
@@ -679,23 +680,23 @@ fn duplicate_endpoint_across_slices_is_deduplicated() {
 fn duplicate_endpoint_with_different_conditions_prefers_the_usable_copy() {
     // The controller moved a now-ready endpoint to another slice; the stale copy says not
     // ready. Whatever the order, the ready copy wins.
-    let svc = web("web", "10.96.0.53", "");
+    let svc = web("web", "198.19.0.53", "");
     let old_copy = web_slice(
         "web-a",
         "web",
         8080,
-        &ep("10.244.1.1", "node1", false, false, false),
+        &ep("198.18.1.1", "node1", false, false, false),
     );
-    let fresh = web_slice("web-b", "web", 8080, &ready("10.244.1.1", "node1"));
+    let fresh = web_slice("web-b", "web", 8080, &ready("198.18.1.1", "node1"));
     let state = compute_any_order(&snapshot(vec![svc], vec![old_copy, fresh]), "node2");
-    let f = frontend(&state, &tcp("10.96.0.53", 80));
-    assert_eq!(f.backends, [b("10.244.1.1:8080")]);
+    let f = frontend(&state, &tcp("198.19.0.53", 80));
+    assert_eq!(f.backends, [b("198.18.1.1:8080")]);
     assert_eq!(f.kept_backends, []);
 }
 
 #[test]
 fn slices_link_by_label_and_namespace_only() {
-    let svc = web("web", "10.96.0.54", "");
+    let svc = web("web", "198.19.0.54", "");
     let other_ns: EndpointSlice = yaml(
         r"
 apiVersion: discovery.k8s.io/v1
@@ -711,7 +712,7 @@ ports:
   port: 8080
 endpoints:
 - addresses:
-  - 10.244.9.1
+  - 198.18.9.1
 ",
     );
     let unlabelled: EndpointSlice = yaml(
@@ -727,15 +728,15 @@ ports:
   port: 8080
 endpoints:
 - addresses:
-  - 10.244.9.2
+  - 198.18.9.2
 ",
     );
-    let good = web_slice("web-y", "web", 8080, &ready("10.244.9.3", "node2"));
+    let good = web_slice("web-y", "web", 8080, &ready("198.18.9.3", "node2"));
     let state = compute_any_order(&snapshot(vec![svc], vec![other_ns, unlabelled, good]), "n");
     assert_eq!(state.errors, []);
     assert_eq!(
-        frontend(&state, &tcp("10.96.0.54", 80)).backends,
-        [b("10.244.9.3:8080")]
+        frontend(&state, &tcp("198.19.0.54", 80)).backends,
+        [b("198.18.9.3:8080")]
     );
 }
 
@@ -748,7 +749,7 @@ kind: Service
 metadata:
   name: web
 spec:
-  clusterIP: 10.96.0.55
+  clusterIP: 198.19.0.55
   ports:
   - name: http
     port: 80
@@ -768,13 +769,13 @@ ports:
   port: 8080
 endpoints:
 - addresses:
-  - 10.244.9.4
+  - 198.18.9.4
 ",
     );
     let state = compute_any_order(&snapshot(vec![svc], vec![sl]), "n");
-    let f = frontend(&state, &tcp("10.96.0.55", 80));
+    let f = frontend(&state, &tcp("198.19.0.55", 80));
     assert_eq!(f.service.namespace, "default");
-    assert_eq!(f.backends, [b("10.244.9.4:8080")]);
+    assert_eq!(f.backends, [b("198.18.9.4:8080")]);
 }
 
 #[test]
@@ -787,10 +788,10 @@ metadata:
   name: dual
   namespace: default
 spec:
-  clusterIP: 10.96.0.60
+  clusterIP: 198.19.0.60
   clusterIPs:
-  - 10.96.0.60
-  - fd00:10:96::60
+  - 198.19.0.60
+  - 2001:db8:f::60
   internalTrafficPolicy: Cluster
   ipFamilies:
   - IPv4
@@ -807,14 +808,14 @@ spec:
   type: ClusterIP
 ",
     );
-    let v4 = web_slice("dual-v4", "dual", 8080, &ready("10.244.1.7", "node1"));
+    let v4 = web_slice("dual-v4", "dual", 8080, &ready("198.18.1.7", "node1"));
     let v6: EndpointSlice = yaml(
         r"
 addressType: IPv6
 apiVersion: discovery.k8s.io/v1
 endpoints:
 - addresses:
-  - fd00:10:244:1::7
+  - 2001:db8:1::7
   conditions:
     ready: true
     serving: true
@@ -836,18 +837,18 @@ ports:
     assert_eq!(state.errors, []);
     assert_eq!(state.frontends.len(), 2);
     assert_eq!(
-        frontend(&state, &tcp("10.96.0.60", 80)).backends,
-        [local(b("10.244.1.7:8080"))]
+        frontend(&state, &tcp("198.19.0.60", 80)).backends,
+        [local(b("198.18.1.7:8080"))]
     );
     assert_eq!(
-        frontend(&state, &tcp("fd00:10:96::60", 80)).backends,
-        [local(b("[fd00:10:244:1::7]:8080"))]
+        frontend(&state, &tcp("2001:db8:f::60", 80)).backends,
+        [local(b("[2001:db8:1::7]:8080"))]
     );
 }
 
 #[test]
 fn ipv6_slice_does_not_serve_ipv4_frontend_and_fqdn_slices_are_ignored() {
-    let svc = web("web", "10.96.0.61", "");
+    let svc = web("web", "198.19.0.61", "");
     let v6 = slice(
         "web-v6",
         "web",
@@ -858,7 +859,7 @@ ports:
   port: 8080
 endpoints:
 - addresses:
-  - fd00::1
+  - 2001:db8::1
 ",
     );
     let fqdn = slice(
@@ -876,12 +877,12 @@ endpoints:
     );
     let state = compute_any_order(&snapshot(vec![svc], vec![v6, fqdn]), "node1");
     assert_eq!(state.errors, []);
-    assert_eq!(frontend(&state, &tcp("10.96.0.61", 80)).backends, []);
+    assert_eq!(frontend(&state, &tcp("198.19.0.61", 80)).backends, []);
 }
 
 #[test]
 fn only_the_first_address_of_an_endpoint_is_used() {
-    let svc = web("web", "10.96.0.62", "");
+    let svc = web("web", "198.19.0.62", "");
     let sl = slice(
         "web-1",
         "web",
@@ -892,23 +893,23 @@ ports:
   port: 8080
 endpoints:
 - addresses:
-  - 10.244.1.1
-  - 10.244.1.2
+  - 198.18.1.1
+  - 198.18.1.2
   - not-an-ip
 ",
     );
     let state = compute_any_order(&snapshot(vec![svc], vec![sl]), "node1");
     assert_eq!(state.errors, []);
     assert_eq!(
-        frontend(&state, &tcp("10.96.0.62", 80)).backends,
-        [b("10.244.1.1:8080")]
+        frontend(&state, &tcp("198.19.0.62", 80)).backends,
+        [b("198.18.1.1:8080")]
     );
 }
 
 #[test]
 fn cluster_ip_is_used_when_cluster_ips_is_absent() {
-    let state = compute(&snapshot(vec![web("web", "10.96.0.63", "")], vec![]), "n");
-    assert!(state.frontends.contains_key(&tcp("10.96.0.63", 80)));
+    let state = compute(&snapshot(vec![web("web", "198.19.0.63", "")], vec![]), "n");
+    assert!(state.frontends.contains_key(&tcp("198.19.0.63", 80)));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -917,7 +918,7 @@ fn cluster_ip_is_used_when_cluster_ips_is_absent() {
 
 #[test]
 fn missing_conditions_mean_ready() {
-    let svc = web("web", "10.96.0.70", "");
+    let svc = web("web", "198.19.0.70", "");
     let sl = slice(
         "web-1",
         "web",
@@ -928,69 +929,69 @@ ports:
   port: 8080
 endpoints:
 - addresses:
-  - 10.244.1.1
+  - 198.18.1.1
 - addresses:
-  - 10.244.1.2
+  - 198.18.1.2
   conditions: {}
 ",
     );
     let state = compute_any_order(&snapshot(vec![svc], vec![sl]), "node1");
     assert_eq!(
-        frontend(&state, &tcp("10.96.0.70", 80)).backends,
-        [b("10.244.1.1:8080"), b("10.244.1.2:8080")]
+        frontend(&state, &tcp("198.19.0.70", 80)).backends,
+        [b("198.18.1.1:8080"), b("198.18.1.2:8080")]
     );
 }
 
 #[test]
 fn terminating_endpoints_keep_connections_while_ready_ones_take_new_ones() {
-    let svc = web("web", "10.96.0.71", "");
-    let endpoints = ready("10.244.1.1", "node1")
-        + &ep("10.244.1.2", "node1", false, true, true)
-        + &ep("10.244.1.3", "node2", false, false, true);
+    let svc = web("web", "198.19.0.71", "");
+    let endpoints = ready("198.18.1.1", "node1")
+        + &ep("198.18.1.2", "node1", false, true, true)
+        + &ep("198.18.1.3", "node2", false, false, true);
     let sl = web_slice("web-1", "web", 8080, &endpoints);
     let state = compute_any_order(&snapshot(vec![svc], vec![sl]), "node1");
-    let f = frontend(&state, &tcp("10.96.0.71", 80));
-    assert_eq!(f.backends, [local(b("10.244.1.1:8080"))]);
+    let f = frontend(&state, &tcp("198.19.0.71", 80));
+    assert_eq!(f.backends, [local(b("198.18.1.1:8080"))]);
     assert_eq!(
         f.kept_backends,
         [
-            local(terminating(b("10.244.1.2:8080"))),
-            terminating(b("10.244.1.3:8080")),
+            local(terminating(b("198.18.1.2:8080"))),
+            terminating(b("198.18.1.3:8080")),
         ]
     );
 }
 
 #[test]
 fn without_ready_endpoints_serving_terminating_ones_take_new_connections() {
-    let svc = web("web", "10.96.0.72", "");
-    let endpoints = ep("10.244.1.2", "node1", false, true, true)
-        + &ep("10.244.2.2", "node2", false, true, true)
-        + &ep("10.244.2.3", "node2", false, false, true)
-        + &ep("10.244.2.4", "node2", false, false, false);
+    let svc = web("web", "198.19.0.72", "");
+    let endpoints = ep("198.18.1.2", "node1", false, true, true)
+        + &ep("198.18.2.2", "node2", false, true, true)
+        + &ep("198.18.2.3", "node2", false, false, true)
+        + &ep("198.18.2.4", "node2", false, false, false);
     let sl = web_slice("web-1", "web", 8080, &endpoints);
     let state = compute_any_order(&snapshot(vec![svc], vec![sl]), "node1");
-    let f = frontend(&state, &tcp("10.96.0.72", 80));
+    let f = frontend(&state, &tcp("198.19.0.72", 80));
     assert_eq!(
         f.backends,
         [
-            local(terminating(b("10.244.1.2:8080"))),
-            terminating(b("10.244.2.2:8080")),
+            local(terminating(b("198.18.1.2:8080"))),
+            terminating(b("198.18.2.2:8080")),
         ]
     );
     // Terminating but no longer serving: existing connections only. Neither: gone.
-    assert_eq!(f.kept_backends, [terminating(b("10.244.2.3:8080"))]);
+    assert_eq!(f.kept_backends, [terminating(b("198.18.2.3:8080"))]);
 }
 
 #[test]
 fn only_non_serving_endpoints_means_reject() {
-    let svc = web("web", "10.96.0.73", "");
-    let endpoints = ep("10.244.1.2", "node1", false, false, true)
-        + &ep("10.244.1.3", "node1", false, false, false);
+    let svc = web("web", "198.19.0.73", "");
+    let endpoints = ep("198.18.1.2", "node1", false, false, true)
+        + &ep("198.18.1.3", "node1", false, false, false);
     let sl = web_slice("web-1", "web", 8080, &endpoints);
     let state = compute_any_order(&snapshot(vec![svc], vec![sl]), "node1");
-    let f = frontend(&state, &tcp("10.96.0.73", 80));
+    let f = frontend(&state, &tcp("198.19.0.73", 80));
     assert_eq!(f.backends, []);
-    assert_eq!(f.kept_backends, [local(terminating(b("10.244.1.2:8080")))]);
+    assert_eq!(f.kept_backends, [local(terminating(b("198.18.1.2:8080")))]);
     assert_eq!(f.on_empty, EmptyAction::Reject);
 }
 
@@ -998,7 +999,7 @@ fn only_non_serving_endpoints_means_reject() {
 fn not_ready_endpoint_with_unset_serving_keeps_connections_only() {
     // `serving` nil is "true" (API docs, kube-proxy); not ready and not terminating: no new
     // connections, established ones are left alone.
-    let svc = web("web", "10.96.0.74", "");
+    let svc = web("web", "198.19.0.74", "");
     let sl = slice(
         "web-1",
         "web",
@@ -1009,15 +1010,15 @@ ports:
   port: 8080
 endpoints:
 - addresses:
-  - 10.244.1.1
+  - 198.18.1.1
   conditions:
     ready: false
 ",
     );
     let state = compute_any_order(&snapshot(vec![svc], vec![sl]), "node1");
-    let f = frontend(&state, &tcp("10.96.0.74", 80));
+    let f = frontend(&state, &tcp("198.19.0.74", 80));
     assert_eq!(f.backends, []);
-    assert_eq!(f.kept_backends, [b("10.244.1.1:8080")]);
+    assert_eq!(f.kept_backends, [b("198.18.1.1:8080")]);
     assert_eq!(f.on_empty, EmptyAction::Reject);
 }
 
@@ -1026,17 +1027,21 @@ endpoints:
 // ---------------------------------------------------------------------------------------------
 
 fn local_policy_service() -> Service {
-    web("web", "10.96.0.80", "  internalTrafficPolicy: Local\n")
+    web("web", "198.19.0.80", "  internalTrafficPolicy: Local\n")
 }
 
 #[test]
 fn internal_traffic_policy_local_uses_local_endpoints_only() {
-    let endpoints = ready("10.244.1.1", "node1") + &ready("10.244.2.1", "node2");
+    let endpoints = ready("198.18.1.1", "node1") + &ready("198.18.2.1", "node2");
     let sl = web_slice("web-1", "web", 8080, &endpoints);
     let state = compute_any_order(&snapshot(vec![local_policy_service()], vec![sl]), "node1");
-    let f = frontend(&state, &tcp("10.96.0.80", 80));
-    assert_eq!(f.backends, [local(b("10.244.1.1:8080"))]);
-    assert_eq!(f.kept_backends, [b("10.244.2.1:8080")]);
+    let f = frontend(&state, &tcp("198.19.0.80", 80));
+    assert_eq!(f.backends, [local(b("198.18.1.1:8080"))]);
+    assert_eq!(f.kept_backends, [b("198.18.2.1:8080")]);
+    assert!(
+        f.local_only,
+        "internalTrafficPolicy Local must reach the datapath"
+    );
     assert_eq!(
         f.on_empty,
         EmptyAction::Drop(DropReason::InternalTrafficPolicyLocal)
@@ -1045,14 +1050,14 @@ fn internal_traffic_policy_local_uses_local_endpoints_only() {
 
 #[test]
 fn internal_traffic_policy_local_without_local_endpoint_drops() {
-    let endpoints = ready("10.244.2.1", "node2") + &ready("10.244.3.1", "node3");
+    let endpoints = ready("198.18.2.1", "node2") + &ready("198.18.3.1", "node3");
     let sl = web_slice("web-1", "web", 8080, &endpoints);
     let state = compute_any_order(&snapshot(vec![local_policy_service()], vec![sl]), "node1");
-    let f = frontend(&state, &tcp("10.96.0.80", 80));
+    let f = frontend(&state, &tcp("198.19.0.80", 80));
     assert_eq!(f.backends, []);
     assert_eq!(
         f.kept_backends,
-        [b("10.244.2.1:8080"), b("10.244.3.1:8080")]
+        [b("198.18.2.1:8080"), b("198.18.3.1:8080")]
     );
     assert_eq!(
         f.on_empty,
@@ -1065,7 +1070,7 @@ fn internal_traffic_policy_local_without_any_endpoint_rejects() {
     // kube-proxy: "no endpoints at all" wins over "no local endpoint".
     let state = compute_any_order(&snapshot(vec![local_policy_service()], vec![]), "node1");
     assert_eq!(
-        frontend(&state, &tcp("10.96.0.80", 80)).on_empty,
+        frontend(&state, &tcp("198.19.0.80", 80)).on_empty,
         EmptyAction::Reject
     );
 }
@@ -1073,30 +1078,30 @@ fn internal_traffic_policy_local_without_any_endpoint_rejects() {
 #[test]
 fn internal_traffic_policy_local_falls_back_to_local_terminating_endpoints() {
     // A remote ready endpoint does not stop the local fallback.
-    let endpoints = ep("10.244.1.1", "node1", false, true, true) + &ready("10.244.2.1", "node2");
+    let endpoints = ep("198.18.1.1", "node1", false, true, true) + &ready("198.18.2.1", "node2");
     let sl = web_slice("web-1", "web", 8080, &endpoints);
     let state = compute_any_order(&snapshot(vec![local_policy_service()], vec![sl]), "node1");
-    let f = frontend(&state, &tcp("10.96.0.80", 80));
-    assert_eq!(f.backends, [local(terminating(b("10.244.1.1:8080")))]);
-    assert_eq!(f.kept_backends, [b("10.244.2.1:8080")]);
+    let f = frontend(&state, &tcp("198.19.0.80", 80));
+    assert_eq!(f.backends, [local(terminating(b("198.18.1.1:8080")))]);
+    assert_eq!(f.kept_backends, [b("198.18.2.1:8080")]);
 }
 
 #[test]
 fn internal_traffic_policy_local_prefers_local_ready_over_local_terminating() {
-    let endpoints = ep("10.244.1.1", "node1", false, true, true) + &ready("10.244.1.2", "node1");
+    let endpoints = ep("198.18.1.1", "node1", false, true, true) + &ready("198.18.1.2", "node1");
     let sl = web_slice("web-1", "web", 8080, &endpoints);
     let state = compute_any_order(&snapshot(vec![local_policy_service()], vec![sl]), "node1");
-    let f = frontend(&state, &tcp("10.96.0.80", 80));
-    assert_eq!(f.backends, [local(b("10.244.1.2:8080"))]);
-    assert_eq!(f.kept_backends, [local(terminating(b("10.244.1.1:8080")))]);
+    let f = frontend(&state, &tcp("198.19.0.80", 80));
+    assert_eq!(f.backends, [local(b("198.18.1.2:8080"))]);
+    assert_eq!(f.kept_backends, [local(terminating(b("198.18.1.1:8080")))]);
 }
 
 #[test]
 fn internal_traffic_policy_cluster_is_the_default_and_uses_all_endpoints() {
-    let endpoints = ready("10.244.1.1", "node1") + &ready("10.244.2.1", "node2");
+    let endpoints = ready("198.18.1.1", "node1") + &ready("198.18.2.1", "node2");
     let explicit = web(
         "explicit",
-        "10.96.0.81",
+        "198.19.0.81",
         "  internalTrafficPolicy: Cluster\n",
     );
     let slices = vec![
@@ -1104,14 +1109,14 @@ fn internal_traffic_policy_cluster_is_the_default_and_uses_all_endpoints() {
         web_slice("explicit-1", "explicit", 8080, &endpoints),
     ];
     let state = compute_any_order(
-        &snapshot(vec![web("web", "10.96.0.82", ""), explicit], slices),
+        &snapshot(vec![web("web", "198.19.0.82", ""), explicit], slices),
         "node1",
     );
-    for vip in ["10.96.0.81", "10.96.0.82"] {
+    for vip in ["198.19.0.81", "198.19.0.82"] {
         let f = frontend(&state, &tcp(vip, 80));
         assert_eq!(
             f.backends,
-            [local(b("10.244.1.1:8080")), b("10.244.2.1:8080")]
+            [local(b("198.18.1.1:8080")), b("198.18.2.1:8080")]
         );
         assert_eq!(f.on_empty, EmptyAction::Reject);
     }
@@ -1123,10 +1128,10 @@ fn internal_traffic_policy_cluster_is_the_default_and_uses_all_endpoints() {
 
 #[test]
 fn session_affinity_client_ip_defaults_to_three_hours() {
-    let svc = web("web", "10.96.0.90", "  sessionAffinity: ClientIP\n");
+    let svc = web("web", "198.19.0.90", "  sessionAffinity: ClientIP\n");
     let state = compute(&snapshot(vec![svc], vec![]), "n");
     assert_eq!(
-        frontend(&state, &tcp("10.96.0.90", 80))
+        frontend(&state, &tcp("198.19.0.90", 80))
             .affinity_timeout
             .map(|d| d.as_secs()),
         Some(10_800)
@@ -1138,7 +1143,7 @@ fn session_affinity_client_ip_with_timeout() {
     // As the API server stores it.
     let svc = web(
         "web",
-        "10.96.0.91",
+        "198.19.0.91",
         r"
   sessionAffinity: ClientIP
   sessionAffinityConfig:
@@ -1148,7 +1153,7 @@ fn session_affinity_client_ip_with_timeout() {
     );
     let max = web(
         "max",
-        "10.96.0.92",
+        "198.19.0.92",
         r"
   sessionAffinity: ClientIP
   sessionAffinityConfig:
@@ -1156,23 +1161,23 @@ fn session_affinity_client_ip_with_timeout() {
       timeoutSeconds: 86400
 ",
     );
-    let none = web("none", "10.96.0.93", "  sessionAffinity: None\n");
+    let none = web("none", "198.19.0.93", "  sessionAffinity: None\n");
     let state = compute(&snapshot(vec![svc, max, none], vec![]), "n");
     assert_eq!(state.errors, []);
     assert_eq!(
-        frontend(&state, &tcp("10.96.0.91", 80))
+        frontend(&state, &tcp("198.19.0.91", 80))
             .affinity_timeout
             .map(|d| d.as_secs()),
         Some(60)
     );
     assert_eq!(
-        frontend(&state, &tcp("10.96.0.92", 80))
+        frontend(&state, &tcp("198.19.0.92", 80))
             .affinity_timeout
             .map(|d| d.as_secs()),
         Some(86_400)
     );
     assert_eq!(
-        frontend(&state, &tcp("10.96.0.93", 80)).affinity_timeout,
+        frontend(&state, &tcp("198.19.0.93", 80)).affinity_timeout,
         None
     );
 }
@@ -1202,7 +1207,7 @@ fn ignored_services_give_nothing_and_no_error() {
     service.kubernetes.io/headless: ""
 "#,
         r"
-  clusterIP: 10.96.1.2
+  clusterIP: 198.19.1.2
   ports:
   - name: http
     port: 80
@@ -1225,7 +1230,7 @@ fn ignored_services_give_nothing_and_no_error() {
     service.kubernetes.io/service-proxy-name: some-other-proxy
 ",
         r"
-  clusterIP: 10.96.1.3
+  clusterIP: 198.19.1.3
   ports:
   - name: http
     port: 80
@@ -1252,7 +1257,7 @@ metadata:
         "headless-1",
         "headless",
         8080,
-        &ready("10.244.1.1", "node1"),
+        &ready("198.18.1.1", "node1"),
     );
     let state = compute_any_order(
         &snapshot(
@@ -1307,13 +1312,13 @@ fn ignored_services_are_not_validated() {
 /// Computes `bad` next to a good Service and its slice; checks the good one is intact, that
 /// `bad` produced no frontend, and returns the errors as (field, reason).
 fn errors_of_bad_service(bad: Service) -> Vec<(String, String)> {
-    let good = web("good", "10.96.2.1", "");
-    let good_slice = web_slice("good-1", "good", 8080, &ready("10.244.1.1", "node1"));
+    let good = web("good", "198.19.2.1", "");
+    let good_slice = web_slice("good-1", "good", 8080, &ready("198.18.1.1", "node1"));
     let state = compute_any_order(&snapshot(vec![bad, good], vec![good_slice]), "node1");
     assert_eq!(state.frontends.len(), 1, "{state:#?}");
     assert_eq!(
-        frontend(&state, &tcp("10.96.2.1", 80)).backends,
-        [local(b("10.244.1.1:8080"))]
+        frontend(&state, &tcp("198.19.2.1", 80)).backends,
+        [local(b("198.18.1.1:8080"))]
     );
     assert!(
         state
@@ -1339,22 +1344,22 @@ fn unparseable_cluster_ip_is_an_error() {
         "bad",
         "",
         r"
-  clusterIP: 10.96.0.300
+  clusterIP: 198.19.0.300
   ports:
   - port: 80
 ",
     ));
     assert_eq!(only_field(&errors), "spec.clusterIP");
-    assert_eq!(errors[0].1, "\"10.96.0.300\" is not an IP address");
+    assert_eq!(errors[0].1, "\"198.19.0.300\" is not an IP address");
 
     let errors = errors_of_bad_service(service(
         "bad",
         "",
         r"
-  clusterIP: 10.96.0.3
+  clusterIP: 198.19.0.3
   clusterIPs:
-  - 10.96.0.3
-  - fd00::zz
+  - 198.19.0.3
+  - 2001:db8::zz
   ports:
   - port: 80
 ",
@@ -1368,9 +1373,9 @@ fn inconsistent_cluster_ips_are_errors() {
         "bad",
         "",
         r"
-  clusterIP: 10.96.0.4
+  clusterIP: 198.19.0.4
   clusterIPs:
-  - 10.96.0.5
+  - 198.19.0.5
   ports:
   - port: 80
 ",
@@ -1382,8 +1387,8 @@ fn inconsistent_cluster_ips_are_errors() {
         "",
         r"
   clusterIPs:
-  - 10.96.0.6
-  - 10.96.0.7
+  - 198.19.0.6
+  - 198.19.0.7
   ports:
   - port: 80
 ",
@@ -1411,7 +1416,7 @@ fn port_out_of_range_is_an_error() {
             "",
             &format!(
                 r"
-  clusterIP: 10.96.0.8
+  clusterIP: 198.19.0.8
   ports:
   - name: a
     port: 80
@@ -1433,7 +1438,7 @@ fn unknown_protocol_is_an_error() {
             "",
             &format!(
                 r"
-  clusterIP: 10.96.0.9
+  clusterIP: 198.19.0.9
   ports:
   - port: 80
     protocol: {proto}
@@ -1453,7 +1458,7 @@ fn node_port_out_of_range_is_an_error_and_zero_means_unset() {
             &format!(
                 r"
   type: NodePort
-  clusterIP: 10.96.0.11
+  clusterIP: 198.19.0.11
   ports:
   - port: 80
     nodePort: {node_port}
@@ -1467,7 +1472,7 @@ fn node_port_out_of_range_is_an_error_and_zero_means_unset() {
         "",
         r"
   type: NodePort
-  clusterIP: 10.96.0.12
+  clusterIP: 198.19.0.12
   ports:
   - port: 80
     nodePort: 0
@@ -1489,7 +1494,7 @@ fn invalid_affinity_timeout_is_an_error() {
             "",
             &format!(
                 r"
-  clusterIP: 10.96.0.13
+  clusterIP: 198.19.0.13
   ports:
   - port: 80
   sessionAffinity: ClientIP
@@ -1523,7 +1528,7 @@ fn unknown_enum_values_are_errors() {
             "",
             &format!(
                 r"
-  clusterIP: 10.96.0.14
+  clusterIP: 198.19.0.14
   ports:
   - port: 80
 {extra}"
@@ -1539,7 +1544,7 @@ fn duplicate_ports_are_errors() {
         "bad",
         "",
         r"
-  clusterIP: 10.96.0.15
+  clusterIP: 198.19.0.15
   ports:
   - name: a
     port: 80
@@ -1558,7 +1563,7 @@ fn duplicate_ports_are_errors() {
         "bad",
         "",
         r"
-  clusterIP: 10.96.0.15
+  clusterIP: 198.19.0.15
   ports:
   - name: a
     port: 80
@@ -1575,7 +1580,7 @@ fn every_bad_field_is_reported() {
         "bad",
         "",
         r"
-  clusterIP: 10.96.0.16
+  clusterIP: 198.19.0.16
   ports:
   - name: a
     port: 0
@@ -1612,7 +1617,7 @@ kind: Service
 metadata:
   namespace: default
 spec:
-  clusterIP: 10.96.0.17
+  clusterIP: 198.19.0.17
   ports:
   - port: 80
 ",
@@ -1628,7 +1633,7 @@ fn error_messages_name_object_field_and_reason() {
         "bad",
         "",
         r"
-  clusterIP: 10.96.0.18
+  clusterIP: 198.19.0.18
   ports:
   - port: 70000
 ",
@@ -1644,7 +1649,7 @@ fn error_messages_name_object_field_and_reason() {
 
 #[test]
 fn bad_endpoint_is_skipped_and_the_rest_of_the_slice_kept() {
-    let svc = web("web", "10.96.3.1", "");
+    let svc = web("web", "198.19.3.1", "");
     let sl = slice(
         "web-1",
         "web",
@@ -1655,18 +1660,18 @@ ports:
   port: 8080
 endpoints:
 - addresses:
-  - 10.244.1.300
+  - 198.18.1.300
 - addresses:
-  - fd00::5
+  - 2001:db8::5
 - addresses: []
 - addresses:
-  - 10.244.1.4
+  - 198.18.1.4
 ",
     );
     let state = compute_any_order(&snapshot(vec![svc], vec![sl]), "n");
     assert_eq!(
-        frontend(&state, &tcp("10.96.3.1", 80)).backends,
-        [b("10.244.1.4:8080")]
+        frontend(&state, &tcp("198.19.3.1", 80)).backends,
+        [b("198.18.1.4:8080")]
     );
     assert_eq!(
         fields(&state),
@@ -1678,19 +1683,19 @@ endpoints:
     );
     assert_eq!(
         state.errors[1].reason,
-        "\"fd00::5\" is not an IPv4 address (the slice's addressType)"
+        "\"2001:db8::5\" is not an IPv4 address (the slice's addressType)"
     );
     assert_eq!(
         state.errors[0].to_string(),
-        "EndpointSlice default/web-1: endpoints[0].addresses[0]: \"10.244.1.300\" is not an IP \
+        "EndpointSlice default/web-1: endpoints[0].addresses[0]: \"198.18.1.300\" is not an IP \
          address"
     );
 }
 
 #[test]
 fn bad_slice_is_skipped_and_other_slices_kept() {
-    let svc = web("web", "10.96.3.2", "");
-    let good = web_slice("web-good", "web", 8080, &ready("10.244.1.1", "node2"));
+    let svc = web("web", "198.19.3.2", "");
+    let good = web_slice("web-good", "web", 8080, &ready("198.18.1.1", "node2"));
     let cases = [
         (
             r"
@@ -1700,7 +1705,7 @@ ports:
   port: 70000
 endpoints:
 - addresses:
-  - 10.244.1.2
+  - 198.18.1.2
 ",
             "ports[0].port",
         ),
@@ -1754,8 +1759,8 @@ endpoints: []
             "{body}"
         );
         assert_eq!(
-            frontend(&state, &tcp("10.96.3.2", 80)).backends,
-            [b("10.244.1.1:8080")],
+            frontend(&state, &tcp("198.19.3.2", 80)).backends,
+            [b("198.18.1.1:8080")],
             "{body}"
         );
     }
@@ -1765,11 +1770,11 @@ endpoints: []
 
 #[test]
 fn two_services_on_one_frontend_first_by_name_wins() {
-    let a = web("a", "10.96.4.1", "");
-    let z = web("z", "10.96.4.1", "");
-    let z_slice = web_slice("z-1", "z", 8080, &ready("10.244.1.1", "n"));
+    let a = web("a", "198.19.4.1", "");
+    let z = web("z", "198.19.4.1", "");
+    let z_slice = web_slice("z-1", "z", 8080, &ready("198.18.1.1", "n"));
     let state = compute_any_order(&snapshot(vec![z, a], vec![z_slice]), "n");
-    let f = frontend(&state, &tcp("10.96.4.1", 80));
+    let f = frontend(&state, &tcp("198.19.4.1", 80));
     assert_eq!(f.service.name, "a");
     assert_eq!(f.backends, []);
     assert_eq!(fields(&state), [("Service", "z", "spec.clusterIP")]);
@@ -1782,8 +1787,8 @@ fn two_services_on_one_frontend_first_by_name_wins() {
 
 #[test]
 fn identical_duplicate_objects_merge() {
-    let svc = web("web", "10.96.4.2", "");
-    let sl = web_slice("web-1", "web", 8080, &ready("10.244.1.1", "n"));
+    let svc = web("web", "198.19.4.2", "");
+    let sl = web_slice("web-1", "web", 8080, &ready("198.18.1.1", "n"));
     let once = compute(&snapshot(vec![svc.clone()], vec![sl.clone()]), "n");
     let twice = compute_any_order(&snapshot(vec![svc.clone(), svc], vec![sl.clone(), sl]), "n");
     assert_eq!(once, twice);
@@ -1792,17 +1797,17 @@ fn identical_duplicate_objects_merge() {
 
 #[test]
 fn differing_duplicate_objects_are_all_rejected() {
-    let v1 = web("web", "10.96.4.3", "");
-    let v2 = web("web", "10.96.4.4", "");
-    let other = web("other", "10.96.4.5", "");
-    let s1 = web_slice("other-1", "other", 8080, &ready("10.244.1.1", "n"));
-    let s2 = web_slice("other-1", "other", 8080, &ready("10.244.1.2", "n"));
+    let v1 = web("web", "198.19.4.3", "");
+    let v2 = web("web", "198.19.4.4", "");
+    let other = web("other", "198.19.4.5", "");
+    let s1 = web_slice("other-1", "other", 8080, &ready("198.18.1.1", "n"));
+    let s2 = web_slice("other-1", "other", 8080, &ready("198.18.1.2", "n"));
     let state = compute_any_order(&snapshot(vec![v1, other, v2], vec![s1, s2]), "n");
     assert_eq!(
         state.frontends.keys().copied().collect::<Vec<_>>(),
-        [tcp("10.96.4.5", 80)]
+        [tcp("198.19.4.5", 80)]
     );
-    assert_eq!(frontend(&state, &tcp("10.96.4.5", 80)).backends, []);
+    assert_eq!(frontend(&state, &tcp("198.19.4.5", 80)).backends, []);
     assert_eq!(
         fields(&state),
         [
@@ -1834,12 +1839,16 @@ impl Lcg {
     }
 }
 
+#[expect(
+    clippy::too_many_lines,
+    reason = "one generator of every field a snapshot may vary"
+)]
 fn generated_snapshot(seed: u64) -> Snapshot {
     let mut rng = Lcg(seed);
     let ips = [
-        "10.96.9.1",
-        "10.96.9.2",
-        "fd00::9:1",
+        "198.19.9.1",
+        "198.19.9.2",
+        "2001:db8::9:1",
         "None",
         "\"\"",
         "bogus",
@@ -1851,7 +1860,13 @@ fn generated_snapshot(seed: u64) -> Snapshot {
     let policies = ["Cluster", "Local", "Elsewhere"];
     let bools = ["true", "false", "null"];
     let nodes = ["node1", "node2", "\"\""];
-    let addrs = ["10.244.0.1", "10.244.0.2", "fd00::1", "nope", "10.244.0.3"];
+    let addrs = [
+        "198.18.0.1",
+        "198.18.0.2",
+        "2001:db8::1",
+        "nope",
+        "198.18.0.3",
+    ];
     let svc_names = ["s1", "s2", "s3"];
 
     let mut services = Vec::new();
@@ -1989,7 +2004,7 @@ apiVersion: v1
 kind: Service
 metadata: {}
 spec:
-  clusterIP: 10.0.0.1
+  clusterIP: 198.19.0.1
   ports: []
 ",
         ),

@@ -591,7 +591,7 @@ kind: Service
 metadata:
   name: web
 spec:
-  clusterIP: 10.96.0.80
+  clusterIP: 198.19.0.80
   ports:
   - name: http
     port: 80
@@ -629,9 +629,9 @@ items:
     name: web
     namespace: default
   spec:
-    clusterIP: 10.96.0.81
+    clusterIP: 198.19.0.81
     clusterIPs:
-    - 10.96.0.81
+    - 198.19.0.81
     ports:
     - name: http
       port: 80
@@ -644,7 +644,7 @@ items:
   apiVersion: discovery.k8s.io/v1
   endpoints:
   - addresses:
-    - 10.244.1.5
+    - 198.18.1.5
     conditions:
       ready: true
       serving: true
@@ -702,7 +702,7 @@ metadata:
   "metadata": {"resourceVersion": "4242"},
   "items": [
     {"metadata": {"name": "a", "namespace": "default"},
-     "spec": {"clusterIP": "10.96.0.1", "ports": [{"port": 443, "targetPort": 6443}]}},
+     "spec": {"clusterIP": "198.19.0.1", "ports": [{"port": 443, "targetPort": 6443}]}},
     {"metadata": {"name": "b", "namespace": "default"}, "spec": {"clusterIP": "None"}}
   ]
 }"#;
@@ -724,7 +724,7 @@ items:
     #[test]
     fn json_object_and_stream() {
         let one = r#"{"apiVersion": "v1", "kind": "Node", "metadata": {"name": "node1"},
-            "status": {"addresses": [{"type": "InternalIP", "address": "192.168.1.11"}]}}"#;
+            "status": {"addresses": [{"type": "InternalIP", "address": "198.18.100.11"}]}}"#;
         let loaded = parse(one, "node.json");
         assert_eq!(loaded.errors, []);
         assert_eq!(loaded.snapshot.nodes.len(), 1);

@@ -1,232 +1,445 @@
-//! `cargo xtask demo`: two emulated nodes in network namespaces, one `svc-agent` per node
-//! (standalone, its maps pinned in the node's own bpffs), real TCP and UDP traffic between pods
-//! on different nodes, and the agent's counters (`svc-agent inspect stats`) moving with it.
+//! `cargo xtask demo`: a Kubernetes `ClusterIP` Service served by the svc dataplane, end to end.
 //!
-//! Bounded (a fixed number of rounds, every socket with a timeout) and self-cleaning: the
-//! topology guard removes every namespace, mount, cgroup and process it created, also on error.
+//! Two emulated nodes in network namespaces, one `svc-agent run --from-dir` per node (its maps
+//! pinned in the node's own bpffs), fed the real Kubernetes objects of `manifests/demo/` (a
+//! `frontend` Deployment, `frontend-svc` with three endpoints, `db-svc`, the two Nodes) copied
+//! into a directory the demo then edits live. Pods are created with the addresses those
+//! manifests list; each backend pod runs a small server that answers with the pod's name. A
+//! client pod sends real requests to `frontend-svc`'s `ClusterIP`, the demo shows who answered,
+//! what the agent programmed and counted, then removes one endpoint from the `EndpointSlice`
+//! and shows the traffic moving to the others.
+//!
+//! Bounded (fixed request counts, every socket with a timeout, every wait with a deadline) and
+//! self-cleaning: the topology guard removes every namespace, mount, cgroup and process it
+//! created, also on error. Exits non-zero when something did not work.
 
 use std::{
-    io::{Read as _, Write as _},
-    net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
+    collections::BTreeMap,
+    fmt::Write as _,
+    fs,
+    net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
-    process::Command,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, bail, ensure};
-use svc_tests::netns::{Netns, Topology};
+use svc_tests::{
+    k8s::{self, Agent, Backends, ManifestDir},
+    netns::{Pod, Topology},
+};
 
-const ROUNDS: usize = 3;
-const REQUESTS_PER_ROUND: usize = 20;
-const IO_TIMEOUT: Duration = Duration::from_secs(3);
-const PORT: u16 = 5000;
+/// Where the bundled objects are (override with `SVC_DEMO_MANIFESTS`).
+const MANIFESTS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../manifests/demo");
+/// The file holding `frontend-svc`'s `EndpointSlice` (edited live).
+const SLICE_FILE: &str = "frontend-svc-endpointslice.yaml";
+/// `frontend-svc`'s `ClusterIP` and port, as in `frontend-svc.yaml`.
+const FRONTEND_VIP: &str = "198.19.0.10:80";
+/// `db-svc`'s `ClusterIP` and port, as in `db-svc.yaml`.
+const DB_VIP: &str = "198.19.0.20:5432";
+/// The frontend container port (`http`).
+const FRONTEND_PORT: u16 = 5000;
+/// The database port.
+const DB_PORT: u16 = 5432;
+
+/// The pods, in creation order per node (node1's get .10, .11, ...; node2's too): the
+/// addresses in `manifests/demo` follow from this order.
+const PODS: [(usize, &str); 5] = [
+    (0, "client"),
+    (0, "frontend-7d9c8b6f5-2xkqp"),
+    (0, "frontend-7d9c8b6f5-9hm4t"),
+    (1, "frontend-7d9c8b6f5-lw8zn"),
+    (1, "db-0"),
+];
+/// The endpoint the demo removes (the frontend pod on node2).
+const REMOVED: &str = "frontend-7d9c8b6f5-lw8zn";
+
+/// Requests per round.
+const REQUESTS: usize = 30;
+/// Bound on every connect, read and write.
+const IO_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long the agents may take to apply the edit.
+const SYNC_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The running demo. Fields drop in order: servers, agents, then the topology (whose guard
+/// removes everything, the copied objects included).
+struct Demo {
+    backends: Backends,
+    agents: Vec<Agent>,
+    manifests: ManifestDir,
+    topo: Topology,
+    /// `frontend-svc`'s endpoints' pods, each with the letter that stands for it.
+    letters: Vec<(char, String)>,
+    frontend_vip: SocketAddr,
+}
 
 fn main() -> anyhow::Result<()> {
-    let agent = sibling_binary("svc-agent")?;
+    let started = Instant::now();
+    let mut demo = setup()?;
+    let vip = demo.frontend_vip;
+    println!("\nnode1's agent programmed (svc-agent inspect services):");
+    print!("{}", indent(&demo.agents[0].inspect("services")?));
+
+    println!("\n{REQUESTS} requests from client (node1) to frontend-svc {vip}:");
+    let first = round(&demo)?;
+    let db_vip: SocketAddr = DB_VIP.parse()?;
+    let answer = pod(&demo.topo, "client")?
+        .ns
+        .run(move || k8s::tcp_request(db_vip, "select-1", IO_TIMEOUT))?;
+    println!("  and one to db-svc {db_vip}: answered by {}", answer.label);
+    for (_, name) in &demo.letters {
+        ensure!(
+            first.get(name).copied().unwrap_or_default() > 0,
+            "{name} got none of {REQUESTS} requests (chance 3 x (2/3)^30 = 1.6e-5 if all is well)"
+        );
+    }
+    println!("\ncounters on node1 (svc-agent inspect stats, zero rows left out):");
+    print!("{}", nonzero_rows(&demo.agents[0].inspect("stats")?));
+
+    remove_and_wait(&mut demo)?;
+    println!("\n{REQUESTS} more requests to frontend-svc {vip}:");
+    let second = round(&demo)?;
+    ensure!(
+        !second.contains_key(REMOVED),
+        "the removed endpoint {REMOVED} still got requests"
+    );
+    for (_, name) in demo.letters.iter().filter(|(_, n)| n != REMOVED) {
+        ensure!(
+            second.get(name).copied().unwrap_or_default() > 0,
+            "{name} got none of {REQUESTS} requests after the edit"
+        );
+    }
+    println!("  -> {REMOVED} gets nothing; the traffic moved to the other two");
+
+    teardown(demo)?;
     println!(
-        "svc demo: building two nodes, a pod on each and an external client (198.18.0.0/15, 2001:db8::/32)"
+        "\ndone in {:.1} s: agents stopped, namespaces, mounts and cgroups removed",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// Topology and pods, the objects copied and checked, one agent per node, the servers.
+fn setup() -> anyhow::Result<Demo> {
+    let agent_bin = k8s::agent_binary()?;
+    let source = std::env::var_os("SVC_DEMO_MANIFESTS")
+        .map_or_else(|| PathBuf::from(MANIFESTS), PathBuf::from);
+    let frontend_vip: SocketAddr = FRONTEND_VIP.parse()?;
+
+    println!(
+        "svc demo: a ClusterIP Service on two emulated nodes (198.18.0.0/15 inside network \
+         namespaces)"
     );
     let mut topo = Topology::new()?;
-    let client = topo.add_pod(0, "client")?;
-    let server = topo.add_pod(1, "server")?;
+    for (node, name) in PODS {
+        topo.add_pod(node, name)?;
+    }
+    for node in topo.nodes() {
+        let pods: Vec<String> = topo
+            .pods()
+            .iter()
+            .filter(|p| p.node == node.index)
+            .map(|p| format!("{} {}", p.name, p.ipv4))
+            .collect();
+        println!("  {} {}: {}", node.name, node.underlay_v4, pods.join(", "));
+    }
+
+    // The objects, copied so the demo can edit them; checked against the pods just made.
+    let manifests = ManifestDir::create(&topo.run_dir().join("manifests"))?;
+    let files = copy_manifests(&source, &manifests)?;
+    let names = check_addresses(manifests.path(), topo.pods())?;
     println!(
-        "  node1 {} (pod client {} / {} on {})\n  node2 {} (pod server {} / {} on {})",
-        topo.node(0).underlay_v4,
-        client.ipv4,
-        client.ipv6,
-        client.host_ifname,
-        topo.node(1).underlay_v4,
-        server.ipv4,
-        server.ipv6,
-        server.host_ifname
+        "  objects from {} ({}) copied to {}",
+        display(&source),
+        files.join(", "),
+        manifests.path().display()
+    );
+    println!(
+        "  frontend-svc {frontend_vip} -> {} endpoints; db-svc {DB_VIP} -> 1 endpoint",
+        names.len()
     );
 
     let mut agents = Vec::new();
     for node in topo.nodes() {
-        let mut cmd = Command::new(&agent);
-        cmd.args(["--bpffs"])
-            .arg(&node.bpffs)
-            .args(["run", "--node-name", &node.name, "--pod-ifaces", "svcpod*"])
-            .env("RUST_LOG", "info");
-        let mut p = node.spawn(&cmd)?;
-        p.wait_for_output("svc-agent running", Duration::from_secs(10))
-            .with_context(|| format!("svc-agent on {} did not start", node.name))?;
-        println!(
-            "  svc-agent running on {} (pinned state in {}/svc/v1)",
-            node.name,
-            node.bpffs.display()
+        agents.push(
+            Agent::start(&agent_bin, node, manifests.path())
+                .with_context(|| format!("starting svc-agent on {}", node.name))?,
         );
-        agents.push(p);
-    }
-
-    let server_ns = server.ns.clone();
-    let client_ns = client.ns.clone();
-    let servers = start_servers(&server_ns, &[server.ipv4.into(), server.ipv6.into()])?;
-    for round in 1..=ROUNDS {
-        let before: Vec<_> = topo
-            .nodes()
-            .iter()
-            .map(|n| stats(&agent, &n.bpffs))
-            .collect::<Result<_, _>>()?;
-        for i in 0..REQUESTS_PER_ROUND {
-            let dst = if i % 2 == 0 {
-                std::net::IpAddr::from(server.ipv4)
-            } else {
-                server.ipv6.into()
-            };
-            client_ns.run(move || exchange(SocketAddr::new(dst, PORT), i))?;
-        }
-        let after: Vec<_> = topo
-            .nodes()
-            .iter()
-            .map(|n| stats(&agent, &n.bpffs))
-            .collect::<Result<_, _>>()?;
-        println!(
-            "\nround {round}: {REQUESTS_PER_ROUND} TCP + {REQUESTS_PER_ROUND} UDP requests, client (node1) -> server (node2), half over IPv6"
-        );
-        println!("  counter            node1 packets (+round)   node2 packets (+round)");
-        for (i, (name, n1)) in after[0].iter().enumerate() {
-            let n2 = after[1][i].1;
-            if n1 + n2 == 0 {
-                continue;
-            }
-            println!(
-                "  {name:<18} {n1:>10} (+{:<5})        {n2:>10} (+{:<5})",
-                n1 - before[0][i].1,
-                n2 - before[1][i].1
-            );
-        }
     }
     println!(
-        "\nfull view from the agent on node1 (`svc-agent --bpffs {} inspect stats`):",
-        topo.node(0).bpffs.display()
+        "  svc-agent running on node1 and node2 ({} --from-dir {})",
+        display(&agent_bin),
+        manifests.path().display()
     );
-    print!(
-        "{}",
-        indent(&run_agent(
-            &agent,
-            &topo.node(0).bpffs,
-            &["inspect", "stats"]
-        )?)
-    );
-    drop(servers);
-    for p in agents {
-        p.stop()?;
+
+    let backends = Backends::new();
+    for pod in topo.pods() {
+        let port = match pod.name.as_str() {
+            "client" => continue,
+            "db-0" => DB_PORT,
+            _ => FRONTEND_PORT,
+        };
+        backends.serve(&pod.ns, &pod.name, SocketAddr::new(pod.ipv4.into(), port))?;
     }
-    println!("\nagents stopped; removing the topology");
-    drop(topo);
-    println!("done: nothing of the demo is left behind");
-    Ok(())
+    let letters = names
+        .into_iter()
+        .zip('a'..)
+        .map(|(name, letter)| (letter, name))
+        .collect();
+    Ok(Demo {
+        backends,
+        agents,
+        manifests,
+        topo,
+        letters,
+        frontend_vip,
+    })
 }
 
-/// A TCP echo and a UDP echo listener per address, each on its own thread in the server pod.
-fn start_servers(
-    ns: &Netns,
-    addrs: &[std::net::IpAddr],
-) -> anyhow::Result<Vec<std::thread::JoinHandle<()>>> {
-    let mut handles = Vec::new();
-    for addr in addrs {
-        let sa = SocketAddr::new(*addr, PORT);
-        let (tcp, udp) = ns.run(move || Ok((TcpListener::bind(sa)?, UdpSocket::bind(sa)?)))?;
-        // Sockets stay in the namespace they were made in; the threads serving them need not.
-        handles.push(std::thread::spawn(move || {
-            for _ in 0..ROUNDS * REQUESTS_PER_ROUND {
-                let Ok((mut s, _)) = tcp.accept() else { return };
-                let _ = s.set_read_timeout(Some(IO_TIMEOUT));
-                let mut buf = [0u8; 64];
-                if let Ok(n) = s.read(&mut buf) {
-                    let _ = s.write_all(&buf[..n]);
-                }
-            }
-        }));
-        handles.push(std::thread::spawn(move || {
-            let _ = udp.set_read_timeout(Some(IO_TIMEOUT * 4));
-            let mut buf = [0u8; 64];
-            for _ in 0..ROUNDS * REQUESTS_PER_ROUND {
-                let Ok((n, peer)) = udp.recv_from(&mut buf) else {
-                    return;
-                };
-                let _ = udp.send_to(&buf[..n], peer);
-            }
-        }));
+/// Removes [`REMOVED`] from the slice, as the `EndpointSlice` controller does when a pod goes,
+/// and waits until both agents synced and node1 no longer programs it.
+fn remove_and_wait(demo: &mut Demo) -> anyhow::Result<()> {
+    let before: Vec<usize> = demo.agents.iter().map(Agent::syncs).collect();
+    let t = Instant::now();
+    let removed_addr = remove_endpoint(&demo.manifests, SLICE_FILE, REMOVED)?;
+    for (agent, before) in demo.agents.iter_mut().zip(before) {
+        agent.wait_syncs(before + 1, SYNC_TIMEOUT)?;
     }
-    Ok(handles)
-}
-
-/// One TCP request/response and one UDP request/response to `dst`.
-fn exchange(dst: SocketAddr, i: usize) -> anyhow::Result<()> {
-    let msg = format!("hello {i}");
-    let mut s = TcpStream::connect_timeout(&dst, IO_TIMEOUT)
-        .with_context(|| format!("TCP connect to {dst}"))?;
-    s.set_read_timeout(Some(IO_TIMEOUT))?;
-    s.write_all(msg.as_bytes())?;
-    let mut buf = [0u8; 64];
-    let n = s.read(&mut buf)?;
-    ensure!(
-        &buf[..n] == msg.as_bytes(),
-        "TCP echo from {dst} was {:?}",
-        &buf[..n]
-    );
-    let bind: SocketAddr = if dst.is_ipv4() {
-        "0.0.0.0:0".parse()?
-    } else {
-        "[::]:0".parse()?
-    };
-    let u = UdpSocket::bind(bind)?;
-    u.set_read_timeout(Some(IO_TIMEOUT))?;
-    u.send_to(msg.as_bytes(), dst)?;
-    let (n, from) = u
-        .recv_from(&mut buf)
-        .with_context(|| format!("UDP reply from {dst}"))?;
-    ensure!(
-        from == dst && &buf[..n] == msg.as_bytes(),
-        "UDP echo from {from} was {:?}",
-        &buf[..n]
-    );
-    Ok(())
-}
-
-/// Counter name -> packets, from `svc-agent inspect stats`.
-fn stats(agent: &Path, bpffs: &Path) -> anyhow::Result<Vec<(String, u64)>> {
-    let out = run_agent(agent, bpffs, &["inspect", "stats"])?;
-    out.lines()
-        .skip(1)
-        .map(|l| {
-            let mut f = l.split_whitespace();
-            let name = f.next().context("empty stats line")?.to_owned();
-            let packets = f.next().context("no packets column")?.parse()?;
-            Ok((name, packets))
-        })
-        .collect()
-}
-
-fn run_agent(agent: &Path, bpffs: &Path, args: &[&str]) -> anyhow::Result<String> {
-    let out = Command::new(agent)
-        .arg("--bpffs")
-        .arg(bpffs)
-        .args(args)
-        .output()?;
-    if !out.status.success() {
-        bail!(
-            "svc-agent {} failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr)
+    let gone = format!("{removed_addr}:{FRONTEND_PORT}");
+    let key = k8s::frontend_key(demo.frontend_vip, k8s::Protocol::Tcp);
+    let deadline = Instant::now() + SYNC_TIMEOUT;
+    loop {
+        let programmed = demo.agents[0].services()?;
+        let backends = programmed.backends(&key).unwrap_or_default();
+        if backends.len() == demo.letters.len() - 1 && !backends.contains(&gone) {
+            break;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "node1 still programs {gone} {SYNC_TIMEOUT:?} after the edit:\n{}",
+            programmed.text
         );
+        std::thread::sleep(Duration::from_millis(20));
     }
-    Ok(String::from_utf8(out.stdout)?)
+    println!(
+        "\nedited {SLICE_FILE}: removed endpoint {REMOVED} ({removed_addr}); node1 reprogrammed \
+         {:.0} ms later:",
+        t.elapsed().as_secs_f64() * 1e3
+    );
+    print!("{}", indent(&demo.agents[0].inspect("services")?));
+    Ok(())
 }
 
-fn sibling_binary(name: &str) -> anyhow::Result<PathBuf> {
-    let exe = std::env::current_exe()?;
-    let path = exe.parent().context("no parent dir")?.join(name);
+/// Stops servers and agents (which must exit cleanly) and removes the topology; checks that
+/// nothing of it is left.
+fn teardown(demo: Demo) -> anyhow::Result<()> {
+    let Demo {
+        backends,
+        agents,
+        topo,
+        ..
+    } = demo;
+    drop(backends);
+    for agent in agents {
+        let node = agent.node().to_owned();
+        let status = agent.stop()?;
+        ensure!(status.success(), "svc-agent on {node} ended with {status}");
+    }
+    let prefix = topo.prefix().to_owned();
+    drop(topo);
+    let left = svc_tests::netns::leftovers(&prefix)?;
+    ensure!(left.is_empty(), "left behind: {left:?}");
+    Ok(())
+}
+
+/// Copies every `*.yaml` of `source` into `dir` (each checked by the agent's own loader).
+fn copy_manifests(source: &Path, dir: &ManifestDir) -> anyhow::Result<Vec<String>> {
+    let entries = fs::read_dir(source).with_context(|| {
+        format!(
+            "reading the demo manifests in {} (set SVC_DEMO_MANIFESTS to their directory)",
+            source.display()
+        )
+    })?;
+    let mut files = Vec::new();
+    for entry in entries {
+        let path = entry?.path();
+        if path.extension().is_some_and(|e| e == "yaml") {
+            let name = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .context("odd file name")?
+                .to_owned();
+            let text =
+                fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+            dir.write(&name, &text)?;
+            files.push(name);
+        }
+    }
+    files.sort();
     ensure!(
-        path.exists(),
-        "{} not found: build it first (cargo xtask demo does)",
-        path.display()
+        files.iter().any(|f| f == SLICE_FILE),
+        "no {SLICE_FILE} in {}",
+        source.display()
     );
-    Ok(path)
+    Ok(files)
+}
+
+/// Checks that every endpoint in the objects names a pod the demo made, with that pod's
+/// address; returns the names of frontend-svc's endpoints' pods.
+fn check_addresses(dir: &Path, pods: &[Pod]) -> anyhow::Result<Vec<String>> {
+    let loaded = svc_agent::source::load_dir(dir)?;
+    let mut frontends = Vec::new();
+    for slice in &loaded.snapshot.slices {
+        let service = slice
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get("kubernetes.io/service-name"))
+            .cloned()
+            .unwrap_or_default();
+        for ep in &slice.endpoints {
+            let name = ep
+                .target_ref
+                .as_ref()
+                .and_then(|r| r.name.clone())
+                .context("an endpoint without targetRef.name")?;
+            let pod = pods.iter().find(|p| p.name == name).with_context(|| {
+                format!("the objects name pod {name}, which the demo does not create")
+            })?;
+            let listed = ep.addresses.first().map(String::as_str).unwrap_or_default();
+            ensure!(
+                listed == pod.ipv4.to_string(),
+                "{name} is {listed} in the objects but {} in the topology: fix manifests/demo",
+                pod.ipv4
+            );
+            if service == "frontend-svc" {
+                frontends.push(name);
+            }
+        }
+    }
+    ensure!(
+        frontends.iter().any(|n| n == REMOVED),
+        "{REMOVED} is not an endpoint of frontend-svc"
+    );
+    Ok(frontends)
+}
+
+/// Removes the endpoint whose `targetRef` names `pod` from the slice in `file` (a text edit,
+/// like `kubectl edit`, keeping everything else as it is) and returns its address.
+fn remove_endpoint(dir: &ManifestDir, file: &str, pod: &str) -> anyhow::Result<String> {
+    let path = dir.path().join(file);
+    let text = fs::read_to_string(&path)?;
+    let lines: Vec<&str> = text.lines().collect();
+    // An endpoint is a `- addresses:` item at column 0, up to the next item or top-level key.
+    let starts: Vec<usize> = lines
+        .iter()
+        .enumerate()
+        .filter(|(_, l)| l.starts_with("- addresses:"))
+        .map(|(i, _)| i)
+        .collect();
+    for start in starts {
+        let end = (start + 1..lines.len())
+            .find(|&i| !lines[i].starts_with(' '))
+            .unwrap_or(lines.len());
+        let block = &lines[start..end];
+        if block.iter().any(|l| l.trim() == format!("name: {pod}")) {
+            let address = block
+                .get(1)
+                .and_then(|l| l.trim().strip_prefix("- "))
+                .context("no address in the endpoint")?
+                .to_owned();
+            let mut kept: Vec<&str> = lines[..start].to_vec();
+            kept.extend_from_slice(&lines[end..]);
+            dir.write(file, &(kept.join("\n") + "\n"))?;
+            return Ok(address);
+        }
+    }
+    bail!("no endpoint for {pod} in {}", path.display())
+}
+
+/// Sends [`REQUESTS`] requests (each a new TCP connection) from the client pod to
+/// `frontend-svc`, prints who answered each (one letter per request) and the tally; returns
+/// the tally.
+fn round(demo: &Demo) -> anyhow::Result<BTreeMap<String, usize>> {
+    let client = pod(&demo.topo, "client")?;
+    let client_ip = IpAddr::from(client.ipv4);
+    let vip = demo.frontend_vip;
+    let answers = client.ns.run(move || {
+        (0..REQUESTS)
+            .map(|i| {
+                let answer = k8s::tcp_request(vip, &format!("GET-{i}"), IO_TIMEOUT)?;
+                ensure!(
+                    answer.client_seen == client_ip,
+                    "{} saw the client as {}",
+                    answer.label,
+                    answer.client_seen
+                );
+                Ok(answer.label)
+            })
+            .collect::<anyhow::Result<Vec<String>>>()
+    })?;
+    let letter = |name: &str| {
+        demo.letters
+            .iter()
+            .find(|(_, n)| n == name)
+            .map_or('?', |(l, _)| *l)
+    };
+    let sequence: String = answers.iter().map(|a| letter(a)).collect();
+    println!("  answered by: {sequence}");
+    let mut tally = BTreeMap::new();
+    for a in &answers {
+        *tally.entry(a.clone()).or_insert(0) += 1;
+    }
+    for (l, name) in &demo.letters {
+        let n = tally.get(name).copied().unwrap_or(0);
+        let node = pod(&demo.topo, name).map_or("?", |p| demo.topo.node(p.node).name.as_str());
+        println!("  {l} = {name:<26} ({node}) {n:>3} {}", "#".repeat(n));
+    }
+    Ok(tally)
+}
+
+fn pod<'a>(topo: &'a Topology, name: &str) -> anyhow::Result<&'a Pod> {
+    topo.pods()
+        .iter()
+        .find(|p| p.name == name)
+        .with_context(|| format!("no pod {name}"))
+}
+
+/// The rows of `inspect stats` whose packet count is not zero, under their table's header
+/// (a table with no such row is left out).
+fn nonzero_rows(stats: &str) -> String {
+    let mut out = String::new();
+    let mut header = None;
+    for line in stats.lines() {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let count = match fields.as_slice() {
+            [_, packets, _] => packets.parse::<u64>().ok(),
+            _ => None,
+        };
+        match count {
+            None => header = Some(line),
+            Some(0) => {}
+            Some(_) => {
+                if let Some(h) = header.take() {
+                    let _ = writeln!(out, "  {h}");
+                }
+                let _ = writeln!(out, "  {line}");
+            }
+        }
+    }
+    out
 }
 
 fn indent(s: &str) -> String {
     s.lines().flat_map(|l| ["  ", l, "\n"]).collect()
+}
+
+/// A path shown relative to the current directory when it is below it, canonical otherwise.
+fn display(path: &Path) -> String {
+    let path = path.canonicalize().unwrap_or_else(|_| path.to_owned());
+    std::env::current_dir()
+        .ok()
+        .and_then(|cwd| path.strip_prefix(cwd).ok().map(Path::to_path_buf))
+        .unwrap_or(path)
+        .display()
+        .to_string()
 }
