@@ -85,19 +85,24 @@ pub struct CtValue {
     pub state: u8,
     /// Explicit padding, always zero.
     pub _pad: u8,
-    /// The backend id (forward: to check the backend still exists).
+    /// The backend id (forward: to check the backend still exists; both: counters).
     pub backend_id: u32,
+    /// The frontend (service port) id, for its counters.
+    pub frontend_id: u32,
+    /// Explicit padding, always zero.
+    pub _pad2: u32,
     /// When the entry was last used, `bpf_ktime_get_ns`.
     pub last_seen_ns: u64,
 }
 crate::assert_layout!(
     CtValue,
-    size = 32,
+    size = 40,
     addr = 0,
     port = 16,
     state = 18,
     backend_id = 20,
-    last_seen_ns = 24
+    frontend_id = 24,
+    last_seen_ns = 32
 );
 
 impl_pod!(CtKey, CtValue);

@@ -37,6 +37,8 @@ pub const MAP_NAMES: &[&str] = &[
     "BACKENDS_V1",
     "CT_V1",
     "AFFINITY_V1",
+    "SVC_STATS_V1",
+    "BACKEND_STATS_V1",
     "SOCK_REVNAT_V1",
 ];
 

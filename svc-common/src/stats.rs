@@ -1,5 +1,12 @@
 //! Packet and drop counters.
 //!
+//! Maps `SVC_STATS_V1` and `BACKEND_STATS_V1` (per-CPU hashes without preallocation): the
+//! agent creates a zeroed entry when a frontend or backend gets its id and deletes it with it;
+//! the kernel programs add to existing entries; `inspect services` sums them over CPUs. Key
+//! `u32` frontend id / backend id, value [`Counter`]. Translated packets count in both
+//! directions. Per CPU so the hot path needs no atomics (the BPF target has none in Rust); no
+//! preallocation so memory follows the ids in use, not capacity times CPUs.
+//!
 //! Map `PKT_STATS_V1` (per-CPU array, written by every kernel program, read by the agent's
 //! `inspect` and metrics): key `u32` = a [`PktCounter`] index, value [`Counter`] (host byte
 //! order). Each packet a program sees adds to exactly one L3 counter and, when it is IP with a

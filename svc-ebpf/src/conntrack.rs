@@ -12,6 +12,7 @@ use svc_common::{
 };
 
 use crate::{
+    lb::Chosen,
     maps::CT_V1,
     parse::{Parsed, tcp_flags},
 };
@@ -69,26 +70,24 @@ pub fn ct_lookup(key: &CtKey, pkt: &Parsed, now: u64) -> Option<CtValue> {
 /// (backend -> client). If the reply entry cannot be stored, the forward one is removed again.
 /// A subprogram of its own, so its keys and values get their own stack frame.
 #[inline(never)]
-pub fn ct_create(
-    pkt: &Parsed,
-    fwd: &CtKey,
-    id: u32,
-    backend: &Backend,
-    now: u64,
-) -> Result<(), DropReason> {
+pub fn ct_create(pkt: &Parsed, fwd: &CtKey, chosen: &Chosen, now: u64) -> Result<(), DropReason> {
     let st = if pkt.tcp_flags & (tcp_flags::FIN | tcp_flags::RST) != 0 {
         state::CLOSING
     } else {
         0
     };
-    let forward = CtValue {
-        addr: backend.addr,
-        port: backend.port,
-        state: st,
+    let backend = &chosen.backend;
+    let entry = |addr, port, state| CtValue {
+        addr,
+        port,
+        state,
         _pad: 0,
-        backend_id: id,
+        backend_id: chosen.backend_id,
+        frontend_id: chosen.frontend_id,
+        _pad2: 0,
         last_seen_ns: now,
     };
+    let forward = entry(backend.addr, backend.port, st);
     // Hairpin (the client is its own backend): the reply leaves the pod towards the VIP, the
     // source the forward leg was given; otherwise it comes from the backend to the client.
     let hairpin = addr_eq(&backend.addr, &pkt.src);
@@ -102,14 +101,11 @@ pub fn ct_create(
         dir: if hairpin { dir::FORWARD } else { dir::REPLY },
         _pad: 0,
     };
-    let reply = CtValue {
-        addr: pkt.dst,
-        port: Be16(pkt.dport),
-        state: st | if hairpin { state::HAIRPIN_REPLY } else { 0 },
-        _pad: 0,
-        backend_id: id,
-        last_seen_ns: now,
-    };
+    let reply = entry(
+        pkt.dst,
+        Be16(pkt.dport),
+        st | if hairpin { state::HAIRPIN_REPLY } else { 0 },
+    );
     CT_V1
         .insert(fwd, &forward, u64::from(BPF_ANY))
         .map_err(|_| DropReason::CtInsertFailed)?;

@@ -16,6 +16,17 @@ use crate::{
     parse::Parsed,
 };
 
+/// The frontend and backend a new flow goes to.
+#[derive(Clone, Copy, Default)]
+pub struct Chosen {
+    /// The frontend's (service port's) id.
+    pub frontend_id: u32,
+    /// The backend's id.
+    pub backend_id: u32,
+    /// The backend.
+    pub backend: Backend,
+}
+
 /// What the load balancer decided for a new flow.
 pub enum Choice {
     /// The destination is not a service frontend: leave the packet alone.
@@ -51,12 +62,13 @@ pub fn lb_select_for_client(
     key: &mut ServiceKey,
     client: &Addr,
     now: u64,
-    out: &mut (u32, Backend),
+    out: &mut Chosen,
 ) -> Choice {
     // SAFETY: the value is copied out before anything else touches the map.
     let Some(frontend) = (unsafe { SERVICES_V1.get(&*key) }).copied() else {
         return Choice::NotService;
     };
+    out.frontend_id = frontend.id;
     if frontend.affinity_timeout == 0 || frontend.count == 0 {
         return lb_pick_slot(key, &frontend, out);
     }
@@ -74,14 +86,15 @@ pub fn lb_select_for_client(
         if let Some(b) = lb_backend(id).filter(|b| live && affinity_eligible(&frontend, b)) {
             // SAFETY: as above.
             unsafe { (*entry).last_used_ns = now };
-            *out = (id, b);
+            out.backend_id = id;
+            out.backend = b;
             return Choice::Backend;
         }
     }
     let choice = lb_pick_slot(key, &frontend, out);
     if let Choice::Backend = choice {
         let value = AffinityValue {
-            backend_id: out.0,
+            backend_id: out.backend_id,
             _pad: 0,
             last_used_ns: now,
         };
@@ -100,7 +113,7 @@ fn affinity_eligible(frontend: &ServiceValue, b: &Backend) -> bool {
 
 /// Picks slot `1 + random % count` of `frontend` (looked up with `key`) and its backend.
 #[inline(always)]
-fn lb_pick_slot(key: &mut ServiceKey, frontend: &ServiceValue, out: &mut (u32, Backend)) -> Choice {
+fn lb_pick_slot(key: &mut ServiceKey, frontend: &ServiceValue, out: &mut Chosen) -> Choice {
     if frontend.count == 0 {
         return Choice::Drop(if frontend.flags & flags::DROP_EMPTY != 0 {
             DropReason::NoLocalEndpoint
@@ -117,7 +130,8 @@ fn lb_pick_slot(key: &mut ServiceKey, frontend: &ServiceValue, out: &mut (u32, B
     };
     match lb_backend(slot.id) {
         Some(b) => {
-            *out = (slot.id, b);
+            out.backend_id = slot.id;
+            out.backend = b;
             Choice::Backend
         }
         None => Choice::Drop(DropReason::BackendMissing),

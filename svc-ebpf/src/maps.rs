@@ -4,8 +4,11 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, LruHashMap, PerCpuArray},
+    maps::{HashMap, LruHashMap, PerCpuArray, PerCpuHashMap},
 };
+
+/// `BPF_F_NO_PREALLOC` (uapi): entries are allocated when inserted.
+const BPF_F_NO_PREALLOC: u32 = 1;
 use svc_common::{
     affinity::{AffinityKey, AffinityValue},
     conntrack::{CtKey, CtValue},
@@ -41,3 +44,15 @@ pub static CT_V1: LruHashMap<CtKey, CtValue> = LruHashMap::with_max_entries(size
 #[map]
 pub static AFFINITY_V1: LruHashMap<AffinityKey, AffinityValue> =
     LruHashMap::with_max_entries(sizes::AFFINITY, 0);
+
+/// Per-frontend (service port) packets and bytes, per CPU. Writer of entries: the agent
+/// (creates a zeroed entry with the frontend, deletes it with it); the programs add to existing
+/// entries. Key: frontend id. No preallocation: memory only for ids in use.
+#[map]
+pub static SVC_STATS_V1: PerCpuHashMap<u32, Counter> =
+    PerCpuHashMap::with_max_entries(sizes::SERVICES, BPF_F_NO_PREALLOC);
+
+/// Per-backend packets and bytes, per CPU; managed like `SVC_STATS_V1`. Key: backend id.
+#[map]
+pub static BACKEND_STATS_V1: PerCpuHashMap<u32, Counter> =
+    PerCpuHashMap::with_max_entries(sizes::BACKENDS, BPF_F_NO_PREALLOC);

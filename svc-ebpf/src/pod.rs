@@ -14,13 +14,12 @@ use aya_ebpf::{
 use svc_common::{
     addr::Addr,
     conntrack::{dir, state},
-    service::Backend,
     stats::{DropReason, PktCounter},
 };
 
 use crate::{
     conntrack::{ct_backend_alive, ct_create, ct_key, ct_lookup},
-    lb::{Choice, lb_backend, lb_frontend_key, lb_select_for_client},
+    lb::{Choice, Chosen, lb_backend, lb_frontend_key, lb_select_for_client},
     nat::{End, nat_rewrite},
     parse, reject, stats,
 };
@@ -71,6 +70,8 @@ struct Target {
     addr: Addr,
     port: u16,
     hairpin_reply: bool,
+    frontend_id: u32,
+    backend_id: u32,
 }
 
 /// The service story of one packet: conntrack -> service -> backend -> rewrite. Each step is
@@ -83,6 +84,8 @@ fn to_service(ctx: &TcContext, pkt: &parse::Parsed) -> Outcome {
         addr: [0; 16],
         port: 0,
         hairpin_reply: false,
+        frontend_id: 0,
+        backend_id: 0,
     };
     // 1. A flow already translated keeps its backend, as long as the backend exists.
     if !established_backend(pkt, now, &mut target) {
@@ -92,7 +95,8 @@ fn to_service(ctx: &TcContext, pkt: &parse::Parsed) -> Outcome {
             other => return other,
         }
     }
-    // 3. Send it there.
+    // 3. Count it, and send it there.
+    stats::count_translated(target.frontend_id, target.backend_id, ctx.len());
     if target.hairpin_reply {
         // The pod answers itself through the service: backend:port -> VIP:client-port becomes
         // VIP:service-port -> pod:client-port.
@@ -135,6 +139,8 @@ fn established_backend(pkt: &parse::Parsed, now: u64, target: &mut Target) -> bo
     }
     target.addr = e.addr;
     target.port = e.port.0;
+    target.frontend_id = e.frontend_id;
+    target.backend_id = e.backend_id;
     true
 }
 
@@ -142,18 +148,20 @@ fn established_backend(pkt: &parse::Parsed, now: u64, target: &mut Target) -> bo
 /// `target` holds the backend.
 #[inline(never)]
 fn new_flow_backend(pkt: &parse::Parsed, now: u64, target: &mut Target) -> Outcome {
-    let mut chosen = (0, Backend::default());
+    let mut chosen = Chosen::default();
     let mut key = lb_frontend_key(pkt);
     match lb_select_for_client(&mut key, &pkt.src, now, &mut chosen) {
         Choice::NotService => Outcome::NotService,
         Choice::Drop(reason) => Outcome::Drop(reason),
         Choice::Backend => {
             let fwd = ct_key(pkt, dir::FORWARD);
-            if let Err(reason) = ct_create(pkt, &fwd, chosen.0, &chosen.1, now) {
+            if let Err(reason) = ct_create(pkt, &fwd, &chosen, now) {
                 return Outcome::Drop(reason);
             }
-            target.addr = chosen.1.addr;
-            target.port = chosen.1.port.0;
+            target.addr = chosen.backend.addr;
+            target.port = chosen.backend.port.0;
+            target.frontend_id = chosen.frontend_id;
+            target.backend_id = chosen.backend_id;
             Outcome::Translated
         }
     }
@@ -176,6 +184,7 @@ pub fn to_pod(ctx: &TcContext) -> i32 {
         return drop(ctx, DropReason::RewriteFailed);
     }
     stats::count(PktCounter::RevNat, ctx.len());
+    stats::count_translated(entry.frontend_id, entry.backend_id, ctx.len());
     TC_ACT_OK
 }
 

@@ -26,13 +26,13 @@ use svc_common::{
     Be16,
     addr::{Addr, FAMILY_V4, FAMILY_V6},
     net::ipproto,
-    service::{Backend, ServiceKey, scope},
+    service::{ServiceKey, scope},
     sock::{SOCK_REVNAT_ENTRIES, SockRevNatKey, SockRevNatValue},
     stats::{DropReason, PktCounter},
 };
 
 use crate::{
-    lb::{Choice, lb_select_for_client},
+    lb::{Choice, Chosen, lb_select_for_client},
     stats,
 };
 
@@ -115,7 +115,7 @@ fn sock_xlate_fwd(ctx: &SockAddrContext, family: u8) -> i32 {
         scope: scope::INTERNAL,
         _pad: 0,
     };
-    let mut chosen = (0, Backend::default());
+    let mut chosen = Chosen::default();
     // Host-network processes share this node's address: as a ClientIP-affinity client they
     // are this node, keyed by the unspecified address.
     // SAFETY: bpf_ktime_get_ns has no preconditions.
@@ -124,7 +124,7 @@ fn sock_xlate_fwd(ctx: &SockAddrContext, family: u8) -> i32 {
         Choice::NotService => SOCK_PROCEED,
         Choice::Drop(reason) => sock_refuse(reason),
         Choice::Backend => {
-            let backend = &chosen.1;
+            let backend = &chosen.backend;
             if backend.family != family {
                 // The agent never pairs frontends and backends of different families.
                 return SOCK_PROCEED;

@@ -60,6 +60,9 @@ pub enum Expected {
 /// Writes the map entries a row needs into the freshly loaded object.
 pub type Setup = fn(&mut Ebpf) -> anyhow::Result<()>;
 
+/// Checks map state after the row's run (the row is given for its input length and program).
+pub type Check = fn(&Ebpf, &Fixture) -> anyhow::Result<()>;
+
 /// One row of a fixture table.
 #[derive(Clone)]
 pub struct Fixture {
@@ -81,6 +84,8 @@ pub struct Fixture {
     pub drops: Vec<(DropReason, u64)>,
     /// Map sizes for this row's object (small unless the row says otherwise).
     pub sizes: MapSizes,
+    /// Map state to check after the run, beyond the counters above.
+    pub check: Option<Check>,
 }
 
 impl Fixture {
@@ -97,6 +102,7 @@ impl Fixture {
             counters: Vec::new(),
             drops: Vec::new(),
             sizes: MapSizes::small(),
+            check: None,
         }
     }
 
@@ -222,6 +228,11 @@ pub fn run(fixture: &Fixture, repeat: u32) -> anyhow::Result<Report> {
             );
         }
     }
+    if let Some(check) = fixture.check
+        && let Err(e) = check(&ebpf, fixture)
+    {
+        let _ = writeln!(problems, "check: {e:#}");
+    }
     if !problems.is_empty() {
         bail!(
             "row `{}` failed:\n  input: {}\n{problems}",
@@ -308,6 +319,27 @@ pub fn run_once(ebpf: &mut Ebpf, program: &str, input: &[u8]) -> anyhow::Result<
     let (len, verdict) = test_run(ebpf, program, input, &mut out, 1)?;
     out.truncate(len);
     Ok((verdict, out))
+}
+
+/// Opens a map `program` uses, by its kernel name (which the kernel cuts to 15 bytes), even
+/// when a setup took it out of the object.
+pub fn program_map(ebpf: &Ebpf, program: &str, name: &str) -> anyhow::Result<aya::maps::MapData> {
+    let prog = ebpf
+        .program(program)
+        .ok_or_else(|| anyhow!("no program `{program}`"))?;
+    let info = match prog {
+        Program::SchedClassifier(p) => p.info()?,
+        Program::Xdp(p) => p.info()?,
+        other => bail!("program `{program}` has a type the runner does not drive: {other:?}"),
+    };
+    let kernel_name = &name[..name.len().min(15)];
+    for id in info.map_ids()?.unwrap_or_default() {
+        let m = aya::maps::MapInfo::from_id(id)?;
+        if m.name_as_str() == Some(kernel_name) {
+            return Ok(aya::maps::MapData::from_id(id)?);
+        }
+    }
+    bail!("program `{program}` uses no map named {name}")
 }
 
 /// Reads the drop counters, summed over CPUs, indexed by [`DropReason`].

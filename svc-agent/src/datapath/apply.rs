@@ -13,12 +13,14 @@ use std::{
 use anyhow::{Context as _, anyhow};
 use aya::{
     Ebpf,
-    maps::{HashMap as BpfHashMap, MapData},
+    maps::{HashMap as BpfHashMap, MapData, PerCpuHashMap, PerCpuValues},
+    util::nr_cpus,
 };
 use svc_common::{
     addr::{FAMILY_V4, to_v4},
     net::ipproto,
     service::{Backend, ServiceKey, ServiceValue, scope},
+    stats::Counter,
 };
 
 use super::{
@@ -41,14 +43,29 @@ pub trait DatapathMaps {
     fn put_backend(&mut self, id: u32, value: &Backend) -> anyhow::Result<()>;
     /// Removes one `BACKENDS_V1` entry.
     fn del_backend(&mut self, id: u32) -> anyhow::Result<()>;
+    /// Creates (or zeroes) the counters of a frontend or backend id.
+    fn new_counters(&mut self, kind: CounterKind, id: u32) -> anyhow::Result<()>;
+    /// Removes the counters of a frontend or backend id.
+    fn del_counters(&mut self, kind: CounterKind, id: u32) -> anyhow::Result<()>;
     /// How many entries each map holds at most.
     fn capacity(&self) -> Capacity;
+}
+
+/// Which counters: `SVC_STATS_V1` (frontend ids) or `BACKEND_STATS_V1` (backend ids).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CounterKind {
+    /// Per-frontend counters.
+    Frontend,
+    /// Per-backend counters.
+    Backend,
 }
 
 /// The real maps, taken out of a loaded object (load its programs first: they keep the maps).
 pub struct AyaMaps {
     services: BpfHashMap<MapData, ServiceKey, ServiceValue>,
     backends: BpfHashMap<MapData, u32, Backend>,
+    svc_stats: PerCpuHashMap<MapData, u32, Counter>,
+    backend_stats: PerCpuHashMap<MapData, u32, Counter>,
     cap: Capacity,
 }
 
@@ -57,9 +74,18 @@ impl AyaMaps {
     pub fn take(ebpf: &mut Ebpf) -> anyhow::Result<Self> {
         let (services, svc_max) = take_hash(ebpf, "SERVICES_V1")?;
         let (backends, be_max) = take_hash(ebpf, "BACKENDS_V1")?;
+        let take_stats =
+            |ebpf: &mut Ebpf, name: &str| -> anyhow::Result<PerCpuHashMap<MapData, u32, Counter>> {
+                let map = ebpf
+                    .take_map(name)
+                    .ok_or_else(|| anyhow!("no map {name} in the object"))?;
+                Ok(PerCpuHashMap::try_from(map)?)
+            };
         Ok(Self {
             services: BpfHashMap::try_from(services)?,
             backends: BpfHashMap::try_from(backends)?,
+            svc_stats: take_stats(ebpf, "SVC_STATS_V1")?,
+            backend_stats: take_stats(ebpf, "BACKEND_STATS_V1")?,
             cap: Capacity {
                 services: svc_max,
                 backends: be_max,
@@ -115,6 +141,31 @@ impl DatapathMaps for AyaMaps {
         self.backends
             .remove(&id)
             .context("deleting from BACKENDS_V1")
+    }
+    fn new_counters(&mut self, kind: CounterKind, id: u32) -> anyhow::Result<()> {
+        let zero =
+            PerCpuValues::try_from(vec![Counter::default(); nr_cpus().map_err(|(_, e)| e)?])?;
+        match kind {
+            CounterKind::Frontend => self
+                .svc_stats
+                .insert(id, zero, 0)
+                .context("creating SVC_STATS_V1 entry"),
+            CounterKind::Backend => self
+                .backend_stats
+                .insert(id, zero, 0)
+                .context("creating BACKEND_STATS_V1 entry"),
+        }
+    }
+    fn del_counters(&mut self, kind: CounterKind, id: u32) -> anyhow::Result<()> {
+        let r = match kind {
+            CounterKind::Frontend => self.svc_stats.remove(&id),
+            CounterKind::Backend => self.backend_stats.remove(&id),
+        };
+        // Already gone (an older agent's state without counters) is fine.
+        match r {
+            Err(aya::maps::MapError::KeyNotFound) | Ok(()) => Ok(()),
+            Err(e) => Err(e).context("deleting a counter entry"),
+        }
     }
     fn capacity(&self) -> Capacity {
         self.cap
@@ -179,7 +230,8 @@ impl<M: DatapathMaps> Reconciler<M> {
         &self.current
     }
 
-    /// Makes the maps match `desired`.
+    /// Makes the maps match `desired`: backends first, then backend slots, then frontend
+    /// entries, then removals in reverse (frontend entries, stale slots, unused backends).
     pub fn apply(&mut self, desired: &DesiredState) -> ReconcileReport {
         let want = render(
             desired,
@@ -195,21 +247,44 @@ impl<M: DatapathMaps> Reconciler<M> {
                 .collect(),
             ..ReconcileReport::default()
         };
-        // 1. Backends that are new or changed.
+        self.write_backends(&want, &mut report);
+        let broken = self.write_services(&want, &mut report);
+        self.remove_services(&want, &broken, &mut report);
+        self.remove_backends(&want, &mut report);
+        report
+    }
+
+    /// Step 1: backends that are new or changed (a new id gets its counters first, so its first
+    /// packet is counted).
+    fn write_backends(&mut self, want: &Rendered, report: &mut ReconcileReport) {
         for (id, b) in &want.backends {
-            if self.current.backends.get(id) != Some(b) {
-                match self.maps.put_backend(*id, b) {
-                    Ok(()) => {
-                        self.current.backends.insert(*id, *b);
-                        report.backends_written += 1;
-                    }
-                    Err(e) => report.errors.push(format!("backend {id}: {e:#}")),
+            if self.current.backends.get(id) == Some(b) {
+                continue;
+            }
+            if !self.current.backends.contains_key(id)
+                && let Err(e) = self.maps.new_counters(CounterKind::Backend, *id)
+            {
+                report.errors.push(format!("backend {id} counters: {e:#}"));
+            }
+            match self.maps.put_backend(*id, b) {
+                Ok(()) => {
+                    self.current.backends.insert(*id, *b);
+                    report.backends_written += 1;
                 }
+                Err(e) => report.errors.push(format!("backend {id}: {e:#}")),
             }
         }
-        // 2. Backend slots, then 3. frontend entries; a frontend with a failed slot (or a slot
-        // naming a backend that could not be written) keeps its old slot 0.
-        let mut broken: BTreeSet<ServiceKey> = BTreeSet::new();
+    }
+
+    /// Steps 2 and 3: backend slots, then frontend entries. A frontend with a failed slot (or a slot
+    /// naming a backend that could not be written) keeps its old slot 0; those frontends are
+    /// returned, so their stale slots are kept too.
+    fn write_services(
+        &mut self,
+        want: &Rendered,
+        report: &mut ReconcileReport,
+    ) -> BTreeSet<ServiceKey> {
+        let mut broken = BTreeSet::new();
         for slot_pass in [true, false] {
             for (k, v) in &want.services {
                 if (k.slot != 0) != slot_pass || self.current.services.get(k) == Some(v) {
@@ -223,6 +298,13 @@ impl<M: DatapathMaps> Reconciler<M> {
                     broken.insert(frontend);
                     continue;
                 }
+                let new_frontend = !slot_pass && !self.current.services.contains_key(k);
+                if new_frontend && let Err(e) = self.maps.new_counters(CounterKind::Frontend, v.id)
+                {
+                    report
+                        .errors
+                        .push(format!("{} counters: {e:#}", describe(k)));
+                }
                 match self.maps.put_service(k, v) {
                     Ok(()) => {
                         self.current.services.insert(*k, *v);
@@ -235,7 +317,16 @@ impl<M: DatapathMaps> Reconciler<M> {
                 }
             }
         }
-        // 4. Removals: frontend entries first, then stale slots, then unused backends.
+        broken
+    }
+
+    /// Step 4: frontend entries no longer wanted (with their counters), then stale slots.
+    fn remove_services(
+        &mut self,
+        want: &Rendered,
+        broken: &BTreeSet<ServiceKey>,
+        report: &mut ReconcileReport,
+    ) {
         for slot_pass in [false, true] {
             let stale: Vec<ServiceKey> = self
                 .current
@@ -246,15 +337,26 @@ impl<M: DatapathMaps> Reconciler<M> {
                 .copied()
                 .collect();
             for k in stale {
-                match self.maps.del_service(&k) {
-                    Ok(()) => {
-                        self.current.services.remove(&k);
-                        report.services_deleted += 1;
-                    }
-                    Err(e) => report.errors.push(format!("{}: {e:#}", describe(&k))),
+                if let Err(e) = self.maps.del_service(&k) {
+                    report.errors.push(format!("{}: {e:#}", describe(&k)));
+                    continue;
+                }
+                report.services_deleted += 1;
+                let removed = self.current.services.remove(&k);
+                let Some(v) = removed.filter(|_| k.slot == 0) else {
+                    continue;
+                };
+                if let Err(e) = self.maps.del_counters(CounterKind::Frontend, v.id) {
+                    report
+                        .errors
+                        .push(format!("{} counters: {e:#}", describe(&k)));
                 }
             }
         }
+    }
+
+    /// Step 5: backends no slot names any more and no frontend keeps (with their counters).
+    fn remove_backends(&mut self, want: &Rendered, report: &mut ReconcileReport) {
         let referenced: BTreeSet<u32> = self
             .current
             .services
@@ -270,15 +372,16 @@ impl<M: DatapathMaps> Reconciler<M> {
             .copied()
             .collect();
         for id in unused {
-            match self.maps.del_backend(id) {
-                Ok(()) => {
-                    self.current.backends.remove(&id);
-                    report.backends_deleted += 1;
-                }
-                Err(e) => report.errors.push(format!("backend {id}: {e:#}")),
+            if let Err(e) = self.maps.del_backend(id) {
+                report.errors.push(format!("backend {id}: {e:#}"));
+                continue;
+            }
+            self.current.backends.remove(&id);
+            report.backends_deleted += 1;
+            if let Err(e) = self.maps.del_counters(CounterKind::Backend, id) {
+                report.errors.push(format!("backend {id} counters: {e:#}"));
             }
         }
-        report
     }
 }
 
@@ -329,6 +432,8 @@ mod tests {
         log: Vec<String>,
         fail_slot: Option<u16>,
         cap: Option<Capacity>,
+        /// (is backend, id) of every counter entry that exists.
+        counters: BTreeSet<(bool, u32)>,
     }
 
     impl DatapathMaps for FakeMaps {
@@ -394,6 +499,20 @@ mod tests {
             self.backends.remove(&id);
             Ok(())
         }
+        fn new_counters(&mut self, kind: CounterKind, id: u32) -> anyhow::Result<()> {
+            assert!(
+                self.counters.insert((kind == CounterKind::Backend, id)),
+                "counters {kind:?} {id} created twice"
+            );
+            Ok(())
+        }
+        fn del_counters(&mut self, kind: CounterKind, id: u32) -> anyhow::Result<()> {
+            assert!(
+                self.counters.remove(&(kind == CounterKind::Backend, id)),
+                "counters {kind:?} {id} deleted but never created"
+            );
+            Ok(())
+        }
         fn capacity(&self) -> Capacity {
             self.cap.unwrap_or(Capacity {
                 services: 1000,
@@ -445,6 +564,11 @@ mod tests {
             ("198.19.0.11", &["198.18.1.11"]),
         ]));
         assert_eq!((first.services_written, first.backends_written), (5, 3));
+        assert_eq!(
+            r.maps.counters.len(),
+            5,
+            "2 frontends + 3 backends get counters"
+        );
         assert!(first.errors.is_empty());
         // Unchanged: nothing written.
         let again = r.apply(&state(&[
@@ -480,6 +604,11 @@ mod tests {
         let gone = r.apply(&state(&[]));
         assert_eq!((gone.services_deleted, gone.backends_deleted), (3, 2));
         assert_eq!(r.maps.log[0], "del slot 0");
+        assert!(
+            r.maps.counters.is_empty(),
+            "counters outlived their ids: {:?}",
+            r.maps.counters
+        );
         assert!(r.maps.services.is_empty() && r.maps.backends.is_empty());
     }
 

@@ -3,7 +3,7 @@
 use std::{collections::BTreeMap, fmt::Write as _, path::Path};
 
 use anyhow::Context as _;
-use aya::maps::{HashMap as BpfHashMap, Map, MapData, PerCpuArray};
+use aya::maps::{HashMap as BpfHashMap, Map, MapData, PerCpuArray, PerCpuHashMap};
 use svc_common::{
     addr::{FAMILY_V4, to_v4},
     service::{Backend, ServiceKey, ServiceValue, backend_flags, flags},
@@ -69,12 +69,32 @@ fn table<'a>(head: &str, rows: impl Iterator<Item = (&'a str, &'a Counter)>) -> 
     out
 }
 
-/// The contents of `SERVICES_V1` and `BACKENDS_V1`.
+/// The contents of `SERVICES_V1` and `BACKENDS_V1`, with the per-id counters.
 pub struct ServicesView {
     /// Every service entry (frontends and slots).
     pub services: BTreeMap<ServiceKey, ServiceValue>,
     /// Every backend.
     pub backends: BTreeMap<u32, Backend>,
+    /// `SVC_STATS_V1` summed over CPUs, by frontend id.
+    pub frontend_stats: BTreeMap<u32, Counter>,
+    /// `BACKEND_STATS_V1` summed over CPUs, by backend id.
+    pub backend_stats: BTreeMap<u32, Counter>,
+}
+
+/// Reads a per-CPU counter hash, summed over CPUs.
+fn read_keyed_counters(bpffs: &Path, name: &str) -> anyhow::Result<BTreeMap<u32, Counter>> {
+    let map: PerCpuHashMap<_, u32, Counter> =
+        PerCpuHashMap::try_from(Map::PerCpuHashMap(open_pinned(bpffs, name)?))?;
+    map.iter()
+        .map(|r| {
+            let (id, per_cpu) = r?;
+            let sum = per_cpu.iter().fold(Counter::default(), |a, v| Counter {
+                packets: a.packets + v.packets,
+                bytes: a.bytes + v.bytes,
+            });
+            Ok((id, sum))
+        })
+        .collect()
 }
 
 /// Reads the pinned service and backend maps.
@@ -86,6 +106,8 @@ pub fn read_services(bpffs: &Path) -> anyhow::Result<ServicesView> {
     Ok(ServicesView {
         services: services.iter().collect::<Result<_, _>>()?,
         backends: backends.iter().collect::<Result<_, _>>()?,
+        frontend_stats: read_keyed_counters(bpffs, "SVC_STATS_V1")?,
+        backend_stats: read_keyed_counters(bpffs, "BACKEND_STATS_V1")?,
     })
 }
 
@@ -95,6 +117,11 @@ fn fmt_addr(addr: &[u8; 16], family: u8, port: u16) -> String {
     } else {
         format!("[{}]:{port}", std::net::Ipv6Addr::from(*addr))
     }
+}
+
+/// `[P packets, B bytes]`.
+fn traffic(c: &Counter) -> String {
+    format!("[{} packets, {} bytes]", c.packets, c.bytes)
 }
 
 /// One frontend per line group: address, protocol, id, flags, then its slots' backends.
@@ -118,6 +145,9 @@ pub fn format_services(view: &ServicesView) -> String {
         if v.affinity_timeout != 0 {
             notes.push(format!("affinity {}s", v.affinity_timeout));
         }
+        if let Some(c) = view.frontend_stats.get(&v.id) {
+            notes.push(traffic(c));
+        }
         let _ = writeln!(
             out,
             "{} {proto} id {} backends {}{}{}",
@@ -131,7 +161,7 @@ pub fn format_services(view: &ServicesView) -> String {
             let line = match view.services.get(&ServiceKey { slot, ..*k }) {
                 Some(s) => match view.backends.get(&s.id) {
                     Some(b) => format!(
-                        "{} (backend {}{}{})",
+                        "{} (backend {}{}{}){}",
                         fmt_addr(&b.addr, b.family, b.port.to_host()),
                         s.id,
                         if b.flags & backend_flags::LOCAL != 0 {
@@ -144,6 +174,10 @@ pub fn format_services(view: &ServicesView) -> String {
                         } else {
                             ""
                         },
+                        view.backend_stats
+                            .get(&s.id)
+                            .map(|c| format!(" {}", traffic(c)))
+                            .unwrap_or_default(),
                     ),
                     None => format!("MISSING backend {}", s.id),
                 },
@@ -226,10 +260,31 @@ mod tests {
                 flags: backend_flags::LOCAL,
             },
         );
-        let text = format_services(&ServicesView { services, backends });
+        let mut backend_stats = BTreeMap::new();
+        backend_stats.insert(
+            7,
+            Counter {
+                packets: 4,
+                bytes: 300,
+            },
+        );
+        let mut frontend_stats = BTreeMap::new();
+        frontend_stats.insert(
+            1,
+            Counter {
+                packets: 4,
+                bytes: 300,
+            },
+        );
+        let text = format_services(&ServicesView {
+            services,
+            backends,
+            frontend_stats,
+            backend_stats,
+        });
         assert_eq!(
             text,
-            "198.19.0.10:80 TCP id 1 backends 1\n  slot 1: 198.18.1.10:5000 (backend 7, local)\n"
+            "198.19.0.10:80 TCP id 1 backends 1  [4 packets, 300 bytes]\n  slot 1: 198.18.1.10:5000 (backend 7, local) [4 packets, 300 bytes]\n"
         );
     }
 }
