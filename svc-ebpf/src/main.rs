@@ -16,6 +16,7 @@
 )]
 
 mod conntrack;
+mod icmp;
 mod lb;
 mod maps;
 mod nat;

@@ -98,3 +98,22 @@ fn words(a: &Addr) -> [u32; 4] {
         u32::from_ne_bytes([a[12], a[13], a[14], a[15]]),
     ]
 }
+
+/// Rewrites only the address of `end`, fixing the IPv4 header checksum. The transport checksum
+/// is the caller's: ICMP errors use it (`ICMPv4` has no pseudo header; the caller folds the change
+/// into the `ICMPv6` checksum itself).
+#[inline(always)]
+pub fn nat_rewrite_l3(ctx: &TcContext, pkt: &Parsed, end: End, addr: &Addr) -> Result<(), ()> {
+    let old_addr = if end == End::Src { &pkt.src } else { &pkt.dst };
+    if pkt.family == FAMILY_V4 {
+        let old = u32::from_ne_bytes([old_addr[0], old_addr[1], old_addr[2], old_addr[3]]);
+        let new = u32::from_ne_bytes([addr[0], addr[1], addr[2], addr[3]]);
+        let addr_off = ETH_HLEN + if end == End::Src { 12 } else { 16 };
+        ctx.l3_csum_replace(IPV4_CHECK, u64::from(old), u64::from(new), 4)
+            .map_err(|_| ())?;
+        ctx.store(addr_off, &new, 0).map_err(|_| ())
+    } else {
+        let addr_off = ETH_HLEN + if end == End::Src { 8 } else { 24 };
+        ctx.store(addr_off, addr, 0).map_err(|_| ())
+    }
+}

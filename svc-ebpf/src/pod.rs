@@ -19,6 +19,7 @@ use svc_common::{
 
 use crate::{
     conntrack::{ct_backend_alive, ct_create, ct_key, ct_lookup},
+    icmp,
     lb::{Choice, Chosen, lb_backend, lb_frontend_key, lb_select_for_client},
     nat::{End, nat_rewrite},
     parse, reject, stats,
@@ -172,15 +173,34 @@ fn new_flow_backend(pkt: &parse::Parsed, now: u64, target: &mut Target) -> Outco
 pub fn to_pod(ctx: &TcContext) -> i32 {
     parse::pull_headers(ctx);
     let pkt = parse::parse(ctx);
+    if matches!(pkt.l4, Some(PktCounter::Icmp | PktCounter::Icmpv6)) {
+        // An ICMP error about a translated flow: its quote must name the VIP again.
+        return match icmp::icmp_error_to_pod(ctx, &pkt) {
+            Ok(Some((frontend_id, backend_id))) => {
+                stats::count(PktCounter::RevNat, ctx.len());
+                stats::count_translated(frontend_id, backend_id, ctx.len());
+                TC_ACT_OK
+            }
+            Ok(None) => TC_ACT_OK,
+            Err(()) => drop(ctx, DropReason::RewriteFailed),
+        };
+    }
     if !pkt.is_tcp_or_udp() {
         return TC_ACT_OK;
     }
+    reply_to_pod(ctx, &pkt)
+}
+
+/// A reply from a backend gets the service address back as its source. A subprogram of its
+/// own (its own stack frame, as the ICMP one has).
+#[inline(never)]
+fn reply_to_pod(ctx: &TcContext, pkt: &parse::Parsed) -> i32 {
     // SAFETY: bpf_ktime_get_ns has no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
-    let Some(entry) = ct_lookup(&ct_key(&pkt, dir::REPLY), &pkt, now) else {
+    let Some(entry) = ct_lookup(&ct_key(pkt, dir::REPLY), pkt, now) else {
         return TC_ACT_OK;
     };
-    if nat_rewrite(ctx, &pkt, End::Src, &entry.addr, entry.port.0).is_err() {
+    if nat_rewrite(ctx, pkt, End::Src, &entry.addr, entry.port.0).is_err() {
         return drop(ctx, DropReason::RewriteFailed);
     }
     stats::count(PktCounter::RevNat, ctx.len());

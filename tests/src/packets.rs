@@ -385,6 +385,20 @@ pub fn port_unreachable_to_pod(from: &str, to: &str, quote: &[u8]) -> Vec<u8> {
     }
 }
 
+/// An ICMP "fragmentation needed" (type 3 code 4, next-hop MTU `mtu`) sent to the pod, from
+/// `from` to `to`, quoting `quote`.
+///
+/// # Panics
+/// When the addresses are not IPv4.
+#[must_use]
+pub fn frag_needed_to_pod(from: &str, to: &str, mtu: u16, quote: &[u8]) -> Vec<u8> {
+    let flow = Flow::new(from, 0, to, 0);
+    let b = to_pod_ip(flow).icmpv4(etherparse::Icmpv4Type::DestinationUnreachable(
+        etherparse::icmpv4::DestUnreachableHeader::FragmentationNeeded { next_hop_mtu: mtu },
+    ));
+    write(b.size(quote.len()), |v| b.write(v, quote))
+}
+
 /// The same frame with its Ethernet source and destination swapped (a frame the host sends
 /// back to the pod it came from).
 #[must_use]
