@@ -12,7 +12,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use anyhow::{Context as _, anyhow, bail};
+use anyhow::{Context as _, bail};
 use aya::{
     Ebpf,
     programs::{CgroupAttachMode, CgroupSockAddr, cgroup_sock_addr::CgroupSockAddrLink},
@@ -89,14 +89,7 @@ pub fn attach_sock_programs(ebpf: &mut Ebpf, cgroup: &Path) -> anyhow::Result<Cg
     let dir = File::open(cgroup).with_context(|| format!("opening {}", cgroup.display()))?;
     let mut links = Vec::with_capacity(ATTACH_ORDER.len());
     for name in ATTACH_ORDER {
-        let prog: &mut CgroupSockAddr = ebpf
-            .program_mut(name)
-            .ok_or_else(|| anyhow!("no program {name} in the object"))?
-            .try_into()?;
-        if prog.fd().is_err() {
-            prog.load()
-                .with_context(|| format!("loading {name} (verifier)"))?;
-        }
+        let prog = crate::loader::loaded::<CgroupSockAddr>(ebpf, name)?;
         // With a BPF link the kernel takes no attach flags: `Single` (0) is the only accepted
         // mode, and a link still coexists with any other program on the hook.
         let id = prog

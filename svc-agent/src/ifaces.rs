@@ -525,11 +525,7 @@ fn attach_one(
     prog_name: &str,
     at: TcAttachType,
 ) -> anyhow::Result<Option<SchedClassifierLinkId>> {
-    let prog = classifier(ebpf, prog_name)?;
-    if prog.fd().is_err() {
-        prog.load()
-            .with_context(|| format!("loading {prog_name} (verifier)"))?;
-    }
+    let prog = crate::loader::loaded::<SchedClassifier>(ebpf, prog_name)?;
     let id = prog.info()?.id();
     match SchedClassifier::query_tcx(iface, at) {
         Ok((_, attached)) if attached.iter().any(|p| p.id() == id) => return Ok(None),

@@ -209,26 +209,55 @@ impl IfacePatterns {
 /// the object: loaded programs hold their maps.
 pub fn load_programs(ebpf: &mut Ebpf) -> anyhow::Result<()> {
     for name in [PROG_TC_FROM_POD, PROG_TC_TO_POD] {
-        let prog: &mut SchedClassifier = ebpf
-            .program_mut(name)
-            .ok_or_else(|| anyhow!("no program {name} in the object"))?
-            .try_into()?;
-        if prog.fd().is_err() {
-            prog.load()
-                .with_context(|| format!("loading {name} (verifier)"))?;
-        }
+        loaded::<SchedClassifier>(ebpf, name)?;
     }
     for name in PROGS_SOCK {
-        let prog: &mut CgroupSockAddr = ebpf
-            .program_mut(name)
-            .ok_or_else(|| anyhow!("no program {name} in the object"))?
-            .try_into()?;
-        if prog.fd().is_err() {
-            prog.load()
-                .with_context(|| format!("loading {name} (verifier)"))?;
-        }
+        loaded::<CgroupSockAddr>(ebpf, name)?;
     }
     Ok(())
+}
+
+/// Program `name` of type `P`, loaded into the kernel (by the verifier) if it was not yet.
+pub fn loaded<'a, P>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut P>
+where
+    P: LoadableProgram,
+    &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    let prog: &mut P = ebpf
+        .program_mut(name)
+        .ok_or_else(|| anyhow!("no program {name} in the object"))?
+        .try_into()?;
+    if !prog.is_loaded() {
+        prog.load_now()
+            .with_context(|| format!("loading {name} (verifier)"))?;
+    }
+    Ok(prog)
+}
+
+/// The programs this agent loads: whether one is loaded, and loading it.
+pub trait LoadableProgram {
+    /// Whether the program is in the kernel already.
+    fn is_loaded(&self) -> bool;
+    /// Loads the program (runs the verifier).
+    fn load_now(&mut self) -> Result<(), aya::programs::ProgramError>;
+}
+
+impl LoadableProgram for SchedClassifier {
+    fn is_loaded(&self) -> bool {
+        self.fd().is_ok()
+    }
+    fn load_now(&mut self) -> Result<(), aya::programs::ProgramError> {
+        self.load()
+    }
+}
+
+impl LoadableProgram for CgroupSockAddr {
+    fn is_loaded(&self) -> bool {
+        self.fd().is_ok()
+    }
+    fn load_now(&mut self) -> Result<(), aya::programs::ProgramError> {
+        self.load()
+    }
 }
 
 #[cfg(test)]
