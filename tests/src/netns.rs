@@ -24,7 +24,9 @@ mod plan;
 mod process;
 mod topology;
 
-pub use cleanup::{CGROUP2_ROOT, RUN_ROOT, leftovers, netns_with_prefix, run_dir};
+pub use cleanup::{
+    CGROUP2_ROOT, RUN_ROOT, assert_run_gone, is_mounted, leftovers, netns_with_prefix, run_dir,
+};
 pub use ns::{NETNS_RUN_DIR, Netns};
 pub use plan::{
     EXTERNAL_V4, EXTERNAL_V6, FIRST_POD_HOST, Ipv4Cidr, Ipv6Cidr, MAX_PODS_PER_NODE, NODE_COUNT,

@@ -10,7 +10,7 @@ use std::{
     net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket},
     os::unix::process::ExitStatusExt as _,
     panic::AssertUnwindSafe,
-    path::{Path, PathBuf},
+    path::PathBuf,
     process::Command,
     sync::Mutex,
     time::{Duration, Instant},
@@ -82,7 +82,7 @@ fn pod_to_pod_tcp_and_udp_over_v4_and_v6_pass_the_tc_program_on_both_nodes() {
     let node_dirs = node_dirs(&topo);
     for (bpffs, cgroup) in &node_dirs {
         assert!(
-            is_mounted(bpffs, "bpf"),
+            netns::is_mounted(bpffs, "bpf"),
             "no bpffs mounted at {}",
             bpffs.display()
         );
@@ -159,7 +159,7 @@ fn pod_to_pod_tcp_and_udp_over_v4_and_v6_pass_the_tc_program_on_both_nodes() {
 
     drop(ebpfs);
     drop(topo);
-    assert_run_gone(&prefix, &node_dirs);
+    netns::assert_run_gone(&prefix);
     step(&format!("topology dropped: nothing of {prefix} remains"));
 }
 
@@ -214,7 +214,15 @@ fn guards_remove_everything_when_a_test_panics() {
         node_dirs,
         pids,
     } = seen.lock().unwrap().take().expect("the closure ran");
-    assert_run_gone(&prefix, &node_dirs);
+    netns::assert_run_gone(&prefix);
+    for (bpffs, cgroup) in &node_dirs {
+        assert!(
+            !netns::is_mounted(bpffs, "bpf"),
+            "bpffs {} still mounted",
+            bpffs.display()
+        );
+        assert!(!cgroup.exists(), "cgroup {} remains", cgroup.display());
+    }
     for pid in pids {
         let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
         assert!(
@@ -483,34 +491,4 @@ fn udp_request_response(client: &End<'_>, server: &End<'_>) -> anyhow::Result<u3
         return Ok(attempt);
     }
     bail!("no answer after {UDP_ATTEMPTS} attempts of {wait:?}")
-}
-
-fn is_mounted(path: &Path, fstype: &str) -> bool {
-    std::fs::read_to_string("/proc/mounts").is_ok_and(|m| {
-        m.lines().any(|l| {
-            let mut f = l.split_whitespace();
-            f.nth(1) == path.to_str() && f.next() == Some(fstype)
-        })
-    })
-}
-
-/// Nothing of run `prefix` is left: namespaces, bpffs mounts, cgroups, run directory.
-fn assert_run_gone(prefix: &str, node_dirs: &[(PathBuf, PathBuf)]) {
-    let netns = netns::netns_with_prefix(prefix).expect("ip netns list");
-    assert!(netns.is_empty(), "namespaces of {prefix} remain: {netns:?}");
-    for (bpffs, cgroup) in node_dirs {
-        assert!(
-            !is_mounted(bpffs, "bpf"),
-            "bpffs {} still mounted",
-            bpffs.display()
-        );
-        assert!(!cgroup.exists(), "cgroup {} remains", cgroup.display());
-    }
-    let mounts = std::fs::read_to_string("/proc/mounts").unwrap();
-    assert!(
-        !mounts.contains(prefix),
-        "mounts of {prefix} remain:\n{mounts}"
-    );
-    let left = netns::leftovers(prefix).expect("listing leftovers");
-    assert!(left.is_empty(), "leftovers of {prefix}: {left:?}");
 }

@@ -38,6 +38,28 @@ pub fn netns_with_prefix(prefix: &str) -> anyhow::Result<Vec<String>> {
         .collect())
 }
 
+/// Whether a filesystem of type `fstype` is mounted at `path` (per `/proc/mounts`).
+#[must_use]
+pub fn is_mounted(path: &Path, fstype: &str) -> bool {
+    std::fs::read_to_string("/proc/mounts").is_ok_and(|m| {
+        m.lines().any(|l| {
+            let mut f = l.split_whitespace();
+            f.nth(1) == path.to_str() && f.next() == Some(fstype)
+        })
+    })
+}
+
+/// Panics, naming what is left, unless nothing of run `prefix` exists any more (namespaces,
+/// cgroups, bpffs and other mounts, the run directory). Tests call it after dropping their
+/// topology.
+///
+/// # Panics
+/// When something of the run remains, or the system cannot be asked.
+pub fn assert_run_gone(prefix: &str) {
+    let left = leftovers(prefix).expect("listing what is left of the run");
+    assert!(left.is_empty(), "leftovers of {prefix}: {left:?}");
+}
+
 /// Everything of the run `prefix` that still exists, one line each ("netns ...", "cgroup ...",
 /// "mount ...", "dir ..."); empty once the run is cleaned up.
 pub fn leftovers(prefix: &str) -> anyhow::Result<Vec<String>> {
