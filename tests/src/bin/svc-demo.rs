@@ -92,6 +92,8 @@ fn main() -> anyhow::Result<()> {
             "{name} got none of {REQUESTS} requests (chance 3 x (2/3)^30 = 1.6e-5 if all is well)"
         );
     }
+    println!("\nper-frontend and per-backend counters on node1 (svc-agent inspect services):");
+    print!("{}", indent(&demo.agents[0].inspect("services")?));
     println!("\ncounters on node1 (svc-agent inspect stats, zero rows left out):");
     print!("{}", nonzero_rows(&demo.agents[0].inspect("stats")?));
 
