@@ -1,6 +1,7 @@
 //! Test support for svc: the packet fixture runner (`BPF_PROG_TEST_RUN`) and the network
 //! namespace harness used by the end-to-end tests.
 
+pub mod apiserver;
 pub mod fixture;
 pub mod k8s;
 pub mod netns;

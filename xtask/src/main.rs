@@ -124,6 +124,8 @@ fn test(no_lint: bool) -> anyhow::Result<()> {
         "--lib",
         "--bins",
     ])?;
+    step("tier 1: the real kube client against the test API server (loopback, no root)");
+    cargo(&["test", "-p", "svc-tests", "--test", "apiserver"])?;
     require_root(
         "tiers 2 and 3 load eBPF programs (BPF_PROG_TEST_RUN) and create network namespaces",
     )?;

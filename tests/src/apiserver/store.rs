@@ -1,0 +1,304 @@
+//! The object store behind the test API server, kept the way etcd keeps it for the real one:
+//! one global, monotonically increasing resource version, the current objects, and a bounded
+//! history of changes (each with the object's previous state, so the state at any retained
+//! version can be rebuilt for consistent paginated lists and watches can replay from it).
+
+use std::{
+    collections::{BTreeMap, VecDeque},
+    sync::Arc,
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use serde_json::Value;
+
+use super::kind::Kind;
+
+/// Where an object is stored: kind, namespace (empty for cluster-scoped kinds), name.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub(crate) struct Key {
+    pub(crate) kind: Kind,
+    pub(crate) namespace: String,
+    pub(crate) name: String,
+}
+
+/// One change: the object after it (for a deletion, its last state carrying the deletion's
+/// resource version), and before it.
+#[derive(Debug)]
+pub(crate) struct Change {
+    pub(crate) rv: u64,
+    pub(crate) key: Key,
+    pub(crate) prev: Option<Arc<Value>>,
+    pub(crate) object: Arc<Value>,
+    pub(crate) deleted: bool,
+}
+
+/// A resource version the history no longer reaches back to (etcd: "required revision has
+/// been compacted"; the API server: `410 Gone`, reason `Expired`).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Compacted {
+    pub(crate) requested: u64,
+    pub(crate) oldest: u64,
+}
+
+/// The store. Bounded: at most `history_limit` changes and `max_objects` objects.
+#[derive(Debug)]
+pub(crate) struct Store {
+    rv: u64,
+    objects: BTreeMap<Key, Arc<Value>>,
+    /// Every change with a resource version above `compacted`, oldest first.
+    history: VecDeque<Change>,
+    compacted: u64,
+    history_limit: usize,
+    max_objects: usize,
+    uid_seed: u64,
+    uids: u64,
+}
+
+impl Store {
+    pub(crate) fn new(history_limit: usize, max_objects: usize) -> Self {
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        Self {
+            rv: 1,
+            objects: BTreeMap::new(),
+            history: VecDeque::new(),
+            compacted: 1,
+            history_limit: history_limit.max(1),
+            max_objects,
+            uid_seed: (nanos as u64) ^ u64::from(std::process::id()).rotate_left(32),
+            uids: 0,
+        }
+    }
+
+    /// The current resource version.
+    pub(crate) fn rv(&self) -> u64 {
+        self.rv
+    }
+
+    /// The current objects, in key order.
+    pub(crate) fn objects(&self) -> &BTreeMap<Key, Arc<Value>> {
+        &self.objects
+    }
+
+    /// Creates or updates an object. The server sets `metadata.resourceVersion`, `uid` and
+    /// `creationTimestamp` (kept across updates); an update that changes nothing is a no-op
+    /// that makes no event, like the real API server's.
+    pub(crate) fn apply(&mut self, mut object: Value) -> Result<Arc<Value>, String> {
+        let key = key_of(&mut object)?;
+        let existing = self.objects.get(&key).cloned();
+        if let Some(existing) = &existing {
+            let meta = metadata_mut(&mut object)?;
+            for field in ["uid", "creationTimestamp", "resourceVersion"] {
+                match existing.pointer(&format!("/metadata/{field}")) {
+                    Some(v) => meta.insert(field.to_owned(), v.clone()),
+                    None => meta.remove(field),
+                };
+            }
+            if object == **existing {
+                return Ok(Arc::clone(existing));
+            }
+        } else {
+            if self.objects.len() >= self.max_objects {
+                return Err(format!(
+                    "the test API server holds at most {} objects",
+                    self.max_objects
+                ));
+            }
+            self.uids += 1;
+            let uid = self.uid();
+            let now = k8s_openapi::jiff::Timestamp::now().as_second();
+            let now = k8s_openapi::jiff::Timestamp::from_second(now).map_err(|e| e.to_string())?;
+            let meta = metadata_mut(&mut object)?;
+            meta.insert("uid".to_owned(), uid.into());
+            meta.insert("creationTimestamp".to_owned(), now.to_string().into());
+        }
+        let rv = self.rv + 1;
+        set_resource_version(&mut object, rv);
+        let object = Arc::new(object);
+        self.rv = rv;
+        self.objects.insert(key.clone(), Arc::clone(&object));
+        self.record(Change {
+            rv,
+            key,
+            prev: existing,
+            object: Arc::clone(&object),
+            deleted: false,
+        });
+        Ok(object)
+    }
+
+    /// Deletes an object, returning its last state (with the deletion's resource version).
+    pub(crate) fn delete(&mut self, key: &Key) -> Option<Arc<Value>> {
+        let prev = self.objects.remove(key)?;
+        let rv = self.rv + 1;
+        self.rv = rv;
+        let mut last = (*prev).clone();
+        set_resource_version(&mut last, rv);
+        let last = Arc::new(last);
+        self.record(Change {
+            rv,
+            key: key.clone(),
+            prev: Some(prev),
+            object: Arc::clone(&last),
+            deleted: true,
+        });
+        Some(last)
+    }
+
+    /// Forgets the whole history, as an etcd compaction at the current revision does.
+    pub(crate) fn compact(&mut self) {
+        self.history.clear();
+        self.compacted = self.rv;
+    }
+
+    /// Every change after `rv`, oldest first.
+    pub(crate) fn changes_since(
+        &self,
+        rv: u64,
+    ) -> Result<impl Iterator<Item = &Change>, Compacted> {
+        if rv < self.compacted {
+            return Err(Compacted {
+                requested: rv,
+                oldest: self.compacted,
+            });
+        }
+        let first = self.history.partition_point(|c| c.rv <= rv);
+        Ok(self.history.range(first..))
+    }
+
+    /// The objects as they were at `rv` (which must not be above the current version).
+    pub(crate) fn snapshot(&self, rv: u64) -> Result<BTreeMap<Key, Arc<Value>>, Compacted> {
+        let mut objects = self.objects.clone();
+        let changes: Vec<&Change> = self.changes_since(rv)?.collect();
+        for change in changes.into_iter().rev() {
+            match &change.prev {
+                Some(prev) => objects.insert(change.key.clone(), Arc::clone(prev)),
+                None => objects.remove(&change.key),
+            };
+        }
+        Ok(objects)
+    }
+
+    fn record(&mut self, change: Change) {
+        self.history.push_back(change);
+        while self.history.len() > self.history_limit {
+            if let Some(oldest) = self.history.pop_front() {
+                self.compacted = oldest.rv;
+            }
+        }
+    }
+
+    /// A fresh, well-formed (version 4 layout) UID, unique within this server.
+    fn uid(&self) -> String {
+        let (seed, n) = (self.uid_seed, self.uids);
+        format!(
+            "{:08x}-{:04x}-4{:03x}-a{:03x}-{:012x}",
+            (seed >> 32) as u32,
+            (seed >> 16) & 0xffff,
+            seed & 0xfff,
+            (n >> 48) & 0xfff,
+            n & 0xffff_ffff_ffff
+        )
+    }
+}
+
+/// The key of an object, checking that it is of a served kind and named; a namespaced
+/// object naming no namespace goes to `default` (like `kubectl apply`), a cluster-scoped one
+/// loses any namespace it names.
+pub(crate) fn key_of(object: &mut Value) -> Result<Key, String> {
+    let text = |v: &Value, field: &str| v.get(field).and_then(Value::as_str).map(str::to_owned);
+    let api_version = text(object, "apiVersion").ok_or("object has no apiVersion")?;
+    let kind_name = text(object, "kind").ok_or("object has no kind")?;
+    let kind = Kind::of(&api_version, &kind_name)
+        .ok_or_else(|| format!("the test API server does not serve {api_version} {kind_name}"))?;
+    let meta = object
+        .get_mut("metadata")
+        .and_then(Value::as_object_mut)
+        .ok_or("object has no metadata")?;
+    let name = meta
+        .get("name")
+        .and_then(Value::as_str)
+        .filter(|n| !n.is_empty())
+        .ok_or("object has no metadata.name")?
+        .to_owned();
+    let namespace = if kind.namespaced() {
+        let ns = meta
+            .get("namespace")
+            .and_then(Value::as_str)
+            .filter(|n| !n.is_empty())
+            .unwrap_or("default")
+            .to_owned();
+        meta.insert("namespace".to_owned(), ns.clone().into());
+        ns
+    } else {
+        meta.remove("namespace");
+        String::new()
+    };
+    Ok(Key {
+        kind,
+        namespace,
+        name,
+    })
+}
+
+fn metadata_mut(object: &mut Value) -> Result<&mut serde_json::Map<String, Value>, String> {
+    object
+        .get_mut("metadata")
+        .and_then(Value::as_object_mut)
+        .ok_or_else(|| "object has no metadata".to_owned())
+}
+
+/// Sets `metadata.resourceVersion`.
+pub(crate) fn set_resource_version(object: &mut Value, rv: u64) {
+    if let Some(meta) = object.get_mut("metadata").and_then(Value::as_object_mut) {
+        meta.insert("resourceVersion".to_owned(), rv.to_string().into());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn node(name: &str, label: &str) -> Value {
+        json!({"apiVersion": "v1", "kind": "Node",
+               "metadata": {"name": name, "labels": {"l": label}}})
+    }
+
+    #[test]
+    fn versions_grow_and_no_op_updates_make_no_change() {
+        let mut store = Store::new(10, 10);
+        let a = store.apply(node("a", "1")).unwrap();
+        assert_eq!(a["metadata"]["resourceVersion"], "2");
+        let uid = a["metadata"]["uid"].clone();
+        let same = store.apply(node("a", "1")).unwrap();
+        assert_eq!(same["metadata"]["resourceVersion"], "2");
+        let b = store.apply(node("a", "2")).unwrap();
+        assert_eq!(b["metadata"]["resourceVersion"], "3");
+        assert_eq!(b["metadata"]["uid"], uid);
+        let gone = store.delete(&key_of(&mut node("a", "")).unwrap()).unwrap();
+        assert_eq!(gone["metadata"]["resourceVersion"], "4");
+        assert_eq!(gone["metadata"]["labels"]["l"], "2");
+        assert_eq!(store.changes_since(2).unwrap().count(), 2);
+    }
+
+    #[test]
+    fn snapshots_rebuild_old_states_until_compacted() {
+        let mut store = Store::new(3, 10);
+        store.apply(node("a", "1")).unwrap(); // 2
+        store.apply(node("b", "1")).unwrap(); // 3
+        store.apply(node("a", "2")).unwrap(); // 4
+        store.delete(&key_of(&mut node("b", "")).unwrap()); // 5
+        let at3 = store.snapshot(3).unwrap();
+        assert_eq!(at3.len(), 2);
+        assert!(at3.values().all(|o| o["metadata"]["labels"]["l"] == "1"));
+        // Four changes, three kept: version 2 is compacted away.
+        assert!(store.snapshot(1).is_err());
+        assert_eq!(store.snapshot(2).unwrap().len(), 1);
+        store.compact();
+        assert!(store.changes_since(4).is_err());
+        assert_eq!(store.changes_since(5).unwrap().count(), 0);
+    }
+}
