@@ -41,9 +41,20 @@ pub struct RunArgs {
     #[arg(long, default_value = "svcpod*,lxc*,veth*", env = "SVC_POD_IFACES")]
     pub pod_ifaces: String,
     /// Standalone mode: read `Service`, `EndpointSlice` and `Node` objects from the YAML/JSON files in
-    /// this directory and follow its changes live.
-    #[arg(long)]
+    /// this directory and follow its changes live. Without it, the agent follows the Kubernetes
+    /// API server.
+    #[arg(long, conflicts_with = "kubeconfig")]
     pub from_dir: Option<std::path::PathBuf>,
+    /// The kubeconfig file to reach the API server with. Without it: the in-cluster service
+    /// account, then `KUBECONFIG`, then `~/.kube/config`.
+    #[arg(long)]
+    pub kubeconfig: Option<std::path::PathBuf>,
+    /// How long to wait for more changes after one arrives before reconciling (milliseconds).
+    #[arg(long, default_value_t = 20)]
+    pub coalesce_ms: u64,
+    /// Do not publish Kubernetes Events about bad objects (they are logged either way).
+    #[arg(long)]
+    pub no_events: bool,
     /// `SERVICES_V1` entries (frontends plus one per backend slot).
     #[arg(long, default_value_t = svc_common::sizes::SERVICES)]
     pub max_service_entries: u32,

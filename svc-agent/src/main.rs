@@ -80,8 +80,20 @@ async fn run(bpffs: &std::path::Path, args: &RunArgs) -> anyhow::Result<()> {
             info!(node = %args.node_name, pin_dir = %loader::pin_dir(bpffs).display(), "svc-agent running");
             standalone::follow(dir, &args.node_name, &mut reconciler).await
         } else {
-            info!(node = %args.node_name, pin_dir = %loader::pin_dir(bpffs).display(), "svc-agent running");
-            std::future::pending().await
+            let connection = svc_agent::source::kube::Connection {
+                kubeconfig: args.kubeconfig.clone(),
+            };
+            let options = svc_agent::source::kube::Options {
+                node_name: args.node_name.clone(),
+                coalesce: std::time::Duration::from_millis(args.coalesce_ms),
+                events: !args.no_events,
+            };
+            let client = connection.client().await?;
+            info!(node = %args.node_name, "following the Kubernetes API server");
+            svc_agent::source::kube::follow(client, &options, &mut reconciler, || {
+                info!(node = %args.node_name, pin_dir = %loader::pin_dir(bpffs).display(), "svc-agent running");
+            })
+            .await
         }
     };
     tokio::select! {

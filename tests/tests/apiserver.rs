@@ -776,3 +776,53 @@ async fn dropping_the_server_stops_it() -> anyhow::Result<()> {
     assert!(list.is_err());
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_are_created_then_patched_into_a_series() -> anyhow::Result<()> {
+    use k8s_openapi::api::events::v1::Event as K8sEvent;
+    use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
+
+    let server = ApiServer::start().await?;
+    let svc = server.apply(&service("shop", "web", &[], "198.19.0.10"))?;
+    let recorder = Recorder::new(
+        server.client()?,
+        Reporter {
+            controller: "svc-agent".to_owned(),
+            instance: Some("node1".to_owned()),
+        },
+    );
+    let event = KubeEvent {
+        type_: EventType::Warning,
+        reason: "InvalidObject".to_owned(),
+        note: Some("spec.ports[0].port: 70000 is out of range".to_owned()),
+        action: "Program".to_owned(),
+        secondary: None,
+    };
+    let reference = svc.object_ref(&());
+    bounded("publishing", recorder.publish(&event, &reference)).await?;
+    bounded("publishing again", recorder.publish(&event, &reference)).await?;
+    let events: Vec<K8sEvent> = server.objects_of()?;
+    assert_eq!(
+        events.len(),
+        1,
+        "the second publish patches the first: {events:?}"
+    );
+    let stored = &events[0];
+    assert_eq!(stored.metadata.namespace.as_deref(), Some("shop"));
+    assert_eq!(stored.reason.as_deref(), Some("InvalidObject"));
+    assert_eq!(stored.type_.as_deref(), Some("Warning"));
+    let regarding = stored.regarding.as_ref().expect("regarding");
+    assert_eq!(regarding.name.as_deref(), Some("web"));
+    assert_eq!(regarding.uid, svc.metadata.uid);
+    assert_eq!(stored.series.as_ref().map(|s| s.count), Some(2));
+    // Only Events are writable.
+    let services: Api<Service> = Api::namespaced(server.client()?, "shop");
+    let denied = services
+        .create(
+            &kube::api::PostParams::default(),
+            &service("shop", "x", &[], "198.19.0.11"),
+        )
+        .await;
+    assert!(denied.is_err(), "creating a Service must be refused");
+    Ok(())
+}

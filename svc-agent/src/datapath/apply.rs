@@ -185,6 +185,9 @@ pub struct ReconcileReport {
     pub backends_deleted: usize,
     /// Frontends not (fully) programmed, and why.
     pub errors: Vec<String>,
+    /// Frontends left out as a whole because a map is full (their Service, from the desired
+    /// state, gets told), and why.
+    pub skipped: Vec<(FrontendKey, String)>,
 }
 
 /// Keeps the maps equal to the desired state, writing only differences.
@@ -245,6 +248,7 @@ impl<M: DatapathMaps> Reconciler<M> {
                 .iter()
                 .map(|(k, why)| format!("frontend {k} not programmed: {why}"))
                 .collect(),
+            skipped: want.skipped.clone(),
             ..ReconcileReport::default()
         };
         self.write_backends(&want, &mut report);

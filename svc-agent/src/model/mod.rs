@@ -23,7 +23,10 @@ mod frontend;
 mod node;
 mod service;
 
-use std::collections::{BTreeMap, btree_map::Entry};
+use std::{
+    collections::{BTreeMap, btree_map::Entry},
+    sync::Arc,
+};
 
 pub use error::ObjectError;
 pub use frontend::{
@@ -54,13 +57,28 @@ pub const DEFAULT_NAMESPACE: &str = "default";
 /// The order of the objects does not matter. Objects of the same kind, namespace and name
 /// appearing more than once are merged when identical and rejected when they differ.
 #[derive(Clone, Debug, Default, PartialEq)]
+///
+/// Objects are shared (`Arc`) so a source that caches them (the Kubernetes reflectors) builds a
+/// snapshot without copying any object.
 pub struct Snapshot {
     /// `v1` Services.
-    pub services: Vec<Service>,
+    pub services: Vec<Arc<Service>>,
     /// `discovery.k8s.io/v1` `EndpointSlice`s.
-    pub slices: Vec<EndpointSlice>,
+    pub slices: Vec<Arc<EndpointSlice>>,
     /// `v1` Nodes (only the one named like this node is used).
-    pub nodes: Vec<Node>,
+    pub nodes: Vec<Arc<Node>>,
+}
+
+impl Snapshot {
+    /// A snapshot of owned objects.
+    #[must_use]
+    pub fn new(services: Vec<Service>, slices: Vec<EndpointSlice>, nodes: Vec<Node>) -> Self {
+        Self {
+            services: services.into_iter().map(Arc::new).collect(),
+            slices: slices.into_iter().map(Arc::new).collect(),
+            nodes: nodes.into_iter().map(Arc::new).collect(),
+        }
+    }
 }
 
 /// What the dataplane of one node should do, computed by [`compute`].
@@ -94,6 +112,7 @@ pub fn compute(snapshot: &Snapshot, node_name: &str) -> DesiredState {
         |s| (&s.metadata.namespace, &s.metadata.name),
         &mut errors,
     );
+    let slices: Vec<&EndpointSlice> = slices.into_iter().map(AsRef::as_ref).collect();
     let slice_index = SliceIndex::build(&slices, node_name, &mut errors);
     let (node_addresses, node_errors) = node_addresses(&snapshot.nodes, node_name);
     errors.extend(node_errors);
@@ -101,7 +120,7 @@ pub fn compute(snapshot: &Snapshot, node_name: &str) -> DesiredState {
     // `services` is sorted by namespace/name, so conflicts are resolved the same way whatever
     // the input order.
     let mut frontends = BTreeMap::new();
-    for svc in services {
+    for svc in services.into_iter().map(AsRef::as_ref) {
         let Some(view) = ServiceView::parse(svc, &mut errors) else {
             continue;
         };

@@ -1,6 +1,6 @@
 //! This node's addresses, from its Node object.
 
-use std::{collections::BTreeSet, net::IpAddr};
+use std::{borrow::Borrow, collections::BTreeSet, net::IpAddr};
 
 use k8s_openapi::api::core::v1::Node;
 
@@ -32,10 +32,14 @@ pub struct NodeAddress {
 /// error (standalone mode may have no Node objects). Several differing Node objects of that
 /// name give no addresses and an error, whatever their order. Only this node is checked.
 #[must_use]
-pub fn node_addresses(nodes: &[Node], node_name: &str) -> (Vec<NodeAddress>, Vec<ObjectError>) {
+pub fn node_addresses<N: Borrow<Node>>(
+    nodes: &[N],
+    node_name: &str,
+) -> (Vec<NodeAddress>, Vec<ObjectError>) {
     let mut errors = Vec::new();
     let mine: Vec<&Node> = nodes
         .iter()
+        .map(Borrow::borrow)
         .filter(|n| !node_name.is_empty() && n.metadata.name.as_deref() == Some(node_name))
         .collect();
     let Some(&node) = mine.first() else {
@@ -177,7 +181,7 @@ status:
         assert_eq!(node_addresses(&nodes, "node9"), (vec![], vec![]));
         assert_eq!(node_addresses(&nodes, "bare"), (vec![], vec![]));
         assert_eq!(node_addresses(&nodes, ""), (vec![], vec![]));
-        assert_eq!(node_addresses(&[], "node1"), (vec![], vec![]));
+        assert_eq!(node_addresses::<Node>(&[], "node1"), (vec![], vec![]));
     }
 
     #[test]

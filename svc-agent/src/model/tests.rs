@@ -164,11 +164,7 @@ metadata:
 }
 
 fn snapshot(services: Vec<Service>, slices: Vec<EndpointSlice>) -> Snapshot {
-    Snapshot {
-        services,
-        slices,
-        nodes: Vec::new(),
-    }
+    Snapshot::new(services, slices, Vec::new())
 }
 
 fn key(addr: &str, port: u16, proto: Protocol) -> FrontendKey {
@@ -317,11 +313,11 @@ fn ready(addr: &str, node: &str) -> String {
 
 #[test]
 fn documentation_example_gives_one_frontend_with_three_backends() {
-    let snap = Snapshot {
-        services: vec![yaml(FRONTEND_SVC)],
-        slices: vec![yaml(FRONTEND_SLICE)],
-        nodes: vec![yaml(NODE1)],
-    };
+    let snap = Snapshot::new(
+        vec![yaml(FRONTEND_SVC)],
+        vec![yaml(FRONTEND_SLICE)],
+        vec![yaml(NODE1)],
+    );
     let state = compute_any_order(&snap, "node1");
     assert_eq!(state.errors, []);
     assert_eq!(state.frontends.len(), 1);
@@ -1839,10 +1835,6 @@ impl Lcg {
     }
 }
 
-#[expect(
-    clippy::too_many_lines,
-    reason = "one generator of every field a snapshot may vary"
-)]
 fn generated_snapshot(seed: u64) -> Snapshot {
     let mut rng = Lcg(seed);
     let ips = [
@@ -1941,11 +1933,7 @@ endpoints:
             &body,
         ));
     }
-    Snapshot {
-        services,
-        slices,
-        nodes: Vec::new(),
-    }
+    Snapshot::new(services, slices, Vec::new())
 }
 
 #[test]
@@ -2038,11 +2026,7 @@ kind: Node
 metadata: {}
 ",
     )];
-    let snap = Snapshot {
-        services,
-        slices,
-        nodes,
-    };
+    let snap = Snapshot::new(services, slices, nodes);
     let _ = compute_any_order(&snap, "");
     let _ = compute_any_order(&snap, "node1");
 }

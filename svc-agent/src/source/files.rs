@@ -15,6 +15,7 @@
 use std::{
     fmt, fs,
     path::{Path, PathBuf},
+    sync::Arc,
 };
 
 use anyhow::Context as _;
@@ -391,15 +392,15 @@ fn add_document(document: &Document<'_>, origin: Origin, loaded: &mut Loaded) {
     };
     match kind_of(&api_version, &kind) {
         Kind::Service => match document.decode::<Service>() {
-            Ok(object) => loaded.snapshot.services.push(object),
+            Ok(object) => loaded.snapshot.services.push(Arc::new(object)),
             Err(e) => fail(origin, format!("{api_version} {kind}: {e}")),
         },
         Kind::EndpointSlice => match document.decode::<EndpointSlice>() {
-            Ok(object) => loaded.snapshot.slices.push(object),
+            Ok(object) => loaded.snapshot.slices.push(Arc::new(object)),
             Err(e) => fail(origin, format!("{api_version} {kind}: {e}")),
         },
         Kind::Node => match document.decode::<Node>() {
-            Ok(object) => loaded.snapshot.nodes.push(object),
+            Ok(object) => loaded.snapshot.nodes.push(Arc::new(object)),
             Err(e) => fail(origin, format!("{api_version} {kind}: {e}")),
         },
         Kind::Unsupported(supported) => fail(

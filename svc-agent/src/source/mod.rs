@@ -1,5 +1,7 @@
-//! Where Kubernetes objects come from: a directory of YAML/JSON files (standalone mode).
+//! Where Kubernetes objects come from: a directory of YAML/JSON files (standalone mode) or the
+//! Kubernetes API server.
 
 pub mod files;
+pub mod kube;
 
 pub use files::{DocumentError, Loaded, Origin, Skipped, load_dir, load_file, parse_str};

@@ -29,14 +29,23 @@ use super::{
 /// The body of every response.
 pub(crate) type Body = UnsyncBoxBody<Bytes, io::Error>;
 
+/// The largest request body accepted (`POST`/`PATCH` of an Event).
+const MAX_BODY: usize = 1 << 20;
+
 /// Answers one request, recording it.
-pub(crate) fn handle(shared: &Arc<Shared>, request: &Request<Incoming>) -> Response<Body> {
+pub(crate) async fn handle(shared: &Arc<Shared>, request: Request<Incoming>) -> Response<Body> {
     let method = request.method().clone();
     let path = request.uri().path().to_owned();
     let query = request.uri().query().unwrap_or_default().to_owned();
     let params = Params::parse(&query);
     let response = match shared.take_failure() {
         Some(code) => injected_failure(code),
+        None if method == Method::POST || method == Method::PATCH => {
+            match read_body(request).await {
+                Ok(body) => write(shared, &method, &path, &body),
+                Err(response) => response,
+            }
+        }
         None => route(shared, &method, &path, &params),
     };
     shared.record(RequestRecord {
@@ -92,14 +101,10 @@ fn route(shared: &Arc<Shared>, method: &Method, path: &str, params: &Params) -> 
 
 /// Splits `/api/v1/namespaces/NS/services/NAME` into kind, namespace and name.
 fn parse_path(path: &str) -> Option<(Kind, Option<String>, Option<String>)> {
-    let (prefix, rest) = if let Some(rest) = path.strip_prefix("/api/v1/") {
-        ("/api/v1", rest)
-    } else {
-        (
-            "/apis/discovery.k8s.io/v1",
-            path.strip_prefix("/apis/discovery.k8s.io/v1/")?,
-        )
-    };
+    let (prefix, rest) = Kind::ALL.into_iter().find_map(|k| {
+        let rest = path.strip_prefix(k.prefix())?.strip_prefix('/')?;
+        Some((k.prefix(), rest))
+    })?;
     let parts: Vec<&str> = rest.trim_end_matches('/').split('/').collect();
     let (namespace, plural, name) = match parts.as_slice() {
         [plural] => (None, *plural, None),
@@ -140,6 +145,144 @@ fn get(shared: &Shared, filter: &Filter) -> Response<Body> {
     );
     status["details"] = json!({"name": name, "kind": filter.kind.plural()});
     json_response(StatusCode::NOT_FOUND, status.to_string().into())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Writes (Events only)
+// ---------------------------------------------------------------------------------------------
+
+async fn read_body(request: Request<Incoming>) -> Result<Bytes, Response<Body>> {
+    let body = http_body_util::Limited::new(request.into_body(), MAX_BODY);
+    match body.collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) => Err(status_response(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "RequestEntityTooLarge",
+            &format!("reading the request body: {e}"),
+        )),
+    }
+}
+
+/// `POST .../events` creates an Event (`409 AlreadyExists` if the name is taken); `PATCH
+/// .../events/NAME` applies a JSON merge patch (RFC 7386) to one. Other kinds are read-only
+/// (`405`), as the agent must never write them.
+fn write(shared: &Shared, method: &Method, path: &str, body: &[u8]) -> Response<Body> {
+    let Some((kind, namespace, name)) = parse_path(path) else {
+        return status_response(
+            StatusCode::NOT_FOUND,
+            "NotFound",
+            "the server could not find the requested resource",
+        );
+    };
+    if kind != Kind::Event || namespace.is_none() {
+        return status_response(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "MethodNotAllowed",
+            &format!(
+                "the test API server accepts {method} only for namespaced events.k8s.io/v1 Events"
+            ),
+        );
+    }
+    let namespace = namespace.unwrap_or_default();
+    let Ok(mut object) = serde_json::from_slice::<Value>(body) else {
+        return bad_request("the request body is not JSON");
+    };
+    let created = *method == Method::POST;
+    let result = shared.change(|store| {
+        if created {
+            if name.is_some() {
+                return Err((
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    "MethodNotAllowed",
+                    "POST goes to the collection".to_owned(),
+                ));
+            }
+            object["apiVersion"] = Kind::Event.api_version().into();
+            object["kind"] = Kind::Event.name().into();
+            let object_ns = object
+                .pointer("/metadata/namespace")
+                .and_then(Value::as_str);
+            if object_ns.is_some_and(|ns| ns != namespace) {
+                return Err((
+                    StatusCode::BAD_REQUEST,
+                    "BadRequest",
+                    "the namespace of the object does not match the URL".to_owned(),
+                ));
+            }
+            object["metadata"]["namespace"] = namespace.clone().into();
+            let event_name = object
+                .pointer("/metadata/name")
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_owned();
+            let key = Key {
+                kind,
+                namespace: namespace.clone(),
+                name: event_name.clone(),
+            };
+            if store.objects().contains_key(&key) {
+                return Err((
+                    StatusCode::CONFLICT,
+                    "AlreadyExists",
+                    format!("events \"{event_name}\" already exists"),
+                ));
+            }
+            store
+                .apply(object)
+                .map_err(|e| (StatusCode::UNPROCESSABLE_ENTITY, "Invalid", e))
+        } else {
+            let name = name.clone().unwrap_or_default();
+            let key = Key {
+                kind,
+                namespace: namespace.clone(),
+                name: name.clone(),
+            };
+            let Some(existing) = store.objects().get(&key) else {
+                return Err((
+                    StatusCode::NOT_FOUND,
+                    "NotFound",
+                    format!("events \"{name}\" not found"),
+                ));
+            };
+            let mut patched = (**existing).clone();
+            merge_patch(&mut patched, &object);
+            store
+                .apply(patched)
+                .map_err(|e| (StatusCode::UNPROCESSABLE_ENTITY, "Invalid", e))
+        }
+    });
+    match result {
+        Ok(stored) => json_response(
+            if created {
+                StatusCode::CREATED
+            } else {
+                StatusCode::OK
+            },
+            stored.to_string().into(),
+        ),
+        Err((code, reason, message)) => status_response(code, reason, &message),
+    }
+}
+
+/// Applies a JSON merge patch (RFC 7386): objects merge key by key, `null` removes a key,
+/// anything else replaces.
+fn merge_patch(target: &mut Value, patch: &Value) {
+    let Value::Object(patch) = patch else {
+        *target = patch.clone();
+        return;
+    };
+    if !target.is_object() {
+        *target = Value::Object(serde_json::Map::new());
+    }
+    if let Value::Object(target) = target {
+        for (key, value) in patch {
+            if value.is_null() {
+                target.remove(key);
+            } else {
+                merge_patch(target.entry(key.clone()).or_insert(Value::Null), value);
+            }
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -675,6 +818,19 @@ mod tests {
         assert!(parse_path("/api/v1/namespaces/x/nodes").is_none());
         assert!(parse_path("/api/v1/pods").is_none());
         assert!(parse_path("/apis/discovery.k8s.io/v1/services").is_none());
+    }
+
+    #[test]
+    fn merge_patches_follow_rfc_7386() {
+        let mut target = json!({"a": 1, "b": {"c": 2, "d": 3}, "e": [1]});
+        merge_patch(
+            &mut target,
+            &json!({"a": null, "b": {"c": 5}, "e": [2], "f": "new"}),
+        );
+        assert_eq!(target, json!({"b": {"c": 5, "d": 3}, "e": [2], "f": "new"}));
+        let mut scalar = json!(1);
+        merge_patch(&mut scalar, &json!({"x": 1}));
+        assert_eq!(scalar, json!({"x": 1}));
     }
 
     #[test]

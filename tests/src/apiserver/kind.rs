@@ -12,11 +12,14 @@ pub enum Kind {
     EndpointSlice,
     /// `v1` `Node`, cluster-scoped, at `/api/v1/nodes`.
     Node,
+    /// `events.k8s.io/v1` `Event`, namespaced, at `/apis/events.k8s.io/v1/.../events`; the
+    /// only kind clients may also create (`POST`) and merge-patch (`PATCH`).
+    Event,
 }
 
 impl Kind {
     /// Every kind served.
-    pub const ALL: [Self; 3] = [Self::Service, Self::EndpointSlice, Self::Node];
+    pub const ALL: [Self; 4] = [Self::Service, Self::EndpointSlice, Self::Node, Self::Event];
 
     /// The kind as objects name it (`Service`).
     #[must_use]
@@ -25,6 +28,7 @@ impl Kind {
             Self::Service => "Service",
             Self::EndpointSlice => "EndpointSlice",
             Self::Node => "Node",
+            Self::Event => "Event",
         }
     }
 
@@ -34,6 +38,7 @@ impl Kind {
         match self {
             Self::Service | Self::Node => "v1",
             Self::EndpointSlice => "discovery.k8s.io/v1",
+            Self::Event => "events.k8s.io/v1",
         }
     }
 
@@ -44,6 +49,7 @@ impl Kind {
             Self::Service => "services",
             Self::EndpointSlice => "endpointslices",
             Self::Node => "nodes",
+            Self::Event => "events",
         }
     }
 
@@ -58,6 +64,7 @@ impl Kind {
         match self {
             Self::Service | Self::Node => "/api/v1",
             Self::EndpointSlice => "/apis/discovery.k8s.io/v1",
+            Self::Event => "/apis/events.k8s.io/v1",
         }
     }
 

@@ -2,7 +2,7 @@
 //! the real `kube` client.
 //!
 //! [`ApiServer`] holds real objects (`v1` `Service`, `discovery.k8s.io/v1` `EndpointSlice`,
-//! `v1` `Node`) as JSON and serves them the way the real API server does:
+//! `v1` `Node`, `events.k8s.io/v1` `Event`) as JSON and serves them the way the real API server does:
 //!
 //! - **Versions.** One global resource version that grows with every change, like etcd's
 //!   revision; each stored object carries the version of its last change in
@@ -32,6 +32,11 @@
 //!   `k8s.io/initial-events-end`, so kube's streaming lists work too). `allowWatchBookmarks`
 //!   brings a `BOOKMARK` every [`Options::bookmark_interval`]; `timeoutSeconds` ends the
 //!   stream cleanly.
+//!
+//! - **Events** (`events.k8s.io/v1`): the one kind clients may write: `POST` creates one
+//!   (`409 AlreadyExists` for a taken name), `PATCH` applies a JSON merge patch, as `kube`'s
+//!   event `Recorder` does; every other write gets `405`, since the agent must never write
+//!   anything else.
 //!
 //! Fault injection: [`ApiServer::drop_watches`] aborts every open watch mid-stream,
 //! [`ApiServer::fail_next`] fails the next requests with `503` (or any code with
@@ -475,8 +480,8 @@ async fn serve(listener: TcpListener, shared: Arc<Shared>, mut stop: oneshot::Re
                 let shared = Arc::clone(&shared);
                 connections.spawn(async move {
                     let service = service_fn(move |request| {
-                        let response = http::handle(&shared, &request);
-                        async move { Ok::<_, Infallible>(response) }
+                        let shared = Arc::clone(&shared);
+                        async move { Ok::<_, Infallible>(http::handle(&shared, request).await) }
                     });
                     let _ = hyper::server::conn::http1::Builder::new()
                         .timer(TokioTimer::new())

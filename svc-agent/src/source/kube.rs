@@ -1,0 +1,585 @@
+//! Kubernetes API source: the desired state comes from the API server.
+//!
+//! Three `kube` reflectors follow `v1` Services, `discovery.k8s.io/v1` `EndpointSlice`s and this
+//! node's `v1` Node (by field selector) into in-memory stores. The source is level-triggered:
+//! every pass takes a snapshot of all three stores, computes the whole desired state and lets the
+//! reconciler diff it against the maps, so a missed event (a delete while the watch was down, a
+//! relist after `410 Gone`) can never leave a stale entry, and a pass that finds nothing changed
+//! writes nothing. Changes arriving close together are coalesced into one pass.
+//!
+//! - **First sync** waits until all three stores have listed once, so a partial view (Services
+//!   without their slices) is never programmed.
+//! - **Relists** (watch expired, `410 Gone`, reconnect) replace a store atomically when the list
+//!   completes (kube's `InitDone`); the pass that follows writes only what really changed, so an
+//!   unchanged Service is never removed and re-added.
+//! - **API failures** are retried by each watcher with client-go's backoff (0.8 s doubling to
+//!   30 s, jittered); meanwhile the stores and the maps keep the last known state and the
+//!   datapath keeps serving it.
+//! - **Bad objects and full maps** are reported as Kubernetes `Warning` Events on the object
+//!   (reason `InvalidObject` naming the field, or `NotProgrammed` naming the map and its size)
+//!   and logged; each problem is published when it appears, not on every pass.
+//!
+//! Services and slices that belong to another proxy (`service.kubernetes.io/service-proxy-name`)
+//! or to headless Services are filtered out by the API server (label selectors), as kube-proxy
+//! does; the model ignores them too.
+
+use std::{collections::BTreeSet, fmt, path::Path, pin::pin, time::Duration};
+
+use anyhow::Context as _;
+use futures_util::{Stream, StreamExt as _, stream};
+use k8s_openapi::{
+    Resource as _,
+    api::{
+        core::v1::{Node, ObjectReference, Service},
+        discovery::v1::EndpointSlice,
+    },
+};
+use kube::{
+    Api, Client, ResourceExt as _,
+    config::{KubeConfigOptions, Kubeconfig},
+    runtime::{
+        WatchStreamExt as _,
+        events::{Event as KubeEvent, EventType, Recorder, Reporter},
+        reflector::{self, ObjectRef, Store},
+        watcher,
+    },
+};
+use tokio::{sync::mpsc, time::Instant};
+use tracing::{debug, info, warn};
+
+use crate::{
+    datapath::{DatapathMaps, ReconcileReport, Reconciler},
+    model::{self, DesiredState, LABEL_HEADLESS, LABEL_SERVICE_PROXY_NAME, ObjectError, Snapshot},
+};
+
+/// The label an `EndpointSlice` names its Service with.
+const LABEL_SERVICE_NAME: &str = model::LABEL_SERVICE_NAME;
+
+/// The `reportingController` of the Events the agent publishes.
+pub const EVENT_CONTROLLER: &str = "svc-agent";
+
+/// How many Events may wait to be published; more are logged and dropped.
+const EVENT_QUEUE: usize = 256;
+
+/// The longest an Event's note may be (the API server rejects more than 1 kB).
+const EVENT_NOTE_MAX: usize = 1000;
+
+/// How long publishing one Event may take before it is given up.
+const EVENT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How to reach the API server.
+#[derive(Clone, Debug, Default)]
+pub struct Connection {
+    /// A kubeconfig file; `None` infers the configuration like `kubectl` and client-go do
+    /// (in-cluster service account, then `KUBECONFIG`, then `~/.kube/config`).
+    pub kubeconfig: Option<std::path::PathBuf>,
+}
+
+impl Connection {
+    /// A client for the API server.
+    pub async fn client(&self) -> anyhow::Result<Client> {
+        let config = match &self.kubeconfig {
+            Some(path) => config_from_file(path).await?,
+            None => kube::Config::infer().await.context(
+                "finding the API server (in-cluster config, KUBECONFIG or ~/.kube/config)",
+            )?,
+        };
+        Client::try_from(config).context("building the Kubernetes client")
+    }
+}
+
+async fn config_from_file(path: &Path) -> anyhow::Result<kube::Config> {
+    let kubeconfig = Kubeconfig::read_from(path)
+        .with_context(|| format!("reading kubeconfig {}", path.display()))?;
+    kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+        .await
+        .with_context(|| format!("using kubeconfig {}", path.display()))
+}
+
+/// Options of the Kubernetes source.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// This node's name (decides which endpoints are local; selects the Node watched).
+    pub node_name: String,
+    /// How long to wait for more changes after one arrives before reconciling.
+    pub coalesce: Duration,
+    /// Whether to publish Kubernetes Events about bad objects.
+    pub events: bool,
+}
+
+/// The three kinds the source follows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Kind {
+    Service,
+    EndpointSlice,
+    Node,
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Service => "Service",
+            Self::EndpointSlice => "EndpointSlice",
+            Self::Node => "Node",
+        })
+    }
+}
+
+/// What one watcher reported, reduced to what the source acts on.
+#[derive(Debug)]
+enum Update {
+    /// Objects changed (an event, or a completed relist).
+    Changed(Kind),
+    /// A (re)list completed: the store now holds a full, consistent list.
+    Listed(Kind),
+    /// A (re)list started or is in progress; the store still holds the previous state.
+    Listing,
+    /// The watch failed; the watcher retries after a backoff.
+    Failed(Kind, watcher::Error),
+}
+
+fn update<K>(kind: Kind, item: Result<watcher::Event<K>, watcher::Error>) -> Update {
+    match item {
+        Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_)) => Update::Changed(kind),
+        Ok(watcher::Event::InitDone) => Update::Listed(kind),
+        Ok(watcher::Event::Init | watcher::Event::InitApply(_)) => Update::Listing,
+        Err(e) => Update::Failed(kind, e),
+    }
+}
+
+/// The reflector stores the desired state is computed from.
+#[derive(Clone)]
+pub struct Stores {
+    services: Store<Service>,
+    slices: Store<EndpointSlice>,
+    nodes: Store<Node>,
+}
+
+impl Stores {
+    /// Everything the stores hold now (shared, not copied).
+    #[must_use]
+    pub fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            services: self.services.state(),
+            slices: self.slices.state(),
+            nodes: self.nodes.state(),
+        }
+    }
+
+    /// A reference to the object an error is about, for an Event (with its uid when the
+    /// store still has it, so `kubectl describe` shows the Event).
+    fn reference(&self, kind: &str, namespace: &str, name: &str) -> ObjectReference {
+        let namespace = (!namespace.is_empty()).then(|| namespace.to_owned());
+        let (api_version, uid) = match kind {
+            "Service" => (
+                Service::API_VERSION,
+                uid_of(&self.services, namespace.as_deref(), name),
+            ),
+            "EndpointSlice" => (
+                EndpointSlice::API_VERSION,
+                uid_of(&self.slices, namespace.as_deref(), name),
+            ),
+            _ => (Node::API_VERSION, uid_of(&self.nodes, None, name)),
+        };
+        ObjectReference {
+            api_version: Some(api_version.to_owned()),
+            kind: Some(kind.to_owned()),
+            namespace,
+            name: Some(name.to_owned()),
+            uid,
+            ..ObjectReference::default()
+        }
+    }
+}
+
+fn uid_of<K>(store: &Store<K>, namespace: Option<&str>, name: &str) -> Option<String>
+where
+    K: kube::Resource<DynamicType = ()> + Clone + 'static,
+{
+    let mut key = ObjectRef::new(name);
+    if let Some(ns) = namespace {
+        key = key.within(ns);
+    }
+    store.get(&key).and_then(|o| o.uid())
+}
+
+/// The label selector that leaves out objects of other proxies and of headless Services.
+fn not_ours_selector() -> String {
+    format!("!{LABEL_SERVICE_PROXY_NAME},!{LABEL_HEADLESS}")
+}
+
+/// Follows the API server and keeps the maps programmed from it, until an error that cannot be
+/// retried (none today: API failures are retried forever). `on_first_sync` runs once the first
+/// complete state has been applied.
+pub async fn follow<M: DatapathMaps>(
+    client: Client,
+    options: &Options,
+    rec: &mut Reconciler<M>,
+    on_first_sync: impl FnOnce(),
+) -> anyhow::Result<()> {
+    let (services, services_writer) = reflector::store();
+    let (slices, slices_writer) = reflector::store();
+    let (nodes, nodes_writer) = reflector::store();
+    let stores = Stores {
+        services,
+        slices,
+        nodes,
+    };
+
+    let services_stream = watcher(
+        Api::<Service>::all(client.clone()),
+        watcher::Config::default().labels(&not_ours_selector()),
+    )
+    .default_backoff()
+    .reflect(services_writer)
+    .map(|e| update(Kind::Service, e));
+    let slices_stream = watcher(
+        Api::<EndpointSlice>::all(client.clone()),
+        watcher::Config::default().labels(&format!("{LABEL_SERVICE_NAME},{}", not_ours_selector())),
+    )
+    .default_backoff()
+    .reflect(slices_writer)
+    .map(|e| update(Kind::EndpointSlice, e));
+    let nodes_stream = watcher(
+        Api::<Node>::all(client.clone()),
+        watcher::Config::default().fields(&format!("metadata.name={}", options.node_name)),
+    )
+    .default_backoff()
+    .reflect(nodes_writer)
+    .map(|e| update(Kind::Node, e));
+    let updates = stream::select(services_stream, stream::select(slices_stream, nodes_stream));
+
+    let events = options
+        .events
+        .then(|| EventPublisher::start(client, &options.node_name));
+    let mut reporter = ProblemReporter::default();
+    let mut first_sync = Some(on_first_sync);
+    // Boxed: the three watch streams make a large future.
+    Box::pin(run_loop(updates, options.coalesce, |relisted| {
+        let snapshot = stores.snapshot();
+        let (desired, report) = sync(&snapshot, &options.node_name, rec, relisted);
+        for problem in reporter.new_problems(&desired, &report) {
+            if let Some(events) = &events {
+                events.publish(
+                    stores.reference(&problem.kind, &problem.namespace, &problem.name),
+                    &problem,
+                );
+            }
+        }
+        if let Some(f) = first_sync.take() {
+            f();
+        }
+    }))
+    .await
+}
+
+/// The event loop: collects updates, waits until every kind has listed once, and calls `pass`
+/// once per burst of changes (after `coalesce`). `pass` gets the kinds that relisted since the
+/// last pass (for the log).
+async fn run_loop(
+    updates: impl Stream<Item = Update>,
+    coalesce: Duration,
+    mut pass: impl FnMut(&BTreeSet<Kind>),
+) -> anyhow::Result<()> {
+    let mut updates = pin!(updates);
+    let mut listed = BTreeSet::new();
+    let mut relisted = BTreeSet::new();
+    let mut due: Option<Instant> = None;
+    loop {
+        let ready = listed.len() == 3;
+        tokio::select! {
+            update = updates.next() => {
+                let Some(update) = update else {
+                    anyhow::bail!("the Kubernetes watch streams ended");
+                };
+                match update {
+                    Update::Changed(kind) => debug!(kind = %kind, "changed"),
+                    Update::Listed(kind) => {
+                        if !listed.insert(kind) {
+                            info!(kind = %kind, "relisted");
+                        }
+                        relisted.insert(kind);
+                    }
+                    Update::Listing => continue,
+                    Update::Failed(kind, e) => {
+                        warn!(kind = %kind, error = %e,
+                            "watch failed; retrying with backoff, the datapath keeps the last known state");
+                        continue;
+                    }
+                }
+                due.get_or_insert_with(|| Instant::now() + coalesce);
+            }
+            () = sleep_until(due), if ready && due.is_some() => {
+                due = None;
+                pass(&relisted);
+                relisted.clear();
+            }
+        }
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Computes the desired state from `snapshot` and applies it, logging what it did.
+fn sync<M: DatapathMaps>(
+    snapshot: &Snapshot,
+    node_name: &str,
+    rec: &mut Reconciler<M>,
+    relisted: &BTreeSet<Kind>,
+) -> (DesiredState, ReconcileReport) {
+    let started = std::time::Instant::now();
+    let desired = model::compute(snapshot, node_name);
+    let report = rec.apply(&desired);
+    for e in &report.errors {
+        warn!(error = %e, "not programmed");
+    }
+    let relisted: Vec<String> = relisted.iter().map(ToString::to_string).collect();
+    info!(
+        services = snapshot.services.len(),
+        slices = snapshot.slices.len(),
+        frontends = desired.frontends.len(),
+        services_written = report.services_written,
+        services_deleted = report.services_deleted,
+        backends_written = report.backends_written,
+        backends_deleted = report.backends_deleted,
+        bad_objects = desired.errors.len(),
+        relisted = relisted.join(","),
+        took_us = started.elapsed().as_micros(),
+        "synced from the API server"
+    );
+    (desired, report)
+}
+
+/// One problem to report on an object: a bad field, or a frontend the maps could not hold.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct Problem {
+    kind: String,
+    namespace: String,
+    name: String,
+    /// `InvalidObject` or `NotProgrammed`.
+    reason: &'static str,
+    note: String,
+}
+
+/// Remembers which problems were reported, so each is reported once when it appears (and again
+/// if it goes away and comes back).
+#[derive(Default)]
+struct ProblemReporter {
+    active: BTreeSet<Problem>,
+}
+
+impl ProblemReporter {
+    /// The problems of this pass that the previous pass did not have; logs each.
+    fn new_problems(&mut self, desired: &DesiredState, report: &ReconcileReport) -> Vec<Problem> {
+        let now = problems(desired, report);
+        let new: Vec<Problem> = now.difference(&self.active).cloned().collect();
+        for p in &new {
+            warn!(kind = %p.kind, namespace = %p.namespace, name = %p.name, reason = p.reason,
+                "{}", p.note);
+        }
+        self.active = now;
+        new
+    }
+}
+
+fn problems(desired: &DesiredState, report: &ReconcileReport) -> BTreeSet<Problem> {
+    let mut out: BTreeSet<Problem> = desired.errors.iter().map(invalid_object).collect();
+    for (key, why) in &report.skipped {
+        let Some(frontend) = desired.frontends.get(key) else {
+            continue;
+        };
+        let svc = &frontend.service;
+        out.insert(Problem {
+            kind: "Service".to_owned(),
+            namespace: svc.namespace.clone(),
+            name: svc.name.clone(),
+            reason: "NotProgrammed",
+            note: format!(
+                "frontend {key} (port {:?}) not programmed: {why}",
+                svc.port_name
+            ),
+        });
+    }
+    out
+}
+
+fn invalid_object(e: &ObjectError) -> Problem {
+    Problem {
+        kind: e.kind.to_owned(),
+        namespace: e.namespace.clone(),
+        name: e.name.clone(),
+        reason: "InvalidObject",
+        note: format!("{}: {} (skipped by svc-agent)", e.field, e.reason),
+    }
+}
+
+/// Publishes Events from a task of its own, so a slow or failing API server never holds up
+/// programming the maps.
+struct EventPublisher {
+    queue: mpsc::Sender<(ObjectReference, KubeEvent)>,
+}
+
+impl EventPublisher {
+    fn start(client: Client, node_name: &str) -> Self {
+        let recorder = Recorder::new(
+            client,
+            Reporter {
+                controller: EVENT_CONTROLLER.to_owned(),
+                instance: Some(format!("{EVENT_CONTROLLER}-{node_name}")),
+            },
+        );
+        let (queue, mut rx) = mpsc::channel::<(ObjectReference, KubeEvent)>(EVENT_QUEUE);
+        tokio::spawn(async move {
+            while let Some((reference, event)) = rx.recv().await {
+                match tokio::time::timeout(EVENT_TIMEOUT, recorder.publish(&event, &reference))
+                    .await
+                {
+                    Ok(Ok(())) => debug!(reason = %event.reason, "published an event"),
+                    Ok(Err(e)) => {
+                        warn!(error = %e, reason = %event.reason, "could not publish an event");
+                    }
+                    Err(_) => warn!(reason = %event.reason, "publishing an event timed out"),
+                }
+            }
+        });
+        Self { queue }
+    }
+
+    fn publish(&self, reference: ObjectReference, problem: &Problem) {
+        let mut note = problem.note.clone();
+        if note.len() > EVENT_NOTE_MAX {
+            let mut cut = EVENT_NOTE_MAX;
+            while !note.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            note.truncate(cut);
+        }
+        let event = KubeEvent {
+            type_: EventType::Warning,
+            reason: problem.reason.to_owned(),
+            note: Some(note),
+            action: "Program".to_owned(),
+            secondary: None,
+        };
+        if self.queue.try_send((reference, event)).is_err() {
+            warn!(
+                reason = problem.reason,
+                "event queue full; an event was dropped (the log line above has it)"
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+
+    #[test]
+    fn the_selector_leaves_out_other_proxies_and_headless_services() {
+        assert_eq!(
+            not_ours_selector(),
+            "!service.kubernetes.io/service-proxy-name,!service.kubernetes.io/headless"
+        );
+    }
+
+    fn error(field: &str) -> ObjectError {
+        ObjectError {
+            kind: "Service",
+            namespace: "default".into(),
+            name: "web".into(),
+            field: field.into(),
+            reason: "not an IP address: \"10.0.0.300\"".into(),
+        }
+    }
+
+    #[test]
+    fn problems_are_reported_once_when_they_appear() {
+        let mut reporter = ProblemReporter::default();
+        let mut desired = DesiredState {
+            errors: vec![error("spec.clusterIP")],
+            ..DesiredState::default()
+        };
+        let report = ReconcileReport::default();
+        let first = reporter.new_problems(&desired, &report);
+        assert_eq!(first.len(), 1);
+        assert_eq!(first[0].reason, "InvalidObject");
+        assert_eq!(first[0].name, "web");
+        assert!(
+            first[0]
+                .note
+                .starts_with("spec.clusterIP: not an IP address")
+        );
+        assert!(
+            reporter.new_problems(&desired, &report).is_empty(),
+            "reported twice"
+        );
+        desired.errors.clear();
+        assert!(reporter.new_problems(&desired, &report).is_empty());
+        desired.errors.push(error("spec.clusterIP"));
+        assert_eq!(
+            reporter.new_problems(&desired, &report).len(),
+            1,
+            "a problem that came back is reported again"
+        );
+    }
+
+    #[tokio::test]
+    async fn nothing_is_applied_before_every_kind_has_listed() {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let updates = tokio_stream_of(rx);
+        let passes = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = Arc::clone(&passes);
+        let looping = tokio::spawn(async move {
+            run_loop(updates, Duration::from_millis(5), move |relisted| {
+                seen.lock().unwrap().push(relisted.clone());
+            })
+            .await
+        });
+        let wait = || tokio::time::sleep(Duration::from_millis(50));
+        tx.send(Update::Listed(Kind::Service)).unwrap();
+        tx.send(Update::Changed(Kind::Service)).unwrap();
+        tx.send(Update::Listed(Kind::EndpointSlice)).unwrap();
+        wait().await;
+        assert!(passes.lock().unwrap().is_empty(), "applied a partial view");
+        tx.send(Update::Listed(Kind::Node)).unwrap();
+        wait().await;
+        assert_eq!(
+            passes.lock().unwrap().len(),
+            1,
+            "one pass for the whole burst"
+        );
+        // A burst of changes is coalesced into one pass.
+        for _ in 0..10 {
+            tx.send(Update::Changed(Kind::EndpointSlice)).unwrap();
+        }
+        wait().await;
+        assert_eq!(passes.lock().unwrap().len(), 2);
+        // Listing events and failures alone do not cause a pass.
+        tx.send(Update::Listing).unwrap();
+        wait().await;
+        assert_eq!(passes.lock().unwrap().len(), 2);
+        // A relist does, and says which kind relisted.
+        tx.send(Update::Listed(Kind::Service)).unwrap();
+        wait().await;
+        let passes_now = passes.lock().unwrap().clone();
+        assert_eq!(passes_now.len(), 3);
+        assert_eq!(passes_now[2], BTreeSet::from([Kind::Service]));
+        drop(tx);
+        let ended = looping.await.unwrap();
+        assert!(
+            ended.is_err(),
+            "the loop ends with an error when the streams end"
+        );
+    }
+
+    fn tokio_stream_of(mut rx: mpsc::UnboundedReceiver<Update>) -> impl Stream<Item = Update> {
+        stream::poll_fn(move |cx| rx.poll_recv(cx))
+    }
+}
