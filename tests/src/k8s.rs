@@ -20,6 +20,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
+    ffi::OsStr,
     fmt::Write as _,
     fs,
     io::{ErrorKind, Read as _, Write as _},
@@ -546,7 +547,8 @@ pub struct Agent {
     node: String,
     bpffs: PathBuf,
     binary: PathBuf,
-    dir: PathBuf,
+    /// What the agent's log says after each sync (`synced <dir>`, `synced from the API server`).
+    sync_line: String,
     process: Process,
 }
 
@@ -556,13 +558,34 @@ impl Agent {
     /// when the agent has connect-time translation, the node's cgroup for it. Returns once it
     /// is running, which it announces after programming `dir` for the first time.
     pub fn start(binary: &Path, node: &Node, dir: &Path) -> anyhow::Result<Self> {
+        let source = [OsStr::new("--from-dir"), dir.as_os_str()];
+        Self::start_with(binary, node, &source, format!("synced {}", dir.display()))
+    }
+
+    /// Like [`start`](Self::start), but following the API server `kubeconfig` points at (see
+    /// [`ApiServer::write_kubeconfig`](crate::apiserver::ApiServer::write_kubeconfig)).
+    pub fn start_kube(binary: &Path, node: &Node, kubeconfig: &Path) -> anyhow::Result<Self> {
+        let source = [OsStr::new("--kubeconfig"), kubeconfig.as_os_str()];
+        Self::start_with(
+            binary,
+            node,
+            &source,
+            "synced from the API server".to_owned(),
+        )
+    }
+
+    fn start_with(
+        binary: &Path,
+        node: &Node,
+        source: &[&OsStr],
+        sync_line: String,
+    ) -> anyhow::Result<Self> {
         let mut cmd = Command::new(binary);
         cmd.arg("--bpffs")
             .arg(&node.bpffs)
             .args(["run", "--node-name", &node.name, "--pod-ifaces"])
             .arg(format!("{POD_IFNAME_PREFIX}*"))
-            .arg("--from-dir")
-            .arg(dir);
+            .args(source);
         for (flag, value) in TEST_MAP_SIZES {
             cmd.arg(flag).arg(value.to_string());
         }
@@ -577,7 +600,7 @@ impl Agent {
             node: node.name.clone(),
             bpffs: node.bpffs.clone(),
             binary: binary.to_owned(),
-            dir: dir.to_owned(),
+            sync_line,
             process,
         };
         agent
@@ -608,11 +631,10 @@ impl Agent {
         self.process.output()
     }
 
-    /// How many "synced <dir>" lines the agent has logged.
+    /// How many "synced" lines the agent has logged.
     #[must_use]
     pub fn syncs(&self) -> usize {
-        let needle = format!("synced {}", self.dir.display());
-        self.log().matches(&needle).count()
+        self.log().matches(&self.sync_line).count()
     }
 
     /// Waits (polling every 10 ms, at most `timeout`) until the agent has logged at least

@@ -77,6 +77,7 @@ use tokio::{
 
 pub use self::kind::Kind;
 use self::store::{Key, Store};
+use crate::netns::Netns;
 
 /// How many requests [`ApiServer::requests`] remembers.
 const REQUEST_LOG: usize = 4096;
@@ -210,6 +211,8 @@ struct Serving {
 pub struct ApiServer {
     shared: Arc<Shared>,
     addr: SocketAddr,
+    /// The network namespace it listens in (`None`: the test's own).
+    netns: Option<Netns>,
     serving: Mutex<Option<Serving>>,
 }
 
@@ -221,9 +224,29 @@ impl ApiServer {
 
     /// Starts a server with these options on a free port of `127.0.0.1`.
     pub async fn start_with(options: Options) -> anyhow::Result<Self> {
-        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-            .await
-            .context("binding the test API server to 127.0.0.1")?;
+        Self::start_at(None, (Ipv4Addr::LOCALHOST, 0).into(), options).await
+    }
+
+    /// Starts a server listening on `addr` (port 0: a free one) inside the network namespace
+    /// `netns`, e.g. on a node's underlay address so agents on every node reach it.
+    pub async fn start_in(
+        netns: &Netns,
+        addr: SocketAddr,
+        options: Options,
+    ) -> anyhow::Result<Self> {
+        Self::start_at(Some(netns.clone()), addr, options).await
+    }
+
+    #[expect(
+        clippy::unused_async,
+        reason = "the listener registers with the Tokio reactor: callers must be in a runtime"
+    )]
+    async fn start_at(
+        netns: Option<Netns>,
+        addr: SocketAddr,
+        options: Options,
+    ) -> anyhow::Result<Self> {
+        let listener = bind(netns.as_ref(), addr)?;
         let addr = listener.local_addr()?;
         let store = Store::new(options.history_limit, options.max_objects);
         let (rv_tx, _) = watch::channel(store.rv());
@@ -242,6 +265,7 @@ impl ApiServer {
         Ok(Self {
             shared,
             addr,
+            netns,
             serving: Mutex::new(Some(serving)),
         })
     }
@@ -263,6 +287,18 @@ impl ApiServer {
     pub fn config(&self) -> anyhow::Result<kube::Config> {
         let url = self.url().parse().context("test API server URL")?;
         Ok(kube::Config::new(url))
+    }
+
+    /// Writes a kubeconfig file for it (no TLS, no credentials, namespace `default`), for an
+    /// agent started with `--kubeconfig`.
+    pub fn write_kubeconfig(&self, path: &std::path::Path) -> anyhow::Result<()> {
+        let text = format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: test\n  cluster:\n    server: {}\n\
+             contexts:\n- name: test\n  context:\n    cluster: test\n    user: test\n    \
+             namespace: default\ncurrent-context: test\nusers:\n- name: test\n  user: {{}}\n",
+            self.url()
+        );
+        std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
     }
 
     /// A `kube` client for it (see [`config`](Self::config)).
@@ -421,6 +457,10 @@ impl ApiServer {
     }
 
     /// Serves again on the same port after [`pause`](Self::pause).
+    #[expect(
+        clippy::unused_async,
+        reason = "the listener registers with the Tokio reactor: callers must be in a runtime"
+    )]
     pub async fn resume(&self) -> anyhow::Result<()> {
         if self
             .serving
@@ -430,8 +470,7 @@ impl ApiServer {
         {
             return Ok(());
         }
-        let listener = TcpListener::bind(self.addr)
-            .await
+        let listener = bind(self.netns.as_ref(), self.addr)
             .with_context(|| format!("binding the test API server to {} again", self.addr))?;
         let serving = spawn_serving(listener, Arc::clone(&self.shared));
         let mut slot = self.serving.lock().unwrap_or_else(PoisonError::into_inner);
@@ -456,6 +495,21 @@ impl Drop for ApiServer {
             serving.task.abort();
         }
     }
+}
+
+/// A listener on `addr`, opened inside `netns` when given (it stays there).
+fn bind(netns: Option<&Netns>, addr: SocketAddr) -> anyhow::Result<TcpListener> {
+    let open = move || -> anyhow::Result<std::net::TcpListener> {
+        let listener = std::net::TcpListener::bind(addr)
+            .with_context(|| format!("binding the test API server to {addr}"))?;
+        listener.set_nonblocking(true)?;
+        Ok(listener)
+    };
+    let listener = match netns {
+        Some(ns) => ns.run(open)?,
+        None => open()?,
+    };
+    TcpListener::from_std(listener).context("registering the API server's listener")
 }
 
 fn spawn_serving(listener: TcpListener, shared: Arc<Shared>) -> Serving {
