@@ -559,19 +559,39 @@ impl Agent {
     /// is running, which it announces after programming `dir` for the first time.
     pub fn start(binary: &Path, node: &Node, dir: &Path) -> anyhow::Result<Self> {
         let source = [OsStr::new("--from-dir"), dir.as_os_str()];
-        Self::start_with(binary, node, &source, format!("synced {}", dir.display()))
+        Self::start_with(
+            binary,
+            node,
+            &source,
+            format!("synced {}", dir.display()),
+            (&TEST_MAP_SIZES, AGENT_START_TIMEOUT),
+        )
     }
 
     /// Like [`start`](Self::start), but following the API server `kubeconfig` points at (see
     /// [`ApiServer::write_kubeconfig`](crate::apiserver::ApiServer::write_kubeconfig)).
     pub fn start_kube(binary: &Path, node: &Node, kubeconfig: &Path) -> anyhow::Result<Self> {
-        let source = [OsStr::new("--kubeconfig"), kubeconfig.as_os_str()];
-        Self::start_with(
+        Self::start_kube_sized(
             binary,
             node,
-            &source,
-            "synced from the API server".to_owned(),
+            kubeconfig,
+            &TEST_MAP_SIZES,
+            AGENT_START_TIMEOUT,
         )
+    }
+
+    /// Like [`start_kube`](Self::start_kube) with other map sizes (`(flag, entries)`) and
+    /// another bound on the wait for the first sync.
+    pub fn start_kube_sized(
+        binary: &Path,
+        node: &Node,
+        kubeconfig: &Path,
+        sizes: &[(&str, u32)],
+        timeout: Duration,
+    ) -> anyhow::Result<Self> {
+        let source = [OsStr::new("--kubeconfig"), kubeconfig.as_os_str()];
+        let sync_line = "synced from the API server".to_owned();
+        Self::start_with(binary, node, &source, sync_line, (sizes, timeout))
     }
 
     fn start_with(
@@ -579,6 +599,7 @@ impl Agent {
         node: &Node,
         source: &[&OsStr],
         sync_line: String,
+        (sizes, timeout): (&[(&str, u32)], Duration),
     ) -> anyhow::Result<Self> {
         let mut cmd = Command::new(binary);
         cmd.arg("--bpffs")
@@ -586,7 +607,7 @@ impl Agent {
             .args(["run", "--node-name", &node.name, "--pod-ifaces"])
             .arg(format!("{POD_IFNAME_PREFIX}*"))
             .args(source);
-        for (flag, value) in TEST_MAP_SIZES {
+        for (flag, value) in sizes {
             cmd.arg(flag).arg(value.to_string());
         }
         // Connect-time translation (when the agent has it) only for this node's processes,
@@ -605,7 +626,7 @@ impl Agent {
         };
         agent
             .process
-            .wait_for_output("svc-agent running", AGENT_START_TIMEOUT)
+            .wait_for_output("svc-agent running", timeout)
             .with_context(|| format!("svc-agent on {} did not start", node.name))?;
         // The first sync comes before "running"; seeing it also proves that `syncs` recognises
         // the agent's "synced" lines, which later waits rely on.

@@ -33,6 +33,9 @@ enum Task {
     Lint,
     /// The demo: two emulated nodes in network namespaces, real traffic, live counters.
     Demo,
+    /// Benchmarks that print figures: API server to map latency and cold sync at 1k/10k/30k
+    /// Services (`svc-bench-sync`), and the packet path's cost with 1 and 100,000 Services.
+    Bench,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -49,6 +52,11 @@ fn main() -> anyhow::Result<()> {
         Task::Test { no_lint } => {
             setup::run()?;
             test(no_lint)
+        }
+        Task::Bench => {
+            setup::run()?;
+            require_root("the benchmarks load eBPF programs and create network namespaces")?;
+            bench()
         }
         Task::Demo => {
             setup::run()?;
@@ -124,8 +132,16 @@ fn test(no_lint: bool) -> anyhow::Result<()> {
         "--lib",
         "--bins",
     ])?;
-    step("tier 1: the real kube client against the test API server (loopback, no root)");
-    cargo(&["test", "-p", "svc-tests", "--test", "apiserver"])?;
+    step("tier 1: the test API server with the real kube client; deployment manifests");
+    cargo(&[
+        "test",
+        "-p",
+        "svc-tests",
+        "--test",
+        "apiserver",
+        "--test",
+        "manifests",
+    ])?;
     require_root(
         "tiers 2 and 3 load eBPF programs (BPF_PROG_TEST_RUN) and create network namespaces",
     )?;
@@ -141,6 +157,47 @@ fn test(no_lint: bool) -> anyhow::Result<()> {
         "*_e2e",
         "--",
         "--test-threads=1",
+    ])
+}
+
+fn bench() -> anyhow::Result<()> {
+    cargo(&[
+        "build",
+        "--release",
+        "-p",
+        "svc-agent",
+        "-p",
+        "svc-tests",
+        "--bins",
+    ])?;
+    step("bench: the packet path, established flow, 1 vs 100,000 Services (kernel-timed)");
+    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned()))
+        .args([
+            "test",
+            "--release",
+            "-p",
+            "svc-tests",
+            "--test",
+            "fixtures",
+            "--",
+            "perf/",
+        ])
+        .env("SVC_FIXTURE_REPEAT", "20000")
+        .current_dir(workspace_root())
+        .status()
+        .context("running the packet benchmark")?;
+    if !status.success() {
+        bail!("the packet benchmark failed ({status})");
+    }
+    step("bench: API server to maps (cold sync, change latency)");
+    cargo(&[
+        "run",
+        "--quiet",
+        "--release",
+        "-p",
+        "svc-tests",
+        "--bin",
+        "svc-bench-sync",
     ])
 }
 
