@@ -1,6 +1,6 @@
 //! The deployment manifests (`manifests/deploy`, `manifests/kind`) are real Kubernetes objects
 //! that fit the agent: they parse as the API types, RBAC grants exactly what the agent uses,
-//! and the DaemonSet's arguments and environment are ones `svc-agent` accepts. Needs no root.
+//! and the `DaemonSet`'s arguments and environment are ones `svc-agent` accepts. Needs no root.
 
 use std::{collections::BTreeSet, path::Path};
 
