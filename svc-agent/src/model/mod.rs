@@ -24,7 +24,7 @@ mod node;
 mod service;
 
 use std::{
-    collections::{BTreeMap, btree_map::Entry},
+    collections::{BTreeMap, HashMap, btree_map::Entry},
     sync::Arc,
 };
 
@@ -98,7 +98,95 @@ pub struct DesiredState {
 /// any order of the objects in `snapshot`.
 #[must_use]
 pub fn compute(snapshot: &Snapshot, node_name: &str) -> DesiredState {
+    compute_with(snapshot, node_name, &mut Memo::default())
+}
+
+/// Per-Service results of [`compute_with`], kept between passes.
+///
+/// A Service's frontends and errors depend only on the Service, its `EndpointSlice`s and the
+/// node's name. A source that hands out the same shared objects while they are unchanged (the
+/// Kubernetes reflectors do: an object's `Arc` is replaced when it changes) gets each
+/// unchanged Service's result from here instead of recomputing it, so a pass costs in
+/// proportion to what changed, plus a walk over the names. Objects are compared by identity
+/// (`Arc::ptr_eq`); the memo holds them, so an address cannot be reused by another object.
+#[derive(Debug, Default)]
+pub struct Memo {
+    node_name: String,
+    /// By namespace, then by Service name.
+    groups: HashMap<String, HashMap<String, MemoEntry>>,
+    /// How many Services the last pass computed (the others were reused).
+    recomputed: usize,
+}
+
+impl Memo {
+    /// How many Services (with their slices) the last pass had to compute; the others were
+    /// unchanged and reused.
+    #[must_use]
+    pub fn recomputed(&self) -> usize {
+        self.recomputed
+    }
+}
+
+#[derive(Debug)]
+struct MemoEntry {
+    service: Option<Arc<Service>>,
+    slices: Vec<Arc<EndpointSlice>>,
+    out: GroupOutput,
+}
+
+impl MemoEntry {
+    fn matches(&self, service: Option<&Arc<Service>>, slices: &[&Arc<EndpointSlice>]) -> bool {
+        let same_service = match (&self.service, service) {
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+            (None, None) => true,
+            _ => false,
+        };
+        same_service
+            && self.slices.len() == slices.len()
+            && self
+                .slices
+                .iter()
+                .zip(slices)
+                .all(|(a, b)| Arc::ptr_eq(a, b))
+    }
+}
+
+/// What one Service (with its slices) contributes, before conflicts with other Services are
+/// resolved.
+#[derive(Clone, Debug, Default)]
+struct GroupOutput {
+    claims: Vec<Claim>,
+    errors: Vec<ObjectError>,
+}
+
+/// A frontend a Service asks for; the first Service (by namespace/name) to claim a key gets it.
+#[derive(Clone, Debug)]
+struct Claim {
+    key: FrontendKey,
+    frontend: Frontend,
+    /// The field to blame if the key is taken (`spec.clusterIPs[1]`).
+    field: String,
+    /// The index of the port in `spec.ports`.
+    port_index: usize,
+}
+
+/// A Service and the slices that name it (either may be missing).
+#[derive(Default)]
+struct Group<'a> {
+    service: Option<&'a Arc<Service>>,
+    slices: Vec<&'a Arc<EndpointSlice>>,
+}
+
+/// [`compute`], reusing the results of Services unchanged since the last pass with `memo`.
+/// The result is exactly what [`compute`] returns for the same snapshot.
+pub fn compute_with(snapshot: &Snapshot, node_name: &str, memo: &mut Memo) -> DesiredState {
     let mut errors = Vec::new();
+    if memo.node_name != node_name {
+        *memo = Memo {
+            node_name: node_name.to_owned(),
+            ..Memo::default()
+        };
+    }
 
     let services = unique_objects(
         "Service",
@@ -112,21 +200,71 @@ pub fn compute(snapshot: &Snapshot, node_name: &str) -> DesiredState {
         |s| (&s.metadata.namespace, &s.metadata.name),
         &mut errors,
     );
-    let slices: Vec<&EndpointSlice> = slices.into_iter().map(AsRef::as_ref).collect();
-    let slice_index = SliceIndex::build(&slices, node_name, &mut errors);
-    let (node_addresses, node_errors) = node_addresses(&snapshot.nodes, node_name);
-    errors.extend(node_errors);
-
-    // `services` is sorted by namespace/name, so conflicts are resolved the same way whatever
-    // the input order.
-    let mut frontends = BTreeMap::new();
-    for svc in services.into_iter().map(AsRef::as_ref) {
-        let Some(view) = ServiceView::parse(svc, &mut errors) else {
+    // Each Service with the slices naming it, sorted by namespace/name, so conflicts are
+    // resolved the same way whatever the input order. Nameless Services (each reported as
+    // invalid) are computed one by one, never memoized.
+    let mut groups: BTreeMap<(&str, &str), Group<'_>> = BTreeMap::new();
+    let mut nameless = Vec::new();
+    for svc in services {
+        let namespace = namespace_of(svc.metadata.namespace.as_ref());
+        match svc.metadata.name.as_deref().filter(|n| !n.is_empty()) {
+            Some(name) => groups.entry((namespace, name)).or_default().service = Some(svc),
+            None => nameless.push(svc),
+        }
+    }
+    for slice in slices {
+        let Some(service) = slice
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(LABEL_SERVICE_NAME))
+        else {
             continue;
         };
-        add_service_frontends(&view, &slice_index, &mut frontends, &mut errors);
+        let namespace = namespace_of(slice.metadata.namespace.as_ref());
+        groups
+            .entry((namespace, service))
+            .or_default()
+            .slices
+            .push(slice);
     }
 
+    let mut frontends = BTreeMap::new();
+    for svc in nameless {
+        let out = compute_group(Some(svc), &[], node_name);
+        merge(&out, &mut frontends, &mut errors);
+    }
+    let mut next: HashMap<String, HashMap<String, MemoEntry>> = HashMap::new();
+    memo.recomputed = 0;
+    for ((namespace, name), group) in groups {
+        let kept = memo
+            .groups
+            .get_mut(namespace)
+            .and_then(|names| names.remove_entry(name))
+            .filter(|(_, entry)| entry.matches(group.service, &group.slices));
+        let (name, entry) = kept.unwrap_or_else(|| {
+            memo.recomputed += 1;
+            let entry = MemoEntry {
+                out: compute_group(group.service, &group.slices, node_name),
+                service: group.service.cloned(),
+                slices: group.slices.into_iter().cloned().collect(),
+            };
+            (name.to_owned(), entry)
+        });
+        merge(&entry.out, &mut frontends, &mut errors);
+        match next.get_mut(namespace) {
+            Some(names) => {
+                names.insert(name, entry);
+            }
+            None => {
+                next.insert(namespace.to_owned(), HashMap::from([(name, entry)]));
+            }
+        }
+    }
+    memo.groups = next;
+
+    let (node_addresses, node_errors) = node_addresses(&snapshot.nodes, node_name);
+    errors.extend(node_errors);
     errors.sort();
     errors.dedup();
     DesiredState {
@@ -136,17 +274,58 @@ pub fn compute(snapshot: &Snapshot, node_name: &str) -> DesiredState {
     }
 }
 
-/// Adds the frontends of one validated Service.
+/// Validates one Service and its slices and lists the frontends it claims.
+fn compute_group(
+    service: Option<&Arc<Service>>,
+    slices: &[&Arc<EndpointSlice>],
+    node_name: &str,
+) -> GroupOutput {
+    let mut out = GroupOutput::default();
+    let slices: Vec<&EndpointSlice> = slices.iter().map(|s| &***s).collect();
+    let slice_index = SliceIndex::build(&slices, node_name, &mut out.errors);
+    if let Some(view) = service.and_then(|svc| ServiceView::parse(svc, &mut out.errors)) {
+        service_claims(&view, &slice_index, &mut out.claims);
+    }
+    out
+}
+
+/// Adds one Service's claims to `frontends`; a key already taken by an earlier Service (or an
+/// earlier port of the same one) is reported on the later claim's field.
+fn merge(
+    out: &GroupOutput,
+    frontends: &mut BTreeMap<FrontendKey, Frontend>,
+    errors: &mut Vec<ObjectError>,
+) {
+    errors.extend(out.errors.iter().cloned());
+    for claim in &out.claims {
+        match frontends.entry(claim.key) {
+            Entry::Vacant(slot) => {
+                slot.insert(claim.frontend.clone());
+            }
+            Entry::Occupied(taken) => {
+                let owner = &taken.get().service;
+                let me = &claim.frontend.service;
+                errors.push(ObjectError {
+                    kind: "Service",
+                    namespace: me.namespace.clone(),
+                    name: me.name.clone(),
+                    field: claim.field.clone(),
+                    reason: format!(
+                        "{} (spec.ports[{}]) is already used by Service {}/{} port {:?}",
+                        claim.key, claim.port_index, owner.namespace, owner.name, owner.port_name
+                    ),
+                });
+            }
+        }
+    }
+}
+
+/// The frontends of one validated Service.
 ///
 /// Today only the `ClusterIP`s (scope [`Scope::Internal`], governed by
 /// `internalTrafficPolicy`); `NodePort`, `LoadBalancer` and `externalIPs` frontends (scope
 /// [`Scope::External`], `externalTrafficPolicy`) will be added here from the same view.
-fn add_service_frontends(
-    view: &ServiceView<'_>,
-    slices: &SliceIndex<'_>,
-    frontends: &mut BTreeMap<FrontendKey, Frontend>,
-    errors: &mut Vec<ObjectError>,
-) {
+fn service_claims(view: &ServiceView<'_>, slices: &SliceIndex<'_>, claims: &mut Vec<Claim>) {
     for (ip_index, &addr) in view.cluster_ips.iter().enumerate() {
         for port in &view.ports {
             let key = FrontendKey {
@@ -164,33 +343,23 @@ fn add_service_frontends(
                 }
                 TrafficPolicy::Local | TrafficPolicy::Cluster => EmptyAction::Reject,
             };
-            let frontend = Frontend {
-                service: ServicePortRef {
-                    namespace: view.namespace.to_owned(),
-                    name: view.name.to_owned(),
-                    port_name: port.name.to_owned(),
+            claims.push(Claim {
+                key,
+                frontend: Frontend {
+                    service: ServicePortRef {
+                        namespace: view.namespace.to_owned(),
+                        name: view.name.to_owned(),
+                        port_name: port.name.to_owned(),
+                    },
+                    affinity_timeout: view.affinity_timeout,
+                    local_only: view.internal_traffic_policy == TrafficPolicy::Local,
+                    backends: selection.backends,
+                    kept_backends: selection.kept_backends,
+                    on_empty,
                 },
-                affinity_timeout: view.affinity_timeout,
-                local_only: view.internal_traffic_policy == TrafficPolicy::Local,
-                backends: selection.backends,
-                kept_backends: selection.kept_backends,
-                on_empty,
-            };
-            match frontends.entry(key) {
-                Entry::Vacant(slot) => {
-                    slot.insert(frontend);
-                }
-                Entry::Occupied(taken) => {
-                    let owner = &taken.get().service;
-                    errors.push(view.error(
-                        view.cluster_ip_field(ip_index),
-                        format!(
-                            "{key} (spec.ports[{}]) is already used by Service {}/{} port {:?}",
-                            port.index, owner.namespace, owner.name, owner.port_name
-                        ),
-                    ));
-                }
-            }
+                field: view.cluster_ip_field(ip_index),
+                port_index: port.index,
+            });
         }
     }
 }
@@ -218,7 +387,8 @@ fn unique_objects<'a, T: PartialEq>(
         let Some(&first) = group.first() else {
             continue;
         };
-        if !name.is_empty() && group.iter().any(|other| *other != first) {
+        // Compared from the second on: comparing an object with itself is a deep walk.
+        if !name.is_empty() && group.iter().skip(1).any(|other| *other != first) {
             errors.push(ObjectError {
                 kind,
                 namespace: namespace.to_owned(),

@@ -123,11 +123,6 @@ impl<'a> ServiceView<'a> {
             "spec.clusterIP".to_owned()
         }
     }
-
-    /// An error about this Service.
-    pub(crate) fn error(&self, field: String, reason: String) -> ObjectError {
-        service_error(self.namespace, self.name, field, reason)
-    }
 }
 
 fn service_error(namespace: &str, name: &str, field: String, reason: String) -> ObjectError {

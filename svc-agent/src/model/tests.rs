@@ -1,6 +1,6 @@
 //! Tests of [`compute`](super::compute), with objects in `kubectl get -o yaml` shape.
 
-use std::{fmt::Write as _, net::SocketAddr};
+use std::{collections::HashMap, fmt::Write as _, net::SocketAddr};
 
 use k8s_openapi::api::{
     core::v1::{Node, Service},
@@ -1934,6 +1934,89 @@ endpoints:
         ));
     }
     Snapshot::new(services, slices, Vec::new())
+}
+
+/// Mixes two snapshots object by object, keeping the objects' identity (`Arc`), the way a
+/// reflector store changes some objects and keeps the others.
+fn mixed(a: &Snapshot, b: &Snapshot, rng: &mut Lcg) -> Snapshot {
+    fn pick<T>(a: &[Arc<T>], b: &[Arc<T>], rng: &mut Lcg) -> Vec<Arc<T>> {
+        let n = a.len().max(b.len());
+        (0..n)
+            .filter_map(|i| match rng.next() % 3 {
+                0 => a.get(i).cloned(),
+                1 => b.get(i).cloned(),
+                _ => None,
+            })
+            .collect()
+    }
+    Snapshot {
+        services: pick(&a.services, &b.services, rng),
+        slices: pick(&a.slices, &b.slices, rng),
+        nodes: a.nodes.clone(),
+    }
+}
+
+#[test]
+fn memoized_passes_equal_passes_from_scratch() {
+    let mut rng = Lcg(7);
+    let mut hits = 0;
+    for seed in 0..150 {
+        let a = generated_snapshot(seed);
+        let b = generated_snapshot(seed + 10_000);
+        let mut memo = Memo::default();
+        assert_eq!(
+            compute_with(&a, "node1", &mut memo),
+            compute(&a, "node1"),
+            "seed {seed}"
+        );
+        let before: Vec<*const Service> = memo
+            .groups
+            .values()
+            .flat_map(HashMap::values)
+            .filter_map(|e| e.service.as_ref().map(Arc::as_ptr))
+            .collect();
+        for round in 0..4 {
+            let m = mixed(&a, &b, &mut rng);
+            assert_eq!(
+                compute_with(&m, "node1", &mut memo),
+                compute(&m, "node1"),
+                "seed {seed} round {round}"
+            );
+            hits += m
+                .services
+                .iter()
+                .filter(|s| before.contains(&Arc::as_ptr(s)))
+                .count();
+        }
+        // A memo made for another node is not used for this one.
+        assert_eq!(compute_with(&a, "node2", &mut memo), compute(&a, "node2"));
+    }
+    assert!(
+        hits > 100,
+        "the mixes reused too few objects to exercise the memo ({hits})"
+    );
+}
+
+#[test]
+fn an_unchanged_service_is_not_recomputed() {
+    let snap = Snapshot::new(
+        vec![yaml(FRONTEND_SVC)],
+        vec![yaml(FRONTEND_SLICE)],
+        vec![yaml(NODE1)],
+    );
+    let mut memo = Memo::default();
+    let first = compute_with(&snap, "node1", &mut memo);
+    assert_eq!(memo.recomputed(), 1);
+    assert_eq!(compute_with(&snap, "node1", &mut memo), first);
+    assert_eq!(memo.recomputed(), 0, "the same objects were computed again");
+    // A changed slice (a new object) is.
+    let mut changed = snap.clone();
+    changed.slices = vec![Arc::new((*snap.slices[0]).clone())];
+    assert_eq!(compute_with(&changed, "node1", &mut memo), first);
+    assert_eq!(memo.recomputed(), 1);
+    // Another node: everything is.
+    let _ = compute_with(&changed, "node2", &mut memo);
+    assert_eq!(memo.recomputed(), 1);
 }
 
 #[test]

@@ -253,11 +253,12 @@ pub async fn follow<M: DatapathMaps>(
         .events
         .then(|| EventPublisher::start(client, &options.node_name));
     let mut reporter = ProblemReporter::default();
+    let mut memo = model::Memo::default();
     let mut first_sync = Some(on_first_sync);
     // Boxed: the three watch streams make a large future.
     Box::pin(run_loop(updates, options.coalesce, |relisted| {
         let snapshot = stores.snapshot();
-        let (desired, report) = sync(&snapshot, &options.node_name, rec, relisted);
+        let (desired, report) = sync(&snapshot, &options.node_name, &mut memo, rec, relisted);
         for problem in reporter.new_problems(&desired, &report) {
             if let Some(events) = &events {
                 events.publish(
@@ -329,11 +330,13 @@ async fn sleep_until(at: Option<Instant>) {
 fn sync<M: DatapathMaps>(
     snapshot: &Snapshot,
     node_name: &str,
+    memo: &mut model::Memo,
     rec: &mut Reconciler<M>,
     relisted: &BTreeSet<Kind>,
 ) -> (DesiredState, ReconcileReport) {
     let started = std::time::Instant::now();
-    let desired = model::compute(snapshot, node_name);
+    let desired = model::compute_with(snapshot, node_name, memo);
+    let computed = started.elapsed();
     let report = rec.apply(&desired);
     for e in &report.errors {
         warn!(error = %e, "not programmed");
@@ -349,6 +352,8 @@ fn sync<M: DatapathMaps>(
         backends_deleted = report.backends_deleted,
         bad_objects = desired.errors.len(),
         relisted = relisted.join(","),
+        recomputed = memo.recomputed(),
+        compute_us = computed.as_micros(),
         took_us = started.elapsed().as_micros(),
         "synced from the API server"
     );

@@ -63,7 +63,7 @@ fn main() -> anyhow::Result<()> {
          port and {ENDPOINTS} endpoints per Service)\n"
     );
     println!(
-        "{:>9} {:>10} {:>11} {:>9}   {:>8} {:>8} {:>8} {:>8} {:>7}",
+        "{:>9} {:>10} {:>11} {:>9}   {:>8} {:>8} {:>8} {:>8} {:>7}   {:>10} {:>8}",
         "services",
         "cold sync",
         "first pass",
@@ -72,12 +72,20 @@ fn main() -> anyhow::Result<()> {
         "chg p99",
         "chg max",
         "samples",
-        "written"
+        "written",
+        "pass p50",
+        "compute"
     );
-    for services in SCALES {
-        let row = rt.block_on(scale(&agent_bin, services))?;
+    // SVC_BENCH_SCALES=1000,5000 and SVC_BENCH_SAMPLES=50 narrow a run.
+    let scales: Vec<u32> = std::env::var("SVC_BENCH_SCALES").map_or_else(
+        |_| Ok(SCALES.to_vec()),
+        |v| v.split(',').map(str::parse).collect::<Result<_, _>>(),
+    )?;
+    let samples: usize = std::env::var("SVC_BENCH_SAMPLES").map_or(Ok(SAMPLES), |v| v.parse())?;
+    for services in scales {
+        let row = rt.block_on(scale(&agent_bin, services, samples))?;
         println!(
-            "{services:>9} {:>8.0}ms {:>9.0}ms {:>7}MiB   {:>6.1}ms {:>6.1}ms {:>6.1}ms {:>8} {:>7}",
+            "{services:>9} {:>8.0}ms {:>9.0}ms {:>7}MiB   {:>6.1}ms {:>6.1}ms {:>6.1}ms {:>8} {:>7}   {:>8.1}ms {:>6.1}ms",
             row.cold_sync.as_secs_f64() * 1e3,
             row.first_pass_ms,
             row.rss_kib / 1024,
@@ -86,13 +94,16 @@ fn main() -> anyhow::Result<()> {
             ms(row.latencies.last().copied().unwrap_or_default()),
             row.latencies.len(),
             row.written,
+            ms(Duration::from_micros(row.pass.1)),
+            ms(Duration::from_micros(row.pass.0)),
         );
     }
     println!(
         "\ncold sync: agent process start to its first complete pass (load, verifier, attach, \
          list, compute, write);\nfirst pass: the agent's own time for that pass; chg: an \
          EndpointSlice write in the API server to SERVICES_V1 showing it\n(includes the \
-         {} ms coalescing window); written: map entries written per change (max over samples).",
+         {} ms coalescing window); written: map entries written per change (max over samples);\n\
+         pass p50: the agent's median time for one change pass, of it compute: the desired-state model.",
         20
     );
     Ok(())
@@ -104,6 +115,8 @@ struct Row {
     rss_kib: u64,
     latencies: Vec<Duration>,
     written: u64,
+    /// The median change pass: (compute µs, whole pass µs).
+    pass: (u64, u64),
 }
 
 fn ms(d: Duration) -> f64 {
@@ -160,7 +173,7 @@ fn slice_json(i: u32, endpoints: u32) -> Value {
     })
 }
 
-async fn scale(agent_bin: &Path, services: u32) -> anyhow::Result<Row> {
+async fn scale(agent_bin: &Path, services: u32, samples: usize) -> anyhow::Result<Row> {
     let topo = Topology::new()?;
     let node = topo.node(0).clone();
     let api = ApiServer::start_in(
@@ -202,9 +215,10 @@ async fn scale(agent_bin: &Path, services: u32) -> anyhow::Result<Row> {
 
     // Change latency.
     let services_map = open_services(&node.bpffs)?;
-    let mut latencies = Vec::with_capacity(SAMPLES);
+    let mut latencies = Vec::with_capacity(samples);
+    let mut passes = Vec::with_capacity(samples);
     let mut written = 0;
-    for sample in 0..SAMPLES {
+    for sample in 0..samples {
         let i = u32::try_from(sample).unwrap_or(0) * 7919 % services;
         let key = frontend_key(&FrontendKey {
             addr: IpAddr::V4(vip(i)),
@@ -227,9 +241,14 @@ async fn scale(agent_bin: &Path, services: u32) -> anyhow::Result<Row> {
                 field(line, "services_written").unwrap_or(0)
                     + field(line, "backends_written").unwrap_or(0),
             );
+            if let (Some(compute), Some(took)) = (field(line, "compute_us"), field(line, "took_us"))
+            {
+                passes.push((compute, took));
+            }
         }
     }
     latencies.sort();
+    passes.sort_unstable_by_key(|p| p.1);
     drop(agent);
     drop(api);
     drop(topo);
@@ -239,6 +258,7 @@ async fn scale(agent_bin: &Path, services: u32) -> anyhow::Result<Row> {
         rss_kib,
         latencies,
         written,
+        pass: passes.get(passes.len() / 2).copied().unwrap_or_default(),
     })
 }
 
