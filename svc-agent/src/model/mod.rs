@@ -375,20 +375,22 @@ fn unique_objects<'a, T: PartialEq>(
     meta: impl Fn(&'a T) -> (&'a Option<String>, &'a Option<String>),
     errors: &mut Vec<ObjectError>,
 ) -> Vec<&'a T> {
-    let mut groups: BTreeMap<(&str, &str), Vec<&T>> = BTreeMap::new();
-    for object in objects {
-        let (namespace, name) = meta(object);
-        let namespace = namespace.as_deref().unwrap_or(DEFAULT_NAMESPACE);
-        let name = name.as_deref().unwrap_or_default();
-        groups.entry((namespace, name)).or_default().push(object);
-    }
-    let mut unique = Vec::with_capacity(groups.len());
-    for ((namespace, name), group) in groups {
-        let Some(&first) = group.first() else {
-            continue;
-        };
+    // Sorted by namespace/name (stable, so copies keep their input order): one allocation,
+    // no tree; runs of equal names are the duplicates.
+    let mut named: Vec<(&str, &str, &T)> = objects
+        .iter()
+        .map(|object| {
+            let (namespace, name) = meta(object);
+            let namespace = namespace.as_deref().unwrap_or(DEFAULT_NAMESPACE);
+            (namespace, name.as_deref().unwrap_or_default(), object)
+        })
+        .collect();
+    named.sort_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
+    let mut unique = Vec::with_capacity(named.len());
+    for group in named.chunk_by(|a, b| (a.0, a.1) == (b.0, b.1)) {
+        let (namespace, name, first) = group[0];
         // Compared from the second on: comparing an object with itself is a deep walk.
-        if !name.is_empty() && group.iter().skip(1).any(|other| *other != first) {
+        if !name.is_empty() && group[1..].iter().any(|other| other.2 != first) {
             errors.push(ObjectError {
                 kind,
                 namespace: namespace.to_owned(),
@@ -402,7 +404,7 @@ fn unique_objects<'a, T: PartialEq>(
         } else if name.is_empty() {
             // Nameless objects are not duplicates of each other: keep them all, the parser
             // reports each.
-            unique.extend(group);
+            unique.extend(group.iter().map(|g| g.2));
         } else {
             unique.push(first);
         }

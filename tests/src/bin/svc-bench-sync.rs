@@ -247,6 +247,11 @@ async fn scale(agent_bin: &Path, services: u32, samples: usize) -> anyhow::Resul
             }
         }
     }
+    if std::env::var_os("SVC_BENCH_VERBOSE").is_some() {
+        for line in sync_lines(&agent).iter().rev().take(3) {
+            eprintln!("{line}");
+        }
+    }
     latencies.sort();
     passes.sort_unstable_by_key(|p| p.1);
     drop(agent);
