@@ -535,6 +535,55 @@ mod tests {
         );
     }
 
+    #[test]
+    fn a_full_map_is_reported_on_the_service_with_the_map_and_its_size() {
+        use crate::model::{EmptyAction, Frontend, FrontendKey, Protocol, Scope, ServicePortRef};
+        let key = FrontendKey {
+            addr: "198.19.0.7".parse().unwrap(),
+            port: 443,
+            proto: Protocol::Tcp,
+            scope: Scope::Internal,
+        };
+        let frontend = Frontend {
+            service: ServicePortRef {
+                namespace: "shop".into(),
+                name: "api".into(),
+                port_name: "https".into(),
+            },
+            affinity_timeout: None,
+            local_only: false,
+            backends: Vec::new(),
+            kept_backends: Vec::new(),
+            on_empty: EmptyAction::Reject,
+        };
+        let desired = DesiredState {
+            frontends: [(key, frontend)].into(),
+            ..DesiredState::default()
+        };
+        let report = ReconcileReport {
+            skipped: vec![(key, "map SERVICES_V1 is full (4096 entries)".to_owned())],
+            ..ReconcileReport::default()
+        };
+        let found = ProblemReporter::default().new_problems(&desired, &report);
+        assert_eq!(found.len(), 1);
+        let p = &found[0];
+        assert_eq!(
+            (p.kind.as_str(), p.namespace.as_str(), p.name.as_str()),
+            ("Service", "shop", "api")
+        );
+        assert_eq!(p.reason, "NotProgrammed");
+        assert!(
+            p.note.contains("SERVICES_V1 is full (4096 entries)"),
+            "{}",
+            p.note
+        );
+        assert!(
+            p.note.contains("198.19.0.7:443/TCP") || p.note.contains("198.19.0.7"),
+            "{}",
+            p.note
+        );
+    }
+
     #[tokio::test]
     async fn nothing_is_applied_before_every_kind_has_listed() {
         let (tx, rx) = mpsc::unbounded_channel();
