@@ -3,33 +3,42 @@
 //!
 //! Order: backends first, then backend slots, then frontend entries (slot 0), then removals in
 //! reverse (frontend entries, stale slots, unused backends). A frontend whose slots could not
-//! all be written keeps its old slot 0 (count), which only names slots that exist.
+//! all be written keeps its old slot 0 (count), which only names slots that exist. Last, when
+//! the pass ended `(frontend, backend)` pairs or removed backends, the kernel's flow state that
+//! names them is cleared: UDP flows and affinity entries (one bounded pass over each table; see
+//! `flows.rs`).
 
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    time::Instant,
 };
 
 use anyhow::{Context as _, anyhow};
 use aya::{
-    Ebpf,
-    maps::{HashMap as BpfHashMap, MapData, PerCpuHashMap, PerCpuValues},
+    Ebpf, Pod,
+    maps::{HashMap as BpfHashMap, MapData, MapError, PerCpuHashMap, PerCpuValues},
     util::nr_cpus,
 };
 use svc_common::{
     addr::{FAMILY_V4, to_v4},
+    affinity::{AffinityKey, AffinityValue},
+    conntrack::{CtKey, CtValue},
     net::ipproto,
     service::{Backend, ServiceKey, ServiceValue, scope},
     stats::Counter,
 };
+use tracing::{info, warn};
 
 use super::{
+    flows::{FlowTable, StaleFlows, Sweep, is_flow, sweep},
     ids::IdMap,
     render::{BackendRef, Capacity, Rendered, render},
 };
 use crate::model::{DesiredState, FrontendKey, Protocol, Scope};
 
-/// Access to `SERVICES_V1` and `BACKENDS_V1`.
+/// Access to `SERVICES_V1` and `BACKENDS_V1` (written by the agent), the counters, and the
+/// kernel's flow state (`CT_V1`, `AFFINITY_V1`: the agent only deletes from those).
 pub trait DatapathMaps {
     /// Every entry of `SERVICES_V1`.
     fn services(&self) -> anyhow::Result<BTreeMap<ServiceKey, ServiceValue>>;
@@ -49,6 +58,11 @@ pub trait DatapathMaps {
     fn del_counters(&mut self, kind: CounterKind, id: u32) -> anyhow::Result<()>;
     /// How many entries each map holds at most.
     fn capacity(&self) -> Capacity;
+    /// Deletes the `CT_V1` entries (both directions) of UDP flows that `stale` names, in one
+    /// pass that reads at most the table's capacity in entries (see `flows.rs`).
+    fn clear_udp_flows(&mut self, stale: &StaleFlows) -> anyhow::Result<Sweep>;
+    /// Deletes the `AFFINITY_V1` entries that `stale` names, in one pass bounded the same way.
+    fn clear_affinity(&mut self, stale: &StaleFlows) -> anyhow::Result<Sweep>;
 }
 
 /// Which counters: `SVC_STATS_V1` (frontend ids) or `BACKEND_STATS_V1` (backend ids).
@@ -66,14 +80,22 @@ pub struct AyaMaps {
     backends: BpfHashMap<MapData, u32, Backend>,
     svc_stats: PerCpuHashMap<MapData, u32, Counter>,
     backend_stats: PerCpuHashMap<MapData, u32, Counter>,
+    ct: BpfHashMap<MapData, CtKey, CtValue>,
+    affinity: BpfHashMap<MapData, AffinityKey, AffinityValue>,
     cap: Capacity,
+    /// Entries `CT_V1` and `AFFINITY_V1` hold at most: the bound of one pass over each.
+    ct_max: usize,
+    affinity_max: usize,
 }
 
 impl AyaMaps {
-    /// Takes `SERVICES_V1` and `BACKENDS_V1` out of `ebpf`.
+    /// Takes `SERVICES_V1`, `BACKENDS_V1`, their counters, `CT_V1` and `AFFINITY_V1` out of
+    /// `ebpf` (the programs keep using them).
     pub fn take(ebpf: &mut Ebpf) -> anyhow::Result<Self> {
         let (services, svc_max) = take_hash(ebpf, "SERVICES_V1")?;
         let (backends, be_max) = take_hash(ebpf, "BACKENDS_V1")?;
+        let (ct, ct_max) = take_hash(ebpf, "CT_V1")?;
+        let (affinity, affinity_max) = take_hash(ebpf, "AFFINITY_V1")?;
         let take_stats =
             |ebpf: &mut Ebpf, name: &str| -> anyhow::Result<PerCpuHashMap<MapData, u32, Counter>> {
                 let map = ebpf
@@ -86,20 +108,24 @@ impl AyaMaps {
             backends: BpfHashMap::try_from(backends)?,
             svc_stats: take_stats(ebpf, "SVC_STATS_V1")?,
             backend_stats: take_stats(ebpf, "BACKEND_STATS_V1")?,
+            ct: BpfHashMap::try_from(ct).context("CT_V1")?,
+            affinity: BpfHashMap::try_from(affinity).context("AFFINITY_V1")?,
             cap: Capacity {
                 services: svc_max,
                 backends: be_max,
             },
+            ct_max: usize::try_from(ct_max).context("CT_V1 size")?,
+            affinity_max: usize::try_from(affinity_max).context("AFFINITY_V1 size")?,
         })
     }
 }
 
-/// Takes a hash map out of `ebpf`, with its size.
+/// Takes a hash map (plain or LRU) out of `ebpf`, with its size.
 fn take_hash(ebpf: &mut Ebpf, name: &str) -> anyhow::Result<(aya::maps::Map, u32)> {
     let map = ebpf
         .take_map(name)
         .ok_or_else(|| anyhow!("no map {name} in the object"))?;
-    let aya::maps::Map::HashMap(data) = &map else {
+    let (aya::maps::Map::HashMap(data) | aya::maps::Map::LruHashMap(data)) = &map else {
         return Err(anyhow!("map {name} is not a hash map"));
     };
     let max = data
@@ -170,6 +196,48 @@ impl DatapathMaps for AyaMaps {
     fn capacity(&self) -> Capacity {
         self.cap
     }
+    fn clear_udp_flows(&mut self, stale: &StaleFlows) -> anyhow::Result<Sweep> {
+        sweep(
+            &mut AyaTable(&mut self.ct),
+            self.ct_max,
+            |k, v| stale.matches_ct(k, v),
+            is_flow,
+        )
+        .context("clearing CT_V1")
+    }
+    fn clear_affinity(&mut self, stale: &StaleFlows) -> anyhow::Result<Sweep> {
+        sweep(
+            &mut AyaTable(&mut self.affinity),
+            self.affinity_max,
+            |k, v| stale.matches_affinity(k, v),
+            |_, _| true,
+        )
+        .context("clearing AFFINITY_V1")
+    }
+}
+
+/// A BPF hash map as a [`FlowTable`].
+struct AyaTable<'a, K, V>(&'a mut BpfHashMap<MapData, K, V>);
+
+impl<K: Pod, V: Pod> FlowTable<K, V> for AyaTable<'_, K, V> {
+    type Error = MapError;
+    fn entries(&self) -> impl Iterator<Item = Result<(K, V), MapError>> + '_ {
+        self.0.iter()
+    }
+    fn get(&self, key: &K) -> Result<Option<V>, MapError> {
+        match self.0.get(key, 0) {
+            Ok(value) => Ok(Some(value)),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+    fn remove(&mut self, key: &K) -> Result<bool, MapError> {
+        match self.0.remove(key) {
+            Ok(()) => Ok(true),
+            Err(MapError::KeyNotFound) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
 }
 
 /// What one reconcile pass did.
@@ -183,11 +251,29 @@ pub struct ReconcileReport {
     pub backends_written: usize,
     /// `BACKENDS_V1` entries removed.
     pub backends_deleted: usize,
+    /// Kernel flow state cleared because the pass ended `(frontend, backend)` pairs or removed
+    /// backends; `None` when it ended none.
+    pub cleared: Option<Cleared>,
     /// Frontends not (fully) programmed, and why.
     pub errors: Vec<String>,
     /// Frontends left out as a whole because a map is full (their Service, from the desired
     /// state, gets told), and why.
     pub skipped: Vec<(FrontendKey, String)>,
+}
+
+/// What a reconcile pass cleared from `CT_V1` and `AFFINITY_V1` (see `flows.rs`).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Cleared {
+    /// Backends the pass removed from `BACKENDS_V1`.
+    pub removed_backends: usize,
+    /// `(frontend, backend)` pairs the pass ended (a backend left a frontend, or the frontend
+    /// went away), including those of removed backends.
+    pub ended_pairs: usize,
+    /// The pass over `CT_V1`; `None` when no UDP frontend was concerned (TCP flows are never
+    /// cleared) or when it failed (see the report's errors).
+    pub udp: Option<Sweep>,
+    /// The pass over `AFFINITY_V1`; `None` when it failed.
+    pub affinity: Option<Sweep>,
 }
 
 /// Keeps the maps equal to the desired state, writing only differences.
@@ -214,9 +300,15 @@ impl<M: DatapathMaps> Reconciler<M> {
         for (id, b) in &backends {
             backend_ids.adopt((ip_of(&b.addr, b.family), b.port.to_host()), *id);
         }
+        // Backends kept only for established flows are in no slot: which frontend keeps them
+        // is not in the maps. Should one of them leave its frontend while another still uses
+        // it, that frontend's UDP flows to it stay (they end when idle); removed backends are
+        // cleared whatever frontend names them.
+        let reachable = slot_pairs(&services);
         let current = Rendered {
             services,
             backends,
+            reachable,
             skipped: Vec::new(),
         };
         Ok(Self {
@@ -251,11 +343,75 @@ impl<M: DatapathMaps> Reconciler<M> {
             skipped: want.skipped.clone(),
             ..ReconcileReport::default()
         };
+        let reachable_before = std::mem::take(&mut self.current.reachable);
+        let mut protos = frontend_protos(&self.current.services);
+        protos.extend(frontend_protos(&want.services));
         self.write_backends(&want, &mut report);
         let broken = self.write_services(&want, &mut report);
         self.remove_services(&want, &broken, &mut report);
-        self.remove_backends(&want, &mut report);
+        let removed = self.remove_backends(&want, &mut report);
+        // Slots kept for a frontend that could not be reprogrammed still send new flows.
+        self.current.reachable = &want.reachable | &slot_pairs(&self.current.services);
+        let stale = StaleFlows {
+            pairs: &reachable_before - &self.current.reachable,
+            backends: removed,
+        };
+        if !stale.is_empty() {
+            let udp = concerns_udp(&stale, &reachable_before, &protos);
+            report.cleared = Some(self.clear_stale(&stale, udp, &mut report.errors));
+        }
         report
+    }
+
+    /// Step 6: forgets the UDP flows (when `udp`) and affinity entries that name what `stale`
+    /// says ended, one bounded pass over each table; logs what it did.
+    fn clear_stale(&mut self, stale: &StaleFlows, udp: bool, errors: &mut Vec<String>) -> Cleared {
+        let started = Instant::now();
+        let mut cleared = Cleared {
+            removed_backends: stale.backends.len(),
+            ended_pairs: stale.pairs.len(),
+            ..Cleared::default()
+        };
+        if udp {
+            match self.maps.clear_udp_flows(stale) {
+                Ok(sweep) => cleared.udp = Some(sweep),
+                Err(e) => errors.push(format!("clearing UDP flows of ended backends: {e:#}")),
+            }
+        }
+        match self.maps.clear_affinity(stale) {
+            Ok(sweep) => cleared.affinity = Some(sweep),
+            Err(e) => errors.push(format!(
+                "clearing affinity entries of ended backends: {e:#}"
+            )),
+        }
+        let udp = cleared.udp.unwrap_or_default();
+        let affinity = cleared.affinity.unwrap_or_default();
+        info!(
+            udp_flows = udp.flows,
+            ct_entries = udp.deleted,
+            ct_scanned = udp.visited,
+            ct_scan = if cleared.udp.is_some() {
+                "done"
+            } else {
+                "skipped: no UDP frontend concerned"
+            },
+            affinity_entries = affinity.deleted,
+            affinity_scanned = affinity.visited,
+            ended_pairs = cleared.ended_pairs,
+            took_ms = started.elapsed().as_secs_f64() * 1e3,
+            "cleared {} UDP flows of {} removed backends",
+            udp.flows,
+            cleared.removed_backends,
+        );
+        if udp.truncated || affinity.truncated {
+            warn!(
+                ct_truncated = udp.truncated,
+                affinity_truncated = affinity.truncated,
+                "a flow-clearing pass stopped at its bound (the table's capacity); entries it \
+                 did not reach are left to the kernel's check of removed backends"
+            );
+        }
+        cleared
     }
 
     /// Step 1: backends that are new or changed (a new id gets its counters first, so its first
@@ -360,7 +516,8 @@ impl<M: DatapathMaps> Reconciler<M> {
     }
 
     /// Step 5: backends no slot names any more and no frontend keeps (with their counters).
-    fn remove_backends(&mut self, want: &Rendered, report: &mut ReconcileReport) {
+    /// Returns the ids removed.
+    fn remove_backends(&mut self, want: &Rendered, report: &mut ReconcileReport) -> BTreeSet<u32> {
         let referenced: BTreeSet<u32> = self
             .current
             .services
@@ -375,18 +532,58 @@ impl<M: DatapathMaps> Reconciler<M> {
             .filter(|id| !want.backends.contains_key(id) && !referenced.contains(id))
             .copied()
             .collect();
+        let mut removed = BTreeSet::new();
         for id in unused {
             if let Err(e) = self.maps.del_backend(id) {
                 report.errors.push(format!("backend {id}: {e:#}"));
                 continue;
             }
             self.current.backends.remove(&id);
+            removed.insert(id);
             report.backends_deleted += 1;
             if let Err(e) = self.maps.del_counters(CounterKind::Backend, id) {
                 report.errors.push(format!("backend {id} counters: {e:#}"));
             }
         }
+        removed
     }
+}
+
+/// `(frontend id, backend id)` of every backend slot in `services`.
+fn slot_pairs(services: &BTreeMap<ServiceKey, ServiceValue>) -> BTreeSet<(u32, u32)> {
+    services
+        .iter()
+        .filter(|(k, _)| k.slot != 0)
+        .filter_map(|(k, v)| {
+            let frontend = services.get(&ServiceKey { slot: 0, ..*k })?;
+            Some((frontend.id, v.id))
+        })
+        .collect()
+}
+
+/// The IP protocol of each frontend id in `services`.
+fn frontend_protos(services: &BTreeMap<ServiceKey, ServiceValue>) -> BTreeMap<u32, u8> {
+    services
+        .iter()
+        .filter(|(k, _)| k.slot == 0)
+        .map(|(k, v)| (v.id, k.proto))
+        .collect()
+}
+
+/// Whether `stale` may name a UDP flow: an ended pair of a UDP frontend (or of one whose
+/// protocol is not known), or a removed backend no known pair names (one kept for established
+/// flows only, adopted from a previous agent's maps).
+fn concerns_udp(
+    stale: &StaleFlows,
+    reachable_before: &BTreeSet<(u32, u32)>,
+    protos: &BTreeMap<u32, u8>,
+) -> bool {
+    let known: BTreeSet<u32> = reachable_before.iter().map(|(_, b)| *b).collect();
+    stale
+        .pairs
+        .iter()
+        .any(|(f, _)| protos.get(f).is_none_or(|p| *p == ipproto::UDP))
+        || stale.backends.iter().any(|b| !known.contains(b))
 }
 
 fn ip_of(addr: &[u8; 16], family: u8) -> IpAddr {
@@ -425,8 +622,15 @@ fn describe(k: &ServiceKey) -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::HashMap;
+
+    use svc_common::{Be16, conntrack::dir};
+
     use super::*;
-    use crate::model::{Backend as MBackend, EmptyAction, Frontend, ServicePortRef};
+    use crate::{
+        datapath::render::map_addr,
+        model::{Backend as MBackend, EmptyAction, Frontend, ServicePortRef},
+    };
 
     /// In-memory maps recording every write, for order and minimality checks.
     #[derive(Default)]
@@ -438,6 +642,30 @@ mod tests {
         cap: Option<Capacity>,
         /// (is backend, id) of every counter entry that exists.
         counters: BTreeSet<(bool, u32)>,
+        /// `CT_V1` and `AFFINITY_V1`, as the kernel would have filled them.
+        ct: HashMap<CtKey, CtValue>,
+        affinity: HashMap<AffinityKey, AffinityValue>,
+        /// Entries one pass reads at most (the capacity of the real tables).
+        sweep_limit: Option<usize>,
+        /// Passes over each table so far.
+        ct_passes: usize,
+        affinity_passes: usize,
+    }
+
+    /// A fake table: the same pass as the real maps, over a `HashMap`.
+    struct FakeTable<'a, K, V>(&'a mut HashMap<K, V>);
+
+    impl<K: Copy + Eq + std::hash::Hash, V: Copy> FlowTable<K, V> for FakeTable<'_, K, V> {
+        type Error = std::convert::Infallible;
+        fn entries(&self) -> impl Iterator<Item = Result<(K, V), Self::Error>> + '_ {
+            self.0.iter().map(|(k, v)| Ok((*k, *v)))
+        }
+        fn get(&self, key: &K) -> Result<Option<V>, Self::Error> {
+            Ok(self.0.get(key).copied())
+        }
+        fn remove(&mut self, key: &K) -> Result<bool, Self::Error> {
+            Ok(self.0.remove(key).is_some())
+        }
     }
 
     impl DatapathMaps for FakeMaps {
@@ -523,6 +751,28 @@ mod tests {
                 backends: 1000,
             })
         }
+        fn clear_udp_flows(&mut self, stale: &StaleFlows) -> anyhow::Result<Sweep> {
+            self.ct_passes += 1;
+            let limit = self.sweep_limit.unwrap_or(usize::MAX);
+            let Ok(done) = sweep(
+                &mut FakeTable(&mut self.ct),
+                limit,
+                |k, v| stale.matches_ct(k, v),
+                is_flow,
+            );
+            Ok(done)
+        }
+        fn clear_affinity(&mut self, stale: &StaleFlows) -> anyhow::Result<Sweep> {
+            self.affinity_passes += 1;
+            let limit = self.sweep_limit.unwrap_or(usize::MAX);
+            let Ok(done) = sweep(
+                &mut FakeTable(&mut self.affinity),
+                limit,
+                |k, v| stale.matches_affinity(k, v),
+                |_, _| true,
+            );
+            Ok(done)
+        }
     }
 
     fn state(frontends: &[(&str, &[&str])]) -> DesiredState {
@@ -580,6 +830,11 @@ mod tests {
             ("198.19.0.11", &["198.18.1.11"]),
         ]));
         assert_eq!(again, ReconcileReport::default());
+        assert_eq!(
+            (r.maps.ct_passes, r.maps.affinity_passes),
+            (0, 0),
+            "nothing ended: no table is scanned"
+        );
         // One service loses a backend: the other service is not touched.
         r.maps.log.clear();
         let shrink = r.apply(&state(&[
@@ -667,5 +922,354 @@ mod tests {
             "half-programmed frontend exposed"
         );
         assert_eq!(fe("198.19.0.11").map(|v| v.count), Some(1));
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Clearing the kernel's flow state of ended backends
+    // -----------------------------------------------------------------------------------------
+
+    const CLIENT: &str = "198.18.1.10";
+
+    /// A frontend `vip:53/proto` with `ready` backends (port 5353) and `kept` ones (terminating,
+    /// kept for established flows).
+    fn fe(vip: &str, proto: Protocol, ready: &[&str], kept: &[&str]) -> (FrontendKey, Frontend) {
+        let backend = |addr: &&str, terminating| MBackend {
+            addr: addr.parse().unwrap(),
+            port: 5353,
+            local: false,
+            terminating,
+        };
+        (
+            FrontendKey {
+                addr: vip.parse().unwrap(),
+                port: 53,
+                proto,
+                scope: Scope::Internal,
+            },
+            Frontend {
+                service: ServicePortRef {
+                    namespace: "default".into(),
+                    name: format!("{vip}-{proto}"),
+                    port_name: String::new(),
+                },
+                affinity_timeout: None,
+                local_only: false,
+                backends: ready.iter().map(|b| backend(b, false)).collect(),
+                kept_backends: kept.iter().map(|b| backend(b, true)).collect(),
+                on_empty: EmptyAction::Reject,
+            },
+        )
+    }
+
+    fn desired(frontends: &[(FrontendKey, Frontend)]) -> DesiredState {
+        DesiredState {
+            frontends: frontends.iter().cloned().collect(),
+            ..DesiredState::default()
+        }
+    }
+
+    fn frontend_id(r: &Reconciler<FakeMaps>, vip: &str, proto: Protocol) -> u32 {
+        let key = super::super::render::frontend_key(&FrontendKey {
+            addr: vip.parse().unwrap(),
+            port: 53,
+            proto,
+            scope: Scope::Internal,
+        });
+        r.current().services[&key].id
+    }
+
+    fn backend_id(r: &Reconciler<FakeMaps>, addr: &str) -> u32 {
+        let (addr, _) = map_addr(addr.parse().unwrap());
+        r.current()
+            .backends
+            .iter()
+            .find_map(|(id, b)| (b.addr == addr).then_some(*id))
+            .expect("backend programmed")
+    }
+
+    /// What the kernel writes for one translated flow from [`CLIENT`]:`sport` to `vip`:53 sent
+    /// to `backend`:5353: the forward and the reply entry.
+    fn flow(
+        r: &mut Reconciler<FakeMaps>,
+        proto: Protocol,
+        vip: &str,
+        backend: &str,
+        sport: u16,
+    ) -> [CtKey; 2] {
+        let (frontend_id, backend_id) = (frontend_id(r, vip, proto), backend_id(r, backend));
+        let (client, family) = map_addr(CLIENT.parse().unwrap());
+        let (vip, _) = map_addr(vip.parse().unwrap());
+        let (backend, _) = map_addr(backend.parse().unwrap());
+        let proto = match proto {
+            Protocol::Udp => ipproto::UDP,
+            _ => ipproto::TCP,
+        };
+        let forward = CtKey {
+            src: client,
+            dst: vip,
+            sport: Be16::from_host(sport),
+            dport: Be16::from_host(53),
+            proto,
+            family,
+            dir: dir::FORWARD,
+            _pad: 0,
+        };
+        let reply = CtKey {
+            src: backend,
+            dst: client,
+            sport: Be16::from_host(5353),
+            dport: Be16::from_host(sport),
+            dir: dir::REPLY,
+            ..forward
+        };
+        let value = |addr, port| CtValue {
+            addr,
+            port: Be16::from_host(port),
+            backend_id,
+            frontend_id,
+            ..CtValue::default()
+        };
+        r.maps.ct.insert(forward, value(backend, 5353));
+        r.maps.ct.insert(reply, value(vip, 53));
+        [forward, reply]
+    }
+
+    /// An affinity entry sending [`CLIENT`] of frontend `vip`/`proto` to `backend`.
+    fn sticky(
+        r: &mut Reconciler<FakeMaps>,
+        vip: &str,
+        proto: Protocol,
+        backend: &str,
+    ) -> AffinityKey {
+        let key = AffinityKey {
+            client: map_addr(CLIENT.parse().unwrap()).0,
+            frontend_id: frontend_id(r, vip, proto),
+            family: 4,
+            _pad: [0; 3],
+        };
+        let value = AffinityValue {
+            backend_id: backend_id(r, backend),
+            ..AffinityValue::default()
+        };
+        r.maps.affinity.insert(key, value);
+        key
+    }
+
+    fn has_all(r: &Reconciler<FakeMaps>, keys: &[CtKey]) -> bool {
+        keys.iter().all(|k| r.maps.ct.contains_key(k))
+    }
+
+    fn has_none(r: &Reconciler<FakeMaps>, keys: &[CtKey]) -> bool {
+        keys.iter().all(|k| !r.maps.ct.contains_key(k))
+    }
+
+    const VIP: &str = "198.19.0.10";
+    const A: &str = "198.18.2.10";
+    const B: &str = "198.18.2.11";
+    const C: &str = "198.18.2.12";
+
+    #[test]
+    fn a_removed_udp_backend_loses_its_flows_both_ways_and_its_affinity_entries() {
+        let mut r = Reconciler::adopt(FakeMaps::default()).unwrap();
+        r.apply(&desired(&[
+            fe(VIP, Protocol::Udp, &[A, B], &[]),
+            fe(VIP, Protocol::Tcp, &[A, B], &[]),
+        ]));
+        let udp_a = [
+            flow(&mut r, Protocol::Udp, VIP, A, 40000),
+            flow(&mut r, Protocol::Udp, VIP, A, 40001),
+        ]
+        .concat();
+        let udp_b = flow(&mut r, Protocol::Udp, VIP, B, 40002);
+        let tcp_a = flow(&mut r, Protocol::Tcp, VIP, A, 40003);
+        let sticky_a = sticky(&mut r, VIP, Protocol::Tcp, A);
+        let sticky_b = sticky(&mut r, VIP, Protocol::Udp, B);
+
+        let report = r.apply(&desired(&[
+            fe(VIP, Protocol::Udp, &[B], &[]),
+            fe(VIP, Protocol::Tcp, &[B], &[]),
+        ]));
+        assert!(report.errors.is_empty(), "{:?}", report.errors);
+        assert_eq!(report.backends_deleted, 1);
+        assert_eq!(
+            report.cleared,
+            Some(Cleared {
+                removed_backends: 1,
+                ended_pairs: 2,
+                udp: Some(Sweep {
+                    visited: 8,
+                    deleted: 4,
+                    flows: 2,
+                    truncated: false
+                }),
+                affinity: Some(Sweep {
+                    visited: 2,
+                    deleted: 1,
+                    flows: 1,
+                    truncated: false
+                }),
+            })
+        );
+        assert!(
+            has_none(&r, &udp_a),
+            "UDP flows to A, forward and reply, are gone"
+        );
+        assert!(has_all(&r, &udp_b), "flows to B stay");
+        assert!(
+            has_all(&r, &tcp_a),
+            "TCP flows to A are left to end by themselves"
+        );
+        assert!(!r.maps.affinity.contains_key(&sticky_a));
+        assert!(r.maps.affinity.contains_key(&sticky_b));
+        assert_eq!(
+            (r.maps.ct_passes, r.maps.affinity_passes),
+            (1, 1),
+            "one pass each"
+        );
+    }
+
+    #[test]
+    fn a_terminating_backend_keeps_its_flows_until_it_is_removed() {
+        let mut r = Reconciler::adopt(FakeMaps::default()).unwrap();
+        r.apply(&desired(&[fe(VIP, Protocol::Udp, &[A, B], &[])]));
+        let on_a = flow(&mut r, Protocol::Udp, VIP, A, 40000);
+        let sticky_a = sticky(&mut r, VIP, Protocol::Udp, A);
+
+        // A terminates: no new flows (no slot), established ones stay.
+        let report = r.apply(&desired(&[fe(VIP, Protocol::Udp, &[B, C], &[A])]));
+        assert_eq!(report.backends_deleted, 0);
+        assert_eq!(report.cleared, None, "nothing ended: {report:?}");
+        assert!(has_all(&r, &on_a));
+        assert!(
+            r.maps.affinity.contains_key(&sticky_a),
+            "the kernel ignores it while A is terminating; it goes when A does"
+        );
+        assert_eq!(r.maps.ct_passes, 0);
+
+        // A is gone.
+        let report = r.apply(&desired(&[fe(VIP, Protocol::Udp, &[B, C], &[])]));
+        let cleared = report.cleared.expect("A ended");
+        assert_eq!((cleared.removed_backends, cleared.ended_pairs), (1, 1));
+        assert_eq!(cleared.udp.map(|s| s.flows), Some(1));
+        assert!(has_none(&r, &on_a));
+        assert!(!r.maps.affinity.contains_key(&sticky_a));
+    }
+
+    #[test]
+    fn a_backend_leaving_one_service_loses_only_that_services_udp_flows() {
+        const VIP2: &str = "198.19.0.11";
+        let mut r = Reconciler::adopt(FakeMaps::default()).unwrap();
+        r.apply(&desired(&[
+            fe(VIP, Protocol::Udp, &[A, B], &[]),
+            fe(VIP2, Protocol::Udp, &[A], &[]),
+        ]));
+        let first = flow(&mut r, Protocol::Udp, VIP, A, 40000);
+        let second = flow(&mut r, Protocol::Udp, VIP2, A, 40001);
+        let sticky_first = sticky(&mut r, VIP, Protocol::Udp, A);
+        let sticky_second = sticky(&mut r, VIP2, Protocol::Udp, A);
+
+        let report = r.apply(&desired(&[
+            fe(VIP, Protocol::Udp, &[B], &[]),
+            fe(VIP2, Protocol::Udp, &[A], &[]),
+        ]));
+        assert_eq!(
+            report.backends_deleted, 0,
+            "A still serves the second service"
+        );
+        let cleared = report.cleared.expect("the pair (first service, A) ended");
+        assert_eq!((cleared.removed_backends, cleared.ended_pairs), (0, 1));
+        assert!(
+            has_none(&r, &first),
+            "the kernel would have kept this flow on A: A still exists"
+        );
+        assert!(has_all(&r, &second));
+        assert!(!r.maps.affinity.contains_key(&sticky_first));
+        assert!(r.maps.affinity.contains_key(&sticky_second));
+    }
+
+    #[test]
+    fn a_deleted_udp_service_loses_its_flows_even_to_shared_backends() {
+        const VIP2: &str = "198.19.0.11";
+        let mut r = Reconciler::adopt(FakeMaps::default()).unwrap();
+        r.apply(&desired(&[
+            fe(VIP, Protocol::Udp, &[A], &[]),
+            fe(VIP2, Protocol::Udp, &[A], &[]),
+        ]));
+        let gone = flow(&mut r, Protocol::Udp, VIP, A, 40000);
+        let kept = flow(&mut r, Protocol::Udp, VIP2, A, 40001);
+        let report = r.apply(&desired(&[fe(VIP2, Protocol::Udp, &[A], &[])]));
+        assert_eq!(report.cleared.and_then(|c| c.udp).map(|s| s.flows), Some(1));
+        assert!(has_none(&r, &gone) && has_all(&r, &kept));
+    }
+
+    #[test]
+    fn tcp_only_changes_do_not_scan_the_connection_table() {
+        let mut r = Reconciler::adopt(FakeMaps::default()).unwrap();
+        r.apply(&desired(&[fe(VIP, Protocol::Tcp, &[A, B], &[])]));
+        let tcp_a = flow(&mut r, Protocol::Tcp, VIP, A, 40000);
+        let sticky_a = sticky(&mut r, VIP, Protocol::Tcp, A);
+        let report = r.apply(&desired(&[fe(VIP, Protocol::Tcp, &[B], &[])]));
+        let cleared = report.cleared.expect("A ended");
+        assert_eq!(cleared.udp, None);
+        assert_eq!(cleared.affinity.map(|s| s.deleted), Some(1));
+        assert_eq!((r.maps.ct_passes, r.maps.affinity_passes), (0, 1));
+        assert!(has_all(&r, &tcp_a));
+        assert!(!r.maps.affinity.contains_key(&sticky_a));
+    }
+
+    #[test]
+    fn a_restarted_agent_clears_flows_of_backends_it_only_adopted() {
+        let mut r = Reconciler::adopt(FakeMaps::default()).unwrap();
+        r.apply(&desired(&[fe(VIP, Protocol::Udp, &[B], &[A])]));
+        let on_a = flow(&mut r, Protocol::Udp, VIP, A, 40000);
+        let on_b = flow(&mut r, Protocol::Udp, VIP, B, 40001);
+        let FakeMaps {
+            services,
+            backends,
+            ct,
+            counters,
+            ..
+        } = r.maps;
+        // The new agent sees A in BACKENDS_V1 but in no slot: which frontend kept it is lost.
+        let mut again = Reconciler::adopt(FakeMaps {
+            services,
+            backends,
+            counters,
+            ct,
+            ..FakeMaps::default()
+        })
+        .unwrap();
+        let report = again.apply(&desired(&[fe(VIP, Protocol::Udp, &[B], &[])]));
+        let cleared = report.cleared.expect("A removed");
+        assert_eq!((cleared.removed_backends, cleared.ended_pairs), (1, 0));
+        assert_eq!(
+            cleared.udp.map(|s| s.flows),
+            Some(1),
+            "scanned although no pair was known"
+        );
+        assert!(has_none(&again, &on_a) && has_all(&again, &on_b));
+    }
+
+    #[test]
+    fn a_pass_stops_at_its_bound_and_says_so() {
+        let maps = FakeMaps {
+            sweep_limit: Some(3),
+            ..FakeMaps::default()
+        };
+        let mut r = Reconciler::adopt(maps).unwrap();
+        r.apply(&desired(&[fe(VIP, Protocol::Udp, &[A, B], &[])]));
+        for sport in 0..4 {
+            flow(&mut r, Protocol::Udp, VIP, A, 40000 + sport);
+        }
+        let report = r.apply(&desired(&[fe(VIP, Protocol::Udp, &[B], &[])]));
+        let udp = report.cleared.and_then(|c| c.udp).expect("scanned");
+        assert_eq!(udp.visited, 3);
+        assert!(udp.truncated);
+        assert_eq!(
+            r.maps.ct.len(),
+            8 - udp.deleted,
+            "only what was read is deleted"
+        );
+        assert!(report.errors.is_empty(), "a cut-short pass is no error");
     }
 }

@@ -1,6 +1,9 @@
 //! The map contents a desired state means (pure: no maps, no kernel).
 
-use std::{collections::BTreeMap, net::IpAddr};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+};
 
 use svc_common::{
     Be16,
@@ -22,6 +25,10 @@ pub struct Rendered {
     pub services: BTreeMap<ServiceKey, ServiceValue>,
     /// `BACKENDS_V1`.
     pub backends: BTreeMap<u32, Backend>,
+    /// `(frontend id, backend id)` of every backend a frontend's flows may be on: those in its
+    /// slots and those kept for established flows. Not a map: when a pair leaves this set, the
+    /// flows and affinity entries that name it are cleared (see `flows.rs`).
+    pub reachable: BTreeSet<(u32, u32)>,
     /// Frontends left out, with why (capacity, unsupported protocol).
     pub skipped: Vec<(FrontendKey, String)>,
 }
@@ -94,7 +101,7 @@ pub fn render(
 ) -> Rendered {
     let mut out = Rendered::default();
     let mut fitting = Vec::new();
-    let (mut svc_entries, mut backend_set) = (0u64, std::collections::BTreeSet::new());
+    let (mut svc_entries, mut backend_set) = (0u64, BTreeSet::new());
     for (key, fe) in &desired.frontends {
         if key.proto == Protocol::Sctp {
             out.skipped.push((
@@ -140,8 +147,7 @@ pub fn render(
         backend_set.extend(new_backends);
         fitting.push((key, fe));
     }
-    let fitting_keys: std::collections::BTreeSet<&FrontendKey> =
-        fitting.iter().map(|(k, _)| *k).collect();
+    let fitting_keys: BTreeSet<&FrontendKey> = fitting.iter().map(|(k, _)| *k).collect();
     frontend_ids.retain(|k| fitting_keys.contains(k));
     backend_ids.retain(|r| backend_set.contains(r));
     for (key, fe) in fitting {
@@ -160,10 +166,11 @@ pub fn render(
         let affinity = fe
             .affinity_timeout
             .map_or(0, |t| u32::try_from(t.as_secs()).unwrap_or(u32::MAX));
+        let frontend_id = frontend_ids.get_or_alloc(key);
         out.services.insert(
             slot0,
             ServiceValue {
-                id: frontend_ids.get_or_alloc(key),
+                id: frontend_id,
                 count: fe.backends.len() as u16,
                 flags,
                 affinity_timeout: affinity,
@@ -173,6 +180,7 @@ pub fn render(
         for (i, b) in fe.backends.iter().enumerate() {
             let id = backend_ids.get_or_alloc(&(b.addr, b.port));
             out.backends.insert(id, backend_value(b));
+            out.reachable.insert((frontend_id, id));
             out.services.insert(
                 ServiceKey {
                     slot: i as u16 + 1,
@@ -187,6 +195,7 @@ pub fn render(
         for b in &fe.kept_backends {
             let id = backend_ids.get_or_alloc(&(b.addr, b.port));
             out.backends.entry(id).or_insert_with(|| backend_value(b));
+            out.reachable.insert((frontend_id, id));
         }
     }
     out
@@ -281,6 +290,14 @@ mod tests {
         let r = render(&d, &mut f, &mut b, cap());
         assert_eq!(r.services.len(), 2);
         assert_eq!(r.backends.len(), 2);
+        let frontend = r.services[&frontend_key(&fe_key("198.19.0.10", 80))].id;
+        let kept = b.get(&("198.18.1.11".parse().unwrap(), 5000)).unwrap();
+        assert!(
+            r.reachable.contains(&(frontend, kept)),
+            "established flows on a kept backend are reachable: {:?}",
+            r.reachable
+        );
+        assert_eq!(r.reachable.len(), 2);
     }
 
     #[test]

@@ -1,0 +1,432 @@
+//! Clearing kernel state that names backends a frontend no longer has.
+//!
+//! The kernel programs own `CT_V1` (connection table) and `AFFINITY_V1` (`ClientIP` affinity);
+//! the agent only deletes from them, here. When a reconcile pass ends `(frontend, backend)`
+//! pairs (an endpoint left a Service's slices, or the Service went away) or removes backends
+//! from `BACKENDS_V1`, it deletes, in one bounded pass over each table:
+//! - the connection-table entries (both directions) of **UDP** flows that name such a pair or
+//!   backend, so the client's next datagram chooses a live backend at once. kube-proxy does the
+//!   same with `conntrack -D` for UDP. TCP flows are left alone: a connection to a pod that is
+//!   gone ends by itself (the next segment chooses a live backend, which answers with a reset),
+//!   and one to a pod that only left this Service keeps working, as with kube-proxy;
+//! - the affinity entries that send a client of a frontend to such a pair or backend, so that
+//!   client's next connection is chosen afresh.
+//!
+//! The kernel's own check stays the fallback for whatever this misses (a pass cut short at its
+//! bound, an agent that stopped in between): an established flow whose backend id is no longer
+//! in `BACKENDS_V1` chooses a new backend, and an affinity entry naming a backend that is gone
+//! or may not take new connections is ignored. Only a backend that left one frontend while
+//! another still uses it depends on this pass, for UDP flows and affinity.
+//!
+//! A pass collects the keys to delete while reading (at most the table's capacity in entries,
+//! which bounds it even when the kernel restarts the iteration because an entry under the
+//! cursor was evicted), then deletes them one by one after reading each again: an entry the
+//! kernel has meanwhile re-pointed at a live backend is kept.
+
+use std::collections::{BTreeSet, HashSet};
+
+use svc_common::{
+    affinity::{AffinityKey, AffinityValue},
+    conntrack::{CtKey, CtValue, dir, state},
+    net::ipproto,
+};
+
+/// What the connection and affinity tables may still name although it is gone.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct StaleFlows {
+    /// `(frontend id, backend id)` pairs that ended: the backend is neither in the frontend's
+    /// slots nor kept for its established flows any more, or the frontend is gone.
+    pub pairs: BTreeSet<(u32, u32)>,
+    /// Backend ids removed from `BACKENDS_V1` (whichever frontend an entry names with them).
+    pub backends: BTreeSet<u32>,
+}
+
+impl StaleFlows {
+    /// Whether nothing ended.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.pairs.is_empty() && self.backends.is_empty()
+    }
+
+    /// Whether a flow or client of `frontend_id` sent to `backend_id` must be forgotten.
+    #[must_use]
+    pub fn names(&self, frontend_id: u32, backend_id: u32) -> bool {
+        self.backends.contains(&backend_id) || self.pairs.contains(&(frontend_id, backend_id))
+    }
+
+    /// Whether a connection-table entry is one to delete: a UDP flow (either direction) whose
+    /// frontend and backend are stale.
+    #[must_use]
+    pub fn matches_ct(&self, key: &CtKey, value: &CtValue) -> bool {
+        key.proto == ipproto::UDP && self.names(value.frontend_id, value.backend_id)
+    }
+
+    /// Whether an affinity entry is one to delete.
+    #[must_use]
+    pub fn matches_affinity(&self, key: &AffinityKey, value: &AffinityValue) -> bool {
+        self.names(key.frontend_id, value.backend_id)
+    }
+}
+
+/// Whether a connection-table entry stands for a flow of its own (its forward entry), rather
+/// than the reply leg of one.
+#[must_use]
+pub fn is_flow(key: &CtKey, value: &CtValue) -> bool {
+    key.dir == dir::FORWARD && value.state & state::HAIRPIN_REPLY == 0
+}
+
+/// What one pass over a table did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Sweep {
+    /// Entries read.
+    pub visited: usize,
+    /// Entries deleted.
+    pub deleted: usize,
+    /// Of those, how many stood for a flow or a client: forward connection-table entries (a
+    /// flow's reply entry goes with it), or affinity entries.
+    pub flows: usize,
+    /// The pass stopped at its bound before the end of the table: matching entries may remain
+    /// (the kernel's lazy check still covers removed backends).
+    pub truncated: bool,
+}
+
+/// A table a pass reads and deletes from: the real maps, or a test's.
+pub trait FlowTable<K, V> {
+    /// What a failed read or delete reports.
+    type Error;
+    /// Every entry, in the table's order.
+    fn entries(&self) -> impl Iterator<Item = Result<(K, V), Self::Error>> + '_;
+    /// The entry of `key`, if there is one.
+    fn get(&self, key: &K) -> Result<Option<V>, Self::Error>;
+    /// Deletes the entry of `key`; `false` when there was none.
+    fn remove(&mut self, key: &K) -> Result<bool, Self::Error>;
+}
+
+/// One pass over `table`: reads at most `limit` entries, then deletes those `matches` accepts
+/// (each read again first, and kept if it no longer matches). `is_flow` says which deleted
+/// entries count as flows.
+pub fn sweep<K, V, T>(
+    table: &mut T,
+    limit: usize,
+    matches: impl Fn(&K, &V) -> bool,
+    is_flow: impl Fn(&K, &V) -> bool,
+) -> Result<Sweep, T::Error>
+where
+    K: Copy + Eq + std::hash::Hash,
+    T: FlowTable<K, V>,
+{
+    let found = collect_matching(table.entries(), limit, &matches)?;
+    delete_collected(&found, |k| delete_if_still(table, k, &matches), is_flow)
+}
+
+/// Deletes `key` from `table` if it is still there and `still` accepts its value now (the
+/// kernel may have re-pointed it since it was read). BPF maps have no compare-and-delete: an
+/// entry re-pointed between this read and the delete is lost, and its flow chooses again.
+pub fn delete_if_still<K, V, T: FlowTable<K, V>>(
+    table: &mut T,
+    key: &K,
+    still: impl Fn(&K, &V) -> bool,
+) -> Result<Deleted<V>, T::Error> {
+    match table.get(key)? {
+        Some(value) if still(key, &value) => Ok(if table.remove(key)? {
+            Deleted::Yes(value)
+        } else {
+            Deleted::No
+        }),
+        _ => Ok(Deleted::No),
+    }
+}
+
+/// Keys to delete found by reading a table.
+#[derive(Debug)]
+struct Collected<K> {
+    /// The matching keys, each once, in the order first read.
+    keys: Vec<K>,
+    /// Entries read.
+    visited: usize,
+    /// Reading stopped at `limit` before the end of the table.
+    truncated: bool,
+}
+
+/// Reads at most `limit` entries of `entries` and returns the keys of those `matches` accepts.
+/// Stops at the first read error.
+fn collect_matching<K, V, E>(
+    entries: impl IntoIterator<Item = Result<(K, V), E>>,
+    limit: usize,
+    matches: impl Fn(&K, &V) -> bool,
+) -> Result<Collected<K>, E>
+where
+    K: Copy + Eq + std::hash::Hash,
+{
+    let mut seen = HashSet::new();
+    let mut out = Collected {
+        keys: Vec::new(),
+        visited: 0,
+        truncated: false,
+    };
+    let mut entries = entries.into_iter();
+    loop {
+        if out.visited == limit {
+            out.truncated = entries.next().is_some();
+            return Ok(out);
+        }
+        let Some(entry) = entries.next() else {
+            return Ok(out);
+        };
+        let (key, value) = entry?;
+        out.visited += 1;
+        // The kernel restarts an iteration whose current key was deleted meanwhile: the same
+        // key may come twice.
+        if matches(&key, &value) && seen.insert(key) {
+            out.keys.push(key);
+        }
+    }
+}
+
+/// What happened to one key when it was to be deleted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Deleted<V> {
+    /// Deleted; the value it had.
+    Yes(V),
+    /// Gone already (expired, evicted) or re-pointed at a live backend since it was read: kept.
+    No,
+}
+
+/// Deletes `keys` one by one through `delete` (which re-reads each and deletes it only while it
+/// still matches) and tallies the result; `is_flow` says which deleted entries count as flows.
+fn delete_collected<K, V, E>(
+    collected: &Collected<K>,
+    mut delete: impl FnMut(&K) -> Result<Deleted<V>, E>,
+    is_flow: impl Fn(&K, &V) -> bool,
+) -> Result<Sweep, E> {
+    let mut sweep = Sweep {
+        visited: collected.visited,
+        truncated: collected.truncated,
+        ..Sweep::default()
+    };
+    for key in &collected.keys {
+        if let Deleted::Yes(value) = delete(key)? {
+            sweep.deleted += 1;
+            sweep.flows += usize::from(is_flow(key, &value));
+        }
+    }
+    Ok(sweep)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{collections::HashMap, convert::Infallible};
+
+    use svc_common::{Be16, addr::from_v4};
+
+    use super::*;
+
+    /// A table whose first read of `race.0` finds `race.1` there: the kernel re-pointed the
+    /// entry between the pass's reading and its deleting.
+    struct Racing {
+        entries: HashMap<CtKey, CtValue>,
+        race: Option<(CtKey, CtValue)>,
+    }
+
+    impl FlowTable<CtKey, CtValue> for Racing {
+        type Error = Infallible;
+        fn entries(&self) -> impl Iterator<Item = Result<(CtKey, CtValue), Infallible>> + '_ {
+            self.entries.iter().map(|(k, v)| Ok((*k, *v)))
+        }
+        fn get(&self, key: &CtKey) -> Result<Option<CtValue>, Infallible> {
+            Ok(match self.race {
+                Some((k, v)) if k == *key => Some(v),
+                _ => self.entries.get(key).copied(),
+            })
+        }
+        fn remove(&mut self, key: &CtKey) -> Result<bool, Infallible> {
+            Ok(self.entries.remove(key).is_some())
+        }
+    }
+
+    fn ct(proto: u8, d: u8, sport: u16) -> CtKey {
+        CtKey {
+            src: from_v4([198, 18, 1, 10]),
+            dst: from_v4([198, 19, 0, 10]),
+            sport: Be16::from_host(sport),
+            dport: Be16::from_host(53),
+            proto,
+            family: 4,
+            dir: d,
+            _pad: 0,
+        }
+    }
+
+    fn value(frontend_id: u32, backend_id: u32) -> CtValue {
+        CtValue {
+            frontend_id,
+            backend_id,
+            ..CtValue::default()
+        }
+    }
+
+    fn stale() -> StaleFlows {
+        StaleFlows {
+            pairs: [(1, 10)].into(),
+            backends: [20].into(),
+        }
+    }
+
+    #[test]
+    fn only_udp_entries_naming_a_stale_pair_or_removed_backend_match() {
+        let s = stale();
+        let udp = ct(ipproto::UDP, dir::FORWARD, 40000);
+        let tcp = ct(ipproto::TCP, dir::FORWARD, 40000);
+        assert!(s.matches_ct(&udp, &value(1, 10)), "stale pair");
+        assert!(
+            s.matches_ct(&ct(ipproto::UDP, dir::REPLY, 40000), &value(1, 10)),
+            "reply entries go too"
+        );
+        assert!(
+            s.matches_ct(&udp, &value(7, 20)),
+            "removed backend, any frontend"
+        );
+        assert!(
+            !s.matches_ct(&udp, &value(2, 10)),
+            "backend 10 only left frontend 1; frontend 2 keeps it"
+        );
+        assert!(!s.matches_ct(&udp, &value(1, 11)));
+        assert!(
+            !s.matches_ct(&tcp, &value(1, 10)),
+            "TCP flows end by themselves"
+        );
+        assert!(!s.matches_ct(&tcp, &value(1, 20)));
+    }
+
+    #[test]
+    fn affinity_entries_of_any_protocol_match_by_frontend_and_backend() {
+        let s = stale();
+        let key = |frontend_id| AffinityKey {
+            client: from_v4([198, 18, 1, 10]),
+            frontend_id,
+            family: 4,
+            _pad: [0; 3],
+        };
+        let to = |backend_id| AffinityValue {
+            backend_id,
+            ..AffinityValue::default()
+        };
+        assert!(s.matches_affinity(&key(1), &to(10)));
+        assert!(s.matches_affinity(&key(3), &to(20)));
+        assert!(!s.matches_affinity(&key(2), &to(10)));
+        assert!(StaleFlows::default().is_empty() && !s.is_empty());
+    }
+
+    #[test]
+    fn collecting_stops_at_the_limit_and_skips_repeated_keys() {
+        let entries: Vec<Result<(u32, u32), ()>> =
+            vec![Ok((1, 1)), Ok((2, 0)), Ok((1, 1)), Ok((3, 1)), Ok((4, 1))];
+        let all = collect_matching(entries.clone(), 10, |_, v| *v == 1).unwrap();
+        assert_eq!(
+            (all.keys, all.visited, all.truncated),
+            (vec![1, 3, 4], 5, false)
+        );
+        let cut = collect_matching(entries.clone(), 3, |_, v| *v == 1).unwrap();
+        assert_eq!((cut.keys, cut.visited, cut.truncated), (vec![1], 3, true));
+        let exact = collect_matching(entries, 5, |_, v| *v == 1).unwrap();
+        assert!(
+            !exact.truncated,
+            "reading the last entry at the limit is complete"
+        );
+    }
+
+    #[test]
+    fn collecting_passes_read_errors_on() {
+        let entries: Vec<Result<(u32, u32), &str>> = vec![Ok((1, 1)), Err("EIO")];
+        assert_eq!(
+            collect_matching(entries, 10, |_, _| true).unwrap_err(),
+            "EIO"
+        );
+    }
+
+    #[test]
+    fn deleting_counts_only_what_was_still_there_and_flows_separately() {
+        let collected = Collected {
+            keys: vec![
+                ct(ipproto::UDP, dir::FORWARD, 1),
+                ct(ipproto::UDP, dir::REPLY, 1),
+                ct(ipproto::UDP, dir::FORWARD, 2),
+                ct(ipproto::UDP, dir::FORWARD, 3),
+            ],
+            visited: 9,
+            truncated: false,
+        };
+        let hairpin_reply = CtValue {
+            state: state::HAIRPIN_REPLY,
+            ..value(1, 10)
+        };
+        let sweep = delete_collected(
+            &collected,
+            |k| -> Result<_, ()> {
+                Ok(match k.sport.to_host() {
+                    // Re-pointed at a live backend since it was read.
+                    2 => Deleted::No,
+                    3 => Deleted::Yes(hairpin_reply),
+                    _ => Deleted::Yes(value(1, 10)),
+                })
+            },
+            is_flow,
+        )
+        .unwrap();
+        assert_eq!(
+            sweep,
+            Sweep {
+                visited: 9,
+                deleted: 3,
+                flows: 1,
+                truncated: false
+            }
+        );
+    }
+
+    #[test]
+    fn an_entry_re_pointed_after_it_was_read_is_kept_and_one_gone_already_is_not_counted() {
+        let stale = StaleFlows {
+            pairs: BTreeSet::new(),
+            backends: [20].into(),
+        };
+        let (forward, reply, other) = (
+            ct(ipproto::UDP, dir::FORWARD, 40000),
+            ct(ipproto::UDP, dir::REPLY, 40000),
+            ct(ipproto::UDP, dir::FORWARD, 40001),
+        );
+        let mut table = Racing {
+            entries: [
+                (forward, value(1, 20)),
+                (reply, value(1, 20)),
+                (other, value(1, 21)),
+            ]
+            .into(),
+            // The kernel's lazy fallback moved the flow to backend 21 meanwhile.
+            race: Some((forward, value(1, 21))),
+        };
+        let sweep = sweep(
+            &mut table,
+            usize::MAX,
+            |k, v| stale.matches_ct(k, v),
+            is_flow,
+        )
+        .unwrap();
+        assert_eq!(
+            sweep,
+            Sweep {
+                visited: 3,
+                deleted: 1,
+                flows: 0,
+                truncated: false
+            },
+            "only the old reply entry goes"
+        );
+        assert!(table.entries.contains_key(&forward) && table.entries.contains_key(&other));
+        assert_eq!(
+            delete_if_still(&mut table, &reply, |_, _| true).unwrap(),
+            Deleted::No,
+            "deleted already"
+        );
+    }
+}
