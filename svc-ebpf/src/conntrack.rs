@@ -7,7 +7,7 @@ use svc_common::{
     addr::Addr,
     conntrack::{CtKey, CtValue, dir, state, timeout},
     net::ipproto,
-    service::Backend,
+    service::{Backend, backend_flags},
     stats::DropReason,
 };
 
@@ -46,7 +46,8 @@ fn idle_timeout(proto: u8, st: u8) -> u64 {
     }
 }
 
-/// Finds a live entry for `key`, refreshing it; FIN/RST move it to the short timeout.
+/// Finds a live entry for `key`, refreshing it; FIN/RST move it to the short timeout, and a
+/// SYN on a closing entry (a new connection on a reused tuple) moves it back to the long one.
 #[inline(always)]
 pub fn ct_lookup(key: &CtKey, pkt: &Parsed, now: u64) -> Option<CtValue> {
     let entry = CT_V1.get_ptr_mut(key)?;
@@ -58,6 +59,9 @@ pub fn ct_lookup(key: &CtKey, pkt: &Parsed, now: u64) -> Option<CtValue> {
         }
         if pkt.tcp_flags & (tcp_flags::FIN | tcp_flags::RST) != 0 {
             (*entry).state |= state::CLOSING;
+            (*entry).last_seen_ns = now;
+        } else if pkt.tcp_flags & tcp_flags::SYN != 0 && (*entry).state & state::CLOSING != 0 {
+            (*entry).state &= !state::CLOSING;
             (*entry).last_seen_ns = now;
         } else if now.saturating_sub((*entry).last_seen_ns) > REFRESH_NS {
             (*entry).last_seen_ns = now;
@@ -121,12 +125,30 @@ pub fn ct_create(pkt: &Parsed, fwd: &CtKey, chosen: &Chosen, now: u64) -> Result
 
 /// Whether a forward entry still points at a backend the agent holds (same address and port:
 /// ids are never reused while entries may point at them, but the check is cheap).
+///
+/// A backend that is gone (removed from every slice) fails this check, and the packet chooses
+/// a new backend as if its flow were new: the lazy fallback for state the agent did not clear
+/// (the agent deletes the entries of UDP flows to removed backends at once; TCP flows to a
+/// gone backend are answered with a reset by whichever backend gets the next segment).
 #[inline(always)]
 pub fn ct_backend_alive(entry: &CtValue, current: Option<Backend>) -> bool {
     match current {
         Some(b) => addr_eq(&b.addr, &entry.addr) && b.port == entry.port,
         None => false,
     }
+}
+
+/// Whether a packet that matched a forward entry whose backend is `backend` opens a new TCP
+/// connection that must choose again: a SYN without ACK (the tuple was reused after its
+/// connection closed, or the client retransmits a SYN nothing answered) towards a terminating
+/// backend. Terminating backends keep their established connections but take no new ones
+/// (while the frontend has ready backends; when it has none, the new choice is among the
+/// terminating ones again). Cilium's service path does the same.
+#[inline(always)]
+pub fn ct_syn_leaves_terminating(pkt: &Parsed, backend: &Backend) -> bool {
+    pkt.proto == ipproto::TCP
+        && pkt.tcp_flags & (tcp_flags::SYN | tcp_flags::ACK) == tcp_flags::SYN
+        && backend.flags & backend_flags::TERMINATING != 0
 }
 
 #[inline(always)]

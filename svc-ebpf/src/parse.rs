@@ -58,8 +58,12 @@ pub fn pull_headers(ctx: &TcContext) {
 pub mod tcp_flags {
     /// FIN.
     pub const FIN: u8 = 0x01;
+    /// SYN.
+    pub const SYN: u8 = 0x02;
     /// RST.
     pub const RST: u8 = 0x04;
+    /// ACK.
+    pub const ACK: u8 = 0x10;
 }
 
 /// What the parser found.

@@ -18,7 +18,7 @@ use svc_common::{
 };
 
 use crate::{
-    conntrack::{ct_backend_alive, ct_create, ct_key, ct_lookup},
+    conntrack::{ct_backend_alive, ct_create, ct_key, ct_lookup, ct_syn_leaves_terminating},
     icmp,
     lb::{Choice, Chosen, lb_backend, lb_frontend_key, lb_select_for_client},
     nat::{End, nat_rewrite},
@@ -88,7 +88,8 @@ fn to_service(ctx: &TcContext, pkt: &parse::Parsed) -> Outcome {
         frontend_id: 0,
         backend_id: 0,
     };
-    // 1. A flow already translated keeps its backend, as long as the backend exists.
+    // 1. A flow already translated keeps its backend, as long as the backend exists (and, for
+    //    a SYN opening a new connection on a reused tuple, is not terminating).
     if !established_backend(pkt, now, &mut target) {
         // 2. A new flow: is it for a service? Which backend? Remember the choice.
         match new_flow_backend(pkt, now, &mut target) {
@@ -135,8 +136,14 @@ fn established_backend(pkt: &parse::Parsed, now: u64, target: &mut Target) -> bo
             return false;
         }
         target.hairpin_reply = true;
-    } else if !ct_backend_alive(&e, lb_backend(e.backend_id)) {
-        return false;
+    } else {
+        let backend = lb_backend(e.backend_id);
+        if !ct_backend_alive(&e, backend) {
+            return false;
+        }
+        if backend.is_some_and(|b| ct_syn_leaves_terminating(pkt, &b)) {
+            return false;
+        }
     }
     target.addr = e.addr;
     target.port = e.port.0;

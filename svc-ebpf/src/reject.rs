@@ -14,16 +14,15 @@ use aya_ebpf::{
 use network_types::{eth::EthHdr, ip::Ipv4Hdr, tcp::TcpHdr};
 use svc_common::{addr::FAMILY_V4, csum, net::ipproto};
 
-use crate::parse::{ETH_HLEN, Parsed, ptr_at, tcp_flags};
+use crate::parse::{
+    ETH_HLEN, Parsed, ptr_at,
+    tcp_flags::{self, ACK, RST, SYN},
+};
 
 /// TTL / hop limit of generated packets.
 const TTL: u8 = 64;
 /// Largest generated frame: Ethernet + IPv6 + `ICMPv6` + quoted IPv6 header and 8 bytes.
 const MAX_FRAME: usize = 14 + 40 + 8 + 48;
-/// TCP flag bits of the reset.
-const RST: u8 = 0x04;
-const ACK: u8 = 0x10;
-const SYN: u8 = 0x02;
 
 /// Turns the packet into the rejection reply and redirects it back to the pod. On success the
 /// program must return `TC_ACT_REDIRECT`.
