@@ -31,6 +31,7 @@ use svc_common::{
 use tracing::{info, warn};
 
 use super::{
+    batch,
     flows::{FlowTable, StaleFlows, Sweep, is_flow, sweep},
     ids::IdMap,
     render::{BackendRef, Capacity, Rendered, render},
@@ -216,26 +217,26 @@ impl DatapathMaps for AyaMaps {
     }
 }
 
-/// A BPF hash map as a [`FlowTable`].
+/// A BPF hash map as a [`FlowTable`]: read in batches, deleted from one key at a time.
 struct AyaTable<'a, K, V>(&'a mut BpfHashMap<MapData, K, V>);
 
 impl<K: Pod, V: Pod> FlowTable<K, V> for AyaTable<'_, K, V> {
-    type Error = MapError;
-    fn entries(&self) -> impl Iterator<Item = Result<(K, V), MapError>> + '_ {
-        self.0.iter()
+    type Error = anyhow::Error;
+    fn entries(&self) -> impl Iterator<Item = anyhow::Result<(K, V)>> + '_ {
+        batch::entries(self.0).map(|r| r.context("BPF_MAP_LOOKUP_BATCH"))
     }
-    fn get(&self, key: &K) -> Result<Option<V>, MapError> {
+    fn get(&self, key: &K) -> anyhow::Result<Option<V>> {
         match self.0.get(key, 0) {
             Ok(value) => Ok(Some(value)),
             Err(MapError::KeyNotFound) => Ok(None),
-            Err(e) => Err(e),
+            Err(e) => Err(e).context("looking an entry up again"),
         }
     }
-    fn remove(&mut self, key: &K) -> Result<bool, MapError> {
+    fn remove(&mut self, key: &K) -> anyhow::Result<bool> {
         match self.0.remove(key) {
             Ok(()) => Ok(true),
             Err(MapError::KeyNotFound) => Ok(false),
-            Err(e) => Err(e),
+            Err(e) => Err(e).context("deleting an entry"),
         }
     }
 }
@@ -326,7 +327,9 @@ impl<M: DatapathMaps> Reconciler<M> {
     }
 
     /// Makes the maps match `desired`: backends first, then backend slots, then frontend
-    /// entries, then removals in reverse (frontend entries, stale slots, unused backends).
+    /// entries, then removals in reverse (frontend entries, stale slots, unused backends);
+    /// last, when that ended `(frontend, backend)` pairs or removed backends, clears the UDP
+    /// flows and affinity entries that name them (see `flows.rs`).
     pub fn apply(&mut self, desired: &DesiredState) -> ReconcileReport {
         let want = render(
             desired,

@@ -18,10 +18,12 @@
 //! or may not take new connections is ignored. Only a backend that left one frontend while
 //! another still uses it depends on this pass, for UDP flows and affinity.
 //!
-//! A pass collects the keys to delete while reading (at most the table's capacity in entries,
-//! which bounds it even when the kernel restarts the iteration because an entry under the
-//! cursor was evicted), then deletes them one by one after reading each again: an entry the
-//! kernel has meanwhile re-pointed at a live backend is kept.
+//! A pass collects the keys to delete while reading the table (in batches of thousands of
+//! entries per system call for the real maps, see `batch.rs`; at most the table's capacity in
+//! entries, a bound that holds whatever the kernel's iteration does), then deletes them one by
+//! one after reading each again: an entry the kernel has meanwhile re-pointed at a live backend
+//! is kept. Reading costs well under a microsecond per entry and deleting two system calls per
+//! cleared entry; the pass runs only when a reconcile ended something, once per table.
 
 use std::collections::{BTreeSet, HashSet};
 

@@ -4,6 +4,7 @@
 //! ([`flows`]).
 
 pub mod apply;
+mod batch;
 pub mod flows;
 pub mod ids;
 pub mod render;

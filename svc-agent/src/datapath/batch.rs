@@ -1,0 +1,200 @@
+//! Reading a whole BPF hash map (plain or LRU) with `BPF_MAP_LOOKUP_BATCH`: many entries per
+//! system call instead of two (next key, then lookup) per entry, which is what aya 0.14 offers.
+//!
+//! The connection table holds millions of entries; reading it entry by entry costs about two
+//! microseconds per entry (a second per half a million), which would hold up the reconcile pass
+//! that clears flows of removed backends. Batched, the kernel copies whole hash buckets into
+//! the caller's arrays. The iteration follows the buckets, so entries added or removed
+//! meanwhile are seen or not, but it never restarts and never repeats a bucket (aya's
+//! next-key iteration restarts from the first key when the current one was deleted).
+//!
+//! `BPF_MAP_LOOKUP_BATCH` exists since Linux 5.6 for hash and LRU hash maps; the `bpf_attr`
+//! layout used is the kernel's `batch` member (`include/uapi/linux/bpf.h`).
+
+use std::{
+    io,
+    marker::PhantomData,
+    mem::size_of,
+    os::fd::{AsFd as _, AsRawFd as _, BorrowedFd},
+};
+
+use aya::{
+    Pod,
+    maps::{HashMap as BpfHashMap, IterableMap as _, MapData},
+};
+
+/// `BPF_MAP_LOOKUP_BATCH` (`enum bpf_cmd` in the uapi).
+const BPF_MAP_LOOKUP_BATCH: u32 = 24;
+
+/// Entries asked for per call. A hash bucket's entries must fit in one call (the kernel answers
+/// `ENOSPC` otherwise, and the chunk is doubled); buckets hold a handful.
+const CHUNK: u32 = 4096;
+
+/// The `batch` member of `union bpf_attr`.
+#[repr(C)]
+#[derive(Default)]
+struct BatchAttr {
+    /// Where to start: a pointer to the previous call's `out_batch`, or null for the start.
+    in_batch: u64,
+    /// Where the kernel writes the position to continue from (a `u32` bucket index for hash
+    /// maps).
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    /// In: room in `keys` / `values`, in entries. Out: entries written.
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
+/// Reads every entry of `map` in chunks (see the module documentation).
+#[must_use]
+pub fn entries<K: Pod, V: Pod>(map: &BpfHashMap<MapData, K, V>) -> Entries<'_, K, V> {
+    Entries {
+        fd: map.map().fd().as_fd(),
+        position: None,
+        done: false,
+        chunk: Vec::new(),
+        next: 0,
+        _kv: PhantomData,
+    }
+}
+
+/// Iterator returned by [`entries`]: one `Result` per entry; after an error, nothing more.
+pub struct Entries<'a, K, V> {
+    fd: BorrowedFd<'a>,
+    /// The bucket to continue from (`None` before the first call).
+    position: Option<u32>,
+    /// The kernel said the last call reached the end (or failed).
+    done: bool,
+    chunk: Vec<(K, V)>,
+    next: usize,
+    _kv: PhantomData<(K, V)>,
+}
+
+impl<K: Pod, V: Pod> Entries<'_, K, V> {
+    /// Fetches the next chunk into `self.chunk`.
+    fn fetch(&mut self) -> io::Result<()> {
+        let mut room = CHUNK;
+        loop {
+            match lookup_batch::<K, V>(self.fd, self.position, room) {
+                Ok(got) => {
+                    self.position = got.position;
+                    self.done = got.position.is_none();
+                    self.chunk = got.entries;
+                    self.next = 0;
+                    return Ok(());
+                }
+                // One bucket holds more entries than `room`.
+                Err(e) if e.raw_os_error() == Some(nix::libc::ENOSPC) && room < 1 << 20 => {
+                    room *= 2;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+impl<K: Pod, V: Pod> Iterator for Entries<'_, K, V> {
+    type Item = io::Result<(K, V)>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        // Bounded: every fetch either ends the iteration or moves past at least one bucket
+        // (the kernel walks a fixed number of buckets); empty chunks are skipped.
+        loop {
+            if let Some(entry) = self.chunk.get(self.next) {
+                self.next += 1;
+                return Some(Ok(*entry));
+            }
+            if self.done {
+                return None;
+            }
+            if let Err(e) = self.fetch() {
+                self.done = true;
+                self.chunk.clear();
+                return Some(Err(e));
+            }
+        }
+    }
+}
+
+/// One `BPF_MAP_LOOKUP_BATCH` answer.
+struct Batch<K, V> {
+    entries: Vec<(K, V)>,
+    /// Where to continue; `None` at the end of the map.
+    position: Option<u32>,
+}
+
+/// One `BPF_MAP_LOOKUP_BATCH` call for at most `room` entries from `position`.
+fn lookup_batch<K: Pod, V: Pod>(
+    fd: BorrowedFd<'_>,
+    position: Option<u32>,
+    room: u32,
+) -> io::Result<Batch<K, V>> {
+    let n = room as usize;
+    let mut keys = vec![0u8; n * size_of::<K>()];
+    let mut values = vec![0u8; n * size_of::<V>()];
+    let in_batch = position.unwrap_or(0);
+    let mut out_batch = 0u32;
+    let mut attr = BatchAttr {
+        in_batch: if position.is_some() {
+            (&raw const in_batch) as u64
+        } else {
+            0
+        },
+        out_batch: (&raw mut out_batch) as u64,
+        keys: keys.as_mut_ptr() as u64,
+        values: values.as_mut_ptr() as u64,
+        count: room,
+        map_fd: fd.as_raw_fd().cast_unsigned(),
+        ..BatchAttr::default()
+    };
+    // SAFETY: `attr` is the uapi `batch` layout, passed with its exact size (the kernel reads
+    // no further and requires nothing beyond it to be zero). Every pointer in it is valid for
+    // the call: `keys` and `values` hold `room` entries of the map's key and value sizes (aya
+    // checked those sizes against the map when it was typed as `HashMap<K, V>`), `in_batch` /
+    // `out_batch` are `u32`s, the batch token of hash maps. The kernel writes nothing else.
+    let ret = unsafe {
+        nix::libc::syscall(
+            nix::libc::SYS_bpf,
+            BPF_MAP_LOOKUP_BATCH,
+            &raw mut attr,
+            size_of::<BatchAttr>(),
+        )
+    };
+    let end = if ret == 0 {
+        false
+    } else {
+        let e = io::Error::last_os_error();
+        // ENOENT: this call reached the end (and may still have returned entries).
+        if e.raw_os_error() != Some(nix::libc::ENOENT) {
+            return Err(e);
+        }
+        true
+    };
+    let count = (attr.count as usize).min(n);
+    let entries = (0..count)
+        .map(|i| {
+            // SAFETY: entry `i` lies inside the buffers (`i < room`); `K` and `V` are `Pod`, so
+            // any bytes the kernel wrote are a valid value; `read_unaligned` needs no alignment.
+            unsafe {
+                (
+                    keys.as_ptr()
+                        .add(i * size_of::<K>())
+                        .cast::<K>()
+                        .read_unaligned(),
+                    values
+                        .as_ptr()
+                        .add(i * size_of::<V>())
+                        .cast::<V>()
+                        .read_unaligned(),
+                )
+            }
+        })
+        .collect();
+    Ok(Batch {
+        entries,
+        position: (!end).then_some(out_batch),
+    })
+}
