@@ -226,6 +226,19 @@ impl Endpoint {
             terminating: false,
         }
     }
+
+    /// A terminating endpoint that still serves (`ready: false, serving: true, terminating:
+    /// true`: its pod got its deletion and runs its grace period), as the `EndpointSlice`
+    /// controller writes it.
+    #[must_use]
+    pub fn terminating(topo: &Topology, pod: &Pod, ipv6: bool) -> Self {
+        Self {
+            ready: false,
+            serving: true,
+            terminating: true,
+            ..Self::ready(topo, pod, ipv6)
+        }
+    }
 }
 
 /// One entry of an [`EndpointSlice`]'s `ports`.
@@ -307,6 +320,13 @@ impl EndpointSlice {
         for pod in pods {
             self.endpoints.push(Endpoint::ready(topo, pod, self.ipv6));
         }
+        self
+    }
+
+    /// Adds `endpoint`.
+    #[must_use]
+    pub fn endpoint(mut self, endpoint: Endpoint) -> Self {
+        self.endpoints.push(endpoint);
         self
     }
 
@@ -1108,6 +1128,83 @@ impl TcpSession {
     }
 }
 
+/// A UDP socket that keeps sending to one destination from the same source port: one flow
+/// across many requests (unlike [`udp_request`], whose every request is a new flow).
+#[derive(Debug)]
+pub struct UdpSession {
+    socket: UdpSocket,
+    dst: SocketAddr,
+    timeout: Duration,
+}
+
+impl UdpSession {
+    /// Binds a socket (any address, a free port) for requests to `dst`, each attempt waiting
+    /// `timeout` for its answer. Call it inside the client's namespace; the session can be used
+    /// from anywhere after.
+    pub fn open(dst: SocketAddr, timeout: Duration) -> anyhow::Result<Self> {
+        let bind: SocketAddr = if dst.is_ipv4() {
+            (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+        } else {
+            (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+        };
+        let socket = UdpSocket::bind(bind).with_context(|| format!("UDP bind for {dst}"))?;
+        Ok(Self {
+            socket,
+            dst,
+            timeout,
+        })
+    }
+
+    /// The socket's local address.
+    pub fn local_addr(&self) -> anyhow::Result<SocketAddr> {
+        Ok(self.socket.local_addr()?)
+    }
+
+    /// Sends `request` (which must differ from every earlier request of this session) up to
+    /// `attempts` times, waiting for its answer after each; answers to earlier requests that
+    /// arrive late are skipped. Returns the answer and the attempt that got it.
+    pub fn ask(&self, request: &str, attempts: u32) -> anyhow::Result<(Answer, u32)> {
+        let mut buf = [0u8; MAX_REQUEST];
+        for attempt in 1..=attempts {
+            self.socket
+                .send_to(request.as_bytes(), self.dst)
+                .with_context(|| format!("UDP send to {}", self.dst))?;
+            let deadline = Instant::now() + self.timeout;
+            // Bounded: every receive waits at most until the deadline.
+            while let Some(left) = deadline
+                .checked_duration_since(Instant::now())
+                .filter(|d| !d.is_zero())
+            {
+                self.socket.set_read_timeout(Some(left))?;
+                let (n, from) = match self.socket.recv_from(&mut buf) {
+                    Ok(got) => got,
+                    Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                        break;
+                    }
+                    Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                    Err(e) => {
+                        return Err(e).with_context(|| format!("UDP receive from {}", self.dst));
+                    }
+                };
+                let text = String::from_utf8_lossy(&buf[..n]);
+                let echoes_request = text
+                    .trim_end()
+                    .splitn(3, ' ')
+                    .nth(2)
+                    .is_some_and(|echo| echo == request);
+                if echoes_request {
+                    return Ok((parse_answer(&text, request, from)?, attempt));
+                }
+            }
+        }
+        bail!(
+            "no UDP answer from {} to {request:?} after {attempts} attempts of {:?}",
+            self.dst,
+            self.timeout
+        )
+    }
+}
+
 /// One request over a new TCP connection to `dst` (connect, ask, close). Call it inside the
 /// client's namespace.
 pub fn tcp_request(dst: SocketAddr, request: &str, timeout: Duration) -> anyhow::Result<Answer> {
@@ -1140,6 +1237,20 @@ pub fn udp_request_connected(
     udp_exchange(dst, request, timeout, attempts, true)
 }
 
+/// Like [`udp_request`] from a socket bound to `local_port` (any address). A port the system
+/// hands out may be one an earlier socket used, and a datagram on the same addresses and ports
+/// continues that flow (in this datapath as in conntrack) with the backend it had: to be sure
+/// each request is a new flow, give each its own port outside the ephemeral range.
+pub fn udp_request_from(
+    local_port: u16,
+    dst: SocketAddr,
+    request: &str,
+    timeout: Duration,
+    attempts: u32,
+) -> anyhow::Result<(Answer, u32)> {
+    udp_exchange_from(local_port, dst, request, timeout, attempts, false)
+}
+
 fn udp_exchange(
     dst: SocketAddr,
     request: &str,
@@ -1147,12 +1258,23 @@ fn udp_exchange(
     attempts: u32,
     connected: bool,
 ) -> anyhow::Result<(Answer, u32)> {
+    udp_exchange_from(0, dst, request, timeout, attempts, connected)
+}
+
+fn udp_exchange_from(
+    local_port: u16,
+    dst: SocketAddr,
+    request: &str,
+    timeout: Duration,
+    attempts: u32,
+    connected: bool,
+) -> anyhow::Result<(Answer, u32)> {
     let bind: SocketAddr = if dst.is_ipv4() {
-        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+        (std::net::Ipv4Addr::UNSPECIFIED, local_port).into()
     } else {
-        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+        (std::net::Ipv6Addr::UNSPECIFIED, local_port).into()
     };
-    let socket = UdpSocket::bind(bind)?;
+    let socket = UdpSocket::bind(bind).with_context(|| format!("UDP bind {bind}"))?;
     socket.set_read_timeout(Some(timeout))?;
     if connected {
         socket
