@@ -1,6 +1,7 @@
 //! `ClientIP` session affinity.
 //!
-//! Map `AFFINITY_V1` (LRU hash; written and read by the kernel programs): key [`AffinityKey`]
+//! Map `AFFINITY_V1` (LRU hash; written and read by the kernel programs; the agent only deletes
+//! the entries of backends that left their frontend): key [`AffinityKey`]
 //! (client address, frontend id), value [`AffinityValue`] (the backend the client was sent
 //! to, and when). An entry is honoured while younger than the frontend's affinity timeout
 //! (refreshed on use) and while its backend may still take new connections from this

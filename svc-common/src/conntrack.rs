@@ -1,8 +1,8 @@
 //! Connection tracking for translated flows.
 //!
-//! Map `CT_V1` (LRU hash; written and read by the kernel programs; the agent only reads it for
-//! `inspect` and deletes entries of removed UDP backends). Every translated connection has two
-//! entries, inserted as a pair:
+//! Map `CT_V1` (LRU hash; written and read by the kernel programs; the agent only deletes the
+//! entries of UDP flows to backends that left their frontend). Every translated connection has
+//! two entries, inserted as a pair:
 //! - forward, key `{client -> VIP}` ([`dir::FORWARD`]): value holds the chosen backend;
 //! - reply, key `{backend -> client}` ([`dir::REPLY`]): value holds the VIP and port to put
 //!   back as the source of replies.
