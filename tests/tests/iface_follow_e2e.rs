@@ -72,16 +72,22 @@ fn agent_takes(binary: &std::path::Path, flag: &str) -> bool {
     String::from_utf8_lossy(&help.stdout).contains(flag)
 }
 
-/// Starts `svc-agent run` in `node`'s namespace and cgroup, following `svcpod*`, and waits
-/// until it says it is running.
+/// Starts `svc-agent run` in `node`'s namespace and cgroup, following `svcpod*` and an empty
+/// directory of objects (without `--from-dir` the agent follows a Kubernetes API server), and
+/// waits until it says it is running.
 fn start_agent(node: &Node) -> Process {
     let binary = agent_binary();
+    // Beside the node's bpffs, inside the run directory the topology removes.
+    let objects = node.bpffs.with_file_name("no-objects");
+    std::fs::create_dir_all(&objects).expect("creating an empty object directory");
     let mut command = Command::new(&binary);
     command
         .arg("--bpffs")
         .arg(&node.bpffs)
         .args(["run", "--node-name", &node.name, "--pod-ifaces"])
         .arg(format!("{POD_IFNAME_PREFIX}*"))
+        .arg("--from-dir")
+        .arg(&objects)
         .args([
             "--max-service-entries",
             "4096",
