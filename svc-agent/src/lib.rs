@@ -8,5 +8,6 @@ pub mod ifaces;
 pub mod inspect;
 pub mod loader;
 pub mod model;
+pub mod pins;
 pub mod source;
 pub mod standalone;

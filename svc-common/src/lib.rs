@@ -55,7 +55,12 @@ pub mod sizes {
     pub const AFFINITY: u32 = 262_144;
 }
 
-/// Directory (below the bpffs mount) where the agent pins this layout's maps and links.
+/// Directory (below the bpffs mount) holding one directory per layout version (`v1`, `v2`,
+/// ...): an agent finds other layouts' pins there and replaces them.
+pub const PIN_ROOT: &str = "svc";
+
+/// Directory (below the bpffs mount) where the agent pins this layout's maps and links:
+/// `<PIN_ROOT>/v<MAP_LAYOUT_VERSION>`.
 pub const PIN_SUBDIR: &str = "svc/v1";
 
 /// Asserts a type's size and field offsets at compile time.
