@@ -4,25 +4,38 @@
 //! of every process in the cgroup and its descendants: `connect()`/`sendto()` to a service
 //! address go to a backend directly, `getpeername()`/`recvfrom()` report the service address.
 //! They are attached as BPF links (kernel >= 5.7), which always coexist with other programs on
-//! the same cgroup and hook (other agents, systemd), and are detached when the
-//! [`CgroupLinks`] holding them drops, or when the agent exits.
+//! the same cgroup and hook (other agents, systemd), and pinned at
+//! `links/cgroup/<cgroup id>/<program>` (see `pins`): they stay attached when the agent exits.
+//!
+//! A new agent attaches its own programs first and then pins each link over the earlier
+//! agent's pin, which releases the earlier link (aya 0.14 has no `BPF_LINK_UPDATE` for cgroup
+//! links, only for TC and XDP ones). In between both programs run on a hook, the earlier one
+//! first, and a socket is still translated once: after the first `connect4`/`sendmsg4` the
+//! address is a backend's, which no frontend has, so the second finds no service and leaves it;
+//! after the first `getpeername4`/`recvmsg4` it is the service's, which has no entry in
+//! `SOCK_REVNAT_V1` (keyed by backend), so the second leaves it too. Both read and write the
+//! same pinned maps.
 
 use std::{
     fs::File,
+    os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
 };
 
 use anyhow::{Context as _, bail};
 use aya::{
     Ebpf,
-    programs::{CgroupAttachMode, CgroupSockAddr, cgroup_sock_addr::CgroupSockAddrLink},
+    programs::{CgroupAttachMode, CgroupSockAddr, links::FdLink},
 };
 use nix::sys::statfs::{CGROUP2_SUPER_MAGIC, statfs};
 use tracing::info;
 
-use crate::loader::{
-    PROG_SOCK_CONNECT4, PROG_SOCK_CONNECT6, PROG_SOCK_GETPEERNAME4, PROG_SOCK_GETPEERNAME6,
-    PROG_SOCK_RECVMSG4, PROG_SOCK_RECVMSG6, PROG_SOCK_SENDMSG4, PROG_SOCK_SENDMSG6,
+use crate::{
+    loader::{
+        PROG_SOCK_CONNECT4, PROG_SOCK_CONNECT6, PROG_SOCK_GETPEERNAME4, PROG_SOCK_GETPEERNAME6,
+        PROG_SOCK_RECVMSG4, PROG_SOCK_RECVMSG6, PROG_SOCK_SENDMSG4, PROG_SOCK_SENDMSG6, PROGS_SOCK,
+    },
+    pins,
 };
 
 /// Attach order: the reverse hooks first, so every socket the forward hooks translate already
@@ -38,12 +51,14 @@ const ATTACH_ORDER: [&str; 8] = [
     PROG_SOCK_SENDMSG6,
 ];
 
-/// The connect-time programs attached to one cgroup. Dropping it detaches them.
+/// The connect-time programs attached to one cgroup, through pinned links: they stay attached
+/// when this (or the agent) goes; removing the pins detaches them.
 #[derive(Debug)]
 pub struct CgroupLinks {
     cgroup: PathBuf,
-    // Owned links: each detaches when dropped.
-    links: Vec<CgroupSockAddrLink>,
+    cgroup_id: u64,
+    pins: Vec<PathBuf>,
+    replaced: usize,
 }
 
 impl CgroupLinks {
@@ -53,16 +68,34 @@ impl CgroupLinks {
         &self.cgroup
     }
 
+    /// The cgroup's id (the inode number of its directory), as in the pin paths.
+    #[must_use]
+    pub fn cgroup_id(&self) -> u64 {
+        self.cgroup_id
+    }
+
+    /// Where the links are pinned, in attach order.
+    #[must_use]
+    pub fn pins(&self) -> &[PathBuf] {
+        &self.pins
+    }
+
+    /// How many pins of an earlier agent this attach replaced.
+    #[must_use]
+    pub fn replaced(&self) -> usize {
+        self.replaced
+    }
+
     /// How many programs are attached.
     #[must_use]
     pub fn len(&self) -> usize {
-        self.links.len()
+        self.pins.len()
     }
 
     /// Whether no program is attached.
     #[must_use]
     pub fn is_empty(&self) -> bool {
-        self.links.is_empty()
+        self.pins.is_empty()
     }
 }
 
@@ -74,8 +107,14 @@ pub fn cgroup_arg(value: &str) -> Option<&Path> {
 }
 
 /// Attaches every connect-time program (loading it first if needed) to the cgroup v2 directory
-/// `cgroup`. On error, the programs attached so far are detached again.
-pub fn attach_sock_programs(ebpf: &mut Ebpf, cgroup: &Path) -> anyhow::Result<CgroupLinks> {
+/// `cgroup` and pins its link below `pin_dir`, replacing an earlier agent's pin of the same
+/// program on the same cgroup (see the module documentation). On error, the programs attached
+/// so far stay attached and pinned (each hook has the earlier agent's program or this one's).
+pub fn attach_sock_programs(
+    ebpf: &mut Ebpf,
+    cgroup: &Path,
+    pin_dir: &Path,
+) -> anyhow::Result<CgroupLinks> {
     let fs = statfs(cgroup).with_context(|| format!("statfs {}", cgroup.display()))?;
     if fs.filesystem_type() != CGROUP2_SUPER_MAGIC {
         bail!(
@@ -87,7 +126,12 @@ pub fn attach_sock_programs(ebpf: &mut Ebpf, cgroup: &Path) -> anyhow::Result<Cg
         );
     }
     let dir = File::open(cgroup).with_context(|| format!("opening {}", cgroup.display()))?;
-    let mut links = Vec::with_capacity(ATTACH_ORDER.len());
+    let cgroup_id = dir
+        .metadata()
+        .with_context(|| format!("stat {}", cgroup.display()))?
+        .ino();
+    let mut pins = Vec::with_capacity(ATTACH_ORDER.len());
+    let mut replaced = 0;
     for name in ATTACH_ORDER {
         let prog = crate::loader::loaded::<CgroupSockAddr>(ebpf, name)?;
         // With a BPF link the kernel takes no attach flags: `Single` (0) is the only accepted
@@ -95,36 +139,70 @@ pub fn attach_sock_programs(ebpf: &mut Ebpf, cgroup: &Path) -> anyhow::Result<Cg
         let id = prog
             .attach(&dir, CgroupAttachMode::Single)
             .with_context(|| format!("attaching {name} to cgroup {}", cgroup.display()))?;
-        links.push(
-            prog.take_link(id)
-                .with_context(|| format!("taking the link of {name}"))?,
-        );
+        let link: FdLink = prog
+            .take_link(id)
+            .with_context(|| format!("taking the link of {name}"))?
+            .try_into()
+            .with_context(|| format!("the link of {name} is no BPF link: it cannot be pinned"))?;
+        let path = pins::cgroup_link_path(pin_dir, cgroup_id, name);
+        if path.exists() {
+            replaced += 1;
+        }
+        pins::pin_replacing(link, &path)?;
+        pins.push(path);
     }
+    let stale = remove_stale(pin_dir, Some(cgroup_id))?;
     info!(
         cgroup = %cgroup.display(),
-        programs = links.len(),
-        "attached connect-time translation (connect, sendmsg, recvmsg, getpeername; v4 and v6)"
+        cgroup_id,
+        programs = pins.len(),
+        replaced,
+        stale_removed = stale,
+        "attached connect-time translation (connect, sendmsg, recvmsg, getpeername; v4 and v6), links pinned"
     );
     Ok(CgroupLinks {
         cgroup: cgroup.to_owned(),
-        links,
+        cgroup_id,
+        pins,
+        replaced,
     })
 }
 
-/// What `svc-agent run` does with `--cgroup`: attaches the connect-time programs to it, or
-/// nothing when it is empty. Keep the result for as long as the programs should stay attached.
-pub fn attach_from_arg(ebpf: &mut Ebpf, value: &str) -> anyhow::Result<Option<CgroupLinks>> {
+/// Removes the cgroup link pins that are not the current cgroup's (`None`: none is current):
+/// links of a cgroup an earlier agent was configured with, leftovers of an interrupted pin.
+/// Returns how many it removed.
+fn remove_stale(pin_dir: &Path, current: Option<u64>) -> anyhow::Result<usize> {
+    let dir = pins::cgroup_dir(pin_dir);
+    let stale = pins::stale_cgroup_pins(&pins::pin_groups(&dir)?, current, &PROGS_SOCK);
+    let removed = pins::remove_relative(&dir, &stale)?;
+    for path in &removed {
+        info!(pin = %path.display(), "removed a stale connect-time link pin (another cgroup, or left by an interrupted agent): its programs detach");
+    }
+    Ok(removed.len())
+}
+
+/// What `svc-agent run` does with `--cgroup`: attaches the connect-time programs to it (links
+/// pinned below `pin_dir`), or, when it is empty, removes the connect-time links an earlier
+/// agent pinned.
+pub fn attach_from_arg(
+    ebpf: &mut Ebpf,
+    value: &str,
+    pin_dir: &Path,
+) -> anyhow::Result<Option<CgroupLinks>> {
     let Some(cgroup) = cgroup_arg(value) else {
-        info!("--cgroup is empty: connect-time translation disabled");
+        let removed = remove_stale(pin_dir, None)?;
+        info!(
+            stale_removed = removed,
+            "--cgroup is empty: connect-time translation disabled"
+        );
         return Ok(None);
     };
-    attach_sock_programs(ebpf, cgroup).map(Some)
+    attach_sock_programs(ebpf, cgroup, pin_dir).map(Some)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::loader::PROGS_SOCK;
 
     #[test]
     fn every_sock_program_is_attached_once() {

@@ -8,7 +8,8 @@ use clap::{Parser, Subcommand};
 #[derive(Parser, Debug)]
 #[command(version, about)]
 pub struct Cli {
-    /// Where the bpf filesystem is (mounted there if it is not); state is pinned in `svc/v1`.
+    /// Where the bpf filesystem is (mounted there if it is not); maps and program links are
+    /// pinned in `svc/v1`.
     #[arg(long, global = true, default_value = "/sys/fs/bpf", env = "SVC_BPFFS")]
     pub bpffs: PathBuf,
     /// What to do.
@@ -19,7 +20,8 @@ pub struct Cli {
 /// Subcommands.
 #[derive(Subcommand, Debug)]
 pub enum Command {
-    /// Load and attach the dataplane, then keep it programmed until stopped.
+    /// Load and attach the dataplane (taking over what an earlier agent pinned), then keep it
+    /// programmed until stopped. The dataplane stays in place when the agent stops.
     Run(RunArgs),
     /// Show the dataplane's state from its pinned maps.
     Inspect {
@@ -27,7 +29,8 @@ pub enum Command {
         #[command(subcommand)]
         what: Inspect,
     },
-    /// Detach everything and remove the pinned state.
+    /// Remove the pinned state of every layout: the programs detach, the maps go. Stop the
+    /// agent first.
     Cleanup,
 }
 
@@ -81,4 +84,6 @@ pub enum Inspect {
     Stats,
     /// Programmed frontends with their backend slots.
     Services,
+    /// Pinned program links: where each is pinned, its kernel link and program.
+    Links,
 }

@@ -10,12 +10,19 @@
 //! again and diffs what it knew against the listing, like a relist in kube-rs, so a lost event
 //! delays a change but never hides it.
 //!
-//! [`PodIfaceLinks`] attaches the two pod-facing TC programs on [`IfaceEvent::Appeared`],
-//! idempotently (it keeps the TCX link ids per ifindex, and asks the kernel which programs an
-//! interface already has, so one attached at startup is adopted, not attached twice). It
-//! detaches them when an interface is renamed out of the patterns and forgets the links of an
-//! interface that is gone (the kernel has dropped them; closing them frees the link objects).
-//! [`follow`] runs both for the agent's lifetime.
+//! [`PodIfaceLinks`] puts the two pod-facing TC programs on each interface of an
+//! [`IfaceEvent::Appeared`], through TCX links pinned at `links/tc/<ifindex>/{ingress,egress}`
+//! (see `pins`), so they stay attached when the agent exits. A pin an earlier agent left on a
+//! hook where its link is still attached gets this agent's program through `BPF_LINK_UPDATE`
+//! (aya's `attach_to_link`): the kernel swaps the program in place, so every packet meets
+//! exactly one of the two, and the link keeps its pin and its place among other TCX programs.
+//! A pin whose link is no longer attached there (the interface was deleted and its ifindex
+//! reused while no agent ran) is replaced by a new link. A hook that has this agent's program
+//! already is left alone, so nothing is attached twice. Renamed out of the patterns, an
+//! interface loses its pins (and with them its programs); gone, its pins are removed (the
+//! kernel already dropped the links from it). [`attach_listed`] does this for the interfaces
+//! there at startup and then removes the pins of interfaces that vanished while no agent ran;
+//! [`follow`] does it for every later event.
 //!
 //! Netlink comes from the rust-netlink family: `rtnetlink` 0.24 (the dump and the multicast
 //! subscription), with its `netlink-packet-route` 0.34, `netlink-proto` 0.14 and `netlink-sys`
@@ -24,12 +31,21 @@
 //! and a notification carries the sequence number of whichever process caused it, so on a
 //! shared socket it could land in the dump's reply stream.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap, VecDeque},
+    fs,
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
 
-use anyhow::{Context as _, anyhow, bail};
+use anyhow::{Context as _, bail};
 use aya::{
     Ebpf,
-    programs::{SchedClassifier, TcAttachType, tc, tc::SchedClassifierLinkId},
+    programs::{
+        LinkOrder, ProgramInfo, SchedClassifier, TcAttachType,
+        links::{FdLink, LinkType},
+        tc::{SchedClassifierLink, TcAttachOptions},
+    },
 };
 use futures_util::{StreamExt as _, TryStreamExt as _, stream::BoxStream};
 use rtnetlink::{
@@ -44,7 +60,10 @@ use rtnetlink::{
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
-use crate::loader::{IfacePatterns, PROG_TC_FROM_POD, PROG_TC_TO_POD};
+use crate::{
+    loader::{IfacePatterns, PROG_TC_FROM_POD, PROG_TC_TO_POD},
+    pins::{self, PinnedTcLink, TcHook, TcPinAction},
+};
 
 /// Receive buffer asked for the event socket (the kernel caps it at `net.core.rmem_max`). The
 /// connection task drains it into a channel at once, so it only has to absorb bursts.
@@ -55,10 +74,14 @@ const LIST_ATTEMPTS: u32 = 3;
 
 /// The pod-facing programs and where they go: from-pod on ingress, to-pod on egress of the
 /// host end of a pod's veth.
-const POD_PROGRAMS: [(&str, TcAttachType); 2] = [
-    (PROG_TC_FROM_POD, TcAttachType::Ingress),
-    (PROG_TC_TO_POD, TcAttachType::Egress),
+const POD_PROGRAMS: [(&str, TcHook); 2] = [
+    (PROG_TC_FROM_POD, TcHook::Ingress),
+    (PROG_TC_TO_POD, TcHook::Egress),
 ];
+
+/// How long detaching from an interface renamed out of the patterns may take to show on its
+/// hooks (the kernel releases an unpinned link asynchronously, normally within milliseconds).
+const DETACH_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// One link's state as rtnetlink reports it, for links of this namespace only.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -392,27 +415,43 @@ async fn list_links(handle: &Handle) -> anyhow::Result<Vec<(u32, String)>> {
     Ok(links.iter().filter_map(link_of).collect())
 }
 
-/// The pod-facing programs' links on one interface.
-#[derive(Debug)]
-struct Attached {
-    name: String,
-    /// Links this follower made and can detach: `(program, link)`.
-    links: Vec<(&'static str, SchedClassifierLinkId)>,
-    /// Programs found attached already (by the startup attach, which keeps no link ids).
-    adopted: Vec<&'static str>,
+/// What attaching did on one hook.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HookOutcome {
+    /// A new link, pinned (nothing of ours was attached there).
+    Attached,
+    /// An earlier agent's pinned link now runs this agent's program (`BPF_LINK_UPDATE`).
+    Replaced,
+    /// This agent's program was attached and pinned there already.
+    Kept,
 }
 
-/// The pod-facing TC programs' attachments, by ifindex.
-#[derive(Debug, Default)]
+impl HookOutcome {
+    const fn name(self) -> &'static str {
+        match self {
+            Self::Attached => "attached",
+            Self::Replaced => "replaced",
+            Self::Kept => "kept",
+        }
+    }
+}
+
+/// The pod-facing TC programs' pinned links, by ifindex: which interfaces have them.
+#[derive(Debug)]
 pub struct PodIfaceLinks {
-    by_index: HashMap<u32, Attached>,
+    pin_dir: PathBuf,
+    /// ifindex -> the interface's name.
+    by_index: HashMap<u32, String>,
 }
 
 impl PodIfaceLinks {
-    /// No attachment known yet.
+    /// No attachment known yet; links are pinned below `pin_dir` (`<bpffs>/svc/v1`).
     #[must_use]
-    pub fn new() -> Self {
-        Self::default()
+    pub fn new(pin_dir: &Path) -> Self {
+        Self {
+            pin_dir: pin_dir.to_owned(),
+            by_index: HashMap::new(),
+        }
     }
 
     /// Whether the programs are on interface `index` (as far as this knows).
@@ -421,17 +460,18 @@ impl PodIfaceLinks {
         self.by_index.contains_key(&index)
     }
 
-    /// Acts on one event and logs what it did: attaches on [`IfaceEvent::Appeared`] (and on a
-    /// rename of an interface it had not attached to), detaches on a rename out of the
-    /// patterns, forgets the links of a gone interface. Fails only when attaching did; then
-    /// the interface is left without the programs (nothing half-attached).
+    /// Acts on one event and logs what it did: attaches (or takes over an earlier agent's
+    /// pinned links) on [`IfaceEvent::Appeared`] and on a rename of an interface it had not
+    /// attached to, unpins (detaches) on a rename out of the patterns, removes the pins of a
+    /// gone interface. Fails only when attaching did; then the links made by this attempt are
+    /// removed again, and those of an earlier agent stay (they still translate).
     pub fn apply(&mut self, ebpf: &mut Ebpf, event: &IfaceEvent) -> anyhow::Result<()> {
         match event {
             IfaceEvent::Appeared { index, name } => self.attach(ebpf, *index, name),
             IfaceEvent::Renamed { index, from, to } => {
-                if let Some(attached) = self.by_index.get_mut(index) {
-                    attached.name.clone_from(to);
-                    info!(iface = %to, ifindex = index, %from, "pod-facing interface renamed; its programs stay");
+                if let Some(known) = self.by_index.get_mut(index) {
+                    known.clone_from(to);
+                    info!(iface = %to, ifindex = index, %from, "pod-facing interface renamed; its programs stay (pins are by ifindex)");
                     Ok(())
                 } else {
                     self.attach(ebpf, *index, to)
@@ -442,31 +482,33 @@ impl PodIfaceLinks {
                 name,
                 renamed_to,
             } => {
-                let Some(attached) = self.by_index.remove(index) else {
+                if self.by_index.remove(index).is_none() {
                     return Ok(());
-                };
-                // For a gone interface this only closes the links (the kernel dropped them).
-                let failed = release(ebpf, attached.links);
-                let Some(to) = renamed_to else {
-                    info!(iface = %name, ifindex = index, "pod-facing interface gone: forgot its TC links");
-                    return Ok(());
-                };
-                if failed.is_empty() {
-                    info!(iface = %name, ifindex = index, renamed_to = %to, "renamed out of the pod-facing patterns: detached its programs");
-                } else {
-                    let errors = failed.join("; ");
-                    warn!(iface = %name, ifindex = index, renamed_to = %to, %errors, "renamed out of the pod-facing patterns: detaching failed");
                 }
-                if !attached.adopted.is_empty() {
-                    warn!(iface = %name, ifindex = index, renamed_to = %to, kept = ?attached.adopted,
-                        "these were attached at startup, which keeps no handle to detach them: they stay until the agent stops");
+                let Some(to) = renamed_to else {
+                    // The kernel dropped the links from the interface; the pins only keep the
+                    // link objects.
+                    if let Err(e) = self.unpin(*index) {
+                        warn!(iface = %name, ifindex = index, error = %format!("{e:#}"), "pod-facing interface gone: removing its link pins failed");
+                    } else {
+                        info!(iface = %name, ifindex = index, "pod-facing interface gone: removed its TC link pins");
+                    }
+                    return Ok(());
+                };
+                match self.detach(*index, to) {
+                    Ok(()) => {
+                        info!(iface = %name, ifindex = index, renamed_to = %to, "renamed out of the pod-facing patterns: unpinned and detached its programs");
+                    }
+                    Err(e) => {
+                        warn!(iface = %name, ifindex = index, renamed_to = %to, error = %format!("{e:#}"), "renamed out of the pod-facing patterns: detaching failed");
+                    }
                 }
                 Ok(())
             }
         }
     }
 
-    /// Attaches both programs to `name` unless they are there already; all or nothing.
+    /// Puts both programs on `name` unless they are there already.
     fn attach(&mut self, ebpf: &mut Ebpf, index: u32, name: &str) -> anyhow::Result<()> {
         if self.by_index.contains_key(&index) {
             debug!(iface = %name, ifindex = index, "programs already attached");
@@ -479,85 +521,194 @@ impl PodIfaceLinks {
             Ok(now) => bail!("{name} is ifindex {now} by now, not {index}: its own event follows"),
             Err(e) => bail!("{name} (ifindex {index}) is no longer there: {e}"),
         }
-        let mut links = Vec::new();
-        let mut adopted = Vec::new();
-        for (prog_name, at) in POD_PROGRAMS {
-            match attach_one(ebpf, name, prog_name, at) {
-                Ok(Some(link)) => links.push((prog_name, link)),
-                Ok(None) => adopted.push(prog_name),
+        let mut outcomes = Vec::new();
+        for (prog_name, hook) in POD_PROGRAMS {
+            match pin_tc_program(ebpf, &self.pin_dir, name, index, prog_name, hook) {
+                Ok(outcome) => outcomes.push((hook, outcome)),
                 Err(e) => {
-                    let _ = release(ebpf, links);
+                    // Only this attempt's new links go; an earlier agent's stay and translate.
+                    for (hook, outcome) in outcomes {
+                        if outcome == HookOutcome::Attached {
+                            let _ = fs::remove_file(pins::tc_link_path(&self.pin_dir, index, hook));
+                        }
+                    }
                     return Err(e);
                 }
             }
         }
-        if adopted.is_empty() {
-            info!(iface = %name, ifindex = index, "attached {PROG_TC_FROM_POD} (ingress) and {PROG_TC_TO_POD} (egress)");
-        } else if links.is_empty() {
-            info!(iface = %name, ifindex = index, "pod-facing programs already attached (at startup); following the interface");
+        let [(_, ingress), (_, egress)] = outcomes[..] else {
+            bail!("internal: {} hook outcomes for {name}", outcomes.len());
+        };
+        let pins = pins::tc_iface_dir(&self.pin_dir, index);
+        if ingress == HookOutcome::Attached && egress == HookOutcome::Attached {
+            info!(iface = %name, ifindex = index, pins = %pins.display(), "attached {PROG_TC_FROM_POD} (ingress) and {PROG_TC_TO_POD} (egress), links pinned");
+        } else if ingress == HookOutcome::Replaced && egress == HookOutcome::Replaced {
+            info!(iface = %name, ifindex = index, pins = %pins.display(), "took over the pinned TC links of an earlier agent: its programs replaced in place (BPF_LINK_UPDATE)");
         } else {
-            info!(iface = %name, ifindex = index, already = ?adopted, "attached the pod-facing programs that were missing");
+            info!(iface = %name, ifindex = index, pins = %pins.display(), ingress = ingress.name(), egress = egress.name(), "pod-facing programs in place");
         }
-        self.by_index.insert(
-            index,
-            Attached {
-                name: name.to_owned(),
-                links,
-                adopted,
-            },
-        );
+        self.by_index.insert(index, name.to_owned());
         Ok(())
     }
+
+    /// Removes the pins of interface `index`.
+    fn unpin(&self, index: u32) -> anyhow::Result<()> {
+        let dir = pins::tc_iface_dir(&self.pin_dir, index);
+        match fs::remove_dir_all(&dir) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e).with_context(|| format!("removing {}", dir.display())),
+        }
+    }
+
+    /// Removes the pins of interface `index` (now called `iface`) and waits (bounded) until
+    /// their programs are off its hooks.
+    fn detach(&self, index: u32, iface: &str) -> anyhow::Result<()> {
+        let mut programs = Vec::new();
+        for hook in TcHook::ALL {
+            if let Some((_, info)) =
+                pins::open_link(&pins::tc_link_path(&self.pin_dir, index, hook))?
+            {
+                programs.push((hook, info.program_id()));
+            }
+        }
+        self.unpin(index)?;
+        let deadline = Instant::now() + DETACH_TIMEOUT;
+        loop {
+            let mut left = Vec::new();
+            for (hook, id) in &programs {
+                let (_, on_hook) = SchedClassifier::query_tcx(iface, tcx_attach_type(*hook))
+                    .with_context(|| format!("querying the {} hook of {iface}", hook.name()))?;
+                if on_hook.iter().any(|p| p.id() == *id) {
+                    left.push(hook.name());
+                }
+            }
+            if left.is_empty() {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "unpinned, but still on the {left:?} hooks of {iface} after {DETACH_TIMEOUT:?}"
+                );
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
 }
 
-/// The object's program `name` as a TC classifier.
-fn classifier<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut SchedClassifier> {
-    Ok(ebpf
-        .program_mut(name)
-        .ok_or_else(|| anyhow!("no program {name} in the object"))?
-        .try_into()?)
+/// The aya attach point of a hook.
+const fn tcx_attach_type(hook: TcHook) -> TcAttachType {
+    match hook {
+        TcHook::Ingress => TcAttachType::Ingress,
+        TcHook::Egress => TcAttachType::Egress,
+    }
 }
 
-/// Attaches `prog_name` to `at` of `iface`; `None` when the kernel says it is there already.
-fn attach_one(
+/// Puts `prog_name` on `hook` of `iface` (ifindex `index`) through a link pinned at
+/// `links/tc/<index>/<hook>` (see the module documentation for the three cases).
+fn pin_tc_program(
     ebpf: &mut Ebpf,
+    pin_dir: &Path,
     iface: &str,
+    index: u32,
     prog_name: &str,
-    at: TcAttachType,
-) -> anyhow::Result<Option<SchedClassifierLinkId>> {
+    hook: TcHook,
+) -> anyhow::Result<HookOutcome> {
+    let at = tcx_attach_type(hook);
     let prog = crate::loader::loaded::<SchedClassifier>(ebpf, prog_name)?;
-    let id = prog.info()?.id();
-    match SchedClassifier::query_tcx(iface, at) {
-        Ok((_, attached)) if attached.iter().any(|p| p.id() == id) => return Ok(None),
-        Ok(_) => {}
-        // No TCX (kernel < 6.6): aya attaches through netlink, which needs clsact.
-        Err(_) => {
-            let _ = tc::qdisc_add_clsact(iface);
+    let prog_id = prog.info()?.id();
+    let (_, on_hook) = SchedClassifier::query_tcx(iface, at).with_context(|| {
+        format!(
+            "querying the TCX {} hook of {iface}: pinned TC links need TCX (kernel >= 6.6)",
+            hook.name()
+        )
+    })?;
+    let path = pins::tc_link_path(pin_dir, index, hook);
+    let pinned = pins::open_link(&path)?;
+    let on_hook: Vec<u32> = on_hook.iter().map(ProgramInfo::id).collect();
+    let action = pins::tc_pin_action(
+        pinned.as_ref().map(|(_, info)| PinnedTcLink {
+            is_tcx: matches!(info.link_type(), Ok(LinkType::Tcx)),
+            program_id: info.program_id(),
+        }),
+        &on_hook,
+        prog_id,
+    );
+    match (action, pinned) {
+        (TcPinAction::Keep, _) => return Ok(HookOutcome::Kept),
+        (TcPinAction::Update, Some((link, _))) => {
+            let link = SchedClassifierLink::try_from(link)
+                .with_context(|| format!("{} is not a TCX link", path.display()))?;
+            match prog.attach_to_link(link) {
+                Ok(id) => {
+                    // The pin holds the link; dropping this handle only closes a descriptor.
+                    drop(prog.take_link(id)?);
+                    return Ok(HookOutcome::Replaced);
+                }
+                Err(e) => {
+                    warn!(iface, hook = hook.name(), error = %e, "replacing the program of a pinned link failed: attaching beside it, then replacing its pin");
+                }
+            }
         }
+        (TcPinAction::Replace, _) => {
+            debug!(iface, hook = hook.name(), pin = %path.display(), "pinned link no longer on this hook: replacing it");
+        }
+        _ => {}
     }
-    prog.attach(iface, at)
-        .map(Some)
-        .with_context(|| format!("attaching {prog_name} to {at:?} of {iface}"))
+    let id = prog
+        .attach_with_options(iface, at, TcAttachOptions::TcxOrder(LinkOrder::default()))
+        .with_context(|| {
+            format!(
+                "attaching {prog_name} to the {} hook of {iface}",
+                hook.name()
+            )
+        })?;
+    let link: FdLink = prog
+        .take_link(id)?
+        .try_into()
+        .with_context(|| format!("the link of {prog_name} on {iface} is no TCX link"))?;
+    pins::pin_replacing(link, &path)?;
+    Ok(HookOutcome::Attached)
 }
 
-/// Detaches (or, for a gone interface, just closes) `links`; returns what failed.
-fn release(ebpf: &mut Ebpf, links: Vec<(&'static str, SchedClassifierLinkId)>) -> Vec<String> {
-    let mut failed = Vec::new();
-    for (prog_name, link) in links {
-        let result = classifier(ebpf, prog_name).and_then(|p| Ok(p.detach(link)?));
-        if let Err(e) = result {
-            failed.push(format!("{prog_name}: {e:#}"));
+/// Attaches the pod-facing programs to the interfaces of the watch's first listing (taking
+/// over an earlier agent's pinned links), then removes the pins of every interface that is
+/// not pod-facing any more: deleted or renamed away while no agent ran (removing a pin
+/// detaches what is still attached). Call it once, right after [`IfaceWatch::start`], before
+/// [`follow`]. An interface that fails is logged, keeps whatever pins it had and is retried on
+/// its next link event.
+pub fn attach_listed(
+    ebpf: &mut Ebpf,
+    watch: &mut IfaceWatch,
+    links: &mut PodIfaceLinks,
+) -> anyhow::Result<()> {
+    let listed: BTreeSet<u32> = watch.matching().map(|(index, _)| index).collect();
+    for event in std::mem::take(&mut watch.ready) {
+        if let Err(e) = links.apply(ebpf, &event) {
+            warn!(
+                iface = %event.name(), ifindex = event.index(), error = %format!("{e:#}"),
+                "could not attach the pod-facing programs; retried on this interface's next link event"
+            );
+            watch.forget(event.index());
         }
     }
-    failed
+    let dir = pins::tc_dir(&links.pin_dir);
+    let stale = pins::stale_tc_pins(&pins::pin_groups(&dir)?, &listed);
+    for path in pins::remove_relative(&dir, &stale)? {
+        info!(pin = %path.display(), "removed stale TC link pins: the interface went, or stopped being pod-facing, while no agent ran");
+    }
+    Ok(())
 }
 
 /// Keeps the pod-facing programs on every matching interface of this namespace for as long as
-/// it runs: attaches to each that appears, detaches from each renamed away, forgets each that
-/// goes. A failed attach is logged with the interface's name and retried on the interface's
-/// next link event; the agent goes on. Returns only when netlink fails.
-pub async fn follow(ebpf: &mut Ebpf, mut watch: IfaceWatch) -> anyhow::Result<()> {
-    let mut links = PodIfaceLinks::new();
+/// it runs: attaches to each that appears, detaches from each renamed away, removes the pins
+/// of each that goes. A failed attach is logged with the interface's name and retried on the
+/// interface's next link event; the agent goes on. Returns only when netlink fails.
+pub async fn follow(
+    ebpf: &mut Ebpf,
+    mut watch: IfaceWatch,
+    mut links: PodIfaceLinks,
+) -> anyhow::Result<()> {
     loop {
         let event = watch.next().await?;
         if let Err(e) = links.apply(ebpf, &event) {

@@ -1,8 +1,10 @@
-//! Loading the embedded eBPF object, pinning its maps, attaching its programs.
+//! Loading the embedded eBPF object, pinning its maps, loading its programs.
 //!
 //! Maps are pinned one by one under `<bpffs>/svc/v1/<MAP_NAME>` (the layout version is in the
 //! directory and in every map name), so a restarted agent adopts the state the previous one
-//! left. Objects loaded with [`load_object`] (tests) get private maps.
+//! left. Objects loaded with [`load_object`] (tests) get private maps. The programs' links are
+//! pinned beside the maps by `ifaces` (TC) and `cgroup` (connect-time); the layout of the pin
+//! directory is in `pins`.
 
 use std::path::{Path, PathBuf};
 

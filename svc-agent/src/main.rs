@@ -1,13 +1,12 @@
 //! The svc-agent binary: see `svc-agent --help`.
 
-use anyhow::Context as _;
 use clap::Parser as _;
 use svc_agent::{
     cli::{Cli, Command, Inspect, RunArgs},
     datapath::{AyaMaps, Reconciler},
-    inspect, loader, standalone,
+    ifaces, inspect, loader, pins, standalone,
 };
-use tracing::info;
+use tracing::{info, warn};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -42,20 +41,57 @@ async fn main() -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Command::Cleanup => {
-            let dir = loader::pin_dir(&cli.bpffs);
-            match std::fs::remove_dir_all(&dir) {
-                Ok(()) => info!(dir = %dir.display(), "removed pinned state"),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => info!("nothing pinned"),
-                Err(e) => return Err(e).with_context(|| format!("removing {}", dir.display())),
-            }
+        Command::Inspect {
+            what: Inspect::Links,
+        } => {
+            print!(
+                "{}",
+                inspect::format_links(&cli.bpffs, &inspect::read_links(&cli.bpffs)?)
+            );
             Ok(())
         }
+        Command::Cleanup => cleanup(&cli.bpffs),
     }
+}
+
+/// `svc-agent cleanup`: removes every layout's pins. Unpinned links release their programs
+/// (the kernel detaches them, asynchronously, within moments); maps go with the last program.
+fn cleanup(bpffs: &std::path::Path) -> anyhow::Result<()> {
+    let root = bpffs.join(svc_common::PIN_ROOT);
+    if !root.exists() {
+        info!(dir = %root.display(), "nothing pinned");
+        return Ok(());
+    }
+    let removed = pins::remove_tree(&root)?;
+    info!(
+        dir = %root.display(),
+        links = removed.links,
+        maps = removed.maps,
+        "removed the pinned state: links unpinned (their programs detach), maps freed with them"
+    );
+    Ok(())
 }
 
 async fn run(bpffs: &std::path::Path, args: &RunArgs) -> anyhow::Result<()> {
     loader::ensure_bpffs(bpffs)?;
+    let pin_dir = loader::pin_dir(bpffs);
+    // Another layout's pins (an upgrade or a rollback): this layout is built beside them and
+    // they are removed after the first sync (svc-ebpf/DESIGN.md, "Layout versions").
+    let (others, unknown) = pins::other_layouts(bpffs)?;
+    for path in &unknown {
+        warn!(path = %path.display(), "not a layout directory of svc-agent: left alone");
+    }
+    for other in &others {
+        info!(
+            dir = %other.path.display(),
+            version = other.version,
+            relation = %other.relation(),
+            "found the pins of another layout: building layout v{} beside it; its links and maps \
+             are removed once this agent's programs are attached and its maps programmed, and \
+             its connection tracking and affinity state are not carried over",
+            svc_common::MAP_LAYOUT_VERSION
+        );
+    }
     let sizes = loader::MapSizes {
         services: args.max_service_entries,
         backends: args.max_backends,
@@ -66,18 +102,48 @@ async fn run(bpffs: &std::path::Path, args: &RunArgs) -> anyhow::Result<()> {
     let mut ebpf = loader::load_pinned(bpffs, sizes)?;
     loader::load_programs(&mut ebpf)?;
     let patterns = loader::IfacePatterns::parse(&args.pod_ifaces)?;
-    // Held until run() returns: dropping the links detaches the connect-time programs.
-    let _cgroup_links = svc_agent::cgroup::attach_from_arg(&mut ebpf, &args.cgroup)?;
     let mut reconciler = Reconciler::adopt(AyaMaps::take(&mut ebpf)?)?;
+    // Connect-time programs, then pod-facing ones: each takes over what an earlier agent of this
+    // layout pinned (same maps, so at once), or goes beside another layout's (see below).
+    svc_agent::cgroup::attach_from_arg(&mut ebpf, &args.cgroup, &pin_dir)?;
     // Pod-facing interfaces, those there now (the watch's first listing) and those that appear
     // later (netlink link events), get the TC programs; they are followed for the agent's life.
-    let iface_watch = svc_agent::ifaces::IfaceWatch::start(patterns).await?;
+    let mut iface_watch = ifaces::IfaceWatch::start(patterns).await?;
+    let mut pod_links = ifaces::PodIfaceLinks::new(&pin_dir);
+    ifaces::attach_listed(&mut ebpf, &mut iface_watch, &mut pod_links)?;
+    // After the first sync: another layout's programs go only once this layout's maps hold the
+    // desired state (until then its TC links run first on every hook and end the chain, and its
+    // connect-time programs translate before this layout's see the call).
+    let node_name = args.node_name.clone();
+    let running = {
+        let pin_dir = pin_dir.clone();
+        move || {
+            for other in &others {
+                match pins::remove_tree(&other.path) {
+                    Ok(removed) => info!(
+                        dir = %other.path.display(),
+                        version = other.version,
+                        links = removed.links,
+                        maps = removed.maps,
+                        "replaced the {} layout: its links unpinned (its programs detach), its maps removed",
+                        other.relation()
+                    ),
+                    Err(e) => warn!(
+                        dir = %other.path.display(), error = %format!("{e:#}"),
+                        "could not remove another layout's pins: both layouts stay attached \
+                         (the other one first on each hook); remove it by hand"
+                    ),
+                }
+            }
+            info!(node = %node_name, pin_dir = %pin_dir.display(), "svc-agent running");
+        }
+    };
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let source = async {
         if let Some(dir) = &args.from_dir {
             // The first sync happens before "running" is announced.
             standalone::sync_once(dir, &args.node_name, &mut reconciler)?;
-            info!(node = %args.node_name, pin_dir = %loader::pin_dir(bpffs).display(), "svc-agent running");
+            running();
             standalone::follow(dir, &args.node_name, &mut reconciler).await
         } else {
             let connection = svc_agent::source::kube::Connection {
@@ -90,18 +156,19 @@ async fn run(bpffs: &std::path::Path, args: &RunArgs) -> anyhow::Result<()> {
             };
             let client = connection.client().await?;
             info!(node = %args.node_name, "following the Kubernetes API server");
-            svc_agent::source::kube::follow(client, &options, &mut reconciler, || {
-                info!(node = %args.node_name, pin_dir = %loader::pin_dir(bpffs).display(), "svc-agent running");
-            })
-            .await
+            svc_agent::source::kube::follow(client, &options, &mut reconciler, running).await
         }
     };
     tokio::select! {
         r = source => r?,
-        r = svc_agent::ifaces::follow(&mut ebpf, iface_watch) => r?,
+        r = ifaces::follow(&mut ebpf, iface_watch, pod_links) => r?,
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
     }
-    info!("stopping: programs detach with this process, pinned maps stay for the next agent");
+    info!(
+        links = %pins::links_dir(&pin_dir).display(),
+        "stopping: the programs stay attached through their pinned links and keep translating \
+         with the pinned maps until the next agent takes over (`svc-agent cleanup` removes them)"
+    );
     Ok(())
 }

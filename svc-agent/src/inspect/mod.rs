@@ -1,6 +1,10 @@
 //! `svc-agent inspect`: read the pinned maps of a running (or stopped) agent and print them.
 
-use std::{collections::BTreeMap, fmt::Write as _, path::Path};
+use std::{
+    collections::BTreeMap,
+    fmt::Write as _,
+    path::{Path, PathBuf},
+};
 
 use anyhow::Context as _;
 use aya::maps::{HashMap as BpfHashMap, Map, MapData, PerCpuArray, PerCpuHashMap};
@@ -10,7 +14,7 @@ use svc_common::{
     stats::{Counter, DropReason, PktCounter},
 };
 
-use crate::loader::pin_dir;
+use crate::{loader::pin_dir, pins};
 
 fn open_pinned(bpffs: &Path, name: &str) -> anyhow::Result<MapData> {
     let path = pin_dir(bpffs).join(name);
@@ -192,6 +196,102 @@ pub fn format_services(view: &ServicesView) -> String {
     out
 }
 
+/// One pinned link, as the kernel describes it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PinnedLinkView {
+    /// Where it is pinned, relative to `<pin dir>/links` (`tc/7/ingress`,
+    /// `cgroup/4242/svc_sock_conn4`).
+    pub pin: PathBuf,
+    /// The kernel's link id.
+    pub link_id: u32,
+    /// The link type (`tcx`, `cgroup`), or `?` when aya does not know it.
+    pub link_type: String,
+    /// The id of the program the link runs.
+    pub program_id: u32,
+    /// That program's name (as the kernel keeps it: at most 15 bytes), or `?`.
+    pub program: String,
+}
+
+/// Every link pinned below `<pin dir>/links`, in path order.
+pub fn read_links(bpffs: &Path) -> anyhow::Result<Vec<PinnedLinkView>> {
+    let base = pins::links_dir(&pin_dir(bpffs));
+    let mut files = Vec::new();
+    collect_files(&base, &mut files)?;
+    files.sort();
+    let mut names: BTreeMap<u32, String> = BTreeMap::new();
+    let mut views = Vec::new();
+    for path in files {
+        let Some((_, info)) = pins::open_link(&path)? else {
+            continue;
+        };
+        if names.is_empty() {
+            // Read once, when the first link is found: every loaded program's name by id.
+            for prog in aya::programs::loaded_programs().flatten() {
+                names.insert(prog.id(), prog.name_as_str().unwrap_or("?").to_owned());
+            }
+        }
+        views.push(PinnedLinkView {
+            pin: path.strip_prefix(&base).unwrap_or(&path).to_owned(),
+            link_id: info.id(),
+            link_type: info
+                .link_type()
+                .map_or_else(|_| "?".to_owned(), |t| format!("{t:?}").to_lowercase()),
+            program_id: info.program_id(),
+            program: names
+                .get(&info.program_id())
+                .cloned()
+                .unwrap_or_else(|| "?".to_owned()),
+        });
+    }
+    Ok(views)
+}
+
+fn collect_files(dir: &Path, out: &mut Vec<PathBuf>) -> anyhow::Result<()> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e).with_context(|| format!("listing {}", dir.display())),
+    };
+    for entry in entries {
+        let path = entry
+            .with_context(|| format!("listing {}", dir.display()))?
+            .path();
+        if path.is_dir() {
+            collect_files(&path, out)?;
+        } else {
+            out.push(path);
+        }
+    }
+    Ok(())
+}
+
+/// One pinned link per line: pin, link type and id, program id and name.
+#[must_use]
+pub fn format_links(bpffs: &Path, links: &[PinnedLinkView]) -> String {
+    let base = pins::links_dir(&pin_dir(bpffs));
+    if links.is_empty() {
+        return format!("no links pinned in {}\n", base.display());
+    }
+    let mut out = format!("links pinned in {}\n", base.display());
+    let width = links
+        .iter()
+        .map(|l| l.pin.as_os_str().len())
+        .max()
+        .unwrap_or(0);
+    for l in links {
+        let _ = writeln!(
+            out,
+            "{:<width$}  {:<6} link {:<6} program {:<6} {}",
+            l.pin.display(),
+            l.link_type,
+            l.link_id,
+            l.program_id,
+            l.program
+        );
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use svc_common::{Be16, addr::from_v4};
@@ -285,6 +385,37 @@ mod tests {
         assert_eq!(
             text,
             "198.19.0.10:80 TCP id 1 backends 1  [4 packets, 300 bytes]\n  slot 1: 198.18.1.10:5000 (backend 7, local) [4 packets, 300 bytes]\n"
+        );
+    }
+
+    #[test]
+    fn pinned_links_are_listed_one_per_line() {
+        let bpffs = Path::new("/sys/fs/bpf");
+        assert_eq!(
+            format_links(bpffs, &[]),
+            "no links pinned in /sys/fs/bpf/svc/v1/links\n"
+        );
+        let links = [
+            PinnedLinkView {
+                pin: PathBuf::from("cgroup/4242/svc_sock_conn4"),
+                link_id: 12,
+                link_type: "cgroup".to_owned(),
+                program_id: 40,
+                program: "svc_sock_conn4".to_owned(),
+            },
+            PinnedLinkView {
+                pin: PathBuf::from("tc/7/ingress"),
+                link_id: 9,
+                link_type: "tcx".to_owned(),
+                program_id: 31,
+                program: "svc_tc_from_pod".to_owned(),
+            },
+        ];
+        assert_eq!(
+            format_links(bpffs, &links),
+            "links pinned in /sys/fs/bpf/svc/v1/links\n\
+             cgroup/4242/svc_sock_conn4  cgroup link 12     program 40     svc_sock_conn4\n\
+             tc/7/ingress                tcx    link 9      program 31     svc_tc_from_pod\n"
         );
     }
 }
