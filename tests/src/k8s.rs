@@ -732,6 +732,26 @@ impl Agent {
     pub fn stop(self) -> anyhow::Result<std::process::ExitStatus> {
         self.process.stop()
     }
+
+    /// Like [`Agent::stop`], and also returns the agent's whole log, its last lines included.
+    pub fn stop_with_log(self) -> anyhow::Result<(std::process::ExitStatus, String)> {
+        self.process.stop_with_output()
+    }
+
+    /// Kills the agent with `SIGKILL` (no shutdown code runs: a crash, an OOM kill, a node
+    /// agent's container killed at once) and returns how it ended.
+    pub fn kill(self) -> anyhow::Result<std::process::ExitStatus> {
+        self.process.kill()
+    }
+
+    /// The first "synced" line the agent logged (its first reconcile), if any.
+    #[must_use]
+    pub fn first_sync_line(&self) -> Option<String> {
+        self.log()
+            .lines()
+            .find(|l| l.contains(&self.sync_line))
+            .map(str::to_owned)
+    }
 }
 
 /// Counter name -> packets, from the two tables `inspect stats` prints.

@@ -201,6 +201,30 @@ impl Process {
         self.terminate()
     }
 
+    /// Like [`Process::stop`], and also returns everything the process wrote, its last words
+    /// included.
+    pub fn stop_with_output(mut self) -> anyhow::Result<(ExitStatus, String)> {
+        let status = self.terminate()?;
+        Ok((status, self.output()))
+    }
+
+    /// Kills the process group with `SIGKILL` at once, without the grace [`Process::stop`]
+    /// gives (the process runs none of its shutdown code), and returns how it ended.
+    pub fn kill(mut self) -> anyhow::Result<ExitStatus> {
+        if self.status.is_none() && !self.has_exited()? {
+            // Not reaped yet, so the group id is still ours.
+            killpg(self.pgid(), Signal::SIGKILL)
+                .with_context(|| format!("sending SIGKILL to {}", self.label))?;
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !self.has_exited()? && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        // Reaps it; a process that has exited gets no further signal there (one that somehow
+        // survived gets the usual SIGTERM, then SIGKILL again).
+        self.terminate()
+    }
+
     fn pgid(&self) -> Pid {
         // Linux pids fit in i32 (pid_max <= 2^22).
         Pid::from_raw(self.child.id().cast_signed())
