@@ -482,7 +482,11 @@ impl PodIfaceLinks {
                 name,
                 renamed_to,
             } => {
-                if self.by_index.remove(index).is_none() {
+                // Pins go even when this agent never attached there (an attach that failed
+                // keeps an earlier agent's pins, which still translated).
+                let known = self.by_index.remove(index).is_some();
+                let pinned = pins::tc_iface_dir(&self.pin_dir, *index).exists();
+                if !known && !pinned {
                     return Ok(());
                 }
                 let Some(to) = renamed_to else {
