@@ -17,6 +17,8 @@
 //! - **Another layout's pins** (here: this layout's directory renamed to `svc/v0`, which is
 //!   what an older agent would have left): the agent builds its layout beside it, attaches,
 //!   then removes the old one; new connections work, and each hook carries one program.
+//! - **The Kubernetes API source**: an agent following the test API server is killed and
+//!   restarted; its first sync writes nothing and long-lived connections keep their backend.
 //!
 //! Every test builds its own topology and removes it at the end (and asserts that nothing of
 //! the run remains); every socket operation has a timeout and every loop is bounded in count
@@ -51,6 +53,7 @@ use svc_common::{
     net::ipproto,
 };
 use svc_tests::{
+    apiserver::{ApiServer, Options as ApiOptions},
     k8s::{
         self, Agent, Answer, Backends, EndpointSlice, ManifestDir, Protocol, Service, TcpSession,
     },
@@ -1349,4 +1352,138 @@ fn another_layouts_pins_are_replaced_after_this_layout_is_attached() {
     ));
     drop(conns);
     c.finish();
+}
+
+// ---------------------------------------------------------------------------------------------
+// The Kubernetes API source
+// ---------------------------------------------------------------------------------------------
+
+/// Long-lived connections asked once each: `(backend, ok)` per connection.
+fn ask_all(conns: &mut [LongConn], tag: &str) -> Vec<(String, bool)> {
+    conns
+        .iter_mut()
+        .enumerate()
+        .map(|(i, l)| {
+            let ok = l
+                .session
+                .ask(&format!("{tag}{i}"))
+                .is_ok_and(|a| a.label == l.backend && a.from == l.dst);
+            (l.backend.clone(), ok)
+        })
+        .collect()
+}
+
+/// The Nodes, and `web` (IPv4, TCP) with `backends` as ready endpoints, as one YAML stream.
+fn api_objects(topo: &Topology, backends: &[Pod]) -> String {
+    let web = Service::cluster_ip("web", &[vip4(WEB)]).port(
+        "http",
+        Protocol::Tcp,
+        SERVICE_PORT,
+        BACKEND_PORT,
+    );
+    let slice = EndpointSlice::new("web", false)
+        .ports_of(&web, &[])
+        .ready_pods(topo, backends.iter());
+    let mut docs: Vec<String> = topo.nodes().iter().map(k8s::node_yaml).collect();
+    docs.extend([web.to_yaml(), slice.to_yaml()]);
+    k8s::documents(&docs)
+}
+
+#[test]
+fn an_agent_following_the_api_server_takes_over_too() {
+    must_be_root();
+    let started = Instant::now();
+    let step = |what: &str| println!("[{:>6.2}s] {what}", started.elapsed().as_secs_f64());
+    let agent_bin = k8s::agent_binary().unwrap_or_else(|e| panic!("{e:#}"));
+    let mut topo = Topology::new().expect("building the topology");
+    for (node, name) in [(0, "client"), (0, "backend-a"), (1, "backend-b")] {
+        topo.add_pod(node, name)
+            .unwrap_or_else(|e| panic!("adding pod {name}: {e:#}"));
+    }
+    let pod = |name: &str| {
+        topo.pods()
+            .iter()
+            .find(|p| p.name == name)
+            .cloned()
+            .unwrap_or_else(|| panic!("no pod {name}"))
+    };
+    let (client, backends) = (pod("client"), [pod("backend-a"), pod("backend-b")]);
+    let node1 = topo.node(0).clone();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("a Tokio runtime");
+    let api = rt
+        .block_on(ApiServer::start_in(
+            &node1.ns,
+            SocketAddr::new(node1.underlay_v4.into(), 0),
+            ApiOptions::default(),
+        ))
+        .expect("starting the API server in node1's namespace");
+    let kubeconfig = topo.run_dir().join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig)
+        .expect("writing the kubeconfig");
+    api.apply_yaml(&api_objects(&topo, &backends))
+        .expect("storing the objects");
+    let servers = Backends::new();
+    for b in &backends {
+        servers
+            .serve(&b.ns, &b.name, SocketAddr::new(b.ipv4.into(), BACKEND_PORT))
+            .unwrap_or_else(|e| panic!("serving on {}: {e:#}", b.name));
+    }
+    let agent = Agent::start_kube(&agent_bin, &node1, &kubeconfig)
+        .unwrap_or_else(|e| panic!("starting svc-agent: {e:#}"));
+    step(&format!(
+        "topology {} up, API server on {}, svc-agent following it on node1",
+        topo.prefix(),
+        api.url()
+    ));
+
+    let web4 = SocketAddr::new(vip4(WEB), SERVICE_PORT);
+    let mut conns = open_long(&client, web4, 20);
+    let flows: Vec<(SocketAddr, SocketAddr)> = conns.iter().map(|l| (l.local, l.dst)).collect();
+    let before = Snapshot::take(&node1)
+        .backends_of(&flows)
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    let status = agent.kill().expect("killing svc-agent");
+    let down = ask_all(&mut conns, "down");
+    let agent = Agent::start_kube(&agent_bin, &node1, &kubeconfig)
+        .unwrap_or_else(|e| panic!("restarting svc-agent: {e:#}"));
+    let sync = assert_first_sync_wrote_nothing(&agent);
+    let log = agent.log();
+    assert_quiet(&log, "node1");
+    assert!(
+        log.contains("took over the pinned TC links"),
+        "the restarted agent did not take over the TC links:\n{log}"
+    );
+    let after = Snapshot::take(&node1)
+        .backends_of(&flows)
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    let up = ask_all(&mut conns, "up");
+    let failed = down.iter().chain(&up).filter(|(_, ok)| !ok).count();
+    println!(
+        "RESULT API server source: {} connections, agent killed ({status}) and restarted; \
+         requests while down ok {} / after ok {}, failed {failed}; spread {:?}",
+        conns.len(),
+        down.iter().filter(|(_, ok)| *ok).count(),
+        up.iter().filter(|(_, ok)| *ok).count(),
+        spread(&conns)
+    );
+    assert_eq!(failed, 0, "requests on long-lived connections failed");
+    assert_eq!(after, before, "conntrack sends long-lived flows elsewhere");
+    step(&format!(
+        "restarted agent's first sync: {}",
+        sync.split_once("INFO ").map_or(sync.as_str(), |(_, s)| s)
+    ));
+    drop(conns);
+    let (status, log) = agent.stop_with_log().expect("stopping svc-agent");
+    assert!(status.success(), "{status}\n{log}");
+    drop(servers);
+    drop(api);
+    drop(rt);
+    let prefix = topo.prefix().to_owned();
+    drop(topo);
+    netns::assert_run_gone(&prefix);
+    step(&format!("agent stopped, nothing of {prefix} remains"));
 }
