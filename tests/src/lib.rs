@@ -6,3 +6,4 @@ pub mod fixture;
 pub mod k8s;
 pub mod netns;
 pub mod packets;
+pub mod testbed;

@@ -30,7 +30,7 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     fmt::Write as _,
     net::{IpAddr, SocketAddr},
-    path::{Path, PathBuf},
+    path::Path,
     process::Command,
     time::{Duration, Instant},
 };
@@ -45,10 +45,11 @@ use svc_common::{
 };
 use svc_tests::{
     k8s::{
-        self, Agent, Answer, Backends, EndpointSlice, ManifestDir, Programmed, Protocol, Service,
-        TcpSession, frontend_key,
+        self, Agent, Answer, Backends, EndpointSlice, Programmed, Protocol, Service, TcpSession,
+        frontend_key,
     },
-    netns::{self, Pod, SERVICE_V4, SERVICE_V6, Topology, v6_twin},
+    netns::{self, SERVICE_V4, SERVICE_V6, v6_twin},
+    testbed::TestBed,
 };
 
 /// Bound on every connect, read and write that is expected to succeed.
@@ -157,73 +158,24 @@ fn service_yaml(svc: &Service, affinity: Affinity) -> String {
 struct Cluster {
     backends: Backends,
     agents: Vec<Agent>,
-    manifests: ManifestDir,
-    topo: Topology,
-    agent_bin: PathBuf,
-    started: Instant,
+    bed: TestBed,
+}
+
+impl std::ops::Deref for Cluster {
+    type Target = TestBed;
+    fn deref(&self) -> &TestBed {
+        &self.bed
+    }
 }
 
 impl Cluster {
     /// A topology with `pods` ((node index, name), created in this order, so each node's pods
     /// get `.10`, `.11`, ... in that order) and a manifest directory holding the two Nodes.
     fn new(pods: &[(usize, &str)]) -> Self {
-        if let Err(e) = netns::require_root() {
-            panic!("{e:#}");
-        }
-        let agent_bin = k8s::agent_binary().unwrap_or_else(|e| panic!("{e:#}"));
-        let started = Instant::now();
-        let mut topo = Topology::new().expect("building the topology");
-        for (node, name) in pods {
-            topo.add_pod(*node, name)
-                .unwrap_or_else(|e| panic!("adding pod {name}: {e:#}"));
-        }
-        let manifests = ManifestDir::create(&topo.run_dir().join("manifests"))
-            .expect("creating the manifest directory");
-        let nodes: Vec<String> = topo.nodes().iter().map(k8s::node_yaml).collect();
-        manifests
-            .write("nodes.yaml", &k8s::documents(&nodes))
-            .expect("writing the Node objects");
-        let c = Self {
+        Self {
             backends: Backends::new(),
             agents: Vec::new(),
-            manifests,
-            topo,
-            agent_bin,
-            started,
-        };
-        let pods: Vec<String> = c
-            .topo
-            .pods()
-            .iter()
-            .map(|p| format!("{} {} {} (node{})", p.name, p.ipv4, p.ipv6, p.node + 1))
-            .collect();
-        c.step(&format!(
-            "topology {} up; pods: {}",
-            c.topo.prefix(),
-            pods.join(", ")
-        ));
-        c
-    }
-
-    fn step(&self, what: &str) {
-        println!("[{:>6.2}s] {what}", self.started.elapsed().as_secs_f64());
-    }
-
-    fn pod(&self, name: &str) -> &Pod {
-        self.topo
-            .pods()
-            .iter()
-            .find(|p| p.name == name)
-            .unwrap_or_else(|| panic!("no pod {name}"))
-    }
-
-    /// `pod`'s address of `vip`'s family.
-    fn pod_ip(&self, pod: &str, vip: IpAddr) -> IpAddr {
-        let pod = self.pod(pod);
-        if vip.is_ipv6() {
-            pod.ipv6.into()
-        } else {
-            pod.ipv4.into()
+            bed: TestBed::new(pods),
         }
     }
 
@@ -244,7 +196,7 @@ impl Cluster {
             docs.push(
                 EndpointSlice::new(&svc.name, ip.is_ipv6())
                     .ports_of(svc, &[])
-                    .ready_pods(&self.topo, pods)
+                    .ready_pods(&self.bed.topo, pods)
                     .to_yaml(),
             );
         }
@@ -253,15 +205,16 @@ impl Cluster {
 
     /// Writes `file` (the documents joined into one YAML stream).
     fn write(&self, file: &str, docs: &[String]) {
-        self.manifests
+        self.bed
+            .manifests
             .write(file, &k8s::documents(docs))
             .unwrap_or_else(|e| panic!("writing {file}: {e:#}"));
     }
 
     /// One agent per node, all following the manifest directory.
     fn start_agents(&mut self) {
-        for node in self.topo.nodes() {
-            let agent = Agent::start(&self.agent_bin, node, self.manifests.path())
+        for node in self.bed.topo.nodes() {
+            let agent = Agent::start(&self.bed.agent_bin, node, self.bed.manifests.path())
                 .unwrap_or_else(|e| panic!("starting svc-agent on {}: {e:#}", node.name));
             self.agents.push(agent);
         }
@@ -469,11 +422,9 @@ impl Cluster {
         let Self {
             backends,
             agents,
-            manifests: _,
-            topo,
-            agent_bin: _,
-            started,
+            bed,
         } = self;
+        let TestBed { topo, started, .. } = bed;
         drop(backends);
         let mut pids = Vec::new();
         for agent in agents {
@@ -922,7 +873,7 @@ fn host_client(
     script: &Path,
     groups: &[(&str, IpAddr, usize)],
 ) -> anyhow::Result<Vec<Vec<String>>> {
-    let node = c.topo.node(0);
+    let node = c.bed.topo.node(0);
     let mut command = Command::new("python3");
     command.arg(script);
     for (mode, ip, n) in groups {
@@ -983,7 +934,7 @@ fn host_network_client_in_the_node_cgroup_sticks_to_one_backend() {
     for name in web {
         c.serve(name);
     }
-    let script = c.topo.run_dir().join("client.py");
+    let script = c.bed.topo.run_dir().join("client.py");
     std::fs::write(&script, CLIENT_PY).expect("writing the client");
     c.start_agents();
     c.expect_programmed(0, &svc, &web, affinity);

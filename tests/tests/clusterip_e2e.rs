@@ -17,7 +17,6 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     fmt::Write as _,
     net::{IpAddr, SocketAddr},
-    path::PathBuf,
     time::{Duration, Instant},
 };
 
@@ -26,7 +25,8 @@ use svc_tests::{
         self, Agent, Answer, Backends, EndpointSlice, ManifestDir, Programmed, Protocol, Service,
         TcpSession, frontend_key,
     },
-    netns::{self, Pod, SERVICE_V4, SERVICE_V6, Topology, v6_twin},
+    netns::{self, Pod, SERVICE_V4, SERVICE_V6, v6_twin},
+    testbed::TestBed,
 };
 
 /// Bound on every connect, read and write that is expected to succeed.
@@ -67,10 +67,14 @@ fn proto_name(p: Protocol) -> &'static str {
 struct Cluster {
     backends: Backends,
     agents: Vec<Agent>,
-    manifests: ManifestDir,
-    topo: Topology,
-    agent_bin: PathBuf,
-    started: Instant,
+    bed: TestBed,
+}
+
+impl std::ops::Deref for Cluster {
+    type Target = TestBed;
+    fn deref(&self) -> &TestBed {
+        &self.bed
+    }
 }
 
 impl Cluster {
@@ -78,58 +82,11 @@ impl Cluster {
     /// get `.10`, `.11`, ... in that order) and a manifest directory holding the two Nodes.
     /// The agents are started by [`Cluster::start_agents`], once the test wrote its objects.
     fn new(pods: &[(usize, &str)]) -> Self {
-        if let Err(e) = netns::require_root() {
-            panic!("{e:#}");
-        }
-        let agent_bin = k8s::agent_binary().unwrap_or_else(|e| panic!("{e:#}"));
-        let started = Instant::now();
-        let mut topo = Topology::new().expect("building the topology");
-        for (node, name) in pods {
-            topo.add_pod(*node, name)
-                .unwrap_or_else(|e| panic!("adding pod {name}: {e:#}"));
-        }
-        let manifests = ManifestDir::create(&topo.run_dir().join("manifests"))
-            .expect("creating the manifest directory");
-        let nodes: Vec<String> = topo.nodes().iter().map(k8s::node_yaml).collect();
-        manifests
-            .write("nodes.yaml", &k8s::documents(&nodes))
-            .expect("writing the Node objects");
-        let c = Self {
+        Self {
             backends: Backends::new(),
             agents: Vec::new(),
-            manifests,
-            topo,
-            agent_bin,
-            started,
-        };
-        let pods: Vec<String> = c
-            .topo
-            .pods()
-            .iter()
-            .map(|p| format!("{} {} {} ({})", p.name, p.ipv4, p.ipv6, c.node_name(p)))
-            .collect();
-        c.step(&format!(
-            "topology {} up; pods: {}",
-            c.topo.prefix(),
-            pods.join(", ")
-        ));
-        c
-    }
-
-    fn step(&self, what: &str) {
-        println!("[{:>6.2}s] {what}", self.started.elapsed().as_secs_f64());
-    }
-
-    fn node_name(&self, pod: &Pod) -> &str {
-        &self.topo.node(pod.node).name
-    }
-
-    fn pod(&self, name: &str) -> &Pod {
-        self.topo
-            .pods()
-            .iter()
-            .find(|p| p.name == name)
-            .unwrap_or_else(|| panic!("no pod {name}"))
+            bed: TestBed::new(pods),
+        }
     }
 
     fn pods(&self, names: &[&str]) -> Vec<&Pod> {
@@ -159,15 +116,16 @@ impl Cluster {
 
     /// Writes `file` (the documents joined into one YAML stream).
     fn write(&self, file: &str, docs: &[String]) {
-        self.manifests
+        self.bed
+            .manifests
             .write(file, &k8s::documents(docs))
             .unwrap_or_else(|e| panic!("writing {file}: {e:#}"));
     }
 
     /// One agent per node, all following the manifest directory.
     fn start_agents(&mut self) {
-        for node in self.topo.nodes() {
-            let agent = Agent::start(&self.agent_bin, node, self.manifests.path())
+        for node in self.bed.topo.nodes() {
+            let agent = Agent::start(&self.bed.agent_bin, node, self.bed.manifests.path())
                 .unwrap_or_else(|e| panic!("starting svc-agent on {}: {e:#}", node.name));
             self.agents.push(agent);
         }
@@ -178,7 +136,7 @@ impl Cluster {
                 .map(Agent::node)
                 .collect::<Vec<_>>()
                 .join(" and "),
-            self.manifests.path().display()
+            self.bed.manifests.path().display()
         ));
     }
 
@@ -235,7 +193,7 @@ impl Cluster {
     ) {
         let before: Vec<usize> = self.agents.iter().map(Agent::syncs).collect();
         let t = Instant::now();
-        change(&self.manifests).unwrap_or_else(|e| panic!("{what}: {e:#}"));
+        change(&self.bed.manifests).unwrap_or_else(|e| panic!("{what}: {e:#}"));
         for (agent, before) in self.agents.iter_mut().zip(before) {
             agent
                 .wait_syncs(before + 1, SYNC_TIMEOUT)
@@ -358,11 +316,9 @@ impl Cluster {
         let Self {
             backends,
             agents,
-            manifests: _,
-            topo,
-            agent_bin: _,
-            started,
+            bed,
         } = self;
+        let TestBed { topo, started, .. } = bed;
         drop(backends);
         let mut pids = Vec::new();
         for agent in agents {
@@ -471,7 +427,7 @@ impl Cluster {
             .map(|ip| {
                 EndpointSlice::new(&svc.name, ip.is_ipv6())
                     .ports_of(svc, named)
-                    .ready_pods(&self.topo, self.pods(pods))
+                    .ready_pods(&self.bed.topo, self.pods(pods))
                     .to_yaml()
             })
             .collect()

@@ -54,10 +54,9 @@ use svc_common::{
 };
 use svc_tests::{
     apiserver::{ApiServer, Options as ApiOptions},
-    k8s::{
-        self, Agent, Answer, Backends, EndpointSlice, ManifestDir, Protocol, Service, TcpSession,
-    },
+    k8s::{self, Agent, Answer, Backends, EndpointSlice, Protocol, Service, TcpSession},
     netns::{self, Node, Pod, SERVICE_V4, SERVICE_V6, Topology, v6_twin},
+    testbed::TestBed,
 };
 
 /// Bound on every connect, read and write that is expected to succeed.
@@ -121,74 +120,28 @@ fn must_be_root() {
 struct Cluster {
     backends: Backends,
     agents: Vec<Option<Agent>>,
-    manifests: ManifestDir,
-    topo: Topology,
-    agent_bin: PathBuf,
-    started: Instant,
+    bed: TestBed,
+}
+
+impl std::ops::Deref for Cluster {
+    type Target = TestBed;
+    fn deref(&self) -> &TestBed {
+        &self.bed
+    }
 }
 
 impl Cluster {
     /// A topology with `pods` ((node, name)) and a manifest directory holding the Nodes.
     fn new(pods: &[(usize, &str)]) -> Self {
-        must_be_root();
-        let agent_bin = k8s::agent_binary().unwrap_or_else(|e| panic!("{e:#}"));
-        let started = Instant::now();
-        let mut topo = Topology::new().expect("building the topology");
-        for (node, name) in pods {
-            topo.add_pod(*node, name)
-                .unwrap_or_else(|e| panic!("adding pod {name}: {e:#}"));
-        }
-        let manifests = ManifestDir::create(&topo.run_dir().join("manifests"))
-            .expect("creating the manifest directory");
-        let nodes: Vec<String> = topo.nodes().iter().map(k8s::node_yaml).collect();
-        manifests
-            .write("nodes.yaml", &k8s::documents(&nodes))
-            .expect("writing the Node objects");
-        let c = Self {
+        Self {
             backends: Backends::new(),
             agents: Vec::new(),
-            manifests,
-            topo,
-            agent_bin,
-            started,
-        };
-        let pods: Vec<String> = c
-            .topo
-            .pods()
-            .iter()
-            .map(|p| {
-                format!(
-                    "{} {} {} node{} ({})",
-                    p.name,
-                    p.ipv4,
-                    p.ipv6,
-                    p.node + 1,
-                    p.host_ifname
-                )
-            })
-            .collect();
-        c.step(&format!(
-            "topology {} up; pods: {}",
-            c.topo.prefix(),
-            pods.join(", ")
-        ));
-        c
-    }
-
-    fn step(&self, what: &str) {
-        println!("[{:>6.2}s] {what}", self.started.elapsed().as_secs_f64());
-    }
-
-    fn pod(&self, name: &str) -> &Pod {
-        self.topo
-            .pods()
-            .iter()
-            .find(|p| p.name == name)
-            .unwrap_or_else(|| panic!("no pod {name}"))
+            bed: TestBed::new(pods),
+        }
     }
 
     fn node(&self, index: usize) -> &Node {
-        self.topo.node(index)
+        self.bed.topo.node(index)
     }
 
     /// Serves TCP and UDP on [`BACKEND_PORT`] of both of `pod`'s addresses.
@@ -228,20 +181,25 @@ impl Cluster {
                 docs.push(
                     EndpointSlice::new(&svc.name, ipv6)
                         .ports_of(svc, &[])
-                        .ready_pods(&self.topo, pods)
+                        .ready_pods(&self.bed.topo, pods)
                         .to_yaml(),
                 );
             }
         }
-        self.manifests
+        self.bed
+            .manifests
             .write("services.yaml", &k8s::documents(&docs))
             .expect("writing the Services");
     }
 
     /// Starts the agent on node `node` (it programs the manifests before it says it runs).
     fn start_agent(&mut self, node: usize) -> &Agent {
-        let agent = Agent::start(&self.agent_bin, self.node(node), self.manifests.path())
-            .unwrap_or_else(|e| panic!("starting svc-agent on node{}: {e:#}", node + 1));
+        let agent = Agent::start(
+            &self.bed.agent_bin,
+            self.node(node),
+            self.bed.manifests.path(),
+        )
+        .unwrap_or_else(|e| panic!("starting svc-agent on node{}: {e:#}", node + 1));
         if self.agents.len() <= node {
             self.agents.resize_with(node + 1, || None);
         }
@@ -269,10 +227,9 @@ impl Cluster {
         let Self {
             backends,
             agents,
-            topo,
-            started,
-            ..
+            bed,
         } = self;
+        let TestBed { topo, started, .. } = bed;
         drop(backends);
         for agent in agents.into_iter().flatten() {
             let node = agent.node().to_owned();
@@ -1069,7 +1026,7 @@ fn check_cleanup(c: &mut Cluster) {
     let (status, log) = agent.stop_with_log().expect("stopping svc-agent");
     assert!(status.success(), "{status}\n{log}");
     assert_quiet(&log, "node1");
-    k8s::agent_command(&c.agent_bin, &node1.bpffs, &["cleanup"]).expect("svc-agent cleanup");
+    k8s::agent_command(&c.bed.agent_bin, &node1.bpffs, &["cleanup"]).expect("svc-agent cleanup");
     let root = node1.bpffs.join(svc_common::PIN_ROOT);
     assert!(!root.exists(), "cleanup left {}", root.display());
     let released = wait_unlinked(&before.program_ids(), "cleanup");
@@ -1136,7 +1093,7 @@ fn carries_its_pins(node: &Node, iface: &str) -> (bool, String) {
 /// deleted one loses its pins.
 fn follower_goes_on(c: &mut Cluster) {
     let node1 = c.node(0).clone();
-    let added = c.topo.add_pod(0, "later").expect("adding a pod");
+    let added = c.bed.topo.add_pod(0, "later").expect("adding a pod");
     let added_idx = ifindex(&node1, &added.host_ifname);
     let state = wait_for(
         "the new interface carries its pinned programs",
@@ -1196,7 +1153,7 @@ fn pins_of_interfaces_changed_while_no_agent_ran_are_cleaned_up() {
             format!("link set {moved_if} name {renamed}"),
         ])
         .expect("renaming a pod's veth");
-    let late = c.topo.add_pod(0, "late").expect("adding a pod");
+    let late = c.bed.topo.add_pod(0, "late").expect("adding a pod");
     let late_idx = ifindex(&node1, &late.host_ifname);
     assert_eq!(
         tcx_both(&node1, renamed),

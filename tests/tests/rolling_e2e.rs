@@ -25,17 +25,17 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     fmt::Write as _,
     net::{IpAddr, SocketAddr},
-    path::PathBuf,
     sync::atomic::{AtomicBool, Ordering},
     time::{Duration, Instant},
 };
 
 use svc_tests::{
     k8s::{
-        self, Agent, Backends, Endpoint, EndpointSlice, ManifestDir, Protocol, Service, TcpSession,
-        UdpSession, frontend_key,
+        self, Agent, Backends, Endpoint, EndpointSlice, Protocol, Service, TcpSession, UdpSession,
+        frontend_key,
     },
-    netns::{self, Pod, SERVICE_V4, SERVICE_V6, Topology, v6_twin},
+    netns::{self, Pod, SERVICE_V4, SERVICE_V6, v6_twin},
+    testbed::TestBed,
 };
 
 /// Bound on every connect, read and write that is expected to succeed.
@@ -91,79 +91,30 @@ struct Cluster {
     /// One server set per backend pod, so each can be stopped on its own.
     servers: BTreeMap<String, Backends>,
     agents: Vec<Agent>,
-    manifests: ManifestDir,
-    topo: Topology,
-    agent_bin: PathBuf,
-    started: Instant,
+    bed: TestBed,
+}
+
+impl std::ops::Deref for Cluster {
+    type Target = TestBed;
+    fn deref(&self) -> &TestBed {
+        &self.bed
+    }
 }
 
 impl Cluster {
     /// A topology with `pods` ((node index, name)) and a manifest directory holding the Nodes.
     fn new(pods: &[(usize, &str)]) -> Self {
-        if let Err(e) = netns::require_root() {
-            panic!("{e:#}");
-        }
-        let agent_bin = k8s::agent_binary().unwrap_or_else(|e| panic!("{e:#}"));
-        let started = Instant::now();
-        let mut topo = Topology::new().expect("building the topology");
-        for (node, name) in pods {
-            topo.add_pod(*node, name)
-                .unwrap_or_else(|e| panic!("adding pod {name}: {e:#}"));
-        }
-        let manifests = ManifestDir::create(&topo.run_dir().join("manifests"))
-            .expect("creating the manifest directory");
-        let nodes: Vec<String> = topo.nodes().iter().map(k8s::node_yaml).collect();
-        manifests
-            .write("nodes.yaml", &k8s::documents(&nodes))
-            .expect("writing the Node objects");
-        let c = Self {
+        Self {
             servers: BTreeMap::new(),
             agents: Vec::new(),
-            manifests,
-            topo,
-            agent_bin,
-            started,
-        };
-        let pods: Vec<String> = c
-            .topo
-            .pods()
-            .iter()
-            .map(|p| format!("{} {} {} (node{})", p.name, p.ipv4, p.ipv6, p.node + 1))
-            .collect();
-        c.step(&format!(
-            "topology {} up; pods: {}",
-            c.topo.prefix(),
-            pods.join(", ")
-        ));
-        c
-    }
-
-    fn step(&self, what: &str) {
-        println!("[{:>6.2}s] {what}", self.started.elapsed().as_secs_f64());
-    }
-
-    fn pod(&self, name: &str) -> &Pod {
-        self.topo
-            .pods()
-            .iter()
-            .find(|p| p.name == name)
-            .unwrap_or_else(|| panic!("no pod {name}"))
-    }
-
-    /// `pod`'s address of `vip`'s family.
-    fn pod_ip(&self, pod: &str, vip: IpAddr) -> IpAddr {
-        let pod = self.pod(pod);
-        if vip.is_ipv6() {
-            pod.ipv6.into()
-        } else {
-            pod.ipv4.into()
+            bed: TestBed::new(pods),
         }
     }
 
     /// One agent per node, all following the manifest directory.
     fn start_agents(&mut self) {
-        for node in self.topo.nodes() {
-            let agent = Agent::start(&self.agent_bin, node, self.manifests.path())
+        for node in self.bed.topo.nodes() {
+            let agent = Agent::start(&self.bed.agent_bin, node, self.bed.manifests.path())
                 .unwrap_or_else(|e| panic!("starting svc-agent on {}: {e:#}", node.name));
             self.agents.push(agent);
         }
@@ -197,8 +148,8 @@ impl Cluster {
             for (pod, condition) in endpoints {
                 let pod = self.pod(pod);
                 slice = slice.endpoint(match condition {
-                    Condition::Ready => Endpoint::ready(&self.topo, pod, ipv6),
-                    Condition::Terminating => Endpoint::terminating(&self.topo, pod, ipv6),
+                    Condition::Ready => Endpoint::ready(&self.bed.topo, pod, ipv6),
+                    Condition::Terminating => Endpoint::terminating(&self.bed.topo, pod, ipv6),
                 });
             }
             docs.push(slice.to_yaml());
@@ -235,7 +186,8 @@ impl Cluster {
     ) {
         let before: Vec<usize> = self.agents.iter().map(Agent::syncs).collect();
         let t = Instant::now();
-        self.manifests
+        self.bed
+            .manifests
             .write(file, yaml)
             .unwrap_or_else(|e| panic!("{what}: {e:#}"));
         for (agent, before) in self.agents.iter_mut().zip(before) {
@@ -304,11 +256,9 @@ impl Cluster {
         let Self {
             servers,
             agents,
-            manifests: _,
-            topo,
-            agent_bin: _,
-            started,
+            bed,
         } = self;
+        let TestBed { topo, started, .. } = bed;
         drop(servers);
         let mut pids = Vec::new();
         for agent in agents {
@@ -601,7 +551,8 @@ fn rolling_replacement_under_load_drops_nothing_and_drains_terminating_endpoints
         .iter()
         .map(|p| ((*p).to_owned(), Condition::Ready))
         .collect();
-    c.manifests
+    c.bed
+        .manifests
         .write("roll.yaml", &c.service_yaml(&svc, &endpoints))
         .expect("writing the Service");
     for pod in olds {
@@ -903,7 +854,8 @@ fn a_service_with_only_terminating_endpoints_still_serves_them() {
         ("fb-0".to_owned(), Condition::Terminating),
         ("fb-1".to_owned(), Condition::Terminating),
     ];
-    c.manifests
+    c.bed
+        .manifests
         .write("fallback.yaml", &c.service_yaml(&svc, &endpoints))
         .expect("writing the Service");
     for pod in pods {

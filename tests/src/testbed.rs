@@ -1,0 +1,107 @@
+//! The common start of a `svc-agent` end-to-end test: the topology with its pods, a manifest
+//! directory holding the topology's Nodes, the agent binary, and a clock for step lines.
+//!
+//! A test's own cluster type holds a [`TestBed`] as its last field (so servers and agents drop
+//! before the topology's guard removes namespaces, mounts and the run directory) and derefs to
+//! it.
+
+use std::{net::IpAddr, path::PathBuf, time::Instant};
+
+use crate::{
+    k8s::{self, ManifestDir},
+    netns::{self, Pod, Topology},
+};
+
+/// See the [module docs](self).
+#[derive(Debug)]
+pub struct TestBed {
+    /// The directory of manifests the agents follow (`nodes.yaml` holds the Nodes).
+    pub manifests: ManifestDir,
+    /// The namespaces: nodes, pods, underlay.
+    pub topo: Topology,
+    /// The `svc-agent` binary under test.
+    pub agent_bin: PathBuf,
+    /// When the test began (for [`step`](Self::step)).
+    pub started: Instant,
+}
+
+impl TestBed {
+    /// A topology with `pods` ((node index, name), created in this order, so each node's pods
+    /// get `.10`, `.11`, ... in that order) and a manifest directory holding the Nodes.
+    ///
+    /// # Panics
+    /// With the reason when something is missing (not root, no agent binary) or cannot be
+    /// built: tests fail, never skip.
+    #[must_use]
+    pub fn new(pods: &[(usize, &str)]) -> Self {
+        if let Err(e) = netns::require_root() {
+            panic!("{e:#}");
+        }
+        let agent_bin = k8s::agent_binary().unwrap_or_else(|e| panic!("{e:#}"));
+        let started = Instant::now();
+        let mut topo = Topology::new().expect("building the topology");
+        for (node, name) in pods {
+            topo.add_pod(*node, name)
+                .unwrap_or_else(|e| panic!("adding pod {name}: {e:#}"));
+        }
+        let manifests = ManifestDir::create(&topo.run_dir().join("manifests"))
+            .expect("creating the manifest directory");
+        let nodes: Vec<String> = topo.nodes().iter().map(k8s::node_yaml).collect();
+        manifests
+            .write("nodes.yaml", &k8s::documents(&nodes))
+            .expect("writing the Node objects");
+        let bed = Self {
+            manifests,
+            topo,
+            agent_bin,
+            started,
+        };
+        let pods: Vec<String> = bed
+            .topo
+            .pods()
+            .iter()
+            .map(|p| format!("{} {} {} ({})", p.name, p.ipv4, p.ipv6, bed.node_name(p)))
+            .collect();
+        bed.step(&format!(
+            "topology {} up; pods: {}",
+            bed.topo.prefix(),
+            pods.join(", ")
+        ));
+        bed
+    }
+
+    /// Prints `what` with the time since the test began.
+    pub fn step(&self, what: &str) {
+        println!("[{:>6.2}s] {what}", self.started.elapsed().as_secs_f64());
+    }
+
+    /// The name of `pod`'s node.
+    #[must_use]
+    pub fn node_name(&self, pod: &Pod) -> &str {
+        &self.topo.node(pod.node).name
+    }
+
+    /// The pod called `name`.
+    ///
+    /// # Panics
+    /// If there is none.
+    #[must_use]
+    pub fn pod(&self, name: &str) -> &Pod {
+        self.topo
+            .pods()
+            .iter()
+            .find(|p| p.name == name)
+            .unwrap_or_else(|| panic!("no pod {name}"))
+    }
+
+    /// `pod`'s address of `vip`'s family.
+    #[must_use]
+    pub fn pod_ip(&self, pod: &str, vip: IpAddr) -> IpAddr {
+        let pod = self.pod(pod);
+        if vip.is_ipv6() {
+            pod.ipv6.into()
+        } else {
+            pod.ipv4.into()
+        }
+    }
+}
