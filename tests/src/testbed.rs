@@ -8,7 +8,7 @@
 use std::{net::IpAddr, path::PathBuf, time::Instant};
 
 use crate::{
-    k8s::{self, ManifestDir},
+    k8s::{self, Agent, ManifestDir},
     netns::{self, Pod, Topology},
 };
 
@@ -103,5 +103,47 @@ impl TestBed {
         } else {
             pod.ipv4.into()
         }
+    }
+
+    /// Ends the test: stops `agents` (each must exit cleanly and must not have logged a
+    /// warning or an error), removes the topology, and asserts that nothing of the run
+    /// remains, agent processes included.
+    ///
+    /// # Panics
+    /// When an agent failed, warned or survived, or something of the run is left.
+    pub fn finish(self, agents: impl IntoIterator<Item = Agent>) {
+        let mut pids = Vec::new();
+        for agent in agents {
+            let node = agent.node().to_owned();
+            let log = agent.log();
+            // The pid is the agent's own (the spawn wrapper execs into it).
+            pids.push(agent.pid());
+            let status = agent
+                .stop()
+                .unwrap_or_else(|e| panic!("stopping svc-agent on {node}: {e:#}"));
+            assert!(
+                status.success(),
+                "svc-agent on {node} ended with {status}; log:\n{log}"
+            );
+            assert!(
+                !log.contains(" WARN ") && !log.contains(" ERROR "),
+                "svc-agent on {node} warned:\n{log}"
+            );
+        }
+        let Self { topo, started, .. } = self;
+        let prefix = topo.prefix().to_owned();
+        drop(topo);
+        netns::assert_run_gone(&prefix);
+        for pid in pids {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            assert!(
+                !String::from_utf8_lossy(&cmdline).contains("svc-agent"),
+                "svc-agent {pid} survived the topology"
+            );
+        }
+        println!(
+            "[{:>6.2}s] agents stopped cleanly, nothing of {prefix} remains",
+            started.elapsed().as_secs_f64()
+        );
     }
 }

@@ -32,6 +32,7 @@ use std::{
     net::{IpAddr, SocketAddr},
     path::Path,
     process::Command,
+    sync::atomic::{AtomicU16, Ordering},
     time::{Duration, Instant},
 };
 
@@ -48,7 +49,7 @@ use svc_tests::{
         self, Agent, Answer, Backends, EndpointSlice, Programmed, Protocol, Service, TcpSession,
         frontend_key,
     },
-    netns::{self, SERVICE_V4, SERVICE_V6, v6_twin},
+    netns::{SERVICE_V4, SERVICE_V6, v6_twin},
     testbed::TestBed,
 };
 
@@ -56,6 +57,8 @@ use svc_tests::{
 const IO_TIMEOUT: Duration = Duration::from_secs(2);
 /// UDP requests are sent at most this many times (same flow) ...
 const UDP_ATTEMPTS: u32 = 3;
+/// Source ports of UDP requests, one per request (below the ephemeral range).
+const UDP_PORTS: std::ops::Range<u16> = 20_000..32_000;
 /// ... waiting this long for each answer.
 const UDP_WAIT: Duration = Duration::from_millis(700);
 /// How long the agents may take to apply a change of the directory.
@@ -158,6 +161,8 @@ fn service_yaml(svc: &Service, affinity: Affinity) -> String {
 struct Cluster {
     backends: Backends,
     agents: Vec<Agent>,
+    /// The next UDP source port: every UDP request gets its own (see [`Cluster::answers`]).
+    udp_port: AtomicU16,
     bed: TestBed,
 }
 
@@ -175,6 +180,7 @@ impl Cluster {
         Self {
             backends: Backends::new(),
             agents: Vec::new(),
+            udp_port: AtomicU16::new(UDP_PORTS.start),
             bed: TestBed::new(pods),
         }
     }
@@ -345,6 +351,10 @@ impl Cluster {
     /// `n` requests from `pod` to `dst` over `proto`, each on a new connection / socket (a
     /// new flow, so a new backend choice unless affinity holds it). Checks that each is
     /// answered from `dst` (the reverse translation); returns the answers.
+    ///
+    /// Each UDP request is sent from a port of its own (below the ephemeral range): a port the
+    /// system handed out again would continue an earlier flow of an earlier phase, with the
+    /// backend it had (conntrack comes before affinity, as in kube-proxy).
     fn answers(
         &self,
         pod: &str,
@@ -354,12 +364,17 @@ impl Cluster {
         tag: &str,
     ) -> Vec<Answer> {
         let tag = tag.to_owned();
+        let ports = &self.udp_port;
         self.in_pod(pod, move || {
             let mut answers = Vec::with_capacity(n);
             for i in 0..n {
                 let request = format!("{tag}-{i}");
                 let answer = match proto {
-                    Protocol::Udp => k8s::udp_request(dst, &request, UDP_WAIT, UDP_ATTEMPTS)?.0,
+                    Protocol::Udp => {
+                        let port = ports.fetch_add(1, Ordering::Relaxed);
+                        ensure!(UDP_PORTS.contains(&port), "out of UDP source ports");
+                        k8s::udp_request_from(port, dst, &request, UDP_WAIT, UDP_ATTEMPTS)?.0
+                    }
                     _ => k8s::tcp_request(dst, &request, IO_TIMEOUT)?,
                 };
                 ensure!(
@@ -423,40 +438,10 @@ impl Cluster {
             backends,
             agents,
             bed,
+            ..
         } = self;
-        let TestBed { topo, started, .. } = bed;
         drop(backends);
-        let mut pids = Vec::new();
-        for agent in agents {
-            let node = agent.node().to_owned();
-            let log = agent.log();
-            pids.push(agent.pid());
-            let status = agent
-                .stop()
-                .unwrap_or_else(|e| panic!("stopping svc-agent on {node}: {e:#}"));
-            assert!(
-                status.success(),
-                "svc-agent on {node} ended with {status}; log:\n{log}"
-            );
-            assert!(
-                !log.contains(" WARN ") && !log.contains(" ERROR "),
-                "svc-agent on {node} warned:\n{log}"
-            );
-        }
-        let prefix = topo.prefix().to_owned();
-        drop(topo);
-        netns::assert_run_gone(&prefix);
-        for pid in pids {
-            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            assert!(
-                !String::from_utf8_lossy(&cmdline).contains("svc-agent"),
-                "svc-agent {pid} survived the topology"
-            );
-        }
-        println!(
-            "[{:>6.2}s] agents stopped cleanly, nothing of {prefix} remains",
-            started.elapsed().as_secs_f64()
-        );
+        bed.finish(agents);
     }
 }
 

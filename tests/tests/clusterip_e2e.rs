@@ -25,7 +25,7 @@ use svc_tests::{
         self, Agent, Answer, Backends, EndpointSlice, ManifestDir, Programmed, Protocol, Service,
         TcpSession, frontend_key,
     },
-    netns::{self, Pod, SERVICE_V4, SERVICE_V6, v6_twin},
+    netns::{Pod, SERVICE_V4, SERVICE_V6, v6_twin},
     testbed::TestBed,
 };
 
@@ -318,40 +318,8 @@ impl Cluster {
             agents,
             bed,
         } = self;
-        let TestBed { topo, started, .. } = bed;
         drop(backends);
-        let mut pids = Vec::new();
-        for agent in agents {
-            let node = agent.node().to_owned();
-            let log = agent.log();
-            // The pid is the agent's own (the spawn wrapper execs into it).
-            pids.push(agent.pid());
-            let status = agent
-                .stop()
-                .unwrap_or_else(|e| panic!("stopping svc-agent on {node}: {e:#}"));
-            assert!(
-                status.success(),
-                "svc-agent on {node} ended with {status}; log:\n{log}"
-            );
-            assert!(
-                !log.contains(" WARN ") && !log.contains(" ERROR "),
-                "svc-agent on {node} warned:\n{log}"
-            );
-        }
-        let prefix = topo.prefix().to_owned();
-        drop(topo);
-        netns::assert_run_gone(&prefix);
-        for pid in pids {
-            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            assert!(
-                !String::from_utf8_lossy(&cmdline).contains("svc-agent"),
-                "svc-agent {pid} survived the topology"
-            );
-        }
-        println!(
-            "[{:>6.2}s] agents stopped cleanly, nothing of {prefix} remains",
-            started.elapsed().as_secs_f64()
-        );
+        bed.finish(agents);
     }
 }
 

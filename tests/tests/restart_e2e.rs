@@ -229,27 +229,8 @@ impl Cluster {
             agents,
             bed,
         } = self;
-        let TestBed { topo, started, .. } = bed;
         drop(backends);
-        for agent in agents.into_iter().flatten() {
-            let node = agent.node().to_owned();
-            let log = agent.log();
-            let status = agent
-                .stop()
-                .unwrap_or_else(|e| panic!("stopping svc-agent on {node}: {e:#}"));
-            assert!(
-                status.success(),
-                "svc-agent on {node} ended with {status}; log:\n{log}"
-            );
-            assert_quiet(&log, &node);
-        }
-        let prefix = topo.prefix().to_owned();
-        drop(topo);
-        netns::assert_run_gone(&prefix);
-        println!(
-            "[{:>6.2}s] agents stopped, nothing of {prefix} remains",
-            started.elapsed().as_secs_f64()
-        );
+        bed.finish(agents.into_iter().flatten());
     }
 }
 
