@@ -293,7 +293,7 @@ fn maps_follow_the_api_server_through_drops_relists_and_outages() {
     // changed, so every pass after a relist must write and delete nothing. The three watchers
     // relist independently (a pass may carry only the Node's relist): wait for the Service's.
     let before = c.sync_lines(0).len();
-    c.api.compact();
+    c.api.compact_past_everyone();
     c.api.drop_watches();
     let t = Instant::now();
     let relist_lines = loop {

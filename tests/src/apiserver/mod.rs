@@ -394,6 +394,14 @@ impl ApiServer {
         self.shared.change(Store::compact);
     }
 
+    /// Like [`compact`](Self::compact), one version later than any client has seen (the
+    /// version moves on without an object changing, as other kinds' writes move etcd's
+    /// revision): every watch, even one up to date through a bookmark, gets `410 Expired` and
+    /// relists; a list then starts from the new version.
+    pub fn compact_past_everyone(&self) {
+        self.shared.change(Store::compact_past_everyone);
+    }
+
     /// Aborts every open watch mid-stream (the connection closes without the final chunk).
     pub fn drop_watches(&self) {
         self.shared

@@ -152,6 +152,14 @@ impl Store {
         self.compacted = self.rv;
     }
 
+    /// Moves the version on by one without changing an object (as a write to a kind this
+    /// server does not serve would) and compacts there: every client, even one that has seen
+    /// the latest version (through a bookmark), must relist.
+    pub(crate) fn compact_past_everyone(&mut self) {
+        self.rv += 1;
+        self.compact();
+    }
+
     /// Every change after `rv`, oldest first.
     pub(crate) fn changes_since(
         &self,
@@ -282,6 +290,25 @@ mod tests {
         assert_eq!(gone["metadata"]["resourceVersion"], "4");
         assert_eq!(gone["metadata"]["labels"]["l"], "2");
         assert_eq!(store.changes_since(2).unwrap().count(), 2);
+    }
+
+    #[test]
+    fn compacting_past_everyone_expires_the_latest_version_too() {
+        let mut store = Store::new(100, 100);
+        store.apply(node("a", "x")).unwrap();
+        let latest = store.rv();
+        store.compact();
+        assert!(
+            store.changes_since(latest).is_ok(),
+            "a plain compaction keeps the latest"
+        );
+        store.compact_past_everyone();
+        assert!(store.changes_since(latest).is_err());
+        assert!(
+            store.changes_since(store.rv()).is_ok(),
+            "a relist's version watches on"
+        );
+        assert_eq!(store.objects().len(), 1);
     }
 
     #[test]
