@@ -1,20 +1,23 @@
-//! The common start of a `svc-agent` end-to-end test: the topology with its pods, a manifest
-//! directory holding the topology's Nodes, the agent binary, and a clock for step lines.
+//! The common part of a `svc-agent` end-to-end test: the topology with its pods, a manifest
+//! directory holding the topology's Nodes, the agent binary, the agents following that
+//! directory (one per node), and a clock for step lines.
 //!
-//! A test's own cluster type holds a [`TestBed`] as its last field (so servers and agents drop
-//! before the topology's guard removes namespaces, mounts and the run directory) and derefs to
-//! it.
+//! A test's own cluster type holds a [`TestBed`] as its last field (so its servers drop first,
+//! then the agents, then the topology, whose guard removes namespaces, mounts and the run
+//! directory) and derefs to it.
 
-use std::{net::IpAddr, path::PathBuf, time::Instant};
+use std::{collections::BTreeMap, fmt::Write as _, net::IpAddr, path::PathBuf, time::Instant};
 
 use crate::{
-    k8s::{self, Agent, ManifestDir},
+    k8s::{self, Agent, ManifestDir, Programmed},
     netns::{self, Pod, Topology},
 };
 
 /// See the [module docs](self).
 #[derive(Debug)]
 pub struct TestBed {
+    /// The agents, by node index, once [`start_agents`](Self::start_agents) ran.
+    pub agents: Vec<Agent>,
     /// The directory of manifests the agents follow (`nodes.yaml` holds the Nodes).
     pub manifests: ManifestDir,
     /// The namespaces: nodes, pods, underlay.
@@ -51,6 +54,7 @@ impl TestBed {
             .write("nodes.yaml", &k8s::documents(&nodes))
             .expect("writing the Node objects");
         let bed = Self {
+            agents: Vec::new(),
             manifests,
             topo,
             agent_bin,
@@ -105,13 +109,87 @@ impl TestBed {
         }
     }
 
-    /// Ends the test: stops `agents` (each must exit cleanly and must not have logged a
+    /// Starts one agent per node, each following the manifest directory (see
+    /// [`Agent::start`]).
+    ///
+    /// # Panics
+    /// When an agent does not start.
+    pub fn start_agents(&mut self) {
+        for node in self.topo.nodes() {
+            let agent = Agent::start(&self.agent_bin, node, self.manifests.path())
+                .unwrap_or_else(|e| panic!("starting svc-agent on {}: {e:#}", node.name));
+            self.agents.push(agent);
+        }
+        let nodes: Vec<&str> = self.agents.iter().map(Agent::node).collect();
+        self.step(&format!(
+            "svc-agent running on {} (following {})",
+            nodes.join(" and "),
+            self.manifests.path().display()
+        ));
+    }
+
+    /// The agent of node `node` (0-based).
+    ///
+    /// # Panics
+    /// When that agent was not started.
+    #[must_use]
+    pub fn agent(&self, node: usize) -> &Agent {
+        &self.agents[node]
+    }
+
+    /// What node `node`'s agent programmed (`inspect services`, parsed).
+    ///
+    /// # Panics
+    /// When `inspect` fails.
+    #[must_use]
+    pub fn programmed(&self, node: usize) -> Programmed {
+        self.agent(node)
+            .services()
+            .unwrap_or_else(|e| panic!("inspect services on node{}: {e:#}", node + 1))
+    }
+
+    /// Node `node`'s counters (`inspect stats`, parsed).
+    ///
+    /// # Panics
+    /// When `inspect` fails.
+    #[must_use]
+    pub fn stats(&self, node: usize) -> BTreeMap<String, u64> {
+        self.agent(node)
+            .stats()
+            .unwrap_or_else(|e| panic!("inspect stats on node{}: {e:#}", node + 1))
+    }
+
+    /// What every agent programmed and counted, for failure messages.
+    #[must_use]
+    pub fn diag(&self) -> String {
+        let mut out = String::new();
+        for agent in &self.agents {
+            let services = agent
+                .inspect("services")
+                .unwrap_or_else(|e| format!("{e:#}"));
+            let stats = agent.inspect("stats").unwrap_or_else(|e| format!("{e:#}"));
+            let node = agent.node();
+            let _ = write!(
+                out,
+                "\n--- {node}: inspect services ---\n{services}--- {node}: inspect stats ---\n{stats}"
+            );
+        }
+        out
+    }
+
+    /// Ends the test: stops the agents (each must exit cleanly and must not have logged a
     /// warning or an error), removes the topology, and asserts that nothing of the run
     /// remains, agent processes included.
     ///
     /// # Panics
     /// When an agent failed, warned or survived, or something of the run is left.
-    pub fn finish(self, agents: impl IntoIterator<Item = Agent>) {
+    pub fn finish(self) {
+        let Self {
+            agents,
+            topo,
+            started,
+            ..
+        } = self;
         let mut pids = Vec::new();
         for agent in agents {
             let node = agent.node().to_owned();
@@ -130,7 +208,6 @@ impl TestBed {
                 "svc-agent on {node} warned:\n{log}"
             );
         }
-        let Self { topo, started, .. } = self;
         let prefix = topo.prefix().to_owned();
         drop(topo);
         netns::assert_run_gone(&prefix);

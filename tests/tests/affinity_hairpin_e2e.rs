@@ -160,7 +160,6 @@ fn service_yaml(svc: &Service, affinity: Affinity) -> String {
 /// guard removes namespaces, mounts, cgroups and the run directory with the manifests).
 struct Cluster {
     backends: Backends,
-    agents: Vec<Agent>,
     /// The next UDP source port: every UDP request gets its own (see [`Cluster::answers`]).
     udp_port: AtomicU16,
     bed: TestBed,
@@ -173,13 +172,18 @@ impl std::ops::Deref for Cluster {
     }
 }
 
+impl std::ops::DerefMut for Cluster {
+    fn deref_mut(&mut self) -> &mut TestBed {
+        &mut self.bed
+    }
+}
+
 impl Cluster {
     /// A topology with `pods` ((node index, name), created in this order, so each node's pods
     /// get `.10`, `.11`, ... in that order) and a manifest directory holding the two Nodes.
     fn new(pods: &[(usize, &str)]) -> Self {
         Self {
             backends: Backends::new(),
-            agents: Vec::new(),
             udp_port: AtomicU16::new(UDP_PORTS.start),
             bed: TestBed::new(pods),
         }
@@ -217,16 +221,6 @@ impl Cluster {
             .unwrap_or_else(|e| panic!("writing {file}: {e:#}"));
     }
 
-    /// One agent per node, all following the manifest directory.
-    fn start_agents(&mut self) {
-        for node in self.bed.topo.nodes() {
-            let agent = Agent::start(&self.bed.agent_bin, node, self.bed.manifests.path())
-                .unwrap_or_else(|e| panic!("starting svc-agent on {}: {e:#}", node.name));
-            self.agents.push(agent);
-        }
-        self.step("svc-agent running on node1 and node2");
-    }
-
     /// Serves TCP and UDP on [`BACKEND_PORT`] of both of `pod`'s addresses, answering with
     /// the pod's name.
     fn serve(&self, pod: &str) {
@@ -238,36 +232,9 @@ impl Cluster {
         }
     }
 
-    fn agent(&self, node: usize) -> &Agent {
-        &self.agents[node]
-    }
-
-    fn programmed(&self, node: usize) -> Programmed {
-        self.agent(node)
-            .services()
-            .unwrap_or_else(|e| panic!("inspect services on node{}: {e:#}", node + 1))
-    }
-
-    fn stats(&self, node: usize) -> BTreeMap<String, u64> {
-        self.agent(node)
-            .stats()
-            .unwrap_or_else(|e| panic!("inspect stats on node{}: {e:#}", node + 1))
-    }
-
     /// What both agents programmed and counted, and node1's log, for failure messages.
     fn diag(&self) -> String {
-        let mut out = String::new();
-        for agent in &self.agents {
-            let services = agent
-                .inspect("services")
-                .unwrap_or_else(|e| format!("{e:#}"));
-            let stats = agent.inspect("stats").unwrap_or_else(|e| format!("{e:#}"));
-            let node = agent.node();
-            let _ = write!(
-                out,
-                "\n--- {node}: inspect services ---\n{services}--- {node}: inspect stats ---\n{stats}"
-            );
-        }
+        let mut out = self.bed.diag();
         if let Some(agent) = self.agents.first() {
             let _ = write!(out, "--- node1: agent log ---\n{}", agent.log());
         }
@@ -434,14 +401,9 @@ impl Cluster {
     /// Stops servers and agents (which must exit cleanly and without warnings), drops the
     /// topology and asserts that nothing of the run remains.
     fn finish(self) {
-        let Self {
-            backends,
-            agents,
-            bed,
-            ..
-        } = self;
+        let Self { backends, bed, .. } = self;
         drop(backends);
-        bed.finish(agents);
+        bed.finish();
     }
 }
 

@@ -15,7 +15,6 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    fmt::Write as _,
     net::{IpAddr, SocketAddr},
     time::{Duration, Instant},
 };
@@ -66,7 +65,6 @@ fn proto_name(p: Protocol) -> &'static str {
 /// guard removes namespaces, mounts, cgroups and the run directory with the manifests).
 struct Cluster {
     backends: Backends,
-    agents: Vec<Agent>,
     bed: TestBed,
 }
 
@@ -77,6 +75,12 @@ impl std::ops::Deref for Cluster {
     }
 }
 
+impl std::ops::DerefMut for Cluster {
+    fn deref_mut(&mut self) -> &mut TestBed {
+        &mut self.bed
+    }
+}
+
 impl Cluster {
     /// A topology with `pods` ((node index, name), created in this order, so each node's pods
     /// get `.10`, `.11`, ... in that order) and a manifest directory holding the two Nodes.
@@ -84,7 +88,6 @@ impl Cluster {
     fn new(pods: &[(usize, &str)]) -> Self {
         Self {
             backends: Backends::new(),
-            agents: Vec::new(),
             bed: TestBed::new(pods),
         }
     }
@@ -122,24 +125,6 @@ impl Cluster {
             .unwrap_or_else(|e| panic!("writing {file}: {e:#}"));
     }
 
-    /// One agent per node, all following the manifest directory.
-    fn start_agents(&mut self) {
-        for node in self.bed.topo.nodes() {
-            let agent = Agent::start(&self.bed.agent_bin, node, self.bed.manifests.path())
-                .unwrap_or_else(|e| panic!("starting svc-agent on {}: {e:#}", node.name));
-            self.agents.push(agent);
-        }
-        self.step(&format!(
-            "svc-agent running on {} (following {})",
-            self.agents
-                .iter()
-                .map(Agent::node)
-                .collect::<Vec<_>>()
-                .join(" and "),
-            self.bed.manifests.path().display()
-        ));
-    }
-
     /// Serves TCP and UDP on `port` of both of `pod`'s addresses, answering as `label`.
     fn serve(&self, pod: &str, port: u16, label: &str) {
         let pod = self.pod(pod);
@@ -148,39 +133,6 @@ impl Cluster {
                 .serve(&pod.ns, label, SocketAddr::new(ip, port))
                 .unwrap_or_else(|e| panic!("serving {label} on {ip}:{port}: {e:#}"));
         }
-    }
-
-    fn agent(&self, node: usize) -> &Agent {
-        &self.agents[node]
-    }
-
-    fn programmed(&self, node: usize) -> Programmed {
-        self.agent(node)
-            .services()
-            .unwrap_or_else(|e| panic!("inspect services on node{}: {e:#}", node + 1))
-    }
-
-    fn stats(&self, node: usize) -> BTreeMap<String, u64> {
-        self.agent(node)
-            .stats()
-            .unwrap_or_else(|e| panic!("inspect stats on node{}: {e:#}", node + 1))
-    }
-
-    /// What both agents programmed and counted, for failure messages.
-    fn diag(&self) -> String {
-        let mut out = String::new();
-        for agent in &self.agents {
-            let services = agent
-                .inspect("services")
-                .unwrap_or_else(|e| format!("{e:#}"));
-            let stats = agent.inspect("stats").unwrap_or_else(|e| format!("{e:#}"));
-            let node = agent.node();
-            let _ = write!(
-                out,
-                "\n--- {node}: inspect services ---\n{services}--- {node}: inspect stats ---\n{stats}"
-            );
-        }
-        out
     }
 
     /// Makes a change to the directory, waits until every agent logged a sync after it, then
@@ -313,13 +265,9 @@ impl Cluster {
     /// Stops servers and agents (which must exit cleanly), drops the topology and asserts
     /// that nothing of the run remains.
     fn finish(self) {
-        let Self {
-            backends,
-            agents,
-            bed,
-        } = self;
+        let Self { backends, bed, .. } = self;
         drop(backends);
-        bed.finish(agents);
+        bed.finish();
     }
 }
 

@@ -230,7 +230,9 @@ impl Cluster {
             bed,
         } = self;
         drop(backends);
-        bed.finish(agents.into_iter().flatten());
+        let mut bed = bed;
+        bed.agents.extend(agents.into_iter().flatten());
+        bed.finish();
     }
 }
 

@@ -23,7 +23,6 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    fmt::Write as _,
     net::{IpAddr, SocketAddr},
     sync::atomic::{AtomicBool, Ordering},
     time::{Duration, Instant},
@@ -90,7 +89,6 @@ enum Condition {
 struct Cluster {
     /// One server set per backend pod, so each can be stopped on its own.
     servers: BTreeMap<String, Backends>,
-    agents: Vec<Agent>,
     bed: TestBed,
 }
 
@@ -101,24 +99,19 @@ impl std::ops::Deref for Cluster {
     }
 }
 
+impl std::ops::DerefMut for Cluster {
+    fn deref_mut(&mut self) -> &mut TestBed {
+        &mut self.bed
+    }
+}
+
 impl Cluster {
     /// A topology with `pods` ((node index, name)) and a manifest directory holding the Nodes.
     fn new(pods: &[(usize, &str)]) -> Self {
         Self {
             servers: BTreeMap::new(),
-            agents: Vec::new(),
             bed: TestBed::new(pods),
         }
-    }
-
-    /// One agent per node, all following the manifest directory.
-    fn start_agents(&mut self) {
-        for node in self.bed.topo.nodes() {
-            let agent = Agent::start(&self.bed.agent_bin, node, self.bed.manifests.path())
-                .unwrap_or_else(|e| panic!("starting svc-agent on {}: {e:#}", node.name));
-            self.agents.push(agent);
-        }
-        self.step("svc-agent running on node1 and node2");
     }
 
     /// Serves TCP and UDP on [`BACKEND_PORT`] of both of `pod`'s addresses, answering as the
@@ -155,23 +148,6 @@ impl Cluster {
             docs.push(slice.to_yaml());
         }
         k8s::documents(&docs)
-    }
-
-    /// What both agents programmed and counted, and their logs' tails, for failure messages.
-    fn diag(&self) -> String {
-        let mut out = String::new();
-        for agent in &self.agents {
-            let services = agent
-                .inspect("services")
-                .unwrap_or_else(|e| format!("{e:#}"));
-            let stats = agent.inspect("stats").unwrap_or_else(|e| format!("{e:#}"));
-            let node = agent.node();
-            let _ = write!(
-                out,
-                "\n--- {node}: inspect services ---\n{services}--- {node}: inspect stats ---\n{stats}"
-            );
-        }
-        out
     }
 
     /// Writes `file`, waits until every agent logged a sync after it, then until every node
@@ -253,13 +229,9 @@ impl Cluster {
     /// Stops servers and agents (which must exit cleanly, without a warning), drops the
     /// topology and asserts that nothing of the run remains.
     fn finish(self) {
-        let Self {
-            servers,
-            agents,
-            bed,
-        } = self;
+        let Self { servers, bed, .. } = self;
         drop(servers);
-        bed.finish(agents);
+        bed.finish();
     }
 }
 
