@@ -10,7 +10,7 @@ use std::{collections::BTreeMap, fmt::Write as _, net::IpAddr, path::PathBuf, ti
 
 use crate::{
     k8s::{self, Agent, ManifestDir, Programmed},
-    netns::{self, Pod, Topology},
+    netns::{self, Pod, SERVICE_V4, SERVICE_V6, Topology, v6_twin},
 };
 
 /// See the [module docs](self).
@@ -223,4 +223,22 @@ impl TestBed {
             started.elapsed().as_secs_f64()
         );
     }
+}
+
+/// The service VIP `198.19.0.<host>` (and on: `host` 256 is `198.19.1.0`).
+#[must_use]
+pub fn vip4(host: u32) -> IpAddr {
+    SERVICE_V4.host(host).into()
+}
+
+/// The service VIP `2001:db8:f::<host>` (same digits as [`vip4`]).
+#[must_use]
+pub fn vip6(host: u32) -> IpAddr {
+    SERVICE_V6.host(v6_twin(host)).into()
+}
+
+/// `IPv4` or `IPv6`, for messages.
+#[must_use]
+pub fn family(ip: IpAddr) -> &'static str {
+    if ip.is_ipv6() { "IPv6" } else { "IPv4" }
 }

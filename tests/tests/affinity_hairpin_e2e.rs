@@ -49,8 +49,7 @@ use svc_tests::{
         self, Agent, Answer, Backends, EndpointSlice, Programmed, Protocol, Service, TcpSession,
         frontend_key,
     },
-    netns::{SERVICE_V4, SERVICE_V6, v6_twin},
-    testbed::TestBed,
+    testbed::{TestBed, family, vip4, vip6},
 };
 
 /// Bound on every connect, read and write that is expected to succeed.
@@ -83,20 +82,6 @@ const EXPIRY_ROUNDS: usize = 10;
 const DEFAULT_TIMEOUT_S: u32 = 10_800;
 /// How long one host-network client run may take (every socket has a 1-2 s timeout).
 const CLIENT_RUN: Duration = Duration::from_secs(30);
-
-/// The service VIP `198.19.0.<host>`.
-fn vip4(host: u32) -> IpAddr {
-    SERVICE_V4.host(host).into()
-}
-
-/// The service VIP `2001:db8:f::<host>` (same digits as [`vip4`]).
-fn vip6(host: u32) -> IpAddr {
-    SERVICE_V6.host(v6_twin(host)).into()
-}
-
-fn family(ip: IpAddr) -> &'static str {
-    if ip.is_ipv6() { "IPv6" } else { "IPv4" }
-}
 
 fn proto_name(p: Protocol) -> &'static str {
     p.as_k8s()

@@ -24,8 +24,8 @@ use svc_tests::{
         self, Agent, Answer, Backends, EndpointSlice, ManifestDir, Programmed, Protocol, Service,
         TcpSession, frontend_key,
     },
-    netns::{Pod, SERVICE_V4, SERVICE_V6, v6_twin},
-    testbed::TestBed,
+    netns::Pod,
+    testbed::{TestBed, family, vip4, vip6},
 };
 
 /// Bound on every connect, read and write that is expected to succeed.
@@ -42,20 +42,6 @@ const SYNC_TIMEOUT: Duration = Duration::from_secs(5);
 const BACKEND_PORT: u16 = 8080;
 /// The Services' port.
 const SERVICE_PORT: u16 = 80;
-
-/// The service VIP `198.19.0.<host>`.
-fn vip4(host: u32) -> IpAddr {
-    SERVICE_V4.host(host).into()
-}
-
-/// The service VIP `2001:db8:f::<host>` (same digits as [`vip4`]).
-fn vip6(host: u32) -> IpAddr {
-    SERVICE_V6.host(v6_twin(host)).into()
-}
-
-fn family(ip: IpAddr) -> &'static str {
-    if ip.is_ipv6() { "IPv6" } else { "IPv4" }
-}
 
 fn proto_name(p: Protocol) -> &'static str {
     p.as_k8s()

@@ -55,8 +55,8 @@ use svc_common::{
 use svc_tests::{
     apiserver::{ApiServer, Options as ApiOptions},
     k8s::{self, Agent, Answer, Backends, EndpointSlice, Protocol, Service, TcpSession},
-    netns::{self, Node, Pod, SERVICE_V4, SERVICE_V6, Topology, v6_twin},
-    testbed::TestBed,
+    netns::{self, Node, Pod, Topology},
+    testbed::{TestBed, vip4, vip6},
 };
 
 /// Bound on every connect, read and write that is expected to succeed.
@@ -96,14 +96,6 @@ const PHASES: [&str; 5] = [
     "down (SIGTERM)",
     "restarted again",
 ];
-
-fn vip4(host: u32) -> IpAddr {
-    SERVICE_V4.host(host).into()
-}
-
-fn vip6(host: u32) -> IpAddr {
-    SERVICE_V6.host(v6_twin(host)).into()
-}
 
 fn must_be_root() {
     if let Err(e) = netns::require_root() {

@@ -33,8 +33,8 @@ use svc_tests::{
         self, Agent, Backends, Endpoint, EndpointSlice, Protocol, Service, TcpSession, UdpSession,
         frontend_key,
     },
-    netns::{Pod, SERVICE_V4, SERVICE_V6, v6_twin},
-    testbed::TestBed,
+    netns::Pod,
+    testbed::{TestBed, family, vip4, vip6},
 };
 
 /// Bound on every connect, read and write that is expected to succeed.
@@ -62,20 +62,6 @@ const LOAD_MAX_TIME: Duration = Duration::from_mins(2);
 /// most [`SESSION_TRIES`] tries per protocol).
 const SESSIONS_PER_BACKEND: usize = 2;
 const SESSION_TRIES: usize = 80;
-
-/// The service VIP `198.19.0.<host>`.
-fn vip4(host: u32) -> IpAddr {
-    SERVICE_V4.host(host).into()
-}
-
-/// The service VIP `2001:db8:f::<host>` (same digits as [`vip4`]).
-fn vip6(host: u32) -> IpAddr {
-    SERVICE_V6.host(v6_twin(host)).into()
-}
-
-fn family(ip: IpAddr) -> &'static str {
-    if ip.is_ipv6() { "IPv6" } else { "IPv4" }
-}
 
 /// An endpoint's state in the slices.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -61,15 +61,7 @@ fn main() -> anyhow::Result<()> {
         Task::Demo => {
             setup::run()?;
             require_root("the demo creates network namespaces and loads eBPF programs")?;
-            cargo(&[
-                "build",
-                "--release",
-                "-p",
-                "svc-agent",
-                "-p",
-                "svc-tests",
-                "--bins",
-            ])?;
+            cargo(&RELEASE_BINS)?;
             cargo(&[
                 "run",
                 "--quiet",
@@ -82,6 +74,17 @@ fn main() -> anyhow::Result<()> {
         }
     }
 }
+
+/// Builds the agent and the demo/benchmark binaries (release).
+const RELEASE_BINS: [&str; 7] = [
+    "build",
+    "--release",
+    "-p",
+    "svc-agent",
+    "-p",
+    "svc-tests",
+    "--bins",
+];
 
 fn lint() -> anyhow::Result<()> {
     step("lint: rustfmt");
@@ -161,15 +164,7 @@ fn test(no_lint: bool) -> anyhow::Result<()> {
 }
 
 fn bench() -> anyhow::Result<()> {
-    cargo(&[
-        "build",
-        "--release",
-        "-p",
-        "svc-agent",
-        "-p",
-        "svc-tests",
-        "--bins",
-    ])?;
+    cargo(&RELEASE_BINS)?;
     step("bench: the packet path, established flow, 1 vs 100,000 Services (kernel-timed)");
     let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned()))
         .args([
