@@ -73,6 +73,16 @@ fn cleanup(bpffs: &std::path::Path) -> anyhow::Result<()> {
 }
 
 async fn run(bpffs: &std::path::Path, args: &RunArgs) -> anyhow::Result<()> {
+    // The API server's configuration is checked before anything touches the kernel, so a bad
+    // kubeconfig (or no cluster at all) fails the start with nothing loaded or attached.
+    let client = if let Some(dir) = &args.from_dir {
+        Err(dir)
+    } else {
+        let connection = svc_agent::source::kube::Connection {
+            kubeconfig: args.kubeconfig.clone(),
+        };
+        Ok(connection.client().await?)
+    };
     loader::ensure_bpffs(bpffs)?;
     let pin_dir = loader::pin_dir(bpffs);
     // Another layout's pins (an upgrade or a rollback): this layout is built beside them and
@@ -140,23 +150,23 @@ async fn run(bpffs: &std::path::Path, args: &RunArgs) -> anyhow::Result<()> {
     };
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let source = async {
-        if let Some(dir) = &args.from_dir {
-            // The first sync happens before "running" is announced.
-            standalone::sync_once(dir, &args.node_name, &mut reconciler)?;
-            running();
-            standalone::follow(dir, &args.node_name, &mut reconciler).await
-        } else {
-            let connection = svc_agent::source::kube::Connection {
-                kubeconfig: args.kubeconfig.clone(),
-            };
-            let options = svc_agent::source::kube::Options {
-                node_name: args.node_name.clone(),
-                coalesce: std::time::Duration::from_millis(args.coalesce_ms),
-                events: !args.no_events,
-            };
-            let client = connection.client().await?;
-            info!(node = %args.node_name, "following the Kubernetes API server");
-            svc_agent::source::kube::follow(client, &options, &mut reconciler, running).await
+        // `client` is the API server's client, or (`Err`) the directory to follow.
+        match client {
+            Err(dir) => {
+                // The first sync happens before "running" is announced.
+                standalone::sync_once(dir, &args.node_name, &mut reconciler)?;
+                running();
+                standalone::follow(dir, &args.node_name, &mut reconciler).await
+            }
+            Ok(client) => {
+                let options = svc_agent::source::kube::Options {
+                    node_name: args.node_name.clone(),
+                    coalesce: std::time::Duration::from_millis(args.coalesce_ms),
+                    events: !args.no_events,
+                };
+                info!(node = %args.node_name, "following the Kubernetes API server");
+                svc_agent::source::kube::follow(client, &options, &mut reconciler, running).await
+            }
         }
     };
     tokio::select! {
