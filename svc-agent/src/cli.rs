@@ -70,11 +70,49 @@ pub struct RunArgs {
     /// `AFFINITY_V1` entries (client and service-port pairs with `ClientIP` affinity).
     #[arg(long, default_value_t = svc_common::sizes::AFFINITY)]
     pub max_affinity_entries: u32,
+    /// `SOCK_REVNAT_V1` entries: one per (socket, backend) pair reached through a service at
+    /// the socket (LRU: an evicted entry makes `recvfrom()`/`getpeername()` show the backend).
+    #[arg(long, default_value_t = svc_common::sock::SOCK_REVNAT_ENTRIES)]
+    pub max_sock_revnat_entries: u32,
+    /// `SOCK_UDP_PIN_V1` entries: one per (unconnected UDP socket, service) pair.
+    #[arg(long, default_value_t = svc_common::sock::SOCK_UDP_PIN_ENTRIES)]
+    pub max_sock_pin_entries: u32,
     /// cgroup v2 directory whose processes (and those of its descendants) get connect-time
     /// translation: `connect()`/`sendto()` to a service address go to a backend directly. An
-    /// empty value disables it.
+    /// empty value disables it (as `--socket-lb off`).
     #[arg(long, default_value = "/sys/fs/cgroup/unified", env = "SVC_CGROUP")]
     pub cgroup: String,
+    /// Which sockets in `--cgroup` are translated at `connect()`/`sendto()`.
+    #[arg(long, value_enum, default_value_t = SocketLb::All, env = "SVC_SOCKET_LB")]
+    pub socket_lb: SocketLb,
+}
+
+/// Which sockets the connect-time programs translate (`svc-agent run --socket-lb`).
+#[derive(clap::ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum SocketLb {
+    /// Every socket in the `--cgroup` hierarchy, pods' and host processes' alike (the
+    /// `DaemonSet` attaches at the cgroup v2 root): a pod's connection to a service goes to the
+    /// backend from its first packet, and no packet of it needs translating.
+    #[default]
+    All,
+    /// Only sockets of the node's own network namespace (host-network processes); pods'
+    /// traffic is translated per packet by the TC programs, so whatever runs in the pod (a
+    /// service mesh's sidecar) sees the service address on the wire. Cilium's
+    /// `socketLB.hostNamespaceOnly`.
+    HostOnly,
+    /// No connect-time translation: the connect-time programs are not attached (an earlier
+    /// agent's are removed). Pods are translated by the TC programs; host-network processes
+    /// are not translated at all.
+    Off,
+}
+
+impl SocketLb {
+    /// The cgroup to attach the connect-time programs to: `cgroup`, or empty (none) with
+    /// [`SocketLb::Off`].
+    #[must_use]
+    pub fn cgroup(self, cgroup: &str) -> &str {
+        if self == Self::Off { "" } else { cgroup }
+    }
 }
 
 /// `svc-agent inspect` subjects.

@@ -8,7 +8,7 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context as _, anyhow, bail};
+use anyhow::{Context as _, anyhow, bail, ensure};
 use aya::{
     Ebpf, EbpfLoader,
     programs::{CgroupSockAddr, SchedClassifier},
@@ -63,6 +63,10 @@ pub struct MapSizes {
     pub conntrack: u32,
     /// `AFFINITY_V1` entries.
     pub affinity: u32,
+    /// `SOCK_REVNAT_V1` entries.
+    pub sock_revnat: u32,
+    /// `SOCK_UDP_PIN_V1` entries.
+    pub sock_pin: u32,
 }
 
 impl Default for MapSizes {
@@ -72,6 +76,8 @@ impl Default for MapSizes {
             backends: svc_common::sizes::BACKENDS,
             conntrack: svc_common::sizes::CT,
             affinity: svc_common::sizes::AFFINITY,
+            sock_revnat: svc_common::sock::SOCK_REVNAT_ENTRIES,
+            sock_pin: svc_common::sock::SOCK_UDP_PIN_ENTRIES,
         }
     }
 }
@@ -85,6 +91,8 @@ impl MapSizes {
             backends: 4096,
             conntrack: 16384,
             affinity: 4096,
+            sock_revnat: 4096,
+            sock_pin: 4096,
         }
     }
 
@@ -97,7 +105,9 @@ impl MapSizes {
         let be = u64::from(self.backends) * (4 + 20 + HASH_ELEM_OVERHEAD);
         let ct = u64::from(self.conntrack) * (40 + 32 + HASH_ELEM_OVERHEAD);
         let aff = u64::from(self.affinity) * (24 + 16 + HASH_ELEM_OVERHEAD);
-        svc + be + ct + aff
+        let rev = u64::from(self.sock_revnat) * (32 + 20 + HASH_ELEM_OVERHEAD);
+        let pin = u64::from(self.sock_pin) * (32 + 28 + HASH_ELEM_OVERHEAD);
+        svc + be + ct + aff + rev + pin
     }
 
     fn apply(&self, loader: &mut EbpfLoader<'_>) {
@@ -107,7 +117,70 @@ impl MapSizes {
         loader.map_max_entries("AFFINITY_V1", self.affinity);
         loader.map_max_entries("SVC_STATS_V1", self.services);
         loader.map_max_entries("BACKEND_STATS_V1", self.backends);
+        loader.map_max_entries("SOCK_REVNAT_V1", self.sock_revnat);
+        loader.map_max_entries("SOCK_UDP_PIN_V1", self.sock_pin);
     }
+}
+
+/// Name of the kernel global that limits connect-time translation to one network namespace
+/// (see `svc-ebpf/src/sock.rs`): 0 translates sockets of every namespace.
+const GLOBAL_SOCK_LB_NETNS: &str = "SVC_SOCK_LB_NETNS";
+
+/// Settings the programs read as load-time constants.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Globals {
+    /// Translate at the socket only the sockets of the network namespace with this cookie (the
+    /// node's own, `--socket-lb host-only`); 0: every socket in the cgroup (`all`).
+    pub sock_lb_netns: u64,
+}
+
+impl Globals {
+    #[expect(
+        clippy::trivially_copy_pass_by_ref,
+        reason = "the loader keeps a reference to the value's bytes until it loads"
+    )]
+    fn apply<'a>(&'a self, loader: &mut EbpfLoader<'a>) {
+        loader.override_global(GLOBAL_SOCK_LB_NETNS, &self.sock_lb_netns, true);
+    }
+}
+
+/// The cookie of this process's network namespace (`SO_NETNS_COOKIE`, kernel 5.14 or newer): the
+/// value `bpf_get_netns_cookie` gives the programs for sockets of this namespace.
+pub fn own_netns_cookie() -> anyhow::Result<u64> {
+    use std::os::fd::AsRawFd as _;
+
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType, socket};
+
+    let sock = socket(
+        AddressFamily::Inet,
+        SockType::Datagram,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .context("opening a socket to read this network namespace's cookie")?;
+    let mut cookie: u64 = 0;
+    let mut len = size_of::<u64>() as nix::libc::socklen_t;
+    // SAFETY: `sock` is an open socket; `cookie` and `len` are valid for writes of the sizes
+    // given (the kernel writes at most `len` = 8 bytes, the option's size, and updates `len`).
+    let ret = unsafe {
+        nix::libc::getsockopt(
+            sock.as_raw_fd(),
+            nix::libc::SOL_SOCKET,
+            nix::libc::SO_NETNS_COOKIE,
+            (&raw mut cookie).cast(),
+            &raw mut len,
+        )
+    };
+    if ret != 0 {
+        return Err(std::io::Error::last_os_error()).context(
+            "getsockopt(SO_NETNS_COOKIE) (kernel 5.14 or newer is needed for --socket-lb host-only)",
+        );
+    }
+    ensure!(
+        len as usize == size_of::<u64>() && cookie != 0,
+        "getsockopt(SO_NETNS_COOKIE) gave no cookie"
+    );
+    Ok(cookie)
 }
 
 /// Where the agent keeps its pinned state: `<bpffs>/svc/v1`.
@@ -129,8 +202,10 @@ fn check_object() -> anyhow::Result<()> {
 /// Loads the object with private, unpinned maps (fixture tests, one-off tools).
 pub fn load_object(sizes: MapSizes) -> anyhow::Result<Ebpf> {
     check_object()?;
+    let globals = Globals::default();
     let mut loader = EbpfLoader::new();
     sizes.apply(&mut loader);
+    globals.apply(&mut loader);
     loader
         .load(EBPF_OBJECT)
         .context("loading the embedded eBPF object (root is needed)")
@@ -138,7 +213,7 @@ pub fn load_object(sizes: MapSizes) -> anyhow::Result<Ebpf> {
 
 /// Loads the object with every map pinned under [`pin_dir`]: existing pins are adopted, missing
 /// ones created. `bpffs` must be a mounted bpf filesystem (see [`ensure_bpffs`]).
-pub fn load_pinned(bpffs: &Path, sizes: MapSizes) -> anyhow::Result<Ebpf> {
+pub fn load_pinned(bpffs: &Path, sizes: MapSizes, globals: Globals) -> anyhow::Result<Ebpf> {
     check_object()?;
     let dir = pin_dir(bpffs);
     std::fs::create_dir_all(&dir)
@@ -146,6 +221,7 @@ pub fn load_pinned(bpffs: &Path, sizes: MapSizes) -> anyhow::Result<Ebpf> {
     let paths: Vec<(&str, PathBuf)> = MAP_NAMES.iter().map(|n| (*n, dir.join(n))).collect();
     let mut loader = EbpfLoader::new();
     sizes.apply(&mut loader);
+    globals.apply(&mut loader);
     for (name, path) in &paths {
         loader.map_pin_path(name, path.as_path());
     }

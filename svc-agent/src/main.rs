@@ -2,7 +2,7 @@
 
 use clap::Parser as _;
 use svc_agent::{
-    cli::{Cli, Command, Inspect, RunArgs},
+    cli::{Cli, Command, Inspect, RunArgs, SocketLb},
     datapath::{AyaMaps, Reconciler},
     ifaces, inspect, loader, pins, standalone,
 };
@@ -72,6 +72,31 @@ fn cleanup(bpffs: &std::path::Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The map sizes and load-time constants `svc-agent run` loads the programs with (and logs).
+fn load_settings(args: &RunArgs) -> anyhow::Result<(loader::MapSizes, loader::Globals)> {
+    let sizes = loader::MapSizes {
+        services: args.max_service_entries,
+        backends: args.max_backends,
+        conntrack: args.max_conntrack_entries,
+        affinity: args.max_affinity_entries,
+        sock_revnat: args.max_sock_revnat_entries,
+        sock_pin: args.max_sock_pin_entries,
+    };
+    info!(?sizes, approx_mib = sizes.approx_bytes() >> 20, "map sizes");
+    let globals = loader::Globals {
+        sock_lb_netns: match args.socket_lb {
+            SocketLb::HostOnly => loader::own_netns_cookie()?,
+            SocketLb::All | SocketLb::Off => 0,
+        },
+    };
+    info!(
+        socket_lb = ?args.socket_lb,
+        netns_cookie = globals.sock_lb_netns,
+        "connect-time translation scope"
+    );
+    Ok((sizes, globals))
+}
+
 async fn run(bpffs: &std::path::Path, args: &RunArgs) -> anyhow::Result<()> {
     // The API server's configuration is checked before anything touches the kernel, so a bad
     // kubeconfig (or no cluster at all) fails the start with nothing loaded or attached.
@@ -102,20 +127,14 @@ async fn run(bpffs: &std::path::Path, args: &RunArgs) -> anyhow::Result<()> {
             svc_common::MAP_LAYOUT_VERSION
         );
     }
-    let sizes = loader::MapSizes {
-        services: args.max_service_entries,
-        backends: args.max_backends,
-        conntrack: args.max_conntrack_entries,
-        affinity: args.max_affinity_entries,
-    };
-    info!(?sizes, approx_mib = sizes.approx_bytes() >> 20, "map sizes");
-    let mut ebpf = loader::load_pinned(bpffs, sizes)?;
+    let (sizes, globals) = load_settings(args)?;
+    let mut ebpf = loader::load_pinned(bpffs, sizes, globals)?;
     loader::load_programs(&mut ebpf)?;
     let patterns = loader::IfacePatterns::parse(&args.pod_ifaces)?;
     let mut reconciler = Reconciler::adopt(AyaMaps::take(&mut ebpf)?)?;
     // Connect-time programs, then pod-facing ones: each takes over what an earlier agent of this
     // layout pinned (same maps, so at once), or goes beside another layout's (see below).
-    svc_agent::cgroup::attach_from_arg(&mut ebpf, &args.cgroup, &pin_dir)?;
+    svc_agent::cgroup::attach_from_arg(&mut ebpf, args.socket_lb.cgroup(&args.cgroup), &pin_dir)?;
     // Pod-facing interfaces, those there now (the watch's first listing) and those that appear
     // later (netlink link events), get the TC programs; they are followed for the agent's life.
     let mut iface_watch = ifaces::IfaceWatch::start(patterns).await?;

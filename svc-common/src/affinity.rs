@@ -10,15 +10,23 @@
 
 use crate::{addr::Addr, impl_pod};
 
+/// [`AffinityKey::family`] of a client known by its network namespace rather than its address:
+/// the connect-time programs see sockets, not packets, and key a socket's client by its
+/// namespace's cookie (`bpf_get_netns_cookie`, host order in the first 8 bytes of
+/// [`AffinityKey::client`], the rest zero). A pod is one namespace, as it is one address; every
+/// host-network process shares the node's namespace, as it shares the node's address.
+pub const CLIENT_NETNS: u8 = 0xff;
+
 /// Key of `AFFINITY_V1`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct AffinityKey {
-    /// The client's address.
+    /// The client's address, or its network namespace's cookie when [`family`](Self::family)
+    /// is [`CLIENT_NETNS`].
     pub client: Addr,
     /// The frontend's id (`ServiceValue::id` of slot 0).
     pub frontend_id: u32,
-    /// Address family of the client.
+    /// Address family of the client, or [`CLIENT_NETNS`].
     pub family: u8,
     /// Explicit padding, always zero.
     pub _pad: [u8; 3],

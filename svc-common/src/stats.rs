@@ -65,11 +65,17 @@ pub enum PktCounter {
     /// A packet to a service without endpoints was answered with a TCP reset or an ICMP port
     /// unreachable.
     Rejected = 15,
+    /// A `connect()` or `sendto()` to a service address was sent to a backend at the socket
+    /// (connect-time translation; no packet of that flow needs translating).
+    SockXlate = 16,
+    /// `getpeername()` or `recvfrom()` reported the service address instead of the backend the
+    /// socket was sent to.
+    SockRevNat = 17,
 }
 
 impl PktCounter {
     /// Every counter, in index order.
-    pub const ALL: [Self; 16] = [
+    pub const ALL: [Self; 18] = [
         Self::NonIp,
         Self::Ipv4,
         Self::Ipv6,
@@ -86,6 +92,8 @@ impl PktCounter {
         Self::RevNat,
         Self::Dropped,
         Self::Rejected,
+        Self::SockXlate,
+        Self::SockRevNat,
     ];
     /// Number of entries in `PKT_STATS_V1`.
     pub const COUNT: u32 = Self::ALL.len() as u32;
@@ -110,6 +118,8 @@ impl PktCounter {
             Self::RevNat => "rev_nat",
             Self::Dropped => "dropped",
             Self::Rejected => "rejected",
+            Self::SockXlate => "sock_xlate",
+            Self::SockRevNat => "sock_rev_nat",
         }
     }
 }

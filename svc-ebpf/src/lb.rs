@@ -51,7 +51,8 @@ pub fn lb_frontend_key(pkt: &Parsed) -> ServiceKey {
     }
 }
 
-/// Looks `key` (a slot-0 frontend key) up and picks a backend for `client`, writing it to
+/// Looks `key` (a slot-0 frontend key) up and picks a backend for `client` (an address of
+/// family `client_family`, or a namespace cookie with `affinity::CLIENT_NETNS`), writing it to
 /// `out` (id, backend) and leaving `key.slot` at the chosen slot. With `ClientIP` session
 /// affinity, a client with a live entry whose backend is still eligible goes there again (the
 /// entry is refreshed); otherwise the pick is uniformly random over the slots (and recorded for
@@ -61,6 +62,7 @@ pub fn lb_frontend_key(pkt: &Parsed) -> ServiceKey {
 pub fn lb_select_for_client(
     key: &mut ServiceKey,
     client: &Addr,
+    client_family: u8,
     now: u64,
     out: &mut Chosen,
 ) -> Choice {
@@ -75,7 +77,7 @@ pub fn lb_select_for_client(
     let akey = AffinityKey {
         client: *client,
         frontend_id: frontend.id,
-        family: key.family,
+        family: client_family,
         _pad: [0; 3],
     };
     let timeout_ns = u64::from(frontend.affinity_timeout) * 1_000_000_000;

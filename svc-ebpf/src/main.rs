@@ -61,7 +61,7 @@ fn panic(_info: &core::panic::PanicInfo) -> ! {
 #[unsafe(no_mangle)]
 static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
 
-// Connect-time translation for processes in the cgroup the agent attaches these to (see
+// Connect-time translation for sockets in the cgroup the agent attaches these to (see
 // sock.rs): connect and sendto name a backend instead of a service address; getpeername and
 // recvfrom report the service address again.
 use aya_ebpf::{macros::cgroup_sock_addr, programs::SockAddrContext};

@@ -158,7 +158,7 @@ fn established_backend(pkt: &parse::Parsed, now: u64, target: &mut Target) -> bo
 fn new_flow_backend(pkt: &parse::Parsed, now: u64, target: &mut Target) -> Outcome {
     let mut chosen = Chosen::default();
     let mut key = lb_frontend_key(pkt);
-    match lb_select_for_client(&mut key, &pkt.src, now, &mut chosen) {
+    match lb_select_for_client(&mut key, &pkt.src, pkt.family, now, &mut chosen) {
         Choice::NotService => Outcome::NotService,
         Choice::Drop(reason) => Outcome::Drop(reason),
         Choice::Backend => {

@@ -26,6 +26,7 @@ use svc_common::{
     conntrack::{CtKey, CtValue},
     net::ipproto,
     service::{Backend, ServiceKey, ServiceValue, scope},
+    sock::{SockPinKey, SockPinValue},
     stats::Counter,
 };
 use tracing::{info, warn};
@@ -64,6 +65,9 @@ pub trait DatapathMaps {
     fn clear_udp_flows(&mut self, stale: &StaleFlows) -> anyhow::Result<Sweep>;
     /// Deletes the `AFFINITY_V1` entries that `stale` names, in one pass bounded the same way.
     fn clear_affinity(&mut self, stale: &StaleFlows) -> anyhow::Result<Sweep>;
+    /// Deletes the `SOCK_UDP_PIN_V1` entries that `stale` names, in one pass bounded the same
+    /// way.
+    fn clear_sock_pins(&mut self, stale: &StaleFlows) -> anyhow::Result<Sweep>;
 }
 
 /// Which counters: `SVC_STATS_V1` (frontend ids) or `BACKEND_STATS_V1` (backend ids).
@@ -83,10 +87,13 @@ pub struct AyaMaps {
     backend_stats: PerCpuHashMap<MapData, u32, Counter>,
     ct: BpfHashMap<MapData, CtKey, CtValue>,
     affinity: BpfHashMap<MapData, AffinityKey, AffinityValue>,
+    sock_pins: BpfHashMap<MapData, SockPinKey, SockPinValue>,
     cap: Capacity,
-    /// Entries `CT_V1` and `AFFINITY_V1` hold at most: the bound of one pass over each.
+    /// Entries `CT_V1`, `AFFINITY_V1` and `SOCK_UDP_PIN_V1` hold at most: the bound of one pass
+    /// over each.
     ct_max: usize,
     affinity_max: usize,
+    sock_pins_max: usize,
 }
 
 impl AyaMaps {
@@ -97,6 +104,7 @@ impl AyaMaps {
         let (backends, be_max) = take_hash(ebpf, "BACKENDS_V1")?;
         let (ct, ct_max) = take_hash(ebpf, "CT_V1")?;
         let (affinity, affinity_max) = take_hash(ebpf, "AFFINITY_V1")?;
+        let (sock_pins, sock_pins_max) = take_hash(ebpf, "SOCK_UDP_PIN_V1")?;
         let take_stats =
             |ebpf: &mut Ebpf, name: &str| -> anyhow::Result<PerCpuHashMap<MapData, u32, Counter>> {
                 let map = ebpf
@@ -111,12 +119,14 @@ impl AyaMaps {
             backend_stats: take_stats(ebpf, "BACKEND_STATS_V1")?,
             ct: BpfHashMap::try_from(ct).context("CT_V1")?,
             affinity: BpfHashMap::try_from(affinity).context("AFFINITY_V1")?,
+            sock_pins: BpfHashMap::try_from(sock_pins).context("SOCK_UDP_PIN_V1")?,
             cap: Capacity {
                 services: svc_max,
                 backends: be_max,
             },
             ct_max: usize::try_from(ct_max).context("CT_V1 size")?,
             affinity_max: usize::try_from(affinity_max).context("AFFINITY_V1 size")?,
+            sock_pins_max: usize::try_from(sock_pins_max).context("SOCK_UDP_PIN_V1 size")?,
         })
     }
 }
@@ -215,6 +225,15 @@ impl DatapathMaps for AyaMaps {
         )
         .context("clearing AFFINITY_V1")
     }
+    fn clear_sock_pins(&mut self, stale: &StaleFlows) -> anyhow::Result<Sweep> {
+        sweep(
+            &mut AyaTable(&mut self.sock_pins),
+            self.sock_pins_max,
+            |_, v| stale.matches_sock_pin(v),
+            |_, _| true,
+        )
+        .context("clearing SOCK_UDP_PIN_V1")
+    }
 }
 
 /// A BPF hash map as a [`FlowTable`]: read in batches, deleted from one key at a time.
@@ -275,6 +294,9 @@ pub struct Cleared {
     pub udp: Option<Sweep>,
     /// The pass over `AFFINITY_V1`; `None` when it failed.
     pub affinity: Option<Sweep>,
+    /// The pass over `SOCK_UDP_PIN_V1`; `None` when no UDP frontend was concerned or when it
+    /// failed.
+    pub sock_pins: Option<Sweep>,
 }
 
 /// Keeps the maps equal to the desired state, writing only differences.
@@ -380,6 +402,12 @@ impl<M: DatapathMaps> Reconciler<M> {
                 Ok(sweep) => cleared.udp = Some(sweep),
                 Err(e) => errors.push(format!("clearing UDP flows of ended backends: {e:#}")),
             }
+            match self.maps.clear_sock_pins(stale) {
+                Ok(sweep) => cleared.sock_pins = Some(sweep),
+                Err(e) => errors.push(format!(
+                    "clearing UDP sockets' backends of ended backends: {e:#}"
+                )),
+            }
         }
         match self.maps.clear_affinity(stale) {
             Ok(sweep) => cleared.affinity = Some(sweep),
@@ -389,6 +417,7 @@ impl<M: DatapathMaps> Reconciler<M> {
         }
         let udp = cleared.udp.unwrap_or_default();
         let affinity = cleared.affinity.unwrap_or_default();
+        let sock_pins = cleared.sock_pins.unwrap_or_default();
         info!(
             udp_flows = udp.flows,
             ct_entries = udp.deleted,
@@ -400,16 +429,19 @@ impl<M: DatapathMaps> Reconciler<M> {
             },
             affinity_entries = affinity.deleted,
             affinity_scanned = affinity.visited,
+            sock_pins = sock_pins.deleted,
             ended_pairs = cleared.ended_pairs,
             took_ms = started.elapsed().as_secs_f64() * 1e3,
             "cleared {} UDP flows of {} removed backends",
-            udp.flows,
+            // Flows tracked per packet, and sockets given a backend at the socket.
+            udp.flows + sock_pins.deleted,
             cleared.removed_backends,
         );
-        if udp.truncated || affinity.truncated {
+        if udp.truncated || affinity.truncated || sock_pins.truncated {
             warn!(
                 ct_truncated = udp.truncated,
                 affinity_truncated = affinity.truncated,
+                sock_pins_truncated = sock_pins.truncated,
                 "a flow-clearing pass stopped at its bound (the table's capacity); entries it \
                  did not reach are left to the kernel's check of removed backends"
             );
@@ -648,6 +680,7 @@ mod tests {
         /// `CT_V1` and `AFFINITY_V1`, as the kernel would have filled them.
         ct: HashMap<CtKey, CtValue>,
         affinity: HashMap<AffinityKey, AffinityValue>,
+        sock_pins: HashMap<SockPinKey, SockPinValue>,
         /// Entries one pass reads at most (the capacity of the real tables).
         sweep_limit: Option<usize>,
         /// Passes over each table so far.
@@ -772,6 +805,16 @@ mod tests {
                 &mut FakeTable(&mut self.affinity),
                 limit,
                 |k, v| stale.matches_affinity(k, v),
+                |_, _| true,
+            );
+            Ok(done)
+        }
+        fn clear_sock_pins(&mut self, stale: &StaleFlows) -> anyhow::Result<Sweep> {
+            let limit = self.sweep_limit.unwrap_or(usize::MAX);
+            let Ok(done) = sweep(
+                &mut FakeTable(&mut self.sock_pins),
+                limit,
+                |_, v| stale.matches_sock_pin(v),
                 |_, _| true,
             );
             Ok(done)
@@ -1058,6 +1101,27 @@ mod tests {
         key
     }
 
+    /// The backend an unconnected UDP socket (`cookie`) was given for frontend `vip`/UDP.
+    fn pinned(r: &mut Reconciler<FakeMaps>, cookie: u64, vip: &str, backend: &str) -> SockPinKey {
+        let (vip_addr, family) = map_addr(vip.parse().unwrap());
+        let key = SockPinKey {
+            cookie,
+            addr: vip_addr,
+            port: Be16::from_host(53),
+            family,
+            _pad: [0; 5],
+        };
+        let value = SockPinValue {
+            backend_id: backend_id(r, backend),
+            frontend_id: frontend_id(r, vip, Protocol::Udp),
+            addr: map_addr(backend.parse().unwrap()).0,
+            port: Be16::from_host(5353),
+            _pad: 0,
+        };
+        r.maps.sock_pins.insert(key, value);
+        key
+    }
+
     fn has_all(r: &Reconciler<FakeMaps>, keys: &[CtKey]) -> bool {
         keys.iter().all(|k| r.maps.ct.contains_key(k))
     }
@@ -1087,6 +1151,8 @@ mod tests {
         let tcp_a = flow(&mut r, Protocol::Tcp, VIP, A, 40003);
         let sticky_a = sticky(&mut r, VIP, Protocol::Tcp, A);
         let sticky_b = sticky(&mut r, VIP, Protocol::Udp, B);
+        let pinned_a = pinned(&mut r, 1, VIP, A);
+        let pinned_b = pinned(&mut r, 2, VIP, B);
 
         let report = r.apply(&desired(&[
             fe(VIP, Protocol::Udp, &[B], &[]),
@@ -1111,8 +1177,19 @@ mod tests {
                     flows: 1,
                     truncated: false
                 }),
+                sock_pins: Some(Sweep {
+                    visited: 2,
+                    deleted: 1,
+                    flows: 1,
+                    truncated: false
+                }),
             })
         );
+        assert!(
+            !r.maps.sock_pins.contains_key(&pinned_a),
+            "a socket's datagrams to the service choose again"
+        );
+        assert!(r.maps.sock_pins.contains_key(&pinned_b));
         assert!(
             has_none(&r, &udp_a),
             "UDP flows to A, forward and reply, are gone"

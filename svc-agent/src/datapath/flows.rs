@@ -10,7 +10,10 @@
 //!   gone ends by itself (the next segment chooses a live backend, which answers with a reset),
 //!   and one to a pod that only left this Service keeps working, as with kube-proxy;
 //! - the affinity entries that send a client of a frontend to such a pair or backend, so that
-//!   client's next connection is chosen afresh.
+//!   client's next connection is chosen afresh;
+//! - the backends unconnected UDP sockets were given per service at the socket
+//!   (`SOCK_UDP_PIN_V1`) that name such a pair or backend, so the socket's next datagram to the
+//!   service chooses a live backend (the kernel itself only notices a backend that is gone).
 //!
 //! The kernel's own check stays the fallback for whatever this misses (a pass cut short at its
 //! bound, an agent that stopped in between): an established flow whose backend id is no longer
@@ -31,6 +34,7 @@ use svc_common::{
     affinity::{AffinityKey, AffinityValue},
     conntrack::{CtKey, CtValue, dir, state},
     net::ipproto,
+    sock::SockPinValue,
 };
 
 /// What the connection and affinity tables may still name although it is gone.
@@ -67,6 +71,12 @@ impl StaleFlows {
     #[must_use]
     pub fn matches_affinity(&self, key: &AffinityKey, value: &AffinityValue) -> bool {
         self.names(key.frontend_id, value.backend_id)
+    }
+
+    /// Whether an unconnected UDP socket's backend (`SOCK_UDP_PIN_V1`) is one to forget.
+    #[must_use]
+    pub fn matches_sock_pin(&self, value: &SockPinValue) -> bool {
+        self.names(value.frontend_id, value.backend_id)
     }
 }
 
