@@ -42,7 +42,7 @@ use nix::sys::{
 };
 pub use svc_agent::model::Protocol;
 
-use crate::netns::{Netns, Node, POD_IFNAME_PREFIX, Pod, Process, Topology};
+use crate::netns::{Netns, Node, POD_IFNAME_PREFIX, Pod, Process, Topology, sockd};
 
 /// The namespace every object of the tests lives in.
 pub const NAMESPACE: &str = "default";
@@ -550,6 +550,55 @@ pub fn agent_command(binary: &Path, bpffs: &Path, args: &[&str]) -> anyhow::Resu
     String::from_utf8(out.stdout).context("svc-agent printed non-UTF-8")
 }
 
+/// Environment variable choosing where the end-to-end tests' agents translate pods' traffic to
+/// services: `all` (the default, as shipped: at the socket) or `host-only` (per packet, by the
+/// TC programs). `cargo xtask test` runs the end-to-end tier once with each.
+pub const SOCKET_LB_ENV: &str = "SVC_TEST_SOCKET_LB";
+
+/// The `--socket-lb` value the tests' agents run with (see [`SOCKET_LB_ENV`]).
+///
+/// # Panics
+/// When the variable holds anything but `all` or `host-only`.
+#[must_use]
+pub fn socket_lb() -> &'static str {
+    match std::env::var(SOCKET_LB_ENV).as_deref() {
+        Err(_) | Ok("" | "all") => "all",
+        Ok("host-only") => "host-only",
+        Ok(other) => panic!("{SOCKET_LB_ENV}={other:?}: expected all or host-only"),
+    }
+}
+
+/// Whether pods' connections to services are translated at the socket in this run (see
+/// [`socket_lb`]); otherwise the TC programs translate their packets.
+#[must_use]
+pub fn pods_at_socket() -> bool {
+    socket_lb() == "all"
+}
+
+/// The counter (`inspect stats`) that goes up at least once per connection or datagram a pod
+/// sends to a service through the agent of its node: `sock_xlate` (one per `connect()` or
+/// `sendto()`) when pods are translated at the socket, `dnat` (one per packet) otherwise.
+#[must_use]
+pub fn forward_counter() -> &'static str {
+    if pods_at_socket() {
+        "sock_xlate"
+    } else {
+        "dnat"
+    }
+}
+
+/// The counter that goes up at least once per answer a pod receives from a service:
+/// `sock_rev_nat` (one per `recvfrom()`/`getpeername()` showing the service) when pods are
+/// translated at the socket, `rev_nat` (one per packet) otherwise.
+#[must_use]
+pub fn reverse_counter() -> &'static str {
+    if pods_at_socket() {
+        "sock_rev_nat"
+    } else {
+        "rev_nat"
+    }
+}
+
 /// Whether `svc-agent run` accepts `flag` (from its `--help`).
 fn supports_flag(binary: &Path, flag: &str) -> anyhow::Result<bool> {
     let out = Command::new(binary)
@@ -634,6 +683,9 @@ impl Agent {
         // never for the whole machine (the agent's default is the cgroup v2 root).
         if supports_flag(binary, "--cgroup")? {
             cmd.arg("--cgroup").arg(&node.cgroup);
+        }
+        if supports_flag(binary, "--socket-lb")? {
+            cmd.arg("--socket-lb").arg(socket_lb());
         }
         cmd.env("RUST_LOG", "info").env("NO_COLOR", "1");
         let process = node.spawn(&cmd)?;
@@ -1103,8 +1155,11 @@ impl TcpSession {
     /// Connects to `dst` within `timeout`; reads and writes get `timeout` too. Call it inside
     /// the client's namespace ([`Netns::run`]); the connection can be used from anywhere after.
     pub fn connect(dst: SocketAddr, timeout: Duration) -> anyhow::Result<Self> {
-        let stream = TcpStream::connect_timeout(&dst, timeout)
+        let socket = sockd::socket(socket2::Domain::for_address(dst), socket2::Type::STREAM)?;
+        socket
+            .connect_timeout(&dst.into(), timeout)
             .with_context(|| format!("TCP connect to {dst}"))?;
+        let stream = TcpStream::from(socket);
         stream.set_read_timeout(Some(timeout))?;
         stream.set_write_timeout(Some(timeout))?;
         Ok(Self {
@@ -1167,7 +1222,7 @@ impl UdpSession {
         } else {
             (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
         };
-        let socket = UdpSocket::bind(bind).with_context(|| format!("UDP bind for {dst}"))?;
+        let socket = udp_socket(bind).with_context(|| format!("UDP bind for {dst}"))?;
         Ok(Self {
             socket,
             dst,
@@ -1223,6 +1278,14 @@ impl UdpSession {
             self.timeout
         )
     }
+}
+
+/// A UDP socket bound to `bind`: a client socket of the current namespace (a pod's comes from
+/// its socket helper, see [`sockd`]).
+pub fn udp_socket(bind: SocketAddr) -> anyhow::Result<UdpSocket> {
+    let socket = sockd::socket(socket2::Domain::for_address(bind), socket2::Type::DGRAM)?;
+    socket.bind(&bind.into())?;
+    Ok(socket.into())
 }
 
 /// One request over a new TCP connection to `dst` (connect, ask, close). Call it inside the
@@ -1294,7 +1357,7 @@ fn udp_exchange_from(
     } else {
         (std::net::Ipv6Addr::UNSPECIFIED, local_port).into()
     };
-    let socket = UdpSocket::bind(bind).with_context(|| format!("UDP bind {bind}"))?;
+    let socket = udp_socket(bind).with_context(|| format!("UDP bind {bind}"))?;
     socket.set_read_timeout(Some(timeout))?;
     if connected {
         socket

@@ -22,6 +22,7 @@ mod cmd;
 mod ns;
 mod plan;
 mod process;
+pub mod sockd;
 mod topology;
 
 pub use cleanup::{

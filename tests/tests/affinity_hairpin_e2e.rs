@@ -38,10 +38,10 @@ use std::{
 
 use anyhow::{Context as _, bail, ensure};
 use aya::maps::{HashMap as BpfHashMap, Map, MapData};
-use svc_agent::loader::pin_dir;
+use svc_agent::loader::{self, pin_dir};
 use svc_common::{
     addr::{self, FAMILY_V4, FAMILY_V6},
-    affinity::{AffinityKey, AffinityValue},
+    affinity::{AffinityKey, AffinityValue, CLIENT_NETNS},
     service::{Backend, backend_flags},
 };
 use svc_tests::{
@@ -49,6 +49,7 @@ use svc_tests::{
         self, Agent, Answer, Backends, EndpointSlice, Programmed, Protocol, Service, TcpSession,
         frontend_key,
     },
+    netns::Netns,
     testbed::{TestBed, family, vip4, vip6},
 };
 
@@ -472,24 +473,48 @@ fn backend_entries(bpffs: &Path) -> anyhow::Result<BTreeMap<u32, Backend>> {
         .context("reading BACKENDS_V1")
 }
 
-/// The backends node `node`'s affinity entries send `client` to: (address, port, local) per
-/// entry, in map order.
-fn affinity_targets(c: &Cluster, node: usize, client: IpAddr) -> Vec<(IpAddr, u16, bool)> {
+/// How an affinity entry names a client: its address (the packet path) or its network
+/// namespace's cookie (the connect-time path, `affinity::CLIENT_NETNS`).
+fn client_key(ns: &Netns, client: IpAddr) -> (addr::Addr, u8) {
+    if !k8s::pods_at_socket() {
+        return map_addr(client);
+    }
+    let cookie = ns
+        .run(loader::own_netns_cookie)
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    let mut key = [0u8; 16];
+    key[..8].copy_from_slice(&cookie.to_ne_bytes());
+    (key, CLIENT_NETNS)
+}
+
+/// The backends node `node`'s affinity entries send pod `client` to for frontends of `vip`'s
+/// family: (address, port, local) per entry, in map order.
+fn affinity_targets(
+    c: &Cluster,
+    node: usize,
+    client: &str,
+    vip: IpAddr,
+) -> Vec<(IpAddr, u16, bool)> {
     let bpffs = c.agent(node).bpffs();
     let entries = affinity_entries(bpffs).unwrap_or_else(|e| panic!("{e:#}"));
     let backends = backend_entries(bpffs).unwrap_or_else(|e| panic!("{e:#}"));
-    let (addr, fam) = map_addr(client);
+    let (addr, fam) = client_key(&c.pod(client).ns, c.pod_ip(client, vip));
+    let want_family = map_addr(vip).1;
     entries
         .iter()
         .filter(|(k, _)| k.client == addr && k.family == fam)
         .map(|(_, v)| {
-            let b = backends.get(&v.backend_id).unwrap_or_else(|| {
+            backends.get(&v.backend_id).unwrap_or_else(|| {
                 panic!(
                     "affinity entry of {client} names backend {} that BACKENDS_V1 lacks{}",
                     v.backend_id,
                     c.diag()
                 )
-            });
+            })
+        })
+        // A namespace is a client of both families' frontends.
+        .filter(|b| b.family == want_family)
+        .map(|b| {
             let ip = if b.family == FAMILY_V4 {
                 IpAddr::from([b.addr[0], b.addr[1], b.addr[2], b.addr[3]])
             } else {
@@ -539,17 +564,18 @@ fn client_ip_affinity_keeps_each_client_pod_on_one_backend() {
     }
     let flows = clients.len() * svc.cluster_ips.len() * PROTOCOLS.len() * REQUESTS;
     let after = c.stats(0);
+    let (fwd, rev) = (k8s::forward_counter(), k8s::reverse_counter());
     c.step(&format!(
-        "{flows} flows in {:.0} ms; node1 dnat +{} rev_nat +{} dropped +{}",
+        "{flows} flows in {:.0} ms; node1 {fwd} +{} {rev} +{} dropped +{}",
         t.elapsed().as_secs_f64() * 1e3,
-        delta(&after, &before, "dnat"),
-        delta(&after, &before, "rev_nat"),
+        delta(&after, &before, fwd),
+        delta(&after, &before, rev),
         delta(&after, &before, "dropped")
     ));
     assert!(
-        delta(&after, &before, "dnat") >= flows as u64,
-        "node1 dnat +{}, want >= {flows}{}",
-        delta(&after, &before, "dnat"),
+        delta(&after, &before, fwd) >= flows as u64,
+        "node1 {fwd} +{}, want >= {flows}{}",
+        delta(&after, &before, fwd),
         c.diag()
     );
     assert_eq!(
@@ -561,7 +587,7 @@ fn client_ip_affinity_keeps_each_client_pod_on_one_backend() {
     // One entry per client pod and frontend (2 pods x 2 VIPs x 2 protocols).
     for client in clients {
         for &vip in &svc.cluster_ips {
-            let targets = affinity_targets(&c, 0, c.pod_ip(client, vip));
+            let targets = affinity_targets(&c, 0, client, vip);
             assert_eq!(
                 targets.len(),
                 2,
@@ -911,15 +937,27 @@ fn host_network_client_in_the_node_cgroup_sticks_to_one_backend() {
         "the second host client process did not stick where the first did{}",
         c.diag()
     );
-    let unspecified = affinity_entries(c.agent(0).bpffs())
+    let node_ns = &c.topo.node(0).ns;
+    let cookie = node_ns
+        .run(loader::own_netns_cookie)
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    let mut node_key = [0u8; 16];
+    node_key[..8].copy_from_slice(&cookie.to_ne_bytes());
+    let of_node = affinity_entries(c.agent(0).bpffs())
         .unwrap_or_else(|e| panic!("{e:#}"))
         .iter()
-        .filter(|(k, _)| k.client == [0; 16])
+        .filter(|(k, _)| k.client == node_key && k.family == CLIENT_NETNS)
         .count();
     c.step(&format!(
-        "both runs on the same backends; node1 AFFINITY_V1 entries keyed by the unspecified \
-         address (host processes): {unspecified}"
+        "both runs on the same backends; node1 AFFINITY_V1 entries keyed by node1's network \
+         namespace (host processes share it, as they share the node's address): {of_node}"
     ));
+    assert_eq!(
+        of_node,
+        4,
+        "want one entry per frontend (2 VIPs x TCP/UDP) for node1's host processes{}",
+        c.diag()
+    );
     c.finish();
 }
 
@@ -961,6 +999,10 @@ fn check_hairpin_only_endpoint(c: &Cluster, own: &Service) {
                 })
                 .collect::<anyhow::Result<Vec<_>>>()
         });
+        // Per packet, the source must become the VIP so the answer comes back through the
+        // translation; at the socket the connection is the pod's own, from and to its address
+        // (nothing to translate on the wire), and only the socket calls show the VIP.
+        let seen = if k8s::pods_at_socket() { pod_ip } else { vip };
         for (what, answers) in [
             ("TCP", &tcp),
             ("UDP", &udp),
@@ -969,9 +1011,9 @@ fn check_hairpin_only_endpoint(c: &Cluster, own: &Service) {
             for a in answers {
                 assert_eq!(
                     (a.label.as_str(), a.client_seen, a.from),
-                    ("client", vip, dst),
+                    ("client", seen, dst),
                     "{what} {dst} from the client, its only endpoint: want the client's own \
-                     server to answer, seeing the VIP as the client, and the answer from the \
+                     server to answer, seeing {seen} as the client, and the answer from the \
                      VIP{}",
                     c.diag()
                 );
@@ -979,7 +1021,7 @@ fn check_hairpin_only_endpoint(c: &Cluster, own: &Service) {
         }
         c.step(&format!(
             "{} self {dst}: {} TCP requests over 5 connections, {} UDP (+{} connected) all \
-             answered by the client itself, which saw {vip} as its peer; getpeername() / \
+             answered by the client itself, which saw {seen} as its peer; getpeername() / \
              recvfrom() = {dst}",
             family(vip),
             tcp.len(),
@@ -989,15 +1031,19 @@ fn check_hairpin_only_endpoint(c: &Cluster, own: &Service) {
     }
     let after = c.stats(0);
     let d = |key: &str| delta(&after, &before, key);
+    let fwd = k8s::forward_counter();
     c.step(&format!(
-        "node1 dnat +{} rev_nat +{} dropped +{}",
-        d("dnat"),
-        d("rev_nat"),
+        "node1 {fwd} +{} {} +{} dropped +{}",
+        d(fwd),
+        k8s::reverse_counter(),
+        d(k8s::reverse_counter()),
         d("dropped")
     ));
-    // Each hairpinned request is at least its forward packet and its answer, both
-    // translated; (5 x 2 TCP + 5 + 3 UDP) x 2 families = 36 requests.
-    assert!(d("dnat") >= 72, "node1 dnat +{}{}", d("dnat"), c.diag());
+    // Per packet, each hairpinned request is at least its forward packet and its answer, both
+    // translated: (5 x 2 TCP + 5 + 3 UDP) x 2 families = 36 requests. At the socket, each
+    // connection and each datagram is translated once: (5 + 5 + 3) x 2 = 26.
+    let want = if k8s::pods_at_socket() { 26 } else { 72 };
+    assert!(d(fwd) >= want, "node1 {fwd} +{}{}", d(fwd), c.diag());
     assert_eq!(d("dropped"), 0, "node1 dropped packets{}", c.diag());
 }
 
@@ -1017,7 +1063,8 @@ fn check_hairpin_among_others(c: &Cluster, mixed: &Service) {
             for a in &answers {
                 let want = if a.label == "client" {
                     hairpinned += 1;
-                    vip
+                    // At the socket a pod reaching itself connects to its own address.
+                    if k8s::pods_at_socket() { pod_ip } else { vip }
                 } else {
                     pod_ip
                 };
@@ -1034,7 +1081,7 @@ fn check_hairpin_among_others(c: &Cluster, mixed: &Service) {
             let tally = tally(&answers);
             c.step(&format!(
                 "{} mixed {dst} {}: {REQUESTS}/{REQUESTS} answered ({}), {hairpinned} \
-                 hairpinned (seen from the VIP), the others seen from {pod_ip}",
+                 hairpinned, the others seen from {pod_ip}",
                 family(vip),
                 proto_name(proto),
                 show(&tally)
@@ -1120,7 +1167,7 @@ fn client_entries(
 ) -> Vec<(IpAddr, u16, bool)> {
     let mut all = Vec::new();
     for &vip in vips {
-        let targets = affinity_targets(c, 0, c.pod_ip("client", vip));
+        let targets = affinity_targets(c, 0, "client", vip);
         assert!(
             targets.len() == 2 && targets.iter().all(|&t| ok(vip, t)),
             "node1 AFFINITY_V1 entries of the client ({}): {targets:?}, want 2 that {want}{}",

@@ -51,6 +51,7 @@ use svc_common::{
     affinity::{AffinityKey, AffinityValue},
     conntrack::{CtKey, CtValue, dir},
     net::ipproto,
+    sock::{SockRevNatKey, SockRevNatValue},
 };
 use svc_tests::{
     apiserver::{ApiServer, Options as ApiOptions},
@@ -285,6 +286,28 @@ fn ct_forward(bpffs: &Path) -> anyhow::Result<BTreeMap<(addr::Addr, u16, addr::A
             (
                 (k.src, k.sport.to_host(), k.dst, k.dport.to_host()),
                 v.backend_id,
+            )
+        })
+        .collect())
+}
+
+/// The connect-time reverse entries (`(socket cookie, backend, port)` => service address and
+/// port).
+fn sock_revnat(bpffs: &Path) -> anyhow::Result<BTreeMap<(u64, addr::Addr, u16), SocketAddr>> {
+    let map: BpfHashMap<_, SockRevNatKey, SockRevNatValue> =
+        BpfHashMap::try_from(Map::LruHashMap(open_pinned(bpffs, "SOCK_REVNAT_V1")?))?;
+    Ok(map
+        .iter()
+        .filter_map(Result::ok)
+        .map(|(k, v)| {
+            let ip = if k.family == FAMILY_V4 {
+                IpAddr::from([v.addr[0], v.addr[1], v.addr[2], v.addr[3]])
+            } else {
+                IpAddr::from(v.addr)
+            };
+            (
+                (k.cookie, k.addr, k.port.to_host()),
+                SocketAddr::new(ip, v.port.to_host()),
             )
         })
         .collect())
@@ -647,6 +670,7 @@ impl Drop for Load {
 /// What the kernel holds on node1 at one moment.
 struct Snapshot {
     ct: BTreeMap<(addr::Addr, u16, addr::Addr, u16), u32>,
+    revnat: BTreeMap<(u64, addr::Addr, u16), SocketAddr>,
     affinity: BTreeMap<(addr::Addr, u32, u8), u32>,
     links: BTreeMap<PathBuf, PinnedLinkView>,
 }
@@ -655,9 +679,38 @@ impl Snapshot {
     fn take(node: &Node) -> Self {
         Self {
             ct: ct_forward(&node.bpffs).unwrap_or_else(|e| panic!("{e:#}")),
+            revnat: sock_revnat(&node.bpffs).unwrap_or_else(|e| panic!("{e:#}")),
             affinity: affinity(&node.bpffs).unwrap_or_else(|e| panic!("{e:#}")),
             links: pinned_links(node),
         }
+    }
+
+    /// What the kernel holds that keeps `flows` (`client:port`, `VIP:port`) on their backends
+    /// and shows them the service: per packet, the backend id of each flow's conntrack entry;
+    /// at the socket (the connections themselves need no state), the reverse entries of the
+    /// sockets that reached the flows' services, one at least per flow.
+    fn flow_state(&self, flows: &[(SocketAddr, SocketAddr)]) -> anyhow::Result<Vec<String>> {
+        if !k8s::pods_at_socket() {
+            return Ok(self
+                .backends_of(flows)?
+                .iter()
+                .map(u32::to_string)
+                .collect());
+        }
+        let services: BTreeSet<SocketAddr> = flows.iter().map(|(_, dst)| *dst).collect();
+        let entries: Vec<String> = self
+            .revnat
+            .iter()
+            .filter(|(_, service)| services.contains(service))
+            .map(|(key, service)| format!("{key:?} -> {service}"))
+            .collect();
+        ensure!(
+            entries.len() >= flows.len(),
+            "{} SOCK_REVNAT_V1 entries for {services:?}, want at least one per flow ({})",
+            entries.len(),
+            flows.len()
+        );
+        Ok(entries)
     }
 
     /// The backend id conntrack holds for each of `flows` (`client:port`, `VIP:port`).
@@ -730,18 +783,28 @@ fn check_taken_over(
     };
     assert_eq!(ingress, want("ingress"), "{what}: ingress of {client_if}");
     assert_eq!(egress, want("egress"), "{what}: egress of {client_if}");
-    let (old_ct, new_ct) = (
+    let (old_state, new_state) = (
         before
-            .backends_of(flows)
+            .flow_state(flows)
             .unwrap_or_else(|e| panic!("{what}, before: {e:#}")),
         after
-            .backends_of(flows)
+            .flow_state(flows)
             .unwrap_or_else(|e| panic!("{what}, after: {e:#}")),
     );
-    assert_eq!(
-        new_ct, old_ct,
-        "{what}: conntrack sends long-lived flows elsewhere"
-    );
+    if k8s::pods_at_socket() {
+        // Short connections add entries meanwhile; none of the earlier ones may be lost.
+        let kept: BTreeSet<&String> = new_state.iter().collect();
+        let lost: Vec<&String> = old_state.iter().filter(|e| !kept.contains(e)).collect();
+        assert!(
+            lost.is_empty(),
+            "{what}: connect-time reverse entries lost: {lost:?}"
+        );
+    } else {
+        assert_eq!(
+            new_state, old_state,
+            "{what}: conntrack sends long-lived flows elsewhere"
+        );
+    }
     for (key, backend) in &before.affinity {
         assert_eq!(
             after.affinity.get(key),
@@ -1376,7 +1439,7 @@ fn an_agent_following_the_api_server_takes_over_too() {
     let mut conns = open_long(&client, web4, 20);
     let flows: Vec<(SocketAddr, SocketAddr)> = conns.iter().map(|l| (l.local, l.dst)).collect();
     let before = Snapshot::take(&node1)
-        .backends_of(&flows)
+        .flow_state(&flows)
         .unwrap_or_else(|e| panic!("{e:#}"));
     let status = agent.kill().expect("killing svc-agent");
     let down = ask_all(&mut conns, "down");
@@ -1390,7 +1453,7 @@ fn an_agent_following_the_api_server_takes_over_too() {
         "the restarted agent did not take over the TC links:\n{log}"
     );
     let after = Snapshot::take(&node1)
-        .backends_of(&flows)
+        .flow_state(&flows)
         .unwrap_or_else(|e| panic!("{e:#}"));
     let up = ask_all(&mut conns, "up");
     let failed = down.iter().chain(&up).filter(|(_, ok)| !ok).count();
@@ -1403,7 +1466,10 @@ fn an_agent_following_the_api_server_takes_over_too() {
         spread(&conns)
     );
     assert_eq!(failed, 0, "requests on long-lived connections failed");
-    assert_eq!(after, before, "conntrack sends long-lived flows elsewhere");
+    assert_eq!(
+        after, before,
+        "the flows' state (conntrack, or connect-time reverse entries) changed"
+    );
     step(&format!(
         "restarted agent's first sync: {}",
         sync.split_once("INFO ").map_or(sync.as_str(), |(_, s)| s)

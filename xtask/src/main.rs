@@ -150,17 +150,28 @@ fn test(no_lint: bool) -> anyhow::Result<()> {
     )?;
     step("tier 2: packet fixtures through BPF_PROG_TEST_RUN");
     cargo(&["test", "-p", "svc-tests", "--test", "fixtures"])?;
-    step("tier 3: network-namespace end to end (the real svc-agent binary per emulated node)");
     cargo(&["build", "-p", "svc-agent"])?;
-    cargo(&[
-        "test",
-        "-p",
-        "svc-tests",
-        "--test",
-        "*_e2e",
-        "--",
-        "--test-threads=1",
-    ])
+    // Every end-to-end case runs in both configurations: pods translated at the socket (the
+    // shipped default) and per packet by the TC programs (`--socket-lb host-only`).
+    for mode in ["all", "host-only"] {
+        step(&format!(
+            "tier 3: network-namespace end to end (the real svc-agent binary per emulated node), \
+             --socket-lb {mode}"
+        ));
+        cargo_env(
+            &[
+                "test",
+                "-p",
+                "svc-tests",
+                "--test",
+                "*_e2e",
+                "--",
+                "--test-threads=1",
+            ],
+            &[("SVC_TEST_SOCKET_LB", mode)],
+        )?;
+    }
+    Ok(())
 }
 
 fn bench() -> anyhow::Result<()> {
@@ -209,9 +220,15 @@ fn step(what: &str) {
 
 /// Runs cargo (the one that runs xtask) from the workspace root.
 fn cargo(args: &[&str]) -> anyhow::Result<()> {
+    cargo_env(args, &[])
+}
+
+/// Runs cargo (the one that runs xtask) from the workspace root with `env` set.
+fn cargo_env(args: &[&str], env: &[(&str, &str)]) -> anyhow::Result<()> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
     let status = Command::new(&cargo)
         .args(args)
+        .envs(env.iter().copied())
         .current_dir(workspace_root())
         .status()
         .with_context(|| format!("running {cargo} {}", args.join(" ")))?;

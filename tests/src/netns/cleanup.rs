@@ -235,13 +235,20 @@ fn kill_netns_processes(ns: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Kills everything in the cgroup (`cgroup.kill`), waits (bounded) for it to empty and removes
-/// it.
+/// Kills everything in the cgroup and below (`cgroup.kill`), waits (bounded) for it to empty
+/// and removes it, its child cgroups (pods' cgroups below a node's) first.
 fn remove_cgroup(cgroup: &Path) -> anyhow::Result<()> {
     let procs = cgroup.join("cgroup.procs");
-    if fs::read_to_string(&procs).is_ok_and(|p| !p.trim().is_empty()) {
+    if fs::read_to_string(&procs).is_ok_and(|p| !p.trim().is_empty()) || has_child_cgroups(cgroup) {
         fs::write(cgroup.join("cgroup.kill"), "1")
             .with_context(|| format!("killing the processes of {}", cgroup.display()))?;
+    }
+    if let Ok(entries) = fs::read_dir(cgroup) {
+        for entry in entries.flatten() {
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                remove_cgroup(&entry.path())?;
+            }
+        }
     }
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
@@ -262,6 +269,15 @@ fn remove_cgroup(cgroup: &Path) -> anyhow::Result<()> {
             Err(_) => std::thread::sleep(Duration::from_millis(10)),
         }
     }
+}
+
+/// Whether `cgroup` has child cgroups.
+fn has_child_cgroups(cgroup: &Path) -> bool {
+    fs::read_dir(cgroup).is_ok_and(|entries| {
+        entries
+            .flatten()
+            .any(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+    })
 }
 
 #[cfg(test)]

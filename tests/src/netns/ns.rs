@@ -22,6 +22,8 @@ pub const NETNS_RUN_DIR: &str = "/run/netns";
 pub struct Netns {
     name: String,
     path: PathBuf,
+    /// The Unix socket of this namespace's socket helper (a pod's: see [`super::sockd`]).
+    sockd: Option<PathBuf>,
 }
 
 impl Netns {
@@ -31,7 +33,17 @@ impl Netns {
         Self {
             name: name.to_owned(),
             path: Path::new(NETNS_RUN_DIR).join(name),
+            sockd: None,
         }
+    }
+
+    /// This handle with the socket helper serving on `sockd`: client sockets that code run
+    /// with [`run`](Self::run) opens through [`sockd::socket`](super::sockd::socket) come from
+    /// it (and so belong to its cgroup).
+    #[must_use]
+    pub fn with_sockd(mut self, sockd: PathBuf) -> Self {
+        self.sockd = Some(sockd);
+        self
     }
 
     /// The namespace's name, for `ip -n NAME` / `ip netns exec NAME`.
@@ -49,7 +61,9 @@ impl Netns {
     /// Runs `f` on a new thread that has entered this namespace (`setns(CLONE_NEWNET)`) and
     /// returns its result. Sockets `f` opens stay in this namespace after it returns, so a test
     /// can create a listener here and use it from its own thread; aya attach calls that take an
-    /// interface name resolve it in this namespace. A panic in `f` is passed on to the caller.
+    /// interface name resolve it in this namespace. Client sockets the harness opens in `f`
+    /// come from the namespace's socket helper when it has one (a pod's sockets belong to the
+    /// pod's cgroup: see [`super::sockd`]). A panic in `f` is passed on to the caller.
     pub fn run<T, F>(&self, f: F) -> anyhow::Result<T>
     where
         F: FnOnce() -> anyhow::Result<T> + Send,
@@ -57,11 +71,13 @@ impl Netns {
     {
         let file = File::open(&self.path)
             .with_context(|| format!("opening netns file {}", self.path.display()))?;
+        let sockd = self.sockd.clone();
         let result = std::thread::scope(|scope| {
             let thread = std::thread::Builder::new()
                 .name(format!("netns:{}", self.name))
                 .spawn_scoped(scope, move || {
                     setns(&file, CloneFlags::CLONE_NEWNET).context("setns(CLONE_NEWNET)")?;
+                    super::sockd::set_current(sockd);
                     f()
                 })
                 .context("spawning the namespace thread")?;

@@ -24,7 +24,7 @@ use super::{
         UNDERLAY_V4, UNDERLAY_V6, node_pod_cidr_v4, node_pod_cidr_v6, node_underlay_v4,
         node_underlay_v6, pod_v4, pod_v6,
     },
-    require_root,
+    require_root, sockd,
 };
 
 /// Name of the bridge in the underlay namespace.
@@ -126,6 +126,17 @@ pub struct Pod {
     pub ipv4: Ipv4Addr,
     /// The pod's IPv6 address (a /128 on `eth0`).
     pub ipv6: Ipv6Addr,
+    /// The pod's cgroup, below its node's (as a pod's cgroup lies below the cgroup v2 root in
+    /// a cluster): client sockets the harness opens in the pod, and [`Pod::spawn`]'s
+    /// processes, belong to it.
+    pub cgroup: PathBuf,
+}
+
+impl Pod {
+    /// Starts `command` in the background in this pod's namespace and cgroup.
+    pub fn spawn(&self, command: &Command) -> anyhow::Result<Process> {
+        self.ns.spawn(command, Some(&self.cgroup))
+    }
 }
 
 /// The client outside the cluster, on the underlay.
@@ -157,6 +168,8 @@ pub struct Topology {
     nodes: Vec<Node>,
     external: External,
     pods: Vec<Pod>,
+    /// Each pod's socket helper (see [`super::sockd`]).
+    sockds: Vec<Process>,
     // Last, so the handles above are gone before the cleanup runs (they own nothing anyway).
     guard: RunGuard,
 }
@@ -226,6 +239,7 @@ impl Topology {
             nodes,
             external,
             pods: Vec::new(),
+            sockds: Vec::new(),
             guard,
         })
     }
@@ -245,6 +259,13 @@ impl Topology {
         let ns = self
             .guard
             .add_netns(&format!("p{index}"), &[COMMON_SYSCTLS])?;
+        let cgroup = n.cgroup.join(format!("pod{index}"));
+        fs::create_dir(&cgroup).with_context(|| format!("creating cgroup {}", cgroup.display()))?;
+        let sockd = cleanup::run_dir(&self.prefix).join(format!("p{index}.sockd"));
+        let helper = ns.spawn(&sockd::command(&sockd), Some(&cgroup))?;
+        sockd::wait_ready(&sockd)?;
+        self.sockds.push(helper);
+        let ns = ns.with_sockd(sockd);
         let pod = Pod {
             name: name.to_owned(),
             node,
@@ -253,6 +274,7 @@ impl Topology {
             host_ifname: format!("{POD_IFNAME_PREFIX}{slot}"),
             ipv4: pod_v4(node, slot),
             ipv6: pod_v6(node, slot),
+            cgroup,
         };
         let host = &pod.host_ifname;
         n.ns.ip([
