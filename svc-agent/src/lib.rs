@@ -9,5 +9,6 @@ pub mod inspect;
 pub mod loader;
 pub mod model;
 pub mod pins;
+pub mod sockets;
 pub mod source;
 pub mod standalone;

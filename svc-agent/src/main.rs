@@ -132,6 +132,9 @@ async fn run(bpffs: &std::path::Path, args: &RunArgs) -> anyhow::Result<()> {
     loader::load_programs(&mut ebpf)?;
     let patterns = loader::IfacePatterns::parse(&args.pod_ifaces)?;
     let mut reconciler = Reconciler::adopt(AyaMaps::take(&mut ebpf)?)?;
+    // Connected UDP sockets translated to backends that a pass ends are destroyed from a thread
+    // of their own (svc-ebpf/DESIGN.md, "Connected UDP sockets of ended backends").
+    reconciler.send_ended_to(svc_agent::sockets::SocketDestroyer::start(&mut ebpf)?);
     // Connect-time programs, then pod-facing ones: each takes over what an earlier agent of this
     // layout pinned (same maps, so at once), or goes beside another layout's (see below).
     svc_agent::cgroup::attach_from_arg(&mut ebpf, args.socket_lb.cgroup(&args.cgroup), &pin_dir)?;

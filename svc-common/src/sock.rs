@@ -3,7 +3,8 @@
 //!
 //! Map `SOCK_REVNAT_V1` (LRU hash; written by the `connect4/6` and `sendmsg4/6` programs when
 //! they send a socket to a backend, read by `getpeername4/6` and `recvmsg4/6`, never written by
-//! the agent). Key [`SockRevNatKey`]: the socket (its cookie) and the backend it was sent to;
+//! the agent, which reads it to find the connected UDP sockets of ended backends and destroy
+//! them). Key [`SockRevNatKey`]: the socket (its cookie) and the backend it was sent to;
 //! value [`SockRevNatValue`]: the service address and port the process asked for, which
 //! `getpeername()` and `recvfrom()` report instead of the backend's. Entries are not removed
 //! when a socket closes: socket cookies are never reused while the machine runs, so a stale

@@ -130,6 +130,15 @@ fn the_daemonset_runs_the_agent_as_it_expects() {
         .and_then(|m| m.iter().find(|m| m.mount_path == "/sys/fs/bpf"))
         .expect("a /sys/fs/bpf mount");
     assert_eq!(mount.mount_propagation.as_deref(), Some("Bidirectional"));
+    // Connected UDP sockets of ended backends are destroyed in every pod's network namespace:
+    // found through the host's processes and the runtime's bind mounts.
+    assert_eq!(pod.host_pid, Some(true));
+    let netns = container
+        .volume_mounts
+        .as_ref()
+        .and_then(|m| m.iter().find(|m| m.mount_path == "/run/netns"))
+        .expect("a /run/netns mount");
+    assert_eq!(netns.mount_propagation.as_deref(), Some("HostToContainer"));
 }
 
 #[test]

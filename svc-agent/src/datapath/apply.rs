@@ -6,11 +6,12 @@
 //! all be written keeps its old slot 0 (count), which only names slots that exist. Last, when
 //! the pass ended `(frontend, backend)` pairs or removed backends, the kernel's flow state that
 //! names them is cleared: UDP flows and affinity entries (one bounded pass over each table; see
-//! `flows.rs`).
+//! `flows.rs`); and what ended is handed, as addresses, to the thread that destroys connected
+//! UDP sockets translated to it (`sockets`), which the pass does not wait for.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     time::Instant,
 };
 
@@ -37,7 +38,10 @@ use super::{
     ids::IdMap,
     render::{BackendRef, Capacity, Rendered, render},
 };
-use crate::model::{DesiredState, FrontendKey, Protocol, Scope};
+use crate::{
+    model::{DesiredState, FrontendKey, Protocol, Scope},
+    sockets::{EndedBackends, EndedSender},
+};
 
 /// Access to `SERVICES_V1` and `BACKENDS_V1` (written by the agent), the counters, and the
 /// kernel's flow state (`CT_V1`, `AFFINITY_V1`: the agent only deletes from those).
@@ -305,6 +309,8 @@ pub struct Reconciler<M: DatapathMaps> {
     current: Rendered,
     frontend_ids: IdMap<FrontendKey>,
     backend_ids: IdMap<BackendRef>,
+    /// Where ended backends go for their connected UDP sockets to be destroyed (`sockets`).
+    ended: Option<EndedSender>,
 }
 
 impl<M: DatapathMaps> Reconciler<M> {
@@ -339,7 +345,15 @@ impl<M: DatapathMaps> Reconciler<M> {
             current,
             frontend_ids,
             backend_ids,
+            ended: None,
         })
+    }
+
+    /// From now on, every pass that ends backends also sends them, as addresses, to `sender`
+    /// (the thread that destroys connected UDP sockets translated to them; see `sockets`).
+    /// Sending never blocks: the pass does not wait for the sockets.
+    pub fn send_ended_to(&mut self, sender: EndedSender) {
+        self.ended = Some(sender);
     }
 
     /// What the maps hold, as far as this reconciler knows.
@@ -369,8 +383,8 @@ impl<M: DatapathMaps> Reconciler<M> {
             ..ReconcileReport::default()
         };
         let reachable_before = std::mem::take(&mut self.current.reachable);
-        let mut protos = frontend_protos(&self.current.services);
-        protos.extend(frontend_protos(&want.services));
+        let mut frontends = frontend_keys(&self.current.services);
+        frontends.extend(frontend_keys(&want.services));
         self.write_backends(&want, &mut report);
         let broken = self.write_services(&want, &mut report);
         self.remove_services(&want, &broken, &mut report);
@@ -379,11 +393,19 @@ impl<M: DatapathMaps> Reconciler<M> {
         self.current.reachable = &want.reachable | &slot_pairs(&self.current.services);
         let stale = StaleFlows {
             pairs: &reachable_before - &self.current.reachable,
-            backends: removed,
+            backends: removed.keys().copied().collect(),
         };
         if !stale.is_empty() {
-            let udp = concerns_udp(&stale, &reachable_before, &protos);
+            let udp = concerns_udp(&stale, &reachable_before, &frontends);
             report.cleared = Some(self.clear_stale(&stale, udp, &mut report.errors));
+            if let Some(sender) = &self.ended {
+                sender.send(ended_backends(
+                    &stale,
+                    &frontends,
+                    &self.current.backends,
+                    &removed,
+                ));
+            }
         }
         report
     }
@@ -551,8 +573,12 @@ impl<M: DatapathMaps> Reconciler<M> {
     }
 
     /// Step 5: backends no slot names any more and no frontend keeps (with their counters).
-    /// Returns the ids removed.
-    fn remove_backends(&mut self, want: &Rendered, report: &mut ReconcileReport) -> BTreeSet<u32> {
+    /// Returns the backends removed.
+    fn remove_backends(
+        &mut self,
+        want: &Rendered,
+        report: &mut ReconcileReport,
+    ) -> BTreeMap<u32, Backend> {
         let referenced: BTreeSet<u32> = self
             .current
             .services
@@ -567,14 +593,15 @@ impl<M: DatapathMaps> Reconciler<M> {
             .filter(|id| !want.backends.contains_key(id) && !referenced.contains(id))
             .copied()
             .collect();
-        let mut removed = BTreeSet::new();
+        let mut removed = BTreeMap::new();
         for id in unused {
             if let Err(e) = self.maps.del_backend(id) {
                 report.errors.push(format!("backend {id}: {e:#}"));
                 continue;
             }
-            self.current.backends.remove(&id);
-            removed.insert(id);
+            if let Some(b) = self.current.backends.remove(&id) {
+                removed.insert(id, b);
+            }
             report.backends_deleted += 1;
             if let Err(e) = self.maps.del_counters(CounterKind::Backend, id) {
                 report.errors.push(format!("backend {id} counters: {e:#}"));
@@ -596,13 +623,40 @@ fn slot_pairs(services: &BTreeMap<ServiceKey, ServiceValue>) -> BTreeSet<(u32, u
         .collect()
 }
 
-/// The IP protocol of each frontend id in `services`.
-fn frontend_protos(services: &BTreeMap<ServiceKey, ServiceValue>) -> BTreeMap<u32, u8> {
+/// The key (slot 0) of each frontend id in `services`.
+fn frontend_keys(services: &BTreeMap<ServiceKey, ServiceValue>) -> BTreeMap<u32, ServiceKey> {
     services
         .iter()
         .filter(|(k, _)| k.slot == 0)
-        .map(|(k, v)| (v.id, k.proto))
+        .map(|(k, v)| (v.id, *k))
         .collect()
+}
+
+/// What `stale` ended, as addresses: the pairs of UDP frontends (service address and port,
+/// backend address and port) and every removed backend. A backend of a pair is in `backends`
+/// (it left one frontend, others keep it) or in `removed`; one in neither is left out.
+fn ended_backends(
+    stale: &StaleFlows,
+    frontends: &BTreeMap<u32, ServiceKey>,
+    backends: &BTreeMap<u32, Backend>,
+    removed: &BTreeMap<u32, Backend>,
+) -> EndedBackends {
+    let backend = |id: &u32| {
+        let b = backends.get(id).or_else(|| removed.get(id))?;
+        Some(SocketAddr::new(ip_of(&b.addr, b.family), b.port.to_host()))
+    };
+    EndedBackends {
+        pairs: stale
+            .pairs
+            .iter()
+            .filter_map(|(f, b)| {
+                let k = frontends.get(f).filter(|k| k.proto == ipproto::UDP)?;
+                let service = SocketAddr::new(ip_of(&k.addr, k.family), k.port.to_host());
+                Some((service, backend(b)?))
+            })
+            .collect(),
+        backends: removed.keys().filter_map(backend).collect(),
+    }
 }
 
 /// Whether `stale` may name a UDP flow: an ended pair of a UDP frontend (or of one whose
@@ -611,13 +665,13 @@ fn frontend_protos(services: &BTreeMap<ServiceKey, ServiceValue>) -> BTreeMap<u3
 fn concerns_udp(
     stale: &StaleFlows,
     reachable_before: &BTreeSet<(u32, u32)>,
-    protos: &BTreeMap<u32, u8>,
+    frontends: &BTreeMap<u32, ServiceKey>,
 ) -> bool {
     let known: BTreeSet<u32> = reachable_before.iter().map(|(_, b)| *b).collect();
     stale
         .pairs
         .iter()
-        .any(|(f, _)| protos.get(f).is_none_or(|p| *p == ipproto::UDP))
+        .any(|(f, _)| frontends.get(f).is_none_or(|k| k.proto == ipproto::UDP))
         || stale.backends.iter().any(|b| !known.contains(b))
 }
 
@@ -1328,6 +1382,89 @@ mod tests {
             "scanned although no pair was known"
         );
         assert!(has_none(&again, &on_a) && has_all(&again, &on_b));
+    }
+
+    /// Everything the reconciler sent to the socket destroyer so far.
+    fn sent(rx: &std::sync::mpsc::Receiver<EndedBackends>) -> Vec<EndedBackends> {
+        rx.try_iter().collect()
+    }
+
+    fn sa(ip: &str, port: u16) -> SocketAddr {
+        SocketAddr::new(ip.parse().unwrap(), port)
+    }
+
+    #[test]
+    fn ended_udp_pairs_and_removed_backends_go_to_the_socket_destroyer_as_addresses() {
+        const VIP2: &str = "198.19.0.11";
+        let mut r = Reconciler::adopt(FakeMaps::default()).unwrap();
+        let (sender, rx) = EndedSender::channel();
+        r.send_ended_to(sender);
+        r.apply(&desired(&[
+            fe(VIP, Protocol::Udp, &[A, B], &[]),
+            fe(VIP, Protocol::Tcp, &[A, B], &[]),
+            fe(VIP2, Protocol::Udp, &[B], &[]),
+        ]));
+        assert!(sent(&rx).is_empty(), "nothing ended");
+
+        // A is removed altogether; B leaves VIP2 (VIP keeps it).
+        r.apply(&desired(&[
+            fe(VIP, Protocol::Udp, &[B], &[]),
+            fe(VIP, Protocol::Tcp, &[B], &[]),
+            fe(VIP2, Protocol::Udp, &[C], &[]),
+        ]));
+        assert_eq!(
+            sent(&rx),
+            [EndedBackends {
+                pairs: [(sa(VIP, 53), sa(A, 5353)), (sa(VIP2, 53), sa(B, 5353)),].into(),
+                backends: [sa(A, 5353)].into(),
+            }],
+            "UDP pairs only (the TCP frontend's pair with A is not a socket to destroy)"
+        );
+
+        // A terminating backend has not ended: nothing is sent until it is removed.
+        r.apply(&desired(&[
+            fe(VIP, Protocol::Udp, &[C], &[B]),
+            fe(VIP2, Protocol::Udp, &[C], &[]),
+        ]));
+        assert!(
+            sent(&rx).iter().all(|e| !e.names(sa(VIP, 53), sa(B, 5353))),
+            "B still drains on VIP"
+        );
+        r.apply(&desired(&[
+            fe(VIP, Protocol::Udp, &[C], &[]),
+            fe(VIP2, Protocol::Udp, &[C], &[]),
+        ]));
+        assert!(sent(&rx).iter().any(|e| e.names(sa(VIP, 53), sa(B, 5353))));
+    }
+
+    #[test]
+    fn a_restarted_agent_sends_the_backends_it_removes_from_the_adopted_maps() {
+        let mut r = Reconciler::adopt(FakeMaps::default()).unwrap();
+        r.apply(&desired(&[fe(VIP, Protocol::Udp, &[A, B], &[])]));
+        let FakeMaps {
+            services,
+            backends,
+            counters,
+            ..
+        } = r.maps;
+        // A left the slices while no agent ran: the next agent's first pass removes it.
+        let mut again = Reconciler::adopt(FakeMaps {
+            services,
+            backends,
+            counters,
+            ..FakeMaps::default()
+        })
+        .unwrap();
+        let (sender, rx) = EndedSender::channel();
+        again.send_ended_to(sender);
+        again.apply(&desired(&[fe(VIP, Protocol::Udp, &[B], &[])]));
+        assert_eq!(
+            sent(&rx),
+            [EndedBackends {
+                pairs: [(sa(VIP, 53), sa(A, 5353))].into(),
+                backends: [sa(A, 5353)].into(),
+            }]
+        );
     }
 
     #[test]

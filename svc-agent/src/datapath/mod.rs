@@ -4,7 +4,7 @@
 //! ([`flows`]).
 
 pub mod apply;
-mod batch;
+pub(crate) mod batch;
 pub mod flows;
 pub mod ids;
 pub mod render;
