@@ -1,6 +1,6 @@
 //! The pod-facing TC path (the host end of each pod's veth).
 //!
-//! From a pod (ingress): make the headers readable -> parse -> count -> a flow we already
+//! From a pod (ingress): parse (pulling only headers outside the linear part) -> count -> a flow we already
 //! translated keeps its backend (connection table) -> otherwise look the destination up as a
 //! service and choose a backend, remembering the choice -> rewrite the destination.
 //!
@@ -28,8 +28,7 @@ use crate::{
 /// Handles one packet from a pod. Returns the TC verdict.
 #[inline(always)]
 pub fn from_pod(ctx: &TcContext) -> i32 {
-    parse::pull_headers(ctx);
-    let pkt = parse::parse(ctx);
+    let pkt = parse::parse_pulled(ctx, false);
     stats::count(pkt.l3, ctx.len());
     if let Some(l4) = pkt.l4 {
         stats::count(l4, ctx.len());
@@ -178,8 +177,7 @@ fn new_flow_backend(pkt: &parse::Parsed, now: u64, target: &mut Target) -> Outco
 /// Handles one packet to a pod. Returns the TC verdict.
 #[inline(always)]
 pub fn to_pod(ctx: &TcContext) -> i32 {
-    parse::pull_headers(ctx);
-    let pkt = parse::parse(ctx);
+    let pkt = parse::parse_pulled(ctx, true);
     if matches!(pkt.l4, Some(PktCounter::Icmp | PktCounter::Icmpv6)) {
         // An ICMP error about a translated flow: its quote must name the VIP again.
         return match icmp::icmp_error_to_pod(ctx, &pkt) {
