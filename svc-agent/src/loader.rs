@@ -107,6 +107,7 @@ impl MapSizes {
         loader.map_max_entries("AFFINITY_V1", self.affinity);
         loader.map_max_entries("SVC_STATS_V1", self.services);
         loader.map_max_entries("BACKEND_STATS_V1", self.backends);
+        loader.map_max_entries("ADDRS_V1", self.services.saturating_add(self.backends));
     }
 }
 

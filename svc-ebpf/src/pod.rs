@@ -1,10 +1,12 @@
 //! The pod-facing TC path (the host end of each pod's veth).
 //!
-//! From a pod (ingress): parse (pulling only headers outside the linear part) -> count -> a flow we already
+//! From a pod (ingress): parse (pulling only headers outside the linear part) -> count -> is
+//! the destination a frontend address at all (one lookup; no: passed) -> a flow we already
 //! translated keeps its backend (connection table) -> otherwise look the destination up as a
 //! service and choose a backend, remembering the choice -> rewrite the destination.
 //!
-//! To a pod (egress): a reply from a backend gets the service address back as its source.
+//! To a pod (egress): is the source a backend address at all (one lookup; no: passed) -> a
+//! reply from a backend gets the service address back as its source.
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT},
@@ -13,6 +15,7 @@ use aya_ebpf::{
 };
 use svc_common::{
     addr::Addr,
+    addrs::{AddrKey, addr_flags},
     conntrack::{dir, state},
     stats::{DropReason, PktCounter},
 };
@@ -21,6 +24,7 @@ use crate::{
     conntrack::{ct_backend_alive, ct_create, ct_key, ct_lookup, ct_syn_leaves_terminating},
     icmp,
     lb::{Choice, Chosen, lb_backend, lb_frontend_key, lb_select_for_client},
+    maps::ADDRS_V1,
     nat::{End, nat_rewrite},
     parse, reject, stats,
 };
@@ -33,7 +37,9 @@ pub fn from_pod(ctx: &TcContext) -> i32 {
     if let Some(l4) = pkt.l4 {
         stats::count(l4, ctx.len());
     }
-    if !pkt.is_tcp_or_udp() {
+    // Only a frontend address can have flows to translate (a new one, an established one, or
+    // the reply leg of a hairpinned one, addressed to the VIP and the client's port).
+    if !pkt.is_tcp_or_udp() || !addr_has(&pkt.dst, pkt.family, addr_flags::FRONTEND) {
         return TC_ACT_OK;
     }
     match to_service(ctx, &pkt) {
@@ -190,10 +196,23 @@ pub fn to_pod(ctx: &TcContext) -> i32 {
             Err(()) => drop(ctx, DropReason::RewriteFailed),
         };
     }
-    if !pkt.is_tcp_or_udp() {
+    // Only a backend address can send replies to translate.
+    if !pkt.is_tcp_or_udp() || !addr_has(&pkt.src, pkt.family, addr_flags::BACKEND) {
         return TC_ACT_OK;
     }
     reply_to_pod(ctx, &pkt)
+}
+
+/// Whether `addr` is a frontend or backend address (`flag`), per `ADDRS_V1`.
+#[inline(always)]
+fn addr_has(addr: &Addr, family: u8, flag: u32) -> bool {
+    let key = AddrKey {
+        addr: *addr,
+        family,
+        _pad: [0; 3],
+    };
+    // SAFETY: the value is read at once.
+    unsafe { ADDRS_V1.get(&key) }.is_some_and(|v| v.flags & flag != 0)
 }
 
 /// A reply from a backend gets the service address back as its source. A subprogram of its
