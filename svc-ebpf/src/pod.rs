@@ -10,7 +10,7 @@
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT},
-    helpers::{bpf_ktime_get_ns, bpf_redirect},
+    helpers::{bpf_ktime_get_coarse_ns, bpf_redirect},
     programs::TcContext,
 };
 use svc_common::{
@@ -84,8 +84,9 @@ struct Target {
 /// a subprogram with its own stack frame; only the target travels between them.
 #[inline(never)]
 fn to_service(ctx: &TcContext, pkt: &parse::Parsed) -> Outcome {
-    // SAFETY: bpf_ktime_get_ns has no preconditions.
-    let now = unsafe { bpf_ktime_get_ns() };
+    // Timeouts are seconds: the coarse clock (CLOCK_MONOTONIC at the last tick) is enough and
+    // cheaper than reading the clock source. SAFETY: the helper has no preconditions.
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
     let mut target = Target {
         addr: [0; 16],
         port: 0,
@@ -219,8 +220,9 @@ fn addr_has(addr: &Addr, family: u8, flag: u32) -> bool {
 /// own (its own stack frame, as the ICMP one has).
 #[inline(never)]
 fn reply_to_pod(ctx: &TcContext, pkt: &parse::Parsed) -> i32 {
-    // SAFETY: bpf_ktime_get_ns has no preconditions.
-    let now = unsafe { bpf_ktime_get_ns() };
+    // Timeouts are seconds: the coarse clock (CLOCK_MONOTONIC at the last tick) is enough and
+    // cheaper than reading the clock source. SAFETY: the helper has no preconditions.
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
     let Some(entry) = ct_lookup(&ct_key(pkt, dir::REPLY), pkt, now) else {
         return TC_ACT_OK;
     };

@@ -1056,7 +1056,11 @@ mod tests {
         // The fake maps assert the order on every write: an address before its first entry,
         // removed after its last.
         r.apply(&state(&[("198.19.0.10", &["198.18.1.10"])]));
-        assert_eq!(flags(&r.maps, "198.19.0.11"), None, "its last frontend went");
+        assert_eq!(
+            flags(&r.maps, "198.19.0.11"),
+            None,
+            "its last frontend went"
+        );
         assert_eq!(flags(&r.maps, "198.18.1.11"), None, "its only backend went");
         assert_eq!(flags(&r.maps, "198.18.1.10"), Some(be), "still a backend");
         // An agent adopting maps whose ADDRS_V1 an older agent did not keep: rebuilt at once,
