@@ -251,24 +251,30 @@ pub fn run(fixture: &Fixture, repeat: u32) -> anyhow::Result<Report> {
     }
 
     let per_packet = if repeat > 1 {
-        let inputs: Vec<Vec<u8>> = match fixture.timed_inputs {
-            Some(input) => (0..repeat).map(input).collect(),
-            None => vec![fixture.input.clone()],
-        };
-        let longest = inputs.iter().map(Vec::len).max().unwrap_or(0);
-        let mut out = vec![0u8; longest + OUT_HEADROOM];
-        let mut samples = (0..repeat)
-            .map(|n| {
-                let input = &inputs[n as usize % inputs.len()];
-                test_run_timed(&mut ebpf, fixture.program, input, &mut out, 1)
-            })
-            .collect::<anyhow::Result<Vec<Duration>>>()?;
-        samples.sort_unstable();
-        Some(samples[samples.len() / 2])
+        Some(median_run(&mut ebpf, fixture, repeat)?)
     } else {
         None
     };
     Ok(Report { per_packet })
+}
+
+/// The median kernel-measured time of `repeat` single runs of the row's program, each on a
+/// fresh copy of its input (or of its timed inputs).
+fn median_run(ebpf: &mut Ebpf, fixture: &Fixture, repeat: u32) -> anyhow::Result<Duration> {
+    let inputs: Vec<Vec<u8>> = match fixture.timed_inputs {
+        Some(input) => (0..repeat).map(input).collect(),
+        None => vec![fixture.input.clone()],
+    };
+    let longest = inputs.iter().map(Vec::len).max().unwrap_or(0);
+    let mut out = vec![0u8; longest + OUT_HEADROOM];
+    let mut samples = (0..repeat)
+        .map(|n| {
+            let input = &inputs[n as usize % inputs.len()];
+            test_run_timed(ebpf, fixture.program, input, &mut out, 1)
+        })
+        .collect::<anyhow::Result<Vec<Duration>>>()?;
+    samples.sort_unstable();
+    Ok(samples[samples.len() / 2])
 }
 
 /// Runs `program` over `input` `repeat` times; returns (output length, return value).
