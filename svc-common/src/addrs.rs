@@ -3,10 +3,11 @@
 //! Map `ADDRS_V1` (hash, no preallocation; written by the agent's reconciler, read by the pod
 //! programs): key [`AddrKey`] (address, family), value [`AddrValue`] ([`addr_flags`]). An
 //! address has [`addr_flags::FRONTEND`] while some `SERVICES_V1` frontend (slot 0) has it, and
-//! [`addr_flags::BACKEND`] while some `BACKENDS_V1` entry has it; it has no entry when it is
-//! neither. The map is a function of those two maps' contents: the agent writes an address
-//! before the entries that need it and removes it after the last one is gone, and rebuilds it
-//! from them when it adopts pinned maps.
+//! [`addr_flags::BACKEND`] while some `BACKENDS_V1` entry has it (and for a grace period after
+//! the last one left, so replies on their way are still translated); it has no entry when it
+//! is neither. The agent derives it from those two maps' contents: it writes an address before
+//! the entries that need it and removes it after the last one is gone, and rebuilds it from
+//! them when it adopts pinned maps.
 //!
 //! A packet from a pod whose destination is not a frontend address, and a packet to a pod whose
 //! source is not a backend address, cannot belong to a translated flow: one lookup in this

@@ -12,7 +12,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, anyhow};
@@ -23,7 +23,7 @@ use aya::{
 };
 use svc_common::{
     addr::{FAMILY_V4, to_v4},
-    addrs::{AddrKey, AddrValue},
+    addrs::{AddrKey, AddrValue, addr_flags},
     affinity::{AffinityKey, AffinityValue},
     conntrack::{CtKey, CtValue},
     net::ipproto,
@@ -300,6 +300,12 @@ pub struct Cleared {
     pub affinity: Option<Sweep>,
 }
 
+/// How long the address of a backend that left `BACKENDS_V1` keeps its `BACKEND` flag in
+/// `ADDRS_V1`: replies already on their way (a TCP answer to a request sent just before the
+/// removal) still get the service address back, as their reply entries say. The flag goes at
+/// the first pass after that.
+pub const RETIRED_BACKEND_GRACE: Duration = Duration::from_secs(60);
+
 /// Keeps the maps equal to the desired state, writing only differences.
 pub struct Reconciler<M: DatapathMaps> {
     maps: M,
@@ -308,6 +314,10 @@ pub struct Reconciler<M: DatapathMaps> {
     backend_ids: IdMap<BackendRef>,
     /// What `ADDRS_V1` holds, as far as this reconciler knows.
     addrs: BTreeMap<AddrKey, AddrValue>,
+    /// Addresses that are no backend's any more but keep the `BACKEND` flag until their grace
+    /// ([`RETIRED_BACKEND_GRACE`], from the instant in the value) ends.
+    retired: BTreeMap<AddrKey, Instant>,
+    retired_grace: Duration,
 }
 
 impl<M: DatapathMaps> Reconciler<M> {
@@ -347,8 +357,10 @@ impl<M: DatapathMaps> Reconciler<M> {
             frontend_ids,
             backend_ids,
             addrs,
+            retired: BTreeMap::new(),
+            retired_grace: RETIRED_BACKEND_GRACE,
         };
-        let want = addresses(&r.current.services, &r.current.backends);
+        let want = r.addresses_now();
         let mut errors = Vec::new();
         r.sync_addrs(&want, true, &mut errors);
         if !errors.is_empty() {
@@ -393,7 +405,7 @@ impl<M: DatapathMaps> Reconciler<M> {
         let broken = self.write_services(&want, &mut report);
         self.remove_services(&want, &broken, &mut report);
         let removed = self.remove_backends(&want, &mut report);
-        let after = addresses(&self.current.services, &self.current.backends);
+        let after = self.addresses_now();
         self.sync_addrs(&after, true, &mut report.errors);
         // Slots kept for a frontend that could not be reprogrammed still send new flows.
         self.current.reachable = &want.reachable | &slot_pairs(&self.current.services);
@@ -457,6 +469,30 @@ impl<M: DatapathMaps> Reconciler<M> {
             );
         }
         cleared
+    }
+
+    /// What `ADDRS_V1` should hold now: the addresses of what `SERVICES_V1` and `BACKENDS_V1`
+    /// hold, plus the `BACKEND` flag of addresses whose last backend left less than
+    /// [`RETIRED_BACKEND_GRACE`] ago (an address flagged in the map but no backend's starts
+    /// its grace now).
+    fn addresses_now(&mut self) -> BTreeMap<AddrKey, AddrValue> {
+        let mut want = addresses(&self.current.services, &self.current.backends);
+        let now = Instant::now();
+        let is_backend = |m: &BTreeMap<AddrKey, AddrValue>, k: &AddrKey| {
+            m.get(k).is_some_and(|v| v.flags & addr_flags::BACKEND != 0)
+        };
+        for k in self.addrs.keys() {
+            if is_backend(&self.addrs, k) && !is_backend(&want, k) {
+                self.retired.entry(*k).or_insert(now);
+            }
+        }
+        let grace = self.retired_grace;
+        self.retired
+            .retain(|k, since| !is_backend(&want, k) && now.duration_since(*since) < grace);
+        for k in self.retired.keys() {
+            want.entry(*k).or_default().flags |= addr_flags::BACKEND;
+        }
+        want
     }
 
     /// Steps 0 and 7: writes the `ADDRS_V1` entries that differ from `want`; with `remove`,
@@ -708,7 +744,7 @@ fn describe(k: &ServiceKey) -> String {
 mod tests {
     use std::collections::HashMap;
 
-    use svc_common::{Be16, addrs::addr_flags, conntrack::dir};
+    use svc_common::{Be16, conntrack::dir};
 
     use super::*;
     use crate::{
@@ -1061,8 +1097,15 @@ mod tests {
             None,
             "its last frontend went"
         );
-        assert_eq!(flags(&r.maps, "198.18.1.11"), None, "its only backend went");
+        assert_eq!(
+            flags(&r.maps, "198.18.1.11"),
+            Some(be),
+            "its only backend went: replies on their way still need the flag"
+        );
         assert_eq!(flags(&r.maps, "198.18.1.10"), Some(be), "still a backend");
+        r.retired_grace = Duration::ZERO;
+        r.apply(&state(&[("198.19.0.10", &["198.18.1.10"])]));
+        assert_eq!(flags(&r.maps, "198.18.1.11"), None, "its grace ended");
         // An agent adopting maps whose ADDRS_V1 an older agent did not keep: rebuilt at once,
         // before any pass (the programs test it first).
         let FakeMaps {
