@@ -304,7 +304,7 @@ pub struct Cleared {
 /// `ADDRS_V1`: replies already on their way (a TCP answer to a request sent just before the
 /// removal) still get the service address back, as their reply entries say. The flag goes at
 /// the first pass after that.
-pub const RETIRED_BACKEND_GRACE: Duration = Duration::from_secs(60);
+pub const RETIRED_BACKEND_GRACE: Duration = Duration::from_mins(1);
 
 /// Keeps the maps equal to the desired state, writing only differences.
 pub struct Reconciler<M: DatapathMaps> {
