@@ -119,6 +119,7 @@ impl MapSizes {
         loader.map_max_entries("BACKEND_STATS_V1", self.backends);
         loader.map_max_entries("SOCK_REVNAT_V1", self.sock_revnat);
         loader.map_max_entries("SOCK_UDP_PIN_V1", self.sock_pin);
+        loader.map_max_entries("ADDRS_V1", self.services.saturating_add(self.backends));
     }
 }
 

@@ -47,7 +47,8 @@ pub struct AffinityValue {
     pub backend_id: u32,
     /// Explicit padding, always zero.
     pub _pad: u32,
-    /// Last use, `bpf_ktime_get_ns`.
+    /// Last use, `CLOCK_MONOTONIC` ns (`bpf_ktime_get_ns`; the TC path reads the coarse
+    /// `bpf_ktime_get_coarse_ns`, the same clock at the last tick).
     pub last_used_ns: u64,
 }
 crate::assert_layout!(AffinityValue, size = 16, backend_id = 0, last_used_ns = 8);

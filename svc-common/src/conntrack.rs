@@ -30,7 +30,7 @@ pub mod state {
     pub const HAIRPIN_REPLY: u8 = 1 << 1;
 }
 
-/// Idle timeouts, in nanoseconds of `bpf_ktime_get_ns`.
+/// Idle timeouts, in nanoseconds of `CLOCK_MONOTONIC` (`bpf_ktime_get_coarse_ns`).
 pub mod timeout {
     /// An established TCP connection (6 hours).
     pub const TCP_ESTABLISHED_NS: u64 = 6 * 3600 * 1_000_000_000;
@@ -91,7 +91,8 @@ pub struct CtValue {
     pub frontend_id: u32,
     /// Explicit padding, always zero.
     pub _pad2: u32,
-    /// When the entry was last used, `bpf_ktime_get_ns`.
+    /// When the entry was last used: `CLOCK_MONOTONIC` ns at the last tick
+    /// (`bpf_ktime_get_coarse_ns`; timeouts are seconds).
     pub last_seen_ns: u64,
 }
 crate::assert_layout!(

@@ -14,6 +14,7 @@
 )]
 
 pub mod addr;
+pub mod addrs;
 pub mod affinity;
 pub mod conntrack;
 pub mod csum;
@@ -41,6 +42,7 @@ pub const MAP_NAMES: &[&str] = &[
     "BACKEND_STATS_V1",
     "SOCK_REVNAT_V1",
     "SOCK_UDP_PIN_V1",
+    "ADDRS_V1",
 ];
 
 /// Default map sizes (the agent's flags override them at load time).
@@ -54,6 +56,9 @@ pub mod sizes {
     pub const CT: u32 = 2_000_000;
     /// `AFFINITY_V1` entries: (client, service port) pairs with `ClientIP` affinity.
     pub const AFFINITY: u32 = 262_144;
+    /// `ADDRS_V1` entries: every frontend and backend address fits (each has at least one
+    /// entry in `SERVICES_V1` or `BACKENDS_V1`). Not preallocated.
+    pub const ADDRS: u32 = SERVICES + BACKENDS;
 }
 
 /// Directory (below the bpffs mount) holding one directory per layout version (`v1`, `v2`,

@@ -10,6 +10,7 @@ use aya_ebpf::{
 /// `BPF_F_NO_PREALLOC` (uapi): entries are allocated when inserted.
 const BPF_F_NO_PREALLOC: u32 = 1;
 use svc_common::{
+    addrs::{AddrKey, AddrValue},
     affinity::{AffinityKey, AffinityValue},
     conntrack::{CtKey, CtValue},
     service::{Backend, ServiceKey, ServiceValue},
@@ -56,3 +57,9 @@ pub static SVC_STATS_V1: PerCpuHashMap<u32, Counter> =
 #[map]
 pub static BACKEND_STATS_V1: PerCpuHashMap<u32, Counter> =
     PerCpuHashMap::with_max_entries(sizes::BACKENDS, BPF_F_NO_PREALLOC);
+
+/// Frontend and backend addresses: the pod programs' first test. Writer: the agent. See
+/// `svc_common::addrs`. No preallocation: memory follows the addresses in use.
+#[map]
+pub static ADDRS_V1: HashMap<AddrKey, AddrValue> =
+    HashMap::with_max_entries(sizes::ADDRS, BPF_F_NO_PREALLOC);

@@ -5,13 +5,14 @@
 //! sum), and `bpf_l4_csum_replace` with `BPF_F_PSEUDO_HDR` treats PARTIAL, COMPLETE and plain
 //! packets alike correctly; `BPF_F_MARK_MANGLED_0` keeps a UDP "no checksum" zero as zero.
 
-use aya_ebpf::{helpers::bpf_csum_diff, programs::TcContext};
+use aya_ebpf::programs::TcContext;
 use svc_common::{
     addr::{Addr, FAMILY_V4},
+    csum,
     net::ipproto,
 };
 
-use crate::parse::{ETH_HLEN, Parsed};
+use crate::parse::{ETH_HLEN, Parsed, ptr_at};
 
 /// `BPF_F_PSEUDO_HDR` (uapi): the changed field is part of the pseudo header.
 const BPF_F_PSEUDO_HDR: u64 = 1 << 4;
@@ -31,6 +32,12 @@ pub enum End {
 
 /// Rewrites the address and port (`port` network order) of `end` and fixes every checksum.
 /// A subprogram of its own (its own stack frame).
+///
+/// Each helper call costs; the transport checksum needs the helpers (they know whether the
+/// packet is `CHECKSUM_PARTIAL`, which decides whether the port change goes into the field),
+/// but the IPv4 header checksum is plain arithmetic: it is updated here and written together
+/// with the address (one store of bytes 10..20 of the header), and the `IPv6` address
+/// difference is summed here instead of by `bpf_csum_diff`.
 #[inline(never)]
 pub fn nat_rewrite(
     ctx: &TcContext,
@@ -51,7 +58,14 @@ pub fn nat_rewrite(
     if pkt.family == FAMILY_V4 {
         let old = u32::from_ne_bytes([old_addr[0], old_addr[1], old_addr[2], old_addr[3]]);
         let new = u32::from_ne_bytes([addr[0], addr[1], addr[2], addr[3]]);
-        let addr_off = ETH_HLEN + if end == End::Src { 12 } else { 16 };
+        // Header bytes 10..20 (checksum, source, destination) as they are now.
+        let hdr = ptr_at::<[u8; 10]>(ctx, IPV4_CHECK).ok_or(())?;
+        // SAFETY: `ptr_at` checked the bytes are inside the packet.
+        let mut hdr = unsafe { *hdr };
+        let check = csum::replace32(u16::from_ne_bytes([hdr[0], hdr[1]]), old, new);
+        hdr[..2].copy_from_slice(&check.to_ne_bytes());
+        let at = if end == End::Src { 2 } else { 6 };
+        hdr[at..at + 4].copy_from_slice(&new.to_ne_bytes());
         ctx.l4_csum_replace(
             check_off,
             u64::from(old),
@@ -59,25 +73,12 @@ pub fn nat_rewrite(
             BPF_F_PSEUDO_HDR | mangled | 4,
         )
         .map_err(|_| ())?;
-        ctx.l3_csum_replace(IPV4_CHECK, u64::from(old), u64::from(new), 4)
-            .map_err(|_| ())?;
-        ctx.store(addr_off, &new, 0).map_err(|_| ())?;
+        ctx.store(IPV4_CHECK, &hdr, 0).map_err(|_| ())?;
     } else {
-        let mut old = words(old_addr);
-        let mut new = words(addr);
         let addr_off = ETH_HLEN + if end == End::Src { 8 } else { 24 };
-        // SAFETY: both buffers are 16 bytes on this stack frame, as the sizes say.
-        let diff = unsafe { bpf_csum_diff(old.as_mut_ptr(), 16, new.as_mut_ptr(), 16, 0) };
-        if diff < 0 {
-            return Err(());
-        }
-        ctx.l4_csum_replace(
-            check_off,
-            0,
-            diff.cast_unsigned(),
-            BPF_F_PSEUDO_HDR | mangled,
-        )
-        .map_err(|_| ())?;
+        let diff = csum_diff128(&words(old_addr), &words(addr));
+        ctx.l4_csum_replace(check_off, 0, u64::from(diff), BPF_F_PSEUDO_HDR | mangled)
+            .map_err(|_| ())?;
         ctx.store(addr_off, addr, 0).map_err(|_| ())?;
     }
     if port != old_port {
@@ -87,6 +88,25 @@ pub fn nat_rewrite(
         ctx.store(port_off, &port, 0).map_err(|_| ())?;
     }
     Ok(())
+}
+
+/// What `bpf_csum_diff(old, 16, new, 16, 0)` returns: the 32-bit ones' complement sum of the
+/// complemented old words and the new words (end-around carries folded in).
+#[inline(always)]
+#[expect(
+    clippy::cast_possible_truncation,
+    reason = "folded twice, the sum fits in 32 bits"
+)]
+fn csum_diff128(old: &[u32; 4], new: &[u32; 4]) -> u32 {
+    let mut sum = 0u64;
+    let mut i = 0;
+    while i < 4 {
+        sum += u64::from(!old[i]) + u64::from(new[i]);
+        i += 1;
+    }
+    sum = (sum & 0xffff_ffff) + (sum >> 32);
+    sum = (sum & 0xffff_ffff) + (sum >> 32);
+    sum as u32
 }
 
 #[inline(always)]

@@ -40,17 +40,44 @@ pub fn ptr_at<T>(ctx: &TcContext, off: usize) -> Option<*mut T> {
     Some((start + off) as *mut T)
 }
 
-/// Makes sure the headers are in the linear part of the packet, so direct access can see them.
+/// Parses the headers of the frame in `ctx` (see [`parse`]), first from the linear part as it
+/// is; only when that did not see every header the caller needs and the packet has bytes
+/// beyond the linear part does it pull up to `PARSE_WINDOW` bytes in and parse again.
+/// `quotes`: the caller also reads the headers an ICMP error quotes.
+///
+/// Pulling is not free: `bpf_skb_pull_data` makes the head writable, and a TCP segment from a
+/// local stack is a clone whose payload sits in page fragments, so pulling payload bytes into
+/// its head reallocates and copies the head (`pskb_expand_head`). Most packets have every
+/// header in the linear part already: they are parsed once and never pulled.
 #[inline(always)]
-pub fn pull_headers(ctx: &TcContext) {
+pub fn parse_pulled(ctx: &TcContext, quotes: bool) -> Parsed {
+    let pkt = parse(ctx);
     let want = if ctx.len() < PARSE_WINDOW {
         ctx.len()
     } else {
         PARSE_WINDOW
     };
-    if ((ctx.data_end() - ctx.data()) as u32) < want {
-        // A failed pull leaves the packet as it was; the bounds checks below then fail safely.
-        let _ = ctx.pull_data(want);
+    let linear = ctx.data_end() - ctx.data();
+    if linear as u32 >= want || !missed_headers(&pkt, linear, quotes) {
+        return pkt;
+    }
+    // A failed pull leaves the packet as it was; the parse below then sees the same bytes.
+    let _ = ctx.pull_data(want);
+    parse(ctx)
+}
+
+/// Whether a parse of a packet whose linear part is `linear` bytes long may have stopped short
+/// of a header it needs: not for complete TCP/UDP headers, fragments and other transports,
+/// ICMP unless its quote is wanted, or a non-IP `EtherType` it could read.
+#[inline(always)]
+fn missed_headers(pkt: &Parsed, linear: usize, quotes: bool) -> bool {
+    match pkt.l4 {
+        Some(PktCounter::Tcp | PktCounter::Udp | PktCounter::OtherL4 | PktCounter::Fragment) => {
+            false
+        }
+        Some(PktCounter::Icmp | PktCounter::Icmpv6) => quotes,
+        Some(_) => true,
+        None => pkt.l3 != PktCounter::NonIp || linear < ETH_HLEN,
     }
 }
 

@@ -1,18 +1,21 @@
 //! The pod-facing TC path (the host end of each pod's veth).
 //!
-//! From a pod (ingress): make the headers readable -> parse -> count -> a flow we already
+//! From a pod (ingress): parse (pulling only headers outside the linear part) -> count -> is
+//! the destination a frontend address at all (one lookup; no: passed) -> a flow we already
 //! translated keeps its backend (connection table) -> otherwise look the destination up as a
 //! service and choose a backend, remembering the choice -> rewrite the destination.
 //!
-//! To a pod (egress): a reply from a backend gets the service address back as its source.
+//! To a pod (egress): is the source a backend address at all (one lookup; no: passed) -> a
+//! reply from a backend gets the service address back as its source.
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT},
-    helpers::{bpf_ktime_get_ns, bpf_redirect},
+    helpers::{bpf_ktime_get_coarse_ns, bpf_redirect},
     programs::TcContext,
 };
 use svc_common::{
     addr::Addr,
+    addrs::{AddrKey, addr_flags},
     conntrack::{dir, state},
     stats::{DropReason, PktCounter},
 };
@@ -21,6 +24,7 @@ use crate::{
     conntrack::{ct_backend_alive, ct_create, ct_key, ct_lookup, ct_syn_leaves_terminating},
     icmp,
     lb::{Choice, Chosen, lb_backend, lb_frontend_key, lb_select_for_client},
+    maps::ADDRS_V1,
     nat::{End, nat_rewrite},
     parse, reject, stats,
 };
@@ -28,13 +32,14 @@ use crate::{
 /// Handles one packet from a pod. Returns the TC verdict.
 #[inline(always)]
 pub fn from_pod(ctx: &TcContext) -> i32 {
-    parse::pull_headers(ctx);
-    let pkt = parse::parse(ctx);
+    let pkt = parse::parse_pulled(ctx, false);
     stats::count(pkt.l3, ctx.len());
     if let Some(l4) = pkt.l4 {
         stats::count(l4, ctx.len());
     }
-    if !pkt.is_tcp_or_udp() {
+    // Only a frontend address can have flows to translate (a new one, an established one, or
+    // the reply leg of a hairpinned one, addressed to the VIP and the client's port).
+    if !pkt.is_tcp_or_udp() || !addr_has(&pkt.dst, pkt.family, addr_flags::FRONTEND) {
         return TC_ACT_OK;
     }
     match to_service(ctx, &pkt) {
@@ -79,8 +84,9 @@ struct Target {
 /// a subprogram with its own stack frame; only the target travels between them.
 #[inline(never)]
 fn to_service(ctx: &TcContext, pkt: &parse::Parsed) -> Outcome {
-    // SAFETY: bpf_ktime_get_ns has no preconditions.
-    let now = unsafe { bpf_ktime_get_ns() };
+    // Timeouts are seconds: the coarse clock (CLOCK_MONOTONIC at the last tick) is enough and
+    // cheaper than reading the clock source. SAFETY: the helper has no preconditions.
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
     let mut target = Target {
         addr: [0; 16],
         port: 0,
@@ -178,8 +184,7 @@ fn new_flow_backend(pkt: &parse::Parsed, now: u64, target: &mut Target) -> Outco
 /// Handles one packet to a pod. Returns the TC verdict.
 #[inline(always)]
 pub fn to_pod(ctx: &TcContext) -> i32 {
-    parse::pull_headers(ctx);
-    let pkt = parse::parse(ctx);
+    let pkt = parse::parse_pulled(ctx, true);
     if matches!(pkt.l4, Some(PktCounter::Icmp | PktCounter::Icmpv6)) {
         // An ICMP error about a translated flow: its quote must name the VIP again.
         return match icmp::icmp_error_to_pod(ctx, &pkt) {
@@ -192,18 +197,32 @@ pub fn to_pod(ctx: &TcContext) -> i32 {
             Err(()) => drop(ctx, DropReason::RewriteFailed),
         };
     }
-    if !pkt.is_tcp_or_udp() {
+    // Only a backend address can send replies to translate.
+    if !pkt.is_tcp_or_udp() || !addr_has(&pkt.src, pkt.family, addr_flags::BACKEND) {
         return TC_ACT_OK;
     }
     reply_to_pod(ctx, &pkt)
+}
+
+/// Whether `addr` is a frontend or backend address (`flag`), per `ADDRS_V1`.
+#[inline(always)]
+fn addr_has(addr: &Addr, family: u8, flag: u32) -> bool {
+    let key = AddrKey {
+        addr: *addr,
+        family,
+        _pad: [0; 3],
+    };
+    // SAFETY: the value is read at once.
+    unsafe { ADDRS_V1.get(&key) }.is_some_and(|v| v.flags & flag != 0)
 }
 
 /// A reply from a backend gets the service address back as its source. A subprogram of its
 /// own (its own stack frame, as the ICMP one has).
 #[inline(never)]
 fn reply_to_pod(ctx: &TcContext, pkt: &parse::Parsed) -> i32 {
-    // SAFETY: bpf_ktime_get_ns has no preconditions.
-    let now = unsafe { bpf_ktime_get_ns() };
+    // Timeouts are seconds: the coarse clock (CLOCK_MONOTONIC at the last tick) is enough and
+    // cheaper than reading the clock source. SAFETY: the helper has no preconditions.
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
     let Some(entry) = ct_lookup(&ct_key(pkt, dir::REPLY), pkt, now) else {
         return TC_ACT_OK;
     };

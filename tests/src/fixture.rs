@@ -10,7 +10,8 @@
 //! each run on a fresh copy of the row's input (the kernel's own `repeat` would run later
 //! iterations on the frame the first one rewrote, timing the wrong path), and the median of the
 //! kernel-measured durations is reported. Later runs see the map state earlier runs left, which
-//! is what a flow's second and later packets see.
+//! is what a flow's second and later packets see; a row that times something else (a new
+//! connection per packet) gives each timed run its own input ([`Fixture::timed_inputs`]).
 
 use std::{fmt::Write as _, time::Duration};
 
@@ -63,6 +64,9 @@ pub type Setup = fn(&mut Ebpf) -> anyhow::Result<()>;
 /// Checks map state after the row's run (the row is given for its input length and program).
 pub type Check = fn(&Ebpf, &Fixture) -> anyhow::Result<()>;
 
+/// The input of the `n`-th timed run of a row (see [`Fixture::timed_inputs`]).
+pub type TimedInput = fn(u32) -> Vec<u8>;
+
 /// One row of a fixture table.
 #[derive(Clone)]
 pub struct Fixture {
@@ -86,6 +90,10 @@ pub struct Fixture {
     pub sizes: MapSizes,
     /// Map state to check after the run, beyond the counters above.
     pub check: Option<Check>,
+    /// When set, timed run `n` gets this input instead of the row's (for example the SYN of
+    /// the `n`-th new connection, so every timed run takes the new-flow path); the checked
+    /// run still uses `input`.
+    pub timed_inputs: Option<TimedInput>,
 }
 
 impl Fixture {
@@ -103,6 +111,7 @@ impl Fixture {
             drops: Vec::new(),
             sizes: MapSizes::small(),
             check: None,
+            timed_inputs: None,
         }
     }
 
@@ -242,16 +251,30 @@ pub fn run(fixture: &Fixture, repeat: u32) -> anyhow::Result<Report> {
     }
 
     let per_packet = if repeat > 1 {
-        let mut out = vec![0u8; fixture.input.len() + OUT_HEADROOM];
-        let mut samples = (0..repeat)
-            .map(|_| test_run_timed(&mut ebpf, fixture.program, &fixture.input, &mut out, 1))
-            .collect::<anyhow::Result<Vec<Duration>>>()?;
-        samples.sort_unstable();
-        Some(samples[samples.len() / 2])
+        Some(median_run(&mut ebpf, fixture, repeat)?)
     } else {
         None
     };
     Ok(Report { per_packet })
+}
+
+/// The median kernel-measured time of `repeat` single runs of the row's program, each on a
+/// fresh copy of its input (or of its timed inputs).
+fn median_run(ebpf: &mut Ebpf, fixture: &Fixture, repeat: u32) -> anyhow::Result<Duration> {
+    let inputs: Vec<Vec<u8>> = match fixture.timed_inputs {
+        Some(input) => (0..repeat).map(input).collect(),
+        None => vec![fixture.input.clone()],
+    };
+    let longest = inputs.iter().map(Vec::len).max().unwrap_or(0);
+    let mut out = vec![0u8; longest + OUT_HEADROOM];
+    let mut samples = (0..repeat)
+        .map(|n| {
+            let input = &inputs[n as usize % inputs.len()];
+            test_run_timed(ebpf, fixture.program, input, &mut out, 1)
+        })
+        .collect::<anyhow::Result<Vec<Duration>>>()?;
+    samples.sort_unstable();
+    Ok(samples[samples.len() / 2])
 }
 
 /// Runs `program` over `input` `repeat` times; returns (output length, return value).

@@ -1,8 +1,9 @@
 //! Writing rendered state into the maps: only what changed, in an order that never lets a
 //! program see a half-programmed frontend.
 //!
-//! Order: backends first, then backend slots, then frontend entries (slot 0), then removals in
-//! reverse (frontend entries, stale slots, unused backends). A frontend whose slots could not
+//! Order: addresses (`ADDRS_V1`) the new entries need first, then backends, then backend slots,
+//! then frontend entries (slot 0), then removals in reverse (frontend entries, stale slots,
+//! unused backends, then addresses no entry has any more). A frontend whose slots could not
 //! all be written keeps its old slot 0 (count), which only names slots that exist. Last, when
 //! the pass ended `(frontend, backend)` pairs or removed backends, the kernel's flow state that
 //! names them is cleared: UDP flows and affinity entries (one bounded pass over each table; see
@@ -12,7 +13,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, anyhow};
@@ -23,6 +24,7 @@ use aya::{
 };
 use svc_common::{
     addr::{FAMILY_V4, to_v4},
+    addrs::{AddrKey, AddrValue, addr_flags},
     affinity::{AffinityKey, AffinityValue},
     conntrack::{CtKey, CtValue},
     net::ipproto,
@@ -36,7 +38,7 @@ use super::{
     batch,
     flows::{FlowTable, StaleFlows, Sweep, is_flow, sweep},
     ids::IdMap,
-    render::{BackendRef, Capacity, Rendered, render},
+    render::{BackendRef, Capacity, Rendered, addresses, addresses_union, render},
 };
 use crate::{
     model::{DesiredState, FrontendKey, Protocol, Scope},
@@ -58,6 +60,12 @@ pub trait DatapathMaps {
     fn put_backend(&mut self, id: u32, value: &Backend) -> anyhow::Result<()>;
     /// Removes one `BACKENDS_V1` entry.
     fn del_backend(&mut self, id: u32) -> anyhow::Result<()>;
+    /// Every entry of `ADDRS_V1`.
+    fn addrs(&self) -> anyhow::Result<BTreeMap<AddrKey, AddrValue>>;
+    /// Writes one `ADDRS_V1` entry.
+    fn put_addr(&mut self, key: &AddrKey, value: &AddrValue) -> anyhow::Result<()>;
+    /// Removes one `ADDRS_V1` entry.
+    fn del_addr(&mut self, key: &AddrKey) -> anyhow::Result<()>;
     /// Creates (or zeroes) the counters of a frontend or backend id.
     fn new_counters(&mut self, kind: CounterKind, id: u32) -> anyhow::Result<()>;
     /// Removes the counters of a frontend or backend id.
@@ -87,6 +95,7 @@ pub enum CounterKind {
 pub struct AyaMaps {
     services: BpfHashMap<MapData, ServiceKey, ServiceValue>,
     backends: BpfHashMap<MapData, u32, Backend>,
+    addrs: BpfHashMap<MapData, AddrKey, AddrValue>,
     svc_stats: PerCpuHashMap<MapData, u32, Counter>,
     backend_stats: PerCpuHashMap<MapData, u32, Counter>,
     ct: BpfHashMap<MapData, CtKey, CtValue>,
@@ -101,11 +110,12 @@ pub struct AyaMaps {
 }
 
 impl AyaMaps {
-    /// Takes `SERVICES_V1`, `BACKENDS_V1`, their counters, `CT_V1` and `AFFINITY_V1` out of
-    /// `ebpf` (the programs keep using them).
+    /// Takes `SERVICES_V1`, `BACKENDS_V1`, `ADDRS_V1`, their counters, `CT_V1` and
+    /// `AFFINITY_V1` out of `ebpf` (the programs keep using them).
     pub fn take(ebpf: &mut Ebpf) -> anyhow::Result<Self> {
         let (services, svc_max) = take_hash(ebpf, "SERVICES_V1")?;
         let (backends, be_max) = take_hash(ebpf, "BACKENDS_V1")?;
+        let (addrs, _) = take_hash(ebpf, "ADDRS_V1")?;
         let (ct, ct_max) = take_hash(ebpf, "CT_V1")?;
         let (affinity, affinity_max) = take_hash(ebpf, "AFFINITY_V1")?;
         let (sock_pins, sock_pins_max) = take_hash(ebpf, "SOCK_UDP_PIN_V1")?;
@@ -119,6 +129,7 @@ impl AyaMaps {
         Ok(Self {
             services: BpfHashMap::try_from(services)?,
             backends: BpfHashMap::try_from(backends)?,
+            addrs: BpfHashMap::try_from(addrs).context("ADDRS_V1")?,
             svc_stats: take_stats(ebpf, "SVC_STATS_V1")?,
             backend_stats: take_stats(ebpf, "BACKEND_STATS_V1")?,
             ct: BpfHashMap::try_from(ct).context("CT_V1")?,
@@ -182,6 +193,18 @@ impl DatapathMaps for AyaMaps {
         self.backends
             .remove(&id)
             .context("deleting from BACKENDS_V1")
+    }
+    fn addrs(&self) -> anyhow::Result<BTreeMap<AddrKey, AddrValue>> {
+        self.addrs
+            .iter()
+            .map(|r| r.context("reading ADDRS_V1"))
+            .collect()
+    }
+    fn put_addr(&mut self, key: &AddrKey, value: &AddrValue) -> anyhow::Result<()> {
+        self.addrs.insert(key, value, 0).context("writing ADDRS_V1")
+    }
+    fn del_addr(&mut self, key: &AddrKey) -> anyhow::Result<()> {
+        self.addrs.remove(key).context("deleting from ADDRS_V1")
     }
     fn new_counters(&mut self, kind: CounterKind, id: u32) -> anyhow::Result<()> {
         let zero =
@@ -303,6 +326,12 @@ pub struct Cleared {
     pub sock_pins: Option<Sweep>,
 }
 
+/// How long the address of a backend that left `BACKENDS_V1` keeps its `BACKEND` flag in
+/// `ADDRS_V1`: replies already on their way (a TCP answer to a request sent just before the
+/// removal) still get the service address back, as their reply entries say. The flag goes at
+/// the first pass after that.
+pub const RETIRED_BACKEND_GRACE: Duration = Duration::from_mins(1);
+
 /// Keeps the maps equal to the desired state, writing only differences.
 pub struct Reconciler<M: DatapathMaps> {
     maps: M,
@@ -311,11 +340,20 @@ pub struct Reconciler<M: DatapathMaps> {
     backend_ids: IdMap<BackendRef>,
     /// Where ended backends go for their connected UDP sockets to be destroyed (`sockets`).
     ended: Option<EndedSender>,
+    /// What `ADDRS_V1` holds, as far as this reconciler knows.
+    addrs: BTreeMap<AddrKey, AddrValue>,
+    /// Addresses that are no backend's any more but keep the `BACKEND` flag until their grace
+    /// ([`RETIRED_BACKEND_GRACE`], from the instant in the value) ends.
+    retired: BTreeMap<AddrKey, Instant>,
+    retired_grace: Duration,
 }
 
 impl<M: DatapathMaps> Reconciler<M> {
     /// Adopts whatever the maps hold (a previous agent's state): ids are rebuilt from them, so
-    /// unchanged entries are not rewritten by the first pass.
+    /// unchanged entries are not rewritten by the first pass. `ADDRS_V1` is brought in line
+    /// with the adopted `SERVICES_V1` and `BACKENDS_V1` at once (an older agent may not have
+    /// kept it, or kept none): the programs test it first, so it must be right before they are
+    /// attached.
     pub fn adopt(maps: M) -> anyhow::Result<Self> {
         let services = maps.services()?;
         let backends = maps.backends()?;
@@ -334,19 +372,30 @@ impl<M: DatapathMaps> Reconciler<M> {
         // it, that frontend's UDP flows to it stay (they end when idle); removed backends are
         // cleared whatever frontend names them.
         let reachable = slot_pairs(&services);
+        let addrs = maps.addrs()?;
         let current = Rendered {
             services,
             backends,
             reachable,
             skipped: Vec::new(),
         };
-        Ok(Self {
+        let mut r = Self {
             maps,
             current,
             frontend_ids,
             backend_ids,
             ended: None,
-        })
+            addrs,
+            retired: BTreeMap::new(),
+            retired_grace: RETIRED_BACKEND_GRACE,
+        };
+        let want = r.addresses_now();
+        let mut errors = Vec::new();
+        r.sync_addrs(&want, true, &mut errors);
+        if !errors.is_empty() {
+            return Err(anyhow!("rebuilding ADDRS_V1: {}", errors.join("; ")));
+        }
+        Ok(r)
     }
 
     /// From now on, every pass that ends backends also sends them, as addresses, to `sender`
@@ -385,10 +434,15 @@ impl<M: DatapathMaps> Reconciler<M> {
         let reachable_before = std::mem::take(&mut self.current.reachable);
         let mut frontends = frontend_keys(&self.current.services);
         frontends.extend(frontend_keys(&want.services));
+        let before = addresses(&self.current.services, &self.current.backends);
+        let needed = addresses_union(&before, &addresses(&want.services, &want.backends));
+        self.sync_addrs(&needed, false, &mut report.errors);
         self.write_backends(&want, &mut report);
         let broken = self.write_services(&want, &mut report);
         self.remove_services(&want, &broken, &mut report);
         let removed = self.remove_backends(&want, &mut report);
+        let after = self.addresses_now();
+        self.sync_addrs(&after, true, &mut report.errors);
         // Slots kept for a frontend that could not be reprogrammed still send new flows.
         self.current.reachable = &want.reachable | &slot_pairs(&self.current.services);
         let stale = StaleFlows {
@@ -469,6 +523,69 @@ impl<M: DatapathMaps> Reconciler<M> {
             );
         }
         cleared
+    }
+
+    /// What `ADDRS_V1` should hold now: the addresses of what `SERVICES_V1` and `BACKENDS_V1`
+    /// hold, plus the `BACKEND` flag of addresses whose last backend left less than
+    /// [`RETIRED_BACKEND_GRACE`] ago (an address flagged in the map but no backend's starts
+    /// its grace now).
+    fn addresses_now(&mut self) -> BTreeMap<AddrKey, AddrValue> {
+        let mut want = addresses(&self.current.services, &self.current.backends);
+        let now = Instant::now();
+        let is_backend = |m: &BTreeMap<AddrKey, AddrValue>, k: &AddrKey| {
+            m.get(k).is_some_and(|v| v.flags & addr_flags::BACKEND != 0)
+        };
+        for k in self.addrs.keys() {
+            if is_backend(&self.addrs, k) && !is_backend(&want, k) {
+                self.retired.entry(*k).or_insert(now);
+            }
+        }
+        let grace = self.retired_grace;
+        self.retired
+            .retain(|k, since| !is_backend(&want, k) && now.duration_since(*since) < grace);
+        for k in self.retired.keys() {
+            want.entry(*k).or_default().flags |= addr_flags::BACKEND;
+        }
+        want
+    }
+
+    /// Steps 0 and 7: writes the `ADDRS_V1` entries that differ from `want`; with `remove`,
+    /// also removes the entries `want` does not have. An address whose write failed is not
+    /// recorded, so the next pass tries again.
+    fn sync_addrs(
+        &mut self,
+        want: &BTreeMap<AddrKey, AddrValue>,
+        remove: bool,
+        errors: &mut Vec<String>,
+    ) {
+        for (k, v) in want {
+            if self.addrs.get(k) == Some(v) {
+                continue;
+            }
+            match self.maps.put_addr(k, v) {
+                Ok(()) => {
+                    self.addrs.insert(*k, *v);
+                }
+                Err(e) => errors.push(format!("address {}: {e:#}", ip_of(&k.addr, k.family))),
+            }
+        }
+        if !remove {
+            return;
+        }
+        let stale: Vec<AddrKey> = self
+            .addrs
+            .keys()
+            .filter(|k| !want.contains_key(k))
+            .copied()
+            .collect();
+        for k in stale {
+            match self.maps.del_addr(&k) {
+                Ok(()) => {
+                    self.addrs.remove(&k);
+                }
+                Err(e) => errors.push(format!("address {}: {e:#}", ip_of(&k.addr, k.family))),
+            }
+        }
     }
 
     /// Step 1: backends that are new or changed (a new id gets its counters first, so its first
@@ -726,6 +843,7 @@ mod tests {
     struct FakeMaps {
         services: BTreeMap<ServiceKey, ServiceValue>,
         backends: BTreeMap<u32, Backend>,
+        addrs: BTreeMap<AddrKey, AddrValue>,
         log: Vec<String>,
         fail_slot: Option<u16>,
         cap: Option<Capacity>,
@@ -740,6 +858,31 @@ mod tests {
         /// Passes over each table so far.
         ct_passes: usize,
         affinity_passes: usize,
+    }
+
+    impl FakeMaps {
+        /// The flags `ADDRS_V1` must have for `addr` given the entries the maps hold now.
+        fn addr_users(&self, key: &AddrKey) -> u32 {
+            let frontend = self
+                .services
+                .keys()
+                .any(|k| k.slot == 0 && k.addr == key.addr && k.family == key.family);
+            let backend = self
+                .backends
+                .values()
+                .any(|b| b.addr == key.addr && b.family == key.family);
+            u32::from(frontend) * addr_flags::FRONTEND + u32::from(backend) * addr_flags::BACKEND
+        }
+
+        /// Whether `ADDRS_V1` has `flag` for this address.
+        fn addr_has(&self, addr: [u8; 16], family: u8, flag: u32) -> bool {
+            let key = AddrKey {
+                addr,
+                family,
+                _pad: [0; 3],
+            };
+            self.addrs.get(&key).is_some_and(|v| v.flags & flag != 0)
+        }
     }
 
     /// A fake table: the same pass as the real maps, over a `HashMap`.
@@ -777,6 +920,10 @@ mod tests {
                     "slot written before its backend"
                 );
             } else {
+                assert!(
+                    self.addr_has(key.addr, key.family, addr_flags::FRONTEND),
+                    "frontend written before its address"
+                );
                 for s in 1..=value.count {
                     assert!(
                         self.services.contains_key(&ServiceKey { slot: s, ..*key }),
@@ -808,6 +955,10 @@ mod tests {
             Ok(())
         }
         fn put_backend(&mut self, id: u32, value: &Backend) -> anyhow::Result<()> {
+            assert!(
+                self.addr_has(value.addr, value.family, addr_flags::BACKEND),
+                "backend {id} written before its address"
+            );
             self.log.push(format!("put backend {id}"));
             self.backends.insert(id, *value);
             Ok(())
@@ -819,6 +970,25 @@ mod tests {
             );
             self.log.push(format!("del backend {id}"));
             self.backends.remove(&id);
+            Ok(())
+        }
+        fn addrs(&self) -> anyhow::Result<BTreeMap<AddrKey, AddrValue>> {
+            Ok(self.addrs.clone())
+        }
+        fn put_addr(&mut self, key: &AddrKey, value: &AddrValue) -> anyhow::Result<()> {
+            let users = self.addr_users(key);
+            assert_eq!(
+                users & !value.flags,
+                0,
+                "address flags {:#x} dropped while entries use {users:#x}",
+                value.flags
+            );
+            self.addrs.insert(*key, *value);
+            Ok(())
+        }
+        fn del_addr(&mut self, key: &AddrKey) -> anyhow::Result<()> {
+            assert_eq!(self.addr_users(key), 0, "address removed while in use");
+            self.addrs.remove(key);
             Ok(())
         }
         fn new_counters(&mut self, kind: CounterKind, id: u32) -> anyhow::Result<()> {
@@ -993,6 +1163,68 @@ mod tests {
             ReconcileReport::default(),
             "no entry removed and re-added"
         );
+    }
+
+    #[test]
+    fn addresses_follow_frontends_and_backends_and_are_rebuilt_on_adopt() {
+        fn flags(maps: &FakeMaps, ip: &str) -> Option<u32> {
+            let (addr, family) = map_addr(ip.parse().unwrap());
+            let key = AddrKey {
+                addr,
+                family,
+                _pad: [0; 3],
+            };
+            maps.addrs.get(&key).map(|v| v.flags)
+        }
+        let (fe, be) = (addr_flags::FRONTEND, addr_flags::BACKEND);
+        let mut r = Reconciler::adopt(FakeMaps::default()).unwrap();
+        r.apply(&state(&[
+            ("198.19.0.10", &["198.18.1.10"]),
+            ("198.19.0.11", &["198.18.1.10", "198.18.1.11"]),
+        ]));
+        assert_eq!(flags(&r.maps, "198.19.0.10"), Some(fe));
+        assert_eq!(flags(&r.maps, "198.19.0.11"), Some(fe));
+        assert_eq!(flags(&r.maps, "198.18.1.10"), Some(be));
+        assert_eq!(flags(&r.maps, "198.18.1.11"), Some(be));
+        // The fake maps assert the order on every write: an address before its first entry,
+        // removed after its last.
+        r.apply(&state(&[("198.19.0.10", &["198.18.1.10"])]));
+        assert_eq!(
+            flags(&r.maps, "198.19.0.11"),
+            None,
+            "its last frontend went"
+        );
+        assert_eq!(
+            flags(&r.maps, "198.18.1.11"),
+            Some(be),
+            "its only backend went: replies on their way still need the flag"
+        );
+        assert_eq!(flags(&r.maps, "198.18.1.10"), Some(be), "still a backend");
+        r.retired_grace = Duration::ZERO;
+        r.apply(&state(&[("198.19.0.10", &["198.18.1.10"])]));
+        assert_eq!(flags(&r.maps, "198.18.1.11"), None, "its grace ended");
+        // An agent adopting maps whose ADDRS_V1 an older agent did not keep: rebuilt at once,
+        // before any pass (the programs test it first).
+        let FakeMaps {
+            services, backends, ..
+        } = r.maps;
+        let (addr, family) = map_addr("198.19.9.9".parse().unwrap());
+        let stale = AddrKey {
+            addr,
+            family,
+            _pad: [0; 3],
+        };
+        let again = Reconciler::adopt(FakeMaps {
+            services,
+            backends,
+            addrs: [(stale, AddrValue { flags: fe })].into(),
+            ..FakeMaps::default()
+        })
+        .unwrap();
+        assert_eq!(flags(&again.maps, "198.19.9.9"), None);
+        assert_eq!(flags(&again.maps, "198.19.0.10"), Some(fe));
+        assert_eq!(flags(&again.maps, "198.18.1.10"), Some(be));
+        assert_eq!(again.maps.addrs.len(), 2);
     }
 
     #[test]

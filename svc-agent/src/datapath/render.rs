@@ -8,6 +8,7 @@ use std::{
 use svc_common::{
     Be16,
     addr::{Addr, FAMILY_V4, FAMILY_V6, from_v4},
+    addrs::{AddrKey, AddrValue, addr_flags},
     net::ipproto,
     service::{self, Backend, ServiceKey, ServiceValue, backend_flags, scope},
 };
@@ -49,6 +50,45 @@ pub fn map_addr(ip: IpAddr) -> (Addr, u8) {
         IpAddr::V4(v4) => (from_v4(v4.octets()), FAMILY_V4),
         IpAddr::V6(v6) => (v6.octets(), FAMILY_V6),
     }
+}
+
+/// What `ADDRS_V1` should hold for these `SERVICES_V1` and `BACKENDS_V1` contents: every
+/// frontend (slot 0) address flagged `FRONTEND`, every backend address flagged `BACKEND`.
+#[must_use]
+pub fn addresses(
+    services: &BTreeMap<ServiceKey, ServiceValue>,
+    backends: &BTreeMap<u32, Backend>,
+) -> BTreeMap<AddrKey, AddrValue> {
+    let mut out: BTreeMap<AddrKey, AddrValue> = BTreeMap::new();
+    let frontends = services
+        .keys()
+        .filter(|k| k.slot == 0)
+        .map(|k| (k.addr, k.family, addr_flags::FRONTEND));
+    let backends = backends
+        .values()
+        .map(|b| (b.addr, b.family, addr_flags::BACKEND));
+    for (addr, family, flag) in frontends.chain(backends) {
+        let key = AddrKey {
+            addr,
+            family,
+            _pad: [0; 3],
+        };
+        out.entry(key).or_default().flags |= flag;
+    }
+    out
+}
+
+/// The entries of both `a` and `b`, an address in both with the flags of both.
+#[must_use]
+pub fn addresses_union(
+    a: &BTreeMap<AddrKey, AddrValue>,
+    b: &BTreeMap<AddrKey, AddrValue>,
+) -> BTreeMap<AddrKey, AddrValue> {
+    let mut out = a.clone();
+    for (k, v) in b {
+        out.entry(*k).or_default().flags |= v.flags;
+    }
+    out
 }
 
 /// The slot-0 key of a frontend.
