@@ -1155,7 +1155,26 @@ impl TcpSession {
     /// Connects to `dst` within `timeout`; reads and writes get `timeout` too. Call it inside
     /// the client's namespace ([`Netns::run`]); the connection can be used from anywhere after.
     pub fn connect(dst: SocketAddr, timeout: Duration) -> anyhow::Result<Self> {
+        Self::connect_from(0, dst, timeout)
+    }
+
+    /// Like [`connect`](Self::connect) from local port `local_port` (0: one the system picks).
+    pub fn connect_from(
+        local_port: u16,
+        dst: SocketAddr,
+        timeout: Duration,
+    ) -> anyhow::Result<Self> {
         let socket = sockd::socket(socket2::Domain::for_address(dst), socket2::Type::STREAM)?;
+        if local_port != 0 {
+            let any: SocketAddr = if dst.is_ipv4() {
+                (std::net::Ipv4Addr::UNSPECIFIED, local_port).into()
+            } else {
+                (std::net::Ipv6Addr::UNSPECIFIED, local_port).into()
+            };
+            socket
+                .bind(&any.into())
+                .with_context(|| format!("TCP bind {any}"))?;
+        }
         socket
             .connect_timeout(&dst.into(), timeout)
             .with_context(|| format!("TCP connect to {dst}"))?;

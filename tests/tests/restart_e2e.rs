@@ -31,7 +31,7 @@ use std::{
     path::{Path, PathBuf},
     sync::{
         Arc, Mutex, PoisonError,
-        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicU16, AtomicU64, AtomicUsize, Ordering},
     },
     thread::JoinHandle,
     time::{Duration, Instant},
@@ -470,6 +470,13 @@ struct LongConn {
     dead: bool,
 }
 
+/// Local ports of long-lived connections: below the ephemeral range (32768-60999), so no
+/// short connection the system gives a port can get one of theirs. Per packet, two flows from
+/// the same client port to two Services that share a backend would be one tuple at the
+/// backend (the datapath does not remap source ports yet; kernel conntrack NAT does), and the
+/// restart checks would fail for that, not for the restart.
+static LONG_PORTS: AtomicU16 = AtomicU16::new(20_000);
+
 /// Opens `n` connections from `client` to `dst` and asks once on each.
 fn open_long(client: &Pod, dst: SocketAddr, n: usize) -> Vec<LongConn> {
     client
@@ -477,7 +484,8 @@ fn open_long(client: &Pod, dst: SocketAddr, n: usize) -> Vec<LongConn> {
         .run(|| {
             let mut conns = Vec::with_capacity(n);
             for i in 0..n {
-                let mut session = TcpSession::connect(dst, IO_TIMEOUT)?;
+                let port = LONG_PORTS.fetch_add(1, Ordering::Relaxed);
+                let mut session = TcpSession::connect_from(port, dst, IO_TIMEOUT)?;
                 let local = session.local_addr()?;
                 let answer = session.ask(&format!("open{i}"))?;
                 ensure!(answer.from == dst, "open{i}: answered from {}", answer.from);
