@@ -903,6 +903,7 @@ mod tests {
                         })
                         .collect(),
                     kept_backends: vec![],
+                    unready_backends: vec![],
                     on_empty: EmptyAction::Reject,
                 },
             );
@@ -1056,6 +1057,7 @@ mod tests {
                 local_only: false,
                 backends: ready.iter().map(|b| backend(b, false)).collect(),
                 kept_backends: kept.iter().map(|b| backend(b, true)).collect(),
+                unready_backends: vec![],
                 on_empty: EmptyAction::Reject,
             },
         )

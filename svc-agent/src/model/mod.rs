@@ -355,6 +355,7 @@ fn service_claims(view: &ServiceView<'_>, slices: &SliceIndex<'_>, claims: &mut 
                     local_only: view.internal_traffic_policy == TrafficPolicy::Local,
                     backends: selection.backends,
                     kept_backends: selection.kept_backends,
+                    unready_backends: selection.unready_backends,
                     on_empty,
                 },
                 field: view.cluster_ip_field(ip_index),
