@@ -21,6 +21,7 @@ mod endpoints;
 mod error;
 mod frontend;
 mod node;
+mod pods;
 mod service;
 
 use std::{
@@ -37,6 +38,10 @@ use k8s_openapi::api::{
     discovery::v1::EndpointSlice,
 };
 pub use node::{NodeAddress, NodeAddressKind, node_addresses};
+pub use pods::{
+    IgnoredSlice, LABEL_MANAGED_BY, MANAGED_BY, MAX_ENDPOINTS_PER_SLICE, PodSlices, Selection,
+    slices_from_pods,
+};
 
 use self::{
     endpoints::{SliceIndex, select_backends},
