@@ -41,6 +41,7 @@ pub const MAP_NAMES: &[&str] = &[
     "BACKEND_STATS_V1",
     "SOCK_REVNAT_V1",
     "SOCK_UDP_PIN_V1",
+    "BACKEND_NAMES_V1",
 ];
 
 /// Default map sizes (the agent's flags override them at load time).

@@ -295,6 +295,21 @@ fn pods_alone_serve_a_selector_service_and_follow_labels_and_readiness() {
 
     let all = ["web-0", "web-1", "web-2"];
     c.settle("Pods only, no EndpointSlice", None, &vips, &all);
+    // `inspect services` names the Pod behind each backend (BACKEND_NAMES_V1, pinned).
+    for node in 0..2 {
+        let text = c.programmed(node).text;
+        for &vip in &vips {
+            for pod in all {
+                let addr = SocketAddr::new(c.pod_ip(pod, vip), HTTP_PORT);
+                assert!(
+                    text.contains(&format!("{addr} default/{pod} (")),
+                    "node{}: inspect services does not name {pod} behind {addr}:\n{text}",
+                    node + 1
+                );
+            }
+        }
+    }
+    c.step("inspect services names the Pod behind every backend on both nodes");
     c.check_answered_by(&vips, &all, "selected");
 
     c.settle(

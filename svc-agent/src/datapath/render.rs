@@ -9,7 +9,7 @@ use svc_common::{
     Be16,
     addr::{Addr, FAMILY_V4, FAMILY_V6, from_v4},
     net::ipproto,
-    service::{self, Backend, ServiceKey, ServiceValue, backend_flags, scope},
+    service::{self, Backend, BackendName, ServiceKey, ServiceValue, backend_flags, scope},
 };
 
 use super::ids::IdMap;
@@ -31,6 +31,9 @@ pub struct Rendered {
     pub reachable: BTreeSet<(u32, u32)>,
     /// Frontends left out, with why (capacity, unsupported protocol).
     pub skipped: Vec<(FrontendKey, String)>,
+    /// `BACKEND_NAMES_V1`: the name of every backend in `backends` whose address has one in
+    /// the desired state.
+    pub names: BTreeMap<u32, BackendName>,
 }
 
 /// Map capacities the rendering must fit into.
@@ -180,6 +183,11 @@ pub fn render(
             if reachable {
                 out.reachable.insert((frontend_id, id));
             }
+        }
+    }
+    for r in &backend_set {
+        if let (Some(id), Some(name)) = (backend_ids.get(r), desired.backend_names.get(&r.0)) {
+            out.names.insert(id, BackendName::new(name));
         }
     }
     out

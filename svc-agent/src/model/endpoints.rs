@@ -323,6 +323,30 @@ fn parse_endpoint(
     })
 }
 
+/// `namespace/name` of every endpoint's `targetRef` (its namespace defaulting to the slice's),
+/// by the endpoint's first address; endpoints without a named `targetRef` or a valid address
+/// are left out.
+pub(crate) fn target_names(slices: &[&EndpointSlice]) -> Vec<(IpAddr, String)> {
+    let mut names = Vec::new();
+    for slice in slices {
+        let namespace = namespace_of(slice.metadata.namespace.as_ref());
+        for ep in &slice.endpoints {
+            let Some(target) = ep.target_ref.as_ref() else {
+                continue;
+            };
+            let Some(name) = target.name.as_deref().filter(|n| !n.is_empty()) else {
+                continue;
+            };
+            let Some(addr) = ep.addresses.first().and_then(|a| a.parse::<IpAddr>().ok()) else {
+                continue;
+            };
+            let target_namespace = target.namespace.as_deref().unwrap_or(namespace);
+            names.push((addr, format!("{target_namespace}/{name}")));
+        }
+    }
+    names
+}
+
 /// The backends of one frontend.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub(crate) struct Selection {

@@ -349,6 +349,20 @@ fn documentation_example_gives_one_frontend_with_three_backends() {
             kind: NodeAddressKind::InternalIp,
         }]
     );
+    // Who is behind each address, from the endpoints' targetRef.
+    let names: Vec<String> = state
+        .backend_names
+        .iter()
+        .map(|(addr, name)| format!("{addr} {name}"))
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "198.18.1.10 default/frontend-7d9c5b7f6-abcde",
+            "198.18.1.11 default/frontend-7d9c5b7f6-fghij",
+            "198.18.2.10 default/frontend-7d9c5b7f6-klmno",
+        ]
+    );
 }
 
 #[test]
