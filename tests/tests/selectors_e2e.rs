@@ -347,7 +347,29 @@ fn pods_alone_serve_a_selector_service_and_follow_labels_and_readiness() {
     );
     c.check_answered_by(&vips, &["web-0", "web-1"], "published");
 
-    let Cluster { backends, bed } = c;
+    // The names come from pinned state: `inspect` shows them with node2's agent stopped.
+    let Cluster { backends, mut bed } = c;
+    let agent = bed.agents.pop().expect("node2's agent");
+    let bpffs = agent.bpffs().to_owned();
+    let (status, log) = agent.stop_with_log().expect("stopping node2's agent");
+    assert!(
+        status.success(),
+        "node2's agent ended with {status}:\n{log}"
+    );
+    assert!(
+        !log.contains(" WARN ") && !log.contains(" ERROR "),
+        "node2's agent warned:\n{log}"
+    );
+    let text = k8s::agent_command(&bed.agent_bin, &bpffs, &["inspect", "services"])
+        .unwrap_or_else(|e| panic!("inspect with the agent stopped: {e:#}"));
+    for pod in ["web-0", "web-1"] {
+        let addr = SocketAddr::new(bed.pod_ip(pod, vips[0]), HTTP_PORT);
+        assert!(
+            text.contains(&format!("{addr} default/{pod} (")),
+            "node2, agent stopped: inspect services does not name {pod} behind {addr}:\n{text}"
+        );
+    }
+    bed.step("node2's agent stopped: inspect services still names the Pods (pinned)");
     drop(backends);
     bed.finish();
 }
