@@ -43,9 +43,10 @@ pub struct RunArgs {
     /// Comma-separated globs naming the pod-facing interfaces (host ends of pod veths).
     #[arg(long, default_value = "svcpod*,lxc*,veth*", env = "SVC_POD_IFACES")]
     pub pod_ifaces: String,
-    /// Standalone mode: read `Service`, `EndpointSlice` and `Node` objects from the YAML/JSON files in
-    /// this directory and follow its changes live. Without it, the agent follows the Kubernetes
-    /// API server.
+    /// Standalone mode: read `Service`, `EndpointSlice`, `Node` and `Pod` objects from the YAML/JSON
+    /// files in this directory and follow its changes live; Services with a selector get their
+    /// endpoints from the Pods, as the `EndpointSlice` controller computes them. Without it, the
+    /// agent follows the Kubernetes API server.
     #[arg(long, conflicts_with = "kubeconfig")]
     pub from_dir: Option<std::path::PathBuf>,
     /// The kubeconfig file to reach the API server with. Without it: the in-cluster service

@@ -113,6 +113,7 @@ impl MapSizes {
     fn apply(&self, loader: &mut EbpfLoader<'_>) {
         loader.map_max_entries("SERVICES_V1", self.services);
         loader.map_max_entries("BACKENDS_V1", self.backends);
+        loader.map_max_entries("BACKEND_NAMES_V1", self.backends);
         loader.map_max_entries("CT_V1", self.conntrack);
         loader.map_max_entries("AFFINITY_V1", self.affinity);
         loader.map_max_entries("SVC_STATS_V1", self.services);

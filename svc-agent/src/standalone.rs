@@ -25,7 +25,20 @@ pub fn sync_once<M: DatapathMaps>(
     for e in &loaded.errors {
         warn!(error = %e, "skipped a document");
     }
-    let desired = model::compute(&loaded.snapshot, node_name);
+    if !loaded.skipped.is_empty() {
+        let objects: Vec<String> = loaded
+            .skipped
+            .iter()
+            .map(|s| format!("{} {} ({})", s.api_version, s.kind, s.origin))
+            .collect();
+        info!(
+            objects = %objects.join(", "),
+            "skipped {} objects of kinds svc does not use (documentation only)",
+            objects.len()
+        );
+    }
+    let snapshot = with_pod_slices(&loaded);
+    let desired = model::compute(&snapshot, node_name);
     for e in &desired.errors {
         warn!(error = %e, "skipped an object");
     }
@@ -43,6 +56,40 @@ pub fn sync_once<M: DatapathMaps>(
         dir.display()
     );
     Ok(())
+}
+
+/// The snapshot to compute from: the directory's Services and Nodes, with the slices of
+/// Services that have a selector computed from the directory's Pods (as the `EndpointSlice`
+/// controller would) and the hand-written slices of the others. Logs the selections, the
+/// hand-written slices ignored and the Pods that could not be used.
+fn with_pod_slices(loaded: &source::Loaded) -> model::Snapshot {
+    let computed = model::slices_from_pods(
+        &loaded.snapshot.services,
+        &loaded.pods,
+        &loaded.snapshot.slices,
+    );
+    for ignored in &computed.ignored_slices {
+        warn!(
+            slice = %format!("{}/{}", ignored.namespace, ignored.slice),
+            "{ignored}"
+        );
+    }
+    for e in &computed.errors {
+        warn!(error = %e, "skipped an object");
+    }
+    for selection in &computed.selections {
+        info!(
+            service = %format!("{}/{}", selection.namespace, selection.name),
+            selector = %selection.selector,
+            pods = %selection.pods.join(","),
+            "selected {selection}"
+        );
+    }
+    model::Snapshot {
+        services: loaded.snapshot.services.clone(),
+        slices: computed.slices,
+        nodes: loaded.snapshot.nodes.clone(),
+    }
 }
 
 /// Whether a directory event can change what the directory holds. Opening and closing files

@@ -43,6 +43,7 @@ pub const MAP_NAMES: &[&str] = &[
     "SOCK_REVNAT_V1",
     "SOCK_UDP_PIN_V1",
     "ADDRS_V1",
+    "BACKEND_NAMES_V1",
 ];
 
 /// Default map sizes (the agent's flags override them at load time).

@@ -122,4 +122,62 @@ crate::assert_layout!(
     flags = 19
 );
 
-impl_pod!(ServiceKey, ServiceValue, Backend);
+/// Bytes of a name [`BackendName`] holds; longer names are cut (and [`BackendName::len`] says
+/// so).
+pub const BACKEND_NAME_CAP: usize = 254;
+
+/// Value of `BACKEND_NAMES_V1` (key: backend id, as in `BACKENDS_V1`): who the backend is,
+/// `namespace/name` of its endpoint's `targetRef` (a Pod), UTF-8, for `svc-agent inspect`.
+/// Written by the agent beside `BACKENDS_V1`; never read by the programs.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BackendName {
+    /// Length of the whole name in bytes; more than [`BACKEND_NAME_CAP`]: `name` holds its
+    /// first [`BACKEND_NAME_CAP`] bytes.
+    pub len: u16,
+    /// The name, zero-padded.
+    pub name: [u8; BACKEND_NAME_CAP],
+}
+crate::assert_layout!(BackendName, size = 256, len = 0, name = 2);
+
+impl Default for BackendName {
+    fn default() -> Self {
+        Self {
+            len: 0,
+            name: [0; BACKEND_NAME_CAP],
+        }
+    }
+}
+
+impl BackendName {
+    /// `text`, cut to [`BACKEND_NAME_CAP`] bytes (at a character boundary) when longer.
+    #[must_use]
+    pub fn new(text: &str) -> Self {
+        let mut out = Self {
+            len: u16::try_from(text.len()).unwrap_or(u16::MAX),
+            ..Self::default()
+        };
+        let mut cut = text.len().min(BACKEND_NAME_CAP);
+        while !text.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        out.name[..cut].copy_from_slice(&text.as_bytes()[..cut]);
+        out
+    }
+
+    /// The stored bytes of the name (all of it unless [`Self::is_cut`]).
+    #[must_use]
+    pub fn stored(&self) -> &[u8] {
+        let n = usize::from(self.len).min(BACKEND_NAME_CAP);
+        let end = self.name[..n].iter().position(|&b| b == 0).unwrap_or(n);
+        &self.name[..end]
+    }
+
+    /// Whether the name was longer than [`BACKEND_NAME_CAP`] bytes.
+    #[must_use]
+    pub fn is_cut(&self) -> bool {
+        usize::from(self.len) > BACKEND_NAME_CAP
+    }
+}
+
+impl_pod!(ServiceKey, ServiceValue, Backend, BackendName);

@@ -13,7 +13,7 @@ use svc_common::{
     addrs::{AddrKey, AddrValue},
     affinity::{AffinityKey, AffinityValue},
     conntrack::{CtKey, CtValue},
-    service::{Backend, ServiceKey, ServiceValue},
+    service::{Backend, BackendName, ServiceKey, ServiceValue},
     sizes,
     stats::{Counter, DropReason, PktCounter},
 };
@@ -52,6 +52,13 @@ pub static AFFINITY_V1: LruHashMap<AffinityKey, AffinityValue> =
 #[map]
 pub static SVC_STATS_V1: PerCpuHashMap<u32, Counter> =
     PerCpuHashMap::with_max_entries(sizes::SERVICES, BPF_F_NO_PREALLOC);
+
+/// Who each backend is (`namespace/name` of its Pod), for `svc-agent inspect`. Writer: the
+/// agent; no program reads it (declared here so it is created and pinned with the others).
+/// Key: backend id. No preallocation: memory only for backends that have a name.
+#[map]
+pub static BACKEND_NAMES_V1: HashMap<u32, BackendName> =
+    HashMap::with_max_entries(sizes::BACKENDS, BPF_F_NO_PREALLOC);
 
 /// Per-backend packets and bytes, per CPU; managed like `SVC_STATS_V1`. Key: backend id.
 #[map]

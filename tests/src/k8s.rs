@@ -99,6 +99,11 @@ pub struct Service {
     pub ports: Vec<ServicePort>,
     /// `spec.internalTrafficPolicy` is `Local` (else `Cluster`).
     pub internal_traffic_policy_local: bool,
+    /// `spec.selector` (`key: value` terms); empty: no selector, the endpoints come from the
+    /// slices the test writes (with a selector, standalone agents compute them from Pods).
+    pub selector: BTreeMap<String, String>,
+    /// `spec.publishNotReadyAddresses`.
+    pub publish_not_ready_addresses: bool,
 }
 
 impl Service {
@@ -111,7 +116,23 @@ impl Service {
             cluster_ips: cluster_ips.to_vec(),
             ports: Vec::new(),
             internal_traffic_policy_local: false,
+            selector: BTreeMap::new(),
+            publish_not_ready_addresses: false,
         }
+    }
+
+    /// Adds the term `key: value` to `spec.selector`.
+    #[must_use]
+    pub fn select(mut self, key: &str, value: &str) -> Self {
+        self.selector.insert(key.to_owned(), value.to_owned());
+        self
+    }
+
+    /// Sets `spec.publishNotReadyAddresses: true`.
+    #[must_use]
+    pub fn publish_not_ready_addresses(mut self) -> Self {
+        self.publish_not_ready_addresses = true;
+        self
     }
 
     /// Adds a port.
@@ -181,7 +202,15 @@ impl Service {
                 }
             }
         }
-        let _ = writeln!(y, "  selector:\n    app: {}", self.name);
+        if !self.selector.is_empty() {
+            y.push_str("  selector:\n");
+            for (k, v) in &self.selector {
+                let _ = writeln!(y, "    {k}: {v}");
+            }
+        }
+        if self.publish_not_ready_addresses {
+            y.push_str("  publishNotReadyAddresses: true\n");
+        }
         y.push_str("  sessionAffinity: None\n  type: ClusterIP\nstatus:\n  loadBalancer: {}\n");
         y
     }

@@ -220,7 +220,6 @@ kind: Service
 metadata: {{name: {name}, namespace: default}}
 spec:
   type: ClusterIP
-  selector: {{app: {name}}}
   clusterIP: {v4}
   clusterIPs: ["{v4}", "{v6}"]
   ipFamilies: [IPv4, IPv6]

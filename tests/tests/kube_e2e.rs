@@ -180,6 +180,26 @@ impl Cluster {
         ));
     }
 
+    /// Asserts that node1's `inspect services` names each of `pods` behind its backend: the
+    /// slices' `targetRef` reach `BACKEND_NAMES_V1`.
+    fn expect_names(&self, pods: &[&str]) {
+        let text = self.programmed().text;
+        for pod in pods {
+            let ip = self
+                .topo
+                .pods()
+                .iter()
+                .find(|p| p.name == *pod)
+                .unwrap()
+                .ipv4;
+            let addr = SocketAddr::new(ip.into(), BACKEND_PORT);
+            assert!(
+                text.contains(&format!("{addr} default/{pod} (")),
+                "inspect services does not name {pod} behind {addr}:\n{text}"
+            );
+        }
+    }
+
     /// The backends node1 programmed for `vip:80/TCP`, as pod names.
     fn backend_pods(&self, programmed: &Programmed, vip: IpAddr) -> Option<Vec<String>> {
         let key = frontend_key(SocketAddr::new(vip, SERVICE_PORT), Protocol::Tcp);
@@ -266,6 +286,7 @@ fn maps_follow_the_api_server_through_drops_relists_and_outages() {
     c.apply_service(&web(10, "web"), &["b1", "b2"]);
     c.start_agent();
     c.wait_programmed("first sync", c.has_backends(web_vip, &["b1", "b2"]));
+    c.expect_names(&["b1", "b2"]);
     let answered = c.requests(web_vip, 20);
     assert!(
         answered.iter().all(|l| l == "b1" || l == "b2"),

@@ -28,7 +28,7 @@ use svc_common::{
     affinity::{AffinityKey, AffinityValue},
     conntrack::{CtKey, CtValue},
     net::ipproto,
-    service::{Backend, ServiceKey, ServiceValue, scope},
+    service::{Backend, BackendName, ServiceKey, ServiceValue, scope},
     sock::{SockPinKey, SockPinValue},
     stats::Counter,
 };
@@ -38,6 +38,7 @@ use super::{
     batch,
     flows::{FlowTable, StaleFlows, Sweep, is_flow, sweep},
     ids::IdMap,
+    names,
     render::{BackendRef, Capacity, Rendered, addresses, addresses_union, render},
 };
 use crate::{
@@ -80,6 +81,12 @@ pub trait DatapathMaps {
     /// Deletes the `SOCK_UDP_PIN_V1` entries that `stale` names, in one pass bounded the same
     /// way.
     fn clear_sock_pins(&mut self, stale: &StaleFlows) -> anyhow::Result<Sweep>;
+    /// Every `BACKEND_NAMES_V1` entry.
+    fn backend_names(&self) -> anyhow::Result<BTreeMap<u32, BackendName>>;
+    /// Writes a backend's name.
+    fn put_backend_name(&mut self, id: u32, name: &BackendName) -> anyhow::Result<()>;
+    /// Deletes a backend's name (absent is fine).
+    fn del_backend_name(&mut self, id: u32) -> anyhow::Result<()>;
 }
 
 /// Which counters: `SVC_STATS_V1` (frontend ids) or `BACKEND_STATS_V1` (backend ids).
@@ -101,6 +108,7 @@ pub struct AyaMaps {
     ct: BpfHashMap<MapData, CtKey, CtValue>,
     affinity: BpfHashMap<MapData, AffinityKey, AffinityValue>,
     sock_pins: BpfHashMap<MapData, SockPinKey, SockPinValue>,
+    names: BpfHashMap<MapData, u32, BackendName>,
     cap: Capacity,
     /// Entries `CT_V1`, `AFFINITY_V1` and `SOCK_UDP_PIN_V1` hold at most: the bound of one pass
     /// over each.
@@ -119,6 +127,7 @@ impl AyaMaps {
         let (ct, ct_max) = take_hash(ebpf, "CT_V1")?;
         let (affinity, affinity_max) = take_hash(ebpf, "AFFINITY_V1")?;
         let (sock_pins, sock_pins_max) = take_hash(ebpf, "SOCK_UDP_PIN_V1")?;
+        let (names, _) = take_hash(ebpf, "BACKEND_NAMES_V1")?;
         let take_stats =
             |ebpf: &mut Ebpf, name: &str| -> anyhow::Result<PerCpuHashMap<MapData, u32, Counter>> {
                 let map = ebpf
@@ -135,6 +144,7 @@ impl AyaMaps {
             ct: BpfHashMap::try_from(ct).context("CT_V1")?,
             affinity: BpfHashMap::try_from(affinity).context("AFFINITY_V1")?,
             sock_pins: BpfHashMap::try_from(sock_pins).context("SOCK_UDP_PIN_V1")?,
+            names: BpfHashMap::try_from(names).context("BACKEND_NAMES_V1")?,
             cap: Capacity {
                 services: svc_max,
                 backends: be_max,
@@ -261,6 +271,23 @@ impl DatapathMaps for AyaMaps {
         )
         .context("clearing SOCK_UDP_PIN_V1")
     }
+    fn backend_names(&self) -> anyhow::Result<BTreeMap<u32, BackendName>> {
+        self.names
+            .iter()
+            .map(|r| r.context("reading BACKEND_NAMES_V1"))
+            .collect()
+    }
+    fn put_backend_name(&mut self, id: u32, name: &BackendName) -> anyhow::Result<()> {
+        self.names
+            .insert(id, name, 0)
+            .context("writing BACKEND_NAMES_V1")
+    }
+    fn del_backend_name(&mut self, id: u32) -> anyhow::Result<()> {
+        match self.names.remove(&id) {
+            Err(MapError::KeyNotFound) | Ok(()) => Ok(()),
+            Err(e) => Err(e).context("deleting from BACKEND_NAMES_V1"),
+        }
+    }
 }
 
 /// A BPF hash map as a [`FlowTable`]: read in batches, deleted from one key at a time.
@@ -378,6 +405,7 @@ impl<M: DatapathMaps> Reconciler<M> {
             backends,
             reachable,
             skipped: Vec::new(),
+            names: maps.backend_names()?,
         };
         let mut r = Self {
             maps,
@@ -443,6 +471,14 @@ impl<M: DatapathMaps> Reconciler<M> {
         let removed = self.remove_backends(&want, &mut report);
         let after = self.addresses_now();
         self.sync_addrs(&after, true, &mut report.errors);
+        let maps = std::cell::RefCell::new(&mut self.maps);
+        names::sync(
+            &mut self.current.names,
+            &want.names,
+            |id, name| maps.borrow_mut().put_backend_name(id, name),
+            |id| maps.borrow_mut().del_backend_name(id),
+            &mut report.errors,
+        );
         // Slots kept for a frontend that could not be reprogrammed still send new flows.
         self.current.reachable = &want.reachable | &slot_pairs(&self.current.services);
         let stale = StaleFlows {
@@ -853,6 +889,7 @@ mod tests {
         ct: HashMap<CtKey, CtValue>,
         affinity: HashMap<AffinityKey, AffinityValue>,
         sock_pins: HashMap<SockPinKey, SockPinValue>,
+        names: BTreeMap<u32, BackendName>,
         /// Entries one pass reads at most (the capacity of the real tables).
         sweep_limit: Option<usize>,
         /// Passes over each table so far.
@@ -1043,6 +1080,21 @@ mod tests {
             );
             Ok(done)
         }
+        fn backend_names(&self) -> anyhow::Result<BTreeMap<u32, BackendName>> {
+            Ok(self.names.clone())
+        }
+        fn put_backend_name(&mut self, id: u32, name: &BackendName) -> anyhow::Result<()> {
+            assert!(
+                self.backends.contains_key(&id),
+                "name written for a backend not in BACKENDS_V1"
+            );
+            self.names.insert(id, *name);
+            Ok(())
+        }
+        fn del_backend_name(&mut self, id: u32) -> anyhow::Result<()> {
+            self.names.remove(&id);
+            Ok(())
+        }
     }
 
     fn state(frontends: &[(&str, &[&str])]) -> DesiredState {
@@ -1073,11 +1125,46 @@ mod tests {
                         })
                         .collect(),
                     kept_backends: vec![],
+                    unready_backends: vec![],
                     on_empty: EmptyAction::Reject,
                 },
             );
         }
         d
+    }
+
+    #[test]
+    fn backend_names_follow_their_backends_and_survive_a_restart() {
+        let named = |names: &[(&str, &str)]| {
+            let mut d = state(&[("198.19.0.10", &["198.18.1.10", "198.18.2.10"])]);
+            for (addr, name) in names {
+                d.backend_names
+                    .insert(addr.parse().unwrap(), (*name).to_owned());
+            }
+            d
+        };
+        let shown =
+            |maps: &FakeMaps| -> Vec<String> { maps.names.values().map(names::display).collect() };
+        let mut r = Reconciler::adopt(FakeMaps::default()).unwrap();
+        let d = named(&[
+            ("198.18.1.10", "default/web-0"),
+            ("198.18.9.9", "default/gone"),
+        ]);
+        assert!(r.apply(&d).errors.is_empty());
+        assert_eq!(
+            shown(&r.maps),
+            ["default/web-0"],
+            "only backends in the map get a name"
+        );
+        let r = Reconciler::adopt(r.maps).unwrap();
+        let mut r = r;
+        let d = named(&[("198.18.2.10", "default/web-1")]);
+        assert!(r.apply(&d).errors.is_empty());
+        assert_eq!(
+            shown(&r.maps),
+            ["default/web-1"],
+            "web-0's name left with its entry"
+        );
     }
 
     #[test]
@@ -1288,6 +1375,7 @@ mod tests {
                 local_only: false,
                 backends: ready.iter().map(|b| backend(b, false)).collect(),
                 kept_backends: kept.iter().map(|b| backend(b, true)).collect(),
+                unready_backends: vec![],
                 on_empty: EmptyAction::Reject,
             },
         )

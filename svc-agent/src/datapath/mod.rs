@@ -7,6 +7,7 @@ pub mod apply;
 pub(crate) mod batch;
 pub mod flows;
 pub mod ids;
+pub mod names;
 pub mod render;
 
 pub use apply::{AyaMaps, Cleared, DatapathMaps, ReconcileReport, Reconciler};

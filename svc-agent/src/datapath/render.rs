@@ -10,7 +10,7 @@ use svc_common::{
     addr::{Addr, FAMILY_V4, FAMILY_V6, from_v4},
     addrs::{AddrKey, AddrValue, addr_flags},
     net::ipproto,
-    service::{self, Backend, ServiceKey, ServiceValue, backend_flags, scope},
+    service::{self, Backend, BackendName, ServiceKey, ServiceValue, backend_flags, scope},
 };
 
 use super::ids::IdMap;
@@ -32,6 +32,9 @@ pub struct Rendered {
     pub reachable: BTreeSet<(u32, u32)>,
     /// Frontends left out, with why (capacity, unsupported protocol).
     pub skipped: Vec<(FrontendKey, String)>,
+    /// `BACKEND_NAMES_V1`: the name of every backend in `backends` whose address has one in
+    /// the desired state.
+    pub names: BTreeMap<u32, BackendName>,
 }
 
 /// Map capacities the rendering must fit into.
@@ -166,6 +169,7 @@ pub fn render(
             .backends
             .iter()
             .chain(&fe.kept_backends)
+            .chain(&fe.unready_backends)
             .map(|b| (b.addr, b.port))
             .filter(|r| !backend_set.contains(r))
             .collect();
@@ -192,31 +196,8 @@ pub fn render(
     backend_ids.retain(|r| backend_set.contains(r));
     for (key, fe) in fitting {
         let slot0 = frontend_key(key);
-        let mut flags = match (fe.backends.is_empty(), fe.on_empty) {
-            (false, _) => 0,
-            (true, EmptyAction::Reject) => service::flags::REJECT_EMPTY,
-            (true, EmptyAction::Drop(_)) => service::flags::DROP_EMPTY,
-        };
-        if !fe.backends.is_empty() && fe.backends.iter().all(|b| b.terminating) {
-            flags |= service::flags::SERVES_TERMINATING;
-        }
-        if fe.local_only {
-            flags |= service::flags::LOCAL_ONLY;
-        }
-        let affinity = fe
-            .affinity_timeout
-            .map_or(0, |t| u32::try_from(t.as_secs()).unwrap_or(u32::MAX));
         let frontend_id = frontend_ids.get_or_alloc(key);
-        out.services.insert(
-            slot0,
-            ServiceValue {
-                id: frontend_id,
-                count: fe.backends.len() as u16,
-                flags,
-                affinity_timeout: affinity,
-                _pad: 0,
-            },
-        );
+        out.services.insert(slot0, slot0_value(fe, frontend_id));
         for (i, b) in fe.backends.iter().enumerate() {
             let id = backend_ids.get_or_alloc(&(b.addr, b.port));
             out.backends.insert(id, backend_value(b));
@@ -232,13 +213,49 @@ pub fn render(
                 },
             );
         }
-        for b in &fe.kept_backends {
+        // Unready backends are in the backend map (established TCP flows find them alive) but
+        // not reachable: their UDP flows, UDP sockets and affinity entries are cleared as the
+        // pair ends.
+        let kept = fe.kept_backends.iter().map(|b| (b, true));
+        for (b, reachable) in kept.chain(fe.unready_backends.iter().map(|b| (b, false))) {
             let id = backend_ids.get_or_alloc(&(b.addr, b.port));
             out.backends.entry(id).or_insert_with(|| backend_value(b));
-            out.reachable.insert((frontend_id, id));
+            if reachable {
+                out.reachable.insert((frontend_id, id));
+            }
+        }
+    }
+    for r in &backend_set {
+        if let (Some(id), Some(name)) = (backend_ids.get(r), desired.backend_names.get(&r.0)) {
+            out.names.insert(id, BackendName::new(name));
         }
     }
     out
+}
+
+/// The slot 0 entry of `fe`, whose id is `frontend_id`.
+fn slot0_value(fe: &model::Frontend, frontend_id: u32) -> ServiceValue {
+    let mut flags = match (fe.backends.is_empty(), fe.on_empty) {
+        (false, _) => 0,
+        (true, EmptyAction::Reject) => service::flags::REJECT_EMPTY,
+        (true, EmptyAction::Drop(_)) => service::flags::DROP_EMPTY,
+    };
+    if !fe.backends.is_empty() && fe.backends.iter().all(|b| b.terminating) {
+        flags |= service::flags::SERVES_TERMINATING;
+    }
+    if fe.local_only {
+        flags |= service::flags::LOCAL_ONLY;
+    }
+    let affinity = fe
+        .affinity_timeout
+        .map_or(0, |t| u32::try_from(t.as_secs()).unwrap_or(u32::MAX));
+    ServiceValue {
+        id: frontend_id,
+        count: fe.backends.len() as u16,
+        flags,
+        affinity_timeout: affinity,
+        _pad: 0,
+    }
 }
 
 #[cfg(test)]
@@ -277,6 +294,7 @@ mod tests {
             local_only: false,
             backends,
             kept_backends: kept,
+            unready_backends: vec![],
             on_empty: EmptyAction::Reject,
         }
     }
@@ -338,6 +356,28 @@ mod tests {
             r.reachable
         );
         assert_eq!(r.reachable.len(), 2);
+    }
+
+    #[test]
+    fn unready_backends_are_in_the_backend_map_but_not_reachable() {
+        let mut d = DesiredState::default();
+        let mut fe = frontend(vec![backend("198.18.1.10", 5000)], vec![]);
+        fe.unready_backends = vec![backend("198.18.1.11", 5000)];
+        d.frontends.insert(fe_key("198.19.0.10", 80), fe);
+        let (mut f, mut b) = (IdMap::default(), IdMap::default());
+        let r = render(&d, &mut f, &mut b, cap());
+        assert_eq!(r.services.len(), 2, "slot 0 and one slot");
+        let unready = b.get(&("198.18.1.11".parse().unwrap(), 5000)).unwrap();
+        assert!(
+            r.backends.contains_key(&unready),
+            "established TCP flows find it"
+        );
+        let frontend = r.services[&frontend_key(&fe_key("198.19.0.10", 80))].id;
+        assert!(
+            !r.reachable.contains(&(frontend, unready)),
+            "its UDP flows and affinity are cleared: {:?}",
+            r.reachable
+        );
     }
 
     #[test]

@@ -10,11 +10,11 @@ use anyhow::Context as _;
 use aya::maps::{HashMap as BpfHashMap, Map, MapData, PerCpuArray, PerCpuHashMap};
 use svc_common::{
     addr::{FAMILY_V4, to_v4},
-    service::{Backend, ServiceKey, ServiceValue, backend_flags, flags},
+    service::{Backend, BackendName, ServiceKey, ServiceValue, backend_flags, flags},
     stats::{Counter, DropReason, PktCounter},
 };
 
-use crate::{loader::pin_dir, pins};
+use crate::{datapath::names, loader::pin_dir, pins};
 
 fn open_pinned(bpffs: &Path, name: &str) -> anyhow::Result<MapData> {
     let path = pin_dir(bpffs).join(name);
@@ -83,6 +83,9 @@ pub struct ServicesView {
     pub frontend_stats: BTreeMap<u32, Counter>,
     /// `BACKEND_STATS_V1` summed over CPUs, by backend id.
     pub backend_stats: BTreeMap<u32, Counter>,
+    /// `BACKEND_NAMES_V1` (`namespace/name` of each backend's Pod), by backend id; empty when
+    /// the map is not pinned (pins of an agent that predates it).
+    pub names: BTreeMap<u32, String>,
 }
 
 /// Reads a per-CPU counter hash, summed over CPUs.
@@ -112,7 +115,23 @@ pub fn read_services(bpffs: &Path) -> anyhow::Result<ServicesView> {
         backends: backends.iter().collect::<Result<_, _>>()?,
         frontend_stats: read_keyed_counters(bpffs, "SVC_STATS_V1")?,
         backend_stats: read_keyed_counters(bpffs, "BACKEND_STATS_V1")?,
+        names: read_names(bpffs)?,
     })
+}
+
+/// `BACKEND_NAMES_V1` as text, by backend id; empty when it is not pinned.
+fn read_names(bpffs: &Path) -> anyhow::Result<BTreeMap<u32, String>> {
+    if !pin_dir(bpffs).join("BACKEND_NAMES_V1").exists() {
+        return Ok(BTreeMap::new());
+    }
+    let map: BpfHashMap<_, u32, BackendName> =
+        BpfHashMap::try_from(Map::HashMap(open_pinned(bpffs, "BACKEND_NAMES_V1")?))?;
+    map.iter()
+        .map(|r| {
+            let (id, name) = r.context("reading BACKEND_NAMES_V1")?;
+            Ok((id, names::display(&name)))
+        })
+        .collect()
 }
 
 fn fmt_addr(addr: &[u8; 16], family: u8, port: u16) -> String {
@@ -165,8 +184,12 @@ pub fn format_services(view: &ServicesView) -> String {
             let line = match view.services.get(&ServiceKey { slot, ..*k }) {
                 Some(s) => match view.backends.get(&s.id) {
                     Some(b) => format!(
-                        "{} (backend {}{}{}){}",
+                        "{}{} (backend {}{}{}){}",
                         fmt_addr(&b.addr, b.family, b.port.to_host()),
+                        view.names
+                            .get(&s.id)
+                            .map(|n| format!(" {n}"))
+                            .unwrap_or_default(),
                         s.id,
                         if b.flags & backend_flags::LOCAL != 0 {
                             ", local"
@@ -376,15 +399,22 @@ mod tests {
                 bytes: 300,
             },
         );
-        let text = format_services(&ServicesView {
+        let mut view = ServicesView {
             services,
             backends,
             frontend_stats,
             backend_stats,
-        });
+            names: BTreeMap::new(),
+        };
         assert_eq!(
-            text,
+            format_services(&view),
             "198.19.0.10:80 TCP id 1 backends 1  [4 packets, 300 bytes]\n  slot 1: 198.18.1.10:5000 (backend 7, local) [4 packets, 300 bytes]\n"
+        );
+        // With the Pod behind the backend (BACKEND_NAMES_V1).
+        view.names.insert(7, "default/web-0".to_owned());
+        assert_eq!(
+            format_services(&view),
+            "198.19.0.10:80 TCP id 1 backends 1  [4 packets, 300 bytes]\n  slot 1: 198.18.1.10:5000 default/web-0 (backend 7, local) [4 packets, 300 bytes]\n"
         );
     }
 

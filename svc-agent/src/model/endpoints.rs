@@ -323,6 +323,30 @@ fn parse_endpoint(
     })
 }
 
+/// `namespace/name` of every endpoint's `targetRef` (its namespace defaulting to the slice's),
+/// by the endpoint's first address; endpoints without a named `targetRef` or a valid address
+/// are left out.
+pub(crate) fn target_names(slices: &[&EndpointSlice]) -> Vec<(IpAddr, String)> {
+    let mut names = Vec::new();
+    for slice in slices {
+        let namespace = namespace_of(slice.metadata.namespace.as_ref());
+        for ep in &slice.endpoints {
+            let Some(target) = ep.target_ref.as_ref() else {
+                continue;
+            };
+            let Some(name) = target.name.as_deref().filter(|n| !n.is_empty()) else {
+                continue;
+            };
+            let Some(addr) = ep.addresses.first().and_then(|a| a.parse::<IpAddr>().ok()) else {
+                continue;
+            };
+            let target_namespace = target.namespace.as_deref().unwrap_or(namespace);
+            names.push((addr, format!("{target_namespace}/{name}")));
+        }
+    }
+    names
+}
+
 /// The backends of one frontend.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub(crate) struct Selection {
@@ -330,6 +354,9 @@ pub(crate) struct Selection {
     pub backends: Vec<Backend>,
     /// Keep their established connections.
     pub kept_backends: Vec<Backend>,
+    /// Listed but neither ready, serving nor terminating: established TCP connections keep
+    /// them, UDP flows do not.
+    pub unready_backends: Vec<Backend>,
     /// Some endpoint anywhere could take new connections (ready or the terminating
     /// fallback): with a Local policy and no local backend, drop rather than reject.
     pub any_usable: bool,
@@ -339,8 +366,10 @@ pub(crate) struct Selection {
 ///
 /// New connections go to the ready endpoints (only local ones under `Local`); when there are
 /// none, to the serving and terminating ones (graceful termination). Every other endpoint that
-/// is ready, serving or terminating keeps its established connections; endpoints that are
-/// none of these are gone.
+/// is ready, serving or terminating keeps its established connections; an endpoint that is
+/// none of these (a Pod failing its readiness probe) keeps only its established TCP
+/// connections, as with kube-proxy, whose conntrack entries keep TCP connections while it
+/// clears the UDP entries of endpoints that are not serving.
 pub(crate) fn select_backends(endpoints: &[Candidate], policy: TrafficPolicy) -> Selection {
     let eligible = |c: &Candidate| policy == TrafficPolicy::Cluster || c.local;
     let any_ready = endpoints.iter().any(|c| eligible(c) && c.conditions.ready);
@@ -361,6 +390,8 @@ pub(crate) fn select_backends(endpoints: &[Candidate], policy: TrafficPolicy) ->
             selection.backends.push(c.backend());
         } else if c.is_alive() {
             selection.kept_backends.push(c.backend());
+        } else {
+            selection.unready_backends.push(c.backend());
         }
     }
     selection

@@ -133,6 +133,12 @@ pub struct Frontend {
     /// working (terminating while ready ones exist, remote ones under a Local policy, ...).
     /// Sorted, no duplicates, disjoint from `backends`.
     pub kept_backends: Vec<Backend>,
+    /// Backends still listed but neither ready, serving nor terminating (a Pod failing its
+    /// readiness probe): no new connections, and only established TCP connections keep them
+    /// (they stay in `BACKENDS_V1`); their UDP flows, UDP sockets and affinity entries are
+    /// cleared like those of an ended backend, as kube-proxy clears UDP conntrack entries of
+    /// endpoints that are not serving. Sorted, no duplicates, disjoint from the others.
+    pub unready_backends: Vec<Backend>,
     /// What to do with a new connection when `backends` is empty (only meaningful then).
     pub on_empty: EmptyAction,
 }

@@ -21,10 +21,12 @@ mod endpoints;
 mod error;
 mod frontend;
 mod node;
+mod pods;
 mod service;
 
 use std::{
     collections::{BTreeMap, HashMap, btree_map::Entry},
+    net::IpAddr,
     sync::Arc,
 };
 
@@ -37,6 +39,10 @@ use k8s_openapi::api::{
     discovery::v1::EndpointSlice,
 };
 pub use node::{NodeAddress, NodeAddressKind, node_addresses};
+pub use pods::{
+    IgnoredSlice, LABEL_MANAGED_BY, MANAGED_BY, MAX_ENDPOINTS_PER_SLICE, PodSlices, Selection,
+    slices_from_pods,
+};
 
 use self::{
     endpoints::{SliceIndex, select_backends},
@@ -88,6 +94,10 @@ pub struct DesiredState {
     pub frontends: BTreeMap<FrontendKey, Frontend>,
     /// This node's addresses (from its Node object), sorted; where `NodePorts` will listen.
     pub node_addresses: Vec<NodeAddress>,
+    /// Who is behind each endpoint address: `namespace/name` of its `targetRef` in the
+    /// `EndpointSlice`s (a Pod), for the debug tool. An address two slices name differently
+    /// gets the smaller name.
+    pub backend_names: BTreeMap<IpAddr, String>,
     /// Objects (or parts of objects) that were skipped, sorted and deduplicated.
     pub errors: Vec<ObjectError>,
 }
@@ -157,6 +167,8 @@ impl MemoEntry {
 struct GroupOutput {
     claims: Vec<Claim>,
     errors: Vec<ObjectError>,
+    /// The `targetRef` names of the slices' endpoints, by address.
+    names: Vec<(IpAddr, String)>,
 }
 
 /// A frontend a Service asks for; the first Service (by namespace/name) to claim a key gets it.
@@ -230,6 +242,7 @@ pub fn compute_with(snapshot: &Snapshot, node_name: &str, memo: &mut Memo) -> De
     }
 
     let mut frontends = BTreeMap::new();
+    let mut backend_names: BTreeMap<IpAddr, String> = BTreeMap::new();
     for svc in nameless {
         let out = compute_group(Some(svc), &[], node_name);
         merge(&out, &mut frontends, &mut errors);
@@ -252,6 +265,16 @@ pub fn compute_with(snapshot: &Snapshot, node_name: &str, memo: &mut Memo) -> De
             (name.to_owned(), entry)
         });
         merge(&entry.out, &mut frontends, &mut errors);
+        for (addr, name) in &entry.out.names {
+            backend_names
+                .entry(*addr)
+                .and_modify(|kept| {
+                    if name < kept {
+                        kept.clone_from(name);
+                    }
+                })
+                .or_insert_with(|| name.clone());
+        }
         match next.get_mut(namespace) {
             Some(names) => {
                 names.insert(name, entry);
@@ -270,6 +293,7 @@ pub fn compute_with(snapshot: &Snapshot, node_name: &str, memo: &mut Memo) -> De
     DesiredState {
         frontends,
         node_addresses,
+        backend_names,
         errors,
     }
 }
@@ -285,6 +309,7 @@ fn compute_group(
     let slice_index = SliceIndex::build(&slices, node_name, &mut out.errors);
     if let Some(view) = service.and_then(|svc| ServiceView::parse(svc, &mut out.errors)) {
         service_claims(&view, &slice_index, &mut out.claims);
+        out.names = endpoints::target_names(&slices);
     }
     out
 }
@@ -355,6 +380,7 @@ fn service_claims(view: &ServiceView<'_>, slices: &SliceIndex<'_>, claims: &mut 
                     local_only: view.internal_traffic_policy == TrafficPolicy::Local,
                     backends: selection.backends,
                     kept_backends: selection.kept_backends,
+                    unready_backends: selection.unready_backends,
                     on_empty,
                 },
                 field: view.cluster_ip_field(ip_index),

@@ -338,6 +338,7 @@ fn documentation_example_gives_one_frontend_with_three_backends() {
                 b("198.18.2.10:5000"),
             ],
             kept_backends: vec![],
+            unready_backends: vec![],
             on_empty: EmptyAction::Reject,
         }
     );
@@ -347,6 +348,20 @@ fn documentation_example_gives_one_frontend_with_three_backends() {
             addr: "198.18.100.11".parse().unwrap(),
             kind: NodeAddressKind::InternalIp,
         }]
+    );
+    // Who is behind each address, from the endpoints' targetRef.
+    let names: Vec<String> = state
+        .backend_names
+        .iter()
+        .map(|(addr, name)| format!("{addr} {name}"))
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "198.18.1.10 default/frontend-7d9c5b7f6-abcde",
+            "198.18.1.11 default/frontend-7d9c5b7f6-fghij",
+            "198.18.2.10 default/frontend-7d9c5b7f6-klmno",
+        ]
     );
 }
 
@@ -974,8 +989,10 @@ fn without_ready_endpoints_serving_terminating_ones_take_new_connections() {
             terminating(b("198.18.2.2:8080")),
         ]
     );
-    // Terminating but no longer serving: existing connections only. Neither: gone.
+    // Terminating but no longer serving: existing connections only. Neither: established TCP
+    // connections only (UDP flows are cleared).
     assert_eq!(f.kept_backends, [terminating(b("198.18.2.3:8080"))]);
+    assert_eq!(f.unready_backends, [b("198.18.2.4:8080")]);
 }
 
 #[test]

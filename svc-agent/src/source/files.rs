@@ -5,8 +5,10 @@
 //! A document is a single object, or a `v1` `List` (`kubectl get -o yaml` of several
 //! objects) or a typed list (`ServiceList`, `EndpointSliceList`, `NodeList`, as the API
 //! returns them) with the objects in `items`. `v1` Services, `discovery.k8s.io/v1`
-//! `EndpointSlice`s and `v1` Nodes are kept; any other kind (a Deployment in the same file, a
-//! Knative `Service` of another API group, ...) is skipped and noted at debug level.
+//! `EndpointSlice`s, `v1` Nodes and `v1` Pods (whose endpoints standalone mode computes for
+//! Services with a selector, `model::slices_from_pods`) are kept; any other kind (a
+//! Deployment in the same file, documentation only; a Knative `Service` of another API group,
+//! ...) is skipped and listed in [`Loaded::skipped`].
 //!
 //! A bad document (YAML or JSON syntax, a field of the wrong type) is reported with its file,
 //! document index and line, and does not stop the other documents (except in a JSON file,
@@ -20,7 +22,7 @@ use std::{
 
 use anyhow::Context as _;
 use k8s_openapi::api::{
-    core::v1::{Node, Service},
+    core::v1::{Node, Pod, Service},
     discovery::v1::EndpointSlice,
 };
 use serde::{Deserialize, de::DeserializeOwned};
@@ -32,6 +34,9 @@ use crate::model::Snapshot;
 pub struct Loaded {
     /// The Services, `EndpointSlice`s and Nodes, in file and document order.
     pub snapshot: Snapshot,
+    /// The Pods, in file and document order (not part of [`Snapshot`]: only standalone mode
+    /// uses them, to compute the slices of Services with a selector).
+    pub pods: Vec<Arc<Pod>>,
     /// Objects of other kinds, skipped.
     pub skipped: Vec<Skipped>,
     /// Documents (or files) that could not be used.
@@ -44,6 +49,7 @@ impl Loaded {
         self.snapshot.services.extend(other.snapshot.services);
         self.snapshot.slices.extend(other.snapshot.slices);
         self.snapshot.nodes.extend(other.snapshot.nodes);
+        self.pods.extend(other.pods);
         self.skipped.extend(other.skipped);
         self.errors.extend(other.errors);
     }
@@ -345,6 +351,7 @@ enum Kind {
     Service,
     EndpointSlice,
     Node,
+    Pod,
     /// `v1` `List`: items of any kind, each with its own `apiVersion` and `kind`.
     List,
     /// A typed list: items of one kind, which may omit `apiVersion` and `kind`.
@@ -360,12 +367,14 @@ fn kind_of(api_version: &str, kind: &str) -> Kind {
         ("v1", "Service") => Kind::Service,
         ("discovery.k8s.io/v1", "EndpointSlice") => Kind::EndpointSlice,
         ("v1", "Node") => Kind::Node,
+        ("v1", "Pod") => Kind::Pod,
         ("v1", "List") => Kind::List,
         ("v1", "ServiceList") => Kind::TypedList("v1", "Service"),
         ("discovery.k8s.io/v1", "EndpointSliceList") => {
             Kind::TypedList("discovery.k8s.io/v1", "EndpointSlice")
         }
         ("v1", "NodeList") => Kind::TypedList("v1", "Node"),
+        ("v1", "PodList") => Kind::TypedList("v1", "Pod"),
         (group_version, "EndpointSlice" | "EndpointSliceList")
             if group_version.starts_with("discovery.k8s.io/") =>
         {
@@ -401,6 +410,10 @@ fn add_document(document: &Document<'_>, origin: Origin, loaded: &mut Loaded) {
         },
         Kind::Node => match document.decode::<Node>() {
             Ok(object) => loaded.snapshot.nodes.push(Arc::new(object)),
+            Err(e) => fail(origin, format!("{api_version} {kind}: {e}")),
+        },
+        Kind::Pod => match document.decode::<Pod>() {
+            Ok(object) => loaded.pods.push(Arc::new(object)),
             Err(e) => fail(origin, format!("{api_version} {kind}: {e}")),
         },
         Kind::Unsupported(supported) => fail(
@@ -678,9 +691,11 @@ metadata:
         let loaded = parse(text, "list.yaml");
         assert_eq!(service_names(&loaded), ["web"]);
         assert_eq!(slice_names(&loaded), ["web-x7k2p"]);
-        assert_eq!(loaded.skipped.len(), 1);
-        assert_eq!(loaded.skipped[0].kind, "Pod");
-        assert_eq!(loaded.skipped[0].origin, origin("list.yaml", 0, 1, Some(2)));
+        assert_eq!(loaded.skipped, []);
+        assert_eq!(
+            names(loaded.pods.iter().map(|p| &p.metadata.name)),
+            ["web-0"]
+        );
         assert_eq!(loaded.errors.len(), 1);
         assert_eq!(loaded.errors[0].origin, origin("list.yaml", 0, 1, Some(3)));
         assert!(

@@ -554,6 +554,7 @@ mod tests {
             local_only: false,
             backends: Vec::new(),
             kept_backends: Vec::new(),
+            unready_backends: Vec::new(),
             on_empty: EmptyAction::Reject,
         };
         let desired = DesiredState {

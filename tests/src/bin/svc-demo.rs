@@ -2,12 +2,15 @@
 //!
 //! Two emulated nodes in network namespaces, one `svc-agent run --from-dir` per node (its maps
 //! pinned in the node's own bpffs), fed the real Kubernetes objects of `manifests/demo/` (a
-//! `frontend` Deployment, `frontend-svc` with three endpoints, `db-svc`, the two Nodes) copied
-//! into a directory the demo then edits live. Pods are created with the addresses those
-//! manifests list; each backend pod runs a small server that answers with the pod's name. A
-//! client pod sends real requests to `frontend-svc`'s `ClusterIP`, the demo shows who answered,
-//! what the agent programmed and counted, then removes one endpoint from the `EndpointSlice`
-//! and shows the traffic moving to the others.
+//! `frontend` Deployment, documentation only; `frontend-svc` selecting `app: frontend`, `db-svc`
+//! selecting `app: db`, the two Nodes) copied into a directory the demo then edits live, and
+//! the Pods of `pods.yaml` written with the addresses and nodes the harness gave them. No
+//! `EndpointSlice` is written: the agents compute them from the Pods, as the `EndpointSlice`
+//! controller would. Each backend pod runs a small server that answers with the pod's name. A
+//! client pod sends real requests to `frontend-svc`'s `ClusterIP`; the demo shows the
+//! selection, who answered, what the agent programmed and counted, then relabels one frontend
+//! Pod (`app: frontend` -> `app: canary`) and marks another not Ready, showing the traffic
+//! leave each.
 //!
 //! Bounded (fixed request counts, every socket with a timeout, every wait with a deadline) and
 //! self-cleaning: the topology guard removes every namespace, mount, cgroup and process it
@@ -22,7 +25,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, bail, ensure};
+use anyhow::{Context as _, ensure};
+use k8s_openapi::api::core::v1::{Pod as PodObject, PodIP};
 use svc_tests::{
     k8s::{self, Agent, Backends, ManifestDir},
     netns::{Pod, Topology},
@@ -30,8 +34,9 @@ use svc_tests::{
 
 /// Where the bundled objects are (override with `SVC_DEMO_MANIFESTS`).
 const MANIFESTS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../manifests/demo");
-/// The file holding `frontend-svc`'s `EndpointSlice` (edited live).
-const SLICE_FILE: &str = "frontend-svc-endpointslice.yaml";
+/// The bundled Pod objects; the demo writes each as `pod-<name>.yaml` with the pod's real
+/// address and node instead of copying this file.
+const PODS_FILE: &str = "pods.yaml";
 /// `frontend-svc`'s `ClusterIP` and port, as in `frontend-svc.yaml`.
 const FRONTEND_VIP: &str = "198.19.0.10:80";
 /// `db-svc`'s `ClusterIP` and port, as in `db-svc.yaml`.
@@ -41,6 +46,12 @@ const FRONTEND_PORT: u16 = 5000;
 /// The database port.
 const DB_PORT: u16 = 5432;
 
+/// The frontend pods (`app: frontend`).
+const FRONTENDS: [&str; 3] = [
+    "frontend-7d9c8b6f5-2xkqp",
+    "frontend-7d9c8b6f5-9hm4t",
+    "frontend-7d9c8b6f5-lw8zn",
+];
 /// The pods, in creation order per node (node1's get .10, .11, ...; node2's too): the
 /// addresses in `manifests/demo` follow from this order.
 const PODS: [(usize, &str); 5] = [
@@ -50,8 +61,10 @@ const PODS: [(usize, &str); 5] = [
     (1, "frontend-7d9c8b6f5-lw8zn"),
     (1, "db-0"),
 ];
-/// The endpoint the demo removes (the frontend pod on node2).
-const REMOVED: &str = "frontend-7d9c8b6f5-lw8zn";
+/// The frontend Pod the demo relabels (`app: canary`; the one on node2) ...
+const RELABELLED: &str = "frontend-7d9c8b6f5-lw8zn";
+/// ... and the one it then marks not Ready.
+const NOT_READY: &str = "frontend-7d9c8b6f5-9hm4t";
 
 /// Requests per round.
 const REQUESTS: usize = 30;
@@ -67,7 +80,9 @@ struct Demo {
     agents: Vec<Agent>,
     manifests: ManifestDir,
     topo: Topology,
-    /// `frontend-svc`'s endpoints' pods, each with the letter that stands for it.
+    /// The Pod objects the demo wrote (and edits), by name.
+    pods: BTreeMap<String, PodObject>,
+    /// The frontend pods, each with the letter that stands for it.
     letters: Vec<(char, String)>,
     frontend_vip: SocketAddr,
 }
@@ -86,31 +101,44 @@ fn main() -> anyhow::Result<()> {
         .ns
         .run(move || k8s::tcp_request(db_vip, "select-1", IO_TIMEOUT))?;
     println!("  and one to db-svc {db_vip}: answered by {}", answer.label);
-    for (_, name) in &demo.letters {
-        ensure!(
-            first.get(name).copied().unwrap_or_default() > 0,
-            "{name} got none of {REQUESTS} requests (chance 3 x (2/3)^30 = 1.6e-5 if all is well)"
-        );
-    }
+    check_only(&first, &[])?;
     println!("\nper-frontend and per-backend counters on node1 (svc-agent inspect services):");
     print!("{}", indent(&demo.agents[0].inspect("services")?));
     println!("\ncounters on node1 (svc-agent inspect stats, zero rows left out):");
     print!("{}", nonzero_rows(&demo.agents[0].inspect("stats")?));
 
-    remove_and_wait(&mut demo)?;
+    edit_and_wait(
+        &mut demo,
+        RELABELLED,
+        "labels app: frontend -> app: canary",
+        |pod| {
+            if let Some(labels) = pod.metadata.labels.as_mut() {
+                labels.insert("app".to_owned(), "canary".to_owned());
+            }
+        },
+    )?;
     println!("\n{REQUESTS} more requests to frontend-svc {vip}:");
     let second = round(&demo)?;
-    ensure!(
-        !second.contains_key(REMOVED),
-        "the removed endpoint {REMOVED} still got requests"
-    );
-    for (_, name) in demo.letters.iter().filter(|(_, n)| n != REMOVED) {
-        ensure!(
-            second.get(name).copied().unwrap_or_default() > 0,
-            "{name} got none of {REQUESTS} requests after the edit"
-        );
-    }
-    println!("  -> {REMOVED} gets nothing; the traffic moved to the other two");
+    check_only(&second, &[RELABELLED])?;
+    println!("  -> {RELABELLED} (now app: canary) gets nothing; the other two share the traffic");
+
+    edit_and_wait(
+        &mut demo,
+        NOT_READY,
+        "condition Ready: True -> False",
+        |pod| {
+            let conditions = pod.status.as_mut().and_then(|s| s.conditions.as_mut());
+            for c in conditions.into_iter().flatten() {
+                if c.type_ == "Ready" {
+                    "False".clone_into(&mut c.status);
+                }
+            }
+        },
+    )?;
+    println!("\n{REQUESTS} more requests to frontend-svc {vip}:");
+    let third = round(&demo)?;
+    check_only(&third, &[RELABELLED, NOT_READY])?;
+    println!("  -> {NOT_READY} (not Ready) gets nothing either; one frontend Pod is left");
 
     teardown(demo)?;
     println!(
@@ -145,20 +173,24 @@ fn setup() -> anyhow::Result<Demo> {
         println!("  {} {}: {}", node.name, node.underlay_v4, pods.join(", "));
     }
 
-    // The objects, copied so the demo can edit them; checked against the pods just made.
+    // The objects, copied so the demo can edit them; the Pods written with the addresses and
+    // nodes of the pods just made.
     let manifests = ManifestDir::create(&topo.run_dir().join("manifests"))?;
     let files = copy_manifests(&source, &manifests)?;
-    let names = check_addresses(manifests.path(), topo.pods())?;
+    let pods = write_pods(&source.join(PODS_FILE), &topo, &manifests)?;
     println!(
-        "  objects from {} ({}) copied to {}",
+        "  objects from {} ({}) copied to {}, the {} Pods of {PODS_FILE} written as pod-<name>.yaml \
+         with their addresses; no EndpointSlice",
         display(&source),
         files.join(", "),
-        manifests.path().display()
+        manifests.path().display(),
+        pods.len()
     );
-    println!(
-        "  frontend-svc {frontend_vip} -> {} endpoints; db-svc {DB_VIP} -> 1 endpoint",
-        names.len()
-    );
+    let names: Vec<String> = pods
+        .keys()
+        .filter(|n| n.starts_with("frontend-"))
+        .cloned()
+        .collect();
 
     let mut agents = Vec::new();
     for node in topo.nodes() {
@@ -172,6 +204,8 @@ fn setup() -> anyhow::Result<Demo> {
         display(&agent_bin),
         manifests.path().display()
     );
+    wait_programmed(&agents[0], frontend_vip, 3)?;
+    print_selection(&agents[0], 0);
 
     let backends = Backends::new();
     for pod in topo.pods() {
@@ -192,42 +226,116 @@ fn setup() -> anyhow::Result<Demo> {
         agents,
         manifests,
         topo,
+        pods,
         letters,
         frontend_vip,
     })
 }
 
-/// Removes [`REMOVED`] from the slice, as the `EndpointSlice` controller does when a pod goes,
-/// and waits until both agents synced and node1 no longer programs it.
-fn remove_and_wait(demo: &mut Demo) -> anyhow::Result<()> {
+/// Edits the Pod `name` with `change` (rewriting its file, as `kubectl edit` would change the
+/// object), waits until both agents synced, then until node1 programs one frontend backend
+/// fewer; shows the new selection and what node1 programs.
+fn edit_and_wait(
+    demo: &mut Demo,
+    name: &str,
+    what: &str,
+    change: impl FnOnce(&mut PodObject),
+) -> anyhow::Result<()> {
     let before: Vec<usize> = demo.agents.iter().map(Agent::syncs).collect();
+    let backends_before = programmed_backends(&demo.agents[0], demo.frontend_vip)?.len();
+    let pod = demo
+        .pods
+        .get_mut(name)
+        .with_context(|| format!("no Pod {name}"))?;
+    change(pod);
     let t = Instant::now();
-    let removed_addr = remove_endpoint(&demo.manifests, SLICE_FILE, REMOVED)?;
-    for (agent, before) in demo.agents.iter_mut().zip(before) {
+    write_pod(&demo.manifests, pod)?;
+    for (agent, before) in demo.agents.iter_mut().zip(&before) {
         agent.wait_syncs(before + 1, SYNC_TIMEOUT)?;
     }
-    let gone = format!("{removed_addr}:{FRONTEND_PORT}");
-    let key = k8s::frontend_key(demo.frontend_vip, k8s::Protocol::Tcp);
+    wait_programmed(&demo.agents[0], demo.frontend_vip, backends_before - 1)?;
+    println!(
+        "\nedited pod-{name}.yaml: {what}; node1 reprogrammed {:.0} ms later:",
+        t.elapsed().as_secs_f64() * 1e3
+    );
+    print_selection(&demo.agents[0], before[0]);
+    print!("{}", indent(&demo.agents[0].inspect("services")?));
+    Ok(())
+}
+
+/// The backends node1's agent programs for `vip` (TCP).
+fn programmed_backends(agent: &Agent, vip: SocketAddr) -> anyhow::Result<Vec<String>> {
+    let key = k8s::frontend_key(vip, k8s::Protocol::Tcp);
+    Ok(agent
+        .services()?
+        .backends(&key)
+        .unwrap_or_default()
+        .into_iter()
+        .collect())
+}
+
+/// Waits (bounded) until `agent` programs `count` backends for `vip`.
+fn wait_programmed(agent: &Agent, vip: SocketAddr, count: usize) -> anyhow::Result<()> {
     let deadline = Instant::now() + SYNC_TIMEOUT;
     loop {
-        let programmed = demo.agents[0].services()?;
-        let backends = programmed.backends(&key).unwrap_or_default();
-        if backends.len() == demo.letters.len() - 1 && !backends.contains(&gone) {
-            break;
+        let backends = programmed_backends(agent, vip)?;
+        if backends.len() == count {
+            return Ok(());
         }
         ensure!(
             Instant::now() < deadline,
-            "node1 still programs {gone} {SYNC_TIMEOUT:?} after the edit:\n{}",
-            programmed.text
+            "node1 programs {backends:?} for {vip}, not {count} backends, {SYNC_TIMEOUT:?} after \
+             the change; log:\n{}",
+            agent.log()
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// Prints the agent's `selected ...` lines of its latest sync pass (after `syncs` passes):
+/// each selector Service and how many Pods it selects.
+fn print_selection(agent: &Agent, syncs: usize) {
+    let log = agent.log();
+    let mut pass = 0;
+    let mut lines = BTreeMap::new();
+    for line in log.lines() {
+        if pass >= syncs
+            && let Some(rest) = line.split_once(" selected ").map(|(_, r)| r)
+        {
+            // `default/frontend-svc app==frontend: 3 pods (3 ready) service=...`
+            let message = rest.split(" service=").next().unwrap_or(rest);
+            if let Some((service, selection)) = message.split_once(' ') {
+                lines.insert(service.to_owned(), selection.to_owned());
+            }
+        }
+        if line.contains(" synced ") {
+            pass += 1;
+        }
+    }
     println!(
-        "\nedited {SLICE_FILE}: removed endpoint {REMOVED} ({removed_addr}); node1 reprogrammed \
-         {:.0} ms later:",
-        t.elapsed().as_secs_f64() * 1e3
+        "  selection (computed by the agent from the Pods, as the EndpointSlice controller would):"
     );
-    print!("{}", indent(&demo.agents[0].inspect("services")?));
+    for (service, selection) in lines {
+        println!("    {service:<22} {selection}");
+    }
+}
+
+/// Checks that every frontend pod but `excluded` answered some of the requests and none of
+/// `excluded` did (a pod gets none of 30 with chance (2/3)^30 = 5e-6 if all is well).
+fn check_only(tally: &BTreeMap<String, usize>, excluded: &[&str]) -> anyhow::Result<()> {
+    for name in excluded {
+        ensure!(
+            !tally.contains_key(*name),
+            "{name} still got requests: {tally:?}"
+        );
+    }
+    let expected = FRONTENDS.iter().filter(|n| !excluded.contains(n));
+    for name in expected {
+        ensure!(
+            tally.get(*name).copied().unwrap_or_default() > 0,
+            "{name} got none of {REQUESTS} requests: {tally:?}"
+        );
+    }
     Ok(())
 }
 
@@ -264,7 +372,7 @@ fn copy_manifests(source: &Path, dir: &ManifestDir) -> anyhow::Result<Vec<String
     let mut files = Vec::new();
     for entry in entries {
         let path = entry?.path();
-        if path.extension().is_some_and(|e| e == "yaml") {
+        if path.extension().is_some_and(|e| e == "yaml") && !path.ends_with(PODS_FILE) {
             let name = path
                 .file_name()
                 .and_then(|n| n.to_str())
@@ -277,85 +385,60 @@ fn copy_manifests(source: &Path, dir: &ManifestDir) -> anyhow::Result<Vec<String
         }
     }
     files.sort();
-    ensure!(
-        files.iter().any(|f| f == SLICE_FILE),
-        "no {SLICE_FILE} in {}",
-        source.display()
-    );
     Ok(files)
 }
 
-/// Checks that every endpoint in the objects names a pod the demo made, with that pod's
-/// address; returns the names of frontend-svc's endpoints' pods.
-fn check_addresses(dir: &Path, pods: &[Pod]) -> anyhow::Result<Vec<String>> {
-    let loaded = svc_agent::source::load_dir(dir)?;
-    let mut frontends = Vec::new();
-    for slice in &loaded.snapshot.slices {
-        let service = slice
-            .metadata
-            .labels
-            .as_ref()
-            .and_then(|l| l.get("kubernetes.io/service-name"))
-            .cloned()
-            .unwrap_or_default();
-        for ep in &slice.endpoints {
-            let name = ep
-                .target_ref
-                .as_ref()
-                .and_then(|r| r.name.clone())
-                .context("an endpoint without targetRef.name")?;
-            let pod = pods.iter().find(|p| p.name == name).with_context(|| {
-                format!("the objects name pod {name}, which the demo does not create")
-            })?;
-            let listed = ep.addresses.first().map(String::as_str).unwrap_or_default();
-            ensure!(
-                listed == pod.ipv4.to_string(),
-                "{name} is {listed} in the objects but {} in the topology: fix manifests/demo",
-                pod.ipv4
-            );
-            if service == "frontend-svc" {
-                frontends.push(name);
-            }
-        }
-    }
+/// Reads the Pods of `file` (with the agent's own loader) and writes each, with the address
+/// and node the harness gave the pod of that name, as `pod-<name>.yaml`; returns them by name.
+fn write_pods(
+    file: &Path,
+    topo: &Topology,
+    dir: &ManifestDir,
+) -> anyhow::Result<BTreeMap<String, PodObject>> {
+    let loaded = svc_agent::source::load_file(file);
     ensure!(
-        frontends.iter().any(|n| n == REMOVED),
-        "{REMOVED} is not an endpoint of frontend-svc"
+        loaded.errors.is_empty(),
+        "{}: {:?}",
+        file.display(),
+        loaded.errors
     );
-    Ok(frontends)
+    let mut pods = BTreeMap::new();
+    for object in loaded.pods {
+        let mut object = (*object).clone();
+        let name = object.metadata.name.clone().unwrap_or_default();
+        let pod = pod(topo, &name)
+            .with_context(|| format!("{} names a pod the demo does not create", file.display()))?;
+        if let Some(spec) = object.spec.as_mut() {
+            spec.node_name = Some(topo.node(pod.node).name.clone());
+        }
+        let status = object.status.get_or_insert_with(Default::default);
+        status.pod_ip = Some(pod.ipv4.to_string());
+        status.pod_ips = Some(vec![
+            PodIP {
+                ip: pod.ipv4.to_string(),
+            },
+            PodIP {
+                ip: pod.ipv6.to_string(),
+            },
+        ]);
+        write_pod(dir, &object)?;
+        pods.insert(name, object);
+    }
+    for name in FRONTENDS.iter().chain(&["db-0"]) {
+        ensure!(
+            pods.contains_key(*name),
+            "no Pod {name} in {}",
+            file.display()
+        );
+    }
+    Ok(pods)
 }
 
-/// Removes the endpoint whose `targetRef` names `pod` from the slice in `file` (a text edit,
-/// like `kubectl edit`, keeping everything else as it is) and returns its address.
-fn remove_endpoint(dir: &ManifestDir, file: &str, pod: &str) -> anyhow::Result<String> {
-    let path = dir.path().join(file);
-    let text = fs::read_to_string(&path)?;
-    let lines: Vec<&str> = text.lines().collect();
-    // An endpoint is a `- addresses:` item at column 0, up to the next item or top-level key.
-    let starts: Vec<usize> = lines
-        .iter()
-        .enumerate()
-        .filter(|(_, l)| l.starts_with("- addresses:"))
-        .map(|(i, _)| i)
-        .collect();
-    for start in starts {
-        let end = (start + 1..lines.len())
-            .find(|&i| !lines[i].starts_with(' '))
-            .unwrap_or(lines.len());
-        let block = &lines[start..end];
-        if block.iter().any(|l| l.trim() == format!("name: {pod}")) {
-            let address = block
-                .get(1)
-                .and_then(|l| l.trim().strip_prefix("- "))
-                .context("no address in the endpoint")?
-                .to_owned();
-            let mut kept: Vec<&str> = lines[..start].to_vec();
-            kept.extend_from_slice(&lines[end..]);
-            dir.write(file, &(kept.join("\n") + "\n"))?;
-            return Ok(address);
-        }
-    }
-    bail!("no endpoint for {pod} in {}", path.display())
+/// Writes `pod` as `pod-<name>.yaml`.
+fn write_pod(dir: &ManifestDir, pod: &PodObject) -> anyhow::Result<()> {
+    let name = pod.metadata.name.as_deref().unwrap_or_default();
+    let text = serde_saphyr::to_string(pod).with_context(|| format!("Pod {name} as YAML"))?;
+    dir.write(&format!("pod-{name}.yaml"), &text)
 }
 
 /// Sends [`REQUESTS`] requests (each a new TCP connection) from the client pod to

@@ -1,0 +1,1117 @@
+//! Services over Pods: the `EndpointSlice`s the Kubernetes `EndpointSlice` controller would
+//! write for Services with a `selector`, computed from `v1` Pods (standalone mode only).
+//!
+//! In a cluster the API server's controller writes the slices and the agent reads them; this
+//! module never runs there. With `run --from-dir` there is no controller, so
+//! [`slices_from_pods`] plays its part, following its rules (`pkg/controller/endpointslice`
+//! and `staging/src/k8s.io/endpointslice`, Kubernetes 1.33):
+//! - a Service takes part when it has a non-empty `spec.selector` and is not `ExternalName`
+//!   (an empty selector is no selector: the API server stores `{}` as nothing);
+//! - its Pods are those in its namespace whose labels hold every `key: value` of the selector;
+//! - a Pod is left out when it has no IP (`status.podIP` and `status.podIPs` empty) or is in
+//!   a terminal phase (`Succeeded`, `Failed`); a Pod with a `deletionTimestamp` stays, as
+//!   `terminating`;
+//! - conditions: `serving` = the Pod's `Ready` condition is `True`, `terminating` =
+//!   `deletionTimestamp` is set, `ready` = `serving && !terminating`, or always `true` with
+//!   `publishNotReadyAddresses`;
+//! - one slice set per IP family of the Service (`spec.ipFamilies`, else the family of
+//!   `spec.clusterIP`, else both); a Pod's address of that family comes from
+//!   `status.podIPs` (`status.podIP` when the list is empty); a Pod without one is not in
+//!   that family's slices;
+//! - each Service port's `targetPort` is resolved per Pod: a number is used as is, a name is
+//!   looked up in the Pod's containers' `ports[]` (then in its restartable init containers,
+//!   the sidecars) by name **and** protocol; a Pod that cannot resolve a port is left out of
+//!   that port. Pods resolving to the same port list share a port group; each group is its
+//!   own slices (at most 100 endpoints each, the controller's default);
+//! - each endpoint carries `nodeName` and `targetRef` (kind `Pod`, namespace, name, uid).
+//!
+//! Deliberate differences, because a directory is not a cluster: the controller leaves out a
+//! Pod whose `spec.nodeName` names a Node it does not know; here Nodes are optional (the
+//! directory often lists only this node), so the Pod is kept, and no `zone` is set. Slices get
+//! fixed names (`<service>-pods-<family>-<n>`) instead of generated ones. Hand-written slices
+//! naming a Service that has a selector are ignored, and each is reported in
+//! [`PodSlices::ignored_slices`].
+//!
+//! A bad Pod (an address that does not parse, two addresses of one family, a container port
+//! out of range) is skipped as a whole and reported in [`PodSlices::errors`] with the field;
+//! so is a bad `targetPort` of a Service (that port is skipped). Nothing here panics.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+    net::IpAddr,
+    sync::Arc,
+};
+
+use k8s_openapi::{
+    api::{
+        core::v1::{Container, ObjectReference, Pod, Service},
+        discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice},
+    },
+    apimachinery::pkg::{apis::meta::v1::ObjectMeta, util::intstr::IntOrString},
+};
+
+use super::{LABEL_SERVICE_NAME, ObjectError, Protocol, namespace_of, unique_objects};
+
+/// The label the controller puts on the slices it manages; ours say who wrote them.
+pub const LABEL_MANAGED_BY: &str = "endpointslice.kubernetes.io/managed-by";
+/// The value of [`LABEL_MANAGED_BY`] on the slices computed here.
+pub const MANAGED_BY: &str = "svc-agent.standalone";
+/// The most endpoints one computed slice holds (the controller's `--max-endpoints-per-slice`
+/// default).
+pub const MAX_ENDPOINTS_PER_SLICE: usize = 100;
+
+/// What [`slices_from_pods`] found.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct PodSlices {
+    /// The slices to compute the desired state from: the hand-written ones of Services
+    /// without a selector, then the computed ones (sorted by namespace, Service, family).
+    pub slices: Vec<Arc<EndpointSlice>>,
+    /// One entry per Service with a selector, sorted by namespace and name.
+    pub selections: Vec<Selection>,
+    /// Hand-written slices ignored because their Service has a selector.
+    pub ignored_slices: Vec<IgnoredSlice>,
+    /// Bad Pods (skipped) and bad `targetPort`s (that port skipped).
+    pub errors: Vec<ObjectError>,
+}
+
+/// The Pods a Service's selector chose.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Selection {
+    /// The Service's namespace.
+    pub namespace: String,
+    /// The Service's name.
+    pub name: String,
+    /// The selector, as `key==value` terms joined by `,` (sorted by key).
+    pub selector: String,
+    /// The names of the Pods that are endpoints (matching, with an IP, not terminal), sorted.
+    pub pods: Vec<String>,
+    /// How many of them are `ready`.
+    pub ready: usize,
+}
+
+impl fmt::Display for Selection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.pods.len();
+        let plural = if n == 1 { "" } else { "s" };
+        write!(
+            f,
+            "{}/{} {}: {n} pod{plural} ({} ready)",
+            self.namespace, self.name, self.selector, self.ready
+        )
+    }
+}
+
+/// A hand-written `EndpointSlice` ignored because its Service has a selector.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct IgnoredSlice {
+    /// The namespace of the slice and the Service.
+    pub namespace: String,
+    /// The slice's name.
+    pub slice: String,
+    /// The Service it names.
+    pub service: String,
+}
+
+impl fmt::Display for IgnoredSlice {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "EndpointSlice {ns}/{slice} is ignored: Service {ns}/{svc} has a selector, its \
+             endpoints are computed from Pods",
+            ns = self.namespace,
+            slice = self.slice,
+            svc = self.service
+        )
+    }
+}
+
+/// An IP family of the Service's slices.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    fn of(addr: IpAddr) -> Self {
+        if addr.is_ipv6() { Self::V6 } else { Self::V4 }
+    }
+
+    fn address_type(self) -> &'static str {
+        match self {
+            Self::V4 => "IPv4",
+            Self::V6 => "IPv6",
+        }
+    }
+
+    fn slug(self) -> &'static str {
+        match self {
+            Self::V4 => "ipv4",
+            Self::V6 => "ipv6",
+        }
+    }
+}
+
+/// A named container port.
+#[derive(Debug)]
+struct NamedPort<'a> {
+    name: &'a str,
+    proto: Protocol,
+    port: u16,
+}
+
+/// A validated Pod.
+#[derive(Debug)]
+struct PodView<'a> {
+    pod: &'a Pod,
+    namespace: &'a str,
+    name: &'a str,
+    /// At most one address per family.
+    addrs: Vec<IpAddr>,
+    /// Containers first, then restartable init containers, in order.
+    named_ports: Vec<NamedPort<'a>>,
+    serving: bool,
+    terminating: bool,
+    terminal: bool,
+}
+
+impl PodView<'_> {
+    fn labels(&self) -> Option<&BTreeMap<String, String>> {
+        self.pod.metadata.labels.as_ref()
+    }
+
+    fn addr(&self, family: Family) -> Option<IpAddr> {
+        self.addrs
+            .iter()
+            .copied()
+            .find(|a| Family::of(*a) == family)
+    }
+
+    /// `FindPort`: the container port named `name` with protocol `proto`.
+    fn find_port(&self, name: &str, proto: Protocol) -> Option<u16> {
+        self.named_ports
+            .iter()
+            .find(|p| p.name == name && p.proto == proto)
+            .map(|p| p.port)
+    }
+}
+
+/// A Service port's target.
+#[derive(Debug)]
+enum Target<'a> {
+    Number(u16),
+    Name(&'a str),
+}
+
+/// A Service port, as the controller reads it.
+#[derive(Debug)]
+struct TargetPort<'a> {
+    name: &'a str,
+    proto: Protocol,
+    target: Target<'a>,
+}
+
+/// A Service taking part: it has a selector.
+#[derive(Debug)]
+struct SelectorService<'a> {
+    namespace: &'a str,
+    name: &'a str,
+    selector: &'a BTreeMap<String, String>,
+    publish_not_ready: bool,
+    families: Vec<Family>,
+    ports: Vec<TargetPort<'a>>,
+}
+
+/// Computes the `EndpointSlice`s of every Service with a selector from `pods`, and returns
+/// them with the hand-written `slices` of the other Services (see the module documentation
+/// for the rules). The result does not depend on the order of the inputs.
+#[must_use]
+pub fn slices_from_pods(
+    services: &[Arc<Service>],
+    pods: &[Arc<Pod>],
+    slices: &[Arc<EndpointSlice>],
+) -> PodSlices {
+    let mut out = PodSlices::default();
+    let services = unique_objects(
+        "Service",
+        services,
+        |s| (&s.metadata.namespace, &s.metadata.name),
+        &mut Vec::new(), // `compute` reports duplicate Services itself.
+    );
+    let pods = unique_objects(
+        "Pod",
+        pods,
+        |p| (&p.metadata.namespace, &p.metadata.name),
+        &mut out.errors,
+    );
+    let selector_services: Vec<SelectorService<'_>> = services
+        .iter()
+        .filter_map(|svc| selector_service(svc, &mut out.errors))
+        .collect();
+    let pods: Vec<PodView<'_>> = pods
+        .into_iter()
+        .filter_map(|pod| parse_pod(pod, &mut out.errors))
+        .collect();
+    let mut by_namespace: BTreeMap<&str, Vec<&PodView<'_>>> = BTreeMap::new();
+    for pod in &pods {
+        by_namespace.entry(pod.namespace).or_default().push(pod);
+    }
+
+    let selected: BTreeSet<(&str, &str)> = selector_services
+        .iter()
+        .map(|s| (s.namespace, s.name))
+        .collect();
+    for slice in slices {
+        let namespace = namespace_of(slice.metadata.namespace.as_ref());
+        let service = slice
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(LABEL_SERVICE_NAME));
+        match service {
+            Some(service) if selected.contains(&(namespace, service.as_str())) => {
+                out.ignored_slices.push(IgnoredSlice {
+                    namespace: namespace.to_owned(),
+                    slice: slice.metadata.name.clone().unwrap_or_default(),
+                    service: service.clone(),
+                });
+            }
+            _ => out.slices.push(Arc::clone(slice)),
+        }
+    }
+    out.ignored_slices.sort();
+
+    for svc in &selector_services {
+        let candidates = by_namespace
+            .get(svc.namespace)
+            .map_or(&[][..], Vec::as_slice);
+        let matching: Vec<&PodView<'_>> = candidates
+            .iter()
+            .copied()
+            .filter(|pod| selects(svc.selector, pod.labels()))
+            .filter(|pod| !pod.addrs.is_empty() && !pod.terminal)
+            .collect();
+        out.selections.push(Selection {
+            namespace: svc.namespace.to_owned(),
+            name: svc.name.to_owned(),
+            selector: selector_string(svc.selector),
+            pods: matching.iter().map(|p| p.name.to_owned()).collect(),
+            ready: matching.iter().filter(|p| svc.ready(p)).count(),
+        });
+        for &family in &svc.families {
+            service_slices(svc, family, &matching, &mut out.slices);
+        }
+    }
+    out.errors.sort();
+    out.errors.dedup();
+    out
+}
+
+impl SelectorService<'_> {
+    fn ready(&self, pod: &PodView<'_>) -> bool {
+        self.publish_not_ready || (pod.serving && !pod.terminating)
+    }
+}
+
+/// Whether `labels` hold every term of `selector` (a non-empty equality selector).
+fn selects(selector: &BTreeMap<String, String>, labels: Option<&BTreeMap<String, String>>) -> bool {
+    selector
+        .iter()
+        .all(|(k, v)| labels.and_then(|l| l.get(k)) == Some(v))
+}
+
+fn selector_string(selector: &BTreeMap<String, String>) -> String {
+    selector
+        .iter()
+        .map(|(k, v)| format!("{k}=={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// The slices of one Service and family: one port group per distinct resolved port list,
+/// split in chunks of [`MAX_ENDPOINTS_PER_SLICE`].
+fn service_slices(
+    svc: &SelectorService<'_>,
+    family: Family,
+    pods: &[&PodView<'_>],
+    slices: &mut Vec<Arc<EndpointSlice>>,
+) {
+    // Resolved ports (name, protocol, number), in the Service's order -> endpoints.
+    let mut groups: BTreeMap<Vec<(&str, Protocol, u16)>, Vec<Endpoint>> = BTreeMap::new();
+    for pod in pods {
+        let Some(addr) = pod.addr(family) else {
+            continue;
+        };
+        let ports: Vec<(&str, Protocol, u16)> = svc
+            .ports
+            .iter()
+            .filter_map(|p| {
+                let number = match p.target {
+                    Target::Number(n) => Some(n),
+                    Target::Name(name) => pod.find_port(name, p.proto),
+                }?;
+                Some((p.name, p.proto, number))
+            })
+            .collect();
+        groups
+            .entry(ports)
+            .or_default()
+            .push(endpoint(svc, pod, addr));
+    }
+    let mut index = 0;
+    for (ports, endpoints) in groups {
+        for chunk in endpoints.chunks(MAX_ENDPOINTS_PER_SLICE) {
+            slices.push(Arc::new(EndpointSlice {
+                metadata: ObjectMeta {
+                    name: Some(format!("{}-pods-{}-{index}", svc.name, family.slug())),
+                    namespace: Some(svc.namespace.to_owned()),
+                    labels: Some(BTreeMap::from([
+                        (LABEL_SERVICE_NAME.to_owned(), svc.name.to_owned()),
+                        (LABEL_MANAGED_BY.to_owned(), MANAGED_BY.to_owned()),
+                    ])),
+                    ..ObjectMeta::default()
+                },
+                address_type: family.address_type().to_owned(),
+                endpoints: chunk.to_vec(),
+                ports: Some(
+                    ports
+                        .iter()
+                        .map(|&(name, proto, port)| EndpointPort {
+                            name: Some(name.to_owned()),
+                            protocol: Some(proto.as_k8s().to_owned()),
+                            port: Some(i32::from(port)),
+                            app_protocol: None,
+                        })
+                        .collect(),
+                ),
+            }));
+            index += 1;
+        }
+    }
+}
+
+/// `podToEndpoint`.
+fn endpoint(svc: &SelectorService<'_>, pod: &PodView<'_>, addr: IpAddr) -> Endpoint {
+    let meta = &pod.pod.metadata;
+    Endpoint {
+        addresses: vec![addr.to_string()],
+        conditions: Some(EndpointConditions {
+            ready: Some(svc.ready(pod)),
+            serving: Some(pod.serving),
+            terminating: Some(pod.terminating),
+        }),
+        node_name: pod
+            .pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.node_name.clone())
+            .filter(|n| !n.is_empty()),
+        target_ref: Some(ObjectReference {
+            kind: Some("Pod".to_owned()),
+            namespace: Some(pod.namespace.to_owned()),
+            name: Some(pod.name.to_owned()),
+            uid: meta.uid.clone(),
+            ..ObjectReference::default()
+        }),
+        ..Endpoint::default()
+    }
+}
+
+/// The Service's part in the controller's work, or `None` when it has none (no selector,
+/// `ExternalName`, no name). A bad `targetPort` is reported and that port skipped; other bad
+/// fields are `compute`'s to report.
+fn selector_service<'a>(
+    svc: &'a Service,
+    errors: &mut Vec<ObjectError>,
+) -> Option<SelectorService<'a>> {
+    let spec = svc.spec.as_ref()?;
+    let selector = spec.selector.as_ref().filter(|s| !s.is_empty())?;
+    if spec.type_.as_deref() == Some("ExternalName") {
+        return None;
+    }
+    let name = svc.metadata.name.as_deref().filter(|n| !n.is_empty())?;
+    let namespace = namespace_of(svc.metadata.namespace.as_ref());
+    let mut ports = Vec::new();
+    for (i, port) in spec.ports.iter().flatten().enumerate() {
+        // An unknown protocol or a bad port number is reported by `compute`.
+        let Some(proto) = Protocol::from_k8s(port.protocol.as_deref().unwrap_or("TCP")) else {
+            continue;
+        };
+        let target = match &port.target_port {
+            // The API server defaults an unset (or zero, or empty) targetPort to the port.
+            None | Some(IntOrString::Int(0)) => u16::try_from(port.port).ok().map(Target::Number),
+            Some(IntOrString::String(s)) if s.is_empty() => {
+                u16::try_from(port.port).ok().map(Target::Number)
+            }
+            Some(IntOrString::Int(n)) => {
+                let number = u16::try_from(*n).ok().filter(|&n| n != 0);
+                if number.is_none() {
+                    errors.push(ObjectError {
+                        kind: "Service",
+                        namespace: namespace.to_owned(),
+                        name: name.to_owned(),
+                        field: format!("spec.ports[{i}].targetPort"),
+                        reason: format!("{n} is not in 1..=65535"),
+                    });
+                }
+                number.map(Target::Number)
+            }
+            Some(IntOrString::String(s)) => Some(Target::Name(s)),
+        };
+        if let Some(target) = target {
+            ports.push(TargetPort {
+                name: port.name.as_deref().unwrap_or_default(),
+                proto,
+                target,
+            });
+        }
+    }
+    let families = service_families(spec);
+    Some(SelectorService {
+        namespace,
+        name,
+        selector,
+        publish_not_ready: spec.publish_not_ready_addresses.unwrap_or(false),
+        families,
+        ports,
+    })
+}
+
+/// `getAddressTypesForService`: `spec.ipFamilies`, else the family of `spec.clusterIP`,
+/// else both.
+fn service_families(spec: &k8s_openapi::api::core::v1::ServiceSpec) -> Vec<Family> {
+    let mut families: Vec<Family> = spec
+        .ip_families
+        .iter()
+        .flatten()
+        .filter_map(|f| match f.as_str() {
+            "IPv4" => Some(Family::V4),
+            "IPv6" => Some(Family::V6),
+            _ => None,
+        })
+        .collect();
+    if families.is_empty() {
+        let cluster_ip = spec
+            .cluster_ip
+            .as_deref()
+            .filter(|ip| !ip.is_empty() && *ip != "None");
+        families = match cluster_ip.map(str::parse::<IpAddr>) {
+            Some(Ok(addr)) => vec![Family::of(addr)],
+            // A bad address is `compute`'s to report; no slices for it.
+            Some(Err(_)) => Vec::new(),
+            None => vec![Family::V4, Family::V6],
+        };
+    }
+    families.sort();
+    families.dedup();
+    families
+}
+
+/// Validates one Pod; `None` (with one error per bad field) when it cannot be used.
+fn parse_pod<'a>(pod: &'a Pod, errors: &mut Vec<ObjectError>) -> Option<PodView<'a>> {
+    let namespace = namespace_of(pod.metadata.namespace.as_ref());
+    let name = pod.metadata.name.as_deref().unwrap_or_default();
+    let mut failed = false;
+    let mut fail = |field: String, reason: String| {
+        failed = true;
+        errors.push(ObjectError {
+            kind: "Pod",
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+            field,
+            reason,
+        });
+    };
+    if name.is_empty() {
+        fail("metadata.name".to_owned(), "missing".to_owned());
+    }
+    let status = pod.status.as_ref();
+    let pod_ip = status
+        .and_then(|s| s.pod_ip.as_deref())
+        .filter(|ip| !ip.is_empty());
+    let pod_ips = status
+        .and_then(|s| s.pod_ips.as_deref())
+        .unwrap_or_default();
+
+    let mut addrs: Vec<IpAddr> = Vec::new();
+    let mut add = |field: String, text: &str, fail: &mut dyn FnMut(String, String)| match text
+        .parse::<IpAddr>()
+    {
+        Ok(addr) if addrs.iter().any(|a| Family::of(*a) == Family::of(addr)) => fail(
+            field,
+            format!("{text:?}: a Pod has at most one address per IP family"),
+        ),
+        Ok(addr) => addrs.push(addr),
+        Err(_) => fail(field, format!("{text:?} is not an IP address")),
+    };
+    if pod_ips.is_empty() {
+        if let Some(ip) = pod_ip {
+            add("status.podIP".to_owned(), ip, &mut fail);
+        }
+    } else {
+        for (i, ip) in pod_ips.iter().enumerate() {
+            add(format!("status.podIPs[{i}].ip"), &ip.ip, &mut fail);
+        }
+        if let Some(ip) = pod_ip
+            && pod_ips[0].ip != ip
+        {
+            fail(
+                "status.podIPs[0].ip".to_owned(),
+                format!("{:?} differs from status.podIP {ip:?}", pod_ips[0].ip),
+            );
+        }
+    }
+
+    let mut named_ports = Vec::new();
+    if let Some(spec) = &pod.spec {
+        let sidecars = spec
+            .init_containers
+            .iter()
+            .flatten()
+            .enumerate()
+            .filter(|(_, c)| c.restart_policy.as_deref() == Some("Always"))
+            .map(|(i, c)| (format!("spec.initContainers[{i}]"), c));
+        let containers = spec
+            .containers
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (format!("spec.containers[{i}]"), c));
+        for (field, container) in containers.chain(sidecars) {
+            container_ports(&field, container, &mut named_ports, &mut fail);
+        }
+    }
+
+    let status_of = |kind: &str| {
+        status
+            .and_then(|s| s.conditions.as_deref())
+            .unwrap_or_default()
+            .iter()
+            .find(|c| c.type_ == kind)
+            .map(|c| c.status.as_str())
+    };
+    let serving = status_of("Ready") == Some("True");
+    let phase = status.and_then(|s| s.phase.as_deref());
+    (!failed).then(|| PodView {
+        pod,
+        namespace,
+        name,
+        addrs,
+        named_ports,
+        serving,
+        terminating: pod.metadata.deletion_timestamp.is_some(),
+        terminal: matches!(phase, Some("Succeeded" | "Failed")),
+    })
+}
+
+/// Validates a container's ports, keeping the named ones.
+fn container_ports<'a>(
+    field: &str,
+    container: &'a Container,
+    named: &mut Vec<NamedPort<'a>>,
+    fail: &mut dyn FnMut(String, String),
+) {
+    for (i, port) in container.ports.iter().flatten().enumerate() {
+        let proto_text = port.protocol.as_deref().unwrap_or("TCP");
+        let proto = Protocol::from_k8s(proto_text);
+        if proto.is_none() {
+            fail(
+                format!("{field}.ports[{i}].protocol"),
+                format!("unknown protocol {proto_text:?} (expected TCP, UDP or SCTP)"),
+            );
+        }
+        let number = u16::try_from(port.container_port).ok().filter(|&n| n != 0);
+        if number.is_none() {
+            fail(
+                format!("{field}.ports[{i}].containerPort"),
+                format!("{} is not in 1..=65535", port.container_port),
+            );
+        }
+        if let (Some(name), Some(proto), Some(port)) = (
+            port.name.as_deref().filter(|n| !n.is_empty()),
+            proto,
+            number,
+        ) {
+            named.push(NamedPort { name, proto, port });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Pods × Services → slices, each row checked against the controller's documented rules.
+
+    use std::fmt::Write as _;
+
+    use super::*;
+    use crate::model::test_support::yaml;
+
+    fn service(text: &str) -> Arc<Service> {
+        Arc::new(yaml(&format!("apiVersion: v1\nkind: Service\n{text}")))
+    }
+
+    /// A Pod `name` in `default` with labels `labels` (`k: v, ...`), address(es) `ips`
+    /// (`a` or `a,b`), conditions and extra YAML under `spec`/`status`.
+    fn pod(name: &str, labels: &str, ips: &str, ready: bool, extra_spec: &str) -> Arc<Pod> {
+        let ips: Vec<&str> = ips.split(',').filter(|s| !s.is_empty()).collect();
+        let pod_ip = ips
+            .first()
+            .map(|ip| format!("  podIP: \"{ip}\"\n"))
+            .unwrap_or_default();
+        let pod_ips = ips.iter().fold(String::new(), |mut out, ip| {
+            let _ = writeln!(out, "  - ip: \"{ip}\"");
+            out
+        });
+        let pod_ips = if ips.is_empty() {
+            String::new()
+        } else {
+            format!("  podIPs:\n{pod_ips}")
+        };
+        let status = if ready { "True" } else { "False" };
+        Arc::new(yaml(&format!(
+            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: default\n  \
+             uid: uid-{name}\n  labels: {{{labels}}}\nspec:\n  nodeName: node1\n  containers:\n  \
+             - name: c\n    ports:\n    - name: http\n      containerPort: 8080\n    - name: dns\n      \
+             containerPort: 5353\n      protocol: UDP\n{extra_spec}status:\n  phase: Running\n{pod_ip}{pod_ips}  \
+             conditions:\n  - type: Ready\n    status: \"{status}\"\n"
+        )))
+    }
+
+    const WEB: &str = "metadata:\n  name: web\n  namespace: default\nspec:\n  clusterIP: 198.19.0.1\n  \
+                       selector: {app: web}\n  ports:\n  - name: http\n    port: 80\n    targetPort: http\n";
+
+    /// Every slice as one line: `name family [ports] endpoints`, endpoints as
+    /// `addr(pod node r/s/t)` with `r`, `s`, `t` or `-` for each condition.
+    fn render(slices: &[Arc<EndpointSlice>]) -> Vec<String> {
+        slices
+            .iter()
+            .map(|s| {
+                let ports: Vec<String> = s
+                    .ports
+                    .iter()
+                    .flatten()
+                    .map(|p| {
+                        format!(
+                            "{}/{}/{}",
+                            p.name.as_deref().unwrap_or("?"),
+                            p.protocol.as_deref().unwrap_or("?"),
+                            p.port.unwrap_or(0)
+                        )
+                    })
+                    .collect();
+                let eps: Vec<String> = s
+                    .endpoints
+                    .iter()
+                    .map(|e| {
+                        let c = e.conditions.clone().unwrap_or_default();
+                        let flag =
+                            |v: Option<bool>, ch: char| if v == Some(true) { ch } else { '-' };
+                        let t = e.target_ref.clone().unwrap_or_default();
+                        format!(
+                            "{}({}/{} uid={} {} {}{}{})",
+                            e.addresses.join("+"),
+                            t.namespace.unwrap_or_default(),
+                            t.name.unwrap_or_default(),
+                            t.uid.unwrap_or_default(),
+                            e.node_name.as_deref().unwrap_or("-"),
+                            flag(c.ready, 'r'),
+                            flag(c.serving, 's'),
+                            flag(c.terminating, 't'),
+                        )
+                    })
+                    .collect();
+                format!(
+                    "{} {} [{}] {}",
+                    s.metadata.name.as_deref().unwrap_or("?"),
+                    s.address_type,
+                    ports.join(","),
+                    eps.join(" ")
+                )
+            })
+            .collect()
+    }
+
+    struct Row {
+        name: &'static str,
+        services: Vec<Arc<Service>>,
+        pods: Vec<Arc<Pod>>,
+        want: &'static [&'static str],
+    }
+
+    #[test]
+    #[expect(clippy::too_many_lines, reason = "one table of cases")]
+    fn pods_and_services_give_the_controllers_slices() {
+        let terminating = |p: Arc<Pod>| {
+            let mut p = (*p).clone();
+            p.metadata.deletion_timestamp =
+                Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                    k8s_openapi::jiff::Timestamp::UNIX_EPOCH,
+                ));
+            Arc::new(p)
+        };
+        let phase = |p: Arc<Pod>, phase: &str| {
+            let mut p = (*p).clone();
+            p.status.as_mut().unwrap().phase = Some(phase.to_owned());
+            Arc::new(p)
+        };
+        let in_namespace = |p: Arc<Pod>, ns: &str| {
+            let mut p = (*p).clone();
+            p.metadata.namespace = Some(ns.to_owned());
+            Arc::new(p)
+        };
+        let rows = vec![
+            Row {
+                name: "labels select, named targetPort resolved, ready from the Ready condition",
+                services: vec![service(WEB)],
+                pods: vec![
+                    pod("web-1", "app: web", "198.18.1.2", true, ""),
+                    pod("web-0", "app: web, tier: x", "198.18.1.1", false, ""),
+                    pod("db-0", "app: db", "198.18.1.3", true, ""),
+                ],
+                want: &[
+                    "web-pods-ipv4-0 IPv4 [http/TCP/8080] 198.18.1.1(default/web-0 uid=uid-web-0 node1 ---) \
+                     198.18.1.2(default/web-1 uid=uid-web-1 node1 rs-)",
+                ],
+            },
+            Row {
+                name: "every selector term must match; other namespaces never do",
+                services: vec![service(
+                    "metadata:\n  name: web\nspec:\n  clusterIP: 198.19.0.1\n  selector: {app: web, tier: x}\n  \
+                     ports:\n  - port: 80\n    targetPort: 9000\n",
+                )],
+                pods: vec![
+                    pod("web-0", "app: web, tier: x", "198.18.1.1", true, ""),
+                    pod("web-1", "app: web", "198.18.1.2", true, ""),
+                    in_namespace(
+                        pod("web-2", "app: web, tier: x", "198.18.1.3", true, ""),
+                        "other",
+                    ),
+                ],
+                want: &[
+                    "web-pods-ipv4-0 IPv4 [/TCP/9000] 198.18.1.1(default/web-0 uid=uid-web-0 node1 rs-)",
+                ],
+            },
+            Row {
+                name: "terminating: not ready, serving as the Ready condition says; terminal phases and no IP left out",
+                services: vec![service(WEB)],
+                pods: vec![
+                    terminating(pod("web-0", "app: web", "198.18.1.1", true, "")),
+                    terminating(pod("web-1", "app: web", "198.18.1.2", false, "")),
+                    phase(
+                        pod("web-2", "app: web", "198.18.1.3", true, ""),
+                        "Succeeded",
+                    ),
+                    phase(pod("web-3", "app: web", "198.18.1.4", true, ""), "Failed"),
+                    pod("web-4", "app: web", "", true, ""),
+                    phase(pod("web-5", "app: web", "198.18.1.6", false, ""), "Pending"),
+                ],
+                want: &[
+                    "web-pods-ipv4-0 IPv4 [http/TCP/8080] 198.18.1.1(default/web-0 uid=uid-web-0 node1 -st) \
+                     198.18.1.2(default/web-1 uid=uid-web-1 node1 --t) 198.18.1.6(default/web-5 uid=uid-web-5 node1 ---)",
+                ],
+            },
+            Row {
+                name: "publishNotReadyAddresses: every pod ready, terminating ones too",
+                services: vec![service(&format!("{WEB}  publishNotReadyAddresses: true\n"))],
+                pods: vec![
+                    pod("web-0", "app: web", "198.18.1.1", false, ""),
+                    terminating(pod("web-1", "app: web", "198.18.1.2", true, "")),
+                ],
+                want: &[
+                    "web-pods-ipv4-0 IPv4 [http/TCP/8080] 198.18.1.1(default/web-0 uid=uid-web-0 node1 r--) \
+                     198.18.1.2(default/web-1 uid=uid-web-1 node1 rst)",
+                ],
+            },
+            Row {
+                name: "a name resolving to different numbers: one port group (slice) per number; \
+                       a pod without the name is left out of that port only",
+                services: vec![service(
+                    "metadata:\n  name: web\nspec:\n  clusterIP: 198.19.0.1\n  selector: {app: web}\n  ports:\n  \
+                     - name: http\n    port: 80\n    targetPort: http\n  - name: dns\n    port: 53\n    \
+                     protocol: UDP\n    targetPort: dns\n",
+                )],
+                pods: vec![
+                    pod("web-0", "app: web", "198.18.1.1", true, ""),
+                    pod(
+                        "web-1",
+                        "app: web",
+                        "198.18.1.2",
+                        true,
+                        "  - name: d\n    ports:\n    - name: other\n      containerPort: 1\n",
+                    ),
+                    Arc::new(yaml(
+                        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: web-2\n  labels: {app: web}\nspec:\n  \
+                         containers:\n  - name: c\n    ports:\n    - {name: http, containerPort: 8081}\n    \
+                         - {name: dns, containerPort: 5353, protocol: TCP}\nstatus:\n  podIP: 198.18.1.3\n  \
+                         conditions: [{type: Ready, status: \"True\"}]\n",
+                    )),
+                ],
+                want: &[
+                    "web-pods-ipv4-0 IPv4 [http/TCP/8080,dns/UDP/5353] 198.18.1.1(default/web-0 uid=uid-web-0 node1 rs-) \
+                     198.18.1.2(default/web-1 uid=uid-web-1 node1 rs-)",
+                    "web-pods-ipv4-1 IPv4 [http/TCP/8081] 198.18.1.3(default/web-2 uid= - rs-)",
+                ],
+            },
+            Row {
+                name: "restartable init containers (sidecars) resolve names; other init containers do not",
+                services: vec![service(
+                    "metadata:\n  name: web\nspec:\n  clusterIP: 198.19.0.1\n  selector: {app: web}\n  ports:\n  \
+                     - name: m\n    port: 9\n    targetPort: metrics\n",
+                )],
+                pods: vec![
+                    pod(
+                        "web-0",
+                        "app: web",
+                        "198.18.1.1",
+                        true,
+                        "  initContainers:\n  - name: s\n    \
+                         restartPolicy: Always\n    ports:\n    - {name: metrics, containerPort: 9090}\n",
+                    ),
+                    pod(
+                        "web-1",
+                        "app: web",
+                        "198.18.1.2",
+                        true,
+                        "  initContainers:\n  - name: s\n    \
+                         ports:\n    - {name: metrics, containerPort: 9090}\n",
+                    ),
+                ],
+                want: &[
+                    "web-pods-ipv4-0 IPv4 [] 198.18.1.2(default/web-1 uid=uid-web-1 node1 rs-)",
+                    "web-pods-ipv4-1 IPv4 [m/TCP/9090] 198.18.1.1(default/web-0 uid=uid-web-0 node1 rs-)",
+                ],
+            },
+            Row {
+                name: "dual stack: one slice set per family of the Service, address per family",
+                services: vec![service(
+                    "metadata:\n  name: web\nspec:\n  clusterIP: 198.19.0.1\n  ipFamilies: [IPv4, IPv6]\n  \
+                     selector: {app: web}\n  ports:\n  - name: http\n    port: 80\n    targetPort: 8080\n",
+                )],
+                pods: vec![
+                    pod("web-0", "app: web", "198.18.1.1,2001:db8::1", true, ""),
+                    pod("web-1", "app: web", "2001:db8::2", true, ""),
+                ],
+                want: &[
+                    "web-pods-ipv4-0 IPv4 [http/TCP/8080] 198.18.1.1(default/web-0 uid=uid-web-0 node1 rs-)",
+                    "web-pods-ipv6-0 IPv6 [http/TCP/8080] 2001:db8::1(default/web-0 uid=uid-web-0 node1 rs-) \
+                     2001:db8::2(default/web-1 uid=uid-web-1 node1 rs-)",
+                ],
+            },
+            Row {
+                name: "without ipFamilies the clusterIP's family; unset targetPort is the port",
+                services: vec![service(
+                    "metadata:\n  name: web\nspec:\n  clusterIP: 2001:db8::10\n  selector: {app: web}\n  \
+                     ports:\n  - port: 80\n",
+                )],
+                pods: vec![pod("web-0", "app: web", "198.18.1.1,2001:db8::1", true, "")],
+                want: &[
+                    "web-pods-ipv6-0 IPv6 [/TCP/80] 2001:db8::1(default/web-0 uid=uid-web-0 node1 rs-)",
+                ],
+            },
+            Row {
+                name: "no selector, empty selector, ExternalName: no computed slices",
+                services: vec![
+                    service(
+                        "metadata:\n  name: a\nspec:\n  clusterIP: 198.19.0.1\n  ports: [{port: 80}]\n",
+                    ),
+                    service(
+                        "metadata:\n  name: b\nspec:\n  clusterIP: 198.19.0.2\n  selector: {}\n  ports: [{port: 80}]\n",
+                    ),
+                    service(
+                        "metadata:\n  name: c\nspec:\n  type: ExternalName\n  externalName: x.example\n  selector: {app: web}\n",
+                    ),
+                ],
+                pods: vec![pod("web-0", "app: web", "198.18.1.1", true, "")],
+                want: &[],
+            },
+        ];
+        for row in rows {
+            let out = slices_from_pods(&row.services, &row.pods, &[]);
+            assert_eq!(out.errors, [], "{}", row.name);
+            assert_eq!(render(&out.slices), row.want, "{}", row.name);
+            // The order of the inputs does not matter.
+            let mut pods = row.pods.clone();
+            pods.reverse();
+            let mut services = row.services.clone();
+            services.reverse();
+            let again = slices_from_pods(&services, &pods, &[]);
+            assert_eq!(render(&again.slices), row.want, "{} (reversed)", row.name);
+        }
+    }
+
+    #[test]
+    fn computed_slices_program_the_frontend() {
+        let pods = [
+            pod("web-0", "app: web", "198.18.1.1", true, ""),
+            pod("web-1", "app: web", "198.18.1.2", false, ""),
+        ];
+        let services = [service(WEB)];
+        let out = slices_from_pods(&services, &pods, &[]);
+        let snapshot = crate::model::Snapshot {
+            services: services.to_vec(),
+            slices: out.slices,
+            nodes: Vec::new(),
+        };
+        let state = crate::model::compute(&snapshot, "node1");
+        assert_eq!(state.errors, []);
+        let frontend = state.frontends.values().next().unwrap();
+        let backends: Vec<String> = frontend
+            .backends
+            .iter()
+            .map(|b| format!("{}:{} local={}", b.addr, b.port, b.local))
+            .collect();
+        assert_eq!(backends, ["198.18.1.1:8080 local=true"]);
+        assert_eq!(
+            out.selections,
+            [Selection {
+                namespace: "default".into(),
+                name: "web".into(),
+                selector: "app==web".into(),
+                pods: vec!["web-0".into(), "web-1".into()],
+                ready: 1,
+            }]
+        );
+        assert_eq!(
+            out.selections[0].to_string(),
+            "default/web app==web: 2 pods (1 ready)"
+        );
+    }
+
+    #[test]
+    fn the_selector_wins_over_hand_written_slices() {
+        let slice = |name: &str, service: &str| -> Arc<EndpointSlice> {
+            Arc::new(yaml(&format!(
+                "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}\n  \
+                 labels: {{kubernetes.io/service-name: {service}}}\naddressType: IPv4\nendpoints: []\n"
+            )))
+        };
+        let services = [
+            service(WEB),
+            service(
+                "metadata:\n  name: manual\nspec:\n  clusterIP: 198.19.0.2\n  ports: [{port: 80}]\n",
+            ),
+        ];
+        let slices = [slice("web-by-hand", "web"), slice("manual-1", "manual")];
+        let out = slices_from_pods(&services, &[], &slices);
+        let names: Vec<&str> = out
+            .slices
+            .iter()
+            .map(|s| s.metadata.name.as_deref().unwrap())
+            .collect();
+        assert_eq!(
+            names,
+            ["manual-1"],
+            "a selector Service without pods has no slices"
+        );
+        assert_eq!(
+            out.ignored_slices,
+            [IgnoredSlice {
+                namespace: "default".into(),
+                slice: "web-by-hand".into(),
+                service: "web".into(),
+            }]
+        );
+        assert_eq!(
+            out.ignored_slices[0].to_string(),
+            "EndpointSlice default/web-by-hand is ignored: Service default/web has a selector, \
+             its endpoints are computed from Pods"
+        );
+    }
+
+    #[test]
+    fn bad_pods_are_reported_with_their_field_and_skipped() {
+        let bad = |name: &str, status: &str, ports: &str| -> Arc<Pod> {
+            Arc::new(yaml(&format!(
+                "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  labels: {{app: web}}\nspec:\n  \
+                 containers:\n  - name: c\n    ports: {ports}\nstatus:\n{status}"
+            )))
+        };
+        let pods = [
+            bad("ip", "  podIP: not-an-ip\n", "[]"),
+            bad(
+                "ips",
+                "  podIPs: [{ip: 198.18.1.1}, {ip: 198.18.1.2}]\n",
+                "[]",
+            ),
+            bad(
+                "mismatch",
+                "  podIP: 198.18.1.1\n  podIPs: [{ip: 198.18.1.2}]\n",
+                "[]",
+            ),
+            bad(
+                "port",
+                "  podIP: 198.18.1.3\n",
+                "[{name: http, containerPort: 70000}]",
+            ),
+            bad(
+                "proto",
+                "  podIP: 198.18.1.4\n",
+                "[{name: http, containerPort: 80, protocol: ICMP}]",
+            ),
+            bad("", "  podIP: 198.18.1.5\n", "[]"),
+            pod("good", "app: web", "198.18.1.9", true, ""),
+        ];
+        let out = slices_from_pods(&[service(WEB)], &pods, &[]);
+        let errors: Vec<String> = out.errors.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            errors,
+            [
+                "Pod default/<unnamed>: metadata.name: missing",
+                "Pod default/ip: status.podIP: \"not-an-ip\" is not an IP address",
+                "Pod default/ips: status.podIPs[1].ip: \"198.18.1.2\": a Pod has at most one address per IP family",
+                "Pod default/mismatch: status.podIPs[0].ip: \"198.18.1.2\" differs from status.podIP \"198.18.1.1\"",
+                "Pod default/port: spec.containers[0].ports[0].containerPort: 70000 is not in 1..=65535",
+                "Pod default/proto: spec.containers[0].ports[0].protocol: unknown protocol \"ICMP\" (expected TCP, UDP or SCTP)",
+            ]
+        );
+        assert_eq!(
+            render(&out.slices),
+            [
+                "web-pods-ipv4-0 IPv4 [http/TCP/8080] 198.18.1.9(default/good uid=uid-good node1 rs-)"
+            ]
+        );
+    }
+
+    #[test]
+    fn bad_target_ports_and_duplicate_pods_are_reported() {
+        let svc = service(
+            "metadata:\n  name: web\nspec:\n  clusterIP: 198.19.0.1\n  selector: {app: web}\n  ports:\n  \
+             - {name: a, port: 80, targetPort: 70000}\n  - {name: b, port: 81, targetPort: 8080}\n",
+        );
+        let twin = {
+            let mut p = (*pod("web-0", "app: web", "198.18.1.2", true, "")).clone();
+            p.metadata.uid = Some("other".into());
+            Arc::new(p)
+        };
+        let pods = [pod("web-0", "app: web", "198.18.1.1", true, ""), twin];
+        let out = slices_from_pods(&[svc], &pods, &[]);
+        let errors: Vec<String> = out.errors.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            errors,
+            [
+                "Pod default/web-0: metadata.name: 2 objects have this name and they differ; all are ignored",
+                "Service default/web: spec.ports[0].targetPort: 70000 is not in 1..=65535",
+            ]
+        );
+        assert_eq!(render(&out.slices), Vec::<String>::new());
+    }
+
+    #[test]
+    fn large_selections_are_split_in_slices_of_100() {
+        let pods: Vec<Arc<Pod>> = (0..250)
+            .map(|i| {
+                pod(
+                    &format!("web-{i:03}"),
+                    "app: web",
+                    &format!("198.18.{}.{}", i / 200, i % 200 + 1),
+                    true,
+                    "",
+                )
+            })
+            .collect();
+        let out = slices_from_pods(&[service(WEB)], &pods, &[]);
+        let sizes: Vec<usize> = out.slices.iter().map(|s| s.endpoints.len()).collect();
+        assert_eq!(sizes, [100, 100, 50]);
+        assert_eq!(out.selections[0].pods.len(), 250);
+    }
+}
