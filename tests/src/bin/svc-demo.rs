@@ -102,7 +102,11 @@ fn main() -> anyhow::Result<()> {
         .run(move || k8s::tcp_request(db_vip, "select-1", IO_TIMEOUT))?;
     println!("  and one to db-svc {db_vip}: answered by {}", answer.label);
     check_only(&first, &[])?;
-    println!("\nper-frontend and per-backend counters on node1 (svc-agent inspect services):");
+    println!(
+        "\nper-frontend and per-backend counters on node1 (svc-agent inspect services; they \
+         count translated packets: pods are translated at connect() here, as shipped, so no \
+         packet needs it and `sock_xlate` below counts the connections instead):"
+    );
     print!("{}", indent(&demo.agents[0].inspect("services")?));
     println!("\ncounters on node1 (svc-agent inspect stats, zero rows left out):");
     print!("{}", nonzero_rows(&demo.agents[0].inspect("stats")?));
