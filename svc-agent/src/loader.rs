@@ -218,8 +218,7 @@ pub fn load_object(sizes: MapSizes) -> anyhow::Result<Ebpf> {
 pub fn load_pinned(bpffs: &Path, sizes: MapSizes, globals: Globals) -> anyhow::Result<Ebpf> {
     check_object()?;
     let dir = pin_dir(bpffs);
-    std::fs::create_dir_all(&dir)
-        .with_context(|| format!("creating pin directory {}", dir.display()))?;
+    crate::pins::ensure_private_dir(&dir)?;
     let paths: Vec<(&str, PathBuf)> = MAP_NAMES.iter().map(|n| (*n, dir.join(n))).collect();
     let mut loader = EbpfLoader::new();
     sizes.apply(&mut loader);
@@ -235,7 +234,8 @@ pub fn load_pinned(bpffs: &Path, sizes: MapSizes, globals: Globals) -> anyhow::R
     })
 }
 
-/// Mounts a bpf filesystem at `path` unless one is already there.
+/// Mounts a bpf filesystem at `path` unless one is already there: with mode 0700 (only root may
+/// create, rename or remove what is in it; the kernel's default is 1777, anyone may create).
 pub fn ensure_bpffs(path: &Path) -> anyhow::Result<()> {
     let mounts =
         std::fs::read_to_string("/proc/self/mounts").context("reading /proc/self/mounts")?;
@@ -253,7 +253,7 @@ pub fn ensure_bpffs(path: &Path) -> anyhow::Result<()> {
         path,
         Some("bpf"),
         nix::mount::MsFlags::empty(),
-        None::<&str>,
+        Some("mode=0700"),
     )
     .with_context(|| format!("mounting a bpf filesystem at {}", path.display()))
 }
