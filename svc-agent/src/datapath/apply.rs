@@ -36,7 +36,7 @@ use tracing::{info, warn};
 
 use super::{
     batch,
-    flows::{FlowTable, StaleFlows, Sweep, is_flow, sweep},
+    flows::{FlowTable, ReplySchedule, StaleFlows, Sweep, is_flow, is_reply, sweep},
     ids::IdMap,
     names,
     render::{BackendRef, Capacity, Rendered, addresses, addresses_union, render},
@@ -73,9 +73,12 @@ pub trait DatapathMaps {
     fn del_counters(&mut self, kind: CounterKind, id: u32) -> anyhow::Result<()>;
     /// How many entries each map holds at most.
     fn capacity(&self) -> Capacity;
-    /// Deletes the `CT_V1` entries (both directions) of UDP flows that `stale` names, in one
-    /// pass that reads at most the table's capacity in entries (see `flows.rs`).
+    /// Deletes the `CT_V1` forward entries of UDP flows that `stale` names, in one pass that
+    /// reads at most the table's capacity in entries (see `flows.rs`).
     fn clear_udp_flows(&mut self, stale: &StaleFlows) -> anyhow::Result<Sweep>;
+    /// Deletes the `CT_V1` reply entries of UDP flows that `stale` names (a grace after their
+    /// forward entries: `flows::ReplySchedule`), in one pass bounded the same way.
+    fn clear_udp_replies(&mut self, stale: &StaleFlows) -> anyhow::Result<Sweep>;
     /// Deletes the `AFFINITY_V1` entries that `stale` names, in one pass bounded the same way.
     fn clear_affinity(&mut self, stale: &StaleFlows) -> anyhow::Result<Sweep>;
     /// Deletes the `SOCK_UDP_PIN_V1` entries that `stale` names, in one pass bounded the same
@@ -248,10 +251,19 @@ impl DatapathMaps for AyaMaps {
         sweep(
             &mut AyaTable(&mut self.ct),
             self.ct_max,
-            |k, v| stale.matches_ct(k, v),
+            |k, v| stale.matches_ct(k, v) && is_flow(k, v),
             is_flow,
         )
         .context("clearing CT_V1")
+    }
+    fn clear_udp_replies(&mut self, stale: &StaleFlows) -> anyhow::Result<Sweep> {
+        sweep(
+            &mut AyaTable(&mut self.ct),
+            self.ct_max,
+            |k, v| stale.matches_ct(k, v) && is_reply(k, v),
+            |_, _| false,
+        )
+        .context("clearing CT_V1's reply entries")
     }
     fn clear_affinity(&mut self, stale: &StaleFlows) -> anyhow::Result<Sweep> {
         sweep(
@@ -333,6 +345,9 @@ pub struct ReconcileReport {
     /// Frontends left out as a whole because a map is full (their Service, from the desired
     /// state, gets told), and why.
     pub skipped: Vec<(FrontendKey, String)>,
+    /// The pass over `CT_V1` that cleared the reply entries of UDP flows an earlier pass (at
+    /// least [`UDP_REPLY_GRACE`] ago) cleared; `None` when none were due (or it failed).
+    pub udp_replies: Option<Sweep>,
 }
 
 /// What a reconcile pass cleared from `CT_V1` and `AFFINITY_V1` (see `flows.rs`).
@@ -359,6 +374,11 @@ pub struct Cleared {
 /// the first pass after that.
 pub const RETIRED_BACKEND_GRACE: Duration = Duration::from_mins(1);
 
+/// How long the reply entries of the UDP flows a pass clears outlive their forward entries
+/// (`flows::ReplySchedule`): replies already on their way still leave with the service
+/// address. They go at the first pass after that.
+pub const UDP_REPLY_GRACE: Duration = Duration::from_secs(2);
+
 /// Keeps the maps equal to the desired state, writing only differences.
 pub struct Reconciler<M: DatapathMaps> {
     maps: M,
@@ -373,6 +393,8 @@ pub struct Reconciler<M: DatapathMaps> {
     /// ([`RETIRED_BACKEND_GRACE`], from the instant in the value) ends.
     retired: BTreeMap<AddrKey, Instant>,
     retired_grace: Duration,
+    /// Reply entries of cleared UDP flows, waiting for their grace.
+    replies: ReplySchedule,
 }
 
 impl<M: DatapathMaps> Reconciler<M> {
@@ -416,6 +438,7 @@ impl<M: DatapathMaps> Reconciler<M> {
             addrs,
             retired: BTreeMap::new(),
             retired_grace: RETIRED_BACKEND_GRACE,
+            replies: ReplySchedule::new(UDP_REPLY_GRACE),
         };
         let want = r.addresses_now();
         let mut errors = Vec::new();
@@ -424,6 +447,12 @@ impl<M: DatapathMaps> Reconciler<M> {
             return Err(anyhow!("rebuilding ADDRS_V1: {}", errors.join("; ")));
         }
         Ok(r)
+    }
+
+    /// How long the reply entries of cleared UDP flows outlive their forward entries from now
+    /// on ([`UDP_REPLY_GRACE`] unless changed; tests shorten it).
+    pub fn set_udp_reply_grace(&mut self, grace: Duration) {
+        self.replies.set_grace(grace);
     }
 
     /// From now on, every pass that ends backends also sends them, as addresses, to `sender`
@@ -497,7 +526,37 @@ impl<M: DatapathMaps> Reconciler<M> {
                 ));
             }
         }
+        self.clear_due_replies(&mut report);
         report
+    }
+
+    /// Clears the reply entries of UDP flows cleared at least the grace ago (see
+    /// `flows::ReplySchedule`), except those of a pair or backend that came back meanwhile.
+    fn clear_due_replies(&mut self, report: &mut ReconcileReport) {
+        let Some(mut due) = self.replies.take_due(Instant::now()) else {
+            return;
+        };
+        due.pairs.retain(|p| !self.current.reachable.contains(p));
+        due.backends
+            .retain(|id| !self.current.backends.contains_key(id));
+        if due.is_empty() {
+            return;
+        }
+        match self.maps.clear_udp_replies(&due) {
+            Ok(sweep) => {
+                info!(
+                    ct_entries = sweep.deleted,
+                    ct_scanned = sweep.visited,
+                    truncated = sweep.truncated,
+                    "cleared the reply entries of UDP flows cleared at least {:?} ago",
+                    self.replies.grace()
+                );
+                report.udp_replies = Some(sweep);
+            }
+            Err(e) => report
+                .errors
+                .push(format!("clearing reply entries of ended UDP flows: {e:#}")),
+        }
     }
 
     /// Step 6: forgets the UDP flows (when `udp`) and affinity entries that name what `stale`
@@ -511,7 +570,10 @@ impl<M: DatapathMaps> Reconciler<M> {
         };
         if udp {
             match self.maps.clear_udp_flows(stale) {
-                Ok(sweep) => cleared.udp = Some(sweep),
+                Ok(sweep) => {
+                    cleared.udp = Some(sweep);
+                    self.replies.push(Instant::now(), stale.clone());
+                }
                 Err(e) => errors.push(format!("clearing UDP flows of ended backends: {e:#}")),
             }
             match self.maps.clear_sock_pins(stale) {
@@ -894,6 +956,7 @@ mod tests {
         sweep_limit: Option<usize>,
         /// Passes over each table so far.
         ct_passes: usize,
+        ct_reply_passes: usize,
         affinity_passes: usize,
     }
 
@@ -1054,8 +1117,19 @@ mod tests {
             let Ok(done) = sweep(
                 &mut FakeTable(&mut self.ct),
                 limit,
-                |k, v| stale.matches_ct(k, v),
+                |k, v| stale.matches_ct(k, v) && is_flow(k, v),
                 is_flow,
+            );
+            Ok(done)
+        }
+        fn clear_udp_replies(&mut self, stale: &StaleFlows) -> anyhow::Result<Sweep> {
+            self.ct_reply_passes += 1;
+            let limit = self.sweep_limit.unwrap_or(usize::MAX);
+            let Ok(done) = sweep(
+                &mut FakeTable(&mut self.ct),
+                limit,
+                |k, v| stale.matches_ct(k, v) && is_reply(k, v),
+                |_, _| false,
             );
             Ok(done)
         }
@@ -1512,6 +1586,8 @@ mod tests {
     #[test]
     fn a_removed_udp_backend_loses_its_flows_both_ways_and_its_affinity_entries() {
         let mut r = Reconciler::adopt(FakeMaps::default()).unwrap();
+        let grace = Duration::from_millis(50);
+        r.set_udp_reply_grace(grace);
         r.apply(&desired(&[
             fe(VIP, Protocol::Udp, &[A, B], &[]),
             fe(VIP, Protocol::Tcp, &[A, B], &[]),
@@ -1541,7 +1617,7 @@ mod tests {
                 ended_pairs: 2,
                 udp: Some(Sweep {
                     visited: 8,
-                    deleted: 4,
+                    deleted: 2,
                     flows: 2,
                     truncated: false
                 }),
@@ -1564,9 +1640,14 @@ mod tests {
             "a socket's datagrams to the service choose again"
         );
         assert!(r.maps.sock_pins.contains_key(&pinned_b));
+        assert_eq!(report.udp_replies, None, "the reply entries wait for the grace");
         assert!(
-            has_none(&r, &udp_a),
-            "UDP flows to A, forward and reply, are gone"
+            !r.maps.ct.contains_key(&udp_a[0]) && !r.maps.ct.contains_key(&udp_a[2]),
+            "forward entries of UDP flows to A are gone: the next datagram chooses again"
+        );
+        assert!(
+            r.maps.ct.contains_key(&udp_a[1]) && r.maps.ct.contains_key(&udp_a[3]),
+            "their reply entries stay for replies already on their way"
         );
         assert!(has_all(&r, &udp_b), "flows to B stay");
         assert!(
@@ -1580,11 +1661,27 @@ mod tests {
             (1, 1),
             "one pass each"
         );
+        // A pass before the grace is over leaves them; the first one after clears them, once.
+        let same = desired(&[
+            fe(VIP, Protocol::Udp, &[B], &[]),
+            fe(VIP, Protocol::Tcp, &[B], &[]),
+        ]);
+        assert_eq!(r.apply(&same).udp_replies, None);
+        std::thread::sleep(grace);
+        let report = r.apply(&same);
+        assert_eq!(report.udp_replies.map(|s| s.deleted), Some(2));
+        assert!(has_none(&r, &udp_a), "forward and reply entries of flows to A are gone");
+        assert!(has_all(&r, &udp_b), "flows to B stay");
+        assert_eq!(r.maps.ct_reply_passes, 1);
+        assert_eq!(r.apply(&same).udp_replies, None, "cleared once");
+        assert_eq!(r.maps.ct_reply_passes, 1);
     }
 
     #[test]
     fn a_terminating_backend_keeps_its_flows_until_it_is_removed() {
         let mut r = Reconciler::adopt(FakeMaps::default()).unwrap();
+        // Reply entries go with their forward entries (the grace is tested below).
+        r.set_udp_reply_grace(Duration::ZERO);
         r.apply(&desired(&[fe(VIP, Protocol::Udp, &[A, B], &[])]));
         let on_a = flow(&mut r, Protocol::Udp, VIP, A, 40000);
         let sticky_a = sticky(&mut r, VIP, Protocol::Udp, A);
@@ -1613,6 +1710,8 @@ mod tests {
     fn a_backend_leaving_one_service_loses_only_that_services_udp_flows() {
         const VIP2: &str = "198.19.0.11";
         let mut r = Reconciler::adopt(FakeMaps::default()).unwrap();
+        // Reply entries go with their forward entries (the grace is tested below).
+        r.set_udp_reply_grace(Duration::ZERO);
         r.apply(&desired(&[
             fe(VIP, Protocol::Udp, &[A, B], &[]),
             fe(VIP2, Protocol::Udp, &[A], &[]),
@@ -1645,6 +1744,8 @@ mod tests {
     fn a_deleted_udp_service_loses_its_flows_even_to_shared_backends() {
         const VIP2: &str = "198.19.0.11";
         let mut r = Reconciler::adopt(FakeMaps::default()).unwrap();
+        // Reply entries go with their forward entries (the grace is tested below).
+        r.set_udp_reply_grace(Duration::ZERO);
         r.apply(&desired(&[
             fe(VIP, Protocol::Udp, &[A], &[]),
             fe(VIP2, Protocol::Udp, &[A], &[]),
@@ -1693,6 +1794,7 @@ mod tests {
             ..FakeMaps::default()
         })
         .unwrap();
+        again.set_udp_reply_grace(Duration::ZERO);
         let report = again.apply(&desired(&[fe(VIP, Protocol::Udp, &[B], &[])]));
         let cleared = report.cleared.expect("A removed");
         assert_eq!((cleared.removed_backends, cleared.ended_pairs), (1, 0));
