@@ -215,7 +215,16 @@ mod tests {
         for ok in ["node1", "a", "ip-198-18-0-1.example.internal", "1node"] {
             check_node_name(ok).unwrap();
         }
-        for bad in ["", " ", "Node1", "node_1", "-node", "node.", "a b", &"a".repeat(254)] {
+        for bad in [
+            "",
+            " ",
+            "Node1",
+            "node_1",
+            "-node",
+            "node.",
+            "a b",
+            &"a".repeat(254),
+        ] {
             assert!(check_node_name(bad).is_err(), "{bad:?}");
         }
     }
@@ -239,7 +248,9 @@ mod tests {
             err(&["--cgroup", dir]).contains("is not a cgroup v2 directory"),
             "a temporary directory is no cgroup"
         );
-        run(&["--cgroup", dir, "--socket-lb", "off"]).check().unwrap();
+        run(&["--cgroup", dir, "--socket-lb", "off"])
+            .check()
+            .unwrap();
         let mut empty = run(&[]);
         empty.node_name = String::new();
         assert!(format!("{:#}", empty.check().unwrap_err()).contains("--node-name \"\""));

@@ -515,10 +515,10 @@ pub fn lock_dir(root: &Path) -> anyhow::Result<PinRootLock> {
             path: root,
         }),
         Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
-            let holder = lock_holder(&root)
-                .ok()
-                .flatten()
-                .map_or_else(|| "a process this one cannot see".to_owned(), |pid| format!("pid {pid}"));
+            let holder = lock_holder(&root).ok().flatten().map_or_else(
+                || "a process this one cannot see".to_owned(),
+                |pid| format!("pid {pid}"),
+            );
             anyhow::bail!(
                 "another svc-agent ({holder}) holds the lock on {}: one agent per node and bpffs \
                  (two would hand out the same ids to different backends and delete each other's \
@@ -784,7 +784,11 @@ mod tests {
                      3: FLOCK  ADVISORY  WRITE 5151 103:0a:1234 0 EOF\n";
         assert_eq!(flock_holder(locks, 0, 0x2a, 1234), Some(4242));
         assert_eq!(flock_holder(locks, 0x103, 0x0a, 1234), Some(5151));
-        assert_eq!(flock_holder(locks, 0, 0x2a, 99), None, "POSIX locks are not ours");
+        assert_eq!(
+            flock_holder(locks, 0, 0x2a, 99),
+            None,
+            "POSIX locks are not ours"
+        );
         assert_eq!(flock_holder(locks, 0, 0x2b, 1234), None);
         assert_eq!(flock_holder("", 0, 0x2a, 1234), None);
     }

@@ -42,7 +42,13 @@ fn agent_command(bed: &TestBed, node: &Node, bpffs: &Path, extra: &[&str]) -> Co
     let mut cmd = Command::new(&bed.agent_bin);
     cmd.arg("--bpffs")
         .arg(bpffs)
-        .args(["run", "--pod-ifaces", "svcpod*", "--socket-lb", k8s::socket_lb()])
+        .args([
+            "run",
+            "--pod-ifaces",
+            "svcpod*",
+            "--socket-lb",
+            k8s::socket_lb(),
+        ])
         .args(extra)
         .env("RUST_LOG", "info")
         .env("NO_COLOR", "1");
@@ -88,7 +94,9 @@ fn refused(node: &Node, cmd: &Command, expect: &str) -> String {
     println!(
         "refused in {:.0} ms: {}",
         started.elapsed().as_secs_f64() * 1e3,
-        out.lines().find(|l| l.starts_with("Error")).unwrap_or_default()
+        out.lines()
+            .find(|l| l.starts_with("Error"))
+            .unwrap_or_default()
     );
     out
 }
@@ -161,13 +169,17 @@ fn one_agent_per_node_second_refused_at_once_inspect_and_cleanup_know() {
     let (code, out) = wait_exit(loser, REFUSE_TIMEOUT);
     assert_eq!(code, Some(1), "the second agent must exit 1: {out}");
     assert!(
-        out.contains(&format!("another svc-agent (pid {winner_pid}) holds the lock")),
+        out.contains(&format!(
+            "another svc-agent (pid {winner_pid}) holds the lock"
+        )),
         "the refusal names the running agent's pid {winner_pid}: {out}"
     );
     winner
         .wait_for_output("svc-agent running", k8s::AGENT_START_TIMEOUT)
         .expect("the first agent runs");
-    bed.step(&format!("two agents at once: pid {winner_pid} runs, the other exited 1"));
+    bed.step(&format!(
+        "two agents at once: pid {winner_pid} runs, the other exited 1"
+    ));
 
     // A third one, started while the first runs: refused at once.
     let started = Instant::now();
@@ -189,10 +201,17 @@ fn one_agent_per_node_second_refused_at_once_inspect_and_cleanup_know() {
         stderr.contains(&format!("svc-agent running (pid {winner_pid}")),
         "{stderr}"
     );
-    assert!(!stdout.contains("svc-agent running"), "stdout stays a table");
+    assert!(
+        !stdout.contains("svc-agent running"),
+        "stdout stays a table"
+    );
     let pinned = tree(&bpffs);
     let (code, _, stderr) = run_cli(&bed, &bpffs, &["cleanup"]);
-    assert_eq!(code, Some(1), "cleanup must refuse while an agent runs: {stderr}");
+    assert_eq!(
+        code,
+        Some(1),
+        "cleanup must refuse while an agent runs: {stderr}"
+    );
     assert!(
         stderr.contains("cleanup refuses while an agent runs")
             && stderr.contains(&format!("pid {winner_pid}")),
@@ -227,7 +246,10 @@ fn bad_arguments_and_unsafe_pin_directories_are_refused_before_anything_is_pinne
             &["--from-dir", missing],
             format!("--from-dir {missing}: cannot list that directory"),
         ),
-        (&["--node-name", ""], "--node-name \"\": not a Kubernetes node name".to_owned()),
+        (
+            &["--node-name", ""],
+            "--node-name \"\": not a Kubernetes node name".to_owned(),
+        ),
         (
             &["--cgroup", &not_cgroup],
             format!("{not_cgroup} is not a cgroup v2 directory"),
@@ -241,12 +263,9 @@ fn bad_arguments_and_unsafe_pin_directories_are_refused_before_anything_is_pinne
         if args.contains(&"--socket-lb") {
             // `--socket-lb` is given by agent_command already: build this one by hand.
             let mut cmd = Command::new(&bed.agent_bin);
-            cmd.arg("--bpffs").arg(&bpffs).args([
-                "run",
-                "--node-name",
-                &node.name,
-                "--from-dir",
-            ]);
+            cmd.arg("--bpffs")
+                .arg(&bpffs)
+                .args(["run", "--node-name", &node.name, "--from-dir"]);
             cmd.arg(bed.manifests.path()).args(*args);
             refused(&node, &cmd, expect);
         } else {
@@ -270,7 +289,11 @@ fn bad_arguments_and_unsafe_pin_directories_are_refused_before_anything_is_pinne
     // Root's, but anyone may write to it.
     std::os::unix::fs::chown(&root, Some(0), Some(0)).unwrap();
     fs::set_permissions(&root, fs::Permissions::from_mode(0o777)).unwrap();
-    refused(&node, &cmd, "its mode 0777 lets group or others write to it");
+    refused(
+        &node,
+        &cmd,
+        "its mode 0777 lets group or others write to it",
+    );
     assert_eq!(tree(&bpffs), [PathBuf::from("svc")], "nothing pinned");
     fs::remove_dir(&root).unwrap();
     // Not a directory at all.
@@ -305,6 +328,9 @@ fn bad_arguments_and_unsafe_pin_directories_are_refused_before_anything_is_pinne
     agent.stop().expect("stopping the agent");
     let (code, _, stderr) = run_cli(&bed, &own, &["cleanup"]);
     assert_eq!(code, Some(0), "{stderr}");
-    assert_eq!(mode, 0o700, "the agent mounted its bpffs with mode {mode:o}");
+    assert_eq!(
+        mode, 0o700,
+        "the agent mounted its bpffs with mode {mode:o}"
+    );
     bed.step("a bpffs the agent mounted is mode 0700");
 }

@@ -1640,7 +1640,10 @@ mod tests {
             "a socket's datagrams to the service choose again"
         );
         assert!(r.maps.sock_pins.contains_key(&pinned_b));
-        assert_eq!(report.udp_replies, None, "the reply entries wait for the grace");
+        assert_eq!(
+            report.udp_replies, None,
+            "the reply entries wait for the grace"
+        );
         assert!(
             !r.maps.ct.contains_key(&udp_a[0]) && !r.maps.ct.contains_key(&udp_a[2]),
             "forward entries of UDP flows to A are gone: the next datagram chooses again"
@@ -1670,7 +1673,10 @@ mod tests {
         std::thread::sleep(grace);
         let report = r.apply(&same);
         assert_eq!(report.udp_replies.map(|s| s.deleted), Some(2));
-        assert!(has_none(&r, &udp_a), "forward and reply entries of flows to A are gone");
+        assert!(
+            has_none(&r, &udp_a),
+            "forward and reply entries of flows to A are gone"
+        );
         assert!(has_all(&r, &udp_b), "flows to B stay");
         assert_eq!(r.maps.ct_reply_passes, 1);
         assert_eq!(r.apply(&same).udp_replies, None, "cleared once");

@@ -566,7 +566,11 @@ mod tests {
         assert_eq!(s.next_due(), Some(t0 + grace));
         assert_eq!(s.take_due(t0), None);
         assert_eq!(s.take_due(t0 + Duration::from_millis(1999)), None);
-        assert_eq!(s.take_due(t0 + grace), Some(stale()), "the first batch only");
+        assert_eq!(
+            s.take_due(t0 + grace),
+            Some(stale()),
+            "the first batch only"
+        );
         assert_eq!(s.take_due(t0 + grace), None, "each batch goes once");
         let mut both = stale();
         both.merge(later.clone());
@@ -592,7 +596,8 @@ mod tests {
         assert_eq!(s.len(), ReplySchedule::MAX_PENDING);
         // The merged batch waits for the newest push's grace: no reply entry goes early.
         assert_eq!(
-            s.take_due(t0 + Duration::from_millis(2038)).map(|f| f.pairs.len()),
+            s.take_due(t0 + Duration::from_millis(2038))
+                .map(|f| f.pairs.len()),
             Some(ReplySchedule::MAX_PENDING - 1)
         );
         let rest = s.take_due(t0 + Duration::from_millis(2039)).unwrap();
