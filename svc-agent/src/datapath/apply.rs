@@ -27,6 +27,7 @@ use svc_common::{
     addrs::{AddrKey, AddrValue, addr_flags},
     affinity::{AffinityKey, AffinityValue},
     conntrack::{CtKey, CtValue},
+    ids::{self, IdCursor},
     net::ipproto,
     service::{Backend, BackendName, ServiceKey, ServiceValue, scope},
     sock::{SockPinKey, SockPinValue},
@@ -84,6 +85,10 @@ pub trait DatapathMaps {
     /// Deletes the `SOCK_UDP_PIN_V1` entries that `stale` names, in one pass bounded the same
     /// way.
     fn clear_sock_pins(&mut self, stale: &StaleFlows) -> anyhow::Result<Sweep>;
+    /// The id cursors kept in `ID_CURSORS_V1` (frontends, backends; 0: none kept).
+    fn id_cursors(&self) -> anyhow::Result<[u32; 2]>;
+    /// Keeps the id cursors (frontends, backends) in `ID_CURSORS_V1`.
+    fn put_id_cursors(&mut self, cursors: [u32; 2]) -> anyhow::Result<()>;
     /// Every `BACKEND_NAMES_V1` entry.
     fn backend_names(&self) -> anyhow::Result<BTreeMap<u32, BackendName>>;
     /// Writes a backend's name.
@@ -112,6 +117,7 @@ pub struct AyaMaps {
     affinity: BpfHashMap<MapData, AffinityKey, AffinityValue>,
     sock_pins: BpfHashMap<MapData, SockPinKey, SockPinValue>,
     names: BpfHashMap<MapData, u32, BackendName>,
+    id_cursors: aya::maps::Array<MapData, IdCursor>,
     cap: Capacity,
     /// Entries `CT_V1`, `AFFINITY_V1` and `SOCK_UDP_PIN_V1` hold at most: the bound of one pass
     /// over each.
@@ -148,6 +154,11 @@ impl AyaMaps {
             affinity: BpfHashMap::try_from(affinity).context("AFFINITY_V1")?,
             sock_pins: BpfHashMap::try_from(sock_pins).context("SOCK_UDP_PIN_V1")?,
             names: BpfHashMap::try_from(names).context("BACKEND_NAMES_V1")?,
+            id_cursors: aya::maps::Array::try_from(
+                ebpf.take_map("ID_CURSORS_V1")
+                    .ok_or_else(|| anyhow!("no map ID_CURSORS_V1 in the object"))?,
+            )
+            .context("ID_CURSORS_V1")?,
             cap: Capacity {
                 services: svc_max,
                 backends: be_max,
@@ -283,6 +294,23 @@ impl DatapathMaps for AyaMaps {
         )
         .context("clearing SOCK_UDP_PIN_V1")
     }
+    fn id_cursors(&self) -> anyhow::Result<[u32; 2]> {
+        let get = |i| {
+            self.id_cursors
+                .get(&i, 0)
+                .map(|c| c.next)
+                .context("reading ID_CURSORS_V1")
+        };
+        Ok([get(ids::FRONTEND)?, get(ids::BACKEND)?])
+    }
+    fn put_id_cursors(&mut self, cursors: [u32; 2]) -> anyhow::Result<()> {
+        for (i, next) in [ids::FRONTEND, ids::BACKEND].into_iter().zip(cursors) {
+            self.id_cursors
+                .set(i, IdCursor { next }, 0)
+                .context("writing ID_CURSORS_V1")?;
+        }
+        Ok(())
+    }
     fn backend_names(&self) -> anyhow::Result<BTreeMap<u32, BackendName>> {
         self.names
             .iter()
@@ -395,6 +423,8 @@ pub struct Reconciler<M: DatapathMaps> {
     retired_grace: Duration,
     /// Reply entries of cleared UDP flows, waiting for their grace.
     replies: ReplySchedule,
+    /// The id cursors last kept in `ID_CURSORS_V1`.
+    cursors: [u32; 2],
 }
 
 impl<M: DatapathMaps> Reconciler<M> {
@@ -416,6 +446,10 @@ impl<M: DatapathMaps> Reconciler<M> {
         for (id, b) in &backends {
             backend_ids.adopt((ip_of(&b.addr, b.family), b.port.to_host()), *id);
         }
+        // Go on after the highest id any agent issued, not the highest the maps still hold.
+        let cursors = maps.id_cursors()?;
+        frontend_ids.resume_at(cursors[0]);
+        backend_ids.resume_at(cursors[1]);
         // Backends kept only for established flows are in no slot: which frontend keeps them
         // is not in the maps. Should one of them leave its frontend while another still uses
         // it, that frontend's UDP flows to it stay (they end when idle); removed backends are
@@ -439,6 +473,7 @@ impl<M: DatapathMaps> Reconciler<M> {
             retired: BTreeMap::new(),
             retired_grace: RETIRED_BACKEND_GRACE,
             replies: ReplySchedule::new(UDP_REPLY_GRACE),
+            cursors,
         };
         let want = r.addresses_now();
         let mut errors = Vec::new();
@@ -488,6 +523,8 @@ impl<M: DatapathMaps> Reconciler<M> {
             skipped: want.skipped.clone(),
             ..ReconcileReport::default()
         };
+        // Before any new id reaches a map: a restart after this pass goes on after them.
+        self.keep_id_cursors(&mut report.errors);
         let reachable_before = std::mem::take(&mut self.current.reachable);
         let mut frontends = frontend_keys(&self.current.services);
         frontends.extend(frontend_keys(&want.services));
@@ -528,6 +565,20 @@ impl<M: DatapathMaps> Reconciler<M> {
         }
         self.clear_due_replies(&mut report);
         report
+    }
+
+    /// Writes the id cursors to `ID_CURSORS_V1` when rendering moved them.
+    fn keep_id_cursors(&mut self, errors: &mut Vec<String>) {
+        let now = [self.frontend_ids.cursor(), self.backend_ids.cursor()];
+        if now == self.cursors {
+            return;
+        }
+        match self.maps.put_id_cursors(now) {
+            Ok(()) => self.cursors = now,
+            Err(e) => errors.push(format!(
+                "keeping the id cursors (a restart may reissue ids freed since): {e:#}"
+            )),
+        }
     }
 
     /// Clears the reply entries of UDP flows cleared at least the grace ago (see
@@ -958,6 +1009,8 @@ mod tests {
         ct_passes: usize,
         ct_reply_passes: usize,
         affinity_passes: usize,
+        /// `ID_CURSORS_V1`.
+        cursors: [u32; 2],
     }
 
     impl FakeMaps {
@@ -1153,6 +1206,13 @@ mod tests {
                 |_, _| true,
             );
             Ok(done)
+        }
+        fn id_cursors(&self) -> anyhow::Result<[u32; 2]> {
+            Ok(self.cursors)
+        }
+        fn put_id_cursors(&mut self, cursors: [u32; 2]) -> anyhow::Result<()> {
+            self.cursors = cursors;
+            Ok(())
         }
         fn backend_names(&self) -> anyhow::Result<BTreeMap<u32, BackendName>> {
             Ok(self.names.clone())
@@ -1681,6 +1741,54 @@ mod tests {
         assert_eq!(r.maps.ct_reply_passes, 1);
         assert_eq!(r.apply(&same).udp_replies, None, "cleared once");
         assert_eq!(r.maps.ct_reply_passes, 1);
+    }
+
+    #[test]
+    fn a_restarted_agent_goes_on_after_the_highest_id_ever_issued() {
+        const VIP2: &str = "198.19.0.11";
+        let mut r = Reconciler::adopt(FakeMaps::default()).unwrap();
+        r.apply(&desired(&[
+            fe(VIP, Protocol::Udp, &[A, B], &[]),
+            fe(VIP2, Protocol::Udp, &[A], &[]),
+        ]));
+        let (b_id, vip2_id) = (backend_id(&r, B), frontend_id(&r, VIP2, Protocol::Udp));
+        // B and the second frontend go; their ids are free but entries may still name them.
+        r.apply(&desired(&[fe(VIP, Protocol::Udp, &[A], &[])]));
+        let FakeMaps {
+            services,
+            backends,
+            counters,
+            cursors,
+            ..
+        } = r.maps;
+        let mut again = Reconciler::adopt(FakeMaps {
+            services,
+            backends,
+            counters,
+            cursors,
+            ..FakeMaps::default()
+        })
+        .unwrap();
+        const VIP3: &str = "198.19.0.12";
+        let report = again.apply(&desired(&[
+            fe(VIP, Protocol::Udp, &[A, C], &[]),
+            fe(VIP3, Protocol::Udp, &[A], &[]),
+        ]));
+        assert!(report.errors.is_empty(), "{:?}", report.errors);
+        assert!(
+            backend_id(&again, C) > b_id,
+            "C got {}, B had {b_id}: an id reissued after a restart",
+            backend_id(&again, C)
+        );
+        assert!(frontend_id(&again, VIP3, Protocol::Udp) > vip2_id);
+        assert_eq!(
+            again.maps.cursors,
+            [
+                frontend_id(&again, VIP3, Protocol::Udp) + 1,
+                backend_id(&again, C) + 1
+            ],
+            "the cursors are kept as they move"
+        );
     }
 
     #[test]
