@@ -153,7 +153,7 @@ async fn run(bpffs: &std::path::Path, args: &RunArgs) -> anyhow::Result<()> {
             svc_common::MAP_LAYOUT_VERSION
         );
     }
-    let mut ebpf = loader::load_pinned(bpffs, sizes, globals)?;
+    let (mut ebpf, migration) = loader::load_pinned(bpffs, sizes, globals)?;
     loader::load_programs(&mut ebpf)?;
     let patterns = loader::IfacePatterns::parse(&args.pod_ifaces)?;
     let mut reconciler = Reconciler::adopt(AyaMaps::take(&mut ebpf)?)?;
@@ -168,6 +168,11 @@ async fn run(bpffs: &std::path::Path, args: &RunArgs) -> anyhow::Result<()> {
     let mut iface_watch = ifaces::IfaceWatch::start(patterns).await?;
     let mut pod_links = ifaces::PodIfaceLinks::new(&pin_dir);
     ifaces::attach_listed(&mut ebpf, &mut iface_watch, &mut pod_links)?;
+    // Maps of another size were migrated: the programs now attached use the new maps; what the
+    // old programs added meanwhile is copied over and the old maps' pins go.
+    if !migration.is_empty() {
+        migration.finish(&pin_dir)?;
+    }
     // After the first sync: another layout's programs go only once this layout's maps hold the
     // desired state (until then its TC links run first on every hook and end the chain, and its
     // connect-time programs translate before this layout's see the call).

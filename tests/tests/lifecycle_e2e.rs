@@ -14,6 +14,11 @@
 //!   `svc/` a symbolic link, `svc/v1` owned by another user: each run is refused with a message
 //!   saying why and pins nothing; a bpffs the agent mounts itself is mode 0700.
 //!
+//! - **Maps of another size**: an agent restarted with bigger `--max-service-entries` and
+//!   `--max-conntrack-entries` migrates the pinned maps (before, it silently kept the old
+//!   sizes): the maps have the new sizes, no old pin remains, 40 established connections keep
+//!   answering from their backends, and Services that did not fit before are served.
+//!
 //! Needs root and a built agent (`cargo build -p svc-agent`): fails, never skips, without them.
 
 use std::{
@@ -24,10 +29,13 @@ use std::{
     time::{Duration, Instant},
 };
 
+use std::net::{IpAddr, SocketAddr};
+
+use aya::maps::MapData;
 use svc_tests::{
-    k8s::{self, Agent},
+    k8s::{self, Agent, EndpointSlice, Protocol, Service, TcpSession},
     netns::{Node, Process},
-    testbed::TestBed,
+    testbed::{TestBed, vip4},
 };
 
 /// How long a refused agent may take to exit (it must do so at once; this only bounds a hang).
@@ -53,7 +61,9 @@ fn agent_command(bed: &TestBed, node: &Node, bpffs: &Path, extra: &[&str]) -> Co
         .env("RUST_LOG", "info")
         .env("NO_COLOR", "1");
     for (flag, value) in k8s::TEST_MAP_SIZES {
-        cmd.arg(flag).arg(value.to_string());
+        if !extra.contains(&flag) {
+            cmd.arg(flag).arg(value.to_string());
+        }
     }
     if !extra.contains(&"--node-name") {
         cmd.args(["--node-name", &node.name]);
@@ -333,4 +343,173 @@ fn bad_arguments_and_unsafe_pin_directories_are_refused_before_anything_is_pinne
         "the agent mounted its bpffs with mode {mode:o}"
     );
     bed.step("a bpffs the agent mounted is mode 0700");
+}
+
+/// Bound on every connect, read and write that is expected to succeed.
+const IO_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// `name` (TCP port 80 to 8080 of `pods`) at `vip4(host)`, with its IPv4 slice.
+fn web_service(bed: &TestBed, name: &str, host: u32, pods: &[&str]) -> Vec<String> {
+    let svc = Service::cluster_ip(name, &[vip4(host)]).port("http", Protocol::Tcp, 80, 8080);
+    let slice = EndpointSlice::new(name, false)
+        .ports_of(&svc, &[])
+        .ready_pods(&bed.topo, pods.iter().map(|p| bed.pod(p)))
+        .to_yaml();
+    vec![svc.to_yaml(), slice]
+}
+
+/// `max_entries` of the map pinned as `name` in the node's layout directory.
+fn pinned_size(bpffs: &Path, name: &str) -> u32 {
+    let path = bpffs.join("svc/v1").join(name);
+    MapData::from_pin(&path)
+        .and_then(|m| m.info())
+        .map(|i| i.max_entries())
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+#[test]
+fn a_restart_with_bigger_maps_migrates_them_and_keeps_connections() {
+    const LONG: usize = 40;
+    let bed = TestBed::new(&[(0, "client"), (0, "a"), (0, "b")]);
+    let backends = k8s::Backends::new();
+    for pod in ["a", "b"] {
+        let p = bed.pod(pod);
+        backends
+            .serve(&p.ns, pod, SocketAddr::new(IpAddr::from(p.ipv4), 8080))
+            .unwrap_or_else(|e| panic!("serving {pod}: {e:#}"));
+    }
+    bed.manifests
+        .write(
+            "services.yaml",
+            &k8s::documents(&web_service(&bed, "web", 10, &["a", "b"])),
+        )
+        .unwrap();
+    let node = bed.topo.node(0).clone();
+    let bpffs = node.bpffs.clone();
+    let small = [
+        "--max-service-entries",
+        "16",
+        "--max-conntrack-entries",
+        "1024",
+    ];
+    let mut agent = node
+        .spawn(&agent_command(&bed, &node, &bpffs, &small))
+        .expect("spawning the agent");
+    agent
+        .wait_for_output("svc-agent running", k8s::AGENT_START_TIMEOUT)
+        .expect("the agent runs with small maps");
+    assert_eq!(pinned_size(&bpffs, "SERVICES_V1"), 16);
+    assert_eq!(pinned_size(&bpffs, "CT_V1"), 1024);
+
+    // Long-lived connections through the VIP, each answered by its backend.
+    let dst = SocketAddr::new(vip4(10), 80);
+    let client = bed.pod("client").clone();
+    let mut conns = client
+        .ns
+        .run(|| {
+            (0..LONG)
+                .map(|i| {
+                    let port = 21_000 + u16::try_from(i).unwrap();
+                    let mut s = TcpSession::connect_from(port, dst, IO_TIMEOUT)?;
+                    let label = s.ask(&format!("open{i}"))?.label;
+                    Ok((s, label))
+                })
+                .collect::<anyhow::Result<Vec<_>>>()
+        })
+        .expect("opening long-lived connections");
+    bed.step(&format!(
+        "{LONG} connections open with SERVICES_V1 16, CT_V1 1024 entries"
+    ));
+
+    // Restart with the test's (bigger) sizes.
+    agent.stop().expect("stopping the agent");
+    let mut agent = node
+        .spawn(&agent_command(&bed, &node, &bpffs, &[]))
+        .expect("spawning the agent");
+    agent
+        .wait_for_output("svc-agent running", k8s::AGENT_START_TIMEOUT)
+        .expect("the agent runs with bigger maps");
+    let log = agent.output();
+    assert!(
+        log.contains("the pinned map's size differs from this agent's: migrating it")
+            && log.contains("map=SERVICES_V1")
+            && log.contains("map=CT_V1"),
+        "the agent says it migrates: {log}"
+    );
+    let (services, ct) = k8s::TEST_MAP_SIZES
+        .iter()
+        .fold((0, 0), |(s, c), (flag, v)| match *flag {
+            "--max-service-entries" => (*v, c),
+            "--max-conntrack-entries" => (s, *v),
+            _ => (s, c),
+        });
+    assert_eq!(pinned_size(&bpffs, "SERVICES_V1"), services);
+    assert_eq!(pinned_size(&bpffs, "CT_V1"), ct);
+    assert!(
+        !tree(&bpffs)
+            .iter()
+            .any(|p| p.to_string_lossy().ends_with("-old")),
+        "old pins removed: {:?}",
+        tree(&bpffs)
+    );
+    bed.step(&format!(
+        "restarted: SERVICES_V1 {services}, CT_V1 {ct} entries, migrated"
+    ));
+
+    // Every connection goes on with its backend.
+    client
+        .ns
+        .run(|| {
+            for (i, (s, label)) in conns.iter_mut().enumerate() {
+                let answer = s.ask(&format!("again{i}"))?;
+                anyhow::ensure!(
+                    answer.label == *label && answer.from == dst,
+                    "connection {i}: answered by {} from {}, was {label}",
+                    answer.label,
+                    answer.from
+                );
+            }
+            Ok(())
+        })
+        .expect("established connections keep their backends");
+    bed.step(&format!(
+        "all {LONG} connections answered by their own backends"
+    ));
+
+    // The new capacity: 12 more Services (36 SERVICES_V1 entries) than 16 entries held.
+    let mut docs = web_service(&bed, "web", 10, &["a", "b"]);
+    for host in 20..32 {
+        docs.extend(web_service(&bed, &format!("more{host}"), host, &["a", "b"]));
+    }
+    bed.manifests
+        .write("services.yaml", &k8s::documents(&docs))
+        .unwrap();
+    agent
+        .wait_for_output("services_written=", Duration::from_secs(10))
+        .expect("a sync");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let last = SocketAddr::new(vip4(31), 80);
+    let answer = loop {
+        let got = client.ns.run(|| k8s::tcp_request(last, "more", IO_TIMEOUT));
+        match got {
+            Ok(a) => break a,
+            Err(e) if Instant::now() > deadline => {
+                panic!("{last} not served: {e:#}\n{}", agent.output())
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(100)),
+        }
+    };
+    assert_eq!(answer.from, last);
+    let (_, services_out, _) = run_cli(&bed, &bpffs, &["inspect", "services"]);
+    let programmed = k8s::Programmed::parse(&services_out);
+    assert!(
+        programmed
+            .backends(&k8s::frontend_key(last, Protocol::Tcp))
+            .is_some_and(|b| b.len() == 2),
+        "{services_out}"
+    );
+    bed.step("12 more Services served with the new capacity");
+    drop(conns);
+    agent.stop().expect("stopping the agent");
+    drop(backends);
 }
