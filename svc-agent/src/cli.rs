@@ -198,13 +198,13 @@ pub enum Inspect {
 mod tests {
     use super::*;
 
-    fn run(args: &[&str]) -> RunArgs {
-        let mut argv = vec!["svc-agent", "run", "--node-name", "node1"];
+    fn run_args(args: &[&str]) -> RunArgs {
+        let mut command_line = vec!["svc-agent", "run", "--node-name", "node1"];
         if !args.contains(&"--cgroup") {
-            argv.extend(["--cgroup", ""]);
+            command_line.extend(["--cgroup", ""]);
         }
-        argv.extend(args);
-        match Cli::try_parse_from(argv).unwrap().command {
+        command_line.extend(args);
+        match Cli::try_parse_from(command_line).unwrap().command {
             Command::Run(args) => args,
             other => panic!("{other:?}"),
         }
@@ -231,8 +231,8 @@ mod tests {
 
     #[test]
     fn arguments_are_checked_before_anything_is_loaded() {
-        run(&[]).check().unwrap();
-        let err = |args: &[&str]| format!("{:#}", run(args).check().unwrap_err());
+        run_args(&[]).check().unwrap();
+        let err = |args: &[&str]| format!("{:#}", run_args(args).check().unwrap_err());
         assert!(err(&["--max-backends", "0"]).contains("--max-backends 0"));
         assert!(err(&["--pod-ifaces", " , "]).contains("--pod-ifaces"));
         assert!(err(&["--socket-lb", "host-only"]).contains("--socket-lb host-only"));
@@ -243,15 +243,15 @@ mod tests {
         assert!(err(&["--kubeconfig", "/nonexistent/kubeconfig"]).contains("--kubeconfig"));
         let dir = std::env::temp_dir();
         let dir = dir.to_str().unwrap();
-        run(&["--from-dir", dir]).check().unwrap();
+        run_args(&["--from-dir", dir]).check().unwrap();
         assert!(
             err(&["--cgroup", dir]).contains("is not a cgroup v2 directory"),
             "a temporary directory is no cgroup"
         );
-        run(&["--cgroup", dir, "--socket-lb", "off"])
+        run_args(&["--cgroup", dir, "--socket-lb", "off"])
             .check()
             .unwrap();
-        let mut empty = run(&[]);
+        let mut empty = run_args(&[]);
         empty.node_name = String::new();
         assert!(format!("{:#}", empty.check().unwrap_err()).contains("--node-name \"\""));
     }

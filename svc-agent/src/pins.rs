@@ -771,7 +771,7 @@ mod tests {
         );
         assert!(unsafe_dir_reason(true, 0, 0o40720).is_some());
         assert_eq!(
-            unsafe_dir_reason(false, 0, 0o100600).unwrap(),
+            unsafe_dir_reason(false, 0, 0o100_600).unwrap(),
             "it is not a directory"
         );
     }

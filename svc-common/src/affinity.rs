@@ -64,12 +64,20 @@ crate::assert_layout!(
 );
 
 /// Mixes one 32-bit word into `h` (multiply-rotate, as in `MurmurHash3`'s body).
+#[expect(
+    clippy::inline_always,
+    reason = "the kernel programs call it from a function whose stack is at its limit: it must not become a BPF-to-BPF call"
+)]
 #[inline(always)]
 const fn mix(h: u32, w: u32) -> u32 {
     (h ^ w).wrapping_mul(0x9e37_79b1).rotate_left(13)
 }
 
 /// The `i`th 32-bit word of an address (`i` < 4).
+#[expect(
+    clippy::inline_always,
+    reason = "the kernel programs call it from a function whose stack is at its limit: it must not become a BPF-to-BPF call"
+)]
 #[inline(always)]
 const fn word(a: &Addr, i: usize) -> u32 {
     u32::from_ne_bytes([a[4 * i], a[4 * i + 1], a[4 * i + 2], a[4 * i + 3]])
@@ -81,6 +89,10 @@ const fn word(a: &Addr, i: usize) -> u32 {
 /// a guard against a backend id that came to name another backend (a collision, 1 in 2^32,
 /// leaves the id-only behaviour). The frontend is known by its id (also in the key): frontend
 /// ids are not reissued while an entry can live (the agent persists its id cursors).
+#[expect(
+    clippy::inline_always,
+    reason = "the kernel programs call it from a function whose stack is at its limit: it must not become a BPF-to-BPF call"
+)]
 #[inline(always)]
 #[must_use]
 pub fn fingerprint(frontend_id: u32, backend: &Backend) -> u32 {

@@ -1746,6 +1746,7 @@ mod tests {
     #[test]
     fn a_restarted_agent_goes_on_after_the_highest_id_ever_issued() {
         const VIP2: &str = "198.19.0.11";
+        const VIP3: &str = "198.19.0.12";
         let mut r = Reconciler::adopt(FakeMaps::default()).unwrap();
         r.apply(&desired(&[
             fe(VIP, Protocol::Udp, &[A, B], &[]),
@@ -1769,7 +1770,6 @@ mod tests {
             ..FakeMaps::default()
         })
         .unwrap();
-        const VIP3: &str = "198.19.0.12";
         let report = again.apply(&desired(&[
             fe(VIP, Protocol::Udp, &[A, C], &[]),
             fe(VIP3, Protocol::Udp, &[A], &[]),
