@@ -17,7 +17,8 @@
 //! - **Maps of another size**: an agent restarted with bigger `--max-service-entries` and
 //!   `--max-conntrack-entries` migrates the pinned maps (before, it silently kept the old
 //!   sizes): the maps have the new sizes, no old pin remains, 40 established connections keep
-//!   answering from their backends, and Services that did not fit before are served.
+//!   answering from their backends, and Services that did not fit before are served; a
+//!   restart asking for fewer `SERVICES_V1` entries than it holds is refused, pins unchanged.
 //!
 //! Needs root and a built agent (`cargo build -p svc-agent`): fails, never skips, without them.
 
@@ -514,5 +515,16 @@ fn a_restart_with_bigger_maps_migrates_them_and_keeps_connections() {
     bed.step("12 more Services served with the new capacity");
     drop(conns);
     agent.stop().expect("stopping the agent");
+
+    // Too small for what SERVICES_V1 holds (13 frontends, 39 entries): refused, nothing moved.
+    let before = tree(&bpffs);
+    refused(
+        &node,
+        &agent_command(&bed, &node, &bpffs, &["--max-service-entries", "8"]),
+        "the pinned map SERVICES_V1 holds 39 entries, more than the 8 asked for now",
+    );
+    assert_eq!(tree(&bpffs), before, "a refused migration changes no pin");
+    assert_eq!(pinned_size(&bpffs, "SERVICES_V1"), services);
+    bed.step("a shrink below what SERVICES_V1 holds is refused, pins unchanged");
     drop(backends);
 }
