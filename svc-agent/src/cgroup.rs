@@ -106,6 +106,28 @@ pub fn cgroup_arg(value: &str) -> Option<&Path> {
     (!value.is_empty()).then_some(Path::new(value))
 }
 
+/// Checks that `cgroup` is a directory of a cgroup v2 hierarchy (what `--cgroup` must name).
+pub fn check_cgroup_dir(cgroup: &Path) -> anyhow::Result<()> {
+    let fs = statfs(cgroup).with_context(|| {
+        format!(
+            "--cgroup {}: no such cgroup v2 directory; point --cgroup at the cgroup v2 mount \
+             (e.g. /sys/fs/cgroup/unified or /sys/fs/cgroup) or a cgroup below it, or pass \
+             --cgroup '' to disable connect-time translation",
+            cgroup.display()
+        )
+    })?;
+    if fs.filesystem_type() != CGROUP2_SUPER_MAGIC || !cgroup.is_dir() {
+        bail!(
+            "{} is not a cgroup v2 directory (its filesystem type is {:?}); point --cgroup at \
+             the cgroup v2 mount (e.g. /sys/fs/cgroup/unified or /sys/fs/cgroup) or a cgroup \
+             below it, or pass --cgroup '' to disable connect-time translation",
+            cgroup.display(),
+            fs.filesystem_type()
+        );
+    }
+    Ok(())
+}
+
 /// Attaches every connect-time program (loading it first if needed) to the cgroup v2 directory
 /// `cgroup` and pins its link below `pin_dir`, replacing an earlier agent's pin of the same
 /// program on the same cgroup (see the module documentation). On error, the programs attached
@@ -115,16 +137,7 @@ pub fn attach_sock_programs(
     cgroup: &Path,
     pin_dir: &Path,
 ) -> anyhow::Result<CgroupLinks> {
-    let fs = statfs(cgroup).with_context(|| format!("statfs {}", cgroup.display()))?;
-    if fs.filesystem_type() != CGROUP2_SUPER_MAGIC {
-        bail!(
-            "{} is not a cgroup v2 directory (its filesystem type is {:?}); point --cgroup at \
-             the cgroup v2 mount (e.g. /sys/fs/cgroup/unified or /sys/fs/cgroup) or a cgroup \
-             below it, or pass --cgroup '' to disable connect-time translation",
-            cgroup.display(),
-            fs.filesystem_type()
-        );
-    }
+    check_cgroup_dir(cgroup)?;
     let dir = File::open(cgroup).with_context(|| format!("opening {}", cgroup.display()))?;
     let cgroup_id = dir
         .metadata()

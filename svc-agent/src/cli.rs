@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 
+use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
 
 /// The svc node agent: an eBPF service dataplane for Kubernetes.
@@ -88,6 +89,72 @@ pub struct RunArgs {
     pub socket_lb: SocketLb,
 }
 
+impl RunArgs {
+    /// Everything about the arguments that can be checked before anything is loaded, attached
+    /// or pinned: the node name, the map sizes, conflicting flags, the interface patterns, and
+    /// that `--from-dir`, `--kubeconfig` and `--cgroup` name what they must. A run that fails
+    /// here leaves the kernel and the bpffs as they were.
+    pub fn check(&self) -> anyhow::Result<()> {
+        check_node_name(&self.node_name)?;
+        for (flag, value) in self.sizes() {
+            if value == 0 {
+                bail!("--{flag} 0: a map needs at least one entry");
+            }
+        }
+        crate::loader::IfacePatterns::parse(&self.pod_ifaces).context("--pod-ifaces")?;
+        if self.socket_lb == SocketLb::HostOnly && self.cgroup.is_empty() {
+            bail!(
+                "--socket-lb host-only asks for connect-time translation, --cgroup '' disables \
+                 it: give a cgroup, or use --socket-lb off"
+            );
+        }
+        if let Some(dir) = &self.from_dir {
+            std::fs::read_dir(dir).with_context(|| {
+                format!("--from-dir {}: cannot list that directory", dir.display())
+            })?;
+        }
+        if let Some(file) = &self.kubeconfig {
+            std::fs::File::open(file)
+                .with_context(|| format!("--kubeconfig {}: cannot read it", file.display()))?;
+        }
+        if let Some(cgroup) = crate::cgroup::cgroup_arg(self.socket_lb.cgroup(&self.cgroup)) {
+            crate::cgroup::check_cgroup_dir(cgroup)?;
+        }
+        Ok(())
+    }
+
+    /// The map-size flags with their values.
+    fn sizes(&self) -> [(&'static str, u32); 6] {
+        [
+            ("max-service-entries", self.max_service_entries),
+            ("max-backends", self.max_backends),
+            ("max-conntrack-entries", self.max_conntrack_entries),
+            ("max-affinity-entries", self.max_affinity_entries),
+            ("max-sock-revnat-entries", self.max_sock_revnat_entries),
+            ("max-sock-pin-entries", self.max_sock_pin_entries),
+        ]
+    }
+}
+
+/// A node name must be what Kubernetes accepts (a DNS-1123 subdomain: at most 253 lowercase
+/// letters, digits, `-` and `.`, starting and ending with a letter or digit): an empty or
+/// mistyped one would make every endpoint look remote.
+pub fn check_node_name(name: &str) -> anyhow::Result<()> {
+    let alnum = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit();
+    let ok = !name.is_empty()
+        && name.len() <= 253
+        && name.chars().all(|c| alnum(c) || c == '-' || c == '.')
+        && name.starts_with(alnum)
+        && name.ends_with(alnum);
+    if !ok {
+        bail!(
+            "--node-name {name:?}: not a Kubernetes node name (1 to 253 lowercase letters, \
+             digits, '-' and '.', starting and ending with a letter or digit)"
+        );
+    }
+    Ok(())
+}
+
 /// Which sockets the connect-time programs translate (`svc-agent run --socket-lb`).
 #[derive(clap::ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum SocketLb {
@@ -125,4 +192,67 @@ pub enum Inspect {
     Services,
     /// Pinned program links: where each is pinned, its kernel link and program.
     Links,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run_args(args: &[&str]) -> RunArgs {
+        let mut command_line = vec!["svc-agent", "run", "--node-name", "node1"];
+        if !args.contains(&"--cgroup") {
+            command_line.extend(["--cgroup", ""]);
+        }
+        command_line.extend(args);
+        match Cli::try_parse_from(command_line).unwrap().command {
+            Command::Run(args) => args,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn node_names_are_kubernetes_names() {
+        for ok in ["node1", "a", "ip-198-18-0-1.example.internal", "1node"] {
+            check_node_name(ok).unwrap();
+        }
+        for bad in [
+            "",
+            " ",
+            "Node1",
+            "node_1",
+            "-node",
+            "node.",
+            "a b",
+            &"a".repeat(254),
+        ] {
+            assert!(check_node_name(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn arguments_are_checked_before_anything_is_loaded() {
+        run_args(&[]).check().unwrap();
+        let err = |args: &[&str]| format!("{:#}", run_args(args).check().unwrap_err());
+        assert!(err(&["--max-backends", "0"]).contains("--max-backends 0"));
+        assert!(err(&["--pod-ifaces", " , "]).contains("--pod-ifaces"));
+        assert!(err(&["--socket-lb", "host-only"]).contains("--socket-lb host-only"));
+        assert!(
+            err(&["--from-dir", "/nonexistent/svc-manifests"])
+                .contains("--from-dir /nonexistent/svc-manifests: cannot list that directory")
+        );
+        assert!(err(&["--kubeconfig", "/nonexistent/kubeconfig"]).contains("--kubeconfig"));
+        let dir = std::env::temp_dir();
+        let dir = dir.to_str().unwrap();
+        run_args(&["--from-dir", dir]).check().unwrap();
+        assert!(
+            err(&["--cgroup", dir]).contains("is not a cgroup v2 directory"),
+            "a temporary directory is no cgroup"
+        );
+        run_args(&["--cgroup", dir, "--socket-lb", "off"])
+            .check()
+            .unwrap();
+        let mut empty = run_args(&[]);
+        empty.node_name = String::new();
+        assert!(format!("{:#}", empty.check().unwrap_err()).contains("--node-name \"\""));
+    }
 }

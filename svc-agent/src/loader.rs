@@ -110,17 +110,35 @@ impl MapSizes {
         svc + be + ct + aff + rev + pin
     }
 
+    /// The maps these sizes set, with their entries.
+    #[must_use]
+    pub fn entries(&self) -> [(&'static str, u32); 10] {
+        [
+            ("SERVICES_V1", self.services),
+            ("BACKENDS_V1", self.backends),
+            ("BACKEND_NAMES_V1", self.backends),
+            ("CT_V1", self.conntrack),
+            ("AFFINITY_V1", self.affinity),
+            ("SVC_STATS_V1", self.services),
+            ("BACKEND_STATS_V1", self.backends),
+            ("SOCK_REVNAT_V1", self.sock_revnat),
+            ("SOCK_UDP_PIN_V1", self.sock_pin),
+            ("ADDRS_V1", self.services.saturating_add(self.backends)),
+        ]
+    }
+
+    /// The entries these sizes give map `name`; `None` for a map of fixed size.
+    #[must_use]
+    pub fn max_entries_of(&self, name: &str) -> Option<u32> {
+        self.entries()
+            .into_iter()
+            .find_map(|(n, v)| (n == name).then_some(v))
+    }
+
     fn apply(&self, loader: &mut EbpfLoader<'_>) {
-        loader.map_max_entries("SERVICES_V1", self.services);
-        loader.map_max_entries("BACKENDS_V1", self.backends);
-        loader.map_max_entries("BACKEND_NAMES_V1", self.backends);
-        loader.map_max_entries("CT_V1", self.conntrack);
-        loader.map_max_entries("AFFINITY_V1", self.affinity);
-        loader.map_max_entries("SVC_STATS_V1", self.services);
-        loader.map_max_entries("BACKEND_STATS_V1", self.backends);
-        loader.map_max_entries("SOCK_REVNAT_V1", self.sock_revnat);
-        loader.map_max_entries("SOCK_UDP_PIN_V1", self.sock_pin);
-        loader.map_max_entries("ADDRS_V1", self.services.saturating_add(self.backends));
+        for (name, entries) in self.entries() {
+            loader.map_max_entries(name, entries);
+        }
     }
 }
 
@@ -214,12 +232,20 @@ pub fn load_object(sizes: MapSizes) -> anyhow::Result<Ebpf> {
 }
 
 /// Loads the object with every map pinned under [`pin_dir`]: existing pins are adopted, missing
-/// ones created. `bpffs` must be a mounted bpf filesystem (see [`ensure_bpffs`]).
-pub fn load_pinned(bpffs: &Path, sizes: MapSizes, globals: Globals) -> anyhow::Result<Ebpf> {
+/// ones created, pinned maps of another size migrated into new ones (`migrate`; call
+/// [`Migration::finish`](crate::migrate::Migration::finish) once the programs are attached),
+/// pinned maps that can be neither refused. `bpffs` must be a mounted bpf filesystem (see
+/// [`ensure_bpffs`]).
+pub fn load_pinned(
+    bpffs: &Path,
+    sizes: MapSizes,
+    globals: Globals,
+) -> anyhow::Result<(Ebpf, crate::migrate::Migration)> {
     check_object()?;
     let dir = pin_dir(bpffs);
-    std::fs::create_dir_all(&dir)
-        .with_context(|| format!("creating pin directory {}", dir.display()))?;
+    crate::pins::ensure_private_dir(&dir)?;
+    let wanted = crate::migrate::wanted_shapes(EBPF_OBJECT, &sizes)?;
+    let migration = crate::migrate::Migration::prepare(&dir, &wanted)?;
     let paths: Vec<(&str, PathBuf)> = MAP_NAMES.iter().map(|n| (*n, dir.join(n))).collect();
     let mut loader = EbpfLoader::new();
     sizes.apply(&mut loader);
@@ -227,15 +253,18 @@ pub fn load_pinned(bpffs: &Path, sizes: MapSizes, globals: Globals) -> anyhow::R
     for (name, path) in &paths {
         loader.map_pin_path(name, path.as_path());
     }
-    loader.load(EBPF_OBJECT).with_context(|| {
+    let ebpf = loader.load(EBPF_OBJECT).with_context(|| {
         format!(
             "loading the eBPF object with maps pinned in {}",
             dir.display()
         )
-    })
+    })?;
+    migration.copy(&dir)?;
+    Ok((ebpf, migration))
 }
 
-/// Mounts a bpf filesystem at `path` unless one is already there.
+/// Mounts a bpf filesystem at `path` unless one is already there: with mode 0700 (only root may
+/// create, rename or remove what is in it; the kernel's default is 1777, anyone may create).
 pub fn ensure_bpffs(path: &Path) -> anyhow::Result<()> {
     let mounts =
         std::fs::read_to_string("/proc/self/mounts").context("reading /proc/self/mounts")?;
@@ -253,7 +282,7 @@ pub fn ensure_bpffs(path: &Path) -> anyhow::Result<()> {
         path,
         Some("bpf"),
         nix::mount::MsFlags::empty(),
-        None::<&str>,
+        Some("mode=0700"),
     )
     .with_context(|| format!("mounting a bpf filesystem at {}", path.display()))
 }

@@ -1,5 +1,6 @@
 //! The svc-agent binary: see `svc-agent --help`.
 
+use anyhow::Context as _;
 use clap::Parser as _;
 use svc_agent::{
     cli::{Cli, Command, Inspect, RunArgs, SocketLb},
@@ -17,6 +18,10 @@ async fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    if matches!(cli.command, Command::Inspect { .. }) {
+        // On stderr: the tables on stdout stay as they are for scripts.
+        eprintln!("{}", inspect::agent_status(&cli.bpffs));
+    }
     match cli.command {
         Command::Run(args) => run(&cli.bpffs, &args).await,
         Command::Inspect {
@@ -58,10 +63,23 @@ async fn main() -> anyhow::Result<()> {
 /// (the kernel detaches them, asynchronously, within moments); maps go with the last program.
 fn cleanup(bpffs: &std::path::Path) -> anyhow::Result<()> {
     let root = bpffs.join(svc_common::PIN_ROOT);
-    if !root.exists() {
-        info!(dir = %root.display(), "nothing pinned");
+    let meta = match std::fs::symlink_metadata(&root) {
+        Ok(meta) => meta,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            info!(dir = %root.display(), "nothing pinned");
+            return Ok(());
+        }
+        Err(e) => return Err(e).with_context(|| format!("stat {}", root.display())),
+    };
+    if !meta.is_dir() {
+        std::fs::remove_file(&root).with_context(|| format!("removing {}", root.display()))?;
+        warn!(path = %root.display(), "removed a non-directory where the pin directory belongs");
         return Ok(());
     }
+    // Refuses while an agent runs (it holds the lock): removing its pins under it would detach
+    // its programs while it goes on programming maps nobody reads. Held while removing, so no
+    // agent starts in the middle.
+    let _lock = pins::lock_dir(&root).context("cleanup refuses while an agent runs")?;
     let removed = pins::remove_tree(&root)?;
     info!(
         dir = %root.display(),
@@ -98,6 +116,10 @@ fn load_settings(args: &RunArgs) -> anyhow::Result<(loader::MapSizes, loader::Gl
 }
 
 async fn run(bpffs: &std::path::Path, args: &RunArgs) -> anyhow::Result<()> {
+    // Everything that can be checked is checked before anything touches the kernel or the
+    // bpffs: a bad argument fails the start with nothing loaded, attached or pinned.
+    args.check()?;
+    let (sizes, globals) = load_settings(args)?;
     // The API server's configuration is checked before anything touches the kernel, so a bad
     // kubeconfig (or no cluster at all) fails the start with nothing loaded or attached.
     let client = if let Some(dir) = &args.from_dir {
@@ -109,6 +131,10 @@ async fn run(bpffs: &std::path::Path, args: &RunArgs) -> anyhow::Result<()> {
         Ok(connection.client().await?)
     };
     loader::ensure_bpffs(bpffs)?;
+    // One agent per node: the lock on `<bpffs>/svc` is held until this function returns (the
+    // kernel releases it however the process ends).
+    let lock = pins::lock_pin_root(bpffs)?;
+    info!(dir = %lock.path().display(), pid = std::process::id(), "holding the pin directory's lock");
     let pin_dir = loader::pin_dir(bpffs);
     // Another layout's pins (an upgrade or a rollback): this layout is built beside them and
     // they are removed after the first sync (svc-ebpf/DESIGN.md, "Layout versions").
@@ -127,8 +153,7 @@ async fn run(bpffs: &std::path::Path, args: &RunArgs) -> anyhow::Result<()> {
             svc_common::MAP_LAYOUT_VERSION
         );
     }
-    let (sizes, globals) = load_settings(args)?;
-    let mut ebpf = loader::load_pinned(bpffs, sizes, globals)?;
+    let (mut ebpf, migration) = loader::load_pinned(bpffs, sizes, globals)?;
     loader::load_programs(&mut ebpf)?;
     let patterns = loader::IfacePatterns::parse(&args.pod_ifaces)?;
     let mut reconciler = Reconciler::adopt(AyaMaps::take(&mut ebpf)?)?;
@@ -143,6 +168,11 @@ async fn run(bpffs: &std::path::Path, args: &RunArgs) -> anyhow::Result<()> {
     let mut iface_watch = ifaces::IfaceWatch::start(patterns).await?;
     let mut pod_links = ifaces::PodIfaceLinks::new(&pin_dir);
     ifaces::attach_listed(&mut ebpf, &mut iface_watch, &mut pod_links)?;
+    // Maps of another size were migrated: the programs now attached use the new maps; what the
+    // old programs added meanwhile is copied over and the old maps' pins go.
+    if !migration.is_empty() {
+        migration.finish(&pin_dir)?;
+    }
     // After the first sync: another layout's programs go only once this layout's maps hold the
     // desired state (until then its TC links run first on every hook and end the chain, and its
     // connect-time programs translate before this layout's see the call).
@@ -202,5 +232,6 @@ async fn run(bpffs: &std::path::Path, args: &RunArgs) -> anyhow::Result<()> {
         "stopping: the programs stay attached through their pinned links and keep translating \
          with the pinned maps until the next agent takes over (`svc-agent cleanup` removes them)"
     );
+    drop(lock);
     Ok(())
 }

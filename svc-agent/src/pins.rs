@@ -419,6 +419,155 @@ pub fn pin_replacing(link: FdLink, path: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Why a pin directory may not be used: it is no directory, or someone other than root owns
+/// it or may write to it (and so could replace what the agent pins, or rename it away so the
+/// next agent finds nothing and leaves stale programs attached). `None`: safe. `uid` and `mode`
+/// are the directory's (`lstat`: a symbolic link is no directory).
+#[must_use]
+pub fn unsafe_dir_reason(is_dir: bool, uid: u32, mode: u32) -> Option<String> {
+    const GROUP_OTHER_WRITE: u32 = 0o022;
+    if !is_dir {
+        return Some("it is not a directory".to_owned());
+    }
+    if uid != 0 {
+        return Some(format!("it is owned by uid {uid}, not root"));
+    }
+    if mode & GROUP_OTHER_WRITE != 0 {
+        return Some(format!(
+            "its mode {:04o} lets group or others write to it",
+            mode & 0o7777
+        ));
+    }
+    None
+}
+
+/// Creates `dir` (mode 0700) unless it exists, then checks that it is a directory only root may
+/// write to (see [`unsafe_dir_reason`]); refuses with a message that says what to do otherwise.
+pub fn ensure_private_dir(dir: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt as _, MetadataExt as _};
+
+    match fs::DirBuilder::new().mode(0o700).create(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(e).with_context(|| format!("creating {}", dir.display())),
+    }
+    let meta = fs::symlink_metadata(dir).with_context(|| format!("stat {}", dir.display()))?;
+    if let Some(why) = unsafe_dir_reason(meta.is_dir(), meta.uid(), meta.mode()) {
+        anyhow::bail!(
+            "refusing to use the pin directory {}: {why}; only root may own and write the \
+             agent's pin directories (someone else could replace or rename what is pinned \
+             there). Check who made it, then remove it (for a directory of stale pins: \
+             `svc-agent cleanup`) or fix it (`chown root:root`, `chmod go-w`), and start again",
+            dir.display()
+        );
+    }
+    Ok(())
+}
+
+/// The exclusive lock on `<bpffs>/svc` that `svc-agent run` holds for its whole life (and
+/// `cleanup` while it removes pins): one agent per node. Released when dropped or when the
+/// process ends, however it ends (a `flock` on the directory's open file description).
+#[derive(Debug)]
+pub struct PinRootLock {
+    _lock: nix::fcntl::Flock<fs::File>,
+    path: PathBuf,
+}
+
+impl PinRootLock {
+    /// The locked directory.
+    #[must_use]
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+/// Creates `<bpffs>/svc` if needed (mode 0700), checks it (see [`ensure_private_dir`]) and takes
+/// its exclusive lock (see [`lock_dir`]).
+pub fn lock_pin_root(bpffs: &Path) -> anyhow::Result<PinRootLock> {
+    let root = bpffs.join(PIN_ROOT);
+    ensure_private_dir(&root)?;
+    lock_dir(&root)
+}
+
+/// Takes the exclusive lock on the directory `root` (`<bpffs>/svc`) without waiting. Fails at
+/// once, naming the holder's pid, when another process (an agent, a `cleanup`) holds it.
+pub fn lock_dir(root: &Path) -> anyhow::Result<PinRootLock> {
+    use std::os::unix::fs::{MetadataExt as _, OpenOptionsExt as _};
+
+    use nix::fcntl::{Flock, FlockArg};
+
+    let root = root.to_owned();
+    let file = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_DIRECTORY | nix::libc::O_NOFOLLOW)
+        .open(&root)
+        .with_context(|| format!("opening {}", root.display()))?;
+    // The directory opened must be the one checked (not renamed and replaced in between).
+    let (opened, checked) = (file.metadata()?, fs::symlink_metadata(&root)?);
+    anyhow::ensure!(
+        opened.dev() == checked.dev() && opened.ino() == checked.ino(),
+        "{} changed while it was being opened; start again",
+        root.display()
+    );
+    match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+        Ok(lock) => Ok(PinRootLock {
+            _lock: lock,
+            path: root,
+        }),
+        Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
+            let holder = lock_holder(&root).ok().flatten().map_or_else(
+                || "a process this one cannot see".to_owned(),
+                |pid| format!("pid {pid}"),
+            );
+            anyhow::bail!(
+                "another svc-agent ({holder}) holds the lock on {}: one agent per node and bpffs \
+                 (two would hand out the same ids to different backends and delete each other's \
+                 entries). Stop it first, or point --bpffs elsewhere",
+                root.display()
+            )
+        }
+        Err((_, e)) => Err(e).with_context(|| format!("flock {}", root.display())),
+    }
+}
+
+/// The pid of the process holding the lock on `root` (`<bpffs>/svc`), from `/proc/locks`;
+/// `None` when nobody holds it (or `root` does not exist). Takes no lock itself, so it never
+/// gets in the way of an agent starting.
+pub fn lock_holder(root: &Path) -> anyhow::Result<Option<u32>> {
+    use std::os::unix::fs::MetadataExt as _;
+
+    let meta = match fs::symlink_metadata(root) {
+        Ok(meta) => meta,
+        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e).with_context(|| format!("stat {}", root.display())),
+    };
+    let locks = fs::read_to_string("/proc/locks").context("reading /proc/locks")?;
+    let dev = meta.dev();
+    Ok(flock_holder(
+        &locks,
+        nix::sys::stat::major(dev),
+        nix::sys::stat::minor(dev),
+        meta.ino(),
+    ))
+}
+
+/// The pid holding a `flock` on the inode `(major, minor, ino)` according to `proc_locks` (the
+/// text of `/proc/locks`: `1: FLOCK  ADVISORY  WRITE 4242 00:2a:1234 0 EOF`; waiters' lines
+/// carry `->` and are skipped).
+#[must_use]
+pub fn flock_holder(proc_locks: &str, major: u64, minor: u64, ino: u64) -> Option<u32> {
+    let want = format!("{major:02x}:{minor:02x}:{ino}");
+    proc_locks.lines().find_map(|line| {
+        let mut f = line.split_whitespace();
+        let (_, kind, next) = (f.next()?, f.next()?, f.next()?);
+        if kind != "FLOCK" || next == "->" {
+            return None;
+        }
+        let (_, pid, inode) = (f.next()?, f.next()?, f.next()?);
+        (inode == want).then(|| pid.parse().ok()).flatten()
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use svc_common::PIN_SUBDIR;
@@ -605,5 +754,42 @@ mod tests {
         assert_eq!(remove_tree(&layout).unwrap(), PinCount::default());
         assert!(other_layouts(&root.join("nothing")).unwrap().0.is_empty());
         fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn pin_directories_must_be_root_owned_directories_nobody_else_writes() {
+        assert_eq!(unsafe_dir_reason(true, 0, 0o40700), None);
+        assert_eq!(unsafe_dir_reason(true, 0, 0o40755), None);
+        assert_eq!(unsafe_dir_reason(true, 0, 0o41755), None);
+        assert_eq!(
+            unsafe_dir_reason(true, 1000, 0o40700).unwrap(),
+            "it is owned by uid 1000, not root"
+        );
+        assert_eq!(
+            unsafe_dir_reason(true, 0, 0o40777).unwrap(),
+            "its mode 0777 lets group or others write to it"
+        );
+        assert!(unsafe_dir_reason(true, 0, 0o40720).is_some());
+        assert_eq!(
+            unsafe_dir_reason(false, 0, 0o100_600).unwrap(),
+            "it is not a directory"
+        );
+    }
+
+    #[test]
+    fn the_lock_holder_is_found_by_device_and_inode_in_proc_locks() {
+        let locks = "1: POSIX  ADVISORY  WRITE 77 00:2a:99 0 EOF\n\
+                     2: FLOCK  ADVISORY  WRITE 4242 00:2a:1234 0 EOF\n\
+                     2: -> FLOCK  ADVISORY  WRITE 4343 00:2a:1234 0 EOF\n\
+                     3: FLOCK  ADVISORY  WRITE 5151 103:0a:1234 0 EOF\n";
+        assert_eq!(flock_holder(locks, 0, 0x2a, 1234), Some(4242));
+        assert_eq!(flock_holder(locks, 0x103, 0x0a, 1234), Some(5151));
+        assert_eq!(
+            flock_holder(locks, 0, 0x2a, 99),
+            None,
+            "POSIX locks are not ours"
+        );
+        assert_eq!(flock_holder(locks, 0, 0x2b, 1234), None);
+        assert_eq!(flock_holder("", 0, 0x2a, 1234), None);
     }
 }

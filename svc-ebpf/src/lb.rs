@@ -6,7 +6,7 @@ use aya_ebpf::helpers::bpf_get_prandom_u32;
 use svc_common::{
     Be16,
     addr::Addr,
-    affinity::{AffinityKey, AffinityValue},
+    affinity::{self, AffinityKey, AffinityValue},
     service::{Backend, ServiceKey, ServiceValue, backend_flags, flags, scope},
     stats::DropReason,
 };
@@ -83,13 +83,18 @@ pub fn lb_select_for_client(
     let timeout_ns = u64::from(frontend.affinity_timeout) * 1_000_000_000;
     if let Some(entry) = AFFINITY_V1.get_ptr_mut(&akey) {
         // SAFETY: a pointer into the map's value; a racing update can only lose a refresh.
-        let (id, last) = unsafe { ((*entry).backend_id, (*entry).last_used_ns) };
+        let (id, last, check) =
+            unsafe { ((*entry).backend_id, (*entry).last_used_ns, (*entry).check) };
         let live = now.saturating_sub(last) <= timeout_ns;
-        if let Some(b) = lb_backend(id).filter(|b| live && affinity_eligible(&frontend, b)) {
+        // SAFETY: a pointer into the map's value, read before anything else touches the map.
+        let backend = unsafe { BACKENDS_V1.get(&id) };
+        if let Some(b) = backend.filter(|b| {
+            live && affinity_eligible(&frontend, b) && affinity_same_pair(check, frontend.id, b)
+        }) {
             // SAFETY: as above.
             unsafe { (*entry).last_used_ns = now };
             out.backend_id = id;
-            out.backend = b;
+            out.backend = *b;
             return Choice::Backend;
         }
     }
@@ -97,13 +102,22 @@ pub fn lb_select_for_client(
     if let Choice::Backend = choice {
         let value = AffinityValue {
             backend_id: out.backend_id,
-            _pad: 0,
+            check: affinity::fingerprint(frontend.id, &out.backend),
             last_used_ns: now,
         };
         // A full LRU map evicts; an error only costs this client its stickiness.
         let _ = AFFINITY_V1.insert(&akey, &value, 0);
     }
     choice
+}
+
+/// Whether an affinity entry's `check` says its backend id still names the backend `b` it was
+/// written for, for this frontend (`svc_common::affinity::fingerprint`); 0: an entry written
+/// before the check existed, honoured by id alone (ids are not reissued while the entry can
+/// live; see `svc-agent/src/datapath/ids.rs`).
+#[inline(always)]
+fn affinity_same_pair(check: u32, frontend_id: u32, b: &Backend) -> bool {
+    check == 0 || check == affinity::fingerprint(frontend_id, b)
 }
 
 /// Whether an affinity entry's backend may still take new connections from `frontend`.

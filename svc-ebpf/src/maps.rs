@@ -4,7 +4,7 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, LruHashMap, PerCpuArray, PerCpuHashMap},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap},
 };
 
 /// `BPF_F_NO_PREALLOC` (uapi): entries are allocated when inserted.
@@ -13,6 +13,7 @@ use svc_common::{
     addrs::{AddrKey, AddrValue},
     affinity::{AffinityKey, AffinityValue},
     conntrack::{CtKey, CtValue},
+    ids::{self, IdCursor},
     service::{Backend, BackendName, ServiceKey, ServiceValue},
     sizes,
     stats::{Counter, DropReason, PktCounter},
@@ -59,6 +60,13 @@ pub static SVC_STATS_V1: PerCpuHashMap<u32, Counter> =
 #[map]
 pub static BACKEND_NAMES_V1: HashMap<u32, BackendName> =
     HashMap::with_max_entries(sizes::BACKENDS, BPF_F_NO_PREALLOC);
+
+/// The next frontend and backend ids the agent hands out, so a restarted agent does not
+/// reissue an id the other maps may still name (`svc_common::ids`). Writer: the agent; no
+/// program reads it (declared here so it is created and pinned with the others). Key: `u32`
+/// index (`ids::FRONTEND`, `ids::BACKEND`).
+#[map]
+pub static ID_CURSORS_V1: Array<IdCursor> = Array::with_max_entries(ids::COUNT, 0);
 
 /// Per-backend packets and bytes, per CPU; managed like `SVC_STATS_V1`. Key: backend id.
 #[map]

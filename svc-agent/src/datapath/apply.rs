@@ -27,6 +27,7 @@ use svc_common::{
     addrs::{AddrKey, AddrValue, addr_flags},
     affinity::{AffinityKey, AffinityValue},
     conntrack::{CtKey, CtValue},
+    ids::{self, IdCursor},
     net::ipproto,
     service::{Backend, BackendName, ServiceKey, ServiceValue, scope},
     sock::{SockPinKey, SockPinValue},
@@ -36,7 +37,7 @@ use tracing::{info, warn};
 
 use super::{
     batch,
-    flows::{FlowTable, StaleFlows, Sweep, is_flow, sweep},
+    flows::{FlowTable, ReplySchedule, StaleFlows, Sweep, is_flow, is_reply, sweep},
     ids::IdMap,
     names,
     render::{BackendRef, Capacity, Rendered, addresses, addresses_union, render},
@@ -73,14 +74,21 @@ pub trait DatapathMaps {
     fn del_counters(&mut self, kind: CounterKind, id: u32) -> anyhow::Result<()>;
     /// How many entries each map holds at most.
     fn capacity(&self) -> Capacity;
-    /// Deletes the `CT_V1` entries (both directions) of UDP flows that `stale` names, in one
-    /// pass that reads at most the table's capacity in entries (see `flows.rs`).
+    /// Deletes the `CT_V1` forward entries of UDP flows that `stale` names, in one pass that
+    /// reads at most the table's capacity in entries (see `flows.rs`).
     fn clear_udp_flows(&mut self, stale: &StaleFlows) -> anyhow::Result<Sweep>;
+    /// Deletes the `CT_V1` reply entries of UDP flows that `stale` names (a grace after their
+    /// forward entries: `flows::ReplySchedule`), in one pass bounded the same way.
+    fn clear_udp_replies(&mut self, stale: &StaleFlows) -> anyhow::Result<Sweep>;
     /// Deletes the `AFFINITY_V1` entries that `stale` names, in one pass bounded the same way.
     fn clear_affinity(&mut self, stale: &StaleFlows) -> anyhow::Result<Sweep>;
     /// Deletes the `SOCK_UDP_PIN_V1` entries that `stale` names, in one pass bounded the same
     /// way.
     fn clear_sock_pins(&mut self, stale: &StaleFlows) -> anyhow::Result<Sweep>;
+    /// The id cursors kept in `ID_CURSORS_V1` (frontends, backends; 0: none kept).
+    fn id_cursors(&self) -> anyhow::Result<[u32; 2]>;
+    /// Keeps the id cursors (frontends, backends) in `ID_CURSORS_V1`.
+    fn put_id_cursors(&mut self, cursors: [u32; 2]) -> anyhow::Result<()>;
     /// Every `BACKEND_NAMES_V1` entry.
     fn backend_names(&self) -> anyhow::Result<BTreeMap<u32, BackendName>>;
     /// Writes a backend's name.
@@ -109,6 +117,7 @@ pub struct AyaMaps {
     affinity: BpfHashMap<MapData, AffinityKey, AffinityValue>,
     sock_pins: BpfHashMap<MapData, SockPinKey, SockPinValue>,
     names: BpfHashMap<MapData, u32, BackendName>,
+    id_cursors: aya::maps::Array<MapData, IdCursor>,
     cap: Capacity,
     /// Entries `CT_V1`, `AFFINITY_V1` and `SOCK_UDP_PIN_V1` hold at most: the bound of one pass
     /// over each.
@@ -145,6 +154,11 @@ impl AyaMaps {
             affinity: BpfHashMap::try_from(affinity).context("AFFINITY_V1")?,
             sock_pins: BpfHashMap::try_from(sock_pins).context("SOCK_UDP_PIN_V1")?,
             names: BpfHashMap::try_from(names).context("BACKEND_NAMES_V1")?,
+            id_cursors: aya::maps::Array::try_from(
+                ebpf.take_map("ID_CURSORS_V1")
+                    .ok_or_else(|| anyhow!("no map ID_CURSORS_V1 in the object"))?,
+            )
+            .context("ID_CURSORS_V1")?,
             cap: Capacity {
                 services: svc_max,
                 backends: be_max,
@@ -248,10 +262,19 @@ impl DatapathMaps for AyaMaps {
         sweep(
             &mut AyaTable(&mut self.ct),
             self.ct_max,
-            |k, v| stale.matches_ct(k, v),
+            |k, v| stale.matches_ct(k, v) && is_flow(k, v),
             is_flow,
         )
         .context("clearing CT_V1")
+    }
+    fn clear_udp_replies(&mut self, stale: &StaleFlows) -> anyhow::Result<Sweep> {
+        sweep(
+            &mut AyaTable(&mut self.ct),
+            self.ct_max,
+            |k, v| stale.matches_ct(k, v) && is_reply(k, v),
+            |_, _| false,
+        )
+        .context("clearing CT_V1's reply entries")
     }
     fn clear_affinity(&mut self, stale: &StaleFlows) -> anyhow::Result<Sweep> {
         sweep(
@@ -270,6 +293,23 @@ impl DatapathMaps for AyaMaps {
             |_, _| true,
         )
         .context("clearing SOCK_UDP_PIN_V1")
+    }
+    fn id_cursors(&self) -> anyhow::Result<[u32; 2]> {
+        let get = |i| {
+            self.id_cursors
+                .get(&i, 0)
+                .map(|c| c.next)
+                .context("reading ID_CURSORS_V1")
+        };
+        Ok([get(ids::FRONTEND)?, get(ids::BACKEND)?])
+    }
+    fn put_id_cursors(&mut self, cursors: [u32; 2]) -> anyhow::Result<()> {
+        for (i, next) in [ids::FRONTEND, ids::BACKEND].into_iter().zip(cursors) {
+            self.id_cursors
+                .set(i, IdCursor { next }, 0)
+                .context("writing ID_CURSORS_V1")?;
+        }
+        Ok(())
     }
     fn backend_names(&self) -> anyhow::Result<BTreeMap<u32, BackendName>> {
         self.names
@@ -333,6 +373,9 @@ pub struct ReconcileReport {
     /// Frontends left out as a whole because a map is full (their Service, from the desired
     /// state, gets told), and why.
     pub skipped: Vec<(FrontendKey, String)>,
+    /// The pass over `CT_V1` that cleared the reply entries of UDP flows an earlier pass (at
+    /// least [`UDP_REPLY_GRACE`] ago) cleared; `None` when none were due (or it failed).
+    pub udp_replies: Option<Sweep>,
 }
 
 /// What a reconcile pass cleared from `CT_V1` and `AFFINITY_V1` (see `flows.rs`).
@@ -359,6 +402,11 @@ pub struct Cleared {
 /// the first pass after that.
 pub const RETIRED_BACKEND_GRACE: Duration = Duration::from_mins(1);
 
+/// How long the reply entries of the UDP flows a pass clears outlive their forward entries
+/// (`flows::ReplySchedule`): replies already on their way still leave with the service
+/// address. They go at the first pass after that.
+pub const UDP_REPLY_GRACE: Duration = Duration::from_secs(2);
+
 /// Keeps the maps equal to the desired state, writing only differences.
 pub struct Reconciler<M: DatapathMaps> {
     maps: M,
@@ -373,6 +421,10 @@ pub struct Reconciler<M: DatapathMaps> {
     /// ([`RETIRED_BACKEND_GRACE`], from the instant in the value) ends.
     retired: BTreeMap<AddrKey, Instant>,
     retired_grace: Duration,
+    /// Reply entries of cleared UDP flows, waiting for their grace.
+    replies: ReplySchedule,
+    /// The id cursors last kept in `ID_CURSORS_V1`.
+    cursors: [u32; 2],
 }
 
 impl<M: DatapathMaps> Reconciler<M> {
@@ -394,6 +446,10 @@ impl<M: DatapathMaps> Reconciler<M> {
         for (id, b) in &backends {
             backend_ids.adopt((ip_of(&b.addr, b.family), b.port.to_host()), *id);
         }
+        // Go on after the highest id any agent issued, not the highest the maps still hold.
+        let cursors = maps.id_cursors()?;
+        frontend_ids.resume_at(cursors[0]);
+        backend_ids.resume_at(cursors[1]);
         // Backends kept only for established flows are in no slot: which frontend keeps them
         // is not in the maps. Should one of them leave its frontend while another still uses
         // it, that frontend's UDP flows to it stay (they end when idle); removed backends are
@@ -416,6 +472,8 @@ impl<M: DatapathMaps> Reconciler<M> {
             addrs,
             retired: BTreeMap::new(),
             retired_grace: RETIRED_BACKEND_GRACE,
+            replies: ReplySchedule::new(UDP_REPLY_GRACE),
+            cursors,
         };
         let want = r.addresses_now();
         let mut errors = Vec::new();
@@ -424,6 +482,12 @@ impl<M: DatapathMaps> Reconciler<M> {
             return Err(anyhow!("rebuilding ADDRS_V1: {}", errors.join("; ")));
         }
         Ok(r)
+    }
+
+    /// How long the reply entries of cleared UDP flows outlive their forward entries from now
+    /// on ([`UDP_REPLY_GRACE`] unless changed; tests shorten it).
+    pub fn set_udp_reply_grace(&mut self, grace: Duration) {
+        self.replies.set_grace(grace);
     }
 
     /// From now on, every pass that ends backends also sends them, as addresses, to `sender`
@@ -459,6 +523,8 @@ impl<M: DatapathMaps> Reconciler<M> {
             skipped: want.skipped.clone(),
             ..ReconcileReport::default()
         };
+        // Before any new id reaches a map: a restart after this pass goes on after them.
+        self.keep_id_cursors(&mut report.errors);
         let reachable_before = std::mem::take(&mut self.current.reachable);
         let mut frontends = frontend_keys(&self.current.services);
         frontends.extend(frontend_keys(&want.services));
@@ -497,7 +563,51 @@ impl<M: DatapathMaps> Reconciler<M> {
                 ));
             }
         }
+        self.clear_due_replies(&mut report);
         report
+    }
+
+    /// Writes the id cursors to `ID_CURSORS_V1` when rendering moved them.
+    fn keep_id_cursors(&mut self, errors: &mut Vec<String>) {
+        let now = [self.frontend_ids.cursor(), self.backend_ids.cursor()];
+        if now == self.cursors {
+            return;
+        }
+        match self.maps.put_id_cursors(now) {
+            Ok(()) => self.cursors = now,
+            Err(e) => errors.push(format!(
+                "keeping the id cursors (a restart may reissue ids freed since): {e:#}"
+            )),
+        }
+    }
+
+    /// Clears the reply entries of UDP flows cleared at least the grace ago (see
+    /// `flows::ReplySchedule`), except those of a pair or backend that came back meanwhile.
+    fn clear_due_replies(&mut self, report: &mut ReconcileReport) {
+        let Some(mut due) = self.replies.take_due(Instant::now()) else {
+            return;
+        };
+        due.pairs.retain(|p| !self.current.reachable.contains(p));
+        due.backends
+            .retain(|id| !self.current.backends.contains_key(id));
+        if due.is_empty() {
+            return;
+        }
+        match self.maps.clear_udp_replies(&due) {
+            Ok(sweep) => {
+                info!(
+                    ct_entries = sweep.deleted,
+                    ct_scanned = sweep.visited,
+                    truncated = sweep.truncated,
+                    "cleared the reply entries of UDP flows cleared at least {:?} ago",
+                    self.replies.grace()
+                );
+                report.udp_replies = Some(sweep);
+            }
+            Err(e) => report
+                .errors
+                .push(format!("clearing reply entries of ended UDP flows: {e:#}")),
+        }
     }
 
     /// Step 6: forgets the UDP flows (when `udp`) and affinity entries that name what `stale`
@@ -511,7 +621,10 @@ impl<M: DatapathMaps> Reconciler<M> {
         };
         if udp {
             match self.maps.clear_udp_flows(stale) {
-                Ok(sweep) => cleared.udp = Some(sweep),
+                Ok(sweep) => {
+                    cleared.udp = Some(sweep);
+                    self.replies.push(Instant::now(), stale.clone());
+                }
                 Err(e) => errors.push(format!("clearing UDP flows of ended backends: {e:#}")),
             }
             match self.maps.clear_sock_pins(stale) {
@@ -894,7 +1007,10 @@ mod tests {
         sweep_limit: Option<usize>,
         /// Passes over each table so far.
         ct_passes: usize,
+        ct_reply_passes: usize,
         affinity_passes: usize,
+        /// `ID_CURSORS_V1`.
+        cursors: [u32; 2],
     }
 
     impl FakeMaps {
@@ -1054,8 +1170,19 @@ mod tests {
             let Ok(done) = sweep(
                 &mut FakeTable(&mut self.ct),
                 limit,
-                |k, v| stale.matches_ct(k, v),
+                |k, v| stale.matches_ct(k, v) && is_flow(k, v),
                 is_flow,
+            );
+            Ok(done)
+        }
+        fn clear_udp_replies(&mut self, stale: &StaleFlows) -> anyhow::Result<Sweep> {
+            self.ct_reply_passes += 1;
+            let limit = self.sweep_limit.unwrap_or(usize::MAX);
+            let Ok(done) = sweep(
+                &mut FakeTable(&mut self.ct),
+                limit,
+                |k, v| stale.matches_ct(k, v) && is_reply(k, v),
+                |_, _| false,
             );
             Ok(done)
         }
@@ -1079,6 +1206,13 @@ mod tests {
                 |_, _| true,
             );
             Ok(done)
+        }
+        fn id_cursors(&self) -> anyhow::Result<[u32; 2]> {
+            Ok(self.cursors)
+        }
+        fn put_id_cursors(&mut self, cursors: [u32; 2]) -> anyhow::Result<()> {
+            self.cursors = cursors;
+            Ok(())
         }
         fn backend_names(&self) -> anyhow::Result<BTreeMap<u32, BackendName>> {
             Ok(self.names.clone())
@@ -1512,6 +1646,8 @@ mod tests {
     #[test]
     fn a_removed_udp_backend_loses_its_flows_both_ways_and_its_affinity_entries() {
         let mut r = Reconciler::adopt(FakeMaps::default()).unwrap();
+        let grace = Duration::from_millis(50);
+        r.set_udp_reply_grace(grace);
         r.apply(&desired(&[
             fe(VIP, Protocol::Udp, &[A, B], &[]),
             fe(VIP, Protocol::Tcp, &[A, B], &[]),
@@ -1541,7 +1677,7 @@ mod tests {
                 ended_pairs: 2,
                 udp: Some(Sweep {
                     visited: 8,
-                    deleted: 4,
+                    deleted: 2,
                     flows: 2,
                     truncated: false
                 }),
@@ -1564,9 +1700,17 @@ mod tests {
             "a socket's datagrams to the service choose again"
         );
         assert!(r.maps.sock_pins.contains_key(&pinned_b));
+        assert_eq!(
+            report.udp_replies, None,
+            "the reply entries wait for the grace"
+        );
         assert!(
-            has_none(&r, &udp_a),
-            "UDP flows to A, forward and reply, are gone"
+            !r.maps.ct.contains_key(&udp_a[0]) && !r.maps.ct.contains_key(&udp_a[2]),
+            "forward entries of UDP flows to A are gone: the next datagram chooses again"
+        );
+        assert!(
+            r.maps.ct.contains_key(&udp_a[1]) && r.maps.ct.contains_key(&udp_a[3]),
+            "their reply entries stay for replies already on their way"
         );
         assert!(has_all(&r, &udp_b), "flows to B stay");
         assert!(
@@ -1580,11 +1724,78 @@ mod tests {
             (1, 1),
             "one pass each"
         );
+        // A pass before the grace is over leaves them; the first one after clears them, once.
+        let same = desired(&[
+            fe(VIP, Protocol::Udp, &[B], &[]),
+            fe(VIP, Protocol::Tcp, &[B], &[]),
+        ]);
+        assert_eq!(r.apply(&same).udp_replies, None);
+        std::thread::sleep(grace);
+        let report = r.apply(&same);
+        assert_eq!(report.udp_replies.map(|s| s.deleted), Some(2));
+        assert!(
+            has_none(&r, &udp_a),
+            "forward and reply entries of flows to A are gone"
+        );
+        assert!(has_all(&r, &udp_b), "flows to B stay");
+        assert_eq!(r.maps.ct_reply_passes, 1);
+        assert_eq!(r.apply(&same).udp_replies, None, "cleared once");
+        assert_eq!(r.maps.ct_reply_passes, 1);
+    }
+
+    #[test]
+    fn a_restarted_agent_goes_on_after_the_highest_id_ever_issued() {
+        const VIP2: &str = "198.19.0.11";
+        const VIP3: &str = "198.19.0.12";
+        let mut r = Reconciler::adopt(FakeMaps::default()).unwrap();
+        r.apply(&desired(&[
+            fe(VIP, Protocol::Udp, &[A, B], &[]),
+            fe(VIP2, Protocol::Udp, &[A], &[]),
+        ]));
+        let (b_id, vip2_id) = (backend_id(&r, B), frontend_id(&r, VIP2, Protocol::Udp));
+        // B and the second frontend go; their ids are free but entries may still name them.
+        r.apply(&desired(&[fe(VIP, Protocol::Udp, &[A], &[])]));
+        let FakeMaps {
+            services,
+            backends,
+            counters,
+            cursors,
+            ..
+        } = r.maps;
+        let mut again = Reconciler::adopt(FakeMaps {
+            services,
+            backends,
+            counters,
+            cursors,
+            ..FakeMaps::default()
+        })
+        .unwrap();
+        let report = again.apply(&desired(&[
+            fe(VIP, Protocol::Udp, &[A, C], &[]),
+            fe(VIP3, Protocol::Udp, &[A], &[]),
+        ]));
+        assert!(report.errors.is_empty(), "{:?}", report.errors);
+        assert!(
+            backend_id(&again, C) > b_id,
+            "C got {}, B had {b_id}: an id reissued after a restart",
+            backend_id(&again, C)
+        );
+        assert!(frontend_id(&again, VIP3, Protocol::Udp) > vip2_id);
+        assert_eq!(
+            again.maps.cursors,
+            [
+                frontend_id(&again, VIP3, Protocol::Udp) + 1,
+                backend_id(&again, C) + 1
+            ],
+            "the cursors are kept as they move"
+        );
     }
 
     #[test]
     fn a_terminating_backend_keeps_its_flows_until_it_is_removed() {
         let mut r = Reconciler::adopt(FakeMaps::default()).unwrap();
+        // Reply entries go with their forward entries (the grace is tested below).
+        r.set_udp_reply_grace(Duration::ZERO);
         r.apply(&desired(&[fe(VIP, Protocol::Udp, &[A, B], &[])]));
         let on_a = flow(&mut r, Protocol::Udp, VIP, A, 40000);
         let sticky_a = sticky(&mut r, VIP, Protocol::Udp, A);
@@ -1613,6 +1824,8 @@ mod tests {
     fn a_backend_leaving_one_service_loses_only_that_services_udp_flows() {
         const VIP2: &str = "198.19.0.11";
         let mut r = Reconciler::adopt(FakeMaps::default()).unwrap();
+        // Reply entries go with their forward entries (the grace is tested below).
+        r.set_udp_reply_grace(Duration::ZERO);
         r.apply(&desired(&[
             fe(VIP, Protocol::Udp, &[A, B], &[]),
             fe(VIP2, Protocol::Udp, &[A], &[]),
@@ -1645,6 +1858,8 @@ mod tests {
     fn a_deleted_udp_service_loses_its_flows_even_to_shared_backends() {
         const VIP2: &str = "198.19.0.11";
         let mut r = Reconciler::adopt(FakeMaps::default()).unwrap();
+        // Reply entries go with their forward entries (the grace is tested below).
+        r.set_udp_reply_grace(Duration::ZERO);
         r.apply(&desired(&[
             fe(VIP, Protocol::Udp, &[A], &[]),
             fe(VIP2, Protocol::Udp, &[A], &[]),
@@ -1693,6 +1908,7 @@ mod tests {
             ..FakeMaps::default()
         })
         .unwrap();
+        again.set_udp_reply_grace(Duration::ZERO);
         let report = again.apply(&desired(&[fe(VIP, Protocol::Udp, &[B], &[])]));
         let cleared = report.cleared.expect("A removed");
         assert_eq!((cleared.removed_backends, cleared.ended_pairs), (1, 0));

@@ -4,8 +4,10 @@
 //! the agent only deletes from them, here. When a reconcile pass ends `(frontend, backend)`
 //! pairs (an endpoint left a Service's slices, or the Service went away) or removes backends
 //! from `BACKENDS_V1`, it deletes, in one bounded pass over each table:
-//! - the connection-table entries (both directions) of **UDP** flows that name such a pair or
-//!   backend, so the client's next datagram chooses a live backend at once. kube-proxy does the
+//! - the connection-table entries of **UDP** flows that name such a pair or backend, so the
+//!   client's next datagram chooses a live backend at once: the forward entries at once, the
+//!   reply entries at a pass at least a grace later ([`ReplySchedule`]), so a reply already on
+//!   its way still leaves with the service address. kube-proxy does the
 //!   same with `conntrack -D` for UDP. TCP flows are left alone: a connection to a pod that is
 //!   gone ends by itself (the next segment chooses a live backend, which answers with a reset),
 //!   and one to a pod that only left this Service keeps working, as with kube-proxy;
@@ -28,7 +30,10 @@
 //! is kept. Reading costs well under a microsecond per entry and deleting two system calls per
 //! cleared entry; the pass runs only when a reconcile ended something, once per table.
 
-use std::collections::{BTreeSet, HashSet};
+use std::{
+    collections::{BTreeSet, HashSet, VecDeque},
+    time::{Duration, Instant},
+};
 
 use svc_common::{
     affinity::{AffinityKey, AffinityValue},
@@ -85,6 +90,108 @@ impl StaleFlows {
 #[must_use]
 pub fn is_flow(key: &CtKey, value: &CtValue) -> bool {
     key.dir == dir::FORWARD && value.state & state::HAIRPIN_REPLY == 0
+}
+
+impl StaleFlows {
+    /// Adds what `other` says ended.
+    pub fn merge(&mut self, other: Self) {
+        self.pairs.extend(other.pairs);
+        self.backends.extend(other.backends);
+    }
+}
+
+/// When the reply entries of cleared UDP flows go.
+///
+/// A pass deletes the forward entries of the UDP flows it ends at once (the client's next
+/// datagram chooses a live backend) but not their reply entries: a reply the old backend sent
+/// just before (still in a queue, on the wire, in the other direction's program) must still find
+/// its entry and leave with the service address. The reply entries go at the first pass at
+/// least the grace later. Bounded: at most [`ReplySchedule::MAX_PENDING`] batches wait (more
+/// are merged into the newest, whose time moves to the newest's), and each is cleared once;
+/// should no pass come (no change in the cluster), the kernel's idle timeout of UDP entries
+/// (60 s, checked at lookup) ends them, and until then such an entry can only rewrite a reply
+/// from that old backend address and port to that client address and port.
+#[derive(Debug, Clone)]
+pub struct ReplySchedule {
+    grace: Duration,
+    pending: VecDeque<(Instant, StaleFlows)>,
+}
+
+impl ReplySchedule {
+    /// Batches waiting at most; more are merged.
+    pub const MAX_PENDING: usize = 16;
+
+    /// A schedule whose batches wait `grace`.
+    #[must_use]
+    pub fn new(grace: Duration) -> Self {
+        Self {
+            grace,
+            pending: VecDeque::new(),
+        }
+    }
+
+    /// How long a batch waits.
+    #[must_use]
+    pub fn grace(&self) -> Duration {
+        self.grace
+    }
+
+    /// Changes how long batches pushed from now on wait.
+    pub fn set_grace(&mut self, grace: Duration) {
+        self.grace = grace;
+    }
+
+    /// The reply entries of what `stale` names are to go once the grace from `now` is over.
+    pub fn push(&mut self, now: Instant, stale: StaleFlows) {
+        if stale.is_empty() {
+            return;
+        }
+        let due = now + self.grace;
+        if self.pending.len() >= Self::MAX_PENDING
+            && let Some((last_due, last)) = self.pending.back_mut()
+        {
+            last.merge(stale);
+            *last_due = due;
+            return;
+        }
+        self.pending.push_back((due, stale));
+    }
+
+    /// Takes every batch whose time has come by `now`, merged; `None` when none has.
+    pub fn take_due(&mut self, now: Instant) -> Option<StaleFlows> {
+        let mut due: Option<StaleFlows> = None;
+        while self.pending.front().is_some_and(|(at, _)| *at <= now) {
+            if let Some((_, stale)) = self.pending.pop_front() {
+                due.get_or_insert_with(StaleFlows::default).merge(stale);
+            }
+        }
+        due
+    }
+
+    /// When the next batch is due.
+    #[must_use]
+    pub fn next_due(&self) -> Option<Instant> {
+        self.pending.front().map(|(at, _)| *at)
+    }
+
+    /// Batches waiting.
+    #[must_use]
+    pub fn len(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// Whether none waits.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.pending.is_empty()
+    }
+}
+
+/// Whether a connection-table entry is the reply leg of a flow (a reply entry, or a hairpin
+/// flow's second forward entry): what [`ReplySchedule`] clears after the grace.
+#[must_use]
+pub fn is_reply(key: &CtKey, value: &CtValue) -> bool {
+    !is_flow(key, value)
 }
 
 /// What one pass over a table did.
@@ -440,5 +547,73 @@ mod tests {
             Deleted::No,
             "deleted already"
         );
+    }
+
+    #[test]
+    fn reply_entries_wait_for_the_grace_and_go_once() {
+        let t0 = Instant::now();
+        let grace = Duration::from_secs(2);
+        let mut s = ReplySchedule::new(grace);
+        assert_eq!(s.take_due(t0 + grace), None, "nothing pushed");
+        s.push(t0, StaleFlows::default());
+        assert!(s.is_empty(), "nothing ended: nothing to wait for");
+        s.push(t0, stale());
+        let later = StaleFlows {
+            pairs: [(2, 30)].into(),
+            backends: BTreeSet::new(),
+        };
+        s.push(t0 + Duration::from_secs(1), later.clone());
+        assert_eq!(s.next_due(), Some(t0 + grace));
+        assert_eq!(s.take_due(t0), None);
+        assert_eq!(s.take_due(t0 + Duration::from_millis(1999)), None);
+        assert_eq!(
+            s.take_due(t0 + grace),
+            Some(stale()),
+            "the first batch only"
+        );
+        assert_eq!(s.take_due(t0 + grace), None, "each batch goes once");
+        let mut both = stale();
+        both.merge(later.clone());
+        s.push(t0 + Duration::from_secs(3), stale());
+        // A pass long after: every due batch at once, merged.
+        assert_eq!(s.take_due(t0 + Duration::from_mins(1)), Some(both));
+        assert!(s.is_empty() && s.next_due().is_none());
+    }
+
+    #[test]
+    fn reply_batches_are_bounded_by_merging_into_the_newest() {
+        let t0 = Instant::now();
+        let mut s = ReplySchedule::new(Duration::from_secs(2));
+        for i in 0..40u32 {
+            s.push(
+                t0 + Duration::from_millis(u64::from(i)),
+                StaleFlows {
+                    pairs: [(1, i)].into(),
+                    backends: BTreeSet::new(),
+                },
+            );
+        }
+        assert_eq!(s.len(), ReplySchedule::MAX_PENDING);
+        // The merged batch waits for the newest push's grace: no reply entry goes early.
+        assert_eq!(
+            s.take_due(t0 + Duration::from_millis(2038))
+                .map(|f| f.pairs.len()),
+            Some(ReplySchedule::MAX_PENDING - 1)
+        );
+        let rest = s.take_due(t0 + Duration::from_millis(2039)).unwrap();
+        assert_eq!(rest.pairs.len(), 40 - (ReplySchedule::MAX_PENDING - 1));
+        assert!(s.is_empty());
+    }
+
+    #[test]
+    fn forward_and_reply_legs_are_told_apart() {
+        let v = value(1, 10);
+        assert!(is_flow(&ct(ipproto::UDP, dir::FORWARD, 1), &v));
+        assert!(is_reply(&ct(ipproto::UDP, dir::REPLY, 1), &v));
+        let hairpin = CtValue {
+            state: state::HAIRPIN_REPLY,
+            ..v
+        };
+        assert!(is_reply(&ct(ipproto::UDP, dir::FORWARD, 1), &hairpin));
     }
 }

@@ -3,7 +3,16 @@
 //! An id stays with its object for as long as the object exists, survives agent restarts
 //! (rebuilt from the maps by [`IdMap::adopt`]) and is not handed out again soon after it is
 //! freed (ids are allocated upward and wrap), so a connection-table entry that still names an
-//! old backend id cannot land on a different backend by accident.
+//! old backend id cannot land on a different backend by accident. The cursor (the next id to
+//! try) is persisted in `ID_CURSORS_V1` and restored with [`IdMap::resume_at`], so this holds
+//! across restarts too: without it a restarted agent would go on after the highest id the
+//! maps still hold, reissuing ids freed just before the restart.
+//!
+//! Wraparound: after `u32::MAX` the cursor goes back to 1, skipping ids in use. An id comes
+//! back only after 2^32 - 1 other allocations (at 1,000 new endpoints a second, 50 days),
+//! longer than any entry that names one lives without being refreshed (connection table: 6 h
+//! idle; affinity: at most a day); the kernel's affinity check (`AffinityValue::check`) covers
+//! a refreshed affinity entry even then.
 
 use std::collections::BTreeMap;
 
@@ -46,6 +55,20 @@ impl<K: Ord + Clone> IdMap<K> {
     #[must_use]
     pub fn get(&self, key: &K) -> Option<u32> {
         self.by_key.get(key).copied()
+    }
+
+    /// The next id [`get_or_alloc`](Self::get_or_alloc) tries (what `ID_CURSORS_V1` keeps).
+    #[must_use]
+    pub fn cursor(&self) -> u32 {
+        self.next
+    }
+
+    /// Goes on from a persisted cursor (`ID_CURSORS_V1`): the next id tried is `next`, unless
+    /// 0 (no cursor was kept), which leaves the cursor after the highest adopted id.
+    pub fn resume_at(&mut self, next: u32) {
+        if next != 0 {
+            self.next = next;
+        }
     }
 
     /// Records that `key` already has `id` (read back from the maps after a restart).
@@ -108,5 +131,37 @@ mod tests {
         ids.adopt("one", 1);
         let n = ids.get_or_alloc(&"x");
         assert!(n != 0 && n != 1 && n != u32::MAX);
+    }
+
+    #[test]
+    fn a_resumed_cursor_goes_on_after_ids_freed_before_a_restart() {
+        let mut before = IdMap::default();
+        let a = before.get_or_alloc(&"a");
+        let b = before.get_or_alloc(&"b");
+        before.retain(|k| *k == "a");
+        let cursor = before.cursor();
+        // A restart: the maps hold only "a"; the cursor was persisted.
+        let mut lost = IdMap::default();
+        lost.adopt("a", a);
+        assert_eq!(
+            lost.get_or_alloc(&"c"),
+            b,
+            "without the cursor, b's id comes back"
+        );
+        let mut after = IdMap::default();
+        after.adopt("a", a);
+        after.resume_at(cursor);
+        let c = after.get_or_alloc(&"c");
+        assert!(c > b, "c got {c}, b had {b}");
+        // No cursor kept (0): after the highest adopted id, as before.
+        let mut none = IdMap::default();
+        none.adopt("a", 7);
+        none.resume_at(0);
+        assert_eq!(none.get_or_alloc(&"c"), 8);
+        // A cursor that wrapped past ids in use skips them.
+        let mut wrapped = IdMap::default();
+        wrapped.adopt("a", 1);
+        wrapped.resume_at(1);
+        assert_eq!(wrapped.get_or_alloc(&"c"), 2);
     }
 }

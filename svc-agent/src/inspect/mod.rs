@@ -41,6 +41,21 @@ fn read_counters(bpffs: &Path, name: &str, n: u32) -> anyhow::Result<Vec<Counter
         .collect()
 }
 
+/// Whether an agent runs on `bpffs` (it holds the lock on `<bpffs>/svc`; see
+/// `pins::lock_pin_root`), as one line: `inspect` works either way, from the pinned maps.
+#[must_use]
+pub fn agent_status(bpffs: &Path) -> String {
+    let root = bpffs.join(svc_common::PIN_ROOT);
+    match pins::lock_holder(&root) {
+        Ok(Some(pid)) => format!("svc-agent running (pid {pid}, holding {})", root.display()),
+        Ok(None) => format!(
+            "no svc-agent running on {} (the pinned programs and maps, if any, go on without one)",
+            bpffs.display()
+        ),
+        Err(e) => format!("whether an svc-agent runs is unknown: {e:#}"),
+    }
+}
+
 /// Reads `PKT_STATS_V1` from the pin directory under `bpffs`, summed over CPUs.
 pub fn read_pkt_stats(bpffs: &Path) -> anyhow::Result<Vec<(PktCounter, Counter)>> {
     let v = read_counters(bpffs, "PKT_STATS_V1", PktCounter::COUNT)?;

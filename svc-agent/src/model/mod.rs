@@ -352,6 +352,9 @@ fn merge(
 /// [`Scope::External`], `externalTrafficPolicy`) will be added here from the same view.
 fn service_claims(view: &ServiceView<'_>, slices: &SliceIndex<'_>, claims: &mut Vec<Claim>) {
     for (ip_index, &addr) in view.cluster_ips.iter().enumerate() {
+        if !view.serves(addr) {
+            continue;
+        }
         for port in &view.ports {
             let key = FrontendKey {
                 addr,

@@ -29,6 +29,9 @@ pub(crate) struct ServiceView<'a> {
     pub cluster_ips: Vec<IpAddr>,
     /// The addresses came from `spec.clusterIPs` (else from `spec.clusterIP`).
     pub cluster_ips_listed: bool,
+    /// `spec.ipFamilies` as (IPv4 listed, IPv6 listed); `None` when the Service has no such
+    /// list (every `ClusterIP` is served, as before dual-stack).
+    pub ip_families: Option<(bool, bool)>,
     pub ports: Vec<PortView<'a>>,
     pub internal_traffic_policy: TrafficPolicy,
     pub affinity_timeout: Option<Duration>,
@@ -86,6 +89,7 @@ impl<'a> ServiceView<'a> {
         }
 
         let (cluster_ips, cluster_ips_listed) = checker.cluster_ips(spec)?;
+        let ip_families = checker.ip_families(spec);
         let ports = spec
             .ports
             .as_deref()
@@ -109,10 +113,20 @@ impl<'a> ServiceView<'a> {
             name,
             cluster_ips,
             cluster_ips_listed,
+            ip_families,
             ports,
             internal_traffic_policy,
             affinity_timeout,
         })
+    }
+
+    /// Whether `addr`, one of `cluster_ips`, is served: its family is in `spec.ipFamilies`, or
+    /// the Service lists no families. kube-proxy programs a `ClusterIP` only for a family the
+    /// Service lists (`GetClusterIPByFamily`): an address of another family (left by a changed
+    /// `ipFamilyPolicy`, or written by hand) is not served.
+    pub(crate) fn serves(&self, addr: IpAddr) -> bool {
+        self.ip_families
+            .is_none_or(|(v4, v6)| if addr.is_ipv4() { v4 } else { v6 })
     }
 
     /// The field the `index`th of `cluster_ips` came from.
@@ -192,6 +206,24 @@ impl Checker<'_, '_> {
             }
         }
         Some((ips, listed))
+    }
+
+    /// `spec.ipFamilies` as (IPv4 listed, IPv6 listed); `None` when absent or empty. An
+    /// unknown family is an error.
+    fn ip_families(&mut self, spec: &ServiceSpec) -> Option<(bool, bool)> {
+        let list = spec.ip_families.as_deref().filter(|l| !l.is_empty())?;
+        let (mut v4, mut v6) = (false, false);
+        for (i, family) in list.iter().enumerate() {
+            match family.as_str() {
+                "IPv4" => v4 = true,
+                "IPv6" => v6 = true,
+                other => self.fail(
+                    format!("spec.ipFamilies[{i}]"),
+                    format!("unknown IP family {other:?} (expected IPv4 or IPv6)"),
+                ),
+            }
+        }
+        Some((v4, v6))
     }
 
     fn port<'p>(&mut self, index: usize, port: &'p ServicePort) -> Option<PortView<'p>> {

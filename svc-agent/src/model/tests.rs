@@ -918,6 +918,64 @@ endpoints:
 }
 
 #[test]
+fn ip_families_decide_which_cluster_ips_are_served() {
+    let svc = |name: &str, families: &str| {
+        service(
+            name,
+            "",
+            &format!(
+                r"
+  clusterIPs:
+  - 198.19.0.64
+  - 2001:db8:f::64
+{families}
+  ports:
+  - name: http
+    port: 80
+"
+            ),
+        )
+    };
+    let served = |svc: Service| {
+        let state = compute(&snapshot(vec![svc], vec![]), "node1");
+        assert_eq!(state.errors, []);
+        let v4 = state.frontends.contains_key(&tcp("198.19.0.64", 80));
+        let v6 = state.frontends.contains_key(&tcp("2001:db8:f::64", 80));
+        (v4, v6)
+    };
+    // No list: every clusterIP, as before dual-stack.
+    assert_eq!(served(svc("web", "")), (true, true));
+    assert_eq!(
+        served(svc("web", "  ipFamilies: []")),
+        (true, true),
+        "an empty list is no list"
+    );
+    assert_eq!(
+        served(svc("web", "  ipFamilies:\n  - IPv6\n  - IPv4")),
+        (true, true)
+    );
+    // Only the listed families (kube-proxy's GetClusterIPByFamily).
+    assert_eq!(served(svc("web", "  ipFamilies:\n  - IPv4")), (true, false));
+    assert_eq!(served(svc("web", "  ipFamilies:\n  - IPv6")), (false, true));
+}
+
+#[test]
+fn an_unknown_ip_family_is_an_error() {
+    let errors = errors_of_bad_service(service(
+        "bad",
+        "",
+        r"
+  clusterIP: 198.19.0.65
+  ipFamilies:
+  - IPv5
+  ports:
+  - port: 80
+",
+    ));
+    assert_eq!(only_field(&errors), "spec.ipFamilies[0]");
+}
+
+#[test]
 fn cluster_ip_is_used_when_cluster_ips_is_absent() {
     let state = compute(&snapshot(vec![web("web", "198.19.0.63", "")], vec![]), "n");
     assert!(state.frontends.contains_key(&tcp("198.19.0.63", 80)));
