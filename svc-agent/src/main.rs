@@ -206,9 +206,11 @@ async fn run(bpffs: &std::path::Path, args: &RunArgs) -> anyhow::Result<()> {
         match client {
             Err(dir) => {
                 // The first sync happens before "running" is announced.
-                standalone::sync_once(dir, &args.node_name, &mut reconciler)?;
+                let coalesce = std::time::Duration::from_millis(args.coalesce_ms);
+                let mut directory = standalone::Standalone::new(dir, &args.node_name, coalesce);
+                directory.sync(&mut reconciler)?;
                 running();
-                standalone::follow(dir, &args.node_name, &mut reconciler).await
+                directory.follow(&mut reconciler).await
             }
             Ok(client) => {
                 let options = svc_agent::source::kube::Options {

@@ -13,9 +13,15 @@
 //! A bad document (YAML or JSON syntax, a field of the wrong type) is reported with its file,
 //! document index and line, and does not stop the other documents (except in a JSON file,
 //! where the parser cannot find the next object after a syntax error).
+//!
+//! Every file has a parse [`Budget`]: its size, its number of objects (documents plus list
+//! items) and the YAML alias replays of the whole file are bounded, so a huge or hostile file
+//! costs a bounded time and memory and gives one error, not one per document.
 
 use std::{
+    cell::Cell,
     fmt, fs,
+    io::Read as _,
     path::{Path, PathBuf},
     sync::Arc,
 };
@@ -113,6 +119,41 @@ pub struct Skipped {
     pub kind: String,
 }
 
+/// What parsing one file may cost. A file over budget is used not at all: it gives one error
+/// naming the limit (and a file that was good before keeps what it last defined, see
+/// `source::dir`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Budget {
+    /// The largest file read, in bytes.
+    pub max_bytes: u64,
+    /// The most objects in a file: documents, plus the items of list documents.
+    pub max_objects: usize,
+    /// The most YAML events replayed by aliases (`*name`) in the whole file, all documents
+    /// together (an alias bomb is many small documents as often as one big one).
+    pub max_alias_replay: usize,
+}
+
+impl Budget {
+    /// 256 MiB, 500,000 objects, 100,000 replayed events. A file of 100,000 Services with
+    /// their `EndpointSlice`s is about 70 MiB and 200,000 documents; Kubernetes manifests
+    /// rarely use aliases at all.
+    pub const DEFAULT: Self = Self {
+        max_bytes: 256 << 20,
+        max_objects: 500_000,
+        max_alias_replay: 100_000,
+    };
+}
+
+impl Default for Budget {
+    fn default() -> Self {
+        Self::DEFAULT
+    }
+}
+
+/// The alias replays one document may use at most, whatever is left of its file's budget:
+/// far more than merge keys in a real manifest need.
+const DOCUMENT_ALIAS_REPLAY: usize = 10_000;
+
 /// Whether `path` names a file the loader reads: `*.yaml`, `*.yml` or `*.json` (any case),
 /// not hidden (a leading `.`, like the `..data` entries of a mounted `ConfigMap`).
 #[must_use]
@@ -150,63 +191,148 @@ pub fn load_dir(dir: &Path) -> anyhow::Result<Loaded> {
     files.sort();
     let mut loaded = Loaded::default();
     for file in files {
-        loaded.extend(load_file(&file));
+        loaded.extend(load_file(&file, &Budget::DEFAULT));
     }
     Ok(loaded)
 }
 
-/// Reads and parses one file (see [`parse_str`]); an unreadable file is reported in
-/// [`Loaded::errors`].
+/// Reads and parses one file (see [`parse_str`]); an unreadable file, or one larger than
+/// `budget` allows (not read at all), is reported in [`Loaded::errors`].
 #[must_use]
-pub fn load_file(path: &Path) -> Loaded {
-    match fs::read_to_string(path) {
-        Ok(text) => parse_str(&text, path),
-        Err(e) => Loaded {
-            errors: vec![DocumentError {
-                origin: Origin {
-                    file: path.to_owned(),
-                    document: None,
-                    line: None,
-                    item: None,
-                },
-                message: format!("cannot read the file: {e}"),
-            }],
-            ..Loaded::default()
-        },
+pub fn load_file(path: &Path, budget: &Budget) -> Loaded {
+    let whole_file = |message: String| Loaded {
+        errors: vec![DocumentError {
+            origin: file_origin(path),
+            message,
+        }],
+        ..Loaded::default()
+    };
+    match read_bounded(path, budget.max_bytes) {
+        Ok(Some(text)) => parse_str_with(&text, path, budget),
+        Ok(None) => whole_file(format!(
+            "the file is larger than {} bytes (the parse budget): not used",
+            budget.max_bytes
+        )),
+        Err(e) => whole_file(format!("cannot read the file: {e}")),
     }
 }
 
-/// Parses the text of a file named `file`: JSON when the name ends in `.json` (any case),
-/// YAML otherwise. `file` is only used for that choice and in errors.
+/// The text of `path`, or `None` when it holds more than `max_bytes` (only that much is read).
+fn read_bounded(path: &Path, max_bytes: u64) -> std::io::Result<Option<String>> {
+    let file = fs::File::open(path)?;
+    let mut text = String::new();
+    file.take(max_bytes.saturating_add(1))
+        .read_to_string(&mut text)?;
+    Ok((text.len() as u64 <= max_bytes).then_some(text))
+}
+
+/// The origin of an error about a whole file.
+fn file_origin(file: &Path) -> Origin {
+    Origin {
+        file: file.to_owned(),
+        document: None,
+        line: None,
+        item: None,
+    }
+}
+
+/// Parses the text of a file named `file` with the default [`Budget`] (see
+/// [`parse_str_with`]).
 #[must_use]
 pub fn parse_str(text: &str, file: &Path) -> Loaded {
+    parse_str_with(text, file, &Budget::DEFAULT)
+}
+
+/// Parses the text of a file named `file`: JSON when the name ends in `.json` (any case),
+/// YAML otherwise. `file` is only used for that choice and in errors. A text with more objects
+/// than `budget` allows gives one error and nothing else.
+#[must_use]
+pub fn parse_str_with(text: &str, file: &Path, budget: &Budget) -> Loaded {
     let json = file
         .extension()
         .and_then(|e| e.to_str())
         .is_some_and(|e| e.eq_ignore_ascii_case("json"));
-    let mut loaded = Loaded::default();
+    let mut parse = Parse {
+        loaded: Loaded::default(),
+        objects_left: budget.max_objects,
+        replay_left: budget.max_alias_replay,
+    };
     let text = text.strip_prefix('\u{feff}').unwrap_or(text);
-    if json {
-        parse_json(text, file, &mut loaded);
+    let within = if json {
+        parse_json(text, file, &mut parse)
     } else {
-        parse_yaml(text, file, &mut loaded);
+        parse_yaml(text, file, &mut parse)
+    };
+    if within {
+        parse.loaded
+    } else {
+        Loaded {
+            errors: vec![DocumentError {
+                origin: file_origin(file),
+                message: format!(
+                    "the file holds more than {} objects (documents and list items; the parse \
+                     budget): not used",
+                    budget.max_objects
+                ),
+            }],
+            ..Loaded::default()
+        }
     }
-    loaded
 }
 
-fn parse_yaml(text: &str, file: &Path, loaded: &mut Loaded) {
-    for (document, yaml) in yaml_documents(text).into_iter().enumerate() {
+/// One file's parse: what it found so far and what is left of its budget.
+struct Parse {
+    loaded: Loaded,
+    /// Objects (documents and list items) the file may still hold.
+    objects_left: usize,
+    /// Alias replays the file may still use.
+    replay_left: usize,
+}
+
+impl Parse {
+    /// Counts one object; false when the budget is exhausted.
+    fn take_object(&mut self) -> bool {
+        match self.objects_left.checked_sub(1) {
+            Some(left) => {
+                self.objects_left = left;
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+/// Parses YAML; false when the file holds more objects than its budget.
+fn parse_yaml(text: &str, file: &Path, parse: &mut Parse) -> bool {
+    let Some(documents) = yaml_documents(text, parse.objects_left) else {
+        return false;
+    };
+    for (document, yaml) in documents.into_iter().enumerate() {
         let origin = Origin {
             file: file.to_owned(),
             document: Some(document),
             line: Some(yaml.content_line),
             item: None,
         };
-        add_document(&Document::Yaml(&yaml), origin, loaded);
+        if !parse.take_object() {
+            return false;
+        }
+        let value = match yaml.to_value(&mut parse.replay_left) {
+            Ok(value) => value,
+            Err(message) => {
+                parse.loaded.errors.push(DocumentError { origin, message });
+                continue;
+            }
+        };
+        if !add_document(&Document::Yaml(&yaml, value), origin, parse) {
+            return false;
+        }
     }
+    true
 }
 
-fn parse_json(text: &str, file: &Path, loaded: &mut Loaded) {
+/// Parses JSON; false when the file holds more objects than its budget.
+fn parse_json(text: &str, file: &Path, parse: &mut Parse) -> bool {
     let mut stream = serde_json::Deserializer::from_str(text).into_iter::<serde_json::Value>();
     for document in 0.. {
         let rest = text.get(stream.byte_offset()..).unwrap_or_default();
@@ -219,10 +345,14 @@ fn parse_json(text: &str, file: &Path, loaded: &mut Loaded) {
         };
         match stream.next() {
             None => break,
-            Some(Ok(value)) => add_document(&Document::Json(value), origin, loaded),
+            Some(Ok(value)) => {
+                if !parse.take_object() || !add_document(&Document::Json(value), origin, parse) {
+                    return false;
+                }
+            }
             Some(Err(e)) => {
                 // The stream cannot resynchronise after a syntax error: stop this file.
-                loaded.errors.push(DocumentError {
+                parse.loaded.errors.push(DocumentError {
                     origin,
                     message: e.to_string(),
                 });
@@ -230,6 +360,7 @@ fn parse_json(text: &str, file: &Path, loaded: &mut Loaded) {
             }
         }
     }
+    true
 }
 
 /// The line (from 1) of byte `offset` in `text`.
@@ -248,13 +379,55 @@ struct YamlDocument {
     content_line: usize,
 }
 
+thread_local! {
+    /// The alias events (`*name`) of the last YAML document parsed on this thread, from the
+    /// parser's budget report (a plain `fn` callback, hence a thread-local).
+    static LAST_ALIASES: Cell<usize> = const { Cell::new(0) };
+}
+
+fn record_aliases(report: &serde_saphyr::budget::BudgetReport) {
+    LAST_ALIASES.with(|c| c.set(report.aliases));
+}
+
 impl YamlDocument {
-    fn decode<T: DeserializeOwned>(&self) -> Result<T, String> {
-        let options = serde_saphyr::Options {
+    /// The parser's options for this document, allowing at most `replay` alias replays.
+    fn options(replay: usize) -> serde_saphyr::Options {
+        serde_saphyr::Options {
             with_snippet: false,
+            budget_report: Some(record_aliases),
+            alias_limits: serde_saphyr::options::AliasLimits {
+                max_total_replayed_events: replay,
+                ..serde_saphyr::options::AliasLimits::default()
+            },
             ..serde_saphyr::Options::default()
-        };
-        serde_saphyr::from_str_with_options(&self.text, options).map_err(|e| {
+        }
+    }
+
+    /// Parses the document once, into a JSON value (as `kubectl` turns YAML into JSON), taking
+    /// its alias replays from `replay_left`, the file's budget.
+    ///
+    /// What a document replays is not reported; it is bounded by what it produced: a replayed
+    /// event is a node of the value or the end of one, so a document that uses aliases is
+    /// charged twice its value's nodes (at least what it replayed). The file's total is then
+    /// at most its budget plus one document's allowance.
+    fn to_value(&self, replay_left: &mut usize) -> Result<serde_json::Value, String> {
+        LAST_ALIASES.with(|c| c.set(0));
+        let allowed = DOCUMENT_ALIAS_REPLAY.min(*replay_left);
+        let result = self.decode_with::<serde_json::Value>(allowed);
+        if LAST_ALIASES.with(Cell::get) > 0 {
+            let charge = match &result {
+                Ok(value) => nodes(value).saturating_mul(2),
+                Err(_) => allowed,
+            };
+            *replay_left = replay_left.saturating_sub(charge.max(1));
+        }
+        result
+    }
+
+    /// Decodes the document as `T` (used again only to give a typed error its position in the
+    /// file; the value already parsed once within the budget).
+    fn decode_with<T: DeserializeOwned>(&self, replay: usize) -> Result<T, String> {
+        serde_saphyr::from_str_with_options(&self.text, Self::options(replay)).map_err(|e| {
             let message = e.to_string();
             // Make the parser's position (in the document) a position in the file.
             let Some(at) = e.location() else {
@@ -272,13 +445,29 @@ impl YamlDocument {
     }
 }
 
+/// The nodes of a JSON value (scalars, arrays and objects), counted without recursion.
+fn nodes(value: &serde_json::Value) -> usize {
+    let mut count = 0_usize;
+    let mut stack = vec![value];
+    while let Some(v) = stack.pop() {
+        count = count.saturating_add(1);
+        match v {
+            serde_json::Value::Array(items) => stack.extend(items),
+            serde_json::Value::Object(fields) => stack.extend(fields.values()),
+            _ => {}
+        }
+    }
+    count
+}
+
 /// Splits a YAML stream into its documents, dropping those holding only blank lines,
-/// comments and directives.
+/// comments and directives; `None` as soon as it has more than `max` documents (counting
+/// empty ones: the split stops there, whatever the file's size).
 ///
 /// A line starting with `---` (followed by nothing or white space) starts a document and one
 /// that is `...` ends one: YAML forbids both in content at the start of a line, so this split
 /// is exact.
-fn yaml_documents(text: &str) -> Vec<YamlDocument> {
+fn yaml_documents(text: &str, max: usize) -> Option<Vec<YamlDocument>> {
     // What follows `marker` at the start of `line`, if `line` is that marker.
     let after_marker = |line: &str, marker: &str| -> Option<String> {
         line.strip_prefix(marker)
@@ -288,6 +477,10 @@ fn yaml_documents(text: &str) -> Vec<YamlDocument> {
     // (index of the chunk's first line, its lines)
     let mut chunks: Vec<(usize, Vec<String>)> = vec![(0, Vec::new())];
     for (index, line) in text.lines().enumerate() {
+        // One more chunk than documents allowed: the first may be empty (a leading `---`).
+        if chunks.len() > max.saturating_add(1) {
+            return None;
+        }
         if let Some(rest) = after_marker(line, "---") {
             // Keep what follows the marker (a comment, a flow collection) in its column.
             chunks.push((index, vec![format!("   {rest}")]));
@@ -297,7 +490,7 @@ fn yaml_documents(text: &str) -> Vec<YamlDocument> {
             lines.push(line.to_owned());
         }
     }
-    chunks
+    let documents = chunks
         .into_iter()
         .filter_map(|(lines_before, lines)| {
             let first_content = lines.iter().position(|line| {
@@ -312,13 +505,14 @@ fn yaml_documents(text: &str) -> Vec<YamlDocument> {
                 content_line: lines_before + first_content + 1,
             })
         })
-        .collect()
+        .collect();
+    Some(documents)
 }
 
 /// One document, before its kind is known.
 enum Document<'a> {
-    /// A YAML document.
-    Yaml(&'a YamlDocument),
+    /// A YAML document and its value.
+    Yaml(&'a YamlDocument, serde_json::Value),
     /// A parsed JSON value (a JSON document, or an item of a YAML or JSON list).
     Json(serde_json::Value),
 }
@@ -326,8 +520,36 @@ enum Document<'a> {
 impl Document<'_> {
     fn decode<T: DeserializeOwned>(&self) -> Result<T, String> {
         match self {
-            Self::Yaml(yaml) => yaml.decode(),
+            Self::Yaml(yaml, value) => T::deserialize(value).map_err(|e| {
+                // The value has no positions; the YAML text gives the same error with its
+                // line (parsed again only for a bad document, with one document's alias
+                // allowance).
+                match yaml.decode_with::<T>(DOCUMENT_ALIAS_REPLAY) {
+                    Err(positioned) => positioned,
+                    Ok(_) => e.to_string(),
+                }
+            }),
             Self::Json(value) => T::deserialize(value).map_err(|e| e.to_string()),
+        }
+    }
+
+    /// Why a document that is no mapping is no object: the YAML parser's positioned error when
+    /// it gives one.
+    fn not_a_mapping(&self) -> String {
+        let plain = "not a Kubernetes object: expected a mapping with apiVersion and kind";
+        match self {
+            Self::Yaml(yaml, _) => yaml
+                .decode_with::<serde_json::Map<String, serde_json::Value>>(DOCUMENT_ALIAS_REPLAY)
+                .err()
+                .unwrap_or_else(|| plain.to_owned()),
+            Self::Json(_) => plain.to_owned(),
+        }
+    }
+
+    /// The document's value.
+    fn value(&self) -> &serde_json::Value {
+        match self {
+            Self::Yaml(_, value) | Self::Json(value) => value,
         }
     }
 }
@@ -338,12 +560,6 @@ struct TypeMeta {
     #[serde(rename = "apiVersion")]
     api_version: Option<String>,
     kind: Option<String>,
-}
-
-/// The items of a list.
-#[derive(Deserialize)]
-struct ListItems {
-    items: Option<Vec<serde_json::Value>>,
 }
 
 /// What a document holds, by `apiVersion` and `kind`.
@@ -384,48 +600,54 @@ fn kind_of(api_version: &str, kind: &str) -> Kind {
     }
 }
 
-/// Adds the object(s) of one document (or list item) to `loaded`.
-fn add_document(document: &Document<'_>, origin: Origin, loaded: &mut Loaded) {
-    let mut fail = |origin: Origin, message: String| {
-        loaded.errors.push(DocumentError { origin, message });
-    };
+/// Adds the object(s) of one document (or list item) to the parse; false when a list holds
+/// more items than the file's budget has left.
+fn add_document(document: &Document<'_>, origin: Origin, parse: &mut Parse) -> bool {
+    if !document.value().is_object() {
+        // (A struct would decode from a sequence's elements: say what is wrong instead.)
+        return parse.fail(origin, document.not_a_mapping());
+    }
     let meta = match document.decode::<TypeMeta>() {
         Ok(meta) => meta,
-        Err(e) => return fail(origin, e),
+        Err(e) => return parse.fail(origin, e),
     };
     let (Some(api_version), Some(kind)) = (meta.api_version, meta.kind) else {
-        return fail(
+        return parse.fail(
             origin,
             "not a Kubernetes object: apiVersion and kind are required".to_owned(),
         );
     };
-    match kind_of(&api_version, &kind) {
-        Kind::Service => match document.decode::<Service>() {
-            Ok(object) => loaded.snapshot.services.push(Arc::new(object)),
-            Err(e) => fail(origin, format!("{api_version} {kind}: {e}")),
-        },
-        Kind::EndpointSlice => match document.decode::<EndpointSlice>() {
-            Ok(object) => loaded.snapshot.slices.push(Arc::new(object)),
-            Err(e) => fail(origin, format!("{api_version} {kind}: {e}")),
-        },
-        Kind::Node => match document.decode::<Node>() {
-            Ok(object) => loaded.snapshot.nodes.push(Arc::new(object)),
-            Err(e) => fail(origin, format!("{api_version} {kind}: {e}")),
-        },
-        Kind::Pod => match document.decode::<Pod>() {
-            Ok(object) => loaded.pods.push(Arc::new(object)),
-            Err(e) => fail(origin, format!("{api_version} {kind}: {e}")),
-        },
-        Kind::Unsupported(supported) => fail(
-            origin,
-            format!("{api_version} {kind} is not supported; use {supported}"),
-        ),
-        Kind::List | Kind::TypedList(..) if origin.item.is_some() => {
-            fail(origin, format!("{api_version} {kind} nested in a list"));
+    let loaded = &mut parse.loaded;
+    let decoded = match kind_of(&api_version, &kind) {
+        Kind::Service => document
+            .decode::<Service>()
+            .map(|object| loaded.snapshot.services.push(Arc::new(object))),
+        Kind::EndpointSlice => document
+            .decode::<EndpointSlice>()
+            .map(|object| loaded.snapshot.slices.push(Arc::new(object))),
+        Kind::Node => document
+            .decode::<Node>()
+            .map(|object| loaded.snapshot.nodes.push(Arc::new(object))),
+        Kind::Pod => document
+            .decode::<Pod>()
+            .map(|object| loaded.pods.push(Arc::new(object))),
+        Kind::Unsupported(supported) => {
+            return parse.fail(
+                origin,
+                format!("{api_version} {kind} is not supported; use {supported}"),
+            );
         }
-        Kind::List => add_items(document, origin, None, loaded),
+        Kind::List | Kind::TypedList(..) if origin.item.is_some() => {
+            return parse.fail(origin, format!("{api_version} {kind} nested in a list"));
+        }
+        Kind::List => return add_items(document.value(), &origin, None, parse),
         Kind::TypedList(item_version, item_kind) => {
-            add_items(document, origin, Some((item_version, item_kind)), loaded);
+            return add_items(
+                document.value(),
+                &origin,
+                Some((item_version, item_kind)),
+                parse,
+            );
         }
         Kind::Other => {
             tracing::debug!(%origin, %api_version, %kind, "skipping an object of a kind svc does not use");
@@ -434,26 +656,44 @@ fn add_document(document: &Document<'_>, origin: Origin, loaded: &mut Loaded) {
                 api_version,
                 kind,
             });
+            return true;
         }
+    };
+    match decoded {
+        Ok(()) => true,
+        Err(e) => parse.fail(origin, format!("{api_version} {kind}: {e}")),
+    }
+}
+
+impl Parse {
+    /// Records a document that could not be used; the parse goes on.
+    fn fail(&mut self, origin: Origin, message: String) -> bool {
+        self.loaded.errors.push(DocumentError { origin, message });
+        true
     }
 }
 
 /// Adds the items of a list document; for a typed list, items without `apiVersion` and
-/// `kind` get the list's item kind (the API server omits them).
+/// `kind` get the list's item kind (the API server omits them). False when the list holds
+/// more items than the file's budget has left.
 fn add_items(
-    document: &Document<'_>,
-    origin: Origin,
+    list: &serde_json::Value,
+    origin: &Origin,
     item_type: Option<(&str, &str)>,
-    loaded: &mut Loaded,
-) {
-    let items = match document.decode::<ListItems>() {
-        Ok(list) => list.items.unwrap_or_default(),
-        Err(e) => {
-            loaded.errors.push(DocumentError { origin, message: e });
-            return;
+    parse: &mut Parse,
+) -> bool {
+    let items = match list.get("items") {
+        None | Some(serde_json::Value::Null) => return true,
+        Some(serde_json::Value::Array(items)) => items,
+        Some(_) => {
+            return parse.fail(origin.clone(), "items: expected a sequence".to_owned());
         }
     };
-    for (index, mut item) in items.into_iter().enumerate() {
+    for (index, item) in items.iter().enumerate() {
+        if !parse.take_object() {
+            return false;
+        }
+        let mut item = item.clone();
         if let (Some((api_version, kind)), Some(object)) = (item_type, item.as_object_mut()) {
             object
                 .entry("apiVersion")
@@ -464,8 +704,11 @@ fn add_items(
             item: Some(index),
             ..origin.clone()
         };
-        add_document(&Document::Json(item), origin, loaded);
+        if !add_document(&Document::Json(item), origin, parse) {
+            return false;
+        }
     }
+    true
 }
 
 #[cfg(test)]
@@ -858,6 +1101,73 @@ metadata:
         );
     }
 
+    /// One document replaying about 1,300 events from aliases: under one document's
+    /// allowance, but 200 of them are far over a file's budget.
+    fn alias_document(name: &str) -> String {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  labels:\n    a: &a x\n\
+             spec:\n  b: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a, *a]\n\
+             \x20 c: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b, *b]\n\
+             \x20 d: [*c, *c, *c, *c, *c, *c, *c, *c, *c, *c]\n"
+        )
+    }
+
+    #[test]
+    fn alias_replays_are_bounded_per_file_not_per_document() {
+        let mut docs: Vec<String> = (0..200).map(|i| alias_document(&format!("a{i}"))).collect();
+        docs.push("apiVersion: v1\nkind: Service\nmetadata:\n  name: plain\n".to_owned());
+        let loaded = parse(&docs.join("---\n"), "bomb.yaml");
+        let served = service_names(&loaded);
+        // Each document is charged at least what it replayed (twice its value's nodes, about
+        // 2,500): the file's 100,000 go after about 40 of them.
+        assert!(
+            (30..=50).contains(&(served.len() - 1)),
+            "{} documents with aliases served",
+            served.len() - 1
+        );
+        assert_eq!(served.last(), Some(&"plain"), "no aliases, no charge");
+        assert_eq!(loaded.errors.len(), 201 - served.len());
+        for e in &loaded.errors {
+            assert!(e.message.contains("alias"), "{e}");
+        }
+        // One document alone is within its allowance.
+        let one = parse(&alias_document("one"), "one.yaml");
+        assert_eq!(one.errors, []);
+    }
+
+    #[test]
+    fn objects_are_bounded_per_file_including_list_items() {
+        let budget = Budget {
+            max_objects: 10,
+            ..Budget::DEFAULT
+        };
+        let tiny = "apiVersion: v1\nkind: ConfigMap\n---\n".repeat(11);
+        let loaded = parse_str_with(&tiny, Path::new("tiny.yaml"), &budget);
+        assert_eq!(loaded.errors.len(), 1, "{:?}", loaded.errors);
+        assert_eq!(loaded.errors[0].origin.document, None);
+        assert!(loaded.errors[0].message.contains("more than 10 objects"));
+        assert_eq!(loaded.skipped, [], "nothing of the file is used");
+        let ten = "apiVersion: v1\nkind: ConfigMap\n---\n".repeat(10);
+        assert_eq!(
+            parse_str_with(&ten, Path::new("ten.yaml"), &budget)
+                .skipped
+                .len(),
+            10
+        );
+        // A list document and its items count.
+        let items = (0..10)
+            .map(|i| format!("- apiVersion: v1\n  kind: Service\n  metadata:\n    name: s{i}\n"))
+            .collect::<Vec<_>>()
+            .concat();
+        let list = format!("apiVersion: v1\nkind: List\nitems:\n{items}");
+        let loaded = parse_str_with(&list, Path::new("list.yaml"), &budget);
+        assert!(loaded.errors[0].message.contains("more than 10 objects"));
+        assert_eq!(service_names(&loaded), Vec::<&str>::new());
+        let json: String = (0..11).map(|_| "{}").collect();
+        let loaded = parse_str_with(&json, Path::new("many.json"), &budget);
+        assert!(loaded.errors[0].message.contains("more than 10 objects"));
+    }
+
     #[test]
     fn nested_lists_are_rejected() {
         let text = r"apiVersion: v1
@@ -894,8 +1204,11 @@ items:
 
     #[test]
     fn yaml_documents_know_their_lines() {
-        let docs =
-            yaml_documents("a: 1\n---\n\n# c\nb: 2\n--- {c: 3}\n...\n%YAML 1.2\n---\nd: 4\n");
+        let docs = yaml_documents(
+            "a: 1\n---\n\n# c\nb: 2\n--- {c: 3}\n...\n%YAML 1.2\n---\nd: 4\n",
+            10,
+        )
+        .unwrap();
         let lines: Vec<(usize, usize)> = docs
             .iter()
             .map(|d| (d.lines_before, d.content_line))

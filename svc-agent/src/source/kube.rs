@@ -208,6 +208,28 @@ fn not_ours_selector() -> String {
     format!("!{LABEL_SERVICE_PROXY_NAME},!{LABEL_HEADLESS}")
 }
 
+/// Drops what the model never reads from an object's metadata before the reflector stores it:
+/// `managedFields` (often most of an object's size) and annotations (`kubectl`'s
+/// `last-applied-configuration` holds a second copy of the object). Labels, names, uid and
+/// resource version stay (the model and the Events read them). A model change that reads an
+/// annotation must keep it here.
+fn strip_metadata(meta: &mut k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) {
+    meta.managed_fields = None;
+    meta.annotations = None;
+}
+
+/// [`strip_metadata`], and the parts of a Node's status the model never reads (its image list
+/// is often tens of kilobytes).
+fn strip_node(node: &mut Node) {
+    strip_metadata(&mut node.metadata);
+    if let Some(status) = node.status.as_mut() {
+        status.images = None;
+        status.volumes_attached = None;
+        status.volumes_in_use = None;
+        status.conditions = None;
+    }
+}
+
 /// Follows the API server and keeps the maps programmed from it, until an error that cannot be
 /// retried (none today: API failures are retried forever). `on_first_sync` runs once the first
 /// complete state has been applied.
@@ -230,6 +252,7 @@ pub async fn follow<M: DatapathMaps>(
         Api::<Service>::all(client.clone()),
         watcher::Config::default().labels(&not_ours_selector()),
     )
+    .modify(|svc: &mut Service| strip_metadata(&mut svc.metadata))
     .default_backoff()
     .reflect(services_writer)
     .map(|e| update(Kind::Service, e));
@@ -237,6 +260,7 @@ pub async fn follow<M: DatapathMaps>(
         Api::<EndpointSlice>::all(client.clone()),
         watcher::Config::default().labels(&format!("{LABEL_SERVICE_NAME},{}", not_ours_selector())),
     )
+    .modify(|slice: &mut EndpointSlice| strip_metadata(&mut slice.metadata))
     .default_backoff()
     .reflect(slices_writer)
     .map(|e| update(Kind::EndpointSlice, e));
@@ -244,6 +268,7 @@ pub async fn follow<M: DatapathMaps>(
         Api::<Node>::all(client.clone()),
         watcher::Config::default().fields(&format!("metadata.name={}", options.node_name)),
     )
+    .modify(strip_node)
     .default_backoff()
     .reflect(nodes_writer)
     .map(|e| update(Kind::Node, e));
@@ -485,6 +510,34 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
+
+    #[test]
+    fn stores_keep_only_what_the_model_reads() {
+        let mut node: Node = serde_json::from_value(serde_json::json!({
+            "metadata": {
+                "name": "node1",
+                "labels": {"topology.kubernetes.io/zone": "z1"},
+                "annotations": {"kubectl.kubernetes.io/last-applied-configuration": "{}"},
+                "managedFields": [{"manager": "kubelet", "operation": "Update"}],
+            },
+            "status": {
+                "addresses": [{"type": "InternalIP", "address": "198.18.0.1"}],
+                "images": [{"names": ["registry.example/app:1"], "sizeBytes": 1}],
+                "conditions": [{"type": "Ready", "status": "True"}],
+            },
+        }))
+        .unwrap();
+        strip_node(&mut node);
+        assert_eq!(
+            serde_json::to_value(&node).unwrap(),
+            serde_json::json!({
+                "apiVersion": "v1",
+                "kind": "Node",
+                "metadata": {"name": "node1", "labels": {"topology.kubernetes.io/zone": "z1"}},
+                "status": {"addresses": [{"type": "InternalIP", "address": "198.18.0.1"}]},
+            })
+        );
+    }
 
     #[test]
     fn the_selector_leaves_out_other_proxies_and_headless_services() {

@@ -209,7 +209,7 @@ fn setup() -> anyhow::Result<Demo> {
         manifests.path().display()
     );
     wait_programmed(&agents[0], frontend_vip, 3)?;
-    print_selection(&agents[0], 0);
+    print_selection(&agents[0]);
 
     let backends = Backends::new();
     for pod in topo.pods() {
@@ -262,7 +262,7 @@ fn edit_and_wait(
         "\nedited pod-{name}.yaml: {what}; node1 reprogrammed {:.0} ms later:",
         t.elapsed().as_secs_f64() * 1e3
     );
-    print_selection(&demo.agents[0], before[0]);
+    print_selection(&demo.agents[0]);
     print!("{}", indent(&demo.agents[0].inspect("services")?));
     Ok(())
 }
@@ -296,24 +296,18 @@ fn wait_programmed(agent: &Agent, vip: SocketAddr, count: usize) -> anyhow::Resu
     }
 }
 
-/// Prints the agent's `selected ...` lines of its latest sync pass (after `syncs` passes):
-/// each selector Service and how many Pods it selects.
-fn print_selection(agent: &Agent, syncs: usize) {
+/// Prints each selector Service's selection as of now: the latest of the agent's `selected ...`
+/// lines for it (the agent logs a selection when it changes).
+fn print_selection(agent: &Agent) {
     let log = agent.log();
-    let mut pass = 0;
     let mut lines = BTreeMap::new();
     for line in log.lines() {
-        if pass >= syncs
-            && let Some(rest) = line.split_once(" selected ").map(|(_, r)| r)
-        {
+        if let Some(rest) = line.split_once(" selected ").map(|(_, r)| r) {
             // `default/frontend-svc app==frontend: 3 pods (3 ready) service=...`
             let message = rest.split(" service=").next().unwrap_or(rest);
             if let Some((service, selection)) = message.split_once(' ') {
                 lines.insert(service.to_owned(), selection.to_owned());
             }
-        }
-        if line.contains(" synced ") {
-            pass += 1;
         }
     }
     println!(
@@ -399,7 +393,7 @@ fn write_pods(
     topo: &Topology,
     dir: &ManifestDir,
 ) -> anyhow::Result<BTreeMap<String, PodObject>> {
-    let loaded = svc_agent::source::load_file(file);
+    let loaded = svc_agent::source::load_file(file, &svc_agent::source::Budget::DEFAULT);
     ensure!(
         loaded.errors.is_empty(),
         "{}: {:?}",
