@@ -9,7 +9,7 @@ use svc_agent::{
 };
 use tracing::{info, warn};
 
-#[tokio::main]
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -114,6 +114,10 @@ fn load_settings(args: &RunArgs) -> anyhow::Result<(loader::MapSizes, loader::Gl
     );
     Ok((sizes, globals))
 }
+
+/// How long a stop signal waits for a running pass to end before the agent exits anyway (the
+/// DaemonSet's grace period is 10 s).
+const STOP_GRACE: std::time::Duration = std::time::Duration::from_millis(900);
 
 async fn run(bpffs: &std::path::Path, args: &RunArgs) -> anyhow::Result<()> {
     // Everything that can be checked is checked before anything touches the kernel or the
@@ -223,12 +227,34 @@ async fn run(bpffs: &std::path::Path, args: &RunArgs) -> anyhow::Result<()> {
             }
         }
     };
+    // Pod-facing interfaces and signals have tasks of their own: neither waits behind a pass
+    // (which holds this task for seconds at 100,000 Services).
+    let mut pod_ifaces =
+        tokio::spawn(async move { ifaces::follow(&mut ebpf, iface_watch, pod_links).await });
+    let (stopping_tx, stopping) = tokio::sync::oneshot::channel::<()>();
+    let stop = tokio::spawn(async move {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        let _ = stopping_tx.send(());
+        // The source stops at its next await; a pass still writing after STOP_GRACE is cut
+        // short: every map write is whole and comes in the safe order (as when the agent is
+        // killed mid-pass), and the next agent's first pass completes the change.
+        tokio::time::sleep(STOP_GRACE).await;
+        warn!(
+            grace = ?STOP_GRACE,
+            "a pass was still writing the maps after the stop signal: exiting in the middle of it"
+        );
+        std::process::exit(0);
+    });
     tokio::select! {
         r = source => r?,
-        r = ifaces::follow(&mut ebpf, iface_watch, pod_links) => r?,
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
+        r = &mut pod_ifaces => r.context("the pod interface task failed")??,
+        _ = stopping => {}
     }
+    stop.abort();
+    pod_ifaces.abort();
     info!(
         links = %pins::links_dir(&pin_dir).display(),
         "stopping: the programs stay attached through their pinned links and keep translating \

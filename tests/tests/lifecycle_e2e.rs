@@ -19,6 +19,10 @@
 //!   sizes): the maps have the new sizes, no old pin remains, 40 established connections keep
 //!   answering from their backends, and Services that did not fit before are served; a
 //!   restart asking for fewer `SERVICES_V1` entries than it holds is refused, pins unchanged.
+//! - **A stop signal in the middle of a pass**: SIGTERM while the first pass writes 12,000
+//!   Services ends the agent by itself within its 0.9 s grace (before, the pass ran to its end
+//!   and the test's SIGKILL after 3 s ended it); the next agent completes the programming and
+//!   stops gracefully.
 //!
 //! Needs root and a built agent (`cargo build -p svc-agent`): fails, never skips, without them.
 
@@ -527,4 +531,74 @@ fn a_restart_with_bigger_maps_migrates_them_and_keeps_connections() {
     assert_eq!(pinned_size(&bpffs, "SERVICES_V1"), services);
     bed.step("a shrink below what SERVICES_V1 holds is refused, pins unchanged");
     drop(backends);
+}
+
+/// Services in the directory of the stop test: a cold pass over them takes seconds.
+const MANY: u32 = 12_000;
+
+#[test]
+fn a_stop_signal_ends_the_agent_within_a_second_even_in_the_middle_of_a_pass() {
+    let bed = TestBed::new(&[(0, "web")]);
+    let node = bed.topo.node(0).clone();
+    let bpffs = node.bpffs.clone();
+    let mut docs = Vec::new();
+    for i in 0..MANY {
+        docs.extend(web_service(&bed, &format!("svc-{i}"), 1000 + i, &["web"]));
+    }
+    // Written directly: `ManifestDir::write`'s check would compute all of them per node.
+    fs::write(
+        bed.manifests.path().join("many.yaml"),
+        k8s::documents(&docs),
+    )
+    .expect("writing the Services");
+    let sizes = ["--max-service-entries", "65536", "--max-backends", "65536"];
+    let cmd = agent_command(&bed, &node, &bpffs, &sizes);
+
+    // Stopped while its first pass writes the maps.
+    let mut agent = node.spawn(&cmd).expect("spawning the agent");
+    agent
+        .wait_for_output("pod-facing interfaces", k8s::AGENT_START_TIMEOUT)
+        .expect("the agent starts");
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        !agent.output().contains("synced"),
+        "the first pass ended before the signal: make the directory bigger\n{}",
+        agent.output()
+    );
+    let signalled = Instant::now();
+    let (status, out) = agent.stop_with_output().expect("stopping the agent");
+    let took = signalled.elapsed();
+    bed.step(&format!(
+        "SIGTERM in the middle of a {MANY}-Service pass: exited {status} after {:.0} ms",
+        took.as_secs_f64() * 1e3
+    ));
+    // `stop` sends SIGKILL after 3 s: a clean exit means the agent stopped by itself.
+    assert!(
+        status.success(),
+        "the agent did not stop by itself: {status}\n{out}"
+    );
+    assert!(
+        out.contains("exiting in the middle of it"),
+        "the agent says it cut its pass short:\n{out}"
+    );
+
+    // The next agent completes what the first one began, and stops gracefully when idle.
+    let mut next = node.spawn(&cmd).expect("spawning the next agent");
+    next.wait_for_output("svc-agent running", Duration::from_secs(120))
+        .expect("the next agent programs the directory");
+    let vip = SocketAddr::new(vip4(1000 + MANY - 1), 80);
+    let programmed = k8s::Programmed::parse(
+        &k8s::agent_command(&bed.agent_bin, &bpffs, &["inspect", "services"])
+            .expect("inspect services"),
+    );
+    assert!(
+        programmed
+            .backends(&k8s::frontend_key(vip, Protocol::Tcp))
+            .is_some_and(|b| b.len() == 1),
+        "the last Service is programmed after the restart"
+    );
+    let (status, out) = next.stop_with_output().expect("stopping the next agent");
+    assert!(status.success(), "{status}\n{out}");
+    assert!(!out.contains("exiting in the middle of it"), "{out}");
+    bed.step("the next agent programmed every Service and stopped gracefully");
 }
