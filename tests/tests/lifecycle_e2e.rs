@@ -584,7 +584,7 @@ fn a_stop_signal_ends_the_agent_within_a_second_even_in_the_middle_of_a_pass() {
 
     // The next agent completes what the first one began, and stops gracefully when idle.
     let mut next = node.spawn(&cmd).expect("spawning the next agent");
-    next.wait_for_output("svc-agent running", Duration::from_secs(120))
+    next.wait_for_output("svc-agent running", Duration::from_mins(2))
         .expect("the next agent programs the directory");
     let vip = SocketAddr::new(vip4(1000 + MANY - 1), 80);
     let programmed = k8s::Programmed::parse(
