@@ -115,8 +115,56 @@ fn load_settings(args: &RunArgs) -> anyhow::Result<(loader::MapSizes, loader::Gl
     Ok((sizes, globals))
 }
 
+/// Another layout's pins (an upgrade or a rollback), logged: this layout is built beside them
+/// and they are removed after the first sync (svc-ebpf/DESIGN.md, "Layout versions").
+fn other_layouts(bpffs: &std::path::Path) -> anyhow::Result<Vec<pins::OtherLayout>> {
+    let (others, unknown) = pins::other_layouts(bpffs)?;
+    for path in &unknown {
+        warn!(path = %path.display(), "not a layout directory of svc-agent: left alone");
+    }
+    for other in &others {
+        info!(
+            dir = %other.path.display(),
+            version = other.version,
+            relation = %other.relation(),
+            "found the pins of another layout: building layout v{} beside it; its links and maps \
+             are removed once this agent's programs are attached and its maps programmed, and \
+             its connection tracking and affinity state are not carried over",
+            svc_common::MAP_LAYOUT_VERSION
+        );
+    }
+    Ok(others)
+}
+
+/// Waits for SIGTERM or SIGINT on a task of its own; the receiver is told at once, and the
+/// process exits after [`STOP_GRACE`] if it has not by then (a pass still writing is cut short:
+/// every map write is whole and in the safe order, as when the agent is killed mid-pass, and
+/// the next agent's first pass completes the change).
+fn on_stop_signal(
+    mut term: tokio::signal::unix::Signal,
+) -> (
+    tokio::task::JoinHandle<()>,
+    tokio::sync::oneshot::Receiver<()>,
+) {
+    let (stopping_tx, stopping) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        let _ = stopping_tx.send(());
+        tokio::time::sleep(STOP_GRACE).await;
+        warn!(
+            grace = ?STOP_GRACE,
+            "a pass was still writing the maps after the stop signal: exiting in the middle of it"
+        );
+        std::process::exit(0);
+    });
+    (task, stopping)
+}
+
 /// How long a stop signal waits for a running pass to end before the agent exits anyway (the
-/// DaemonSet's grace period is 10 s).
+/// `DaemonSet`'s grace period is 10 s).
 const STOP_GRACE: std::time::Duration = std::time::Duration::from_millis(900);
 
 async fn run(bpffs: &std::path::Path, args: &RunArgs) -> anyhow::Result<()> {
@@ -142,21 +190,7 @@ async fn run(bpffs: &std::path::Path, args: &RunArgs) -> anyhow::Result<()> {
     let pin_dir = loader::pin_dir(bpffs);
     // Another layout's pins (an upgrade or a rollback): this layout is built beside them and
     // they are removed after the first sync (svc-ebpf/DESIGN.md, "Layout versions").
-    let (others, unknown) = pins::other_layouts(bpffs)?;
-    for path in &unknown {
-        warn!(path = %path.display(), "not a layout directory of svc-agent: left alone");
-    }
-    for other in &others {
-        info!(
-            dir = %other.path.display(),
-            version = other.version,
-            relation = %other.relation(),
-            "found the pins of another layout: building layout v{} beside it; its links and maps \
-             are removed once this agent's programs are attached and its maps programmed, and \
-             its connection tracking and affinity state are not carried over",
-            svc_common::MAP_LAYOUT_VERSION
-        );
-    }
+    let others = other_layouts(bpffs)?;
     let (mut ebpf, migration) = loader::load_pinned(bpffs, sizes, globals)?;
     loader::load_programs(&mut ebpf)?;
     let patterns = loader::IfacePatterns::parse(&args.pod_ifaces)?;
@@ -204,7 +238,7 @@ async fn run(bpffs: &std::path::Path, args: &RunArgs) -> anyhow::Result<()> {
             info!(node = %node_name, pin_dir = %pin_dir.display(), "svc-agent running");
         }
     };
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let source = async {
         // `client` is the API server's client, or (`Err`) the directory to follow.
         match client {
@@ -231,23 +265,7 @@ async fn run(bpffs: &std::path::Path, args: &RunArgs) -> anyhow::Result<()> {
     // (which holds this task for seconds at 100,000 Services).
     let mut pod_ifaces =
         tokio::spawn(async move { ifaces::follow(&mut ebpf, iface_watch, pod_links).await });
-    let (stopping_tx, stopping) = tokio::sync::oneshot::channel::<()>();
-    let stop = tokio::spawn(async move {
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
-        }
-        let _ = stopping_tx.send(());
-        // The source stops at its next await; a pass still writing after STOP_GRACE is cut
-        // short: every map write is whole and comes in the safe order (as when the agent is
-        // killed mid-pass), and the next agent's first pass completes the change.
-        tokio::time::sleep(STOP_GRACE).await;
-        warn!(
-            grace = ?STOP_GRACE,
-            "a pass was still writing the maps after the stop signal: exiting in the middle of it"
-        );
-        std::process::exit(0);
-    });
+    let (stop, stopping) = on_stop_signal(term);
     tokio::select! {
         r = source => r?,
         r = &mut pod_ifaces => r.context("the pod interface task failed")??,
