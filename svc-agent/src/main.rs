@@ -78,6 +78,7 @@ fn load_settings(args: &RunArgs) -> anyhow::Result<(loader::MapSizes, loader::Gl
         services: args.max_service_entries,
         backends: args.max_backends,
         conntrack: args.max_conntrack_entries,
+        conntrack_new: args.max_ct_new_entries,
         affinity: args.max_affinity_entries,
         sock_revnat: args.max_sock_revnat_entries,
         sock_pin: args.max_sock_pin_entries,
