@@ -43,6 +43,14 @@ const SYNC_TIMEOUT: Duration = Duration::from_secs(5);
 const BACKEND_PORT: u16 = 8080;
 /// The Services' port.
 const SERVICE_PORT: u16 = 80;
+/// Half-close case: how long the servers stay quiet after the client shut its side down
+/// (beyond the 10 s close timeout) ...
+const PAUSE: Duration = Duration::from_secs(11);
+/// ... and how much they send then (the client's ACKs of it find the flow's forward entry).
+const BULK: usize = 4 << 20;
+/// SYN-flood case: established connections, and spoofed SYNs.
+const CONNECTIONS: usize = 50;
+const FLOOD: u32 = 20_000;
 
 /// One test's cluster: servers drop first, then agents and topology.
 struct Cluster {
@@ -248,7 +256,7 @@ impl SlowServers {
             threads.push(std::thread::spawn(move || {
                 let mut conns = Vec::new();
                 // Bounded: at most 60 s of accepting, stopped earlier by `stop`.
-                let deadline = Instant::now() + Duration::from_secs(60);
+                let deadline = Instant::now() + Duration::from_mins(1);
                 while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
                     match listener.accept() {
                         Ok((s, _)) => {
@@ -297,10 +305,6 @@ fn a_half_closed_connection_keeps_its_backend_past_the_close_timeout() {
     let svc = service("web", vip);
     let pods = ["web-0", "web-1", "web-2"];
     c.write("web.yaml", &[svc.to_yaml(), c.slice(&svc, &pods)]);
-    // Quiet for 11 s (beyond the 10 s close timeout), then 4 MiB: the client's ACKs of it
-    // are what finds the flow's forward entry again.
-    const PAUSE: Duration = Duration::from_secs(11);
-    const BULK: usize = 4 << 20;
     let servers = SlowServers::start(&c, &pods, PAUSE, BULK);
     c.bed.start_agents();
     let dst = SocketAddr::new(vip, SERVICE_PORT);
@@ -532,8 +536,6 @@ fn a_spoofed_syn_flood_breaks_no_established_connection() {
         ("--max-ct-new-entries", 256),
     ]);
     let dst = SocketAddr::new(vip, SERVICE_PORT);
-    const CONNECTIONS: usize = 50;
-    const FLOOD: u32 = 20_000;
     let mut sessions = c.in_client(move || {
         (0..CONNECTIONS)
             .map(|i| {
