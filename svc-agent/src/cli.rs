@@ -131,4 +131,7 @@ pub enum Inspect {
     Services,
     /// Pinned program links: where each is pinned, its kernel link and program.
     Links,
+    /// Both connection tables (`CT_V1` answered flows, `CT_NEW_V1` unanswered ones): each
+    /// entry's tuple, where it goes, ids, state and idle time.
+    Ct,
 }

@@ -64,7 +64,23 @@ pub mod timeout {
     pub const OTHER_NS: u64 = 60 * 1_000_000_000;
 }
 
-/// Key of `CT_V1`.
+/// How long an entry may stay idle: `unanswered` for `CT_NEW_V1`, `proto` the flow's IP
+/// protocol, `st` its [`state`] bits.
+#[inline]
+#[must_use]
+pub const fn idle_timeout_ns(unanswered: bool, proto: u8, st: u8) -> u64 {
+    if proto == crate::net::ipproto::TCP && st & state::CLOSING != 0 {
+        timeout::TCP_CLOSING_NS
+    } else if unanswered {
+        timeout::UNREPLIED_NS
+    } else if proto != crate::net::ipproto::TCP {
+        timeout::OTHER_NS
+    } else {
+        timeout::TCP_ESTABLISHED_NS
+    }
+}
+
+/// Key of `CT_V1` and `CT_NEW_V1`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct CtKey {
@@ -97,7 +113,7 @@ crate::assert_layout!(
     dir = 38
 );
 
-/// Value of `CT_V1`.
+/// Value of `CT_V1` and `CT_NEW_V1`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CtValue {
@@ -310,6 +326,28 @@ mod tests {
         assert_eq!(back, key);
         assert_eq!(rebuilt, forward);
         assert_eq!(peer_key(&key, &forward), leg);
+    }
+
+    #[test]
+    fn timeouts_follow_table_protocol_and_state() {
+        let (tcp, udp) = (6, 17);
+        assert_eq!(idle_timeout_ns(false, tcp, 0), timeout::TCP_ESTABLISHED_NS);
+        // One direction's FIN changes nothing (half-close); both, or a reset, do.
+        assert_eq!(
+            idle_timeout_ns(false, tcp, state::FIN_FORWARD),
+            timeout::TCP_ESTABLISHED_NS
+        );
+        assert_eq!(
+            idle_timeout_ns(false, tcp, state::CLOSING),
+            timeout::TCP_CLOSING_NS
+        );
+        assert_eq!(idle_timeout_ns(true, tcp, 0), timeout::UNREPLIED_NS);
+        assert_eq!(
+            idle_timeout_ns(true, tcp, state::CLOSING),
+            timeout::TCP_CLOSING_NS
+        );
+        assert_eq!(idle_timeout_ns(false, udp, 0), timeout::OTHER_NS);
+        assert_eq!(idle_timeout_ns(true, udp, 0), timeout::UNREPLIED_NS);
     }
 
     #[test]

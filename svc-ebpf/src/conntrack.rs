@@ -7,7 +7,8 @@ use aya_ebpf::{bindings::BPF_ANY, maps::LruHashMap};
 use svc_common::{
     Be16,
     conntrack::{
-        CtKey, CtValue, addr_eq, dir, forward_of, is_reply_leg, peer_key, reply_key, state, timeout,
+        CtKey, CtValue, addr_eq, dir, forward_of, idle_timeout_ns, is_reply_leg, peer_key,
+        reply_key, state,
     },
     net::ipproto,
     service::{Backend, backend_flags},
@@ -49,15 +50,7 @@ pub fn ct_key(pkt: &Parsed, d: u8) -> CtKey {
 
 #[inline(always)]
 fn idle_timeout(table: Table, proto: u8, st: u8) -> u64 {
-    if proto == ipproto::TCP && st & state::CLOSING != 0 {
-        timeout::TCP_CLOSING_NS
-    } else if table == Table::Unanswered {
-        timeout::UNREPLIED_NS
-    } else if proto != ipproto::TCP {
-        timeout::OTHER_NS
-    } else {
-        timeout::TCP_ESTABLISHED_NS
-    }
+    idle_timeout_ns(table == Table::Unanswered, proto, st)
 }
 
 /// Finds a live entry for `key` in `table`, refreshing it, and copies it to `out`. A FIN

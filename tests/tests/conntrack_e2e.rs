@@ -579,6 +579,18 @@ fn a_spoofed_syn_flood_breaks_no_established_connection() {
         broken.len(),
         c.diag()
     );
+    // Both tables, as `inspect ct` shows them: the answered connections (host-only: two
+    // entries each) and what the flood left of itself in the small table of unanswered ones.
+    let ct = c
+        .agent(0)
+        .inspect("ct")
+        .unwrap_or_else(|e| panic!("inspect ct: {e:#}"));
+    let heads: Vec<&str> = ct.lines().filter(|l| !l.starts_with(' ')).collect();
+    c.step(&format!("inspect ct: {heads:?}"));
+    assert!(
+        heads.len() == 2 && heads[0].starts_with("CT_V1 (") && heads[1].starts_with("CT_NEW_V1 ("),
+        "inspect ct shows {heads:?}"
+    );
     drop(sessions);
     c.finish();
 }
