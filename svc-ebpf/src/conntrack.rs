@@ -162,11 +162,14 @@ pub fn ct_remove_pair(table: Table, key: &CtKey, value: &CtValue) {
     }
 }
 
-/// Records a new translated flow in `CT_NEW_V1`: the forward entry `fwd` (client -> VIP) and
-/// its reply entry (backend -> client). If the reply entry cannot be stored, the forward one is
-/// removed again. A subprogram of its own, so its keys and values get their own stack frame.
+/// Records a new translated flow in `CT_NEW_V1`: the forward entry (client -> VIP, the
+/// packet's own tuple) and its reply entry (backend -> client). If the reply entry cannot be
+/// stored, the forward one is removed again. A subprogram of its own, so its keys and values
+/// get their own stack frame (one value, reused for both entries: the pod path's deepest
+/// call chain ends here).
 #[inline(never)]
-pub fn ct_create(pkt: &Parsed, fwd: &CtKey, chosen: &Chosen, now: u64) -> Result<(), DropReason> {
+pub fn ct_create(pkt: &Parsed, chosen: &Chosen, now: u64) -> Result<(), DropReason> {
+    let fwd = ct_key(pkt, dir::FORWARD);
     // A flow first seen mid-way (its entry was lost) may be closing already.
     let mut st = 0;
     if pkt.tcp_flags & tcp_flags::FIN != 0 {
@@ -176,32 +179,30 @@ pub fn ct_create(pkt: &Parsed, fwd: &CtKey, chosen: &Chosen, now: u64) -> Result
         st |= state::CLOSING;
     }
     let backend = &chosen.backend;
-    let entry = |addr, port, state| CtValue {
-        addr,
-        port,
-        state,
+    let mut value = CtValue {
+        addr: backend.addr,
+        port: backend.port,
+        state: st,
         _pad: 0,
         backend_id: chosen.backend_id,
         frontend_id: chosen.frontend_id,
         _pad2: 0,
         last_seen_ns: now,
     };
-    let forward = entry(backend.addr, backend.port, st);
-    let reply_key = reply_key(fwd, &backend.addr, backend.port);
-    let hairpin = reply_key.dir == dir::FORWARD;
-    let reply = entry(
-        pkt.dst,
-        Be16(pkt.dport),
-        st | if hairpin { state::HAIRPIN_REPLY } else { 0 },
-    );
     CT_NEW_V1
-        .insert(fwd, &forward, u64::from(BPF_ANY))
+        .insert(&fwd, &value, u64::from(BPF_ANY))
         .map_err(|_| DropReason::CtInsertFailed)?;
+    let reply_key = reply_key(&fwd, &backend.addr, backend.port);
+    value.addr = pkt.dst;
+    value.port = Be16(pkt.dport);
+    if reply_key.dir == dir::FORWARD {
+        value.state |= state::HAIRPIN_REPLY;
+    }
     if CT_NEW_V1
-        .insert(&reply_key, &reply, u64::from(BPF_ANY))
+        .insert(&reply_key, &value, u64::from(BPF_ANY))
         .is_err()
     {
-        let _ = CT_NEW_V1.remove(fwd);
+        let _ = CT_NEW_V1.remove(&fwd);
         return Err(DropReason::CtInsertFailed);
     }
     Ok(())

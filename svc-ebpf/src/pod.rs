@@ -219,8 +219,7 @@ fn new_flow_backend(pkt: &parse::Parsed, now: u64, target: &mut Target) -> Outco
         Choice::Drop(reason) => Outcome::Drop(reason),
         Choice::Backend => {
             target.midflow_miss = midflow;
-            let fwd = ct_key(pkt, dir::FORWARD);
-            if let Err(reason) = ct_create(pkt, &fwd, &chosen, now) {
+            if let Err(reason) = ct_create(pkt, &chosen, now) {
                 return Outcome::Drop(reason);
             }
             target.addr = chosen.backend.addr;
