@@ -66,9 +66,15 @@ pub struct RunArgs {
     /// `BACKENDS_V1` entries.
     #[arg(long, default_value_t = svc_common::sizes::BACKENDS)]
     pub max_backends: u32,
-    /// `CT_V1` entries (two per tracked connection).
+    /// `CT_V1` entries (two per tracked connection the backend answered; LRU: an evicted
+    /// connection's next packet is counted `ct_miss_midflow` and usually survives, see
+    /// svc-ebpf/DESIGN.md "Conntrack under pressure").
     #[arg(long, default_value_t = svc_common::sizes::CT)]
     pub max_conntrack_entries: u32,
+    /// `CT_NEW_V1` entries (two per flow nothing answered yet: SYNs, unanswered UDP; LRU: a
+    /// flood of them only evicts its own kind).
+    #[arg(long, default_value_t = svc_common::sizes::CT_NEW)]
+    pub max_ct_new_entries: u32,
     /// `AFFINITY_V1` entries (client and service-port pairs with `ClientIP` affinity).
     #[arg(long, default_value_t = svc_common::sizes::AFFINITY)]
     pub max_affinity_entries: u32,
@@ -192,6 +198,9 @@ pub enum Inspect {
     Services,
     /// Pinned program links: where each is pinned, its kernel link and program.
     Links,
+    /// Both connection tables (`CT_V1` answered flows, `CT_NEW_V1` unanswered ones): each
+    /// entry's tuple, where it goes, ids, state and idle time.
+    Ct,
 }
 
 #[cfg(test)]

@@ -59,8 +59,10 @@ pub struct MapSizes {
     pub services: u32,
     /// `BACKENDS_V1` entries.
     pub backends: u32,
-    /// `CT_V1` entries (two per connection).
+    /// `CT_V1` entries (two per answered connection).
     pub conntrack: u32,
+    /// `CT_NEW_V1` entries (two per flow nothing answered yet).
+    pub conntrack_new: u32,
     /// `AFFINITY_V1` entries.
     pub affinity: u32,
     /// `SOCK_REVNAT_V1` entries.
@@ -75,6 +77,7 @@ impl Default for MapSizes {
             services: svc_common::sizes::SERVICES,
             backends: svc_common::sizes::BACKENDS,
             conntrack: svc_common::sizes::CT,
+            conntrack_new: svc_common::sizes::CT_NEW,
             affinity: svc_common::sizes::AFFINITY,
             sock_revnat: svc_common::sock::SOCK_REVNAT_ENTRIES,
             sock_pin: svc_common::sock::SOCK_UDP_PIN_ENTRIES,
@@ -90,6 +93,7 @@ impl MapSizes {
             services: 4096,
             backends: 4096,
             conntrack: 16384,
+            conntrack_new: 4096,
             affinity: 4096,
             sock_revnat: 4096,
             sock_pin: 4096,
@@ -103,7 +107,8 @@ impl MapSizes {
         const HASH_ELEM_OVERHEAD: u64 = 48;
         let svc = u64::from(self.services) * (24 + 16 + HASH_ELEM_OVERHEAD);
         let be = u64::from(self.backends) * (4 + 20 + HASH_ELEM_OVERHEAD);
-        let ct = u64::from(self.conntrack) * (40 + 32 + HASH_ELEM_OVERHEAD);
+        let ct = (u64::from(self.conntrack) + u64::from(self.conntrack_new))
+            * (40 + 40 + HASH_ELEM_OVERHEAD);
         let aff = u64::from(self.affinity) * (24 + 16 + HASH_ELEM_OVERHEAD);
         let rev = u64::from(self.sock_revnat) * (32 + 20 + HASH_ELEM_OVERHEAD);
         let pin = u64::from(self.sock_pin) * (32 + 28 + HASH_ELEM_OVERHEAD);
@@ -112,12 +117,13 @@ impl MapSizes {
 
     /// The maps these sizes set, with their entries.
     #[must_use]
-    pub fn entries(&self) -> [(&'static str, u32); 10] {
+    pub fn entries(&self) -> [(&'static str, u32); 11] {
         [
             ("SERVICES_V1", self.services),
             ("BACKENDS_V1", self.backends),
             ("BACKEND_NAMES_V1", self.backends),
             ("CT_V1", self.conntrack),
+            ("CT_NEW_V1", self.conntrack_new),
             ("AFFINITY_V1", self.affinity),
             ("SVC_STATS_V1", self.services),
             ("BACKEND_STATS_V1", self.backends),

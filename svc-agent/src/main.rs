@@ -46,6 +46,14 @@ async fn main() -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Command::Inspect { what: Inspect::Ct } => {
+            let tables = inspect::ct::read_ct(&cli.bpffs)?;
+            print!(
+                "{}",
+                inspect::ct::format_ct(&tables, inspect::ct::monotonic_ns()?)
+            );
+            Ok(())
+        }
         Command::Inspect {
             what: Inspect::Links,
         } => {
@@ -96,6 +104,7 @@ fn load_settings(args: &RunArgs) -> anyhow::Result<(loader::MapSizes, loader::Gl
         services: args.max_service_entries,
         backends: args.max_backends,
         conntrack: args.max_conntrack_entries,
+        conntrack_new: args.max_ct_new_entries,
         affinity: args.max_affinity_entries,
         sock_revnat: args.max_sock_revnat_entries,
         sock_pin: args.max_sock_pin_entries,
@@ -195,6 +204,9 @@ async fn run(bpffs: &std::path::Path, args: &RunArgs) -> anyhow::Result<()> {
     loader::load_programs(&mut ebpf)?;
     let patterns = loader::IfacePatterns::parse(&args.pod_ifaces)?;
     let mut reconciler = Reconciler::adopt(AyaMaps::take(&mut ebpf)?)?;
+    // Warns while the table of answered connections is nearly full (svc-ebpf/DESIGN.md,
+    // "Conntrack under pressure").
+    svc_agent::datapath::pressure::watch(&pin_dir)?;
     // Connected UDP sockets translated to backends that a pass ends are destroyed from a thread
     // of their own (svc-ebpf/DESIGN.md, "Connected UDP sockets of ended backends").
     reconciler.send_ended_to(svc_agent::sockets::SocketDestroyer::start(&mut ebpf)?);
@@ -212,8 +224,9 @@ async fn run(bpffs: &std::path::Path, args: &RunArgs) -> anyhow::Result<()> {
         migration.finish(&pin_dir)?;
     }
     // After the first sync: another layout's programs go only once this layout's maps hold the
-    // desired state (until then its TC links run first on every hook and end the chain, and its
-    // connect-time programs translate before this layout's see the call).
+    // desired state (until then its TC links run first on every hook and translate what they
+    // know, which this layout's programs behind them then leave alone, and its connect-time
+    // programs translate before this layout's see the call).
     let node_name = args.node_name.clone();
     let running = {
         let pin_dir = pin_dir.clone();

@@ -46,6 +46,7 @@ pub const MAP_NAMES: &[&str] = &[
     "ADDRS_V1",
     "BACKEND_NAMES_V1",
     "ID_CURSORS_V1",
+    "CT_NEW_V1",
 ];
 
 /// Default map sizes (the agent's flags override them at load time).
@@ -57,6 +58,9 @@ pub mod sizes {
     pub const BACKENDS: u32 = 300_000;
     /// `CT_V1` entries: two per connection, for 1,000,000 connections.
     pub const CT: u32 = 2_000_000;
+    /// `CT_NEW_V1` entries: two per flow nothing has answered yet (a SYN, a UDP datagram),
+    /// for 131,072 such flows.
+    pub const CT_NEW: u32 = 262_144;
     /// `AFFINITY_V1` entries: (client, service port) pairs with `ClientIP` affinity.
     pub const AFFINITY: u32 = 262_144;
     /// `ADDRS_V1` entries: every frontend and backend address fits (each has at least one

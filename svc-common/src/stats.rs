@@ -71,11 +71,15 @@ pub enum PktCounter {
     /// `getpeername()` or `recvfrom()` reported the service address instead of the backend the
     /// socket was sent to.
     SockRevNat = 17,
+    /// A TCP packet from a pod that is not a SYN found no connection-table entry (evicted
+    /// under pressure, expired, or its backend left): sent to the backend a hash of its tuple
+    /// chooses, which with an unchanged set of backends is where it was. The sign of evictions.
+    CtMissMidflow = 18,
 }
 
 impl PktCounter {
     /// Every counter, in index order.
-    pub const ALL: [Self; 18] = [
+    pub const ALL: [Self; 19] = [
         Self::NonIp,
         Self::Ipv4,
         Self::Ipv6,
@@ -94,6 +98,7 @@ impl PktCounter {
         Self::Rejected,
         Self::SockXlate,
         Self::SockRevNat,
+        Self::CtMissMidflow,
     ];
     /// Number of entries in `PKT_STATS_V1`.
     pub const COUNT: u32 = Self::ALL.len() as u32;
@@ -120,6 +125,7 @@ impl PktCounter {
             Self::Rejected => "rejected",
             Self::SockXlate => "sock_xlate",
             Self::SockRevNat => "sock_rev_nat",
+            Self::CtMissMidflow => "ct_miss_midflow",
         }
     }
 }

@@ -19,7 +19,7 @@ use svc_common::{
 };
 
 use crate::{
-    maps::CT_V1,
+    maps::{CT_NEW_V1, CT_V1},
     nat::{End, nat_rewrite_l3},
     parse::{Parsed, ptr_at},
 };
@@ -76,8 +76,9 @@ pub fn icmp_error_to_pod(ctx: &TcContext, pkt: &Parsed) -> Result<Option<(u32, u
         dir: dir::REPLY,
         _pad: 0,
     };
+    // An error is no answer: the flow may still be in the table of unanswered ones.
     // SAFETY: only the fields needed are copied out, at once.
-    let Some(entry) = (unsafe { CT_V1.get(&key) }) else {
+    let Some(entry) = (unsafe { CT_V1.get(&key).or_else(|| CT_NEW_V1.get(&key)) }) else {
         return Ok(None);
     };
     let entry = Vip {

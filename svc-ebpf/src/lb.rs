@@ -25,6 +25,9 @@ pub struct Chosen {
     pub backend_id: u32,
     /// The backend.
     pub backend: Backend,
+    /// Set by the caller: pick the slot by this hash of the flow's tuple instead of at random
+    /// (a TCP packet that is not a SYN and lost its connection-table entry).
+    pub tuple_hash: Option<u32>,
 }
 
 /// What the load balancer decided for a new flow.
@@ -55,8 +58,8 @@ pub fn lb_frontend_key(pkt: &Parsed) -> ServiceKey {
 /// family `client_family`, or a namespace cookie with `affinity::CLIENT_NETNS`), writing it to
 /// `out` (id, backend) and leaving `key.slot` at the chosen slot. With `ClientIP` session
 /// affinity, a client with a live entry whose backend is still eligible goes there again (the
-/// entry is refreshed); otherwise the pick is uniformly random over the slots (and recorded for
-/// an affine frontend). Used by the packet path and the connect-time path alike. A subprogram
+/// entry is refreshed); otherwise the pick is uniformly random over the slots, or by
+/// `out.tuple_hash` when the caller set it (and recorded for an affine frontend). Used by the packet path and the connect-time path alike. A subprogram
 /// of its own: its keys and values need not share the caller's 512-byte stack frame.
 #[inline(never)]
 pub fn lb_select_for_client(
@@ -127,7 +130,8 @@ fn affinity_eligible(frontend: &ServiceValue, b: &Backend) -> bool {
         && (b.flags & backend_flags::LOCAL != 0 || frontend.flags & flags::LOCAL_ONLY == 0)
 }
 
-/// Picks slot `1 + random % count` of `frontend` (looked up with `key`) and its backend.
+/// Picks slot `1 + random % count` of `frontend` (looked up with `key`; `out.tuple_hash`
+/// instead of a random number when set) and its backend.
 #[inline(always)]
 fn lb_pick_slot(key: &mut ServiceKey, frontend: &ServiceValue, out: &mut Chosen) -> Choice {
     if frontend.count == 0 {
@@ -137,9 +141,12 @@ fn lb_pick_slot(key: &mut ServiceKey, frontend: &ServiceValue, out: &mut Chosen)
             DropReason::NoEndpoints
         });
     }
-    // SAFETY: bpf_get_prandom_u32 has no preconditions.
-    let random = unsafe { bpf_get_prandom_u32() };
-    key.slot = (random % u32::from(frontend.count)) as u16 + 1;
+    let pick = match out.tuple_hash {
+        Some(hash) => hash,
+        // SAFETY: bpf_get_prandom_u32 has no preconditions.
+        None => unsafe { bpf_get_prandom_u32() },
+    };
+    key.slot = (pick % u32::from(frontend.count)) as u16 + 1;
     // SAFETY: copied out at once.
     let Some(slot) = (unsafe { SERVICES_V1.get(&*key) }).copied() else {
         return Choice::Drop(DropReason::BackendMissing);

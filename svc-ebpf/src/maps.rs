@@ -37,10 +37,16 @@ pub static SERVICES_V1: HashMap<ServiceKey, ServiceValue> =
 #[map]
 pub static BACKENDS_V1: HashMap<u32, Backend> = HashMap::with_max_entries(sizes::BACKENDS, 0);
 
-/// Connection table, forward and reply entries. Writer: the programs. See
-/// `svc_common::conntrack`.
+/// Connection table of answered flows, forward and reply entries. Writer: the programs
+/// (promotion from `CT_NEW_V1`). See `svc_common::conntrack`.
 #[map]
 pub static CT_V1: LruHashMap<CtKey, CtValue> = LruHashMap::with_max_entries(sizes::CT, 0);
+
+/// Connection table of flows nothing has answered yet (same key and value as `CT_V1`), so
+/// unanswered SYNs and datagrams never evict answered flows. Writer: the programs. See
+/// `svc_common::conntrack`.
+#[map]
+pub static CT_NEW_V1: LruHashMap<CtKey, CtValue> = LruHashMap::with_max_entries(sizes::CT_NEW, 0);
 
 /// `ClientIP` session affinity. Writer: the programs. See `svc_common::affinity`.
 #[map]

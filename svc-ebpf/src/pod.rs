@@ -2,32 +2,49 @@
 //!
 //! From a pod (ingress): parse (pulling only headers outside the linear part) -> count -> is
 //! the destination a frontend address at all (one lookup; no: passed) -> a flow we already
-//! translated keeps its backend (connection table) -> otherwise look the destination up as a
-//! service and choose a backend, remembering the choice -> rewrite the destination.
+//! translated keeps its backend (connection tables: answered flows, then unanswered ones) ->
+//! otherwise look the destination up as a service and choose a backend, remembering the choice
+//! -> rewrite the destination.
 //!
 //! To a pod (egress): is the source a backend address at all (one lookup; no: passed) -> a
-//! reply from a backend gets the service address back as its source.
+//! reply from a backend gets the service address back as its source (and the first reply of a
+//! flow moves it to the table of answered flows).
+//!
+//! Every packet that stays on its way, translated or not, continues the TCX chain
+//! ([`TCX_NEXT`]): other programs on the hook, and classic tc filters behind them, see it.
+//! Only a packet sent back out of the interface (hairpin, reject) or dropped ends it.
 
 use aya_ebpf::{
-    bindings::{TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT},
+    bindings::{TC_ACT_REDIRECT, TC_ACT_SHOT, TC_ACT_UNSPEC},
     helpers::{bpf_ktime_get_coarse_ns, bpf_redirect},
     programs::TcContext,
 };
 use svc_common::{
     addr::Addr,
     addrs::{AddrKey, addr_flags},
-    conntrack::{dir, state},
+    conntrack::{CtValue, dir, flow_hash, state},
+    net::ipproto,
     stats::{DropReason, PktCounter},
 };
 
 use crate::{
-    conntrack::{ct_backend_alive, ct_create, ct_key, ct_lookup, ct_syn_leaves_terminating},
+    conntrack::{
+        Table, ct_backend_alive, ct_create, ct_key, ct_lookup, ct_promote, ct_remove_pair,
+        ct_syn_leaves_terminating, ct_syn_opens_new, is_syn,
+    },
     icmp,
     lb::{Choice, Chosen, lb_backend, lb_frontend_key, lb_select_for_client},
     maps::ADDRS_V1,
     nat::{End, nat_rewrite},
-    parse, reject, stats,
+    parse::{self, tcp_flags},
+    reject, stats,
 };
+
+/// `TCX_NEXT` (`TC_ACT_UNSPEC`): the packet goes on to the hook's next program (then to classic
+/// tc filters, then on its way). What both programs return for every packet they let through,
+/// translated or not; `TC_ACT_OK` (`TCX_PASS`) would end the chain and hide pod traffic from
+/// every later program on the hook (see DESIGN.md, "Pins, restarts and take-over").
+pub const TCX_NEXT: i32 = TC_ACT_UNSPEC;
 
 /// Handles one packet from a pod. Returns the TC verdict.
 #[inline(always)]
@@ -40,13 +57,13 @@ pub fn from_pod(ctx: &TcContext) -> i32 {
     // Only a frontend address can have flows to translate (a new one, an established one, or
     // the reply leg of a hairpinned one, addressed to the VIP and the client's port).
     if !pkt.is_tcp_or_udp() || !addr_has(&pkt.dst, pkt.family, addr_flags::FRONTEND) {
-        return TC_ACT_OK;
+        return TCX_NEXT;
     }
     match to_service(ctx, &pkt) {
-        Outcome::NotService => TC_ACT_OK,
+        Outcome::NotService => TCX_NEXT,
         Outcome::Translated => {
             stats::count(PktCounter::Dnat, ctx.len());
-            TC_ACT_OK
+            TCX_NEXT
         }
         // Answered beside, not inside, the translation step: both need stack room.
         Outcome::Hairpin => {
@@ -78,6 +95,8 @@ struct Target {
     hairpin_reply: bool,
     frontend_id: u32,
     backend_id: u32,
+    /// A TCP packet that is not a SYN found no entry: chosen by a hash of its tuple.
+    midflow_miss: bool,
 }
 
 /// The service story of one packet: conntrack -> service -> backend -> rewrite. Each step is
@@ -93,14 +112,18 @@ fn to_service(ctx: &TcContext, pkt: &parse::Parsed) -> Outcome {
         hairpin_reply: false,
         frontend_id: 0,
         backend_id: 0,
+        midflow_miss: false,
     };
-    // 1. A flow already translated keeps its backend, as long as the backend exists (and, for
-    //    a SYN opening a new connection on a reused tuple, is not terminating).
+    // 1. A flow already translated keeps its backend, as long as the backend exists (and a SYN
+    //    opening a new connection on a reused tuple chooses again).
     if !established_backend(pkt, now, &mut target) {
         // 2. A new flow: is it for a service? Which backend? Remember the choice.
         match new_flow_backend(pkt, now, &mut target) {
             Outcome::Translated => {}
             other => return other,
+        }
+        if target.midflow_miss {
+            stats::count(PktCounter::CtMissMidflow, ctx.len());
         }
     }
     // 3. Count it, and send it there.
@@ -130,46 +153,73 @@ fn to_service(ctx: &TcContext, pkt: &parse::Parsed) -> Outcome {
     Outcome::Translated
 }
 
-/// The backend of an established flow whose backend still exists, into `target`.
+/// The backend of a tracked flow that may keep it, into `target`. Answered flows (`CT_V1`)
+/// first: an entry there that may not be kept (its backend is gone, or a SYN opens a new
+/// connection on its tuple) is removed with its pair, so the new flow's packets never meet
+/// it. Then flows nothing answered yet (`CT_NEW_V1`: a retransmitted SYN keeps its backend).
 #[inline(never)]
 fn established_backend(pkt: &parse::Parsed, now: u64, target: &mut Target) -> bool {
     let fwd = ct_key(pkt, dir::FORWARD);
-    let Some(e) = ct_lookup(&fwd, pkt, now) else {
-        return false;
-    };
-    if e.state & state::HAIRPIN_REPLY != 0 {
-        if lb_backend(e.backend_id).is_none() {
-            return false;
+    let mut e = CtValue::default();
+    if ct_lookup(Table::Answered, &fwd, pkt, now, &mut e) {
+        if may_keep(pkt, &e) {
+            set_target(target, &e);
+            return true;
         }
-        target.hairpin_reply = true;
-    } else {
-        let backend = lb_backend(e.backend_id);
-        if !ct_backend_alive(&e, backend) {
-            return false;
-        }
-        if backend.is_some_and(|b| ct_syn_leaves_terminating(pkt, &b)) {
-            return false;
-        }
+        ct_remove_pair(Table::Answered, &fwd, &e);
     }
+    if !ct_lookup(Table::Unanswered, &fwd, pkt, now, &mut e) || !may_keep(pkt, &e) {
+        return false;
+    }
+    if e.state & state::HAIRPIN_REPLY != 0 && pkt.tcp_flags & tcp_flags::RST == 0 {
+        // The pod answers itself through the service: its flow is answered.
+        ct_promote(&fwd, &e);
+    }
+    set_target(target, &e);
+    true
+}
+
+/// Whether the packet may go where entry `e` (matched by its forward key) says: the backend
+/// still exists, and the packet is not a SYN opening a new connection on the tuple (the old
+/// connection ended, or its backend is terminating).
+#[inline(always)]
+fn may_keep(pkt: &parse::Parsed, e: &CtValue) -> bool {
+    let backend = lb_backend(e.backend_id);
+    if e.state & state::HAIRPIN_REPLY != 0 {
+        return backend.is_some();
+    }
+    ct_backend_alive(e, backend)
+        && !ct_syn_opens_new(pkt, e)
+        && !backend.is_some_and(|b| ct_syn_leaves_terminating(pkt, &b))
+}
+
+#[inline(always)]
+fn set_target(target: &mut Target, e: &CtValue) {
+    target.hairpin_reply = e.state & state::HAIRPIN_REPLY != 0;
     target.addr = e.addr;
     target.port = e.port.0;
     target.frontend_id = e.frontend_id;
     target.backend_id = e.backend_id;
-    true
 }
 
 /// Chooses a backend for a new flow to a service and records the flow; `Translated` means
-/// `target` holds the backend.
+/// `target` holds the backend. A TCP packet that is not a SYN belongs to a connection whose
+/// entry was lost (evicted, expired, its backend gone): it chooses by a hash of its tuple, not
+/// at random, so with an unchanged set of backends it lands where its connection was.
 #[inline(never)]
 fn new_flow_backend(pkt: &parse::Parsed, now: u64, target: &mut Target) -> Outcome {
     let mut chosen = Chosen::default();
+    let midflow = pkt.proto == ipproto::TCP && !is_syn(pkt);
+    if midflow {
+        chosen.tuple_hash = Some(flow_hash(&ct_key(pkt, dir::FORWARD)));
+    }
     let mut key = lb_frontend_key(pkt);
     match lb_select_for_client(&mut key, &pkt.src, pkt.family, now, &mut chosen) {
         Choice::NotService => Outcome::NotService,
         Choice::Drop(reason) => Outcome::Drop(reason),
         Choice::Backend => {
-            let fwd = ct_key(pkt, dir::FORWARD);
-            if let Err(reason) = ct_create(pkt, &fwd, &chosen, now) {
+            target.midflow_miss = midflow;
+            if let Err(reason) = ct_create(pkt, &chosen, now) {
                 return Outcome::Drop(reason);
             }
             target.addr = chosen.backend.addr;
@@ -191,15 +241,15 @@ pub fn to_pod(ctx: &TcContext) -> i32 {
             Ok(Some((frontend_id, backend_id))) => {
                 stats::count(PktCounter::RevNat, ctx.len());
                 stats::count_translated(frontend_id, backend_id, ctx.len());
-                TC_ACT_OK
+                TCX_NEXT
             }
-            Ok(None) => TC_ACT_OK,
+            Ok(None) => TCX_NEXT,
             Err(()) => drop(ctx, DropReason::RewriteFailed),
         };
     }
     // Only a backend address can send replies to translate.
     if !pkt.is_tcp_or_udp() || !addr_has(&pkt.src, pkt.family, addr_flags::BACKEND) {
-        return TC_ACT_OK;
+        return TCX_NEXT;
     }
     reply_to_pod(ctx, &pkt)
 }
@@ -216,22 +266,30 @@ fn addr_has(addr: &Addr, family: u8, flag: u32) -> bool {
     unsafe { ADDRS_V1.get(&key) }.is_some_and(|v| v.flags & flag != 0)
 }
 
-/// A reply from a backend gets the service address back as its source. A subprogram of its
-/// own (its own stack frame, as the ICMP one has).
+/// A reply from a backend gets the service address back as its source; the first reply of a
+/// flow (not a reset: a refused connection is no answer) moves its pair to `CT_V1`. A
+/// subprogram of its own (its own stack frame, as the ICMP one has).
 #[inline(never)]
 fn reply_to_pod(ctx: &TcContext, pkt: &parse::Parsed) -> i32 {
     // Timeouts are seconds: the coarse clock (CLOCK_MONOTONIC at the last tick) is enough and
     // cheaper than reading the clock source. SAFETY: the helper has no preconditions.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
-    let Some(entry) = ct_lookup(&ct_key(pkt, dir::REPLY), pkt, now) else {
-        return TC_ACT_OK;
-    };
+    let key = ct_key(pkt, dir::REPLY);
+    let mut entry = CtValue::default();
+    if !ct_lookup(Table::Answered, &key, pkt, now, &mut entry) {
+        if !ct_lookup(Table::Unanswered, &key, pkt, now, &mut entry) {
+            return TCX_NEXT;
+        }
+        if pkt.tcp_flags & tcp_flags::RST == 0 {
+            ct_promote(&key, &entry);
+        }
+    }
     if nat_rewrite(ctx, pkt, End::Src, &entry.addr, entry.port.0).is_err() {
         return drop(ctx, DropReason::RewriteFailed);
     }
     stats::count(PktCounter::RevNat, ctx.len());
     stats::count_translated(entry.frontend_id, entry.backend_id, ctx.len());
-    TC_ACT_OK
+    TCX_NEXT
 }
 
 /// Sends the packet back out of the interface it came in on, to the pod, with the Ethernet

@@ -29,7 +29,10 @@ use crate::packets::describe;
 /// TC verdicts (`TC_ACT_*`) a program can return.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Verdict {
-    /// `TC_ACT_OK`: continue into the stack.
+    /// `TCX_NEXT` (`TC_ACT_UNSPEC`, -1): on to the hook's next program, then on its way. What
+    /// the pod programs return for every packet they let through, translated or not.
+    Next,
+    /// `TC_ACT_OK` (`TCX_PASS`): continue into the stack, ending the hook's chain.
     Ok,
     /// `TC_ACT_SHOT`: drop.
     Shot,
@@ -42,6 +45,7 @@ impl Verdict {
     #[must_use]
     pub const fn code(self) -> u32 {
         match self {
+            Self::Next => u32::MAX,
             Self::Ok => 0,
             Self::Shot => 2,
             Self::Redirect => 7,
@@ -97,7 +101,8 @@ pub struct Fixture {
 }
 
 impl Fixture {
-    /// A row for `program` that expects `input` to pass unchanged.
+    /// A row for `program` that expects `input` to pass unchanged, on to the hook's next
+    /// program (`TCX_NEXT`).
     #[must_use]
     pub fn passes(name: &str, program: &'static str, input: Vec<u8>) -> Self {
         Self {
@@ -105,7 +110,7 @@ impl Fixture {
             program,
             setup: None,
             input,
-            verdict: Verdict::Ok,
+            verdict: Verdict::Next,
             output: Expected::Unchanged,
             counters: Vec::new(),
             drops: Vec::new(),
@@ -115,7 +120,8 @@ impl Fixture {
         }
     }
 
-    /// A row for `program` that expects `input` to leave as `output`.
+    /// A row for `program` that expects `input` to leave as `output`, on to the hook's next
+    /// program (`TCX_NEXT`).
     #[must_use]
     pub fn rewrites(name: &str, program: &'static str, input: Vec<u8>, output: Vec<u8>) -> Self {
         Self {

@@ -666,6 +666,30 @@ impl Agent {
         )
     }
 
+    /// Like [`start`](Self::start) with other map sizes (`(flag, entries)`); a flag this agent
+    /// does not have is left out (so a test can run against an older agent).
+    pub fn start_sized(
+        binary: &Path,
+        node: &Node,
+        dir: &Path,
+        sizes: &[(&str, u32)],
+    ) -> anyhow::Result<Self> {
+        let mut known = Vec::new();
+        for (flag, value) in sizes {
+            if supports_flag(binary, flag)? {
+                known.push((*flag, *value));
+            }
+        }
+        let source = [OsStr::new("--from-dir"), dir.as_os_str()];
+        Self::start_with(
+            binary,
+            node,
+            &source,
+            format!("synced {}", dir.display()),
+            (&known, AGENT_START_TIMEOUT),
+        )
+    }
+
     /// Like [`start`](Self::start), but following the API server `kubeconfig` points at (see
     /// [`ApiServer::write_kubeconfig`](crate::apiserver::ApiServer::write_kubeconfig)).
     pub fn start_kube(binary: &Path, node: &Node, kubeconfig: &Path) -> anyhow::Result<Self> {

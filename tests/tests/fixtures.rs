@@ -74,10 +74,13 @@ fn row(name: &str, input: Vec<u8>) -> Fixture {
 
 #[path = "fixtures/clusterip.rs"]
 mod clusterip;
+#[path = "fixtures/conntrack.rs"]
+mod conntrack;
 
 fn table() -> Vec<Fixture> {
     let mut rows = parse_rows();
     rows.extend(clusterip::rows());
+    rows.extend(conntrack::rows());
     rows.extend(fragment_rows());
     rows.extend(malformed_rows());
     rows

@@ -114,6 +114,7 @@ pub struct AyaMaps {
     svc_stats: PerCpuHashMap<MapData, u32, Counter>,
     backend_stats: PerCpuHashMap<MapData, u32, Counter>,
     ct: BpfHashMap<MapData, CtKey, CtValue>,
+    ct_new: BpfHashMap<MapData, CtKey, CtValue>,
     affinity: BpfHashMap<MapData, AffinityKey, AffinityValue>,
     sock_pins: BpfHashMap<MapData, SockPinKey, SockPinValue>,
     names: BpfHashMap<MapData, u32, BackendName>,
@@ -122,6 +123,7 @@ pub struct AyaMaps {
     /// Entries `CT_V1`, `AFFINITY_V1` and `SOCK_UDP_PIN_V1` hold at most: the bound of one pass
     /// over each.
     ct_max: usize,
+    ct_new_max: usize,
     affinity_max: usize,
     sock_pins_max: usize,
 }
@@ -134,6 +136,7 @@ impl AyaMaps {
         let (backends, be_max) = take_hash(ebpf, "BACKENDS_V1")?;
         let (addrs, _) = take_hash(ebpf, "ADDRS_V1")?;
         let (ct, ct_max) = take_hash(ebpf, "CT_V1")?;
+        let (ct_new, ct_new_max) = take_hash(ebpf, "CT_NEW_V1")?;
         let (affinity, affinity_max) = take_hash(ebpf, "AFFINITY_V1")?;
         let (sock_pins, sock_pins_max) = take_hash(ebpf, "SOCK_UDP_PIN_V1")?;
         let (names, _) = take_hash(ebpf, "BACKEND_NAMES_V1")?;
@@ -151,6 +154,7 @@ impl AyaMaps {
             svc_stats: take_stats(ebpf, "SVC_STATS_V1")?,
             backend_stats: take_stats(ebpf, "BACKEND_STATS_V1")?,
             ct: BpfHashMap::try_from(ct).context("CT_V1")?,
+            ct_new: BpfHashMap::try_from(ct_new).context("CT_NEW_V1")?,
             affinity: BpfHashMap::try_from(affinity).context("AFFINITY_V1")?,
             sock_pins: BpfHashMap::try_from(sock_pins).context("SOCK_UDP_PIN_V1")?,
             names: BpfHashMap::try_from(names).context("BACKEND_NAMES_V1")?,
@@ -164,6 +168,7 @@ impl AyaMaps {
                 backends: be_max,
             },
             ct_max: usize::try_from(ct_max).context("CT_V1 size")?,
+            ct_new_max: usize::try_from(ct_new_max).context("CT_NEW_V1 size")?,
             affinity_max: usize::try_from(affinity_max).context("AFFINITY_V1 size")?,
             sock_pins_max: usize::try_from(sock_pins_max).context("SOCK_UDP_PIN_V1 size")?,
         })
@@ -259,22 +264,41 @@ impl DatapathMaps for AyaMaps {
         self.cap
     }
     fn clear_udp_flows(&mut self, stale: &StaleFlows) -> anyhow::Result<Sweep> {
-        sweep(
+        let answered = sweep(
             &mut AyaTable(&mut self.ct),
             self.ct_max,
             |k, v| stale.matches_ct(k, v) && is_flow(k, v),
             is_flow,
         )
-        .context("clearing CT_V1")
+        .context("clearing CT_V1")?;
+        // Flows nothing answered yet (a datagram whose backend never replied) live in
+        // CT_NEW_V1 until their first answer; their reply entries wait too (a first answer
+        // may be on its way).
+        let unanswered = sweep(
+            &mut AyaTable(&mut self.ct_new),
+            self.ct_new_max,
+            |k, v| stale.matches_ct(k, v) && is_flow(k, v),
+            is_flow,
+        )
+        .context("clearing CT_NEW_V1")?;
+        Ok(answered.plus(unanswered))
     }
     fn clear_udp_replies(&mut self, stale: &StaleFlows) -> anyhow::Result<Sweep> {
-        sweep(
+        let answered = sweep(
             &mut AyaTable(&mut self.ct),
             self.ct_max,
             |k, v| stale.matches_ct(k, v) && is_reply(k, v),
             |_, _| false,
         )
-        .context("clearing CT_V1's reply entries")
+        .context("clearing CT_V1's reply entries")?;
+        let unanswered = sweep(
+            &mut AyaTable(&mut self.ct_new),
+            self.ct_new_max,
+            |k, v| stale.matches_ct(k, v) && is_reply(k, v),
+            |_, _| false,
+        )
+        .context("clearing CT_NEW_V1's reply entries")?;
+        Ok(answered.plus(unanswered))
     }
     fn clear_affinity(&mut self, stale: &StaleFlows) -> anyhow::Result<Sweep> {
         sweep(

@@ -209,6 +209,19 @@ pub struct Sweep {
     pub truncated: bool,
 }
 
+impl Sweep {
+    /// Two passes (over two tables) as one.
+    #[must_use]
+    pub fn plus(self, other: Self) -> Self {
+        Self {
+            visited: self.visited + other.visited,
+            deleted: self.deleted + other.deleted,
+            flows: self.flows + other.flows,
+            truncated: self.truncated || other.truncated,
+        }
+    }
+}
+
 /// A table a pass reads and deletes from: the real maps, or a test's.
 pub trait FlowTable<K, V> {
     /// What a failed read or delete reports.

@@ -8,6 +8,7 @@ pub(crate) mod batch;
 pub mod flows;
 pub mod ids;
 pub mod names;
+pub mod pressure;
 pub mod render;
 
 pub use apply::{AyaMaps, Cleared, DatapathMaps, ReconcileReport, Reconciler};

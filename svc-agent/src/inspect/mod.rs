@@ -16,6 +16,8 @@ use svc_common::{
 
 use crate::{datapath::names, loader::pin_dir, pins};
 
+pub mod ct;
+
 fn open_pinned(bpffs: &Path, name: &str) -> anyhow::Result<MapData> {
     let path = pin_dir(bpffs).join(name);
     MapData::from_pin(&path).with_context(|| {
