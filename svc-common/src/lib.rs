@@ -18,6 +18,7 @@ pub mod addrs;
 pub mod affinity;
 pub mod conntrack;
 pub mod csum;
+pub mod frag;
 pub mod net;
 pub mod service;
 pub mod sock;
@@ -44,6 +45,7 @@ pub const MAP_NAMES: &[&str] = &[
     "SOCK_UDP_PIN_V1",
     "ADDRS_V1",
     "BACKEND_NAMES_V1",
+    "FRAG_V1",
 ];
 
 /// Default map sizes (the agent's flags override them at load time).

@@ -93,6 +93,18 @@ pub mod tcp_flags {
     pub const ACK: u8 = 0x10;
 }
 
+/// Fragment kinds (`Parsed::frag`).
+pub mod frag {
+    /// Not a fragment, or a fragment this datapath does not handle (a first fragment without a
+    /// complete TCP/UDP header).
+    pub const NONE: u8 = 0;
+    /// The first fragment of a TCP/UDP datagram (offset 0, more to come): it has the ports and
+    /// is translated like a whole packet; its later fragments follow it (`FRAG_V1`).
+    pub const FIRST: u8 = 1;
+    /// A later fragment (offset > 0): no transport header.
+    pub const LATER: u8 = 2;
+}
+
 /// What the parser found.
 #[derive(Clone, Copy)]
 pub struct Parsed {
@@ -116,6 +128,14 @@ pub struct Parsed {
     pub dport: u16,
     /// TCP flags byte; 0 otherwise.
     pub tcp_flags: u8,
+    /// [`frag`] kind.
+    pub frag: u8,
+    /// The IP identification of a fragment (IPv4: 16 bits zero-extended, IPv6: the fragment
+    /// header's 32 bits), raw as in the packet; 0 when not a fragment.
+    pub frag_id: u32,
+    /// Offset of the end of the IP packet from the start of the frame (the IP length says,
+    /// or the frame's length for a BIG TCP packet whose IP length is 0).
+    pub ip_end: usize,
 }
 
 impl Parsed {
@@ -143,12 +163,37 @@ impl Parsed {
             sport: 0,
             dport: 0,
             tcp_flags: 0,
+            frag: frag::NONE,
+            frag_id: 0,
+            ip_end: 0,
         }
     }
 
-    /// Whether this is a complete, unfragmented TCP or UDP packet: the ones services translate.
+    /// Whether this is a TCP or UDP packet with a complete header, unfragmented or the first
+    /// fragment of its datagram: the ones services translate.
     pub fn is_tcp_or_udp(&self) -> bool {
-        matches!(self.l4, Some(PktCounter::Tcp | PktCounter::Udp))
+        matches!(self.l4, Some(PktCounter::Tcp | PktCounter::Udp)) || self.frag == frag::FIRST
+    }
+
+    /// Marks a fragment: a first one whose transport header `l4` is complete TCP/UDP becomes
+    /// [`frag::FIRST`], any later one [`frag::LATER`]; the counter is `Fragment` either way.
+    const fn fragment(mut self, first: bool, l4: PktCounter, id: u32, ip_end: usize) -> Self {
+        self.l4 = Some(PktCounter::Fragment);
+        self.frag = if !first {
+            frag::LATER
+        } else if matches!(l4, PktCounter::Tcp | PktCounter::Udp) {
+            frag::FIRST
+        } else {
+            frag::NONE
+        };
+        self.frag_id = id;
+        self.ip_end = ip_end;
+        self
+    }
+
+    const fn ending_at(mut self, ip_end: usize) -> Self {
+        self.ip_end = ip_end;
+        self
     }
 
     /// Reads the ports (and TCP flags) of a complete TCP/UDP header.
@@ -198,7 +243,12 @@ fn parse_ipv4(ctx: &TcContext) -> Parsed {
     // SAFETY: `ptr_at` checked the fixed header is inside the packet.
     let ip = unsafe { &*ip };
     let ihl = usize::from(ip.vihl & 0x0f) * 4;
-    let tot_len = usize::from(u16::from_be_bytes(ip.tot_len));
+    let tot_len = match usize::from(u16::from_be_bytes(ip.tot_len)) {
+        // BIG TCP: a GSO packet longer than 64 KiB carries total length 0; its length is the
+        // packet's (the kernel's `iph_totlen`). `ptr_at` checked the frame holds the header.
+        0 => ctx.len() as usize - ETH_HLEN,
+        n => n,
+    };
     if ip.vihl >> 4 != 4
         || ihl < Ipv4Hdr::LEN
         || tot_len < ihl
@@ -208,14 +258,15 @@ fn parse_ipv4(ctx: &TcContext) -> Parsed {
     }
     let l4_off = ETH_HLEN + ihl;
     let ip_end = ETH_HLEN + tot_len;
-    // More-fragments flag or a non-zero offset: the transport header is not (all) here.
-    let l4 = if u16::from_be_bytes(ip.frags) & 0x3fff != 0 {
-        PktCounter::Fragment
-    } else {
+    let frags = u16::from_be_bytes(ip.frags);
+    // Only a first fragment (offset 0) has a transport header, later ones have none.
+    let l4 = if frags & 0x1fff == 0 {
         classify_l4(ctx, ip.proto, l4_off, ip_end)
+    } else {
+        PktCounter::Fragment
     };
     let (src, dst) = (from_v4(ip.src_addr), from_v4(ip.dst_addr));
-    Parsed::ip(
+    let pkt = Parsed::ip(
         PktCounter::Ipv4,
         Some(l4),
         FAMILY_V4,
@@ -223,8 +274,15 @@ fn parse_ipv4(ctx: &TcContext) -> Parsed {
         l4_off,
         src,
         dst,
-    )
-    .with_ports(ctx)
+    );
+    // More-fragments flag or a non-zero offset: a fragment.
+    let pkt = if frags & 0x3fff == 0 {
+        pkt.ending_at(ip_end)
+    } else {
+        let id = u32::from(u16::from_ne_bytes(ip.id));
+        pkt.fragment(frags & 0x1fff == 0, l4, id, ip_end)
+    };
+    pkt.with_ports(ctx)
 }
 
 #[inline(always)]
@@ -234,13 +292,21 @@ fn parse_ipv6(ctx: &TcContext) -> Parsed {
     };
     // SAFETY: `ptr_at` checked the fixed header is inside the packet.
     let ip = unsafe { &*ip };
-    let ip_end = ETH_HLEN + Ipv6Hdr::LEN + usize::from(u16::from_be_bytes(ip.payload_len));
+    let ip_end = match usize::from(u16::from_be_bytes(ip.payload_len)) {
+        // BIG TCP: a GSO packet longer than 64 KiB carries payload length 0 (and, before Linux
+        // 6.17 removed it, a hop-by-hop Jumbo Payload option, which the walk below skips); its
+        // length is the packet's.
+        0 => ctx.len() as usize,
+        n => ETH_HLEN + Ipv6Hdr::LEN + n,
+    };
     if ip.vcf[0] >> 4 != 6 || ip_end > ctx.len() as usize {
         return Parsed::l3_only(PktCounter::MalformedIp);
     }
     let mut next = ip.next_hdr;
     let mut off = ETH_HLEN + Ipv6Hdr::LEN;
     let mut l4 = None;
+    // A fragment header: (first fragment?, identification).
+    let mut fragment: Option<(bool, u32)> = None;
     for _ in 0..MAX_IPV6_EXT {
         match next {
             ipproto::HOPOPTS | ipproto::ROUTING | ipproto::DSTOPTS => {
@@ -254,8 +320,22 @@ fn parse_ipv6(ctx: &TcContext) -> Parsed {
                 off += (usize::from(len) + 1) * 8;
             }
             ipproto::FRAGMENT => {
-                l4 = Some(PktCounter::Fragment);
-                break;
+                // Next header, reserved, offset (13 bits) and flags, identification.
+                let Some(h) = ptr_at::<[u8; 8]>(ctx, off) else {
+                    l4 = Some(PktCounter::MalformedL4);
+                    break;
+                };
+                // SAFETY: `ptr_at` checked the header is inside the packet.
+                let h = unsafe { *h };
+                next = h[0];
+                off += 8;
+                let first = u16::from_be_bytes([h[2], h[3]]) >> 3 == 0;
+                fragment = Some((first, u32::from_ne_bytes([h[4], h[5], h[6], h[7]])));
+                if !first {
+                    // Only a first fragment has the transport header.
+                    l4 = Some(PktCounter::Fragment);
+                    break;
+                }
             }
             _ => {
                 l4 = Some(classify_l4(ctx, next, off, ip_end));
@@ -265,7 +345,12 @@ fn parse_ipv6(ctx: &TcContext) -> Parsed {
     }
     let l4 = l4.unwrap_or(PktCounter::Ipv6ExtTooLong);
     let (src, dst) = (ip.src_addr, ip.dst_addr);
-    Parsed::ip(PktCounter::Ipv6, Some(l4), FAMILY_V6, next, off, src, dst).with_ports(ctx)
+    let pkt = Parsed::ip(PktCounter::Ipv6, Some(l4), FAMILY_V6, next, off, src, dst);
+    let pkt = match fragment {
+        None => pkt.ending_at(ip_end),
+        Some((first, id)) => pkt.fragment(first, l4, id, ip_end),
+    };
+    pkt.with_ports(ctx)
 }
 
 /// Checks the transport header at `off` is complete (inside the packet and inside the IP

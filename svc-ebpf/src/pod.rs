@@ -17,11 +17,13 @@ use svc_common::{
     addr::Addr,
     addrs::{AddrKey, addr_flags},
     conntrack::{dir, state},
+    frag::frag_flags,
     stats::{DropReason, PktCounter},
 };
 
 use crate::{
     conntrack::{ct_backend_alive, ct_create, ct_key, ct_lookup, ct_syn_leaves_terminating},
+    frag::{frag_follow, frag_remember},
     icmp,
     lb::{Choice, Chosen, lb_backend, lb_frontend_key, lb_select_for_client},
     maps::ADDRS_V1,
@@ -37,20 +39,28 @@ pub fn from_pod(ctx: &TcContext) -> i32 {
     if let Some(l4) = pkt.l4 {
         stats::count(l4, ctx.len());
     }
+    if pkt.frag == parse::frag::LATER {
+        return later_fragment(ctx, &pkt, &pkt.dst, addr_flags::FRONTEND, PktCounter::Dnat);
+    }
     // Only a frontend address can have flows to translate (a new one, an established one, or
     // the reply leg of a hairpinned one, addressed to the VIP and the client's port).
-    if !pkt.is_tcp_or_udp() || !addr_has(&pkt.dst, pkt.family, addr_flags::FRONTEND) {
+    let flags = addr_flags_of(&pkt.dst, pkt.family);
+    if !pkt.is_tcp_or_udp() || flags & addr_flags::FRONTEND == 0 {
         return TC_ACT_OK;
     }
     match to_service(ctx, &pkt) {
+        // A ClusterIP on a port its Service does not have (and no flow of ours).
+        Outcome::NotService if flags & addr_flags::CLUSTER_IP != 0 => reject_unlisted(ctx, &pkt),
         Outcome::NotService => TC_ACT_OK,
         Outcome::Translated => {
             stats::count(PktCounter::Dnat, ctx.len());
+            frag_remember(ctx, &pkt, 0);
             TC_ACT_OK
         }
         // Answered beside, not inside, the translation step: both need stack room.
         Outcome::Hairpin => {
             stats::count(PktCounter::Dnat, ctx.len());
+            frag_remember(ctx, &pkt, frag_flags::HAIRPIN);
             bounce(ctx)
         }
         Outcome::Drop(DropReason::NoEndpoints) => reject_or_drop(ctx, &pkt),
@@ -185,6 +195,9 @@ fn new_flow_backend(pkt: &parse::Parsed, now: u64, target: &mut Target) -> Outco
 #[inline(always)]
 pub fn to_pod(ctx: &TcContext) -> i32 {
     let pkt = parse::parse_pulled(ctx, true);
+    if pkt.frag == parse::frag::LATER {
+        return later_fragment(ctx, &pkt, &pkt.src, addr_flags::BACKEND, PktCounter::RevNat);
+    }
     if matches!(pkt.l4, Some(PktCounter::Icmp | PktCounter::Icmpv6)) {
         // An ICMP error about a translated flow: its quote must name the VIP again.
         return match icmp::icmp_error_to_pod(ctx, &pkt) {
@@ -207,13 +220,50 @@ pub fn to_pod(ctx: &TcContext) -> i32 {
 /// Whether `addr` is a frontend or backend address (`flag`), per `ADDRS_V1`.
 #[inline(always)]
 fn addr_has(addr: &Addr, family: u8, flag: u32) -> bool {
+    addr_flags_of(addr, family) & flag != 0
+}
+
+/// The `ADDRS_V1` flags of `addr` (0: neither frontend nor backend).
+#[inline(always)]
+fn addr_flags_of(addr: &Addr, family: u8) -> u32 {
     let key = AddrKey {
         addr: *addr,
         family,
         _pad: [0; 3],
     };
     // SAFETY: the value is read at once.
-    unsafe { ADDRS_V1.get(&key) }.is_some_and(|v| v.flags & flag != 0)
+    unsafe { ADDRS_V1.get(&key) }.map_or(0, |v| v.flags)
+}
+
+/// A later fragment (no ports) whose `addr` (the destination from a pod, the source to a pod)
+/// has `flag`: gets the addresses its first fragment was given, counted as `counter`; a
+/// hairpinned one goes back to the pod. Unknown datagrams pass untranslated, counted.
+#[inline(always)]
+fn later_fragment(
+    ctx: &TcContext,
+    pkt: &parse::Parsed,
+    addr: &Addr,
+    flag: u32,
+    counter: PktCounter,
+) -> i32 {
+    if !addr_has(addr, pkt.family, flag) {
+        return TC_ACT_OK;
+    }
+    match frag_follow(ctx, pkt) {
+        Ok(Some(flags)) => {
+            stats::count(counter, ctx.len());
+            if flags & frag_flags::HAIRPIN != 0 {
+                bounce(ctx)
+            } else {
+                TC_ACT_OK
+            }
+        }
+        Ok(None) => {
+            stats::count(PktCounter::FragUntracked, ctx.len());
+            TC_ACT_OK
+        }
+        Err(()) => drop(ctx, DropReason::RewriteFailed),
+    }
 }
 
 /// A reply from a backend gets the service address back as its source. A subprogram of its
@@ -229,6 +279,7 @@ fn reply_to_pod(ctx: &TcContext, pkt: &parse::Parsed) -> i32 {
     if nat_rewrite(ctx, pkt, End::Src, &entry.addr, entry.port.0).is_err() {
         return drop(ctx, DropReason::RewriteFailed);
     }
+    frag_remember(ctx, pkt, 0);
     stats::count(PktCounter::RevNat, ctx.len());
     stats::count_translated(entry.frontend_id, entry.backend_id, ctx.len());
     TC_ACT_OK
@@ -263,6 +314,20 @@ fn reject_or_drop(ctx: &TcContext, pkt: &parse::Parsed) -> i32 {
         TC_ACT_REDIRECT
     } else {
         drop(ctx, DropReason::NoEndpoints)
+    }
+}
+
+/// A TCP/UDP packet to a `ClusterIP` on a port (and protocol) its Service does not have:
+/// answered at once with a reset or port unreachable, as kube-proxy does, else dropped.
+#[inline(always)]
+fn reject_unlisted(ctx: &TcContext, pkt: &parse::Parsed) -> i32 {
+    let len = ctx.len();
+    if reject::reject(ctx, pkt).is_ok() {
+        stats::count(PktCounter::Rejected, len);
+        stats::count(PktCounter::UnlistedPort, len);
+        TC_ACT_REDIRECT
+    } else {
+        drop(ctx, DropReason::UnlistedPort)
     }
 }
 
