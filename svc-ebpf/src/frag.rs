@@ -16,20 +16,20 @@ use svc_common::{
 
 use crate::{
     maps::FRAG_V1,
-    parse::{ETH_HLEN, Parsed, frag, ptr_at},
+    parse::{ETH_HLEN, Parsed, frag, frag_id, ptr_at},
 };
 
 /// The datagram a fragment belongs to, by the addresses it arrived with.
 #[inline(always)]
-fn frag_key(pkt: &Parsed) -> FragKey {
-    FragKey {
+fn frag_key(ctx: &TcContext, pkt: &Parsed) -> Option<FragKey> {
+    Some(FragKey {
         src: pkt.src,
         dst: pkt.dst,
-        id: pkt.frag_id,
+        id: frag_id(ctx, pkt)?,
         proto: pkt.proto,
         family: pkt.family,
         _pad: [0; 2],
-    }
+    })
 }
 
 /// After a first fragment was translated (the packet holds its new addresses): remembers
@@ -41,7 +41,8 @@ pub fn frag_remember(ctx: &TcContext, pkt: &Parsed, flags: u32) {
     if pkt.frag != frag::FIRST {
         return;
     }
-    let Some((src, dst)) = packet_addrs(ctx, pkt.family) else {
+    // The key first: the addresses are read after the translation rewrote them.
+    let (Some(key), Some((src, dst))) = (frag_key(ctx, pkt), packet_addrs(ctx, pkt.family)) else {
         return;
     };
     let value = FragValue {
@@ -52,7 +53,7 @@ pub fn frag_remember(ctx: &TcContext, pkt: &Parsed, flags: u32) {
         flags,
         _pad: 0,
     };
-    let _ = FRAG_V1.insert(&frag_key(pkt), &value, 0);
+    let _ = FRAG_V1.insert(&key, &value, 0);
 }
 
 /// A later fragment: gives it the addresses its first fragment left with. `Ok(Some(flags))`
@@ -60,8 +61,9 @@ pub fn frag_remember(ctx: &TcContext, pkt: &Parsed, flags: u32) {
 /// seen, not translated, or too long ago).
 #[inline(never)]
 pub fn frag_follow(ctx: &TcContext, pkt: &Parsed) -> Result<Option<u32>, ()> {
+    let key = frag_key(ctx, pkt).ok_or(())?;
     // SAFETY: copied out at once.
-    let Some(v) = (unsafe { FRAG_V1.get(&frag_key(pkt)) }).copied() else {
+    let Some(v) = (unsafe { FRAG_V1.get(&key) }).copied() else {
         return Ok(None);
     };
     // SAFETY: the helper has no preconditions.

@@ -15,7 +15,7 @@ use network_types::{
     udp::UdpHdr,
 };
 use svc_common::{
-    addr::{Addr, FAMILY_V4, FAMILY_V6, from_v4},
+    addr::{Addr, FAMILY_V4, FAMILY_V6},
     net::{ETH_P_IP, ETH_P_IPV6, ipproto},
     stats::PktCounter,
 };
@@ -128,14 +128,9 @@ pub struct Parsed {
     pub dport: u16,
     /// TCP flags byte; 0 otherwise.
     pub tcp_flags: u8,
-    /// [`frag`] kind.
+    /// [`frag`] kind. (Its IP identification is read from the packet when needed, see
+    /// [`frag_id`]: every byte of this struct costs stack in every program.)
     pub frag: u8,
-    /// The IP identification of a fragment (IPv4: 16 bits zero-extended, IPv6: the fragment
-    /// header's 32 bits), raw as in the packet; 0 when not a fragment.
-    pub frag_id: u32,
-    /// Offset of the end of the IP packet from the start of the frame (the IP length says,
-    /// or the frame's length for a BIG TCP packet whose IP length is 0).
-    pub ip_end: usize,
 }
 
 impl Parsed {
@@ -164,8 +159,6 @@ impl Parsed {
             dport: 0,
             tcp_flags: 0,
             frag: frag::NONE,
-            frag_id: 0,
-            ip_end: 0,
         }
     }
 
@@ -175,32 +168,25 @@ impl Parsed {
         matches!(self.l4, Some(PktCounter::Tcp | PktCounter::Udp)) || self.frag == frag::FIRST
     }
 
-    /// Marks a fragment: a first one whose transport header `l4` is complete TCP/UDP becomes
+    /// Marks a fragment: a first one whose transport header is complete TCP/UDP becomes
     /// [`frag::FIRST`], any later one [`frag::LATER`]; the counter is `Fragment` either way.
-    const fn fragment(mut self, first: bool, l4: PktCounter, id: u32, ip_end: usize) -> Self {
-        self.l4 = Some(PktCounter::Fragment);
+    #[inline(always)]
+    fn mark_fragment(&mut self, first: bool) {
         self.frag = if !first {
             frag::LATER
-        } else if matches!(l4, PktCounter::Tcp | PktCounter::Udp) {
+        } else if self.is_tcp_or_udp() {
             frag::FIRST
         } else {
             frag::NONE
         };
-        self.frag_id = id;
-        self.ip_end = ip_end;
-        self
-    }
-
-    const fn ending_at(mut self, ip_end: usize) -> Self {
-        self.ip_end = ip_end;
-        self
+        self.l4 = Some(PktCounter::Fragment);
     }
 
     /// Reads the ports (and TCP flags) of a complete TCP/UDP header.
     #[inline(always)]
-    fn with_ports(mut self, ctx: &TcContext) -> Self {
+    fn read_ports(&mut self, ctx: &TcContext) {
         if !self.is_tcp_or_udp() {
-            return self;
+            return;
         }
         if let Some(ports) = ptr_at::<[u16; 2]>(ctx, self.l4_off) {
             // SAFETY: `ptr_at` checked both ports are inside the packet.
@@ -214,7 +200,6 @@ impl Parsed {
             // SAFETY: `ptr_at` checked the byte is inside the packet.
             self.tcp_flags = unsafe { *flags };
         }
-        self
     }
 }
 
@@ -265,8 +250,12 @@ fn parse_ipv4(ctx: &TcContext) -> Parsed {
     } else {
         PktCounter::Fragment
     };
-    let (src, dst) = (from_v4(ip.src_addr), from_v4(ip.dst_addr));
-    let pkt = Parsed::ip(
+    // Both addresses as two 32-bit loads, not eight byte loads the compiler keeps in eight
+    // stack slots across the transport checks.
+    // SAFETY: `ip` points at a whole header inside the packet; the read may be unaligned.
+    let [src, dst] = unsafe { ip.src_addr.as_ptr().cast::<[u32; 2]>().read_unaligned() };
+    let (src, dst) = (addr_from_word(src), addr_from_word(dst));
+    let mut pkt = Parsed::ip(
         PktCounter::Ipv4,
         Some(l4),
         FAMILY_V4,
@@ -276,13 +265,46 @@ fn parse_ipv4(ctx: &TcContext) -> Parsed {
         dst,
     );
     // More-fragments flag or a non-zero offset: a fragment.
-    let pkt = if frags & 0x3fff == 0 {
-        pkt.ending_at(ip_end)
+    if frags & 0x3fff != 0 {
+        pkt.mark_fragment(frags & 0x1fff == 0);
+    }
+    pkt.read_ports(ctx);
+    pkt
+}
+
+/// The IP identification of a fragment (IPv4: 16 bits zero-extended, IPv6: the fragment
+/// header's 32 bits, which end where the transport part starts), raw as in the packet. Read
+/// with a helper: a load before a variable offset is more than the verifier follows.
+#[inline(always)]
+pub fn frag_id(ctx: &TcContext, pkt: &Parsed) -> Option<u32> {
+    if pkt.family == FAMILY_V4 {
+        ctx.load::<u16>(ETH_HLEN + 4).ok().map(u32::from)
     } else {
-        let id = u32::from(u16::from_ne_bytes(ip.id));
-        pkt.fragment(frags & 0x1fff == 0, l4, id, ip_end)
+        ctx.load::<u32>(pkt.l4_off.checked_sub(4)?).ok()
+    }
+}
+
+/// The end of the IP packet (offset from the start of the frame): as its length says, or the
+/// frame's end for a BIG TCP packet whose length is 0.
+#[inline(always)]
+pub fn ip_end(ctx: &TcContext, pkt: &Parsed) -> Option<usize> {
+    let (len, hdr) = if pkt.family == FAMILY_V4 {
+        (ctx.load::<[u8; 2]>(ETH_HLEN + 2).ok()?, 0)
+    } else {
+        (ctx.load::<[u8; 2]>(ETH_HLEN + 4).ok()?, Ipv6Hdr::LEN)
     };
-    pkt.with_ports(ctx)
+    Some(match usize::from(u16::from_be_bytes(len)) {
+        0 => ctx.len() as usize,
+        n => ETH_HLEN + hdr + n,
+    })
+}
+
+/// An IPv4 address (one word, network order) in [`Addr`] form.
+#[inline(always)]
+fn addr_from_word(w: u32) -> Addr {
+    let mut a = [0u8; 16];
+    a[..4].copy_from_slice(&w.to_ne_bytes());
+    a
 }
 
 #[inline(always)]
@@ -305,8 +327,8 @@ fn parse_ipv6(ctx: &TcContext) -> Parsed {
     let mut next = ip.next_hdr;
     let mut off = ETH_HLEN + Ipv6Hdr::LEN;
     let mut l4 = None;
-    // A fragment header: (first fragment?, identification).
-    let mut fragment: Option<(bool, u32)> = None;
+    // A fragment header: its kind (`frag`).
+    let mut kind = frag::NONE;
     for _ in 0..MAX_IPV6_EXT {
         match next {
             ipproto::HOPOPTS | ipproto::ROUTING | ipproto::DSTOPTS => {
@@ -320,7 +342,8 @@ fn parse_ipv6(ctx: &TcContext) -> Parsed {
                 off += (usize::from(len) + 1) * 8;
             }
             ipproto::FRAGMENT => {
-                // Next header, reserved, offset (13 bits) and flags, identification.
+                // Next header, reserved, offset (13 bits) and flags, identification. Only a
+                // first fragment (offset 0) has the transport header, right after this one.
                 let Some(h) = ptr_at::<[u8; 8]>(ctx, off) else {
                     l4 = Some(PktCounter::MalformedL4);
                     break;
@@ -329,13 +352,14 @@ fn parse_ipv6(ctx: &TcContext) -> Parsed {
                 let h = unsafe { *h };
                 next = h[0];
                 off += 8;
-                let first = u16::from_be_bytes([h[2], h[3]]) >> 3 == 0;
-                fragment = Some((first, u32::from_ne_bytes([h[4], h[5], h[6], h[7]])));
-                if !first {
-                    // Only a first fragment has the transport header.
-                    l4 = Some(PktCounter::Fragment);
-                    break;
-                }
+                l4 = Some(if u16::from_be_bytes([h[2], h[3]]) >> 3 == 0 {
+                    kind = frag::FIRST;
+                    classify_l4(ctx, next, off, ip_end)
+                } else {
+                    kind = frag::LATER;
+                    PktCounter::Fragment
+                });
+                break;
             }
             _ => {
                 l4 = Some(classify_l4(ctx, next, off, ip_end));
@@ -345,12 +369,12 @@ fn parse_ipv6(ctx: &TcContext) -> Parsed {
     }
     let l4 = l4.unwrap_or(PktCounter::Ipv6ExtTooLong);
     let (src, dst) = (ip.src_addr, ip.dst_addr);
-    let pkt = Parsed::ip(PktCounter::Ipv6, Some(l4), FAMILY_V6, next, off, src, dst);
-    let pkt = match fragment {
-        None => pkt.ending_at(ip_end),
-        Some((first, id)) => pkt.fragment(first, l4, id, ip_end),
-    };
-    pkt.with_ports(ctx)
+    let mut pkt = Parsed::ip(PktCounter::Ipv6, Some(l4), FAMILY_V6, next, off, src, dst);
+    if kind != frag::NONE {
+        pkt.mark_fragment(kind == frag::FIRST);
+    }
+    pkt.read_ports(ctx);
+    pkt
 }
 
 /// Checks the transport header at `off` is complete (inside the packet and inside the IP

@@ -44,14 +44,12 @@ pub fn from_pod(ctx: &TcContext) -> i32 {
     }
     // Only a frontend address can have flows to translate (a new one, an established one, or
     // the reply leg of a hairpinned one, addressed to the VIP and the client's port).
-    let flags = addr_flags_of(&pkt.dst, pkt.family);
-    if !pkt.is_tcp_or_udp() || flags & addr_flags::FRONTEND == 0 {
+    if !pkt.is_tcp_or_udp() || !addr_has(&pkt.dst, pkt.family, addr_flags::FRONTEND) {
         return TC_ACT_OK;
     }
     match to_service(ctx, &pkt) {
         // A ClusterIP on a port its Service does not have (and no flow of ours).
-        Outcome::NotService if flags & addr_flags::CLUSTER_IP != 0 => reject_unlisted(ctx, &pkt),
-        Outcome::NotService => TC_ACT_OK,
+        Outcome::NotService => reject_unlisted(ctx, &pkt),
         Outcome::Translated => {
             stats::count(PktCounter::Dnat, ctx.len());
             frag_remember(ctx, &pkt, 0);
@@ -237,8 +235,9 @@ fn addr_flags_of(addr: &Addr, family: u8) -> u32 {
 
 /// A later fragment (no ports) whose `addr` (the destination from a pod, the source to a pod)
 /// has `flag`: gets the addresses its first fragment was given, counted as `counter`; a
-/// hairpinned one goes back to the pod. Unknown datagrams pass untranslated, counted.
-#[inline(always)]
+/// hairpinned one goes back to the pod. Unknown datagrams pass untranslated, counted. A
+/// subprogram of its own (its own stack frame).
+#[inline(never)]
 fn later_fragment(
     ctx: &TcContext,
     pkt: &parse::Parsed,
@@ -317,10 +316,17 @@ fn reject_or_drop(ctx: &TcContext, pkt: &parse::Parsed) -> i32 {
     }
 }
 
-/// A TCP/UDP packet to a `ClusterIP` on a port (and protocol) its Service does not have:
-/// answered at once with a reset or port unreachable, as kube-proxy does, else dropped.
-#[inline(always)]
+/// A TCP/UDP packet to a frontend address on a port (and protocol) no frontend has: passed,
+/// unless the address is a `ClusterIP`, whose unlisted ports are answered at once with a reset
+/// or port unreachable, as kube-proxy does (dropped, counted, when that cannot be built). A
+/// subprogram of its own (its own stack frame).
+#[inline(never)]
 fn reject_unlisted(ctx: &TcContext, pkt: &parse::Parsed) -> i32 {
+    // Looked up again rather than kept from the first test: the first lookup's value would
+    // take stack room across the translation steps, and this path is rare.
+    if !addr_has(&pkt.dst, pkt.family, addr_flags::CLUSTER_IP) {
+        return TC_ACT_OK;
+    }
     let len = ctx.len();
     if reject::reject(ctx, pkt).is_ok() {
         stats::count(PktCounter::Rejected, len);

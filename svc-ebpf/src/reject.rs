@@ -25,7 +25,7 @@ use network_types::{eth::EthHdr, tcp::TcpHdr};
 use svc_common::{addr::FAMILY_V4, csum, net::ipproto};
 
 use crate::parse::{
-    ETH_HLEN, Parsed, ptr_at,
+    self, ETH_HLEN, Parsed, ptr_at,
     tcp_flags::{self, ACK, RST, SYN},
 };
 
@@ -45,9 +45,10 @@ struct Finish {
     field: usize,
     /// Sum of the reply's pseudo header (0 for `ICMPv4`, which has none).
     pseudo: u32,
-    /// TCP: the sum of the header the frame holds with a zero checksum, to add to the field;
-    /// ICMP: `None` (the frame's checksum is complete, the field holds zero).
-    data: Option<u32>,
+    /// What the second call adds. TCP: the sum of the header the frame holds (checksum
+    /// zero). ICMP: the complement of `pseudo` (the frame's checksum is complete, the field
+    /// holds zero and must end as zero).
+    data: u32,
 }
 /// Turns the packet into the rejection reply and redirects it back to the pod. On success the
 /// program must return `TC_ACT_REDIRECT`.
@@ -96,10 +97,9 @@ pub fn reject(ctx: &TcContext, pkt: &Parsed) -> Result<(), ()> {
 ///   complement zero: unused for a port unreachable).
 #[inline(always)]
 fn finish_checksums(ctx: &TcContext, f: &Finish) -> Result<(), ()> {
-    let data = f.data.unwrap_or(u32::from(!csum::fold(f.pseudo)));
     ctx.l4_csum_replace(f.field, 0, u64::from(f.pseudo), BPF_F_PSEUDO_HDR)
         .map_err(|_| ())?;
-    ctx.l4_csum_replace(f.field, 0, u64::from(data), 0)
+    ctx.l4_csum_replace(f.field, 0, u64::from(f.data), 0)
         .map_err(|_| ())
 }
 
@@ -170,7 +170,7 @@ fn build_tcp_reset(
     let tcp = unsafe { *tcp };
     let doff = u32::from(tcp.doff()) * 4;
     // The segment: from the TCP header to the end of the IP packet (BIG TCP included).
-    let segment = pkt.ip_end.saturating_sub(pkt.l4_off) as u32;
+    let segment = parse::ip_end(ctx, pkt).ok_or(())?.saturating_sub(pkt.l4_off) as u32;
     let seg_len = segment.saturating_sub(doff)
         + u32::from(pkt.tcp_flags & SYN != 0)
         + u32::from(pkt.tcp_flags & tcp_flags::FIN != 0);
@@ -195,7 +195,7 @@ fn build_tcp_reset(
     let finish = Finish {
         field: off + 16,
         pseudo: pseudo_sum(pkt, ipproto::TCP, 20),
-        data: Some(csum::sum_bytes(0, th)),
+        data: csum::sum_bytes(0, th),
     };
     Ok((off + 20, finish))
 }
@@ -224,7 +224,7 @@ fn build_unreachable(
         let finish = Finish {
             field: off + 6,
             pseudo: 0,
-            data: None,
+            data: 0xffff,
         };
         Ok((off + 36, finish))
     } else {
@@ -239,7 +239,7 @@ fn build_unreachable(
         let finish = Finish {
             field: off + 6,
             pseudo,
-            data: None,
+            data: u32::from(!csum::fold(pseudo)),
         };
         Ok((off + 56, finish))
     }

@@ -74,10 +74,13 @@ fn row(name: &str, input: Vec<u8>) -> Fixture {
 
 #[path = "fixtures/clusterip.rs"]
 mod clusterip;
+#[path = "fixtures/edges.rs"]
+mod edges;
 
 fn table() -> Vec<Fixture> {
     let mut rows = parse_rows();
     rows.extend(clusterip::rows());
+    rows.extend(edges::rows());
     rows.extend(fragment_rows());
     rows.extend(malformed_rows());
     rows
