@@ -244,8 +244,9 @@ fn parse_ipv4(ctx: &TcContext) -> Parsed {
     let l4_off = ETH_HLEN + ihl;
     let ip_end = ETH_HLEN + tot_len;
     let frags = u16::from_be_bytes(ip.frags);
-    // Only a first fragment (offset 0) has a transport header, later ones have none.
-    let l4 = if frags & 0x1fff == 0 {
+    // Fragment offset (13 bits): only a first fragment (offset 0) has a transport header.
+    let offset = frags & 0x1fff;
+    let l4 = if offset == 0 {
         classify_l4(ctx, ip.proto, l4_off, ip_end)
     } else {
         PktCounter::Fragment
@@ -266,7 +267,7 @@ fn parse_ipv4(ctx: &TcContext) -> Parsed {
     );
     // More-fragments flag or a non-zero offset: a fragment.
     if frags & 0x3fff != 0 {
-        pkt.mark_fragment(frags & 0x1fff == 0);
+        pkt.mark_fragment(offset == 0);
     }
     pkt.read_ports(ctx);
     pkt

@@ -170,7 +170,9 @@ fn build_tcp_reset(
     let tcp = unsafe { *tcp };
     let doff = u32::from(tcp.doff()) * 4;
     // The segment: from the TCP header to the end of the IP packet (BIG TCP included).
-    let segment = parse::ip_end(ctx, pkt).ok_or(())?.saturating_sub(pkt.l4_off) as u32;
+    let segment = parse::ip_end(ctx, pkt)
+        .ok_or(())?
+        .saturating_sub(pkt.l4_off) as u32;
     let seg_len = segment.saturating_sub(doff)
         + u32::from(pkt.tcp_flags & SYN != 0)
         + u32::from(pkt.tcp_flags & tcp_flags::FIN != 0);

@@ -75,7 +75,11 @@ fn wait_synced(bed: &mut TestBed, before: &[usize], done: impl Fn(&k8s::Programm
     }
     let deadline = Instant::now() + SYNC_TIMEOUT;
     while !done(&bed.programmed(0)) {
-        assert!(Instant::now() < deadline, "node1 did not sync{}", bed.diag());
+        assert!(
+            Instant::now() < deadline,
+            "node1 did not sync{}",
+            bed.diag()
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -179,11 +183,7 @@ fn unlisted_ports_of_a_cluster_ip_are_refused_at_once() {
     let udp_key = frontend_key(SocketAddr::new(v4, SERVICE_PORT), Protocol::Udp);
     wait_synced(&mut bed, &syncs, |p| !p.frontends.contains_key(&udp_key));
     for vip in [v4, v6] {
-        let took = expect_refused(
-            &bed,
-            SocketAddr::new(vip, SERVICE_PORT),
-            &[Protocol::Udp],
-        );
+        let took = expect_refused(&bed, SocketAddr::new(vip, SERVICE_PORT), &[Protocol::Udp]);
         bed.step(&format!(
             "UDP port {SERVICE_PORT} removed from web: {vip} refuses it in {} ms",
             took.as_millis()
@@ -219,7 +219,10 @@ impl BigUdpServer {
     fn start(ns: &Netns, label: &str, addr: SocketAddr) -> anyhow::Result<Self> {
         let socket = ns.run(|| UdpSocket::bind(addr).with_context(|| format!("bind {addr}")))?;
         socket.set_read_timeout(Some(Duration::from_millis(50)))?;
-        let (stop, served) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicU64::new(0)));
+        let (stop, served) = (
+            Arc::new(AtomicBool::new(false)),
+            Arc::new(AtomicU64::new(0)),
+        );
         let (s, n, label) = (Arc::clone(&stop), Arc::clone(&served), label.to_owned());
         let thread = std::thread::spawn(move || {
             let mut buf = vec![0u8; 65536];
@@ -326,7 +329,10 @@ fn big_udp_queries_and_answers_cross_the_vip_whole_as_fragments() {
         delta(&after, &before, "dnat"),
         delta(&after, &before, "rev_nat")
     ));
-    let served: u64 = servers.iter().map(|s| s.served.load(Ordering::Relaxed)).sum();
+    let served: u64 = servers
+        .iter()
+        .map(|s| s.served.load(Ordering::Relaxed))
+        .sum();
     assert_eq!(served, 2, "each query answered once");
     drop(servers);
     bed.finish();
@@ -356,7 +362,7 @@ fn tx_checksum_off(ifname: &str) -> anyhow::Result<()> {
     let mut req: nix::libc::ifreq = unsafe { std::mem::zeroed() };
     ensure!(ifname.len() < req.ifr_name.len(), "{ifname}: name too long");
     for (d, s) in req.ifr_name.iter_mut().zip(ifname.bytes()) {
-        *d = s as nix::libc::c_char;
+        *d = s.cast_signed();
     }
     req.ifr_ifru.ifru_data = (&raw mut value).cast();
     // SAFETY: SIOCETHTOOL reads the `ifreq` and the `ethtool_value` it points at, both alive.

@@ -478,10 +478,7 @@ mod tests {
             (key("198.19.0.11", scope::EXTERNAL), value),
             (key("2001:db8:f::10", scope::INTERNAL), value),
         ]);
-        let backends = BTreeMap::from([(
-            1,
-            backend_value(&backend("198.19.0.10", 8080)),
-        )]);
+        let backends = BTreeMap::from([(1, backend_value(&backend("198.19.0.10", 8080)))]);
         let flags = |ip: &str| {
             let (addr, family) = map_addr(ip.parse().unwrap());
             addresses(&services, &backends)
@@ -493,10 +490,7 @@ mod tests {
                 .map(|v| v.flags)
         };
         let cluster_ip = addr_flags::FRONTEND | addr_flags::CLUSTER_IP;
-        assert_eq!(
-            flags("198.19.0.10"),
-            Some(cluster_ip | addr_flags::BACKEND)
-        );
+        assert_eq!(flags("198.19.0.10"), Some(cluster_ip | addr_flags::BACKEND));
         assert_eq!(flags("2001:db8:f::10"), Some(cluster_ip));
         assert_eq!(
             flags("198.19.0.11"),
