@@ -3,10 +3,13 @@
 //! From a pod (ingress): parse (pulling only headers outside the linear part) -> count -> is
 //! the destination a frontend address at all (one lookup; no: passed) -> a flow we already
 //! translated keeps its backend (connection table) -> otherwise look the destination up as a
-//! service and choose a backend, remembering the choice -> rewrite the destination.
+//! service and choose a backend, remembering the choice -> rewrite the destination. No such
+//! port on a `ClusterIP`: rejected at once. A first IP fragment is translated like a whole
+//! packet and remembered; a later one gets what its first got (`frag.rs`).
 //!
 //! To a pod (egress): is the source a backend address at all (one lookup; no: passed) -> a
-//! reply from a backend gets the service address back as its source.
+//! reply from a backend gets the service address back as its source (later fragments of a
+//! reply: as their first).
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT},
@@ -48,7 +51,8 @@ pub fn from_pod(ctx: &TcContext) -> i32 {
         return TC_ACT_OK;
     }
     match to_service(ctx, &pkt) {
-        // A ClusterIP on a port its Service does not have (and no flow of ours).
+        // No such port (and no flow of ours): passed, or rejected when the address is a
+        // ClusterIP.
         Outcome::NotService => reject_unlisted(ctx, &pkt),
         Outcome::Translated => {
             stats::count(PktCounter::Dnat, ctx.len());
