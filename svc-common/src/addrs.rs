@@ -22,6 +22,12 @@ pub mod addr_flags {
     pub const FRONTEND: u32 = 1 << 0;
     /// The address of at least one backend.
     pub const BACKEND: u32 = 1 << 1;
+    /// A `ClusterIP`: the address of at least one internal-scope frontend. A TCP or UDP packet
+    /// (or a `connect()` / `sendto()`) to such an address on a port and protocol no frontend
+    /// has is rejected at once (TCP reset / ICMP port unreachable / `ECONNREFUSED`), as
+    /// kube-proxy rejects it per `ClusterIP`. Node addresses, external and load-balancer IPs
+    /// (other scopes, later) never get it: their other ports belong to someone else.
+    pub const CLUSTER_IP: u32 = 1 << 2;
 }
 
 /// Key of `ADDRS_V1`.

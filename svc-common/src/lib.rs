@@ -19,6 +19,7 @@ pub mod affinity;
 pub mod conntrack;
 pub mod csum;
 pub mod ids;
+pub mod frag;
 pub mod net;
 pub mod service;
 pub mod sock;
@@ -47,6 +48,7 @@ pub const MAP_NAMES: &[&str] = &[
     "BACKEND_NAMES_V1",
     "ID_CURSORS_V1",
     "CT_NEW_V1",
+    "FRAG_V1",
 ];
 
 /// Default map sizes (the agent's flags override them at load time).

@@ -75,11 +75,18 @@ pub enum PktCounter {
     /// under pressure, expired, or its backend left): sent to the backend a hash of its tuple
     /// chooses, which with an unchanged set of backends is where it was. The sign of evictions.
     CtMissMidflow = 18,
+    /// A later IP fragment (non-zero offset) to a frontend or from a backend address whose
+    /// first fragment was not translated here (not seen yet: out of order, or not for a
+    /// service): passed untranslated (see `FRAG_V1`).
+    FragUntracked = 19,
+    /// A TCP/UDP packet, `connect()` or `sendto()` to a `ClusterIP` on a port and protocol the
+    /// Service does not have: rejected (also counted under `rejected`).
+    UnlistedPort = 20,
 }
 
 impl PktCounter {
     /// Every counter, in index order.
-    pub const ALL: [Self; 19] = [
+    pub const ALL: [Self; 21] = [
         Self::NonIp,
         Self::Ipv4,
         Self::Ipv6,
@@ -99,6 +106,8 @@ impl PktCounter {
         Self::SockXlate,
         Self::SockRevNat,
         Self::CtMissMidflow,
+        Self::FragUntracked,
+        Self::UnlistedPort,
     ];
     /// Number of entries in `PKT_STATS_V1`.
     pub const COUNT: u32 = Self::ALL.len() as u32;
@@ -126,6 +135,8 @@ impl PktCounter {
             Self::SockXlate => "sock_xlate",
             Self::SockRevNat => "sock_rev_nat",
             Self::CtMissMidflow => "ct_miss_midflow",
+            Self::FragUntracked => "frag_untracked",
+            Self::UnlistedPort => "unlisted_port",
         }
     }
 }
@@ -161,16 +172,20 @@ pub enum DropReason {
     CtInsertFailed = 3,
     /// Rewriting the packet (store or checksum helper) failed.
     RewriteFailed = 4,
+    /// A packet to a `ClusterIP` on a port the Service does not have, and the rejection reply
+    /// could not be built (see `NoEndpoints`).
+    UnlistedPort = 5,
 }
 
 impl DropReason {
     /// Every reason, in index order.
-    pub const ALL: [Self; 5] = [
+    pub const ALL: [Self; 6] = [
         Self::NoEndpoints,
         Self::NoLocalEndpoint,
         Self::BackendMissing,
         Self::CtInsertFailed,
         Self::RewriteFailed,
+        Self::UnlistedPort,
     ];
     /// Number of entries in `DROP_STATS_V1`.
     pub const COUNT: u32 = Self::ALL.len() as u32;
@@ -184,6 +199,7 @@ impl DropReason {
             Self::BackendMissing => "backend_missing",
             Self::CtInsertFailed => "ct_insert_failed",
             Self::RewriteFailed => "rewrite_failed",
+            Self::UnlistedPort => "unlisted_port_dropped",
         }
     }
 }

@@ -61,8 +61,13 @@ pub fn icmp_error_to_pod(ctx: &TcContext, pkt: &Parsed) -> Result<Option<(u32, u
     let Some(q) = quote(ctx, pkt, v4) else {
         return Ok(None);
     };
-    let (inner_src, inner_dst) = quoted_addrs(ctx, &q, v4).ok_or(())?;
-    let ports = ptr_at::<[u16; 2]>(ctx, q.l4).ok_or(())?;
+    // A quote cut short (before the ports) names no flow: the error is passed as it is.
+    let Some((inner_src, inner_dst)) = quoted_addrs(ctx, &q, v4) else {
+        return Ok(None);
+    };
+    let Some(ports) = ptr_at::<[u16; 2]>(ctx, q.l4) else {
+        return Ok(None);
+    };
     // SAFETY: `ptr_at` checked both ports are inside the packet.
     let [quoted_client_port, quoted_backend_port] = unsafe { *ports };
     // The quote is client -> backend: its reply entry is keyed backend -> client.

@@ -16,6 +16,7 @@
 )]
 
 mod conntrack;
+mod frag;
 mod icmp;
 mod lb;
 mod maps;

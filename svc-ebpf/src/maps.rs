@@ -14,6 +14,7 @@ use svc_common::{
     affinity::{AffinityKey, AffinityValue},
     conntrack::{CtKey, CtValue},
     ids::{self, IdCursor},
+    frag::{FRAG_ENTRIES, FragKey, FragValue},
     service::{Backend, BackendName, ServiceKey, ServiceValue},
     sizes,
     stats::{Counter, DropReason, PktCounter},
@@ -84,3 +85,8 @@ pub static BACKEND_STATS_V1: PerCpuHashMap<u32, Counter> =
 #[map]
 pub static ADDRS_V1: HashMap<AddrKey, AddrValue> =
     HashMap::with_max_entries(sizes::ADDRS, BPF_F_NO_PREALLOC);
+
+/// Later fragments of translated datagrams follow their first. Writer and reader: the pod
+/// programs. See `svc_common::frag`.
+#[map]
+pub static FRAG_V1: LruHashMap<FragKey, FragValue> = LruHashMap::with_max_entries(FRAG_ENTRIES, 0);

@@ -15,7 +15,7 @@ use network_types::{
     udp::UdpHdr,
 };
 use svc_common::{
-    addr::{Addr, FAMILY_V4, FAMILY_V6, from_v4},
+    addr::{Addr, FAMILY_V4, FAMILY_V6},
     net::{ETH_P_IP, ETH_P_IPV6, ipproto},
     stats::PktCounter,
 };
@@ -93,6 +93,18 @@ pub mod tcp_flags {
     pub const ACK: u8 = 0x10;
 }
 
+/// Fragment kinds (`Parsed::frag`).
+pub mod frag {
+    /// Not a fragment, or a fragment this datapath does not handle (a first fragment without a
+    /// complete TCP/UDP header).
+    pub const NONE: u8 = 0;
+    /// The first fragment of a TCP/UDP datagram (offset 0, more to come): it has the ports and
+    /// is translated like a whole packet; its later fragments follow it (`FRAG_V1`).
+    pub const FIRST: u8 = 1;
+    /// A later fragment (offset > 0): no transport header.
+    pub const LATER: u8 = 2;
+}
+
 /// What the parser found.
 #[derive(Clone, Copy)]
 pub struct Parsed {
@@ -116,6 +128,9 @@ pub struct Parsed {
     pub dport: u16,
     /// TCP flags byte; 0 otherwise.
     pub tcp_flags: u8,
+    /// [`frag`] kind. (Its IP identification is read from the packet when needed, see
+    /// [`frag_id`]: every byte of this struct costs stack in every program.)
+    pub frag: u8,
 }
 
 impl Parsed {
@@ -143,19 +158,35 @@ impl Parsed {
             sport: 0,
             dport: 0,
             tcp_flags: 0,
+            frag: frag::NONE,
         }
     }
 
-    /// Whether this is a complete, unfragmented TCP or UDP packet: the ones services translate.
+    /// Whether this is a TCP or UDP packet with a complete header, unfragmented or the first
+    /// fragment of its datagram: the ones services translate.
     pub fn is_tcp_or_udp(&self) -> bool {
-        matches!(self.l4, Some(PktCounter::Tcp | PktCounter::Udp))
+        matches!(self.l4, Some(PktCounter::Tcp | PktCounter::Udp)) || self.frag == frag::FIRST
+    }
+
+    /// Marks a fragment: a first one whose transport header is complete TCP/UDP becomes
+    /// [`frag::FIRST`], any later one [`frag::LATER`]; the counter is `Fragment` either way.
+    #[inline(always)]
+    fn mark_fragment(&mut self, first: bool) {
+        self.frag = if !first {
+            frag::LATER
+        } else if self.is_tcp_or_udp() {
+            frag::FIRST
+        } else {
+            frag::NONE
+        };
+        self.l4 = Some(PktCounter::Fragment);
     }
 
     /// Reads the ports (and TCP flags) of a complete TCP/UDP header.
     #[inline(always)]
-    fn with_ports(mut self, ctx: &TcContext) -> Self {
+    fn read_ports(&mut self, ctx: &TcContext) {
         if !self.is_tcp_or_udp() {
-            return self;
+            return;
         }
         if let Some(ports) = ptr_at::<[u16; 2]>(ctx, self.l4_off) {
             // SAFETY: `ptr_at` checked both ports are inside the packet.
@@ -169,7 +200,6 @@ impl Parsed {
             // SAFETY: `ptr_at` checked the byte is inside the packet.
             self.tcp_flags = unsafe { *flags };
         }
-        self
     }
 }
 
@@ -198,7 +228,12 @@ fn parse_ipv4(ctx: &TcContext) -> Parsed {
     // SAFETY: `ptr_at` checked the fixed header is inside the packet.
     let ip = unsafe { &*ip };
     let ihl = usize::from(ip.vihl & 0x0f) * 4;
-    let tot_len = usize::from(u16::from_be_bytes(ip.tot_len));
+    let tot_len = match usize::from(u16::from_be_bytes(ip.tot_len)) {
+        // BIG TCP: a GSO packet longer than 64 KiB carries total length 0; its length is the
+        // packet's (the kernel's `iph_totlen`). `ptr_at` checked the frame holds the header.
+        0 => ctx.len() as usize - ETH_HLEN,
+        n => n,
+    };
     if ip.vihl >> 4 != 4
         || ihl < Ipv4Hdr::LEN
         || tot_len < ihl
@@ -208,14 +243,20 @@ fn parse_ipv4(ctx: &TcContext) -> Parsed {
     }
     let l4_off = ETH_HLEN + ihl;
     let ip_end = ETH_HLEN + tot_len;
-    // More-fragments flag or a non-zero offset: the transport header is not (all) here.
-    let l4 = if u16::from_be_bytes(ip.frags) & 0x3fff != 0 {
-        PktCounter::Fragment
-    } else {
+    let frags = u16::from_be_bytes(ip.frags);
+    // Fragment offset (13 bits): only a first fragment (offset 0) has a transport header.
+    let offset = frags & 0x1fff;
+    let l4 = if offset == 0 {
         classify_l4(ctx, ip.proto, l4_off, ip_end)
+    } else {
+        PktCounter::Fragment
     };
-    let (src, dst) = (from_v4(ip.src_addr), from_v4(ip.dst_addr));
-    Parsed::ip(
+    // Both addresses as two 32-bit loads, not eight byte loads the compiler keeps in eight
+    // stack slots across the transport checks.
+    // SAFETY: `ip` points at a whole header inside the packet; the read may be unaligned.
+    let [src, dst] = unsafe { ip.src_addr.as_ptr().cast::<[u32; 2]>().read_unaligned() };
+    let (src, dst) = (addr_from_word(src), addr_from_word(dst));
+    let mut pkt = Parsed::ip(
         PktCounter::Ipv4,
         Some(l4),
         FAMILY_V4,
@@ -223,8 +264,48 @@ fn parse_ipv4(ctx: &TcContext) -> Parsed {
         l4_off,
         src,
         dst,
-    )
-    .with_ports(ctx)
+    );
+    // More-fragments flag or a non-zero offset: a fragment.
+    if frags & 0x3fff != 0 {
+        pkt.mark_fragment(offset == 0);
+    }
+    pkt.read_ports(ctx);
+    pkt
+}
+
+/// The IP identification of a fragment (IPv4: 16 bits zero-extended, IPv6: the fragment
+/// header's 32 bits, which end where the transport part starts), raw as in the packet. Read
+/// with a helper: a load before a variable offset is more than the verifier follows.
+#[inline(always)]
+pub fn frag_id(ctx: &TcContext, pkt: &Parsed) -> Option<u32> {
+    if pkt.family == FAMILY_V4 {
+        ctx.load::<u16>(ETH_HLEN + 4).ok().map(u32::from)
+    } else {
+        ctx.load::<u32>(pkt.l4_off.checked_sub(4)?).ok()
+    }
+}
+
+/// The end of the IP packet (offset from the start of the frame): as its length says, or the
+/// frame's end for a BIG TCP packet whose length is 0.
+#[inline(always)]
+pub fn ip_end(ctx: &TcContext, pkt: &Parsed) -> Option<usize> {
+    let (len, hdr) = if pkt.family == FAMILY_V4 {
+        (ctx.load::<[u8; 2]>(ETH_HLEN + 2).ok()?, 0)
+    } else {
+        (ctx.load::<[u8; 2]>(ETH_HLEN + 4).ok()?, Ipv6Hdr::LEN)
+    };
+    Some(match usize::from(u16::from_be_bytes(len)) {
+        0 => ctx.len() as usize,
+        n => ETH_HLEN + hdr + n,
+    })
+}
+
+/// An IPv4 address (one word, network order) in [`Addr`] form.
+#[inline(always)]
+fn addr_from_word(w: u32) -> Addr {
+    let mut a = [0u8; 16];
+    a[..4].copy_from_slice(&w.to_ne_bytes());
+    a
 }
 
 #[inline(always)]
@@ -234,13 +315,21 @@ fn parse_ipv6(ctx: &TcContext) -> Parsed {
     };
     // SAFETY: `ptr_at` checked the fixed header is inside the packet.
     let ip = unsafe { &*ip };
-    let ip_end = ETH_HLEN + Ipv6Hdr::LEN + usize::from(u16::from_be_bytes(ip.payload_len));
+    let ip_end = match usize::from(u16::from_be_bytes(ip.payload_len)) {
+        // BIG TCP: a GSO packet longer than 64 KiB carries payload length 0 (and, before Linux
+        // 6.17 removed it, a hop-by-hop Jumbo Payload option, which the walk below skips); its
+        // length is the packet's.
+        0 => ctx.len() as usize,
+        n => ETH_HLEN + Ipv6Hdr::LEN + n,
+    };
     if ip.vcf[0] >> 4 != 6 || ip_end > ctx.len() as usize {
         return Parsed::l3_only(PktCounter::MalformedIp);
     }
     let mut next = ip.next_hdr;
     let mut off = ETH_HLEN + Ipv6Hdr::LEN;
     let mut l4 = None;
+    // A fragment header: its kind (`frag`).
+    let mut kind = frag::NONE;
     for _ in 0..MAX_IPV6_EXT {
         match next {
             ipproto::HOPOPTS | ipproto::ROUTING | ipproto::DSTOPTS => {
@@ -254,7 +343,23 @@ fn parse_ipv6(ctx: &TcContext) -> Parsed {
                 off += (usize::from(len) + 1) * 8;
             }
             ipproto::FRAGMENT => {
-                l4 = Some(PktCounter::Fragment);
+                // Next header, reserved, offset (13 bits) and flags, identification. Only a
+                // first fragment (offset 0) has the transport header, right after this one.
+                let Some(h) = ptr_at::<[u8; 8]>(ctx, off) else {
+                    l4 = Some(PktCounter::MalformedL4);
+                    break;
+                };
+                // SAFETY: `ptr_at` checked the header is inside the packet.
+                let h = unsafe { *h };
+                next = h[0];
+                off += 8;
+                l4 = Some(if u16::from_be_bytes([h[2], h[3]]) >> 3 == 0 {
+                    kind = frag::FIRST;
+                    classify_l4(ctx, next, off, ip_end)
+                } else {
+                    kind = frag::LATER;
+                    PktCounter::Fragment
+                });
                 break;
             }
             _ => {
@@ -265,7 +370,12 @@ fn parse_ipv6(ctx: &TcContext) -> Parsed {
     }
     let l4 = l4.unwrap_or(PktCounter::Ipv6ExtTooLong);
     let (src, dst) = (ip.src_addr, ip.dst_addr);
-    Parsed::ip(PktCounter::Ipv6, Some(l4), FAMILY_V6, next, off, src, dst).with_ports(ctx)
+    let mut pkt = Parsed::ip(PktCounter::Ipv6, Some(l4), FAMILY_V6, next, off, src, dst);
+    if kind != frag::NONE {
+        pkt.mark_fragment(kind == frag::FIRST);
+    }
+    pkt.read_ports(ctx);
+    pkt
 }
 
 /// Checks the transport header at `off` is complete (inside the packet and inside the IP

@@ -4,11 +4,13 @@
 //! the destination a frontend address at all (one lookup; no: passed) -> a flow we already
 //! translated keeps its backend (connection tables: answered flows, then unanswered ones) ->
 //! otherwise look the destination up as a service and choose a backend, remembering the choice
-//! -> rewrite the destination.
+//! -> rewrite the destination. No such port on a `ClusterIP`: rejected at once. A first IP
+//! fragment is translated like a whole packet and remembered; a later one gets what its first
+//! got (`frag.rs`).
 //!
 //! To a pod (egress): is the source a backend address at all (one lookup; no: passed) -> a
 //! reply from a backend gets the service address back as its source (and the first reply of a
-//! flow moves it to the table of answered flows).
+//! flow moves it to the table of answered flows; later fragments of a reply: as their first).
 //!
 //! Every packet that stays on its way, translated or not, continues the TCX chain
 //! ([`TCX_NEXT`]): other programs on the hook, and classic tc filters behind them, see it.
@@ -23,6 +25,7 @@ use svc_common::{
     addr::Addr,
     addrs::{AddrKey, addr_flags},
     conntrack::{CtValue, dir, flow_hash, state},
+    frag::frag_flags,
     net::ipproto,
     stats::{DropReason, PktCounter},
 };
@@ -32,6 +35,7 @@ use crate::{
         Table, ct_backend_alive, ct_create, ct_key, ct_lookup, ct_promote, ct_remove_pair,
         ct_syn_leaves_terminating, ct_syn_opens_new, is_syn,
     },
+    frag::{frag_follow, frag_remember},
     icmp,
     lb::{Choice, Chosen, lb_backend, lb_frontend_key, lb_select_for_client},
     maps::ADDRS_V1,
@@ -54,20 +58,27 @@ pub fn from_pod(ctx: &TcContext) -> i32 {
     if let Some(l4) = pkt.l4 {
         stats::count(l4, ctx.len());
     }
+    if pkt.frag == parse::frag::LATER {
+        return later_fragment(ctx, &pkt, &pkt.dst, addr_flags::FRONTEND, PktCounter::Dnat);
+    }
     // Only a frontend address can have flows to translate (a new one, an established one, or
     // the reply leg of a hairpinned one, addressed to the VIP and the client's port).
     if !pkt.is_tcp_or_udp() || !addr_has(&pkt.dst, pkt.family, addr_flags::FRONTEND) {
         return TCX_NEXT;
     }
     match to_service(ctx, &pkt) {
-        Outcome::NotService => TCX_NEXT,
+        // No such port (and no flow of ours): passed, or rejected when the address is a
+        // ClusterIP.
+        Outcome::NotService => reject_unlisted(ctx, &pkt),
         Outcome::Translated => {
             stats::count(PktCounter::Dnat, ctx.len());
+            frag_remember(ctx, &pkt, 0);
             TCX_NEXT
         }
         // Answered beside, not inside, the translation step: both need stack room.
         Outcome::Hairpin => {
             stats::count(PktCounter::Dnat, ctx.len());
+            frag_remember(ctx, &pkt, frag_flags::HAIRPIN);
             bounce(ctx)
         }
         Outcome::Drop(DropReason::NoEndpoints) => reject_or_drop(ctx, &pkt),
@@ -235,6 +246,9 @@ fn new_flow_backend(pkt: &parse::Parsed, now: u64, target: &mut Target) -> Outco
 #[inline(always)]
 pub fn to_pod(ctx: &TcContext) -> i32 {
     let pkt = parse::parse_pulled(ctx, true);
+    if pkt.frag == parse::frag::LATER {
+        return later_fragment(ctx, &pkt, &pkt.src, addr_flags::BACKEND, PktCounter::RevNat);
+    }
     if matches!(pkt.l4, Some(PktCounter::Icmp | PktCounter::Icmpv6)) {
         // An ICMP error about a translated flow: its quote must name the VIP again.
         return match icmp::icmp_error_to_pod(ctx, &pkt) {
@@ -257,13 +271,51 @@ pub fn to_pod(ctx: &TcContext) -> i32 {
 /// Whether `addr` is a frontend or backend address (`flag`), per `ADDRS_V1`.
 #[inline(always)]
 fn addr_has(addr: &Addr, family: u8, flag: u32) -> bool {
+    addr_flags_of(addr, family) & flag != 0
+}
+
+/// The `ADDRS_V1` flags of `addr` (0: neither frontend nor backend).
+#[inline(always)]
+fn addr_flags_of(addr: &Addr, family: u8) -> u32 {
     let key = AddrKey {
         addr: *addr,
         family,
         _pad: [0; 3],
     };
     // SAFETY: the value is read at once.
-    unsafe { ADDRS_V1.get(&key) }.is_some_and(|v| v.flags & flag != 0)
+    unsafe { ADDRS_V1.get(&key) }.map_or(0, |v| v.flags)
+}
+
+/// A later fragment (no ports) whose `addr` (the destination from a pod, the source to a pod)
+/// has `flag`: gets the addresses its first fragment was given, counted as `counter`; a
+/// hairpinned one goes back to the pod. Unknown datagrams pass untranslated, counted. A
+/// subprogram of its own (its own stack frame).
+#[inline(never)]
+fn later_fragment(
+    ctx: &TcContext,
+    pkt: &parse::Parsed,
+    addr: &Addr,
+    flag: u32,
+    counter: PktCounter,
+) -> i32 {
+    if !addr_has(addr, pkt.family, flag) {
+        return TCX_NEXT;
+    }
+    match frag_follow(ctx, pkt) {
+        Ok(Some(flags)) => {
+            stats::count(counter, ctx.len());
+            if flags & frag_flags::HAIRPIN != 0 {
+                bounce(ctx)
+            } else {
+                TCX_NEXT
+            }
+        }
+        Ok(None) => {
+            stats::count(PktCounter::FragUntracked, ctx.len());
+            TCX_NEXT
+        }
+        Err(()) => drop(ctx, DropReason::RewriteFailed),
+    }
 }
 
 /// A reply from a backend gets the service address back as its source; the first reply of a
@@ -287,6 +339,7 @@ fn reply_to_pod(ctx: &TcContext, pkt: &parse::Parsed) -> i32 {
     if nat_rewrite(ctx, pkt, End::Src, &entry.addr, entry.port.0).is_err() {
         return drop(ctx, DropReason::RewriteFailed);
     }
+    frag_remember(ctx, pkt, 0);
     stats::count(PktCounter::RevNat, ctx.len());
     stats::count_translated(entry.frontend_id, entry.backend_id, ctx.len());
     TCX_NEXT
@@ -321,6 +374,27 @@ fn reject_or_drop(ctx: &TcContext, pkt: &parse::Parsed) -> i32 {
         TC_ACT_REDIRECT
     } else {
         drop(ctx, DropReason::NoEndpoints)
+    }
+}
+
+/// A TCP/UDP packet to a frontend address on a port (and protocol) no frontend has: passed,
+/// unless the address is a `ClusterIP`, whose unlisted ports are answered at once with a reset
+/// or port unreachable, as kube-proxy does (dropped, counted, when that cannot be built). A
+/// subprogram of its own (its own stack frame).
+#[inline(never)]
+fn reject_unlisted(ctx: &TcContext, pkt: &parse::Parsed) -> i32 {
+    // Looked up again rather than kept from the first test: the first lookup's value would
+    // take stack room across the translation steps, and this path is rare.
+    if !addr_has(&pkt.dst, pkt.family, addr_flags::CLUSTER_IP) {
+        return TCX_NEXT;
+    }
+    let len = ctx.len();
+    if reject::reject(ctx, pkt).is_ok() {
+        stats::count(PktCounter::Rejected, len);
+        stats::count(PktCounter::UnlistedPort, len);
+        TC_ACT_REDIRECT
+    } else {
+        drop(ctx, DropReason::UnlistedPort)
     }
 }
 

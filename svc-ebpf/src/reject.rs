@@ -4,18 +4,28 @@
 //!
 //! The reply is built whole on the stack (Ethernet + IP + TCP or ICMP with its quote), the
 //! packet is resized to it with `bpf_skb_change_tail`, written in one store and redirected.
-//! What the builder does not cover (IPv4 options on a UDP request, a TCP reset answering a
-//! reset) falls back to a counted drop.
+//! What the builder does not cover (IPv4 options or IPv6 extension headers on the request, a
+//! TCP reset answering a reset) falls back to a counted drop.
+//!
+//! Checksum offload: the reply is written over the request and keeps its `skb` state, and no
+//! helper on Linux 6.18 resets a `CHECKSUM_PARTIAL` packet (`bpf_csum_level` only touches
+//! `CHECKSUM_UNNECESSARY`, `bpf_skb_change_tail` only `CHECKSUM_COMPLETE`). A pod's request
+//! usually is `CHECKSUM_PARTIAL` (`csum_start` at its transport header, `csum_offset` 16 for
+//! TCP, 6 for UDP): whoever finishes the checksum (a device, or `skb_checksum_help` on a path
+//! without offload) sums from `csum_start` and writes at `csum_offset`, expecting the
+//! pseudo-header sum there. So the reply's transport header starts where the request's did,
+//! and the field at the request's checksum offset is finished by `bpf_l4_csum_replace`, which
+//! knows the packet's state: see [`finish_checksums`].
 
 use aya_ebpf::{
     helpers::{bpf_redirect, bpf_skb_change_tail, bpf_skb_store_bytes},
     programs::TcContext,
 };
-use network_types::{eth::EthHdr, ip::Ipv4Hdr, tcp::TcpHdr};
+use network_types::{eth::EthHdr, tcp::TcpHdr};
 use svc_common::{addr::FAMILY_V4, csum, net::ipproto};
 
 use crate::parse::{
-    ETH_HLEN, Parsed, ptr_at,
+    self, ETH_HLEN, Parsed, ptr_at,
     tcp_flags::{self, ACK, RST, SYN},
 };
 
@@ -23,13 +33,34 @@ use crate::parse::{
 const TTL: u8 = 64;
 /// Largest generated frame: Ethernet + IPv6 + `ICMPv6` + quoted IPv6 header and 8 bytes.
 const MAX_FRAME: usize = 14 + 40 + 8 + 48;
+/// `BPF_F_PSEUDO_HDR` (uapi): the change is to the pseudo header.
+const BPF_F_PSEUDO_HDR: u64 = 1 << 4;
+/// `BPF_F_RECOMPUTE_CSUM` (uapi): keep a `CHECKSUM_COMPLETE` packet's sum up to date.
+const BPF_F_RECOMPUTE_CSUM: u64 = 1 << 0;
 
+/// What [`finish_checksums`] has to do after the frame is written.
+struct Finish {
+    /// Offset of the field at the request's transport checksum offset (the reply's TCP
+    /// checksum; inside an ICMP reply, bytes 6..8, the second half of its unused word).
+    field: usize,
+    /// Sum of the reply's pseudo header (0 for `ICMPv4`, which has none).
+    pseudo: u32,
+    /// What the second call adds. TCP: the sum of the header the frame holds (checksum
+    /// zero). ICMP: the complement of `pseudo` (the frame's checksum is complete, the field
+    /// holds zero and must end as zero).
+    data: u32,
+}
 /// Turns the packet into the rejection reply and redirects it back to the pod. On success the
 /// program must return `TC_ACT_REDIRECT`.
 #[inline(never)]
 pub fn reject(ctx: &TcContext, pkt: &Parsed) -> Result<(), ()> {
     let mut frame = [0u8; MAX_FRAME];
-    let len = if pkt.proto == ipproto::TCP {
+    // The reply's transport header goes where the request's is (see the module doc).
+    let l4_off = ETH_HLEN + if pkt.family == FAMILY_V4 { 20 } else { 40 };
+    if pkt.l4_off != l4_off {
+        return Err(());
+    }
+    let (len, finish) = if pkt.proto == ipproto::TCP {
         build_tcp_reset(ctx, pkt, &mut frame)?
     } else {
         build_unreachable(ctx, pkt, &mut frame)?
@@ -39,13 +70,37 @@ pub fn reject(ctx: &TcContext, pkt: &Parsed) -> Result<(), ()> {
         if bpf_skb_change_tail(ctx.skb.skb, len as u32, 0) != 0 {
             return Err(());
         }
-        if bpf_skb_store_bytes(ctx.skb.skb, 0, frame.as_ptr().cast(), len as u32, 0) != 0 {
+        let (data, n) = (frame.as_ptr().cast(), len as u32);
+        if bpf_skb_store_bytes(ctx.skb.skb, 0, data, n, BPF_F_RECOMPUTE_CSUM) != 0 {
             return Err(());
         }
-        let ifindex = (*ctx.skb.skb).ifindex;
-        bpf_redirect(ifindex, 0);
     }
+    finish_checksums(ctx, &finish)?;
+    // SAFETY: ctx.skb.skb is the program's own context.
+    unsafe { bpf_redirect((*ctx.skb.skb).ifindex, 0) };
     Ok(())
+}
+
+/// Makes the reply's checksums right whatever the packet's offload state, with two
+/// `bpf_l4_csum_replace` calls on the field at the request's checksum offset (which holds
+/// zero): the first adds the pseudo-header sum `P` (flagged as such), the second adds `D`.
+///
+/// - `CHECKSUM_NONE` / `UNNECESSARY` (every fixture, and a request whose stack computed its
+///   checksum): both are added, the field ends as `~(P + D)`. TCP: `D` is the header's sum, so
+///   the field is the full checksum. ICMP: `D = ~P`, so the field ends as zero and the
+///   checksum the frame holds stands.
+/// - `CHECKSUM_PARTIAL` (a pod's usual request): the kernel ignores the second call and turns
+///   the first into "field = `P`", the pseudo-header sum a `PARTIAL` packet must hold there.
+///   Whoever finishes it sums from `csum_start` (the reply's transport header) and writes the
+///   complement there. TCP: the full checksum. ICMP: the message then sums to zero with any
+///   checksum field; the frame's own stays right and bytes 6..8 become `0xffff` (ones'
+///   complement zero: unused for a port unreachable).
+#[inline(always)]
+fn finish_checksums(ctx: &TcContext, f: &Finish) -> Result<(), ()> {
+    ctx.l4_csum_replace(f.field, 0, u64::from(f.pseudo), BPF_F_PSEUDO_HDR)
+        .map_err(|_| ())?;
+    ctx.l4_csum_replace(f.field, 0, u64::from(f.data), 0)
+        .map_err(|_| ())
 }
 
 /// Ethernet header with the addresses swapped, and the IP header from the VIP to the client;
@@ -106,7 +161,7 @@ fn build_tcp_reset(
     ctx: &TcContext,
     pkt: &Parsed,
     frame: &mut [u8; MAX_FRAME],
-) -> Result<usize, ()> {
+) -> Result<(usize, Finish), ()> {
     if pkt.tcp_flags & tcp_flags::RST != 0 {
         return Err(());
     }
@@ -114,18 +169,11 @@ fn build_tcp_reset(
     // SAFETY: `ptr_at` checked the header is inside the packet.
     let tcp = unsafe { *tcp };
     let doff = u32::from(tcp.doff()) * 4;
-    let ip_payload = if pkt.family == FAMILY_V4 {
-        let ip = ptr_at::<Ipv4Hdr>(ctx, ETH_HLEN).ok_or(())?;
-        // SAFETY: as above.
-        let ip = unsafe { *ip };
-        u32::from(u16::from_be_bytes(ip.tot_len)).saturating_sub(u32::from(ip.vihl & 0x0f) * 4)
-    } else {
-        let plen = ptr_at::<[u8; 2]>(ctx, ETH_HLEN + 4).ok_or(())?;
-        // SAFETY: as above.
-        u32::from(u16::from_be_bytes(unsafe { *plen }))
-            .saturating_sub((pkt.l4_off - ETH_HLEN - 40) as u32)
-    };
-    let seg_len = ip_payload.saturating_sub(doff)
+    // The segment: from the TCP header to the end of the IP packet (BIG TCP included).
+    let segment = parse::ip_end(ctx, pkt)
+        .ok_or(())?
+        .saturating_sub(pkt.l4_off) as u32;
+    let seg_len = segment.saturating_sub(doff)
         + u32::from(pkt.tcp_flags & SYN != 0)
         + u32::from(pkt.tcp_flags & tcp_flags::FIN != 0);
     let (seq, ack, flags) = if pkt.tcp_flags & ACK != 0 {
@@ -145,9 +193,13 @@ fn build_tcp_reset(
     th[8..12].copy_from_slice(&ack.to_be_bytes());
     th[12] = 5 << 4;
     th[13] = flags;
-    let c = csum::finish(csum::sum_bytes(pseudo_sum(pkt, ipproto::TCP, 20), th));
-    th[16..18].copy_from_slice(&c.to_ne_bytes());
-    Ok(off + 20)
+    // The checksum (zero here) is finished after the store, see `finish_checksums`.
+    let finish = Finish {
+        field: off + 16,
+        pseudo: pseudo_sum(pkt, ipproto::TCP, 20),
+        data: csum::sum_bytes(0, th),
+    };
+    Ok((off + 20, finish))
 }
 
 /// An ICMP port unreachable (v4 type 3 code 3, v6 type 1 code 4) quoting the request's IP
@@ -157,12 +209,8 @@ fn build_unreachable(
     ctx: &TcContext,
     pkt: &Parsed,
     frame: &mut [u8; MAX_FRAME],
-) -> Result<usize, ()> {
+) -> Result<(usize, Finish), ()> {
     let v4 = pkt.family == FAMILY_V4;
-    // IPv4 with options would need a variable-length quote: not built, dropped instead.
-    if v4 && pkt.l4_off != ETH_HLEN + 20 {
-        return Err(());
-    }
     let quote_len: usize = if v4 { 28 } else { 48 };
     let l4_len = (8 + quote_len) as u16;
     let proto = if v4 { ipproto::ICMP } else { ipproto::ICMPV6 };
@@ -175,18 +223,26 @@ fn build_unreachable(
         frame[off + 1] = 3;
         let c = csum::checksum(&frame[off..off + 36]);
         frame[off + 2..off + 4].copy_from_slice(&c.to_ne_bytes());
-        Ok(off + 36)
+        let finish = Finish {
+            field: off + 6,
+            pseudo: 0,
+            data: 0xffff,
+        };
+        Ok((off + 36, finish))
     } else {
         let q = ptr_at::<[u8; 48]>(ctx, ETH_HLEN).ok_or(())?;
         // SAFETY: as above.
         frame[off + 8..off + 56].copy_from_slice(unsafe { &*q });
         frame[off] = 1;
         frame[off + 1] = 4;
-        let c = csum::finish(csum::sum_bytes(
-            pseudo_sum(pkt, proto, l4_len),
-            &frame[off..off + 56],
-        ));
+        let pseudo = pseudo_sum(pkt, proto, l4_len);
+        let c = csum::finish(csum::sum_bytes(pseudo, &frame[off..off + 56]));
         frame[off + 2..off + 4].copy_from_slice(&c.to_ne_bytes());
-        Ok(off + 56)
+        let finish = Finish {
+            field: off + 6,
+            pseudo,
+            data: u32::from(!csum::fold(pseudo)),
+        };
+        Ok((off + 56, finish))
     }
 }

@@ -21,7 +21,8 @@
 //! `sendmsg` path turns them into IPv4 before its hook, so `sendmsg4` sees those).
 //!
 //! A service without endpoints refuses the call: `connect()` / `sendto()` fail at once with
-//! `ECONNREFUSED`. internalTrafficPolicy Local without a local endpoint leaves the call alone,
+//! `ECONNREFUSED`; so does a `ClusterIP` on a port (and protocol) its Service does not have
+//! (`ADDRS_V1` flag `CLUSTER_IP`), as the packet path rejects it. internalTrafficPolicy Local without a local endpoint leaves the call alone,
 //! so its packets are dropped as kube-proxy drops them (by the TC programs, counted, for a pod).
 //! Anything unexpected (another protocol, a backend of the other family) is left untouched.
 
@@ -36,6 +37,7 @@ use aya_ebpf::{
 use svc_common::{
     Be16,
     addr::{Addr, FAMILY_V4, FAMILY_V6},
+    addrs::{AddrKey, addr_flags},
     affinity::CLIENT_NETNS,
     net::ipproto,
     service::{ServiceKey, scope},
@@ -48,7 +50,7 @@ use svc_common::{
 
 use crate::{
     lb::{Choice, Chosen, lb_backend, lb_select_for_client},
-    maps::SERVICES_V1,
+    maps::{ADDRS_V1, SERVICES_V1},
     stats,
 };
 
@@ -167,6 +169,7 @@ fn sock_xlate_fwd(ctx: &SockAddrContext, ctx_family: u8) -> i32 {
         // internalTrafficPolicy Local without a local endpoint means drop, not refuse: the
         // call goes on with the service address, and the packet path drops (and counts) the
         // packets of a pod; a host process's go nowhere (the node has no route to services).
+        Choice::NotService if sock_is_cluster_ip(&dst) => sock_refuse_unlisted(),
         Choice::NotService | Choice::Drop(DropReason::NoLocalEndpoint) => SOCK_PROCEED,
         Choice::Drop(reason) => sock_refuse(reason),
         Choice::Backend => {
@@ -313,6 +316,27 @@ fn sock_refuse(reason: DropReason) -> i32 {
     // it a refused call fails with EPERM).
     unsafe { bpf_set_retval(-ECONNREFUSED) };
     SOCK_REFUSE
+}
+
+/// Whether `dst` is a `ClusterIP` (`ADDRS_V1`): the call names one of its ports the Service
+/// does not have (the frontend lookup missed).
+#[inline(always)]
+fn sock_is_cluster_ip(dst: &SockAddr) -> bool {
+    let key = AddrKey {
+        addr: dst.addr,
+        family: dst.family,
+        _pad: [0; 3],
+    };
+    // SAFETY: the value is read at once.
+    unsafe { ADDRS_V1.get(&key) }.is_some_and(|v| v.flags & addr_flags::CLUSTER_IP != 0)
+}
+
+/// Fails a call to a `ClusterIP`'s unlisted port with `ECONNREFUSED`, counted `rejected` and
+/// `unlisted_port`.
+#[inline(always)]
+fn sock_refuse_unlisted() -> i32 {
+    stats::count(PktCounter::UnlistedPort, 0);
+    sock_refuse(DropReason::NoEndpoints)
 }
 
 /// The IP protocol a service frontend of this socket would be keyed by: TCP for stream

@@ -76,11 +76,14 @@ fn row(name: &str, input: Vec<u8>) -> Fixture {
 mod clusterip;
 #[path = "fixtures/conntrack.rs"]
 mod conntrack;
+#[path = "fixtures/edges.rs"]
+mod edges;
 
 fn table() -> Vec<Fixture> {
     let mut rows = parse_rows();
     rows.extend(clusterip::rows());
     rows.extend(conntrack::rows());
+    rows.extend(edges::rows());
     rows.extend(fragment_rows());
     rows.extend(malformed_rows());
     rows

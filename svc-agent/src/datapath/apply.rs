@@ -1421,7 +1421,9 @@ mod tests {
             };
             maps.addrs.get(&key).map(|v| v.flags)
         }
-        let (fe, be) = (addr_flags::FRONTEND, addr_flags::BACKEND);
+        // Every frontend here is a ClusterIP (internal scope): its unlisted ports are rejected.
+        let fe = addr_flags::FRONTEND | addr_flags::CLUSTER_IP;
+        let be = addr_flags::BACKEND;
         let mut r = Reconciler::adopt(FakeMaps::default()).unwrap();
         r.apply(&state(&[
             ("198.19.0.10", &["198.18.1.10"]),
@@ -1462,6 +1464,7 @@ mod tests {
         let again = Reconciler::adopt(FakeMaps {
             services,
             backends,
+            // An older agent's entries had no CLUSTER_IP flag: adoption rebuilds them with it.
             addrs: [(stale, AddrValue { flags: fe })].into(),
             ..FakeMaps::default()
         })

@@ -63,10 +63,16 @@ pub fn addresses(
     backends: &BTreeMap<u32, Backend>,
 ) -> BTreeMap<AddrKey, AddrValue> {
     let mut out: BTreeMap<AddrKey, AddrValue> = BTreeMap::new();
-    let frontends = services
-        .keys()
-        .filter(|k| k.slot == 0)
-        .map(|k| (k.addr, k.family, addr_flags::FRONTEND));
+    // Internal-scope frontends are ClusterIPs (the only kind today): their unlisted ports
+    // are rejected. Addresses of other scopes (node, external, load-balancer IPs) must not be.
+    let frontends = services.keys().filter(|k| k.slot == 0).map(|k| {
+        let flags = if k.scope == scope::INTERNAL {
+            addr_flags::FRONTEND | addr_flags::CLUSTER_IP
+        } else {
+            addr_flags::FRONTEND
+        };
+        (k.addr, k.family, flags)
+    });
     let backends = backends
         .values()
         .map(|b| (b.addr, b.family, addr_flags::BACKEND));
@@ -454,6 +460,42 @@ mod tests {
             r.backends.len(),
             2,
             "backends of a skipped frontend are not written"
+        );
+    }
+
+    #[test]
+    fn only_internal_scope_frontend_addresses_are_cluster_ips() {
+        let key = |ip: &str, scope| ServiceKey {
+            scope,
+            ..frontend_key(&FrontendKey {
+                scope: Scope::Internal,
+                ..fe_key(ip, 80)
+            })
+        };
+        let value = ServiceValue::default();
+        let services = BTreeMap::from([
+            (key("198.19.0.10", scope::INTERNAL), value),
+            (key("198.19.0.11", scope::EXTERNAL), value),
+            (key("2001:db8:f::10", scope::INTERNAL), value),
+        ]);
+        let backends = BTreeMap::from([(1, backend_value(&backend("198.19.0.10", 8080)))]);
+        let flags = |ip: &str| {
+            let (addr, family) = map_addr(ip.parse().unwrap());
+            addresses(&services, &backends)
+                .get(&AddrKey {
+                    addr,
+                    family,
+                    _pad: [0; 3],
+                })
+                .map(|v| v.flags)
+        };
+        let cluster_ip = addr_flags::FRONTEND | addr_flags::CLUSTER_IP;
+        assert_eq!(flags("198.19.0.10"), Some(cluster_ip | addr_flags::BACKEND));
+        assert_eq!(flags("2001:db8:f::10"), Some(cluster_ip));
+        assert_eq!(
+            flags("198.19.0.11"),
+            Some(addr_flags::FRONTEND),
+            "an external-scope address keeps its other ports"
         );
     }
 }
