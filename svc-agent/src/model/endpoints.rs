@@ -70,9 +70,9 @@ pub(crate) enum Hint {
 
 impl Hint {
     /// From a list of hinted names and this node's name (or zone).
-    fn of<'n>(mut names: impl Iterator<Item = &'n str>, here: Option<&str>) -> Self {
+    fn of<'n>(names: impl Iterator<Item = &'n str>, here: Option<&str>) -> Self {
         let mut any = false;
-        for name in names.by_ref() {
+        for name in names {
             any = true;
             if here.is_some_and(|h| h == name) {
                 return Self::Here;
@@ -113,7 +113,8 @@ impl TopologyMode {
 /// Why a frontend's endpoints carry topology hints that were not used (all endpoints were).
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum HintsIgnored {
-    /// Some ready endpoints carry hints, others none.
+    /// Some ready endpoints carry hints, but not every one a zone hint, nor every one a node
+    /// hint (typically: some endpoints have no hints at all).
     EndpointsWithoutHints,
     /// Every ready endpoint has a zone hint, but this node's Node has no
     /// `topology.kubernetes.io/zone` label.
@@ -129,7 +130,7 @@ impl fmt::Display for HintsIgnored {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::EndpointsWithoutHints => {
-                f.write_str("some ready endpoints have no hint for this node's zone or name")
+                f.write_str("not every ready endpoint has a zone hint, nor every one a node hint")
             }
             Self::NodeWithoutZone => {
                 f.write_str("this node has no topology.kubernetes.io/zone label")

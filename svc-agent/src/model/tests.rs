@@ -1351,8 +1351,8 @@ fn a_ready_endpoint_without_hints_means_all_endpoints() {
     assert_eq!(
         ignored,
         [
-            "Service default/web: topology hints ignored, every endpoint is used: some ready \
-             endpoints have no hint for this node's zone or name"
+            "Service default/web: topology hints ignored, every endpoint is used: not every \
+             ready endpoint has a zone hint, nor every one a node hint"
         ]
     );
 }
