@@ -35,14 +35,16 @@ use aya::maps::MapData;
 use svc_common::MAP_NAMES;
 use tracing::{info, warn};
 
-use crate::loader::MapSizes;
+use crate::{
+    datapath::batch::{BatchAttr, lookup_batch_raw},
+    loader::MapSizes,
+};
 
 /// Suffix of a pin being migrated away from.
 const OLD: &str = "-old";
 
 /// `enum bpf_cmd` values (uapi).
 const BPF_MAP_UPDATE_ELEM: u32 = 2;
-const BPF_MAP_LOOKUP_BATCH: u32 = 24;
 const BPF_MAP_UPDATE_BATCH: u32 = 26;
 /// `BPF_NOEXIST` (uapi): add only, never replace.
 const BPF_NOEXIST: u64 = 1;
@@ -323,20 +325,6 @@ fn value_bytes(shape: MapShape) -> io::Result<usize> {
     }
 }
 
-/// The `batch` member of `union bpf_attr`.
-#[repr(C)]
-#[derive(Default)]
-struct BatchAttr {
-    in_batch: u64,
-    out_batch: u64,
-    keys: u64,
-    values: u64,
-    count: u32,
-    map_fd: u32,
-    elem_flags: u64,
-    flags: u64,
-}
-
 /// The element member of `union bpf_attr` (`BPF_MAP_UPDATE_ELEM`).
 #[repr(C)]
 #[derive(Default)]
@@ -375,43 +363,24 @@ fn read_all(fd: BorrowedFd<'_>, shape: MapShape) -> io::Result<Vec<(Vec<u8>, Vec
     let mut position: Option<u32> = None;
     let mut room: u32 = 1024;
     for _ in 0..=shape.max_entries {
-        let n = room as usize;
-        let mut keys = vec![0u8; n * ks];
-        let mut values = vec![0u8; n * vs];
-        let in_batch = position.unwrap_or(0);
-        let mut out_batch = 0u32;
-        let mut attr = BatchAttr {
-            in_batch: if position.is_some() {
-                (&raw const in_batch) as u64
-            } else {
-                0
-            },
-            out_batch: (&raw mut out_batch) as u64,
-            keys: keys.as_mut_ptr() as u64,
-            values: values.as_mut_ptr() as u64,
-            count: room,
-            map_fd: fd.as_raw_fd().cast_unsigned(),
-            ..BatchAttr::default()
-        };
-        let end = match bpf(BPF_MAP_LOOKUP_BATCH, &mut attr) {
-            Ok(()) => false,
-            Err(e) if e.raw_os_error() == Some(nix::libc::ENOENT) => true,
+        let got = match lookup_batch_raw(fd, (ks, vs), position, room) {
+            Ok(got) => got,
             Err(e) if e.raw_os_error() == Some(nix::libc::ENOSPC) && room < 1 << 20 => {
                 room *= 2;
                 continue;
             }
             Err(e) => return Err(e),
         };
-        for i in 0..(attr.count as usize).min(n) {
+        for i in 0..got.count {
             out.push((
-                keys[i * ks..(i + 1) * ks].to_vec(),
-                values[i * vs..(i + 1) * vs].to_vec(),
+                got.keys[i * ks..(i + 1) * ks].to_vec(),
+                got.values[i * vs..(i + 1) * vs].to_vec(),
             ));
         }
-        if end || out.len() >= shape.max_entries as usize {
+        if got.position.is_none() || out.len() >= shape.max_entries as usize {
             return Ok(out);
         }
-        position = Some(out_batch);
+        position = got.position;
     }
     Ok(out)
 }

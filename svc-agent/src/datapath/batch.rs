@@ -30,22 +30,27 @@ const BPF_MAP_LOOKUP_BATCH: u32 = 24;
 /// `ENOSPC` otherwise, and the chunk is doubled); buckets hold a handful.
 const CHUNK: u32 = 4096;
 
-/// The `batch` member of `union bpf_attr`.
+/// The `batch` member of `union bpf_attr` (also used for `BPF_MAP_UPDATE_BATCH`).
 #[repr(C)]
 #[derive(Default)]
-struct BatchAttr {
+pub(crate) struct BatchAttr {
     /// Where to start: a pointer to the previous call's `out_batch`, or null for the start.
-    in_batch: u64,
+    pub(crate) in_batch: u64,
     /// Where the kernel writes the position to continue from (a `u32` bucket index for hash
     /// maps).
-    out_batch: u64,
-    keys: u64,
-    values: u64,
+    pub(crate) out_batch: u64,
+    /// The keys' buffer.
+    pub(crate) keys: u64,
+    /// The values' buffer.
+    pub(crate) values: u64,
     /// In: room in `keys` / `values`, in entries. Out: entries written.
-    count: u32,
-    map_fd: u32,
-    elem_flags: u64,
-    flags: u64,
+    pub(crate) count: u32,
+    /// The map.
+    pub(crate) map_fd: u32,
+    /// Per-element flags (`BPF_NOEXIST`, ...).
+    pub(crate) elem_flags: u64,
+    /// Command flags (none used).
+    pub(crate) flags: u64,
 }
 
 /// Reads every entry of `map` in chunks (see the module documentation).
@@ -126,15 +131,30 @@ struct Batch<K, V> {
     position: Option<u32>,
 }
 
-/// One `BPF_MAP_LOOKUP_BATCH` call for at most `room` entries from `position`.
-fn lookup_batch<K: Pod, V: Pod>(
+/// One `BPF_MAP_LOOKUP_BATCH` answer, as bytes: `count` entries of the sizes asked for.
+pub(crate) struct RawBatch {
+    /// `count` keys, back to back.
+    pub(crate) keys: Vec<u8>,
+    /// `count` values, back to back.
+    pub(crate) values: Vec<u8>,
+    /// Entries written.
+    pub(crate) count: usize,
+    /// Where to continue; `None` at the end of the map.
+    pub(crate) position: Option<u32>,
+}
+
+/// One `BPF_MAP_LOOKUP_BATCH` call for at most `room` entries of a map whose keys and values
+/// (per-CPU values: all CPUs' slots) are `key_size` and `value_size` bytes, from `position`.
+/// `ENOSPC` (one bucket holds more than `room`) is returned for the caller to grow `room`.
+pub(crate) fn lookup_batch_raw(
     fd: BorrowedFd<'_>,
+    (key_size, value_size): (usize, usize),
     position: Option<u32>,
     room: u32,
-) -> io::Result<Batch<K, V>> {
+) -> io::Result<RawBatch> {
     let n = room as usize;
-    let mut keys = vec![0u8; n * size_of::<K>()];
-    let mut values = vec![0u8; n * size_of::<V>()];
+    let mut keys = vec![0u8; n * key_size];
+    let mut values = vec![0u8; n * value_size];
     let in_batch = position.unwrap_or(0);
     let mut out_batch = 0u32;
     let mut attr = BatchAttr {
@@ -152,9 +172,9 @@ fn lookup_batch<K: Pod, V: Pod>(
     };
     // SAFETY: `attr` is the uapi `batch` layout, passed with its exact size (the kernel reads
     // no further and requires nothing beyond it to be zero). Every pointer in it is valid for
-    // the call: `keys` and `values` hold `room` entries of the map's key and value sizes (aya
-    // checked those sizes against the map when it was typed as `HashMap<K, V>`), `in_batch` /
-    // `out_batch` are `u32`s, the batch token of hash maps. The kernel writes nothing else.
+    // the call: `keys` and `values` hold `room` entries of the sizes the caller gives, which
+    // are the map's (its contract), `in_batch` / `out_batch` are `u32`s, the batch token of
+    // hash maps. The kernel writes nothing else.
     let ret = unsafe {
         nix::libc::syscall(
             nix::libc::SYS_bpf,
@@ -173,18 +193,35 @@ fn lookup_batch<K: Pod, V: Pod>(
         }
         true
     };
-    let count = (attr.count as usize).min(n);
-    let entries = (0..count)
+    Ok(RawBatch {
+        keys,
+        values,
+        count: (attr.count as usize).min(n),
+        position: (!end).then_some(out_batch),
+    })
+}
+
+/// One `BPF_MAP_LOOKUP_BATCH` call for at most `room` entries from `position`, typed (aya
+/// checked `K` and `V` against the map's sizes when it was typed as `HashMap<K, V>`).
+fn lookup_batch<K: Pod, V: Pod>(
+    fd: BorrowedFd<'_>,
+    position: Option<u32>,
+    room: u32,
+) -> io::Result<Batch<K, V>> {
+    let raw = lookup_batch_raw(fd, (size_of::<K>(), size_of::<V>()), position, room)?;
+    let entries = (0..raw.count)
         .map(|i| {
-            // SAFETY: entry `i` lies inside the buffers (`i < room`); `K` and `V` are `Pod`, so
-            // any bytes the kernel wrote are a valid value; `read_unaligned` needs no alignment.
+            // SAFETY: entry `i` lies inside the buffers (`i < count <= room`); `K` and `V` are
+            // `Pod`, so any bytes the kernel wrote are a valid value; `read_unaligned` needs no
+            // alignment.
             unsafe {
                 (
-                    keys.as_ptr()
+                    raw.keys
+                        .as_ptr()
                         .add(i * size_of::<K>())
                         .cast::<K>()
                         .read_unaligned(),
-                    values
+                    raw.values
                         .as_ptr()
                         .add(i * size_of::<V>())
                         .cast::<V>()
@@ -195,6 +232,6 @@ fn lookup_batch<K: Pod, V: Pod>(
         .collect();
     Ok(Batch {
         entries,
-        position: (!end).then_some(out_batch),
+        position: raw.position,
     })
 }
