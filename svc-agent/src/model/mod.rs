@@ -16,12 +16,6 @@
 //! - an address:port listed in several slices is merged deterministically (see
 //!   `endpoints.rs`);
 //! - two Services claiming the same frontend: the first by namespace/name keeps it.
-//!
-//! Topology-aware routing follows kube-proxy (`pkg/proxy/topology.go`): `EndpointSlice`
-//! `hints.forNodes` / `hints.forZones` with this node's name and its Node's
-//! `topology.kubernetes.io/zone` label narrow the endpoints new connections of a frontend
-//! using the cluster's endpoints may choose (rules in `endpoints.rs`); when hints are present
-//! but cannot be used, all endpoints are used and [`DesiredState::topology_notes`] says why.
 
 mod endpoints;
 mod error;
@@ -31,12 +25,11 @@ mod pods;
 mod service;
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap, btree_map::Entry},
+    collections::{BTreeMap, HashMap, btree_map::Entry},
     net::IpAddr,
     sync::Arc,
 };
 
-pub use endpoints::HintsIgnored;
 pub use error::ObjectError;
 pub use frontend::{
     Backend, DropReason, EmptyAction, Frontend, FrontendKey, Protocol, Scope, ServicePortRef,
@@ -45,14 +38,14 @@ use k8s_openapi::api::{
     core::v1::{Node, Service},
     discovery::v1::EndpointSlice,
 };
-pub use node::{NodeAddress, NodeAddressKind, node_addresses, node_zone};
+pub use node::{NodeAddress, NodeAddressKind, node_addresses};
 pub use pods::{
     IgnoredSlice, LABEL_MANAGED_BY, MANAGED_BY, MAX_ENDPOINTS_PER_SLICE, PodSlices, Selection,
     slices_from_pods,
 };
 
 use self::{
-    endpoints::{Place, SliceIndex, select_backends},
+    endpoints::{SliceIndex, select_backends},
     service::{ServiceView, TrafficPolicy},
 };
 
@@ -62,8 +55,6 @@ pub const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
 pub const LABEL_SERVICE_PROXY_NAME: &str = "service.kubernetes.io/service-proxy-name";
 /// Services with this label (any value) are headless: nothing to program.
 pub const LABEL_HEADLESS: &str = "service.kubernetes.io/headless";
-/// The Node label naming the node's zone (topology hints for zones match it).
-pub const LABEL_TOPOLOGY_ZONE: &str = "topology.kubernetes.io/zone";
 /// The namespace of an object that names none (what `kubectl apply` uses by default).
 pub const DEFAULT_NAMESPACE: &str = "default";
 
@@ -109,31 +100,6 @@ pub struct DesiredState {
     pub backend_names: BTreeMap<IpAddr, String>,
     /// Objects (or parts of objects) that were skipped, sorted and deduplicated.
     pub errors: Vec<ObjectError>,
-    /// Services whose endpoints carry topology hints this node does not use (it uses all
-    /// endpoints instead, as kube-proxy does), with why; sorted and deduplicated. Not errors:
-    /// the Services are programmed.
-    pub topology_notes: Vec<TopologyNote>,
-}
-
-/// A Service whose topology hints this node ignores, and why (see [`HintsIgnored`]).
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct TopologyNote {
-    /// The Service's namespace.
-    pub namespace: String,
-    /// The Service's name.
-    pub name: String,
-    /// Why its hints are not used.
-    pub why: HintsIgnored,
-}
-
-impl std::fmt::Display for TopologyNote {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "Service {}/{}: topology hints ignored, every endpoint is used: {}",
-            self.namespace, self.name, self.why
-        )
-    }
 }
 
 /// Computes the desired state of the node named `node_name` from `snapshot`.
@@ -148,7 +114,7 @@ pub fn compute(snapshot: &Snapshot, node_name: &str) -> DesiredState {
 /// Per-Service results of [`compute_with`], kept between passes.
 ///
 /// A Service's frontends and errors depend only on the Service, its `EndpointSlice`s and the
-/// node's name and zone (a change of either starts the memo afresh). A source that hands out the same shared objects while they are unchanged (the
+/// node's name. A source that hands out the same shared objects while they are unchanged (the
 /// Kubernetes reflectors do: an object's `Arc` is replaced when it changes) gets each
 /// unchanged Service's result from here instead of recomputing it, so a pass costs in
 /// proportion to what changed, plus a walk over the names. Objects are compared by identity
@@ -156,7 +122,6 @@ pub fn compute(snapshot: &Snapshot, node_name: &str) -> DesiredState {
 #[derive(Debug, Default)]
 pub struct Memo {
     node_name: String,
-    zone: Option<String>,
     /// By namespace, then by Service name.
     groups: HashMap<String, HashMap<String, MemoEntry>>,
     /// How many Services the last pass computed (the others were reused).
@@ -164,17 +129,6 @@ pub struct Memo {
 }
 
 impl Memo {
-    /// Starts afresh when the node's name or zone changed (every result depends on them).
-    fn prepare(&mut self, node_name: &str, zone: Option<String>) {
-        if self.node_name != node_name || self.zone != zone {
-            *self = Self {
-                node_name: node_name.to_owned(),
-                zone,
-                ..Self::default()
-            };
-        }
-    }
-
     /// How many Services (with their slices) the last pass had to compute; the others were
     /// unchanged and reused.
     #[must_use]
@@ -213,7 +167,6 @@ impl MemoEntry {
 struct GroupOutput {
     claims: Vec<Claim>,
     errors: Vec<ObjectError>,
-    topology_notes: Vec<TopologyNote>,
     /// The `targetRef` names of the slices' endpoints, by address.
     names: Vec<(IpAddr, String)>,
 }
@@ -240,9 +193,12 @@ struct Group<'a> {
 /// The result is exactly what [`compute`] returns for the same snapshot.
 pub fn compute_with(snapshot: &Snapshot, node_name: &str, memo: &mut Memo) -> DesiredState {
     let mut errors = Vec::new();
-    memo.prepare(node_name, node_zone(&snapshot.nodes, node_name));
-    let zone = memo.zone.clone();
-    let place = Place::new(node_name, zone.as_deref());
+    if memo.node_name != node_name {
+        *memo = Memo {
+            node_name: node_name.to_owned(),
+            ..Memo::default()
+        };
+    }
 
     let services = unique_objects(
         "Service",
@@ -287,9 +243,8 @@ pub fn compute_with(snapshot: &Snapshot, node_name: &str, memo: &mut Memo) -> De
 
     let mut frontends = BTreeMap::new();
     let mut backend_names: BTreeMap<IpAddr, String> = BTreeMap::new();
-    let mut topology_notes = BTreeSet::new();
     for svc in nameless {
-        let out = compute_group(Some(svc), &[], place);
+        let out = compute_group(Some(svc), &[], node_name);
         merge(&out, &mut frontends, &mut errors);
     }
     let mut next: HashMap<String, HashMap<String, MemoEntry>> = HashMap::new();
@@ -303,14 +258,13 @@ pub fn compute_with(snapshot: &Snapshot, node_name: &str, memo: &mut Memo) -> De
         let (name, entry) = kept.unwrap_or_else(|| {
             memo.recomputed += 1;
             let entry = MemoEntry {
-                out: compute_group(group.service, &group.slices, place),
+                out: compute_group(group.service, &group.slices, node_name),
                 service: group.service.cloned(),
                 slices: group.slices.into_iter().cloned().collect(),
             };
             (name.to_owned(), entry)
         });
         merge(&entry.out, &mut frontends, &mut errors);
-        topology_notes.extend(entry.out.topology_notes.iter().cloned());
         for (addr, name) in &entry.out.names {
             backend_names
                 .entry(*addr)
@@ -341,7 +295,6 @@ pub fn compute_with(snapshot: &Snapshot, node_name: &str, memo: &mut Memo) -> De
         node_addresses,
         backend_names,
         errors,
-        topology_notes: topology_notes.into_iter().collect(),
     }
 }
 
@@ -349,13 +302,13 @@ pub fn compute_with(snapshot: &Snapshot, node_name: &str, memo: &mut Memo) -> De
 fn compute_group(
     service: Option<&Arc<Service>>,
     slices: &[&Arc<EndpointSlice>],
-    place: Place<'_>,
+    node_name: &str,
 ) -> GroupOutput {
     let mut out = GroupOutput::default();
     let slices: Vec<&EndpointSlice> = slices.iter().map(|s| &***s).collect();
-    let slice_index = SliceIndex::build(&slices, place, &mut out.errors);
+    let slice_index = SliceIndex::build(&slices, node_name, &mut out.errors);
     if let Some(view) = service.and_then(|svc| ServiceView::parse(svc, &mut out.errors)) {
-        service_claims(&view, &slice_index, place.zone, &mut out);
+        service_claims(&view, &slice_index, &mut out.claims);
         out.names = endpoints::target_names(&slices);
     }
     out
@@ -397,12 +350,7 @@ fn merge(
 /// Today only the `ClusterIP`s (scope [`Scope::Internal`], governed by
 /// `internalTrafficPolicy`); `NodePort`, `LoadBalancer` and `externalIPs` frontends (scope
 /// [`Scope::External`], `externalTrafficPolicy`) will be added here from the same view.
-fn service_claims(
-    view: &ServiceView<'_>,
-    slices: &SliceIndex<'_>,
-    zone: Option<&str>,
-    out: &mut GroupOutput,
-) {
+fn service_claims(view: &ServiceView<'_>, slices: &SliceIndex<'_>, claims: &mut Vec<Claim>) {
     for (ip_index, &addr) in view.cluster_ips.iter().enumerate() {
         if !view.serves(addr) {
             continue;
@@ -416,21 +364,14 @@ fn service_claims(
             };
             let endpoints =
                 slices.endpoints(view.namespace, view.name, addr, port.name, port.proto);
-            let selection = select_backends(&endpoints, view.internal_traffic_policy, zone);
-            if let Some(why) = selection.hints_ignored {
-                out.topology_notes.push(TopologyNote {
-                    namespace: view.namespace.to_owned(),
-                    name: view.name.to_owned(),
-                    why,
-                });
-            }
+            let selection = select_backends(&endpoints, view.internal_traffic_policy);
             let on_empty = match view.internal_traffic_policy {
                 TrafficPolicy::Local if selection.any_usable => {
                     EmptyAction::Drop(DropReason::InternalTrafficPolicyLocal)
                 }
                 TrafficPolicy::Local | TrafficPolicy::Cluster => EmptyAction::Reject,
             };
-            out.claims.push(Claim {
+            claims.push(Claim {
                 key,
                 frontend: Frontend {
                     service: ServicePortRef {
