@@ -56,6 +56,15 @@ impl Stamp {
     }
 }
 
+/// Whether `path` was modified less than [`WRITE_SETTLE`] ago (wall clock).
+fn modified_recently(path: &Path) -> bool {
+    fs::metadata(path)
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.elapsed().ok())
+        .is_some_and(|age| age < WRITE_SETTLE)
+}
+
 /// One file as last read.
 #[derive(Debug)]
 struct FileState {
@@ -103,6 +112,10 @@ pub struct DirSource {
     files: BTreeMap<PathBuf, FileState>,
     /// Files modified in place whose writer has not closed them, with the last write's time.
     writing: HashMap<PathBuf, Instant>,
+    /// Files whose writer closed them (or that were renamed into place) since they were read.
+    completed: std::collections::HashSet<PathBuf>,
+    /// Whether a first refresh read the directory (it reads every file, whatever its age).
+    primed: bool,
 }
 
 impl DirSource {
@@ -114,6 +127,8 @@ impl DirSource {
             budget,
             files: BTreeMap::new(),
             writing: HashMap::new(),
+            completed: std::collections::HashSet::new(),
+            primed: false,
         }
     }
 
@@ -132,6 +147,7 @@ impl DirSource {
     /// was removed.
     pub fn completed(&mut self, file: &Path) {
         self.writing.remove(file);
+        self.completed.insert(file.to_owned());
     }
 
     /// When the oldest file left unread because it is being written may be read, if any.
@@ -180,18 +196,27 @@ impl DirSource {
             if self.files.get(&path).is_some_and(|f| f.stamp == stamp) {
                 continue;
             }
-            if let Some(at) = self.writing.get(&path) {
-                if now.saturating_duration_since(*at) < WRITE_SETTLE {
+            if !self.completed.remove(&path) {
+                if let Some(at) = self.writing.get(&path) {
+                    if now.saturating_duration_since(*at) < WRITE_SETTLE {
+                        refresh.being_written.push(path);
+                        continue;
+                    }
+                    self.writing.remove(&path);
+                } else if self.primed && modified_recently(&path) {
+                    // Changed, but neither its writer's close nor a rename has been seen (the
+                    // events may still be on their way): treated as being written.
+                    self.writing.insert(path.clone(), now);
                     refresh.being_written.push(path);
                     continue;
                 }
-                self.writing.remove(&path);
             }
             let report = self.read(&path, stamp);
             // A file that keeps its last good version contributes what it did.
             refresh.changed |= !report.kept_last_good;
             refresh.read.push(report);
         }
+        self.primed = true;
         Ok(refresh)
     }
 
@@ -232,6 +257,8 @@ impl DirSource {
         for state in self.files.values_mut() {
             state.stamp.len = u64::MAX;
         }
+        // Events about them may be lost too: the next refresh reads every file as it is.
+        self.primed = false;
     }
 
     /// Everything the directory contributes, in file name order.
@@ -304,6 +331,12 @@ mod tests {
         fs::rename(&tmp, path).unwrap();
     }
 
+    /// [`replace`], and the rename's event as the watcher reports it.
+    fn replace_in(source: &mut DirSource, path: &Path, text: &str) {
+        replace(path, text);
+        source.completed(path);
+    }
+
     #[test]
     fn only_changed_files_are_read() {
         let dir = TempDir::new("changed");
@@ -319,7 +352,7 @@ mod tests {
         let again = source.refresh(now).unwrap();
         assert_eq!(again, Refresh::default(), "nothing changed: nothing read");
 
-        replace(&dir.0.join("b.yaml"), &service("b2"));
+        replace_in(&mut source, &dir.0.join("b.yaml"), &service("b2"));
         let second = source.refresh(now).unwrap();
         assert!(second.changed);
         let read: Vec<&Path> = second.read.iter().map(|r| r.file.as_path()).collect();
@@ -343,7 +376,8 @@ mod tests {
         assert_eq!(names(&source), ["one", "two"]);
 
         // Cut off in the middle of the second document: a syntax error.
-        replace(
+        replace_in(
+            &mut source,
             &file,
             &format!("{}---\napiVersion: v1\nkind: [", service("one")),
         );
@@ -369,7 +403,7 @@ mod tests {
         // The same broken version is not read (nor reported) again.
         assert_eq!(source.refresh(now).unwrap(), Refresh::default());
 
-        replace(&file, &service("three"));
+        replace_in(&mut source, &file, &service("three"));
         source.refresh(now).unwrap();
         assert_eq!(names(&source), ["three"]);
     }
@@ -439,7 +473,7 @@ mod tests {
         source.refresh(Instant::now()).unwrap();
 
         let many: Vec<String> = (0..4).map(|i| service(&format!("s{i}"))).collect();
-        replace(&file, &many.join("---\n"));
+        replace_in(&mut source, &file, &many.join("---\n"));
         let refresh = source.refresh(Instant::now()).unwrap();
         assert_eq!(refresh.read[0].errors.len(), 1);
         assert!(
@@ -452,7 +486,7 @@ mod tests {
         assert!(refresh.read[0].kept_last_good);
         assert_eq!(names(&source), ["small"]);
 
-        replace(&file, &"# padding\n".repeat(500));
+        replace_in(&mut source, &file, &"# padding\n".repeat(500));
         let refresh = source.refresh(Instant::now()).unwrap();
         assert!(
             refresh.read[0].errors[0]
