@@ -17,6 +17,7 @@
 //!   `endpoints.rs`);
 //! - two Services claiming the same frontend: the first by namespace/name keeps it.
 
+mod delta;
 mod endpoints;
 mod error;
 mod frontend;
@@ -30,6 +31,7 @@ use std::{
     sync::Arc,
 };
 
+pub use delta::Delta;
 pub use error::ObjectError;
 pub use frontend::{
     Backend, DropReason, EmptyAction, Frontend, FrontendKey, Protocol, Scope, ServicePortRef,
