@@ -203,7 +203,12 @@ async fn run(bpffs: &std::path::Path, args: &RunArgs) -> anyhow::Result<()> {
     let (mut ebpf, migration) = loader::load_pinned(bpffs, sizes, globals)?;
     loader::load_programs(&mut ebpf)?;
     let patterns = loader::IfacePatterns::parse(&args.pod_ifaces)?;
-    let mut reconciler = Reconciler::adopt(AyaMaps::take(&mut ebpf)?)?;
+    let maps = AyaMaps::take(&mut ebpf)?;
+    let flow_tables = maps.flow_tables()?;
+    let mut reconciler = Reconciler::adopt(maps)?;
+    // Flow state a pass ends (UDP flows, affinity, UDP sockets' backends) is cleared by a
+    // thread of its own: the next change never waits behind a pass over the connection table.
+    reconciler.sweep_in_background(flow_tables)?;
     // Warns while the table of answered connections is nearly full (svc-ebpf/DESIGN.md,
     // "Conntrack under pressure").
     svc_agent::datapath::pressure::watch(&pin_dir)?;

@@ -7,7 +7,8 @@
 //! all be written keeps its old slot 0 (count), which only names slots that exist. Last, when
 //! the pass ended `(frontend, backend)` pairs or removed backends, the kernel's flow state that
 //! names them is cleared: UDP flows and affinity entries (one bounded pass over each table; see
-//! `flows.rs`); and what ended is handed, as addresses, to the thread that destroys connected
+//! `flows.rs`), by the sweeper thread when there is one (`sweeper.rs`: the pass only queues
+//! it), inline otherwise; and what ended is handed, as addresses, to the thread that destroys connected
 //! UDP sockets translated to it (`sockets`), which the pass does not wait for.
 
 use std::{
@@ -16,35 +17,30 @@ use std::{
     time::{Duration, Instant},
 };
 
+use super::{
+    flows::{ReplySchedule, StaleFlows, Sweep},
+    ids::IdMap,
+    names,
+    render::{BackendRef, Capacity, Rendered, addresses, addresses_union, render},
+    sweeper::{FlowSweeps, FlowTables, Sweeper, clear_now, clear_replies_now},
+};
+use crate::{
+    model::{DesiredState, FrontendKey, Protocol, Scope},
+    sockets::{EndedBackends, EndedSender},
+};
 use anyhow::{Context as _, anyhow};
 use aya::{
-    Ebpf, Pod,
+    Ebpf,
     maps::{HashMap as BpfHashMap, MapData, MapError, PerCpuHashMap, PerCpuValues},
     util::nr_cpus,
 };
 use svc_common::{
     addr::{FAMILY_V4, to_v4},
     addrs::{AddrKey, AddrValue, addr_flags},
-    affinity::{AffinityKey, AffinityValue},
-    conntrack::{CtKey, CtValue},
     ids::{self, IdCursor},
     net::ipproto,
     service::{Backend, BackendName, ServiceKey, ServiceValue, scope},
-    sock::{SockPinKey, SockPinValue},
     stats::Counter,
-};
-use tracing::{info, warn};
-
-use super::{
-    batch,
-    flows::{FlowTable, ReplySchedule, StaleFlows, Sweep, is_flow, is_reply, sweep},
-    ids::IdMap,
-    names,
-    render::{BackendRef, Capacity, Rendered, addresses, addresses_union, render},
-};
-use crate::{
-    model::{DesiredState, FrontendKey, Protocol, Scope},
-    sockets::{EndedBackends, EndedSender},
 };
 
 /// Access to `SERVICES_V1` and `BACKENDS_V1` (written by the agent), the counters, and the
@@ -113,32 +109,30 @@ pub struct AyaMaps {
     addrs: BpfHashMap<MapData, AddrKey, AddrValue>,
     svc_stats: PerCpuHashMap<MapData, u32, Counter>,
     backend_stats: PerCpuHashMap<MapData, u32, Counter>,
-    ct: BpfHashMap<MapData, CtKey, CtValue>,
-    ct_new: BpfHashMap<MapData, CtKey, CtValue>,
-    affinity: BpfHashMap<MapData, AffinityKey, AffinityValue>,
-    sock_pins: BpfHashMap<MapData, SockPinKey, SockPinValue>,
+    /// `CT_V1`, `CT_NEW_V1`, `AFFINITY_V1`, `SOCK_UDP_PIN_V1`.
+    flows: FlowTables,
     names: BpfHashMap<MapData, u32, BackendName>,
     id_cursors: aya::maps::Array<MapData, IdCursor>,
     cap: Capacity,
-    /// Entries `CT_V1`, `AFFINITY_V1` and `SOCK_UDP_PIN_V1` hold at most: the bound of one pass
-    /// over each.
-    ct_max: usize,
-    ct_new_max: usize,
-    affinity_max: usize,
-    sock_pins_max: usize,
 }
 
 impl AyaMaps {
+    /// The flow tables (`CT_V1`, `CT_NEW_V1`, `AFFINITY_V1`, `SOCK_UDP_PIN_V1`) through
+    /// descriptors of their own, for the thread that clears them off the pass ([`Sweeper`]).
+    ///
+    /// # Errors
+    /// When a descriptor cannot be duplicated.
+    pub fn flow_tables(&self) -> anyhow::Result<FlowTables> {
+        self.flows.try_clone()
+    }
+
     /// Takes `SERVICES_V1`, `BACKENDS_V1`, `ADDRS_V1`, their counters, `CT_V1` and
     /// `AFFINITY_V1` out of `ebpf` (the programs keep using them).
     pub fn take(ebpf: &mut Ebpf) -> anyhow::Result<Self> {
         let (services, svc_max) = take_hash(ebpf, "SERVICES_V1")?;
         let (backends, be_max) = take_hash(ebpf, "BACKENDS_V1")?;
         let (addrs, _) = take_hash(ebpf, "ADDRS_V1")?;
-        let (ct, ct_max) = take_hash(ebpf, "CT_V1")?;
-        let (ct_new, ct_new_max) = take_hash(ebpf, "CT_NEW_V1")?;
-        let (affinity, affinity_max) = take_hash(ebpf, "AFFINITY_V1")?;
-        let (sock_pins, sock_pins_max) = take_hash(ebpf, "SOCK_UDP_PIN_V1")?;
+        let flows = FlowTables::take(ebpf)?;
         let (names, _) = take_hash(ebpf, "BACKEND_NAMES_V1")?;
         let take_stats =
             |ebpf: &mut Ebpf, name: &str| -> anyhow::Result<PerCpuHashMap<MapData, u32, Counter>> {
@@ -153,10 +147,7 @@ impl AyaMaps {
             addrs: BpfHashMap::try_from(addrs).context("ADDRS_V1")?,
             svc_stats: take_stats(ebpf, "SVC_STATS_V1")?,
             backend_stats: take_stats(ebpf, "BACKEND_STATS_V1")?,
-            ct: BpfHashMap::try_from(ct).context("CT_V1")?,
-            ct_new: BpfHashMap::try_from(ct_new).context("CT_NEW_V1")?,
-            affinity: BpfHashMap::try_from(affinity).context("AFFINITY_V1")?,
-            sock_pins: BpfHashMap::try_from(sock_pins).context("SOCK_UDP_PIN_V1")?,
+            flows,
             names: BpfHashMap::try_from(names).context("BACKEND_NAMES_V1")?,
             id_cursors: aya::maps::Array::try_from(
                 ebpf.take_map("ID_CURSORS_V1")
@@ -167,10 +158,6 @@ impl AyaMaps {
                 services: svc_max,
                 backends: be_max,
             },
-            ct_max: usize::try_from(ct_max).context("CT_V1 size")?,
-            ct_new_max: usize::try_from(ct_new_max).context("CT_NEW_V1 size")?,
-            affinity_max: usize::try_from(affinity_max).context("AFFINITY_V1 size")?,
-            sock_pins_max: usize::try_from(sock_pins_max).context("SOCK_UDP_PIN_V1 size")?,
         })
     }
 }
@@ -264,59 +251,16 @@ impl DatapathMaps for AyaMaps {
         self.cap
     }
     fn clear_udp_flows(&mut self, stale: &StaleFlows) -> anyhow::Result<Sweep> {
-        let answered = sweep(
-            &mut AyaTable(&mut self.ct),
-            self.ct_max,
-            |k, v| stale.matches_ct(k, v) && is_flow(k, v),
-            is_flow,
-        )
-        .context("clearing CT_V1")?;
-        // Flows nothing answered yet (a datagram whose backend never replied) live in
-        // CT_NEW_V1 until their first answer; their reply entries wait too (a first answer
-        // may be on its way).
-        let unanswered = sweep(
-            &mut AyaTable(&mut self.ct_new),
-            self.ct_new_max,
-            |k, v| stale.matches_ct(k, v) && is_flow(k, v),
-            is_flow,
-        )
-        .context("clearing CT_NEW_V1")?;
-        Ok(answered.plus(unanswered))
+        self.flows.clear_udp_flows(stale)
     }
     fn clear_udp_replies(&mut self, stale: &StaleFlows) -> anyhow::Result<Sweep> {
-        let answered = sweep(
-            &mut AyaTable(&mut self.ct),
-            self.ct_max,
-            |k, v| stale.matches_ct(k, v) && is_reply(k, v),
-            |_, _| false,
-        )
-        .context("clearing CT_V1's reply entries")?;
-        let unanswered = sweep(
-            &mut AyaTable(&mut self.ct_new),
-            self.ct_new_max,
-            |k, v| stale.matches_ct(k, v) && is_reply(k, v),
-            |_, _| false,
-        )
-        .context("clearing CT_NEW_V1's reply entries")?;
-        Ok(answered.plus(unanswered))
+        self.flows.clear_udp_replies(stale)
     }
     fn clear_affinity(&mut self, stale: &StaleFlows) -> anyhow::Result<Sweep> {
-        sweep(
-            &mut AyaTable(&mut self.affinity),
-            self.affinity_max,
-            |k, v| stale.matches_affinity(k, v),
-            |_, _| true,
-        )
-        .context("clearing AFFINITY_V1")
+        self.flows.clear_affinity(stale)
     }
     fn clear_sock_pins(&mut self, stale: &StaleFlows) -> anyhow::Result<Sweep> {
-        sweep(
-            &mut AyaTable(&mut self.sock_pins),
-            self.sock_pins_max,
-            |_, v| stale.matches_sock_pin(v),
-            |_, _| true,
-        )
-        .context("clearing SOCK_UDP_PIN_V1")
+        self.flows.clear_sock_pins(stale)
     }
     fn id_cursors(&self) -> anyhow::Result<[u32; 2]> {
         let get = |i| {
@@ -354,27 +298,21 @@ impl DatapathMaps for AyaMaps {
     }
 }
 
-/// A BPF hash map as a [`FlowTable`]: read in batches, deleted from one key at a time.
-struct AyaTable<'a, K, V>(&'a mut BpfHashMap<MapData, K, V>);
+/// The maps' own clearing passes, for the pass that clears inline (no sweeper).
+struct InlineSweeps<'a, M>(&'a mut M);
 
-impl<K: Pod, V: Pod> FlowTable<K, V> for AyaTable<'_, K, V> {
-    type Error = anyhow::Error;
-    fn entries(&self) -> impl Iterator<Item = anyhow::Result<(K, V)>> + '_ {
-        batch::entries(self.0).map(|r| r.context("BPF_MAP_LOOKUP_BATCH"))
+impl<M: DatapathMaps> FlowSweeps for InlineSweeps<'_, M> {
+    fn clear_udp_flows(&mut self, stale: &StaleFlows) -> anyhow::Result<Sweep> {
+        self.0.clear_udp_flows(stale)
     }
-    fn get(&self, key: &K) -> anyhow::Result<Option<V>> {
-        match self.0.get(key, 0) {
-            Ok(value) => Ok(Some(value)),
-            Err(MapError::KeyNotFound) => Ok(None),
-            Err(e) => Err(e).context("looking an entry up again"),
-        }
+    fn clear_udp_replies(&mut self, stale: &StaleFlows) -> anyhow::Result<Sweep> {
+        self.0.clear_udp_replies(stale)
     }
-    fn remove(&mut self, key: &K) -> anyhow::Result<bool> {
-        match self.0.remove(key) {
-            Ok(()) => Ok(true),
-            Err(MapError::KeyNotFound) => Ok(false),
-            Err(e) => Err(e).context("deleting an entry"),
-        }
+    fn clear_affinity(&mut self, stale: &StaleFlows) -> anyhow::Result<Sweep> {
+        self.0.clear_affinity(stale)
+    }
+    fn clear_sock_pins(&mut self, stale: &StaleFlows) -> anyhow::Result<Sweep> {
+        self.0.clear_sock_pins(stale)
     }
 }
 
@@ -449,6 +387,8 @@ pub struct Reconciler<M: DatapathMaps> {
     replies: ReplySchedule,
     /// The id cursors last kept in `ID_CURSORS_V1`.
     cursors: [u32; 2],
+    /// The thread that clears flow state off the pass; `None`: the pass clears it.
+    sweeper: Option<Sweeper>,
 }
 
 impl<M: DatapathMaps> Reconciler<M> {
@@ -498,6 +438,7 @@ impl<M: DatapathMaps> Reconciler<M> {
             retired_grace: RETIRED_BACKEND_GRACE,
             replies: ReplySchedule::new(UDP_REPLY_GRACE),
             cursors,
+            sweeper: None,
         };
         let want = r.addresses_now();
         let mut errors = Vec::new();
@@ -512,6 +453,21 @@ impl<M: DatapathMaps> Reconciler<M> {
     /// on ([`UDP_REPLY_GRACE`] unless changed; tests shorten it).
     pub fn set_udp_reply_grace(&mut self, grace: Duration) {
         self.replies.set_grace(grace);
+    }
+
+    /// From now on, flow state that a pass ends is cleared by a thread of its own over `tables`
+    /// (see `sweeper.rs`): the pass only queues it. Reply entries of cleared UDP flows go the
+    /// grace set by [`set_udp_reply_grace`](Self::set_udp_reply_grace) (call that first) after
+    /// their flows, when the thread wakes for them.
+    ///
+    /// # Errors
+    /// When the thread cannot be started.
+    pub fn sweep_in_background(
+        &mut self,
+        tables: impl FlowSweeps + Send + 'static,
+    ) -> anyhow::Result<()> {
+        self.sweeper = Some(Sweeper::start(tables, self.replies.grace())?);
+        Ok(())
     }
 
     /// From now on, every pass that ends backends also sends them, as addresses, to `sender`
@@ -571,6 +527,12 @@ impl<M: DatapathMaps> Reconciler<M> {
         );
         // Slots kept for a frontend that could not be reprogrammed still send new flows.
         self.current.reachable = &want.reachable | &slot_pairs(&self.current.services);
+        if self.sweeper.is_some() {
+            self.revived(StaleFlows {
+                pairs: &self.current.reachable - &reachable_before,
+                backends: BTreeSet::new(),
+            });
+        }
         let stale = StaleFlows {
             pairs: &reachable_before - &self.current.reachable,
             backends: removed.keys().copied().collect(),
@@ -607,6 +569,7 @@ impl<M: DatapathMaps> Reconciler<M> {
 
     /// Clears the reply entries of UDP flows cleared at least the grace ago (see
     /// `flows::ReplySchedule`), except those of a pair or backend that came back meanwhile.
+    /// With a sweeper, the thread does this when they are due.
     fn clear_due_replies(&mut self, report: &mut ReconcileReport) {
         let Some(mut due) = self.replies.take_due(Instant::now()) else {
             return;
@@ -617,85 +580,44 @@ impl<M: DatapathMaps> Reconciler<M> {
         if due.is_empty() {
             return;
         }
-        match self.maps.clear_udp_replies(&due) {
-            Ok(sweep) => {
-                info!(
-                    ct_entries = sweep.deleted,
-                    ct_scanned = sweep.visited,
-                    truncated = sweep.truncated,
-                    "cleared the reply entries of UDP flows cleared at least {:?} ago",
-                    self.replies.grace()
-                );
-                report.udp_replies = Some(sweep);
-            }
-            Err(e) => report
-                .errors
-                .push(format!("clearing reply entries of ended UDP flows: {e:#}")),
-        }
+        let grace = self.replies.grace();
+        report.udp_replies = clear_replies_now(
+            &mut InlineSweeps(&mut self.maps),
+            &due,
+            grace,
+            &mut report.errors,
+        );
     }
 
     /// Step 6: forgets the UDP flows (when `udp`) and affinity entries that name what `stale`
     /// says ended, one bounded pass over each table; logs what it did.
+    ///
+    /// With a sweeper, only queues the work (the returned counts are then `None`) and tells it
+    /// what `revived` says is reachable again.
     fn clear_stale(&mut self, stale: &StaleFlows, udp: bool, errors: &mut Vec<String>) -> Cleared {
-        let started = Instant::now();
-        let mut cleared = Cleared {
-            removed_backends: stale.backends.len(),
-            ended_pairs: stale.pairs.len(),
-            ..Cleared::default()
-        };
-        if udp {
-            match self.maps.clear_udp_flows(stale) {
-                Ok(sweep) => {
-                    cleared.udp = Some(sweep);
-                    self.replies.push(Instant::now(), stale.clone());
-                }
-                Err(e) => errors.push(format!("clearing UDP flows of ended backends: {e:#}")),
-            }
-            match self.maps.clear_sock_pins(stale) {
-                Ok(sweep) => cleared.sock_pins = Some(sweep),
-                Err(e) => errors.push(format!(
-                    "clearing UDP sockets' backends of ended backends: {e:#}"
-                )),
-            }
+        if let Some(sweeper) = &self.sweeper {
+            sweeper.ended(stale.clone(), udp);
+            return Cleared {
+                removed_backends: stale.backends.len(),
+                ended_pairs: stale.pairs.len(),
+                ..Cleared::default()
+            };
         }
-        match self.maps.clear_affinity(stale) {
-            Ok(sweep) => cleared.affinity = Some(sweep),
-            Err(e) => errors.push(format!(
-                "clearing affinity entries of ended backends: {e:#}"
-            )),
+        clear_now(
+            &mut InlineSweeps(&mut self.maps),
+            stale,
+            udp,
+            &mut self.replies,
+            errors,
+        )
+    }
+
+    /// Tells the sweeper (if any) that these pairs are reachable and these backends exist
+    /// again, so what an earlier pass queued for them is not cleared.
+    fn revived(&self, back: StaleFlows) {
+        if let Some(sweeper) = &self.sweeper {
+            sweeper.revived(back);
         }
-        let udp = cleared.udp.unwrap_or_default();
-        let affinity = cleared.affinity.unwrap_or_default();
-        let sock_pins = cleared.sock_pins.unwrap_or_default();
-        info!(
-            udp_flows = udp.flows,
-            ct_entries = udp.deleted,
-            ct_scanned = udp.visited,
-            ct_scan = if cleared.udp.is_some() {
-                "done"
-            } else {
-                "skipped: no UDP frontend concerned"
-            },
-            affinity_entries = affinity.deleted,
-            affinity_scanned = affinity.visited,
-            sock_pins = sock_pins.deleted,
-            ended_pairs = cleared.ended_pairs,
-            took_ms = started.elapsed().as_secs_f64() * 1e3,
-            "cleared {} UDP flows of {} removed backends",
-            // Flows tracked per packet, and sockets given a backend at the socket.
-            udp.flows + sock_pins.deleted,
-            cleared.removed_backends,
-        );
-        if udp.truncated || affinity.truncated || sock_pins.truncated {
-            warn!(
-                ct_truncated = udp.truncated,
-                affinity_truncated = affinity.truncated,
-                sock_pins_truncated = sock_pins.truncated,
-                "a flow-clearing pass stopped at its bound (the table's capacity); entries it \
-                 did not reach are left to the kernel's check of removed backends"
-            );
-        }
-        cleared
     }
 
     /// What `ADDRS_V1` should hold now: the addresses of what `SERVICES_V1` and `BACKENDS_V1`
@@ -1003,7 +925,14 @@ fn describe(k: &ServiceKey) -> String {
 mod tests {
     use std::collections::HashMap;
 
-    use svc_common::{Be16, conntrack::dir};
+    use svc_common::{
+        Be16,
+        affinity::{AffinityKey, AffinityValue},
+        conntrack::{CtKey, CtValue, dir},
+        sock::{SockPinKey, SockPinValue},
+    };
+
+    use super::super::flows::{FlowTable, is_flow, is_reply, sweep};
 
     use super::*;
     use crate::{

@@ -168,6 +168,16 @@ impl ReplySchedule {
         due
     }
 
+    /// Leaves out of every waiting batch what `back` names (pairs reachable again, backends
+    /// that exist again): their reply entries are in use again.
+    pub fn forget(&mut self, back: &StaleFlows) {
+        for (_, stale) in &mut self.pending {
+            stale.pairs.retain(|p| !back.pairs.contains(p));
+            stale.backends.retain(|b| !back.backends.contains(b));
+        }
+        self.pending.retain(|(_, stale)| !stale.is_empty());
+    }
+
     /// When the next batch is due.
     #[must_use]
     pub fn next_due(&self) -> Option<Instant> {

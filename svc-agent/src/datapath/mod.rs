@@ -10,6 +10,7 @@ pub mod ids;
 pub mod names;
 pub mod pressure;
 pub mod render;
+pub mod sweeper;
 
 pub use apply::{AyaMaps, Cleared, DatapathMaps, ReconcileReport, Reconciler};
 pub use render::{Rendered, render};
