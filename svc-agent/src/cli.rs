@@ -57,6 +57,11 @@ pub struct RunArgs {
     /// How long to wait for more changes after one arrives before reconciling (milliseconds).
     #[arg(long, default_value_t = 20)]
     pub coalesce_ms: u64,
+    /// Every this many seconds, the full computation of the desired state and the full diff
+    /// against the maps run as an audit of the incremental passes, logging and fixing any drift
+    /// (0: never). A full pass costs about what a cold sync's compute and diff cost.
+    #[arg(long, value_name = "SECONDS", default_value_t = 300)]
+    pub audit_interval: u64,
     /// Do not publish Kubernetes Events about bad objects (they are logged either way).
     #[arg(long)]
     pub no_events: bool,
@@ -96,6 +101,12 @@ pub struct RunArgs {
 }
 
 impl RunArgs {
+    /// `--audit-interval` as a duration; `None` when audits are off (0).
+    #[must_use]
+    pub fn audit_interval(&self) -> Option<std::time::Duration> {
+        (self.audit_interval != 0).then(|| std::time::Duration::from_secs(self.audit_interval))
+    }
+
     /// Everything about the arguments that can be checked before anything is loaded, attached
     /// or pinned: the node name, the map sizes, conflicting flags, the interface patterns, and
     /// that `--from-dir`, `--kubeconfig` and `--cgroup` name what they must. A run that fails

@@ -263,7 +263,12 @@ async fn run(bpffs: &std::path::Path, args: &RunArgs) -> anyhow::Result<()> {
             Err(dir) => {
                 // The first sync happens before "running" is announced.
                 let coalesce = std::time::Duration::from_millis(args.coalesce_ms);
-                let mut directory = standalone::Standalone::new(dir, &args.node_name, coalesce);
+                let mut directory = standalone::Standalone::new(
+                    dir,
+                    &args.node_name,
+                    coalesce,
+                    args.audit_interval(),
+                );
                 directory.sync(&mut reconciler)?;
                 running();
                 directory.follow(&mut reconciler).await
@@ -273,6 +278,7 @@ async fn run(bpffs: &std::path::Path, args: &RunArgs) -> anyhow::Result<()> {
                     node_name: args.node_name.clone(),
                     coalesce: std::time::Duration::from_millis(args.coalesce_ms),
                     events: !args.no_events,
+                    audit_interval: args.audit_interval(),
                 };
                 info!(node = %args.node_name, "following the Kubernetes API server");
                 svc_agent::source::kube::follow(client, &options, &mut reconciler, running).await

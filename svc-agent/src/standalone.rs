@@ -1,7 +1,12 @@
 //! Standalone mode: the desired state comes from a directory of Kubernetes YAML/JSON files,
 //! followed live. Only the files that changed are parsed again (`source::dir`, with its
-//! last-good and files-being-written rules); a pass computes and applies only when something
-//! the directory contributes changed; bursts of events are coalesced (`--coalesce-ms`).
+//! last-good and files-being-written rules); a pass runs only when something the directory
+//! contributes changed; bursts of events are coalesced (`--coalesce-ms`). A pass hands the
+//! directory's objects to the incremental model (`model::Model::replace`: objects of unchanged
+//! files are the same shared objects, so only Services whose objects changed are recomputed;
+//! computed slices of selector Services are compared by content) and the reconciler writes only
+//! the frontends that changed. The reconciler's retries (frontends waiting for room) and the
+//! periodic audit (`--audit-interval`, `source::audit`) run from the same loop.
 //!
 //! The directory is watched with inotify (`notify`), and so is its parent, for the directory
 //! itself: when it is replaced (`mv dir dir.old; mkdir dir`, a `ConfigMap` volume's swap of a
@@ -39,66 +44,123 @@ pub struct Standalone {
     source: DirSource,
     node_name: String,
     coalesce: Duration,
+    /// The desired state, kept Service by Service: a pass recomputes only the Services whose
+    /// objects changed, and the reconciler writes only the frontends that changed.
+    model: model::Model,
     /// Whether a pass has computed and applied the directory once.
     synced: bool,
+    /// When the reconciler asked to be called again (something waits for room, or a write
+    /// failed).
+    retry_at: Option<Instant>,
+    /// How often the audit runs (`None`: never), and when it runs next.
+    audit_interval: Option<Duration>,
+    audit_at: Option<Instant>,
     /// Lines logged by the last pass about objects (bad objects, selections, objects not
     /// programmed): each is logged when it appears, not on every pass.
     said: BTreeSet<String>,
+    /// What the last computation from the directory's objects had to say (kept for passes
+    /// that only retry).
+    said_about_objects: Vec<String>,
     /// Each selector Service's selection as last logged.
     selections: BTreeMap<String, String>,
 }
 
 impl Standalone {
     /// Follows `dir` for node `node_name`; `coalesce` is how long to wait for more changes
-    /// after one arrives.
+    /// after one arrives; every `audit_interval` the full computation and diff run as an
+    /// audit (`source::audit`).
     #[must_use]
-    pub fn new(dir: &Path, node_name: &str, coalesce: Duration) -> Self {
+    pub fn new(
+        dir: &Path,
+        node_name: &str,
+        coalesce: Duration,
+        audit_interval: Option<Duration>,
+    ) -> Self {
         Self {
             source: DirSource::new(dir, Budget::DEFAULT),
             node_name: node_name.to_owned(),
             coalesce,
+            model: model::Model::new(node_name),
             synced: false,
+            retry_at: None,
+            audit_interval,
+            audit_at: audit_interval.map(|i| Instant::now() + i),
             said: BTreeSet::new(),
+            said_about_objects: Vec::new(),
             selections: BTreeMap::new(),
         }
     }
 
     /// Reads what changed in the directory and, when something did (or nothing was applied
-    /// yet), computes the desired state and applies it.
+    /// yet), hands the objects to the model and writes what changed; also retries what the
+    /// reconciler asked to retry, and runs the audit when it is due.
     ///
     /// # Errors
     /// When the directory cannot be listed: nothing is applied, the last state stays.
     pub fn sync<M: DatapathMaps>(&mut self, rec: &mut Reconciler<M>) -> anyhow::Result<()> {
         let refresh = self.source.refresh(Instant::now())?;
         log_refresh(&refresh);
-        if self.synced && !refresh.changed {
+        let now = Instant::now();
+        let retry = self.retry_at.is_some_and(|t| t <= now);
+        let audit = self.audit_at.is_some_and(|t| t <= now);
+        if self.synced && !refresh.changed && !retry && !audit {
             return Ok(());
         }
-        let loaded = self.source.loaded();
-        let mut said: Vec<String> = Vec::new();
-        let snapshot = self.with_pod_slices(&loaded, &mut said);
-        let desired = model::compute(&snapshot, &self.node_name);
-        for e in &desired.errors {
+        let started = Instant::now();
+        let computed = !self.synced || refresh.changed || audit;
+        let report = if computed {
+            let loaded = self.source.loaded();
+            let mut said = Vec::new();
+            let objects = self.with_pod_slices(&loaded, &mut said);
+            self.said_about_objects = said;
+            if self.synced && !audit {
+                let delta = self.model.replace(&objects);
+                rec.apply_delta(self.model.state(), &delta)
+            } else if audit {
+                self.audit_at = self.audit_interval.map(|i| now + i);
+                crate::source::audit::audit(&objects, &self.node_name, &mut self.model, rec)
+            } else {
+                self.model.replace(&objects);
+                rec.apply(self.model.state())
+            }
+        } else {
+            rec.apply_delta(self.model.state(), &model::Delta::default())
+        };
+        self.retry_at = report.retry_after.map(|d| now + d);
+        let mut said = self.said_about_objects.clone();
+        for e in &self.model.state().errors {
             said.push(format!("skipped an object: {e}"));
         }
-        let report = rec.apply(&desired);
         for e in &report.errors {
             said.push(format!("not programmed: {e}"));
         }
         self.say_new(said);
         info!(
-            frontends = desired.frontends.len(),
+            frontends = self.model.state().frontends.len(),
             files_read = refresh.read.len(),
             files_removed = refresh.removed.len(),
+            recomputed = self.model.recomputed(),
             services_written = report.services_written,
             services_deleted = report.services_deleted,
             backends_written = report.backends_written,
             backends_deleted = report.backends_deleted,
+            waiting = report.skipped.len(),
+            retry_only = !computed,
+            took_us = started.elapsed().as_micros(),
             "synced {}",
             self.source.dir().display()
         );
         self.synced = true;
         Ok(())
+    }
+
+    /// When [`sync`](Self::sync) has something to do without any file event: a retry or the
+    /// audit.
+    fn next_timer(&self) -> Option<Instant> {
+        match (self.retry_at, self.audit_at) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     /// Logs the lines of this pass that the previous pass did not log; remembers this pass's.
@@ -195,10 +257,10 @@ impl Standalone {
         let mut identity_watched = watch_dir(&mut watcher, &dir)?;
         let mut next_identity_check = Instant::now() + IDENTITY_CHECK;
         loop {
-            let deadline = self
-                .source
-                .next_settle()
-                .map_or(next_identity_check, |t| t.min(next_identity_check));
+            let deadline = [self.source.next_settle(), self.next_timer()]
+                .into_iter()
+                .flatten()
+                .fold(next_identity_check, Instant::min);
             tokio::select! {
                 () = wake.notified() => {
                     // More changes usually follow the first: take them in the same pass.

@@ -1,23 +1,28 @@
 //! Kubernetes API source: the desired state comes from the API server.
 //!
 //! Three `kube` reflectors follow `v1` Services, `discovery.k8s.io/v1` `EndpointSlice`s and this
-//! node's `v1` Node (by field selector) into in-memory stores. The source is level-triggered:
-//! every pass takes a snapshot of all three stores, computes the whole desired state and lets the
-//! reconciler diff it against the maps, so a missed event (a delete while the watch was down, a
-//! relist after `410 Gone`) can never leave a stale entry, and a pass that finds nothing changed
-//! writes nothing. Changes arriving close together are coalesced into one pass.
+//! node's `v1` Node (by field selector) into in-memory stores. The Service is the unit of work:
+//! a watch event names an object, the pass hands the named objects (as the stores hold them
+//! now) to the incremental model ([`model::Model`]), which recomputes only their Services, and
+//! the reconciler writes only the frontends that changed ([`Reconciler::apply_delta`]). Changes
+//! arriving close together are coalesced into one pass.
 //!
 //! - **First sync** waits until all three stores have listed once, so a partial view (Services
-//!   without their slices) is never programmed.
+//!   without their slices) is never programmed; it computes and writes everything.
 //! - **Relists** (watch expired, `410 Gone`, reconnect) replace a store atomically when the list
-//!   completes (kube's `InitDone`); the pass that follows writes only what really changed, so an
-//!   unchanged Service is never removed and re-added.
+//!   completes (kube's `InitDone`); deletes missed meanwhile have no event, so the pass that
+//!   follows hands the model the whole stores (unchanged objects are recognised and not
+//!   recomputed) and reconciles the whole maps: an unchanged Service is never removed and
+//!   re-added, and nothing stale stays.
+//! - **Audit** (`--audit-interval`): the full computation and the full diff against the maps
+//!   run periodically as an oracle; any difference (a bug) is logged as drift and fixed.
 //! - **API failures** are retried by each watcher with client-go's backoff (0.8 s doubling to
 //!   30 s, jittered); meanwhile the stores and the maps keep the last known state and the
 //!   datapath keeps serving it.
 //! - **Bad objects and full maps** are reported as Kubernetes `Warning` Events on the object
 //!   (reason `InvalidObject` naming the field, or `NotProgrammed` naming the map and its size)
-//!   and logged; each problem is published when it appears, not on every pass.
+//!   and logged; each problem is published when it appears, not on every pass. A frontend
+//!   waiting for room is programmed as soon as room appears (the reconciler retries it).
 //!
 //! Services and slices that belong to another proxy (`service.kubernetes.io/service-proxy-name`)
 //! or to headless Services are filtered out by the API server (label selectors), as kube-proxy
@@ -105,6 +110,9 @@ pub struct Options {
     pub coalesce: Duration,
     /// Whether to publish Kubernetes Events about bad objects.
     pub events: bool,
+    /// How often the full computation and the full diff against the maps run as an audit of
+    /// the incremental passes; `None`: never.
+    pub audit_interval: Option<Duration>,
 }
 
 /// The three kinds the source follows.
@@ -128,8 +136,8 @@ impl fmt::Display for Kind {
 /// What one watcher reported, reduced to what the source acts on.
 #[derive(Debug)]
 enum Update {
-    /// Objects changed (an event, or a completed relist).
-    Changed(Kind),
+    /// An object changed (an event).
+    Changed(Kind, ObjectKey),
     /// A (re)list completed: the store now holds a full, consistent list.
     Listed(Kind),
     /// A (re)list started or is in progress; the store still holds the previous state.
@@ -138,12 +146,52 @@ enum Update {
     Failed(Kind, watcher::Error),
 }
 
-fn update<K>(kind: Kind, item: Result<watcher::Event<K>, watcher::Error>) -> Update {
+/// An object's namespace and name, as the stores key it.
+type ObjectKey = (String, String);
+
+fn update<K: kube::Resource>(kind: Kind, item: Result<watcher::Event<K>, watcher::Error>) -> Update {
     match item {
-        Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_)) => Update::Changed(kind),
+        Ok(watcher::Event::Apply(object) | watcher::Event::Delete(object)) => {
+            let meta = object.meta();
+            let key = (
+                meta.namespace.clone().unwrap_or_default(),
+                meta.name.clone().unwrap_or_default(),
+            );
+            Update::Changed(kind, key)
+        }
         Ok(watcher::Event::InitDone) => Update::Listed(kind),
         Ok(watcher::Event::Init | watcher::Event::InitApply(_)) => Update::Listing,
         Err(e) => Update::Failed(kind, e),
+    }
+}
+
+/// What one pass is to do: what changed since the last pass.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+struct Work {
+    /// Kinds that (re)listed: their store was replaced, deletes may have no event; the pass
+    /// hands the model everything and reconciles the whole maps.
+    relisted: BTreeSet<Kind>,
+    /// Services changed (namespace, name).
+    services: BTreeSet<ObjectKey>,
+    /// `EndpointSlice`s changed (namespace, name).
+    slices: BTreeSet<ObjectKey>,
+    /// The Node changed.
+    nodes: bool,
+    /// The periodic audit is due.
+    audit: bool,
+}
+
+impl Work {
+    fn note(&mut self, kind: Kind, key: ObjectKey) {
+        match kind {
+            Kind::Service => {
+                self.services.insert(key);
+            }
+            Kind::EndpointSlice => {
+                self.slices.insert(key);
+            }
+            Kind::Node => self.nodes = true,
+        }
     }
 }
 
@@ -163,6 +211,21 @@ impl Stores {
             services: self.services.state(),
             slices: self.slices.state(),
             nodes: self.nodes.state(),
+        }
+    }
+
+    /// Hands the objects `work` names, as the stores hold them now, to `model`.
+    fn hand_over(&self, work: &Work, model: &mut model::Model) {
+        for (namespace, name) in &work.services {
+            let now = self.services.get(&ObjectRef::new(name).within(namespace));
+            model.set_service(namespace, name, now);
+        }
+        for (namespace, name) in &work.slices {
+            let now = self.slices.get(&ObjectRef::new(name).within(namespace));
+            model.set_slice(namespace, name, now);
+        }
+        if work.nodes {
+            model.set_nodes(self.nodes.state());
         }
     }
 
@@ -278,39 +341,47 @@ pub async fn follow<M: DatapathMaps>(
         .events
         .then(|| EventPublisher::start(client, &options.node_name));
     let mut reporter = ProblemReporter::default();
-    let mut memo = model::Memo::default();
+    let mut model = model::Model::new(&options.node_name);
     let mut first_sync = Some(on_first_sync);
     // Boxed: the three watch streams make a large future.
-    Box::pin(run_loop(updates, options.coalesce, |relisted| {
-        let snapshot = stores.snapshot();
-        let (desired, report) = sync(&snapshot, &options.node_name, &mut memo, rec, relisted);
-        for problem in reporter.new_problems(&desired, &report) {
-            if let Some(events) = &events {
-                events.publish(
-                    stores.reference(&problem.kind, &problem.namespace, &problem.name),
-                    &problem,
-                );
+    Box::pin(run_loop(
+        updates,
+        options.coalesce,
+        options.audit_interval,
+        |work| {
+            let report = sync(&stores, &work, &options.node_name, &mut model, rec);
+            for problem in reporter.new_problems(model.state(), &report) {
+                if let Some(events) = &events {
+                    events.publish(
+                        stores.reference(&problem.kind, &problem.namespace, &problem.name),
+                        &problem,
+                    );
+                }
             }
-        }
-        if let Some(f) = first_sync.take() {
-            f();
-        }
-    }))
+            if let Some(f) = first_sync.take() {
+                f();
+            }
+            report.retry_after
+        },
+    ))
     .await
 }
 
 /// The event loop: collects updates, waits until every kind has listed once, and calls `pass`
-/// once per burst of changes (after `coalesce`). `pass` gets the kinds that relisted since the
-/// last pass (for the log).
+/// once per burst of changes (after `coalesce`) with what changed; again after the delay
+/// `pass` returns (the reconciler retries what waits for room or failed), and every
+/// `audit_interval` with the audit flag set.
 async fn run_loop(
     updates: impl Stream<Item = Update>,
     coalesce: Duration,
-    mut pass: impl FnMut(&BTreeSet<Kind>),
+    audit_interval: Option<Duration>,
+    mut pass: impl FnMut(Work) -> Option<Duration>,
 ) -> anyhow::Result<()> {
     let mut updates = pin!(updates);
     let mut listed = BTreeSet::new();
-    let mut relisted = BTreeSet::new();
+    let mut work = Work::default();
     let mut due: Option<Instant> = None;
+    let mut audit_due = audit_interval.map(|i| Instant::now() + i);
     loop {
         let ready = listed.len() == 3;
         tokio::select! {
@@ -319,12 +390,15 @@ async fn run_loop(
                     anyhow::bail!("the Kubernetes watch streams ended");
                 };
                 match update {
-                    Update::Changed(kind) => debug!(kind = %kind, "changed"),
+                    Update::Changed(kind, key) => {
+                        debug!(kind = %kind, namespace = %key.0, name = %key.1, "changed");
+                        work.note(kind, key);
+                    }
                     Update::Listed(kind) => {
                         if !listed.insert(kind) {
                             info!(kind = %kind, "relisted");
                         }
-                        relisted.insert(kind);
+                        work.relisted.insert(kind);
                     }
                     Update::Listing => continue,
                     Update::Failed(kind, e) => {
@@ -333,12 +407,16 @@ async fn run_loop(
                         continue;
                     }
                 }
-                due.get_or_insert_with(|| Instant::now() + coalesce);
+                let soon = Instant::now() + coalesce;
+                due = Some(due.map_or(soon, |d| d.min(soon)));
             }
             () = sleep_until(due), if ready && due.is_some() => {
-                due = None;
-                pass(&relisted);
-                relisted.clear();
+                due = pass(std::mem::take(&mut work)).map(|retry| Instant::now() + retry);
+            }
+            () = sleep_until(audit_due), if ready && audit_due.is_some() => {
+                audit_due = audit_interval.map(|i| Instant::now() + i);
+                work.audit = true;
+                due = Some(Instant::now());
             }
         }
     }
@@ -351,38 +429,55 @@ async fn sleep_until(at: Option<Instant>) {
     }
 }
 
-/// Computes the desired state from `snapshot` and applies it, logging what it did.
+/// One pass: hands what changed to the model and writes what that changed; after a relist,
+/// the whole stores and the whole maps; with the audit flag, then checks both against the full
+/// computation. Logs what it did.
 fn sync<M: DatapathMaps>(
-    snapshot: &Snapshot,
+    stores: &Stores,
+    work: &Work,
     node_name: &str,
-    memo: &mut model::Memo,
+    model: &mut model::Model,
     rec: &mut Reconciler<M>,
-    relisted: &BTreeSet<Kind>,
-) -> (DesiredState, ReconcileReport) {
+) -> ReconcileReport {
     let started = std::time::Instant::now();
-    let desired = model::compute_with(snapshot, node_name, memo);
-    let computed = started.elapsed();
-    let report = rec.apply(&desired);
+    let full = !work.relisted.is_empty();
+    let mut report = if full {
+        model.replace(&stores.snapshot());
+        rec.apply(model.state())
+    } else {
+        stores.hand_over(work, model);
+        let delta = model.update();
+        rec.apply_delta(model.state(), &delta)
+    };
+    let took = started.elapsed();
     for e in &report.errors {
         warn!(error = %e, "not programmed");
     }
-    let relisted: Vec<String> = relisted.iter().map(ToString::to_string).collect();
+    let relisted: Vec<String> = work.relisted.iter().map(ToString::to_string).collect();
+    let state = model.state();
     info!(
-        services = snapshot.services.len(),
-        slices = snapshot.slices.len(),
-        frontends = desired.frontends.len(),
+        pass = if full { "full" } else { "incremental" },
+        changed_services = work.services.len(),
+        changed_slices = work.slices.len(),
+        recomputed = model.recomputed(),
+        frontends = state.frontends.len(),
         services_written = report.services_written,
         services_deleted = report.services_deleted,
         backends_written = report.backends_written,
         backends_deleted = report.backends_deleted,
-        bad_objects = desired.errors.len(),
+        waiting = report.skipped.len(),
+        bad_objects = state.errors.len(),
         relisted = relisted.join(","),
-        recomputed = memo.recomputed(),
-        compute_us = computed.as_micros(),
-        took_us = started.elapsed().as_micros(),
+        took_us = took.as_micros(),
         "synced from the API server"
     );
-    (desired, report)
+    if work.audit {
+        let audit = super::audit::audit(&stores.snapshot(), node_name, model, rec);
+        report.errors.extend(audit.errors.iter().cloned());
+        report.skipped.clone_from(&audit.skipped);
+        report.retry_after = audit.retry_after;
+    }
+    report
 }
 
 /// One problem to report on an object: a bad field, or a frontend the maps could not hold.
@@ -638,21 +733,41 @@ mod tests {
         );
     }
 
-    #[tokio::test]
-    async fn nothing_is_applied_before_every_kind_has_listed() {
+    fn key(name: &str) -> ObjectKey {
+        ("default".to_owned(), name.to_owned())
+    }
+
+    /// Runs `run_loop` over a channel; every pass's work is recorded, and each pass returns
+    /// the next retry delay from `retries` (then none).
+    fn looping(
+        audit: Option<Duration>,
+        mut retries: Vec<Duration>,
+    ) -> (
+        mpsc::UnboundedSender<Update>,
+        Arc<std::sync::Mutex<Vec<Work>>>,
+        tokio::task::JoinHandle<anyhow::Result<()>>,
+    ) {
         let (tx, rx) = mpsc::unbounded_channel();
         let updates = tokio_stream_of(rx);
         let passes = Arc::new(std::sync::Mutex::new(Vec::new()));
         let seen = Arc::clone(&passes);
-        let looping = tokio::spawn(async move {
-            run_loop(updates, Duration::from_millis(5), move |relisted| {
-                seen.lock().unwrap().push(relisted.clone());
+        retries.reverse();
+        let task = tokio::spawn(async move {
+            run_loop(updates, Duration::from_millis(5), audit, move |work| {
+                seen.lock().unwrap().push(work);
+                retries.pop()
             })
             .await
         });
+        (tx, passes, task)
+    }
+
+    #[tokio::test]
+    async fn nothing_is_applied_before_every_kind_has_listed() {
+        let (tx, passes, looping) = looping(None, Vec::new());
         let wait = || tokio::time::sleep(Duration::from_millis(50));
         tx.send(Update::Listed(Kind::Service)).unwrap();
-        tx.send(Update::Changed(Kind::Service)).unwrap();
+        tx.send(Update::Changed(Kind::Service, key("web"))).unwrap();
         tx.send(Update::Listed(Kind::EndpointSlice)).unwrap();
         wait().await;
         assert!(passes.lock().unwrap().is_empty(), "applied a partial view");
@@ -663,12 +778,23 @@ mod tests {
             1,
             "one pass for the whole burst"
         );
-        // A burst of changes is coalesced into one pass.
-        for _ in 0..10 {
-            tx.send(Update::Changed(Kind::EndpointSlice)).unwrap();
+        // A burst of changes is coalesced into one pass, which names each changed object once.
+        for i in 0..10 {
+            tx.send(Update::Changed(Kind::EndpointSlice, key(&format!("web-{}", i % 3))))
+                .unwrap();
         }
         wait().await;
-        assert_eq!(passes.lock().unwrap().len(), 2);
+        {
+            let passes = passes.lock().unwrap();
+            assert_eq!(passes.len(), 2);
+            assert_eq!(
+                passes[1],
+                Work {
+                    slices: (0..3).map(|i| key(&format!("web-{i}"))).collect(),
+                    ..Work::default()
+                }
+            );
+        }
         // Listing events and failures alone do not cause a pass.
         tx.send(Update::Listing).unwrap();
         wait().await;
@@ -678,13 +804,38 @@ mod tests {
         wait().await;
         let passes_now = passes.lock().unwrap().clone();
         assert_eq!(passes_now.len(), 3);
-        assert_eq!(passes_now[2], BTreeSet::from([Kind::Service]));
+        assert_eq!(passes_now[2].relisted, BTreeSet::from([Kind::Service]));
         drop(tx);
         let ended = looping.await.unwrap();
         assert!(
             ended.is_err(),
             "the loop ends with an error when the streams end"
         );
+    }
+
+    #[tokio::test]
+    async fn a_pass_that_asks_for_a_retry_gets_an_empty_one_and_audits_come_by_themselves() {
+        let (tx, passes, looping) = looping(
+            Some(Duration::from_millis(300)),
+            vec![Duration::ZERO, Duration::from_millis(20)],
+        );
+        for kind in [Kind::Service, Kind::EndpointSlice, Kind::Node] {
+            tx.send(Update::Listed(kind)).unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        {
+            let passes = passes.lock().unwrap();
+            assert_eq!(passes.len(), 3, "the first pass, then two retries: {passes:?}");
+            assert_eq!(passes[1], Work::default(), "a retry carries no change");
+            assert_eq!(passes[2], Work::default());
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        {
+            let passes = passes.lock().unwrap();
+            assert_eq!(passes.len(), 4, "{passes:?}");
+            assert!(passes[3].audit);
+        }
+        looping.abort();
     }
 
     fn tokio_stream_of(mut rx: mpsc::UnboundedReceiver<Update>) -> impl Stream<Item = Update> {

@@ -1,6 +1,7 @@
 //! Where Kubernetes objects come from: a directory of YAML/JSON files (standalone mode) or the
 //! Kubernetes API server.
 
+pub mod audit;
 pub mod dir;
 pub mod files;
 pub mod kube;
