@@ -131,6 +131,15 @@ impl Standalone {
         for e in &self.model.state().errors {
             said.push(format!("skipped an object: {e}"));
         }
+        for (key, why) in &report.skipped {
+            if let Some(frontend) = self.model.state().frontends.get(key) {
+                let svc = &frontend.service;
+                said.push(format!(
+                    "Service {}/{} port {:?} (frontend {key}) not programmed: {why}",
+                    svc.namespace, svc.name, svc.port_name
+                ));
+            }
+        }
         for e in &report.errors {
             said.push(format!("not programmed: {e}"));
         }

@@ -128,6 +128,20 @@ impl TestBed {
         ));
     }
 
+    /// Like [`start_agents`](Self::start_agents) with other map sizes (`(flag, entries)`, see
+    /// [`Agent::start_sized`]).
+    ///
+    /// # Panics
+    /// When an agent does not start.
+    pub fn start_agents_sized(&mut self, sizes: &[(&str, u32)]) {
+        for node in self.topo.nodes() {
+            let agent = Agent::start_sized(&self.agent_bin, node, self.manifests.path(), sizes)
+                .unwrap_or_else(|e| panic!("starting svc-agent on {}: {e:#}", node.name));
+            self.agents.push(agent);
+        }
+        self.step(&format!("svc-agent running with map sizes {sizes:?}"));
+    }
+
     /// The agent of node `node` (0-based).
     ///
     /// # Panics

@@ -149,7 +149,10 @@ enum Update {
 /// An object's namespace and name, as the stores key it.
 type ObjectKey = (String, String);
 
-fn update<K: kube::Resource>(kind: Kind, item: Result<watcher::Event<K>, watcher::Error>) -> Update {
+fn update<K: kube::Resource>(
+    kind: Kind,
+    item: Result<watcher::Event<K>, watcher::Error>,
+) -> Update {
     match item {
         Ok(watcher::Event::Apply(object) | watcher::Event::Delete(object)) => {
             let meta = object.meta();
@@ -780,8 +783,11 @@ mod tests {
         );
         // A burst of changes is coalesced into one pass, which names each changed object once.
         for i in 0..10 {
-            tx.send(Update::Changed(Kind::EndpointSlice, key(&format!("web-{}", i % 3))))
-                .unwrap();
+            tx.send(Update::Changed(
+                Kind::EndpointSlice,
+                key(&format!("web-{}", i % 3)),
+            ))
+            .unwrap();
         }
         wait().await;
         {
@@ -825,7 +831,11 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(150)).await;
         {
             let passes = passes.lock().unwrap();
-            assert_eq!(passes.len(), 3, "the first pass, then two retries: {passes:?}");
+            assert_eq!(
+                passes.len(),
+                3,
+                "the first pass, then two retries: {passes:?}"
+            );
             assert_eq!(passes[1], Work::default(), "a retry carries no change");
             assert_eq!(passes[2], Work::default());
         }
