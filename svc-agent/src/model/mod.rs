@@ -21,6 +21,7 @@ mod delta;
 mod endpoints;
 mod error;
 mod frontend;
+mod incremental;
 mod node;
 mod pods;
 mod service;
@@ -36,6 +37,7 @@ pub use error::ObjectError;
 pub use frontend::{
     Backend, DropReason, EmptyAction, Frontend, FrontendKey, Protocol, Scope, ServicePortRef,
 };
+pub use incremental::Model;
 use k8s_openapi::api::{
     core::v1::{Node, Service},
     discovery::v1::EndpointSlice,
