@@ -52,8 +52,8 @@ use k8s_openapi::{
 };
 
 use super::{
-    Delta, DesiredState, FrontendKey, GroupOutput, LABEL_SERVICE_NAME, ObjectError, Snapshot,
-    compute_group, conflict_error, kept_copies, namespace_of, node_addresses,
+    Delta, DesiredState, FrontendKey, GroupOutput, ObjectError, Snapshot, compute_group,
+    conflict_error, kept_copies, namespace_of, node_addresses, slice_owner,
 };
 
 /// A namespace and a name: an object's identity, or the Service a group is for.
@@ -81,26 +81,14 @@ impl Name {
     }
 }
 
-/// The Service group a slice belongs to: the Service its label names, in its namespace.
+/// The Service group a slice belongs to (see `slice_owner`).
 fn owner_of(slice: &EndpointSlice) -> Option<Name> {
-    let service = slice.metadata.labels.as_ref()?.get(LABEL_SERVICE_NAME)?;
-    Some(Name::new(
-        namespace_of(slice.metadata.namespace.as_ref()),
-        service,
-    ))
+    slice_owner(slice).map(|(namespace, name)| Name::new(namespace, name))
 }
 
 /// Whether `slice` belongs to the group `group` (without allocating).
 fn owned_by(slice: &EndpointSlice, group: &Name) -> bool {
-    slice
-        .metadata
-        .labels
-        .as_ref()
-        .and_then(|l| l.get(LABEL_SERVICE_NAME))
-        .is_some_and(|service| {
-            *service == group.name
-                && namespace_of(slice.metadata.namespace.as_ref()) == group.namespace
-        })
+    slice_owner(slice) == Some((group.namespace.as_str(), group.name.as_str()))
 }
 
 /// The copies of one object name that `compute` uses (see `kept_copies`): none when they
@@ -243,7 +231,7 @@ impl Model {
     }
 
     /// The `EndpointSlice` `namespace/name` is now `slice` (None: deleted). It belongs to the
-    /// Service named by its `kubernetes.io/service-name` label ([`LABEL_SERVICE_NAME`]); the
+    /// Service named by its `kubernetes.io/service-name` label ([`LABEL_SERVICE_NAME`](super::LABEL_SERVICE_NAME)); the
     /// model remembers each slice's last owner, so a relabel or delete dirties the old owner
     /// too. A slice without the label belongs to nobody.
     ///
@@ -318,7 +306,9 @@ impl Model {
         let services = by_name(&snapshot.services, |s| &s.metadata);
         let slices = by_name(&snapshot.slices, |s| &s.metadata);
 
-        let gone: Vec<Name> = (self.services.keys())
+        let gone: Vec<Name> = self
+            .services
+            .keys()
             .filter(|k| !services.contains_key(*k))
             .cloned()
             .collect();
@@ -335,7 +325,9 @@ impl Model {
             }
         }
 
-        let gone: Vec<Name> = (self.slices.keys())
+        let gone: Vec<Name> = self
+            .slices
+            .keys()
             .filter(|k| !slices.contains_key(*k))
             .cloned()
             .collect();
@@ -428,7 +420,8 @@ impl Model {
         }
         for owner in &after {
             if !before.contains(owner) {
-                (self.slices_by_owner.entry(owner.clone()))
+                self.slices_by_owner
+                    .entry(owner.clone())
                     .or_default()
                     .insert(key.clone());
             }
@@ -460,7 +453,8 @@ impl Model {
         let service = if name.name.is_empty() {
             None
         } else {
-            (self.services.get(&name))
+            self.services
+                .get(&name)
                 .and_then(|copies| kept("Service", &name, copies).first())
                 .cloned()
         };
@@ -605,7 +599,8 @@ impl Model {
             }
         }
         let conflicts: Vec<ObjectError> = match owner {
-            Some(owner) => (entry.claimants[1..].iter())
+            Some(owner) => entry.claimants[1..]
+                .iter()
                 .map(|c| conflict_error(claim(c), &owner.frontend.service))
                 .collect(),
             None => Vec::new(),
@@ -644,8 +639,13 @@ impl Model {
     /// Every error, sorted and deduplicated, from the parts.
     fn collect_errors(&self) -> Vec<ObjectError> {
         let groups = self.erring.iter().flat_map(|g| &self.groups[g].out.errors);
-        let conflicts = (self.conflicted.iter()).flat_map(|k| &self.claims[k].conflicts);
-        let mut errors: Vec<ObjectError> = (self.duplicate_services.values())
+        let conflicts = self
+            .conflicted
+            .iter()
+            .flat_map(|k| &self.claims[k].conflicts);
+        let mut errors: Vec<ObjectError> = self
+            .duplicate_services
+            .values()
             .chain(self.duplicate_slices.values())
             .chain(self.nameless.values().flatten())
             .chain(groups)
@@ -663,7 +663,8 @@ impl Model {
 fn by_name<T>(objects: &[Arc<T>], meta: impl Fn(&T) -> &ObjectMeta) -> HashMap<Name, Vec<Arc<T>>> {
     let mut grouped: HashMap<Name, Vec<Arc<T>>> = HashMap::with_capacity(objects.len());
     for object in objects {
-        (grouped.entry(Name::of(meta(object))))
+        grouped
+            .entry(Name::of(meta(object)))
             .or_default()
             .push(Arc::clone(object));
     }

@@ -229,20 +229,9 @@ pub fn compute_with(snapshot: &Snapshot, node_name: &str, memo: &mut Memo) -> De
         }
     }
     for slice in slices {
-        let Some(service) = slice
-            .metadata
-            .labels
-            .as_ref()
-            .and_then(|l| l.get(LABEL_SERVICE_NAME))
-        else {
-            continue;
-        };
-        let namespace = namespace_of(slice.metadata.namespace.as_ref());
-        groups
-            .entry((namespace, service))
-            .or_default()
-            .slices
-            .push(slice);
+        if let Some(owner) = slice_owner(slice) {
+            groups.entry(owner).or_default().slices.push(slice);
+        }
     }
 
     let mut frontends = BTreeMap::new();
@@ -466,6 +455,14 @@ fn kept_copies<C, T: PartialEq + ?Sized>(
             copies.len()
         ),
     })
+}
+
+/// The Service a slice belongs to, as (namespace, name): the one its `kubernetes.io/service-name`
+/// label names, in the slice's namespace. `None` without the label: the slice is not for a
+/// proxy.
+fn slice_owner(slice: &EndpointSlice) -> Option<(&str, &str)> {
+    let service = slice.metadata.labels.as_ref()?.get(LABEL_SERVICE_NAME)?;
+    Some((namespace_of(slice.metadata.namespace.as_ref()), service))
 }
 
 /// The namespace an object lives in (`default` when it names none, like `kubectl apply`).

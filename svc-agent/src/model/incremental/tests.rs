@@ -370,7 +370,9 @@ fn key_conflicts_appear_and_resolve() {
     assert_eq!(m.state().errors.len(), 1);
     assert_eq!(m.state().errors[0].name, "z");
     assert!(
-        (m.state().errors[0].reason).contains("is already used by Service default/a port \"http\"")
+        m.state().errors[0]
+            .reason
+            .contains("is already used by Service default/a port \"http\"")
     );
 
     // A third claimant: two conflict errors.
@@ -559,7 +561,9 @@ fn replace_applies_the_duplicate_rule_and_reports_nameless_services() {
     });
     assert!(m.state().frontends.is_empty());
     assert_eq!(
-        (m.state().errors.iter())
+        m.state()
+            .errors
+            .iter()
             .map(|e| (e.name.as_str(), e.field.as_str()))
             .collect::<Vec<_>>(),
         [("", "metadata.name"), ("a", "metadata.name")]
@@ -787,7 +791,8 @@ fn meta(namespace: Option<&str>, name: &str, labels: &[(&str, &str)]) -> ObjectM
         namespace: namespace.map(str::to_owned),
         name: (!name.is_empty()).then(|| name.to_owned()),
         labels: (!labels.is_empty()).then(|| {
-            (labels.iter())
+            labels
+                .iter()
                 .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
                 .collect()
         }),
@@ -822,7 +827,8 @@ impl ServiceGen {
                     if self.local { "Local" } else { "Cluster" }.to_owned(),
                 ),
                 ports: Some(
-                    (self.ports.iter())
+                    self.ports
+                        .iter()
                         .map(|&p| {
                             let (name, port, protocol) = SERVICE_PORTS[p];
                             ServicePort {
@@ -853,7 +859,8 @@ impl SliceGen {
             metadata: meta(Some(namespace), name, owner.as_slice()),
             address_type: ADDRESS_TYPES[self.address_type].to_owned(),
             ports: Some(
-                (self.ports.iter())
+                self.ports
+                    .iter()
                     .map(|&p| {
                         let (name, port, protocol) = SLICE_PORTS[p];
                         EndpointPort {
@@ -865,7 +872,9 @@ impl SliceGen {
                     })
                     .collect(),
             ),
-            endpoints: (self.endpoints.iter())
+            endpoints: self
+                .endpoints
+                .iter()
                 .map(|e| Endpoint {
                     addresses: vec![ENDPOINT_ADDRS[e.addr].to_owned()],
                     conditions: Some(EndpointConditions {
@@ -893,7 +902,8 @@ impl NodeGen {
             metadata: meta(None, NODES[self.name], &[]),
             status: Some(NodeStatus {
                 addresses: Some(
-                    (self.addrs.iter())
+                    self.addrs
+                        .iter()
                         .map(|&a| K8sNodeAddress {
                             address: addrs[a].to_owned(),
                             type_: "InternalIP".to_owned(),
@@ -913,7 +923,9 @@ fn build_nodes(nodes: &[NodeGen]) -> Vec<Arc<Node>> {
 
 /// Keeps the objects whose bit in `keep` is set, as they are or as equal copies.
 fn kept<T: Clone>(objects: &[Arc<T>], keep: u64, copy: bool) -> Vec<Arc<T>> {
-    (objects.iter().enumerate())
+    objects
+        .iter()
+        .enumerate()
         .filter(|(i, _)| keep >> (i % 64) & 1 == 1)
         .map(|(_, o)| {
             if copy {
