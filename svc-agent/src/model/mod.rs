@@ -7,6 +7,10 @@
 //! BPF maps; nothing here touches the kernel, the network or a clock, and the output depends
 //! only on the set of input objects, never on their order.
 //!
+//! [`Model`] maintains the same result incrementally: told which objects changed, it
+//! recomputes only their Services and reports what changed as a [`Delta`]; `compute` is its
+//! oracle (see `incremental.rs`).
+//!
 //! Objects that fail validation are reported in [`DesiredState::errors`] (one [`ObjectError`]
 //! per bad field) and skipped; everything else is still produced. The rules follow kube-proxy
 //! (see `shared/notes/service-semantics.md`); each deliberate difference is documented where it

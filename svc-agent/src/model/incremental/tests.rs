@@ -1,6 +1,10 @@
 //! Tests of the incremental [`Model`] against the oracle, [`compute`].
 
-use std::{fmt::Write as _, sync::Arc, time::Instant};
+use std::{
+    fmt::Write as _,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use k8s_openapi::{
     api::{
@@ -1119,50 +1123,79 @@ fn scale_slice(i: usize, generation: usize) -> EndpointSlice {
 #[ignore = "timing; run in release"]
 fn one_slice_change_at_30000_services() {
     const N: usize = 30_000;
-    let snapshot = Snapshot {
+    /// Changes timed through the model (spread over the Services); the memo gets fewer.
+    const MODEL_ROUNDS: usize = 1_000;
+    const MEMO_ROUNDS: usize = 5;
+    let slice_name = |i: usize| format!("svc-{i:05}-abcde");
+    let mut snapshot = Snapshot {
         services: (0..N).map(|i| Arc::new(scale_service(i))).collect(),
         slices: (0..N).map(|i| Arc::new(scale_slice(i, 0))).collect(),
         nodes: Vec::new(),
     };
-    let mut changed = snapshot.clone();
-    let target = N / 2;
-    let new_slice = Arc::new(scale_slice(target, 1));
-    changed.slices[target] = Arc::clone(&new_slice);
 
     let started = Instant::now();
     let mut model = Model::new(NODE);
     model.replace(&snapshot);
     let model_build = started.elapsed();
-    let started = Instant::now();
-    model.set_slice(
-        "default",
-        &format!("svc-{target:05}-abcde"),
-        Some(new_slice),
-    );
-    let delta = model.update();
-    let model_change = started.elapsed();
-    assert_eq!(model.recomputed(), 1);
-    assert_eq!(delta.frontends.len(), 1);
 
     let mut memo = Memo::default();
     let started = Instant::now();
     let _ = compute_with(&snapshot, NODE, &mut memo);
     let memo_build = started.elapsed();
-    let started = Instant::now();
-    let state = compute_with(&changed, NODE, &mut memo);
-    let memo_change = started.elapsed();
-    assert_eq!(memo.recomputed(), 1);
+
+    // Each round changes one slice (new endpoints, a new object) and times only the model's
+    // set_slice + update.
+    let (mut model_total, mut model_max) = (Duration::ZERO, Duration::ZERO);
+    for round in 0..MODEL_ROUNDS {
+        let target = (round * 7_919) % N;
+        let slice = Arc::new(scale_slice(target, round + 1));
+        snapshot.slices[target] = Arc::clone(&slice);
+        let started = Instant::now();
+        model.set_slice("default", &slice_name(target), Some(slice));
+        let delta = model.update();
+        let took = started.elapsed();
+        model_total += took;
+        model_max = model_max.max(took);
+        assert_eq!(model.recomputed(), 1);
+        assert_eq!(delta.frontends.len(), 1);
+    }
+
+    let (mut memo_total, mut memo_max) = (Duration::ZERO, Duration::ZERO);
+    // The memo has not seen the model's changes yet: bring it up to date first.
+    let mut state = compute_with(&snapshot, NODE, &mut memo);
+    for round in 0..MEMO_ROUNDS {
+        let target = (round * 104_729 + 13) % N;
+        snapshot.slices[target] = Arc::new(scale_slice(target, MODEL_ROUNDS + round + 1));
+        model.set_slice(
+            "default",
+            &slice_name(target),
+            Some(Arc::clone(&snapshot.slices[target])),
+        );
+        let started = Instant::now();
+        state = compute_with(&snapshot, NODE, &mut memo);
+        let took = started.elapsed();
+        memo_total += took;
+        memo_max = memo_max.max(took);
+        assert_eq!(memo.recomputed(), 1);
+    }
+    model.update();
     assert_eq!(model.state(), &state);
 
     let started = Instant::now();
-    let relist = model.replace(&changed);
+    let relist = model.replace(&snapshot);
     let model_relist = started.elapsed();
     assert!(relist.is_empty());
+    assert_eq!(model.recomputed(), 0);
 
+    let rounds = |n: usize| u32::try_from(n).unwrap();
     println!(
-        "{N} Services, one slice changed: Model::update {model_change:?} (first build \
-         {model_build:?}, replace with nothing changed {model_relist:?}); compute_with with a \
-         warm memo {memo_change:?} (first pass {memo_build:?})"
+        "{N} Services with 3-endpoint slices, one slice changed:\n  Model set_slice + update: \
+         mean {:?}, max {model_max:?} over {MODEL_ROUNDS} changes (first build by replace \
+         {model_build:?}; replace with nothing changed {model_relist:?})\n  compute_with, \
+         memo warm: mean {:?}, max {memo_max:?} over {MEMO_ROUNDS} changes (first pass \
+         {memo_build:?})",
+        model_total / rounds(MODEL_ROUNDS),
+        memo_total / rounds(MEMO_ROUNDS),
     );
 }
 
