@@ -21,7 +21,9 @@ use proptest::{prelude::*, strategy::ValueTree as _};
 use super::{Model, Name};
 use crate::model::{
     Delta, DesiredState, FrontendKey, LABEL_HEADLESS, LABEL_SERVICE_NAME, Memo, Protocol, Scope,
-    Snapshot, compute, compute_with, test_support::yaml,
+    Snapshot, compute, compute_with,
+    test_support::yaml,
+    tests::{slice, web},
 };
 
 const NODE: &str = "node1";
@@ -104,25 +106,6 @@ impl Checked {
 // Objects
 // ---------------------------------------------------------------------------------------------
 
-/// A Service `default/name` on `ip` with one port `http` 80/TCP and `extra` spec lines.
-fn web(name: &str, ip: &str, extra: &str) -> Service {
-    yaml(&format!(
-        r"
-apiVersion: v1
-kind: Service
-metadata:
-  name: {name}
-  namespace: default
-spec:
-  clusterIP: {ip}
-  ports:
-  - name: http
-    port: 80
-    protocol: TCP
-{extra}"
-    ))
-}
-
 /// An IPv4 slice `default/name` labelled for `svc`, port `http` 8080, one ready endpoint per
 /// `(address, pod)`.
 fn web_slice(name: &str, svc: &str, endpoints: &[(&str, &str)]) -> EndpointSlice {
@@ -142,22 +125,19 @@ fn web_slice(name: &str, svc: &str, endpoints: &[(&str, &str)]) -> EndpointSlice
         .unwrap();
     }
     let endpoints = if endpoints.is_empty() { " []" } else { "" };
-    yaml(&format!(
-        r"
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata:
-  name: {name}
-  namespace: default
-  labels:
-    {LABEL_SERVICE_NAME}: {svc}
+    slice(
+        name,
+        svc,
+        &format!(
+            r"
 addressType: IPv4
 ports:
 - name: http
   port: 8080
   protocol: TCP
 endpoints:{endpoints}{body}"
-    ))
+        ),
+    )
 }
 
 fn tcp80(addr: &str) -> FrontendKey {
