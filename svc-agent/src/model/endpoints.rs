@@ -26,9 +26,7 @@ use std::{collections::BTreeMap, net::IpAddr};
 
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointSlice};
 
-use super::{
-    Backend, LABEL_SERVICE_NAME, ObjectError, Protocol, namespace_of, service::TrafficPolicy,
-};
+use super::{Backend, ObjectError, Protocol, namespace_of, service::TrafficPolicy, slice_owner};
 
 /// An endpoint's conditions, with the API's defaults applied.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -120,21 +118,11 @@ impl<'a> SliceIndex<'a> {
     ) -> Self {
         let mut index = Self::default();
         for slice in slices {
-            let Some(service) = slice
-                .metadata
-                .labels
-                .as_ref()
-                .and_then(|l| l.get(LABEL_SERVICE_NAME))
-            else {
+            let Some(owner) = slice_owner(slice) else {
                 continue;
             };
-            let namespace = namespace_of(slice.metadata.namespace.as_ref());
             if let Some(view) = parse_slice(slice, node_name, errors) {
-                index
-                    .by_service
-                    .entry((namespace, service.as_str()))
-                    .or_default()
-                    .push(view);
+                index.by_service.entry(owner).or_default().push(view);
             }
         }
         index

@@ -7,6 +7,10 @@
 //! BPF maps; nothing here touches the kernel, the network or a clock, and the output depends
 //! only on the set of input objects, never on their order.
 //!
+//! [`Model`] maintains the same result incrementally: told which objects changed, it
+//! recomputes only their Services and reports what changed as a [`Delta`]; `compute` is its
+//! oracle (see `incremental.rs`).
+//!
 //! Objects that fail validation are reported in [`DesiredState::errors`] (one [`ObjectError`]
 //! per bad field) and skipped; everything else is still produced. The rules follow kube-proxy
 //! (see `shared/notes/service-semantics.md`); each deliberate difference is documented where it
@@ -21,6 +25,7 @@ mod delta;
 mod endpoints;
 mod error;
 mod frontend;
+mod incremental;
 mod node;
 mod pods;
 mod service;
@@ -36,6 +41,7 @@ pub use error::ObjectError;
 pub use frontend::{
     Backend, DropReason, EmptyAction, Frontend, FrontendKey, Protocol, Scope, ServicePortRef,
 };
+pub use incremental::Model;
 use k8s_openapi::api::{
     core::v1::{Node, Service},
     discovery::v1::EndpointSlice,
@@ -165,7 +171,7 @@ impl MemoEntry {
 
 /// What one Service (with its slices) contributes, before conflicts with other Services are
 /// resolved.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq)]
 struct GroupOutput {
     claims: Vec<Claim>,
     errors: Vec<ObjectError>,
@@ -174,7 +180,7 @@ struct GroupOutput {
 }
 
 /// A frontend a Service asks for; the first Service (by namespace/name) to claim a key gets it.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 struct Claim {
     key: FrontendKey,
     frontend: Frontend,
@@ -227,20 +233,9 @@ pub fn compute_with(snapshot: &Snapshot, node_name: &str, memo: &mut Memo) -> De
         }
     }
     for slice in slices {
-        let Some(service) = slice
-            .metadata
-            .labels
-            .as_ref()
-            .and_then(|l| l.get(LABEL_SERVICE_NAME))
-        else {
-            continue;
-        };
-        let namespace = namespace_of(slice.metadata.namespace.as_ref());
-        groups
-            .entry((namespace, service))
-            .or_default()
-            .slices
-            .push(slice);
+        if let Some(owner) = slice_owner(slice) {
+            groups.entry(owner).or_default().slices.push(slice);
+        }
     }
 
     let mut frontends = BTreeMap::new();
@@ -329,21 +324,23 @@ fn merge(
             Entry::Vacant(slot) => {
                 slot.insert(claim.frontend.clone());
             }
-            Entry::Occupied(taken) => {
-                let owner = &taken.get().service;
-                let me = &claim.frontend.service;
-                errors.push(ObjectError {
-                    kind: "Service",
-                    namespace: me.namespace.clone(),
-                    name: me.name.clone(),
-                    field: claim.field.clone(),
-                    reason: format!(
-                        "{} (spec.ports[{}]) is already used by Service {}/{} port {:?}",
-                        claim.key, claim.port_index, owner.namespace, owner.name, owner.port_name
-                    ),
-                });
-            }
+            Entry::Occupied(taken) => errors.push(conflict_error(claim, &taken.get().service)),
         }
+    }
+}
+
+/// The error reported on `claim` when its key is already taken by the Service port `owner`.
+fn conflict_error(claim: &Claim, owner: &ServicePortRef) -> ObjectError {
+    let me = &claim.frontend.service;
+    ObjectError {
+        kind: "Service",
+        namespace: me.namespace.clone(),
+        name: me.name.clone(),
+        field: claim.field.clone(),
+        reason: format!(
+            "{} (spec.ports[{}]) is already used by Service {}/{} port {:?}",
+            claim.key, claim.port_index, owner.namespace, owner.name, owner.port_name
+        ),
     }
 }
 
@@ -419,28 +416,57 @@ fn unique_objects<'a, T: PartialEq>(
     named.sort_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
     let mut unique = Vec::with_capacity(named.len());
     for group in named.chunk_by(|a, b| (a.0, a.1) == (b.0, b.1)) {
-        let (namespace, name, first) = group[0];
-        // Compared from the second on: comparing an object with itself is a deep walk.
-        if !name.is_empty() && group[1..].iter().any(|other| other.2 != first) {
-            errors.push(ObjectError {
-                kind,
-                namespace: namespace.to_owned(),
-                name: name.to_owned(),
-                field: "metadata.name".to_owned(),
-                reason: format!(
-                    "{} objects have this name and they differ; all are ignored",
-                    group.len()
-                ),
-            });
-        } else if name.is_empty() {
-            // Nameless objects are not duplicates of each other: keep them all, the parser
-            // reports each.
-            unique.extend(group.iter().map(|g| g.2));
-        } else {
-            unique.push(first);
+        let (namespace, name, _) = group[0];
+        match kept_copies(kind, namespace, name, group, |g| g.2) {
+            Ok(kept) => unique.extend(group[..kept].iter().map(|g| g.2)),
+            Err(error) => errors.push(error),
         }
     }
     unique
+}
+
+/// The rule for the `copies` of one object name (same kind, namespace and name, in input
+/// order): how many of them, from the first, are used, or the error when they differ.
+///
+/// A named object's identical copies merge into the first; differing copies are all ignored
+/// with an error. Nameless objects are not duplicates of each other: all are kept (and each
+/// is reported by its parser).
+fn kept_copies<C, T: PartialEq + ?Sized>(
+    kind: &'static str,
+    namespace: &str,
+    name: &str,
+    copies: &[C],
+    object: impl Fn(&C) -> &T,
+) -> Result<usize, ObjectError> {
+    let Some(first) = copies.first() else {
+        return Ok(0);
+    };
+    if name.is_empty() {
+        return Ok(copies.len());
+    }
+    // Compared from the second on: comparing an object with itself is a deep walk.
+    let first = object(first);
+    if copies[1..].iter().all(|other| object(other) == first) {
+        return Ok(1);
+    }
+    Err(ObjectError {
+        kind,
+        namespace: namespace.to_owned(),
+        name: name.to_owned(),
+        field: "metadata.name".to_owned(),
+        reason: format!(
+            "{} objects have this name and they differ; all are ignored",
+            copies.len()
+        ),
+    })
+}
+
+/// The Service a slice belongs to, as (namespace, name): the one its `kubernetes.io/service-name`
+/// label names, in the slice's namespace. `None` without the label: the slice is not for a
+/// proxy.
+fn slice_owner(slice: &EndpointSlice) -> Option<(&str, &str)> {
+    let service = slice.metadata.labels.as_ref()?.get(LABEL_SERVICE_NAME)?;
+    Some((namespace_of(slice.metadata.namespace.as_ref()), service))
 }
 
 /// The namespace an object lives in (`default` when it names none, like `kubectl apply`).

@@ -149,7 +149,7 @@ metadata:
 
 /// A compact `EndpointSlice` in namespace `default` for Service `svc`; `body` holds
 /// `addressType`, `ports` and `endpoints` at top level.
-fn slice(name: &str, svc: &str, body: &str) -> EndpointSlice {
+pub(super) fn slice(name: &str, svc: &str, body: &str) -> EndpointSlice {
     yaml(&format!(
         r"
 apiVersion: discovery.k8s.io/v1
@@ -253,7 +253,7 @@ fn compute_any_order(snapshot: &Snapshot, node: &str) -> DesiredState {
 }
 
 /// A simple web Service with one port `http` 80 and the given `extra` spec lines.
-fn web(name: &str, ip: &str, extra: &str) -> Service {
+pub(super) fn web(name: &str, ip: &str, extra: &str) -> Service {
     service(
         name,
         "",

@@ -1,0 +1,699 @@
+//! The incremental model: the Service, not the world, is the unit of work.
+//!
+//! [`Model`] keeps the current objects (as the `Arc`s the source hands out) and the
+//! [`DesiredState`] computed from them, and updates that state in place when objects change.
+//! The oracle is [`compute`](super::compute): after every [`Model::update`] and
+//! [`Model::replace`], [`Model::state`] equals `compute` of a snapshot of the current objects,
+//! and the returned [`Delta`] equals [`Delta::between`] the state before and after.
+//!
+//! How a change is turned into work:
+//! - **Dirty set.** Setting a Service marks its group (the Service `namespace/name` with the
+//!   slices labelled for it) dirty. Setting a slice marks the group of its new owner and of
+//!   every owner it had (the model remembers each slice key's owners, so a relabel or a delete
+//!   dirties the old owner too). [`Model::update`] recomputes only the dirty groups, with
+//!   `compute_group` (the single source of truth for one Service, shared with `compute`),
+//!   and skips a group whose inputs are the same objects as last time (`Arc::ptr_eq`) or equal
+//!   in content.
+//! - **Ownership index.** For each [`FrontendKey`], its claimants in the order `compute`'s
+//!   merge visits them: by Service namespace/name, then claim order within the Service.
+//!   When a group's claims change, only the keys it claimed before or claims now are
+//!   re-resolved.
+//! - **The conflict rule.** The first claimant of a key owns it: its frontend is the one in
+//!   [`DesiredState::frontends`]. Every later claimant (another Service, or a later port of
+//!   the same Service) gets the conflict error `compute` reports, naming the owner. These
+//!   errors are kept per key, so they come and go with the claimants.
+//! - **Backend names.** Per address, a multiset of the `targetRef` names the groups list for
+//!   it; the state holds the smallest. A group's change touches only its addresses.
+//! - **Errors.** Kept in parts: per group, per conflicted key, duplicate objects, nameless
+//!   Services and the Node. The sorted, deduplicated [`DesiredState::errors`] is rebuilt from
+//!   the parts only when one of them changed (errors are few).
+//!
+//! Nothing walks the whole state on an update: the cost follows the dirty set, plus map
+//! operations. [`Model::replace`] (a relist, the standalone source, the periodic audit) walks
+//! the new object set once to find what differs, then updates like any other change.
+//!
+//! Objects are identified by the namespace and name the caller gives, which must be the
+//! object's own (`metadata.namespace`, or `default` when it has none, and `metadata.name`):
+//! that is how `compute` tells copies of one object apart. A nameless object (empty name)
+//! only comes from the file source; like `compute`, the model keeps every copy of it.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
+    net::IpAddr,
+    sync::Arc,
+};
+
+use k8s_openapi::{
+    api::{
+        core::v1::{Node, Service},
+        discovery::v1::EndpointSlice,
+    },
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+};
+
+use super::{
+    Delta, DesiredState, FrontendKey, GroupOutput, ObjectError, Snapshot, compute_group,
+    conflict_error, kept_copies, namespace_of, node_addresses, slice_owner,
+};
+
+/// A namespace and a name: an object's identity, or the Service a group is for.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+struct Name {
+    namespace: String,
+    name: String,
+}
+
+impl Name {
+    fn new(namespace: &str, name: &str) -> Self {
+        Self {
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+        }
+    }
+
+    /// The identity `compute` gives an object: its namespace (`default` when none) and name
+    /// (empty when none).
+    fn of(meta: &ObjectMeta) -> Self {
+        Self::new(
+            namespace_of(meta.namespace.as_ref()),
+            meta.name.as_deref().unwrap_or_default(),
+        )
+    }
+}
+
+/// The Service group a slice belongs to (see `slice_owner`).
+fn owner_of(slice: &EndpointSlice) -> Option<Name> {
+    slice_owner(slice).map(|(namespace, name)| Name::new(namespace, name))
+}
+
+/// Whether `slice` belongs to the group `group` (without allocating).
+fn owned_by(slice: &EndpointSlice, group: &Name) -> bool {
+    slice_owner(slice) == Some((group.namespace.as_str(), group.name.as_str()))
+}
+
+/// The copies of one object name that `compute` uses (see `kept_copies`): none when they
+/// differ.
+fn kept<'a, T: PartialEq>(kind: &'static str, key: &Name, copies: &'a [Arc<T>]) -> &'a [Arc<T>] {
+    match kept_copies(kind, &key.namespace, &key.name, copies, |c| &**c) {
+        Ok(n) => &copies[..n],
+        Err(_) => &[],
+    }
+}
+
+/// The same object, or an equal one.
+fn same<T: PartialEq>(a: &Arc<T>, b: &Arc<T>) -> bool {
+    Arc::ptr_eq(a, b) || a == b
+}
+
+/// The same objects as `b`, in order, by identity only (cheap: a relist's unchanged objects).
+fn identical<T>(a: &[Arc<T>], b: &[Arc<T>]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|(a, b)| Arc::ptr_eq(a, b))
+}
+
+/// One Service group as last computed: its inputs and what it contributes.
+#[derive(Debug)]
+struct Group {
+    service: Option<Arc<Service>>,
+    slices: Vec<Arc<EndpointSlice>>,
+    out: GroupOutput,
+}
+
+impl Group {
+    /// Whether `compute_group` would give the same output for these inputs.
+    fn same_inputs(&self, service: Option<&Arc<Service>>, slices: &[Arc<EndpointSlice>]) -> bool {
+        let same_service = match (&self.service, service) {
+            (Some(a), Some(b)) => same(a, b),
+            (None, None) => true,
+            _ => false,
+        };
+        same_service
+            && self.slices.len() == slices.len()
+            && self.slices.iter().zip(slices).all(|(a, b)| same(a, b))
+    }
+}
+
+/// One claim on a frontend key: the claim at index `claim` of group `group`'s output.
+///
+/// Ordered like `compute`'s merge visits claims: by group name, then claim index.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct Claimant {
+    group: Arc<Name>,
+    claim: usize,
+}
+
+/// Who claims one frontend key.
+#[derive(Debug, Default)]
+struct KeyClaims {
+    /// Sorted; the first owns the key.
+    claimants: Vec<Claimant>,
+    /// The conflict error of each claimant after the first, in claimant order.
+    conflicts: Vec<ObjectError>,
+}
+
+/// The desired state of one node, maintained incrementally as objects change.
+///
+/// See the [module documentation](self) for the design. Changes are recorded with
+/// [`set_service`](Self::set_service), [`set_slice`](Self::set_slice) and
+/// [`set_nodes`](Self::set_nodes) (each cheap) and applied by [`update`](Self::update);
+/// [`replace`](Self::replace) swaps in a whole object set.
+#[derive(Debug)]
+pub struct Model {
+    node_name: String,
+
+    // The current objects, by the identity `compute` gives them. Several copies only come
+    // from `replace` (the file source may list an object twice).
+    services: HashMap<Name, Vec<Arc<Service>>>,
+    slices: HashMap<Name, Vec<Arc<EndpointSlice>>>,
+    nodes: Vec<Arc<Node>>,
+    /// The slice keys whose used copies belong to each group.
+    slices_by_owner: HashMap<Name, BTreeSet<Name>>,
+
+    // What the objects contribute.
+    groups: HashMap<Arc<Name>, Group>,
+    /// The ownership index: every claimed frontend key's claimants.
+    claims: HashMap<FrontendKey, KeyClaims>,
+    /// The keys with more than one claimant (their `conflicts` are errors).
+    conflicted: BTreeSet<FrontendKey>,
+    /// Per address, how many times each `targetRef` name is listed for it.
+    names: HashMap<IpAddr, BTreeMap<String, usize>>,
+    /// The groups with errors.
+    erring: BTreeSet<Arc<Name>>,
+    /// Duplicate Services and slices whose copies differ.
+    duplicate_services: HashMap<Name, ObjectError>,
+    duplicate_slices: HashMap<Name, ObjectError>,
+    /// The errors of the nameless Services of each namespace.
+    nameless: HashMap<String, Vec<ObjectError>>,
+    node_errors: Vec<ObjectError>,
+
+    // What the next update has to do.
+    dirty: HashSet<Name>,
+    dirty_nameless: HashSet<String>,
+    nodes_dirty: bool,
+    errors_dirty: bool,
+
+    state: DesiredState,
+    recomputed: usize,
+}
+
+impl Model {
+    /// An empty model for the node named `node_name` (its state is that of no objects).
+    #[must_use]
+    pub fn new(node_name: &str) -> Self {
+        Self {
+            node_name: node_name.to_owned(),
+            services: HashMap::new(),
+            slices: HashMap::new(),
+            nodes: Vec::new(),
+            slices_by_owner: HashMap::new(),
+            groups: HashMap::new(),
+            claims: HashMap::new(),
+            conflicted: BTreeSet::new(),
+            names: HashMap::new(),
+            erring: BTreeSet::new(),
+            duplicate_services: HashMap::new(),
+            duplicate_slices: HashMap::new(),
+            nameless: HashMap::new(),
+            node_errors: Vec::new(),
+            dirty: HashSet::new(),
+            dirty_nameless: HashSet::new(),
+            nodes_dirty: false,
+            errors_dirty: false,
+            state: DesiredState::default(),
+            recomputed: 0,
+        }
+    }
+
+    /// The Service `namespace/name` is now `service` (None: deleted). Marks it dirty; O(1).
+    ///
+    /// `namespace/name` must be the Service's own (`default` when it names no namespace).
+    pub fn set_service(&mut self, namespace: &str, name: &str, service: Option<Arc<Service>>) {
+        self.put_service(Name::new(namespace, name), service.into_iter().collect());
+    }
+
+    /// The `EndpointSlice` `namespace/name` is now `slice` (None: deleted). It belongs to the
+    /// Service named by its `kubernetes.io/service-name` label ([`LABEL_SERVICE_NAME`](super::LABEL_SERVICE_NAME)); the
+    /// model remembers each slice's last owner, so a relabel or delete dirties the old owner
+    /// too. A slice without the label belongs to nobody.
+    ///
+    /// `namespace/name` must be the slice's own (`default` when it names no namespace).
+    pub fn set_slice(&mut self, namespace: &str, name: &str, slice: Option<Arc<EndpointSlice>>) {
+        self.put_slice(Name::new(namespace, name), slice.into_iter().collect());
+    }
+
+    /// The Node objects (only the one named like this node is used): `node_addresses` and
+    /// their errors.
+    pub fn set_nodes(&mut self, nodes: Vec<Arc<Node>>) {
+        self.nodes = nodes;
+        self.nodes_dirty = true;
+    }
+
+    /// Recomputes only the dirty Services and returns what changed in [`state`](Self::state).
+    pub fn update(&mut self) -> Delta {
+        self.recomputed = 0;
+        let mut delta = Delta::default();
+        if self.dirty.is_empty()
+            && self.dirty_nameless.is_empty()
+            && !self.nodes_dirty
+            && !self.errors_dirty
+        {
+            return delta;
+        }
+
+        let mut keys = BTreeSet::new();
+        let mut addrs = BTreeSet::new();
+        for group in std::mem::take(&mut self.dirty) {
+            self.update_group(group, &mut keys, &mut addrs);
+        }
+        for namespace in std::mem::take(&mut self.dirty_nameless) {
+            self.update_nameless(namespace);
+        }
+        if std::mem::take(&mut self.nodes_dirty) {
+            let (addresses, errors) = node_addresses(&self.nodes, &self.node_name);
+            if addresses != self.state.node_addresses {
+                self.state.node_addresses = addresses;
+                delta.nodes = true;
+            }
+            if errors != self.node_errors {
+                self.node_errors = errors;
+                self.errors_dirty = true;
+            }
+        }
+        for key in keys {
+            self.resolve_key(key, &mut delta);
+        }
+        for addr in addrs {
+            self.resolve_name(addr, &mut delta);
+        }
+        if std::mem::take(&mut self.errors_dirty) {
+            let errors = self.collect_errors();
+            if errors != self.state.errors {
+                self.state.errors = errors;
+                delta.errors = true;
+            }
+        }
+        delta
+    }
+
+    /// Replaces the whole object set with `snapshot` (a relist, the standalone source, the
+    /// periodic audit) and updates.
+    ///
+    /// Services whose Service object and slices are the same `Arc`s as before, or equal in
+    /// content, are not recomputed (the model keeps the new `Arc`s). Duplicates in the
+    /// snapshot (same kind, namespace and name) follow `compute`'s rule: identical copies
+    /// merge; differing copies give an error and none is kept. Nameless Services are reported
+    /// as by `compute`.
+    pub fn replace(&mut self, snapshot: &Snapshot) -> Delta {
+        let services = by_name(&snapshot.services, |s| &s.metadata);
+        let slices = by_name(&snapshot.slices, |s| &s.metadata);
+
+        let gone: Vec<Name> = self
+            .services
+            .keys()
+            .filter(|k| !services.contains_key(*k))
+            .cloned()
+            .collect();
+        for key in gone {
+            self.put_service(key, Vec::new());
+        }
+        for (key, copies) in services {
+            if !self
+                .services
+                .get(&key)
+                .is_some_and(|old| identical(old, &copies))
+            {
+                self.put_service(key, copies);
+            }
+        }
+
+        let gone: Vec<Name> = self
+            .slices
+            .keys()
+            .filter(|k| !slices.contains_key(*k))
+            .cloned()
+            .collect();
+        for key in gone {
+            self.put_slice(key, Vec::new());
+        }
+        for (key, copies) in slices {
+            if !self
+                .slices
+                .get(&key)
+                .is_some_and(|old| identical(old, &copies))
+            {
+                self.put_slice(key, copies);
+            }
+        }
+
+        if !identical(&self.nodes, &snapshot.nodes) {
+            self.set_nodes(snapshot.nodes.clone());
+        }
+        self.update()
+    }
+
+    /// The whole desired state, maintained in place; always equal to
+    /// [`compute`](super::compute) of the current objects for this node (once updated).
+    #[must_use]
+    pub fn state(&self) -> &DesiredState {
+        &self.state
+    }
+
+    /// How many Services (with their slices) the last update recomputed; unchanged and
+    /// deleted ones are not counted.
+    #[must_use]
+    pub fn recomputed(&self) -> usize {
+        self.recomputed
+    }
+
+    /// Records the copies of the Service `key` (none: deleted) and marks what they affect.
+    fn put_service(&mut self, key: Name, copies: Vec<Arc<Service>>) {
+        debug_assert!(
+            copies.iter().all(|s| Name::of(&s.metadata) == key),
+            "a Service set under another name than its own: {key:?}"
+        );
+        if key.name.is_empty() {
+            // Nameless Services are in no group: they only give errors.
+            self.dirty_nameless.insert(key.namespace.clone());
+        } else {
+            set_duplicate(
+                &mut self.duplicate_services,
+                &mut self.errors_dirty,
+                "Service",
+                &key,
+                &copies,
+            );
+            self.dirty.insert(key.clone());
+        }
+        if copies.is_empty() {
+            self.services.remove(&key);
+        } else {
+            self.services.insert(key, copies);
+        }
+    }
+
+    /// Records the copies of the slice `key` (none: deleted) and marks the groups they
+    /// belonged to and belong to now.
+    fn put_slice(&mut self, key: Name, copies: Vec<Arc<EndpointSlice>>) {
+        debug_assert!(
+            copies.iter().all(|s| Name::of(&s.metadata) == key),
+            "an EndpointSlice set under another name than its own: {key:?}"
+        );
+        let owners = |copies: &[Arc<EndpointSlice>]| -> Vec<Name> {
+            let mut owners: Vec<Name> = kept("EndpointSlice", &key, copies)
+                .iter()
+                .filter_map(|s| owner_of(s))
+                .collect();
+            owners.sort();
+            owners.dedup();
+            owners
+        };
+        let before = self.slices.get(&key).map(|c| owners(c)).unwrap_or_default();
+        let after = owners(&copies);
+        for owner in &before {
+            if !after.contains(owner)
+                && let Some(keys) = self.slices_by_owner.get_mut(owner)
+            {
+                keys.remove(&key);
+                if keys.is_empty() {
+                    self.slices_by_owner.remove(owner);
+                }
+            }
+        }
+        for owner in &after {
+            if !before.contains(owner) {
+                self.slices_by_owner
+                    .entry(owner.clone())
+                    .or_default()
+                    .insert(key.clone());
+            }
+        }
+        self.dirty.extend(before);
+        self.dirty.extend(after);
+        set_duplicate(
+            &mut self.duplicate_slices,
+            &mut self.errors_dirty,
+            "EndpointSlice",
+            &key,
+            &copies,
+        );
+        if copies.is_empty() {
+            self.slices.remove(&key);
+        } else {
+            self.slices.insert(key, copies);
+        }
+    }
+
+    /// Recomputes the group `name` if its inputs changed, and records which frontend keys
+    /// and addresses its change touches.
+    fn update_group(
+        &mut self,
+        name: Name,
+        keys: &mut BTreeSet<FrontendKey>,
+        addrs: &mut BTreeSet<IpAddr>,
+    ) {
+        let service = if name.name.is_empty() {
+            None
+        } else {
+            self.services
+                .get(&name)
+                .and_then(|copies| kept("Service", &name, copies).first())
+                .cloned()
+        };
+        let mut slices = Vec::new();
+        for key in self.slices_by_owner.get(&name).into_iter().flatten() {
+            let copies = self.slices.get(key).map_or(&[][..], |c| c.as_slice());
+            let mine = kept("EndpointSlice", key, copies)
+                .iter()
+                .filter(|s| owned_by(s, &name));
+            slices.extend(mine.cloned());
+        }
+        let empty = service.is_none() && slices.is_empty();
+
+        let (id, before) = match self.groups.remove_entry(&name) {
+            Some((id, mut group)) => {
+                if group.same_inputs(service.as_ref(), &slices) {
+                    // Unchanged: keep the output, hold the new objects.
+                    group.service = service;
+                    group.slices = slices;
+                    self.groups.insert(id, group);
+                    return;
+                }
+                (id, group.out)
+            }
+            None if empty => return,
+            None => (Arc::new(name), GroupOutput::default()),
+        };
+        let out = if empty {
+            GroupOutput::default()
+        } else {
+            self.recomputed += 1;
+            let refs: Vec<&Arc<EndpointSlice>> = slices.iter().collect();
+            compute_group(service.as_ref(), &refs, &self.node_name)
+        };
+
+        if before.claims != out.claims {
+            for claim in &before.claims {
+                if let Some(entry) = self.claims.get_mut(&claim.key) {
+                    entry.claimants.retain(|c| c.group != id);
+                }
+                keys.insert(claim.key);
+            }
+            for (index, claim) in out.claims.iter().enumerate() {
+                let claimant = Claimant {
+                    group: Arc::clone(&id),
+                    claim: index,
+                };
+                let entry = self.claims.entry(claim.key).or_default();
+                let at = entry.claimants.partition_point(|c| *c < claimant);
+                entry.claimants.insert(at, claimant);
+                keys.insert(claim.key);
+            }
+        }
+        if before.names != out.names {
+            for (addr, target) in &before.names {
+                if let Some(counts) = self.names.get_mut(addr) {
+                    if let Some(count) = counts.get_mut(target) {
+                        *count -= 1;
+                        if *count == 0 {
+                            counts.remove(target);
+                        }
+                    }
+                    if counts.is_empty() {
+                        self.names.remove(addr);
+                    }
+                }
+                addrs.insert(*addr);
+            }
+            for (addr, target) in &out.names {
+                *(self.names.entry(*addr).or_default())
+                    .entry(target.clone())
+                    .or_default() += 1;
+                addrs.insert(*addr);
+            }
+        }
+        if before.errors != out.errors {
+            self.errors_dirty = true;
+            if out.errors.is_empty() {
+                self.erring.remove(&id);
+            } else {
+                self.erring.insert(Arc::clone(&id));
+            }
+        }
+        if !empty {
+            self.groups.insert(
+                id,
+                Group {
+                    service,
+                    slices,
+                    out,
+                },
+            );
+        }
+    }
+
+    /// Recomputes the errors of the nameless Services of `namespace`.
+    fn update_nameless(&mut self, namespace: String) {
+        let mut errors = Vec::new();
+        let key = Name::new(&namespace, "");
+        for service in self.services.get(&key).into_iter().flatten() {
+            self.recomputed += 1;
+            let out = compute_group(Some(service), &[], &self.node_name);
+            // A Service without a name never validates, so it claims nothing.
+            debug_assert!(out.claims.is_empty() && out.names.is_empty());
+            errors.extend(out.errors);
+        }
+        let before = if errors.is_empty() {
+            self.nameless.remove(&namespace)
+        } else {
+            self.nameless.insert(namespace, errors.clone())
+        };
+        if before.unwrap_or_default() != errors {
+            self.errors_dirty = true;
+        }
+    }
+
+    /// Re-resolves the frontend key `key` from its claimants: the owner's frontend into the
+    /// state, the others' conflict errors.
+    fn resolve_key(&mut self, key: FrontendKey, delta: &mut Delta) {
+        let groups = &self.groups;
+        let claim = |c: &Claimant| &groups[&c.group].out.claims[c.claim];
+        let Some(entry) = self.claims.get_mut(&key) else {
+            return;
+        };
+        let owner = entry.claimants.first().map(claim);
+        match owner {
+            Some(owner) => match self.state.frontends.get_mut(&key) {
+                Some(current) if *current == owner.frontend => {}
+                Some(current) => {
+                    current.clone_from(&owner.frontend);
+                    delta.frontends.insert(key);
+                }
+                None => {
+                    self.state.frontends.insert(key, owner.frontend.clone());
+                    delta.frontends.insert(key);
+                }
+            },
+            None => {
+                if self.state.frontends.remove(&key).is_some() {
+                    delta.frontends.insert(key);
+                }
+            }
+        }
+        let conflicts: Vec<ObjectError> = match owner {
+            Some(owner) => entry.claimants[1..]
+                .iter()
+                .map(|c| conflict_error(claim(c), &owner.frontend.service))
+                .collect(),
+            None => Vec::new(),
+        };
+        if conflicts != entry.conflicts {
+            self.errors_dirty = true;
+            if conflicts.is_empty() {
+                self.conflicted.remove(&key);
+            } else {
+                self.conflicted.insert(key);
+            }
+            entry.conflicts = conflicts;
+        }
+        if entry.claimants.is_empty() {
+            self.claims.remove(&key);
+        }
+    }
+
+    /// Re-resolves the name of the endpoint address `addr`: the smallest listed.
+    fn resolve_name(&mut self, addr: IpAddr, delta: &mut Delta) {
+        let smallest = self.names.get(&addr).and_then(|c| c.keys().next());
+        if self.state.backend_names.get(&addr) == smallest {
+            return;
+        }
+        match smallest {
+            Some(name) => {
+                self.state.backend_names.insert(addr, name.clone());
+            }
+            None => {
+                self.state.backend_names.remove(&addr);
+            }
+        }
+        delta.backend_names.insert(addr);
+    }
+
+    /// Every error, sorted and deduplicated, from the parts.
+    fn collect_errors(&self) -> Vec<ObjectError> {
+        let groups = self.erring.iter().flat_map(|g| &self.groups[g].out.errors);
+        let conflicts = self
+            .conflicted
+            .iter()
+            .flat_map(|k| &self.claims[k].conflicts);
+        let mut errors: Vec<ObjectError> = self
+            .duplicate_services
+            .values()
+            .chain(self.duplicate_slices.values())
+            .chain(self.nameless.values().flatten())
+            .chain(groups)
+            .chain(conflicts)
+            .chain(&self.node_errors)
+            .cloned()
+            .collect();
+        errors.sort();
+        errors.dedup();
+        errors
+    }
+}
+
+/// Groups `objects` by the identity `compute` gives them, keeping their order.
+fn by_name<T>(objects: &[Arc<T>], meta: impl Fn(&T) -> &ObjectMeta) -> HashMap<Name, Vec<Arc<T>>> {
+    let mut grouped: HashMap<Name, Vec<Arc<T>>> = HashMap::with_capacity(objects.len());
+    for object in objects {
+        grouped
+            .entry(Name::of(meta(object)))
+            .or_default()
+            .push(Arc::clone(object));
+    }
+    grouped
+}
+
+/// Records whether the copies of object `key` differ (an error in `duplicates`), flagging
+/// `errors_dirty` when that changed.
+fn set_duplicate<T: PartialEq>(
+    duplicates: &mut HashMap<Name, ObjectError>,
+    errors_dirty: &mut bool,
+    kind: &'static str,
+    key: &Name,
+    copies: &[Arc<T>],
+) {
+    match kept_copies(kind, &key.namespace, &key.name, copies, |c| &**c) {
+        Ok(_) => {
+            if duplicates.remove(key).is_some() {
+                *errors_dirty = true;
+            }
+        }
+        Err(error) => {
+            if duplicates.get(key) != Some(&error) {
+                duplicates.insert(key.clone(), error);
+                *errors_dirty = true;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
