@@ -53,11 +53,13 @@ pub const MAP_NAMES: &[&str] = &[
 
 /// Default map sizes (the agent's flags override them at load time).
 pub mod sizes {
-    /// `SERVICES_V1` entries: frontends plus backend slots (30,000 service ports with 11
-    /// slots each on average).
-    pub const SERVICES: u32 = 360_000;
-    /// `BACKENDS_V1` entries.
-    pub const BACKENDS: u32 = 300_000;
+    /// `SERVICES_V1` entries: frontends plus backend slots. 100,000 service ports with 3
+    /// endpoints each take 400,000 (30,000 with 10 endpoints: 330,000); the rest is room to
+    /// grow. Preallocated: about 48 MiB.
+    pub const SERVICES: u32 = 524_288;
+    /// `BACKENDS_V1` entries: 100,000 Services with 3 endpoints of their own each take
+    /// 300,000. Preallocated: about 30 MiB.
+    pub const BACKENDS: u32 = 393_216;
     /// `CT_V1` entries: two per connection, for 1,000,000 connections.
     pub const CT: u32 = 2_000_000;
     /// `CT_NEW_V1` entries: two per flow nothing has answered yet (a SYN, a UDP datagram),
