@@ -38,7 +38,9 @@
 //! only comes from the file source; like `compute`, the model keeps every copy of it.
 
 use std::{
+    borrow::Borrow,
     collections::{BTreeMap, BTreeSet, HashMap, HashSet},
+    hash::{Hash, Hasher},
     net::IpAddr,
     sync::Arc,
 };
@@ -53,14 +55,61 @@ use k8s_openapi::{
 
 use super::{
     Delta, DesiredState, FrontendKey, GroupOutput, ObjectError, Snapshot, compute_group,
-    conflict_error, kept_copies, namespace_of, node_addresses, slice_owner,
+    conflict_error, kept_copies, namespace_of, node_addresses, slice_owner, sorted_by_name,
 };
 
 /// A namespace and a name: an object's identity, or the Service a group is for.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+///
+/// Hashed as its borrowed form, [`NameKey`], so maps keyed by it are searched with two
+/// `&str`s, without allocating.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 struct Name {
     namespace: String,
     name: String,
+}
+
+/// A namespace and a name, owned ([`Name`]) or borrowed (`(&str, &str)`).
+trait NameKey {
+    fn parts(&self) -> (&str, &str);
+}
+
+impl NameKey for Name {
+    fn parts(&self) -> (&str, &str) {
+        (&self.namespace, &self.name)
+    }
+}
+
+impl NameKey for (&str, &str) {
+    fn parts(&self) -> (&str, &str) {
+        *self
+    }
+}
+
+impl<'a> Borrow<dyn NameKey + 'a> for Name {
+    fn borrow(&self) -> &(dyn NameKey + 'a) {
+        self
+    }
+}
+
+impl Hash for dyn NameKey + '_ {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.parts().hash(state);
+    }
+}
+
+impl PartialEq for dyn NameKey + '_ {
+    fn eq(&self, other: &Self) -> bool {
+        self.parts() == other.parts()
+    }
+}
+
+impl Eq for dyn NameKey + '_ {}
+
+impl Hash for Name {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        // The same as the borrowed form's, as `Borrow` requires.
+        self.parts().hash(state);
+    }
 }
 
 impl Name {
@@ -303,47 +352,26 @@ impl Model {
     /// merge; differing copies give an error and none is kept. Nameless Services are reported
     /// as by `compute`.
     pub fn replace(&mut self, snapshot: &Snapshot) -> Delta {
-        let services = by_name(&snapshot.services, |s| &s.metadata);
-        let slices = by_name(&snapshot.slices, |s| &s.metadata);
-
-        let gone: Vec<Name> = self
-            .services
-            .keys()
-            .filter(|k| !services.contains_key(*k))
-            .cloned()
-            .collect();
-        for key in gone {
+        let services = sorted_by_name(&snapshot.services, |s| {
+            (&s.metadata.namespace, &s.metadata.name)
+        });
+        let diff = replace_objects(&self.services, &services);
+        for key in diff.removed {
             self.put_service(key, Vec::new());
         }
-        for (key, copies) in services {
-            if !self
-                .services
-                .get(&key)
-                .is_some_and(|old| identical(old, &copies))
-            {
-                self.put_service(key, copies);
-            }
+        for (key, copies) in diff.changed {
+            self.put_service(key, copies);
         }
-
-        let gone: Vec<Name> = self
-            .slices
-            .keys()
-            .filter(|k| !slices.contains_key(*k))
-            .cloned()
-            .collect();
-        for key in gone {
+        let slices = sorted_by_name(&snapshot.slices, |s| {
+            (&s.metadata.namespace, &s.metadata.name)
+        });
+        let diff = replace_objects(&self.slices, &slices);
+        for key in diff.removed {
             self.put_slice(key, Vec::new());
         }
-        for (key, copies) in slices {
-            if !self
-                .slices
-                .get(&key)
-                .is_some_and(|old| identical(old, &copies))
-            {
-                self.put_slice(key, copies);
-            }
+        for (key, copies) in diff.changed {
+            self.put_slice(key, copies);
         }
-
         if !identical(&self.nodes, &snapshot.nodes) {
             self.set_nodes(snapshot.nodes.clone());
         }
@@ -659,16 +687,49 @@ impl Model {
     }
 }
 
-/// Groups `objects` by the identity `compute` gives them, keeping their order.
-fn by_name<T>(objects: &[Arc<T>], meta: impl Fn(&T) -> &ObjectMeta) -> HashMap<Name, Vec<Arc<T>>> {
-    let mut grouped: HashMap<Name, Vec<Arc<T>>> = HashMap::with_capacity(objects.len());
-    for object in objects {
-        grouped
-            .entry(Name::of(meta(object)))
-            .or_default()
-            .push(Arc::clone(object));
+/// What a whole new object set changes in a store of objects.
+struct Replacement<T> {
+    /// Names no longer in the set.
+    removed: Vec<Name>,
+    /// Names whose copies are not the same objects as before, with their new copies.
+    changed: Vec<(Name, Vec<Arc<T>>)>,
+}
+
+/// Compares the objects of a store with `objects` (sorted by name, see `sorted_by_name`),
+/// allocating only for what changed.
+fn replace_objects<T>(
+    store: &HashMap<Name, Vec<Arc<T>>>,
+    objects: &[(&str, &str, &Arc<T>)],
+) -> Replacement<T> {
+    let mut replacement = Replacement {
+        removed: Vec::new(),
+        changed: Vec::new(),
+    };
+    let mut present = 0;
+    for copies in objects.chunk_by(|a, b| (a.0, a.1) == (b.0, b.1)) {
+        let (namespace, name, _) = copies[0];
+        let old = store.get(&(namespace, name) as &dyn NameKey);
+        present += usize::from(old.is_some());
+        let same = old.is_some_and(|old| {
+            old.len() == copies.len() && old.iter().zip(copies).all(|(a, b)| Arc::ptr_eq(a, b.2))
+        });
+        if !same {
+            let copies = copies.iter().map(|c| Arc::clone(c.2)).collect();
+            replacement
+                .changed
+                .push((Name::new(namespace, name), copies));
+        }
     }
-    grouped
+    if present < store.len() {
+        replacement.removed = (store.keys())
+            .filter(|key| {
+                let key = (key.namespace.as_str(), key.name.as_str());
+                objects.binary_search_by(|o| (o.0, o.1).cmp(&key)).is_err()
+            })
+            .cloned()
+            .collect();
+    }
+    replacement
 }
 
 /// Records whether the copies of object `key` differ (an error in `duplicates`), flagging

@@ -403,17 +403,7 @@ fn unique_objects<'a, T: PartialEq>(
     meta: impl Fn(&'a T) -> (&'a Option<String>, &'a Option<String>),
     errors: &mut Vec<ObjectError>,
 ) -> Vec<&'a T> {
-    // Sorted by namespace/name (stable, so copies keep their input order): one allocation,
-    // no tree; runs of equal names are the duplicates.
-    let mut named: Vec<(&str, &str, &T)> = objects
-        .iter()
-        .map(|object| {
-            let (namespace, name) = meta(object);
-            let namespace = namespace.as_deref().unwrap_or(DEFAULT_NAMESPACE);
-            (namespace, name.as_deref().unwrap_or_default(), object)
-        })
-        .collect();
-    named.sort_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
+    let named = sorted_by_name(objects, meta);
     let mut unique = Vec::with_capacity(named.len());
     for group in named.chunk_by(|a, b| (a.0, a.1) == (b.0, b.1)) {
         let (namespace, name, _) = group[0];
@@ -423,6 +413,28 @@ fn unique_objects<'a, T: PartialEq>(
         }
     }
     unique
+}
+
+/// `objects` as (namespace, name, object), sorted by namespace/name; stable, so copies keep
+/// their input order. One allocation, no tree: runs of equal names are the copies of one
+/// object.
+fn sorted_by_name<'a, T>(
+    objects: &'a [T],
+    meta: impl Fn(&'a T) -> (&'a Option<String>, &'a Option<String>),
+) -> Vec<(&'a str, &'a str, &'a T)> {
+    let mut named: Vec<(&str, &str, &T)> = objects
+        .iter()
+        .map(|object| {
+            let (namespace, name) = meta(object);
+            (
+                namespace_of(namespace.as_ref()),
+                name.as_deref().unwrap_or_default(),
+                object,
+            )
+        })
+        .collect();
+    named.sort_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
+    named
 }
 
 /// The rule for the `copies` of one object name (same kind, namespace and name, in input
