@@ -11,7 +11,7 @@
 //! UDP sockets translated to it (`sockets`), which the pass does not wait for.
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, HashMap},
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     time::{Duration, Instant},
 };
@@ -38,12 +38,11 @@ use tracing::{info, warn};
 use super::{
     batch,
     flows::{FlowTable, ReplySchedule, StaleFlows, Sweep, is_flow, is_reply, sweep},
-    ids::IdMap,
-    names,
-    render::{BackendRef, Capacity, Rendered, addresses, addresses_union, render},
+    layout::{Change, Layout, Target},
+    render::{BackendRef, Capacity, Rendered, frontend_key},
 };
 use crate::{
-    model::{DesiredState, FrontendKey, Protocol, Scope},
+    model::{Delta, DesiredState, FrontendKey, Protocol, Scope},
     sockets::{EndedBackends, EndedSender},
 };
 
@@ -400,6 +399,10 @@ pub struct ReconcileReport {
     /// The pass over `CT_V1` that cleared the reply entries of UDP flows an earlier pass (at
     /// least [`UDP_REPLY_GRACE`] ago) cleared; `None` when none were due (or it failed).
     pub udp_replies: Option<Sweep>,
+    /// When to run an (empty) incremental pass again: something waits for room or failed
+    /// and is retried by every pass. Doubles from [`RETRY_MIN`] to [`RETRY_MAX`] while that
+    /// lasts; `None` when nothing does.
+    pub retry_after: Option<Duration>,
 }
 
 /// What a reconcile pass cleared from `CT_V1` and `AFFINITY_V1` (see `flows.rs`).
@@ -431,12 +434,203 @@ pub const RETIRED_BACKEND_GRACE: Duration = Duration::from_mins(1);
 /// address. They go at the first pass after that.
 pub const UDP_REPLY_GRACE: Duration = Duration::from_secs(2);
 
+/// The first delay [`ReconcileReport::retry_after`] asks for; it doubles while something still
+/// waits or fails, up to [`RETRY_MAX`].
+pub const RETRY_MIN: Duration = Duration::from_millis(100);
+
+/// The longest delay [`ReconcileReport::retry_after`] asks for.
+pub const RETRY_MAX: Duration = Duration::from_secs(10);
+
+/// What the maps hold as far as the reconciler knows, with the counts that say, without a
+/// walk, which addresses and backends are still used.
+#[derive(Debug, Default)]
+struct Held {
+    current: Rendered,
+    /// Per backend id: how many slots of `SERVICES_V1` name it.
+    slot_refs: HashMap<u32, u32>,
+    /// Per address: how many frontend entries (slot 0) are at it, how many of them are
+    /// ClusterIPs (internal scope), and how many `BACKENDS_V1` entries.
+    addr_refs: HashMap<AddrKey, [u32; 3]>,
+    /// Addresses whose counts changed since the last pass settled them.
+    touched: BTreeSet<AddrKey>,
+}
+
+fn addr_key(addr: [u8; 16], family: u8) -> AddrKey {
+    AddrKey {
+        addr,
+        family,
+        _pad: [0; 3],
+    }
+}
+
+impl Held {
+    fn new(current: Rendered) -> Self {
+        let mut held = Self::default();
+        for (k, v) in &current.services {
+            held.count_service(k, v, true);
+        }
+        for b in current.backends.values() {
+            held.count_backend(b, true);
+        }
+        held.current = current;
+        held
+    }
+
+    fn count_service(&mut self, k: &ServiceKey, v: &ServiceValue, up: bool) {
+        if k.slot != 0 {
+            let n = self.slot_refs.entry(v.id).or_default();
+            *n = if up { *n + 1 } else { n.saturating_sub(1) };
+            if *n == 0 {
+                self.slot_refs.remove(&v.id);
+            }
+            return;
+        }
+        let cluster_ip = u32::from(k.scope == scope::INTERNAL);
+        self.count_addr(addr_key(k.addr, k.family), [1, cluster_ip, 0], up);
+    }
+
+    fn count_backend(&mut self, b: &Backend, up: bool) {
+        self.count_addr(addr_key(b.addr, b.family), [0, 0, 1], up);
+    }
+
+    fn count_addr(&mut self, key: AddrKey, by: [u32; 3], up: bool) {
+        let n = self.addr_refs.entry(key).or_default();
+        for (n, by) in n.iter_mut().zip(by) {
+            *n = if up { *n + by } else { n.saturating_sub(by) };
+        }
+        if *n == [0; 3] {
+            self.addr_refs.remove(&key);
+        }
+        self.touched.insert(key);
+    }
+
+    /// The `ADDRS_V1` flags the held entries give `key`.
+    fn flags(&self, key: &AddrKey) -> u32 {
+        let [frontends, cluster_ips, backends] =
+            self.addr_refs.get(key).copied().unwrap_or_default();
+        let mut flags = 0;
+        if frontends > 0 {
+            flags |= addr_flags::FRONTEND;
+        }
+        if cluster_ips > 0 {
+            flags |= addr_flags::CLUSTER_IP;
+        }
+        if backends > 0 {
+            flags |= addr_flags::BACKEND;
+        }
+        flags
+    }
+
+    fn put_service(&mut self, k: ServiceKey, v: ServiceValue) {
+        if let Some(old) = self.current.services.insert(k, v) {
+            self.count_service(&k, &old, false);
+        }
+        self.count_service(&k, &v, true);
+    }
+
+    fn del_service(&mut self, k: &ServiceKey) -> Option<ServiceValue> {
+        let old = self.current.services.remove(k)?;
+        self.count_service(k, &old, false);
+        Some(old)
+    }
+
+    fn put_backend(&mut self, id: u32, b: Backend) {
+        if let Some(old) = self.current.backends.insert(id, b) {
+            self.count_backend(&old, false);
+        }
+        self.count_backend(&b, true);
+    }
+
+    fn del_backend(&mut self, id: u32) -> Option<Backend> {
+        let old = self.current.backends.remove(&id)?;
+        self.count_backend(&old, false);
+        Some(old)
+    }
+}
+
+/// What failed and is tried again by the next pass (with what the frontends may still hold).
+#[derive(Debug, Default)]
+struct Pending {
+    /// Frontends not (fully) written, with the highest slot they may hold.
+    frontends: BTreeMap<FrontendKey, u16>,
+    /// Backends to remove (no frontend uses them) whose removal failed or waits for a slot.
+    backends: BTreeSet<u32>,
+    /// Addresses whose entry could not be written or removed.
+    addrs: BTreeSet<AddrKey>,
+    /// Backend ids whose name could not be written or removed.
+    names: BTreeSet<u32>,
+}
+
+impl Pending {
+    fn is_empty(&self) -> bool {
+        self.frontends.is_empty()
+            && self.backends.is_empty()
+            && self.addrs.is_empty()
+            && self.names.is_empty()
+    }
+}
+
+/// One frontend of a pass: what it had, what it gets, and the highest slot it may hold in the
+/// maps (slots above its new count up to there are removed).
+#[derive(Debug)]
+struct Item {
+    slot0: ServiceKey,
+    key: Option<FrontendKey>,
+    before: Option<Target>,
+    after: Option<Target>,
+    span: u16,
+    wave: usize,
+}
+
+impl Item {
+    fn of(change: Change, span: u16) -> Self {
+        let len = |t: &Option<Target>| {
+            t.as_ref()
+                .map_or(0, |t| (t.slots.len() as u16).max(t.value.count))
+        };
+        Self {
+            slot0: frontend_key(&change.key),
+            key: Some(change.key),
+            span: span.max(len(&change.before)).max(len(&change.after)),
+            before: change.before,
+            after: change.after,
+            wave: change.wave,
+        }
+    }
+
+    /// Every backend id it had or gets.
+    fn backend_ids(&self) -> impl Iterator<Item = u32> + '_ {
+        let ids = |t: &Option<Target>| t.iter().flat_map(Target::backend_ids).collect::<Vec<_>>();
+        ids(&self.before).into_iter().chain(ids(&self.after))
+    }
+}
+
+/// Which pass: the full one (every frontend, every entry of the maps) or an incremental one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pass {
+    Full,
+    Delta,
+}
+
 /// Keeps the maps equal to the desired state, writing only differences.
+///
+/// Two passes: [`apply`](Self::apply), the full one (every frontend, every entry compared:
+/// at start, after a relist, as a periodic audit), and [`apply_delta`](Self::apply_delta),
+/// which decides and writes only the frontends an update changed (plus those waiting for room
+/// or whose writes failed). Both decide through the same [`Layout`], so they program the same
+/// maps; the full pass rebuilds the layout from what the maps hold.
+///
+/// A pass writes in waves: first removals and changes that need no more room, then
+/// programmed frontends that grow, then new frontends (so what a removal frees is free before
+/// a write needs it). Each wave runs in the safe order: the `ADDRS_V1` entries its new entries
+/// need, backends (with their counters), backend slots, frontend entries (slot 0), then
+/// removals in reverse (frontend entries, stale slots, backends no frontend uses any more);
+/// after the last wave, addresses no entry has any more (a backend's after
+/// [`RETIRED_BACKEND_GRACE`]), names, and the flow state of what the pass ended.
 pub struct Reconciler<M: DatapathMaps> {
     maps: M,
-    current: Rendered,
-    frontend_ids: IdMap<FrontendKey>,
-    backend_ids: IdMap<BackendRef>,
+    held: Held,
+    layout: Layout,
     /// Where ended backends go for their connected UDP sockets to be destroyed (`sockets`).
     ended: Option<EndedSender>,
     /// What `ADDRS_V1` holds, as far as this reconciler knows.
@@ -449,6 +643,10 @@ pub struct Reconciler<M: DatapathMaps> {
     replies: ReplySchedule,
     /// The id cursors last kept in `ID_CURSORS_V1`.
     cursors: [u32; 2],
+    /// What the next pass tries again.
+    pending: Pending,
+    /// The next [`ReconcileReport::retry_after`].
+    backoff: Duration,
 }
 
 impl<M: DatapathMaps> Reconciler<M> {
@@ -460,20 +658,10 @@ impl<M: DatapathMaps> Reconciler<M> {
     pub fn adopt(maps: M) -> anyhow::Result<Self> {
         let services = maps.services()?;
         let backends = maps.backends()?;
-        let mut frontend_ids = IdMap::default();
-        let mut backend_ids = IdMap::default();
-        for (k, v) in &services {
-            if let Some(fk) = frontend_of(k).filter(|_| k.slot == 0) {
-                frontend_ids.adopt(fk, v.id);
-            }
-        }
-        for (id, b) in &backends {
-            backend_ids.adopt((ip_of(&b.addr, b.family), b.port.to_host()), *id);
-        }
         // Go on after the highest id any agent issued, not the highest the maps still hold.
         let cursors = maps.id_cursors()?;
-        frontend_ids.resume_at(cursors[0]);
-        backend_ids.resume_at(cursors[1]);
+        let mut layout = Layout::default();
+        layout.rebuild(&services, &backends, cursors, frontend_of, backend_ref);
         // Backends kept only for established flows are in no slot: which frontend keeps them
         // is not in the maps. Should one of them leave its frontend while another still uses
         // it, that frontend's UDP flows to it stay (they end when idle); removed backends are
@@ -489,19 +677,21 @@ impl<M: DatapathMaps> Reconciler<M> {
         };
         let mut r = Self {
             maps,
-            current,
-            frontend_ids,
-            backend_ids,
+            held: Held::new(current),
+            layout,
             ended: None,
             addrs,
             retired: BTreeMap::new(),
             retired_grace: RETIRED_BACKEND_GRACE,
             replies: ReplySchedule::new(UDP_REPLY_GRACE),
             cursors,
+            pending: Pending::default(),
+            backoff: RETRY_MIN,
         };
-        let want = r.addresses_now();
         let mut errors = Vec::new();
-        r.sync_addrs(&want, true, &mut errors);
+        let mut all = std::mem::take(&mut r.held.touched);
+        all.extend(r.addrs.keys());
+        r.settle_addrs(all, &mut errors);
         if !errors.is_empty() {
             return Err(anyhow!("rebuilding ADDRS_V1: {}", errors.join("; ")));
         }
@@ -515,7 +705,7 @@ impl<M: DatapathMaps> Reconciler<M> {
     }
 
     /// From now on, every pass that ends backends also sends them, as addresses, to `sender`
-    /// (the thread that destroys connected UDP sockets translated to them; see `sockets`).
+    /// (the thread that destroys connected UDP sockets translated to it; see `sockets`).
     /// Sending never blocks: the pass does not wait for the sockets.
     pub fn send_ended_to(&mut self, sender: EndedSender) {
         self.ended = Some(sender);
@@ -524,55 +714,223 @@ impl<M: DatapathMaps> Reconciler<M> {
     /// What the maps hold, as far as this reconciler knows.
     #[must_use]
     pub fn current(&self) -> &Rendered {
-        &self.current
+        &self.held.current
     }
 
-    /// Makes the maps match `desired`: backends first, then backend slots, then frontend
-    /// entries, then removals in reverse (frontend entries, stale slots, unused backends);
-    /// last, when that ended `(frontend, backend)` pairs or removed backends, clears the UDP
-    /// flows and affinity entries that name them (see `flows.rs`).
+    /// The full pass: makes the maps match `desired`, comparing every entry (see the type's
+    /// documentation for the order). Rebuilds the bookkeeping the incremental pass works from
+    /// out of what the maps hold, decides every frontend again (same rule as
+    /// [`apply_delta`](Self::apply_delta): the same maps come out), and removes whatever the
+    /// maps hold that no frontend uses. What it writes or removes after incremental passes is
+    /// their drift.
     pub fn apply(&mut self, desired: &DesiredState) -> ReconcileReport {
-        let want = render(
-            desired,
-            &mut self.frontend_ids,
-            &mut self.backend_ids,
-            self.maps.capacity(),
+        let cursors = [
+            self.layout.frontend_ids.cursor(),
+            self.layout.backend_ids.cursor(),
+        ];
+        self.layout.rebuild(
+            &self.held.current.services,
+            &self.held.current.backends,
+            cursors,
+            frontend_of,
+            backend_ref,
         );
+        let mut candidates: BTreeSet<FrontendKey> = desired.frontends.keys().copied().collect();
+        candidates.extend(self.layout.targets().map(|(k, _)| *k));
+        let changes = self.layout.plan(desired, candidates, self.maps.capacity());
+        self.layout.forget_unreferenced();
+        // The highest slot each frontend entry of the maps has.
+        let mut groups: BTreeMap<ServiceKey, u16> = BTreeMap::new();
+        for k in self.held.current.services.keys() {
+            let top = groups.entry(ServiceKey { slot: 0, ..*k }).or_default();
+            *top = (*top).max(k.slot);
+        }
+        let mut items = Vec::new();
+        let mut decided = BTreeSet::new();
+        for change in changes {
+            decided.insert(change.key);
+            let span = groups.remove(&frontend_key(&change.key)).unwrap_or(0);
+            items.push(Item::of(change, span));
+        }
+        // Programmed frontends left as they are (one that grows and does not fit).
+        for (key, target) in self.layout.targets() {
+            if decided.contains(key) {
+                continue;
+            }
+            let span = groups.remove(&frontend_key(key)).unwrap_or(0);
+            items.push(Item::of(
+                Change {
+                    key: *key,
+                    before: Some(target.clone()),
+                    after: Some(target.clone()),
+                    wave: 0,
+                },
+                span,
+            ));
+        }
+        // Entries of no frontend programmed.
+        for (slot0, span) in groups {
+            items.push(Item {
+                slot0,
+                key: frontend_of(&slot0),
+                before: None,
+                after: None,
+                span,
+                wave: 0,
+            });
+        }
+        self.pending = Pending::default();
+        self.run(desired, items, Pass::Full, BTreeSet::new())
+    }
+
+    /// The incremental pass: decides and writes only the frontends of `delta` (their value
+    /// looked up in `desired`, the whole new state; missing: removed), the backends and
+    /// addresses they use, and the names of `delta.backend_names`; plus the frontends that wait
+    /// for room (as soon as there is some) and whatever an earlier pass failed to write. Same
+    /// order and rules as [`apply`](Self::apply); its cost follows the change, not the number
+    /// of frontends. An empty `delta` only retries (see [`ReconcileReport::retry_after`]).
+    pub fn apply_delta(&mut self, desired: &DesiredState, delta: &Delta) -> ReconcileReport {
+        let pending = std::mem::take(&mut self.pending.frontends);
+        let mut candidates = delta.frontends.clone();
+        candidates.extend(pending.keys().copied());
+        let changes = self.layout.plan(desired, candidates, self.maps.capacity());
+        let mut items = Vec::new();
+        let mut decided = BTreeSet::new();
+        for change in changes {
+            decided.insert(change.key);
+            let span = pending.get(&change.key).copied().unwrap_or(0);
+            items.push(Item::of(change, span));
+        }
+        // Failed ones with nothing new decided: written again as they are (or removed).
+        for (key, span) in pending {
+            if decided.contains(&key) {
+                continue;
+            }
+            let target = self.layout.target(&key).cloned();
+            items.push(Item::of(
+                Change {
+                    key,
+                    before: target.clone(),
+                    after: target,
+                    wave: 0,
+                },
+                span,
+            ));
+        }
+        let names: BTreeSet<u32> = delta
+            .backend_names
+            .iter()
+            .flat_map(|a| self.layout.backends_at(a))
+            .collect();
+        self.run(desired, items, Pass::Delta, names)
+    }
+
+    /// One pass over `items` (see the type's documentation); `names`: more backend ids whose
+    /// name may have changed.
+    fn run(
+        &mut self,
+        desired: &DesiredState,
+        items: Vec<Item>,
+        pass: Pass,
+        mut names: BTreeSet<u32>,
+    ) -> ReconcileReport {
+        let skipped = self.layout.skipped();
         let mut report = ReconcileReport {
-            errors: want
-                .skipped
+            errors: skipped
                 .iter()
                 .map(|(k, why)| format!("frontend {k} not programmed: {why}"))
                 .collect(),
-            skipped: want.skipped.clone(),
+            skipped,
             ..ReconcileReport::default()
         };
         // Before any new id reaches a map: a restart after this pass goes on after them.
         self.keep_id_cursors(&mut report.errors);
-        let reachable_before = std::mem::take(&mut self.current.reachable);
-        let mut frontends = frontend_keys(&self.current.services);
-        frontends.extend(frontend_keys(&want.services));
-        let before = addresses(&self.current.services, &self.current.backends);
-        let needed = addresses_union(&before, &addresses(&want.services, &want.backends));
-        self.sync_addrs(&needed, false, &mut report.errors);
-        self.write_backends(&want, &mut report);
-        let broken = self.write_services(&want, &mut report);
-        self.remove_services(&want, &broken, &mut report);
-        let removed = self.remove_backends(&want, &mut report);
-        let after = self.addresses_now();
-        self.sync_addrs(&after, true, &mut report.errors);
-        let maps = std::cell::RefCell::new(&mut self.maps);
-        names::sync(
-            &mut self.current.names,
-            &want.names,
-            |id, name| maps.borrow_mut().put_backend_name(id, name),
-            |id| maps.borrow_mut().del_backend_name(id),
-            &mut report.errors,
-        );
+        // The frontends concerned, by id (before and after), and what was reachable through
+        // them.
+        let mut frontends = BTreeMap::new();
+        for item in &items {
+            let ids = [&item.before, &item.after]
+                .into_iter()
+                .flatten()
+                .map(|t| t.value.id)
+                .chain(self.held.current.services.get(&item.slot0).map(|v| v.id));
+            for id in ids {
+                frontends.insert(id, item.slot0);
+            }
+        }
+        let reachable_before = match pass {
+            Pass::Full => std::mem::take(&mut self.held.current.reachable),
+            Pass::Delta => {
+                let mut before = BTreeSet::new();
+                for item in &items {
+                    before.extend(self.reachable_through(item, item.before.as_ref()));
+                }
+                for pair in &before {
+                    self.held.current.reachable.remove(pair);
+                }
+                before
+            }
+        };
+        let mut failed: BTreeSet<ServiceKey> = BTreeSet::new();
+        let mut removed = BTreeMap::new();
+        for wave in 0..3 {
+            let last = wave == 2;
+            let batch: Vec<&Item> = items.iter().filter(|i| i.wave == wave).collect();
+            if batch.is_empty() && !last {
+                continue;
+            }
+            let concerned: BTreeSet<u32> = batch.iter().flat_map(|i| i.backend_ids()).collect();
+            names.extend(&concerned);
+            self.write_wave(&batch, &concerned, &mut failed, &mut report);
+            let mut unused: BTreeSet<u32> = concerned
+                .into_iter()
+                .filter(|id| !self.layout.referenced(*id))
+                .collect();
+            if last {
+                unused.extend(std::mem::take(&mut self.pending.backends));
+                if pass == Pass::Full {
+                    unused.extend(
+                        self.held
+                            .current
+                            .backends
+                            .keys()
+                            .filter(|id| !self.layout.referenced(**id)),
+                    );
+                }
+            }
+            self.remove_backends(unused, &mut removed, &mut report);
+        }
+        for item in &items {
+            if let Some(key) = item.key.filter(|_| failed.contains(&item.slot0)) {
+                self.pending.frontends.insert(key, item.span);
+            }
+        }
+        let mut addrs = std::mem::take(&mut self.held.touched);
+        addrs.extend(std::mem::take(&mut self.pending.addrs));
+        names.extend(std::mem::take(&mut self.pending.names));
+        names.extend(removed.keys());
+        if pass == Pass::Full {
+            addrs.extend(self.addrs.keys());
+            addrs.extend(self.held.addr_refs.keys());
+            names.extend(self.held.current.names.keys());
+            names.extend(self.layout.backend_ids_referenced());
+        }
+        self.settle_addrs(addrs, &mut report.errors);
+        self.settle_names(desired, names, &mut report.errors);
         // Slots kept for a frontend that could not be reprogrammed still send new flows.
-        self.current.reachable = &want.reachable | &slot_pairs(&self.current.services);
+        let mut after = BTreeSet::new();
+        for item in &items {
+            after.extend(self.reachable_through(item, item.after.as_ref()));
+        }
+        match pass {
+            Pass::Full => {
+                after.extend(slot_pairs(&self.held.current.services));
+                self.held.current.reachable = after;
+            }
+            Pass::Delta => self.held.current.reachable.extend(after),
+        }
         let stale = StaleFlows {
-            pairs: &reachable_before - &self.current.reachable,
+            pairs: &reachable_before - &self.held.current.reachable,
             backends: removed.keys().copied().collect(),
         };
         if !stale.is_empty() {
@@ -582,18 +940,312 @@ impl<M: DatapathMaps> Reconciler<M> {
                 sender.send(ended_backends(
                     &stale,
                     &frontends,
-                    &self.current.backends,
+                    &self.held.current.backends,
                     &removed,
                 ));
             }
         }
         self.clear_due_replies(&mut report);
+        let cursors = [
+            self.layout.frontend_ids.cursor(),
+            self.layout.backend_ids.cursor(),
+        ];
+        let waits = !self.pending.is_empty() || self.layout.is_waiting() || cursors != self.cursors;
+        if waits {
+            report.retry_after = Some(self.backoff);
+            self.backoff = (self.backoff * 2).min(RETRY_MAX);
+        } else {
+            self.backoff = RETRY_MIN;
+        }
         report
+    }
+
+    /// `(frontend id, backend id)` of every backend `item`'s flows may be on: those of
+    /// `target`, and those of the slots the maps hold for it.
+    fn reachable_through(&self, item: &Item, target: Option<&Target>) -> BTreeSet<(u32, u32)> {
+        let mut out: BTreeSet<(u32, u32)> = target.iter().flat_map(|t| t.reachable()).collect();
+        let services = &self.held.current.services;
+        if let Some(frontend) = services.get(&item.slot0) {
+            out.extend((1..=item.span).filter_map(|slot| {
+                let v = services.get(&ServiceKey { slot, ..item.slot0 })?;
+                Some((frontend.id, v.id))
+            }));
+        }
+        out
+    }
+
+    /// One wave's writes and removals (not its backends' removals): the addresses the new
+    /// entries need, backends, slots, frontend entries, removed frontend entries, stale slots.
+    /// A frontend with a failed slot (or a slot naming a backend that could not be written)
+    /// keeps its old slot 0 and its stale slots; it goes into `failed`.
+    fn write_wave(
+        &mut self,
+        batch: &[&Item],
+        concerned: &BTreeSet<u32>,
+        failed: &mut BTreeSet<ServiceKey>,
+        report: &mut ReconcileReport,
+    ) {
+        let backends: Vec<(u32, Backend)> = concerned
+            .iter()
+            .filter_map(|id| Some((*id, self.layout.backend(*id)?)))
+            .filter(|(id, b)| self.held.current.backends.get(id) != Some(b))
+            .collect();
+        let mut need: BTreeMap<AddrKey, u32> = BTreeMap::new();
+        for item in batch.iter().filter(|i| i.after.is_some()) {
+            let k = &item.slot0;
+            *need.entry(addr_key(k.addr, k.family)).or_default() |= frontend_flags(k);
+        }
+        for (_, b) in &backends {
+            *need.entry(addr_key(b.addr, b.family)).or_default() |= addr_flags::BACKEND;
+        }
+        self.raise_addrs(&need, &mut report.errors);
+        for (id, b) in backends {
+            if !self.held.current.backends.contains_key(&id)
+                && let Err(e) = self.maps.new_counters(CounterKind::Backend, id)
+            {
+                report.errors.push(format!("backend {id} counters: {e:#}"));
+            }
+            match self.maps.put_backend(id, &b) {
+                Ok(()) => {
+                    self.held.put_backend(id, b);
+                    report.backends_written += 1;
+                }
+                Err(e) => report.errors.push(format!("backend {id}: {e:#}")),
+            }
+        }
+        let mut broken = BTreeSet::new();
+        for item in batch {
+            let Some(t) = &item.after else { continue };
+            for (slot, id) in (1..).zip(&t.slots) {
+                let k = ServiceKey { slot, ..item.slot0 };
+                let v = ServiceValue {
+                    id: *id,
+                    ..ServiceValue::default()
+                };
+                if self.held.current.services.get(&k) == Some(&v) {
+                    continue;
+                }
+                if !self.held.current.backends.contains_key(id) {
+                    broken.insert(item.slot0);
+                    continue;
+                }
+                match self.maps.put_service(&k, &v) {
+                    Ok(()) => {
+                        self.held.put_service(k, v);
+                        report.services_written += 1;
+                    }
+                    Err(e) => {
+                        broken.insert(item.slot0);
+                        report.errors.push(format!("{}: {e:#}", describe(&k)));
+                    }
+                }
+            }
+        }
+        for item in batch {
+            let Some(t) = &item.after else { continue };
+            let k = item.slot0;
+            if broken.contains(&k) || self.held.current.services.get(&k) == Some(&t.value) {
+                continue;
+            }
+            if !self.held.current.services.contains_key(&k)
+                && let Err(e) = self.maps.new_counters(CounterKind::Frontend, t.value.id)
+            {
+                report
+                    .errors
+                    .push(format!("{} counters: {e:#}", describe(&k)));
+            }
+            match self.maps.put_service(&k, &t.value) {
+                Ok(()) => {
+                    self.held.put_service(k, t.value);
+                    report.services_written += 1;
+                }
+                Err(e) => {
+                    broken.insert(k);
+                    report.errors.push(format!("{}: {e:#}", describe(&k)));
+                }
+            }
+        }
+        // Removals: frontend entries first, then stale slots.
+        for item in batch.iter().filter(|i| i.after.is_none()) {
+            let k = item.slot0;
+            if !self.held.current.services.contains_key(&k) {
+                continue;
+            }
+            if let Err(e) = self.maps.del_service(&k) {
+                broken.insert(k);
+                report.errors.push(format!("{}: {e:#}", describe(&k)));
+                continue;
+            }
+            report.services_deleted += 1;
+            if let Some(v) = self.held.del_service(&k)
+                && let Err(e) = self.maps.del_counters(CounterKind::Frontend, v.id)
+            {
+                report
+                    .errors
+                    .push(format!("{} counters: {e:#}", describe(&k)));
+            }
+        }
+        for item in batch {
+            if broken.contains(&item.slot0) {
+                continue;
+            }
+            let count = item.after.as_ref().map_or(0, |t| t.slots.len() as u16);
+            for slot in count + 1..=item.span {
+                let k = ServiceKey { slot, ..item.slot0 };
+                if !self.held.current.services.contains_key(&k) {
+                    continue;
+                }
+                match self.maps.del_service(&k) {
+                    Ok(()) => {
+                        self.held.del_service(&k);
+                        report.services_deleted += 1;
+                    }
+                    Err(e) => {
+                        broken.insert(item.slot0);
+                        report.errors.push(format!("{}: {e:#}", describe(&k)));
+                    }
+                }
+            }
+        }
+        failed.extend(broken);
+    }
+
+    /// Removes the backends of `unused` that are in `BACKENDS_V1`, that no frontend uses and
+    /// no slot names (with their counters); those a slot still names (a frontend that could not
+    /// be reprogrammed) or whose removal failed are tried again by the next pass.
+    fn remove_backends(
+        &mut self,
+        unused: BTreeSet<u32>,
+        removed: &mut BTreeMap<u32, Backend>,
+        report: &mut ReconcileReport,
+    ) {
+        for id in unused {
+            if self.layout.referenced(id) || !self.held.current.backends.contains_key(&id) {
+                continue;
+            }
+            if self.held.slot_refs.contains_key(&id) {
+                self.pending.backends.insert(id);
+                continue;
+            }
+            if let Err(e) = self.maps.del_backend(id) {
+                report.errors.push(format!("backend {id}: {e:#}"));
+                self.pending.backends.insert(id);
+                continue;
+            }
+            if let Some(b) = self.held.del_backend(id) {
+                removed.insert(id, b);
+            }
+            report.backends_deleted += 1;
+            if let Err(e) = self.maps.del_counters(CounterKind::Backend, id) {
+                report.errors.push(format!("backend {id} counters: {e:#}"));
+            }
+        }
+    }
+
+    /// Adds the flags of `need` to `ADDRS_V1` entries that lack them (before the entries that
+    /// need them are written). An address whose write failed goes on as it was; the entries
+    /// that needed it are written all the same (the programs treat its traffic as before).
+    fn raise_addrs(&mut self, need: &BTreeMap<AddrKey, u32>, errors: &mut Vec<String>) {
+        for (k, flags) in need {
+            let now = self.addrs.get(k).map_or(0, |v| v.flags);
+            if now | flags == now {
+                continue;
+            }
+            let v = AddrValue { flags: now | flags };
+            match self.maps.put_addr(k, &v) {
+                Ok(()) => {
+                    self.addrs.insert(*k, v);
+                }
+                Err(e) => {
+                    self.pending.addrs.insert(*k);
+                    errors.push(format!("address {}: {e:#}", ip_of(&k.addr, k.family)));
+                }
+            }
+        }
+    }
+
+    /// Brings the `ADDRS_V1` entries of `concerned` (and of retired backend addresses) to the
+    /// flags the held entries give them, plus the `BACKEND` flag of addresses whose last
+    /// backend left less than [`RETIRED_BACKEND_GRACE`] ago (an address flagged in the map but
+    /// no backend's starts its grace now); an entry left with no flag is removed.
+    fn settle_addrs(&mut self, mut concerned: BTreeSet<AddrKey>, errors: &mut Vec<String>) {
+        let now = Instant::now();
+        concerned.extend(self.retired.keys());
+        for k in concerned {
+            let mut want = self.held.flags(&k);
+            let had = self.addrs.get(&k).map(|v| v.flags);
+            if want & addr_flags::BACKEND == 0 && had.is_some_and(|f| f & addr_flags::BACKEND != 0)
+            {
+                let since = *self.retired.entry(k).or_insert(now);
+                if now.duration_since(since) < self.retired_grace {
+                    want |= addr_flags::BACKEND;
+                } else {
+                    self.retired.remove(&k);
+                }
+            } else {
+                self.retired.remove(&k);
+            }
+            let done = match (want, had) {
+                (0, None) => continue,
+                (0, Some(_)) => self.maps.del_addr(&k).map(|()| {
+                    self.addrs.remove(&k);
+                }),
+                (w, had) if had != Some(w) => {
+                    let v = AddrValue { flags: w };
+                    self.maps.put_addr(&k, &v).map(|()| {
+                        self.addrs.insert(k, v);
+                    })
+                }
+                _ => continue,
+            };
+            if let Err(e) = done {
+                self.pending.addrs.insert(k);
+                errors.push(format!("address {}: {e:#}", ip_of(&k.addr, k.family)));
+            }
+        }
+    }
+
+    /// Brings the `BACKEND_NAMES_V1` entries of `ids` in line: a backend in `BACKENDS_V1` that
+    /// a frontend uses has the name of its address in `desired`, if any; others have none.
+    fn settle_names(
+        &mut self,
+        desired: &DesiredState,
+        ids: BTreeSet<u32>,
+        errors: &mut Vec<String>,
+    ) {
+        for id in ids {
+            let want = self
+                .layout
+                .backend_addr(id)
+                .filter(|_| {
+                    self.layout.referenced(id) && self.held.current.backends.contains_key(&id)
+                })
+                .and_then(|a| desired.backend_names.get(&a))
+                .map(|n| BackendName::new(n));
+            let had = self.held.current.names.get(&id);
+            let done = match (want, had) {
+                (None, None) => continue,
+                (None, Some(_)) => self.maps.del_backend_name(id).map(|()| {
+                    self.held.current.names.remove(&id);
+                }),
+                (Some(n), had) if had != Some(&n) => self.maps.put_backend_name(id, &n).map(|()| {
+                    self.held.current.names.insert(id, n);
+                }),
+                _ => continue,
+            };
+            if let Err(e) = done {
+                self.pending.names.insert(id);
+                errors.push(format!("backend {id} name: {e:#}"));
+            }
+        }
     }
 
     /// Writes the id cursors to `ID_CURSORS_V1` when rendering moved them.
     fn keep_id_cursors(&mut self, errors: &mut Vec<String>) {
-        let now = [self.frontend_ids.cursor(), self.backend_ids.cursor()];
+        let now = [
+            self.layout.frontend_ids.cursor(),
+            self.layout.backend_ids.cursor(),
+        ];
         if now == self.cursors {
             return;
         }
@@ -611,9 +1263,10 @@ impl<M: DatapathMaps> Reconciler<M> {
         let Some(mut due) = self.replies.take_due(Instant::now()) else {
             return;
         };
-        due.pairs.retain(|p| !self.current.reachable.contains(p));
+        due.pairs
+            .retain(|p| !self.held.current.reachable.contains(p));
         due.backends
-            .retain(|id| !self.current.backends.contains_key(id));
+            .retain(|id| !self.held.current.backends.contains_key(id));
         if due.is_empty() {
             return;
         }
@@ -697,208 +1350,6 @@ impl<M: DatapathMaps> Reconciler<M> {
         }
         cleared
     }
-
-    /// What `ADDRS_V1` should hold now: the addresses of what `SERVICES_V1` and `BACKENDS_V1`
-    /// hold, plus the `BACKEND` flag of addresses whose last backend left less than
-    /// [`RETIRED_BACKEND_GRACE`] ago (an address flagged in the map but no backend's starts
-    /// its grace now).
-    fn addresses_now(&mut self) -> BTreeMap<AddrKey, AddrValue> {
-        let mut want = addresses(&self.current.services, &self.current.backends);
-        let now = Instant::now();
-        let is_backend = |m: &BTreeMap<AddrKey, AddrValue>, k: &AddrKey| {
-            m.get(k).is_some_and(|v| v.flags & addr_flags::BACKEND != 0)
-        };
-        for k in self.addrs.keys() {
-            if is_backend(&self.addrs, k) && !is_backend(&want, k) {
-                self.retired.entry(*k).or_insert(now);
-            }
-        }
-        let grace = self.retired_grace;
-        self.retired
-            .retain(|k, since| !is_backend(&want, k) && now.duration_since(*since) < grace);
-        for k in self.retired.keys() {
-            want.entry(*k).or_default().flags |= addr_flags::BACKEND;
-        }
-        want
-    }
-
-    /// Steps 0 and 7: writes the `ADDRS_V1` entries that differ from `want`; with `remove`,
-    /// also removes the entries `want` does not have. An address whose write failed is not
-    /// recorded, so the next pass tries again.
-    fn sync_addrs(
-        &mut self,
-        want: &BTreeMap<AddrKey, AddrValue>,
-        remove: bool,
-        errors: &mut Vec<String>,
-    ) {
-        for (k, v) in want {
-            if self.addrs.get(k) == Some(v) {
-                continue;
-            }
-            match self.maps.put_addr(k, v) {
-                Ok(()) => {
-                    self.addrs.insert(*k, *v);
-                }
-                Err(e) => errors.push(format!("address {}: {e:#}", ip_of(&k.addr, k.family))),
-            }
-        }
-        if !remove {
-            return;
-        }
-        let stale: Vec<AddrKey> = self
-            .addrs
-            .keys()
-            .filter(|k| !want.contains_key(k))
-            .copied()
-            .collect();
-        for k in stale {
-            match self.maps.del_addr(&k) {
-                Ok(()) => {
-                    self.addrs.remove(&k);
-                }
-                Err(e) => errors.push(format!("address {}: {e:#}", ip_of(&k.addr, k.family))),
-            }
-        }
-    }
-
-    /// Step 1: backends that are new or changed (a new id gets its counters first, so its first
-    /// packet is counted).
-    fn write_backends(&mut self, want: &Rendered, report: &mut ReconcileReport) {
-        for (id, b) in &want.backends {
-            if self.current.backends.get(id) == Some(b) {
-                continue;
-            }
-            if !self.current.backends.contains_key(id)
-                && let Err(e) = self.maps.new_counters(CounterKind::Backend, *id)
-            {
-                report.errors.push(format!("backend {id} counters: {e:#}"));
-            }
-            match self.maps.put_backend(*id, b) {
-                Ok(()) => {
-                    self.current.backends.insert(*id, *b);
-                    report.backends_written += 1;
-                }
-                Err(e) => report.errors.push(format!("backend {id}: {e:#}")),
-            }
-        }
-    }
-
-    /// Steps 2 and 3: backend slots, then frontend entries. A frontend with a failed slot (or a slot
-    /// naming a backend that could not be written) keeps its old slot 0; those frontends are
-    /// returned, so their stale slots are kept too.
-    fn write_services(
-        &mut self,
-        want: &Rendered,
-        report: &mut ReconcileReport,
-    ) -> BTreeSet<ServiceKey> {
-        let mut broken = BTreeSet::new();
-        for slot_pass in [true, false] {
-            for (k, v) in &want.services {
-                if (k.slot != 0) != slot_pass || self.current.services.get(k) == Some(v) {
-                    continue;
-                }
-                let frontend = ServiceKey { slot: 0, ..*k };
-                if !slot_pass && broken.contains(&frontend) {
-                    continue;
-                }
-                if slot_pass && !self.current.backends.contains_key(&v.id) {
-                    broken.insert(frontend);
-                    continue;
-                }
-                let new_frontend = !slot_pass && !self.current.services.contains_key(k);
-                if new_frontend && let Err(e) = self.maps.new_counters(CounterKind::Frontend, v.id)
-                {
-                    report
-                        .errors
-                        .push(format!("{} counters: {e:#}", describe(k)));
-                }
-                match self.maps.put_service(k, v) {
-                    Ok(()) => {
-                        self.current.services.insert(*k, *v);
-                        report.services_written += 1;
-                    }
-                    Err(e) => {
-                        broken.insert(frontend);
-                        report.errors.push(format!("{}: {e:#}", describe(k)));
-                    }
-                }
-            }
-        }
-        broken
-    }
-
-    /// Step 4: frontend entries no longer wanted (with their counters), then stale slots.
-    fn remove_services(
-        &mut self,
-        want: &Rendered,
-        broken: &BTreeSet<ServiceKey>,
-        report: &mut ReconcileReport,
-    ) {
-        for slot_pass in [false, true] {
-            let stale: Vec<ServiceKey> = self
-                .current
-                .services
-                .keys()
-                .filter(|k| (k.slot != 0) == slot_pass && !want.services.contains_key(k))
-                .filter(|k| !broken.contains(&ServiceKey { slot: 0, ..**k }))
-                .copied()
-                .collect();
-            for k in stale {
-                if let Err(e) = self.maps.del_service(&k) {
-                    report.errors.push(format!("{}: {e:#}", describe(&k)));
-                    continue;
-                }
-                report.services_deleted += 1;
-                let removed = self.current.services.remove(&k);
-                let Some(v) = removed.filter(|_| k.slot == 0) else {
-                    continue;
-                };
-                if let Err(e) = self.maps.del_counters(CounterKind::Frontend, v.id) {
-                    report
-                        .errors
-                        .push(format!("{} counters: {e:#}", describe(&k)));
-                }
-            }
-        }
-    }
-
-    /// Step 5: backends no slot names any more and no frontend keeps (with their counters).
-    /// Returns the backends removed.
-    fn remove_backends(
-        &mut self,
-        want: &Rendered,
-        report: &mut ReconcileReport,
-    ) -> BTreeMap<u32, Backend> {
-        let referenced: BTreeSet<u32> = self
-            .current
-            .services
-            .iter()
-            .filter(|(k, _)| k.slot != 0)
-            .map(|(_, v)| v.id)
-            .collect();
-        let unused: Vec<u32> = self
-            .current
-            .backends
-            .keys()
-            .filter(|id| !want.backends.contains_key(id) && !referenced.contains(id))
-            .copied()
-            .collect();
-        let mut removed = BTreeMap::new();
-        for id in unused {
-            if let Err(e) = self.maps.del_backend(id) {
-                report.errors.push(format!("backend {id}: {e:#}"));
-                continue;
-            }
-            if let Some(b) = self.current.backends.remove(&id) {
-                removed.insert(id, b);
-            }
-            report.backends_deleted += 1;
-            if let Err(e) = self.maps.del_counters(CounterKind::Backend, id) {
-                report.errors.push(format!("backend {id} counters: {e:#}"));
-            }
-        }
-        removed
-    }
 }
 
 /// `(frontend id, backend id)` of every backend slot in `services`.
@@ -910,15 +1361,6 @@ fn slot_pairs(services: &BTreeMap<ServiceKey, ServiceValue>) -> BTreeSet<(u32, u
             let frontend = services.get(&ServiceKey { slot: 0, ..*k })?;
             Some((frontend.id, v.id))
         })
-        .collect()
-}
-
-/// The key (slot 0) of each frontend id in `services`.
-fn frontend_keys(services: &BTreeMap<ServiceKey, ServiceValue>) -> BTreeMap<u32, ServiceKey> {
-    services
-        .iter()
-        .filter(|(k, _)| k.slot == 0)
-        .map(|(k, v)| (v.id, *k))
         .collect()
 }
 
@@ -965,6 +1407,20 @@ fn concerns_udp(
         || stale.backends.iter().any(|b| !known.contains(b))
 }
 
+/// The `ADDRS_V1` flags a frontend entry gives its address.
+fn frontend_flags(k: &ServiceKey) -> u32 {
+    if k.scope == scope::INTERNAL {
+        addr_flags::FRONTEND | addr_flags::CLUSTER_IP
+    } else {
+        addr_flags::FRONTEND
+    }
+}
+
+/// The id key of a `BACKENDS_V1` entry.
+fn backend_ref(b: &Backend) -> BackendRef {
+    (ip_of(&b.addr, b.family), b.port.to_host())
+}
+
 fn ip_of(addr: &[u8; 16], family: u8) -> IpAddr {
     if family == FAMILY_V4 {
         IpAddr::V4(Ipv4Addr::from(to_v4(addr)))
@@ -1007,7 +1463,7 @@ mod tests {
 
     use super::*;
     use crate::{
-        datapath::render::map_addr,
+        datapath::{names, render::map_addr},
         model::{Backend as MBackend, EmptyAction, Frontend, ServicePortRef},
     };
 

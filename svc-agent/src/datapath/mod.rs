@@ -7,6 +7,7 @@ pub mod apply;
 pub(crate) mod batch;
 pub mod flows;
 pub mod ids;
+pub mod layout;
 pub mod names;
 pub mod pressure;
 pub mod render;
