@@ -449,7 +449,7 @@ struct Held {
     /// Per backend id: how many slots of `SERVICES_V1` name it.
     slot_refs: HashMap<u32, u32>,
     /// Per address: how many frontend entries (slot 0) are at it, how many of them are
-    /// ClusterIPs (internal scope), and how many `BACKENDS_V1` entries.
+    /// `ClusterIPs` (internal scope), and how many `BACKENDS_V1` entries.
     addr_refs: HashMap<AddrKey, [u32; 3]>,
     /// Addresses whose counts changed since the last pass settled them.
     touched: BTreeSet<AddrKey>,
@@ -780,7 +780,7 @@ impl<M: DatapathMaps> Reconciler<M> {
             });
         }
         self.pending = Pending::default();
-        self.run(desired, items, Pass::Full, BTreeSet::new())
+        self.run(desired, &items, Pass::Full, BTreeSet::new())
     }
 
     /// The incremental pass: decides and writes only the frontends of `delta` (their value
@@ -822,7 +822,7 @@ impl<M: DatapathMaps> Reconciler<M> {
             .iter()
             .flat_map(|a| self.layout.backends_at(a))
             .collect();
-        self.run(desired, items, Pass::Delta, names)
+        self.run(desired, &items, Pass::Delta, names)
     }
 
     /// One pass over `items` (see the type's documentation); `names`: more backend ids whose
@@ -830,7 +830,7 @@ impl<M: DatapathMaps> Reconciler<M> {
     fn run(
         &mut self,
         desired: &DesiredState,
-        items: Vec<Item>,
+        items: &[Item],
         pass: Pass,
         mut names: BTreeSet<u32>,
     ) -> ReconcileReport {
@@ -848,7 +848,7 @@ impl<M: DatapathMaps> Reconciler<M> {
         // The frontends concerned, by id (before and after), and what was reachable through
         // them.
         let mut frontends = BTreeMap::new();
-        for item in &items {
+        for item in items {
             let ids = [&item.before, &item.after]
                 .into_iter()
                 .flatten()
@@ -862,7 +862,7 @@ impl<M: DatapathMaps> Reconciler<M> {
             Pass::Full => std::mem::take(&mut self.held.current.reachable),
             Pass::Delta => {
                 let mut before = BTreeSet::new();
-                for item in &items {
+                for item in items {
                     before.extend(self.reachable_through(item, item.before.as_ref()));
                 }
                 for pair in &before {
@@ -873,12 +873,11 @@ impl<M: DatapathMaps> Reconciler<M> {
         };
         let mut failed: BTreeSet<ServiceKey> = BTreeSet::new();
         let mut removed = BTreeMap::new();
-        for wave in 0..3 {
-            let last = wave == 2;
+        let mut waves: BTreeSet<usize> = items.iter().map(|i| i.wave).collect();
+        waves.insert(0);
+        for wave in waves {
+            let first = wave == 0;
             let batch: Vec<&Item> = items.iter().filter(|i| i.wave == wave).collect();
-            if batch.is_empty() && !last {
-                continue;
-            }
             let concerned: BTreeSet<u32> = batch.iter().flat_map(|i| i.backend_ids()).collect();
             names.extend(&concerned);
             self.write_wave(&batch, &concerned, &mut failed, &mut report);
@@ -886,7 +885,9 @@ impl<M: DatapathMaps> Reconciler<M> {
                 .into_iter()
                 .filter(|id| !self.layout.referenced(*id))
                 .collect();
-            if last {
+            // Backends an earlier pass could not remove, and (full pass) whatever the maps
+            // hold that no frontend uses, go with the first wave: they free room too.
+            if first {
                 unused.extend(std::mem::take(&mut self.pending.backends));
                 if pass == Pass::Full {
                     unused.extend(
@@ -900,7 +901,7 @@ impl<M: DatapathMaps> Reconciler<M> {
             }
             self.remove_backends(unused, &mut removed, &mut report);
         }
-        for item in &items {
+        for item in items {
             if let Some(key) = item.key.filter(|_| failed.contains(&item.slot0)) {
                 self.pending.frontends.insert(key, item.span);
             }
@@ -917,9 +918,34 @@ impl<M: DatapathMaps> Reconciler<M> {
         }
         self.settle_addrs(addrs, &mut report.errors);
         self.settle_names(desired, names, &mut report.errors);
+        self.end_flows(
+            items,
+            pass,
+            &reachable_before,
+            &frontends,
+            &removed,
+            &mut report,
+        );
+        self.clear_due_replies(&mut report);
+        self.schedule_retry(&mut report);
+        report
+    }
+
+    /// The reachable pairs after the pass; then, when the pass ended pairs or removed
+    /// backends, clears the flow state that names them and sends them to the socket
+    /// destroyer.
+    fn end_flows(
+        &mut self,
+        items: &[Item],
+        pass: Pass,
+        reachable_before: &BTreeSet<(u32, u32)>,
+        frontends: &BTreeMap<u32, ServiceKey>,
+        removed: &BTreeMap<u32, Backend>,
+        report: &mut ReconcileReport,
+    ) {
         // Slots kept for a frontend that could not be reprogrammed still send new flows.
         let mut after = BTreeSet::new();
-        for item in &items {
+        for item in items {
             after.extend(self.reachable_through(item, item.after.as_ref()));
         }
         match pass {
@@ -930,22 +956,27 @@ impl<M: DatapathMaps> Reconciler<M> {
             Pass::Delta => self.held.current.reachable.extend(after),
         }
         let stale = StaleFlows {
-            pairs: &reachable_before - &self.held.current.reachable,
+            pairs: reachable_before - &self.held.current.reachable,
             backends: removed.keys().copied().collect(),
         };
-        if !stale.is_empty() {
-            let udp = concerns_udp(&stale, &reachable_before, &frontends);
-            report.cleared = Some(self.clear_stale(&stale, udp, &mut report.errors));
-            if let Some(sender) = &self.ended {
-                sender.send(ended_backends(
-                    &stale,
-                    &frontends,
-                    &self.held.current.backends,
-                    &removed,
-                ));
-            }
+        if stale.is_empty() {
+            return;
         }
-        self.clear_due_replies(&mut report);
+        let udp = concerns_udp(&stale, reachable_before, frontends);
+        report.cleared = Some(self.clear_stale(&stale, udp, &mut report.errors));
+        if let Some(sender) = &self.ended {
+            sender.send(ended_backends(
+                &stale,
+                frontends,
+                &self.held.current.backends,
+                removed,
+            ));
+        }
+    }
+
+    /// Sets [`ReconcileReport::retry_after`]: while something waits for room or failed, the
+    /// next pass is due after a delay that doubles each time, up to [`RETRY_MAX`].
+    fn schedule_retry(&mut self, report: &mut ReconcileReport) {
         let cursors = [
             self.layout.frontend_ids.cursor(),
             self.layout.backend_ids.cursor(),
@@ -957,7 +988,6 @@ impl<M: DatapathMaps> Reconciler<M> {
         } else {
             self.backoff = RETRY_MIN;
         }
-        report
     }
 
     /// `(frontend id, backend id)` of every backend `item`'s flows may be on: those of
@@ -1065,6 +1095,18 @@ impl<M: DatapathMaps> Reconciler<M> {
                 }
             }
         }
+        self.remove_entries(batch, &mut broken, report);
+        failed.extend(broken);
+    }
+
+    /// One wave's removals (not its backends'): frontend entries of removed frontends, then
+    /// stale slots of frontends not in `broken` (a failure adds the frontend to it).
+    fn remove_entries(
+        &mut self,
+        batch: &[&Item],
+        broken: &mut BTreeSet<ServiceKey>,
+        report: &mut ReconcileReport,
+    ) {
         // Removals: frontend entries first, then stale slots.
         for item in batch.iter().filter(|i| i.after.is_none()) {
             let k = item.slot0;
@@ -1107,7 +1149,6 @@ impl<M: DatapathMaps> Reconciler<M> {
                 }
             }
         }
-        failed.extend(broken);
     }
 
     /// Removes the backends of `unused` that are in `BACKENDS_V1`, that no frontend uses and
@@ -1186,7 +1227,6 @@ impl<M: DatapathMaps> Reconciler<M> {
                 self.retired.remove(&k);
             }
             let done = match (want, had) {
-                (0, None) => continue,
                 (0, Some(_)) => self.maps.del_addr(&k).map(|()| {
                     self.addrs.remove(&k);
                 }),
@@ -1224,7 +1264,6 @@ impl<M: DatapathMaps> Reconciler<M> {
                 .map(|n| BackendName::new(n));
             let had = self.held.current.names.get(&id);
             let done = match (want, had) {
-                (None, None) => continue,
                 (None, Some(_)) => self.maps.del_backend_name(id).map(|()| {
                     self.held.current.names.remove(&id);
                 }),
@@ -1463,7 +1502,7 @@ mod tests {
 
     use super::*;
     use crate::{
-        datapath::{names, render::map_addr},
+        datapath::{names, render, render::map_addr},
         model::{Backend as MBackend, EmptyAction, Frontend, ServicePortRef},
     };
 
@@ -1545,6 +1584,11 @@ mod tests {
             if Some(key.slot) == self.fail_slot {
                 anyhow::bail!("E2BIG");
             }
+            if !self.services.contains_key(key)
+                && self.services.len() >= self.capacity().services as usize
+            {
+                anyhow::bail!("E2BIG: SERVICES_V1 is full");
+            }
             // Invariant checked on every write: a slot names an existing backend, and a
             // frontend's count only names existing slots.
             if key.slot != 0 {
@@ -1592,6 +1636,11 @@ mod tests {
                 self.addr_has(value.addr, value.family, addr_flags::BACKEND),
                 "backend {id} written before its address"
             );
+            if !self.backends.contains_key(&id)
+                && self.backends.len() >= self.capacity().backends as usize
+            {
+                anyhow::bail!("E2BIG: BACKENDS_V1 is full");
+            }
             self.log.push(format!("put backend {id}"));
             self.backends.insert(id, *value);
             Ok(())
@@ -2507,5 +2556,579 @@ mod tests {
             "only what was read is deleted"
         );
         assert!(report.errors.is_empty(), "a cut-short pass is no error");
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // The incremental pass
+    // -----------------------------------------------------------------------------------------
+
+    /// A reconciler over fake maps of `cap` whose graces are over at once (so `ADDRS_V1`
+    /// follows the entries exactly).
+    fn reconciler(cap: Option<Capacity>) -> Reconciler<FakeMaps> {
+        let mut r = Reconciler::adopt(FakeMaps {
+            cap,
+            ..FakeMaps::default()
+        })
+        .unwrap();
+        r.retired_grace = Duration::ZERO;
+        r.set_udp_reply_grace(Duration::ZERO);
+        r
+    }
+
+    /// `desired` with `delta` applied through both passes' inputs: the next state and the
+    /// delta from `prev`.
+    fn step(
+        r: &mut Reconciler<FakeMaps>,
+        prev: &DesiredState,
+        next: &DesiredState,
+    ) -> ReconcileReport {
+        r.apply_delta(next, &Delta::between(prev, next))
+    }
+
+    #[expect(
+        clippy::unnecessary_wraps,
+        reason = "what `reconciler` takes: `None` is the default capacity"
+    )]
+    fn cap(services: u32, backends: u32) -> Option<Capacity> {
+        Some(Capacity { services, backends })
+    }
+
+    /// `n` frontends `198.19.0.<first + i>`:53/UDP with one backend each (2 entries each).
+    fn singles(first: u8, n: u8) -> Vec<(FrontendKey, Frontend)> {
+        (first..first + n)
+            .map(|i| {
+                fe(
+                    &format!("198.19.0.{i}"),
+                    Protocol::Udp,
+                    &[&format!("198.18.3.{i}")],
+                    &[],
+                )
+            })
+            .collect()
+    }
+
+    fn programmed(r: &Reconciler<FakeMaps>) -> usize {
+        r.maps.services.keys().filter(|k| k.slot == 0).count()
+    }
+
+    #[test]
+    fn removals_free_room_before_writes_need_it() {
+        // Room for 5 frontends of one backend.
+        let mut r = reconciler(cap(10, 100));
+        let first = desired(&singles(1, 5));
+        assert!(r.apply(&first).errors.is_empty());
+        // 3 more wait.
+        let more = desired(&singles(1, 8));
+        let report = step(&mut r, &first, &more);
+        assert_eq!(report.skipped.len(), 3);
+        assert_eq!(programmed(&r), 5);
+        assert!(report.retry_after.is_some(), "something waits");
+        // 3 programmed ones go: the 3 waiting ones get in, in the same pass.
+        let swapped = desired(&singles(4, 5));
+        let report = step(&mut r, &more, &swapped);
+        assert_eq!(report.skipped, []);
+        assert_eq!(
+            report.errors,
+            Vec::<String>::new(),
+            "no write hit a full map"
+        );
+        assert_eq!(programmed(&r), 5);
+        assert_eq!(report.retry_after, None);
+        // The full pass agrees: nothing to do.
+        let audit = r.apply(&swapped);
+        assert_eq!(
+            (audit.services_written, audit.services_deleted),
+            (0, 0),
+            "{audit:?}"
+        );
+    }
+
+    #[test]
+    fn a_waiting_frontend_gets_in_as_soon_as_room_appears_without_being_sent_again() {
+        let mut r = reconciler(cap(4, 100));
+        let both = desired(
+            &singles(1, 2)
+                .into_iter()
+                .chain(singles(7, 1))
+                .collect::<Vec<_>>(),
+        );
+        let report = r.apply(&both);
+        let waiting = singles(7, 1)[0].0;
+        assert_eq!(report.skipped.len(), 1);
+        assert_eq!(report.skipped[0].0, waiting);
+        assert!(
+            report.skipped[0]
+                .1
+                .contains("SERVICES_V1 is full (4 entries)")
+        );
+        // Nothing changed: it still waits, and the retry delay doubles.
+        let again = r.apply_delta(&both, &Delta::default());
+        assert_eq!(again.skipped.len(), 1);
+        assert_eq!(
+            (report.retry_after, again.retry_after),
+            (Some(RETRY_MIN), Some(RETRY_MIN * 2))
+        );
+        // Another frontend goes; the delta names only it.
+        let fewer = desired(
+            &singles(2, 1)
+                .into_iter()
+                .chain(singles(7, 1))
+                .collect::<Vec<_>>(),
+        );
+        let report = step(&mut r, &both, &fewer);
+        assert_eq!(report.skipped, []);
+        assert!(
+            r.current()
+                .services
+                .contains_key(&render::frontend_key(&waiting))
+        );
+        assert_eq!(report.retry_after, None);
+    }
+
+    #[test]
+    fn a_programmed_frontend_that_grows_past_the_capacity_keeps_its_entries() {
+        let mut r = reconciler(cap(5, 100));
+        let small = desired(&[fe(VIP, Protocol::Udp, &[A, B], &[])]);
+        r.apply(&small);
+        let before = r.maps.services.clone();
+        // A second frontend takes 2 of the 5 entries: VIP (3 entries) cannot grow to 4.
+        let other = singles(1, 1).remove(0);
+        let with_other = desired(&[fe(VIP, Protocol::Udp, &[A, B], &[]), other.clone()]);
+        let crowded = desired(&[fe(VIP, Protocol::Udp, &[A, B, C], &[]), other]);
+        let report = step(&mut r, &small, &with_other);
+        assert!(report.errors.is_empty(), "{:?}", report.errors);
+        let report = step(&mut r, &with_other, &crowded);
+        assert_eq!(report.skipped.len(), 1, "{report:?}");
+        assert!(
+            report.skipped[0]
+                .1
+                .contains("SERVICES_V1 is full (5 entries)")
+        );
+        let vip_entries =
+            |m: &BTreeMap<ServiceKey, ServiceValue>| -> Vec<(ServiceKey, ServiceValue)> {
+                let slot0 = frontend_key_of(VIP, Protocol::Udp);
+                m.iter()
+                    .filter(|(k, _)| ServiceKey { slot: 0, ..**k } == slot0)
+                    .map(|(k, v)| (*k, *v))
+                    .collect()
+            };
+        assert_eq!(
+            vip_entries(&r.maps.services),
+            vip_entries(&before),
+            "left untouched"
+        );
+        // The full pass decides the same.
+        let audit = r.apply(&crowded);
+        assert_eq!(audit.skipped, report.skipped);
+        assert_eq!((audit.services_written, audit.services_deleted), (0, 0));
+    }
+
+    fn frontend_key_of(vip: &str, proto: Protocol) -> ServiceKey {
+        render::frontend_key(&FrontendKey {
+            addr: vip.parse().unwrap(),
+            port: 53,
+            proto,
+            scope: Scope::Internal,
+        })
+    }
+
+    #[test]
+    fn a_failed_write_is_retried_by_later_passes_with_a_growing_delay() {
+        let mut r = reconciler(None);
+        r.maps.fail_slot = Some(2);
+        let d = desired(&[fe(VIP, Protocol::Udp, &[A, B], &[])]);
+        let first = step(&mut r, &DesiredState::default(), &d);
+        assert_eq!(first.errors.len(), 1, "{:?}", first.errors);
+        assert_eq!(first.retry_after, Some(RETRY_MIN));
+        assert!(
+            !r.maps
+                .services
+                .contains_key(&frontend_key_of(VIP, Protocol::Udp))
+        );
+        let second = r.apply_delta(&d, &Delta::default());
+        assert_eq!(second.retry_after, Some(RETRY_MIN * 2));
+        r.maps.fail_slot = None;
+        let third = r.apply_delta(&d, &Delta::default());
+        assert!(third.errors.is_empty(), "{:?}", third.errors);
+        assert_eq!(third.retry_after, None);
+        assert_eq!(
+            r.maps.services[&frontend_key_of(VIP, Protocol::Udp)].count,
+            2
+        );
+        let mut delay = RETRY_MIN;
+        for _ in 0..10 {
+            delay = (delay * 2).min(RETRY_MAX);
+        }
+        assert_eq!(delay, RETRY_MAX, "the delay stops growing at its bound");
+    }
+
+    #[test]
+    fn one_endpoint_removed_or_added_writes_a_constant_number_of_entries() {
+        let mut r = reconciler(None);
+        let addrs: Vec<String> = (1..=50).map(|i| format!("198.18.4.{i}")).collect();
+        let all: Vec<&str> = addrs.iter().map(String::as_str).collect();
+        let d1 = desired(&[fe(VIP, Protocol::Tcp, &all, &[])]);
+        r.apply(&d1);
+        r.maps.log.clear();
+        // The first endpoint goes: the last slot's backend moves into slot 1.
+        let d2 = desired(&[fe(VIP, Protocol::Tcp, &all[1..], &[])]);
+        step(&mut r, &d1, &d2);
+        assert_eq!(
+            r.maps.log,
+            [
+                "put slot 1 id 50",
+                "put slot 0 id 1",
+                "del slot 50",
+                "del backend 1"
+            ]
+        );
+        // A new one comes: appended.
+        r.maps.log.clear();
+        let mut more = all[1..].to_vec();
+        more.push("198.18.4.200");
+        let d3 = desired(&[fe(VIP, Protocol::Tcp, &more, &[])]);
+        step(&mut r, &d2, &d3);
+        assert_eq!(
+            r.maps.log,
+            ["put backend 51", "put slot 50 id 51", "put slot 0 id 1"]
+        );
+        let audit = r.apply(&d3);
+        assert_eq!((audit.services_written, audit.backends_written), (0, 0));
+    }
+
+    #[test]
+    fn the_incremental_pass_ends_flows_like_the_full_one() {
+        let mut r = reconciler(None);
+        let d1 = desired(&[fe(VIP, Protocol::Udp, &[A, B], &[])]);
+        step(&mut r, &DesiredState::default(), &d1);
+        let on_a = flow(&mut r, Protocol::Udp, VIP, A, 40000);
+        let on_b = flow(&mut r, Protocol::Udp, VIP, B, 40001);
+        let d2 = desired(&[fe(VIP, Protocol::Udp, &[B], &[])]);
+        let report = step(&mut r, &d1, &d2);
+        let cleared = report.cleared.expect("A ended");
+        assert_eq!((cleared.removed_backends, cleared.ended_pairs), (1, 1));
+        assert!(has_none(&r, &on_a) && has_all(&r, &on_b));
+    }
+
+    #[test]
+    fn names_follow_the_delta() {
+        let mut r = reconciler(None);
+        let mut d1 = desired(&[fe(VIP, Protocol::Udp, &[A, B], &[])]);
+        d1.backend_names.insert(A.parse().unwrap(), "ns/a".into());
+        step(&mut r, &DesiredState::default(), &d1);
+        let shown = |r: &Reconciler<FakeMaps>| -> Vec<String> {
+            r.maps.names.values().map(names::display).collect()
+        };
+        assert_eq!(shown(&r), ["ns/a"]);
+        let mut d2 = d1.clone();
+        d2.backend_names.insert(A.parse().unwrap(), "ns/a2".into());
+        d2.backend_names.insert(B.parse().unwrap(), "ns/b".into());
+        step(&mut r, &d1, &d2);
+        assert_eq!(shown(&r), ["ns/a2", "ns/b"]);
+        let d3 = desired(&[fe(VIP, Protocol::Udp, &[B], &[])]);
+        step(&mut r, &d2, &d3);
+        assert_eq!(shown(&r), Vec::<String>::new());
+    }
+
+    mod equivalence {
+        use std::net::IpAddr;
+
+        use proptest::prelude::*;
+
+        use super::*;
+
+        const VIPS: [&str; 2] = ["198.19.0.10", "198.19.0.11"];
+        const BACKENDS: [&str; 5] = [
+            "198.18.2.10",
+            "198.18.2.11",
+            "198.18.2.12",
+            "198.18.2.13",
+            "198.19.0.11",
+        ];
+        const NAMES: [&str; 3] = ["ns/a", "ns/b", "ns/c"];
+
+        /// One frontend: each backend's role (0 none, 1 ready, 2 kept, 3 unready), `local`
+        /// and `terminating` as bits, affinity, `local_only`.
+        type Spec = ([u8; 5], u8, u8, bool, bool);
+
+        /// Frontend `i` of the universe: 2 addresses × 2 ports × TCP/UDP internal, and two
+        /// external ones on the first address.
+        fn key(i: usize) -> FrontendKey {
+            let (addr, port, scope) = if i < 8 {
+                (VIPS[i / 4], [53, 80][(i / 2) % 2], Scope::Internal)
+            } else {
+                (VIPS[0], 30080, Scope::External)
+            };
+            FrontendKey {
+                addr: addr.parse().unwrap(),
+                port,
+                proto: if i.is_multiple_of(2) {
+                    Protocol::Tcp
+                } else {
+                    Protocol::Udp
+                },
+                scope,
+            }
+        }
+
+        fn state(specs: &[Option<Spec>; 10], names: &[Option<u8>; 5]) -> DesiredState {
+            let mut d = DesiredState::default();
+            for (i, spec) in specs.iter().enumerate() {
+                let Some((roles, local, terminating, affinity, local_only)) = spec else {
+                    continue;
+                };
+                let with = |role: u8| -> Vec<MBackend> {
+                    (0..5)
+                        .filter(|j| roles[*j] == role)
+                        .map(|j| MBackend {
+                            addr: BACKENDS[j].parse().unwrap(),
+                            port: 5000,
+                            local: local >> j & 1 == 1,
+                            terminating: terminating >> j & 1 == 1,
+                        })
+                        .collect()
+                };
+                d.frontends.insert(
+                    key(i),
+                    Frontend {
+                        service: ServicePortRef {
+                            namespace: "default".into(),
+                            name: format!("s{i}"),
+                            port_name: String::new(),
+                        },
+                        affinity_timeout: affinity.then(|| Duration::from_mins(1)),
+                        local_only: *local_only,
+                        backends: with(1),
+                        kept_backends: with(2),
+                        unready_backends: with(3),
+                        on_empty: EmptyAction::Reject,
+                    },
+                );
+            }
+            for (j, name) in names.iter().enumerate() {
+                if let Some(n) = name {
+                    d.backend_names.insert(
+                        BACKENDS[j].parse().unwrap(),
+                        NAMES[usize::from(*n)].to_owned(),
+                    );
+                }
+            }
+            d
+        }
+
+        fn states() -> impl Strategy<Value = DesiredState> {
+            let spec = (
+                prop::array::uniform5(0u8..4),
+                any::<u8>(),
+                any::<u8>(),
+                any::<bool>(),
+                any::<bool>(),
+            );
+            (
+                prop::array::uniform10(prop::option::weighted(0.6, spec)),
+                prop::array::uniform5(prop::option::of(0u8..3)),
+            )
+                .prop_map(|(specs, names)| state(&specs, &names))
+        }
+
+        type BackendAt = (IpAddr, u16);
+
+        /// A `SERVICES_V1` value with its id replaced: (count, flags, affinity, backend).
+        type Entry = (u16, u16, u32, Option<BackendAt>);
+
+        /// The maps with ids replaced by what they name (frontend ids by their key, backend
+        /// ids by address and port).
+        #[derive(Debug, PartialEq, Eq)]
+        struct Canon {
+            services: BTreeMap<ServiceKey, Entry>,
+            backends: BTreeMap<BackendAt, u8>,
+            backend_entries: usize,
+            names: BTreeMap<BackendAt, String>,
+            addrs: BTreeMap<AddrKey, u32>,
+            counters: (usize, usize),
+        }
+
+        fn at(b: &Backend) -> BackendAt {
+            (ip_of(&b.addr, b.family), b.port.to_host())
+        }
+
+        fn canon(m: &FakeMaps) -> Canon {
+            Canon {
+                services: m
+                    .services
+                    .iter()
+                    .map(|(k, v)| {
+                        let value = if k.slot == 0 {
+                            (v.count, v.flags, v.affinity_timeout, None)
+                        } else {
+                            (
+                                0,
+                                0,
+                                0,
+                                Some(
+                                    m.backends
+                                        .get(&v.id)
+                                        .map_or((IpAddr::from([0, 0, 0, 0]), 0), at),
+                                ),
+                            )
+                        };
+                        (*k, value)
+                    })
+                    .collect(),
+                backends: m.backends.values().map(|b| (at(b), b.flags)).collect(),
+                backend_entries: m.backends.len(),
+                names: m
+                    .names
+                    .iter()
+                    .map(|(id, n)| (at(&m.backends[id]), names::display(n)))
+                    .collect(),
+                addrs: m.addrs.iter().map(|(k, v)| (*k, v.flags)).collect(),
+                counters: (
+                    m.counters.iter().filter(|(b, _)| !*b).count(),
+                    m.counters.iter().filter(|(b, _)| *b).count(),
+                ),
+            }
+        }
+
+        /// The entries of frontend `key` in `c`.
+        fn entries_of(c: &Canon, key: &FrontendKey) -> Vec<(ServiceKey, Entry)> {
+            let slot0 = render::frontend_key(key);
+            c.services
+                .iter()
+                .filter(|(k, _)| ServiceKey { slot: 0, ..**k } == slot0)
+                .map(|(k, v)| (*k, *v))
+                .collect()
+        }
+
+        /// What must hold after every pass.
+        fn check(
+            r: &Reconciler<FakeMaps>,
+            d: &DesiredState,
+            report: &ReconcileReport,
+            before: &Canon,
+        ) -> Result<(), TestCaseError> {
+            let m = &r.maps;
+            prop_assert_eq!(
+                report.errors.len(),
+                report.skipped.len(),
+                "{:?}",
+                report.errors
+            );
+            prop_assert_eq!(&r.current().services, &m.services);
+            prop_assert_eq!(&r.current().backends, &m.backends);
+            prop_assert_eq!(&r.current().names, &m.names);
+            let now = canon(m);
+            let skipped: BTreeSet<FrontendKey> = report.skipped.iter().map(|(k, _)| *k).collect();
+            for (k, v) in m.services.iter().filter(|(k, _)| k.slot == 0) {
+                for slot in 1..=v.count {
+                    let s = m.services.get(&ServiceKey { slot, ..*k });
+                    prop_assert!(s.is_some_and(|s| m.backends.contains_key(&s.id)));
+                }
+                let above = ServiceKey {
+                    slot: v.count + 1,
+                    ..*k
+                };
+                prop_assert!(!m.services.contains_key(&above));
+            }
+            let slot_entries = m.services.iter().filter(|(k, _)| k.slot != 0).count();
+            let counted: usize = m
+                .services
+                .iter()
+                .filter(|(k, _)| k.slot == 0)
+                .map(|(_, v)| usize::from(v.count))
+                .sum();
+            prop_assert_eq!(slot_entries, counted, "slots outside 1..=count");
+            // Every backend is in a slot, or kept by a programmed frontend (one left as it
+            // was keeps what it kept).
+            let left_as_was = skipped
+                .iter()
+                .any(|k| m.services.contains_key(&render::frontend_key(k)));
+            for b in m.backends.values() {
+                let kept_before = left_as_was && before.backends.contains_key(&at(b));
+                let kept = kept_before
+                    || d.frontends.iter().any(|(k, fe)| {
+                        m.services.contains_key(&render::frontend_key(k))
+                            && fe
+                                .kept_backends
+                                .iter()
+                                .chain(&fe.unready_backends)
+                                .any(|x| (x.addr, x.port) == at(b))
+                    });
+                let in_slot = now.services.values().any(|v| v.3 == Some(at(b)));
+                prop_assert!(kept || in_slot, "{:?} unreferenced", at(b));
+            }
+            let want: BTreeMap<AddrKey, u32> = render::addresses(&m.services, &m.backends)
+                .into_iter()
+                .map(|(k, v)| (k, v.flags))
+                .collect();
+            prop_assert_eq!(&now.addrs, &want);
+            prop_assert_eq!(
+                now.counters,
+                (
+                    m.services.keys().filter(|k| k.slot == 0).count(),
+                    m.backends.len()
+                )
+            );
+            for (k, fe) in &d.frontends {
+                if skipped.contains(k) {
+                    let kept = entries_of(&now, k);
+                    prop_assert!(
+                        kept.is_empty() || kept == entries_of(before, k),
+                        "{k} half-programmed"
+                    );
+                    continue;
+                }
+                let slot0 = render::frontend_key(k);
+                let v = m.services.get(&slot0);
+                prop_assert!(v.is_some(), "{k} not programmed");
+                let got: BTreeSet<BackendAt> = entries_of(&now, k)
+                    .iter()
+                    .filter_map(|(_, v)| v.3)
+                    .collect();
+                let want: BTreeSet<BackendAt> =
+                    fe.backends.iter().map(|b| (b.addr, b.port)).collect();
+                prop_assert_eq!(got, want);
+                prop_assert_eq!(
+                    v.copied(),
+                    Some(render::slot0_value(fe, v.map_or(0, |v| v.id)))
+                );
+            }
+            for k in m.services.keys().filter(|k| k.slot == 0) {
+                prop_assert!(frontend_of(k).is_some_and(|f| d.frontends.contains_key(&f)));
+            }
+            Ok(())
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(400))]
+
+            #[test]
+            fn the_incremental_pass_programs_what_the_full_pass_does(
+                states in prop::collection::vec(states(), 1..8),
+                cap in prop::option::of((1u32..14, 0u32..6)),
+            ) {
+                let cap = cap.map(|(services, backends)| Capacity { services, backends });
+                let (mut full, mut inc) = (reconciler(cap), reconciler(cap));
+                let mut prev = DesiredState::default();
+                for next in &states {
+                    let (was_full, was_inc) = (canon(&full.maps), canon(&inc.maps));
+                    let by_full = full.apply(next);
+                    let by_inc = inc.apply_delta(next, &Delta::between(&prev, next));
+                    check(&full, next, &by_full, &was_full)?;
+                    check(&inc, next, &by_inc, &was_inc)?;
+                    prop_assert_eq!(canon(&full.maps), canon(&inc.maps));
+                    prop_assert_eq!(&by_full.skipped, &by_inc.skipped);
+                    prev = next.clone();
+                }
+                // No drift: the full pass over the incremental one's maps writes nothing.
+                let audit = inc.apply(&prev);
+                prop_assert_eq!(
+                    (audit.services_written, audit.services_deleted, audit.backends_written, audit.backends_deleted),
+                    (0, 0, 0, 0),
+                    "{:?}", audit
+                );
+                prop_assert_eq!(canon(&full.maps), canon(&inc.maps));
+            }
+        }
     }
 }

@@ -13,9 +13,12 @@
 //!
 //! Capacity: a programmed frontend keeps its place when a map is full. Removals are decided
 //! first (they free room), then programmed frontends that changed, in key order, then new
-//! ones in key order. A frontend that does not fit is left out whole and waits
-//! ([`Layout::waiting`]); a programmed one that would grow keeps what it has. Waiting
-//! frontends are decided again at every pass.
+//! ones in key order. A frontend fits when the entries it adds fit beside what the maps hold
+//! at that point (new backends are written before those they replace are removed, so a
+//! frontend swapping a backend needs one free `BACKENDS_V1` entry). One that does not fit is
+//! left out whole and waits ([`Layout::skipped`]); a programmed one that would grow keeps
+//! what it has, untouched. Waiting frontends are decided again at every pass. The writes
+//! follow the same order ([`Change::wave`]), so what is freed is free before it is needed.
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, HashSet},
@@ -116,8 +119,10 @@ pub struct Change {
     pub before: Option<Target>,
     /// What it is programmed with now (`None`: removed).
     pub after: Option<Target>,
-    /// When its writes run: 0 removals and changes that need no more room, 1 programmed
-    /// frontends that grow, 2 new frontends. Each wave frees its room before the next.
+    /// When its writes run, in increasing order: 0 removals and changes that need no new
+    /// entry; then each programmed frontend that needs new entries, one wave each (what it
+    /// frees is free before the next one writes); last (`usize::MAX`) new frontends. Each
+    /// wave removes what it frees before the next one writes.
     pub wave: usize,
 }
 
@@ -140,6 +145,9 @@ pub struct Layout {
     waiting: BTreeMap<FrontendKey, String>,
     /// Frontends this datapath cannot program, with why.
     unsupported: BTreeMap<FrontendKey, String>,
+    /// Backend ids no frontend references any more whose entries stay until the end of the
+    /// wave being decided (see [`plan`](Self::plan)).
+    limbo: HashSet<u32>,
 }
 
 /// Why `fe` cannot be programmed at all, if it cannot.
@@ -279,9 +287,10 @@ impl Layout {
         backend_ref: impl Fn(&Backend) -> BackendRef,
     ) {
         let old = std::mem::take(&mut self.targets);
+        // What each frontend asked of its backends (the maps hold only the value that won).
+        let asked = std::mem::take(&mut self.refs);
         self.frontend_ids = IdMap::default();
         self.backend_ids = IdMap::default();
-        self.refs.clear();
         self.by_addr.clear();
         self.entries = 0;
         for (id, b) in backends {
@@ -326,7 +335,12 @@ impl Layout {
                 )
                 .collect();
             for (id, slot) in uses {
-                self.add_ref(id, key, slot, backends[&id]);
+                let value = asked
+                    .get(&id)
+                    .and_then(|by| by.get(&key))
+                    .filter(|(was_slot, _)| *was_slot == slot)
+                    .map_or(backends[&id], |(_, b)| *b);
+                self.add_ref(id, key, slot, value);
             }
             self.entries += target.entries();
             self.targets.insert(key, target);
@@ -383,10 +397,13 @@ impl Layout {
             }
         }
         let mut changes = Vec::new();
-        let mut orphans = Vec::new();
+        // Backends a decision left unused stay in `BACKENDS_V1` until the end of the wave that
+        // frees them ("limbo"): a frontend of the same wave may take them again as they are;
+        // one of a later wave gets a new id (the old entry is gone by then).
+        let mut limbo: Vec<u32> = Vec::new();
         for key in removed {
             let (before, freed) = self.unset(&key);
-            orphans.extend(freed);
+            limbo.extend(freed);
             self.frontend_ids.remove(&key);
             changes.push(Change {
                 key,
@@ -395,37 +412,64 @@ impl Layout {
                 wave: 0,
             });
         }
-        for (wave, list) in [(0, programmed), (2, new)] {
+        // Programmed frontends that need no new entry first (what they free is free for the
+        // others), then those that do, then new ones; each group in key order.
+        let mut growing = 0;
+        let mut deferred = Vec::new();
+        for (stage, list) in [(0, programmed), (1, Vec::new()), (2, new)] {
+            let list = if stage == 1 {
+                std::mem::take(&mut deferred)
+            } else {
+                list
+            };
             for (key, fe) in list {
                 let before = self.targets.get(&key);
-                let grows = match self.room(&key, before, fe, cap) {
-                    Ok(grows) => grows,
-                    Err(why) => {
-                        self.waiting.insert(key, why);
-                        continue;
-                    }
-                };
+                let fits = self.room(before, fe, cap);
+                if stage == 0 && fits != Ok(false) {
+                    deferred.push((key, fe));
+                    continue;
+                }
+                if let Err(why) = fits {
+                    self.waiting.insert(key, why);
+                    continue;
+                }
                 let (before, freed) = self.unset(&key);
-                orphans.extend(freed);
+                limbo.extend(freed);
                 let previous = before.as_ref().map(|t| t.slots.as_slice());
                 let after = self.set(key, fe, previous);
+                // In the order decided: a later one counted on what an earlier one freed.
+                let wave = match stage {
+                    0 => 0,
+                    1 => {
+                        growing += 1;
+                        growing
+                    }
+                    _ => usize::MAX,
+                };
                 changes.push(Change {
                     key,
-                    wave: if wave == 0 && grows { 1 } else { wave },
+                    wave,
                     before,
                     after: Some(after),
                 });
+                if stage == 1 {
+                    self.release(std::mem::take(&mut limbo));
+                }
+            }
+            if stage == 0 {
+                // Wave 0 ends: what it freed is gone.
+                self.release(std::mem::take(&mut limbo));
             }
         }
-        self.release(orphans);
+        self.release(limbo);
         changes
     }
 
-    /// Whether `fe` fits as the new value of `key` (programmed as `before`): `Ok(grows)`, or
-    /// why not. A change that takes no more entries of a map always fits it.
+    /// Whether `fe` fits as the new value of a frontend programmed as `before`: `Ok(grows)`
+    /// (whether it needs new entries), or why not. A change that takes no new entry of a map
+    /// always fits it.
     fn room(
         &self,
-        key: &FrontendKey,
         before: Option<&Target>,
         fe: &model::Frontend,
         cap: Capacity,
@@ -436,39 +480,33 @@ impl Layout {
             .filter(|r| {
                 self.backend_ids
                     .get(r)
-                    .is_none_or(|id| !self.refs.contains_key(&id))
+                    .is_none_or(|id| !self.refs.contains_key(&id) && !self.limbo.contains(&id))
             })
             .count();
-        let freed = before.map_or(0, |t| {
-            t.backend_ids()
-                .filter(|id| {
-                    self.refs
-                        .get(id)
-                        .is_some_and(|by| by.len() == 1 && by.contains_key(key))
-                        && self
-                            .backend_ids
-                            .key_of(*id)
-                            .is_none_or(|r| !wanted.contains(r))
-                })
-                .count()
-        });
-        let (svc_before, be_before) = (self.entries, self.refs.len());
+        let in_limbo = self
+            .limbo
+            .iter()
+            .filter(|id| !self.refs.contains_key(id))
+            .count();
+        let (svc_before, be_before) = (self.entries, self.refs.len() + in_limbo);
         let svc_after =
             svc_before - before.map_or(0, Target::entries) + 1 + fe.backends.len() as u64;
-        let be_after = be_before + added - freed;
+        // New backends are written before the ones they replace are removed: at the peak the
+        // map holds both.
+        let be_peak = be_before + added;
         if svc_after > svc_before && svc_after > u64::from(cap.services) {
             return Err(format!(
                 "map SERVICES_V1 is full ({} entries)",
                 cap.services
             ));
         }
-        if be_after > be_before && be_after > cap.backends as usize {
+        if added > 0 && be_peak > cap.backends as usize {
             return Err(format!(
                 "map BACKENDS_V1 is full ({} entries)",
                 cap.backends
             ));
         }
-        Ok(svc_after > svc_before || be_after > be_before)
+        Ok(svc_after > svc_before || added > 0)
     }
 
     /// Programs `key` as `fe` (ids allocated as needed, slots placed after `previous`).
@@ -516,6 +554,7 @@ impl Layout {
             by.remove(key);
             if by.is_empty() {
                 self.refs.remove(&id);
+                self.limbo.insert(id);
                 orphans.push(id);
             }
         }
@@ -524,6 +563,9 @@ impl Layout {
 
     /// Frees the ids of `orphans` that no frontend took again.
     fn release(&mut self, orphans: Vec<u32>) {
+        for id in &orphans {
+            self.limbo.remove(id);
+        }
         for id in orphans {
             if self.refs.contains_key(&id) {
                 continue;
