@@ -483,12 +483,8 @@ impl Layout {
                     .is_none_or(|id| !self.refs.contains_key(&id) && !self.limbo.contains(&id))
             })
             .count();
-        let in_limbo = self
-            .limbo
-            .iter()
-            .filter(|id| !self.refs.contains_key(id))
-            .count();
-        let (svc_before, be_before) = (self.entries, self.refs.len() + in_limbo);
+        // Limbo holds only ids no frontend references (taking one again takes it out).
+        let (svc_before, be_before) = (self.entries, self.refs.len() + self.limbo.len());
         let svc_after =
             svc_before - before.map_or(0, Target::entries) + 1 + fe.backends.len() as u64;
         // New backends are written before the ones they replace are removed: at the peak the
@@ -584,6 +580,7 @@ impl Layout {
     }
 
     fn add_ref(&mut self, id: u32, key: FrontendKey, slot: bool, value: Backend) {
+        self.limbo.remove(&id);
         let by = self.refs.entry(id).or_default();
         if by.is_empty()
             && let Some(r) = self.backend_ids.key_of(id)
