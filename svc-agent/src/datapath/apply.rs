@@ -103,6 +103,22 @@ pub trait DatapathMaps {
     fn put_backend_name(&mut self, id: u32, name: &BackendName) -> anyhow::Result<()>;
     /// Deletes a backend's name (absent is fine).
     fn del_backend_name(&mut self, id: u32) -> anyhow::Result<()>;
+    /// Writes `SERVICES_V1` entries in order; each one's result, in order. One call per entry
+    /// unless overridden (the real maps write many in one call: `batch::write_in_batches`).
+    fn put_services(&mut self, entries: &[(ServiceKey, ServiceValue)]) -> Vec<anyhow::Result<()>> {
+        entries
+            .iter()
+            .map(|(k, v)| self.put_service(k, v))
+            .collect()
+    }
+    /// Writes `BACKENDS_V1` entries in order; each one's result, in order (as
+    /// [`put_services`](Self::put_services)).
+    fn put_backends(&mut self, entries: &[(u32, Backend)]) -> Vec<anyhow::Result<()>> {
+        entries
+            .iter()
+            .map(|(id, b)| self.put_backend(*id, b))
+            .collect()
+    }
 }
 
 /// Which counters: `SVC_STATS_V1` (frontend ids) or `BACKEND_STATS_V1` (backend ids).
@@ -359,6 +375,22 @@ impl DatapathMaps for AyaMaps {
             Err(MapError::KeyNotFound) | Ok(()) => Ok(()),
             Err(e) => Err(e).context("deleting from BACKEND_NAMES_V1"),
         }
+    }
+    fn put_services(&mut self, entries: &[(ServiceKey, ServiceValue)]) -> Vec<anyhow::Result<()>> {
+        batch::write_in_batches(
+            &mut self.services,
+            entries,
+            |map, all| batch::update_batch(map, all),
+            |map, (k, v)| map.insert(k, v, 0).context("writing SERVICES_V1"),
+        )
+    }
+    fn put_backends(&mut self, entries: &[(u32, Backend)]) -> Vec<anyhow::Result<()>> {
+        batch::write_in_batches(
+            &mut self.backends,
+            entries,
+            |map, all| batch::update_batch(map, all),
+            |map, (id, b)| map.insert(id, b, 0).context("writing BACKENDS_V1"),
+        )
     }
 }
 
@@ -1038,13 +1070,16 @@ impl<M: DatapathMaps> Reconciler<M> {
             *need.entry(addr_key(b.addr, b.family)).or_default() |= addr_flags::BACKEND;
         }
         self.raise_addrs(&need, &mut report.errors);
-        for (id, b) in backends {
-            if !self.held.current.backends.contains_key(&id)
-                && let Err(e) = self.maps.new_counters(CounterKind::Backend, id)
+        for (id, _) in &backends {
+            if !self.held.current.backends.contains_key(id)
+                && let Err(e) = self.maps.new_counters(CounterKind::Backend, *id)
             {
                 report.errors.push(format!("backend {id} counters: {e:#}"));
             }
-            match self.maps.put_backend(id, &b) {
+        }
+        let written = self.maps.put_backends(&backends);
+        for ((id, b), result) in backends.into_iter().zip(written) {
+            match result {
                 Ok(()) => {
                     self.held.put_backend(id, b);
                     report.backends_written += 1;
@@ -1053,6 +1088,7 @@ impl<M: DatapathMaps> Reconciler<M> {
             }
         }
         let mut broken = BTreeSet::new();
+        let mut slots = Vec::new();
         for item in batch {
             let Some(t) = &item.after else { continue };
             for (slot, id) in (1..).zip(&t.slots) {
@@ -1068,18 +1104,11 @@ impl<M: DatapathMaps> Reconciler<M> {
                     broken.insert(item.slot0);
                     continue;
                 }
-                match self.maps.put_service(&k, &v) {
-                    Ok(()) => {
-                        self.held.put_service(k, v);
-                        report.services_written += 1;
-                    }
-                    Err(e) => {
-                        broken.insert(item.slot0);
-                        report.errors.push(format!("{}: {e:#}", describe(&k)));
-                    }
-                }
+                slots.push((k, v));
             }
         }
+        self.put_services(slots, &mut broken, report);
+        let mut frontends = Vec::new();
         for item in batch {
             let Some(t) = &item.after else { continue };
             let k = item.slot0;
@@ -1093,19 +1122,34 @@ impl<M: DatapathMaps> Reconciler<M> {
                     .errors
                     .push(format!("{} counters: {e:#}", describe(&k)));
             }
-            match self.maps.put_service(&k, &t.value) {
+            frontends.push((k, t.value));
+        }
+        self.put_services(frontends, &mut broken, report);
+        self.remove_entries(batch, &mut broken, report);
+        failed.extend(broken);
+    }
+
+    /// Writes `entries` (in order, batched when many); a frontend one of whose entries failed
+    /// goes into `broken`.
+    fn put_services(
+        &mut self,
+        entries: Vec<(ServiceKey, ServiceValue)>,
+        broken: &mut BTreeSet<ServiceKey>,
+        report: &mut ReconcileReport,
+    ) {
+        let written = self.maps.put_services(&entries);
+        for ((k, v), result) in entries.into_iter().zip(written) {
+            match result {
                 Ok(()) => {
-                    self.held.put_service(k, t.value);
+                    self.held.put_service(k, v);
                     report.services_written += 1;
                 }
                 Err(e) => {
-                    broken.insert(k);
+                    broken.insert(ServiceKey { slot: 0, ..k });
                     report.errors.push(format!("{}: {e:#}", describe(&k)));
                 }
             }
         }
-        self.remove_entries(batch, &mut broken, report);
-        failed.extend(broken);
     }
 
     /// One wave's removals (not its backends'): frontend entries of removed frontends, then
