@@ -942,6 +942,9 @@ impl<M: DatapathMaps> Reconciler<M> {
             }
             self.remove_backends(unused, &mut removed, &mut report);
         }
+        // Those a slot still named (rewritten by a later wave) go now that every wave ran.
+        let still_in_slots = std::mem::take(&mut self.pending.backends);
+        self.remove_backends(still_in_slots, &mut removed, &mut report);
         for item in items {
             if let Some(key) = item.key.filter(|_| failed.contains(&item.slot0)) {
                 self.pending.frontends.insert(key, item.span);
@@ -1070,6 +1073,8 @@ impl<M: DatapathMaps> Reconciler<M> {
             *need.entry(addr_key(b.addr, b.family)).or_default() |= addr_flags::BACKEND;
         }
         self.raise_addrs(&need, &mut report.errors);
+        let mut broken = BTreeSet::new();
+        self.drop_unnamed_slots(batch, &mut broken, report);
         for (id, _) in &backends {
             if !self.held.current.backends.contains_key(id)
                 && let Err(e) = self.maps.new_counters(CounterKind::Backend, *id)
@@ -1084,10 +1089,17 @@ impl<M: DatapathMaps> Reconciler<M> {
                     self.held.put_backend(id, b);
                     report.backends_written += 1;
                 }
-                Err(e) => report.errors.push(format!("backend {id}: {e:#}")),
+                Err(e) => {
+                    report.errors.push(format!("backend {id}: {e:#}"));
+                    // A new backend's counters go with it (created again when it is).
+                    if !self.held.current.backends.contains_key(&id)
+                        && let Err(e) = self.maps.del_counters(CounterKind::Backend, id)
+                    {
+                        report.errors.push(format!("backend {id} counters: {e:#}"));
+                    }
+                }
             }
         }
-        let mut broken = BTreeSet::new();
         let mut slots = Vec::new();
         for item in batch {
             let Some(t) = &item.after else { continue };
@@ -1129,6 +1141,42 @@ impl<M: DatapathMaps> Reconciler<M> {
         failed.extend(broken);
     }
 
+    /// Removes, before the wave writes, the slots of its frontends that no count names, now
+    /// or after the wave (left by a pass that could not finish a frontend): the programs never
+    /// read them, and the room they take may be needed.
+    fn drop_unnamed_slots(
+        &mut self,
+        batch: &[&Item],
+        broken: &mut BTreeSet<ServiceKey>,
+        report: &mut ReconcileReport,
+    ) {
+        for item in batch {
+            let named = self
+                .held
+                .current
+                .services
+                .get(&item.slot0)
+                .map_or(0, |v| v.count);
+            let named = named.max(item.after.as_ref().map_or(0, |t| t.slots.len() as u16));
+            for slot in named.saturating_add(1)..=item.span {
+                let k = ServiceKey { slot, ..item.slot0 };
+                if !self.held.current.services.contains_key(&k) {
+                    continue;
+                }
+                match self.maps.del_service(&k) {
+                    Ok(()) => {
+                        self.held.del_service(&k);
+                        report.services_deleted += 1;
+                    }
+                    Err(e) => {
+                        broken.insert(item.slot0);
+                        report.errors.push(format!("{}: {e:#}", describe(&k)));
+                    }
+                }
+            }
+        }
+    }
+
     /// Writes `entries` (in order, batched when many); a frontend one of whose entries failed
     /// goes into `broken`.
     fn put_services(
@@ -1147,6 +1195,15 @@ impl<M: DatapathMaps> Reconciler<M> {
                 Err(e) => {
                     broken.insert(ServiceKey { slot: 0, ..k });
                     report.errors.push(format!("{}: {e:#}", describe(&k)));
+                    // A new frontend's counters go with it (created again when it is).
+                    if k.slot == 0
+                        && !self.held.current.services.contains_key(&k)
+                        && let Err(e) = self.maps.del_counters(CounterKind::Frontend, v.id)
+                    {
+                        report
+                            .errors
+                            .push(format!("{} counters: {e:#}", describe(&k)));
+                    }
                 }
             }
         }
@@ -1249,6 +1306,8 @@ impl<M: DatapathMaps> Reconciler<M> {
             match self.maps.put_addr(k, &v) {
                 Ok(()) => {
                     self.addrs.insert(*k, v);
+                    // Settled at the end of the pass, even if the entry needing it fails.
+                    self.held.touched.insert(*k);
                 }
                 Err(e) => {
                     self.pending.addrs.insert(*k);
@@ -3182,6 +3241,13 @@ mod tests {
                     prop_assert_eq!(&by_full.skipped, &by_inc.skipped);
                     prev = next.clone();
                 }
+                // The full pass is a fixed point: again, it writes nothing.
+                let again = full.apply(&prev);
+                prop_assert_eq!(
+                    (again.services_written, again.services_deleted, again.backends_written, again.backends_deleted),
+                    (0, 0, 0, 0),
+                    "{:?}", again
+                );
                 // No drift: the full pass over the incremental one's maps writes nothing.
                 let audit = inc.apply(&prev);
                 prop_assert_eq!(
@@ -3190,6 +3256,41 @@ mod tests {
                     "{:?}", audit
                 );
                 prop_assert_eq!(canon(&full.maps), canon(&inc.maps));
+            }
+
+            #[test]
+            fn failed_writes_are_caught_up_by_empty_incremental_passes(
+                states in prop::collection::vec(states(), 1..6),
+                cap in prop::option::of((1u32..14, 0u32..6)),
+                fail_slot in 1u16..4,
+            ) {
+                let cap = cap.map(|(services, backends)| Capacity { services, backends });
+                let (mut full, mut inc) = (reconciler(cap), reconciler(cap));
+                inc.maps.fail_slot = Some(fail_slot);
+                let mut prev = DesiredState::default();
+                for next in &states {
+                    full.apply(next);
+                    let report = inc.apply_delta(next, &Delta::between(&prev, next));
+                    prop_assert_eq!(
+                        report.retry_after.is_some(),
+                        !report.errors.is_empty(),
+                        "{:?}", report
+                    );
+                    prev = next.clone();
+                }
+                inc.maps.fail_slot = None;
+                let mut report = inc.apply_delta(&prev, &Delta::default());
+                for _ in 0..4 {
+                    report = inc.apply_delta(&prev, &Delta::default());
+                }
+                prop_assert_eq!(report.errors.len(), report.skipped.len(), "{:?}", report.errors);
+                prop_assert_eq!(canon(&full.maps), canon(&inc.maps));
+                let audit = inc.apply(&prev);
+                prop_assert_eq!(
+                    (audit.services_written, audit.services_deleted, audit.backends_written, audit.backends_deleted),
+                    (0, 0, 0, 0),
+                    "{:?}", audit
+                );
             }
         }
     }

@@ -17,8 +17,10 @@
 //! at that point (new backends are written before those they replace are removed, so a
 //! frontend swapping a backend needs one free `BACKENDS_V1` entry). One that does not fit is
 //! left out whole and waits ([`Layout::skipped`]); a programmed one that would grow keeps
-//! what it has, untouched. Waiting frontends are decided again at every pass. The writes
-//! follow the same order ([`Change::wave`]), so what is freed is free before it is needed.
+//! what it has, untouched. Those left out are decided again, in rounds, while a round lets one
+//! in (what a later one freed may make room), so a pass ends where a second one would, and
+//! waiting frontends are decided again at every pass. The writes follow the order of the
+//! decisions ([`Change::wave`]), so what is freed is free before it is needed.
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, HashSet},
@@ -414,54 +416,79 @@ impl Layout {
         }
         // Programmed frontends that need no new entry first (what they free is free for the
         // others), then those that do, then new ones; each group in key order.
-        let mut growing = 0;
         let mut deferred = Vec::new();
-        for (stage, list) in [(0, programmed), (1, Vec::new()), (2, new)] {
-            let list = if stage == 1 {
-                std::mem::take(&mut deferred)
-            } else {
-                list
-            };
-            for (key, fe) in list {
-                let before = self.targets.get(&key);
-                let fits = self.room(before, fe, cap);
-                if stage == 0 && fits != Ok(false) {
-                    deferred.push((key, fe));
-                    continue;
-                }
-                if let Err(why) = fits {
-                    self.waiting.insert(key, why);
-                    continue;
-                }
-                let (before, freed) = self.unset(&key);
-                limbo.extend(freed);
-                let previous = before.as_ref().map(|t| t.slots.as_slice());
-                let after = self.set(key, fe, previous);
-                // In the order decided: a later one counted on what an earlier one freed.
-                let wave = match stage {
-                    0 => 0,
-                    1 => {
+        for (key, fe) in programmed {
+            if self.room(self.targets.get(&key), fe, cap) != Ok(false) {
+                deferred.push((key, fe));
+                continue;
+            }
+            let (before, freed) = self.unset(&key);
+            limbo.extend(freed);
+            let after = self.set(key, fe, before.as_ref().map(|t| t.slots.as_slice()));
+            changes.push(Change {
+                key,
+                before,
+                after: Some(after),
+                wave: 0,
+            });
+        }
+        // Wave 0 ends: what it freed is gone.
+        self.release(limbo);
+        // Then rounds, until one lets nothing in: a frontend left out may fit after what a
+        // later one (in key order) freed, so the result does not depend on where it started.
+        let mut growing = 0;
+        let mut decided = changes.len();
+        loop {
+            let mut left_out = (Vec::new(), Vec::new());
+            for (key, fe) in std::mem::take(&mut deferred) {
+                match self.room(self.targets.get(&key), fe, cap) {
+                    Ok(_) => {
+                        let (before, freed) = self.unset(&key);
+                        let after = self.set(key, fe, before.as_ref().map(|t| t.slots.as_slice()));
+                        // Its own wave, in the order decided: a later one counted on what it
+                        // freed.
                         growing += 1;
-                        growing
+                        changes.push(Change {
+                            key,
+                            before,
+                            after: Some(after),
+                            wave: growing,
+                        });
+                        self.release(freed);
                     }
-                    _ => usize::MAX,
-                };
-                changes.push(Change {
-                    key,
-                    wave,
-                    before,
-                    after: Some(after),
-                });
-                if stage == 1 {
-                    self.release(std::mem::take(&mut limbo));
+                    Err(why) => {
+                        self.waiting.insert(key, why);
+                        left_out.0.push((key, fe));
+                    }
                 }
             }
-            if stage == 0 {
-                // Wave 0 ends: what it freed is gone.
-                self.release(std::mem::take(&mut limbo));
+            for (key, fe) in std::mem::take(&mut new) {
+                match self.room(None, fe, cap) {
+                    Ok(_) => {
+                        let after = self.set(key, fe, None);
+                        changes.push(Change {
+                            key,
+                            before: None,
+                            after: Some(after),
+                            wave: usize::MAX,
+                        });
+                    }
+                    Err(why) => {
+                        self.waiting.insert(key, why);
+                        left_out.1.push((key, fe));
+                    }
+                }
+            }
+            let waited = left_out.0.len() + left_out.1.len();
+            (deferred, new) = left_out;
+            if waited == 0 || changes.len() == decided {
+                break;
+            }
+            decided = changes.len();
+            for (key, _) in deferred.iter().chain(&new) {
+                self.waiting.remove(key);
             }
         }
-        self.release(limbo);
         changes
     }
 
