@@ -176,6 +176,20 @@ fn on_stop_signal(
 /// `DaemonSet`'s grace period is 10 s).
 const STOP_GRACE: std::time::Duration = std::time::Duration::from_millis(900);
 
+/// The reconciler over the loaded maps (adopting what they hold), with its helper threads: the
+/// one that clears flow state a pass ends (UDP flows, affinity, UDP sockets' backends), so the
+/// next change never waits behind a pass over the connection table, and the one that destroys
+/// connected UDP sockets translated to ended backends (svc-ebpf/DESIGN.md, "Connected UDP
+/// sockets of ended backends").
+fn reconciler(ebpf: &mut aya::Ebpf) -> anyhow::Result<Reconciler<AyaMaps>> {
+    let maps = AyaMaps::take(ebpf)?;
+    let flow_tables = maps.flow_tables()?;
+    let mut reconciler = Reconciler::adopt(maps)?;
+    reconciler.sweep_in_background(flow_tables)?;
+    reconciler.send_ended_to(svc_agent::sockets::SocketDestroyer::start(ebpf)?);
+    Ok(reconciler)
+}
+
 async fn run(bpffs: &std::path::Path, args: &RunArgs) -> anyhow::Result<()> {
     // Everything that can be checked is checked before anything touches the kernel or the
     // bpffs: a bad argument fails the start with nothing loaded, attached or pinned.
@@ -203,18 +217,10 @@ async fn run(bpffs: &std::path::Path, args: &RunArgs) -> anyhow::Result<()> {
     let (mut ebpf, migration) = loader::load_pinned(bpffs, sizes, globals)?;
     loader::load_programs(&mut ebpf)?;
     let patterns = loader::IfacePatterns::parse(&args.pod_ifaces)?;
-    let maps = AyaMaps::take(&mut ebpf)?;
-    let flow_tables = maps.flow_tables()?;
-    let mut reconciler = Reconciler::adopt(maps)?;
-    // Flow state a pass ends (UDP flows, affinity, UDP sockets' backends) is cleared by a
-    // thread of its own: the next change never waits behind a pass over the connection table.
-    reconciler.sweep_in_background(flow_tables)?;
+    let mut reconciler = reconciler(&mut ebpf)?;
     // Warns while the table of answered connections is nearly full (svc-ebpf/DESIGN.md,
     // "Conntrack under pressure").
     svc_agent::datapath::pressure::watch(&pin_dir)?;
-    // Connected UDP sockets translated to backends that a pass ends are destroyed from a thread
-    // of their own (svc-ebpf/DESIGN.md, "Connected UDP sockets of ended backends").
-    reconciler.send_ended_to(svc_agent::sockets::SocketDestroyer::start(&mut ebpf)?);
     // Connect-time programs, then pod-facing ones: each takes over what an earlier agent of this
     // layout pinned (same maps, so at once), or goes beside another layout's (see below).
     svc_agent::cgroup::attach_from_arg(&mut ebpf, args.socket_lb.cgroup(&args.cgroup), &pin_dir)?;

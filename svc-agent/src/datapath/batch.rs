@@ -26,6 +26,16 @@ use aya::{
 /// `BPF_MAP_LOOKUP_BATCH` (`enum bpf_cmd` in the uapi).
 const BPF_MAP_LOOKUP_BATCH: u32 = 24;
 
+/// `BPF_MAP_UPDATE_BATCH` (`enum bpf_cmd` in the uapi).
+const BPF_MAP_UPDATE_BATCH: u32 = 26;
+
+/// Entries above which one pass's writes to a map go in one `BPF_MAP_UPDATE_BATCH` call
+/// (a cold sync) instead of one call each.
+pub const UPDATE_BATCH_MIN: usize = 256;
+
+/// Entries per `BPF_MAP_UPDATE_BATCH` call (as `migrate` writes).
+const UPDATE_BATCH_CHUNK: usize = 4096;
+
 /// Entries asked for per call. A hash bucket's entries must fit in one call (the kernel answers
 /// `ENOSPC` otherwise, and the chunk is doubled); buckets hold a handful.
 const CHUNK: u32 = 4096;
@@ -234,4 +244,153 @@ fn lookup_batch<K: Pod, V: Pod>(
         entries,
         position: raw.position,
     })
+}
+
+/// One `BPF_MAP_UPDATE_BATCH` call writing `entries` into `map`, in order (`BPF_ANY`: created
+/// or replaced). On an error some entries may have been written (the kernel stops at the first
+/// it cannot write) or none (a kernel before 5.6 has no such call); the caller writes them all
+/// again one by one (writing an entry twice is harmless).
+pub fn update_batch<K: Pod, V: Pod>(
+    map: &BpfHashMap<MapData, K, V>,
+    entries: &[(K, V)],
+) -> io::Result<()> {
+    let (keys, values): (Vec<K>, Vec<V>) = entries.iter().copied().unzip();
+    let count =
+        u32::try_from(entries.len()).map_err(|_| io::Error::from_raw_os_error(nix::libc::E2BIG))?;
+    let mut attr = BatchAttr {
+        keys: keys.as_ptr() as u64,
+        values: values.as_ptr() as u64,
+        count,
+        map_fd: map.map().fd().as_fd().as_raw_fd().cast_unsigned(),
+        ..BatchAttr::default()
+    };
+    // SAFETY: `attr` is the uapi `batch` layout, passed with its exact size. `keys` and
+    // `values` hold `count` entries of `K` and `V` back to back (a `Vec` of a `Pod` type has
+    // no gap between elements), the map's key and value sizes (aya checked them when the map
+    // was typed); the kernel only reads them. It writes only `attr.count`.
+    let ret = unsafe {
+        nix::libc::syscall(
+            nix::libc::SYS_bpf,
+            BPF_MAP_UPDATE_BATCH,
+            &raw mut attr,
+            size_of::<BatchAttr>(),
+        )
+    };
+    if ret == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Writes `entries` in order and returns each one's result, in order. More than
+/// [`UPDATE_BATCH_MIN`] go through `batch` first, a chunk of up to 4,096 per call; on any
+/// error of a call (a kernel without batch calls, a full map, one bad entry) every entry of
+/// its chunk is written again through `one`, one per call, so each gets its own result.
+/// `state` is what both write through.
+pub fn write_in_batches<S, T>(
+    state: &mut S,
+    entries: &[T],
+    mut batch: impl FnMut(&mut S, &[T]) -> io::Result<()>,
+    mut one: impl FnMut(&mut S, &T) -> anyhow::Result<()>,
+) -> Vec<anyhow::Result<()>> {
+    if entries.len() <= UPDATE_BATCH_MIN {
+        return entries.iter().map(|e| one(state, e)).collect();
+    }
+    let mut out = Vec::with_capacity(entries.len());
+    for chunk in entries.chunks(UPDATE_BATCH_CHUNK) {
+        match batch(state, chunk) {
+            Ok(()) => out.extend(chunk.iter().map(|_| Ok(()))),
+            Err(e) => {
+                tracing::debug!(
+                    entries = chunk.len(),
+                    "BPF_MAP_UPDATE_BATCH failed ({e}); writing the entries one by one"
+                );
+                out.extend(chunk.iter().map(|e| one(state, e)));
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What the fakes saw: batch calls (their sizes) and single writes (the entries).
+    #[derive(Default)]
+    struct Seen {
+        batches: Vec<usize>,
+        ones: Vec<u32>,
+    }
+
+    fn entries(n: u32) -> Vec<u32> {
+        (0..n).collect()
+    }
+
+    /// Writes `list` through fakes that always succeed.
+    fn write_all(seen: &mut Seen, list: &[u32]) -> Vec<anyhow::Result<()>> {
+        write_in_batches(
+            seen,
+            list,
+            |s, e| {
+                s.batches.push(e.len());
+                Ok(())
+            },
+            |s, e| {
+                s.ones.push(*e);
+                Ok(())
+            },
+        )
+    }
+
+    #[test]
+    fn few_entries_are_written_one_by_one() {
+        let mut seen = Seen::default();
+        let list = entries(UPDATE_BATCH_MIN as u32);
+        let results = write_all(&mut seen, &list);
+        assert!(seen.batches.is_empty());
+        assert_eq!(seen.ones, list);
+        assert!(results.iter().all(Result::is_ok));
+    }
+
+    #[test]
+    fn many_entries_go_in_one_call() {
+        let mut seen = Seen::default();
+        let list = entries(1000);
+        let results = write_all(&mut seen, &list);
+        assert_eq!(seen.batches, [1000]);
+        assert!(seen.ones.is_empty());
+        assert_eq!(results.len(), 1000);
+        assert!(results.iter().all(Result::is_ok));
+        let mut seen = Seen::default();
+        assert_eq!(write_all(&mut seen, &entries(10_000)).len(), 10_000);
+        assert_eq!(seen.batches, [4096, 4096, 1808], "in chunks");
+    }
+
+    #[test]
+    fn a_failed_batch_is_written_again_one_by_one_in_order_each_with_its_result() {
+        let mut seen = Seen::default();
+        let list = entries(400);
+        // The batch stops (a full map, a kernel without the call); alone, entry 300 fails.
+        let results = write_in_batches(
+            &mut seen,
+            &list,
+            |s, e| {
+                s.batches.push(e.len());
+                Err(io::Error::from_raw_os_error(nix::libc::E2BIG))
+            },
+            |s, e| {
+                s.ones.push(*e);
+                if *e == 300 {
+                    anyhow::bail!("E2BIG")
+                }
+                Ok(())
+            },
+        );
+        assert_eq!(seen.batches, [400]);
+        assert_eq!(seen.ones, list, "every entry, in order");
+        let failed: Vec<usize> = (0..400).filter(|i| results[*i].is_err()).collect();
+        assert_eq!(failed, [300]);
+    }
 }

@@ -78,6 +78,24 @@ impl<K: Ord + Clone> IdMap<K> {
         self.next = self.next.max(id.wrapping_add(1));
     }
 
+    /// Every key that has an id.
+    pub fn keys(&self) -> impl Iterator<Item = &K> {
+        self.by_key.keys()
+    }
+
+    /// The key that holds `id`, if any.
+    #[must_use]
+    pub fn key_of(&self, id: u32) -> Option<&K> {
+        self.used.get(&id)
+    }
+
+    /// Frees the id of `key` (if it has one), returning it.
+    pub fn remove(&mut self, key: &K) -> Option<u32> {
+        let id = self.by_key.remove(key)?;
+        self.used.remove(&id);
+        Some(id)
+    }
+
     /// Frees every id whose key `keep` rejects.
     pub fn retain(&mut self, mut keep: impl FnMut(&K) -> bool) {
         self.by_key.retain(|k, _| keep(k));
@@ -114,6 +132,17 @@ mod tests {
         let c = ids.get_or_alloc(&"c");
         assert!(c != a && c != b, "freed id {a} handed out again at once");
         assert_eq!(ids.len(), 2);
+    }
+
+    #[test]
+    fn a_removed_key_frees_its_id_without_moving_the_cursor_back() {
+        let mut ids = IdMap::default();
+        let a = ids.get_or_alloc(&"a");
+        assert_eq!(ids.key_of(a), Some(&"a"));
+        assert_eq!(ids.remove(&"a"), Some(a));
+        assert_eq!(ids.remove(&"a"), None);
+        assert_eq!((ids.key_of(a), ids.get(&"a")), (None, None));
+        assert!(ids.get_or_alloc(&"b") > a);
     }
 
     #[test]

@@ -1,12 +1,14 @@
 //! From desired state to BPF maps: stable ids ([`ids`]), the map contents the desired state
-//! means ([`render`], a pure function), the ordered diff that writes only what changed
-//! ([`apply`]), and clearing the kernel's flow state that names what the diff ended
-//! ([`flows`]).
+//! means ([`render`], a pure function), what each frontend is programmed with and the capacity
+//! decisions, kept between passes ([`layout`]), the ordered writes of only what changed, in a
+//! full or an incremental pass ([`apply`]), and clearing the kernel's flow state that names
+//! what a pass ended ([`flows`]).
 
 pub mod apply;
 pub(crate) mod batch;
 pub mod flows;
 pub mod ids;
+pub mod layout;
 pub mod names;
 pub mod pressure;
 pub mod render;

@@ -13,7 +13,7 @@ use svc_common::{
     service::{self, Backend, BackendName, ServiceKey, ServiceValue, backend_flags, scope},
 };
 
-use super::ids::IdMap;
+use super::{ids::IdMap, layout::Layout};
 use crate::model::{self, DesiredState, EmptyAction, FrontendKey, Protocol, Scope};
 
 /// Key of a backend's id: address and port (shared by all frontends that use it).
@@ -122,7 +122,8 @@ pub fn frontend_key(k: &FrontendKey) -> ServiceKey {
     }
 }
 
-fn backend_value(b: &model::Backend) -> Backend {
+/// The `BACKENDS_V1` value of a backend.
+pub(crate) fn backend_value(b: &model::Backend) -> Backend {
     let (addr, family) = map_addr(b.addr);
     let mut flags = 0;
     if b.local {
@@ -141,106 +142,43 @@ fn backend_value(b: &model::Backend) -> Backend {
 
 /// Renders `desired` into map contents, allocating ids in `frontend_ids` / `backend_ids` and
 /// freeing the ids of objects that are gone. Frontends that do not fit `cap` are left out
-/// whole (never half-programmed), in reverse key order, and listed in `skipped`.
+/// whole (never half-programmed) and listed in `skipped`: frontends are admitted in key order
+/// (nothing is programmed yet: the reconciler decides with what it programmed before, through
+/// [`Layout`](super::layout::Layout), which this uses too). Slots are in the sorted order.
 pub fn render(
     desired: &DesiredState,
     frontend_ids: &mut IdMap<FrontendKey>,
     backend_ids: &mut IdMap<BackendRef>,
     cap: Capacity,
 ) -> Rendered {
-    let mut out = Rendered::default();
-    let mut fitting = Vec::new();
-    let (mut svc_entries, mut backend_set) = (0u64, BTreeSet::new());
-    for (key, fe) in &desired.frontends {
-        if key.proto == Protocol::Sctp {
-            out.skipped.push((
-                *key,
-                "SCTP is not translated by this datapath yet".to_owned(),
-            ));
-            continue;
-        }
-        if fe.backends.len() > usize::from(u16::MAX) {
-            out.skipped.push((
-                *key,
-                format!(
-                    "{} endpoints; at most {} per port",
-                    fe.backends.len(),
-                    u16::MAX
-                ),
-            ));
-            continue;
-        }
-        let needs = 1 + fe.backends.len() as u64;
-        let new_backends: Vec<BackendRef> = fe
-            .backends
-            .iter()
-            .chain(&fe.kept_backends)
-            .chain(&fe.unready_backends)
-            .map(|b| (b.addr, b.port))
-            .filter(|r| !backend_set.contains(r))
-            .collect();
-        if svc_entries + needs > u64::from(cap.services) {
-            out.skipped.push((
-                *key,
-                format!("map SERVICES_V1 is full ({} entries)", cap.services),
-            ));
-            continue;
-        }
-        if backend_set.len() + new_backends.len() > cap.backends as usize {
-            out.skipped.push((
-                *key,
-                format!("map BACKENDS_V1 is full ({} entries)", cap.backends),
-            ));
-            continue;
-        }
-        svc_entries += needs;
-        backend_set.extend(new_backends);
-        fitting.push((key, fe));
-    }
-    let fitting_keys: BTreeSet<&FrontendKey> = fitting.iter().map(|(k, _)| *k).collect();
-    frontend_ids.retain(|k| fitting_keys.contains(k));
-    backend_ids.retain(|r| backend_set.contains(r));
-    for (key, fe) in fitting {
-        let slot0 = frontend_key(key);
-        let frontend_id = frontend_ids.get_or_alloc(key);
-        out.services.insert(slot0, slot0_value(fe, frontend_id));
-        for (i, b) in fe.backends.iter().enumerate() {
-            let id = backend_ids.get_or_alloc(&(b.addr, b.port));
-            out.backends.insert(id, backend_value(b));
-            out.reachable.insert((frontend_id, id));
-            out.services.insert(
-                ServiceKey {
-                    slot: i as u16 + 1,
-                    ..slot0
-                },
-                ServiceValue {
-                    id,
-                    ..ServiceValue::default()
-                },
-            );
-        }
-        // Unready backends are in the backend map (established TCP flows find them alive) but
-        // not reachable: their UDP flows, UDP sockets and affinity entries are cleared as the
-        // pair ends.
-        let kept = fe.kept_backends.iter().map(|b| (b, true));
-        for (b, reachable) in kept.chain(fe.unready_backends.iter().map(|b| (b, false))) {
-            let id = backend_ids.get_or_alloc(&(b.addr, b.port));
-            out.backends.entry(id).or_insert_with(|| backend_value(b));
-            if reachable {
-                out.reachable.insert((frontend_id, id));
-            }
+    let mut layout = Layout::default();
+    layout.frontend_ids = std::mem::take(frontend_ids);
+    layout.backend_ids = std::mem::take(backend_ids);
+    let known: Vec<FrontendKey> = layout.frontend_ids.keys().copied().collect();
+    for k in known {
+        if !desired.frontends.contains_key(&k) {
+            layout.frontend_ids.remove(&k);
         }
     }
-    for r in &backend_set {
-        if let (Some(id), Some(name)) = (backend_ids.get(r), desired.backend_names.get(&r.0)) {
-            out.names.insert(id, BackendName::new(name));
-        }
+    layout.plan(desired, desired.frontends.keys().copied(), cap);
+    layout.forget_unreferenced();
+    let programmed: Vec<FrontendKey> = layout
+        .frontend_ids
+        .keys()
+        .filter(|k| layout.target(k).is_none())
+        .copied()
+        .collect();
+    for k in programmed {
+        layout.frontend_ids.remove(&k);
     }
+    let out = layout.rendered(desired);
+    *frontend_ids = std::mem::take(&mut layout.frontend_ids);
+    *backend_ids = std::mem::take(&mut layout.backend_ids);
     out
 }
 
 /// The slot 0 entry of `fe`, whose id is `frontend_id`.
-fn slot0_value(fe: &model::Frontend, frontend_id: u32) -> ServiceValue {
+pub(crate) fn slot0_value(fe: &model::Frontend, frontend_id: u32) -> ServiceValue {
     let mut flags = match (fe.backends.is_empty(), fe.on_empty) {
         (false, _) => 0,
         (true, EmptyAction::Reject) => service::flags::REJECT_EMPTY,

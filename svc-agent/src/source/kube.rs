@@ -740,6 +740,9 @@ mod tests {
         ("default".to_owned(), name.to_owned())
     }
 
+    /// The work of every pass so far.
+    type Passes = Arc<std::sync::Mutex<Vec<Work>>>;
+
     /// Runs `run_loop` over a channel; every pass's work is recorded, and each pass returns
     /// the next retry delay from `retries` (then none).
     fn looping(
@@ -747,7 +750,7 @@ mod tests {
         mut retries: Vec<Duration>,
     ) -> (
         mpsc::UnboundedSender<Update>,
-        Arc<std::sync::Mutex<Vec<Work>>>,
+        Passes,
         tokio::task::JoinHandle<anyhow::Result<()>>,
     ) {
         let (tx, rx) = mpsc::unbounded_channel();
