@@ -46,6 +46,9 @@ pub struct Standalone {
     said: BTreeSet<String>,
     /// Each selector Service's selection as last logged.
     selections: BTreeMap<String, String>,
+    /// The topology notes (hints this node ignores) of the last pass: each is logged (info)
+    /// when it appears, not on every pass.
+    topology_notes: BTreeSet<model::TopologyNote>,
 }
 
 impl Standalone {
@@ -60,6 +63,7 @@ impl Standalone {
             synced: false,
             said: BTreeSet::new(),
             selections: BTreeMap::new(),
+            topology_notes: BTreeSet::new(),
         }
     }
 
@@ -81,6 +85,11 @@ impl Standalone {
         for e in &desired.errors {
             said.push(format!("skipped an object: {e}"));
         }
+        let notes: BTreeSet<model::TopologyNote> = desired.topology_notes.iter().cloned().collect();
+        for note in notes.difference(&self.topology_notes) {
+            info!(service = %format!("{}/{}", note.namespace, note.name), "{note}");
+        }
+        self.topology_notes = notes;
         let report = rec.apply(&desired);
         for e in &report.errors {
             said.push(format!("not programmed: {e}"));
@@ -126,6 +135,7 @@ impl Standalone {
             &loaded.snapshot.services,
             &loaded.pods,
             &loaded.snapshot.slices,
+            &loaded.snapshot.nodes,
         );
         for ignored in &computed.ignored_slices {
             said.push(format!(

@@ -54,7 +54,7 @@ use k8s_openapi::{
 };
 
 use super::{
-    Delta, DesiredState, FrontendKey, GroupOutput, ObjectError, Snapshot, compute_group,
+    Delta, DesiredState, FrontendKey, GroupOutput, ObjectError, Place, Snapshot, compute_group,
     conflict_error, kept_copies, namespace_of, node_addresses, slice_owner, sorted_by_name,
 };
 
@@ -515,7 +515,7 @@ impl Model {
         } else {
             self.recomputed += 1;
             let refs: Vec<&Arc<EndpointSlice>> = slices.iter().collect();
-            compute_group(service.as_ref(), &refs, &self.node_name)
+            compute_group(service.as_ref(), &refs, Place::new(&self.node_name, None))
         };
 
         if before.claims != out.claims {
@@ -584,7 +584,7 @@ impl Model {
         let key = Name::new(&namespace, "");
         for service in self.services.get(&key).into_iter().flatten() {
             self.recomputed += 1;
-            let out = compute_group(Some(service), &[], &self.node_name);
+            let out = compute_group(Some(service), &[], Place::new(&self.node_name, None));
             // A Service without a name never validates, so it claims nothing.
             debug_assert!(out.claims.is_empty() && out.names.is_empty());
             errors.extend(out.errors);
