@@ -63,6 +63,9 @@ pub struct Standalone {
     said_about_objects: Vec<String>,
     /// Each selector Service's selection as last logged.
     selections: BTreeMap<String, String>,
+    /// The topology notes (hints this node ignores) of the last pass: each is logged (info)
+    /// when it appears, not on every pass.
+    topology_notes: BTreeSet<model::TopologyNote>,
 }
 
 impl Standalone {
@@ -88,6 +91,7 @@ impl Standalone {
             said: BTreeSet::new(),
             said_about_objects: Vec::new(),
             selections: BTreeMap::new(),
+            topology_notes: BTreeSet::new(),
         }
     }
 
@@ -127,6 +131,7 @@ impl Standalone {
             rec.apply_delta(self.model.state(), &model::Delta::default())
         };
         self.retry_at = report.retry_after.map(|d| now + d);
+        self.log_topology_notes();
         let mut said = self.said_about_objects.clone();
         for e in &self.model.state().errors {
             said.push(format!("skipped an object: {e}"));
@@ -163,6 +168,22 @@ impl Standalone {
         Ok(())
     }
 
+    /// Logs (info) the topology notes (hints this node ignores) that appeared since the last
+    /// pass.
+    fn log_topology_notes(&mut self) {
+        let notes = &self.model.state().topology_notes;
+        if notes.len() == self.topology_notes.len()
+            && notes.iter().all(|n| self.topology_notes.contains(n))
+        {
+            return;
+        }
+        let notes: BTreeSet<model::TopologyNote> = notes.iter().cloned().collect();
+        for note in notes.difference(&self.topology_notes) {
+            info!(service = %format!("{}/{}", note.namespace, note.name), "{note}");
+        }
+        self.topology_notes = notes;
+    }
+
     /// When [`sync`](Self::sync) has something to do without any file event: a retry or the
     /// audit.
     fn next_timer(&self) -> Option<Instant> {
@@ -197,6 +218,7 @@ impl Standalone {
             &loaded.snapshot.services,
             &loaded.pods,
             &loaded.snapshot.slices,
+            &loaded.snapshot.nodes,
         );
         for ignored in &computed.ignored_slices {
             said.push(format!(

@@ -104,6 +104,8 @@ pub struct Service {
     pub selector: BTreeMap<String, String>,
     /// `spec.publishNotReadyAddresses`.
     pub publish_not_ready_addresses: bool,
+    /// `spec.trafficDistribution` (`PreferClose`, `PreferSameZone`, `PreferSameNode`).
+    pub traffic_distribution: Option<String>,
 }
 
 impl Service {
@@ -118,7 +120,15 @@ impl Service {
             internal_traffic_policy_local: false,
             selector: BTreeMap::new(),
             publish_not_ready_addresses: false,
+            traffic_distribution: None,
         }
+    }
+
+    /// Sets `spec.trafficDistribution` (`PreferClose`, `PreferSameZone`, `PreferSameNode`).
+    #[must_use]
+    pub fn traffic_distribution(mut self, value: &str) -> Self {
+        self.traffic_distribution = Some(value.to_owned());
+        self
     }
 
     /// Adds the term `key: value` to `spec.selector`.
@@ -211,7 +221,11 @@ impl Service {
         if self.publish_not_ready_addresses {
             y.push_str("  publishNotReadyAddresses: true\n");
         }
-        y.push_str("  sessionAffinity: None\n  type: ClusterIP\nstatus:\n  loadBalancer: {}\n");
+        y.push_str("  sessionAffinity: None\n");
+        if let Some(value) = &self.traffic_distribution {
+            let _ = writeln!(y, "  trafficDistribution: {value}");
+        }
+        y.push_str("  type: ClusterIP\nstatus:\n  loadBalancer: {}\n");
         y
     }
 }
@@ -412,10 +426,19 @@ impl EndpointSlice {
 /// CIDRs, as `kubectl get node -o yaml` prints them (status trimmed to the addresses).
 #[must_use]
 pub fn node_yaml(node: &Node) -> String {
+    node_yaml_in_zone(node, None)
+}
+
+/// [`node_yaml`], with the label `topology.kubernetes.io/zone: <zone>` when `zone` is given.
+#[must_use]
+pub fn node_yaml_in_zone(node: &Node, zone: Option<&str>) -> String {
     let mut y = String::new();
     y.push_str("apiVersion: v1\nkind: Node\nmetadata:\n  labels:\n");
     let _ = writeln!(y, "    kubernetes.io/hostname: {}", node.name);
     y.push_str("    kubernetes.io/os: linux\n");
+    if let Some(zone) = zone {
+        let _ = writeln!(y, "    topology.kubernetes.io/zone: {zone}");
+    }
     let _ = writeln!(y, "  name: {}", node.name);
     let _ = writeln!(y, "spec:\n  podCIDR: {}\n  podCIDRs:", node.pod_cidr_v4);
     let _ = writeln!(y, "  - {}\n  - {}", node.pod_cidr_v4, node.pod_cidr_v6);
@@ -520,6 +543,10 @@ pub const TEST_MAP_SIZES: [(&str, u32); 3] = [
     ("--max-backends", 4096),
     ("--max-conntrack-entries", 16384),
 ];
+
+/// How often test agents audit their incremental passes against the full computation
+/// (`--audit-interval`).
+pub const AUDIT_INTERVAL_SECS: u32 = 2;
 
 /// How long an agent may take to print "svc-agent running".
 pub const AGENT_START_TIMEOUT: Duration = Duration::from_secs(15);
@@ -739,6 +766,11 @@ impl Agent {
         }
         if supports_flag(binary, "--socket-lb")? {
             cmd.arg("--socket-lb").arg(socket_lb());
+        }
+        // The full computation and diff audit the incremental passes every 2 s (the default is
+        // 5 min): any drift is a warning, and a test fails on an agent's warnings.
+        if supports_flag(binary, "--audit-interval")? {
+            cmd.arg("--audit-interval").arg(AUDIT_INTERVAL_SECS.to_string());
         }
         cmd.env("RUST_LOG", "info").env("NO_COLOR", "1");
         let process = node.spawn(&cmd)?;

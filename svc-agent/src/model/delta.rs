@@ -17,13 +17,20 @@ pub struct Delta {
     pub errors: bool,
     /// Whether `node_addresses` changed.
     pub nodes: bool,
+    /// Whether `topology_notes` changed (nothing to write to the maps: the notes are for
+    /// logging, like `errors`).
+    pub topology_notes: bool,
 }
 
 impl Delta {
     /// Whether the update changed nothing.
     #[must_use]
     pub fn is_empty(&self) -> bool {
-        self.frontends.is_empty() && self.backend_names.is_empty() && !self.errors && !self.nodes
+        self.frontends.is_empty()
+            && self.backend_names.is_empty()
+            && !self.errors
+            && !self.nodes
+            && !self.topology_notes
     }
 
     /// The delta between two whole states (what changed from `before` to `after`): what an
@@ -57,6 +64,7 @@ impl Delta {
             backend_names,
             errors: before.errors != after.errors,
             nodes: before.node_addresses != after.node_addresses,
+            topology_notes: before.topology_notes != after.topology_notes,
         }
     }
 }

@@ -15,18 +15,167 @@
 //!   defines no meaning for the others);
 //! - conditions: `ready` nil = true, `serving` nil = true, `terminating` nil = false, as the
 //!   API documents them and kube-proxy reads them;
-//! - `local` = the endpoint's `nodeName` is this node's name.
+//! - `local` = the endpoint's `nodeName` is this node's name;
+//! - topology (`CategorizeEndpoints` / `topologyModeFromHints`): for a frontend using the
+//!   cluster's endpoints (not `internalTrafficPolicy: Local`), when every ready endpoint has
+//!   `hints.forNodes` and one names this node, new connections go to the ready endpoints hinted
+//!   for this node (same node); else when every ready endpoint has `hints.forZones` and one
+//!   names this node's zone (its Node's `topology.kubernetes.io/zone` label), to those hinted
+//!   for this zone (same zone); otherwise to every ready endpoint. An endpoint missing hints,
+//!   a node without a zone label or no endpoint for this node's zone means all endpoints. The
+//!   terminating fallback (no ready endpoint anywhere) ignores topology. Ready endpoints left
+//!   out by topology keep their established connections.
 //!
 //! The same address:port may be listed in several slices (for example while the controller
 //! moves an endpoint between slices). kube-proxy keeps whichever slice it happens to read last
 //! (preferring a local one); here the most usable copy wins (ready, then serving, then not
 //! terminating, then local), which does not depend on the order of the slices.
 
-use std::{collections::BTreeMap, net::IpAddr};
+use std::{collections::BTreeMap, fmt, net::IpAddr};
 
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointSlice};
 
 use super::{Backend, ObjectError, Protocol, namespace_of, service::TrafficPolicy, slice_owner};
+
+/// Where this node is, for topology hints.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Place<'a> {
+    /// This node's name (empty: unknown, nothing is local).
+    pub node: &'a str,
+    /// This node's zone (`topology.kubernetes.io/zone`), if it has one.
+    pub zone: Option<&'a str>,
+}
+
+impl<'a> Place<'a> {
+    pub(crate) fn new(node: &'a str, zone: Option<&'a str>) -> Self {
+        Self { node, zone }
+    }
+}
+
+/// What one kind of an endpoint's hints (`forNodes` or `forZones`) says about this node.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) enum Hint {
+    /// No hint of this kind.
+    #[default]
+    Missing,
+    /// Hints of this kind, none naming this node (or its zone).
+    Elsewhere,
+    /// A hint names this node (or its zone).
+    Here,
+}
+
+impl Hint {
+    /// From a list of hinted names and this node's name (or zone).
+    fn of<'n>(names: impl Iterator<Item = &'n str>, here: Option<&str>) -> Self {
+        let mut any = false;
+        for name in names {
+            any = true;
+            if here.is_some_and(|h| h == name) {
+                return Self::Here;
+            }
+        }
+        if any { Self::Elsewhere } else { Self::Missing }
+    }
+}
+
+/// An endpoint's topology hints, relative to this node.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Hints {
+    pub node: Hint,
+    pub zone: Hint,
+}
+
+/// Which ready endpoints take new connections of a frontend using the cluster's endpoints.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum TopologyMode {
+    /// Every ready endpoint.
+    All,
+    /// Those hinted for this node (`PreferSameNode`).
+    SameNode,
+    /// Those hinted for this node's zone (`PreferSameZone`, `PreferClose`).
+    SameZone,
+}
+
+impl TopologyMode {
+    fn allows(self, c: &Candidate) -> bool {
+        match self {
+            Self::All => true,
+            Self::SameNode => c.hints.node == Hint::Here,
+            Self::SameZone => c.hints.zone == Hint::Here,
+        }
+    }
+}
+
+/// Why a frontend's endpoints carry topology hints that were not used (all endpoints were).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum HintsIgnored {
+    /// Some ready endpoints carry hints, but not every one a zone hint, nor every one a node
+    /// hint (typically: some endpoints have no hints at all).
+    EndpointsWithoutHints,
+    /// Every ready endpoint has a zone hint, but this node's Node has no
+    /// `topology.kubernetes.io/zone` label.
+    NodeWithoutZone,
+    /// Every ready endpoint has a zone hint, none for this node's zone.
+    NoEndpointForZone(String),
+    /// Every ready endpoint has a node hint, none for this node, and not every one has a zone
+    /// hint.
+    NoEndpointForNode,
+}
+
+impl fmt::Display for HintsIgnored {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::EndpointsWithoutHints => {
+                f.write_str("not every ready endpoint has a zone hint, nor every one a node hint")
+            }
+            Self::NodeWithoutZone => {
+                f.write_str("this node has no topology.kubernetes.io/zone label")
+            }
+            Self::NoEndpointForZone(zone) => {
+                write!(
+                    f,
+                    "no ready endpoint is hinted for this node's zone {zone:?}"
+                )
+            }
+            Self::NoEndpointForNode => f.write_str(
+                "no ready endpoint is hinted for this node, and not every one has a zone hint",
+            ),
+        }
+    }
+}
+
+/// `topologyModeFromHints`: the topology mode of a frontend with these `endpoints` on a node
+/// in `zone`, and why hints present were not used (`None` when they were, or when there were
+/// none).
+fn topology_mode(
+    endpoints: &[Candidate],
+    zone: Option<&str>,
+) -> (TopologyMode, Option<HintsIgnored>) {
+    let ready = || endpoints.iter().filter(|c| c.conditions.ready);
+    if ready().next().is_none() {
+        return (TopologyMode::All, None);
+    }
+    let all_node = ready().all(|c| c.hints.node != Hint::Missing);
+    let all_zone = ready().all(|c| c.hints.zone != Hint::Missing);
+    if all_node && ready().any(|c| c.hints.node == Hint::Here) {
+        return (TopologyMode::SameNode, None);
+    }
+    if all_zone && ready().any(|c| c.hints.zone == Hint::Here) {
+        return (TopologyMode::SameZone, None);
+    }
+    let why = if all_zone {
+        Some(zone.map_or(HintsIgnored::NodeWithoutZone, |z| {
+            HintsIgnored::NoEndpointForZone(z.to_owned())
+        }))
+    } else if all_node {
+        Some(HintsIgnored::NoEndpointForNode)
+    } else if ready().any(|c| c.hints != Hints::default()) {
+        Some(HintsIgnored::EndpointsWithoutHints)
+    } else {
+        None
+    };
+    (TopologyMode::All, why)
+}
 
 /// An endpoint's conditions, with the API's defaults applied.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -43,6 +192,7 @@ pub(crate) struct Candidate {
     pub port: u16,
     pub local: bool,
     pub conditions: Conditions,
+    pub hints: Hints,
 }
 
 impl Candidate {
@@ -92,6 +242,7 @@ struct SliceEndpoint {
     addr: IpAddr,
     local: bool,
     conditions: Conditions,
+    hints: Hints,
 }
 
 /// A validated `IPv4` or `IPv6` slice.
@@ -113,7 +264,7 @@ impl<'a> SliceIndex<'a> {
     /// with a bad field is skipped as a whole, except a bad endpoint: only that endpoint is.
     pub(crate) fn build(
         slices: &[&'a EndpointSlice],
-        node_name: &str,
+        place: Place<'_>,
         errors: &mut Vec<ObjectError>,
     ) -> Self {
         let mut index = Self::default();
@@ -121,7 +272,7 @@ impl<'a> SliceIndex<'a> {
             let Some(owner) = slice_owner(slice) else {
                 continue;
             };
-            if let Some(view) = parse_slice(slice, node_name, errors) {
+            if let Some(view) = parse_slice(slice, place, errors) {
                 index.by_service.entry(owner).or_default().push(view);
             }
         }
@@ -155,6 +306,7 @@ impl<'a> SliceIndex<'a> {
                         port: port.port,
                         local: ep.local,
                         conditions: ep.conditions,
+                        hints: ep.hints,
                     };
                     merged
                         .entry((ep.addr, port.port))
@@ -174,7 +326,7 @@ impl<'a> SliceIndex<'a> {
 /// Validates one slice linked to a Service. `None` when it is ignored (FQDN) or invalid.
 fn parse_slice<'a>(
     slice: &'a EndpointSlice,
-    node_name: &str,
+    place: Place<'_>,
     errors: &mut Vec<ObjectError>,
 ) -> Option<SliceView<'a>> {
     let namespace = namespace_of(slice.metadata.namespace.as_ref());
@@ -256,7 +408,7 @@ fn parse_slice<'a>(
     let mut endpoints = Vec::with_capacity(slice.endpoints.len());
     let mut endpoint_errors = Vec::new();
     for (i, ep) in slice.endpoints.iter().enumerate() {
-        match parse_endpoint(ep, ipv6, node_name) {
+        match parse_endpoint(ep, ipv6, place) {
             Ok(ep) => endpoints.push(ep),
             Err((field, reason)) => {
                 endpoint_errors.push(error(format!("endpoints[{i}].{field}"), reason));
@@ -279,7 +431,7 @@ fn parse_slice<'a>(
 fn parse_endpoint(
     ep: &Endpoint,
     ipv6: bool,
-    node_name: &str,
+    place: Place<'_>,
 ) -> Result<SliceEndpoint, (&'static str, String)> {
     let Some(first) = ep.addresses.first() else {
         return Err((
@@ -299,10 +451,31 @@ fn parse_endpoint(
         Err(_) => return Err(("addresses[0]", format!("{first:?} is not an IP address"))),
     };
     let conditions = ep.conditions.as_ref();
-    let local = !node_name.is_empty() && ep.node_name.as_deref() == Some(node_name);
+    let local = !place.node.is_empty() && ep.node_name.as_deref() == Some(place.node);
+    let hints = ep.hints.as_ref();
+    let node = (!place.node.is_empty()).then_some(place.node);
+    let hints = Hints {
+        node: Hint::of(
+            hints
+                .and_then(|h| h.for_nodes.as_deref())
+                .unwrap_or_default()
+                .iter()
+                .map(|n| n.name.as_str()),
+            node,
+        ),
+        zone: Hint::of(
+            hints
+                .and_then(|h| h.for_zones.as_deref())
+                .unwrap_or_default()
+                .iter()
+                .map(|z| z.name.as_str()),
+            place.zone,
+        ),
+    };
     Ok(SliceEndpoint {
         addr,
         local,
+        hints,
         conditions: Conditions {
             ready: conditions.and_then(|c| c.ready).unwrap_or(true),
             serving: conditions.and_then(|c| c.serving).unwrap_or(true),
@@ -348,29 +521,41 @@ pub(crate) struct Selection {
     /// Some endpoint anywhere could take new connections (ready or the terminating
     /// fallback): with a Local policy and no local backend, drop rather than reject.
     pub any_usable: bool,
+    /// The endpoints carry topology hints this node did not use, and why.
+    pub hints_ignored: Option<HintsIgnored>,
 }
 
-/// Chooses among a frontend's `endpoints` (sorted, unique) under `policy`.
+/// Chooses among a frontend's `endpoints` (sorted, unique) under `policy` on a node in `zone`.
 ///
-/// New connections go to the ready endpoints (only local ones under `Local`); when there are
-/// none, to the serving and terminating ones (graceful termination). Every other endpoint that
-/// is ready, serving or terminating keeps its established connections; an endpoint that is
-/// none of these (a Pod failing its readiness probe) keeps only its established TCP
-/// connections, as with kube-proxy, whose conntrack entries keep TCP connections while it
-/// clears the UDP entries of endpoints that are not serving.
-pub(crate) fn select_backends(endpoints: &[Candidate], policy: TrafficPolicy) -> Selection {
+/// New connections go to the ready endpoints (only local ones under `Local`; under `Cluster`
+/// only those topology hints give this node, see the module documentation); when there are
+/// none, to the serving and terminating ones (graceful termination; topology plays no part
+/// there). Every other endpoint that is ready, serving or terminating keeps its established
+/// connections; an endpoint that is none of these (a Pod failing its readiness probe) keeps
+/// only its established TCP connections, as with kube-proxy, whose conntrack entries keep TCP
+/// connections while it clears the UDP entries of endpoints that are not serving.
+pub(crate) fn select_backends(
+    endpoints: &[Candidate],
+    policy: TrafficPolicy,
+    zone: Option<&str>,
+) -> Selection {
+    let (mode, hints_ignored) = match policy {
+        TrafficPolicy::Cluster => topology_mode(endpoints, zone),
+        TrafficPolicy::Local => (TopologyMode::All, None),
+    };
     let eligible = |c: &Candidate| policy == TrafficPolicy::Cluster || c.local;
-    let any_ready = endpoints.iter().any(|c| eligible(c) && c.conditions.ready);
+    let ready_eligible = |c: &Candidate| eligible(c) && c.conditions.ready && mode.allows(c);
+    let any_ready = endpoints.iter().any(ready_eligible);
     let chosen = |c: &Candidate| {
-        eligible(c)
-            && if any_ready {
-                c.conditions.ready
-            } else {
-                c.is_fallback()
-            }
+        if any_ready {
+            ready_eligible(c)
+        } else {
+            eligible(c) && c.is_fallback()
+        }
     };
     let mut selection = Selection {
         any_usable: endpoints.iter().any(Candidate::is_usable),
+        hints_ignored,
         ..Selection::default()
     };
     for c in endpoints {

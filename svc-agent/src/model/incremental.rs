@@ -27,6 +27,11 @@
 //! - **Errors.** Kept in parts: per group, per conflicted key, duplicate objects, nameless
 //!   Services and the Node. The sorted, deduplicated [`DesiredState::errors`] is rebuilt from
 //!   the parts only when one of them changed (errors are few).
+//! - **Topology.** Every group's output depends on this node's zone (the
+//!   `topology.kubernetes.io/zone` label of its Node, see [`node_zone`]): when an update
+//!   finds the zone changed, every group is recomputed (a rare event: a Node's zone is set
+//!   when it joins). [`DesiredState::topology_notes`] is rebuilt from the groups' notes, like
+//!   the errors, only when a group's notes changed.
 //!
 //! Nothing walks the whole state on an update: the cost follows the dirty set, plus map
 //! operations. [`Model::replace`] (a relist, the standalone source, the periodic audit) walks
@@ -54,8 +59,9 @@ use k8s_openapi::{
 };
 
 use super::{
-    Delta, DesiredState, FrontendKey, GroupOutput, ObjectError, Snapshot, compute_group,
-    conflict_error, kept_copies, namespace_of, node_addresses, slice_owner, sorted_by_name,
+    Delta, DesiredState, FrontendKey, GroupOutput, ObjectError, Place, Snapshot, TopologyNote,
+    compute_group, conflict_error, kept_copies, namespace_of, node_addresses, node_zone,
+    slice_owner, sorted_by_name,
 };
 
 /// A namespace and a name: an object's identity, or the Service a group is for.
@@ -208,6 +214,8 @@ struct KeyClaims {
 #[derive(Debug)]
 pub struct Model {
     node_name: String,
+    /// This node's zone, from `nodes` as of the last update.
+    zone: Option<String>,
 
     // The current objects, by the identity `compute` gives them. Several copies only come
     // from `replace` (the file source may list an object twice).
@@ -227,6 +235,8 @@ pub struct Model {
     names: HashMap<IpAddr, BTreeMap<String, usize>>,
     /// The groups with errors.
     erring: BTreeSet<Arc<Name>>,
+    /// The groups with topology notes.
+    noting: BTreeSet<Arc<Name>>,
     /// Duplicate Services and slices whose copies differ.
     duplicate_services: HashMap<Name, ObjectError>,
     duplicate_slices: HashMap<Name, ObjectError>,
@@ -239,6 +249,7 @@ pub struct Model {
     dirty_nameless: HashSet<String>,
     nodes_dirty: bool,
     errors_dirty: bool,
+    notes_dirty: bool,
 
     state: DesiredState,
     recomputed: usize,
@@ -250,6 +261,7 @@ impl Model {
     pub fn new(node_name: &str) -> Self {
         Self {
             node_name: node_name.to_owned(),
+            zone: None,
             services: HashMap::new(),
             slices: HashMap::new(),
             nodes: Vec::new(),
@@ -259,6 +271,7 @@ impl Model {
             conflicted: BTreeSet::new(),
             names: HashMap::new(),
             erring: BTreeSet::new(),
+            noting: BTreeSet::new(),
             duplicate_services: HashMap::new(),
             duplicate_slices: HashMap::new(),
             nameless: HashMap::new(),
@@ -267,6 +280,7 @@ impl Model {
             dirty_nameless: HashSet::new(),
             nodes_dirty: false,
             errors_dirty: false,
+            notes_dirty: false,
             state: DesiredState::default(),
             recomputed: 0,
         }
@@ -289,8 +303,9 @@ impl Model {
         self.put_slice(Name::new(namespace, name), slice.into_iter().collect());
     }
 
-    /// The Node objects (only the one named like this node is used): `node_addresses` and
-    /// their errors.
+    /// The Node objects (only the one named like this node is used): `node_addresses`, their
+    /// errors, and this node's zone (when it changes, the next update recomputes every
+    /// Service).
     pub fn set_nodes(&mut self, nodes: Vec<Arc<Node>>) {
         self.nodes = nodes;
         self.nodes_dirty = true;
@@ -308,10 +323,21 @@ impl Model {
             return delta;
         }
 
+        // The zone first: the groups are computed for it.
+        let mut rezoned = false;
+        if self.nodes_dirty {
+            let zone = node_zone(&self.nodes, &self.node_name);
+            if zone != self.zone {
+                self.zone = zone;
+                rezoned = true;
+                self.dirty
+                    .extend(self.groups.keys().map(|name| (**name).clone()));
+            }
+        }
         let mut keys = BTreeSet::new();
         let mut addrs = BTreeSet::new();
         for group in std::mem::take(&mut self.dirty) {
-            self.update_group(group, &mut keys, &mut addrs);
+            self.update_group(group, rezoned, &mut keys, &mut addrs);
         }
         for namespace in std::mem::take(&mut self.dirty_nameless) {
             self.update_nameless(namespace);
@@ -338,6 +364,13 @@ impl Model {
             if errors != self.state.errors {
                 self.state.errors = errors;
                 delta.errors = true;
+            }
+        }
+        if std::mem::take(&mut self.notes_dirty) {
+            let notes = self.collect_notes();
+            if notes != self.state.topology_notes {
+                self.state.topology_notes = notes;
+                delta.topology_notes = true;
             }
         }
         delta
@@ -470,11 +503,12 @@ impl Model {
         }
     }
 
-    /// Recomputes the group `name` if its inputs changed, and records which frontend keys
-    /// and addresses its change touches.
+    /// Recomputes the group `name` if its inputs changed (or, `rezoned`, this node's zone),
+    /// and records which frontend keys and addresses its change touches.
     fn update_group(
         &mut self,
         name: Name,
+        rezoned: bool,
         keys: &mut BTreeSet<FrontendKey>,
         addrs: &mut BTreeSet<IpAddr>,
     ) {
@@ -498,7 +532,7 @@ impl Model {
 
         let (id, before) = match self.groups.remove_entry(&name) {
             Some((id, mut group)) => {
-                if group.same_inputs(service.as_ref(), &slices) {
+                if !rezoned && group.same_inputs(service.as_ref(), &slices) {
                     // Unchanged: keep the output, hold the new objects.
                     group.service = service;
                     group.slices = slices;
@@ -515,7 +549,8 @@ impl Model {
         } else {
             self.recomputed += 1;
             let refs: Vec<&Arc<EndpointSlice>> = slices.iter().collect();
-            compute_group(service.as_ref(), &refs, &self.node_name)
+            let place = Place::new(&self.node_name, self.zone.as_deref());
+            compute_group(service.as_ref(), &refs, place)
         };
 
         if before.claims != out.claims {
@@ -537,26 +572,7 @@ impl Model {
             }
         }
         if before.names != out.names {
-            for (addr, target) in &before.names {
-                if let Some(counts) = self.names.get_mut(addr) {
-                    if let Some(count) = counts.get_mut(target) {
-                        *count -= 1;
-                        if *count == 0 {
-                            counts.remove(target);
-                        }
-                    }
-                    if counts.is_empty() {
-                        self.names.remove(addr);
-                    }
-                }
-                addrs.insert(*addr);
-            }
-            for (addr, target) in &out.names {
-                *(self.names.entry(*addr).or_default())
-                    .entry(target.clone())
-                    .or_default() += 1;
-                addrs.insert(*addr);
-            }
+            self.move_names(&before.names, &out.names, addrs);
         }
         if before.errors != out.errors {
             self.errors_dirty = true;
@@ -564,6 +580,14 @@ impl Model {
                 self.erring.remove(&id);
             } else {
                 self.erring.insert(Arc::clone(&id));
+            }
+        }
+        if before.topology_notes != out.topology_notes {
+            self.notes_dirty = true;
+            if out.topology_notes.is_empty() {
+                self.noting.remove(&id);
+            } else {
+                self.noting.insert(Arc::clone(&id));
             }
         }
         if !empty {
@@ -578,15 +602,48 @@ impl Model {
         }
     }
 
+    /// Replaces a group's `targetRef` names `before` with `after` in the per-address
+    /// multisets, recording the addresses touched.
+    fn move_names(
+        &mut self,
+        before: &[(IpAddr, String)],
+        after: &[(IpAddr, String)],
+        addrs: &mut BTreeSet<IpAddr>,
+    ) {
+        for (addr, target) in before {
+            if let Some(counts) = self.names.get_mut(addr) {
+                if let Some(count) = counts.get_mut(target) {
+                    *count -= 1;
+                    if *count == 0 {
+                        counts.remove(target);
+                    }
+                }
+                if counts.is_empty() {
+                    self.names.remove(addr);
+                }
+            }
+            addrs.insert(*addr);
+        }
+        for (addr, target) in after {
+            *(self.names.entry(*addr).or_default())
+                .entry(target.clone())
+                .or_default() += 1;
+            addrs.insert(*addr);
+        }
+    }
+
     /// Recomputes the errors of the nameless Services of `namespace`.
     fn update_nameless(&mut self, namespace: String) {
         let mut errors = Vec::new();
         let key = Name::new(&namespace, "");
         for service in self.services.get(&key).into_iter().flatten() {
             self.recomputed += 1;
-            let out = compute_group(Some(service), &[], &self.node_name);
-            // A Service without a name never validates, so it claims nothing.
-            debug_assert!(out.claims.is_empty() && out.names.is_empty());
+            let place = Place::new(&self.node_name, self.zone.as_deref());
+            let out = compute_group(Some(service), &[], place);
+            // A Service without a name never validates, so it claims and notes nothing.
+            debug_assert!(
+                out.claims.is_empty() && out.names.is_empty() && out.topology_notes.is_empty()
+            );
             errors.extend(out.errors);
         }
         let before = if errors.is_empty() {
@@ -684,6 +741,17 @@ impl Model {
         errors.sort();
         errors.dedup();
         errors
+    }
+
+    /// Every topology note, sorted and deduplicated, from the groups'.
+    fn collect_notes(&self) -> Vec<TopologyNote> {
+        let mut notes: Vec<TopologyNote> = (self.noting.iter())
+            .flat_map(|g| &self.groups[g].out.topology_notes)
+            .cloned()
+            .collect();
+        notes.sort();
+        notes.dedup();
+        notes
     }
 }
 

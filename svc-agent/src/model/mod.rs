@@ -20,6 +20,12 @@
 //! - an address:port listed in several slices is merged deterministically (see
 //!   `endpoints.rs`);
 //! - two Services claiming the same frontend: the first by namespace/name keeps it.
+//!
+//! Topology-aware routing follows kube-proxy (`pkg/proxy/topology.go`): `EndpointSlice`
+//! `hints.forNodes` / `hints.forZones` with this node's name and its Node's
+//! `topology.kubernetes.io/zone` label narrow the endpoints new connections of a frontend
+//! using the cluster's endpoints may choose (rules in `endpoints.rs`); when hints are present
+//! but cannot be used, all endpoints are used and [`DesiredState::topology_notes`] says why.
 
 mod delta;
 mod endpoints;
@@ -31,12 +37,13 @@ mod pods;
 mod service;
 
 use std::{
-    collections::{BTreeMap, HashMap, btree_map::Entry},
+    collections::{BTreeMap, BTreeSet, HashMap, btree_map::Entry},
     net::IpAddr,
     sync::Arc,
 };
 
 pub use delta::Delta;
+pub use endpoints::HintsIgnored;
 pub use error::ObjectError;
 pub use frontend::{
     Backend, DropReason, EmptyAction, Frontend, FrontendKey, Protocol, Scope, ServicePortRef,
@@ -46,14 +53,14 @@ use k8s_openapi::api::{
     core::v1::{Node, Service},
     discovery::v1::EndpointSlice,
 };
-pub use node::{NodeAddress, NodeAddressKind, node_addresses};
+pub use node::{NodeAddress, NodeAddressKind, node_addresses, node_zone};
 pub use pods::{
     IgnoredSlice, LABEL_MANAGED_BY, MANAGED_BY, MAX_ENDPOINTS_PER_SLICE, PodSlices, Selection,
     slices_from_pods,
 };
 
 use self::{
-    endpoints::{SliceIndex, select_backends},
+    endpoints::{Place, SliceIndex, select_backends},
     service::{ServiceView, TrafficPolicy},
 };
 
@@ -63,6 +70,8 @@ pub const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
 pub const LABEL_SERVICE_PROXY_NAME: &str = "service.kubernetes.io/service-proxy-name";
 /// Services with this label (any value) are headless: nothing to program.
 pub const LABEL_HEADLESS: &str = "service.kubernetes.io/headless";
+/// The Node label naming the node's zone (topology hints for zones match it).
+pub const LABEL_TOPOLOGY_ZONE: &str = "topology.kubernetes.io/zone";
 /// The namespace of an object that names none (what `kubectl apply` uses by default).
 pub const DEFAULT_NAMESPACE: &str = "default";
 
@@ -108,6 +117,31 @@ pub struct DesiredState {
     pub backend_names: BTreeMap<IpAddr, String>,
     /// Objects (or parts of objects) that were skipped, sorted and deduplicated.
     pub errors: Vec<ObjectError>,
+    /// Services whose endpoints carry topology hints this node does not use (it uses all
+    /// endpoints instead, as kube-proxy does), with why; sorted and deduplicated. Not errors:
+    /// the Services are programmed.
+    pub topology_notes: Vec<TopologyNote>,
+}
+
+/// A Service whose topology hints this node ignores, and why (see [`HintsIgnored`]).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct TopologyNote {
+    /// The Service's namespace.
+    pub namespace: String,
+    /// The Service's name.
+    pub name: String,
+    /// Why its hints are not used.
+    pub why: HintsIgnored,
+}
+
+impl std::fmt::Display for TopologyNote {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "Service {}/{}: topology hints ignored, every endpoint is used: {}",
+            self.namespace, self.name, self.why
+        )
+    }
 }
 
 /// Computes the desired state of the node named `node_name` from `snapshot`.
@@ -122,14 +156,16 @@ pub fn compute(snapshot: &Snapshot, node_name: &str) -> DesiredState {
 /// Per-Service results of [`compute_with`], kept between passes.
 ///
 /// A Service's frontends and errors depend only on the Service, its `EndpointSlice`s and the
-/// node's name. A source that hands out the same shared objects while they are unchanged (the
-/// Kubernetes reflectors do: an object's `Arc` is replaced when it changes) gets each
-/// unchanged Service's result from here instead of recomputing it, so a pass costs in
-/// proportion to what changed, plus a walk over the names. Objects are compared by identity
+/// node's name and zone (a change of either starts the memo afresh). A source that hands out
+/// the same shared objects while they are unchanged (the Kubernetes reflectors do: an
+/// object's `Arc` is replaced when it changes) gets each unchanged Service's result from here
+/// instead of recomputing it, so a pass costs in proportion to what changed, plus a walk over
+/// the names. Objects are compared by identity
 /// (`Arc::ptr_eq`); the memo holds them, so an address cannot be reused by another object.
 #[derive(Debug, Default)]
 pub struct Memo {
     node_name: String,
+    zone: Option<String>,
     /// By namespace, then by Service name.
     groups: HashMap<String, HashMap<String, MemoEntry>>,
     /// How many Services the last pass computed (the others were reused).
@@ -137,6 +173,17 @@ pub struct Memo {
 }
 
 impl Memo {
+    /// Starts afresh when the node's name or zone changed (every result depends on them).
+    fn prepare(&mut self, node_name: &str, zone: Option<String>) {
+        if self.node_name != node_name || self.zone != zone {
+            *self = Self {
+                node_name: node_name.to_owned(),
+                zone,
+                ..Self::default()
+            };
+        }
+    }
+
     /// How many Services (with their slices) the last pass had to compute; the others were
     /// unchanged and reused.
     #[must_use]
@@ -175,6 +222,7 @@ impl MemoEntry {
 struct GroupOutput {
     claims: Vec<Claim>,
     errors: Vec<ObjectError>,
+    topology_notes: Vec<TopologyNote>,
     /// The `targetRef` names of the slices' endpoints, by address.
     names: Vec<(IpAddr, String)>,
 }
@@ -201,12 +249,9 @@ struct Group<'a> {
 /// The result is exactly what [`compute`] returns for the same snapshot.
 pub fn compute_with(snapshot: &Snapshot, node_name: &str, memo: &mut Memo) -> DesiredState {
     let mut errors = Vec::new();
-    if memo.node_name != node_name {
-        *memo = Memo {
-            node_name: node_name.to_owned(),
-            ..Memo::default()
-        };
-    }
+    memo.prepare(node_name, node_zone(&snapshot.nodes, node_name));
+    let zone = memo.zone.clone();
+    let place = Place::new(node_name, zone.as_deref());
 
     let services = unique_objects(
         "Service",
@@ -240,8 +285,9 @@ pub fn compute_with(snapshot: &Snapshot, node_name: &str, memo: &mut Memo) -> De
 
     let mut frontends = BTreeMap::new();
     let mut backend_names: BTreeMap<IpAddr, String> = BTreeMap::new();
+    let mut topology_notes = BTreeSet::new();
     for svc in nameless {
-        let out = compute_group(Some(svc), &[], node_name);
+        let out = compute_group(Some(svc), &[], place);
         merge(&out, &mut frontends, &mut errors);
     }
     let mut next: HashMap<String, HashMap<String, MemoEntry>> = HashMap::new();
@@ -255,13 +301,14 @@ pub fn compute_with(snapshot: &Snapshot, node_name: &str, memo: &mut Memo) -> De
         let (name, entry) = kept.unwrap_or_else(|| {
             memo.recomputed += 1;
             let entry = MemoEntry {
-                out: compute_group(group.service, &group.slices, node_name),
+                out: compute_group(group.service, &group.slices, place),
                 service: group.service.cloned(),
                 slices: group.slices.into_iter().cloned().collect(),
             };
             (name.to_owned(), entry)
         });
         merge(&entry.out, &mut frontends, &mut errors);
+        topology_notes.extend(entry.out.topology_notes.iter().cloned());
         for (addr, name) in &entry.out.names {
             backend_names
                 .entry(*addr)
@@ -292,6 +339,7 @@ pub fn compute_with(snapshot: &Snapshot, node_name: &str, memo: &mut Memo) -> De
         node_addresses,
         backend_names,
         errors,
+        topology_notes: topology_notes.into_iter().collect(),
     }
 }
 
@@ -299,13 +347,13 @@ pub fn compute_with(snapshot: &Snapshot, node_name: &str, memo: &mut Memo) -> De
 fn compute_group(
     service: Option<&Arc<Service>>,
     slices: &[&Arc<EndpointSlice>],
-    node_name: &str,
+    place: Place<'_>,
 ) -> GroupOutput {
     let mut out = GroupOutput::default();
     let slices: Vec<&EndpointSlice> = slices.iter().map(|s| &***s).collect();
-    let slice_index = SliceIndex::build(&slices, node_name, &mut out.errors);
+    let slice_index = SliceIndex::build(&slices, place, &mut out.errors);
     if let Some(view) = service.and_then(|svc| ServiceView::parse(svc, &mut out.errors)) {
-        service_claims(&view, &slice_index, &mut out.claims);
+        service_claims(&view, &slice_index, place.zone, &mut out);
         out.names = endpoints::target_names(&slices);
     }
     out
@@ -349,7 +397,12 @@ fn conflict_error(claim: &Claim, owner: &ServicePortRef) -> ObjectError {
 /// Today only the `ClusterIP`s (scope [`Scope::Internal`], governed by
 /// `internalTrafficPolicy`); `NodePort`, `LoadBalancer` and `externalIPs` frontends (scope
 /// [`Scope::External`], `externalTrafficPolicy`) will be added here from the same view.
-fn service_claims(view: &ServiceView<'_>, slices: &SliceIndex<'_>, claims: &mut Vec<Claim>) {
+fn service_claims(
+    view: &ServiceView<'_>,
+    slices: &SliceIndex<'_>,
+    zone: Option<&str>,
+    out: &mut GroupOutput,
+) {
     for (ip_index, &addr) in view.cluster_ips.iter().enumerate() {
         if !view.serves(addr) {
             continue;
@@ -363,14 +416,21 @@ fn service_claims(view: &ServiceView<'_>, slices: &SliceIndex<'_>, claims: &mut 
             };
             let endpoints =
                 slices.endpoints(view.namespace, view.name, addr, port.name, port.proto);
-            let selection = select_backends(&endpoints, view.internal_traffic_policy);
+            let selection = select_backends(&endpoints, view.internal_traffic_policy, zone);
+            if let Some(why) = selection.hints_ignored {
+                out.topology_notes.push(TopologyNote {
+                    namespace: view.namespace.to_owned(),
+                    name: view.name.to_owned(),
+                    why,
+                });
+            }
             let on_empty = match view.internal_traffic_policy {
                 TrafficPolicy::Local if selection.any_usable => {
                     EmptyAction::Drop(DropReason::InternalTrafficPolicyLocal)
                 }
                 TrafficPolicy::Local | TrafficPolicy::Cluster => EmptyAction::Reject,
             };
-            claims.push(Claim {
+            out.claims.push(Claim {
                 key,
                 frontend: Frontend {
                     service: ServicePortRef {

@@ -1,10 +1,10 @@
-//! This node's addresses, from its Node object.
+//! This node's addresses and zone, from its Node object.
 
 use std::{borrow::Borrow, collections::BTreeSet, net::IpAddr};
 
 use k8s_openapi::api::core::v1::Node;
 
-use super::ObjectError;
+use super::{LABEL_TOPOLOGY_ZONE, ObjectError};
 
 /// What kind of node address an address is (`status.addresses[].type`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -37,25 +37,14 @@ pub fn node_addresses<N: Borrow<Node>>(
     node_name: &str,
 ) -> (Vec<NodeAddress>, Vec<ObjectError>) {
     let mut errors = Vec::new();
-    let mine: Vec<&Node> = nodes
-        .iter()
-        .map(Borrow::borrow)
-        .filter(|n| !node_name.is_empty() && n.metadata.name.as_deref() == Some(node_name))
-        .collect();
-    let Some(&node) = mine.first() else {
-        return (Vec::new(), errors);
+    let node = match this_node(nodes, node_name) {
+        Ok(Some(node)) => node,
+        Ok(None) => return (Vec::new(), errors),
+        Err(e) => {
+            errors.push(e);
+            return (Vec::new(), errors);
+        }
     };
-    if mine.iter().any(|other| *other != node) {
-        errors.push(node_error(
-            node_name,
-            "metadata.name".to_owned(),
-            format!(
-                "{} Node objects have this name and they differ; all are ignored",
-                mine.len()
-            ),
-        ));
-        return (Vec::new(), errors);
-    }
 
     let mut addresses = BTreeSet::new();
     let listed = node.status.as_ref().and_then(|s| s.addresses.as_deref());
@@ -77,6 +66,48 @@ pub fn node_addresses<N: Borrow<Node>>(
         }
     }
     (addresses.into_iter().collect(), errors)
+}
+
+/// The zone of the Node named `node_name`: its `topology.kubernetes.io/zone` label, `None`
+/// when it has none (or an empty one), when there is no such Node, or when several differing
+/// Node objects have that name (reported by [`node_addresses`]). Topology hints for zones are
+/// ignored without a zone, as kube-proxy ignores them.
+#[must_use]
+pub fn node_zone<N: Borrow<Node>>(nodes: &[N], node_name: &str) -> Option<String> {
+    let node = this_node(nodes, node_name).ok().flatten()?;
+    node.metadata
+        .labels
+        .as_ref()?
+        .get(LABEL_TOPOLOGY_ZONE)
+        .filter(|zone| !zone.is_empty())
+        .cloned()
+}
+
+/// The Node named `node_name`: `Ok(None)` when there is none, an error when several differing
+/// Node objects have that name (whatever their order).
+fn this_node<'a, N: Borrow<Node>>(
+    nodes: &'a [N],
+    node_name: &str,
+) -> Result<Option<&'a Node>, ObjectError> {
+    let mine: Vec<&Node> = nodes
+        .iter()
+        .map(Borrow::borrow)
+        .filter(|n| !node_name.is_empty() && n.metadata.name.as_deref() == Some(node_name))
+        .collect();
+    let Some(&node) = mine.first() else {
+        return Ok(None);
+    };
+    if mine.iter().any(|other| *other != node) {
+        return Err(node_error(
+            node_name,
+            "metadata.name".to_owned(),
+            format!(
+                "{} Node objects have this name and they differ; all are ignored",
+                mine.len()
+            ),
+        ));
+    }
+    Ok(Some(node))
 }
 
 fn node_error(name: &str, field: String, reason: String) -> ObjectError {
@@ -209,6 +240,34 @@ status:
         assert_eq!(
             errors[0].to_string(),
             "Node node3: status.addresses[0].address: \"198.18.100.300\" is not an IP address"
+        );
+    }
+
+    #[test]
+    fn zone_comes_from_the_topology_label_of_this_node_only() {
+        let zoned: Node = yaml(
+            "apiVersion: v1\nkind: Node\nmetadata:\n  name: node1\n  labels:\n    \
+             topology.kubernetes.io/zone: zone-a\n",
+        );
+        let empty: Node = yaml(
+            "apiVersion: v1\nkind: Node\nmetadata:\n  name: node3\n  labels:\n    \
+             topology.kubernetes.io/zone: \"\"\n",
+        );
+        let nodes = vec![zoned.clone(), yaml(NODE2), empty];
+        assert_eq!(node_zone(&nodes, "node1").as_deref(), Some("zone-a"));
+        assert_eq!(node_zone(&nodes, "node2"), None, "no label");
+        assert_eq!(
+            node_zone(&nodes, "node3"),
+            None,
+            "an empty label is no zone"
+        );
+        assert_eq!(node_zone(&nodes, "node9"), None, "no such Node");
+        let mut other = zoned.clone();
+        other.metadata.uid = Some("another".to_owned());
+        assert_eq!(
+            node_zone(&[zoned, other], "node1"),
+            None,
+            "differing duplicates: no zone"
         );
     }
 

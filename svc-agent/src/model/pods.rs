@@ -23,11 +23,23 @@
 //!   the sidecars) by name **and** protocol; a Pod that cannot resolve a port is left out of
 //!   that port. Pods resolving to the same port list share a port group; each group is its
 //!   own slices (at most 100 endpoints each, the controller's default);
-//! - each endpoint carries `nodeName` and `targetRef` (kind `Pod`, namespace, name, uid).
+//! - each endpoint carries `nodeName`, `targetRef` (kind `Pod`, namespace, name, uid) and
+//!   `zone`: the `topology.kubernetes.io/zone` label of the Pod's Node, when the directory
+//!   holds that Node and the label is not empty (`podToEndpoint`);
+//! - hints (`trafficdist.ReconcileHints`): with `spec.trafficDistribution` `PreferClose` or
+//!   `PreferSameZone`, every **ready** endpoint with a `zone` gets `hints.forZones: [zone]`;
+//!   with `PreferSameNode` also `hints.forNodes: [nodeName]` (when it has a node). Endpoints
+//!   that are not ready, or have neither, get no hints; any other value (or none) gives no
+//!   hints. The controller judges each endpoint alone: a Service whose Pods are partly on
+//!   zoneless Nodes gets hints on the others, and kube-proxy then ignores the hints (an
+//!   endpoint misses them). The `service.kubernetes.io/topology-mode: Auto` annotation (the
+//!   older proportional heuristic, which needs every Node's allocatable CPU) takes precedence
+//!   in the controller over `trafficDistribution`; it is not implemented here: such a Service
+//!   gets no hints.
 //!
 //! Deliberate differences, because a directory is not a cluster: the controller leaves out a
 //! Pod whose `spec.nodeName` names a Node it does not know; here Nodes are optional (the
-//! directory often lists only this node), so the Pod is kept, and no `zone` is set. Slices get
+//! directory often lists only this node), so the Pod is kept, without a `zone`. Slices get
 //! fixed names (`<service>-pods-<family>-<n>`) instead of generated ones. Hand-written slices
 //! naming a Service that has a selector are ignored, and each is reported in
 //! [`PodSlices::ignored_slices`].
@@ -45,13 +57,24 @@ use std::{
 
 use k8s_openapi::{
     api::{
-        core::v1::{Container, ObjectReference, Pod, Service},
-        discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice},
+        core::v1::{Container, Node, ObjectReference, Pod, Service},
+        discovery::v1::{
+            Endpoint, EndpointConditions, EndpointHints, EndpointPort, EndpointSlice, ForNode,
+            ForZone,
+        },
     },
     apimachinery::pkg::{apis::meta::v1::ObjectMeta, util::intstr::IntOrString},
 };
 
-use super::{LABEL_SERVICE_NAME, ObjectError, Protocol, namespace_of, unique_objects};
+use super::{
+    LABEL_SERVICE_NAME, LABEL_TOPOLOGY_ZONE, ObjectError, Protocol, namespace_of, unique_objects,
+};
+
+/// The annotation selecting the older topology-aware hints heuristic (`Auto`); with it, the
+/// controller ignores `trafficDistribution`.
+const ANNOTATION_TOPOLOGY_MODE: &str = "service.kubernetes.io/topology-mode";
+/// The deprecated name of [`ANNOTATION_TOPOLOGY_MODE`] (it wins when both are set).
+const ANNOTATION_TOPOLOGY_AWARE_HINTS: &str = "service.kubernetes.io/topology-aware-hints";
 
 /// The label the controller puts on the slices it manages; ours say who wrote them.
 pub const LABEL_MANAGED_BY: &str = "endpointslice.kubernetes.io/managed-by";
@@ -212,6 +235,17 @@ struct TargetPort<'a> {
     target: Target<'a>,
 }
 
+/// Which hints the controller puts on a Service's ready endpoints (`spec.trafficDistribution`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum HintPolicy {
+    /// None (no or an unknown `trafficDistribution`, or the `Auto` annotation).
+    None,
+    /// `forZones` (`PreferClose`, `PreferSameZone`).
+    Zone,
+    /// `forZones` and `forNodes` (`PreferSameNode`).
+    ZoneAndNode,
+}
+
 /// A Service taking part: it has a selector.
 #[derive(Debug)]
 struct SelectorService<'a> {
@@ -221,16 +255,19 @@ struct SelectorService<'a> {
     publish_not_ready: bool,
     families: Vec<Family>,
     ports: Vec<TargetPort<'a>>,
+    hints: HintPolicy,
 }
 
-/// Computes the `EndpointSlice`s of every Service with a selector from `pods`, and returns
-/// them with the hand-written `slices` of the other Services (see the module documentation
-/// for the rules). The result does not depend on the order of the inputs.
+/// Computes the `EndpointSlice`s of every Service with a selector from `pods` (with the zones
+/// of their `nodes`), and returns them with the hand-written `slices` of the other Services
+/// (see the module documentation for the rules). The result does not depend on the order of
+/// the inputs.
 #[must_use]
 pub fn slices_from_pods(
     services: &[Arc<Service>],
     pods: &[Arc<Pod>],
     slices: &[Arc<EndpointSlice>],
+    nodes: &[Arc<Node>],
 ) -> PodSlices {
     let mut out = PodSlices::default();
     let services = unique_objects(
@@ -253,6 +290,7 @@ pub fn slices_from_pods(
         .into_iter()
         .filter_map(|pod| parse_pod(pod, &mut out.errors))
         .collect();
+    let zones = node_zones(nodes);
     let mut by_namespace: BTreeMap<&str, Vec<&PodView<'_>>> = BTreeMap::new();
     for pod in &pods {
         by_namespace.entry(pod.namespace).or_default().push(pod);
@@ -300,7 +338,7 @@ pub fn slices_from_pods(
             ready: matching.iter().filter(|p| svc.ready(p)).count(),
         });
         for &family in &svc.families {
-            service_slices(svc, family, &matching, &mut out.slices);
+            service_slices(svc, family, &matching, &zones, &mut out.slices);
         }
     }
     out.errors.sort();
@@ -335,6 +373,7 @@ fn service_slices(
     svc: &SelectorService<'_>,
     family: Family,
     pods: &[&PodView<'_>],
+    zones: &BTreeMap<&str, &str>,
     slices: &mut Vec<Arc<EndpointSlice>>,
 ) {
     // Resolved ports (name, protocol, number), in the Service's order -> endpoints.
@@ -357,7 +396,7 @@ fn service_slices(
         groups
             .entry(ports)
             .or_default()
-            .push(endpoint(svc, pod, addr));
+            .push(endpoint(svc, pod, addr, zones));
     }
     let mut index = 0;
     for (ports, endpoints) in groups {
@@ -391,22 +430,78 @@ fn service_slices(
     }
 }
 
-/// `podToEndpoint`.
-fn endpoint(svc: &SelectorService<'_>, pod: &PodView<'_>, addr: IpAddr) -> Endpoint {
+/// The zone of every Node with a non-empty `topology.kubernetes.io/zone` label, by name.
+/// Differing Node objects of one name give that name no zone (the model reports them).
+fn node_zones(nodes: &[Arc<Node>]) -> BTreeMap<&str, &str> {
+    let mut zones: BTreeMap<&str, Option<&str>> = BTreeMap::new();
+    for node in nodes {
+        let Some(name) = node.metadata.name.as_deref() else {
+            continue;
+        };
+        let zone = node
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(LABEL_TOPOLOGY_ZONE))
+            .map(String::as_str)
+            .filter(|z| !z.is_empty());
+        zones
+            .entry(name)
+            .and_modify(|seen| {
+                if *seen != zone {
+                    *seen = None;
+                }
+            })
+            .or_insert(zone);
+    }
+    zones
+        .into_iter()
+        .filter_map(|(name, zone)| Some((name, zone?)))
+        .collect()
+}
+
+/// `podToEndpoint`, with the hints of `trafficdist` (`preferCloseHeuristic.update`).
+fn endpoint(
+    svc: &SelectorService<'_>,
+    pod: &PodView<'_>,
+    addr: IpAddr,
+    zones: &BTreeMap<&str, &str>,
+) -> Endpoint {
     let meta = &pod.pod.metadata;
+    let node_name = pod
+        .pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.node_name.clone())
+        .filter(|n| !n.is_empty());
+    let zone = node_name
+        .as_deref()
+        .and_then(|n| zones.get(n))
+        .map(|z| (*z).to_owned());
+    let ready = svc.ready(pod);
+    let hints = if ready && svc.hints != HintPolicy::None {
+        let for_zones = zone.clone().map(|name| vec![ForZone { name }]);
+        let for_nodes = node_name
+            .clone()
+            .filter(|_| svc.hints == HintPolicy::ZoneAndNode)
+            .map(|name| vec![ForNode { name }]);
+        (for_zones.is_some() || for_nodes.is_some()).then_some(EndpointHints {
+            for_nodes,
+            for_zones,
+        })
+    } else {
+        None
+    };
     Endpoint {
         addresses: vec![addr.to_string()],
         conditions: Some(EndpointConditions {
-            ready: Some(svc.ready(pod)),
+            ready: Some(ready),
             serving: Some(pod.serving),
             terminating: Some(pod.terminating),
         }),
-        node_name: pod
-            .pod
-            .spec
-            .as_ref()
-            .and_then(|s| s.node_name.clone())
-            .filter(|n| !n.is_empty()),
+        node_name,
+        zone,
+        hints,
         target_ref: Some(ObjectReference {
             kind: Some("Pod".to_owned()),
             namespace: Some(pod.namespace.to_owned()),
@@ -475,7 +570,27 @@ fn selector_service<'a>(
         publish_not_ready: spec.publish_not_ready_addresses.unwrap_or(false),
         families,
         ports,
+        hints: hint_policy(svc),
     })
+}
+
+/// The hints the controller gives `svc`'s endpoints: by `spec.trafficDistribution`, unless
+/// the topology annotation asks for `Auto` (`hintsEnabled`), which is not implemented here.
+fn hint_policy(svc: &Service) -> HintPolicy {
+    let annotations = svc.metadata.annotations.as_ref();
+    let mode = annotations.and_then(|a| {
+        a.get(ANNOTATION_TOPOLOGY_AWARE_HINTS)
+            .or_else(|| a.get(ANNOTATION_TOPOLOGY_MODE))
+    });
+    if matches!(mode.map(String::as_str), Some("Auto" | "auto")) {
+        return HintPolicy::None;
+    }
+    let spec = svc.spec.as_ref();
+    match spec.and_then(|s| s.traffic_distribution.as_deref()) {
+        Some("PreferClose" | "PreferSameZone") => HintPolicy::Zone,
+        Some("PreferSameNode") => HintPolicy::ZoneAndNode,
+        _ => HintPolicy::None,
+    }
 }
 
 /// `getAddressTypesForService`: `spec.ipFamilies`, else the family of `spec.clusterIP`,
@@ -926,7 +1041,7 @@ mod tests {
             },
         ];
         for row in rows {
-            let out = slices_from_pods(&row.services, &row.pods, &[]);
+            let out = slices_from_pods(&row.services, &row.pods, &[], &[]);
             assert_eq!(out.errors, [], "{}", row.name);
             assert_eq!(render(&out.slices), row.want, "{}", row.name);
             // The order of the inputs does not matter.
@@ -934,7 +1049,7 @@ mod tests {
             pods.reverse();
             let mut services = row.services.clone();
             services.reverse();
-            let again = slices_from_pods(&services, &pods, &[]);
+            let again = slices_from_pods(&services, &pods, &[], &[]);
             assert_eq!(render(&again.slices), row.want, "{} (reversed)", row.name);
         }
     }
@@ -946,7 +1061,7 @@ mod tests {
             pod("web-1", "app: web", "198.18.1.2", false, ""),
         ];
         let services = [service(WEB)];
-        let out = slices_from_pods(&services, &pods, &[]);
+        let out = slices_from_pods(&services, &pods, &[], &[]);
         let snapshot = crate::model::Snapshot {
             services: services.to_vec(),
             slices: out.slices,
@@ -992,7 +1107,7 @@ mod tests {
             ),
         ];
         let slices = [slice("web-by-hand", "web"), slice("manual-1", "manual")];
-        let out = slices_from_pods(&services, &[], &slices);
+        let out = slices_from_pods(&services, &[], &slices, &[]);
         let names: Vec<&str> = out
             .slices
             .iter()
@@ -1051,7 +1166,7 @@ mod tests {
             bad("", "  podIP: 198.18.1.5\n", "[]"),
             pod("good", "app: web", "198.18.1.9", true, ""),
         ];
-        let out = slices_from_pods(&[service(WEB)], &pods, &[]);
+        let out = slices_from_pods(&[service(WEB)], &pods, &[], &[]);
         let errors: Vec<String> = out.errors.iter().map(ToString::to_string).collect();
         assert_eq!(
             errors,
@@ -1084,7 +1199,7 @@ mod tests {
             Arc::new(p)
         };
         let pods = [pod("web-0", "app: web", "198.18.1.1", true, ""), twin];
-        let out = slices_from_pods(&[svc], &pods, &[]);
+        let out = slices_from_pods(&[svc], &pods, &[], &[]);
         let errors: Vec<String> = out.errors.iter().map(ToString::to_string).collect();
         assert_eq!(
             errors,
@@ -1094,6 +1209,191 @@ mod tests {
             ]
         );
         assert_eq!(render(&out.slices), Vec::<String>::new());
+    }
+
+    /// Every endpoint as `addr zone=Z zones=[..] nodes=[..]` (`-` for no zone, `none` for no
+    /// `hints`).
+    fn render_hints(slices: &[Arc<EndpointSlice>]) -> Vec<String> {
+        let names = |v: Option<Vec<String>>| v.map(|v| v.join(",")).unwrap_or_default();
+        slices
+            .iter()
+            .flat_map(|s| &s.endpoints)
+            .map(|e| {
+                let hints = e.hints.as_ref().map_or("none".to_owned(), |h| {
+                    format!(
+                        "zones=[{}] nodes=[{}]",
+                        names(
+                            h.for_zones
+                                .as_ref()
+                                .map(|z| z.iter().map(|z| z.name.clone()).collect())
+                        ),
+                        names(
+                            h.for_nodes
+                                .as_ref()
+                                .map(|n| n.iter().map(|n| n.name.clone()).collect())
+                        ),
+                    )
+                });
+                format!(
+                    "{} zone={} {hints}",
+                    e.addresses.join("+"),
+                    e.zone.as_deref().unwrap_or("-")
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    #[expect(clippy::too_many_lines, reason = "one table of cases")]
+    fn traffic_distribution_gives_the_controllers_hints() {
+        let node = |name: &str, zone: &str| -> Arc<Node> {
+            let labels = if zone.is_empty() {
+                String::new()
+            } else {
+                format!("  labels:\n    topology.kubernetes.io/zone: {zone}\n")
+            };
+            Arc::new(yaml(&format!(
+                "apiVersion: v1\nkind: Node\nmetadata:\n  name: {name}\n{labels}"
+            )))
+        };
+        let nodes = [
+            node("node1", "zone-a"),
+            node("node2", "zone-b"),
+            node("node3", ""),
+        ];
+        let on = |p: Arc<Pod>, node: &str| {
+            let mut p = (*p).clone();
+            p.spec.as_mut().unwrap().node_name = Some(node.to_owned());
+            Arc::new(p)
+        };
+        // node1 (zone-a), node2 (zone-b), node3 (no zone label), node9 (no Node object), and
+        // a not-ready Pod on node1.
+        let pods = [
+            pod("web-0", "app: web", "198.18.1.1", true, ""),
+            on(pod("web-1", "app: web", "198.18.1.2", true, ""), "node2"),
+            on(pod("web-2", "app: web", "198.18.1.3", true, ""), "node3"),
+            on(pod("web-3", "app: web", "198.18.1.4", true, ""), "node9"),
+            pod("web-4", "app: web", "198.18.1.5", false, ""),
+        ];
+        let with = |extra: &str| service(&format!("{WEB}{extra}"));
+        let rows: [(&str, Arc<Service>, [&str; 5]); 6] = [
+            (
+                "no trafficDistribution: zones, no hints",
+                with(""),
+                [
+                    "198.18.1.1 zone=zone-a none",
+                    "198.18.1.2 zone=zone-b none",
+                    "198.18.1.3 zone=- none",
+                    "198.18.1.4 zone=- none",
+                    "198.18.1.5 zone=zone-a none",
+                ],
+            ),
+            (
+                "PreferClose: each ready endpoint with a zone gets its zone",
+                with("  trafficDistribution: PreferClose\n"),
+                [
+                    "198.18.1.1 zone=zone-a zones=[zone-a] nodes=[]",
+                    "198.18.1.2 zone=zone-b zones=[zone-b] nodes=[]",
+                    "198.18.1.3 zone=- none",
+                    "198.18.1.4 zone=- none",
+                    "198.18.1.5 zone=zone-a none",
+                ],
+            ),
+            (
+                "PreferSameZone: as PreferClose",
+                with("  trafficDistribution: PreferSameZone\n"),
+                [
+                    "198.18.1.1 zone=zone-a zones=[zone-a] nodes=[]",
+                    "198.18.1.2 zone=zone-b zones=[zone-b] nodes=[]",
+                    "198.18.1.3 zone=- none",
+                    "198.18.1.4 zone=- none",
+                    "198.18.1.5 zone=zone-a none",
+                ],
+            ),
+            (
+                "PreferSameNode: its node too, also without a zone",
+                with("  trafficDistribution: PreferSameNode\n"),
+                [
+                    "198.18.1.1 zone=zone-a zones=[zone-a] nodes=[node1]",
+                    "198.18.1.2 zone=zone-b zones=[zone-b] nodes=[node2]",
+                    "198.18.1.3 zone=- zones=[] nodes=[node3]",
+                    "198.18.1.4 zone=- zones=[] nodes=[node9]",
+                    "198.18.1.5 zone=zone-a none",
+                ],
+            ),
+            (
+                "an unknown value: no hints",
+                with("  trafficDistribution: PreferFar\n"),
+                [
+                    "198.18.1.1 zone=zone-a none",
+                    "198.18.1.2 zone=zone-b none",
+                    "198.18.1.3 zone=- none",
+                    "198.18.1.4 zone=- none",
+                    "198.18.1.5 zone=zone-a none",
+                ],
+            ),
+            (
+                "the topology-mode Auto annotation wins over trafficDistribution (not implemented)",
+                service(&format!(
+                    "{}  trafficDistribution: PreferClose\n",
+                    WEB.replace(
+                        "  namespace: default\n",
+                        "  namespace: default\n  annotations: \
+                         {service.kubernetes.io/topology-mode: Auto}\n",
+                    )
+                )),
+                [
+                    "198.18.1.1 zone=zone-a none",
+                    "198.18.1.2 zone=zone-b none",
+                    "198.18.1.3 zone=- none",
+                    "198.18.1.4 zone=- none",
+                    "198.18.1.5 zone=zone-a none",
+                ],
+            ),
+        ];
+        for (name, svc, want) in rows {
+            let out = slices_from_pods(&[svc], &pods, &[], &nodes);
+            assert_eq!(out.errors, [], "{name}");
+            assert_eq!(render_hints(&out.slices), want, "{name}");
+        }
+    }
+
+    #[test]
+    fn computed_zone_hints_steer_this_node() {
+        let nodes: Vec<Arc<Node>> = [("node1", "zone-a"), ("node2", "zone-b")]
+            .iter()
+            .map(|(n, z)| {
+                Arc::new(yaml(&format!(
+                    "apiVersion: v1\nkind: Node\nmetadata:\n  name: {n}\n  labels:\n    \
+                     topology.kubernetes.io/zone: {z}\n"
+                )))
+            })
+            .collect();
+        let mut far = (*pod("web-1", "app: web", "198.18.2.1", true, "")).clone();
+        far.spec.as_mut().unwrap().node_name = Some("node2".to_owned());
+        let pods = [
+            pod("web-0", "app: web", "198.18.1.1", true, ""),
+            Arc::new(far),
+        ];
+        let services = [service(&format!(
+            "{WEB}  trafficDistribution: PreferClose\n"
+        ))];
+        let out = slices_from_pods(&services, &pods, &[], &nodes);
+        let snapshot = crate::model::Snapshot {
+            services: services.to_vec(),
+            slices: out.slices,
+            nodes,
+        };
+        for (node, addr) in [("node1", "198.18.1.1"), ("node2", "198.18.2.1")] {
+            let state = crate::model::compute(&snapshot, node);
+            let frontend = state.frontends.values().next().unwrap();
+            let backends: Vec<String> = frontend
+                .backends
+                .iter()
+                .map(|b| b.addr.to_string())
+                .collect();
+            assert_eq!(backends, [addr], "{node}");
+        }
     }
 
     #[test]
@@ -1109,7 +1409,7 @@ mod tests {
                 )
             })
             .collect();
-        let out = slices_from_pods(&[service(WEB)], &pods, &[]);
+        let out = slices_from_pods(&[service(WEB)], &pods, &[], &[]);
         let sizes: Vec<usize> = out.slices.iter().map(|s| s.endpoints.len()).collect();
         assert_eq!(sizes, [100, 100, 50]);
         assert_eq!(out.selections[0].pods.len(), 250);

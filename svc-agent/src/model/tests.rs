@@ -1194,6 +1194,259 @@ fn internal_traffic_policy_cluster_is_the_default_and_uses_all_endpoints() {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Topology-aware routing (hints)
+// ---------------------------------------------------------------------------------------------
+
+/// A Node `name` with the zone label `zone` (none when `None`).
+fn zoned_node(name: &str, zone: Option<&str>) -> Node {
+    let labels = zone.map_or(String::new(), |z| {
+        format!("  labels:\n    topology.kubernetes.io/zone: {z}\n")
+    });
+    yaml(&format!(
+        "apiVersion: v1\nkind: Node\nmetadata:\n  name: {name}\n{labels}"
+    ))
+}
+
+/// One endpoint list item with `ready` (serving, not terminating, or serving and terminating
+/// when not ready), `hints.forZones` = `zones` and `hints.forNodes` = `nodes` (no `hints` when
+/// both are empty).
+fn hinted(addr: &str, node: &str, ready: bool, zones: &[&str], nodes: &[&str]) -> String {
+    let mut hints = String::new();
+    if !zones.is_empty() || !nodes.is_empty() {
+        hints.push_str("  hints:\n");
+        if !zones.is_empty() {
+            hints.push_str("    forZones:\n");
+            for z in zones {
+                let _ = writeln!(hints, "    - name: {z}");
+            }
+        }
+        if !nodes.is_empty() {
+            hints.push_str("    forNodes:\n");
+            for n in nodes {
+                let _ = writeln!(hints, "    - name: {n}");
+            }
+        }
+    }
+    ep(addr, node, ready, true, !ready) + &hints
+}
+
+/// Computes `web` (198.19.0.90, `extra` spec lines) over one slice of `endpoints` on `node`,
+/// with the Nodes `nodes`; returns the frontend and the topology notes.
+fn topology_case(
+    extra: &str,
+    endpoints: &str,
+    nodes: Vec<Node>,
+    node: &str,
+) -> (Frontend, Vec<String>) {
+    let snap = Snapshot::new(
+        vec![web("web", "198.19.0.90", extra)],
+        vec![web_slice("web-1", "web", 8080, endpoints)],
+        nodes,
+    );
+    let state = compute_any_order(&snap, node);
+    assert_eq!(state.errors, []);
+    let ignored = state
+        .topology_notes
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    (frontend(&state, &tcp("198.19.0.90", 80)).clone(), ignored)
+}
+
+/// Nodes 1 and 3 in zone-a, 2 in zone-b, 4 in zone-c, 5 without a zone.
+fn zoned_nodes() -> Vec<Node> {
+    vec![
+        zoned_node("node1", Some("zone-a")),
+        zoned_node("node2", Some("zone-b")),
+        zoned_node("node3", Some("zone-a")),
+        zoned_node("node4", Some("zone-c")),
+        zoned_node("node5", None),
+    ]
+}
+
+/// Ready endpoints on nodes 1, 2 and 3 with zone hints (`PreferClose`), plus a not-ready one on
+/// node 2 without hints (only ready endpoints count).
+fn zone_hinted_endpoints() -> String {
+    hinted("198.18.1.1", "node1", true, &["zone-a"], &[])
+        + &hinted("198.18.2.1", "node2", true, &["zone-b"], &[])
+        + &hinted("198.18.3.1", "node3", true, &["zone-a"], &[])
+        + &ep("198.18.2.2", "node2", false, false, false)
+}
+
+#[test]
+fn zone_hints_send_new_connections_to_this_zones_endpoints() {
+    let (f, ignored) = topology_case("", &zone_hinted_endpoints(), zoned_nodes(), "node1");
+    assert_eq!(
+        f.backends,
+        [local(b("198.18.1.1:8080")), b("198.18.3.1:8080")]
+    );
+    assert_eq!(
+        f.kept_backends,
+        [b("198.18.2.1:8080")],
+        "another zone's endpoint keeps its connections"
+    );
+    assert_eq!(f.unready_backends, [b("198.18.2.2:8080")]);
+    assert_eq!(ignored, Vec::<String>::new());
+    let (f, _) = topology_case("", &zone_hinted_endpoints(), zoned_nodes(), "node2");
+    assert_eq!(f.backends, [local(b("198.18.2.1:8080"))]);
+}
+
+#[test]
+fn node_hints_are_preferred_then_zone_hints() {
+    // PreferSameNode: every ready endpoint has its node and its zone.
+    let endpoints = hinted("198.18.1.1", "node1", true, &["zone-a"], &["node1"])
+        + &hinted("198.18.2.1", "node2", true, &["zone-b"], &["node2"])
+        + &hinted("198.18.3.1", "node3", true, &["zone-a"], &["node3"]);
+    let (f, ignored) = topology_case("", &endpoints, zoned_nodes(), "node1");
+    assert_eq!(f.backends, [local(b("198.18.1.1:8080"))]);
+    assert_eq!(ignored, Vec::<String>::new());
+    // node6 (zone-a, no endpoint of its own): same zone.
+    let mut nodes = zoned_nodes();
+    nodes.push(zoned_node("node6", Some("zone-a")));
+    let (f, ignored) = topology_case("", &endpoints, nodes, "node6");
+    assert_eq!(f.backends, [b("198.18.1.1:8080"), b("198.18.3.1:8080")]);
+    assert_eq!(ignored, Vec::<String>::new());
+    // node4 (zone-c): neither; all, and why.
+    let (f, ignored) = topology_case("", &endpoints, zoned_nodes(), "node4");
+    assert_eq!(f.backends.len(), 3);
+    assert_eq!(
+        ignored,
+        [
+            "Service default/web: topology hints ignored, every endpoint is used: no ready \
+             endpoint is hinted for this node's zone \"zone-c\""
+        ]
+    );
+}
+
+#[test]
+fn node_hints_without_zone_hints_fall_back_to_all() {
+    let endpoints = hinted("198.18.1.1", "node1", true, &[], &["node1"])
+        + &hinted("198.18.2.1", "node2", true, &[], &["node2"]);
+    let (f, _) = topology_case("", &endpoints, zoned_nodes(), "node1");
+    assert_eq!(f.backends, [local(b("198.18.1.1:8080"))]);
+    let (f, ignored) = topology_case("", &endpoints, zoned_nodes(), "node3");
+    assert_eq!(f.backends, [b("198.18.1.1:8080"), b("198.18.2.1:8080")]);
+    assert_eq!(
+        ignored,
+        [
+            "Service default/web: topology hints ignored, every endpoint is used: no ready \
+             endpoint is hinted for this node, and not every one has a zone hint"
+        ]
+    );
+}
+
+#[test]
+fn a_ready_endpoint_without_hints_means_all_endpoints() {
+    let endpoints = zone_hinted_endpoints() + &hinted("198.18.4.1", "node4", true, &[], &[]);
+    let (f, ignored) = topology_case("", &endpoints, zoned_nodes(), "node1");
+    assert_eq!(
+        f.backends,
+        [
+            local(b("198.18.1.1:8080")),
+            b("198.18.2.1:8080"),
+            b("198.18.3.1:8080"),
+            b("198.18.4.1:8080")
+        ]
+    );
+    assert_eq!(
+        ignored,
+        [
+            "Service default/web: topology hints ignored, every endpoint is used: not every \
+             ready endpoint has a zone hint, nor every one a node hint"
+        ]
+    );
+}
+
+#[test]
+fn a_node_without_zone_label_uses_all_endpoints() {
+    for nodes in [zoned_nodes(), Vec::new()] {
+        let (f, ignored) = topology_case("", &zone_hinted_endpoints(), nodes, "node5");
+        assert_eq!(f.backends.len(), 3);
+        assert_eq!(
+            ignored,
+            [
+                "Service default/web: topology hints ignored, every endpoint is used: this \
+                 node has no topology.kubernetes.io/zone label"
+            ]
+        );
+    }
+}
+
+#[test]
+fn no_endpoint_for_this_zone_means_all_endpoints() {
+    let (f, ignored) = topology_case("", &zone_hinted_endpoints(), zoned_nodes(), "node4");
+    assert_eq!(
+        f.backends,
+        [
+            b("198.18.1.1:8080"),
+            b("198.18.2.1:8080"),
+            b("198.18.3.1:8080")
+        ]
+    );
+    assert_eq!(ignored.len(), 1, "{ignored:?}");
+    assert!(ignored[0].ends_with("\"zone-c\""), "{ignored:?}");
+}
+
+#[test]
+fn the_terminating_fallback_ignores_topology() {
+    // No ready endpoint: every serving terminating one, whatever its hints.
+    let endpoints = hinted("198.18.1.1", "node1", false, &["zone-a"], &[])
+        + &hinted("198.18.2.1", "node2", false, &["zone-b"], &[]);
+    let (f, ignored) = topology_case("", &endpoints, zoned_nodes(), "node1");
+    assert_eq!(
+        f.backends,
+        [
+            local(terminating(b("198.18.1.1:8080"))),
+            terminating(b("198.18.2.1:8080"))
+        ]
+    );
+    assert_eq!(ignored, Vec::<String>::new());
+}
+
+#[test]
+fn internal_traffic_policy_local_ignores_topology() {
+    // The local endpoint is hinted for another zone: Local still uses it, and says nothing.
+    let endpoints = hinted("198.18.1.1", "node1", true, &["zone-b"], &[])
+        + &hinted("198.18.2.1", "node2", true, &["zone-a"], &[]);
+    let (f, ignored) = topology_case(
+        "  internalTrafficPolicy: Local\n",
+        &endpoints,
+        zoned_nodes(),
+        "node1",
+    );
+    assert_eq!(f.backends, [local(b("198.18.1.1:8080"))]);
+    assert_eq!(f.kept_backends, [b("198.18.2.1:8080")]);
+    assert_eq!(ignored, Vec::<String>::new());
+}
+
+#[test]
+fn a_zone_change_of_this_node_is_not_served_from_the_memo() {
+    let snap = |zone: &str| {
+        Snapshot::new(
+            vec![web("web", "198.19.0.90", "")],
+            vec![web_slice("web-1", "web", 8080, &zone_hinted_endpoints())],
+            vec![zoned_node("node9", Some(zone))],
+        )
+    };
+    let (a, b_zone) = (snap("zone-a"), snap("zone-b"));
+    // The same Service and slice objects: only the Node differs.
+    let b_zone = Snapshot {
+        services: a.services.clone(),
+        slices: a.slices.clone(),
+        nodes: b_zone.nodes,
+    };
+    let mut memo = Memo::default();
+    let first = compute_with(&a, "node9", &mut memo);
+    assert_eq!(frontend(&first, &tcp("198.19.0.90", 80)).backends.len(), 2);
+    let moved = compute_with(&b_zone, "node9", &mut memo);
+    assert_eq!(moved, compute(&b_zone, "node9"));
+    assert_eq!(
+        frontend(&moved, &tcp("198.19.0.90", 80)).backends,
+        [b("198.18.2.1:8080")]
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
 // Session affinity
 // ---------------------------------------------------------------------------------------------
 

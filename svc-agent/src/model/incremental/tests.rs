@@ -12,7 +12,10 @@ use k8s_openapi::{
             Node, NodeAddress as K8sNodeAddress, NodeStatus, ObjectReference, Service, ServicePort,
             ServiceSpec,
         },
-        discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice},
+        discovery::v1::{
+            Endpoint, EndpointConditions, EndpointHints, EndpointPort, EndpointSlice, ForNode,
+            ForZone,
+        },
     },
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
@@ -20,8 +23,8 @@ use proptest::{prelude::*, strategy::ValueTree as _};
 
 use super::{Model, Name};
 use crate::model::{
-    Delta, DesiredState, FrontendKey, LABEL_HEADLESS, LABEL_SERVICE_NAME, Memo, Protocol, Scope,
-    Snapshot, compute, compute_with,
+    Delta, DesiredState, FrontendKey, HintsIgnored, LABEL_HEADLESS, LABEL_SERVICE_NAME,
+    LABEL_TOPOLOGY_ZONE, Memo, Protocol, Scope, Snapshot, compute, compute_with,
     test_support::yaml,
     tests::{slice, web},
 };
@@ -561,6 +564,132 @@ fn replace_applies_the_duplicate_rule_and_reports_nameless_services() {
     assert_eq!(m.state().errors, []);
 }
 
+/// An IPv4 slice `default/name` for `svc`, port `http` 8080, one ready endpoint per
+/// `(address, forZones)` hinted for that zone.
+fn zone_hinted_slice(name: &str, svc: &str, endpoints: &[(&str, &str)]) -> EndpointSlice {
+    let mut slice = web_slice(name, svc, &[]);
+    slice.endpoints = endpoints
+        .iter()
+        .map(|(addr, zone)| Endpoint {
+            addresses: vec![(*addr).to_owned()],
+            hints: Some(EndpointHints {
+                for_zones: Some(vec![ForZone {
+                    name: (*zone).to_owned(),
+                }]),
+                for_nodes: None,
+            }),
+            ..Endpoint::default()
+        })
+        .collect();
+    slice
+}
+
+fn zoned_node1(zone: Option<&str>) -> Vec<Arc<Node>> {
+    let labels: Vec<(&str, &str)> = zone.map(|z| (LABEL_TOPOLOGY_ZONE, z)).into_iter().collect();
+    vec![Arc::new(Node {
+        metadata: meta(None, NODE, &labels),
+        ..Node::default()
+    })]
+}
+
+#[test]
+fn a_zone_change_recomputes_every_service_and_notes_follow() {
+    let mut m = Checked::new();
+    m.service("default", "a", Some(web("a", "198.19.0.1", "")));
+    m.slice(
+        "default",
+        "a-1",
+        Some(zone_hinted_slice(
+            "a-1",
+            "a",
+            &[("198.18.0.1", "zone-a"), ("198.18.0.2", "zone-b")],
+        )),
+    );
+    m.service("default", "b", Some(web("b", "198.19.0.2", "")));
+    m.slice(
+        "default",
+        "b-1",
+        Some(zone_hinted_slice("b-1", "b", &[("198.18.0.3", "zone-b")])),
+    );
+    // No Node yet: no zone, hints ignored with a note per Service.
+    let delta = m.update();
+    assert!(delta.topology_notes);
+    let why = |state: &DesiredState| -> Vec<(String, HintsIgnored)> {
+        (state.topology_notes.iter())
+            .map(|n| (n.name.clone(), n.why.clone()))
+            .collect()
+    };
+    assert_eq!(
+        why(m.state()),
+        [
+            ("a".to_owned(), HintsIgnored::NodeWithoutZone),
+            ("b".to_owned(), HintsIgnored::NodeWithoutZone)
+        ]
+    );
+    assert_eq!(
+        backend_addrs(m.state(), &tcp80("198.19.0.1")),
+        ["198.18.0.1", "198.18.0.2"]
+    );
+
+    // In zone-a: a narrows to its zone-a endpoint, b has none for zone-a and keeps all.
+    m.nodes(zoned_node1(Some("zone-a")));
+    let delta = m.update();
+    assert_eq!(m.model.recomputed(), 2, "every Service is recomputed");
+    assert_eq!(delta.frontends, keys(&[tcp80("198.19.0.1")]));
+    assert!(delta.topology_notes);
+    assert_eq!(
+        backend_addrs(m.state(), &tcp80("198.19.0.1")),
+        ["198.18.0.1"]
+    );
+    assert_eq!(
+        why(m.state()),
+        [(
+            "b".to_owned(),
+            HintsIgnored::NoEndpointForZone("zone-a".to_owned())
+        )]
+    );
+
+    // The same zone on a new Node object (its addresses changed): nothing recomputed.
+    let mut node = zoned_node1(Some("zone-a"));
+    Arc::make_mut(&mut node[0]).status = Some(NodeStatus {
+        addresses: Some(vec![K8sNodeAddress {
+            address: "198.18.100.1".to_owned(),
+            type_: "InternalIP".to_owned(),
+        }]),
+        ..NodeStatus::default()
+    });
+    m.nodes(node);
+    let delta = m.update();
+    assert_eq!(m.model.recomputed(), 0);
+    assert!(delta.nodes && !delta.topology_notes && delta.frontends.is_empty());
+
+    // zone-c: no endpoint for it anywhere. a goes back to all; only the notes say why.
+    m.nodes(zoned_node1(Some("zone-c")));
+    let delta = m.update();
+    assert_eq!(m.model.recomputed(), 2);
+    assert_eq!(delta.frontends, keys(&[tcp80("198.19.0.1")]));
+    assert_eq!(why(m.state()).len(), 2);
+
+    // zone-d: the same frontends, other notes. Only the notes changed.
+    m.nodes(zoned_node1(Some("zone-d")));
+    let delta = m.update();
+    assert_eq!(m.model.recomputed(), 2);
+    assert!(delta.topology_notes && delta.frontends.is_empty() && !delta.nodes);
+    assert!(!delta.is_empty());
+    assert_eq!(
+        why(m.state())[0].1,
+        HintsIgnored::NoEndpointForZone("zone-d".to_owned())
+    );
+
+    // The notes go with their Service.
+    m.service("default", "a", None);
+    m.slice("default", "b-1", None);
+    let delta = m.update();
+    assert!(delta.topology_notes);
+    assert_eq!(m.state().topology_notes, []);
+    assert!(m.model.noting.is_empty());
+}
+
 // ---------------------------------------------------------------------------------------------
 // Property test: random changes over a small universe, checked against compute
 // ---------------------------------------------------------------------------------------------
@@ -598,6 +727,15 @@ const ENDPOINT_ADDRS: [&str; 5] = [
     "nope",
 ];
 const NODES: [&str; 2] = ["node1", "node2"];
+/// Zones of Nodes, endpoints and hints; no Node is ever in `zone-c`, and an empty label is no
+/// zone.
+const ZONES: [&str; 4] = ["zone-a", "zone-b", "zone-c", ""];
+const TRAFFIC_DISTRIBUTIONS: [&str; 4] = [
+    "PreferClose",
+    "PreferSameZone",
+    "PreferSameNode",
+    "PreferFar",
+];
 
 #[derive(Clone, Debug)]
 struct ServiceGen {
@@ -609,6 +747,8 @@ struct ServiceGen {
     ports: Vec<usize>,
     local: bool,
     headless: bool,
+    /// `TRAFFIC_DISTRIBUTIONS` index of `spec.trafficDistribution`, or none.
+    traffic_distribution: Option<usize>,
 }
 
 #[derive(Clone, Debug)]
@@ -621,6 +761,29 @@ struct EndpointGen {
     node: Option<usize>,
     /// `pod-N` in the slice's namespace, or none.
     pod: Option<usize>,
+    /// `ZONES` index of the endpoint's `zone`, or none.
+    zone: Option<usize>,
+    /// Whether this endpoint has hints, when its slice hints only some endpoints.
+    hinted: bool,
+    /// `ZONES` indexes of `hints.forZones` (may be empty: `forZones: []`).
+    for_zones: Vec<usize>,
+    /// `NODES` indexes of `hints.forNodes` (may be empty: `forNodes: []`).
+    for_nodes: Vec<usize>,
+}
+
+/// Which endpoints of a slice carry hints.
+#[derive(Clone, Copy, Debug)]
+enum HintStyle {
+    /// None.
+    None,
+    /// Every endpoint: `forZones` only (what the controller writes for `PreferClose`).
+    Zones,
+    /// Every endpoint: `forZones` and `forNodes`.
+    All,
+    /// Every endpoint: `forNodes` only.
+    NodesOnly,
+    /// Those with `hinted` (the fallback for endpoints without hints).
+    Some,
 }
 
 #[derive(Clone, Debug)]
@@ -632,12 +795,15 @@ struct SliceGen {
     address_type: usize,
     ports: Vec<usize>,
     endpoints: Vec<EndpointGen>,
+    hints: HintStyle,
 }
 
 #[derive(Clone, Debug)]
 struct NodeGen {
     name: usize,
     addrs: Vec<usize>,
+    /// `ZONES` index of the `topology.kubernetes.io/zone` label, or no label.
+    zone: Option<usize>,
 }
 
 #[derive(Clone, Debug)]
@@ -675,16 +841,20 @@ fn service_gen() -> impl Strategy<Value = ServiceGen> {
         ],
         prop::bool::weighted(0.3),
         prop::bool::weighted(0.1),
+        prop::option::weighted(0.3, 0..TRAFFIC_DISTRIBUTIONS.len()),
     )
         .prop_map(
-            |(namespace, implicit_namespace, name, ips, ports, local, headless)| ServiceGen {
-                namespace,
-                implicit_namespace,
-                name,
-                ips,
-                ports,
-                local,
-                headless,
+            |(namespace, implicit_namespace, name, ips, ports, local, headless, distribution)| {
+                ServiceGen {
+                    namespace,
+                    implicit_namespace,
+                    name,
+                    ips,
+                    ports,
+                    local,
+                    headless,
+                    traffic_distribution: distribution,
+                }
             },
         )
 }
@@ -702,15 +872,43 @@ fn endpoint_gen() -> impl Strategy<Value = EndpointGen> {
         condition(),
         prop::option::weighted(0.8, 0..NODES.len()),
         prop::option::of(0..3usize),
+        (
+            prop::option::of(0..ZONES.len()),
+            prop::bool::weighted(0.7),
+            // Mostly one zone of the two a Node can be in.
+            prop_oneof![
+                6 => prop::collection::vec(0..2usize, 1..=1),
+                2 => prop::collection::vec(0..ZONES.len(), 1..=2),
+                1 => Just(Vec::new()),
+            ],
+            prop_oneof![
+                3 => prop::collection::vec(0..NODES.len(), 1..=1),
+                1 => prop::collection::vec(0..NODES.len(), 0..=2),
+            ],
+        ),
     )
         .prop_map(
-            |(addr, ready, serving, terminating, node, pod)| EndpointGen {
+            |(
                 addr,
                 ready,
                 serving,
                 terminating,
                 node,
                 pod,
+                (zone, hinted, for_zones, for_nodes),
+            )| {
+                EndpointGen {
+                    addr,
+                    ready,
+                    serving,
+                    terminating,
+                    node,
+                    pod,
+                    zone,
+                    hinted,
+                    for_zones,
+                    for_nodes,
+                }
             },
         )
 }
@@ -727,31 +925,92 @@ fn slice_gen() -> impl Strategy<Value = SliceGen> {
             1 => prop::collection::vec(0..SLICE_PORTS.len(), 0..=2),
         ],
         prop::collection::vec(endpoint_gen(), 0..=3),
+        prop_oneof![
+            3 => Just(HintStyle::None),
+            4 => Just(HintStyle::Zones),
+            2 => Just(HintStyle::All),
+            1 => Just(HintStyle::NodesOnly),
+            2 => Just(HintStyle::Some),
+        ],
     )
         .prop_map(
-            |(namespace, name, owner, address_type, ports, endpoints)| SliceGen {
+            |(namespace, name, owner, address_type, ports, endpoints, hints)| SliceGen {
                 namespace,
                 name,
                 owner,
                 address_type,
                 ports,
                 endpoints,
+                hints,
             },
         )
 }
 
+/// A valid Service `default/a` or `default/b` (198.19.0.1 or .2, port `http`, policy
+/// `Cluster`): with [`topology_slice_gen`], endpoints meet in one frontend often enough for
+/// the zone to choose among them.
+fn topology_service_gen() -> impl Strategy<Value = ServiceGen> {
+    service_gen().prop_map(|mut s| {
+        s.namespace = 0;
+        s.name %= 2;
+        s.ips = vec![s.name];
+        s.ports = vec![0];
+        s.local = false;
+        s.headless = false;
+        s
+    })
+}
+
+/// A valid slice for `default/a` or `default/b` (port `http`) with two or three endpoints at
+/// valid IPv4 addresses, most of them hinted.
+fn topology_slice_gen() -> impl Strategy<Value = SliceGen> {
+    (
+        slice_gen(),
+        0..2usize,
+        prop::collection::vec(endpoint_gen(), 2..=3),
+        prop_oneof![
+            3 => Just(HintStyle::Zones),
+            1 => Just(HintStyle::All),
+            1 => Just(HintStyle::Some),
+        ],
+    )
+        .prop_map(|(mut s, owner, mut endpoints, hints)| {
+            for e in &mut endpoints {
+                e.addr %= 3;
+            }
+            s.namespace = 0;
+            s.owner = Some(owner);
+            s.address_type = 0;
+            s.ports = vec![0];
+            s.endpoints = endpoints;
+            s.hints = hints;
+            s
+        })
+}
+
 fn node_gen() -> impl Strategy<Value = NodeGen> {
-    (0..NODES.len(), prop::collection::vec(0..3usize, 0..=2))
-        .prop_map(|(name, addrs)| NodeGen { name, addrs })
+    (
+        0..NODES.len(),
+        prop::collection::vec(0..3usize, 0..=2),
+        prop::option::weighted(0.8, prop_oneof![4 => 0..2usize, 1 => 2..ZONES.len()]),
+    )
+        .prop_map(|(name, addrs, zone)| NodeGen { name, addrs, zone })
 }
 
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         6 => service_gen().prop_map(Op::SetService),
+        2 => topology_service_gen().prop_map(Op::SetService),
         1 => (0..NAMESPACES.len(), 0..SERVICE_NAMES.len()).prop_map(|(n, s)| Op::DeleteService(n, s)),
         8 => slice_gen().prop_map(Op::SetSlice),
+        3 => topology_slice_gen().prop_map(Op::SetSlice),
         2 => (0..NAMESPACES.len(), 0..SLICE_NAMES.len()).prop_map(|(n, s)| Op::DeleteSlice(n, s)),
         1 => prop::collection::vec(node_gen(), 0..=2).prop_map(Op::SetNodes),
+        // This node alone, in a zone (or none): its zone changes between steps.
+        2 => node_gen().prop_map(|mut n| {
+            n.name = 0;
+            Op::SetNodes(vec![n])
+        }),
         5 => Just(Op::Update),
         1 => (
             any::<u64>(),
@@ -824,9 +1083,45 @@ impl ServiceGen {
                         })
                         .collect(),
                 ),
+                traffic_distribution: self
+                    .traffic_distribution
+                    .map(|d| TRAFFIC_DISTRIBUTIONS[d].to_owned()),
                 ..ServiceSpec::default()
             }),
             status: None,
+        }
+    }
+}
+
+impl EndpointGen {
+    fn hints(&self, style: HintStyle) -> Option<EndpointHints> {
+        let for_zones = || {
+            let zones = self.for_zones.iter().map(|&z| ForZone {
+                name: ZONES[z].to_owned(),
+            });
+            Some(zones.collect())
+        };
+        let for_nodes = || {
+            let nodes = self.for_nodes.iter().map(|&n| ForNode {
+                name: NODES[n].to_owned(),
+            });
+            Some(nodes.collect())
+        };
+        match style {
+            HintStyle::None => None,
+            HintStyle::Some if !self.hinted => None,
+            HintStyle::All | HintStyle::Some => Some(EndpointHints {
+                for_zones: for_zones(),
+                for_nodes: for_nodes(),
+            }),
+            HintStyle::Zones => Some(EndpointHints {
+                for_zones: for_zones(),
+                for_nodes: None,
+            }),
+            HintStyle::NodesOnly => Some(EndpointHints {
+                for_zones: None,
+                for_nodes: for_nodes(),
+            }),
         }
     }
 }
@@ -872,6 +1167,8 @@ impl SliceGen {
                         name: Some(format!("pod-{p}")),
                         ..ObjectReference::default()
                     }),
+                    zone: e.zone.map(|z| ZONES[z].to_owned()),
+                    hints: e.hints(self.hints),
                     ..Endpoint::default()
                 })
                 .collect(),
@@ -882,8 +1179,9 @@ impl SliceGen {
 impl NodeGen {
     fn build(&self) -> Node {
         let addrs = ["198.18.100.1", "2001:db8:100::1", "not-an-ip"];
+        let zone = self.zone.map(|z| (LABEL_TOPOLOGY_ZONE, ZONES[z]));
         Node {
-            metadata: meta(None, NODES[self.name], &[]),
+            metadata: meta(None, NODES[self.name], zone.as_slice()),
             status: Some(NodeStatus {
                 addresses: Some(
                     self.addrs
@@ -990,12 +1288,16 @@ proptest! {
 fn the_random_changes_reach_conflicts_errors_and_names() {
     let mut runner = proptest::test_runner::TestRunner::deterministic();
     let (mut conflicts, mut errors, mut names, mut local, mut any) = (0, 0, 0, 0, 0);
+    let (mut with_notes, mut unhinted, mut zoned) = (0, 0, 0);
     for _ in 0..200 {
         let ops = prop::collection::vec(op(), 10..30)
             .new_tree(&mut runner)
             .unwrap()
             .current();
         let mut m = Checked::new();
+        // Topology is counted on the state after every step (the zone's choices by step), the
+        // rest at the end.
+        let (mut any_note, mut any_unhinted) = (false, false);
         for op in &ops {
             match op {
                 Op::SetService(s) => {
@@ -1006,10 +1308,25 @@ fn the_random_changes_reach_conflicts_errors_and_names() {
                     let (namespace, name) = s.key();
                     m.slice(namespace, name, Some(s.build()));
                 }
-                _ => {}
+                Op::SetNodes(nodes) => m.nodes(build_nodes(nodes)),
+                _ => continue,
             }
+            m.update();
+            let notes = &m.state().topology_notes;
+            any_note |= !notes.is_empty();
+            any_unhinted |= notes
+                .iter()
+                .any(|n| n.why == HintsIgnored::EndpointsWithoutHints);
+            // The zone made a difference: without the Nodes' zone labels, other backends.
+            let mut unzoned = m.objects.clone();
+            for node in &mut unzoned.nodes {
+                Arc::make_mut(node).metadata.labels = None;
+            }
+            zoned += usize::from(compute(&unzoned, NODE).frontends != m.state().frontends);
         }
         m.update();
+        with_notes += usize::from(any_note);
+        unhinted += usize::from(any_unhinted);
         conflicts += usize::from(!m.model.conflicted.is_empty());
         errors += usize::from(!m.state().errors.is_empty());
         names += usize::from(!m.state().backend_names.is_empty());
@@ -1023,13 +1340,20 @@ fn the_random_changes_reach_conflicts_errors_and_names() {
     }
     println!(
         "of 200 runs: {conflicts} with conflicts, {errors} with errors, {names} with backend \
-         names, {any} with backends, {local} with local backends"
+         names, {any} with backends, {local} with local backends, {with_notes} with topology notes \
+         ({unhinted} for endpoints without hints); {zoned} steps where the zone chose the backends"
     );
     assert!(conflicts > 40, "{conflicts} runs with conflicts");
     assert!(errors > 40, "{errors} runs with errors");
     assert!(names > 40, "{names} runs with backend names");
     assert!(any > 10, "{any} runs with backends");
     assert!(local > 5, "{local} runs with local backends");
+    assert!(with_notes > 20, "{with_notes} runs with topology notes");
+    assert!(unhinted > 5, "{unhinted} runs with endpoints without hints");
+    assert!(
+        zoned > 20,
+        "{zoned} steps where the zone chose the backends"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
