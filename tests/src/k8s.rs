@@ -770,7 +770,8 @@ impl Agent {
         // The full computation and diff audit the incremental passes every 2 s (the default is
         // 5 min): any drift is a warning, and a test fails on an agent's warnings.
         if supports_flag(binary, "--audit-interval")? {
-            cmd.arg("--audit-interval").arg(AUDIT_INTERVAL_SECS.to_string());
+            cmd.arg("--audit-interval")
+                .arg(AUDIT_INTERVAL_SECS.to_string());
         }
         cmd.env("RUST_LOG", "info").env("NO_COLOR", "1");
         let process = node.spawn(&cmd)?;
