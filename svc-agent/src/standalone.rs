@@ -111,6 +111,17 @@ impl Standalone {
             return Ok(());
         }
         let started = Instant::now();
+        if audit && self.synced && !refresh.changed && !retry {
+            // Nothing changed: only the audit (its own log line), no "synced" pass.
+            self.audit_at = self.audit_interval.map(|i| now + i);
+            let loaded = self.source.loaded();
+            let mut said = Vec::new();
+            let objects = self.with_pod_slices(&loaded, &mut said);
+            let report =
+                crate::source::audit::audit(&objects, &self.node_name, &mut self.model, rec);
+            self.retry_at = report.retry_after.map(|d| now + d);
+            return Ok(());
+        }
         let computed = !self.synced || refresh.changed || audit;
         let report = if computed {
             let loaded = self.source.loaded();
@@ -269,13 +280,19 @@ impl Standalone {
                 let mut pending = events
                     .lock()
                     .unwrap_or_else(std::sync::PoisonError::into_inner);
-                match ev {
-                    Ok(e) => pending.note(&e, &dir, Instant::now()),
-                    // The watcher's own failure: check everything.
-                    Err(_) => pending.rescan = true,
-                }
+                // The watcher's own failure: check everything.
+                let relevant = if let Ok(e) = ev {
+                    pending.note(&e, &dir, Instant::now())
+                } else {
+                    pending.rescan = true;
+                    true
+                };
                 drop(pending);
-                wake.notify_one();
+                // Reads (the agent's own included) and other events that change nothing do not
+                // wake the loop.
+                if relevant {
+                    wake.notify_one();
+                }
             })
             .context("starting the directory watcher")?
         };
@@ -414,18 +431,22 @@ struct Pending {
 }
 
 impl Pending {
-    /// Notes one event about `dir` or its parent.
-    fn note(&mut self, e: &notify::Event, dir: &Path, at: Instant) {
+    /// Notes one event about `dir` or its parent; whether it can change anything (a read, an
+    /// open, a change of the parent's other entries cannot).
+    fn note(&mut self, e: &notify::Event, dir: &Path, at: Instant) -> bool {
         use notify::{
             EventKind,
             event::{AccessKind, AccessMode, ModifyKind},
         };
+        let mut relevant = false;
         if e.need_rescan() {
             self.rescan = true;
+            relevant = true;
         }
         for path in &e.paths {
             if path == dir {
                 self.identity = true;
+                relevant = true;
                 continue;
             }
             if path.parent() != Some(dir) {
@@ -435,15 +456,21 @@ impl Pending {
             match e.kind {
                 EventKind::Modify(ModifyKind::Data(_) | ModifyKind::Any) => {
                     self.files.insert(path.clone(), Write::Modified(at));
+                    relevant = true;
                 }
                 EventKind::Access(AccessKind::Close(AccessMode::Write))
                 | EventKind::Modify(ModifyKind::Name(_))
                 | EventKind::Remove(_) => {
                     self.files.insert(path.clone(), Write::Completed);
+                    relevant = true;
                 }
+                // A new file (created empty, or a hard link), its metadata: read at the next
+                // pass either way.
+                EventKind::Create(_) | EventKind::Modify(_) => relevant = true,
                 _ => {}
             }
         }
+        relevant
     }
 }
 

@@ -344,6 +344,7 @@ pub async fn follow<M: DatapathMaps>(
         .events
         .then(|| EventPublisher::start(client, &options.node_name));
     let mut reporter = ProblemReporter::default();
+    let mut said = SaidOnce::default();
     let mut model = model::Model::new(&options.node_name);
     let mut first_sync = Some(on_first_sync);
     // Boxed: the three watch streams make a large future.
@@ -353,6 +354,7 @@ pub async fn follow<M: DatapathMaps>(
         options.audit_interval,
         |work| {
             let report = sync(&stores, &work, &options.node_name, &mut model, rec);
+            said.say(&report.errors);
             for problem in reporter.new_problems(model.state(), &report) {
                 if let Some(events) = &events {
                     events.publish(
@@ -442,6 +444,16 @@ fn sync<M: DatapathMaps>(
     model: &mut model::Model,
     rec: &mut Reconciler<M>,
 ) -> ReconcileReport {
+    if work.audit
+        && *work
+            == (Work {
+                audit: true,
+                ..Work::default()
+            })
+    {
+        // Nothing changed: only the audit (its own log line), no "synced" pass.
+        return super::audit::audit(&stores.snapshot(), node_name, model, rec);
+    }
     let started = std::time::Instant::now();
     let full = !work.relisted.is_empty();
     let mut report = if full {
@@ -453,9 +465,6 @@ fn sync<M: DatapathMaps>(
         rec.apply_delta(model.state(), &delta)
     };
     let took = started.elapsed();
-    for e in &report.errors {
-        warn!(error = %e, "not programmed");
-    }
     let relisted: Vec<String> = work.relisted.iter().map(ToString::to_string).collect();
     let state = model.state();
     info!(
@@ -481,6 +490,24 @@ fn sync<M: DatapathMaps>(
         report.retry_after = audit.retry_after;
     }
     report
+}
+
+/// Logs each of a pass's errors when it appears, not on every pass (a frontend waiting for
+/// room is in every pass's errors until it is programmed).
+#[derive(Default)]
+struct SaidOnce {
+    last: BTreeSet<String>,
+}
+
+impl SaidOnce {
+    /// Warns the errors the previous pass did not have; remembers these.
+    fn say(&mut self, errors: &[String]) {
+        let now: BTreeSet<String> = errors.iter().cloned().collect();
+        for e in now.difference(&self.last) {
+            warn!(error = %e, "not programmed");
+        }
+        self.last = now;
+    }
 }
 
 /// One problem to report on an object: a bad field, or a frontend the maps could not hold.
