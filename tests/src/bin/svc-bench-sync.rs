@@ -23,7 +23,8 @@
 //! - **change latency**: one `EndpointSlice` at a time loses its last endpoint, then gets it
 //!   back; each of the two writes is timed until the frontend's entry in the pinned
 //!   `SERVICES_V1` map shows the new endpoint count (polled from this process every 50 µs).
-//!   p50 / p99 / max over the samples (`n`).
+//!   p50 / p99 / max over the samples (`n`); from the agent's log, the most map entries one of
+//!   those passes wrote and its median pass time (with the model's share; API server source).
 //! - **burst**: 1,000 distinct slices (fewer at smaller scales) each lose an endpoint, the writes
 //!   spread evenly over one second; the time from the last write until the last of them shows in
 //!   the map.
@@ -46,7 +47,7 @@ use std::{
     collections::BTreeMap,
     fmt::Write as _,
     fs,
-    net::{IpAddr, Ipv4Addr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     path::{Path, PathBuf},
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
@@ -62,7 +63,7 @@ use svc_common::service::{ServiceKey, ServiceValue};
 use svc_tests::{
     apiserver::{ApiServer, Options},
     k8s::{self, Agent, AgentSource},
-    netns::{self, Node, Topology},
+    netns::{self, Node, SERVICE_V4, SERVICE_V6, Topology},
 };
 
 /// Service counts measured by default.
@@ -121,8 +122,8 @@ fn main() -> anyhow::Result<()> {
     let run_started = Instant::now();
     println!(
         "svc-agent control plane: {} ClusterIP Services with 1 TCP port and {ENDPOINTS} endpoints \
-         each ({WIDE_ENDPOINTS}-endpoint variant at {}); agent with its default map sizes, \
-         --coalesce-ms {COALESCE_MS}, --no-events\n",
+         each ({WIDE_ENDPOINTS}-endpoint variant at {}; IPv4, IPv6 from the {V4_SERVICES}th \
+         Service on);\nagent with its default map sizes, --coalesce-ms {COALESCE_MS}, --no-events\n",
         config
             .scales
             .iter()
@@ -288,19 +289,36 @@ impl Config {
 // The objects
 // ---------------------------------------------------------------------------------------------
 
-/// `198.19.x.y`: the VIP of Service `i`.
-fn vip(i: u32) -> Ipv4Addr {
-    let base = u32::from(Ipv4Addr::new(198, 19, 0, 0));
-    Ipv4Addr::from(base + 1 + i)
+/// Services with IPv4 addresses; the others (`i` from here on) are `IPv6`: 198.19.0.0/16, the
+/// test plan's IPv4 service range, holds 65,536 VIPs, and every address must stay in
+/// 198.18.0.0/15 or `2001:db8::/32`.
+const V4_SERVICES: u32 = 65_000;
+
+/// The VIP of Service `i`: `198.19.x.y`, or `2001:db8:f::<n>` past [`V4_SERVICES`].
+fn vip(i: u32) -> IpAddr {
+    if i < V4_SERVICES {
+        SERVICE_V4.host(1 + i).into()
+    } else {
+        SERVICE_V6.host(1 + u128::from(i)).into()
+    }
 }
 
 /// Endpoint `j` of Service `i` (of `width` endpoints each): a unique address:port, addresses in
-/// 198.18.128.0/17.
-fn endpoint(i: u32, j: u32, width: u32) -> (Ipv4Addr, u16) {
+/// 198.18.128.0/17 (the port grows every 32,768), or `2001:db8:e::<n>` for `IPv6` Services.
+fn endpoint(i: u32, j: u32, width: u32) -> (IpAddr, u16) {
     let n = i * width + j;
-    let base = u32::from(Ipv4Addr::new(198, 18, 128, 0));
-    let port = TARGET_PORT + u16::try_from(n / 32_768).unwrap_or(0);
-    (Ipv4Addr::from(base + n % 32_768), port)
+    if i < V4_SERVICES {
+        let base = u32::from(Ipv4Addr::new(198, 18, 128, 0));
+        let port = TARGET_PORT + u16::try_from(n / 32_768).unwrap_or(0);
+        (Ipv4Addr::from(base + n % 32_768).into(), port)
+    } else {
+        let base = u128::from(Ipv6Addr::new(0x2001, 0xdb8, 0xe, 0, 0, 0, 0, 0));
+        (Ipv6Addr::from(base + u128::from(n)).into(), TARGET_PORT)
+    }
+}
+
+fn family(i: u32) -> &'static str {
+    if i < V4_SERVICES { "IPv4" } else { "IPv6" }
 }
 
 fn service_json(i: u32) -> Value {
@@ -309,7 +327,7 @@ fn service_json(i: u32) -> Value {
         "metadata": {"name": format!("svc-{i}"), "namespace": NAMESPACE},
         "spec": {
             "type": "ClusterIP", "clusterIP": vip(i).to_string(), "clusterIPs": [vip(i).to_string()],
-            "ipFamilies": ["IPv4"], "ipFamilyPolicy": "SingleStack",
+            "ipFamilies": [family(i)], "ipFamilyPolicy": "SingleStack",
             "ports": [{"name": "http", "port": PORT, "protocol": "TCP", "targetPort": TARGET_PORT}],
         },
     })
@@ -325,7 +343,7 @@ fn slice_json(i: u32, width: u32, count: u32) -> Value {
         .collect();
     let (_, port) = endpoint(i, 0, width);
     json!({
-        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice", "addressType": "IPv4",
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice", "addressType": family(i),
         "metadata": {"name": format!("svc-{i}-abcde"), "namespace": NAMESPACE,
                      "labels": {"kubernetes.io/service-name": format!("svc-{i}")}},
         "ports": [{"name": "http", "port": port, "protocol": "TCP"}],
@@ -435,6 +453,10 @@ struct Row {
     burst: Option<(u32, Duration)>,
     churn: Option<(Duration, Duration, u32)>,
     frontends: Option<u64>,
+    /// The most map entries one pass of the change samples wrote.
+    written: Option<u64>,
+    /// The median pass of the change samples as the agent logs it: (whole pass, compute).
+    pass: Option<(Duration, Duration)>,
     skipped: u64,
     notes: Vec<String>,
     memlock: Option<(usize, u64)>,
@@ -486,7 +508,21 @@ fn run_case(agent_bin: &Path, config: &Config, case: Case) -> anyhow::Result<Row
         map: &map,
         width: case.endpoints,
     };
+    let before = sync_lines(&agent).len();
     row.latencies = m.changes(&picks, config.samples, config.sample_budget)?;
+    // Let the log catch up with the last pass.
+    std::thread::sleep(Duration::from_millis(50));
+    let mut passes = Vec::new();
+    for line in sync_lines(&agent).iter().skip(before) {
+        let written = field(line, "services_written").unwrap_or(0)
+            + field(line, "backends_written").unwrap_or(0);
+        row.written = Some(row.written.unwrap_or(0).max(written));
+        if let (Some(compute), Some(took)) = (field(line, "compute_us"), field(line, "took_us")) {
+            passes.push((Duration::from_micros(took), Duration::from_micros(compute)));
+        }
+    }
+    passes.sort_unstable();
+    row.pass = passes.get(passes.len() / 2).copied();
     row.burst = Some(m.burst(&picks, config.burst)?);
     if !config.churn.is_zero() {
         row.churn = Some(m.churn(agent.pid(), &picks, config.churn)?);
@@ -643,7 +679,7 @@ impl Measure<'_> {
 /// The `SERVICES_V1` key of Service `i`'s frontend.
 fn key(i: u32) -> ServiceKey {
     frontend_key(&FrontendKey {
-        addr: IpAddr::V4(vip(i)),
+        addr: vip(i),
         port: PORT,
         proto: Protocol::Tcp,
         scope: Scope::Internal,
@@ -680,6 +716,16 @@ fn open_services(bpffs: &Path) -> anyhow::Result<ServicesMap> {
 // ---------------------------------------------------------------------------------------------
 // The agent's log and /proc
 // ---------------------------------------------------------------------------------------------
+
+/// The agent's "synced" lines (one per pass), in order.
+fn sync_lines(agent: &Agent) -> Vec<String> {
+    agent
+        .log()
+        .lines()
+        .filter(|l| l.contains(" synced "))
+        .map(str::to_owned)
+        .collect()
+}
 
 /// A numeric `key=value` field of a log line.
 fn field(line: &str, name: &str) -> Option<u64> {
@@ -789,7 +835,7 @@ fn mib(kib: u64) -> String {
 
 fn header() -> String {
     format!(
-        "{:<6} {:>8} {:>3}  {:<19} {:>8}  {:<19} {:>7}  {:<17} {:<18} {:>8} {:>4}  {:<19} {:<17} {:>9}  notes",
+        "{:<6} {:>8} {:>3}  {:<19} {:>8}  {:<19} {:>7}  {:<18} {:<19} {:>8} {:>4} {:>7} {:>17}  {:<22} {:<12} {:>7}  notes",
         "source",
         "services",
         "eps",
@@ -801,6 +847,8 @@ fn header() -> String {
         "change p99",
         "max",
         "n",
+        "written",
+        "pass p50 (model)",
         "burst (last->map)",
         "churn CPU",
         "skipped",
@@ -845,7 +893,7 @@ impl Row {
             },
         );
         let mut line = format!(
-            "{:<6} {:>8} {:>3}  {:<19} {:>8}  {:<19} {:>7}  {:<17} {:<18} {:>8} {:>4}  {:<19} {:<17} {:>9}  ",
+            "{:<6} {:>8} {:>3}  {:<19} {:>8}  {:<19} {:>7}  {:<18} {:<19} {:>8} {:>4} {:>7} {:>17}  {:<22} {:<12} {:>7}  ",
             case.source.name(),
             case.services,
             case.endpoints,
@@ -859,6 +907,12 @@ impl Row {
             percentile(&self.latencies, 100)
                 .map_or_else(|| "-".to_owned(), |d| format!("{:.1}ms", ms(d))),
             self.latencies.len(),
+            self.written
+                .map_or_else(|| "-".to_owned(), |w| w.to_string()),
+            self.pass.map_or_else(
+                || "n/a".to_owned(),
+                |(pass, model)| format!("{:.1}ms ({:.1}ms)", ms(pass), ms(model))
+            ),
             burst,
             churn,
             self.skipped,
@@ -894,6 +948,12 @@ fn footer(config: &Config, memlock: Option<(usize, u64)>) -> String {
          coalescing window, --coalesce-ms {COALESCE_MS};",
         config.samples,
         config.sample_budget.as_secs()
+    );
+    let _ = writeln!(
+        out,
+        "written: the most map entries (SERVICES_V1 + BACKENDS_V1) one pass of those changes \
+         wrote; pass p50 (model): the agent's own median time for such a pass and, of it, the \
+         desired-state model's compute (logged by the API server source only);"
     );
     let _ = writeln!(
         out,
