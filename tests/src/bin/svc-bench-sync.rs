@@ -38,7 +38,8 @@
 //! Knobs: `SVC_BENCH_SCALES=1000,10000`, `SVC_BENCH_WIDE_SCALES=30000` (10-endpoint variants,
 //! empty for none), `SVC_BENCH_SOURCES=api,dir`, `SVC_BENCH_SAMPLES` (change pairs, default
 //! 100), `SVC_BENCH_SAMPLE_SECS` (time budget of the change samples per case, default 30),
-//! `SVC_BENCH_CHURN_SECS` (default 60), `SVC_BENCH_BURST` (default 1000).
+//! `SVC_BENCH_CHURN_SECS` (default 60), `SVC_BENCH_BURST` (default 1000),
+//! `SVC_BENCH_SYNC_SECS` (bound on a cold sync, default 600).
 //!
 //! Run as root (eBPF maps, namespaces). Everything a case creates (namespaces, bpffs mounts, the
 //! manifest directory, the agent) is removed when it ends, also on error.
@@ -94,12 +95,8 @@ const COALESCE_MS: u64 = 5;
 const CHANGE_TIMEOUT: Duration = Duration::from_secs(120);
 /// Bound on the burst's changes reaching the map after its last write.
 const BURST_TIMEOUT: Duration = Duration::from_secs(45);
-/// Bound on a cold sync.
-#[expect(
-    clippy::duration_suboptimal_units,
-    reason = "Duration::from_mins needs Rust 1.91; the workspace supports 1.89"
-)]
-const SYNC_TIMEOUT: Duration = Duration::from_secs(600);
+/// Bound on a cold sync, seconds.
+const SYNC_SECS: u64 = 600;
 /// Services per file in the directory source.
 const SERVICES_PER_FILE: u32 = 1_000;
 /// How often the map is looked at while waiting for a change.
@@ -158,13 +155,21 @@ fn main() -> anyhow::Result<()> {
                 println!("{}", row.format(case));
                 memlock = memlock.or(row.memlock);
             }
-            Err(e) => println!(
-                "{:<6} {:>8} {:>3}  failed: {}",
-                case.source.name(),
-                case.services,
-                case.endpoints,
-                format!("{e:#}").lines().next().unwrap_or_default()
-            ),
+            Err(e) => {
+                let e = format!("{e:#}");
+                println!(
+                    "{:<6} {:>8} {:>3}  failed: {}",
+                    case.source.name(),
+                    case.services,
+                    case.endpoints,
+                    e.lines().next().unwrap_or_default()
+                );
+                // The rest is usually the agent's log: its last lines say why.
+                let lines: Vec<&str> = e.lines().collect();
+                for line in &lines[lines.len().saturating_sub(25)..] {
+                    eprintln!("    {line}");
+                }
+            }
         }
     }
     println!("{}", footer(&config, memlock));
@@ -206,6 +211,7 @@ struct Config {
     sample_budget: Duration,
     churn: Duration,
     burst: u32,
+    sync_timeout: Duration,
 }
 
 /// One row of the table.
@@ -258,6 +264,7 @@ impl Config {
             sample_budget: Duration::from_secs(number("SVC_BENCH_SAMPLE_SECS", SAMPLE_SECS)?),
             churn: Duration::from_secs(number("SVC_BENCH_CHURN_SECS", CHURN_SECS)?),
             burst: number("SVC_BENCH_BURST", BURST)?,
+            sync_timeout: Duration::from_secs(number("SVC_BENCH_SYNC_SECS", SYNC_SECS)?),
         };
         if config.scales.contains(&0) {
             bail!("SVC_BENCH_SCALES: a scale needs at least one Service");
@@ -472,7 +479,7 @@ fn run_case(agent_bin: &Path, config: &Config, case: Case) -> anyhow::Result<Row
     let source = feed.agent_source(&kubeconfig)?;
     let coalesce = COALESCE_MS.to_string();
     let flags = ["--coalesce-ms", coalesce.as_str(), "--no-events"];
-    let agent = Agent::start_with_flags(agent_bin, &node, &source, &flags, SYNC_TIMEOUT)?;
+    let agent = Agent::start_with_flags(agent_bin, &node, &source, &flags, config.sync_timeout)?;
     let mut row = Row::default();
     let log = agent.log();
     let running = log
