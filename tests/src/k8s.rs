@@ -32,7 +32,7 @@ use std::{
         atomic::{AtomicBool, Ordering},
     },
     thread::JoinHandle,
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime},
 };
 
 use anyhow::{Context as _, anyhow, bail, ensure};
@@ -674,7 +674,19 @@ pub struct Agent {
     binary: PathBuf,
     /// What the agent's log says after each sync (`synced <dir>`, `synced from the API server`).
     sync_line: String,
+    /// The wall-clock time just before the process was spawned.
+    spawned_at: SystemTime,
     process: Process,
+}
+
+/// What an agent follows: a directory of manifests (`--from-dir`) or the API server a
+/// kubeconfig file points at (`--kubeconfig`).
+#[derive(Clone, Copy, Debug)]
+pub enum AgentSource<'a> {
+    /// `--from-dir <dir>`.
+    Dir(&'a Path),
+    /// `--kubeconfig <file>`.
+    Kube(&'a Path),
 }
 
 impl Agent {
@@ -743,6 +755,34 @@ impl Agent {
         Self::start_with(binary, node, &source, sync_line, (sizes, timeout))
     }
 
+    /// Starts the agent on `node` following `source` with the agent's own default map sizes
+    /// and `flags` added to `svc-agent run` as they are (`["--coalesce-ms", "5"]`); waits at
+    /// most `timeout` for it to announce that it runs (after its first sync). For benchmarks:
+    /// [`spawned_at`](Self::spawned_at) tells when the process was started.
+    pub fn start_with_flags(
+        binary: &Path,
+        node: &Node,
+        source: &AgentSource<'_>,
+        flags: &[&str],
+        timeout: Duration,
+    ) -> anyhow::Result<Self> {
+        let (args, sync_line) = match source {
+            AgentSource::Dir(dir) => (
+                [OsStr::new("--from-dir"), dir.as_os_str()],
+                format!("synced {}", dir.display()),
+            ),
+            AgentSource::Kube(kubeconfig) => (
+                [OsStr::new("--kubeconfig"), kubeconfig.as_os_str()],
+                "synced from the API server".to_owned(),
+            ),
+        };
+        let flags: Vec<&OsStr> = args
+            .into_iter()
+            .chain(flags.iter().map(OsStr::new))
+            .collect();
+        Self::start_with(binary, node, &flags, sync_line, (&[], timeout))
+    }
+
     fn start_with(
         binary: &Path,
         node: &Node,
@@ -774,12 +814,14 @@ impl Agent {
                 .arg(AUDIT_INTERVAL_SECS.to_string());
         }
         cmd.env("RUST_LOG", "info").env("NO_COLOR", "1");
+        let spawned_at = SystemTime::now();
         let process = node.spawn(&cmd)?;
         let mut agent = Self {
             node: node.name.clone(),
             bpffs: node.bpffs.clone(),
             binary: binary.to_owned(),
             sync_line,
+            spawned_at,
             process,
         };
         agent
@@ -857,6 +899,13 @@ impl Agent {
     /// `dropped`, `no_endpoints`, `no_local_endpoint`, ...
     pub fn stats(&self) -> anyhow::Result<BTreeMap<String, u64>> {
         parse_stats(&self.inspect("stats")?)
+    }
+
+    /// The wall-clock time just before the agent's process was spawned (compare with the
+    /// timestamps of its log lines).
+    #[must_use]
+    pub fn spawned_at(&self) -> SystemTime {
+        self.spawned_at
     }
 
     /// The agent's process id.

@@ -33,8 +33,10 @@ enum Task {
     Lint,
     /// The demo: two emulated nodes in network namespaces, real traffic, live counters.
     Demo,
-    /// Benchmarks that print figures: API server to map latency and cold sync at 1k/10k/30k
-    /// Services (`svc-bench-sync`), and the packet path's cost with 1 and 100,000 Services.
+    /// Benchmarks that print figures: the packet path's cost with 1 and 100,000 Services, and
+    /// the control plane's table (`svc-bench-sync`: change latency, cold sync, memory, burst and
+    /// churn CPU at 1k/10k/30k/100k Services, following the API server and a directory; the
+    /// `SVC_BENCH_*` variables narrow it, see the README).
     Bench,
 }
 
@@ -195,7 +197,10 @@ fn bench() -> anyhow::Result<()> {
     if !status.success() {
         bail!("the packet benchmark failed ({status})");
     }
-    step("bench: API server to maps (cold sync, change latency)");
+    step(
+        "bench: the control plane, API server and directory to maps (change latency, cold sync, \
+         memory, burst, churn CPU)",
+    );
     cargo(&[
         "run",
         "--quiet",

@@ -32,8 +32,10 @@ pub const STOP_GRACE: Duration = Duration::from_secs(3);
 /// How long `spawn` waits for the process to enter its namespace and cgroup.
 const ENTER_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Most bytes of output kept per process; more is dropped (and said so).
-const OUTPUT_LIMIT: usize = 4 << 20;
+/// Most bytes of output kept per process; more is dropped (and said so). An agent with
+/// 100,000 Services and a full map logs one warning per frontend it cannot hold (over 4 MiB)
+/// before the lines the harness waits for.
+const OUTPUT_LIMIT: usize = 64 << 20;
 
 /// Moves itself into the cgroup (when one is given), then becomes `nsenter`, which becomes the
 /// command: the pid the harness holds is the command's own.
