@@ -701,7 +701,7 @@ impl Agent {
             node,
             &source,
             format!("synced {}", dir.display()),
-            (&TEST_MAP_SIZES, AGENT_START_TIMEOUT),
+            (&TEST_MAP_SIZES, AGENT_START_TIMEOUT, true),
         )
     }
 
@@ -725,7 +725,7 @@ impl Agent {
             node,
             &source,
             format!("synced {}", dir.display()),
-            (&known, AGENT_START_TIMEOUT),
+            (&known, AGENT_START_TIMEOUT, true),
         )
     }
 
@@ -752,7 +752,7 @@ impl Agent {
     ) -> anyhow::Result<Self> {
         let source = [OsStr::new("--kubeconfig"), kubeconfig.as_os_str()];
         let sync_line = "synced from the API server".to_owned();
-        Self::start_with(binary, node, &source, sync_line, (sizes, timeout))
+        Self::start_with(binary, node, &source, sync_line, (sizes, timeout, true))
     }
 
     /// Starts the agent on `node` following `source` with the agent's own default map sizes
@@ -780,7 +780,7 @@ impl Agent {
             .into_iter()
             .chain(flags.iter().map(OsStr::new))
             .collect();
-        Self::start_with(binary, node, &flags, sync_line, (&[], timeout))
+        Self::start_with(binary, node, &flags, sync_line, (&[], timeout, false))
     }
 
     fn start_with(
@@ -788,7 +788,7 @@ impl Agent {
         node: &Node,
         source: &[&OsStr],
         sync_line: String,
-        (sizes, timeout): (&[(&str, u32)], Duration),
+        (sizes, timeout, audit): (&[(&str, u32)], Duration, bool),
     ) -> anyhow::Result<Self> {
         let mut cmd = Command::new(binary);
         cmd.arg("--bpffs")
@@ -807,9 +807,10 @@ impl Agent {
         if supports_flag(binary, "--socket-lb")? {
             cmd.arg("--socket-lb").arg(socket_lb());
         }
-        // The full computation and diff audit the incremental passes every 2 s (the default is
-        // 5 min): any drift is a warning, and a test fails on an agent's warnings.
-        if supports_flag(binary, "--audit-interval")? {
+        // Test agents (`audit`) check their incremental passes against the full computation
+        // every 2 s (the default is 5 min): any drift is a warning, and a test fails on an
+        // agent's warnings. Benchmarks run the agent as shipped.
+        if audit && supports_flag(binary, "--audit-interval")? {
             cmd.arg("--audit-interval")
                 .arg(AUDIT_INTERVAL_SECS.to_string());
         }
