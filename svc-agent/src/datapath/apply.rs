@@ -1122,20 +1122,32 @@ impl<M: DatapathMaps> Reconciler<M> {
                 .get(&item.slot0)
                 .map_or(0, |v| v.count);
             let named = named.max(item.after.as_ref().map_or(0, |t| t.slots.len() as u16));
-            for slot in named.saturating_add(1)..=item.span {
-                let k = ServiceKey { slot, ..item.slot0 };
-                if !self.held.current.services.contains_key(&k) {
-                    continue;
+            self.delete_slots_after(item, named, broken, report);
+        }
+    }
+
+    /// Deletes the slots of `item`'s frontend above `count` (up to its span) that the maps
+    /// hold; a failed delete puts the frontend into `broken`.
+    fn delete_slots_after(
+        &mut self,
+        item: &Item,
+        count: u16,
+        broken: &mut BTreeSet<ServiceKey>,
+        report: &mut ReconcileReport,
+    ) {
+        for slot in count.saturating_add(1)..=item.span {
+            let k = ServiceKey { slot, ..item.slot0 };
+            if !self.held.current.services.contains_key(&k) {
+                continue;
+            }
+            match self.maps.del_service(&k) {
+                Ok(()) => {
+                    self.held.del_service(&k);
+                    report.services_deleted += 1;
                 }
-                match self.maps.del_service(&k) {
-                    Ok(()) => {
-                        self.held.del_service(&k);
-                        report.services_deleted += 1;
-                    }
-                    Err(e) => {
-                        broken.insert(item.slot0);
-                        report.errors.push(format!("{}: {e:#}", describe(&k)));
-                    }
+                Err(e) => {
+                    broken.insert(item.slot0);
+                    report.errors.push(format!("{}: {e:#}", describe(&k)));
                 }
             }
         }
@@ -1206,22 +1218,7 @@ impl<M: DatapathMaps> Reconciler<M> {
                 continue;
             }
             let count = item.after.as_ref().map_or(0, |t| t.slots.len() as u16);
-            for slot in count + 1..=item.span {
-                let k = ServiceKey { slot, ..item.slot0 };
-                if !self.held.current.services.contains_key(&k) {
-                    continue;
-                }
-                match self.maps.del_service(&k) {
-                    Ok(()) => {
-                        self.held.del_service(&k);
-                        report.services_deleted += 1;
-                    }
-                    Err(e) => {
-                        broken.insert(item.slot0);
-                        report.errors.push(format!("{}: {e:#}", describe(&k)));
-                    }
-                }
-            }
+            self.delete_slots_after(item, count, broken, report);
         }
     }
 

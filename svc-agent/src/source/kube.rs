@@ -455,13 +455,16 @@ fn sync<M: DatapathMaps>(
         return super::audit::audit(&stores.snapshot(), node_name, model, rec);
     }
     let started = std::time::Instant::now();
+    let computed;
     let full = !work.relisted.is_empty();
     let mut report = if full {
         model.replace(&stores.snapshot());
+        computed = started.elapsed();
         rec.apply(model.state())
     } else {
         stores.hand_over(work, model);
         let delta = model.update();
+        computed = started.elapsed();
         rec.apply_delta(model.state(), &delta)
     };
     let took = started.elapsed();
@@ -480,6 +483,7 @@ fn sync<M: DatapathMaps>(
         waiting = report.skipped.len(),
         bad_objects = state.errors.len(),
         relisted = relisted.join(","),
+        compute_us = computed.as_micros(),
         took_us = took.as_micros(),
         "synced from the API server"
     );
