@@ -128,16 +128,23 @@ impl Standalone {
             let mut said = Vec::new();
             let objects = self.with_pod_slices(&loaded, &mut said);
             self.said_about_objects = said;
-            if self.synced && !audit {
+            let mut report = if self.synced {
                 let delta = self.model.replace(&objects);
                 rec.apply_delta(self.model.state(), &delta)
-            } else if audit {
-                self.audit_at = self.audit_interval.map(|i| now + i);
-                crate::source::audit::audit(&objects, &self.node_name, &mut self.model, rec)
             } else {
                 self.model.replace(&objects);
                 rec.apply(self.model.state())
+            };
+            if audit {
+                // After the change is applied: the audit checks the result, not the change.
+                self.audit_at = self.audit_interval.map(|i| now + i);
+                let audit =
+                    crate::source::audit::audit(&objects, &self.node_name, &mut self.model, rec);
+                report.errors.extend(audit.errors);
+                report.skipped = audit.skipped;
+                report.retry_after = audit.retry_after;
             }
+            report
         } else {
             rec.apply_delta(self.model.state(), &model::Delta::default())
         };
