@@ -175,17 +175,23 @@ pub enum DropReason {
     /// A packet to a `ClusterIP` on a port the Service does not have, and the rejection reply
     /// could not be built (see `NoEndpoints`).
     UnlistedPort = 5,
+    /// A new flow's reply tuple (backend -> client and port) belongs to a live connection of
+    /// another flow: the client used the same source port towards another frontend with the
+    /// same backend, so replies of the two could not be told apart. The new flow's first
+    /// packet is dropped (the client retries; the tuple frees when the other connection closes).
+    CtReplyClash = 6,
 }
 
 impl DropReason {
     /// Every reason, in index order.
-    pub const ALL: [Self; 6] = [
+    pub const ALL: [Self; 7] = [
         Self::NoEndpoints,
         Self::NoLocalEndpoint,
         Self::BackendMissing,
         Self::CtInsertFailed,
         Self::RewriteFailed,
         Self::UnlistedPort,
+        Self::CtReplyClash,
     ];
     /// Number of entries in `DROP_STATS_V1`.
     pub const COUNT: u32 = Self::ALL.len() as u32;
@@ -200,6 +206,7 @@ impl DropReason {
             Self::CtInsertFailed => "ct_insert_failed",
             Self::RewriteFailed => "rewrite_failed",
             Self::UnlistedPort => "unlisted_port_dropped",
+            Self::CtReplyClash => "ct_reply_clash",
         }
     }
 }

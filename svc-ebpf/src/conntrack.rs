@@ -163,13 +163,17 @@ pub fn ct_remove_pair(table: Table, key: &CtKey, value: &CtValue) {
 }
 
 /// Records a new translated flow in `CT_NEW_V1`: the forward entry (client -> VIP, the
-/// packet's own tuple) and its reply entry (backend -> client). If the reply entry cannot be
-/// stored, the forward one is removed again. A subprogram of its own, so its keys and values
+/// packet's own tuple) and its reply entry (backend -> client), once the reply tuple is the
+/// flow's own ([`ct_claim_reply`]). If the reply entry cannot be stored, the
+/// forward one is removed again. A subprogram of its own, so its keys and values
 /// get their own stack frame (one value, reused for both entries: the pod path's deepest
 /// call chain ends here).
 #[inline(never)]
 pub fn ct_create(pkt: &Parsed, chosen: &Chosen, now: u64) -> Result<(), DropReason> {
     let fwd = ct_key(pkt, dir::FORWARD);
+    let backend = &chosen.backend;
+    let reply_key = reply_key(&fwd, &backend.addr, backend.port);
+    ct_claim_reply(&reply_key, &fwd, now)?;
     // A flow first seen mid-way (its entry was lost) may be closing already.
     let mut st = 0;
     if pkt.tcp_flags & tcp_flags::FIN != 0 {
@@ -178,7 +182,6 @@ pub fn ct_create(pkt: &Parsed, chosen: &Chosen, now: u64) -> Result<(), DropReas
     if pkt.tcp_flags & tcp_flags::RST != 0 {
         st |= state::CLOSING;
     }
-    let backend = &chosen.backend;
     let mut value = CtValue {
         addr: backend.addr,
         port: backend.port,
@@ -192,7 +195,6 @@ pub fn ct_create(pkt: &Parsed, chosen: &Chosen, now: u64) -> Result<(), DropReas
     CT_NEW_V1
         .insert(&fwd, &value, u64::from(BPF_ANY))
         .map_err(|_| DropReason::CtInsertFailed)?;
-    let reply_key = reply_key(&fwd, &backend.addr, backend.port);
     value.addr = pkt.dst;
     value.port = Be16(pkt.dport);
     if reply_key.dir == dir::FORWARD {
@@ -205,6 +207,58 @@ pub fn ct_create(pkt: &Parsed, chosen: &Chosen, now: u64) -> Result<(), DropReas
         let _ = CT_NEW_V1.remove(&fwd);
         return Err(DropReason::CtInsertFailed);
     }
+    Ok(())
+}
+
+/// Makes the reply tuple `reply` of the new flow `fwd` its own, in both tables. The backend
+/// sees the client's address and port, not the VIP: a client that used the same source port
+/// towards another frontend with the same backend (another VIP or service port) gives both
+/// flows one reply tuple, and a reply must find the entry of its own flow (the answered table
+/// is asked first: an old pair there would give the new flow's SYN-ACK the old VIP).
+///
+/// An entry of another flow whose connection is closed (both FINs, or a reset) or idle past its
+/// timeout goes, with its pair, as kernel conntrack reuses the tuple of a closed connection; a
+/// live one keeps the tuple, and the new flow is dropped ([`DropReason::CtReplyClash`]). The
+/// reply leg of a hairpinned flow is keyed with the VIP: it cannot clash.
+#[inline(always)]
+fn ct_claim_reply(reply: &CtKey, fwd: &CtKey, now: u64) -> Result<(), DropReason> {
+    if reply.dir != dir::REPLY {
+        return Ok(());
+    }
+    claim_in(&CT_V1, Table::Answered, reply, fwd, now)?;
+    claim_in(&CT_NEW_V1, Table::Unanswered, reply, fwd, now)
+}
+
+#[inline(always)]
+fn claim_in(
+    map: &LruHashMap<CtKey, CtValue>,
+    table: Table,
+    reply: &CtKey,
+    fwd: &CtKey,
+    now: u64,
+) -> Result<(), DropReason> {
+    let Some(entry) = map.get_ptr(reply) else {
+        return Ok(());
+    };
+    // SAFETY: a pointer into the map's value, read before the entry is removed.
+    let entry = unsafe { &*entry };
+    // The key fixes backend, client and client port; the value of a reply entry names the VIP
+    // and service port its flow was sent to: that flow's forward key.
+    let owner = CtKey {
+        dst: entry.addr,
+        dport: entry.port,
+        dir: dir::FORWARD,
+        ..*fwd
+    };
+    if addr_eq(&owner.dst, &fwd.dst) && owner.dport == fwd.dport {
+        return Ok(());
+    }
+    let idle = now.saturating_sub(entry.last_seen_ns);
+    if idle <= idle_timeout(table, reply.proto, entry.state) && entry.state & state::CLOSING == 0 {
+        return Err(DropReason::CtReplyClash);
+    }
+    let _ = map.remove(reply);
+    let _ = map.remove(&owner);
     Ok(())
 }
 

@@ -7,6 +7,9 @@
 //! - a client reusing its source port within the close timeout opens a new connection, which
 //!   never reaches an endpoint removed from the Service meanwhile (even one that stays the
 //!   backend of another Service);
+//! - a client reusing its source port towards another Service with the same endpoint gets its
+//!   answers from that Service's address (the endpoint sees the same tuple again); while the
+//!   first connection is alive, the second is refused (counted) and the first keeps working;
 //! - a flood of spoofed SYNs into small connection tables breaks no established connection.
 //!
 //! Pods reach services at the socket in mode `all` (their connections are then not tracked per
@@ -373,9 +376,9 @@ enum Close {
     Fin,
 }
 
-/// One request to `dst` from local port `port` (`SO_REUSEADDR`), closed as `close` says;
-/// returns the label that answered.
-fn ask_from(port: u16, dst: SocketAddr, close: Close) -> anyhow::Result<String> {
+/// A connection to `dst` from local port `port` (`SO_REUSEADDR`, as every socket sharing the
+/// port must have).
+fn connect_from(port: u16, dst: SocketAddr) -> anyhow::Result<TcpStream> {
     let socket = sockd::socket(socket2::Domain::IPV4, socket2::Type::STREAM)?;
     socket.set_reuse_address(true)?;
     let local: SocketAddr = (std::net::Ipv4Addr::UNSPECIFIED, port).into();
@@ -383,9 +386,14 @@ fn ask_from(port: u16, dst: SocketAddr, close: Close) -> anyhow::Result<String> 
     socket
         .connect_timeout(&dst.into(), IO_TIMEOUT)
         .with_context(|| format!("connect from port {port}"))?;
-    let mut s = TcpStream::from(socket);
+    let s = TcpStream::from(socket);
     s.set_read_timeout(Some(IO_TIMEOUT))?;
-    s.write_all(b"hello\n")?;
+    Ok(s)
+}
+
+/// Sends one line on `s` and returns the label of the answer line.
+fn ask_line(s: &mut TcpStream, line: &str) -> anyhow::Result<String> {
+    s.write_all(format!("{line}\n").as_bytes())?;
     let mut answer = Vec::new();
     let mut buf = [0u8; 256];
     // Bounded: one line of at most 256 bytes, each read within the timeout.
@@ -394,11 +402,18 @@ fn ask_from(port: u16, dst: SocketAddr, close: Close) -> anyhow::Result<String> 
         ensure!(n > 0, "closed before answering");
         answer.extend_from_slice(&buf[..n]);
     }
-    let label = String::from_utf8_lossy(&answer)
+    Ok(String::from_utf8_lossy(&answer)
         .split(' ')
         .next()
         .unwrap_or_default()
-        .to_owned();
+        .to_owned())
+}
+
+/// One request to `dst` from local port `port` (`SO_REUSEADDR`), closed as `close` says;
+/// returns the label that answered.
+fn ask_from(port: u16, dst: SocketAddr, close: Close) -> anyhow::Result<String> {
+    let mut s = connect_from(port, dst)?;
+    let label = ask_line(&mut s, "hello")?;
     match close {
         Close::Reset => socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO))?,
         Close::Fin => {
@@ -478,6 +493,84 @@ fn a_reused_source_port_never_reaches_a_removed_endpoint() {
              removed endpoint{}",
             c.diag()
         );
+    }
+    c.finish();
+}
+
+/// How long a connection may take that must succeed at once (no SYN retransmission: the
+/// first retransmission comes after 1 s).
+const AT_ONCE: Duration = Duration::from_millis(900);
+
+#[test]
+fn a_source_port_reused_towards_another_service_with_the_same_endpoint_gets_its_answers() {
+    let mut c = Cluster::new(&[(0, "client"), (1, "web-0")]);
+    let (web_vip, keep_vip) = (vip4(66), vip4(67));
+    // Two Services, one endpoint: web-0:8080 sees a client port used towards either VIP as
+    // one tuple.
+    let web = service("web", web_vip);
+    let keep = service("keep", keep_vip);
+    c.write("web.yaml", &[web.to_yaml(), c.slice(&web, &["web-0"])]);
+    c.write("keep.yaml", &[keep.to_yaml(), c.slice(&keep, &["web-0"])]);
+    c.serve("web-0");
+    c.bed.start_agents();
+    let (web_dst, keep_dst) = (
+        SocketAddr::new(web_vip, SERVICE_PORT),
+        SocketAddr::new(keep_vip, SERVICE_PORT),
+    );
+    // Ended connections: each way of closing, then the same port towards the other VIP at
+    // once (well within the 10 s close timeout), in both orders.
+    let took = c.in_client(move || {
+        let mut took = Vec::new();
+        for (i, close) in [Close::Reset, Close::Fin].into_iter().enumerate() {
+            let port = 31000 + 10 * i as u16;
+            for (first, second) in [(web_dst, keep_dst), (keep_dst, web_dst)] {
+                ask_from(port, first, close).with_context(|| format!("to {first}"))?;
+                let started = Instant::now();
+                ask_from(port, second, Close::Reset).with_context(|| {
+                    format!("from port {port} to {second} just after {first} ({close:?})")
+                })?;
+                took.push((close, first, started.elapsed()));
+            }
+        }
+        Ok(took)
+    });
+    c.step(&format!("port reused towards the other VIP: {took:?}"));
+    for (close, first, t) in &took {
+        assert!(
+            *t < AT_ONCE,
+            "the connection after one to {first} ({close:?}) needed a retransmission: {t:?}{}",
+            c.diag()
+        );
+    }
+    // A live connection: the same port towards the other VIP cannot be told apart at web-0.
+    // At the socket (mode all) the kernel refuses the second connect (the tuple to web-0 is
+    // in use); per packet (host-only) its SYN is dropped, counted as ct_reply_clash. Either
+    // way the live connection keeps working.
+    let before = c.stats(0);
+    let port = 31100;
+    let (live, second) = c.in_client(move || {
+        let mut live = connect_from(port, web_dst)?;
+        ask_line(&mut live, "first")?;
+        let second = ask_from(port, keep_dst, Close::Reset);
+        let again = ask_line(&mut live, "again")?;
+        Ok((again, second.map_err(|e| format!("{e:#}"))))
+    });
+    let after = c.stats(0);
+    let clashes = after.get("ct_reply_clash").copied().unwrap_or(0)
+        - before.get("ct_reply_clash").copied().unwrap_or(0);
+    c.step(&format!(
+        "port in use towards the other VIP: {second:?}; ct_reply_clash drops {clashes}; the \
+         live connection answered by {live}"
+    ));
+    assert_eq!(live, "web-0", "the live connection broke{}", c.diag());
+    assert!(
+        second
+            .as_ref()
+            .is_err_and(|e| e.starts_with("connect from port")),
+        "the second connection got through, or failed before connecting: {second:?}"
+    );
+    if k8s::socket_lb() == "host-only" {
+        assert!(clashes >= 1, "no ct_reply_clash drop counted{}", c.diag());
     }
     c.finish();
 }

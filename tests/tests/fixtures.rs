@@ -304,6 +304,22 @@ fn map_names_match() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Every program loads, and how much of the verifier's budget (1,000,000 instructions processed
+/// per load) each one takes is printed: the figure to watch when the packet path grows.
+fn verifier_budget() -> anyhow::Result<()> {
+    let mut ebpf = svc_agent::loader::load_object(svc_agent::loader::MapSizes::small())?;
+    svc_agent::loader::load_programs(&mut ebpf)?;
+    let mut figures = Vec::new();
+    for (name, prog) in ebpf.programs() {
+        let info = prog.info()?;
+        let n = info.verified_instruction_count().unwrap_or(0);
+        figures.push(format!("{name} {n}"));
+    }
+    figures.sort();
+    print!("[verified insns: {}] ", figures.join(", "));
+    Ok(())
+}
+
 fn main() {
     let mut args = Arguments::from_args();
     // Rows print their ns/packet inline; one thread keeps each figure on its row's line.
@@ -318,9 +334,14 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(2000u32);
-    let mut trials: Vec<Trial> = vec![Trial::test("object/map_names_match_the_object", || {
-        map_names_match().map_err(|e| Failed::from(format!("{e:#}")))
-    })];
+    let mut trials: Vec<Trial> = vec![
+        Trial::test("object/map_names_match_the_object", || {
+            map_names_match().map_err(|e| Failed::from(format!("{e:#}")))
+        }),
+        Trial::test("object/programs_verify_within_budget", || {
+            verifier_budget().map_err(|e| Failed::from(format!("{e:#}")))
+        }),
+    ];
     trials.extend(table().into_iter().map(|f| {
         Trial::test(f.name.clone(), move || match fixture::run(&f, repeat) {
             Ok(report) => {
