@@ -7,6 +7,7 @@ pub mod datapath;
 pub mod ifaces;
 pub mod inspect;
 pub mod loader;
+pub mod memory;
 pub mod migrate;
 pub mod model;
 pub mod pins;

@@ -54,9 +54,10 @@ pub static CT_NEW_V1: LruHashMap<CtKey, CtValue> = LruHashMap::with_max_entries(
 pub static AFFINITY_V1: LruHashMap<AffinityKey, AffinityValue> =
     LruHashMap::with_max_entries(sizes::AFFINITY, 0);
 
-/// Per-frontend (service port) packets and bytes, per CPU. Writer of entries: the agent
-/// (creates a zeroed entry with the frontend, deletes it with it); the programs add to existing
-/// entries. Key: frontend id. No preallocation: memory only for ids in use.
+/// Per-frontend (service port) packets and bytes, per CPU. Writers of entries: the programs
+/// (the first packet of a new flow creates the entry, every translated packet adds) and the
+/// agent (deletes the entry with the frontend). Key: frontend id. No preallocation: memory
+/// only for ids that carried a flow.
 #[map]
 pub static SVC_STATS_V1: PerCpuHashMap<u32, Counter> =
     PerCpuHashMap::with_max_entries(sizes::SERVICES, BPF_F_NO_PREALLOC);

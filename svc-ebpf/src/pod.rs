@@ -108,6 +108,8 @@ struct Target {
     backend_id: u32,
     /// A TCP packet that is not a SYN found no entry: chosen by a hash of its tuple.
     midflow_miss: bool,
+    /// The packet's flow is new: its backend was chosen just now.
+    new_flow: bool,
 }
 
 /// The service story of one packet: conntrack -> service -> backend -> rewrite. Each step is
@@ -124,6 +126,7 @@ fn to_service(ctx: &TcContext, pkt: &parse::Parsed) -> Outcome {
         frontend_id: 0,
         backend_id: 0,
         midflow_miss: false,
+        new_flow: false,
     };
     // 1. A flow already translated keeps its backend, as long as the backend exists (and a SYN
     //    opening a new connection on a reused tuple chooses again).
@@ -138,7 +141,12 @@ fn to_service(ctx: &TcContext, pkt: &parse::Parsed) -> Outcome {
         }
     }
     // 3. Count it, and send it there.
-    stats::count_translated(target.frontend_id, target.backend_id, ctx.len());
+    stats::count_translated(
+        target.frontend_id,
+        target.backend_id,
+        ctx.len(),
+        target.new_flow,
+    );
     if target.hairpin_reply {
         // The pod answers itself through the service: backend:port -> VIP:client-port becomes
         // VIP:service-port -> pod:client-port.
@@ -230,6 +238,7 @@ fn new_flow_backend(pkt: &parse::Parsed, now: u64, target: &mut Target) -> Outco
         Choice::Drop(reason) => Outcome::Drop(reason),
         Choice::Backend => {
             target.midflow_miss = midflow;
+            target.new_flow = true;
             if let Err(reason) = ct_create(pkt, &chosen, now) {
                 return Outcome::Drop(reason);
             }
@@ -254,7 +263,7 @@ pub fn to_pod(ctx: &TcContext) -> i32 {
         return match icmp::icmp_error_to_pod(ctx, &pkt) {
             Ok(Some((frontend_id, backend_id))) => {
                 stats::count(PktCounter::RevNat, ctx.len());
-                stats::count_translated(frontend_id, backend_id, ctx.len());
+                stats::count_translated(frontend_id, backend_id, ctx.len(), false);
                 TCX_NEXT
             }
             Ok(None) => TCX_NEXT,
@@ -341,7 +350,7 @@ fn reply_to_pod(ctx: &TcContext, pkt: &parse::Parsed) -> i32 {
     }
     frag_remember(ctx, pkt, 0);
     stats::count(PktCounter::RevNat, ctx.len());
-    stats::count_translated(entry.frontend_id, entry.backend_id, ctx.len());
+    stats::count_translated(entry.frontend_id, entry.backend_id, ctx.len(), false);
     TCX_NEXT
 }
 

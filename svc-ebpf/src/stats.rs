@@ -1,6 +1,9 @@
 //! Counter updates.
 
-use aya_ebpf::maps::{PerCpuArray, PerCpuHashMap};
+use aya_ebpf::{
+    bindings::BPF_NOEXIST,
+    maps::{PerCpuArray, PerCpuHashMap},
+};
 use svc_common::stats::{Counter, DropReason, PktCounter};
 
 use crate::maps::{BACKEND_STATS_V1, DROP_STATS_V1, PKT_STATS_V1, SVC_STATS_V1};
@@ -30,21 +33,52 @@ pub fn count_drop(r: DropReason, len: u32) {
     add(&PKT_STATS_V1, PktCounter::Dropped as u32, len);
 }
 
-/// Adds one packet of `len` bytes to this CPU's share of entry `id`, if the agent created it.
+/// Adds one packet of `len` bytes to this CPU's share of entry `id`; whether it exists.
 #[inline(always)]
-fn add_keyed(map: &PerCpuHashMap<u32, Counter>, id: u32, len: u32) {
-    if let Some(slot) = map.get_ptr_mut(id) {
-        // SAFETY: this CPU's copy of the value, touched by no other CPU.
-        unsafe {
-            (*slot).packets += 1;
-            (*slot).bytes += u64::from(len);
-        }
+fn add_keyed(map: &PerCpuHashMap<u32, Counter>, id: u32, len: u32) -> bool {
+    let Some(slot) = map.get_ptr_mut(id) else {
+        return false;
+    };
+    // SAFETY: this CPU's copy of the value, touched by no other CPU.
+    unsafe {
+        (*slot).packets += 1;
+        (*slot).bytes += u64::from(len);
+    }
+    true
+}
+
+/// Creates the counters of a frontend (`backend` false) or backend id with one packet of `len`
+/// bytes (this CPU's share; the other CPUs' shares are zero). Another CPU may create it at the
+/// same moment: then this packet goes uncounted. A subprogram of its own: the value and key
+/// take a stack frame of their own, off the new-flow path's deepest call chain.
+#[inline(never)]
+fn create_counter(backend: bool, id: u32, len: u32) {
+    let first = Counter {
+        packets: 1,
+        bytes: u64::from(len),
+    };
+    // One call per map (never a map pointer chosen at run time).
+    if backend {
+        let _ = BACKEND_STATS_V1.insert(&id, &first, u64::from(BPF_NOEXIST));
+    } else {
+        let _ = SVC_STATS_V1.insert(&id, &first, u64::from(BPF_NOEXIST));
     }
 }
 
-/// Counts one translated packet of `len` bytes for its frontend and its backend.
-#[inline(always)]
-pub fn count_translated(frontend_id: u32, backend_id: u32, len: u32) {
-    add_keyed(&SVC_STATS_V1, frontend_id, len);
-    add_keyed(&BACKEND_STATS_V1, backend_id, len);
+/// Counts one translated packet of `len` bytes for its frontend and its backend. Missing
+/// entries are created by the first packet of a new flow (`new_flow`: the frontend and the
+/// backend were just looked up, so their ids are live), not by the agent: creating an entry of
+/// a per-CPU hash costs the kernel's per-CPU allocator, about 16 us, which at 120,000 ids was
+/// most of a cold sync, and counters of frontends nobody uses take no memory. Packets of
+/// established flows only add: a flow that outlives its frontend (whose counters the agent
+/// deleted) does not bring them back. A subprogram of its own: the callers' frames keep nothing
+/// for it.
+#[inline(never)]
+pub fn count_translated(frontend_id: u32, backend_id: u32, len: u32, new_flow: bool) {
+    if !add_keyed(&SVC_STATS_V1, frontend_id, len) && new_flow {
+        create_counter(false, frontend_id, len);
+    }
+    if !add_keyed(&BACKEND_STATS_V1, backend_id, len) && new_flow {
+        create_counter(true, backend_id, len);
+    }
 }

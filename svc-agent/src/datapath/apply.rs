@@ -29,8 +29,7 @@ use std::{
 use anyhow::{Context as _, anyhow};
 use aya::{
     Ebpf,
-    maps::{HashMap as BpfHashMap, MapData, MapError, PerCpuHashMap, PerCpuValues},
-    util::nr_cpus,
+    maps::{HashMap as BpfHashMap, MapData, MapError, PerCpuHashMap},
 };
 use svc_common::{
     addr::{FAMILY_V4, to_v4},
@@ -74,9 +73,10 @@ pub trait DatapathMaps {
     fn put_addr(&mut self, key: &AddrKey, value: &AddrValue) -> anyhow::Result<()>;
     /// Removes one `ADDRS_V1` entry.
     fn del_addr(&mut self, key: &AddrKey) -> anyhow::Result<()>;
-    /// Creates (or zeroes) the counters of a frontend or backend id.
-    fn new_counters(&mut self, kind: CounterKind, id: u32) -> anyhow::Result<()>;
-    /// Removes the counters of a frontend or backend id.
+    /// The ids that have counters (the kernel creates them with the first packet of a new flow
+    /// to a frontend and backend).
+    fn counter_ids(&self, kind: CounterKind) -> anyhow::Result<Vec<u32>>;
+    /// Removes the counters of a frontend or backend id (none is fine).
     fn del_counters(&mut self, kind: CounterKind, id: u32) -> anyhow::Result<()>;
     /// How many entries each map holds at most.
     fn capacity(&self) -> Capacity;
@@ -248,28 +248,26 @@ impl DatapathMaps for AyaMaps {
     fn del_addr(&mut self, key: &AddrKey) -> anyhow::Result<()> {
         self.addrs.remove(key).context("deleting from ADDRS_V1")
     }
-    fn new_counters(&mut self, kind: CounterKind, id: u32) -> anyhow::Result<()> {
-        let zero =
-            PerCpuValues::try_from(vec![Counter::default(); nr_cpus().map_err(|(_, e)| e)?])?;
-        match kind {
-            CounterKind::Frontend => self
-                .svc_stats
-                .insert(id, zero, 0)
-                .context("creating SVC_STATS_V1 entry"),
-            CounterKind::Backend => self
-                .backend_stats
-                .insert(id, zero, 0)
-                .context("creating BACKEND_STATS_V1 entry"),
-        }
+    fn counter_ids(&self, kind: CounterKind) -> anyhow::Result<Vec<u32>> {
+        let (keys, name): (Vec<_>, _) = match kind {
+            CounterKind::Frontend => (self.svc_stats.keys().collect(), "SVC_STATS_V1"),
+            CounterKind::Backend => (self.backend_stats.keys().collect(), "BACKEND_STATS_V1"),
+        };
+        keys.into_iter()
+            .map(|k| k.with_context(|| format!("reading the keys of {name}")))
+            .collect()
     }
     fn del_counters(&mut self, kind: CounterKind, id: u32) -> anyhow::Result<()> {
         let r = match kind {
             CounterKind::Frontend => self.svc_stats.remove(&id),
             CounterKind::Backend => self.backend_stats.remove(&id),
         };
-        // Already gone (an older agent's state without counters) is fine.
+        // None (no packet created them, or an older agent's state) is fine.
         match r {
-            Err(aya::maps::MapError::KeyNotFound) | Ok(()) => Ok(()),
+            Err(MapError::KeyNotFound) | Ok(()) => Ok(()),
+            Err(MapError::SyscallError(e)) if e.io_error.kind() == std::io::ErrorKind::NotFound => {
+                Ok(())
+            }
             Err(e) => Err(e).context("deleting a counter entry"),
         }
     }
@@ -779,7 +777,43 @@ impl<M: DatapathMaps> Reconciler<M> {
             });
         }
         self.pending = Pending::default();
-        self.run(desired, &items, Pass::Full, BTreeSet::new())
+        let mut report = self.run(desired, &items, Pass::Full, BTreeSet::new());
+        self.drop_stray_counters(&mut report);
+        report
+    }
+
+    /// Deletes the counters of ids the maps no longer hold. The kernel creates counters with
+    /// the first packet of a new flow and the passes delete them with their ids; a packet that
+    /// raced a removal can leave one behind, which the full pass (start, relist, audit) removes.
+    fn drop_stray_counters(&mut self, report: &mut ReconcileReport) {
+        let frontends: BTreeSet<u32> = self
+            .held
+            .current
+            .services
+            .iter()
+            .filter(|(k, _)| k.slot == 0)
+            .map(|(_, v)| v.id)
+            .collect();
+        for (kind, held) in [
+            (CounterKind::Frontend, &frontends),
+            (
+                CounterKind::Backend,
+                &self.held.current.backends.keys().copied().collect(),
+            ),
+        ] {
+            let ids = match self.maps.counter_ids(kind) {
+                Ok(ids) => ids,
+                Err(e) => {
+                    report.errors.push(format!("{kind:?} counters: {e:#}"));
+                    continue;
+                }
+            };
+            for id in ids.into_iter().filter(|id| !held.contains(id)) {
+                if let Err(e) = self.maps.del_counters(kind, id) {
+                    report.errors.push(format!("{kind:?} {id} counters: {e:#}"));
+                }
+            }
+        }
     }
 
     /// The incremental pass: decides and writes only the frontends of `delta` (their value
@@ -1039,13 +1073,6 @@ impl<M: DatapathMaps> Reconciler<M> {
         self.raise_addrs(&need, &mut report.errors);
         let mut broken = BTreeSet::new();
         self.drop_unnamed_slots(batch, &mut broken, report);
-        for (id, _) in &backends {
-            if !self.held.current.backends.contains_key(id)
-                && let Err(e) = self.maps.new_counters(CounterKind::Backend, *id)
-            {
-                report.errors.push(format!("backend {id} counters: {e:#}"));
-            }
-        }
         let written = self.maps.put_backends(&backends);
         for ((id, b), result) in backends.into_iter().zip(written) {
             match result {
@@ -1053,15 +1080,7 @@ impl<M: DatapathMaps> Reconciler<M> {
                     self.held.put_backend(id, b);
                     report.backends_written += 1;
                 }
-                Err(e) => {
-                    report.errors.push(format!("backend {id}: {e:#}"));
-                    // A new backend's counters go with it (created again when it is).
-                    if !self.held.current.backends.contains_key(&id)
-                        && let Err(e) = self.maps.del_counters(CounterKind::Backend, id)
-                    {
-                        report.errors.push(format!("backend {id} counters: {e:#}"));
-                    }
-                }
+                Err(e) => report.errors.push(format!("backend {id}: {e:#}")),
             }
         }
         let mut slots = Vec::new();
@@ -1090,13 +1109,6 @@ impl<M: DatapathMaps> Reconciler<M> {
             let k = item.slot0;
             if broken.contains(&k) || self.held.current.services.get(&k) == Some(&t.value) {
                 continue;
-            }
-            if !self.held.current.services.contains_key(&k)
-                && let Err(e) = self.maps.new_counters(CounterKind::Frontend, t.value.id)
-            {
-                report
-                    .errors
-                    .push(format!("{} counters: {e:#}", describe(&k)));
             }
             frontends.push((k, t.value));
         }
@@ -1171,15 +1183,6 @@ impl<M: DatapathMaps> Reconciler<M> {
                 Err(e) => {
                     broken.insert(ServiceKey { slot: 0, ..k });
                     report.errors.push(format!("{}: {e:#}", describe(&k)));
-                    // A new frontend's counters go with it (created again when it is).
-                    if k.slot == 0
-                        && !self.held.current.services.contains_key(&k)
-                        && let Err(e) = self.maps.del_counters(CounterKind::Frontend, v.id)
-                    {
-                        report
-                            .errors
-                            .push(format!("{} counters: {e:#}", describe(&k)));
-                    }
                 }
             }
         }
@@ -1719,18 +1722,17 @@ mod tests {
             self.addrs.remove(key);
             Ok(())
         }
-        fn new_counters(&mut self, kind: CounterKind, id: u32) -> anyhow::Result<()> {
-            assert!(
-                self.counters.insert((kind == CounterKind::Backend, id)),
-                "counters {kind:?} {id} created twice"
-            );
-            Ok(())
+        fn counter_ids(&self, kind: CounterKind) -> anyhow::Result<Vec<u32>> {
+            let backend = kind == CounterKind::Backend;
+            Ok(self
+                .counters
+                .iter()
+                .filter(|(b, _)| *b == backend)
+                .map(|(_, id)| *id)
+                .collect())
         }
         fn del_counters(&mut self, kind: CounterKind, id: u32) -> anyhow::Result<()> {
-            assert!(
-                self.counters.remove(&(kind == CounterKind::Backend, id)),
-                "counters {kind:?} {id} deleted but never created"
-            );
+            self.counters.remove(&(kind == CounterKind::Backend, id));
             Ok(())
         }
         fn capacity(&self) -> Capacity {
@@ -1884,11 +1886,7 @@ mod tests {
             ("198.19.0.11", &["198.18.1.11"]),
         ]));
         assert_eq!((first.services_written, first.backends_written), (5, 3));
-        assert_eq!(
-            r.maps.counters.len(),
-            5,
-            "2 frontends + 3 backends get counters"
-        );
+        assert!(r.maps.counters.is_empty(), "the kernel creates counters");
         assert!(first.errors.is_empty());
         // Unchanged: nothing written.
         let again = r.apply(&state(&[
@@ -1922,9 +1920,43 @@ mod tests {
     }
 
     #[test]
+    fn a_full_pass_deletes_counters_of_ids_no_longer_held() {
+        let mut r = Reconciler::adopt(FakeMaps::default()).unwrap();
+        let two = state(&[("198.19.0.10", &["198.18.1.10"])]);
+        r.apply(&two);
+        let frontend = r.current().services.values().map(|v| v.id).max().unwrap();
+        let backend = *r.current().backends.keys().next().unwrap();
+        // Live counters, and two a packet left behind (ids freed before, or never held).
+        r.maps.counters.extend([
+            (false, frontend),
+            (true, backend),
+            (false, frontend + 100),
+            (true, backend + 100),
+        ]);
+        let report = r.apply(&two);
+        assert!(report.errors.is_empty(), "{:?}", report.errors);
+        assert_eq!(
+            r.maps.counters,
+            BTreeSet::from([(false, frontend), (true, backend)]),
+            "only the held ids keep counters"
+        );
+    }
+
+    #[test]
     fn removing_a_service_removes_frontend_before_slots_and_backends() {
         let mut r = Reconciler::adopt(FakeMaps::default()).unwrap();
         r.apply(&state(&[("198.19.0.10", &["198.18.1.10", "198.18.2.10"])]));
+        // Traffic made the kernel create the counters of the frontend and both backends.
+        let ids: Vec<(bool, u32)> = r
+            .current()
+            .services
+            .iter()
+            .filter(|(k, _)| k.slot == 0)
+            .map(|(_, v)| (false, v.id))
+            .chain(r.current().backends.keys().map(|id| (true, *id)))
+            .collect();
+        assert_eq!(ids.len(), 3);
+        r.maps.counters.extend(ids);
         r.maps.log.clear();
         let gone = r.apply(&state(&[]));
         assert_eq!((gone.services_deleted, gone.backends_deleted), (3, 2));
@@ -2998,6 +3030,19 @@ mod tests {
             (ip_of(&b.addr, b.family), b.port.to_host())
         }
 
+        /// A packet of a new flow to every frontend programmed: the kernel creates the
+        /// counters of the frontend and of every backend it names.
+        fn traffic(m: &mut FakeMaps) {
+            let frontends = m
+                .services
+                .iter()
+                .filter(|(k, _)| k.slot == 0)
+                .map(|(_, v)| (false, v.id));
+            let backends = m.backends.keys().map(|id| (true, *id));
+            let ids: Vec<(bool, u32)> = frontends.chain(backends).collect();
+            m.counters.extend(ids);
+        }
+
         fn canon(m: &FakeMaps) -> Canon {
             Canon {
                 services: m
@@ -3108,13 +3153,15 @@ mod tests {
                 .map(|(k, v)| (k, v.flags))
                 .collect();
             prop_assert_eq!(&now.addrs, &want);
-            prop_assert_eq!(
-                now.counters,
-                (
-                    m.services.keys().filter(|k| k.slot == 0).count(),
-                    m.backends.len()
-                )
-            );
+            // Counters only of held ids (the kernel creates them; see `traffic`).
+            for (backend, id) in &m.counters {
+                let held = if *backend {
+                    m.backends.contains_key(id)
+                } else {
+                    m.services.iter().any(|(k, v)| k.slot == 0 && v.id == *id)
+                };
+                prop_assert!(held, "counters of id {} outlived it", id);
+            }
             for (k, fe) in &d.frontends {
                 if skipped.contains(k) {
                     let kept = entries_of(&now, k);
@@ -3164,6 +3211,8 @@ mod tests {
                     check(&inc, next, &by_inc, &was_inc)?;
                     prop_assert_eq!(canon(&full.maps), canon(&inc.maps));
                     prop_assert_eq!(&by_full.skipped, &by_inc.skipped);
+                    traffic(&mut full.maps);
+                    traffic(&mut inc.maps);
                     prev = next.clone();
                 }
                 // The full pass is a fixed point: again, it writes nothing.

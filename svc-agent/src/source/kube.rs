@@ -269,6 +269,16 @@ where
     store.get(&key).and_then(|o| o.uid())
 }
 
+/// How the watchers list: from the API server's watch cache (`resourceVersion=0`), as
+/// client-go's informers (kube-proxy's) do, not as a quorum read from etcd in pages of 500. At
+/// 30,000 objects per kind that is one response instead of 60 requests, and far less work for
+/// the API server, which matters when every node of a large cluster (re)lists at once. A list
+/// served from the cache may be slightly older than the newest write; the watch that follows
+/// it delivers what came after.
+fn list_config() -> watcher::Config {
+    watcher::Config::default().any_semantic()
+}
+
 /// The label selector that leaves out objects of other proxies and of headless Services.
 fn not_ours_selector() -> String {
     format!("!{LABEL_SERVICE_PROXY_NAME},!{LABEL_HEADLESS}")
@@ -316,7 +326,7 @@ pub async fn follow<M: DatapathMaps>(
 
     let services_stream = watcher(
         Api::<Service>::all(client.clone()),
-        watcher::Config::default().labels(&not_ours_selector()),
+        list_config().labels(&not_ours_selector()),
     )
     .modify(|svc: &mut Service| strip_metadata(&mut svc.metadata))
     .default_backoff()
@@ -324,7 +334,7 @@ pub async fn follow<M: DatapathMaps>(
     .map(|e| update(Kind::Service, e));
     let slices_stream = watcher(
         Api::<EndpointSlice>::all(client.clone()),
-        watcher::Config::default().labels(&format!("{LABEL_SERVICE_NAME},{}", not_ours_selector())),
+        list_config().labels(&format!("{LABEL_SERVICE_NAME},{}", not_ours_selector())),
     )
     .modify(|slice: &mut EndpointSlice| strip_metadata(&mut slice.metadata))
     .default_backoff()
@@ -332,7 +342,7 @@ pub async fn follow<M: DatapathMaps>(
     .map(|e| update(Kind::EndpointSlice, e));
     let nodes_stream = watcher(
         Api::<Node>::all(client.clone()),
-        watcher::Config::default().fields(&format!("metadata.name={}", options.node_name)),
+        list_config().fields(&format!("metadata.name={}", options.node_name)),
     )
     .modify(strip_node)
     .default_backoff()
@@ -467,6 +477,9 @@ fn sync<M: DatapathMaps>(
         computed = started.elapsed();
         rec.apply_delta(model.state(), &delta)
     };
+    if full {
+        crate::memory::return_free_memory();
+    }
     let took = started.elapsed();
     let relisted: Vec<String> = work.relisted.iter().map(ToString::to_string).collect();
     let state = model.state();
