@@ -143,6 +143,16 @@ pub struct Frontend {
     pub on_empty: EmptyAction,
 }
 
+impl Frontend {
+    /// Gives back the room its vectors hold beyond their length (a frontend is kept for as
+    /// long as its Service exists).
+    pub fn shrink_to_fit(&mut self) {
+        self.backends.shrink_to_fit();
+        self.kept_backends.shrink_to_fit();
+        self.unready_backends.shrink_to_fit();
+    }
+}
+
 /// One endpoint (`podIP:targetPort`) of a frontend.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Backend {

@@ -44,7 +44,7 @@
 
 use std::{
     borrow::Borrow,
-    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
+    collections::{BTreeSet, HashMap, HashSet},
     hash::{Hash, Hasher},
     net::IpAddr,
     sync::Arc,
@@ -165,6 +165,41 @@ fn identical<T>(a: &[Arc<T>], b: &[Arc<T>]) -> bool {
     a.len() == b.len() && a.iter().zip(b).all(|(a, b)| Arc::ptr_eq(a, b))
 }
 
+/// How many times each `targetRef` name is listed for one address, sorted by name. Almost
+/// always one name: a sorted vector (one small allocation) rather than a `BTreeMap`, whose
+/// first node takes about 300 bytes, per endpoint address of the cluster.
+#[derive(Debug, Default)]
+struct NameCounts(Vec<(String, usize)>);
+
+impl NameCounts {
+    /// Counts one more listing of `name`.
+    fn add(&mut self, name: &str) {
+        match self.0.binary_search_by(|(n, _)| n.as_str().cmp(name)) {
+            Ok(i) => self.0[i].1 += 1,
+            Err(i) => self.0.insert(i, (name.to_owned(), 1)),
+        }
+    }
+
+    /// Counts one listing of `name` less (none left: the name goes).
+    fn take(&mut self, name: &str) {
+        if let Ok(i) = self.0.binary_search_by(|(n, _)| n.as_str().cmp(name)) {
+            self.0[i].1 -= 1;
+            if self.0[i].1 == 0 {
+                self.0.remove(i);
+            }
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The smallest name listed.
+    fn smallest(&self) -> Option<&String> {
+        self.0.first().map(|(n, _)| n)
+    }
+}
+
 /// One Service group as last computed: its inputs and what it contributes.
 #[derive(Debug)]
 struct Group {
@@ -232,7 +267,7 @@ pub struct Model {
     /// The keys with more than one claimant (their `conflicts` are errors).
     conflicted: BTreeSet<FrontendKey>,
     /// Per address, how many times each `targetRef` name is listed for it.
-    names: HashMap<IpAddr, BTreeMap<String, usize>>,
+    names: HashMap<IpAddr, NameCounts>,
     /// The groups with errors.
     erring: BTreeSet<Arc<Name>>,
     /// The groups with topology notes.
@@ -612,12 +647,7 @@ impl Model {
     ) {
         for (addr, target) in before {
             if let Some(counts) = self.names.get_mut(addr) {
-                if let Some(count) = counts.get_mut(target) {
-                    *count -= 1;
-                    if *count == 0 {
-                        counts.remove(target);
-                    }
-                }
+                counts.take(target);
                 if counts.is_empty() {
                     self.names.remove(addr);
                 }
@@ -625,9 +655,7 @@ impl Model {
             addrs.insert(*addr);
         }
         for (addr, target) in after {
-            *(self.names.entry(*addr).or_default())
-                .entry(target.clone())
-                .or_default() += 1;
+            self.names.entry(*addr).or_default().add(target);
             addrs.insert(*addr);
         }
     }
@@ -706,7 +734,7 @@ impl Model {
 
     /// Re-resolves the name of the endpoint address `addr`: the smallest listed.
     fn resolve_name(&mut self, addr: IpAddr, delta: &mut Delta) {
-        let smallest = self.names.get(&addr).and_then(|c| c.keys().next());
+        let smallest = self.names.get(&addr).and_then(NameCounts::smallest);
         if self.state.backend_names.get(&addr) == smallest {
             return;
         }

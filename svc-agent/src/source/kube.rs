@@ -285,13 +285,67 @@ fn not_ours_selector() -> String {
 }
 
 /// Drops what the model never reads from an object's metadata before the reflector stores it:
-/// `managedFields` (often most of an object's size) and annotations (`kubectl`'s
-/// `last-applied-configuration` holds a second copy of the object). Labels, names, uid and
-/// resource version stay (the model and the Events read them). A model change that reads an
-/// annotation must keep it here.
+/// `managedFields` (often most of an object's size), annotations (`kubectl`'s
+/// `last-applied-configuration` holds a second copy of the object), owner references,
+/// finalizers, timestamps, generation and resource version (the watcher keeps its own; without
+/// it an update that changes nothing the model reads compares equal and recomputes nothing).
+/// Names, namespace, labels and uid stay (the model and the Events read them). A model change
+/// that reads another field must keep it here.
 fn strip_metadata(meta: &mut k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) {
     meta.managed_fields = None;
     meta.annotations = None;
+    meta.owner_references = None;
+    meta.finalizers = None;
+    meta.generate_name = None;
+    meta.creation_timestamp = None;
+    meta.deletion_timestamp = None;
+    meta.deletion_grace_period_seconds = None;
+    meta.generation = None;
+    meta.resource_version = None;
+}
+
+/// Keeps only the labels with these keys (the ones the model reads).
+fn keep_labels(
+    meta: &mut k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    keys: &[&str],
+) {
+    if let Some(labels) = meta.labels.as_mut() {
+        labels.retain(|k, _| keys.contains(&k.as_str()));
+        if labels.is_empty() {
+            meta.labels = None;
+        }
+    }
+}
+
+/// [`strip_metadata`] and the labels the model does not read; the status conditions.
+fn strip_service(svc: &mut Service) {
+    strip_metadata(&mut svc.metadata);
+    keep_labels(
+        &mut svc.metadata,
+        &[LABEL_SERVICE_PROXY_NAME, LABEL_HEADLESS],
+    );
+    if let Some(status) = svc.status.as_mut() {
+        status.conditions = None;
+    }
+}
+
+/// [`strip_metadata`] and the labels the model does not read; of each endpoint, the deprecated
+/// topology, the hostname and all of its `targetRef` but the name and namespace (the debug
+/// tool's names).
+fn strip_slice(slice: &mut EndpointSlice) {
+    strip_metadata(&mut slice.metadata);
+    keep_labels(&mut slice.metadata, &[LABEL_SERVICE_NAME]);
+    for ep in &mut slice.endpoints {
+        ep.deprecated_topology = None;
+        ep.hostname = None;
+        if let Some(target) = ep.target_ref.as_mut() {
+            *target = ObjectReference {
+                name: target.name.take(),
+                namespace: target.namespace.take(),
+                ..ObjectReference::default()
+            };
+        }
+    }
 }
 
 /// [`strip_metadata`], and the parts of a Node's status the model never reads (its image list
@@ -328,7 +382,7 @@ pub async fn follow<M: DatapathMaps>(
         Api::<Service>::all(client.clone()),
         list_config().labels(&not_ours_selector()),
     )
-    .modify(|svc: &mut Service| strip_metadata(&mut svc.metadata))
+    .modify(strip_service)
     .default_backoff()
     .reflect(services_writer)
     .map(|e| update(Kind::Service, e));
@@ -336,7 +390,7 @@ pub async fn follow<M: DatapathMaps>(
         Api::<EndpointSlice>::all(client.clone()),
         list_config().labels(&format!("{LABEL_SERVICE_NAME},{}", not_ours_selector())),
     )
-    .modify(|slice: &mut EndpointSlice| strip_metadata(&mut slice.metadata))
+    .modify(strip_slice)
     .default_backoff()
     .reflect(slices_writer)
     .map(|e| update(Kind::EndpointSlice, e));
@@ -678,6 +732,105 @@ mod tests {
                 "metadata": {"name": "node1", "labels": {"topology.kubernetes.io/zone": "z1"}},
                 "status": {"addresses": [{"type": "InternalIP", "address": "198.18.0.1"}]},
             })
+        );
+    }
+
+    /// A Service and its slice as the API server sends them (kubectl's annotation, the
+    /// controller's owner reference, labels, generated name, full `targetRef`s, hostnames).
+    fn as_served() -> (Service, EndpointSlice) {
+        let svc = serde_json::from_value(serde_json::json!({
+            "metadata": {
+                "name": "web", "namespace": "default", "uid": "u-svc", "resourceVersion": "17",
+                "creationTimestamp": "2026-12-01T00:00:00Z",
+                "labels": {"app": "web"},
+                "annotations": {"kubectl.kubernetes.io/last-applied-configuration": "{}"},
+                "finalizers": ["service.kubernetes.io/load-balancer-cleanup"],
+            },
+            "spec": {
+                "type": "ClusterIP", "clusterIP": "198.19.0.10", "clusterIPs": ["198.19.0.10"],
+                "ports": [{"name": "http", "port": 80, "protocol": "TCP", "targetPort": 8080}],
+                "sessionAffinity": "ClientIP",
+            },
+            "status": {"conditions": [{"type": "Ready", "status": "True", "reason": "x",
+                "message": "y", "lastTransitionTime": "2026-12-01T00:00:00Z"}]},
+        }))
+        .unwrap();
+        let slice = serde_json::from_value(serde_json::json!({
+            "metadata": {
+                "name": "web-abcde", "generateName": "web-", "namespace": "default",
+                "uid": "u-slice", "resourceVersion": "18", "generation": 3,
+                "labels": {"kubernetes.io/service-name": "web",
+                    "endpointslice.kubernetes.io/managed-by": "endpointslice-controller.k8s.io"},
+                "ownerReferences": [{"apiVersion": "v1", "kind": "Service", "name": "web",
+                    "uid": "u-svc", "controller": true, "blockOwnerDeletion": true}],
+            },
+            "addressType": "IPv4",
+            "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+            "endpoints": [
+                {"addresses": ["198.18.2.10"], "conditions": {"ready": true}, "hostname": "web-0",
+                 "nodeName": "node1", "zone": "z1",
+                 "hints": {"forZones": [{"name": "z1"}]},
+                 "targetRef": {"kind": "Pod", "name": "web-0", "namespace": "default",
+                    "uid": "u-pod", "resourceVersion": "5"}},
+                {"addresses": ["198.18.2.11"], "conditions": {"ready": false, "serving": true,
+                    "terminating": true}, "nodeName": "node2",
+                 "targetRef": {"kind": "Pod", "name": "web-1", "namespace": "default"}},
+            ],
+        }))
+        .unwrap();
+        (svc, slice)
+    }
+
+    #[test]
+    fn stripped_services_and_slices_compute_what_the_served_ones_do() {
+        let (svc, slice) = as_served();
+        let (mut lean_svc, mut lean_slice) = (svc.clone(), slice.clone());
+        strip_service(&mut lean_svc);
+        strip_slice(&mut lean_slice);
+        let full = model::compute(&Snapshot::new(vec![svc], vec![slice], vec![]), "node1");
+        let lean = model::compute(
+            &Snapshot::new(vec![lean_svc.clone()], vec![lean_slice.clone()], vec![]),
+            "node1",
+        );
+        assert_eq!(full.frontends.len(), 1, "{full:?}");
+        assert_eq!(full.backend_names.len(), 2, "{full:?}");
+        assert_eq!(full, lean);
+        let meta = |v: serde_json::Value| v["metadata"].clone();
+        assert_eq!(
+            meta(serde_json::to_value(&lean_svc).unwrap()),
+            serde_json::json!({"name": "web", "namespace": "default", "uid": "u-svc"})
+        );
+        // The labels the model reads stay.
+        let mut other = Service::default();
+        other.metadata.labels = Some(
+            [
+                ("app", "x"),
+                (LABEL_SERVICE_PROXY_NAME, "other"),
+                (LABEL_HEADLESS, ""),
+            ]
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .into(),
+        );
+        strip_service(&mut other);
+        let kept: Vec<&String> = other
+            .metadata
+            .labels
+            .iter()
+            .flatten()
+            .map(|(k, _)| k)
+            .collect();
+        assert_eq!(kept, [LABEL_HEADLESS, LABEL_SERVICE_PROXY_NAME]);
+        let lean_slice = serde_json::to_value(&lean_slice).unwrap();
+        assert_eq!(
+            meta(lean_slice.clone()),
+            serde_json::json!({"name": "web-abcde", "namespace": "default", "uid": "u-slice",
+                "labels": {"kubernetes.io/service-name": "web"}})
+        );
+        assert_eq!(
+            lean_slice["endpoints"][0],
+            serde_json::json!({"addresses": ["198.18.2.10"], "conditions": {"ready": true},
+                "nodeName": "node1", "zone": "z1", "hints": {"forZones": [{"name": "z1"}]},
+                "targetRef": {"name": "web-0", "namespace": "default"}})
         );
     }
 

@@ -1516,3 +1516,19 @@ fn timing_fixtures_are_valid() {
     assert!(state.frontends.values().all(|f| f.backends.len() == 3));
     assert_eq!(state.backend_names.len(), 900);
 }
+
+#[test]
+fn name_counts_are_a_sorted_multiset() {
+    let mut c = super::NameCounts::default();
+    c.add("ns/web-1");
+    c.add("ns/web-0");
+    c.add("ns/web-1");
+    assert_eq!(c.smallest().map(String::as_str), Some("ns/web-0"));
+    c.take("ns/web-0");
+    assert_eq!(c.smallest().map(String::as_str), Some("ns/web-1"));
+    c.take("ns/web-1");
+    c.take("ns/other");
+    assert!(!c.is_empty(), "web-1 was listed twice");
+    c.take("ns/web-1");
+    assert!(c.is_empty());
+}
