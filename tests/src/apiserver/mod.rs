@@ -163,6 +163,22 @@ struct Shared {
 }
 
 impl Shared {
+    fn new(options: Options) -> Self {
+        let store = Store::new(options.history_limit, options.max_objects);
+        let (rv_tx, _) = watch::channel(store.rv());
+        let (drop_tx, _) = watch::channel(0);
+        Self {
+            options,
+            store: Mutex::new(store),
+            rv_tx,
+            drop_tx,
+            failures: Mutex::new((0, 503)),
+            open_watches: AtomicUsize::new(0),
+            requests: Mutex::new(VecDeque::new()),
+            served: AtomicU32::new(0),
+        }
+    }
+
     fn store(&self) -> MutexGuard<'_, Store> {
         self.store.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -248,19 +264,7 @@ impl ApiServer {
     ) -> anyhow::Result<Self> {
         let listener = bind(netns.as_ref(), addr)?;
         let addr = listener.local_addr()?;
-        let store = Store::new(options.history_limit, options.max_objects);
-        let (rv_tx, _) = watch::channel(store.rv());
-        let (drop_tx, _) = watch::channel(0);
-        let shared = Arc::new(Shared {
-            options,
-            store: Mutex::new(store),
-            rv_tx,
-            drop_tx,
-            failures: Mutex::new((0, 503)),
-            open_watches: AtomicUsize::new(0),
-            requests: Mutex::new(VecDeque::new()),
-            served: AtomicU32::new(0),
-        });
+        let shared = Arc::new(Shared::new(options));
         let serving = spawn_serving(listener, Arc::clone(&shared));
         Ok(Self {
             shared,
@@ -328,7 +332,7 @@ impl ApiServer {
             .shared
             .change(|store| store.apply(object))
             .map_err(|e| anyhow!("apply: {e}"))?;
-        Ok((*stored).clone())
+        Ok(stored.value.clone())
     }
 
     /// [`apply`](Self::apply) for every document of a YAML stream (`kubectl get -o yaml`
@@ -356,14 +360,14 @@ impl ApiServer {
             name: name.to_owned(),
         };
         let last = self.shared.change(|store| store.delete(&key))?;
-        Some((*last).clone())
+        Some(last.value.clone())
     }
 
     /// Every stored object (with `apiVersion` and `kind`), by kind, namespace and name.
     #[must_use]
     pub fn objects(&self) -> Vec<Value> {
         let store = self.shared.store();
-        store.objects().values().map(|o| (**o).clone()).collect()
+        store.objects().values().map(|o| o.value.clone()).collect()
     }
 
     /// The stored objects of one type.
@@ -378,7 +382,7 @@ impl ApiServer {
             .objects()
             .iter()
             .filter(|(key, _)| key.kind == kind)
-            .map(|(_, o)| serde_json::from_value((**o).clone()).map_err(Into::into))
+            .map(|(_, o)| serde_json::from_slice(&o.json).map_err(Into::into))
             .collect()
     }
 
@@ -555,4 +559,100 @@ async fn serve(listener: TcpListener, shared: Arc<Shared>, mut stop: oneshot::Re
     }
     drop(listener);
     connections.shutdown().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use serde_json::json;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    use super::*;
+
+    /// One `GET` over a fresh connection; the whole response (headers and body).
+    async fn raw_get(addr: SocketAddr, path: &str) -> Vec<u8> {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let request = format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut response = Vec::new();
+        stream.read_to_end(&mut response).await.unwrap();
+        response
+    }
+
+    /// Times the lists the agent makes at 30,000 Services and 30,000 `EndpointSlice`s of the
+    /// sync benchmark's shape (`cargo test -p svc-tests --release --lib list_timing --
+    /// --ignored --nocapture`). A timing, not a test.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[ignore = "a timing, not a test"]
+    async fn list_timing() {
+        let api = ApiServer::start().await.unwrap();
+        for i in 0..30_000_u32 {
+            let (a, b) = (i >> 8, i & 0xff);
+            api.apply_json(json!({
+                "apiVersion": "v1", "kind": "Service",
+                "metadata": {"name": format!("svc-{i}"), "namespace": "bench"},
+                "spec": {
+                    "type": "ClusterIP", "clusterIP": format!("10.96.{a}.{b}"),
+                    "clusterIPs": [format!("10.96.{a}.{b}")],
+                    "ipFamilies": ["IPv4"], "ipFamilyPolicy": "SingleStack",
+                    "ports": [{"name": "http", "port": 80, "protocol": "TCP", "targetPort": 8080}],
+                },
+            }))
+            .unwrap();
+            let eps: Vec<Value> = (0..3)
+                .map(|j| {
+                    json!({"addresses": [format!("10.{j}.{a}.{b}")],
+                    "conditions": {"ready": true, "serving": true, "terminating": false},
+                    "nodeName": "node2"})
+                })
+                .collect();
+            api.apply_json(json!({
+                "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice", "addressType": "IPv4",
+                "metadata": {"name": format!("svc-{i}-abcde"), "namespace": "bench",
+                             "labels": {"kubernetes.io/service-name": format!("svc-{i}")}},
+                "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+                "endpoints": eps,
+            }))
+            .unwrap();
+        }
+        let not_ours =
+            "%21service.kubernetes.io%2Fservice-proxy-name%2C%21service.kubernetes.io%2Fheadless";
+        let lists = [
+            format!("/api/v1/services?labelSelector={not_ours}&resourceVersion=0"),
+            format!(
+                "/apis/discovery.k8s.io/v1/endpointslices?labelSelector=kubernetes.io%2Fservice-name%2C{not_ours}&resourceVersion=0"
+            ),
+        ];
+        for round in 0..3 {
+            let started = Instant::now();
+            let mut bytes = 0;
+            for path in &lists {
+                bytes += raw_get(api.addr(), path).await.len();
+            }
+            let both = started.elapsed();
+            let started = Instant::now();
+            let mut page_count = 0;
+            let mut path = "/api/v1/services?limit=500".to_owned();
+            loop {
+                let response = raw_get(api.addr(), &path).await;
+                page_count += 1;
+                let text = String::from_utf8_lossy(&response);
+                let Some(token) = text.split("\"continue\":\"").nth(1) else {
+                    break;
+                };
+                let token = token.split('"').next().unwrap();
+                path = format!("/api/v1/services?limit=500&continue={token}");
+            }
+            let paged = started.elapsed();
+            let started = Instant::now();
+            let watch = raw_get(api.addr(), "/api/v1/services?watch=true&timeoutSeconds=0").await;
+            let watched = started.elapsed();
+            println!(
+                "round {round}: two rv=0 lists {both:?} ({bytes} bytes); {page_count} pages of 500 \
+                 Services {paged:?}; watch from now, 30,000 ADDED {watched:?} ({} bytes)",
+                watch.len()
+            );
+        }
+    }
 }
