@@ -117,6 +117,11 @@ pub trait DatapathMaps {
             .map(|(id, b)| self.put_backend(*id, b))
             .collect()
     }
+    /// Writes `ADDRS_V1` entries in order; each one's result, in order (as
+    /// [`put_services`](Self::put_services)).
+    fn put_addrs(&mut self, entries: &[(AddrKey, AddrValue)]) -> Vec<anyhow::Result<()>> {
+        entries.iter().map(|(k, v)| self.put_addr(k, v)).collect()
+    }
 }
 
 /// Which counters: `SVC_STATS_V1` (frontend ids) or `BACKEND_STATS_V1` (backend ids).
@@ -334,6 +339,14 @@ impl DatapathMaps for AyaMaps {
             entries,
             |map, all| batch::update_batch(map, all),
             |map, (id, b)| map.insert(id, b, 0).context("writing BACKENDS_V1"),
+        )
+    }
+    fn put_addrs(&mut self, entries: &[(AddrKey, AddrValue)]) -> Vec<anyhow::Result<()>> {
+        batch::write_in_batches(
+            &mut self.addrs,
+            entries,
+            |map, all| batch::update_batch(map, all),
+            |map, (k, v)| map.insert(k, v, 0).context("writing ADDRS_V1"),
         )
     }
 }
@@ -1261,20 +1274,23 @@ impl<M: DatapathMaps> Reconciler<M> {
     /// need them are written). An address whose write failed goes on as it was; the entries
     /// that needed it are written all the same (the programs treat its traffic as before).
     fn raise_addrs(&mut self, need: &BTreeMap<AddrKey, u32>, errors: &mut Vec<String>) {
+        let mut raised = Vec::new();
         for (k, flags) in need {
             let now = self.addrs.get(k).map_or(0, |v| v.flags);
-            if now | flags == now {
-                continue;
+            if now | flags != now {
+                raised.push((*k, AddrValue { flags: now | flags }));
             }
-            let v = AddrValue { flags: now | flags };
-            match self.maps.put_addr(k, &v) {
+        }
+        let written = self.maps.put_addrs(&raised);
+        for ((k, v), result) in raised.into_iter().zip(written) {
+            match result {
                 Ok(()) => {
-                    self.addrs.insert(*k, v);
+                    self.addrs.insert(k, v);
                     // Settled at the end of the pass, even if the entry needing it fails.
-                    self.held.touched.insert(*k);
+                    self.held.touched.insert(k);
                 }
                 Err(e) => {
-                    self.pending.addrs.insert(*k);
+                    self.pending.addrs.insert(k);
                     errors.push(format!("address {}: {e:#}", ip_of(&k.addr, k.family)));
                 }
             }
