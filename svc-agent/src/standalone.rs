@@ -1,12 +1,21 @@
 //! Standalone mode: the desired state comes from a directory of Kubernetes YAML/JSON files,
-//! followed live. Only the files that changed are parsed again (`source::dir`, with its
-//! last-good and files-being-written rules); a pass runs only when something the directory
-//! contributes changed; bursts of events are coalesced (`--coalesce-ms`). A pass hands the
-//! directory's objects to the incremental model (`model::Model::replace`: objects of unchanged
-//! files are the same shared objects, so only Services whose objects changed are recomputed;
-//! computed slices of selector Services are compared by content) and the reconciler writes only
-//! the frontends that changed. The reconciler's retries (frontends waiting for room) and the
-//! periodic audit (`--audit-interval`, `source::audit`) run from the same loop.
+//! followed live, and a change costs what it changes, not what the directory holds:
+//! - `source::dir` stats and parses only the files the watch's events named (with its
+//!   last-good and files-being-written rules) and says which objects changed, by kind,
+//!   namespace and name;
+//! - the `EndpointSlice` controller's part (Services over Pods, `model::PodSlicer`) computes
+//!   again only the slices of the selector Services whose Service changed or that a changed
+//!   Pod matches (before or after the change);
+//! - the incremental model is handed only the changed objects (`model::Model::set_*`, then
+//!   `update`) and recomputes only their Services; the reconciler writes only the frontends
+//!   that changed.
+//!
+//! The first pass, and a pass after the directory was listed again (it was replaced, events
+//! were lost), hand the model the whole object set (`model::Model::replace`). A pass runs only
+//! when something the directory contributes changed; bursts of events are coalesced
+//! (`--coalesce-ms`). The reconciler's retries (frontends waiting for room) and the periodic
+//! audit (`--audit-interval`, `source::audit`: the full computation from the files, Services
+//! over Pods included, against the incremental state and the maps) run from the same loop.
 //!
 //! The directory is watched with inotify (`notify`), and so is its parent, for the directory
 //! itself: when it is replaced (`mv dir dir.old; mkdir dir`, a `ConfigMap` volume's swap of a
@@ -27,9 +36,12 @@ use notify::Watcher as _;
 use tracing::{info, warn};
 
 use crate::{
-    datapath::{DatapathMaps, Reconciler},
+    datapath::{DatapathMaps, ReconcileReport, Reconciler},
     model,
-    source::{Budget, dir::DirSource},
+    source::{
+        Budget,
+        dir::{DirSource, Refresh},
+    },
 };
 
 /// How often the directory's identity (device and inode) is checked without any event.
@@ -44,6 +56,9 @@ pub struct Standalone {
     source: DirSource,
     node_name: String,
     coalesce: Duration,
+    /// The slices of Services with a selector, computed from the Pods (the `EndpointSlice`
+    /// controller's part), kept Service by Service, and the hand-written slices of the others.
+    slicer: model::PodSlicer,
     /// The desired state, kept Service by Service: a pass recomputes only the Services whose
     /// objects changed, and the reconciler writes only the frontends that changed.
     model: model::Model,
@@ -61,6 +76,8 @@ pub struct Standalone {
     /// What the last computation from the directory's objects had to say (kept for passes
     /// that only retry).
     said_about_objects: Vec<String>,
+    /// The watch on the directory, from the first [`sync`](Self::sync) on.
+    watch: Option<Watch>,
     /// Each selector Service's selection as last logged.
     selections: BTreeMap<String, String>,
     /// The topology notes (hints this node ignores) of the last pass: each is logged (info)
@@ -83,6 +100,7 @@ impl Standalone {
             source: DirSource::new(dir, Budget::DEFAULT),
             node_name: node_name.to_owned(),
             coalesce,
+            slicer: model::PodSlicer::new(),
             model: model::Model::new(node_name),
             synced: false,
             retry_at: None,
@@ -90,18 +108,24 @@ impl Standalone {
             audit_at: audit_interval.map(|i| Instant::now() + i),
             said: BTreeSet::new(),
             said_about_objects: Vec::new(),
+            watch: None,
             selections: BTreeMap::new(),
             topology_notes: BTreeSet::new(),
         }
     }
 
     /// Reads what changed in the directory and, when something did (or nothing was applied
-    /// yet), hands the objects to the model and writes what changed; also retries what the
-    /// reconciler asked to retry, and runs the audit when it is due.
+    /// yet), hands the changed objects to the model and writes what changed; also retries
+    /// what the reconciler asked to retry, and runs the audit when it is due.
+    ///
+    /// The first call starts the watch on the directory (before reading it, so a change made
+    /// from then on has its event; [`follow`](Self::follow) takes the events).
     ///
     /// # Errors
-    /// When the directory cannot be listed: nothing is applied, the last state stays.
+    /// When the directory cannot be listed, or (the first call) watched: nothing is applied,
+    /// the last state stays.
     pub fn sync<M: DatapathMaps>(&mut self, rec: &mut Reconciler<M>) -> anyhow::Result<()> {
+        self.watch()?;
         let refresh = self.source.refresh(Instant::now())?;
         log_refresh(&refresh);
         let now = Instant::now();
@@ -114,40 +138,29 @@ impl Standalone {
         if audit && self.synced && !refresh.changed && !retry {
             // Nothing changed: only the audit (its own log line), no "synced" pass.
             self.audit_at = self.audit_interval.map(|i| now + i);
-            let loaded = self.source.loaded();
-            let mut said = Vec::new();
-            let objects = self.with_pod_slices(&loaded, &mut said);
-            let report =
-                crate::source::audit::audit(&objects, &self.node_name, &mut self.model, rec);
+            let report = self.audit(rec);
             self.retry_at = report.retry_after.map(|d| now + d);
             return Ok(());
         }
-        let computed = !self.synced || refresh.changed || audit;
-        let report = if computed {
-            let loaded = self.source.loaded();
-            let mut said = Vec::new();
-            let objects = self.with_pod_slices(&loaded, &mut said);
-            self.said_about_objects = said;
-            let mut report = if self.synced {
-                let delta = self.model.replace(&objects);
+        let computed = !self.synced || refresh.changed;
+        let mut report = if computed {
+            let delta = self.compute(&refresh);
+            if self.synced {
                 rec.apply_delta(self.model.state(), &delta)
             } else {
-                self.model.replace(&objects);
                 rec.apply(self.model.state())
-            };
-            if audit {
-                // After the change is applied: the audit checks the result, not the change.
-                self.audit_at = self.audit_interval.map(|i| now + i);
-                let audit =
-                    crate::source::audit::audit(&objects, &self.node_name, &mut self.model, rec);
-                report.errors.extend(audit.errors);
-                report.skipped = audit.skipped;
-                report.retry_after = audit.retry_after;
             }
-            report
         } else {
             rec.apply_delta(self.model.state(), &model::Delta::default())
         };
+        if audit {
+            // After the change is applied: the audit checks the result, not the change.
+            self.audit_at = self.audit_interval.map(|i| now + i);
+            let audit = self.audit(rec);
+            report.errors.extend(audit.errors);
+            report.skipped = audit.skipped;
+            report.retry_after = audit.retry_after;
+        }
         self.retry_at = report.retry_after.map(|d| now + d);
         self.log_topology_notes();
         let mut said = self.said_about_objects.clone();
@@ -171,6 +184,7 @@ impl Standalone {
             frontends = self.model.state().frontends.len(),
             files_read = refresh.read.len(),
             files_removed = refresh.removed.len(),
+            listed = refresh.listed,
             recomputed = self.model.recomputed(),
             services_written = report.services_written,
             services_deleted = report.services_deleted,
@@ -184,6 +198,107 @@ impl Standalone {
         );
         self.synced = true;
         Ok(())
+    }
+
+    /// Hands what `refresh` changed to the Services-over-Pods computation and the model;
+    /// returns what changed in the desired state. The first pass, and one after the
+    /// directory was listed again, hand the model the whole object set.
+    fn compute(&mut self, refresh: &Refresh) -> model::Delta {
+        let dirty = &refresh.dirty;
+        for name in &dirty.services {
+            (self.slicer).set_service(&name.0, &name.1, &self.source.services(name));
+        }
+        for name in &dirty.pods {
+            (self.slicer).set_pod(&name.0, &name.1, &self.source.pods(name));
+        }
+        for name in &dirty.slices {
+            self.slicer.slice_changed(&name.0, &name.1);
+        }
+        if dirty.nodes {
+            self.slicer.set_nodes(self.source.nodes());
+        }
+        let changes = self.slicer.update(&self.source);
+        self.log_selections(&changes);
+        self.said_about_objects = self.said_about_pods();
+
+        if !self.synced || refresh.listed {
+            return self.model.replace(&model::Snapshot {
+                services: self.source.all_services(),
+                slices: self.slicer.slices(&self.source),
+                nodes: self.source.nodes(),
+            });
+        }
+        for name in &dirty.services {
+            let copies = self.source.services(name);
+            self.model.set_service_copies(&name.0, &name.1, copies);
+        }
+        for (namespace, name) in &changes.slices {
+            let copies = self.slicer.slice_copies(namespace, name, &self.source);
+            self.model.set_slice_copies(namespace, name, copies);
+        }
+        if dirty.nodes {
+            self.model.set_nodes(self.source.nodes());
+        }
+        self.model.update()
+    }
+
+    /// The periodic audit (`source::audit`): the desired state computed from scratch from the
+    /// files (Services over Pods by [`model::slices_from_pods`]) against the model and the
+    /// maps. What the Services-over-Pods computation says (errors, ignored slices,
+    /// selections) is checked against the same oracle.
+    fn audit<M: DatapathMaps>(&mut self, rec: &mut Reconciler<M>) -> ReconcileReport {
+        let loaded = self.source.loaded();
+        let computed = model::slices_from_pods(
+            &loaded.snapshot.services,
+            &loaded.pods,
+            &loaded.snapshot.slices,
+            &loaded.snapshot.nodes,
+        );
+        if computed.errors != self.slicer.errors()
+            || computed.ignored_slices != self.slicer.ignored_slices()
+            || computed.selections != self.slicer.selections()
+        {
+            warn!(
+                "audit: the Services-over-Pods computation drifted from the full computation \
+                 (errors, ignored slices or selections)"
+            );
+        }
+        let oracle = model::Snapshot {
+            services: loaded.snapshot.services,
+            slices: computed.slices,
+            nodes: loaded.snapshot.nodes,
+        };
+        crate::source::audit::audit(&oracle, &self.node_name, &mut self.model, rec)
+    }
+
+    /// Logs the selections that changed; forgets those of Services that no longer select.
+    fn log_selections(&mut self, changes: &model::PodSliceChanges) {
+        for (namespace, name) in &changes.unselected {
+            self.selections.remove(&format!("{namespace}/{name}"));
+        }
+        for selection in &changes.selections {
+            let service = format!("{}/{}", selection.namespace, selection.name);
+            let text = selection.to_string();
+            if self.selections.get(&service) != Some(&text) {
+                info!(
+                    service = %service,
+                    selector = %selection.selector,
+                    pods = %selection.pods.join(","),
+                    "selected {selection}"
+                );
+            }
+            self.selections.insert(service, text);
+        }
+    }
+
+    /// What to say about ignored hand-written slices and unusable Pods.
+    fn said_about_pods(&self) -> Vec<String> {
+        let ignored =
+            self.slicer.ignored_slices().into_iter().map(|ignored| {
+                format!("{ignored} (slice {}/{})", ignored.namespace, ignored.slice)
+            });
+        let errors = (self.slicer.errors().iter()).map(|e| format!("skipped an object: {e}"));
+        ignored.chain(errors).collect()
     }
 
     /// Logs (info) the topology notes (hints this node ignores) that appeared since the last
@@ -223,66 +338,115 @@ impl Standalone {
         self.said = now;
     }
 
-    /// The snapshot to compute from: the directory's Services and Nodes, with the slices of
-    /// Services that have a selector computed from the directory's Pods (as the
-    /// `EndpointSlice` controller would) and the hand-written slices of the others. Logs the
-    /// selections that changed; collects what to say about ignored slices and unusable Pods.
-    fn with_pod_slices(
-        &mut self,
-        loaded: &crate::source::Loaded,
-        said: &mut Vec<String>,
-    ) -> model::Snapshot {
-        let computed = model::slices_from_pods(
-            &loaded.snapshot.services,
-            &loaded.pods,
-            &loaded.snapshot.slices,
-            &loaded.snapshot.nodes,
-        );
-        for ignored in &computed.ignored_slices {
-            said.push(format!(
-                "{ignored} (slice {}/{})",
-                ignored.namespace, ignored.slice
-            ));
-        }
-        for e in &computed.errors {
-            said.push(format!("skipped an object: {e}"));
-        }
-        let mut selections = BTreeMap::new();
-        for selection in &computed.selections {
-            let service = format!("{}/{}", selection.namespace, selection.name);
-            let text = selection.to_string();
-            if self.selections.get(&service) != Some(&text) {
-                info!(
-                    service = %service,
-                    selector = %selection.selector,
-                    pods = %selection.pods.join(","),
-                    "selected {selection}"
-                );
-            }
-            selections.insert(service, text);
-        }
-        self.selections = selections;
-        model::Snapshot {
-            services: loaded.snapshot.services.clone(),
-            slices: computed.slices,
-            nodes: loaded.snapshot.nodes.clone(),
-        }
-    }
-
     /// Syncs after every change of the directory, until the task is dropped. Call after a
-    /// first [`sync`](Self::sync): the watch starts here, and a first pass here finds nothing
-    /// changed unless something did meanwhile.
+    /// first [`sync`](Self::sync), which started the watch before it read the directory: a
+    /// change made since has its event.
     ///
     /// # Errors
     /// When the directory cannot be watched at the start.
     pub async fn follow<M: DatapathMaps>(&mut self, rec: &mut Reconciler<M>) -> anyhow::Result<()> {
         let dir = self.source.dir().to_owned();
+        let (events, wake) = {
+            let watch = self.watch()?;
+            (Arc::clone(&watch.events), Arc::clone(&watch.wake))
+        };
+        let mut next_identity_check = Instant::now() + IDENTITY_CHECK;
+        loop {
+            let deadline = [self.source.next_settle(), self.next_timer()]
+                .into_iter()
+                .flatten()
+                .fold(next_identity_check, Instant::min);
+            tokio::select! {
+                () = wake.notified() => {
+                    // More changes usually follow the first: take them in the same pass.
+                    tokio::time::sleep(self.coalesce).await;
+                }
+                () = tokio::time::sleep_until(deadline.into()) => {}
+            }
+            let pending = std::mem::take(
+                &mut *events
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner),
+            );
+            for (file, write) in pending.files {
+                match write {
+                    Write::Modified(at) => self.source.written(&file, at),
+                    Write::Completed => self.source.completed(&file),
+                }
+            }
+            for file in pending.touched {
+                self.source.touched(&file);
+            }
+            if pending.rescan {
+                info!(dir = %dir.display(), "directory events were lost (queue overflow): checking every file");
+                self.source.forget_stamps();
+            }
+            if pending.identity || Instant::now() >= next_identity_check {
+                next_identity_check = Instant::now() + IDENTITY_CHECK;
+                let watch = self.watch()?;
+                let now = identity(&dir);
+                if now != watch.identity {
+                    let _ = watch.watcher.unwatch(&dir);
+                    match watch_dir(&mut watch.watcher, &dir) {
+                        Ok(id) => {
+                            info!(dir = %dir.display(), "the directory was replaced: watching the new one and reading every file");
+                            watch.identity = id;
+                            self.source.forget_stamps();
+                        }
+                        Err(e) => {
+                            watch.identity = None;
+                            warn!(error = %format!("{e:#}"), "the directory is gone; keeping the last programmed state");
+                            continue;
+                        }
+                    }
+                }
+            }
+            if let Err(e) = self.sync(rec) {
+                warn!(error = %format!("{e:#}"), "sync failed; keeping the last programmed state");
+            }
+        }
+    }
+
+    /// The directory's watch, started if it is not yet.
+    ///
+    /// # Errors
+    /// When the directory cannot be watched.
+    fn watch(&mut self) -> anyhow::Result<&mut Watch> {
+        let watch = match self.watch.take() {
+            Some(watch) => watch,
+            None => Watch::start(self.source.dir())?,
+        };
+        Ok(self.watch.insert(watch))
+    }
+}
+
+/// The watch on the directory (and its parent) and what its events noted since the last pass.
+struct Watch {
+    watcher: notify::RecommendedWatcher,
+    events: Arc<Mutex<Pending>>,
+    /// Woken by an event that can change something.
+    wake: Arc<tokio::sync::Notify>,
+    /// The identity (device, inode) of the directory watched.
+    identity: Option<(u64, u64)>,
+}
+
+impl std::fmt::Debug for Watch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Watch")
+            .field("identity", &self.identity)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Watch {
+    /// Watches `dir` and its parent (best effort).
+    fn start(dir: &Path) -> anyhow::Result<Self> {
         let events = Arc::new(Mutex::new(Pending::default()));
         let wake = Arc::new(tokio::sync::Notify::new());
         let mut watcher = {
             let events = Arc::clone(&events);
             let wake = Arc::clone(&wake);
-            let dir = dir.clone();
+            let dir = dir.to_owned();
             notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
                 let mut pending = events
                     .lock()
@@ -309,58 +473,13 @@ impl Standalone {
                 warn!(dir = %parent.display(), error = %e, "cannot watch the directory's parent; a replaced directory is found within {IDENTITY_CHECK:?}");
             }
         }
-        let mut identity_watched = watch_dir(&mut watcher, &dir)?;
-        let mut next_identity_check = Instant::now() + IDENTITY_CHECK;
-        loop {
-            let deadline = [self.source.next_settle(), self.next_timer()]
-                .into_iter()
-                .flatten()
-                .fold(next_identity_check, Instant::min);
-            tokio::select! {
-                () = wake.notified() => {
-                    // More changes usually follow the first: take them in the same pass.
-                    tokio::time::sleep(self.coalesce).await;
-                }
-                () = tokio::time::sleep_until(deadline.into()) => {}
-            }
-            let pending = std::mem::take(
-                &mut *events
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner),
-            );
-            for (file, write) in pending.files {
-                match write {
-                    Write::Modified(at) => self.source.written(&file, at),
-                    Write::Completed => self.source.completed(&file),
-                }
-            }
-            if pending.rescan {
-                info!(dir = %dir.display(), "directory events were lost (queue overflow): checking every file");
-                self.source.forget_stamps();
-            }
-            if pending.identity || Instant::now() >= next_identity_check {
-                next_identity_check = Instant::now() + IDENTITY_CHECK;
-                let now = identity(&dir);
-                if now != identity_watched {
-                    let _ = watcher.unwatch(&dir);
-                    match watch_dir(&mut watcher, &dir) {
-                        Ok(id) => {
-                            info!(dir = %dir.display(), "the directory was replaced: watching the new one and reading every file");
-                            identity_watched = id;
-                            self.source.forget_stamps();
-                        }
-                        Err(e) => {
-                            identity_watched = None;
-                            warn!(error = %format!("{e:#}"), "the directory is gone; keeping the last programmed state");
-                            continue;
-                        }
-                    }
-                }
-            }
-            if let Err(e) = self.sync(rec) {
-                warn!(error = %format!("{e:#}"), "sync failed; keeping the last programmed state");
-            }
-        }
+        let identity = watch_dir(&mut watcher, dir)?;
+        Ok(Self {
+            watcher,
+            events,
+            wake,
+            identity,
+        })
     }
 }
 
@@ -431,6 +550,9 @@ enum Write {
 struct Pending {
     /// Per file, the last word on its writer.
     files: BTreeMap<PathBuf, Write>,
+    /// Entries named by events that say nothing about a writer (created, metadata changed):
+    /// the next refresh looks at them too.
+    touched: BTreeSet<PathBuf>,
     /// Events were lost: check every file.
     rescan: bool,
     /// The directory itself was created, removed or renamed: check its identity.
@@ -471,9 +593,12 @@ impl Pending {
                     self.files.insert(path.clone(), Write::Completed);
                     relevant = true;
                 }
-                // A new file (created empty, or a hard link), its metadata: read at the next
-                // pass either way.
-                EventKind::Create(_) | EventKind::Modify(_) => relevant = true,
+                // A new file (created empty, or a hard link; a directory or link: see
+                // `DirSource::refresh`), its metadata: looked at by the next pass.
+                EventKind::Create(_) | EventKind::Modify(_) => {
+                    self.touched.insert(path.clone());
+                    relevant = true;
+                }
                 _ => {}
             }
         }
@@ -483,6 +608,8 @@ impl Pending {
 
 #[cfg(test)]
 mod tests {
+    use std::fmt::Write as _;
+
     use notify::{
         Event, EventKind, Watcher as _,
         event::{AccessKind, AccessMode, CreateKind, DataChange, Flag, ModifyKind, RenameMode},
@@ -568,6 +695,8 @@ mod tests {
             ]
         );
         assert!(!p.rescan && !p.identity);
+        let touched: Vec<&Path> = p.touched.iter().map(PathBuf::as_path).collect();
+        assert_eq!(touched, [Path::new("/d/e.yaml")]);
 
         p.note(&event(EventKind::Create(CreateKind::Folder), "/d"), dir, at);
         assert!(p.identity);
@@ -622,5 +751,210 @@ mod tests {
         assert_eq!(p.files.get(&file), Some(&Write::Completed));
         drop(watcher);
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A directory edited file by file, with its events.
+    struct Dir(PathBuf);
+
+    impl Dir {
+        fn new(name: &str) -> Self {
+            let path = std::env::temp_dir().join(format!(
+                "svc-standalone-{name}-{}-{:?}",
+                std::process::id(),
+                std::thread::current().id()
+            ));
+            let _ = std::fs::remove_dir_all(&path);
+            std::fs::create_dir_all(&path).unwrap();
+            Self(path)
+        }
+
+        /// Writes `file` (renamed into place) and tells `standalone`, as the watch would.
+        fn write(&self, standalone: &mut Standalone, file: &str, docs: &[String]) {
+            let path = self.0.join(file);
+            let tmp = self.0.join(format!(".{file}.tmp"));
+            std::fs::write(&tmp, docs.join("---\n")).unwrap();
+            std::fs::rename(&tmp, &path).unwrap();
+            standalone.source.completed(&path);
+            standalone.source.completed(&tmp);
+        }
+
+        fn remove(&self, standalone: &mut Standalone, file: &str) {
+            let path = self.0.join(file);
+            std::fs::remove_file(&path).unwrap();
+            standalone.source.completed(&path);
+        }
+    }
+
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn svc(name: &str, ip: &str, selector: &str) -> String {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\nspec:\n  clusterIP: {ip}\n\
+             {selector}  ports:\n  - {{name: http, port: 80, targetPort: 8080}}\n"
+        )
+    }
+
+    fn slice(name: &str, service: &str, ips: &[&str]) -> String {
+        let endpoints = ips.iter().fold(String::new(), |mut out, ip| {
+            let _ = writeln!(
+                out,
+                "- addresses: [\"{ip}\"]\n  conditions: {{ready: true}}"
+            );
+            out
+        });
+        format!(
+            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}\n  \
+             labels:\n    kubernetes.io/service-name: {service}\naddressType: IPv4\nendpoints:\n\
+             {endpoints}ports:\n- {{name: http, port: 8080}}\n"
+        )
+    }
+
+    fn pod(name: &str, app: &str, ip: &str) -> String {
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  labels: {{app: {app}}}\n\
+             spec:\n  nodeName: node1\n  containers: []\nstatus:\n  phase: Running\n  podIP: {ip}\n  \
+             conditions:\n  - {{type: Ready, status: \"True\"}}\n"
+        )
+    }
+
+    fn node(zone: &str) -> String {
+        format!(
+            "apiVersion: v1\nkind: Node\nmetadata:\n  name: node1\n  labels:\n    \
+             topology.kubernetes.io/zone: {zone}\n"
+        )
+    }
+
+    /// One pass's computation (no maps); checks the model against the full computation from
+    /// the files and returns the refresh.
+    fn pass(standalone: &mut Standalone) -> Refresh {
+        let refresh = standalone.source.refresh(Instant::now()).unwrap();
+        standalone.compute(&refresh);
+        standalone.synced = true;
+        let loaded = standalone.source.loaded();
+        let computed = model::slices_from_pods(
+            &loaded.snapshot.services,
+            &loaded.pods,
+            &loaded.snapshot.slices,
+            &loaded.snapshot.nodes,
+        );
+        let oracle = model::compute(
+            &model::Snapshot {
+                services: loaded.snapshot.services,
+                slices: computed.slices,
+                nodes: loaded.snapshot.nodes,
+            },
+            "node1",
+        );
+        assert_eq!(standalone.model.state(), &oracle);
+        assert_eq!(standalone.slicer.errors(), &computed.errors[..]);
+        assert_eq!(standalone.slicer.selections(), computed.selections);
+        refresh
+    }
+
+    /// Each edit of the directory is handed to the model as the objects it changed (only
+    /// their Services are computed again), and the result is always what the full
+    /// computation from the files gives.
+    #[test]
+    fn a_pass_hands_the_model_only_what_the_changed_files_changed() {
+        let dir = Dir::new("passes");
+        let mut s = Standalone::new(&dir.0, "node1", Duration::ZERO, None);
+        let web = "  selector: {app: web}\n";
+        let services = |c_ip: &str| {
+            [
+                svc("a", "198.19.0.1", ""),
+                svc("b", "198.19.0.2", web),
+                svc("c", c_ip, ""),
+            ]
+        };
+        dir.write(&mut s, "services.yaml", &services("198.19.0.3"));
+        dir.write(&mut s, "a-1.yaml", &[slice("a-1", "a", &["198.18.0.1"])]);
+        dir.write(&mut s, "c-1.yaml", &[slice("c-1", "c", &["198.18.0.3"])]);
+        dir.write(
+            &mut s,
+            "pods.yaml",
+            &[
+                pod("web-0", "web", "198.18.1.1"),
+                pod("web-1", "web", "198.18.1.2"),
+            ],
+        );
+        dir.write(&mut s, "node.yaml", &[node("z1")]);
+        let first = pass(&mut s);
+        assert!(first.listed);
+        assert_eq!(s.model.state().frontends.len(), 3);
+
+        // One slice file: one Service computed again.
+        dir.write(
+            &mut s,
+            "a-1.yaml",
+            &[slice("a-1", "a", &["198.18.0.1", "198.18.0.2"])],
+        );
+        let refresh = pass(&mut s);
+        assert!(!refresh.listed);
+        assert_eq!(s.model.recomputed(), 1);
+
+        // A Pod relabelled: the selector Service computed again.
+        dir.write(
+            &mut s,
+            "pods.yaml",
+            &[
+                pod("web-0", "web", "198.18.1.1"),
+                pod("web-1", "db", "198.18.1.2"),
+            ],
+        );
+        pass(&mut s);
+        assert_eq!(s.model.recomputed(), 1);
+
+        // The Service file rewritten with one Service changed.
+        dir.write(&mut s, "services.yaml", &services("198.19.0.4"));
+        let refresh = pass(&mut s);
+        let dirty: Vec<&str> = refresh
+            .dirty
+            .services
+            .iter()
+            .map(|n| n.1.as_str())
+            .collect();
+        assert_eq!(dirty, ["c"]);
+        assert_eq!(s.model.recomputed(), 1);
+
+        // The same slice in a second file, differing: an error, the slice is not used; made
+        // identical: used again.
+        dir.write(&mut s, "z-copy.yaml", &[slice("c-1", "c", &["198.18.0.9"])]);
+        pass(&mut s);
+        assert!(
+            s.model.state().errors.iter().any(|e| e.name == "c-1"),
+            "{:?}",
+            s.model.state().errors
+        );
+        dir.write(&mut s, "z-copy.yaml", &[slice("c-1", "c", &["198.18.0.3"])]);
+        pass(&mut s);
+        assert!(s.model.state().errors.is_empty());
+
+        // A hand-written slice for the selector Service is ignored; the selector removed, it
+        // is used.
+        dir.write(&mut s, "b-1.yaml", &[slice("b-1", "b", &["198.18.0.5"])]);
+        pass(&mut s);
+        assert_eq!(s.slicer.ignored_slices().len(), 1);
+        let plain = [
+            svc("a", "198.19.0.1", ""),
+            svc("b", "198.19.0.2", ""),
+            svc("c", "198.19.0.4", ""),
+        ];
+        dir.write(&mut s, "services.yaml", &plain);
+        pass(&mut s);
+        assert!(s.slicer.ignored_slices().is_empty());
+
+        // The Node's zone, a removed file, then lost events: a listing and the whole set.
+        dir.write(&mut s, "node.yaml", &[node("z2")]);
+        pass(&mut s);
+        dir.remove(&mut s, "pods.yaml");
+        pass(&mut s);
+        dir.write(&mut s, "services.yaml", &services("198.19.0.3"));
+        s.source.forget_stamps();
+        let refresh = pass(&mut s);
+        assert!(refresh.listed);
     }
 }

@@ -852,5 +852,33 @@ fn set_duplicate<T: PartialEq>(
     }
 }
 
+/// Objects with several copies (the file source; added for the standalone passes, issue 10).
+impl Model {
+    /// The Service `namespace/name` is now `copies` (empty: deleted), in the source's order:
+    /// [`set_service`](Self::set_service) for a source that may hold one object more than
+    /// once (a directory: the same Service in two files). Copies follow `compute`'s rule, as
+    /// in [`replace`](Self::replace): identical copies are one object, differing copies an
+    /// error and none is used. Marks it dirty.
+    ///
+    /// `namespace/name` must be every copy's own (`default` when it names no namespace).
+    pub fn set_service_copies(&mut self, namespace: &str, name: &str, copies: Vec<Arc<Service>>) {
+        self.put_service(Name::new(namespace, name), copies);
+    }
+
+    /// The `EndpointSlice` `namespace/name` is now `copies` (empty: deleted), in the source's
+    /// order: [`set_slice`](Self::set_slice) for a source that may hold one object more than
+    /// once, with the rule of [`set_service_copies`](Self::set_service_copies).
+    ///
+    /// `namespace/name` must be every copy's own (`default` when it names no namespace).
+    pub fn set_slice_copies(
+        &mut self,
+        namespace: &str,
+        name: &str,
+        copies: Vec<Arc<EndpointSlice>>,
+    ) {
+        self.put_slice(Name::new(namespace, name), copies);
+    }
+}
+
 #[cfg(test)]
 mod tests;

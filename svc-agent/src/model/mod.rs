@@ -55,8 +55,8 @@ use k8s_openapi::api::{
 };
 pub use node::{NodeAddress, NodeAddressKind, node_addresses, node_zone};
 pub use pods::{
-    IgnoredSlice, LABEL_MANAGED_BY, MANAGED_BY, MAX_ENDPOINTS_PER_SLICE, PodSlices, Selection,
-    slices_from_pods,
+    HandWrittenSlices, IgnoredSlice, LABEL_MANAGED_BY, MANAGED_BY, MAX_ENDPOINTS_PER_SLICE,
+    PodSliceChanges, PodSlicer, PodSlices, Selection, slices_from_pods,
 };
 
 use self::{

@@ -49,7 +49,7 @@
 //! so is a bad `targetPort` of a Service (that port is skipped). Nothing here panics.
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     fmt,
     net::IpAddr,
     sync::Arc,
@@ -67,7 +67,8 @@ use k8s_openapi::{
 };
 
 use super::{
-    LABEL_SERVICE_NAME, LABEL_TOPOLOGY_ZONE, ObjectError, Protocol, namespace_of, unique_objects,
+    LABEL_SERVICE_NAME, LABEL_TOPOLOGY_ZONE, ObjectError, Protocol, kept_copies, namespace_of,
+    slice_owner, unique_objects,
 };
 
 /// The annotation selecting the older topology-aware hints heuristic (`Auto`); with it, the
@@ -324,26 +325,38 @@ pub fn slices_from_pods(
         let candidates = by_namespace
             .get(svc.namespace)
             .map_or(&[][..], Vec::as_slice);
-        let matching: Vec<&PodView<'_>> = candidates
-            .iter()
-            .copied()
-            .filter(|pod| selects(svc.selector, pod.labels()))
-            .filter(|pod| !pod.addrs.is_empty() && !pod.terminal)
-            .collect();
-        out.selections.push(Selection {
-            namespace: svc.namespace.to_owned(),
-            name: svc.name.to_owned(),
-            selector: selector_string(svc.selector),
-            pods: matching.iter().map(|p| p.name.to_owned()).collect(),
-            ready: matching.iter().filter(|p| svc.ready(p)).count(),
-        });
-        for &family in &svc.families {
-            service_slices(svc, family, &matching, &zones, &mut out.slices);
-        }
+        let selection = select(svc, candidates, &zones, &mut out.slices);
+        out.selections.push(selection);
     }
     out.errors.sort();
     out.errors.dedup();
     out
+}
+
+/// One selector Service's part: the Pods of `candidates` (its namespace's, sorted by name)
+/// it selects, and their slices (appended to `slices`).
+fn select(
+    svc: &SelectorService<'_>,
+    candidates: &[&PodView<'_>],
+    zones: &BTreeMap<&str, &str>,
+    slices: &mut Vec<Arc<EndpointSlice>>,
+) -> Selection {
+    let matching: Vec<&PodView<'_>> = candidates
+        .iter()
+        .copied()
+        .filter(|pod| selects(svc.selector, pod.labels()))
+        .filter(|pod| !pod.addrs.is_empty() && !pod.terminal)
+        .collect();
+    for &family in &svc.families {
+        service_slices(svc, family, &matching, zones, slices);
+    }
+    Selection {
+        namespace: svc.namespace.to_owned(),
+        name: svc.name.to_owned(),
+        selector: selector_string(svc.selector),
+        pods: matching.iter().map(|p| p.name.to_owned()).collect(),
+        ready: matching.iter().filter(|p| svc.ready(p)).count(),
+    }
 }
 
 impl SelectorService<'_> {
@@ -749,6 +762,395 @@ fn container_ports<'a>(
         ) {
             named.push(NamedPort { name, proto, port });
         }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The same computation, kept up to date object by object
+// ---------------------------------------------------------------------------------------------
+
+/// A namespace and a name.
+type Key = (String, String);
+
+fn key_of(namespace: &str, name: &str) -> Key {
+    (namespace.to_owned(), name.to_owned())
+}
+
+/// What a [`PodSlicer::update`] changed.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct PodSliceChanges {
+    /// The `EndpointSlice` names (namespace, name) whose copies for the model may have
+    /// changed: each one's [`PodSlicer::slice_copies`] is to be handed to the model.
+    pub slices: BTreeSet<(String, String)>,
+    /// The selections of the selector Services computed again, sorted by namespace and name.
+    pub selections: Vec<Selection>,
+    /// The Services (namespace, name) that no longer have a selection.
+    pub unselected: Vec<(String, String)>,
+}
+
+/// One selector Service's part, as last computed.
+#[derive(Debug)]
+struct Computed {
+    selection: Selection,
+    /// The names of its slices (the slices are in [`PodSlicer::computed_slices`]).
+    slices: Vec<Key>,
+    /// Its bad `targetPort`s.
+    errors: Vec<ObjectError>,
+}
+
+/// The hand-written `EndpointSlice`s a [`PodSlicer`] reads: the source holds them, the slicer
+/// keeps none.
+pub trait HandWrittenSlices {
+    /// Every copy of the slice `namespace/name`, in the source's order.
+    fn copies(&self, namespace: &str, name: &str) -> Vec<Arc<EndpointSlice>>;
+    /// Every slice, the copies of one name together in the source's order.
+    fn all(&self) -> Vec<Arc<EndpointSlice>>;
+}
+
+/// [`slices_from_pods`] kept up to date as objects change (the standalone source's passes).
+///
+/// Each `set_*` call gives every copy of one name, in the source's order (the model's rule
+/// for copies applies: identical copies are one object, differing ones are none); the
+/// hand-written slices stay in the source ([`HandWrittenSlices`]), which says which changed
+/// ([`slice_changed`](Self::slice_changed)). [`update`](Self::update) then recomputes the slices of only the selector Services whose
+/// Service changed, that a changed Pod matches before or after its change, or (a Node's zone
+/// changed) all of them, and names the slices whose copies for the model may have changed:
+/// the hand-written ones that changed or whose Service gained or lost its selector, and the
+/// computed ones of the Services computed again. What it holds equals [`slices_from_pods`]
+/// of the same objects: [`slices`](Self::slices), [`errors`](Self::errors),
+/// [`ignored_slices`](Self::ignored_slices) and the selections (tested against it).
+#[derive(Debug, Default)]
+pub struct PodSlicer {
+    /// The Services with a selector (the used copy of their name), by namespace, then name.
+    selectors: HashMap<String, BTreeMap<String, Arc<Service>>>,
+    /// The usable Pods (the used copy of their name, valid), by namespace, then name.
+    pods: HashMap<String, BTreeMap<String, Arc<Pod>>>,
+    /// The errors of each Pod name (differing copies, bad fields).
+    pod_errors: HashMap<Key, Vec<ObjectError>>,
+    /// The Services that gained or lost their selector since the last update, by namespace
+    /// (their hand-written slices change sides: the update looks for them).
+    flipped: HashMap<String, HashSet<String>>,
+    nodes: Vec<Arc<Node>>,
+    /// Each selector Service's part.
+    computed: HashMap<Key, Computed>,
+    /// The computed slices by name (two Services never compute the same name: a name ends
+    /// in `-pods-<family>-<n>` after its Service's).
+    computed_slices: HashMap<Key, Arc<EndpointSlice>>,
+    /// The hand-written slices ignored, by slice name.
+    ignored: BTreeMap<Key, Vec<IgnoredSlice>>,
+    /// Every error, sorted and deduplicated (rebuilt by an update when a part changed).
+    errors: Vec<ObjectError>,
+    errors_dirty: bool,
+    /// The selector Services the next update computes again.
+    recompute: BTreeSet<Key>,
+    /// The slice names whose copies may have changed since the last update.
+    dirty_slices: BTreeSet<Key>,
+}
+
+impl PodSlicer {
+    /// An empty computation (no objects).
+    #[must_use]
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The Service `namespace/name` is now `copies` (none: deleted).
+    pub fn set_service(&mut self, namespace: &str, name: &str, copies: &[Arc<Service>]) {
+        let kept = match kept_copies("Service", namespace, name, copies, |c| &**c) {
+            Ok(n) => &copies[..n],
+            Err(_) => &[],
+        };
+        // Nameless Services are never selector Services.
+        let now = kept
+            .first()
+            .filter(|svc| selector_service(svc, &mut Vec::new()).is_some());
+        let before = self.selectors.get(namespace).and_then(|s| s.get(name));
+        match (before, now) {
+            (None, None) => return,
+            (Some(a), Some(b)) if Arc::ptr_eq(a, b) || a == b => return,
+            _ => {}
+        }
+        let key = key_of(namespace, name);
+        if before.is_some() != now.is_some() {
+            // Its hand-written slices change sides (used or ignored).
+            (self.flipped.entry(namespace.to_owned()).or_default()).insert(name.to_owned());
+        }
+        match now {
+            Some(svc) => {
+                self.selectors
+                    .entry(namespace.to_owned())
+                    .or_default()
+                    .insert(name.to_owned(), Arc::clone(svc));
+            }
+            None => {
+                if let Some(services) = self.selectors.get_mut(namespace) {
+                    services.remove(name);
+                    if services.is_empty() {
+                        self.selectors.remove(namespace);
+                    }
+                }
+            }
+        }
+        self.recompute.insert(key);
+    }
+
+    /// The Pod `namespace/name` is now `copies` (none: deleted).
+    pub fn set_pod(&mut self, namespace: &str, name: &str, copies: &[Arc<Pod>]) {
+        let mut errors = Vec::new();
+        let kept = match kept_copies("Pod", namespace, name, copies, |c| &**c) {
+            Ok(n) => &copies[..n],
+            Err(e) => {
+                errors.push(e);
+                &[]
+            }
+        };
+        let mut now = None;
+        for pod in kept {
+            if parse_pod(pod, &mut errors).is_some() {
+                now = Some(pod);
+            }
+        }
+        let key = key_of(namespace, name);
+        let errors_before = if errors.is_empty() {
+            self.pod_errors.remove(&key)
+        } else {
+            self.pod_errors.insert(key.clone(), errors.clone())
+        };
+        if errors_before.unwrap_or_default() != errors {
+            self.errors_dirty = true;
+        }
+
+        let before = self.pods.get(namespace).and_then(|p| p.get(name));
+        match (before, now) {
+            (None, None) => return,
+            (Some(a), Some(b)) if Arc::ptr_eq(a, b) || a == b => return,
+            _ => {}
+        }
+        // The selector Services it took part in, or takes part in now.
+        let labels = [before, now].map(|p| p.and_then(|p| p.metadata.labels.as_ref()));
+        for (service, svc) in self.selectors.get(namespace).into_iter().flatten() {
+            let selector = svc.spec.as_ref().and_then(|s| s.selector.as_ref());
+            if let Some(selector) = selector
+                && labels.iter().any(|l| selects(selector, *l))
+            {
+                self.recompute.insert(key_of(namespace, service));
+            }
+        }
+        match now {
+            Some(pod) => {
+                self.pods
+                    .entry(namespace.to_owned())
+                    .or_default()
+                    .insert(name.to_owned(), Arc::clone(pod));
+            }
+            None => {
+                if let Some(pods) = self.pods.get_mut(namespace) {
+                    pods.remove(name);
+                    if pods.is_empty() {
+                        self.pods.remove(namespace);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The hand-written `EndpointSlice` `namespace/name` changed (added, edited or removed).
+    pub fn slice_changed(&mut self, namespace: &str, name: &str) {
+        self.dirty_slices.insert(key_of(namespace, name));
+    }
+
+    /// The Nodes are now `nodes` (their zones go into the endpoints).
+    pub fn set_nodes(&mut self, nodes: Vec<Arc<Node>>) {
+        if node_zones(&self.nodes) != node_zones(&nodes) {
+            for (namespace, services) in &self.selectors {
+                (self.recompute).extend(services.keys().map(|name| key_of(namespace, name)));
+            }
+        }
+        self.nodes = nodes;
+    }
+
+    /// Computes again what the changes since the last update touch (`hand_written`: the
+    /// slices as they are now); says which slices the model is to be handed again and which
+    /// selections changed.
+    pub fn update(&mut self, hand_written: &impl HandWrittenSlices) -> PodSliceChanges {
+        let mut changes = PodSliceChanges::default();
+        let flipped = std::mem::take(&mut self.flipped);
+        if !flipped.is_empty() {
+            // Rare (a Service gains or loses its selector): one walk over the slices.
+            for slice in hand_written.all() {
+                let Some((namespace, service)) = slice_owner(&slice) else {
+                    continue;
+                };
+                if flipped.get(namespace).is_some_and(|s| s.contains(service)) {
+                    let name = slice.metadata.name.as_deref().unwrap_or_default();
+                    self.dirty_slices.insert(key_of(namespace, name));
+                }
+            }
+        }
+        let recompute = std::mem::take(&mut self.recompute);
+        let zones_of = self.nodes.clone();
+        let zones = node_zones(&zones_of);
+        for service in recompute {
+            if let Some(old) = self.computed.remove(&service) {
+                for name in old.slices {
+                    self.computed_slices.remove(&name);
+                    self.dirty_slices.insert(name);
+                }
+                if !old.errors.is_empty() {
+                    self.errors_dirty = true;
+                }
+            }
+            let (namespace, name) = (&service.0, &service.1);
+            let svc = self
+                .selectors
+                .get(namespace)
+                .and_then(|s| s.get(name))
+                .cloned();
+            let mut errors = Vec::new();
+            let Some(selector) = svc
+                .as_deref()
+                .and_then(|svc| selector_service(svc, &mut errors))
+            else {
+                changes.unselected.push(service);
+                continue;
+            };
+            // Only the Pods it selects are parsed again (all of them are valid).
+            let pods: Vec<&Arc<Pod>> = (self.pods.get(namespace).into_iter().flatten())
+                .map(|(_, pod)| pod)
+                .filter(|pod| selects(selector.selector, pod.metadata.labels.as_ref()))
+                .collect();
+            let views: Vec<PodView<'_>> = (pods.iter())
+                .filter_map(|pod| parse_pod(pod, &mut Vec::new()))
+                .collect();
+            let views: Vec<&PodView<'_>> = views.iter().collect();
+            let mut slices = Vec::new();
+            let selection = select(&selector, &views, &zones, &mut slices);
+            let mut names = Vec::with_capacity(slices.len());
+            for slice in slices {
+                let name = key_of(
+                    namespace,
+                    slice.metadata.name.as_deref().unwrap_or_default(),
+                );
+                self.dirty_slices.insert(name.clone());
+                self.computed_slices.insert(name.clone(), slice);
+                names.push(name);
+            }
+            self.errors_dirty |= !errors.is_empty();
+            changes.selections.push(selection.clone());
+            self.computed.insert(
+                service,
+                Computed {
+                    selection,
+                    slices: names,
+                    errors,
+                },
+            );
+        }
+        let ignored: Vec<(Key, Vec<IgnoredSlice>)> = (self.dirty_slices.iter())
+            .map(|name| (name.clone(), self.ignored_copies(name, hand_written)))
+            .collect();
+        for (name, ignored) in ignored {
+            if ignored.is_empty() {
+                self.ignored.remove(&name);
+            } else {
+                self.ignored.insert(name, ignored);
+            }
+        }
+        if std::mem::take(&mut self.errors_dirty) {
+            let mut errors: Vec<ObjectError> = (self.pod_errors.values().flatten())
+                .chain(self.computed.values().flat_map(|c| &c.errors))
+                .cloned()
+                .collect();
+            errors.sort();
+            errors.dedup();
+            self.errors = errors;
+        }
+        changes.slices = std::mem::take(&mut self.dirty_slices);
+        changes
+    }
+
+    /// Whether the Service `namespace/name` has a selector (its hand-written slices are
+    /// ignored).
+    fn selects_for(&self, namespace: &str, name: &str) -> bool {
+        self.selectors
+            .get(namespace)
+            .is_some_and(|s| s.contains_key(name))
+    }
+
+    /// The hand-written copies of `name` that are ignored (their Service has a selector).
+    fn ignored_copies(
+        &self,
+        name: &Key,
+        hand_written: &impl HandWrittenSlices,
+    ) -> Vec<IgnoredSlice> {
+        (hand_written.copies(&name.0, &name.1).iter())
+            .filter_map(|slice| {
+                let (namespace, service) = slice_owner(slice)?;
+                self.selects_for(namespace, service).then(|| IgnoredSlice {
+                    namespace: namespace.to_owned(),
+                    slice: slice.metadata.name.clone().unwrap_or_default(),
+                    service: service.to_owned(),
+                })
+            })
+            .collect()
+    }
+
+    /// The copies of the slice `namespace/name` the model computes from: the hand-written
+    /// ones (of `hand_written`) whose Service has no selector, then the computed one.
+    #[must_use]
+    pub fn slice_copies(
+        &self,
+        namespace: &str,
+        name: &str,
+        hand_written: &impl HandWrittenSlices,
+    ) -> Vec<Arc<EndpointSlice>> {
+        let mut copies = self.used(hand_written.copies(namespace, name));
+        copies.extend(self.computed_slices.get(&key_of(namespace, name)).cloned());
+        copies
+    }
+
+    /// Of hand-written slices, those used (their Service has no selector).
+    fn used(&self, mut slices: Vec<Arc<EndpointSlice>>) -> Vec<Arc<EndpointSlice>> {
+        slices
+            .retain(|slice| !slice_owner(slice).is_some_and(|(ns, svc)| self.selects_for(ns, svc)));
+        slices
+    }
+
+    /// Every slice the model computes from (as [`PodSlices::slices`], in another order): the
+    /// used ones of `hand_written`, then the computed ones.
+    #[must_use]
+    pub fn slices(&self, hand_written: &impl HandWrittenSlices) -> Vec<Arc<EndpointSlice>> {
+        let mut all = self.used(hand_written.all());
+        all.extend(self.computed_slices.values().cloned());
+        all
+    }
+
+    /// Bad Pods and bad `targetPort`s, sorted (as [`PodSlices::errors`]).
+    #[must_use]
+    pub fn errors(&self) -> &[ObjectError] {
+        &self.errors
+    }
+
+    /// The hand-written slices ignored, sorted (as [`PodSlices::ignored_slices`]).
+    #[must_use]
+    pub fn ignored_slices(&self) -> Vec<IgnoredSlice> {
+        let mut ignored: Vec<IgnoredSlice> = self.ignored.values().flatten().cloned().collect();
+        ignored.sort();
+        ignored
+    }
+
+    /// Every selection, sorted by namespace and name (as [`PodSlices::selections`]).
+    #[must_use]
+    pub fn selections(&self) -> Vec<Selection> {
+        let mut selections: Vec<&Computed> = self.computed.values().collect();
+        selections.sort_by(|a, b| {
+            (&a.selection.namespace, &a.selection.name)
+                .cmp(&(&b.selection.namespace, &b.selection.name))
+        });
+        selections
+            .into_iter()
+            .map(|c| c.selection.clone())
+            .collect()
     }
 }
 
@@ -1413,5 +1815,384 @@ mod tests {
         let sizes: Vec<usize> = out.slices.iter().map(|s| s.endpoints.len()).collect();
         assert_eq!(sizes, [100, 100, 50]);
         assert_eq!(out.selections[0].pods.len(), 250);
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // PodSlicer against slices_from_pods
+    // -----------------------------------------------------------------------------------------
+
+    mod slicer {
+        use std::collections::{BTreeMap, HashMap};
+
+        use proptest::prelude::*;
+
+        use super::*;
+
+        const NAMESPACES: [&str; 2] = ["default", "other"];
+
+        /// A Service variant: 0 absent, 1 selector app=a, 2 selector app=b, 3 no selector,
+        /// 4 app=a with a bad targetPort, 5 app=a `PreferSameNode`, 6 app=a `ExternalName`.
+        fn service_variant(ns: &str, name: &str, variant: u8) -> Option<Arc<Service>> {
+            let spec = match variant {
+                1 => {
+                    "  selector: {app: a}\n  ports:\n  - {name: http, port: 80, targetPort: http}\n"
+                }
+                2 => {
+                    "  selector: {app: b}\n  ports:\n  - {name: http, port: 80, targetPort: 8080}\n"
+                }
+                3 => "  ports:\n  - {name: http, port: 80, targetPort: 8080}\n",
+                4 => {
+                    "  selector: {app: a}\n  ports:\n  - {name: http, port: 80, targetPort: 70000}\n"
+                }
+                5 => {
+                    "  selector: {app: a}\n  trafficDistribution: PreferSameNode\n  ports:\n  \
+                      - {name: http, port: 80, targetPort: http}\n"
+                }
+                6 => "  type: ExternalName\n  selector: {app: a}\n",
+                _ => return None,
+            };
+            Some(service(&format!(
+                "metadata:\n  name: {name}\n  namespace: {ns}\nspec:\n  clusterIP: 198.19.0.1\n{spec}"
+            )))
+        }
+
+        /// A Pod variant: 0 absent, 1 app=a ready, 2 app=b not ready, 3 app=a without an
+        /// address, 4 app=a with a bad address, 5 app=a on node2, 6 app=a,b-less terminal.
+        fn pod_variant(ns: &str, name: &str, index: usize, variant: u8) -> Option<Arc<Pod>> {
+            let ip = format!("198.18.0.{}", 10 + index);
+            let (labels, ip, ready, node, phase) = match variant {
+                1 => ("app: a", ip.as_str(), true, "node1", "Running"),
+                2 => ("app: b", ip.as_str(), false, "node1", "Running"),
+                3 => ("app: a", "", true, "node1", "Running"),
+                4 => ("app: a", "198.18.0.x", true, "node1", "Running"),
+                5 => ("app: a", ip.as_str(), true, "node2", "Running"),
+                6 => ("app: a", ip.as_str(), true, "node1", "Succeeded"),
+                _ => return None,
+            };
+            let ip_line = if ip.is_empty() {
+                String::new()
+            } else {
+                format!("  podIP: \"{ip}\"\n")
+            };
+            Some(Arc::new(yaml(&format!(
+                "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: {ns}\n  \
+                 labels: {{{labels}}}\nspec:\n  nodeName: {node}\n  containers:\n  - name: c\n    \
+                 ports:\n    - {{name: http, containerPort: 8080}}\nstatus:\n  phase: {phase}\n\
+                 {ip_line}  conditions:\n  - {{type: Ready, status: \"{}\"}}\n",
+                if ready { "True" } else { "False" }
+            ))))
+        }
+
+        /// A hand-written slice variant: 0 absent, 1 for s0, 2 for s1, 3 for s3 (the
+        /// Service without a selector), 4 for s2 but named like s0's computed slice.
+        fn slice_variant(
+            ns: &str,
+            index: usize,
+            variant: u8,
+        ) -> Option<(String, Arc<EndpointSlice>)> {
+            let (name, owner) = match variant {
+                1 => (format!("e{index}"), "s0"),
+                2 => (format!("e{index}"), "s1"),
+                3 => (format!("e{index}"), "s3"),
+                4 => ("s0-pods-ipv4-0".to_owned(), "s2"),
+                _ => return None,
+            };
+            let slice = yaml(&format!(
+                "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}\n  \
+                 namespace: {ns}\n  labels:\n    kubernetes.io/service-name: {owner}\naddressType: IPv4\n\
+                 endpoints:\n- addresses: [\"198.18.1.{index}\"]\nports:\n- {{name: http, port: 8080}}\n"
+            ));
+            Some((name, Arc::new(slice)))
+        }
+
+        fn nodes_variant(variant: u8) -> Vec<Arc<Node>> {
+            let node = |name: &str, zone: &str| -> Arc<Node> {
+                Arc::new(yaml(&format!(
+                    "apiVersion: v1\nkind: Node\nmetadata:\n  name: {name}\n  labels:\n    \
+                     topology.kubernetes.io/zone: \"{zone}\"\n"
+                )))
+            };
+            match variant {
+                1 => vec![node("node1", "z1")],
+                2 => vec![node("node1", "z1"), node("node2", "z2")],
+                3 => vec![node("node1", "z2"), node("node2", "z2")],
+                _ => Vec::new(),
+            }
+        }
+
+        /// One change: which object (kind, namespace, index), its variant, and its copies (1:
+        /// one, 2: two identical, 3: two differing).
+        #[derive(Clone, Debug)]
+        enum Op {
+            Service(usize, usize, u8, u8),
+            Pod(usize, usize, u8, u8),
+            Slice(usize, usize, u8, u8),
+            Nodes(u8),
+        }
+
+        fn op() -> impl Strategy<Value = Op> {
+            prop_oneof![
+                (0..2usize, 0..4usize, 0..7u8, 1..4u8)
+                    .prop_map(|(n, i, v, c)| Op::Service(n, i, v, c)),
+                (0..2usize, 0..4usize, 0..7u8, 1..4u8).prop_map(|(n, i, v, c)| Op::Pod(n, i, v, c)),
+                (0..2usize, 0..3usize, 0..5u8, 1..4u8)
+                    .prop_map(|(n, i, v, c)| Op::Slice(n, i, v, c)),
+                (0..4u8).prop_map(Op::Nodes),
+            ]
+        }
+
+        /// `copies` of `object`: the object, twice, or it and a variant of it that differs.
+        fn copies<T: Clone>(
+            object: Option<Arc<T>>,
+            copies: u8,
+            differ: impl Fn(&mut T),
+        ) -> Vec<Arc<T>> {
+            let Some(object) = object else {
+                return Vec::new();
+            };
+            match copies {
+                2 => vec![Arc::clone(&object), Arc::new((*object).clone())],
+                3 => {
+                    let mut other = (*object).clone();
+                    differ(&mut other);
+                    vec![object, Arc::new(other)]
+                }
+                _ => vec![object],
+            }
+        }
+
+        fn uid(meta: &mut ObjectMeta) {
+            meta.uid = Some("other".to_owned());
+        }
+
+        /// The objects as the source holds them, by name.
+        #[derive(Default)]
+        struct Objects {
+            services: BTreeMap<Key, Vec<Arc<Service>>>,
+            pods: BTreeMap<Key, Vec<Arc<Pod>>>,
+            slices: Written,
+            nodes: Vec<Arc<Node>>,
+        }
+
+        /// What the model is handed, by slice name.
+        fn by_name(slices: &[Arc<EndpointSlice>]) -> BTreeMap<Key, Vec<EndpointSlice>> {
+            let mut named: BTreeMap<Key, Vec<EndpointSlice>> = BTreeMap::new();
+            for slice in slices {
+                let key = key_of(
+                    namespace_of(slice.metadata.namespace.as_ref()),
+                    slice.metadata.name.as_deref().unwrap_or_default(),
+                );
+                named.entry(key).or_default().push((**slice).clone());
+            }
+            named
+        }
+
+        type Written = BTreeMap<Key, Vec<Arc<EndpointSlice>>>;
+
+        /// The test's hand-written slices, as the source's.
+        impl HandWrittenSlices for Written {
+            fn copies(&self, namespace: &str, name: &str) -> Vec<Arc<EndpointSlice>> {
+                self.get(&key_of(namespace, name))
+                    .cloned()
+                    .unwrap_or_default()
+            }
+
+            fn all(&self) -> Vec<Arc<EndpointSlice>> {
+                flat(self)
+            }
+        }
+
+        fn model_view(
+            slicer: &PodSlicer,
+            written: &Written,
+            names: &[Key],
+        ) -> BTreeMap<Key, Vec<EndpointSlice>> {
+            names
+                .iter()
+                .map(|k| {
+                    let copies = slicer.slice_copies(&k.0, &k.1, written);
+                    (k.clone(), copies.iter().map(|c| (**c).clone()).collect())
+                })
+                .filter(|(_, c): &(Key, Vec<EndpointSlice>)| !c.is_empty())
+                .collect()
+        }
+
+        fn flat<T>(objects: &BTreeMap<Key, Vec<Arc<T>>>) -> Vec<Arc<T>> {
+            objects.values().flatten().cloned().collect()
+        }
+
+        fn run(batches: &[Vec<Op>]) -> Result<(), TestCaseError> {
+            let mut slicer = PodSlicer::new();
+            let mut objects = Objects::default();
+            // Every slice name that can exist.
+            let mut names: Vec<Key> = Vec::new();
+            for ns in NAMESPACES {
+                for s in 0..4 {
+                    for family in ["ipv4", "ipv6"] {
+                        names.push(key_of(ns, &format!("s{s}-pods-{family}-0")));
+                    }
+                }
+                for e in 0..3 {
+                    names.push(key_of(ns, &format!("e{e}")));
+                }
+            }
+            let mut before = model_view(&slicer, &objects.slices, &names);
+            for batch in batches {
+                for op in batch {
+                    match *op {
+                        Op::Service(n, i, v, c) => {
+                            let (ns, name) = (NAMESPACES[n], format!("s{i}"));
+                            let now =
+                                copies(service_variant(ns, &name, v), c, |s| uid(&mut s.metadata));
+                            slicer.set_service(ns, &name, &now);
+                            objects.services.insert(key_of(ns, &name), now);
+                        }
+                        Op::Pod(n, i, v, c) => {
+                            let (ns, name) = (NAMESPACES[n], format!("p{i}"));
+                            let now =
+                                copies(pod_variant(ns, &name, i, v), c, |p| uid(&mut p.metadata));
+                            slicer.set_pod(ns, &name, &now);
+                            objects.pods.insert(key_of(ns, &name), now);
+                        }
+                        Op::Slice(n, i, v, c) => {
+                            let ns = NAMESPACES[n];
+                            // The variant's name, and the one it replaces: e<i> or the colliding one.
+                            let (name, slice) = match slice_variant(ns, i, v) {
+                                Some((name, slice)) => (name, Some(slice)),
+                                None => (format!("e{i}"), None),
+                            };
+                            let now = copies(slice, c, |s| uid(&mut s.metadata));
+                            objects.slices.insert(key_of(ns, &name), now);
+                            slicer.slice_changed(ns, &name);
+                        }
+                        Op::Nodes(v) => {
+                            let nodes = nodes_variant(v);
+                            slicer.set_nodes(nodes.clone());
+                            objects.nodes = nodes;
+                        }
+                    }
+                }
+                let changes = slicer.update(&objects.slices);
+
+                let services: Vec<Arc<Service>> = flat(&objects.services);
+                let pods: Vec<Arc<Pod>> = flat(&objects.pods);
+                let written: Vec<Arc<EndpointSlice>> = flat(&objects.slices);
+                let oracle = slices_from_pods(&services, &pods, &written, &objects.nodes);
+                prop_assert_eq!(
+                    by_name(&slicer.slices(&objects.slices)),
+                    by_name(&oracle.slices)
+                );
+                prop_assert_eq!(slicer.errors(), &oracle.errors[..]);
+                prop_assert_eq!(slicer.ignored_slices(), oracle.ignored_slices.clone());
+                prop_assert_eq!(slicer.selections(), oracle.selections.clone());
+                let mut all: Vec<Key> = names.clone();
+                all.extend(by_name(&oracle.slices).into_keys());
+                all.sort();
+                all.dedup();
+                let after = model_view(&slicer, &objects.slices, &all);
+                prop_assert_eq!(&after, &by_name(&oracle.slices), "slice_copies");
+                // Every slice whose copies changed is named.
+                for name in &all {
+                    if before.get(name) != after.get(name) {
+                        prop_assert!(changes.slices.contains(name), "{name:?} changed, not named");
+                    }
+                }
+                // Every changed selection is reported.
+                let selected: HashMap<(String, String), Selection> = changes
+                    .selections
+                    .iter()
+                    .map(|s| ((s.namespace.clone(), s.name.clone()), s.clone()))
+                    .collect();
+                for selection in &oracle.selections {
+                    let key = (selection.namespace.clone(), selection.name.clone());
+                    if let Some(reported) = selected.get(&key) {
+                        prop_assert_eq!(reported, selection);
+                    }
+                }
+                before = after;
+            }
+            Ok(())
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(256))]
+
+            /// Random batches of changes: after each update the slicer holds what
+            /// `slices_from_pods` computes from the same objects, and names every slice
+            /// whose copies changed.
+            #[test]
+            fn the_slicer_follows_slices_from_pods(
+                batches in prop::collection::vec(prop::collection::vec(op(), 1..6), 1..12)
+            ) {
+                run(&batches)?;
+            }
+        }
+
+        /// A change to one Pod computes again only the selector Services it matches.
+        #[test]
+        fn a_pod_change_computes_only_the_services_it_matches() {
+            let mut slicer = PodSlicer::new();
+            for (i, variant) in [1u8, 2, 1, 3].into_iter().enumerate() {
+                let name = format!("s{i}");
+                let svc = service_variant("default", &name, variant)
+                    .into_iter()
+                    .collect::<Vec<_>>();
+                slicer.set_service("default", &name, &svc);
+            }
+            slicer.set_service(
+                "other",
+                "s0",
+                &service_variant("other", "s0", 1)
+                    .into_iter()
+                    .collect::<Vec<_>>(),
+            );
+            slicer.set_pod(
+                "default",
+                "p0",
+                &pod_variant("default", "p0", 0, 1)
+                    .into_iter()
+                    .collect::<Vec<_>>(),
+            );
+            let none = Written::new();
+            slicer.update(&none);
+
+            // p1 (app=b) appears: only s1 selects app=b.
+            slicer.set_pod(
+                "default",
+                "p1",
+                &pod_variant("default", "p1", 1, 2)
+                    .into_iter()
+                    .collect::<Vec<_>>(),
+            );
+            let changes = slicer.update(&none);
+            let computed: Vec<&str> = changes.selections.iter().map(|s| s.name.as_str()).collect();
+            assert_eq!(computed, ["s1"]);
+            assert_eq!(
+                changes.slices.into_iter().collect::<Vec<_>>(),
+                [key_of("default", "s1-pods-ipv4-0")]
+            );
+
+            // p0 relabelled app=a -> app=b: the Services of both labels in its namespace.
+            slicer.set_pod(
+                "default",
+                "p0",
+                &pod_variant("default", "p0", 0, 2)
+                    .into_iter()
+                    .collect::<Vec<_>>(),
+            );
+            let changes = slicer.update(&none);
+            let computed: Vec<&str> = changes.selections.iter().map(|s| s.name.as_str()).collect();
+            assert_eq!(computed, ["s0", "s1", "s2"]);
+
+            // Nothing changed: nothing computed.
+            slicer.set_pod(
+                "default",
+                "p0",
+                &pod_variant("default", "p0", 0, 2)
+                    .into_iter()
+                    .collect::<Vec<_>>(),
+            );
+            assert_eq!(slicer.update(&none), PodSliceChanges::default());
+        }
     }
 }
