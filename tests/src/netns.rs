@@ -2,7 +2,10 @@
 //!
 //! [`Topology::new`] builds an emulated cluster entirely inside network namespaces named with a
 //! per-run prefix (`svct<pid>x<n>`): an underlay namespace with a bridge, two node namespaces
-//! that route (each with its own bpffs and cgroup v2 directory), and an external client. Pods
+//! that route (each with its own bpffs and cgroup v2 directory), an external client, and the
+//! underlay's default gateway, which silently drops what it is asked to forward (every node's
+//! default route points at it, so untranslated traffic times out as on a real node instead of
+//! failing at once with "network unreachable"; [`BLACK_HOLE_V4`]). Pods
 //! are added with [`Topology::add_pod`], wired to their node like the ptp CNI does (`eth0` with
 //! a /32 and /128 in the pod, `svcpod<N>` with the gateway address on the node, host routes
 //! both ways). Addresses come only from `198.18.0.0/15` and `2001:db8::/32` (the constants and `node_*` /
@@ -30,9 +33,10 @@ pub use cleanup::{
 };
 pub use ns::{NETNS_RUN_DIR, Netns};
 pub use plan::{
-    EXTERNAL_V4, EXTERNAL_V6, FIRST_POD_HOST, Ipv4Cidr, Ipv6Cidr, MAX_PODS_PER_NODE, NODE_COUNT,
-    SERVICE_V4, SERVICE_V6, TEST_PREFIX, UNDERLAY_V4, UNDERLAY_V6, node_pod_cidr_v4,
-    node_pod_cidr_v6, node_underlay_v4, node_underlay_v6, pod_v4, pod_v6, v6_twin,
+    BLACK_HOLE_V4, BLACK_HOLE_V6, EXTERNAL_V4, EXTERNAL_V6, FIRST_POD_HOST, Ipv4Cidr, Ipv6Cidr,
+    MAX_PODS_PER_NODE, NODE_COUNT, SERVICE_V4, SERVICE_V6, TEST_PREFIX, UNDERLAY_V4, UNDERLAY_V6,
+    node_pod_cidr_v4, node_pod_cidr_v6, node_underlay_v4, node_underlay_v6, pod_v4, pod_v6,
+    v6_twin,
 };
 pub use process::{Process, STOP_GRACE};
 pub use topology::{BRIDGE, ETH0, External, Node, POD_IFNAME_PREFIX, Pod, Topology};

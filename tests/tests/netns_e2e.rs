@@ -296,6 +296,27 @@ fn spawned_processes_run_in_their_node_and_the_external_client_reaches_pods() {
         "the root namespace must not have 198.18.0.11"
     );
 
+    // Traffic nobody translates goes to the black-hole gateway and times out, as on a node
+    // with a default route (no "network unreachable" at once), from a pod and from the node.
+    for (who, ns) in [("pod", &pod2.ns), ("node1", &node.ns)] {
+        for vip in ["198.19.255.250", "2001:db8:f::fa"] {
+            let dst = SocketAddr::new(vip.parse().unwrap(), 80);
+            let started = Instant::now();
+            let got = ns.run(move || {
+                Ok(TcpStream::connect_timeout(&dst, Duration::from_millis(300))
+                    .map(drop)
+                    .map_err(|e| e.kind()))
+            });
+            assert_eq!(
+                got.expect("connecting"),
+                Err(ErrorKind::TimedOut),
+                "{who} -> {dst}: untranslated traffic must time out (after {:?})",
+                started.elapsed()
+            );
+        }
+    }
+    println!("untranslated connects to the service range time out (black-hole gateway)");
+
     // The external client reaches a pod on node2 through node1 (its route for every pod CIDR).
     let external = topo.external();
     for v6 in [false, true] {

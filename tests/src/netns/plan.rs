@@ -103,6 +103,14 @@ pub const EXTERNAL_V4: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 100);
 /// The external client's underlay address, IPv6.
 pub const EXTERNAL_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x100);
 
+/// The underlay's default gateway, a router that silently drops everything it is asked to
+/// forward: every node's default route points at it, as a real node's points at its network's
+/// router, so traffic nobody translated (a VIP the datapath missed) times out instead of
+/// failing at once with "network unreachable".
+pub const BLACK_HOLE_V4: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 254);
+/// The black-hole gateway, IPv6.
+pub const BLACK_HOLE_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0xfe);
+
 /// Range the service VIPs of later tests come from (the harness routes nothing to it).
 pub const SERVICE_V4: Ipv4Cidr = Ipv4Cidr::new(Ipv4Addr::new(198, 19, 0, 0), 16);
 /// Range the IPv6 service VIPs of later tests come from.

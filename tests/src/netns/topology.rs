@@ -20,9 +20,9 @@ use super::{
     cleanup::{self, CGROUP2_ROOT},
     cmd,
     plan::{
-        EXTERNAL_V4, EXTERNAL_V6, Ipv4Cidr, Ipv6Cidr, MAX_PODS_PER_NODE, NODE_COUNT, TEST_PREFIX,
-        UNDERLAY_V4, UNDERLAY_V6, node_pod_cidr_v4, node_pod_cidr_v6, node_underlay_v4,
-        node_underlay_v6, pod_v4, pod_v6,
+        BLACK_HOLE_V4, BLACK_HOLE_V6, EXTERNAL_V4, EXTERNAL_V6, Ipv4Cidr, Ipv6Cidr,
+        MAX_PODS_PER_NODE, NODE_COUNT, TEST_PREFIX, UNDERLAY_V4, UNDERLAY_V6, node_pod_cidr_v4,
+        node_pod_cidr_v6, node_underlay_v4, node_underlay_v6, pod_v4, pod_v6,
     },
     require_root, sockd,
 };
@@ -165,6 +165,8 @@ pub struct External {
 pub struct Topology {
     prefix: String,
     underlay: Netns,
+    /// The black-hole gateway of the underlay (see [`BLACK_HOLE_V4`](super::BLACK_HOLE_V4)).
+    black_hole: Netns,
     nodes: Vec<Node>,
     external: External,
     pods: Vec<Pod>,
@@ -205,6 +207,7 @@ impl Topology {
             nodes.push(guard.add_node(&underlay, index)?);
         }
         let external = guard.add_external(&underlay, &nodes[0])?;
+        let black_hole = guard.add_black_hole(&underlay)?;
 
         // Each node reaches the other nodes' pods through their underlay address.
         for node in &nodes {
@@ -223,19 +226,29 @@ impl Topology {
                         ),
                     ]
                 })
+                .chain([
+                    format!("route add default via {BLACK_HOLE_V4} dev {ETH0}"),
+                    format!("route add ::/0 via {BLACK_HOLE_V6} dev {ETH0}"),
+                ])
                 .collect();
             node.ns.ip_batch(&routes)?;
         }
 
         let mut ports: Vec<String> = (1..=NODE_COUNT).map(|i| format!("n{i}")).collect();
         ports.push("ext".to_owned());
+        ports.push("gw".to_owned());
         wait_bridge_forwarding(&underlay, &ports)?;
-        for ns in nodes.iter().map(|n| &n.ns).chain([&external.ns]) {
+        for ns in nodes
+            .iter()
+            .map(|n| &n.ns)
+            .chain([&external.ns, &black_hole])
+        {
             ns.wait_links_up(&[ETH0], READY_TRIES, READY_STEP)?;
         }
         Ok(Self {
             prefix,
             underlay,
+            black_hole,
             nodes,
             external,
             pods: Vec::new(),
@@ -360,7 +373,8 @@ impl Topology {
     /// Every namespace of the run (underlay, nodes, external, pods).
     #[must_use]
     pub fn all_netns(&self) -> Vec<&Netns> {
-        std::iter::once(&self.underlay)
+        [&self.underlay, &self.black_hole]
+            .into_iter()
             .chain(self.nodes.iter().map(|n| &n.ns))
             .chain([&self.external.ns])
             .chain(self.pods.iter().map(|p| &p.ns))
@@ -448,6 +462,24 @@ impl RunGuard {
             ipv4: EXTERNAL_V4,
             ipv6: EXTERNAL_V6,
         })
+    }
+
+    /// The underlay's black-hole gateway: a router (forwarding on) whose only route beyond the
+    /// underlay is a `blackhole` default, so whatever a node sends it is dropped without an
+    /// ICMP error (a forwarding-off router would answer "host unreachable" at once).
+    fn add_black_hole(&self, underlay: &Netns) -> anyhow::Result<Netns> {
+        let ns = self.add_netns("gw", &[COMMON_SYSCTLS, NODE_SYSCTLS])?;
+        Self::plug_into_bridge(&ns, underlay, "gw")?;
+        ns.ip_batch(&[
+            format!("addr add {BLACK_HOLE_V4}/{} dev {ETH0}", UNDERLAY_V4.len),
+            format!(
+                "addr add {BLACK_HOLE_V6}/{} dev {ETH0} nodad",
+                UNDERLAY_V6.len
+            ),
+            "route add blackhole default".to_owned(),
+            "route add blackhole ::/0".to_owned(),
+        ])?;
+        Ok(ns)
     }
 
     /// A veth `eth0` in `ns` whose peer `port` is created directly in the underlay namespace
