@@ -807,6 +807,31 @@ pub trait HandWrittenSlices {
     fn all(&self) -> Vec<Arc<EndpointSlice>>;
 }
 
+/// Sets `namespace/name` in a map of objects by namespace and name to `now` (none: removed;
+/// a namespace left empty goes).
+fn put_by_namespace<T>(
+    map: &mut HashMap<String, BTreeMap<String, Arc<T>>>,
+    namespace: &str,
+    name: &str,
+    now: Option<&Arc<T>>,
+) {
+    match now {
+        Some(object) => {
+            map.entry(namespace.to_owned())
+                .or_default()
+                .insert(name.to_owned(), Arc::clone(object));
+        }
+        None => {
+            if let Some(objects) = map.get_mut(namespace) {
+                objects.remove(name);
+                if objects.is_empty() {
+                    map.remove(namespace);
+                }
+            }
+        }
+    }
+}
+
 /// [`slices_from_pods`] kept up to date as objects change (the standalone source's passes).
 ///
 /// Each `set_*` call gives every copy of one name, in the source's order (the model's rule
@@ -875,22 +900,7 @@ impl PodSlicer {
             // Its hand-written slices change sides (used or ignored).
             (self.flipped.entry(namespace.to_owned()).or_default()).insert(name.to_owned());
         }
-        match now {
-            Some(svc) => {
-                self.selectors
-                    .entry(namespace.to_owned())
-                    .or_default()
-                    .insert(name.to_owned(), Arc::clone(svc));
-            }
-            None => {
-                if let Some(services) = self.selectors.get_mut(namespace) {
-                    services.remove(name);
-                    if services.is_empty() {
-                        self.selectors.remove(namespace);
-                    }
-                }
-            }
-        }
+        put_by_namespace(&mut self.selectors, namespace, name, now);
         self.recompute.insert(key);
     }
 
@@ -936,22 +946,7 @@ impl PodSlicer {
                 self.recompute.insert(key_of(namespace, service));
             }
         }
-        match now {
-            Some(pod) => {
-                self.pods
-                    .entry(namespace.to_owned())
-                    .or_default()
-                    .insert(name.to_owned(), Arc::clone(pod));
-            }
-            None => {
-                if let Some(pods) = self.pods.get_mut(namespace) {
-                    pods.remove(name);
-                    if pods.is_empty() {
-                        self.pods.remove(namespace);
-                    }
-                }
-            }
-        }
+        put_by_namespace(&mut self.pods, namespace, name, now);
     }
 
     /// The hand-written `EndpointSlice` `namespace/name` changed (added, edited or removed).
