@@ -224,7 +224,7 @@ impl Standalone {
         if !self.synced || refresh.listed {
             return self.model.replace(&model::Snapshot {
                 services: self.source.all_services(),
-                slices: self.slicer.slices(&self.source),
+                slices: model::lean_slices(&self.slicer.slices(&self.source)),
                 nodes: self.source.nodes(),
             });
         }
@@ -234,7 +234,7 @@ impl Standalone {
         }
         for (namespace, name) in &changes.slices {
             let copies = self.slicer.slice_copies(namespace, name, &self.source);
-            self.model.set_slice_copies(namespace, name, copies);
+            (self.model).set_slice_copies(namespace, name, model::lean_slices(&copies));
         }
         if dirty.nodes {
             self.model.set_nodes(self.source.nodes());
@@ -265,7 +265,7 @@ impl Standalone {
         }
         let oracle = model::Snapshot {
             services: loaded.snapshot.services,
-            slices: computed.slices,
+            slices: model::lean_slices(&computed.slices),
             nodes: loaded.snapshot.nodes,
         };
         crate::source::audit::audit(&oracle, &self.node_name, &mut self.model, rec)
@@ -844,7 +844,7 @@ mod tests {
         let oracle = model::compute(
             &model::Snapshot {
                 services: loaded.snapshot.services,
-                slices: computed.slices,
+                slices: model::lean_slices(&computed.slices),
                 nodes: loaded.snapshot.nodes,
             },
             "node1",

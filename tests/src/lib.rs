@@ -2,6 +2,7 @@
 //! namespace harness used by the end-to-end tests.
 
 pub mod apiserver;
+pub mod bench_objects;
 pub mod fixture;
 pub mod k8s;
 pub mod netns;

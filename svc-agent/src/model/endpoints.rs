@@ -33,9 +33,10 @@
 
 use std::{collections::BTreeMap, fmt, net::IpAddr};
 
-use k8s_openapi::api::discovery::v1::{Endpoint, EndpointSlice};
-
-use super::{Backend, ObjectError, Protocol, namespace_of, service::TrafficPolicy, slice_owner};
+use super::{
+    Backend, ObjectError, Protocol, Slice, SliceEndpoint as Endpoint, namespace_of,
+    service::TrafficPolicy, slice_owner,
+};
 
 /// Where this node is, for topology hints.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -263,7 +264,7 @@ impl<'a> SliceIndex<'a> {
     /// Validates and indexes `slices`; one error per bad field is pushed onto `errors`. A slice
     /// with a bad field is skipped as a whole, except a bad endpoint: only that endpoint is.
     pub(crate) fn build(
-        slices: &[&'a EndpointSlice],
+        slices: &[&'a Slice],
         place: Place<'_>,
         errors: &mut Vec<ObjectError>,
     ) -> Self {
@@ -325,12 +326,12 @@ impl<'a> SliceIndex<'a> {
 
 /// Validates one slice linked to a Service. `None` when it is ignored (FQDN) or invalid.
 fn parse_slice<'a>(
-    slice: &'a EndpointSlice,
+    slice: &'a Slice,
     place: Place<'_>,
     errors: &mut Vec<ObjectError>,
 ) -> Option<SliceView<'a>> {
-    let namespace = namespace_of(slice.metadata.namespace.as_ref());
-    let name = slice.metadata.name.as_deref().unwrap_or_default();
+    let namespace = namespace_of(slice.namespace.as_ref());
+    let name = slice.name.as_deref().unwrap_or_default();
     let error = |field: String, reason: String| ObjectError {
         kind: "EndpointSlice",
         namespace: namespace.to_owned(),
@@ -358,7 +359,7 @@ fn parse_slice<'a>(
         }
     };
 
-    let listed_ports = slice.ports.as_deref().unwrap_or_default();
+    let listed_ports = &slice.ports[..];
     let mut ports: Vec<SlicePort<'a>> = Vec::with_capacity(listed_ports.len());
     for (i, port) in listed_ports.iter().enumerate() {
         let port_name = port.name.as_deref().unwrap_or_default();
@@ -433,7 +434,7 @@ fn parse_endpoint(
     ipv6: bool,
     place: Place<'_>,
 ) -> Result<SliceEndpoint, (&'static str, String)> {
-    let Some(first) = ep.addresses.first() else {
+    let Some(first) = &ep.address else {
         return Err((
             "addresses",
             "empty: an endpoint needs an address".to_owned(),
@@ -450,36 +451,20 @@ fn parse_endpoint(
         }
         Err(_) => return Err(("addresses[0]", format!("{first:?} is not an IP address"))),
     };
-    let conditions = ep.conditions.as_ref();
     let local = !place.node.is_empty() && ep.node_name.as_deref() == Some(place.node);
-    let hints = ep.hints.as_ref();
     let node = (!place.node.is_empty()).then_some(place.node);
     let hints = Hints {
-        node: Hint::of(
-            hints
-                .and_then(|h| h.for_nodes.as_deref())
-                .unwrap_or_default()
-                .iter()
-                .map(|n| n.name.as_str()),
-            node,
-        ),
-        zone: Hint::of(
-            hints
-                .and_then(|h| h.for_zones.as_deref())
-                .unwrap_or_default()
-                .iter()
-                .map(|z| z.name.as_str()),
-            place.zone,
-        ),
+        node: Hint::of(ep.for_nodes.iter().map(String::as_str), node),
+        zone: Hint::of(ep.for_zones.iter().map(String::as_str), place.zone),
     };
     Ok(SliceEndpoint {
         addr,
         local,
         hints,
         conditions: Conditions {
-            ready: conditions.and_then(|c| c.ready).unwrap_or(true),
-            serving: conditions.and_then(|c| c.serving).unwrap_or(true),
-            terminating: conditions.and_then(|c| c.terminating).unwrap_or(false),
+            ready: ep.ready.unwrap_or(true),
+            serving: ep.serving.unwrap_or(true),
+            terminating: ep.terminating.unwrap_or(false),
         },
     })
 }
@@ -487,22 +472,19 @@ fn parse_endpoint(
 /// `namespace/name` of every endpoint's `targetRef` (its namespace defaulting to the slice's),
 /// by the endpoint's first address; endpoints without a named `targetRef` or a valid address
 /// are left out.
-pub(crate) fn target_names(slices: &[&EndpointSlice]) -> Vec<(IpAddr, String)> {
+pub(crate) fn target_names(slices: &[&Slice]) -> Vec<(IpAddr, String)> {
     let mut names = Vec::new();
     for slice in slices {
-        let namespace = namespace_of(slice.metadata.namespace.as_ref());
+        let namespace = namespace_of(slice.namespace.as_ref());
         for ep in &slice.endpoints {
-            let Some(target) = ep.target_ref.as_ref() else {
+            let Some(target) = ep.target.as_deref() else {
                 continue;
             };
-            let Some(name) = target.name.as_deref().filter(|n| !n.is_empty()) else {
-                continue;
-            };
-            let Some(addr) = ep.addresses.first().and_then(|a| a.parse::<IpAddr>().ok()) else {
+            let Some(addr) = ep.address.as_deref().and_then(|a| a.parse::<IpAddr>().ok()) else {
                 continue;
             };
             let target_namespace = target.namespace.as_deref().unwrap_or(namespace);
-            names.push((addr, format!("{target_namespace}/{name}")));
+            names.push((addr, format!("{target_namespace}/{}", target.name)));
         }
     }
     names

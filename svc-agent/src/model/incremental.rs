@@ -51,17 +51,14 @@ use std::{
 };
 
 use k8s_openapi::{
-    api::{
-        core::v1::{Node, Service},
-        discovery::v1::EndpointSlice,
-    },
+    api::core::v1::{Node, Service},
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
 
 use super::{
-    Delta, DesiredState, FrontendKey, GroupOutput, ObjectError, Place, Snapshot, TopologyNote,
-    compute_group, conflict_error, kept_copies, namespace_of, node_addresses, node_zone,
-    slice_owner, sorted_by_name,
+    Delta, DesiredState, FrontendKey, GroupOutput, ObjectError, Place, Slice, Snapshot,
+    TopologyNote, compute_group, conflict_error, kept_copies, namespace_of, node_addresses,
+    node_zone, slice_owner, sorted_by_name,
 };
 
 /// A namespace and a name: an object's identity, or the Service a group is for.
@@ -134,15 +131,23 @@ impl Name {
             meta.name.as_deref().unwrap_or_default(),
         )
     }
+
+    /// [`of`](Self::of) for a slice.
+    fn of_slice(slice: &Slice) -> Self {
+        Self::new(
+            namespace_of(slice.namespace.as_ref()),
+            slice.name.as_deref().unwrap_or_default(),
+        )
+    }
 }
 
 /// The Service group a slice belongs to (see `slice_owner`).
-fn owner_of(slice: &EndpointSlice) -> Option<Name> {
+fn owner_of(slice: &Slice) -> Option<Name> {
     slice_owner(slice).map(|(namespace, name)| Name::new(namespace, name))
 }
 
 /// Whether `slice` belongs to the group `group` (without allocating).
-fn owned_by(slice: &EndpointSlice, group: &Name) -> bool {
+fn owned_by(slice: &Slice, group: &Name) -> bool {
     slice_owner(slice) == Some((group.namespace.as_str(), group.name.as_str()))
 }
 
@@ -204,13 +209,13 @@ impl NameCounts {
 #[derive(Debug)]
 struct Group {
     service: Option<Arc<Service>>,
-    slices: Vec<Arc<EndpointSlice>>,
+    slices: Vec<Arc<Slice>>,
     out: GroupOutput,
 }
 
 impl Group {
     /// Whether `compute_group` would give the same output for these inputs.
-    fn same_inputs(&self, service: Option<&Arc<Service>>, slices: &[Arc<EndpointSlice>]) -> bool {
+    fn same_inputs(&self, service: Option<&Arc<Service>>, slices: &[Arc<Slice>]) -> bool {
         let same_service = match (&self.service, service) {
             (Some(a), Some(b)) => same(a, b),
             (None, None) => true,
@@ -255,7 +260,7 @@ pub struct Model {
     // The current objects, by the identity `compute` gives them. Several copies only come
     // from `replace` (the file source may list an object twice).
     services: HashMap<Name, Vec<Arc<Service>>>,
-    slices: HashMap<Name, Vec<Arc<EndpointSlice>>>,
+    slices: HashMap<Name, Vec<Arc<Slice>>>,
     nodes: Vec<Arc<Node>>,
     /// The slice keys whose used copies belong to each group.
     slices_by_owner: HashMap<Name, BTreeSet<Name>>,
@@ -334,7 +339,7 @@ impl Model {
     /// too. A slice without the label belongs to nobody.
     ///
     /// `namespace/name` must be the slice's own (`default` when it names no namespace).
-    pub fn set_slice(&mut self, namespace: &str, name: &str, slice: Option<Arc<EndpointSlice>>) {
+    pub fn set_slice(&mut self, namespace: &str, name: &str, slice: Option<Arc<Slice>>) {
         self.put_slice(Name::new(namespace, name), slice.into_iter().collect());
     }
 
@@ -430,9 +435,7 @@ impl Model {
         for (key, copies) in diff.changed {
             self.put_service(key, copies);
         }
-        let slices = sorted_by_name(&snapshot.slices, |s| {
-            (&s.metadata.namespace, &s.metadata.name)
-        });
+        let slices = sorted_by_name(&snapshot.slices, |s| (&s.namespace, &s.name));
         let diff = replace_objects(&self.slices, &slices);
         for key in diff.removed {
             self.put_slice(key, Vec::new());
@@ -488,12 +491,12 @@ impl Model {
 
     /// Records the copies of the slice `key` (none: deleted) and marks the groups they
     /// belonged to and belong to now.
-    fn put_slice(&mut self, key: Name, copies: Vec<Arc<EndpointSlice>>) {
+    fn put_slice(&mut self, key: Name, copies: Vec<Arc<Slice>>) {
         debug_assert!(
-            copies.iter().all(|s| Name::of(&s.metadata) == key),
+            copies.iter().all(|s| Name::of_slice(s) == key),
             "an EndpointSlice set under another name than its own: {key:?}"
         );
-        let owners = |copies: &[Arc<EndpointSlice>]| -> Vec<Name> {
+        let owners = |copies: &[Arc<Slice>]| -> Vec<Name> {
             let mut owners: Vec<Name> = kept("EndpointSlice", &key, copies)
                 .iter()
                 .filter_map(|s| owner_of(s))
@@ -583,7 +586,7 @@ impl Model {
             GroupOutput::default()
         } else {
             self.recomputed += 1;
-            let refs: Vec<&Arc<EndpointSlice>> = slices.iter().collect();
+            let refs: Vec<&Arc<Slice>> = slices.iter().collect();
             let place = Place::new(&self.node_name, self.zone.as_deref());
             compute_group(service.as_ref(), &refs, place)
         };
@@ -870,12 +873,7 @@ impl Model {
     /// once, with the rule of [`set_service_copies`](Self::set_service_copies).
     ///
     /// `namespace/name` must be every copy's own (`default` when it names no namespace).
-    pub fn set_slice_copies(
-        &mut self,
-        namespace: &str,
-        name: &str,
-        copies: Vec<Arc<EndpointSlice>>,
-    ) {
+    pub fn set_slice_copies(&mut self, namespace: &str, name: &str, copies: Vec<Arc<Slice>>) {
         self.put_slice(Name::new(namespace, name), copies);
     }
 }

@@ -35,6 +35,7 @@ mod incremental;
 mod node;
 mod pods;
 mod service;
+mod slice;
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, btree_map::Entry},
@@ -58,6 +59,7 @@ pub use pods::{
     HandWrittenSlices, IgnoredSlice, LABEL_MANAGED_BY, MANAGED_BY, MAX_ENDPOINTS_PER_SLICE,
     PodSliceChanges, PodSlicer, PodSlices, Selection, slices_from_pods,
 };
+pub use slice::{Slice, SliceEndpoint, SlicePort, Target};
 
 use self::{
     endpoints::{Place, SliceIndex, select_backends},
@@ -86,8 +88,8 @@ pub const DEFAULT_NAMESPACE: &str = "default";
 pub struct Snapshot {
     /// `v1` Services.
     pub services: Vec<Arc<Service>>,
-    /// `discovery.k8s.io/v1` `EndpointSlice`s.
-    pub slices: Vec<Arc<EndpointSlice>>,
+    /// `discovery.k8s.io/v1` `EndpointSlice`s, as the model keeps them.
+    pub slices: Vec<Arc<Slice>>,
     /// `v1` Nodes (only the one named like this node is used).
     pub nodes: Vec<Arc<Node>>,
 }
@@ -98,10 +100,41 @@ impl Snapshot {
     pub fn new(services: Vec<Service>, slices: Vec<EndpointSlice>, nodes: Vec<Node>) -> Self {
         Self {
             services: services.into_iter().map(Arc::new).collect(),
-            slices: slices.into_iter().map(Arc::new).collect(),
+            slices: slices.into_iter().map(|s| Arc::new(s.into())).collect(),
             nodes: nodes.into_iter().map(Arc::new).collect(),
         }
     }
+}
+
+/// Services, `EndpointSlice`s and Nodes as parsed (the file source keeps these: Services
+/// over Pods reads its hand-written slices as the API defines them); [`Objects::snapshot`]
+/// makes the model's input of them.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Objects {
+    /// `v1` Services.
+    pub services: Vec<Arc<Service>>,
+    /// `discovery.k8s.io/v1` `EndpointSlice`s.
+    pub slices: Vec<Arc<EndpointSlice>>,
+    /// `v1` Nodes.
+    pub nodes: Vec<Arc<Node>>,
+}
+
+impl Objects {
+    /// The model's input: the same Services and Nodes, the slices as the model keeps them.
+    #[must_use]
+    pub fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            services: self.services.clone(),
+            slices: lean_slices(&self.slices),
+            nodes: self.nodes.clone(),
+        }
+    }
+}
+
+/// `slices` as the model keeps them ([`Slice`]).
+#[must_use]
+pub fn lean_slices(slices: &[Arc<EndpointSlice>]) -> Vec<Arc<Slice>> {
+    slices.iter().map(|s| Arc::new(Slice::from(&**s))).collect()
 }
 
 /// What the dataplane of one node should do, computed by [`compute`].
@@ -195,12 +228,12 @@ impl Memo {
 #[derive(Debug)]
 struct MemoEntry {
     service: Option<Arc<Service>>,
-    slices: Vec<Arc<EndpointSlice>>,
+    slices: Vec<Arc<Slice>>,
     out: GroupOutput,
 }
 
 impl MemoEntry {
-    fn matches(&self, service: Option<&Arc<Service>>, slices: &[&Arc<EndpointSlice>]) -> bool {
+    fn matches(&self, service: Option<&Arc<Service>>, slices: &[&Arc<Slice>]) -> bool {
         let same_service = match (&self.service, service) {
             (Some(a), Some(b)) => Arc::ptr_eq(a, b),
             (None, None) => true,
@@ -242,7 +275,7 @@ struct Claim {
 #[derive(Default)]
 struct Group<'a> {
     service: Option<&'a Arc<Service>>,
-    slices: Vec<&'a Arc<EndpointSlice>>,
+    slices: Vec<&'a Arc<Slice>>,
 }
 
 /// [`compute`], reusing the results of Services unchanged since the last pass with `memo`.
@@ -262,7 +295,7 @@ pub fn compute_with(snapshot: &Snapshot, node_name: &str, memo: &mut Memo) -> De
     let slices = unique_objects(
         "EndpointSlice",
         &snapshot.slices,
-        |s| (&s.metadata.namespace, &s.metadata.name),
+        |s| (&s.namespace, &s.name),
         &mut errors,
     );
     // Each Service with the slices naming it, sorted by namespace/name, so conflicts are
@@ -346,11 +379,11 @@ pub fn compute_with(snapshot: &Snapshot, node_name: &str, memo: &mut Memo) -> De
 /// Validates one Service and its slices and lists the frontends it claims.
 fn compute_group(
     service: Option<&Arc<Service>>,
-    slices: &[&Arc<EndpointSlice>],
+    slices: &[&Arc<Slice>],
     place: Place<'_>,
 ) -> GroupOutput {
     let mut out = GroupOutput::default();
-    let slices: Vec<&EndpointSlice> = slices.iter().map(|s| &***s).collect();
+    let slices: Vec<&Slice> = slices.iter().map(|s| &***s).collect();
     let slice_index = SliceIndex::build(&slices, place, &mut out.errors);
     if let Some(view) = service.and_then(|svc| ServiceView::parse(svc, &mut out.errors)) {
         service_claims(&view, &slice_index, place.zone, &mut out);
@@ -545,7 +578,13 @@ fn kept_copies<C, T: PartialEq + ?Sized>(
 /// The Service a slice belongs to, as (namespace, name): the one its `kubernetes.io/service-name`
 /// label names, in the slice's namespace. `None` without the label: the slice is not for a
 /// proxy.
-fn slice_owner(slice: &EndpointSlice) -> Option<(&str, &str)> {
+fn slice_owner(slice: &Slice) -> Option<(&str, &str)> {
+    let service = slice.service_name.as_ref()?;
+    Some((namespace_of(slice.namespace.as_ref()), service))
+}
+
+/// [`slice_owner`] of a slice as the API gives it.
+fn api_slice_owner(slice: &EndpointSlice) -> Option<(&str, &str)> {
     let service = slice.metadata.labels.as_ref()?.get(LABEL_SERVICE_NAME)?;
     Some((namespace_of(slice.metadata.namespace.as_ref()), service))
 }

@@ -67,8 +67,8 @@ use k8s_openapi::{
 };
 
 use super::{
-    LABEL_SERVICE_NAME, LABEL_TOPOLOGY_ZONE, ObjectError, Protocol, kept_copies, namespace_of,
-    slice_owner, unique_objects,
+    LABEL_SERVICE_NAME, LABEL_TOPOLOGY_ZONE, ObjectError, Protocol, api_slice_owner, kept_copies,
+    namespace_of, unique_objects,
 };
 
 /// The annotation selecting the older topology-aware hints heuristic (`Auto`); with it, the
@@ -973,7 +973,7 @@ impl PodSlicer {
         if !flipped.is_empty() {
             // Rare (a Service gains or loses its selector): one walk over the slices.
             for slice in hand_written.all() {
-                let Some((namespace, service)) = slice_owner(&slice) else {
+                let Some((namespace, service)) = api_slice_owner(&slice) else {
                     continue;
                 };
                 if flipped.get(namespace).is_some_and(|s| s.contains(service)) {
@@ -1080,7 +1080,7 @@ impl PodSlicer {
     ) -> Vec<IgnoredSlice> {
         (hand_written.copies(&name.0, &name.1).iter())
             .filter_map(|slice| {
-                let (namespace, service) = slice_owner(slice)?;
+                let (namespace, service) = api_slice_owner(slice)?;
                 self.selects_for(namespace, service).then(|| IgnoredSlice {
                     namespace: namespace.to_owned(),
                     slice: slice.metadata.name.clone().unwrap_or_default(),
@@ -1106,8 +1106,9 @@ impl PodSlicer {
 
     /// Of hand-written slices, those used (their Service has no selector).
     fn used(&self, mut slices: Vec<Arc<EndpointSlice>>) -> Vec<Arc<EndpointSlice>> {
-        slices
-            .retain(|slice| !slice_owner(slice).is_some_and(|(ns, svc)| self.selects_for(ns, svc)));
+        slices.retain(|slice| {
+            !api_slice_owner(slice).is_some_and(|(ns, svc)| self.selects_for(ns, svc))
+        });
         slices
     }
 
@@ -1461,7 +1462,7 @@ mod tests {
         let out = slices_from_pods(&services, &pods, &[], &[]);
         let snapshot = crate::model::Snapshot {
             services: services.to_vec(),
-            slices: out.slices,
+            slices: crate::model::lean_slices(&out.slices),
             nodes: Vec::new(),
         };
         let state = crate::model::compute(&snapshot, "node1");
@@ -1778,7 +1779,7 @@ mod tests {
         let out = slices_from_pods(&services, &pods, &[], &nodes);
         let snapshot = crate::model::Snapshot {
             services: services.to_vec(),
-            slices: out.slices,
+            slices: crate::model::lean_slices(&out.slices),
             nodes,
         };
         for (node, addr) in [("node1", "198.18.1.1"), ("node2", "198.18.2.1")] {

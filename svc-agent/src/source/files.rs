@@ -33,14 +33,14 @@ use k8s_openapi::api::{
 };
 use serde::{Deserialize, de::DeserializeOwned};
 
-use crate::model::Snapshot;
+use crate::model::Objects;
 
 /// The objects found in one or more files, with what was skipped and what failed.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Loaded {
     /// The Services, `EndpointSlice`s and Nodes, in file and document order.
-    pub snapshot: Snapshot,
-    /// The Pods, in file and document order (not part of [`Snapshot`]: only standalone mode
+    pub snapshot: Objects,
+    /// The Pods, in file and document order (not part of [`Objects`]: only standalone mode
     /// uses them, to compute the slices of Services with a selector).
     pub pods: Vec<Arc<Pod>>,
     /// Objects of other kinds, skipped.
@@ -794,7 +794,7 @@ endpoints:
         assert_eq!(service_names(&loaded), ["frontend-svc"]);
         assert_eq!(slice_names(&loaded), ["frontend-svc-abc12"]);
 
-        let state = model::compute(&loaded.snapshot, "node1");
+        let state = model::compute(&loaded.snapshot.snapshot(), "node1");
         assert_eq!(state.errors, []);
         let key = FrontendKey {
             addr: "198.19.0.10".parse().unwrap(),
@@ -947,7 +947,7 @@ metadata:
             loaded.errors[0]
         );
 
-        let state = model::compute(&loaded.snapshot, "node1");
+        let state = model::compute(&loaded.snapshot.snapshot(), "node1");
         assert_eq!(state.frontends.len(), 1);
         assert_eq!(state.frontends.values().next().unwrap().backends.len(), 1);
     }

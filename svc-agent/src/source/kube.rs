@@ -28,7 +28,14 @@
 //! or to headless Services are filtered out by the API server (label selectors), as kube-proxy
 //! does; the model ignores them too.
 
-use std::{collections::BTreeSet, fmt, path::Path, pin::pin, time::Duration};
+use std::{
+    collections::{BTreeSet, HashMap},
+    fmt,
+    path::Path,
+    pin::pin,
+    sync::{Arc, Mutex, PoisonError},
+    time::Duration,
+};
 
 use anyhow::Context as _;
 use futures_util::{Stream, StreamExt as _, stream};
@@ -198,11 +205,84 @@ impl Work {
     }
 }
 
-/// The reflector stores the desired state is computed from.
+/// The `EndpointSlice`s the source follows, as the model keeps them ([`model::Slice`]):
+/// converted when their event arrives, so no `k8s-openapi` slice outlives its event (at 30,000
+/// slices of 3 endpoints the reflector's store of them took 73 MiB; these take about a
+/// fifth). Relists replace the whole set when the list completes, as kube's reflector stores
+/// do.
+#[derive(Clone, Default)]
+struct SliceStore(Arc<Mutex<SliceStoreState>>);
+
+#[derive(Default)]
+struct SliceStoreState {
+    objects: HashMap<ObjectKey, Arc<model::Slice>>,
+    /// A list in progress: what it has delivered so far.
+    listing: Option<HashMap<ObjectKey, Arc<model::Slice>>>,
+}
+
+impl SliceStore {
+    fn state(&self) -> std::sync::MutexGuard<'_, SliceStoreState> {
+        // A panic while holding the lock leaves whole maps behind: the state is usable.
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Applies one watcher event, and says what it means to the source.
+    fn apply(&self, item: Result<watcher::Event<EndpointSlice>, watcher::Error>) -> Update {
+        let kind = Kind::EndpointSlice;
+        let key_of = |slice: &EndpointSlice| -> ObjectKey {
+            (
+                slice.metadata.namespace.clone().unwrap_or_default(),
+                slice.metadata.name.clone().unwrap_or_default(),
+            )
+        };
+        let mut state = self.state();
+        match item {
+            Ok(watcher::Event::Apply(slice)) => {
+                let key = key_of(&slice);
+                state.objects.insert(key.clone(), Arc::new(slice.into()));
+                Update::Changed(kind, key)
+            }
+            Ok(watcher::Event::Delete(slice)) => {
+                let key = key_of(&slice);
+                state.objects.remove(&key);
+                Update::Changed(kind, key)
+            }
+            Ok(watcher::Event::Init) => {
+                state.listing = Some(HashMap::new());
+                Update::Listing
+            }
+            Ok(watcher::Event::InitApply(slice)) => {
+                let key = key_of(&slice);
+                let listing = state.listing.get_or_insert_default();
+                listing.insert(key, Arc::new(slice.into()));
+                Update::Listing
+            }
+            Ok(watcher::Event::InitDone) => {
+                let mut listed = state.listing.take().unwrap_or_default();
+                listed.shrink_to_fit();
+                state.objects = listed;
+                Update::Listed(kind)
+            }
+            Err(e) => Update::Failed(kind, e),
+        }
+    }
+
+    fn get(&self, namespace: &str, name: &str) -> Option<Arc<model::Slice>> {
+        let key = (namespace.to_owned(), name.to_owned());
+        self.state().objects.get(&key).cloned()
+    }
+
+    fn all(&self) -> Vec<Arc<model::Slice>> {
+        self.state().objects.values().cloned().collect()
+    }
+}
+
+/// The stores the desired state is computed from: kube reflector stores of Services and the
+/// Node, and the slices as the model keeps them.
 #[derive(Clone)]
 pub struct Stores {
     services: Store<Service>,
-    slices: Store<EndpointSlice>,
+    slices: SliceStore,
     nodes: Store<Node>,
 }
 
@@ -212,7 +292,7 @@ impl Stores {
     pub fn snapshot(&self) -> Snapshot {
         Snapshot {
             services: self.services.state(),
-            slices: self.slices.state(),
+            slices: self.slices.all(),
             nodes: self.nodes.state(),
         }
     }
@@ -224,8 +304,7 @@ impl Stores {
             model.set_service(namespace, name, now);
         }
         for (namespace, name) in &work.slices {
-            let now = self.slices.get(&ObjectRef::new(name).within(namespace));
-            model.set_slice(namespace, name, now);
+            model.set_slice(namespace, name, self.slices.get(namespace, name));
         }
         if work.nodes {
             model.set_nodes(self.nodes.state());
@@ -243,7 +322,9 @@ impl Stores {
             ),
             "EndpointSlice" => (
                 EndpointSlice::API_VERSION,
-                uid_of(&self.slices, namespace.as_deref(), name),
+                self.slices
+                    .get(namespace.as_deref().unwrap_or_default(), name)
+                    .and_then(|s| s.uid.clone()),
             ),
             _ => (Node::API_VERSION, uid_of(&self.nodes, None, name)),
         };
@@ -329,25 +410,6 @@ fn strip_service(svc: &mut Service) {
     }
 }
 
-/// [`strip_metadata`] and the labels the model does not read; of each endpoint, the deprecated
-/// topology, the hostname and all of its `targetRef` but the name and namespace (the debug
-/// tool's names).
-fn strip_slice(slice: &mut EndpointSlice) {
-    strip_metadata(&mut slice.metadata);
-    keep_labels(&mut slice.metadata, &[LABEL_SERVICE_NAME]);
-    for ep in &mut slice.endpoints {
-        ep.deprecated_topology = None;
-        ep.hostname = None;
-        if let Some(target) = ep.target_ref.as_mut() {
-            *target = ObjectReference {
-                name: target.name.take(),
-                namespace: target.namespace.take(),
-                ..ObjectReference::default()
-            };
-        }
-    }
-}
-
 /// [`strip_metadata`], and the parts of a Node's status the model never reads (its image list
 /// is often tens of kilobytes).
 fn strip_node(node: &mut Node) {
@@ -370,11 +432,10 @@ pub async fn follow<M: DatapathMaps>(
     on_first_sync: impl FnOnce(),
 ) -> anyhow::Result<()> {
     let (services, services_writer) = reflector::store();
-    let (slices, slices_writer) = reflector::store();
     let (nodes, nodes_writer) = reflector::store();
     let stores = Stores {
         services,
-        slices,
+        slices: SliceStore::default(),
         nodes,
     };
 
@@ -390,10 +451,11 @@ pub async fn follow<M: DatapathMaps>(
         Api::<EndpointSlice>::all(client.clone()),
         list_config().labels(&format!("{LABEL_SERVICE_NAME},{}", not_ours_selector())),
     )
-    .modify(strip_slice)
     .default_backoff()
-    .reflect(slices_writer)
-    .map(|e| update(Kind::EndpointSlice, e));
+    .map({
+        let store = stores.slices.clone();
+        move |e| store.apply(e)
+    });
     let nodes_stream = watcher(
         Api::<Node>::all(client.clone()),
         list_config().fields(&format!("metadata.name={}", options.node_name)),
@@ -782,14 +844,16 @@ mod tests {
     }
 
     #[test]
-    fn stripped_services_and_slices_compute_what_the_served_ones_do() {
+    fn stripped_services_compute_what_the_served_ones_do() {
         let (svc, slice) = as_served();
-        let (mut lean_svc, mut lean_slice) = (svc.clone(), slice.clone());
+        let mut lean_svc = svc.clone();
         strip_service(&mut lean_svc);
-        strip_slice(&mut lean_slice);
-        let full = model::compute(&Snapshot::new(vec![svc], vec![slice], vec![]), "node1");
+        let full = model::compute(
+            &Snapshot::new(vec![svc], vec![slice.clone()], vec![]),
+            "node1",
+        );
         let lean = model::compute(
-            &Snapshot::new(vec![lean_svc.clone()], vec![lean_slice.clone()], vec![]),
+            &Snapshot::new(vec![lean_svc.clone()], vec![slice], vec![]),
             "node1",
         );
         assert_eq!(full.frontends.len(), 1, "{full:?}");
@@ -820,17 +884,66 @@ mod tests {
             .map(|(k, _)| k)
             .collect();
         assert_eq!(kept, [LABEL_HEADLESS, LABEL_SERVICE_PROXY_NAME]);
-        let lean_slice = serde_json::to_value(&lean_slice).unwrap();
+    }
+
+    /// The slice store follows watch events as kube's reflector stores do: events change one
+    /// object, a relist replaces the whole set when it completes (until then the old set
+    /// stays), and every event says what it means to the source.
+    #[test]
+    fn the_slice_store_follows_events_and_relists() {
+        let (_, served) = as_served();
+        let slice_called = |name: &str| {
+            let mut s = served.clone();
+            s.metadata.name = Some(name.to_owned());
+            s
+        };
+        let store = SliceStore::default();
+        let held = |store: &SliceStore| -> Vec<String> {
+            let mut list: Vec<String> =
+                store.all().iter().filter_map(|s| s.name.clone()).collect();
+            list.sort();
+            list
+        };
+        let changed = |u: Update, name: &str| {
+            assert!(
+                matches!(&u, Update::Changed(Kind::EndpointSlice, (ns, n)) if ns == "default" && n == name),
+                "{u:?}"
+            );
+        };
+        assert!(matches!(
+            store.apply(Ok(watcher::Event::Init)),
+            Update::Listing
+        ));
+        let update = store.apply(Ok(watcher::Event::InitApply(slice_called("a"))));
+        assert!(matches!(update, Update::Listing));
+        assert!(held(&store).is_empty(), "a list in progress is not seen");
+        let update = store.apply(Ok(watcher::Event::InitDone));
+        assert!(matches!(update, Update::Listed(Kind::EndpointSlice)));
+        assert_eq!(held(&store), ["a"]);
+        changed(store.apply(Ok(watcher::Event::Apply(slice_called("b")))), "b");
+        assert_eq!(held(&store), ["a", "b"]);
+        let kept = store.get("default", "b").unwrap();
+        assert_eq!(*kept, model::Slice::from(slice_called("b")));
+        assert_eq!(kept.uid.as_deref(), Some("u-slice"));
+        changed(store.apply(Ok(watcher::Event::Delete(slice_called("a")))), "a");
+        assert_eq!(held(&store), ["b"]);
+        // A relist: the old set stays until the list completes, then only the listed remain.
+        store.apply(Ok(watcher::Event::Init));
+        store.apply(Ok(watcher::Event::InitApply(slice_called("c"))));
+        assert_eq!(held(&store), ["b"]);
+        store.apply(Ok(watcher::Event::InitDone));
+        assert_eq!(held(&store), ["c"]);
+        assert!(store.get("default", "b").is_none());
         assert_eq!(
-            meta(lean_slice.clone()),
-            serde_json::json!({"name": "web-abcde", "namespace": "default", "uid": "u-slice",
-                "labels": {"kubernetes.io/service-name": "web"}})
-        );
-        assert_eq!(
-            lean_slice["endpoints"][0],
-            serde_json::json!({"addresses": ["198.18.2.10"], "conditions": {"ready": true},
-                "nodeName": "node1", "zone": "z1", "hints": {"forZones": [{"name": "z1"}]},
-                "targetRef": {"name": "web-0", "namespace": "default"}})
+            Stores {
+                services: reflector::store().0,
+                slices: store.clone(),
+                nodes: reflector::store().0,
+            }
+            .reference("EndpointSlice", "default", "c")
+            .uid
+            .as_deref(),
+            Some("u-slice")
         );
     }
 

@@ -48,14 +48,14 @@ use std::{
     collections::BTreeMap,
     fmt::Write as _,
     fs,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    net::SocketAddr,
     path::{Path, PathBuf},
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use anyhow::{Context as _, bail};
 use aya::maps::{HashMap as BpfHashMap, Map, MapData};
-use serde_json::{Value, json};
+use serde_json::Value;
 use svc_agent::{
     datapath::render::frontend_key,
     model::{FrontendKey, Protocol, Scope},
@@ -63,8 +63,9 @@ use svc_agent::{
 use svc_common::service::{ServiceKey, ServiceValue};
 use svc_tests::{
     apiserver::{ApiServer, Options},
+    bench_objects::{PORT, V4_SERVICES, service_json, slice_json, vip},
     k8s::{self, Agent, AgentSource},
-    netns::{self, Node, SERVICE_V4, SERVICE_V6, Topology},
+    netns::{self, Node, Topology},
 };
 
 /// Service counts measured by default.
@@ -104,9 +105,6 @@ const POLL: Duration = Duration::from_micros(50);
 /// Clock ticks per second of `/proc/<pid>/stat` (`USER_HZ`, 100 on Linux whatever the kernel's
 /// `HZ`).
 const USER_HZ: u64 = 100;
-const PORT: u16 = 80;
-const TARGET_PORT: u16 = 8080;
-const NAMESPACE: &str = "bench";
 
 fn main() -> anyhow::Result<()> {
     netns::require_root()?;
@@ -292,72 +290,6 @@ impl Config {
         }
         cases
     }
-}
-
-// ---------------------------------------------------------------------------------------------
-// The objects
-// ---------------------------------------------------------------------------------------------
-
-/// Services with IPv4 addresses; the others (`i` from here on) are `IPv6`: 198.19.0.0/16, the
-/// test plan's IPv4 service range, holds 65,536 VIPs, and every address must stay in
-/// 198.18.0.0/15 or `2001:db8::/32`.
-const V4_SERVICES: u32 = 65_000;
-
-/// The VIP of Service `i`: `198.19.x.y`, or `2001:db8:f::<n>` past [`V4_SERVICES`].
-fn vip(i: u32) -> IpAddr {
-    if i < V4_SERVICES {
-        SERVICE_V4.host(1 + i).into()
-    } else {
-        SERVICE_V6.host(1 + u128::from(i)).into()
-    }
-}
-
-/// Endpoint `j` of Service `i` (of `width` endpoints each): a unique address:port, addresses in
-/// 198.18.128.0/17 (the port grows every 32,768), or `2001:db8:e::<n>` for `IPv6` Services.
-fn endpoint(i: u32, j: u32, width: u32) -> (IpAddr, u16) {
-    let n = i * width + j;
-    if i < V4_SERVICES {
-        let base = u32::from(Ipv4Addr::new(198, 18, 128, 0));
-        let port = TARGET_PORT + u16::try_from(n / 32_768).unwrap_or(0);
-        (Ipv4Addr::from(base + n % 32_768).into(), port)
-    } else {
-        let base = u128::from(Ipv6Addr::new(0x2001, 0xdb8, 0xe, 0, 0, 0, 0, 0));
-        (Ipv6Addr::from(base + u128::from(n)).into(), TARGET_PORT)
-    }
-}
-
-fn family(i: u32) -> &'static str {
-    if i < V4_SERVICES { "IPv4" } else { "IPv6" }
-}
-
-fn service_json(i: u32) -> Value {
-    json!({
-        "apiVersion": "v1", "kind": "Service",
-        "metadata": {"name": format!("svc-{i}"), "namespace": NAMESPACE},
-        "spec": {
-            "type": "ClusterIP", "clusterIP": vip(i).to_string(), "clusterIPs": [vip(i).to_string()],
-            "ipFamilies": [family(i)], "ipFamilyPolicy": "SingleStack",
-            "ports": [{"name": "http", "port": PORT, "protocol": "TCP", "targetPort": TARGET_PORT}],
-        },
-    })
-}
-
-/// The slice of Service `i` (of `width` endpoints) holding its first `count` endpoints.
-fn slice_json(i: u32, width: u32, count: u32) -> Value {
-    let eps: Vec<Value> = (0..count)
-        .map(|j| {
-            let (ip, _) = endpoint(i, j, width);
-            json!({"addresses": [ip.to_string()], "conditions": {"ready": true, "serving": true, "terminating": false}, "nodeName": "node2"})
-        })
-        .collect();
-    let (_, port) = endpoint(i, 0, width);
-    json!({
-        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice", "addressType": family(i),
-        "metadata": {"name": format!("svc-{i}-abcde"), "namespace": NAMESPACE,
-                     "labels": {"kubernetes.io/service-name": format!("svc-{i}")}},
-        "ports": [{"name": "http", "port": port, "protocol": "TCP"}],
-        "endpoints": eps,
-    })
 }
 
 fn yaml(value: &Value) -> anyhow::Result<String> {

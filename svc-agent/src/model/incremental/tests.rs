@@ -61,9 +61,9 @@ impl Checked {
     }
 
     fn slice(&mut self, namespace: &str, name: &str, slice: Option<EndpointSlice>) {
-        let slice = slice.map(Arc::new);
+        let slice = slice.map(|s| Arc::new(s.into()));
         let key = Name::new(namespace, name);
-        self.objects.slices.retain(|s| Name::of(&s.metadata) != key);
+        self.objects.slices.retain(|s| Name::of_slice(s) != key);
         self.objects.slices.extend(slice.clone());
         self.model.set_slice(namespace, name, slice);
     }
@@ -497,7 +497,7 @@ fn replace_recomputes_only_what_differs() {
     let a1 = Arc::new(web_slice("a-1", "a", &[("198.18.0.1", "pod-1")]));
     let snap = Snapshot {
         services: vec![a.clone(), b.clone()],
-        slices: vec![a1.clone()],
+        slices: vec![Arc::new((*a1).clone().into())],
         nodes: Vec::new(),
     };
     let mut m = Checked::new();
@@ -508,7 +508,7 @@ fn replace_recomputes_only_what_differs() {
     // Equal copies (a relist): not recomputed, and the model holds the new objects.
     let copy = Snapshot {
         services: vec![Arc::new((*a).clone()), Arc::new((*b).clone())],
-        slices: vec![Arc::new((*a1).clone())],
+        slices: vec![Arc::new((*a1).clone().into())],
         nodes: Vec::new(),
     };
     assert!(m.replace(copy.clone()).is_empty());
@@ -520,7 +520,9 @@ fn replace_recomputes_only_what_differs() {
     assert!(Arc::ptr_eq(&held, &copy.services[0]));
     // One changed slice: one Service.
     let mut changed = copy.clone();
-    changed.slices = vec![Arc::new(web_slice("a-1", "a", &[("198.18.0.2", "pod-2")]))];
+    changed.slices = vec![Arc::new(
+        web_slice("a-1", "a", &[("198.18.0.2", "pod-2")]).into(),
+    )];
     let delta = m.replace(changed);
     assert_eq!(m.model.recomputed(), 1);
     assert_eq!(delta.frontends, keys(&[tcp80("198.19.0.1")]));
@@ -1265,7 +1267,7 @@ fn run(ops: &[Op]) {
                     .extend(services.iter().map(|s| Arc::new(s.build())));
                 snapshot
                     .slices
-                    .extend(slices.iter().map(|s| Arc::new(s.build())));
+                    .extend(slices.iter().map(|s| Arc::new(s.build().into())));
                 m.replace(snapshot);
             }
         }
@@ -1433,7 +1435,7 @@ fn one_slice_change_at_30000_services() {
     let slice_name = |i: usize| format!("svc-{i:05}-abcde");
     let mut snapshot = Snapshot {
         services: (0..N).map(|i| Arc::new(scale_service(i))).collect(),
-        slices: (0..N).map(|i| Arc::new(scale_slice(i, 0))).collect(),
+        slices: (0..N).map(|i| Arc::new(scale_slice(i, 0).into())).collect(),
         nodes: Vec::new(),
     };
 
@@ -1452,7 +1454,7 @@ fn one_slice_change_at_30000_services() {
     let (mut model_total, mut model_max) = (Duration::ZERO, Duration::ZERO);
     for round in 0..MODEL_ROUNDS {
         let target = (round * 7_919) % N;
-        let slice = Arc::new(scale_slice(target, round + 1));
+        let slice: Arc<crate::model::Slice> = Arc::new(scale_slice(target, round + 1).into());
         snapshot.slices[target] = Arc::clone(&slice);
         let started = Instant::now();
         model.set_slice("default", &slice_name(target), Some(slice));
@@ -1469,7 +1471,7 @@ fn one_slice_change_at_30000_services() {
     let mut state = compute_with(&snapshot, NODE, &mut memo);
     for round in 0..MEMO_ROUNDS {
         let target = (round * 104_729 + 13) % N;
-        snapshot.slices[target] = Arc::new(scale_slice(target, MODEL_ROUNDS + round + 1));
+        snapshot.slices[target] = Arc::new(scale_slice(target, MODEL_ROUNDS + round + 1).into());
         model.set_slice(
             "default",
             &slice_name(target),
@@ -1507,7 +1509,9 @@ fn one_slice_change_at_30000_services() {
 fn timing_fixtures_are_valid() {
     let snapshot = Snapshot {
         services: (0..300).map(|i| Arc::new(scale_service(i))).collect(),
-        slices: (0..300).map(|i| Arc::new(scale_slice(i, 0))).collect(),
+        slices: (0..300)
+            .map(|i| Arc::new(scale_slice(i, 0).into()))
+            .collect(),
         nodes: Vec::new(),
     };
     let state = compute(&snapshot, NODE);
