@@ -1838,7 +1838,7 @@ mod tests {
                     service: ServicePortRef {
                         namespace: "default".into(),
                         name: (*vip).into(),
-                        port_name: String::new(),
+                        port_name: "".into(),
                     },
                     affinity_timeout: None,
                     local_only: false,
@@ -2128,8 +2128,8 @@ mod tests {
             Frontend {
                 service: ServicePortRef {
                     namespace: "default".into(),
-                    name: format!("{vip}-{proto}"),
-                    port_name: String::new(),
+                    name: format!("{vip}-{proto}").into(),
+                    port_name: "".into(),
                 },
                 affinity_timeout: None,
                 local_only: false,
@@ -2987,8 +2987,8 @@ mod tests {
                     Frontend {
                         service: ServicePortRef {
                             namespace: "default".into(),
-                            name: format!("s{i}"),
-                            port_name: String::new(),
+                            name: format!("s{i}").into(),
+                            port_name: "".into(),
                         },
                         affinity_timeout: affinity.then(|| Duration::from_mins(1)),
                         local_only: *local_only,
@@ -3304,8 +3304,8 @@ mod tests {
                 Frontend {
                     service: ServicePortRef {
                         namespace: "default".into(),
-                        name: format!("s{i}"),
-                        port_name: String::new(),
+                        name: format!("s{i}").into(),
+                        port_name: "".into(),
                     },
                     affinity_timeout: None,
                     local_only: false,

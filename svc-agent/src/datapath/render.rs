@@ -232,7 +232,7 @@ mod tests {
             service: ServicePortRef {
                 namespace: "default".into(),
                 name: "web".into(),
-                port_name: String::new(),
+                port_name: "".into(),
             },
             affinity_timeout: None,
             local_only: false,

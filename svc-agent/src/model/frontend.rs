@@ -1,6 +1,6 @@
 //! The output types: frontends (virtual addresses) and their backends.
 
-use std::{fmt, net::IpAddr, time::Duration};
+use std::{fmt, net::IpAddr, sync::Arc, time::Duration};
 
 /// A transport protocol a Service port can use.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -80,14 +80,17 @@ impl fmt::Display for FrontendKey {
 }
 
 /// The Service port a frontend belongs to (for counters, logs and the debug tool).
+///
+/// Shared strings: the frontends of one Service (ports x addresses) and the desired state's
+/// copy of each share them.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ServicePortRef {
     /// The Service's namespace.
-    pub namespace: String,
+    pub namespace: Arc<str>,
     /// The Service's name.
-    pub name: String,
+    pub name: Arc<str>,
     /// The port's name (empty for an unnamed port).
-    pub port_name: String,
+    pub port_name: Arc<str>,
 }
 
 /// What a frontend does with a new connection while it has no backend.

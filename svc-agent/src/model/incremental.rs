@@ -205,6 +205,34 @@ impl NameCounts {
     }
 }
 
+/// A sorted set of names: almost always one (a Service's one slice), so a sorted vector (one
+/// small allocation) rather than a `BTreeSet`, whose first node takes about 540 bytes.
+#[derive(Debug, Default)]
+struct SortedNames(Vec<Name>);
+
+impl SortedNames {
+    fn insert(&mut self, name: Name) {
+        if let Err(i) = self.0.binary_search(&name) {
+            self.0.insert(i, name);
+        }
+    }
+
+    fn remove(&mut self, name: &Name) {
+        if let Ok(i) = self.0.binary_search(name) {
+            self.0.remove(i);
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The names, sorted.
+    fn iter(&self) -> std::slice::Iter<'_, Name> {
+        self.0.iter()
+    }
+}
+
 /// One Service group as last computed: its inputs and what it contributes.
 #[derive(Debug)]
 struct Group {
@@ -263,7 +291,7 @@ pub struct Model {
     slices: HashMap<Name, Vec<Arc<Slice>>>,
     nodes: Vec<Arc<Node>>,
     /// The slice keys whose used copies belong to each group.
-    slices_by_owner: HashMap<Name, BTreeSet<Name>>,
+    slices_by_owner: HashMap<Name, SortedNames>,
 
     // What the objects contribute.
     groups: HashMap<Arc<Name>, Group>,
@@ -559,7 +587,12 @@ impl Model {
                 .cloned()
         };
         let mut slices = Vec::new();
-        for key in self.slices_by_owner.get(&name).into_iter().flatten() {
+        for key in self
+            .slices_by_owner
+            .get(&name)
+            .into_iter()
+            .flat_map(SortedNames::iter)
+        {
             let copies = self.slices.get(key).map_or(&[][..], |c| c.as_slice());
             let mine = kept("EndpointSlice", key, copies)
                 .iter()

@@ -265,10 +265,29 @@ struct GroupOutput {
 struct Claim {
     key: FrontendKey,
     frontend: Frontend,
-    /// The field to blame if the key is taken (`spec.clusterIPs[1]`).
-    field: String,
+    /// The field to blame if the key is taken.
+    field: ClaimField,
     /// The index of the port in `spec.ports`.
     port_index: usize,
+}
+
+/// The field of a Service a claim comes from (text only for an error: a claim is kept per
+/// frontend for as long as its Service exists).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ClaimField {
+    /// `spec.clusterIP` (a Service without `clusterIPs`).
+    ClusterIp,
+    /// `spec.clusterIPs[i]`.
+    ClusterIps(usize),
+}
+
+impl std::fmt::Display for ClaimField {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::ClusterIp => f.write_str("spec.clusterIP"),
+            Self::ClusterIps(i) => write!(f, "spec.clusterIPs[{i}]"),
+        }
+    }
 }
 
 /// A Service and the slices that name it (either may be missing).
@@ -424,9 +443,9 @@ fn conflict_error(claim: &Claim, owner: &ServicePortRef) -> ObjectError {
     let me = &claim.frontend.service;
     ObjectError {
         kind: "Service",
-        namespace: me.namespace.clone(),
-        name: me.name.clone(),
-        field: claim.field.clone(),
+        namespace: me.namespace.to_string(),
+        name: me.name.to_string(),
+        field: claim.field.to_string(),
         reason: format!(
             "{} (spec.ports[{}]) is already used by Service {}/{} port {:?}",
             claim.key, claim.port_index, owner.namespace, owner.name, owner.port_name
@@ -445,11 +464,14 @@ fn service_claims(
     zone: Option<&str>,
     out: &mut GroupOutput,
 ) {
+    let namespace: Arc<str> = view.namespace.into();
+    let name: Arc<str> = view.name.into();
+    let port_names: Vec<Arc<str>> = view.ports.iter().map(|p| p.name.into()).collect();
     for (ip_index, &addr) in view.cluster_ips.iter().enumerate() {
         if !view.serves(addr) {
             continue;
         }
-        for port in &view.ports {
+        for (port, port_name) in view.ports.iter().zip(&port_names) {
             let key = FrontendKey {
                 addr,
                 port: port.port,
@@ -476,9 +498,9 @@ fn service_claims(
                 key,
                 frontend: Frontend {
                     service: ServicePortRef {
-                        namespace: view.namespace.to_owned(),
-                        name: view.name.to_owned(),
-                        port_name: port.name.to_owned(),
+                        namespace: Arc::clone(&namespace),
+                        name: Arc::clone(&name),
+                        port_name: Arc::clone(port_name),
                     },
                     affinity_timeout: view.affinity_timeout,
                     local_only: view.internal_traffic_policy == TrafficPolicy::Local,

@@ -130,11 +130,11 @@ impl<'a> ServiceView<'a> {
     }
 
     /// The field the `index`th of `cluster_ips` came from.
-    pub(crate) fn cluster_ip_field(&self, index: usize) -> String {
+    pub(crate) fn cluster_ip_field(&self, index: usize) -> super::ClaimField {
         if self.cluster_ips_listed {
-            format!("spec.clusterIPs[{index}]")
+            super::ClaimField::ClusterIps(index)
         } else {
-            "spec.clusterIP".to_owned()
+            super::ClaimField::ClusterIp
         }
     }
 }

@@ -460,7 +460,7 @@ endpoints:
     );
     let metrics = frontend(&state, &tcp("198.19.0.30", 9090));
     assert_eq!(metrics.backends, [b("198.18.1.5:9100")]);
-    assert_eq!(metrics.service.port_name, "metrics");
+    assert_eq!(metrics.service.port_name.as_ref(), "metrics");
 }
 
 #[test]
@@ -505,9 +505,9 @@ endpoints:
     assert_eq!(state.frontends.len(), 2);
     let udp = frontend(&state, &key("198.19.0.10", 53, Protocol::Udp));
     assert_eq!(udp.backends, [b("198.18.0.2:53")]);
-    assert_eq!(udp.service.port_name, "dns");
+    assert_eq!(udp.service.port_name.as_ref(), "dns");
     let tcp_f = frontend(&state, &tcp("198.19.0.10", 53));
-    assert_eq!(tcp_f.service.port_name, "dns-tcp");
+    assert_eq!(tcp_f.service.port_name.as_ref(), "dns-tcp");
 }
 
 #[test]
@@ -540,7 +540,7 @@ endpoints:
     assert_eq!(state.errors, []);
     let f = frontend(&state, &tcp("198.19.0.40", 8080));
     assert_eq!(f.backends, [b("198.18.2.2:8080")]);
-    assert_eq!(f.service.port_name, "");
+    assert_eq!(f.service.port_name.as_ref(), "");
 }
 
 #[test]
@@ -785,7 +785,7 @@ endpoints:
     );
     let state = compute_any_order(&snapshot(vec![svc], vec![sl]), "n");
     let f = frontend(&state, &tcp("198.19.0.55", 80));
-    assert_eq!(f.service.namespace, "default");
+    assert_eq!(f.service.namespace.as_ref(), "default");
     assert_eq!(f.backends, [b("198.18.9.4:8080")]);
 }
 
@@ -2099,7 +2099,7 @@ fn two_services_on_one_frontend_first_by_name_wins() {
     let z_slice = web_slice("z-1", "z", 8080, &ready("198.18.1.1", "n"));
     let state = compute_any_order(&snapshot(vec![z, a], vec![z_slice]), "n");
     let f = frontend(&state, &tcp("198.19.4.1", 80));
-    assert_eq!(f.service.name, "a");
+    assert_eq!(f.service.name.as_ref(), "a");
     assert_eq!(f.backends, []);
     assert_eq!(fields(&state), [("Service", "z", "spec.clusterIP")]);
     assert!(

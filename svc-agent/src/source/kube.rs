@@ -684,8 +684,8 @@ fn problems(desired: &DesiredState, report: &ReconcileReport) -> BTreeSet<Proble
         let svc = &frontend.service;
         out.insert(Problem {
             kind: "Service".to_owned(),
-            namespace: svc.namespace.clone(),
-            name: svc.name.clone(),
+            namespace: svc.namespace.to_string(),
+            name: svc.name.to_string(),
             reason: "NotProgrammed",
             note: format!(
                 "frontend {key} (port {:?}) not programmed: {why}",
@@ -899,8 +899,7 @@ mod tests {
         };
         let store = SliceStore::default();
         let held = |store: &SliceStore| -> Vec<String> {
-            let mut list: Vec<String> =
-                store.all().iter().filter_map(|s| s.name.clone()).collect();
+            let mut list: Vec<String> = store.all().iter().filter_map(|s| s.name.clone()).collect();
             list.sort();
             list
         };
@@ -920,12 +919,18 @@ mod tests {
         let update = store.apply(Ok(watcher::Event::InitDone));
         assert!(matches!(update, Update::Listed(Kind::EndpointSlice)));
         assert_eq!(held(&store), ["a"]);
-        changed(store.apply(Ok(watcher::Event::Apply(slice_called("b")))), "b");
+        changed(
+            store.apply(Ok(watcher::Event::Apply(slice_called("b")))),
+            "b",
+        );
         assert_eq!(held(&store), ["a", "b"]);
         let kept = store.get("default", "b").unwrap();
         assert_eq!(*kept, model::Slice::from(slice_called("b")));
         assert_eq!(kept.uid.as_deref(), Some("u-slice"));
-        changed(store.apply(Ok(watcher::Event::Delete(slice_called("a")))), "a");
+        changed(
+            store.apply(Ok(watcher::Event::Delete(slice_called("a")))),
+            "a",
+        );
         assert_eq!(held(&store), ["b"]);
         // A relist: the old set stays until the list completes, then only the listed remain.
         store.apply(Ok(watcher::Event::Init));

@@ -346,14 +346,14 @@ fn key_conflicts_appear_and_resolve() {
         Some(web_slice("z-1", "z", &[("198.18.0.1", "pod-z")])),
     );
     m.update();
-    assert_eq!(m.state().frontends[&key].service.name, "z");
+    assert_eq!(m.state().frontends[&key].service.name.as_ref(), "z");
 
     // An earlier Service by name takes the key; z gets the conflict error.
     m.service("default", "a", Some(web("a", "198.19.0.1", "")));
     let delta = m.update();
     assert_eq!(delta.frontends, keys(&[key]));
     assert!(delta.errors);
-    assert_eq!(m.state().frontends[&key].service.name, "a");
+    assert_eq!(m.state().frontends[&key].service.name.as_ref(), "a");
     assert_eq!(m.state().errors.len(), 1);
     assert_eq!(m.state().errors[0].name, "z");
     assert!(
@@ -372,7 +372,7 @@ fn key_conflicts_appear_and_resolve() {
     m.service("default", "a", None);
     let delta = m.update();
     assert_eq!(delta.frontends, keys(&[key]));
-    assert_eq!(m.state().frontends[&key].service.name, "m");
+    assert_eq!(m.state().frontends[&key].service.name.as_ref(), "m");
     assert_eq!(m.state().errors.len(), 1);
     assert!(m.state().errors[0].reason.contains("Service default/m"));
 
