@@ -14,3 +14,4 @@ pub mod pins;
 pub mod sockets;
 pub mod source;
 pub mod standalone;
+pub mod startup;

@@ -320,8 +320,9 @@ impl IfacePatterns {
     }
 }
 
-/// Loads every program into the kernel (without attaching). Do this before taking maps out of
-/// the object: loaded programs hold their maps.
+/// Loads every program into the kernel (without attaching). Maps taken out of the object
+/// before must stay open until this returns: the programs' instructions name them by the
+/// descriptors the object was loaded with; once loaded, the programs hold their maps.
 pub fn load_programs(ebpf: &mut Ebpf) -> anyhow::Result<()> {
     for name in [PROG_TC_FROM_POD, PROG_TC_TO_POD] {
         loaded::<SchedClassifier>(ebpf, name)?;

@@ -4,8 +4,8 @@ use anyhow::Context as _;
 use clap::Parser as _;
 use svc_agent::{
     cli::{Cli, Command, Inspect, RunArgs, SocketLb},
-    datapath::{AyaMaps, Reconciler},
-    ifaces, inspect, loader, pins, standalone,
+    datapath::ReconcilerHandle as _,
+    ifaces, inspect, loader, pins, standalone, startup,
 };
 use tracing::{info, warn};
 
@@ -176,21 +176,46 @@ fn on_stop_signal(
 /// `DaemonSet`'s grace period is 10 s).
 const STOP_GRACE: std::time::Duration = std::time::Duration::from_millis(900);
 
-/// The reconciler over the loaded maps (adopting what they hold), with its helper threads: the
-/// one that clears flow state a pass ends (UDP flows, affinity, UDP sockets' backends), so the
-/// next change never waits behind a pass over the connection table, and the one that destroys
-/// connected UDP sockets translated to ended backends (svc-ebpf/DESIGN.md, "Connected UDP
-/// sockets of ended backends").
-fn reconciler(ebpf: &mut aya::Ebpf) -> anyhow::Result<Reconciler<AyaMaps>> {
-    let maps = AyaMaps::take(ebpf)?;
-    let flow_tables = maps.flow_tables()?;
-    let mut reconciler = Reconciler::adopt(maps)?;
-    reconciler.sweep_in_background(flow_tables)?;
-    reconciler.send_ended_to(svc_agent::sockets::SocketDestroyer::start(ebpf)?);
-    Ok(reconciler)
+/// Removes the other layouts' pins: their links unpinned (their programs detach), their maps
+/// freed. Only once this layout's programs are attached and its maps programmed.
+fn remove_other_layouts(others: &[pins::OtherLayout]) {
+    for other in others {
+        match pins::remove_tree(&other.path) {
+            Ok(removed) => info!(
+                dir = %other.path.display(),
+                version = other.version,
+                links = removed.links,
+                maps = removed.maps,
+                "replaced the {} layout: its links unpinned (its programs detach), its maps removed",
+                other.relation()
+            ),
+            Err(e) => warn!(
+                dir = %other.path.display(), error = %format!("{e:#}"),
+                "could not remove another layout's pins: both layouts stay attached \
+                 (the other one first on each hook); remove it by hand"
+            ),
+        }
+    }
+}
+
+/// The pod interface task: follows pod-facing interfaces once the programs are attached, for
+/// the agent's life; fails as soon as loading or attaching them does (the start fails at once,
+/// also while the source still waits for its first sync).
+async fn follow_pod_ifaces(
+    attached: tokio::sync::oneshot::Receiver<anyhow::Result<startup::Attached>>,
+) -> anyhow::Result<()> {
+    let startup::Attached {
+        mut ebpf,
+        watch,
+        links,
+    } = attached
+        .await
+        .context("the thread loading the programs ended without a word")??;
+    ifaces::follow(&mut ebpf, watch, links).await
 }
 
 async fn run(bpffs: &std::path::Path, args: &RunArgs) -> anyhow::Result<()> {
+    let started = std::time::Instant::now();
     // Everything that can be checked is checked before anything touches the kernel or the
     // bpffs: a bad argument fails the start with nothing loaded, attached or pinned.
     args.check()?;
@@ -214,52 +239,38 @@ async fn run(bpffs: &std::path::Path, args: &RunArgs) -> anyhow::Result<()> {
     // Another layout's pins (an upgrade or a rollback): this layout is built beside them and
     // they are removed after the first sync (svc-ebpf/DESIGN.md, "Layout versions").
     let others = other_layouts(bpffs)?;
-    let (mut ebpf, migration) = loader::load_pinned(bpffs, sizes, globals)?;
-    loader::load_programs(&mut ebpf)?;
     let patterns = loader::IfacePatterns::parse(&args.pod_ifaces)?;
-    let mut reconciler = reconciler(&mut ebpf)?;
-    // Warns while the table of answered connections is nearly full (svc-ebpf/DESIGN.md,
-    // "Conntrack under pressure").
-    svc_agent::datapath::pressure::watch(&pin_dir)?;
-    // Connect-time programs, then pod-facing ones: each takes over what an earlier agent of this
-    // layout pinned (same maps, so at once), or goes beside another layout's (see below).
-    svc_agent::cgroup::attach_from_arg(&mut ebpf, args.socket_lb.cgroup(&args.cgroup), &pin_dir)?;
     // Pod-facing interfaces, those there now (the watch's first listing) and those that appear
     // later (netlink link events), get the TC programs; they are followed for the agent's life.
-    let mut iface_watch = ifaces::IfaceWatch::start(patterns).await?;
-    let mut pod_links = ifaces::PodIfaceLinks::new(&pin_dir);
-    ifaces::attach_listed(&mut ebpf, &mut iface_watch, &mut pod_links)?;
-    // Maps of another size were migrated: the programs now attached use the new maps; what the
-    // old programs added meanwhile is copied over and the old maps' pins go.
-    if !migration.is_empty() {
-        migration.finish(&pin_dir)?;
-    }
-    // After the first sync: another layout's programs go only once this layout's maps hold the
-    // desired state (until then its TC links run first on every hook and translate what they
-    // know, which this layout's programs behind them then leave alone, and its connect-time
-    // programs translate before this layout's see the call).
+    let watch = ifaces::IfaceWatch::start(patterns).await?;
+    // The maps are created (or adopted), the programs loaded (verifier) and attached on a thread
+    // of its own while the source lists and computes: the first pass waits for the maps only
+    // (svc-ebpf/DESIGN.md, "A starting agent, in this order").
+    let (mut datapath, attaching, attached) = startup::start(startup::Plan {
+        bpffs: bpffs.to_owned(),
+        sizes,
+        globals,
+        cgroup: args.socket_lb.cgroup(&args.cgroup).to_owned(),
+        watch,
+    })?;
+    // After the first sync, and once this layout's programs are attached: another layout's
+    // programs go only once this layout's maps hold the desired state (until then its TC links
+    // run first on every hook and translate what they know, which this layout's programs
+    // behind them then leave alone, and its connect-time programs translate before this
+    // layout's see the call).
     let node_name = args.node_name.clone();
     let running = {
         let pin_dir = pin_dir.clone();
-        move || {
-            for other in &others {
-                match pins::remove_tree(&other.path) {
-                    Ok(removed) => info!(
-                        dir = %other.path.display(),
-                        version = other.version,
-                        links = removed.links,
-                        maps = removed.maps,
-                        "replaced the {} layout: its links unpinned (its programs detach), its maps removed",
-                        other.relation()
-                    ),
-                    Err(e) => warn!(
-                        dir = %other.path.display(), error = %format!("{e:#}"),
-                        "could not remove another layout's pins: both layouts stay attached \
-                         (the other one first on each hook); remove it by hand"
-                    ),
-                }
-            }
-            info!(node = %node_name, pin_dir = %pin_dir.display(), "svc-agent running");
+        move || -> anyhow::Result<()> {
+            attaching.wait()?;
+            remove_other_layouts(&others);
+            info!(
+                node = %node_name,
+                pin_dir = %pin_dir.display(),
+                startup_ms = startup::ms(started.elapsed()),
+                "svc-agent running"
+            );
+            Ok(())
         }
     };
     let term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -275,9 +286,9 @@ async fn run(bpffs: &std::path::Path, args: &RunArgs) -> anyhow::Result<()> {
                     coalesce,
                     args.audit_interval(),
                 );
-                directory.sync(&mut reconciler)?;
-                running();
-                directory.follow(&mut reconciler).await
+                directory.sync(&mut datapath)?;
+                running()?;
+                directory.follow(datapath.reconciler()?).await
             }
             Ok(client) => {
                 let options = svc_agent::source::kube::Options {
@@ -287,14 +298,13 @@ async fn run(bpffs: &std::path::Path, args: &RunArgs) -> anyhow::Result<()> {
                     audit_interval: args.audit_interval(),
                 };
                 info!(node = %args.node_name, "following the Kubernetes API server");
-                svc_agent::source::kube::follow(client, &options, &mut reconciler, running).await
+                svc_agent::source::kube::follow(client, &options, &mut datapath, running).await
             }
         }
     };
     // Pod-facing interfaces and signals have tasks of their own: neither waits behind a pass
     // (which holds this task for seconds at 100,000 Services).
-    let mut pod_ifaces =
-        tokio::spawn(async move { ifaces::follow(&mut ebpf, iface_watch, pod_links).await });
+    let mut pod_ifaces = tokio::spawn(follow_pod_ifaces(attached));
     let (stop, stopping) = on_stop_signal(term);
     tokio::select! {
         r = source => r?,
@@ -308,6 +318,9 @@ async fn run(bpffs: &std::path::Path, args: &RunArgs) -> anyhow::Result<()> {
         "stopping: the programs stay attached through their pinned links and keep translating \
          with the pinned maps until the next agent takes over (`svc-agent cleanup` removes them)"
     );
+    // The loading thread, should a stop have come during the start, ends before the lock goes
+    // (no next agent starts while it still attaches).
+    drop(datapath);
     drop(lock);
     Ok(())
 }

@@ -36,7 +36,7 @@ use notify::Watcher as _;
 use tracing::{info, warn};
 
 use crate::{
-    datapath::{DatapathMaps, ReconcileReport, Reconciler},
+    datapath::{DatapathMaps, ReconcileReport, Reconciler, ReconcilerHandle},
     model,
     source::{
         Budget,
@@ -123,8 +123,11 @@ impl Standalone {
     ///
     /// # Errors
     /// When the directory cannot be listed, or (the first call) watched: nothing is applied,
-    /// the last state stays.
-    pub fn sync<M: DatapathMaps>(&mut self, rec: &mut Reconciler<M>) -> anyhow::Result<()> {
+    /// the last state stays. When the reconciler could not be built (the first call).
+    pub fn sync<M: DatapathMaps>(
+        &mut self,
+        handle: &mut impl ReconcilerHandle<M>,
+    ) -> anyhow::Result<()> {
         self.watch()?;
         let refresh = self.source.refresh(Instant::now())?;
         log_refresh(&refresh);
@@ -138,20 +141,19 @@ impl Standalone {
         if audit && self.synced && !refresh.changed && !retry {
             // Nothing changed: only the audit (its own log line), no "synced" pass.
             self.audit_at = self.audit_interval.map(|i| now + i);
-            let report = self.audit(rec);
+            let report = self.audit(handle.reconciler()?);
             self.retry_at = report.retry_after.map(|d| now + d);
             return Ok(());
         }
         let computed = !self.synced || refresh.changed;
-        let mut report = if computed {
-            let delta = self.compute(&refresh);
-            if self.synced {
-                rec.apply_delta(self.model.state(), &delta)
-            } else {
-                rec.apply(self.model.state())
-            }
-        } else {
-            rec.apply_delta(self.model.state(), &model::Delta::default())
+        // Computed before the reconciler is asked for: at the start, its maps may still be
+        // being created meanwhile.
+        let delta = computed.then(|| self.compute(&refresh));
+        let rec = handle.reconciler()?;
+        let mut report = match delta {
+            Some(delta) if self.synced => rec.apply_delta(self.model.state(), &delta),
+            Some(_) => rec.apply(self.model.state()),
+            None => rec.apply_delta(self.model.state(), &model::Delta::default()),
         };
         if audit {
             // After the change is applied: the audit checks the result, not the change.

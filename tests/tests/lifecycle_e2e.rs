@@ -19,6 +19,13 @@
 //!   sizes): the maps have the new sizes, no old pin remains, 40 established connections keep
 //!   answering from their backends, and Services that did not fit before are served; a
 //!   restart asking for fewer `SERVICES_V1` entries than it holds is refused, pins unchanged.
+//! - **The kernel half of a start on its own thread**: the maps are created and the programs
+//!   loaded and attached while the source lists and computes; "svc-agent running" comes only
+//!   after "programs attached", after the connect-time programs' attach line. A start whose maps
+//!   cannot be adopted (asking for fewer `SERVICES_V1` entries than the stopped agent's map
+//!   holds), following an API server that never answers (its first sync never comes), still
+//!   exits 1 at once with the reason, and leaves the stopped agent's pins and links as they
+//!   were: its programs go on translating.
 //! - **A stop signal in the middle of a pass**: SIGTERM while the first pass writes 12,000
 //!   Services ends the agent by itself within its 0.9 s grace (before, the pass ran to its end
 //!   and the test's SIGKILL after 3 s ended it); the next agent completes the programming and
@@ -530,6 +537,122 @@ fn a_restart_with_bigger_maps_migrates_them_and_keeps_connections() {
     assert_eq!(tree(&bpffs), before, "a refused migration changes no pin");
     assert_eq!(pinned_size(&bpffs, "SERVICES_V1"), services);
     bed.step("a shrink below what SERVICES_V1 holds is refused, pins unchanged");
+    drop(backends);
+}
+
+/// The order of `needles` in `log` (each one's first line): every one present, in that order.
+fn assert_in_order(log: &str, needles: &[&str]) {
+    let at: Vec<usize> = needles
+        .iter()
+        .map(|n| {
+            log.find(n)
+                .unwrap_or_else(|| panic!("no {n:?} in the log:\n{log}"))
+        })
+        .collect();
+    assert!(
+        at.is_sorted(),
+        "expected {needles:?} in this order (at {at:?}):\n{log}"
+    );
+}
+
+#[test]
+fn a_start_failing_in_the_kernel_fails_at_once_and_leaves_the_running_datapath_alone() {
+    let bed = TestBed::new(&[(0, "client"), (0, "a")]);
+    let backends = k8s::Backends::new();
+    let a = bed.pod("a");
+    backends
+        .serve(&a.ns, "a", SocketAddr::new(IpAddr::from(a.ipv4), 8080))
+        .expect("serving a");
+    bed.manifests
+        .write(
+            "services.yaml",
+            &k8s::documents(&web_service(&bed, "web", 10, &["a"])),
+        )
+        .unwrap();
+    let node = bed.topo.node(0).clone();
+    let bpffs = node.bpffs.clone();
+    let mut agent = node
+        .spawn(&agent_command(&bed, &node, &bpffs, &[]))
+        .expect("spawning the agent");
+    agent
+        .wait_for_output("svc-agent running", k8s::AGENT_START_TIMEOUT)
+        .expect("the agent runs");
+    // The programs are loaded and attached on a thread of their own; "running" waits for them.
+    assert_in_order(
+        &agent.output(),
+        &[
+            "maps ready",
+            "programs loaded (verifier)",
+            "attached connect-time translation",
+            "programs attached",
+            "svc-agent running",
+        ],
+    );
+    let dst = SocketAddr::new(vip4(10), 80);
+    let client = bed.pod("client").clone();
+    let ask = || {
+        client
+            .ns
+            .run(|| k8s::tcp_request(dst, "hello", IO_TIMEOUT))
+            .map(|answer| (answer.label, answer.from))
+    };
+    assert_eq!(ask().expect("served"), ("a".to_owned(), dst));
+    agent.stop().expect("stopping the agent");
+    let pins = tree(&bpffs);
+    let (_, links, _) = run_cli(&bed, &bpffs, &["inspect", "links"]);
+    bed.step("running came after the attach; agent stopped, its datapath pinned");
+
+    // An API server that never answers: nothing listens on its port.
+    let kubeconfig = bed.topo.run_dir().join("kubeconfig-nowhere");
+    fs::write(
+        &kubeconfig,
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: nowhere\n  cluster:\n    server: \
+         http://127.0.0.1:1\ncontexts:\n- name: nowhere\n  context:\n    cluster: nowhere\n    \
+         user: nowhere\ncurrent-context: nowhere\nusers:\n- name: nowhere\n  user: {}\n",
+    )
+    .unwrap();
+    let mut cmd = Command::new(&bed.agent_bin);
+    cmd.arg("--bpffs")
+        .arg(&bpffs)
+        .args([
+            "run",
+            "--pod-ifaces",
+            "svcpod*",
+            "--socket-lb",
+            k8s::socket_lb(),
+        ])
+        .args(["--node-name", &node.name, "--cgroup"])
+        .arg(&node.cgroup)
+        .arg("--kubeconfig")
+        .arg(&kubeconfig)
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1");
+    for (flag, value) in k8s::TEST_MAP_SIZES {
+        if flag != "--max-service-entries" {
+            cmd.arg(flag).arg(value.to_string());
+        }
+    }
+    // SERVICES_V1 holds 2 entries (a frontend and its slot).
+    cmd.args(["--max-service-entries", "1"]);
+    let out = refused(
+        &node,
+        &cmd,
+        "the pinned map SERVICES_V1 holds 2 entries, more than the 1 asked for now",
+    );
+    assert!(!out.contains("svc-agent running"), "{out}");
+    assert!(!out.contains("programs attached"), "{out}");
+    assert_eq!(tree(&bpffs), pins, "a failed start changes no pin");
+    assert_eq!(
+        run_cli(&bed, &bpffs, &["inspect", "links"]).1,
+        links,
+        "a failed start attaches nothing"
+    );
+    assert_eq!(
+        ask().expect("still served"),
+        ("a".to_owned(), dst),
+        "the stopped agent's programs go on translating"
+    );
+    bed.step("a start refused on the loading thread, first sync never come: exit 1 at once, datapath untouched");
     drop(backends);
 }
 

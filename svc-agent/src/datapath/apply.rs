@@ -133,7 +133,8 @@ pub enum CounterKind {
     Backend,
 }
 
-/// The real maps, taken out of a loaded object (load its programs first: they keep the maps).
+/// The real maps, taken out of a loaded object (keep them open until its programs are loaded:
+/// see [`loader::load_programs`](crate::loader::load_programs)).
 pub struct AyaMaps {
     services: BpfHashMap<MapData, ServiceKey, ServiceValue>,
     backends: BpfHashMap<MapData, u32, Backend>,
@@ -641,6 +642,23 @@ pub struct Reconciler<M: DatapathMaps> {
     pending: Pending,
     /// The next [`ReconcileReport::retry_after`].
     backoff: Duration,
+}
+
+/// Where a source gets its reconciler when it first needs it: the reconciler itself, or one
+/// whose maps are still being created while the source lists (`svc-agent run`; see
+/// `startup`).
+pub trait ReconcilerHandle<M: DatapathMaps> {
+    /// The reconciler; the first call may wait until it is built.
+    ///
+    /// # Errors
+    /// When it could not be built (its maps could not be loaded or adopted).
+    fn reconciler(&mut self) -> anyhow::Result<&mut Reconciler<M>>;
+}
+
+impl<M: DatapathMaps> ReconcilerHandle<M> for Reconciler<M> {
+    fn reconciler(&mut self) -> anyhow::Result<&mut Self> {
+        Ok(self)
+    }
 }
 
 impl<M: DatapathMaps> Reconciler<M> {

@@ -14,5 +14,5 @@ pub mod pressure;
 pub mod render;
 pub mod sweeper;
 
-pub use apply::{AyaMaps, Cleared, DatapathMaps, ReconcileReport, Reconciler};
+pub use apply::{AyaMaps, Cleared, DatapathMaps, ReconcileReport, Reconciler, ReconcilerHandle};
 pub use render::{Rendered, render};

@@ -60,7 +60,7 @@ use tokio::{sync::mpsc, time::Instant};
 use tracing::{debug, info, warn};
 
 use crate::{
-    datapath::{DatapathMaps, ReconcileReport, Reconciler},
+    datapath::{DatapathMaps, ReconcileReport, Reconciler, ReconcilerHandle},
     model::{self, DesiredState, LABEL_HEADLESS, LABEL_SERVICE_PROXY_NAME, ObjectError, Snapshot},
 };
 
@@ -424,12 +424,13 @@ fn strip_node(node: &mut Node) {
 
 /// Follows the API server and keeps the maps programmed from it, until an error that cannot be
 /// retried (none today: API failures are retried forever). `on_first_sync` runs once the first
-/// complete state has been applied.
+/// complete state has been applied; its error ends the source. The reconciler is first asked
+/// for when the first pass begins (it may still be being built while the stores list).
 pub async fn follow<M: DatapathMaps>(
     client: Client,
     options: &Options,
-    rec: &mut Reconciler<M>,
-    on_first_sync: impl FnOnce(),
+    rec: &mut impl ReconcilerHandle<M>,
+    on_first_sync: impl FnOnce() -> anyhow::Result<()>,
 ) -> anyhow::Result<()> {
     let (services, services_writer) = reflector::store();
     let (nodes, nodes_writer) = reflector::store();
@@ -479,6 +480,7 @@ pub async fn follow<M: DatapathMaps>(
         options.coalesce,
         options.audit_interval,
         |work| {
+            let rec = rec.reconciler()?;
             let report = sync(&stores, &work, &options.node_name, &mut model, rec);
             said.say(&report.errors);
             for problem in reporter.new_problems(model.state(), &report) {
@@ -490,9 +492,9 @@ pub async fn follow<M: DatapathMaps>(
                 }
             }
             if let Some(f) = first_sync.take() {
-                f();
+                f()?;
             }
-            report.retry_after
+            Ok(report.retry_after)
         },
     ))
     .await
@@ -501,12 +503,12 @@ pub async fn follow<M: DatapathMaps>(
 /// The event loop: collects updates, waits until every kind has listed once, and calls `pass`
 /// once per burst of changes (after `coalesce`) with what changed; again after the delay
 /// `pass` returns (the reconciler retries what waits for room or failed), and every
-/// `audit_interval` with the audit flag set.
+/// `audit_interval` with the audit flag set. An error of `pass` ends the loop.
 async fn run_loop(
     updates: impl Stream<Item = Update>,
     coalesce: Duration,
     audit_interval: Option<Duration>,
-    mut pass: impl FnMut(Work) -> Option<Duration>,
+    mut pass: impl FnMut(Work) -> anyhow::Result<Option<Duration>>,
 ) -> anyhow::Result<()> {
     let mut updates = pin!(updates);
     let mut listed = BTreeSet::new();
@@ -542,7 +544,7 @@ async fn run_loop(
                 due = Some(due.map_or(soon, |d| d.min(soon)));
             }
             () = sleep_until(due), if ready && due.is_some() => {
-                due = pass(std::mem::take(&mut work)).map(|retry| Instant::now() + retry);
+                due = pass(std::mem::take(&mut work))?.map(|retry| Instant::now() + retry);
             }
             () = sleep_until(audit_due), if ready && audit_due.is_some() => {
                 audit_due = audit_interval.map(|i| Instant::now() + i);
@@ -1076,7 +1078,7 @@ mod tests {
         let task = tokio::spawn(async move {
             run_loop(updates, Duration::from_millis(5), audit, move |work| {
                 seen.lock().unwrap().push(work);
-                retries.pop()
+                Ok(retries.pop())
             })
             .await
         });

@@ -39,7 +39,9 @@
 //! empty for none), `SVC_BENCH_SOURCES=api,dir`, `SVC_BENCH_SAMPLES` (change pairs, default
 //! 100), `SVC_BENCH_SAMPLE_SECS` (time budget of the change samples per case, default 30),
 //! `SVC_BENCH_CHURN_SECS` (default 60), `SVC_BENCH_BURST` (default 1000),
-//! `SVC_BENCH_SYNC_SECS` (bound on a cold sync, default 600).
+//! `SVC_BENCH_SYNC_SECS` (bound on a cold sync, default 600), `SVC_BENCH_STARTUP_LOG` (set: print
+//! the agent's log up to its "svc-agent running" line, each line with the milliseconds since the
+//! agent was spawned: where a cold sync's time goes).
 //!
 //! Run as root (eBPF maps, namespaces). Everything a case creates (namespaces, bpffs mounts, the
 //! manifest directory, the agent) is removed when it ends, also on error.
@@ -422,6 +424,9 @@ fn run_case(agent_bin: &Path, config: &Config, case: Case) -> anyhow::Result<Row
     row.cold_sync = running
         .duration_since(agent.spawned_at())
         .unwrap_or_default();
+    if std::env::var_os("SVC_BENCH_STARTUP_LOG").is_some() {
+        print_startup(&log, agent.spawned_at());
+    }
     let first = agent.first_sync_line().unwrap_or_default();
     row.first_pass = field(&first, "took_us").map(Duration::from_micros);
     row.frontends = field(&first, "frontends");
@@ -739,6 +744,22 @@ fn field(line: &str, name: &str) -> Option<u64> {
 }
 
 /// The timestamp a log line starts with (`2026-12-03T23:41:16.123456Z`, UTC).
+/// The agent's log up to its "svc-agent running" line, each line after the milliseconds from
+/// `spawned` to its timestamp (on stderr, beside the progress lines).
+fn print_startup(log: &str, spawned: SystemTime) {
+    for line in log.lines() {
+        let ms = log_time(line)
+            .and_then(|t| t.duration_since(spawned).ok())
+            .map_or(f64::NAN, |d| d.as_secs_f64() * 1e3);
+        // The timestamp is replaced by the offset.
+        let rest = line.split_once(' ').map_or(line, |(_, rest)| rest);
+        eprintln!("  {ms:>8.1} ms  {rest}");
+        if line.contains("svc-agent running") {
+            break;
+        }
+    }
+}
+
 fn log_time(line: &str) -> Option<SystemTime> {
     let stamp = line.split_whitespace().next()?.strip_suffix('Z')?;
     let (date, time) = stamp.split_once('T')?;
