@@ -226,7 +226,7 @@ impl Standalone {
         if !self.synced || refresh.listed {
             return self.model.replace(&model::Snapshot {
                 services: self.source.all_services(),
-                slices: model::lean_slices(&self.slicer.slices(&self.source)),
+                slices: self.slicer.slices(&self.source),
                 nodes: self.source.nodes(),
             });
         }
@@ -236,7 +236,7 @@ impl Standalone {
         }
         for (namespace, name) in &changes.slices {
             let copies = self.slicer.slice_copies(namespace, name, &self.source);
-            (self.model).set_slice_copies(namespace, name, model::lean_slices(&copies));
+            self.model.set_slice_copies(namespace, name, copies);
         }
         if dirty.nodes {
             self.model.set_nodes(self.source.nodes());
@@ -267,7 +267,7 @@ impl Standalone {
         }
         let oracle = model::Snapshot {
             services: loaded.snapshot.services,
-            slices: model::lean_slices(&computed.slices),
+            slices: computed.slices,
             nodes: loaded.snapshot.nodes,
         };
         crate::source::audit::audit(&oracle, &self.node_name, &mut self.model, rec)
@@ -846,7 +846,7 @@ mod tests {
         let oracle = model::compute(
             &model::Snapshot {
                 services: loaded.snapshot.services,
-                slices: model::lean_slices(&computed.slices),
+                slices: computed.slices,
                 nodes: loaded.snapshot.nodes,
             },
             "node1",

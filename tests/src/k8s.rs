@@ -525,7 +525,7 @@ pub fn check_manifests(dir: &Path) -> anyhow::Result<()> {
         nodes.push(String::new());
     }
     for node in nodes {
-        let desired = svc_agent::model::compute(&loaded.snapshot.snapshot(), &node);
+        let desired = svc_agent::model::compute(&loaded.snapshot, &node);
         if let Some(e) = desired.errors.first() {
             bail!("{}: object error for node {node:?}: {e:?}", dir.display());
         }
@@ -1596,7 +1596,7 @@ mod tests {
         assert!(loaded.errors.is_empty(), "{:?}\n{text}", loaded.errors);
         assert_eq!(loaded.snapshot.services.len(), 1);
         assert_eq!(loaded.snapshot.slices.len(), 2);
-        let desired = svc_agent::model::compute(&loaded.snapshot.snapshot(), "node1");
+        let desired = svc_agent::model::compute(&loaded.snapshot, "node1");
         assert!(desired.errors.is_empty(), "{:?}", desired.errors);
         // 2 VIPs x 2 ports.
         assert_eq!(desired.frontends.len(), 4, "{:?}", desired.frontends);

@@ -106,31 +106,6 @@ impl Snapshot {
     }
 }
 
-/// Services, `EndpointSlice`s and Nodes as parsed (the file source keeps these: Services
-/// over Pods reads its hand-written slices as the API defines them); [`Objects::snapshot`]
-/// makes the model's input of them.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct Objects {
-    /// `v1` Services.
-    pub services: Vec<Arc<Service>>,
-    /// `discovery.k8s.io/v1` `EndpointSlice`s.
-    pub slices: Vec<Arc<EndpointSlice>>,
-    /// `v1` Nodes.
-    pub nodes: Vec<Arc<Node>>,
-}
-
-impl Objects {
-    /// The model's input: the same Services and Nodes, the slices as the model keeps them.
-    #[must_use]
-    pub fn snapshot(&self) -> Snapshot {
-        Snapshot {
-            services: self.services.clone(),
-            slices: lean_slices(&self.slices),
-            nodes: self.nodes.clone(),
-        }
-    }
-}
-
 /// `slices` as the model keeps them ([`Slice`]).
 #[must_use]
 pub fn lean_slices(slices: &[Arc<EndpointSlice>]) -> Vec<Arc<Slice>> {
@@ -603,12 +578,6 @@ fn kept_copies<C, T: PartialEq + ?Sized>(
 fn slice_owner(slice: &Slice) -> Option<(&str, &str)> {
     let service = slice.service_name.as_ref()?;
     Some((namespace_of(slice.namespace.as_ref()), service))
-}
-
-/// [`slice_owner`] of a slice as the API gives it.
-fn api_slice_owner(slice: &EndpointSlice) -> Option<(&str, &str)> {
-    let service = slice.metadata.labels.as_ref()?.get(LABEL_SERVICE_NAME)?;
-    Some((namespace_of(slice.metadata.namespace.as_ref()), service))
 }
 
 /// The namespace an object lives in (`default` when it names none, like `kubectl apply`).

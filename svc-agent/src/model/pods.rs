@@ -67,8 +67,8 @@ use k8s_openapi::{
 };
 
 use super::{
-    LABEL_SERVICE_NAME, LABEL_TOPOLOGY_ZONE, ObjectError, Protocol, api_slice_owner, kept_copies,
-    namespace_of, unique_objects,
+    LABEL_SERVICE_NAME, LABEL_TOPOLOGY_ZONE, ObjectError, Protocol, Slice, kept_copies,
+    lean_slices, namespace_of, slice_owner, unique_objects,
 };
 
 /// The annotation selecting the older topology-aware hints heuristic (`Auto`); with it, the
@@ -90,7 +90,10 @@ pub const MAX_ENDPOINTS_PER_SLICE: usize = 100;
 pub struct PodSlices {
     /// The slices to compute the desired state from: the hand-written ones of Services
     /// without a selector, then the computed ones (sorted by namespace, Service, family).
-    pub slices: Vec<Arc<EndpointSlice>>,
+    pub slices: Vec<Arc<Slice>>,
+    /// The computed slices as the API would hold them (the `EndpointSlice` controller's
+    /// objects, for display), in the order of [`slices`](Self::slices).
+    pub computed: Vec<Arc<EndpointSlice>>,
     /// One entry per Service with a selector, sorted by namespace and name.
     pub selections: Vec<Selection>,
     /// Hand-written slices ignored because their Service has a selector.
@@ -267,7 +270,7 @@ struct SelectorService<'a> {
 pub fn slices_from_pods(
     services: &[Arc<Service>],
     pods: &[Arc<Pod>],
-    slices: &[Arc<EndpointSlice>],
+    slices: &[Arc<Slice>],
     nodes: &[Arc<Node>],
 ) -> PodSlices {
     let mut out = PodSlices::default();
@@ -302,18 +305,12 @@ pub fn slices_from_pods(
         .map(|s| (s.namespace, s.name))
         .collect();
     for slice in slices {
-        let namespace = namespace_of(slice.metadata.namespace.as_ref());
-        let service = slice
-            .metadata
-            .labels
-            .as_ref()
-            .and_then(|l| l.get(LABEL_SERVICE_NAME));
-        match service {
-            Some(service) if selected.contains(&(namespace, service.as_str())) => {
+        match slice_owner(slice) {
+            Some((namespace, service)) if selected.contains(&(namespace, service)) => {
                 out.ignored_slices.push(IgnoredSlice {
                     namespace: namespace.to_owned(),
-                    slice: slice.metadata.name.clone().unwrap_or_default(),
-                    service: service.clone(),
+                    slice: slice.name.clone().unwrap_or_default(),
+                    service: service.to_owned(),
                 });
             }
             _ => out.slices.push(Arc::clone(slice)),
@@ -325,9 +322,10 @@ pub fn slices_from_pods(
         let candidates = by_namespace
             .get(svc.namespace)
             .map_or(&[][..], Vec::as_slice);
-        let selection = select(svc, candidates, &zones, &mut out.slices);
+        let selection = select(svc, candidates, &zones, &mut out.computed);
         out.selections.push(selection);
     }
+    out.slices.extend(lean_slices(&out.computed));
     out.errors.sort();
     out.errors.dedup();
     out
@@ -802,9 +800,9 @@ struct Computed {
 /// keeps none.
 pub trait HandWrittenSlices {
     /// Every copy of the slice `namespace/name`, in the source's order.
-    fn copies(&self, namespace: &str, name: &str) -> Vec<Arc<EndpointSlice>>;
+    fn copies(&self, namespace: &str, name: &str) -> Vec<Arc<Slice>>;
     /// Every slice, the copies of one name together in the source's order.
-    fn all(&self) -> Vec<Arc<EndpointSlice>>;
+    fn all(&self) -> Vec<Arc<Slice>>;
 }
 
 /// Sets `namespace/name` in a map of objects by namespace and name to `now` (none: removed;
@@ -860,7 +858,7 @@ pub struct PodSlicer {
     computed: HashMap<Key, Computed>,
     /// The computed slices by name (two Services never compute the same name: a name ends
     /// in `-pods-<family>-<n>` after its Service's).
-    computed_slices: HashMap<Key, Arc<EndpointSlice>>,
+    computed_slices: HashMap<Key, Arc<Slice>>,
     /// The hand-written slices ignored, by slice name.
     ignored: BTreeMap<Key, Vec<IgnoredSlice>>,
     /// Every error, sorted and deduplicated (rebuilt by an update when a part changed).
@@ -973,11 +971,11 @@ impl PodSlicer {
         if !flipped.is_empty() {
             // Rare (a Service gains or loses its selector): one walk over the slices.
             for slice in hand_written.all() {
-                let Some((namespace, service)) = api_slice_owner(&slice) else {
+                let Some((namespace, service)) = slice_owner(&slice) else {
                     continue;
                 };
                 if flipped.get(namespace).is_some_and(|s| s.contains(service)) {
-                    let name = slice.metadata.name.as_deref().unwrap_or_default();
+                    let name = slice.name.as_deref().unwrap_or_default();
                     self.dirty_slices.insert(key_of(namespace, name));
                 }
             }
@@ -1027,6 +1025,7 @@ impl PodSlicer {
                     slice.metadata.name.as_deref().unwrap_or_default(),
                 );
                 self.dirty_slices.insert(name.clone());
+                let slice = Arc::new(Slice::from(Arc::unwrap_or_clone(slice)));
                 self.computed_slices.insert(name.clone(), slice);
                 names.push(name);
             }
@@ -1080,10 +1079,10 @@ impl PodSlicer {
     ) -> Vec<IgnoredSlice> {
         (hand_written.copies(&name.0, &name.1).iter())
             .filter_map(|slice| {
-                let (namespace, service) = api_slice_owner(slice)?;
+                let (namespace, service) = slice_owner(slice)?;
                 self.selects_for(namespace, service).then(|| IgnoredSlice {
                     namespace: namespace.to_owned(),
-                    slice: slice.metadata.name.clone().unwrap_or_default(),
+                    slice: slice.name.clone().unwrap_or_default(),
                     service: service.to_owned(),
                 })
             })
@@ -1098,24 +1097,23 @@ impl PodSlicer {
         namespace: &str,
         name: &str,
         hand_written: &impl HandWrittenSlices,
-    ) -> Vec<Arc<EndpointSlice>> {
+    ) -> Vec<Arc<Slice>> {
         let mut copies = self.used(hand_written.copies(namespace, name));
         copies.extend(self.computed_slices.get(&key_of(namespace, name)).cloned());
         copies
     }
 
     /// Of hand-written slices, those used (their Service has no selector).
-    fn used(&self, mut slices: Vec<Arc<EndpointSlice>>) -> Vec<Arc<EndpointSlice>> {
-        slices.retain(|slice| {
-            !api_slice_owner(slice).is_some_and(|(ns, svc)| self.selects_for(ns, svc))
-        });
+    fn used(&self, mut slices: Vec<Arc<Slice>>) -> Vec<Arc<Slice>> {
+        slices
+            .retain(|slice| !slice_owner(slice).is_some_and(|(ns, svc)| self.selects_for(ns, svc)));
         slices
     }
 
     /// Every slice the model computes from (as [`PodSlices::slices`], in another order): the
     /// used ones of `hand_written`, then the computed ones.
     #[must_use]
-    pub fn slices(&self, hand_written: &impl HandWrittenSlices) -> Vec<Arc<EndpointSlice>> {
+    pub fn slices(&self, hand_written: &impl HandWrittenSlices) -> Vec<Arc<Slice>> {
         let mut all = self.used(hand_written.all());
         all.extend(self.computed_slices.values().cloned());
         all
@@ -1441,14 +1439,14 @@ mod tests {
         for row in rows {
             let out = slices_from_pods(&row.services, &row.pods, &[], &[]);
             assert_eq!(out.errors, [], "{}", row.name);
-            assert_eq!(render(&out.slices), row.want, "{}", row.name);
+            assert_eq!(render(&out.computed), row.want, "{}", row.name);
             // The order of the inputs does not matter.
             let mut pods = row.pods.clone();
             pods.reverse();
             let mut services = row.services.clone();
             services.reverse();
             let again = slices_from_pods(&services, &pods, &[], &[]);
-            assert_eq!(render(&again.slices), row.want, "{} (reversed)", row.name);
+            assert_eq!(render(&again.computed), row.want, "{} (reversed)", row.name);
         }
     }
 
@@ -1462,7 +1460,7 @@ mod tests {
         let out = slices_from_pods(&services, &pods, &[], &[]);
         let snapshot = crate::model::Snapshot {
             services: services.to_vec(),
-            slices: crate::model::lean_slices(&out.slices),
+            slices: out.slices,
             nodes: Vec::new(),
         };
         let state = crate::model::compute(&snapshot, "node1");
@@ -1492,11 +1490,12 @@ mod tests {
 
     #[test]
     fn the_selector_wins_over_hand_written_slices() {
-        let slice = |name: &str, service: &str| -> Arc<EndpointSlice> {
-            Arc::new(yaml(&format!(
+        let slice = |name: &str, service: &str| -> Arc<Slice> {
+            let slice: EndpointSlice = yaml(&format!(
                 "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}\n  \
                  labels: {{kubernetes.io/service-name: {service}}}\naddressType: IPv4\nendpoints: []\n"
-            )))
+            ));
+            Arc::new(slice.into())
         };
         let services = [
             service(WEB),
@@ -1509,7 +1508,7 @@ mod tests {
         let names: Vec<&str> = out
             .slices
             .iter()
-            .map(|s| s.metadata.name.as_deref().unwrap())
+            .map(|s| s.name.as_deref().unwrap())
             .collect();
         assert_eq!(
             names,
@@ -1578,7 +1577,7 @@ mod tests {
             ]
         );
         assert_eq!(
-            render(&out.slices),
+            render(&out.computed),
             [
                 "web-pods-ipv4-0 IPv4 [http/TCP/8080] 198.18.1.9(default/good uid=uid-good node1 rs-)"
             ]
@@ -1606,7 +1605,7 @@ mod tests {
                 "Service default/web: spec.ports[0].targetPort: 70000 is not in 1..=65535",
             ]
         );
-        assert_eq!(render(&out.slices), Vec::<String>::new());
+        assert_eq!(render(&out.computed), Vec::<String>::new());
     }
 
     /// Every endpoint as `addr zone=Z zones=[..] nodes=[..]` (`-` for no zone, `none` for no
@@ -1752,7 +1751,7 @@ mod tests {
         for (name, svc, want) in rows {
             let out = slices_from_pods(&[svc], &pods, &[], &nodes);
             assert_eq!(out.errors, [], "{name}");
-            assert_eq!(render_hints(&out.slices), want, "{name}");
+            assert_eq!(render_hints(&out.computed), want, "{name}");
         }
     }
 
@@ -1779,7 +1778,7 @@ mod tests {
         let out = slices_from_pods(&services, &pods, &[], &nodes);
         let snapshot = crate::model::Snapshot {
             services: services.to_vec(),
-            slices: crate::model::lean_slices(&out.slices),
+            slices: out.slices,
             nodes,
         };
         for (node, addr) in [("node1", "198.18.1.1"), ("node2", "198.18.2.1")] {
@@ -1881,11 +1880,7 @@ mod tests {
 
         /// A hand-written slice variant: 0 absent, 1 for s0, 2 for s1, 3 for s3 (the
         /// Service without a selector), 4 for s2 but named like s0's computed slice.
-        fn slice_variant(
-            ns: &str,
-            index: usize,
-            variant: u8,
-        ) -> Option<(String, Arc<EndpointSlice>)> {
+        fn slice_variant(ns: &str, index: usize, variant: u8) -> Option<(String, Arc<Slice>)> {
             let (name, owner) = match variant {
                 1 => (format!("e{index}"), "s0"),
                 2 => (format!("e{index}"), "s1"),
@@ -1893,12 +1888,12 @@ mod tests {
                 4 => ("s0-pods-ipv4-0".to_owned(), "s2"),
                 _ => return None,
             };
-            let slice = yaml(&format!(
+            let slice: EndpointSlice = yaml(&format!(
                 "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}\n  \
                  namespace: {ns}\n  labels:\n    kubernetes.io/service-name: {owner}\naddressType: IPv4\n\
                  endpoints:\n- addresses: [\"198.18.1.{index}\"]\nports:\n- {{name: http, port: 8080}}\n"
             ));
-            Some((name, Arc::new(slice)))
+            Some((name, Arc::new(slice.into())))
         }
 
         fn nodes_variant(variant: u8) -> Vec<Arc<Node>> {
@@ -1971,29 +1966,29 @@ mod tests {
         }
 
         /// What the model is handed, by slice name.
-        fn by_name(slices: &[Arc<EndpointSlice>]) -> BTreeMap<Key, Vec<EndpointSlice>> {
-            let mut named: BTreeMap<Key, Vec<EndpointSlice>> = BTreeMap::new();
+        fn by_name(slices: &[Arc<Slice>]) -> BTreeMap<Key, Vec<Slice>> {
+            let mut named: BTreeMap<Key, Vec<Slice>> = BTreeMap::new();
             for slice in slices {
                 let key = key_of(
-                    namespace_of(slice.metadata.namespace.as_ref()),
-                    slice.metadata.name.as_deref().unwrap_or_default(),
+                    namespace_of(slice.namespace.as_ref()),
+                    slice.name.as_deref().unwrap_or_default(),
                 );
                 named.entry(key).or_default().push((**slice).clone());
             }
             named
         }
 
-        type Written = BTreeMap<Key, Vec<Arc<EndpointSlice>>>;
+        type Written = BTreeMap<Key, Vec<Arc<Slice>>>;
 
         /// The test's hand-written slices, as the source's.
         impl HandWrittenSlices for Written {
-            fn copies(&self, namespace: &str, name: &str) -> Vec<Arc<EndpointSlice>> {
+            fn copies(&self, namespace: &str, name: &str) -> Vec<Arc<Slice>> {
                 self.get(&key_of(namespace, name))
                     .cloned()
                     .unwrap_or_default()
             }
 
-            fn all(&self) -> Vec<Arc<EndpointSlice>> {
+            fn all(&self) -> Vec<Arc<Slice>> {
                 flat(self)
             }
         }
@@ -2002,14 +1997,14 @@ mod tests {
             slicer: &PodSlicer,
             written: &Written,
             names: &[Key],
-        ) -> BTreeMap<Key, Vec<EndpointSlice>> {
+        ) -> BTreeMap<Key, Vec<Slice>> {
             names
                 .iter()
                 .map(|k| {
                     let copies = slicer.slice_copies(&k.0, &k.1, written);
                     (k.clone(), copies.iter().map(|c| (**c).clone()).collect())
                 })
-                .filter(|(_, c): &(Key, Vec<EndpointSlice>)| !c.is_empty())
+                .filter(|(_, c): &(Key, Vec<Slice>)| !c.is_empty())
                 .collect()
         }
 
@@ -2057,7 +2052,7 @@ mod tests {
                                 Some((name, slice)) => (name, Some(slice)),
                                 None => (format!("e{i}"), None),
                             };
-                            let now = copies(slice, c, |s| uid(&mut s.metadata));
+                            let now = copies(slice, c, |s| s.uid = Some("other".to_owned()));
                             objects.slices.insert(key_of(ns, &name), now);
                             slicer.slice_changed(ns, &name);
                         }
@@ -2072,7 +2067,7 @@ mod tests {
 
                 let services: Vec<Arc<Service>> = flat(&objects.services);
                 let pods: Vec<Arc<Pod>> = flat(&objects.pods);
-                let written: Vec<Arc<EndpointSlice>> = flat(&objects.slices);
+                let written: Vec<Arc<Slice>> = flat(&objects.slices);
                 let oracle = slices_from_pods(&services, &pods, &written, &objects.nodes);
                 prop_assert_eq!(
                     by_name(&slicer.slices(&objects.slices)),

@@ -41,15 +41,12 @@ use std::{
 use anyhow::Context as _;
 use k8s_openapi::{
     Metadata,
-    api::{
-        core::v1::{Node, Pod, Service},
-        discovery::v1::EndpointSlice,
-    },
+    api::core::v1::{Node, Pod, Service},
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
 
 use super::files::{Budget, DocumentError, Loaded, is_manifest, load_file};
-use crate::model::{DEFAULT_NAMESPACE, HandWrittenSlices};
+use crate::model::{DEFAULT_NAMESPACE, HandWrittenSlices, Slice};
 
 /// How long a file modified in place and not closed is left unread after its last write.
 pub const WRITE_SETTLE: Duration = Duration::from_secs(5);
@@ -91,14 +88,31 @@ fn modified_recently(path: &Path) -> bool {
 /// model tells objects apart.
 pub type ObjectName = (String, String);
 
-/// The name the model gives `meta`'s object.
-fn object_name(meta: &ObjectMeta) -> ObjectName {
+/// The name the model gives an object of its `namespace` and `name`.
+fn object_name(namespace: Option<&String>, name: Option<&String>) -> ObjectName {
     (
-        meta.namespace
-            .clone()
-            .unwrap_or_else(|| DEFAULT_NAMESPACE.to_owned()),
-        meta.name.clone().unwrap_or_default(),
+        namespace.map_or_else(|| DEFAULT_NAMESPACE.to_owned(), Clone::clone),
+        name.cloned().unwrap_or_default(),
     )
+}
+
+/// An object the index keeps: it says its namespace and name.
+trait Named {
+    /// The name the model gives it.
+    fn object_name(&self) -> ObjectName;
+}
+
+impl<T: Metadata<Ty = ObjectMeta>> Named for T {
+    fn object_name(&self) -> ObjectName {
+        let meta = self.metadata();
+        object_name(meta.namespace.as_ref(), meta.name.as_ref())
+    }
+}
+
+impl Named for Slice {
+    fn object_name(&self) -> ObjectName {
+        object_name(self.namespace.as_ref(), self.name.as_ref())
+    }
 }
 
 /// The objects a refresh added, removed or changed: each name whose copies (all the files'
@@ -141,7 +155,7 @@ impl<T> Default for Index<T> {
     }
 }
 
-impl<T: Metadata<Ty = ObjectMeta> + PartialEq> Index<T> {
+impl<T: Named + PartialEq> Index<T> {
     /// File `file` defined `old` and now defines `new`: updates the copies of each name whose
     /// copies in that file differ (by content), and adds those names to `dirty`.
     fn update(
@@ -155,7 +169,7 @@ impl<T: Metadata<Ty = ObjectMeta> + PartialEq> Index<T> {
             let mut named: BTreeMap<ObjectName, Vec<Arc<T>>> = BTreeMap::new();
             for object in objects {
                 named
-                    .entry(object_name(object.metadata()))
+                    .entry(object.object_name())
                     .or_default()
                     .push(Arc::clone(object));
             }
@@ -210,7 +224,7 @@ impl<T: Metadata<Ty = ObjectMeta> + PartialEq> Index<T> {
 #[derive(Debug, Default)]
 struct Objects {
     services: Index<Service>,
-    slices: Index<EndpointSlice>,
+    slices: Index<Slice>,
     pods: Index<Pod>,
     nodes: Index<Node>,
 }
@@ -616,7 +630,7 @@ impl DirSource {
 
     /// Every copy of the `EndpointSlice` `name`, in file name and document order.
     #[must_use]
-    pub fn slices(&self, name: &ObjectName) -> Vec<Arc<EndpointSlice>> {
+    pub fn slices(&self, name: &ObjectName) -> Vec<Arc<Slice>> {
         self.objects.slices.copies(name)
     }
 
@@ -635,11 +649,11 @@ impl DirSource {
 
 /// The directory's `EndpointSlice`s, for the Services-over-Pods computation.
 impl HandWrittenSlices for DirSource {
-    fn copies(&self, namespace: &str, name: &str) -> Vec<Arc<EndpointSlice>> {
+    fn copies(&self, namespace: &str, name: &str) -> Vec<Arc<Slice>> {
         self.slices(&(namespace.to_owned(), name.to_owned()))
     }
 
-    fn all(&self) -> Vec<Arc<EndpointSlice>> {
+    fn all(&self) -> Vec<Arc<Slice>> {
         self.objects.slices.all()
     }
 }
@@ -888,7 +902,7 @@ mod tests {
         assert!(source.services(&name("default", "s1")).is_empty());
         let e1 = source.slices(&name("ns", "e1"));
         assert_eq!(e1.len(), 1);
-        assert_eq!(e1[0].endpoints[0].addresses, ["198.18.0.2"]);
+        assert_eq!(e1[0].endpoints[0].address.as_deref(), Some("198.18.0.2"));
 
         // b.yaml's copy of s2 changes: s2 is dirty, with both copies, a's first.
         let other = service("s2").replace("198.19.0.1", "198.19.0.2");

@@ -33,14 +33,14 @@ use k8s_openapi::api::{
 };
 use serde::{Deserialize, de::DeserializeOwned};
 
-use crate::model::Objects;
+use crate::model::Snapshot;
 
 /// The objects found in one or more files, with what was skipped and what failed.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Loaded {
     /// The Services, `EndpointSlice`s and Nodes, in file and document order.
-    pub snapshot: Objects,
-    /// The Pods, in file and document order (not part of [`Objects`]: only standalone mode
+    pub snapshot: Snapshot,
+    /// The Pods, in file and document order (not part of [`Snapshot`]: only standalone mode
     /// uses them, to compute the slices of Services with a selector).
     pub pods: Vec<Arc<Pod>>,
     /// Objects of other kinds, skipped.
@@ -624,7 +624,7 @@ fn add_document(document: &Document<'_>, origin: Origin, parse: &mut Parse) -> b
             .map(|object| loaded.snapshot.services.push(Arc::new(object))),
         Kind::EndpointSlice => document
             .decode::<EndpointSlice>()
-            .map(|object| loaded.snapshot.slices.push(Arc::new(object))),
+            .map(|object| loaded.snapshot.slices.push(Arc::new(object.into()))),
         Kind::Node => document
             .decode::<Node>()
             .map(|object| loaded.snapshot.nodes.push(Arc::new(object))),
@@ -774,7 +774,7 @@ endpoints:
     }
 
     fn slice_names(loaded: &Loaded) -> Vec<&str> {
-        names(loaded.snapshot.slices.iter().map(|s| &s.metadata.name))
+        names(loaded.snapshot.slices.iter().map(|s| &s.name))
     }
 
     fn origin(file: &str, document: usize, line: usize, item: Option<usize>) -> Origin {
@@ -794,7 +794,7 @@ endpoints:
         assert_eq!(service_names(&loaded), ["frontend-svc"]);
         assert_eq!(slice_names(&loaded), ["frontend-svc-abc12"]);
 
-        let state = model::compute(&loaded.snapshot.snapshot(), "node1");
+        let state = model::compute(&loaded.snapshot, "node1");
         assert_eq!(state.errors, []);
         let key = FrontendKey {
             addr: "198.19.0.10".parse().unwrap(),
@@ -947,7 +947,7 @@ metadata:
             loaded.errors[0]
         );
 
-        let state = model::compute(&loaded.snapshot.snapshot(), "node1");
+        let state = model::compute(&loaded.snapshot, "node1");
         assert_eq!(state.frontends.len(), 1);
         assert_eq!(state.frontends.values().next().unwrap().backends.len(), 1);
     }
