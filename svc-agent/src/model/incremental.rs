@@ -50,13 +50,10 @@ use std::{
     sync::Arc,
 };
 
-use k8s_openapi::{
-    api::core::v1::{Node, Service},
-    apimachinery::pkg::apis::meta::v1::ObjectMeta,
-};
+use k8s_openapi::api::core::v1::Node;
 
 use super::{
-    Delta, DesiredState, FrontendKey, GroupOutput, ObjectError, Place, Slice, Snapshot,
+    Delta, DesiredState, FrontendKey, GroupOutput, ObjectError, Place, Slice, Snapshot, Svc,
     TopologyNote, compute_group, conflict_error, kept_copies, namespace_of, node_addresses,
     node_zone, slice_owner, sorted_by_name,
 };
@@ -125,7 +122,7 @@ impl Name {
 
     /// The identity `compute` gives an object: its namespace (`default` when none) and name
     /// (empty when none).
-    fn of(meta: &ObjectMeta) -> Self {
+    fn of(meta: &super::SvcMeta) -> Self {
         Self::new(
             namespace_of(meta.namespace.as_ref()),
             meta.name.as_deref().unwrap_or_default(),
@@ -236,14 +233,14 @@ impl SortedNames {
 /// One Service group as last computed: its inputs and what it contributes.
 #[derive(Debug)]
 struct Group {
-    service: Option<Arc<Service>>,
+    service: Option<Arc<Svc>>,
     slices: Vec<Arc<Slice>>,
     out: GroupOutput,
 }
 
 impl Group {
     /// Whether `compute_group` would give the same output for these inputs.
-    fn same_inputs(&self, service: Option<&Arc<Service>>, slices: &[Arc<Slice>]) -> bool {
+    fn same_inputs(&self, service: Option<&Arc<Svc>>, slices: &[Arc<Slice>]) -> bool {
         let same_service = match (&self.service, service) {
             (Some(a), Some(b)) => same(a, b),
             (None, None) => true,
@@ -287,7 +284,7 @@ pub struct Model {
 
     // The current objects, by the identity `compute` gives them. Several copies only come
     // from `replace` (the file source may list an object twice).
-    services: HashMap<Name, Vec<Arc<Service>>>,
+    services: HashMap<Name, Vec<Arc<Svc>>>,
     slices: HashMap<Name, Vec<Arc<Slice>>>,
     nodes: Vec<Arc<Node>>,
     /// The slice keys whose used copies belong to each group.
@@ -357,7 +354,7 @@ impl Model {
     /// The Service `namespace/name` is now `service` (None: deleted). Marks it dirty; O(1).
     ///
     /// `namespace/name` must be the Service's own (`default` when it names no namespace).
-    pub fn set_service(&mut self, namespace: &str, name: &str, service: Option<Arc<Service>>) {
+    pub fn set_service(&mut self, namespace: &str, name: &str, service: Option<Arc<Svc>>) {
         self.put_service(Name::new(namespace, name), service.into_iter().collect());
     }
 
@@ -492,7 +489,7 @@ impl Model {
     }
 
     /// Records the copies of the Service `key` (none: deleted) and marks what they affect.
-    fn put_service(&mut self, key: Name, copies: Vec<Arc<Service>>) {
+    fn put_service(&mut self, key: Name, copies: Vec<Arc<Svc>>) {
         debug_assert!(
             copies.iter().all(|s| Name::of(&s.metadata) == key),
             "a Service set under another name than its own: {key:?}"
@@ -897,7 +894,7 @@ impl Model {
     /// error and none is used. Marks it dirty.
     ///
     /// `namespace/name` must be every copy's own (`default` when it names no namespace).
-    pub fn set_service_copies(&mut self, namespace: &str, name: &str, copies: Vec<Arc<Service>>) {
+    pub fn set_service_copies(&mut self, namespace: &str, name: &str, copies: Vec<Arc<Svc>>) {
         self.put_service(Name::new(namespace, name), copies);
     }
 

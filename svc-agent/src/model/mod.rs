@@ -36,6 +36,7 @@ mod node;
 mod pods;
 mod service;
 mod slice;
+mod svc;
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, btree_map::Entry},
@@ -60,6 +61,7 @@ pub use pods::{
     PodSliceChanges, PodSlicer, PodSlices, Selection, slices_from_pods,
 };
 pub use slice::{Slice, SliceEndpoint, SlicePort, Target};
+pub use svc::{Svc, SvcMeta, SvcPort, SvcSpec};
 
 use self::{
     endpoints::{Place, SliceIndex, select_backends},
@@ -86,8 +88,8 @@ pub const DEFAULT_NAMESPACE: &str = "default";
 /// Objects are shared (`Arc`) so a source that caches them (the Kubernetes reflectors) builds a
 /// snapshot without copying any object.
 pub struct Snapshot {
-    /// `v1` Services.
-    pub services: Vec<Arc<Service>>,
+    /// `v1` Services, as the model keeps them.
+    pub services: Vec<Arc<Svc>>,
     /// `discovery.k8s.io/v1` `EndpointSlice`s, as the model keeps them.
     pub slices: Vec<Arc<Slice>>,
     /// `v1` Nodes (only the one named like this node is used).
@@ -99,7 +101,7 @@ impl Snapshot {
     #[must_use]
     pub fn new(services: Vec<Service>, slices: Vec<EndpointSlice>, nodes: Vec<Node>) -> Self {
         Self {
-            services: services.into_iter().map(Arc::new).collect(),
+            services: services.into_iter().map(|s| Arc::new(s.into())).collect(),
             slices: slices.into_iter().map(|s| Arc::new(s.into())).collect(),
             nodes: nodes.into_iter().map(Arc::new).collect(),
         }
@@ -202,13 +204,13 @@ impl Memo {
 
 #[derive(Debug)]
 struct MemoEntry {
-    service: Option<Arc<Service>>,
+    service: Option<Arc<Svc>>,
     slices: Vec<Arc<Slice>>,
     out: GroupOutput,
 }
 
 impl MemoEntry {
-    fn matches(&self, service: Option<&Arc<Service>>, slices: &[&Arc<Slice>]) -> bool {
+    fn matches(&self, service: Option<&Arc<Svc>>, slices: &[&Arc<Slice>]) -> bool {
         let same_service = match (&self.service, service) {
             (Some(a), Some(b)) => Arc::ptr_eq(a, b),
             (None, None) => true,
@@ -268,7 +270,7 @@ impl std::fmt::Display for ClaimField {
 /// A Service and the slices that name it (either may be missing).
 #[derive(Default)]
 struct Group<'a> {
-    service: Option<&'a Arc<Service>>,
+    service: Option<&'a Arc<Svc>>,
     slices: Vec<&'a Arc<Slice>>,
 }
 
@@ -372,7 +374,7 @@ pub fn compute_with(snapshot: &Snapshot, node_name: &str, memo: &mut Memo) -> De
 
 /// Validates one Service and its slices and lists the frontends it claims.
 fn compute_group(
-    service: Option<&Arc<Service>>,
+    service: Option<&Arc<Svc>>,
     slices: &[&Arc<Slice>],
     place: Place<'_>,
 ) -> GroupOutput {

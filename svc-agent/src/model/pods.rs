@@ -57,7 +57,7 @@ use std::{
 
 use k8s_openapi::{
     api::{
-        core::v1::{Container, Node, ObjectReference, Pod, Service},
+        core::v1::{Container, Node, ObjectReference, Pod},
         discovery::v1::{
             Endpoint, EndpointConditions, EndpointHints, EndpointPort, EndpointSlice, ForNode,
             ForZone,
@@ -67,15 +67,16 @@ use k8s_openapi::{
 };
 
 use super::{
-    LABEL_SERVICE_NAME, LABEL_TOPOLOGY_ZONE, ObjectError, Protocol, Slice, kept_copies,
-    lean_slices, namespace_of, slice_owner, unique_objects,
+    LABEL_SERVICE_NAME, LABEL_TOPOLOGY_ZONE, ObjectError, Protocol, Slice, Svc, SvcSpec,
+    kept_copies, lean_slices, namespace_of, slice_owner, unique_objects,
 };
 
 /// The annotation selecting the older topology-aware hints heuristic (`Auto`); with it, the
 /// controller ignores `trafficDistribution`.
-const ANNOTATION_TOPOLOGY_MODE: &str = "service.kubernetes.io/topology-mode";
+pub(crate) const ANNOTATION_TOPOLOGY_MODE: &str = "service.kubernetes.io/topology-mode";
 /// The deprecated name of [`ANNOTATION_TOPOLOGY_MODE`] (it wins when both are set).
-const ANNOTATION_TOPOLOGY_AWARE_HINTS: &str = "service.kubernetes.io/topology-aware-hints";
+pub(crate) const ANNOTATION_TOPOLOGY_AWARE_HINTS: &str =
+    "service.kubernetes.io/topology-aware-hints";
 
 /// The label the controller puts on the slices it manages; ours say who wrote them.
 pub const LABEL_MANAGED_BY: &str = "endpointslice.kubernetes.io/managed-by";
@@ -268,7 +269,7 @@ struct SelectorService<'a> {
 /// the inputs.
 #[must_use]
 pub fn slices_from_pods(
-    services: &[Arc<Service>],
+    services: &[Arc<Svc>],
     pods: &[Arc<Pod>],
     slices: &[Arc<Slice>],
     nodes: &[Arc<Node>],
@@ -528,7 +529,7 @@ fn endpoint(
 /// `ExternalName`, no name). A bad `targetPort` is reported and that port skipped; other bad
 /// fields are `compute`'s to report.
 fn selector_service<'a>(
-    svc: &'a Service,
+    svc: &'a Svc,
     errors: &mut Vec<ObjectError>,
 ) -> Option<SelectorService<'a>> {
     let spec = svc.spec.as_ref()?;
@@ -587,7 +588,7 @@ fn selector_service<'a>(
 
 /// The hints the controller gives `svc`'s endpoints: by `spec.trafficDistribution`, unless
 /// the topology annotation asks for `Auto` (`hintsEnabled`), which is not implemented here.
-fn hint_policy(svc: &Service) -> HintPolicy {
+fn hint_policy(svc: &Svc) -> HintPolicy {
     let annotations = svc.metadata.annotations.as_ref();
     let mode = annotations.and_then(|a| {
         a.get(ANNOTATION_TOPOLOGY_AWARE_HINTS)
@@ -606,7 +607,7 @@ fn hint_policy(svc: &Service) -> HintPolicy {
 
 /// `getAddressTypesForService`: `spec.ipFamilies`, else the family of `spec.clusterIP`,
 /// else both.
-fn service_families(spec: &k8s_openapi::api::core::v1::ServiceSpec) -> Vec<Family> {
+fn service_families(spec: &SvcSpec) -> Vec<Family> {
     let mut families: Vec<Family> = spec
         .ip_families
         .iter()
@@ -845,7 +846,7 @@ fn put_by_namespace<T>(
 #[derive(Debug, Default)]
 pub struct PodSlicer {
     /// The Services with a selector (the used copy of their name), by namespace, then name.
-    selectors: HashMap<String, BTreeMap<String, Arc<Service>>>,
+    selectors: HashMap<String, BTreeMap<String, Arc<Svc>>>,
     /// The usable Pods (the used copy of their name, valid), by namespace, then name.
     pods: HashMap<String, BTreeMap<String, Arc<Pod>>>,
     /// The errors of each Pod name (differing copies, bad fields).
@@ -878,7 +879,7 @@ impl PodSlicer {
     }
 
     /// The Service `namespace/name` is now `copies` (none: deleted).
-    pub fn set_service(&mut self, namespace: &str, name: &str, copies: &[Arc<Service>]) {
+    pub fn set_service(&mut self, namespace: &str, name: &str, copies: &[Arc<Svc>]) {
         let kept = match kept_copies("Service", namespace, name, copies, |c| &**c) {
             Ok(n) => &copies[..n],
             Err(_) => &[],
@@ -1157,8 +1158,10 @@ mod tests {
     use super::*;
     use crate::model::test_support::yaml;
 
-    fn service(text: &str) -> Arc<Service> {
-        Arc::new(yaml(&format!("apiVersion: v1\nkind: Service\n{text}")))
+    fn service(text: &str) -> Arc<Svc> {
+        let svc: k8s_openapi::api::core::v1::Service =
+            yaml(&format!("apiVersion: v1\nkind: Service\n{text}"));
+        Arc::new(svc.into())
     }
 
     /// A Pod `name` in `default` with labels `labels` (`k: v, ...`), address(es) `ips`
@@ -1244,7 +1247,7 @@ mod tests {
 
     struct Row {
         name: &'static str,
-        services: Vec<Arc<Service>>,
+        services: Vec<Arc<Svc>>,
         pods: Vec<Arc<Pod>>,
         want: &'static [&'static str],
     }
@@ -1673,7 +1676,7 @@ mod tests {
             pod("web-4", "app: web", "198.18.1.5", false, ""),
         ];
         let with = |extra: &str| service(&format!("{WEB}{extra}"));
-        let rows: [(&str, Arc<Service>, [&str; 5]); 6] = [
+        let rows: [(&str, Arc<Svc>, [&str; 5]); 6] = [
             (
                 "no trafficDistribution: zones, no hints",
                 with(""),
@@ -1827,7 +1830,7 @@ mod tests {
 
         /// A Service variant: 0 absent, 1 selector app=a, 2 selector app=b, 3 no selector,
         /// 4 app=a with a bad targetPort, 5 app=a `PreferSameNode`, 6 app=a `ExternalName`.
-        fn service_variant(ns: &str, name: &str, variant: u8) -> Option<Arc<Service>> {
+        fn service_variant(ns: &str, name: &str, variant: u8) -> Option<Arc<Svc>> {
             let spec = match variant {
                 1 => {
                     "  selector: {app: a}\n  ports:\n  - {name: http, port: 80, targetPort: http}\n"
@@ -1959,7 +1962,7 @@ mod tests {
         /// The objects as the source holds them, by name.
         #[derive(Default)]
         struct Objects {
-            services: BTreeMap<Key, Vec<Arc<Service>>>,
+            services: BTreeMap<Key, Vec<Arc<Svc>>>,
             pods: BTreeMap<Key, Vec<Arc<Pod>>>,
             slices: Written,
             nodes: Vec<Arc<Node>>,
@@ -2033,8 +2036,9 @@ mod tests {
                     match *op {
                         Op::Service(n, i, v, c) => {
                             let (ns, name) = (NAMESPACES[n], format!("s{i}"));
-                            let now =
-                                copies(service_variant(ns, &name, v), c, |s| uid(&mut s.metadata));
+                            let now = copies(service_variant(ns, &name, v), c, |s| {
+                                s.metadata.uid = Some("other".to_owned());
+                            });
                             slicer.set_service(ns, &name, &now);
                             objects.services.insert(key_of(ns, &name), now);
                         }
@@ -2065,7 +2069,7 @@ mod tests {
                 }
                 let changes = slicer.update(&objects.slices);
 
-                let services: Vec<Arc<Service>> = flat(&objects.services);
+                let services: Vec<Arc<Svc>> = flat(&objects.services);
                 let pods: Vec<Arc<Pod>> = flat(&objects.pods);
                 let written: Vec<Arc<Slice>> = flat(&objects.slices);
                 let oracle = slices_from_pods(&services, &pods, &written, &objects.nodes);

@@ -2,9 +2,10 @@
 
 use std::{net::IpAddr, time::Duration};
 
-use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
-
-use super::{LABEL_HEADLESS, LABEL_SERVICE_PROXY_NAME, ObjectError, Protocol, namespace_of};
+use super::{
+    LABEL_HEADLESS, LABEL_SERVICE_PROXY_NAME, ObjectError, Protocol, namespace_of,
+    svc::{Svc, SvcPort, SvcSpec},
+};
 
 /// `sessionAffinityConfig.clientIP.timeoutSeconds` when the Service sets none.
 pub(crate) const DEFAULT_AFFINITY_TIMEOUT_SECONDS: i32 = 10_800;
@@ -54,7 +55,7 @@ impl<'a> ServiceView<'a> {
     /// Validates `svc`. `None` when it has nothing to program (ignored, headless,
     /// `ExternalName`, no `ClusterIP`) or when it is invalid; then one error per bad field is
     /// pushed onto `errors`.
-    pub(crate) fn parse(svc: &'a Service, errors: &mut Vec<ObjectError>) -> Option<Self> {
+    pub(crate) fn parse(svc: &'a Svc, errors: &mut Vec<ObjectError>) -> Option<Self> {
         let labels = svc.metadata.labels.as_ref();
         if labels.is_some_and(|l| l.contains_key(LABEL_SERVICE_PROXY_NAME)) {
             // Belongs to another proxy (kube-proxy skips these the same way).
@@ -167,7 +168,7 @@ impl Checker<'_, '_> {
     /// The `ClusterIP`s: `spec.clusterIPs`, or `spec.clusterIP` when that list is empty.
     /// `None` when the Service has none (headless `None`, or not allocated: empty), so there
     /// is nothing to program and nothing else worth checking.
-    fn cluster_ips(&mut self, spec: &ServiceSpec) -> Option<(Vec<IpAddr>, bool)> {
+    fn cluster_ips(&mut self, spec: &SvcSpec) -> Option<(Vec<IpAddr>, bool)> {
         let list = spec.cluster_ips.as_deref().unwrap_or_default();
         let single = spec.cluster_ip.as_deref().unwrap_or_default();
         let listed = !list.is_empty();
@@ -210,7 +211,7 @@ impl Checker<'_, '_> {
 
     /// `spec.ipFamilies` as (IPv4 listed, IPv6 listed); `None` when absent or empty. An
     /// unknown family is an error.
-    fn ip_families(&mut self, spec: &ServiceSpec) -> Option<(bool, bool)> {
+    fn ip_families(&mut self, spec: &SvcSpec) -> Option<(bool, bool)> {
         let list = spec.ip_families.as_deref().filter(|l| !l.is_empty())?;
         let (mut v4, mut v6) = (false, false);
         for (i, family) in list.iter().enumerate() {
@@ -226,7 +227,7 @@ impl Checker<'_, '_> {
         Some((v4, v6))
     }
 
-    fn port<'p>(&mut self, index: usize, port: &'p ServicePort) -> Option<PortView<'p>> {
+    fn port<'p>(&mut self, index: usize, port: &'p SvcPort) -> Option<PortView<'p>> {
         let field = |name: &str| format!("spec.ports[{index}].{name}");
         let number = u16::try_from(port.port).ok().filter(|&p| p != 0);
         if number.is_none() {
@@ -307,15 +308,12 @@ impl Checker<'_, '_> {
         }
     }
 
-    fn affinity(&mut self, spec: &ServiceSpec) -> Option<Duration> {
+    fn affinity(&mut self, spec: &SvcSpec) -> Option<Duration> {
         match spec.session_affinity.as_deref() {
             None | Some("None") => None,
             Some("ClientIP") => {
                 let seconds = spec
-                    .session_affinity_config
-                    .as_ref()
-                    .and_then(|c| c.client_ip.as_ref())
-                    .and_then(|c| c.timeout_seconds)
+                    .affinity_timeout_seconds
                     .unwrap_or(DEFAULT_AFFINITY_TIMEOUT_SECONDS);
                 if (1..=MAX_AFFINITY_TIMEOUT_SECONDS).contains(&seconds) {
                     Some(Duration::from_secs(seconds.unsigned_abs().into()))

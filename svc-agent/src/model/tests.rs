@@ -2297,7 +2297,7 @@ fn memoized_passes_equal_passes_from_scratch() {
             compute(&a, "node1"),
             "seed {seed}"
         );
-        let before: Vec<*const Service> = memo
+        let before: Vec<*const Svc> = memo
             .groups
             .values()
             .flat_map(HashMap::values)

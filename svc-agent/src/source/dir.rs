@@ -41,12 +41,12 @@ use std::{
 use anyhow::Context as _;
 use k8s_openapi::{
     Metadata,
-    api::core::v1::{Node, Pod, Service},
+    api::core::v1::{Node, Pod},
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
 
 use super::files::{Budget, DocumentError, Loaded, is_manifest, load_file};
-use crate::model::{DEFAULT_NAMESPACE, HandWrittenSlices, Slice};
+use crate::model::{DEFAULT_NAMESPACE, HandWrittenSlices, Slice, Svc};
 
 /// How long a file modified in place and not closed is left unread after its last write.
 pub const WRITE_SETTLE: Duration = Duration::from_secs(5);
@@ -106,6 +106,15 @@ impl<T: Metadata<Ty = ObjectMeta>> Named for T {
     fn object_name(&self) -> ObjectName {
         let meta = self.metadata();
         object_name(meta.namespace.as_ref(), meta.name.as_ref())
+    }
+}
+
+impl Named for Svc {
+    fn object_name(&self) -> ObjectName {
+        object_name(
+            self.metadata.namespace.as_ref(),
+            self.metadata.name.as_ref(),
+        )
     }
 }
 
@@ -223,7 +232,7 @@ impl<T: Named + PartialEq> Index<T> {
 /// The directory's objects by kind and name, kept in step with the files.
 #[derive(Debug, Default)]
 struct Objects {
-    services: Index<Service>,
+    services: Index<Svc>,
     slices: Index<Slice>,
     pods: Index<Pod>,
     nodes: Index<Node>,
@@ -618,13 +627,13 @@ impl DirSource {
 
     /// Every Service, the copies of one name together in file name and document order.
     #[must_use]
-    pub fn all_services(&self) -> Vec<Arc<Service>> {
+    pub fn all_services(&self) -> Vec<Arc<Svc>> {
         self.objects.services.all()
     }
 
     /// Every copy of the Service `name`, in file name and document order.
     #[must_use]
-    pub fn services(&self, name: &ObjectName) -> Vec<Arc<Service>> {
+    pub fn services(&self, name: &ObjectName) -> Vec<Arc<Svc>> {
         self.objects.services.copies(name)
     }
 

@@ -621,7 +621,7 @@ fn add_document(document: &Document<'_>, origin: Origin, parse: &mut Parse) -> b
     let decoded = match kind_of(&api_version, &kind) {
         Kind::Service => document
             .decode::<Service>()
-            .map(|object| loaded.snapshot.services.push(Arc::new(object))),
+            .map(|object| loaded.snapshot.services.push(Arc::new(object.into()))),
         Kind::EndpointSlice => document
             .decode::<EndpointSlice>()
             .map(|object| loaded.snapshot.slices.push(Arc::new(object.into()))),

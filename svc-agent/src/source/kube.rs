@@ -31,6 +31,7 @@
 use std::{
     collections::{BTreeSet, HashMap},
     fmt,
+    marker::PhantomData,
     path::Path,
     pin::pin,
     sync::{Arc, Mutex, PoisonError},
@@ -205,45 +206,87 @@ impl Work {
     }
 }
 
-/// The `EndpointSlice`s the source follows, as the model keeps them ([`model::Slice`]):
-/// converted when their event arrives, so no `k8s-openapi` slice outlives its event (at 30,000
-/// slices of 3 endpoints the reflector's store of them took 73 MiB; these take about a
-/// fifth). Relists replace the whole set when the list completes, as kube's reflector stores
-/// do.
-#[derive(Clone, Default)]
-struct SliceStore(Arc<Mutex<SliceStoreState>>);
-
-#[derive(Default)]
-struct SliceStoreState {
-    objects: HashMap<ObjectKey, Arc<model::Slice>>,
-    /// A list in progress: what it has delivered so far.
-    listing: Option<HashMap<ObjectKey, Arc<model::Slice>>>,
+/// Objects of one kind as the model keeps them (`T`: [`model::Svc`], [`model::Slice`]),
+/// converted from the API's `K` when their event arrives, so no `k8s-openapi` object outlives
+/// its event (at 30,000 Services with one slice of 3 endpoints each, reflector stores of the
+/// API objects took 111 MiB; these take about a third). Relists replace the whole set when
+/// the list completes, as kube's reflector stores do.
+struct LeanStore<K, T> {
+    kind: Kind,
+    state: Arc<Mutex<LeanState<T>>>,
+    api: PhantomData<fn(K)>,
 }
 
-impl SliceStore {
-    fn state(&self) -> std::sync::MutexGuard<'_, SliceStoreState> {
+impl<K, T> Clone for LeanStore<K, T> {
+    fn clone(&self) -> Self {
+        Self {
+            kind: self.kind,
+            state: Arc::clone(&self.state),
+            api: PhantomData,
+        }
+    }
+}
+
+struct LeanState<T> {
+    objects: HashMap<ObjectKey, Arc<T>>,
+    /// A list in progress: what it has delivered so far.
+    listing: Option<HashMap<ObjectKey, Arc<T>>>,
+}
+
+/// What a kept object says about itself.
+trait Kept {
+    /// Its `metadata.uid`.
+    fn uid(&self) -> Option<&str>;
+}
+
+impl Kept for model::Slice {
+    fn uid(&self) -> Option<&str> {
+        self.uid.as_deref()
+    }
+}
+
+impl Kept for model::Svc {
+    fn uid(&self) -> Option<&str> {
+        self.metadata.uid.as_deref()
+    }
+}
+
+impl<K: kube::Resource + Into<T>, T: Kept> LeanStore<K, T> {
+    fn new(kind: Kind) -> Self {
+        Self {
+            kind,
+            state: Arc::new(Mutex::new(LeanState {
+                objects: HashMap::new(),
+                listing: None,
+            })),
+            api: PhantomData,
+        }
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, LeanState<T>> {
         // A panic while holding the lock leaves whole maps behind: the state is usable.
-        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Applies one watcher event, and says what it means to the source.
-    fn apply(&self, item: Result<watcher::Event<EndpointSlice>, watcher::Error>) -> Update {
-        let kind = Kind::EndpointSlice;
-        let key_of = |slice: &EndpointSlice| -> ObjectKey {
+    fn apply(&self, item: Result<watcher::Event<K>, watcher::Error>) -> Update {
+        let kind = self.kind;
+        let key_of = |object: &K| -> ObjectKey {
+            let meta = object.meta();
             (
-                slice.metadata.namespace.clone().unwrap_or_default(),
-                slice.metadata.name.clone().unwrap_or_default(),
+                meta.namespace.clone().unwrap_or_default(),
+                meta.name.clone().unwrap_or_default(),
             )
         };
         let mut state = self.state();
         match item {
-            Ok(watcher::Event::Apply(slice)) => {
-                let key = key_of(&slice);
-                state.objects.insert(key.clone(), Arc::new(slice.into()));
+            Ok(watcher::Event::Apply(object)) => {
+                let key = key_of(&object);
+                state.objects.insert(key.clone(), Arc::new(object.into()));
                 Update::Changed(kind, key)
             }
-            Ok(watcher::Event::Delete(slice)) => {
-                let key = key_of(&slice);
+            Ok(watcher::Event::Delete(object)) => {
+                let key = key_of(&object);
                 state.objects.remove(&key);
                 Update::Changed(kind, key)
             }
@@ -251,10 +294,10 @@ impl SliceStore {
                 state.listing = Some(HashMap::new());
                 Update::Listing
             }
-            Ok(watcher::Event::InitApply(slice)) => {
-                let key = key_of(&slice);
+            Ok(watcher::Event::InitApply(object)) => {
+                let key = key_of(&object);
                 let listing = state.listing.get_or_insert_default();
-                listing.insert(key, Arc::new(slice.into()));
+                listing.insert(key, Arc::new(object.into()));
                 Update::Listing
             }
             Ok(watcher::Event::InitDone) => {
@@ -267,22 +310,27 @@ impl SliceStore {
         }
     }
 
-    fn get(&self, namespace: &str, name: &str) -> Option<Arc<model::Slice>> {
+    fn get(&self, namespace: &str, name: &str) -> Option<Arc<T>> {
         let key = (namespace.to_owned(), name.to_owned());
         self.state().objects.get(&key).cloned()
     }
 
-    fn all(&self) -> Vec<Arc<model::Slice>> {
+    fn all(&self) -> Vec<Arc<T>> {
         self.state().objects.values().cloned().collect()
+    }
+
+    fn uid(&self, namespace: &str, name: &str) -> Option<String> {
+        self.get(namespace, name)
+            .and_then(|object| object.uid().map(str::to_owned))
     }
 }
 
-/// The stores the desired state is computed from: kube reflector stores of Services and the
-/// Node, and the slices as the model keeps them.
+/// The stores the desired state is computed from: Services and slices as the model keeps
+/// them, and a kube reflector store of the Node.
 #[derive(Clone)]
 pub struct Stores {
-    services: Store<Service>,
-    slices: SliceStore,
+    services: LeanStore<Service, model::Svc>,
+    slices: LeanStore<EndpointSlice, model::Slice>,
     nodes: Store<Node>,
 }
 
@@ -291,7 +339,7 @@ impl Stores {
     #[must_use]
     pub fn snapshot(&self) -> Snapshot {
         Snapshot {
-            services: self.services.state(),
+            services: self.services.all(),
             slices: self.slices.all(),
             nodes: self.nodes.state(),
         }
@@ -300,8 +348,7 @@ impl Stores {
     /// Hands the objects `work` names, as the stores hold them now, to `model`.
     fn hand_over(&self, work: &Work, model: &mut model::Model) {
         for (namespace, name) in &work.services {
-            let now = self.services.get(&ObjectRef::new(name).within(namespace));
-            model.set_service(namespace, name, now);
+            model.set_service(namespace, name, self.services.get(namespace, name));
         }
         for (namespace, name) in &work.slices {
             model.set_slice(namespace, name, self.slices.get(namespace, name));
@@ -318,13 +365,13 @@ impl Stores {
         let (api_version, uid) = match kind {
             "Service" => (
                 Service::API_VERSION,
-                uid_of(&self.services, namespace.as_deref(), name),
+                self.services
+                    .uid(namespace.as_deref().unwrap_or_default(), name),
             ),
             "EndpointSlice" => (
                 EndpointSlice::API_VERSION,
                 self.slices
-                    .get(namespace.as_deref().unwrap_or_default(), name)
-                    .and_then(|s| s.uid.clone()),
+                    .uid(namespace.as_deref().unwrap_or_default(), name),
             ),
             _ => (Node::API_VERSION, uid_of(&self.nodes, None, name)),
         };
@@ -385,31 +432,6 @@ fn strip_metadata(meta: &mut k8s_openapi::apimachinery::pkg::apis::meta::v1::Obj
     meta.resource_version = None;
 }
 
-/// Keeps only the labels with these keys (the ones the model reads).
-fn keep_labels(
-    meta: &mut k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
-    keys: &[&str],
-) {
-    if let Some(labels) = meta.labels.as_mut() {
-        labels.retain(|k, _| keys.contains(&k.as_str()));
-        if labels.is_empty() {
-            meta.labels = None;
-        }
-    }
-}
-
-/// [`strip_metadata`] and the labels the model does not read; the status conditions.
-fn strip_service(svc: &mut Service) {
-    strip_metadata(&mut svc.metadata);
-    keep_labels(
-        &mut svc.metadata,
-        &[LABEL_SERVICE_PROXY_NAME, LABEL_HEADLESS],
-    );
-    if let Some(status) = svc.status.as_mut() {
-        status.conditions = None;
-    }
-}
-
 /// [`strip_metadata`], and the parts of a Node's status the model never reads (its image list
 /// is often tens of kilobytes).
 fn strip_node(node: &mut Node) {
@@ -432,11 +454,10 @@ pub async fn follow<M: DatapathMaps>(
     rec: &mut impl ReconcilerHandle<M>,
     on_first_sync: impl FnOnce() -> anyhow::Result<()>,
 ) -> anyhow::Result<()> {
-    let (services, services_writer) = reflector::store();
     let (nodes, nodes_writer) = reflector::store();
     let stores = Stores {
-        services,
-        slices: SliceStore::default(),
+        services: LeanStore::new(Kind::Service),
+        slices: LeanStore::new(Kind::EndpointSlice),
         nodes,
     };
 
@@ -444,10 +465,11 @@ pub async fn follow<M: DatapathMaps>(
         Api::<Service>::all(client.clone()),
         list_config().labels(&not_ours_selector()),
     )
-    .modify(strip_service)
     .default_backoff()
-    .reflect(services_writer)
-    .map(|e| update(Kind::Service, e));
+    .map({
+        let store = stores.services.clone();
+        move |e| store.apply(e)
+    });
     let slices_stream = watcher(
         Api::<EndpointSlice>::all(client.clone()),
         list_config().labels(&format!("{LABEL_SERVICE_NAME},{}", not_ours_selector())),
@@ -845,49 +867,6 @@ mod tests {
         (svc, slice)
     }
 
-    #[test]
-    fn stripped_services_compute_what_the_served_ones_do() {
-        let (svc, slice) = as_served();
-        let mut lean_svc = svc.clone();
-        strip_service(&mut lean_svc);
-        let full = model::compute(
-            &Snapshot::new(vec![svc], vec![slice.clone()], vec![]),
-            "node1",
-        );
-        let lean = model::compute(
-            &Snapshot::new(vec![lean_svc.clone()], vec![slice], vec![]),
-            "node1",
-        );
-        assert_eq!(full.frontends.len(), 1, "{full:?}");
-        assert_eq!(full.backend_names.len(), 2, "{full:?}");
-        assert_eq!(full, lean);
-        let meta = |v: serde_json::Value| v["metadata"].clone();
-        assert_eq!(
-            meta(serde_json::to_value(&lean_svc).unwrap()),
-            serde_json::json!({"name": "web", "namespace": "default", "uid": "u-svc"})
-        );
-        // The labels the model reads stay.
-        let mut other = Service::default();
-        other.metadata.labels = Some(
-            [
-                ("app", "x"),
-                (LABEL_SERVICE_PROXY_NAME, "other"),
-                (LABEL_HEADLESS, ""),
-            ]
-            .map(|(k, v)| (k.to_owned(), v.to_owned()))
-            .into(),
-        );
-        strip_service(&mut other);
-        let kept: Vec<&String> = other
-            .metadata
-            .labels
-            .iter()
-            .flatten()
-            .map(|(k, _)| k)
-            .collect();
-        assert_eq!(kept, [LABEL_HEADLESS, LABEL_SERVICE_PROXY_NAME]);
-    }
-
     /// The slice store follows watch events as kube's reflector stores do: events change one
     /// object, a relist replaces the whole set when it completes (until then the old set
     /// stays), and every event says what it means to the source.
@@ -899,8 +878,8 @@ mod tests {
             s.metadata.name = Some(name.to_owned());
             s
         };
-        let store = SliceStore::default();
-        let held = |store: &SliceStore| -> Vec<String> {
+        let store = LeanStore::<EndpointSlice, model::Slice>::new(Kind::EndpointSlice);
+        let held = |store: &LeanStore<EndpointSlice, model::Slice>| -> Vec<String> {
             let mut list: Vec<String> = store.all().iter().filter_map(|s| s.name.clone()).collect();
             list.sort();
             list
@@ -943,7 +922,7 @@ mod tests {
         assert!(store.get("default", "b").is_none());
         assert_eq!(
             Stores {
-                services: reflector::store().0,
+                services: LeanStore::new(Kind::Service),
                 slices: store.clone(),
                 nodes: reflector::store().0,
             }

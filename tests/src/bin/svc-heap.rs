@@ -7,8 +7,7 @@
 //! allocator:
 //!
 //! 1. **objects**: parsed from JSON into the `k8s-openapi` types and held as the API-server
-//!    source holds them (Services in a `kube` reflector store, slices converted to
-//!    [`Slice`]);
+//!    source holds them (converted to [`Svc`] and [`Slice`], by namespace and name);
 //! 2. **model**: [`Model::replace`] with a snapshot of the stores (per-Service outputs,
 //!    ownership index, names, the desired state);
 //! 3. **datapath**: [`Reconciler::apply`] of that state into real BPF maps, pinned in a
@@ -34,11 +33,10 @@ use std::{
 
 use anyhow::Context as _;
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
-use kube::runtime::{reflector, watcher};
 use svc_agent::{
     datapath::{AyaMaps, Reconciler},
     loader,
-    model::{Model, Slice, Snapshot},
+    model::{Model, Slice, Snapshot, Svc},
     pins,
 };
 use svc_tests::bench_objects::{service_json, slice_json};
@@ -129,10 +127,11 @@ fn main() -> anyhow::Result<()> {
     let start = live();
 
     // 1. The objects, as the reflectors hold them.
-    let (service_store, mut service_writer) = reflector::store::<Service>();
+    let mut service_store = HashMap::new();
     for i in 0..services {
         let svc: Service = serde_json::from_value(service_json(i))?;
-        service_writer.apply_watcher_event(&watcher::Event::Apply(svc));
+        let key = (svc.metadata.namespace.clone(), svc.metadata.name.clone());
+        service_store.insert(key, Arc::new(Svc::from(svc)));
     }
     let after_services = report("Services", start, services);
     let mut slice_store = HashMap::new();
@@ -149,7 +148,7 @@ fn main() -> anyhow::Result<()> {
 
     // 2. The model.
     let snapshot = Snapshot {
-        services: service_store.state(),
+        services: service_store.values().cloned().collect(),
         slices: slice_store.values().cloned().collect(),
         nodes: Vec::new(),
     };

@@ -24,7 +24,7 @@ use proptest::{prelude::*, strategy::ValueTree as _};
 use super::{Model, Name};
 use crate::model::{
     Delta, DesiredState, FrontendKey, HintsIgnored, LABEL_HEADLESS, LABEL_SERVICE_NAME,
-    LABEL_TOPOLOGY_ZONE, Memo, Protocol, Scope, Snapshot, compute, compute_with,
+    LABEL_TOPOLOGY_ZONE, Memo, Protocol, Scope, Snapshot, Svc, compute, compute_with,
     test_support::yaml,
     tests::{slice, web},
 };
@@ -51,7 +51,7 @@ impl Checked {
     }
 
     fn service(&mut self, namespace: &str, name: &str, service: Option<Service>) {
-        let service = service.map(Arc::new);
+        let service = service.map(|s| Arc::new(s.into()));
         let key = Name::new(namespace, name);
         self.objects
             .services
@@ -492,8 +492,8 @@ status:
 
 #[test]
 fn replace_recomputes_only_what_differs() {
-    let a = Arc::new(web("a", "198.19.0.1", ""));
-    let b = Arc::new(web("b", "198.19.0.2", ""));
+    let a = Arc::new(Svc::from(web("a", "198.19.0.1", "")));
+    let b = Arc::new(Svc::from(web("b", "198.19.0.2", "")));
     let a1 = Arc::new(web_slice("a-1", "a", &[("198.18.0.1", "pod-1")]));
     let snap = Snapshot {
         services: vec![a.clone(), b.clone()],
@@ -530,11 +530,11 @@ fn replace_recomputes_only_what_differs() {
 
 #[test]
 fn replace_applies_the_duplicate_rule_and_reports_nameless_services() {
-    let a = Arc::new(web("a", "198.19.0.1", ""));
-    let a2 = Arc::new(web("a", "198.19.0.3", ""));
+    let a = Arc::new(Svc::from(web("a", "198.19.0.1", "")));
+    let a2 = Arc::new(Svc::from(web("a", "198.19.0.3", "")));
     let mut nameless = web("x", "198.19.0.4", "");
     nameless.metadata.name = None;
-    let nameless = Arc::new(nameless);
+    let nameless = Arc::new(Svc::from(nameless));
     let mut m = Checked::new();
     // Identical copies merge.
     m.replace(Snapshot {
@@ -558,7 +558,7 @@ fn replace_applies_the_duplicate_rule_and_reports_nameless_services() {
         [("", "metadata.name"), ("a", "metadata.name")]
     );
     // Setting the object ends the duplicate.
-    m.service("default", "a", Some((*a).clone()));
+    m.service("default", "a", Some(web("a", "198.19.0.1", "")));
     m.update();
     assert_eq!(m.state().frontends.len(), 1);
     m.service("default", "", None);
@@ -1264,7 +1264,7 @@ fn run(ops: &[Op]) {
                 };
                 snapshot
                     .services
-                    .extend(services.iter().map(|s| Arc::new(s.build())));
+                    .extend(services.iter().map(|s| Arc::new(s.build().into())));
                 snapshot
                     .slices
                     .extend(slices.iter().map(|s| Arc::new(s.build().into())));
@@ -1434,7 +1434,7 @@ fn one_slice_change_at_30000_services() {
     const MEMO_ROUNDS: usize = 5;
     let slice_name = |i: usize| format!("svc-{i:05}-abcde");
     let mut snapshot = Snapshot {
-        services: (0..N).map(|i| Arc::new(scale_service(i))).collect(),
+        services: (0..N).map(|i| Arc::new(scale_service(i).into())).collect(),
         slices: (0..N).map(|i| Arc::new(scale_slice(i, 0).into())).collect(),
         nodes: Vec::new(),
     };
@@ -1508,7 +1508,9 @@ fn one_slice_change_at_30000_services() {
 #[test]
 fn timing_fixtures_are_valid() {
     let snapshot = Snapshot {
-        services: (0..300).map(|i| Arc::new(scale_service(i))).collect(),
+        services: (0..300)
+            .map(|i| Arc::new(scale_service(i).into()))
+            .collect(),
         slices: (0..300)
             .map(|i| Arc::new(scale_slice(i, 0).into()))
             .collect(),

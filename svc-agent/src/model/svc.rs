@@ -1,0 +1,224 @@
+//! Services as the model keeps them: only the fields it reads, made once when an object
+//! arrives (see [`Slice`](super::Slice) for the `EndpointSlice`s).
+//!
+//! A `k8s-openapi` `Service` is 824 bytes before its strings (its metadata and spec hold
+//! every optional field of the API inline). A [`Svc`] keeps the fields the model and Services
+//! over Pods read, with the API's names and shapes and the values as the API gave them
+//! (validation and its errors stay in the model), so the code that reads them reads the same
+//! paths.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::{
+    api::core::v1::{Service, ServicePort, ServiceSpec},
+    apimachinery::pkg::{apis::meta::v1::ObjectMeta, util::intstr::IntOrString},
+};
+
+use super::{
+    LABEL_HEADLESS, LABEL_SERVICE_PROXY_NAME,
+    pods::{ANNOTATION_TOPOLOGY_AWARE_HINTS, ANNOTATION_TOPOLOGY_MODE},
+};
+
+/// A `v1` Service, reduced to what the model reads.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Svc {
+    /// `metadata`.
+    pub metadata: SvcMeta,
+    /// `spec`.
+    pub spec: Option<SvcSpec>,
+}
+
+/// A Service's `metadata`: its identity and the labels and annotations the model reads.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SvcMeta {
+    /// `namespace`.
+    pub namespace: Option<String>,
+    /// `name`.
+    pub name: Option<String>,
+    /// `uid` (the Kubernetes source names it in Events).
+    pub uid: Option<String>,
+    /// Of `labels`, only `service.kubernetes.io/service-proxy-name` and
+    /// `service.kubernetes.io/headless` (none when it has neither).
+    pub labels: Option<BTreeMap<String, String>>,
+    /// Of `annotations`, only the topology ones (none when it has neither).
+    pub annotations: Option<BTreeMap<String, String>>,
+}
+
+/// A Service's `spec`, the fields the model reads.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SvcSpec {
+    /// `type`.
+    pub type_: Option<String>,
+    /// `clusterIP`.
+    pub cluster_ip: Option<String>,
+    /// `clusterIPs`.
+    pub cluster_ips: Option<Vec<String>>,
+    /// `ipFamilies`.
+    pub ip_families: Option<Vec<String>>,
+    /// `ports`.
+    pub ports: Option<Vec<SvcPort>>,
+    /// `internalTrafficPolicy`.
+    pub internal_traffic_policy: Option<String>,
+    /// `sessionAffinity`.
+    pub session_affinity: Option<String>,
+    /// `sessionAffinityConfig.clientIP.timeoutSeconds`.
+    pub affinity_timeout_seconds: Option<i32>,
+    /// `selector`.
+    pub selector: Option<BTreeMap<String, String>>,
+    /// `publishNotReadyAddresses`.
+    pub publish_not_ready_addresses: Option<bool>,
+    /// `trafficDistribution`.
+    pub traffic_distribution: Option<String>,
+}
+
+/// One of a Service's `ports`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SvcPort {
+    /// `name`.
+    pub name: Option<String>,
+    /// `port`.
+    pub port: i32,
+    /// `protocol`.
+    pub protocol: Option<String>,
+    /// `nodePort`.
+    pub node_port: Option<i32>,
+    /// `targetPort`.
+    pub target_port: Option<IntOrString>,
+}
+
+/// Of `map`, only the entries under `keys` (none when none is there).
+fn only(map: Option<BTreeMap<String, String>>, keys: &[&str]) -> Option<BTreeMap<String, String>> {
+    let mut map = map?;
+    map.retain(|k, _| keys.contains(&k.as_str()));
+    (!map.is_empty()).then_some(map)
+}
+
+impl From<Service> for Svc {
+    /// Keeps what the model reads, moving the strings (nothing is copied).
+    fn from(svc: Service) -> Self {
+        Self {
+            metadata: SvcMeta::from(svc.metadata),
+            spec: svc.spec.map(SvcSpec::from),
+        }
+    }
+}
+
+impl From<&Service> for Svc {
+    fn from(svc: &Service) -> Self {
+        Self::from(svc.clone())
+    }
+}
+
+impl From<ObjectMeta> for SvcMeta {
+    fn from(meta: ObjectMeta) -> Self {
+        Self {
+            namespace: meta.namespace,
+            name: meta.name,
+            uid: meta.uid,
+            labels: only(meta.labels, &[LABEL_SERVICE_PROXY_NAME, LABEL_HEADLESS]),
+            annotations: only(
+                meta.annotations,
+                &[ANNOTATION_TOPOLOGY_AWARE_HINTS, ANNOTATION_TOPOLOGY_MODE],
+            ),
+        }
+    }
+}
+
+impl From<ServiceSpec> for SvcSpec {
+    fn from(spec: ServiceSpec) -> Self {
+        Self {
+            type_: spec.type_,
+            cluster_ip: spec.cluster_ip,
+            cluster_ips: spec.cluster_ips,
+            ip_families: spec.ip_families,
+            ports: spec
+                .ports
+                .map(|ports| ports.into_iter().map(SvcPort::from).collect()),
+            internal_traffic_policy: spec.internal_traffic_policy,
+            session_affinity: spec.session_affinity,
+            affinity_timeout_seconds: spec
+                .session_affinity_config
+                .and_then(|c| c.client_ip)
+                .and_then(|c| c.timeout_seconds),
+            selector: spec.selector,
+            publish_not_ready_addresses: spec.publish_not_ready_addresses,
+            traffic_distribution: spec.traffic_distribution,
+        }
+    }
+}
+
+impl From<ServicePort> for SvcPort {
+    fn from(port: ServicePort) -> Self {
+        Self {
+            name: port.name,
+            port: port.port,
+            protocol: port.protocol,
+            node_port: port.node_port,
+            target_port: port.target_port,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::test_support::yaml;
+
+    #[test]
+    fn keeps_what_the_model_reads() {
+        let svc: Service = yaml(
+            "apiVersion: v1\nkind: Service\n\
+             metadata:\n  name: web\n  namespace: shop\n  uid: u-1\n\
+             \x20 labels: {app: web, service.kubernetes.io/headless: ''}\n\
+             \x20 annotations: {kubectl.kubernetes.io/last-applied-configuration: '{}', \
+             service.kubernetes.io/topology-mode: Auto}\n\
+             spec:\n  type: NodePort\n  clusterIP: 198.19.0.1\n  clusterIPs: [198.19.0.1]\n\
+             \x20 ipFamilies: [IPv4]\n  selector: {app: web}\n  sessionAffinity: ClientIP\n\
+             \x20 sessionAffinityConfig: {clientIP: {timeoutSeconds: 60}}\n\
+             \x20 internalTrafficPolicy: Local\n  publishNotReadyAddresses: true\n\
+             \x20 trafficDistribution: PreferClose\n  externalName: x.example\n\
+             \x20 ports: [{name: http, port: 80, protocol: TCP, nodePort: 30080, targetPort: http}]\n",
+        );
+        let one = |k: &str, v: &str| Some(BTreeMap::from([(k.to_owned(), v.to_owned())]));
+        assert_eq!(
+            Svc::from(&svc),
+            Svc {
+                metadata: SvcMeta {
+                    namespace: Some("shop".into()),
+                    name: Some("web".into()),
+                    uid: Some("u-1".into()),
+                    labels: one(LABEL_HEADLESS, ""),
+                    annotations: one(ANNOTATION_TOPOLOGY_MODE, "Auto"),
+                },
+                spec: Some(SvcSpec {
+                    type_: Some("NodePort".into()),
+                    cluster_ip: Some("198.19.0.1".into()),
+                    cluster_ips: Some(vec!["198.19.0.1".into()]),
+                    ip_families: Some(vec!["IPv4".into()]),
+                    ports: Some(vec![SvcPort {
+                        name: Some("http".into()),
+                        port: 80,
+                        protocol: Some("TCP".into()),
+                        node_port: Some(30080),
+                        target_port: Some(IntOrString::String("http".into())),
+                    }]),
+                    internal_traffic_policy: Some("Local".into()),
+                    session_affinity: Some("ClientIP".into()),
+                    affinity_timeout_seconds: Some(60),
+                    selector: one("app", "web"),
+                    publish_not_ready_addresses: Some(true),
+                    traffic_distribution: Some("PreferClose".into()),
+                }),
+            }
+        );
+        // Unread labels and annotations leave nothing behind.
+        let mut plain = svc;
+        plain.metadata.labels = Some(BTreeMap::from([("app".into(), "web".into())]));
+        plain.metadata.annotations = None;
+        let lean = Svc::from(plain);
+        assert_eq!(
+            (lean.metadata.labels, lean.metadata.annotations),
+            (None, None)
+        );
+    }
+}
