@@ -20,6 +20,10 @@ pub struct Cli {
 
 /// Subcommands.
 #[derive(Subcommand, Debug)]
+#[expect(
+    clippy::large_enum_variant,
+    reason = "parsed once at start; boxing would only add a dereference"
+)]
 pub enum Command {
     /// Load and attach the dataplane (taking over what an earlier agent pinned), then keep it
     /// programmed until stopped. The dataplane stays in place when the agent stops.
@@ -98,6 +102,31 @@ pub struct RunArgs {
     /// Which sockets in `--cgroup` are translated at `connect()`/`sendto()`.
     #[arg(long, value_enum, default_value_t = SocketLb::All, env = "SVC_SOCKET_LB")]
     pub socket_lb: SocketLb,
+    /// Where to serve Prometheus metrics (`/metrics`), as `IP:port` (kube-proxy's port). Empty
+    /// or `0`: not served.
+    #[arg(
+        long,
+        default_value = "127.0.0.1:10249",
+        env = "SVC_METRICS_BIND_ADDRESS"
+    )]
+    pub metrics_bind_address: String,
+    /// Where to serve `/healthz` and `/livez`, as `IP:port` (kube-proxy's port). Empty or `0`:
+    /// not served.
+    #[arg(
+        long,
+        default_value = "0.0.0.0:10256",
+        env = "SVC_HEALTHZ_BIND_ADDRESS"
+    )]
+    pub healthz_bind_address: String,
+    /// `/healthz` and `/livez` answer 503 once a change has waited this long to be programmed
+    /// (kube-proxy: twice its 30 s sync period).
+    #[arg(
+        long,
+        value_name = "SECONDS",
+        default_value_t = 60,
+        env = "SVC_HEALTHZ_STALE_AFTER"
+    )]
+    pub healthz_stale_after: u64,
 }
 
 impl RunArgs {
@@ -105,6 +134,22 @@ impl RunArgs {
     #[must_use]
     pub fn audit_interval(&self) -> Option<std::time::Duration> {
         (self.audit_interval != 0).then(|| std::time::Duration::from_secs(self.audit_interval))
+    }
+
+    /// `--metrics-bind-address`; `None` when it is off.
+    pub fn metrics_addr(&self) -> anyhow::Result<Option<std::net::SocketAddr>> {
+        bind_address("metrics-bind-address", &self.metrics_bind_address)
+    }
+
+    /// `--healthz-bind-address`; `None` when it is off.
+    pub fn healthz_addr(&self) -> anyhow::Result<Option<std::net::SocketAddr>> {
+        bind_address("healthz-bind-address", &self.healthz_bind_address)
+    }
+
+    /// `--healthz-stale-after` as a duration.
+    #[must_use]
+    pub fn healthz_stale_after(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.healthz_stale_after)
     }
 
     /// Everything about the arguments that can be checked before anything is loaded, attached
@@ -119,6 +164,11 @@ impl RunArgs {
             }
         }
         crate::loader::IfacePatterns::parse(&self.pod_ifaces).context("--pod-ifaces")?;
+        self.metrics_addr()?;
+        self.healthz_addr()?;
+        if self.healthz_stale_after == 0 {
+            bail!("--healthz-stale-after 0: a change needs some time to be programmed");
+        }
         if self.socket_lb == SocketLb::HostOnly && self.cgroup.is_empty() {
             bail!(
                 "--socket-lb host-only asks for connect-time translation, --cgroup '' disables \
@@ -151,6 +201,19 @@ impl RunArgs {
             ("max-sock-pin-entries", self.max_sock_pin_entries),
         ]
     }
+}
+
+/// An `IP:port` bind address flag; empty or `0` turns the endpoint off (`None`).
+fn bind_address(flag: &str, value: &str) -> anyhow::Result<Option<std::net::SocketAddr>> {
+    let value = value.trim();
+    if value.is_empty() || value == "0" {
+        return Ok(None);
+    }
+    value.parse().map(Some).with_context(|| {
+        format!(
+            "--{flag} {value:?}: not an IP:port (e.g. 127.0.0.1:10249, [::1]:10249; '' for none)"
+        )
+    })
 }
 
 /// A node name must be what Kubernetes accepts (a DNS-1123 subdomain: at most 253 lowercase
@@ -231,6 +294,30 @@ mod tests {
     }
 
     #[test]
+    fn endpoints_default_to_kube_proxys_ports_and_turn_off_when_empty_or_zero() {
+        let args = run_args(&[]);
+        assert_eq!(
+            args.metrics_addr().unwrap(),
+            Some("127.0.0.1:10249".parse().unwrap())
+        );
+        assert_eq!(
+            args.healthz_addr().unwrap(),
+            Some("0.0.0.0:10256".parse().unwrap())
+        );
+        assert_eq!(args.healthz_stale_after().as_secs(), 60);
+        for off in ["", "0"] {
+            let args = run_args(&["--metrics-bind-address", off, "--healthz-bind-address", off]);
+            assert_eq!(args.metrics_addr().unwrap(), None);
+            assert_eq!(args.healthz_addr().unwrap(), None);
+        }
+        let args = run_args(&["--metrics-bind-address", "[2001:db8::1]:9000"]);
+        assert_eq!(
+            args.metrics_addr().unwrap(),
+            Some("[2001:db8::1]:9000".parse().unwrap())
+        );
+    }
+
+    #[test]
     fn node_names_are_kubernetes_names() {
         for ok in ["node1", "a", "ip-198-18-0-1.example.internal", "1node"] {
             check_node_name(ok).unwrap();
@@ -271,6 +358,12 @@ mod tests {
         run_args(&["--cgroup", dir, "--socket-lb", "off"])
             .check()
             .unwrap();
+        assert!(
+            err(&["--metrics-bind-address", "localhost"])
+                .contains("--metrics-bind-address \"localhost\": not an IP:port")
+        );
+        assert!(err(&["--healthz-bind-address", "1.2.3.4"]).contains("--healthz-bind-address"));
+        assert!(err(&["--healthz-stale-after", "0"]).contains("--healthz-stale-after 0"));
         let mut empty = run_args(&[]);
         empty.node_name = String::new();
         assert!(format!("{:#}", empty.check().unwrap_err()).contains("--node-name \"\""));

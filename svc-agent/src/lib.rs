@@ -4,13 +4,16 @@
 pub mod cgroup;
 pub mod cli;
 pub mod datapath;
+pub mod health;
 pub mod ifaces;
 pub mod inspect;
 pub mod loader;
 pub mod memory;
+pub mod metrics;
 pub mod migrate;
 pub mod model;
 pub mod pins;
+pub mod serve;
 pub mod sockets;
 pub mod source;
 pub mod standalone;

@@ -5,7 +5,7 @@ use clap::Parser as _;
 use svc_agent::{
     cli::{Cli, Command, Inspect, RunArgs, SocketLb},
     datapath::ReconcilerHandle as _,
-    ifaces, inspect, loader, pins, standalone, startup,
+    ifaces, inspect, loader, metrics, pins, serve, standalone, startup,
 };
 use tracing::{info, warn};
 
@@ -235,6 +235,11 @@ async fn run(bpffs: &std::path::Path, args: &RunArgs) -> anyhow::Result<()> {
     // kernel releases it however the process ends).
     let lock = pins::lock_pin_root(bpffs)?;
     info!(dir = %lock.path().display(), pid = std::process::id(), "holding the pin directory's lock");
+    // Metrics and health are served from here on (after the lock: a second agent is refused
+    // for the lock, not for the ports), on tasks of their own; a port that cannot be bound
+    // fails the start before anything is loaded.
+    let recorder = metrics::Recorder::new(Some(bpffs.to_owned()), args.healthz_stale_after());
+    serve::start(args.metrics_addr()?, args.healthz_addr()?, &recorder).await?;
     let pin_dir = loader::pin_dir(bpffs);
     // Another layout's pins (an upgrade or a rollback): this layout is built beside them and
     // they are removed after the first sync (svc-ebpf/DESIGN.md, "Layout versions").
@@ -252,6 +257,7 @@ async fn run(bpffs: &std::path::Path, args: &RunArgs) -> anyhow::Result<()> {
         globals,
         cgroup: args.socket_lb.cgroup(&args.cgroup).to_owned(),
         watch,
+        metrics: recorder.clone(),
     })?;
     // After the first sync, and once this layout's programs are attached: another layout's
     // programs go only once this layout's maps hold the desired state (until then its TC links
@@ -286,6 +292,7 @@ async fn run(bpffs: &std::path::Path, args: &RunArgs) -> anyhow::Result<()> {
                     coalesce,
                     args.audit_interval(),
                 );
+                directory.report_to(recorder.clone());
                 directory.sync(&mut datapath)?;
                 running()?;
                 directory.follow(datapath.reconciler()?).await
@@ -296,6 +303,7 @@ async fn run(bpffs: &std::path::Path, args: &RunArgs) -> anyhow::Result<()> {
                     coalesce: std::time::Duration::from_millis(args.coalesce_ms),
                     events: !args.no_events,
                     audit_interval: args.audit_interval(),
+                    metrics: recorder.clone(),
                 };
                 info!(node = %args.node_name, "following the Kubernetes API server");
                 svc_agent::source::kube::follow(client, &options, &mut datapath, running).await

@@ -37,6 +37,7 @@ use tracing::{info, warn};
 
 use crate::{
     datapath::{DatapathMaps, ReconcileReport, Reconciler, ReconcilerHandle},
+    metrics::{PassKind, Recorder},
     model,
     source::{
         Budget,
@@ -83,6 +84,8 @@ pub struct Standalone {
     /// The topology notes (hints this node ignores) of the last pass: each is logged (info)
     /// when it appears, not on every pass.
     topology_notes: BTreeSet<model::TopologyNote>,
+    /// Where passes and changes are reported (metrics, health).
+    metrics: Recorder,
 }
 
 impl Standalone {
@@ -111,7 +114,13 @@ impl Standalone {
             watch: None,
             selections: BTreeMap::new(),
             topology_notes: BTreeSet::new(),
+            metrics: Recorder::default(),
         }
+    }
+
+    /// Reports passes and changes to `metrics` from now on.
+    pub fn report_to(&mut self, metrics: Recorder) {
+        self.metrics = metrics;
     }
 
     /// Reads what changed in the directory and, when something did (or nothing was applied
@@ -141,8 +150,12 @@ impl Standalone {
         if audit && self.synced && !refresh.changed && !retry {
             // Nothing changed: only the audit (its own log line), no "synced" pass.
             self.audit_at = self.audit_interval.map(|i| now + i);
-            let report = self.audit(handle.reconciler()?);
+            let rec = handle.reconciler()?;
+            let report = self.audit(rec);
             self.retry_at = report.retry_after.map(|d| now + d);
+            let bad = self.model.state().errors.len() + self.slicer.errors().len();
+            self.metrics
+                .pass(PassKind::Audit, started.elapsed(), rec, bad);
             return Ok(());
         }
         let computed = !self.synced || refresh.changed;
@@ -198,6 +211,13 @@ impl Standalone {
             "synced {}",
             self.source.dir().display()
         );
+        let kind = match (audit, !self.synced || refresh.listed) {
+            (true, _) => PassKind::Audit,
+            (false, true) => PassKind::Full,
+            (false, false) => PassKind::Incremental,
+        };
+        let bad = self.model.state().errors.len() + self.slicer.errors().len();
+        self.metrics.pass(kind, started.elapsed(), rec, bad);
         self.synced = true;
         Ok(())
     }
@@ -220,6 +240,11 @@ impl Standalone {
             self.slicer.set_nodes(self.source.nodes());
         }
         let changes = self.slicer.update(&self.source);
+        self.metrics
+            .changes(dirty.services.len(), changes.slices.len());
+        if refresh.listed && self.synced {
+            self.metrics.relisted("directory");
+        }
         self.log_selections(&changes);
         self.said_about_objects = self.said_about_pods();
 
@@ -270,7 +295,13 @@ impl Standalone {
             slices: computed.slices,
             nodes: loaded.snapshot.nodes,
         };
-        crate::source::audit::audit(&oracle, &self.node_name, &mut self.model, rec)
+        crate::source::audit::audit(
+            &oracle,
+            &self.node_name,
+            &mut self.model,
+            rec,
+            &self.metrics,
+        )
     }
 
     /// Logs the selections that changed; forgets those of Services that no longer select.
@@ -360,6 +391,7 @@ impl Standalone {
                 .fold(next_identity_check, Instant::min);
             tokio::select! {
                 () = wake.notified() => {
+                    self.metrics.queued();
                     // More changes usually follow the first: take them in the same pass.
                     tokio::time::sleep(self.coalesce).await;
                 }
@@ -403,8 +435,11 @@ impl Standalone {
                     }
                 }
             }
-            if let Err(e) = self.sync(rec) {
-                warn!(error = %format!("{e:#}"), "sync failed; keeping the last programmed state");
+            match self.sync(rec) {
+                Ok(()) => self.metrics.up_to_date(),
+                Err(e) => {
+                    warn!(error = %format!("{e:#}"), "sync failed; keeping the last programmed state");
+                }
             }
         }
     }

@@ -62,6 +62,8 @@ pub struct Plan {
     pub cgroup: String,
     /// The pod-facing interfaces, listed; the thread attaches to those of the listing.
     pub watch: IfaceWatch,
+    /// Where the `CT_V1` pressure thread reports its counts.
+    pub metrics: crate::metrics::Recorder,
 }
 
 /// The programs loaded and attached, for the task that follows pod interfaces from then on.
@@ -205,6 +207,7 @@ fn load_and_attach(plan: Plan, report: &mut Report) -> anyhow::Result<Attached> 
         globals,
         cgroup,
         mut watch,
+        metrics,
     } = plan;
     let pin_dir = loader::pin_dir(&bpffs);
     let since = Instant::now();
@@ -224,7 +227,7 @@ fn load_and_attach(plan: Plan, report: &mut Report) -> anyhow::Result<Attached> 
     );
     // Warns while the table of answered connections is nearly full (svc-ebpf/DESIGN.md,
     // "Conntrack under pressure").
-    crate::datapath::pressure::watch(&pin_dir)?;
+    crate::datapath::pressure::watch(&pin_dir, metrics)?;
     // Kept here while a migration is under way (see the module docs).
     let held = if migration.is_empty() {
         report.reconciler(Ok(reconciler));

@@ -5,10 +5,13 @@
 use std::{collections::BTreeSet, path::Path};
 
 use clap::CommandFactory as _;
-use k8s_openapi::api::{
-    apps::v1::DaemonSet,
-    core::v1::ServiceAccount,
-    rbac::v1::{ClusterRole, ClusterRoleBinding},
+use k8s_openapi::{
+    api::{
+        apps::v1::DaemonSet,
+        core::v1::ServiceAccount,
+        rbac::v1::{ClusterRole, ClusterRoleBinding},
+    },
+    apimachinery::pkg::util::intstr::IntOrString,
 };
 use serde_json::Value;
 
@@ -139,6 +142,40 @@ fn the_daemonset_runs_the_agent_as_it_expects() {
         .and_then(|m| m.iter().find(|m| m.mount_path == "/run/netns"))
         .expect("a /run/netns mount");
     assert_eq!(netns.mount_propagation.as_deref(), Some("HostToContainer"));
+    // The probes ask the agent's health endpoint where the agent serves it.
+    let healthz = env
+        .iter()
+        .find(|v| v.name == "SVC_HEALTHZ_BIND_ADDRESS")
+        .and_then(|v| v.value.clone())
+        .expect("SVC_HEALTHZ_BIND_ADDRESS");
+    argv.extend(["--healthz-bind-address".to_owned(), healthz]);
+    let svc_agent::cli::Command::Run(run) =
+        <svc_agent::cli::Cli as clap::Parser>::try_parse_from(&argv)
+            .expect("the arguments parse")
+            .command
+    else {
+        panic!("not run");
+    };
+    let port = run
+        .healthz_addr()
+        .expect("an address")
+        .expect("served")
+        .port();
+    for (name, probe, path) in [
+        ("startup", container.startup_probe.as_ref(), "/livez"),
+        ("liveness", container.liveness_probe.as_ref(), "/livez"),
+        ("readiness", container.readiness_probe.as_ref(), "/healthz"),
+    ] {
+        let get = probe
+            .and_then(|p| p.http_get.as_ref())
+            .unwrap_or_else(|| panic!("a {name} probe over HTTP"));
+        assert_eq!(get.path.as_deref(), Some(path), "{name} probe");
+        assert_eq!(
+            get.port,
+            IntOrString::Int(i32::from(port)),
+            "the {name} probe asks the port the agent serves"
+        );
+    }
 }
 
 #[test]

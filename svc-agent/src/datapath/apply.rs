@@ -398,6 +398,24 @@ pub struct ReconcileReport {
     pub retry_after: Option<Duration>,
 }
 
+/// How full the maps are and what waits, as far as the reconciler knows (counted without a
+/// map walk: metrics read it after every pass).
+#[derive(Debug, Clone, Copy)]
+pub struct Fill {
+    /// Frontends programmed (slot 0 entries).
+    pub frontends: usize,
+    /// Frontends left out because a map is full (programmed as room appears).
+    pub waiting: usize,
+    /// Frontends this datapath cannot program (SCTP, too many endpoints).
+    pub unsupported: usize,
+    /// `SERVICES_V1` entries held (frontends and backend slots).
+    pub service_entries: usize,
+    /// `BACKENDS_V1` entries held.
+    pub backends: usize,
+    /// What the maps can hold.
+    pub capacity: Capacity,
+}
+
 /// What a reconcile pass cleared from `CT_V1` and `AFFINITY_V1` (see `flows.rs`).
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Cleared {
@@ -743,6 +761,20 @@ impl<M: DatapathMaps> Reconciler<M> {
     #[must_use]
     pub fn current(&self) -> &Rendered {
         &self.held.current
+    }
+
+    /// How full the maps are and what waits (see [`Fill`]).
+    #[must_use]
+    pub fn fill(&self) -> Fill {
+        let (frontends, waiting, unsupported) = self.layout.counts();
+        Fill {
+            frontends,
+            waiting,
+            unsupported,
+            service_entries: self.held.current.services.len(),
+            backends: self.held.current.backends.len(),
+            capacity: self.maps.capacity(),
+        }
     }
 
     /// The full pass: makes the maps match `desired`, comparing every entry (see the type's
@@ -1563,7 +1595,7 @@ fn describe(k: &ServiceKey) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::collections::HashMap;
 
     use svc_common::{
@@ -1580,9 +1612,10 @@ mod tests {
         model::{Backend as MBackend, EmptyAction, Frontend, ServicePortRef},
     };
 
-    /// In-memory maps recording every write, for order and minimality checks.
+    /// In-memory maps recording every write, for order and minimality checks (also used by
+    /// the metrics tests).
     #[derive(Default)]
-    struct FakeMaps {
+    pub(crate) struct FakeMaps {
         services: BTreeMap<ServiceKey, ServiceValue>,
         backends: BTreeMap<u32, Backend>,
         addrs: BTreeMap<AddrKey, AddrValue>,

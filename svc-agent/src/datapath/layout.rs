@@ -274,6 +274,16 @@ impl Layout {
         !self.waiting.is_empty()
     }
 
+    /// Frontends programmed, waiting for room, and not programmable (no map walk).
+    #[must_use]
+    pub fn counts(&self) -> (usize, usize, usize) {
+        (
+            self.targets.len(),
+            self.waiting.len(),
+            self.unsupported.len(),
+        )
+    }
+
     /// (`SERVICES_V1`, `BACKENDS_V1`) entries the targets take.
     #[must_use]
     pub fn totals(&self) -> (u64, usize) {

@@ -14,5 +14,7 @@ pub mod pressure;
 pub mod render;
 pub mod sweeper;
 
-pub use apply::{AyaMaps, Cleared, DatapathMaps, ReconcileReport, Reconciler, ReconcilerHandle};
+pub use apply::{
+    AyaMaps, Cleared, DatapathMaps, Fill, ReconcileReport, Reconciler, ReconcilerHandle,
+};
 pub use render::{Rendered, render};

@@ -6,7 +6,8 @@
 //! meanwhile). Unanswered flows (SYN floods, scans) live in `CT_NEW_V1` and cannot fill it.
 //! A thread counts the entries every [`INTERVAL`] (batched reads: about 0.1 s per 200,000
 //! entries) and warns while the table is at least [`WARN_PERCENT`] full, naming the flag that
-//! sizes it.
+//! sizes it. Each count goes to the metrics (`svc_map_entries{map="CT_V1"}`), the first at
+//! once.
 
 use std::{path::Path, time::Duration};
 
@@ -32,8 +33,9 @@ pub fn warn_level(entries: usize, capacity: u32) -> Option<u64> {
     (percent >= WARN_PERCENT).then_some(percent)
 }
 
-/// Starts the thread that counts the pinned `CT_V1` in `pin_dir` for the agent's life.
-pub fn watch(pin_dir: &Path) -> anyhow::Result<()> {
+/// Starts the thread that counts the pinned `CT_V1` in `pin_dir` for the agent's life,
+/// reporting each count to `metrics`.
+pub fn watch(pin_dir: &Path, metrics: crate::metrics::Recorder) -> anyhow::Result<()> {
     let path = pin_dir.join("CT_V1");
     let data = MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))?;
     let capacity = data.info().map_or(0, |i| i.max_entries());
@@ -43,9 +45,13 @@ pub fn watch(pin_dir: &Path) -> anyhow::Result<()> {
         .name("ct-pressure".into())
         .spawn(move || {
             let mut warned = false;
+            let mut first = true;
             loop {
-                std::thread::sleep(INTERVAL);
+                if !std::mem::take(&mut first) {
+                    std::thread::sleep(INTERVAL);
+                }
                 let entries = batch::entries(&map).take_while(Result::is_ok).count();
+                metrics.conntrack(entries, capacity);
                 match warn_level(entries, capacity) {
                     Some(percent) => {
                         warned = true;

@@ -5,17 +5,20 @@ use tracing::{info, warn};
 
 use crate::{
     datapath::{DatapathMaps, ReconcileReport, Reconciler},
+    metrics::Recorder,
     model::{self, Snapshot},
 };
 
 /// The periodic audit: computes the desired state from scratch and compares it with the
 /// incremental model's (a difference is a bug: logged as drift, and the model is rebuilt),
-/// then reconciles the whole maps against it (anything written is drift too: logged).
+/// then reconciles the whole maps against it (anything written is drift too: logged). Both
+/// drifts are counted in `metrics`.
 pub fn audit<M: DatapathMaps>(
     snapshot: &Snapshot,
     node_name: &str,
     model: &mut model::Model,
     rec: &mut Reconciler<M>,
+    metrics: &Recorder,
 ) -> ReconcileReport {
     let started = std::time::Instant::now();
     let oracle = model::compute(snapshot, node_name);
@@ -45,6 +48,7 @@ pub fn audit<M: DatapathMaps>(
             "audit: the maps drifted from the desired state; rewrote what differed"
         );
     }
+    metrics.audit_drift(drift.frontends.len(), fixed);
     info!(
         model_drift = drift.frontends.len(),
         map_drift = fixed,

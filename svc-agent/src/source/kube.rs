@@ -62,6 +62,7 @@ use tracing::{debug, info, warn};
 
 use crate::{
     datapath::{DatapathMaps, ReconcileReport, Reconciler, ReconcilerHandle},
+    metrics::{EventResult, PassKind, Recorder as Metrics},
     model::{self, DesiredState, LABEL_HEADLESS, LABEL_SERVICE_PROXY_NAME, ObjectError, Snapshot},
 };
 
@@ -121,6 +122,8 @@ pub struct Options {
     /// How often the full computation and the full diff against the maps run as an audit of
     /// the incremental passes; `None`: never.
     pub audit_interval: Option<Duration>,
+    /// Where passes, changes, watch failures and Events are reported (metrics, health).
+    pub metrics: Metrics,
 }
 
 /// The three kinds the source follows.
@@ -131,13 +134,19 @@ enum Kind {
     Node,
 }
 
-impl fmt::Display for Kind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
+impl Kind {
+    fn as_str(self) -> &'static str {
+        match self {
             Self::Service => "Service",
             Self::EndpointSlice => "EndpointSlice",
             Self::Node => "Node",
-        })
+        }
+    }
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 
@@ -193,6 +202,19 @@ struct Work {
 }
 
 impl Work {
+    /// The kind of pass this work makes (an audit compares everything, whatever else changed).
+    fn kind(&self) -> PassKind {
+        if self.audit {
+            PassKind::Audit
+        } else if self.relisted.is_empty() {
+            PassKind::Incremental
+        } else {
+            PassKind::Full
+        }
+    }
+}
+
+impl Work {
     fn note(&mut self, kind: Kind, key: ObjectKey) {
         match kind {
             Kind::Service => {
@@ -231,6 +253,39 @@ struct LeanState<T> {
     objects: HashMap<ObjectKey, Arc<T>>,
     /// A list in progress: what it has delivered so far.
     listing: Option<HashMap<ObjectKey, Arc<T>>>,
+    /// The `last-change-trigger-time` of each event since the last pass took them (network
+    /// programming latency; bounded).
+    triggers: Vec<std::time::SystemTime>,
+}
+
+/// The annotation the `EndpointSlice` controller sets to when the change that caused a
+/// slice's update happened (a Pod's or Service's change).
+const LAST_CHANGE_TRIGGER_TIME: &str = "endpoints.kubernetes.io/last-change-trigger-time";
+
+/// The most trigger times kept between two passes.
+const TRIGGERS_MAX: usize = 65_536;
+
+/// When the change an API object's update carries happened, if it says.
+trait Triggered {
+    fn trigger_time(&self) -> Option<std::time::SystemTime>;
+}
+
+impl Triggered for EndpointSlice {
+    fn trigger_time(&self) -> Option<std::time::SystemTime> {
+        let value = self
+            .metadata
+            .annotations
+            .as_ref()?
+            .get(LAST_CHANGE_TRIGGER_TIME)?;
+        let at: k8s_openapi::jiff::Timestamp = value.parse().ok()?;
+        Some(at.into())
+    }
+}
+
+impl Triggered for Service {
+    fn trigger_time(&self) -> Option<std::time::SystemTime> {
+        None
+    }
 }
 
 /// What a kept object says about itself.
@@ -251,13 +306,14 @@ impl Kept for model::Svc {
     }
 }
 
-impl<K: kube::Resource + Into<T>, T: Kept> LeanStore<K, T> {
+impl<K: kube::Resource + Triggered + Into<T>, T: Kept> LeanStore<K, T> {
     fn new(kind: Kind) -> Self {
         Self {
             kind,
             state: Arc::new(Mutex::new(LeanState {
                 objects: HashMap::new(),
                 listing: None,
+                triggers: Vec::new(),
             })),
             api: PhantomData,
         }
@@ -282,6 +338,12 @@ impl<K: kube::Resource + Into<T>, T: Kept> LeanStore<K, T> {
         match item {
             Ok(watcher::Event::Apply(object)) => {
                 let key = key_of(&object);
+                if let Some(at) = object
+                    .trigger_time()
+                    .filter(|_| state.triggers.len() < TRIGGERS_MAX)
+                {
+                    state.triggers.push(at);
+                }
                 state.objects.insert(key.clone(), Arc::new(object.into()));
                 Update::Changed(kind, key)
             }
@@ -322,6 +384,11 @@ impl<K: kube::Resource + Into<T>, T: Kept> LeanStore<K, T> {
     fn uid(&self, namespace: &str, name: &str) -> Option<String> {
         self.get(namespace, name)
             .and_then(|object| object.uid().map(str::to_owned))
+    }
+
+    /// The trigger times of the changes since the last call.
+    fn take_triggers(&self) -> Vec<std::time::SystemTime> {
+        std::mem::take(&mut self.state().triggers)
     }
 }
 
@@ -435,7 +502,10 @@ fn strip_metadata(meta: &mut k8s_openapi::apimachinery::pkg::apis::meta::v1::Obj
 /// [`strip_metadata`], and the parts of a Node's status the model never reads (its image list
 /// is often tens of kilobytes).
 fn strip_node(node: &mut Node) {
+    // A Node being deleted makes this node not eligible (`/healthz`).
+    let deleting = node.metadata.deletion_timestamp.take();
     strip_metadata(&mut node.metadata);
+    node.metadata.deletion_timestamp = deleting;
     if let Some(status) = node.status.as_mut() {
         status.images = None;
         status.volumes_attached = None;
@@ -489,9 +559,10 @@ pub async fn follow<M: DatapathMaps>(
     .map(|e| update(Kind::Node, e));
     let updates = stream::select(services_stream, stream::select(slices_stream, nodes_stream));
 
+    let metrics = &options.metrics;
     let events = options
         .events
-        .then(|| EventPublisher::start(client, &options.node_name));
+        .then(|| EventPublisher::start(client, &options.node_name, metrics.clone()));
     let mut reporter = ProblemReporter::default();
     let mut said = SaidOnce::default();
     let mut model = model::Model::new(&options.node_name);
@@ -501,9 +572,26 @@ pub async fn follow<M: DatapathMaps>(
         updates,
         options.coalesce,
         options.audit_interval,
+        metrics,
         |work| {
             let rec = rec.reconciler()?;
-            let report = sync(&stores, &work, &options.node_name, &mut model, rec);
+            let started = std::time::Instant::now();
+            let report = sync(&stores, &work, &options.node_name, &mut model, rec, metrics);
+            metrics.pass(
+                work.kind(),
+                started.elapsed(),
+                rec,
+                model.state().errors.len(),
+            );
+            for at in stores.slices.take_triggers() {
+                metrics.programmed_change(at);
+            }
+            let eligible = stores
+                .nodes
+                .state()
+                .iter()
+                .all(|n| crate::health::node_eligible(n));
+            metrics.health().set_node_eligible(eligible);
             said.say(&report.errors);
             for problem in reporter.new_problems(model.state(), &report) {
                 if let Some(events) = &events {
@@ -530,6 +618,7 @@ async fn run_loop(
     updates: impl Stream<Item = Update>,
     coalesce: Duration,
     audit_interval: Option<Duration>,
+    metrics: &Metrics,
     mut pass: impl FnMut(Work) -> anyhow::Result<Option<Duration>>,
 ) -> anyhow::Result<()> {
     let mut updates = pin!(updates);
@@ -547,21 +636,26 @@ async fn run_loop(
                 match update {
                     Update::Changed(kind, key) => {
                         debug!(kind = %kind, namespace = %key.0, name = %key.1, "changed");
+                        metrics.changes(usize::from(kind == Kind::Service), usize::from(kind == Kind::EndpointSlice));
                         work.note(kind, key);
                     }
                     Update::Listed(kind) => {
                         if !listed.insert(kind) {
                             info!(kind = %kind, "relisted");
+                            metrics.relisted(kind.as_str());
                         }
                         work.relisted.insert(kind);
                     }
                     Update::Listing => continue,
                     Update::Failed(kind, e) => {
+                        metrics.watch_failed(kind.as_str());
                         warn!(kind = %kind, error = %e,
                             "watch failed; retrying with backoff, the datapath keeps the last known state");
                         continue;
                     }
                 }
+                metrics.queued();
+                metrics.pending(work.services.len(), work.slices.len());
                 let soon = Instant::now() + coalesce;
                 due = Some(due.map_or(soon, |d| d.min(soon)));
             }
@@ -593,6 +687,7 @@ fn sync<M: DatapathMaps>(
     node_name: &str,
     model: &mut model::Model,
     rec: &mut Reconciler<M>,
+    metrics: &Metrics,
 ) -> ReconcileReport {
     if work.audit
         && *work
@@ -602,7 +697,7 @@ fn sync<M: DatapathMaps>(
             })
     {
         // Nothing changed: only the audit (its own log line), no "synced" pass.
-        return super::audit::audit(&stores.snapshot(), node_name, model, rec);
+        return super::audit::audit(&stores.snapshot(), node_name, model, rec, metrics);
     }
     let started = std::time::Instant::now();
     let computed;
@@ -641,7 +736,7 @@ fn sync<M: DatapathMaps>(
         "synced from the API server"
     );
     if work.audit {
-        let audit = super::audit::audit(&stores.snapshot(), node_name, model, rec);
+        let audit = super::audit::audit(&stores.snapshot(), node_name, model, rec, metrics);
         report.errors.extend(audit.errors.iter().cloned());
         report.skipped.clone_from(&audit.skipped);
         report.retry_after = audit.retry_after;
@@ -733,11 +828,12 @@ fn invalid_object(e: &ObjectError) -> Problem {
 /// Publishes Events from a task of its own, so a slow or failing API server never holds up
 /// programming the maps.
 struct EventPublisher {
-    queue: mpsc::Sender<(ObjectReference, KubeEvent)>,
+    queue: mpsc::Sender<(ObjectReference, KubeEvent, &'static str)>,
+    metrics: Metrics,
 }
 
 impl EventPublisher {
-    fn start(client: Client, node_name: &str) -> Self {
+    fn start(client: Client, node_name: &str, metrics: Metrics) -> Self {
         let recorder = Recorder::new(
             client,
             Reporter {
@@ -745,21 +841,31 @@ impl EventPublisher {
                 instance: Some(format!("{EVENT_CONTROLLER}-{node_name}")),
             },
         );
-        let (queue, mut rx) = mpsc::channel::<(ObjectReference, KubeEvent)>(EVENT_QUEUE);
+        let (queue, mut rx) = mpsc::channel::<(ObjectReference, KubeEvent, _)>(EVENT_QUEUE);
+        let counts = metrics.clone();
         tokio::spawn(async move {
-            while let Some((reference, event)) = rx.recv().await {
-                match tokio::time::timeout(EVENT_TIMEOUT, recorder.publish(&event, &reference))
-                    .await
-                {
-                    Ok(Ok(())) => debug!(reason = %event.reason, "published an event"),
-                    Ok(Err(e)) => {
-                        warn!(error = %e, reason = %event.reason, "could not publish an event");
-                    }
-                    Err(_) => warn!(reason = %event.reason, "publishing an event timed out"),
-                }
+            while let Some((reference, event, reason)) = rx.recv().await {
+                let result =
+                    match tokio::time::timeout(EVENT_TIMEOUT, recorder.publish(&event, &reference))
+                        .await
+                    {
+                        Ok(Ok(())) => {
+                            debug!(reason = %event.reason, "published an event");
+                            EventResult::Published
+                        }
+                        Ok(Err(e)) => {
+                            warn!(error = %e, reason = %event.reason, "could not publish an event");
+                            EventResult::Failed
+                        }
+                        Err(_) => {
+                            warn!(reason = %event.reason, "publishing an event timed out");
+                            EventResult::Failed
+                        }
+                    };
+                counts.event(reason, result);
             }
         });
-        Self { queue }
+        Self { queue, metrics }
     }
 
     fn publish(&self, reference: ObjectReference, problem: &Problem) {
@@ -778,7 +884,12 @@ impl EventPublisher {
             action: "Program".to_owned(),
             secondary: None,
         };
-        if self.queue.try_send((reference, event)).is_err() {
+        if self
+            .queue
+            .try_send((reference, event, problem.reason))
+            .is_err()
+        {
+            self.metrics.event(problem.reason, EventResult::Dropped);
             warn!(
                 reason = problem.reason,
                 "event queue full; an event was dropped (the log line above has it)"
@@ -1055,10 +1166,16 @@ mod tests {
         let seen = Arc::clone(&passes);
         retries.reverse();
         let task = tokio::spawn(async move {
-            run_loop(updates, Duration::from_millis(5), audit, move |work| {
-                seen.lock().unwrap().push(work);
-                Ok(retries.pop())
-            })
+            run_loop(
+                updates,
+                Duration::from_millis(5),
+                audit,
+                &Metrics::default(),
+                move |work| {
+                    seen.lock().unwrap().push(work);
+                    Ok(retries.pop())
+                },
+            )
             .await
         });
         (tx, passes, task)
