@@ -61,11 +61,50 @@ use super::{
 /// A namespace and a name: an object's identity, or the Service a group is for.
 ///
 /// Hashed as its borrowed form, [`NameKey`], so maps keyed by it are searched with two
-/// `&str`s, without allocating.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+/// `&str`s, without allocating. One allocation holds both parts (a Service's name is a key of
+/// five maps of the model). Compared and ordered as (namespace, name).
+#[derive(Clone)]
 struct Name {
-    namespace: String,
-    name: String,
+    /// The namespace, then the name.
+    text: Box<str>,
+    /// Where the name starts in `text`.
+    split: usize,
+}
+
+impl Name {
+    fn namespace(&self) -> &str {
+        &self.text[..self.split]
+    }
+
+    fn name(&self) -> &str {
+        &self.text[self.split..]
+    }
+}
+
+impl PartialEq for Name {
+    fn eq(&self, other: &Self) -> bool {
+        self.parts() == other.parts()
+    }
+}
+
+impl Eq for Name {}
+
+impl PartialOrd for Name {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Name {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.parts().cmp(&other.parts())
+    }
+}
+
+impl std::fmt::Debug for Name {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.namespace(), self.name())
+    }
 }
 
 /// A namespace and a name, owned ([`Name`]) or borrowed (`(&str, &str)`).
@@ -75,7 +114,7 @@ trait NameKey {
 
 impl NameKey for Name {
     fn parts(&self) -> (&str, &str) {
-        (&self.namespace, &self.name)
+        (self.namespace(), self.name())
     }
 }
 
@@ -114,9 +153,12 @@ impl Hash for Name {
 
 impl Name {
     fn new(namespace: &str, name: &str) -> Self {
+        let mut text = String::with_capacity(namespace.len() + name.len());
+        text.push_str(namespace);
+        text.push_str(name);
         Self {
-            namespace: namespace.to_owned(),
-            name: name.to_owned(),
+            text: text.into_boxed_str(),
+            split: namespace.len(),
         }
     }
 
@@ -145,13 +187,13 @@ fn owner_of(slice: &Slice) -> Option<Name> {
 
 /// Whether `slice` belongs to the group `group` (without allocating).
 fn owned_by(slice: &Slice, group: &Name) -> bool {
-    slice_owner(slice) == Some((group.namespace.as_str(), group.name.as_str()))
+    slice_owner(slice) == Some(group.parts())
 }
 
 /// The copies of one object name that `compute` uses (see `kept_copies`): none when they
 /// differ.
 fn kept<'a, T: PartialEq>(kind: &'static str, key: &Name, copies: &'a [Arc<T>]) -> &'a [Arc<T>] {
-    match kept_copies(kind, &key.namespace, &key.name, copies, |c| &**c) {
+    match kept_copies(kind, key.namespace(), key.name(), copies, |c| &**c) {
         Ok(n) => &copies[..n],
         Err(_) => &[],
     }
@@ -494,9 +536,9 @@ impl Model {
             copies.iter().all(|s| Name::of(&s.metadata) == key),
             "a Service set under another name than its own: {key:?}"
         );
-        if key.name.is_empty() {
+        if key.name().is_empty() {
             // Nameless Services are in no group: they only give errors.
-            self.dirty_nameless.insert(key.namespace.clone());
+            self.dirty_nameless.insert(key.namespace().to_owned());
         } else {
             set_duplicate(
                 &mut self.duplicate_services,
@@ -575,7 +617,7 @@ impl Model {
         keys: &mut BTreeSet<FrontendKey>,
         addrs: &mut BTreeSet<IpAddr>,
     ) {
-        let service = if name.name.is_empty() {
+        let service = if name.name().is_empty() {
             None
         } else {
             self.services
@@ -852,7 +894,7 @@ fn replace_objects<T>(
     if present < store.len() {
         replacement.removed = (store.keys())
             .filter(|key| {
-                let key = (key.namespace.as_str(), key.name.as_str());
+                let key = key.parts();
                 objects.binary_search_by(|o| (o.0, o.1).cmp(&key)).is_err()
             })
             .cloned()
@@ -870,7 +912,7 @@ fn set_duplicate<T: PartialEq>(
     key: &Name,
     copies: &[Arc<T>],
 ) {
-    match kept_copies(kind, &key.namespace, &key.name, copies, |c| &**c) {
+    match kept_copies(kind, key.namespace(), key.name(), copies, |c| &**c) {
         Ok(_) => {
             if duplicates.remove(key).is_some() {
                 *errors_dirty = true;

@@ -250,9 +250,10 @@ impl<K, T> Clone for LeanStore<K, T> {
 }
 
 struct LeanState<T> {
-    objects: HashMap<ObjectKey, Arc<T>>,
+    /// By [`stored_key`].
+    objects: HashMap<Box<str>, Arc<T>>,
     /// A list in progress: what it has delivered so far.
-    listing: Option<HashMap<ObjectKey, Arc<T>>>,
+    listing: Option<HashMap<Box<str>, Arc<T>>>,
     /// The `last-change-trigger-time` of each event since the last pass took them (network
     /// programming latency; bounded).
     triggers: Vec<std::time::SystemTime>,
@@ -286,6 +287,11 @@ impl Triggered for Service {
     fn trigger_time(&self) -> Option<std::time::SystemTime> {
         None
     }
+}
+
+/// How a store keys an object: `namespace/name` in one allocation (neither part holds a `/`).
+fn stored_key(namespace: &str, name: &str) -> Box<str> {
+    format!("{namespace}/{name}").into_boxed_str()
 }
 
 /// What a kept object says about itself.
@@ -344,12 +350,12 @@ impl<K: kube::Resource + Triggered + Into<T>, T: Kept> LeanStore<K, T> {
                 {
                     state.triggers.push(at);
                 }
-                state.objects.insert(key.clone(), Arc::new(object.into()));
+                (state.objects).insert(stored_key(&key.0, &key.1), Arc::new(object.into()));
                 Update::Changed(kind, key)
             }
             Ok(watcher::Event::Delete(object)) => {
                 let key = key_of(&object);
-                state.objects.remove(&key);
+                state.objects.remove(&stored_key(&key.0, &key.1));
                 Update::Changed(kind, key)
             }
             Ok(watcher::Event::Init) => {
@@ -359,7 +365,7 @@ impl<K: kube::Resource + Triggered + Into<T>, T: Kept> LeanStore<K, T> {
             Ok(watcher::Event::InitApply(object)) => {
                 let key = key_of(&object);
                 let listing = state.listing.get_or_insert_default();
-                listing.insert(key, Arc::new(object.into()));
+                listing.insert(stored_key(&key.0, &key.1), Arc::new(object.into()));
                 Update::Listing
             }
             Ok(watcher::Event::InitDone) => {
@@ -373,8 +379,10 @@ impl<K: kube::Resource + Triggered + Into<T>, T: Kept> LeanStore<K, T> {
     }
 
     fn get(&self, namespace: &str, name: &str) -> Option<Arc<T>> {
-        let key = (namespace.to_owned(), name.to_owned());
-        self.state().objects.get(&key).cloned()
+        self.state()
+            .objects
+            .get(&stored_key(namespace, name))
+            .cloned()
     }
 
     fn all(&self) -> Vec<Arc<T>> {

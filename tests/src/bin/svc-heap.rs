@@ -32,7 +32,10 @@ use std::{
 };
 
 use anyhow::Context as _;
-use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use k8s_openapi::{
+    api::{core::v1::Service, discovery::v1::EndpointSlice},
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+};
 use svc_agent::{
     datapath::{AyaMaps, Reconciler},
     loader,
@@ -111,6 +114,12 @@ fn report(stage: &str, before: (isize, isize), services: u32) -> (isize, isize) 
     now
 }
 
+/// The key the API-server source's stores use: `namespace/name` in one string.
+fn stored_key(meta: &ObjectMeta) -> Box<str> {
+    let part = |p: &Option<String>| p.clone().unwrap_or_default();
+    format!("{}/{}", part(&meta.namespace), part(&meta.name)).into_boxed_str()
+}
+
 fn env_u32(name: &str, default: u32) -> anyhow::Result<u32> {
     match std::env::var(name) {
         Ok(v) => v
@@ -130,18 +139,13 @@ fn main() -> anyhow::Result<()> {
     let mut service_store = HashMap::new();
     for i in 0..services {
         let svc: Service = serde_json::from_value(service_json(i))?;
-        let key = (svc.metadata.namespace.clone(), svc.metadata.name.clone());
-        service_store.insert(key, Arc::new(Svc::from(svc)));
+        service_store.insert(stored_key(&svc.metadata), Arc::new(Svc::from(svc)));
     }
     let after_services = report("Services", start, services);
     let mut slice_store = HashMap::new();
     for i in 0..services {
         let slice: EndpointSlice = serde_json::from_value(slice_json(i, endpoints, endpoints))?;
-        let key = (
-            slice.metadata.namespace.clone(),
-            slice.metadata.name.clone(),
-        );
-        slice_store.insert(key, Arc::new(Slice::from(slice)));
+        slice_store.insert(stored_key(&slice.metadata), Arc::new(Slice::from(slice)));
     }
     report("slices", after_services, services);
     let after_objects = report("objects", start, services);
