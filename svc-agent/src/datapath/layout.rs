@@ -140,7 +140,7 @@ pub struct Layout {
     /// value it asks for.
     refs: HashMap<u32, Refs>,
     /// Backend ids by address (for names).
-    by_addr: HashMap<IpAddr, BTreeSet<u32>>,
+    by_addr: HashMap<IpAddr, Ids>,
     /// `SERVICES_V1` entries the targets take.
     entries: u64,
     /// Frontends left out because a map is full, with why; decided again at every pass.
@@ -150,6 +150,39 @@ pub struct Layout {
     /// Backend ids no frontend references any more whose entries stay until the end of the
     /// wave being decided (see [`plan`](Self::plan)).
     limbo: HashSet<u32>,
+}
+
+/// A sorted set of ids: almost always one (one backend id per address and port), so a sorted
+/// vector (one small allocation) rather than a `BTreeSet`, whose first node takes about 70
+/// bytes.
+#[derive(Clone, Debug, Default)]
+struct Ids(Vec<u32>);
+
+impl Ids {
+    fn insert(&mut self, id: u32) {
+        if let Err(i) = self.0.binary_search(&id) {
+            self.0.insert(i, id);
+        }
+    }
+
+    fn remove(&mut self, id: u32) {
+        if let Ok(i) = self.0.binary_search(&id) {
+            self.0.remove(i);
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl<'a> IntoIterator for &'a Ids {
+    type Item = &'a u32;
+    type IntoIter = std::slice::Iter<'a, u32>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.iter()
+    }
 }
 
 /// The frontends that reference one backend id, in key order, each with whether it has the
@@ -646,7 +679,7 @@ impl Layout {
             };
             self.backend_ids.remove(&r);
             if let Some(ids) = self.by_addr.get_mut(&r.0) {
-                ids.remove(&id);
+                ids.remove(id);
                 if ids.is_empty() {
                     self.by_addr.remove(&r.0);
                 }
