@@ -354,6 +354,20 @@ fn bpf<A>(cmd: u32, attr: &mut A) -> io::Result<()> {
     }
 }
 
+/// How many entries the hash map `map` holds now, counted with `BPF_MAP_LOOKUP_BATCH` (as a
+/// migration reads it; `inspect maps`). Arrays are not walked: every index exists, so they
+/// hold their size.
+///
+/// # Errors
+/// When the map's info or a batch cannot be read.
+pub fn count_entries(map: &MapData) -> anyhow::Result<usize> {
+    let shape = shape_of(map)?;
+    if shape.is_array() {
+        return Ok(shape.max_entries as usize);
+    }
+    Ok(read_all(map.fd().as_fd(), shape)?.len())
+}
+
 /// Every entry of a map, as (key bytes, value bytes), read with `BPF_MAP_LOOKUP_BATCH`.
 /// Bounded: each call moves on by at least one bucket (or ends), and no more entries than the
 /// map holds are kept.

@@ -360,12 +360,14 @@ fn pods_alone_serve_a_selector_service_and_follow_labels_and_readiness() {
         !log.contains(" WARN ") && !log.contains(" ERROR "),
         "node2's agent warned:\n{log}"
     );
-    let text = k8s::agent_command(&bed.agent_bin, &bpffs, &["inspect", "services"])
+    let json = ["inspect", "services", "-o", "json"];
+    let text = k8s::agent_command(&bed.agent_bin, &bpffs, &json)
         .unwrap_or_else(|e| panic!("inspect with the agent stopped: {e:#}"));
+    let programmed = k8s::Programmed::parse(&text);
     for pod in ["web-0", "web-1"] {
         let addr = SocketAddr::new(bed.pod_ip(pod, vips[0]), HTTP_PORT);
         assert!(
-            text.contains(&format!("{addr} default/{pod} (")),
+            programmed.pod_of(&addr.to_string()) == Some(format!("default/{pod}").as_str()),
             "node2, agent stopped: inspect services does not name {pod} behind {addr}:\n{text}"
         );
     }
