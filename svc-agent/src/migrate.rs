@@ -196,7 +196,13 @@ impl Migration {
     pub fn prepare(dir: &Path, wanted: &BTreeMap<String, MapShape>) -> anyhow::Result<Self> {
         let mut to_move = Vec::new();
         let mut left_over = Vec::new();
-        for (name, want) in wanted {
+        // In MAP_NAMES order, so a refusal names the map its flag is named after
+        // (SERVICES_V1 before FRONTEND_NAMES_V1, which is sized with it and never holds more).
+        let ordered = MAP_NAMES
+            .iter()
+            .filter_map(|n| wanted.get_key_value(*n))
+            .chain(wanted.iter().filter(|(n, _)| !MAP_NAMES.contains(&n.as_str())));
+        for (name, want) in ordered {
             let path = dir.join(name);
             let old_path = old_path(&path);
             let (has_new, has_old) = (exists(&path)?, exists(&old_path)?);
