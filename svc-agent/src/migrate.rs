@@ -201,7 +201,11 @@ impl Migration {
         let ordered = MAP_NAMES
             .iter()
             .filter_map(|n| wanted.get_key_value(*n))
-            .chain(wanted.iter().filter(|(n, _)| !MAP_NAMES.contains(&n.as_str())));
+            .chain(
+                wanted
+                    .iter()
+                    .filter(|(n, _)| !MAP_NAMES.contains(&n.as_str())),
+            );
         for (name, want) in ordered {
             let path = dir.join(name);
             let old_path = old_path(&path);

@@ -297,12 +297,13 @@ fn pods_alone_serve_a_selector_service_and_follow_labels_and_readiness() {
     c.settle("Pods only, no EndpointSlice", None, &vips, &all);
     // `inspect services` names the Pod behind each backend (BACKEND_NAMES_V1, pinned).
     for node in 0..2 {
-        let text = c.programmed(node).text;
+        let programmed = c.programmed(node);
+        let text = &programmed.text;
         for &vip in &vips {
             for pod in all {
                 let addr = SocketAddr::new(c.pod_ip(pod, vip), HTTP_PORT);
                 assert!(
-                    text.contains(&format!("{addr} default/{pod} (")),
+                    programmed.pod_of(&addr.to_string()) == Some(format!("default/{pod}").as_str()),
                     "node{}: inspect services does not name {pod} behind {addr}:\n{text}",
                     node + 1
                 );
