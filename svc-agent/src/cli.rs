@@ -20,10 +20,6 @@ pub struct Cli {
 
 /// Subcommands.
 #[derive(Subcommand, Debug)]
-#[expect(
-    clippy::large_enum_variant,
-    reason = "parsed once at start; boxing would only add a dereference"
-)]
 pub enum Command {
     /// Load and attach the dataplane (taking over what an earlier agent pinned), then keep it
     /// programmed until stopped. The dataplane stays in place when the agent stops.
@@ -267,19 +263,139 @@ impl SocketLb {
 #[derive(Subcommand, Debug)]
 pub enum Inspect {
     /// Parser, translation and drop counters.
-    Stats,
-    /// Programmed frontends with their backend slots.
-    Services,
+    Stats(OutputArgs),
+    /// Programmed frontends: the Service port each one is, type, policy, affinity and its
+    /// backend slots (the Pod behind each, ready/terminating/local).
+    Services(OutputArgs),
     /// Pinned program links: where each is pinned, its kernel link and program.
-    Links,
+    Links(OutputArgs),
     /// Both connection tables (`CT_V1` answered flows, `CT_NEW_V1` unanswered ones): each
-    /// entry's tuple, where it goes, ids, state and idle time.
-    Ct,
+    /// entry's tuple, where it goes, its Service, state and idle time.
+    Ct(CtArgs),
+    /// Every pinned map: type, size, entries, fill and kernel memory.
+    Maps(OutputArgs),
+}
+
+/// `-o` of every `inspect` subcommand.
+#[derive(clap::Args, Debug, Clone, Copy)]
+pub struct OutputArgs {
+    /// Output format: aligned columns with a count line (`table`), with every column (`wide`),
+    /// or a JSON array, one object per row (`json`; the fields are listed in the README).
+    #[arg(short = 'o', long = "output", value_enum, default_value_t = crate::inspect::Format::Table)]
+    pub format: crate::inspect::Format,
+}
+
+/// Arguments of `inspect ct`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct CtArgs {
+    /// Output format.
+    #[command(flatten)]
+    pub output: OutputArgs,
+    /// Only entries naming this address (source, destination or where they go).
+    #[arg(long)]
+    pub addr: Option<std::net::IpAddr>,
+    /// Only entries naming this port (source, destination or where they go).
+    #[arg(long)]
+    pub port: Option<u16>,
+    /// Only entries of this protocol.
+    #[arg(long, value_enum)]
+    pub proto: Option<CtProto>,
+    /// Only entries of this Service's frontends (`namespace/name`, from `FRONTEND_NAMES_V1`).
+    #[arg(long, value_parser = parse_service)]
+    pub service: Option<String>,
+}
+
+/// `inspect ct --proto`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CtProto {
+    /// TCP (6).
+    Tcp,
+    /// UDP (17).
+    Udp,
+}
+
+impl CtProto {
+    /// The IP protocol number.
+    #[must_use]
+    pub fn number(self) -> u8 {
+        match self {
+            Self::Tcp => 6,
+            Self::Udp => 17,
+        }
+    }
+}
+
+fn parse_service(text: &str) -> Result<String, String> {
+    match text.split_once('/') {
+        Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => {
+            Ok(text.to_owned())
+        }
+        _ => Err(format!("{text:?} is not namespace/name")),
+    }
+}
+
+impl CtArgs {
+    /// The filter these arguments ask for.
+    #[must_use]
+    pub fn filter(&self) -> crate::inspect::ct::CtFilter {
+        crate::inspect::ct::CtFilter {
+            addr: self.addr,
+            port: self.port,
+            proto: self.proto.map(CtProto::number),
+            service: self.service.clone(),
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn inspect_takes_an_output_format_and_ct_filters() {
+        let parse = |args: &[&str]| Cli::try_parse_from([&["svc-agent", "inspect"], args].concat());
+        let Command::Inspect {
+            what: Inspect::Services(o),
+        } = parse(&["services", "-o", "json"]).unwrap().command
+        else {
+            panic!()
+        };
+        assert_eq!(o.format, crate::inspect::Format::Json);
+        let Command::Inspect {
+            what: Inspect::Ct(ct),
+        } = parse(&[
+            "ct",
+            "--addr",
+            "198.19.0.10",
+            "--port",
+            "80",
+            "--proto",
+            "udp",
+            "--service",
+            "default/web",
+            "-o",
+            "wide",
+        ])
+        .unwrap()
+        .command
+        else {
+            panic!()
+        };
+        assert_eq!(ct.output.format, crate::inspect::Format::Wide);
+        let f = ct.filter();
+        assert_eq!(
+            (f.addr, f.port, f.proto, f.service.as_deref()),
+            (
+                Some("198.19.0.10".parse().unwrap()),
+                Some(80),
+                Some(17),
+                Some("default/web")
+            )
+        );
+        assert!(parse(&["ct", "--service", "web"]).is_err());
+        assert!(parse(&["ct", "--proto", "sctp"]).is_err());
+        assert!(parse(&["maps", "-o", "yaml"]).is_err());
+    }
 
     fn run_args(args: &[&str]) -> RunArgs {
         let mut command_line = vec!["svc-agent", "run", "--node-name", "node1"];

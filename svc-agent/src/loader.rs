@@ -117,11 +117,12 @@ impl MapSizes {
 
     /// The maps these sizes set, with their entries.
     #[must_use]
-    pub fn entries(&self) -> [(&'static str, u32); 11] {
+    pub fn entries(&self) -> [(&'static str, u32); 12] {
         [
             ("SERVICES_V1", self.services),
             ("BACKENDS_V1", self.backends),
             ("BACKEND_NAMES_V1", self.backends),
+            ("FRONTEND_NAMES_V1", self.services),
             ("CT_V1", self.conntrack),
             ("CT_NEW_V1", self.conntrack_new),
             ("AFFINITY_V1", self.affinity),

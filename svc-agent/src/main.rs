@@ -24,46 +24,36 @@ async fn main() -> anyhow::Result<()> {
     }
     match cli.command {
         Command::Run(args) => run(&cli.bpffs, &args).await,
-        Command::Inspect {
-            what: Inspect::Stats,
-        } => {
-            print!(
-                "{}",
-                inspect::format_pkt_stats(&inspect::read_pkt_stats(&cli.bpffs)?)
-            );
-            print!(
-                "{}",
-                inspect::format_drop_stats(&inspect::read_drop_stats(&cli.bpffs)?)
-            );
-            Ok(())
-        }
-        Command::Inspect {
-            what: Inspect::Services,
-        } => {
-            print!(
-                "{}",
-                inspect::format_services(&inspect::read_services(&cli.bpffs)?)
-            );
-            Ok(())
-        }
-        Command::Inspect { what: Inspect::Ct } => {
-            let tables = inspect::ct::read_ct(&cli.bpffs)?;
-            print!(
-                "{}",
-                inspect::ct::format_ct(&tables, inspect::ct::monotonic_ns()?)
-            );
-            Ok(())
-        }
-        Command::Inspect {
-            what: Inspect::Links,
-        } => {
-            print!(
-                "{}",
-                inspect::format_links(&cli.bpffs, &inspect::read_links(&cli.bpffs)?)
-            );
+        Command::Inspect { what } => {
+            print!("{}", inspect_text(&cli.bpffs, &what)?);
             Ok(())
         }
         Command::Cleanup => cleanup(&cli.bpffs),
+    }
+}
+
+/// What `svc-agent inspect` prints (stdout), or why it cannot (nothing pinned, another
+/// layout's pins: said plainly, exit 1).
+fn inspect_text(bpffs: &std::path::Path, what: &Inspect) -> anyhow::Result<String> {
+    if let Some(why) = inspect::unreadable_pins(bpffs) {
+        anyhow::bail!(why);
+    }
+    match what {
+        Inspect::Stats(o) => inspect::format_stats(
+            &inspect::read_pkt_stats(bpffs)?,
+            &inspect::read_drop_stats(bpffs)?,
+            o.format,
+        ),
+        Inspect::Services(o) => inspect::format_services(&inspect::read_services(bpffs)?, o.format),
+        Inspect::Ct(args) => inspect::ct::format_ct(
+            &inspect::ct::read_ct(bpffs)?,
+            inspect::ct::monotonic_ns()?,
+            &inspect::read_frontend_names(bpffs)?,
+            &args.filter(),
+            args.output.format,
+        ),
+        Inspect::Links(o) => inspect::format_links(bpffs, &inspect::read_links(bpffs)?, o.format),
+        Inspect::Maps(o) => inspect::maps::format_maps(&inspect::maps::read_maps(bpffs)?, o.format),
     }
 }
 

@@ -196,7 +196,17 @@ impl Migration {
     pub fn prepare(dir: &Path, wanted: &BTreeMap<String, MapShape>) -> anyhow::Result<Self> {
         let mut to_move = Vec::new();
         let mut left_over = Vec::new();
-        for (name, want) in wanted {
+        // In MAP_NAMES order, so a refusal names the map its flag is named after
+        // (SERVICES_V1 before FRONTEND_NAMES_V1, which is sized with it and never holds more).
+        let ordered = MAP_NAMES
+            .iter()
+            .filter_map(|n| wanted.get_key_value(*n))
+            .chain(
+                wanted
+                    .iter()
+                    .filter(|(n, _)| !MAP_NAMES.contains(&n.as_str())),
+            );
+        for (name, want) in ordered {
             let path = dir.join(name);
             let old_path = old_path(&path);
             let (has_new, has_old) = (exists(&path)?, exists(&old_path)?);
@@ -352,6 +362,20 @@ fn bpf<A>(cmd: u32, attr: &mut A) -> io::Result<()> {
     } else {
         Err(io::Error::last_os_error())
     }
+}
+
+/// How many entries the hash map `map` holds now, counted with `BPF_MAP_LOOKUP_BATCH` (as a
+/// migration reads it; `inspect maps`). Arrays are not walked: every index exists, so they
+/// hold their size.
+///
+/// # Errors
+/// When the map's info or a batch cannot be read.
+pub fn count_entries(map: &MapData) -> anyhow::Result<usize> {
+    let shape = shape_of(map)?;
+    if shape.is_array() {
+        return Ok(shape.max_entries as usize);
+    }
+    Ok(read_all(map.fd().as_fd(), shape)?.len())
 }
 
 /// Every entry of a map, as (key bytes, value bytes), read with `BPF_MAP_LOOKUP_BATCH`.

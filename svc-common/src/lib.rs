@@ -49,6 +49,7 @@ pub const MAP_NAMES: &[&str] = &[
     "ID_CURSORS_V1",
     "CT_NEW_V1",
     "FRAG_V1",
+    "FRONTEND_NAMES_V1",
 ];
 
 /// Default map sizes (the agent's flags override them at load time).

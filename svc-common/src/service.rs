@@ -10,6 +10,11 @@
 //! Map `BACKENDS_V1` (hash; written by the reconciler): key `u32` backend id, value
 //! [`Backend`]. Holds every backend a slot points at and also the ones only kept for existing
 //! connections (terminating endpoints), so established flows can check theirs still exists.
+//!
+//! Maps `BACKEND_NAMES_V1` and `FRONTEND_NAMES_V1` (hash, no preallocation; written by the
+//! reconciler beside `BACKENDS_V1` and `SERVICES_V1`, read by `svc-agent inspect` only): key
+//! `u32` backend / frontend id, value [`BackendName`] / [`FrontendName`]: who is behind the id,
+//! so the pinned state names it with no agent running.
 
 use crate::{Be16, addr::Addr, impl_pod};
 
@@ -122,42 +127,39 @@ crate::assert_layout!(
     flags = 19
 );
 
-/// Bytes of a name [`BackendName`] holds; longer names are cut (and [`BackendName::len`] says
-/// so).
-pub const BACKEND_NAME_CAP: usize = 254;
-
-/// Value of `BACKEND_NAMES_V1` (key: backend id, as in `BACKENDS_V1`): who the backend is,
-/// `namespace/name` of its endpoint's `targetRef` (a Pod), UTF-8, for `svc-agent inspect`.
-/// Written by the agent beside `BACKENDS_V1`; never read by the programs.
+/// A UTF-8 name in fixed-size bytes, for the maps that tell `svc-agent inspect` who is behind
+/// an id (`BACKEND_NAMES_V1`, `FRONTEND_NAMES_V1`): its length, then its first `N` bytes,
+/// zero-padded. `N` is even, so the type has no padding (`len` is 2 bytes).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct BackendName {
-    /// Length of the whole name in bytes; more than [`BACKEND_NAME_CAP`]: `name` holds its
-    /// first [`BACKEND_NAME_CAP`] bytes.
+pub struct Name<const N: usize> {
+    /// Length of the whole name in bytes; more than `N`: `name` holds its first `N` bytes.
     pub len: u16,
     /// The name, zero-padded.
-    pub name: [u8; BACKEND_NAME_CAP],
+    pub name: [u8; N],
 }
-crate::assert_layout!(BackendName, size = 256, len = 0, name = 2);
 
-impl Default for BackendName {
+impl<const N: usize> Default for Name<N> {
     fn default() -> Self {
         Self {
             len: 0,
-            name: [0; BACKEND_NAME_CAP],
+            name: [0; N],
         }
     }
 }
 
-impl BackendName {
-    /// `text`, cut to [`BACKEND_NAME_CAP`] bytes (at a character boundary) when longer.
+impl<const N: usize> Name<N> {
+    /// Bytes it holds; longer names are cut (and [`Self::is_cut`] says so).
+    pub const CAP: usize = N;
+
+    /// `text`, cut to `N` bytes (at a character boundary) when longer.
     #[must_use]
     pub fn new(text: &str) -> Self {
         let mut out = Self {
             len: u16::try_from(text.len()).unwrap_or(u16::MAX),
             ..Self::default()
         };
-        let mut cut = text.len().min(BACKEND_NAME_CAP);
+        let mut cut = text.len().min(N);
         while !text.is_char_boundary(cut) {
             cut -= 1;
         }
@@ -168,16 +170,58 @@ impl BackendName {
     /// The stored bytes of the name (all of it unless [`Self::is_cut`]).
     #[must_use]
     pub fn stored(&self) -> &[u8] {
-        let n = usize::from(self.len).min(BACKEND_NAME_CAP);
+        let n = usize::from(self.len).min(N);
         let end = self.name[..n].iter().position(|&b| b == 0).unwrap_or(n);
         &self.name[..end]
     }
 
-    /// Whether the name was longer than [`BACKEND_NAME_CAP`] bytes.
+    /// Whether the name was longer than `N` bytes.
     #[must_use]
     pub fn is_cut(&self) -> bool {
-        usize::from(self.len) > BACKEND_NAME_CAP
+        usize::from(self.len) > N
     }
 }
 
-impl_pod!(ServiceKey, ServiceValue, Backend, BackendName);
+/// Bytes of a name [`BackendName`] holds; longer names are cut (and [`Name::is_cut`] says so).
+pub const BACKEND_NAME_CAP: usize = 254;
+
+/// Value of `BACKEND_NAMES_V1` (key: backend id, as in `BACKENDS_V1`): who the backend is,
+/// `namespace/name` of its endpoint's `targetRef` (a Pod), UTF-8, for `svc-agent inspect`.
+/// Written by the agent beside `BACKENDS_V1`; never read by the programs.
+pub type BackendName = Name<BACKEND_NAME_CAP>;
+crate::assert_layout!(BackendName, size = 256, len = 0, name = 2);
+
+/// Bytes of a Service's `namespace/name` a [`FrontendName`] holds: any the API accepts (a
+/// namespace and a Service name are DNS labels, at most 63 bytes each: 127 with the slash).
+pub const SERVICE_NAME_CAP: usize = 158;
+
+/// Bytes of a port name a [`FrontendName`] holds: any the API accepts (`IANA_SVC_NAME`, at most
+/// 15 bytes).
+pub const PORT_NAME_CAP: usize = 30;
+
+/// Value of `FRONTEND_NAMES_V1` (key: frontend id, as in slot 0 of `SERVICES_V1`): which
+/// Service port the frontend is, for `svc-agent inspect`. Written by the agent beside
+/// `SERVICES_V1`; never read by the programs. 192 bytes, so an entry with the kernel's
+/// element header stays within a 256-byte allocation.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FrontendName {
+    /// `namespace/name` of the Service, UTF-8.
+    pub service: Name<SERVICE_NAME_CAP>,
+    /// The port's name (`spec.ports[].name`; empty for a Service's one unnamed port), UTF-8.
+    pub port: Name<PORT_NAME_CAP>,
+}
+crate::assert_layout!(FrontendName, size = 192, service = 0, port = 160);
+
+impl FrontendName {
+    /// Port `port` of the Service `service` (`namespace/name`), each cut as [`Name::new`] cuts.
+    #[must_use]
+    pub fn new(service: &str, port: &str) -> Self {
+        Self {
+            service: Name::new(service),
+            port: Name::new(port),
+        }
+    }
+}
+
+impl_pod!(ServiceKey, ServiceValue, Backend, BackendName, FrontendName);

@@ -15,7 +15,7 @@ use svc_common::{
     conntrack::{CtKey, CtValue},
     frag::{FRAG_ENTRIES, FragKey, FragValue},
     ids::{self, IdCursor},
-    service::{Backend, BackendName, ServiceKey, ServiceValue},
+    service::{Backend, BackendName, FrontendName, ServiceKey, ServiceValue},
     sizes,
     stats::{Counter, DropReason, PktCounter},
 };
@@ -68,6 +68,14 @@ pub static SVC_STATS_V1: PerCpuHashMap<u32, Counter> =
 #[map]
 pub static BACKEND_NAMES_V1: HashMap<u32, BackendName> =
     HashMap::with_max_entries(sizes::BACKENDS, BPF_F_NO_PREALLOC);
+
+/// Which Service port each frontend is (`namespace/name` of the Service and the port's name),
+/// for `svc-agent inspect`. Writer: the agent; no program reads it (declared here so it is
+/// created and pinned with the others). Key: frontend id. No preallocation: memory only for
+/// frontends programmed.
+#[map]
+pub static FRONTEND_NAMES_V1: HashMap<u32, FrontendName> =
+    HashMap::with_max_entries(sizes::SERVICES, BPF_F_NO_PREALLOC);
 
 /// The next frontend and backend ids the agent hands out, so a restarted agent does not
 /// reissue an id the other maps may still name (`svc_common::ids`). Writer: the agent; no

@@ -891,9 +891,13 @@ impl Agent {
         agent_command(&self.binary, &self.bpffs, &["inspect", what])
     }
 
-    /// The programmed frontends (`inspect services`, parsed).
+    /// The programmed frontends (`inspect services -o json`, parsed).
     pub fn services(&self) -> anyhow::Result<Programmed> {
-        Ok(Programmed::parse(&self.inspect("services")?))
+        Ok(Programmed::parse(&agent_command(
+            &self.binary,
+            &self.bpffs,
+            &["inspect", "services", "-o", "json"],
+        )?))
     }
 
     /// Packets per counter and per drop reason (`inspect stats`, parsed): `dnat`, `rev_nat`,
@@ -961,16 +965,25 @@ pub fn parse_stats(text: &str) -> anyhow::Result<BTreeMap<String, u64>> {
     Ok(stats)
 }
 
-/// One programmed frontend, from `inspect services`.
+/// One programmed frontend, from `inspect services -o json`.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ProgrammedFrontend {
     /// `addr:port` of each backend slot, in slot order.
     pub backends: Vec<String>,
-    /// What follows the backend count (`reject (no endpoints)`, `drop (no local endpoint)`).
+    /// What it does without endpoints (`reject (no endpoints)`, `drop (no local endpoint)`)
+    /// and its affinity (`affinity 10800s`), comma-separated; empty when neither applies.
     pub notes: String,
+    /// `namespace/name` of its Service (`FRONTEND_NAMES_V1`), if named.
+    pub service: Option<String>,
+    /// Its port's name, if named.
+    pub port_name: Option<String>,
+    /// The Pod behind each backend slot that has one (`BACKEND_NAMES_V1`), by `addr:port`.
+    pub pods: BTreeMap<String, String>,
+    /// The whole row as `inspect` printed it.
+    pub row: Option<svc_agent::inspect::ServiceRow>,
 }
 
-/// The frontends `inspect services` shows, by `"<addr:port> <PROTO>"` (for example
+/// The frontends `inspect services -o json` shows, by `"<addr:port> <PROTO>"` (for example
 /// `"198.19.0.10:80 TCP"`, `"[2001:db8:f::10]:80 UDP"`).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Programmed {
@@ -981,44 +994,46 @@ pub struct Programmed {
 }
 
 impl Programmed {
-    /// Parses the output of `inspect services`.
+    /// Parses the output of `inspect services -o json` (an empty or unparsable text: nothing).
     #[must_use]
     pub fn parse(text: &str) -> Self {
-        let mut frontends: BTreeMap<String, ProgrammedFrontend> = BTreeMap::new();
-        let mut current: Option<String> = None;
-        for line in text.lines() {
-            if let Some(slot) = line.strip_prefix("  slot ") {
-                let backend = slot
-                    .split_once(": ")
-                    .and_then(|(_, rest)| rest.split_whitespace().next())
-                    .unwrap_or_default();
-                if let Some(fe) = current.as_ref().and_then(|k| frontends.get_mut(k)) {
-                    fe.backends.push(backend.to_owned());
+        let rows: Vec<svc_agent::inspect::ServiceRow> =
+            serde_json::from_str(text).unwrap_or_default();
+        let frontends = rows
+            .into_iter()
+            .map(|r| {
+                // As the text `inspect services` printed before `-o`: what it does without
+                // endpoints, then its affinity.
+                let mut notes: Vec<String> = match r.when_empty.as_str() {
+                    "reject" => vec!["reject (no endpoints)".to_owned()],
+                    "drop" => vec!["drop (no local endpoint)".to_owned()],
+                    _ => Vec::new(),
+                };
+                if r.affinity_timeout_seconds != 0 {
+                    notes.push(format!("affinity {}s", r.affinity_timeout_seconds));
                 }
-                continue;
-            }
-            let mut words = line.split_whitespace();
-            let (Some(addr), Some(proto)) = (words.next(), words.next()) else {
-                continue;
-            };
-            if line.starts_with("no frontends") {
-                continue;
-            }
-            let key = format!("{addr} {proto}");
-            let notes = line
-                .split_once("backends ")
-                .and_then(|(_, rest)| rest.split_once("  "))
-                .map(|(_, notes)| notes.trim().to_owned())
-                .unwrap_or_default();
-            frontends.insert(
-                key.clone(),
-                ProgrammedFrontend {
-                    backends: Vec::new(),
-                    notes,
-                },
-            );
-            current = Some(key);
-        }
+                let fe = ProgrammedFrontend {
+                    backends: r.backends.iter().map(|b| b.endpoint.clone()).collect(),
+                    notes: notes.join(", "),
+                    service: r
+                        .namespace
+                        .as_ref()
+                        .zip(r.name.as_ref())
+                        .map(|(ns, n)| format!("{ns}/{n}")),
+                    port_name: r.port_name.clone(),
+                    pods: r
+                        .backends
+                        .iter()
+                        .filter_map(|b| Some((b.endpoint.clone(), b.pod.clone()?)))
+                        .collect(),
+                    row: None,
+                };
+                (
+                    format!("{} {}", r.frontend, r.protocol),
+                    ProgrammedFrontend { row: Some(r), ..fe },
+                )
+            })
+            .collect();
         Self {
             frontends,
             text: text.to_owned(),
@@ -1032,6 +1047,15 @@ impl Programmed {
         self.frontends
             .get(frontend)
             .map(|f| f.backends.iter().cloned().collect())
+    }
+
+    /// The Pod `inspect` names behind backend `addr:port` (of any frontend).
+    #[must_use]
+    pub fn pod_of(&self, backend: &str) -> Option<&str> {
+        self.frontends
+            .values()
+            .find_map(|f| f.pods.get(backend))
+            .map(String::as_str)
     }
 }
 
@@ -1546,7 +1570,22 @@ mod tests {
 
     #[test]
     fn inspect_services_output_is_parsed() {
-        let text = "198.19.0.10:80 TCP id 1 backends 2\n  slot 1: 198.18.1.10:8080 (backend 7, local)\n  slot 2: 198.18.2.10:8080 (backend 8)\n[2001:db8:f::10]:80 UDP id 2 backends 0  reject (no endpoints)\n";
+        let text = r#"[
+          {"namespace": "default", "name": "web", "portName": "http", "frontend": "198.19.0.10:80",
+           "address": "198.19.0.10", "port": 80, "protocol": "TCP", "type": "ClusterIP",
+           "scope": "internal", "id": 1, "internalTrafficPolicy": "Cluster",
+           "sessionAffinity": "None", "affinityTimeoutSeconds": 0, "whenEmpty": "serve",
+           "servesTerminating": false, "packets": 0, "bytes": 0, "backends": [
+             {"slot": 1, "id": 7, "endpoint": "198.18.1.10:8080", "pod": "default/web-0",
+              "state": "ready", "local": true, "packets": 0, "bytes": 0},
+             {"slot": 2, "id": 8, "endpoint": "198.18.2.10:8080", "pod": null,
+              "state": "ready", "local": false, "packets": 0, "bytes": 0}]},
+          {"namespace": null, "name": null, "portName": null, "frontend": "[2001:db8:f::10]:80",
+           "address": "2001:db8:f::10", "port": 80, "protocol": "UDP", "type": "ClusterIP",
+           "scope": "internal", "id": 2, "internalTrafficPolicy": "Cluster",
+           "sessionAffinity": "None", "affinityTimeoutSeconds": 0, "whenEmpty": "reject",
+           "servesTerminating": false, "packets": 0, "bytes": 0, "backends": []}
+        ]"#;
         let p = Programmed::parse(text);
         assert_eq!(
             p.backends("198.19.0.10:80 TCP").unwrap(),
@@ -1555,14 +1594,15 @@ mod tests {
                 .map(|s| (*s).to_owned())
                 .collect()
         );
+        let web = &p.frontends["198.19.0.10:80 TCP"];
+        assert_eq!(web.service.as_deref(), Some("default/web"));
+        assert_eq!(web.port_name.as_deref(), Some("http"));
+        assert_eq!(p.pod_of("198.18.1.10:8080"), Some("default/web-0"));
+        assert_eq!(p.pod_of("198.18.2.10:8080"), None);
         let v6 = &p.frontends["[2001:db8:f::10]:80 UDP"];
         assert!(v6.backends.is_empty());
         assert_eq!(v6.notes, "reject (no endpoints)");
-        assert!(
-            Programmed::parse("no frontends programmed\n")
-                .frontends
-                .is_empty()
-        );
+        assert!(Programmed::parse("[]").frontends.is_empty());
     }
 
     #[test]

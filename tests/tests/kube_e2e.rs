@@ -183,7 +183,8 @@ impl Cluster {
     /// Asserts that node1's `inspect services` names each of `pods` behind its backend: the
     /// slices' `targetRef` reach `BACKEND_NAMES_V1`.
     fn expect_names(&self, pods: &[&str]) {
-        let text = self.programmed().text;
+        let programmed = self.programmed();
+        let text = &programmed.text;
         for pod in pods {
             let ip = self
                 .topo
@@ -193,8 +194,9 @@ impl Cluster {
                 .unwrap()
                 .ipv4;
             let addr = SocketAddr::new(ip.into(), BACKEND_PORT);
-            assert!(
-                text.contains(&format!("{addr} default/{pod} (")),
+            assert_eq!(
+                programmed.pod_of(&addr.to_string()),
+                Some(format!("default/{pod}").as_str()),
                 "inspect services does not name {pod} behind {addr}:\n{text}"
             );
         }

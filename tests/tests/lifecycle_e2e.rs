@@ -515,7 +515,7 @@ fn a_restart_with_bigger_maps_migrates_them_and_keeps_connections() {
         }
     };
     assert_eq!(answer.from, last);
-    let (_, services_out, _) = run_cli(&bed, &bpffs, &["inspect", "services"]);
+    let (_, services_out, _) = run_cli(&bed, &bpffs, &["inspect", "services", "-o", "json"]);
     let programmed = k8s::Programmed::parse(&services_out);
     assert!(
         programmed
@@ -711,8 +711,12 @@ fn a_stop_signal_ends_the_agent_within_a_second_even_in_the_middle_of_a_pass() {
         .expect("the next agent programs the directory");
     let vip = SocketAddr::new(vip4(1000 + MANY - 1), 80);
     let programmed = k8s::Programmed::parse(
-        &k8s::agent_command(&bed.agent_bin, &bpffs, &["inspect", "services"])
-            .expect("inspect services"),
+        &k8s::agent_command(
+            &bed.agent_bin,
+            &bpffs,
+            &["inspect", "services", "-o", "json"],
+        )
+        .expect("inspect services"),
     );
     assert!(
         programmed

@@ -297,12 +297,13 @@ fn pods_alone_serve_a_selector_service_and_follow_labels_and_readiness() {
     c.settle("Pods only, no EndpointSlice", None, &vips, &all);
     // `inspect services` names the Pod behind each backend (BACKEND_NAMES_V1, pinned).
     for node in 0..2 {
-        let text = c.programmed(node).text;
+        let programmed = c.programmed(node);
+        let text = &programmed.text;
         for &vip in &vips {
             for pod in all {
                 let addr = SocketAddr::new(c.pod_ip(pod, vip), HTTP_PORT);
                 assert!(
-                    text.contains(&format!("{addr} default/{pod} (")),
+                    programmed.pod_of(&addr.to_string()) == Some(format!("default/{pod}").as_str()),
                     "node{}: inspect services does not name {pod} behind {addr}:\n{text}",
                     node + 1
                 );
@@ -360,12 +361,14 @@ fn pods_alone_serve_a_selector_service_and_follow_labels_and_readiness() {
         !log.contains(" WARN ") && !log.contains(" ERROR "),
         "node2's agent warned:\n{log}"
     );
-    let text = k8s::agent_command(&bed.agent_bin, &bpffs, &["inspect", "services"])
+    let json = ["inspect", "services", "-o", "json"];
+    let text = k8s::agent_command(&bed.agent_bin, &bpffs, &json)
         .unwrap_or_else(|e| panic!("inspect with the agent stopped: {e:#}"));
+    let programmed = k8s::Programmed::parse(&text);
     for pod in ["web-0", "web-1"] {
         let addr = SocketAddr::new(bed.pod_ip(pod, vips[0]), HTTP_PORT);
         assert!(
-            text.contains(&format!("{addr} default/{pod} (")),
+            programmed.pod_of(&addr.to_string()) == Some(format!("default/{pod}").as_str()),
             "node2, agent stopped: inspect services does not name {pod} behind {addr}:\n{text}"
         );
     }

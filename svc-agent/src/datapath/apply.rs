@@ -36,7 +36,7 @@ use svc_common::{
     addrs::{AddrKey, AddrValue, addr_flags},
     ids::{self, IdCursor},
     net::ipproto,
-    service::{Backend, BackendName, ServiceKey, ServiceValue, scope},
+    service::{Backend, BackendName, FrontendName, ServiceKey, ServiceValue, scope},
     stats::Counter,
 };
 
@@ -44,6 +44,7 @@ use super::{
     batch,
     flows::{ReplySchedule, StaleFlows, Sweep},
     layout::{Change, Layout, Target},
+    names,
     render::{BackendRef, Capacity, Rendered, frontend_key},
     sweeper::{FlowSweeps, FlowTables, Sweeper, clear_now, clear_replies_now},
 };
@@ -101,6 +102,12 @@ pub trait DatapathMaps {
     fn put_backend_name(&mut self, id: u32, name: &BackendName) -> anyhow::Result<()>;
     /// Deletes a backend's name (absent is fine).
     fn del_backend_name(&mut self, id: u32) -> anyhow::Result<()>;
+    /// Every `FRONTEND_NAMES_V1` entry.
+    fn frontend_names(&self) -> anyhow::Result<BTreeMap<u32, FrontendName>>;
+    /// Writes a frontend's name.
+    fn put_frontend_name(&mut self, id: u32, name: &FrontendName) -> anyhow::Result<()>;
+    /// Deletes a frontend's name (absent is fine).
+    fn del_frontend_name(&mut self, id: u32) -> anyhow::Result<()>;
     /// Writes `SERVICES_V1` entries in order; each one's result, in order. One call per entry
     /// unless overridden (the real maps write many in one call: `batch::write_in_batches`).
     fn put_services(&mut self, entries: &[(ServiceKey, ServiceValue)]) -> Vec<anyhow::Result<()>> {
@@ -144,6 +151,7 @@ pub struct AyaMaps {
     /// `CT_V1`, `CT_NEW_V1`, `AFFINITY_V1`, `SOCK_UDP_PIN_V1`.
     flows: FlowTables,
     names: BpfHashMap<MapData, u32, BackendName>,
+    frontend_names: BpfHashMap<MapData, u32, FrontendName>,
     id_cursors: aya::maps::Array<MapData, IdCursor>,
     cap: Capacity,
 }
@@ -166,6 +174,7 @@ impl AyaMaps {
         let (addrs, _) = take_hash(ebpf, "ADDRS_V1")?;
         let flows = FlowTables::take(ebpf)?;
         let (names, _) = take_hash(ebpf, "BACKEND_NAMES_V1")?;
+        let (frontend_names, _) = take_hash(ebpf, "FRONTEND_NAMES_V1")?;
         let take_stats =
             |ebpf: &mut Ebpf, name: &str| -> anyhow::Result<PerCpuHashMap<MapData, u32, Counter>> {
                 let map = ebpf
@@ -181,6 +190,7 @@ impl AyaMaps {
             backend_stats: take_stats(ebpf, "BACKEND_STATS_V1")?,
             flows,
             names: BpfHashMap::try_from(names).context("BACKEND_NAMES_V1")?,
+            frontend_names: BpfHashMap::try_from(frontend_names).context("FRONTEND_NAMES_V1")?,
             id_cursors: aya::maps::Array::try_from(
                 ebpf.take_map("ID_CURSORS_V1")
                     .ok_or_else(|| anyhow!("no map ID_CURSORS_V1 in the object"))?,
@@ -324,6 +334,23 @@ impl DatapathMaps for AyaMaps {
         match self.names.remove(&id) {
             Err(MapError::KeyNotFound) | Ok(()) => Ok(()),
             Err(e) => Err(e).context("deleting from BACKEND_NAMES_V1"),
+        }
+    }
+    fn frontend_names(&self) -> anyhow::Result<BTreeMap<u32, FrontendName>> {
+        self.frontend_names
+            .iter()
+            .map(|r| r.context("reading FRONTEND_NAMES_V1"))
+            .collect()
+    }
+    fn put_frontend_name(&mut self, id: u32, name: &FrontendName) -> anyhow::Result<()> {
+        self.frontend_names
+            .insert(id, name, 0)
+            .context("writing FRONTEND_NAMES_V1")
+    }
+    fn del_frontend_name(&mut self, id: u32) -> anyhow::Result<()> {
+        match self.frontend_names.remove(&id) {
+            Err(MapError::KeyNotFound) | Ok(()) => Ok(()),
+            Err(e) => Err(e).context("deleting from FRONTEND_NAMES_V1"),
         }
     }
     fn put_services(&mut self, entries: &[(ServiceKey, ServiceValue)]) -> Vec<anyhow::Result<()>> {
@@ -570,6 +597,8 @@ struct Pending {
     addrs: BTreeSet<AddrKey>,
     /// Backend ids whose name could not be written or removed.
     names: BTreeSet<u32>,
+    /// Frontend ids whose name could not be written or removed.
+    frontend_names: BTreeSet<u32>,
 }
 
 impl Pending {
@@ -578,6 +607,7 @@ impl Pending {
             && self.backends.is_empty()
             && self.addrs.is_empty()
             && self.names.is_empty()
+            && self.frontend_names.is_empty()
     }
 }
 
@@ -704,6 +734,7 @@ impl<M: DatapathMaps> Reconciler<M> {
             reachable,
             skipped: Vec::new(),
             names: maps.backend_names()?,
+            frontend_names: maps.frontend_names()?,
         };
         let mut r = Self {
             maps,
@@ -840,7 +871,13 @@ impl<M: DatapathMaps> Reconciler<M> {
             });
         }
         self.pending = Pending::default();
-        let mut report = self.run(desired, &items, Pass::Full, BTreeSet::new());
+        let mut report = self.run(
+            desired,
+            &items,
+            Pass::Full,
+            BTreeSet::new(),
+            BTreeSet::new(),
+        );
         self.drop_stray_counters(&mut report);
         report
     }
@@ -918,17 +955,25 @@ impl<M: DatapathMaps> Reconciler<M> {
             .iter()
             .flat_map(|a| self.layout.backends_at(a))
             .collect();
-        self.run(desired, &items, Pass::Delta, names)
+        // A frontend of the delta that keeps its entries (it grew and waits for room) is in no
+        // item: its name follows the Service anyway, as the full pass has it.
+        let frontend_names: BTreeSet<u32> = delta
+            .frontends
+            .iter()
+            .filter_map(|k| self.layout.frontend_ids.get(k))
+            .collect();
+        self.run(desired, &items, Pass::Delta, names, frontend_names)
     }
 
-    /// One pass over `items` (see the type's documentation); `names`: more backend ids whose
-    /// name may have changed.
+    /// One pass over `items` (see the type's documentation); `names`, `frontend_names`: more
+    /// backend and frontend ids whose name may have changed.
     fn run(
         &mut self,
         desired: &DesiredState,
         items: &[Item],
         pass: Pass,
         mut names: BTreeSet<u32>,
+        mut frontend_names: BTreeSet<u32>,
     ) -> ReconcileReport {
         let skipped = self.layout.skipped();
         let mut report = ReconcileReport {
@@ -1017,6 +1062,8 @@ impl<M: DatapathMaps> Reconciler<M> {
         }
         self.settle_addrs(addrs, &mut report.errors);
         self.settle_names(desired, names, &mut report.errors);
+        frontend_names.extend(frontends.keys());
+        self.settle_frontend_names(desired, frontend_names, pass, &mut report.errors);
         self.end_flows(
             items,
             pass,
@@ -1404,19 +1451,73 @@ impl<M: DatapathMaps> Reconciler<M> {
                 })
                 .and_then(|a| desired.backend_names.get(&a))
                 .map(|n| BackendName::new(n));
-            let had = self.held.current.names.get(&id);
-            let done = match (want, had) {
-                (None, Some(_)) => self.maps.del_backend_name(id).map(|()| {
-                    self.held.current.names.remove(&id);
-                }),
-                (Some(n), had) if had != Some(&n) => self.maps.put_backend_name(id, &n).map(|()| {
-                    self.held.current.names.insert(id, n);
-                }),
-                _ => continue,
-            };
-            if let Err(e) = done {
+            let maps = &mut self.maps;
+            let done = names::settle(id, want, &mut self.held.current.names, |id, n| match n {
+                Some(n) => maps.put_backend_name(id, n),
+                None => maps.del_backend_name(id),
+            });
+            if let Some(Err(e)) = done {
                 self.pending.names.insert(id);
                 errors.push(format!("backend {id} name: {e:#}"));
+            }
+        }
+    }
+
+    /// Brings the `FRONTEND_NAMES_V1` entries of `ids` in line, as
+    /// [`settle_names`](Self::settle_names) does for backends: a frontend whose entry (slot 0)
+    /// is in `SERVICES_V1` with that id has the name of its Service port in `desired`; other
+    /// ids have none (a removed frontend's name goes with it).
+    /// The full pass looks at every id the maps hold a frontend entry or a name of.
+    fn settle_frontend_names(
+        &mut self,
+        desired: &DesiredState,
+        mut ids: BTreeSet<u32>,
+        pass: Pass,
+        errors: &mut Vec<String>,
+    ) {
+        ids.extend(std::mem::take(&mut self.pending.frontend_names));
+        if pass == Pass::Full {
+            let current = &self.held.current;
+            ids.extend(current.frontend_names.keys());
+            ids.extend(
+                current
+                    .services
+                    .iter()
+                    .filter(|(k, _)| k.slot == 0)
+                    .map(|(_, v)| v.id),
+            );
+        }
+        for id in ids {
+            let want = self
+                .layout
+                .frontend_ids
+                .key_of(id)
+                .filter(|key| {
+                    self.held
+                        .current
+                        .services
+                        .get(&frontend_key(key))
+                        .is_some_and(|v| v.id == id)
+                })
+                .and_then(|key| desired.frontends.get(key))
+                .map(|f| {
+                    let s = &f.service;
+                    names::frontend_name(&s.namespace, &s.name, &s.port_name)
+                });
+            let maps = &mut self.maps;
+            let done =
+                names::settle(
+                    id,
+                    want,
+                    &mut self.held.current.frontend_names,
+                    |id, n| match n {
+                        Some(n) => maps.put_frontend_name(id, n),
+                        None => maps.del_frontend_name(id),
+                    },
+                );
+            if let Some(Err(e)) = done {
+                self.pending.frontend_names.insert(id);
+                errors.push(format!("frontend {id} name: {e:#}"));
             }
         }
     }
@@ -1629,6 +1730,7 @@ pub(crate) mod tests {
         affinity: HashMap<AffinityKey, AffinityValue>,
         sock_pins: HashMap<SockPinKey, SockPinValue>,
         names: BTreeMap<u32, BackendName>,
+        frontend_names: BTreeMap<u32, FrontendName>,
         /// Entries one pass reads at most (the capacity of the real tables).
         sweep_limit: Option<usize>,
         /// Passes over each table so far.
@@ -1873,6 +1975,23 @@ pub(crate) mod tests {
             self.names.remove(&id);
             Ok(())
         }
+        fn frontend_names(&self) -> anyhow::Result<BTreeMap<u32, FrontendName>> {
+            Ok(self.frontend_names.clone())
+        }
+        fn put_frontend_name(&mut self, id: u32, name: &FrontendName) -> anyhow::Result<()> {
+            assert!(
+                self.services.iter().any(|(k, v)| k.slot == 0 && v.id == id),
+                "name written for a frontend not in SERVICES_V1"
+            );
+            self.log.push(format!("put frontend name {id}"));
+            self.frontend_names.insert(id, *name);
+            Ok(())
+        }
+        fn del_frontend_name(&mut self, id: u32) -> anyhow::Result<()> {
+            self.log.push(format!("del frontend name {id}"));
+            self.frontend_names.remove(&id);
+            Ok(())
+        }
     }
 
     fn state(frontends: &[(&str, &[&str])]) -> DesiredState {
@@ -1942,6 +2061,133 @@ pub(crate) mod tests {
             shown(&r.maps),
             ["default/web-1"],
             "web-0's name left with its entry"
+        );
+    }
+
+    #[test]
+    fn frontend_names_follow_their_frontends_and_an_older_agents_maps_get_them() {
+        let shown = |maps: &FakeMaps| -> Vec<(u32, String, String)> {
+            maps.frontend_names
+                .iter()
+                .map(|(id, n)| (*id, names::display(&n.service), names::display(&n.port)))
+                .collect()
+        };
+        let mut r = Reconciler::adopt(FakeMaps::default()).unwrap();
+        let mut d = state(&[
+            ("198.19.0.10", &["198.18.1.10"]),
+            ("198.19.0.11", &["198.18.1.11"]),
+        ]);
+        for (i, fe) in d.frontends.values_mut().enumerate() {
+            fe.service.port_name = ["http", ""][i].into();
+        }
+        assert!(r.apply(&d).errors.is_empty());
+        let id = |r: &Reconciler<FakeMaps>, vip: &str| {
+            let (addr, family) = map_addr(vip.parse().unwrap());
+            let key = ServiceKey {
+                addr,
+                port: Be16::from_host(80),
+                slot: 0,
+                proto: 6,
+                family,
+                scope: scope::INTERNAL,
+                _pad: 0,
+            };
+            r.current().services[&key].id
+        };
+        let (a, b) = (id(&r, "198.19.0.10"), id(&r, "198.19.0.11"));
+        assert_eq!(
+            shown(&r.maps),
+            [
+                (a, "default/198.19.0.10".to_owned(), "http".to_owned()),
+                (b, "default/198.19.0.11".to_owned(), String::new()),
+            ]
+        );
+        // Written after the frontend entry, in the same pass.
+        let put_slot0 = r
+            .maps
+            .log
+            .iter()
+            .position(|l| *l == format!("put slot 0 id {a}"));
+        let put_name = r
+            .maps
+            .log
+            .iter()
+            .position(|l| *l == format!("put frontend name {a}"));
+        assert!(
+            put_name > put_slot0 && put_slot0.is_some(),
+            "{:?}",
+            r.maps.log
+        );
+        // A Service removed: its name goes with its frontend, after the frontend entry.
+        let before = d.clone();
+        d.frontends
+            .retain(|k, _| k.addr.to_string() == "198.19.0.11");
+        r.maps.log.clear();
+        assert!(
+            r.apply_delta(&d, &Delta::between(&before, &d))
+                .errors
+                .is_empty()
+        );
+        assert_eq!(
+            shown(&r.maps),
+            [(b, "default/198.19.0.11".to_owned(), String::new())]
+        );
+        let del_slot0 = r.maps.log.iter().position(|l| l == "del slot 0");
+        let del_name = r
+            .maps
+            .log
+            .iter()
+            .position(|l| *l == format!("del frontend name {a}"));
+        assert!(
+            del_name > del_slot0 && del_slot0.is_some(),
+            "{:?}",
+            r.maps.log
+        );
+    }
+
+    #[test]
+    fn an_older_agents_maps_get_frontend_names_and_stale_ones_go() {
+        let shown = |maps: &FakeMaps| -> Vec<(String, String)> {
+            maps.frontend_names
+                .values()
+                .map(|n| (names::display(&n.service), names::display(&n.port)))
+                .collect()
+        };
+        let d = state(&[("198.19.0.11", &["198.18.1.11"])]);
+        let mut r = Reconciler::adopt(FakeMaps::default()).unwrap();
+        assert!(r.apply(&d).errors.is_empty());
+        let b = r.current().frontend_names.keys().copied().next().unwrap();
+        // The maps of an agent that predates FRONTEND_NAMES_V1 (an empty one is created):
+        // the first (full) pass names every frontend and rewrites nothing else.
+        let FakeMaps {
+            services,
+            backends,
+            names,
+            ..
+        } = r.maps;
+        let mut taken = Reconciler::adopt(FakeMaps {
+            services,
+            backends,
+            names,
+            ..FakeMaps::default()
+        })
+        .unwrap();
+        assert_eq!(taken.apply(&d), ReconcileReport::default());
+        assert_eq!(
+            shown(&taken.maps),
+            [("default/198.19.0.11".to_owned(), String::new())]
+        );
+        assert_eq!(taken.maps.log, [format!("put frontend name {b}")]);
+        // A stale name (a rolled-back agent left it) is removed by the full pass.
+        taken
+            .maps
+            .frontend_names
+            .insert(999, names::frontend_name("x", "y", ""));
+        let mut again = Reconciler::adopt(taken.maps).unwrap();
+        again.apply(&d);
+        assert_eq!(
+            shown(&again.maps),
+            [("default/198.19.0.11".to_owned(), String::new())]
         );
     }
 
@@ -2993,8 +3239,8 @@ pub(crate) mod tests {
         const NAMES: [&str; 3] = ["ns/a", "ns/b", "ns/c"];
 
         /// One frontend: each backend's role (0 none, 1 ready, 2 kept, 3 unready), `local`
-        /// and `terminating` as bits, affinity, `local_only`.
-        type Spec = ([u8; 5], u8, u8, bool, bool);
+        /// and `terminating` as bits, affinity, `local_only`, which Service port it is.
+        type Spec = ([u8; 5], u8, u8, bool, bool, u8);
 
         /// Frontend `i` of the universe: 2 addresses × 2 ports × TCP/UDP internal, and two
         /// external ones on the first address.
@@ -3019,7 +3265,7 @@ pub(crate) mod tests {
         fn state(specs: &[Option<Spec>; 10], names: &[Option<u8>; 5]) -> DesiredState {
             let mut d = DesiredState::default();
             for (i, spec) in specs.iter().enumerate() {
-                let Some((roles, local, terminating, affinity, local_only)) = spec else {
+                let Some((roles, local, terminating, affinity, local_only, port)) = spec else {
                     continue;
                 };
                 let with = |role: u8| -> Vec<MBackend> {
@@ -3038,8 +3284,8 @@ pub(crate) mod tests {
                     Frontend {
                         service: ServicePortRef {
                             namespace: "default".into(),
-                            name: format!("s{i}").into(),
-                            port_name: "".into(),
+                            name: format!("s{}", i + usize::from(port / 2)).into(),
+                            port_name: ["", "http", "dns"][usize::from(port % 3)].into(),
                         },
                         affinity_timeout: affinity.then(|| Duration::from_mins(1)),
                         local_only: *local_only,
@@ -3068,6 +3314,7 @@ pub(crate) mod tests {
                 any::<u8>(),
                 any::<bool>(),
                 any::<bool>(),
+                0u8..6,
             );
             (
                 prop::array::uniform10(prop::option::weighted(0.6, spec)),
@@ -3089,6 +3336,8 @@ pub(crate) mod tests {
             backends: BTreeMap<BackendAt, u8>,
             backend_entries: usize,
             names: BTreeMap<BackendAt, String>,
+            /// `FRONTEND_NAMES_V1` by frontend entry (slot 0): Service, port name.
+            frontend_names: BTreeMap<ServiceKey, (String, String)>,
             addrs: BTreeMap<AddrKey, u32>,
             counters: (usize, usize),
         }
@@ -3140,6 +3389,21 @@ pub(crate) mod tests {
                     .iter()
                     .map(|(id, n)| (at(&m.backends[id]), names::display(n)))
                     .collect(),
+                frontend_names: m
+                    .frontend_names
+                    .iter()
+                    .map(|(id, n)| {
+                        let slot0 = m
+                            .services
+                            .iter()
+                            .find(|(k, v)| k.slot == 0 && v.id == *id)
+                            .map(|(k, _)| *k);
+                        (
+                            slot0.expect("a name outlived its frontend"),
+                            (names::display(&n.service), names::display(&n.port)),
+                        )
+                    })
+                    .collect(),
                 addrs: m.addrs.iter().map(|(k, v)| (*k, v.flags)).collect(),
                 counters: (
                     m.counters.iter().filter(|(b, _)| !*b).count(),
@@ -3175,6 +3439,7 @@ pub(crate) mod tests {
             prop_assert_eq!(&r.current().services, &m.services);
             prop_assert_eq!(&r.current().backends, &m.backends);
             prop_assert_eq!(&r.current().names, &m.names);
+            prop_assert_eq!(&r.current().frontend_names, &m.frontend_names);
             let now = canon(m);
             let skipped: BTreeSet<FrontendKey> = report.skipped.iter().map(|(k, _)| *k).collect();
             for (k, v) in m.services.iter().filter(|(k, _)| k.slot == 0) {
@@ -3252,7 +3517,18 @@ pub(crate) mod tests {
                     v.copied(),
                     Some(render::slot0_value(fe, v.map_or(0, |v| v.id)))
                 );
+                // Its name: the Service port it is, under its id.
+                let svc = &fe.service;
+                prop_assert_eq!(
+                    now.frontend_names.get(&slot0),
+                    Some(&(
+                        format!("{}/{}", svc.namespace, svc.name),
+                        svc.port_name.to_string()
+                    ))
+                );
             }
+            // Only programmed frontends have names (checked by `canon`), one each.
+            prop_assert_eq!(now.frontend_names.len(), m.frontend_names.len());
             for k in m.services.keys().filter(|k| k.slot == 0) {
                 prop_assert!(frontend_of(k).is_some_and(|f| d.frontends.contains_key(&f)));
             }

@@ -340,6 +340,13 @@ impl Layout {
                 );
             }
             out.reachable.extend(t.reachable());
+            if let Some(fe) = desired.frontends.get(key) {
+                let s = &fe.service;
+                out.frontend_names.insert(
+                    t.value.id,
+                    super::names::frontend_name(&s.namespace, &s.name, &s.port_name),
+                );
+            }
         }
         for id in self.refs.keys() {
             if let Some(b) = self.backend(*id) {

@@ -1,10 +1,42 @@
-//! `BACKEND_NAMES_V1`: who each backend is (`namespace/name` of its Pod), written beside
-//! `BACKENDS_V1` so `svc-agent inspect` can show it from pinned state, with no agent running.
-//! No program reads it.
+//! `BACKEND_NAMES_V1` and `FRONTEND_NAMES_V1`: who each backend is (`namespace/name` of its
+//! Pod) and which Service port each frontend is, written beside `BACKENDS_V1` and
+//! `SERVICES_V1` so `svc-agent inspect` can show them from pinned state, with no agent
+//! running. No program reads them.
 
 use std::collections::BTreeMap;
 
-use svc_common::service::BackendName;
+use svc_common::service::{BackendName, FrontendName, Name};
+
+/// Brings the name of id `id` from what `current` holds to `want` (None: no name) through
+/// `write` (`Some`: write that name, `None`: delete it): writes it when new or changed,
+/// deletes it when `want` is None. `current` follows what succeeded. None when nothing had to
+/// be done; else the write's or delete's result.
+pub fn settle<V: Copy + PartialEq>(
+    id: u32,
+    want: Option<V>,
+    current: &mut BTreeMap<u32, V>,
+    write: impl FnOnce(u32, Option<&V>) -> anyhow::Result<()>,
+) -> Option<anyhow::Result<()>> {
+    let had = current.get(&id);
+    if want.as_ref() == had {
+        return None;
+    }
+    Some(write(id, want.as_ref()).map(|()| match want {
+        Some(n) => {
+            current.insert(id, n);
+        }
+        None => {
+            current.remove(&id);
+        }
+    }))
+}
+
+/// The `FRONTEND_NAMES_V1` value of port `port` (name; empty: unnamed) of the Service
+/// `namespace/name`.
+#[must_use]
+pub fn frontend_name(namespace: &str, name: &str, port: &str) -> FrontendName {
+    FrontendName::new(&format!("{namespace}/{name}"), port)
+}
 
 /// Brings the names map from `current` to `want`: writes the entries that are new or
 /// changed, then deletes those `want` lacks (a deleted entry that is already gone counts as
@@ -49,7 +81,7 @@ pub fn sync(
 
 /// How `inspect` shows a stored name: the text (invalid UTF-8 replaced), `…` when it was cut.
 #[must_use]
-pub fn display(name: &BackendName) -> String {
+pub fn display<const N: usize>(name: &Name<N>) -> String {
     let text = String::from_utf8_lossy(name.stored());
     if name.is_cut() {
         format!("{text}…")
@@ -121,5 +153,45 @@ mod tests {
         assert!(shown.ends_with('…'), "{shown}");
         assert!(long.starts_with(shown.trim_end_matches('…')));
         assert!(shown.len() <= svc_common::service::BACKEND_NAME_CAP + '…'.len_utf8());
+    }
+
+    #[test]
+    fn frontend_names_round_trip_and_are_cut_like_backend_names() {
+        let n = frontend_name("kube-system", "kube-dns", "dns-tcp");
+        assert_eq!(display(&n.service), "kube-system/kube-dns");
+        assert_eq!(display(&n.port), "dns-tcp");
+        let unnamed = frontend_name("default", "web", "");
+        assert_eq!(display(&unnamed.port), "");
+        // The longest names the API accepts fit whole.
+        let longest = frontend_name(&"n".repeat(63), &"s".repeat(63), &"p".repeat(15));
+        assert!(!longest.service.is_cut() && !longest.port.is_cut());
+        assert_eq!(display(&longest.service).len(), 127);
+        // Longer (only a hand-written file can say so): cut and marked.
+        let long = frontend_name("default", &"é".repeat(100), &"p".repeat(40));
+        assert!(long.service.is_cut() && long.port.is_cut());
+        assert!(display(&long.service).ends_with('…'));
+        assert_eq!(display(&long.port), format!("{}…", "p".repeat(30)));
+    }
+
+    #[test]
+    fn settle_writes_changes_deletes_removals_and_keeps_failures_out() {
+        let mut current = BTreeMap::new();
+        let ok = |_, _: Option<&u8>| Ok(());
+        assert!(settle(1, Some(5u8), &mut current, ok).is_some());
+        assert_eq!(current, BTreeMap::from([(1, 5)]));
+        assert!(
+            settle(1, Some(5u8), &mut current, ok).is_none(),
+            "unchanged: not written"
+        );
+        let failed = settle(1, None, &mut current, |_, _| anyhow::bail!("EPERM"));
+        assert!(failed.is_some_and(|r| r.is_err()));
+        assert_eq!(
+            current,
+            BTreeMap::from([(1, 5)]),
+            "a failed delete is not recorded"
+        );
+        assert!(settle(1, None::<u8>, &mut current, ok).is_some());
+        assert!(current.is_empty());
+        assert!(settle(1, None::<u8>, &mut current, ok).is_none());
     }
 }

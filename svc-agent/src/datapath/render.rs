@@ -10,7 +10,9 @@ use svc_common::{
     addr::{Addr, FAMILY_V4, FAMILY_V6, from_v4},
     addrs::{AddrKey, AddrValue, addr_flags},
     net::ipproto,
-    service::{self, Backend, BackendName, ServiceKey, ServiceValue, backend_flags, scope},
+    service::{
+        self, Backend, BackendName, FrontendName, ServiceKey, ServiceValue, backend_flags, scope,
+    },
 };
 
 use super::{ids::IdMap, layout::Layout};
@@ -35,6 +37,9 @@ pub struct Rendered {
     /// `BACKEND_NAMES_V1`: the name of every backend in `backends` whose address has one in
     /// the desired state.
     pub names: BTreeMap<u32, BackendName>,
+    /// `FRONTEND_NAMES_V1`: the Service port of every frontend in `services` (by the id of its
+    /// slot 0).
+    pub frontend_names: BTreeMap<u32, FrontendName>,
 }
 
 /// Map capacities the rendering must fit into.

@@ -1,8 +1,9 @@
 //! `svc-agent inspect`: read the pinned maps of a running (or stopped) agent and print them.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     fmt::Write as _,
+    net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
 };
 
@@ -10,13 +11,21 @@ use anyhow::Context as _;
 use aya::maps::{HashMap as BpfHashMap, Map, MapData, PerCpuArray, PerCpuHashMap};
 use svc_common::{
     addr::{FAMILY_V4, to_v4},
-    service::{Backend, BackendName, ServiceKey, ServiceValue, backend_flags, flags},
+    service::{
+        Backend, BackendName, FrontendName, ServiceKey, ServiceValue, backend_flags, flags, scope,
+    },
     stats::{Counter, DropReason, PktCounter},
 };
 
+use serde::{Deserialize, Serialize};
+
+pub use self::output::Format;
+use self::output::Table;
 use crate::{datapath::names, loader::pin_dir, pins};
 
 pub mod ct;
+pub mod maps;
+pub mod output;
 
 fn open_pinned(bpffs: &Path, name: &str) -> anyhow::Result<MapData> {
     let path = pin_dir(bpffs).join(name);
@@ -70,27 +79,75 @@ pub fn read_drop_stats(bpffs: &Path) -> anyhow::Result<Vec<(DropReason, Counter)
     Ok(DropReason::ALL.iter().copied().zip(v).collect())
 }
 
-/// Formats the packet counters as a table.
-#[must_use]
-pub fn format_pkt_stats(stats: &[(PktCounter, Counter)]) -> String {
-    table("counter", stats.iter().map(|(c, v)| (c.name(), v)))
+/// One counter of `inspect stats` (a JSON object of `-o json`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StatRow {
+    /// `packet` (`PKT_STATS_V1`) or `drop` (`DROP_STATS_V1`, by reason).
+    pub kind: String,
+    /// The counter's or drop reason's name (`dnat`, `no_endpoints`, ...).
+    pub name: String,
+    /// Packets, summed over CPUs.
+    pub packets: u64,
+    /// Bytes of those packets.
+    pub bytes: u64,
 }
 
-/// Formats the drop counters as a table.
-#[must_use]
-pub fn format_drop_stats(stats: &[(DropReason, Counter)]) -> String {
-    table("drop reason", stats.iter().map(|(c, v)| (c.name(), v)))
-}
-
-fn table<'a>(head: &str, rows: impl Iterator<Item = (&'a str, &'a Counter)>) -> String {
-    let mut out = format!("{head:<20} {:>12} {:>14}\n", "packets", "bytes");
-    for (name, v) in rows {
-        let _ = writeln!(out, "{name:<20} {:>12} {:>14}", v.packets, v.bytes);
+/// `inspect stats` in `format`: the packet counters, then the drops by reason (two tables in
+/// counter order; `wide` is `table`), or JSON.
+///
+/// # Errors
+/// When JSON serialization fails.
+pub fn format_stats(
+    pkt: &[(PktCounter, Counter)],
+    drops: &[(DropReason, Counter)],
+    format: Format,
+) -> anyhow::Result<String> {
+    let row = |kind: &str, name: &str, c: &Counter| StatRow {
+        kind: kind.to_owned(),
+        name: name.to_owned(),
+        packets: c.packets,
+        bytes: c.bytes,
+    };
+    let pkt: Vec<StatRow> = pkt
+        .iter()
+        .map(|(p, c)| row("packet", p.name(), c))
+        .collect();
+    let drops: Vec<StatRow> = drops
+        .iter()
+        .map(|(d, c)| row("drop", d.name(), c))
+        .collect();
+    if format == Format::Json {
+        return output::json(&[pkt, drops].concat());
     }
-    out
+    let table = |head: &'static str, rows: &[StatRow], count: &str| {
+        let mut t = Table::new(&[head, "PACKETS", "BYTES"]);
+        for r in rows {
+            t.row(vec![
+                r.name.clone(),
+                r.packets.to_string(),
+                r.bytes.to_string(),
+            ]);
+        }
+        t.render(count)
+    };
+    let dropped: u64 = drops.iter().map(|r| r.packets).sum();
+    Ok(format!(
+        "{}{}",
+        table("COUNTER", &pkt, ""),
+        table(
+            "DROP_REASON",
+            &drops,
+            &format!(
+                "{}, {}, {dropped} packets dropped",
+                output::count(pkt.len(), "counter", "counters"),
+                output::count(drops.len(), "drop reason", "drop reasons"),
+            )
+        )
+    ))
 }
 
-/// The contents of `SERVICES_V1` and `BACKENDS_V1`, with the per-id counters.
+/// The contents of `SERVICES_V1` and `BACKENDS_V1`, with the per-id counters and names.
 pub struct ServicesView {
     /// Every service entry (frontends and slots).
     pub services: BTreeMap<ServiceKey, ServiceValue>,
@@ -103,6 +160,9 @@ pub struct ServicesView {
     /// `BACKEND_NAMES_V1` (`namespace/name` of each backend's Pod), by backend id; empty when
     /// the map is not pinned (pins of an agent that predates it).
     pub names: BTreeMap<u32, String>,
+    /// `FRONTEND_NAMES_V1` (the Service port of each frontend: `namespace/name`, port name),
+    /// by frontend id; empty when the map is not pinned (pins of an agent that predates it).
+    pub frontend_names: BTreeMap<u32, (String, String)>,
 }
 
 /// Reads a per-CPU counter hash, summed over CPUs.
@@ -132,112 +192,325 @@ pub fn read_services(bpffs: &Path) -> anyhow::Result<ServicesView> {
         backends: backends.iter().collect::<Result<_, _>>()?,
         frontend_stats: read_keyed_counters(bpffs, "SVC_STATS_V1")?,
         backend_stats: read_keyed_counters(bpffs, "BACKEND_STATS_V1")?,
-        names: read_names(bpffs)?,
+        names: read_names(bpffs, "BACKEND_NAMES_V1", |n: &BackendName| {
+            names::display(n)
+        })?,
+        frontend_names: read_frontend_names(bpffs)?,
     })
 }
 
-/// `BACKEND_NAMES_V1` as text, by backend id; empty when it is not pinned.
-fn read_names(bpffs: &Path) -> anyhow::Result<BTreeMap<u32, String>> {
-    if !pin_dir(bpffs).join("BACKEND_NAMES_V1").exists() {
+/// `FRONTEND_NAMES_V1` as (`namespace/name`, port name), by frontend id; empty when it is not
+/// pinned.
+pub fn read_frontend_names(bpffs: &Path) -> anyhow::Result<BTreeMap<u32, (String, String)>> {
+    read_names(bpffs, "FRONTEND_NAMES_V1", |n: &FrontendName| {
+        (names::display(&n.service), names::display(&n.port))
+    })
+}
+
+/// A names map (`BACKEND_NAMES_V1`, `FRONTEND_NAMES_V1`) as text, by id; empty when it is not
+/// pinned (an agent that predates it pinned the others).
+fn read_names<V: aya::Pod, T>(
+    bpffs: &Path,
+    name: &str,
+    text: impl Fn(&V) -> T,
+) -> anyhow::Result<BTreeMap<u32, T>> {
+    if !pin_dir(bpffs).join(name).exists() {
         return Ok(BTreeMap::new());
     }
-    let map: BpfHashMap<_, u32, BackendName> =
-        BpfHashMap::try_from(Map::HashMap(open_pinned(bpffs, "BACKEND_NAMES_V1")?))?;
+    let map: BpfHashMap<_, u32, V> = BpfHashMap::try_from(Map::HashMap(open_pinned(bpffs, name)?))?;
     map.iter()
         .map(|r| {
-            let (id, name) = r.context("reading BACKEND_NAMES_V1")?;
-            Ok((id, names::display(&name)))
+            let (id, value) = r.with_context(|| format!("reading {name}"))?;
+            Ok((id, text(&value)))
         })
         .collect()
 }
 
+/// `addr:port`, IPv6 in brackets.
 fn fmt_addr(addr: &[u8; 16], family: u8, port: u16) -> String {
+    SocketAddr::new(ip(addr, family), port).to_string()
+}
+
+fn ip(addr: &[u8; 16], family: u8) -> IpAddr {
     if family == FAMILY_V4 {
-        format!("{}:{port}", std::net::Ipv4Addr::from(to_v4(addr)))
+        IpAddr::from(to_v4(addr))
     } else {
-        format!("[{}]:{port}", std::net::Ipv6Addr::from(*addr))
+        IpAddr::from(*addr)
     }
 }
 
-/// `[P packets, B bytes]`.
-fn traffic(c: &Counter) -> String {
-    format!("[{} packets, {} bytes]", c.packets, c.bytes)
+/// An IP protocol number's name.
+fn proto_name(proto: u8) -> &'static str {
+    match proto {
+        6 => "TCP",
+        17 => "UDP",
+        132 => "SCTP",
+        _ => "?",
+    }
 }
 
-/// One frontend per line group: address, protocol, id, flags, then its slots' backends.
+/// One frontend as `inspect services` shows it (a JSON object of `-o json`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceRow {
+    /// The Service's namespace (`FRONTEND_NAMES_V1`; null when the map has no name for it).
+    pub namespace: Option<String>,
+    /// The Service's name.
+    pub name: Option<String>,
+    /// The port's name (`spec.ports[].name`; empty for an unnamed port).
+    pub port_name: Option<String>,
+    /// The frontend, `addr:port` (IPv6 in brackets).
+    pub frontend: String,
+    /// Its address.
+    pub address: IpAddr,
+    /// Its port.
+    pub port: u16,
+    /// `TCP`, `UDP` or `SCTP`.
+    pub protocol: String,
+    /// What kind of address: `ClusterIP` (scope internal), `External` (scope external).
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// `internal` or `external`.
+    pub scope: String,
+    /// The frontend id (counters, affinity, conntrack entries name it).
+    pub id: u32,
+    /// `Local` when new connections only go to endpoints on this node, else `Cluster`.
+    pub internal_traffic_policy: String,
+    /// `ClientIP` or `None`.
+    pub session_affinity: String,
+    /// `ClientIP` affinity's timeout (0 without affinity).
+    pub affinity_timeout_seconds: u32,
+    /// What happens without endpoints: `serve` (it has some), `reject` (TCP reset / ICMP
+    /// unreachable), `drop` (internalTrafficPolicy Local, none local).
+    pub when_empty: String,
+    /// The slots hold terminating endpoints only (no ready one exists).
+    pub serves_terminating: bool,
+    /// Packets and bytes translated to it (per-CPU counters, summed).
+    pub packets: u64,
+    /// Bytes of those packets.
+    pub bytes: u64,
+    /// Its backend slots, in slot order.
+    pub backends: Vec<BackendRow>,
+}
+
+/// One backend slot of a frontend.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BackendRow {
+    /// The slot (1..=count).
+    pub slot: u16,
+    /// The backend id (0 when the slot is missing).
+    pub id: u32,
+    /// The endpoint, `addr:port` (empty when the backend is missing).
+    pub endpoint: String,
+    /// `namespace/name` of its Pod (`BACKEND_NAMES_V1`), if known.
+    pub pod: Option<String>,
+    /// `ready`, `terminating`, or `missing` (the slot or backend entry is absent: a pass
+    /// was cut short; the next one completes it).
+    pub state: String,
+    /// The endpoint runs on this node.
+    pub local: bool,
+    /// Packets translated to it.
+    pub packets: u64,
+    /// Bytes of those packets.
+    pub bytes: u64,
+}
+
+/// Every frontend of `view`, sorted by Service, port name, then frontend.
 #[must_use]
-pub fn format_services(view: &ServicesView) -> String {
-    let mut out = String::new();
+pub fn service_rows(view: &ServicesView) -> Vec<ServiceRow> {
+    let mut rows = Vec::new();
     for (k, v) in view.services.iter().filter(|(k, _)| k.slot == 0) {
-        let proto = match k.proto {
-            6 => "TCP",
-            17 => "UDP",
-            132 => "SCTP",
-            _ => "?",
+        let (namespace, name, port_name) = match view.frontend_names.get(&v.id) {
+            Some((service, port)) => {
+                let (ns, n) = service.split_once('/').unwrap_or(("", service));
+                (Some(ns.to_owned()), Some(n.to_owned()), Some(port.clone()))
+            }
+            None => (None, None, None),
         };
-        let mut notes = Vec::new();
-        if v.flags & flags::REJECT_EMPTY != 0 {
-            notes.push("reject (no endpoints)".to_owned());
-        }
-        if v.flags & flags::DROP_EMPTY != 0 {
-            notes.push("drop (no local endpoint)".to_owned());
-        }
-        if v.affinity_timeout != 0 {
-            notes.push(format!("affinity {}s", v.affinity_timeout));
-        }
-        if let Some(c) = view.frontend_stats.get(&v.id) {
-            notes.push(traffic(c));
-        }
-        let _ = writeln!(
-            out,
-            "{} {proto} id {} backends {}{}{}",
-            fmt_addr(&k.addr, k.family, k.port.to_host()),
-            v.id,
-            v.count,
-            if notes.is_empty() { "" } else { "  " },
-            notes.join(", ")
-        );
-        for slot in 1..=v.count {
-            let line = match view.services.get(&ServiceKey { slot, ..*k }) {
-                Some(s) => match view.backends.get(&s.id) {
-                    Some(b) => format!(
-                        "{}{} (backend {}{}{}){}",
-                        fmt_addr(&b.addr, b.family, b.port.to_host()),
-                        view.names
-                            .get(&s.id)
-                            .map(|n| format!(" {n}"))
-                            .unwrap_or_default(),
-                        s.id,
-                        if b.flags & backend_flags::LOCAL != 0 {
-                            ", local"
-                        } else {
-                            ""
-                        },
-                        if b.flags & backend_flags::TERMINATING != 0 {
-                            ", terminating"
-                        } else {
-                            ""
-                        },
-                        view.backend_stats
-                            .get(&s.id)
-                            .map(|c| format!(" {}", traffic(c)))
-                            .unwrap_or_default(),
-                    ),
-                    None => format!("MISSING backend {}", s.id),
-                },
-                None => "MISSING slot".to_owned(),
-            };
-            let _ = writeln!(out, "  slot {slot}: {line}");
-        }
+        let counter = view.frontend_stats.get(&v.id).copied().unwrap_or_default();
+        let backends = (1..=v.count)
+            .map(|slot| {
+                let s = view.services.get(&ServiceKey { slot, ..*k });
+                let b = s.and_then(|s| view.backends.get(&s.id));
+                let id = s.map_or(0, |s| s.id);
+                let c = view.backend_stats.get(&id).copied().unwrap_or_default();
+                BackendRow {
+                    slot,
+                    id,
+                    endpoint: b.map_or_else(String::new, |b| {
+                        fmt_addr(&b.addr, b.family, b.port.to_host())
+                    }),
+                    pod: view.names.get(&id).cloned(),
+                    state: match b {
+                        None => "missing",
+                        Some(b) if b.flags & backend_flags::TERMINATING != 0 => "terminating",
+                        Some(_) => "ready",
+                    }
+                    .to_owned(),
+                    local: b.is_some_and(|b| b.flags & backend_flags::LOCAL != 0),
+                    packets: c.packets,
+                    bytes: c.bytes,
+                }
+            })
+            .collect();
+        let internal = k.scope == scope::INTERNAL;
+        rows.push(ServiceRow {
+            namespace,
+            name,
+            port_name,
+            frontend: fmt_addr(&k.addr, k.family, k.port.to_host()),
+            address: ip(&k.addr, k.family),
+            port: k.port.to_host(),
+            protocol: proto_name(k.proto).to_owned(),
+            kind: if internal { "ClusterIP" } else { "External" }.to_owned(),
+            scope: if internal { "internal" } else { "external" }.to_owned(),
+            id: v.id,
+            internal_traffic_policy: if v.flags & flags::LOCAL_ONLY != 0 {
+                "Local"
+            } else {
+                "Cluster"
+            }
+            .to_owned(),
+            session_affinity: if v.affinity_timeout == 0 {
+                "None"
+            } else {
+                "ClientIP"
+            }
+            .to_owned(),
+            affinity_timeout_seconds: v.affinity_timeout,
+            when_empty: if v.flags & flags::REJECT_EMPTY != 0 {
+                "reject"
+            } else if v.flags & flags::DROP_EMPTY != 0 {
+                "drop"
+            } else {
+                "serve"
+            }
+            .to_owned(),
+            serves_terminating: v.flags & flags::SERVES_TERMINATING != 0,
+            packets: counter.packets,
+            bytes: counter.bytes,
+            backends,
+        });
     }
-    if out.is_empty() {
-        out.push_str("no frontends programmed\n");
-    }
-    out
+    rows.sort_by(|a, b| {
+        let key = |r: &ServiceRow| {
+            (
+                r.namespace.is_none(),
+                r.namespace.clone(),
+                r.name.clone(),
+                r.port_name.clone(),
+                r.address,
+                r.port,
+                r.protocol.clone(),
+            )
+        };
+        key(a).cmp(&key(b))
+    });
+    rows
 }
 
-/// One pinned link, as the kernel describes it.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// `inspect services` in `format`: a row per frontend (`wide`: with its id, counters, and
+/// each backend's Pod and state), or JSON.
+///
+/// # Errors
+/// When JSON serialization fails.
+pub fn format_services(view: &ServicesView, format: Format) -> anyhow::Result<String> {
+    let rows = service_rows(view);
+    if format == Format::Json {
+        return output::json(&rows);
+    }
+    let wide = format == Format::Wide;
+    let mut headers = vec![
+        "NAMESPACE",
+        "NAME",
+        "PORT",
+        "FRONTEND",
+        "PROTO",
+        "TYPE",
+        "POLICY",
+        "AFFINITY",
+        "BACKENDS",
+    ];
+    if wide {
+        headers.extend(["ID", "PACKETS", "BYTES"]);
+    }
+    headers.push("ENDPOINTS");
+    let mut table = Table::new(&headers);
+    for r in &rows {
+        let ready = r.backends.iter().filter(|b| b.state == "ready").count();
+        let summary = match r.when_empty.as_str() {
+            "reject" => "0 (reject)".to_owned(),
+            "drop" => "0 (drop: none local)".to_owned(),
+            _ if ready == r.backends.len() => ready.to_string(),
+            _ => format!("{} ({ready} ready)", r.backends.len()),
+        };
+        let endpoints: Vec<String> = r
+            .backends
+            .iter()
+            .map(|b| {
+                let mut notes = Vec::new();
+                if b.state != "ready" {
+                    notes.push(b.state.clone());
+                }
+                if b.local {
+                    notes.push("local".to_owned());
+                }
+                let mut text = if b.endpoint.is_empty() {
+                    format!("slot {}", b.slot)
+                } else {
+                    b.endpoint.clone()
+                };
+                if wide {
+                    if let Some(pod) = &b.pod {
+                        let _ = write!(text, "={pod}");
+                    }
+                    notes.push(format!("id {}", b.id));
+                }
+                if !notes.is_empty() {
+                    let _ = write!(text, "({})", notes.join(","));
+                }
+                text
+            })
+            .collect();
+        let mut cells = vec![
+            r.namespace.clone().unwrap_or_default(),
+            r.name.clone().unwrap_or_default(),
+            r.port_name.clone().unwrap_or_default(),
+            r.frontend.clone(),
+            r.protocol.clone(),
+            r.kind.clone(),
+            r.internal_traffic_policy.clone(),
+            if r.affinity_timeout_seconds == 0 {
+                "None".to_owned()
+            } else {
+                format!("ClientIP/{}s", r.affinity_timeout_seconds)
+            },
+            summary,
+        ];
+        if wide {
+            cells.extend([r.id.to_string(), r.packets.to_string(), r.bytes.to_string()]);
+        }
+        cells.push(endpoints.join(","));
+        table.row(cells);
+    }
+    let services: BTreeSet<(&Option<String>, &Option<String>)> = rows
+        .iter()
+        .filter(|r| r.name.is_some())
+        .map(|r| (&r.namespace, &r.name))
+        .collect();
+    let slots: usize = rows.iter().map(|r| r.backends.len()).sum();
+    Ok(table.render(&format!(
+        "{} of {}, {}",
+        output::count(rows.len(), "frontend", "frontends"),
+        output::count(services.len(), "Service", "Services"),
+        output::count(slots, "backend slot", "backend slots"),
+    )))
+}
+
+/// One pinned link, as the kernel describes it (a JSON object of `inspect links -o json`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct PinnedLinkView {
     /// Where it is pinned, relative to `<pin dir>/links` (`tc/7/ingress`,
     /// `cgroup/4242/svc_sock_conn4`).
@@ -305,31 +578,68 @@ fn collect_files(dir: &Path, out: &mut Vec<PathBuf>) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// One pinned link per line: pin, link type and id, program id and name.
-#[must_use]
-pub fn format_links(bpffs: &Path, links: &[PinnedLinkView]) -> String {
+/// `inspect links` in `format`: one row per pinned link (path order), or JSON.
+///
+/// # Errors
+/// When JSON serialization fails.
+pub fn format_links(
+    bpffs: &Path,
+    links: &[PinnedLinkView],
+    format: Format,
+) -> anyhow::Result<String> {
+    if format == Format::Json {
+        return output::json(links);
+    }
     let base = pins::links_dir(&pin_dir(bpffs));
-    if links.is_empty() {
-        return format!("no links pinned in {}\n", base.display());
-    }
-    let mut out = format!("links pinned in {}\n", base.display());
-    let width = links
-        .iter()
-        .map(|l| l.pin.as_os_str().len())
-        .max()
-        .unwrap_or(0);
+    let mut t = Table::new(&["PIN", "TYPE", "LINK", "PROGRAM_ID", "PROGRAM"]);
     for l in links {
-        let _ = writeln!(
-            out,
-            "{:<width$}  {:<6} link {:<6} program {:<6} {}",
-            l.pin.display(),
-            l.link_type,
-            l.link_id,
-            l.program_id,
-            l.program
-        );
+        t.row(vec![
+            l.pin.display().to_string(),
+            l.link_type.clone(),
+            l.link_id.to_string(),
+            l.program_id.to_string(),
+            l.program.clone(),
+        ]);
     }
-    out
+    Ok(t.render(&format!(
+        "{} pinned in {}",
+        output::count(links.len(), "link", "links"),
+        base.display()
+    )))
+}
+
+/// Why `inspect` cannot read this layout's pins, as a sentence an operator can act on: nothing
+/// pinned at all, or only another layout's pins (an agent of another build ran). None when this
+/// layout's pin directory exists.
+#[must_use]
+pub fn unreadable_pins(bpffs: &Path) -> Option<String> {
+    let dir = pin_dir(bpffs);
+    if dir.is_dir() {
+        return None;
+    }
+    let others = pins::other_layouts(bpffs)
+        .map(|(l, _)| l)
+        .unwrap_or_default();
+    Some(match others.as_slice() {
+        [] => format!(
+            "nothing is pinned at {}: no svc-agent has run with this bpffs (--bpffs {}), or \
+             `svc-agent cleanup` removed its state",
+            dir.display(),
+            bpffs.display()
+        ),
+        found => format!(
+            "the pinned state at {} is of map layout {}; this svc-agent reads layout {} only \
+             (run the `inspect` of the svc-agent build that pinned it; starting this build's \
+             agent takes the datapath over and replaces those pins)",
+            bpffs.join(svc_common::PIN_ROOT).display(),
+            found
+                .iter()
+                .map(|l| format!("v{}", l.version))
+                .collect::<Vec<_>>()
+                .join(", "),
+            svc_common::MAP_LAYOUT_VERSION
+        ),
+    })
 }
 
 #[cfg(test)]
@@ -339,7 +649,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn stats_table_has_one_line_per_counter() {
+    fn stats_tables_have_one_line_per_counter_and_a_count() {
         let stats = [
             (
                 PktCounter::Tcp,
@@ -350,19 +660,28 @@ mod tests {
             ),
             (PktCounter::Udp, Counter::default()),
         ];
-        let t = format_pkt_stats(&stats);
-        assert_eq!(t.lines().count(), 3);
-        assert!(
-            t.lines()
-                .nth(1)
-                .unwrap()
-                .split_whitespace()
-                .eq(["tcp", "3", "180"])
+        let drops = [(DropReason::ALL[0], Counter::default())];
+        let t = format_stats(&stats, &drops, Format::Table).unwrap();
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(lines.len(), 6, "{t}");
+        assert!(lines[1].split_whitespace().eq(["tcp", "3", "180"]));
+        assert!(lines[3].starts_with("DROP_REASON"));
+        assert_eq!(lines[5], "2 counters, 1 drop reason, 0 packets dropped");
+        let back: Vec<StatRow> =
+            serde_json::from_str(&format_stats(&stats, &drops, Format::Json).unwrap()).unwrap();
+        assert_eq!(back.len(), 3);
+        assert_eq!(
+            (
+                back[0].kind.as_str(),
+                back[0].name.as_str(),
+                back[0].packets
+            ),
+            ("packet", "tcp", 3)
         );
+        assert_eq!(back[2].kind, "drop");
     }
 
-    #[test]
-    fn services_view_lists_frontends_with_their_backends() {
+    fn view() -> ServicesView {
         let k = ServiceKey {
             addr: from_v4([198, 19, 0, 10]),
             port: Be16::from_host(80),
@@ -372,66 +691,129 @@ mod tests {
             scope: 0,
             _pad: 0,
         };
+        let k6 = ServiceKey {
+            addr: "2001:db8:f::10"
+                .parse::<std::net::Ipv6Addr>()
+                .unwrap()
+                .octets(),
+            port: Be16::from_host(53),
+            proto: 17,
+            family: 6,
+            ..k
+        };
         let mut services = BTreeMap::new();
         services.insert(
             k,
             ServiceValue {
                 id: 1,
-                count: 1,
-                flags: 0,
-                affinity_timeout: 0,
+                count: 2,
+                flags: flags::LOCAL_ONLY,
+                affinity_timeout: 10800,
                 _pad: 0,
             },
         );
+        for (slot, id) in [(1, 7), (2, 8)] {
+            services.insert(
+                ServiceKey { slot, ..k },
+                ServiceValue {
+                    id,
+                    ..ServiceValue::default()
+                },
+            );
+        }
         services.insert(
-            ServiceKey { slot: 1, ..k },
+            k6,
             ServiceValue {
-                id: 7,
+                id: 2,
+                flags: flags::REJECT_EMPTY,
                 ..ServiceValue::default()
             },
         );
-        let mut backends = BTreeMap::new();
-        backends.insert(
-            7,
-            Backend {
-                addr: from_v4([198, 18, 1, 10]),
-                port: Be16::from_host(5000),
-                family: 4,
-                flags: backend_flags::LOCAL,
-            },
-        );
-        let mut backend_stats = BTreeMap::new();
-        backend_stats.insert(
-            7,
-            Counter {
-                packets: 4,
-                bytes: 300,
-            },
-        );
-        let mut frontend_stats = BTreeMap::new();
-        frontend_stats.insert(
-            1,
-            Counter {
-                packets: 4,
-                bytes: 300,
-            },
-        );
-        let mut view = ServicesView {
+        let backend = |last, flags| Backend {
+            addr: from_v4([198, 18, 1, last]),
+            port: Be16::from_host(5000),
+            family: 4,
+            flags,
+        };
+        let backends = BTreeMap::from([
+            (7, backend(10, backend_flags::LOCAL)),
+            (
+                8,
+                backend(11, backend_flags::LOCAL | backend_flags::TERMINATING),
+            ),
+        ]);
+        let c = Counter {
+            packets: 4,
+            bytes: 300,
+        };
+        ServicesView {
             services,
             backends,
-            frontend_stats,
-            backend_stats,
-            names: BTreeMap::new(),
-        };
+            frontend_stats: BTreeMap::from([(1, c)]),
+            backend_stats: BTreeMap::from([(7, c)]),
+            names: BTreeMap::from([(7, "default/web-0".to_owned())]),
+            frontend_names: BTreeMap::from([
+                (1, ("default/web".to_owned(), "http".to_owned())),
+                (2, ("kube-system/dns".to_owned(), String::new())),
+            ]),
+        }
+    }
+
+    #[test]
+    fn services_are_listed_by_service_with_names_policies_and_backend_states() {
+        let mut view = view();
         assert_eq!(
-            format_services(&view),
-            "198.19.0.10:80 TCP id 1 backends 1  [4 packets, 300 bytes]\n  slot 1: 198.18.1.10:5000 (backend 7, local) [4 packets, 300 bytes]\n"
+            format_services(&view, Format::Table).unwrap(),
+            "NAMESPACE    NAME  PORT  FRONTEND             PROTO  TYPE       POLICY   AFFINITY         BACKENDS     ENDPOINTS\n\
+             default      web   http  198.19.0.10:80       TCP    ClusterIP  Local    ClientIP/10800s  2 (1 ready)  198.18.1.10:5000(local),198.18.1.11:5000(terminating,local)\n\
+             kube-system  dns   -     [2001:db8:f::10]:53  UDP    ClusterIP  Cluster  None             0 (reject)   -\n\
+             2 frontends of 2 Services, 2 backend slots\n"
         );
-        // With the Pod behind the backend (BACKEND_NAMES_V1).
-        view.names.insert(7, "default/web-0".to_owned());
+        let wide = format_services(&view, Format::Wide).unwrap();
+        assert!(
+            wide.contains("1   4        300    198.18.1.10:5000=default/web-0(local,id 7),198.18.1.11:5000(terminating,local,id 8)"),
+            "{wide}"
+        );
+        let rows: Vec<ServiceRow> =
+            serde_json::from_str(&format_services(&view, Format::Json).unwrap()).unwrap();
+        assert_eq!(rows, service_rows(&view));
+        let web = &rows[0];
         assert_eq!(
-            format_services(&view),
-            "198.19.0.10:80 TCP id 1 backends 1  [4 packets, 300 bytes]\n  slot 1: 198.18.1.10:5000 default/web-0 (backend 7, local) [4 packets, 300 bytes]\n"
+            (
+                web.namespace.as_deref(),
+                web.name.as_deref(),
+                web.port_name.as_deref()
+            ),
+            (Some("default"), Some("web"), Some("http"))
+        );
+        assert_eq!(web.internal_traffic_policy, "Local");
+        assert_eq!(
+            (web.session_affinity.as_str(), web.affinity_timeout_seconds),
+            ("ClientIP", 10800)
+        );
+        assert_eq!(web.backends[0].pod.as_deref(), Some("default/web-0"));
+        assert_eq!(
+            web.backends
+                .iter()
+                .map(|b| (b.state.as_str(), b.local))
+                .collect::<Vec<_>>(),
+            [("ready", true), ("terminating", true)]
+        );
+        assert_eq!(rows[1].when_empty, "reject");
+        // JSON keys are camelCase.
+        let raw: serde_json::Value =
+            serde_json::from_str(&format_services(&view, Format::Json).unwrap()).unwrap();
+        assert_eq!(raw[0]["portName"], "http");
+        assert_eq!(raw[0]["internalTrafficPolicy"], "Local");
+        assert_eq!(raw[0]["type"], "ClusterIP");
+        // Pins of an agent that predates FRONTEND_NAMES_V1: no names, listed after the named.
+        view.frontend_names.clear();
+        let rows = service_rows(&view);
+        assert!(rows.iter().all(|r| r.name.is_none()));
+        let text = format_services(&view, Format::Table).unwrap();
+        assert!(
+            text.ends_with("2 frontends of 0 Services, 2 backend slots\n"),
+            "{text}"
         );
     }
 
@@ -439,8 +821,8 @@ mod tests {
     fn pinned_links_are_listed_one_per_line() {
         let bpffs = Path::new("/sys/fs/bpf");
         assert_eq!(
-            format_links(bpffs, &[]),
-            "no links pinned in /sys/fs/bpf/svc/v1/links\n"
+            format_links(bpffs, &[], Format::Table).unwrap(),
+            "0 links pinned in /sys/fs/bpf/svc/v1/links\n"
         );
         let links = [
             PinnedLinkView {
@@ -459,10 +841,32 @@ mod tests {
             },
         ];
         assert_eq!(
-            format_links(bpffs, &links),
-            "links pinned in /sys/fs/bpf/svc/v1/links\n\
-             cgroup/4242/svc_sock_conn4  cgroup link 12     program 40     svc_sock_conn4\n\
-             tc/7/ingress                tcx    link 9      program 31     svc_tc_from_pod\n"
+            format_links(bpffs, &links, Format::Table).unwrap(),
+            "PIN                         TYPE    LINK  PROGRAM_ID  PROGRAM\n\
+             cgroup/4242/svc_sock_conn4  cgroup  12    40          svc_sock_conn4\n\
+             tc/7/ingress                tcx     9     31          svc_tc_from_pod\n\
+             2 links pinned in /sys/fs/bpf/svc/v1/links\n"
         );
+        let back: Vec<PinnedLinkView> =
+            serde_json::from_str(&format_links(bpffs, &links, Format::Json).unwrap()).unwrap();
+        assert_eq!(back, links);
+    }
+
+    #[test]
+    fn unreadable_pins_say_why() {
+        let dir = std::env::temp_dir().join(format!("svc-inspect-pins-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let why = unreadable_pins(&dir).unwrap();
+        assert!(why.starts_with("nothing is pinned at"), "{why}");
+        std::fs::create_dir_all(dir.join("svc/v2")).unwrap();
+        let why = unreadable_pins(&dir).unwrap();
+        assert!(
+            why.contains("is of map layout v2; this svc-agent reads layout 1"),
+            "{why}"
+        );
+        std::fs::create_dir_all(dir.join("svc/v1")).unwrap();
+        assert_eq!(unreadable_pins(&dir), None);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
