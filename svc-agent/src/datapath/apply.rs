@@ -2005,6 +2005,8 @@ pub(crate) mod tests {
                     scope: Scope::Internal,
                 },
                 Frontend {
+                    kind: crate::model::FrontendKind::ClusterIp,
+                    source_ranges: Vec::new(),
                     service: ServicePortRef {
                         namespace: "default".into(),
                         name: (*vip).into(),
@@ -2423,6 +2425,8 @@ pub(crate) mod tests {
                 scope: Scope::Internal,
             },
             Frontend {
+                kind: crate::model::FrontendKind::ClusterIp,
+                source_ranges: Vec::new(),
                 service: ServicePortRef {
                     namespace: "default".into(),
                     name: format!("{vip}-{proto}").into(),
@@ -3282,6 +3286,8 @@ pub(crate) mod tests {
                 d.frontends.insert(
                     key(i),
                     Frontend {
+                        kind: crate::model::FrontendKind::ClusterIp,
+                        source_ranges: Vec::new(),
                         service: ServicePortRef {
                             namespace: "default".into(),
                             name: format!("s{}", i + usize::from(port / 2)).into(),
@@ -3629,6 +3635,8 @@ pub(crate) mod tests {
                     scope: Scope::Internal,
                 },
                 Frontend {
+                    kind: crate::model::FrontendKind::ClusterIp,
+                    source_ranges: Vec::new(),
                     service: ServicePortRef {
                         namespace: "default".into(),
                         name: format!("s{i}").into(),

@@ -234,6 +234,8 @@ mod tests {
 
     fn frontend(backends: Vec<MBackend>, kept: Vec<MBackend>) -> Frontend {
         Frontend {
+            kind: crate::model::FrontendKind::ClusterIp,
+            source_ranges: Vec::new(),
             service: ServicePortRef {
                 namespace: "default".into(),
                 name: "web".into(),

@@ -8,6 +8,10 @@ use super::FrontendKey;
 /// reconciler's incremental pass writes only these frontends (and their backends), looking
 /// their new value up in the state (a key missing there was removed).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[expect(
+    clippy::struct_excessive_bools,
+    reason = "one flag per part of the state that has no keys of its own"
+)]
 pub struct Delta {
     /// Frontends added, changed or removed.
     pub frontends: BTreeSet<FrontendKey>,
@@ -20,6 +24,9 @@ pub struct Delta {
     /// Whether `topology_notes` changed (nothing to write to the maps: the notes are for
     /// logging, like `errors`).
     pub topology_notes: bool,
+    /// Whether `health_checks` changed (nothing to write to the maps: the health-check
+    /// servers follow them).
+    pub health_checks: bool,
 }
 
 impl Delta {
@@ -31,6 +38,7 @@ impl Delta {
             && !self.errors
             && !self.nodes
             && !self.topology_notes
+            && !self.health_checks
     }
 
     /// The delta between two whole states (what changed from `before` to `after`): what an
@@ -65,6 +73,7 @@ impl Delta {
             errors: before.errors != after.errors,
             nodes: before.node_addresses != after.node_addresses,
             topology_notes: before.topology_notes != after.topology_notes,
+            health_checks: before.health_checks != after.health_checks,
         }
     }
 }

@@ -2,6 +2,8 @@
 
 use std::{fmt, net::IpAddr, sync::Arc, time::Duration};
 
+use ipnet::IpNet;
+
 /// A transport protocol a Service port can use.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Protocol {
@@ -49,7 +51,7 @@ pub enum Scope {
     /// A `ClusterIP`, reached from inside the cluster (`internalTrafficPolicy`).
     Internal,
     /// A `NodePort`, `LoadBalancer` ingress or external IP reached from outside the cluster
-    /// (`externalTrafficPolicy`). Not produced yet.
+    /// (`externalTrafficPolicy`).
     External,
 }
 
@@ -109,6 +111,8 @@ pub enum EmptyAction {
 pub enum DropReason {
     /// `internalTrafficPolicy: Local` and no usable endpoint on this node (but some elsewhere).
     InternalTrafficPolicyLocal,
+    /// `externalTrafficPolicy: Local` and no usable endpoint on this node (but some elsewhere).
+    ExternalTrafficPolicyLocal,
 }
 
 impl fmt::Display for DropReason {
@@ -117,6 +121,35 @@ impl fmt::Display for DropReason {
             Self::InternalTrafficPolicyLocal => {
                 f.write_str("internalTrafficPolicy Local: no local endpoint")
             }
+            Self::ExternalTrafficPolicyLocal => {
+                f.write_str("externalTrafficPolicy Local: no local endpoint")
+            }
+        }
+    }
+}
+
+/// What kind of address a frontend is on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum FrontendKind {
+    /// A `ClusterIP` (scope internal only): its unlisted ports are refused.
+    ClusterIp,
+    /// A node address at a `nodePort`.
+    NodePort,
+    /// One of `spec.externalIPs`.
+    ExternalIp,
+    /// A load balancer's ingress IP (`status.loadBalancer.ingress[].ip`, `ipMode` not `Proxy`).
+    LoadBalancerIp,
+}
+
+impl FrontendKind {
+    /// The name `inspect` shows.
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::ClusterIp => "ClusterIP",
+            Self::NodePort => "NodePort",
+            Self::ExternalIp => "ExternalIP",
+            Self::LoadBalancerIp => "LoadBalancer",
         }
     }
 }
@@ -126,9 +159,15 @@ impl fmt::Display for DropReason {
 pub struct Frontend {
     /// The Service port this frontend belongs to.
     pub service: ServicePortRef,
+    /// What kind of address it is on.
+    pub kind: FrontendKind,
+    /// Client prefixes allowed to reach it (`loadBalancerSourceRanges`, on the external scope
+    /// of a load balancer's IPs only); empty: every client.
+    pub source_ranges: Vec<IpNet>,
     /// `sessionAffinity: ClientIP`: how long a client sticks to its backend (refreshed on use).
     pub affinity_timeout: Option<Duration>,
-    /// New connections may only go to endpoints on this node (internalTrafficPolicy Local).
+    /// New connections may only go to endpoints on this node (the scope's traffic policy is
+    /// Local).
     pub local_only: bool,
     /// The backends new connections choose from, sorted by address and port, no duplicates.
     pub backends: Vec<Backend>,
@@ -153,6 +192,7 @@ impl Frontend {
         self.backends.shrink_to_fit();
         self.kept_backends.shrink_to_fit();
         self.unready_backends.shrink_to_fit();
+        self.source_ranges.shrink_to_fit();
     }
 }
 

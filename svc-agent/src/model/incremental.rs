@@ -44,7 +44,7 @@
 
 use std::{
     borrow::Borrow,
-    collections::{BTreeSet, HashMap, HashSet},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     hash::{Hash, Hasher},
     net::IpAddr,
     sync::Arc,
@@ -53,9 +53,9 @@ use std::{
 use k8s_openapi::api::core::v1::Node;
 
 use super::{
-    Delta, DesiredState, FrontendKey, GroupOutput, ObjectError, Place, Slice, Snapshot, Svc,
-    TopologyNote, compute_group, conflict_error, kept_copies, namespace_of, node_addresses,
-    node_zone, slice_owner, sorted_by_name,
+    Delta, DesiredState, FrontendKey, GroupOutput, NodePortAddresses, ObjectError, Place, Slice,
+    Snapshot, Svc, TopologyNote, compute_group, conflict_error, kept_copies, merge_health_check,
+    namespace_of, node_addresses, node_zone, nodeport_addresses, slice_owner, sorted_by_name,
 };
 
 /// A namespace and a name: an object's identity, or the Service a group is for.
@@ -312,6 +312,16 @@ struct KeyClaims {
     conflicts: Vec<ObjectError>,
 }
 
+/// Whether a group's Service has node ports (`NodePort` or `LoadBalancer`): its frontends
+/// depend on the node's addresses.
+fn has_node_ports(group: &Group) -> bool {
+    let type_ = group
+        .service
+        .as_ref()
+        .and_then(|s| s.spec.as_ref()?.type_.as_deref());
+    matches!(type_, Some("NodePort" | "LoadBalancer"))
+}
+
 /// The desired state of one node, maintained incrementally as objects change.
 ///
 /// See the [module documentation](self) for the design. Changes are recorded with
@@ -319,10 +329,18 @@ struct KeyClaims {
 /// [`set_nodes`](Self::set_nodes) (each cheap) and applied by [`update`](Self::update);
 /// [`replace`](Self::replace) swaps in a whole object set.
 #[derive(Debug)]
+#[expect(
+    clippy::struct_excessive_bools,
+    reason = "one flag per kind of pending work of the next update"
+)]
 pub struct Model {
     node_name: String,
     /// This node's zone, from `nodes` as of the last update.
     zone: Option<String>,
+    /// Which node addresses serve `NodePort`s (a setting).
+    which_nodeports: NodePortAddresses,
+    /// This node's `NodePort` addresses, from `nodes` as of the last update.
+    nodeports: Vec<IpAddr>,
 
     // The current objects, by the identity `compute` gives them. Several copies only come
     // from `replace` (the file source may list an object twice).
@@ -344,6 +362,10 @@ pub struct Model {
     erring: BTreeSet<Arc<Name>>,
     /// The groups with topology notes.
     noting: BTreeSet<Arc<Name>>,
+    /// The groups with a health-check node port.
+    checking: BTreeSet<Arc<Name>>,
+    /// The errors of Services whose health-check node port an earlier one has.
+    health_conflicts: Vec<ObjectError>,
     /// Duplicate Services and slices whose copies differ.
     duplicate_services: HashMap<Name, ObjectError>,
     duplicate_slices: HashMap<Name, ObjectError>,
@@ -357,6 +379,7 @@ pub struct Model {
     nodes_dirty: bool,
     errors_dirty: bool,
     notes_dirty: bool,
+    health_dirty: bool,
 
     state: DesiredState,
     recomputed: usize,
@@ -366,9 +389,18 @@ impl Model {
     /// An empty model for the node named `node_name` (its state is that of no objects).
     #[must_use]
     pub fn new(node_name: &str) -> Self {
+        Self::with_nodeport_addresses(node_name, NodePortAddresses::default())
+    }
+
+    /// An empty model for the node named `node_name` whose `NodePort`s listen on the node
+    /// addresses `which` picks.
+    #[must_use]
+    pub fn with_nodeport_addresses(node_name: &str, which: NodePortAddresses) -> Self {
         Self {
             node_name: node_name.to_owned(),
             zone: None,
+            which_nodeports: which,
+            nodeports: Vec::new(),
             services: HashMap::new(),
             slices: HashMap::new(),
             nodes: Vec::new(),
@@ -379,6 +411,8 @@ impl Model {
             names: HashMap::new(),
             erring: BTreeSet::new(),
             noting: BTreeSet::new(),
+            checking: BTreeSet::new(),
+            health_conflicts: Vec::new(),
             duplicate_services: HashMap::new(),
             duplicate_slices: HashMap::new(),
             nameless: HashMap::new(),
@@ -388,6 +422,7 @@ impl Model {
             nodes_dirty: false,
             errors_dirty: false,
             notes_dirty: false,
+            health_dirty: false,
             state: DesiredState::default(),
             recomputed: 0,
         }
@@ -418,6 +453,12 @@ impl Model {
         self.nodes_dirty = true;
     }
 
+    /// Which node addresses serve `NodePort`s.
+    #[must_use]
+    pub fn nodeport_setting(&self) -> &NodePortAddresses {
+        &self.which_nodeports
+    }
+
     /// Recomputes only the dirty Services and returns what changed in [`state`](Self::state).
     pub fn update(&mut self) -> Delta {
         self.recomputed = 0;
@@ -430,21 +471,31 @@ impl Model {
             return delta;
         }
 
-        // The zone first: the groups are computed for it.
+        // The zone and the NodePort addresses first: the groups are computed for them.
         let mut rezoned = false;
+        let mut forced = HashSet::new();
         if self.nodes_dirty {
             let zone = node_zone(&self.nodes, &self.node_name);
+            let nodeports = nodeport_addresses(&self.nodes, &self.node_name, &self.which_nodeports);
             if zone != self.zone {
-                self.zone = zone;
                 rezoned = true;
                 self.dirty
                     .extend(self.groups.keys().map(|name| (**name).clone()));
+            } else if nodeports != self.nodeports {
+                // Only Services with node ports have frontends on node addresses.
+                let with_node_ports = self.groups.iter().filter(|(_, g)| has_node_ports(g));
+                let names: Vec<Name> = with_node_ports.map(|(n, _)| (**n).clone()).collect();
+                forced.extend(names.iter().cloned());
+                self.dirty.extend(names);
             }
+            self.zone = zone;
+            self.nodeports = nodeports;
         }
         let mut keys = BTreeSet::new();
         let mut addrs = BTreeSet::new();
         for group in std::mem::take(&mut self.dirty) {
-            self.update_group(group, rezoned, &mut keys, &mut addrs);
+            let force = rezoned || forced.contains(&group);
+            self.update_group(group, force, &mut keys, &mut addrs);
         }
         for namespace in std::mem::take(&mut self.dirty_nameless) {
             self.update_nameless(namespace);
@@ -459,6 +510,9 @@ impl Model {
                 self.node_errors = errors;
                 self.errors_dirty = true;
             }
+        }
+        if std::mem::take(&mut self.health_dirty) {
+            self.collect_health_checks(&mut delta);
         }
         for key in keys {
             self.resolve_key(key, &mut delta);
@@ -660,7 +714,7 @@ impl Model {
             self.recomputed += 1;
             let refs: Vec<&Arc<Slice>> = slices.iter().collect();
             let place = Place::new(&self.node_name, self.zone.as_deref());
-            compute_group(service.as_ref(), &refs, place)
+            compute_group(service.as_ref(), &refs, place, &self.nodeports)
         };
 
         if before.claims != out.claims {
@@ -690,6 +744,14 @@ impl Model {
                 self.erring.remove(&id);
             } else {
                 self.erring.insert(Arc::clone(&id));
+            }
+        }
+        if before.health_check != out.health_check {
+            self.health_dirty = true;
+            if out.health_check.is_none() {
+                self.checking.remove(&id);
+            } else {
+                self.checking.insert(Arc::clone(&id));
             }
         }
         if before.topology_notes != out.topology_notes {
@@ -742,7 +804,7 @@ impl Model {
         for service in self.services.get(&key).into_iter().flatten() {
             self.recomputed += 1;
             let place = Place::new(&self.node_name, self.zone.as_deref());
-            let out = compute_group(Some(service), &[], place);
+            let out = compute_group(Some(service), &[], place, &self.nodeports);
             // A Service without a name never validates, so it claims and notes nothing.
             debug_assert!(
                 out.claims.is_empty() && out.names.is_empty() && out.topology_notes.is_empty()
@@ -838,12 +900,32 @@ impl Model {
             .chain(self.nameless.values().flatten())
             .chain(groups)
             .chain(conflicts)
+            .chain(&self.health_conflicts)
             .chain(&self.node_errors)
             .cloned()
             .collect();
         errors.sort();
         errors.dedup();
         errors
+    }
+
+    /// Rebuilds `health_checks` from the groups that have one (in name order, so a port two
+    /// Services name is the first's, as in `compute`) and their conflicts.
+    fn collect_health_checks(&mut self, delta: &mut Delta) {
+        let mut checks = BTreeMap::new();
+        let mut conflicts = Vec::new();
+        for group in &self.checking {
+            let out = &self.groups[group].out;
+            merge_health_check(out, &mut checks, &mut conflicts);
+        }
+        if checks != self.state.health_checks {
+            self.state.health_checks = checks;
+            delta.health_checks = true;
+        }
+        if conflicts != self.health_conflicts {
+            self.health_conflicts = conflicts;
+            self.errors_dirty = true;
+        }
     }
 
     /// Every topology note, sorted and deduplicated, from the groups'.

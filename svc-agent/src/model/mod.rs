@@ -48,20 +48,25 @@ pub use delta::Delta;
 pub use endpoints::HintsIgnored;
 pub use error::ObjectError;
 pub use frontend::{
-    Backend, DropReason, EmptyAction, Frontend, FrontendKey, Protocol, Scope, ServicePortRef,
+    Backend, DropReason, EmptyAction, Frontend, FrontendKey, FrontendKind, Protocol, Scope,
+    ServicePortRef,
 };
 pub use incremental::Model;
 use k8s_openapi::api::{
     core::v1::{Node, Service},
     discovery::v1::EndpointSlice,
 };
-pub use node::{NodeAddress, NodeAddressKind, node_addresses, node_zone};
+pub use node::{
+    NodeAddress, NodeAddressKind, NodePortAddresses, node_addresses, node_zone, nodeport_addresses,
+};
 pub use pods::{
     HandWrittenSlices, IgnoredSlice, LABEL_MANAGED_BY, MANAGED_BY, MAX_ENDPOINTS_PER_SLICE,
     PodSliceChanges, PodSlicer, PodSlices, Selection, slices_from_pods,
 };
 pub use slice::{Slice, SliceEndpoint, SlicePort, Target};
-pub use svc::{Svc, SvcMeta, SvcPort, SvcSpec};
+pub use svc::{Svc, SvcLbIngress, SvcMeta, SvcPort, SvcSpec};
+
+use ipnet::IpNet;
 
 use self::{
     endpoints::{Place, SliceIndex, select_backends},
@@ -125,12 +130,28 @@ pub struct DesiredState {
     /// `EndpointSlice`s (a Pod), for the debug tool. An address two slices name differently
     /// gets the smaller name.
     pub backend_names: BTreeMap<IpAddr, String>,
+    /// The health-check node ports to serve (`spec.healthCheckNodePort` of Services with
+    /// `externalTrafficPolicy: Local`), by port; a port two Services name belongs to the
+    /// first by namespace/name.
+    pub health_checks: BTreeMap<u16, HealthCheck>,
     /// Objects (or parts of objects) that were skipped, sorted and deduplicated.
     pub errors: Vec<ObjectError>,
     /// Services whose endpoints carry topology hints this node does not use (it uses all
     /// endpoints instead, as kube-proxy does), with why; sorted and deduplicated. Not errors:
     /// the Services are programmed.
     pub topology_notes: Vec<TopologyNote>,
+}
+
+/// What a health-check node port answers for its Service (kube-proxy's health check server):
+/// 200 while this node has a ready endpoint of it, 503 otherwise.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HealthCheck {
+    /// The Service's namespace.
+    pub namespace: Arc<str>,
+    /// The Service's name.
+    pub name: Arc<str>,
+    /// Its ready endpoints on this node (of the port and family that has the most).
+    pub local_endpoints: usize,
 }
 
 /// A Service whose topology hints this node ignores, and why (see [`HintsIgnored`]).
@@ -174,8 +195,12 @@ pub fn compute(snapshot: &Snapshot, node_name: &str) -> DesiredState {
 /// (`Arc::ptr_eq`); the memo holds them, so an address cannot be reused by another object.
 #[derive(Debug, Default)]
 pub struct Memo {
+    /// Which node addresses serve `NodePort`s (a setting, kept across resets).
+    which_nodeports: NodePortAddresses,
     node_name: String,
     zone: Option<String>,
+    /// This node's `NodePort` addresses as of the last pass.
+    nodeports: Vec<IpAddr>,
     /// By namespace, then by Service name.
     groups: HashMap<String, HashMap<String, MemoEntry>>,
     /// How many Services the last pass computed (the others were reused).
@@ -183,12 +208,25 @@ pub struct Memo {
 }
 
 impl Memo {
-    /// Starts afresh when the node's name or zone changed (every result depends on them).
-    fn prepare(&mut self, node_name: &str, zone: Option<String>) {
-        if self.node_name != node_name || self.zone != zone {
+    /// An empty memo for passes whose `NodePort`s listen on the node addresses `which` picks
+    /// (the default memo: every node address).
+    #[must_use]
+    pub fn with_nodeport_addresses(which: NodePortAddresses) -> Self {
+        Self {
+            which_nodeports: which,
+            ..Self::default()
+        }
+    }
+
+    /// Starts afresh when the node's name, zone or `NodePort` addresses changed (every result
+    /// depends on them).
+    fn prepare(&mut self, node_name: &str, zone: Option<String>, nodeports: Vec<IpAddr>) {
+        if self.node_name != node_name || self.zone != zone || self.nodeports != nodeports {
             *self = Self {
+                which_nodeports: std::mem::take(&mut self.which_nodeports),
                 node_name: node_name.to_owned(),
                 zone,
+                nodeports,
                 ..Self::default()
             };
         }
@@ -235,6 +273,8 @@ struct GroupOutput {
     topology_notes: Vec<TopologyNote>,
     /// The `targetRef` names of the slices' endpoints, by address.
     names: Vec<(IpAddr, String)>,
+    /// The Service's `healthCheckNodePort` and what it answers.
+    health_check: Option<(u16, HealthCheck)>,
 }
 
 /// A frontend a Service asks for; the first Service (by namespace/name) to claim a key gets it.
@@ -256,6 +296,12 @@ enum ClaimField {
     ClusterIp,
     /// `spec.clusterIPs[i]`.
     ClusterIps(usize),
+    /// `spec.ports[i].nodePort`.
+    NodePort(usize),
+    /// `spec.externalIPs[i]`.
+    ExternalIps(usize),
+    /// `status.loadBalancer.ingress[i].ip`.
+    LbIngress(usize),
 }
 
 impl std::fmt::Display for ClaimField {
@@ -263,6 +309,9 @@ impl std::fmt::Display for ClaimField {
         match self {
             Self::ClusterIp => f.write_str("spec.clusterIP"),
             Self::ClusterIps(i) => write!(f, "spec.clusterIPs[{i}]"),
+            Self::NodePort(i) => write!(f, "spec.ports[{i}].nodePort"),
+            Self::ExternalIps(i) => write!(f, "spec.externalIPs[{i}]"),
+            Self::LbIngress(i) => write!(f, "status.loadBalancer.ingress[{i}].ip"),
         }
     }
 }
@@ -278,8 +327,10 @@ struct Group<'a> {
 /// The result is exactly what [`compute`] returns for the same snapshot.
 pub fn compute_with(snapshot: &Snapshot, node_name: &str, memo: &mut Memo) -> DesiredState {
     let mut errors = Vec::new();
-    memo.prepare(node_name, node_zone(&snapshot.nodes, node_name));
+    let nodeports = nodeport_addresses(&snapshot.nodes, node_name, &memo.which_nodeports);
+    memo.prepare(node_name, node_zone(&snapshot.nodes, node_name), nodeports);
     let zone = memo.zone.clone();
+    let nodeports = memo.nodeports.clone();
     let place = Place::new(node_name, zone.as_deref());
 
     let services = unique_objects(
@@ -315,8 +366,9 @@ pub fn compute_with(snapshot: &Snapshot, node_name: &str, memo: &mut Memo) -> De
     let mut frontends = BTreeMap::new();
     let mut backend_names: BTreeMap<IpAddr, String> = BTreeMap::new();
     let mut topology_notes = BTreeSet::new();
+    let mut health_checks = BTreeMap::new();
     for svc in nameless {
-        let out = compute_group(Some(svc), &[], place);
+        let out = compute_group(Some(svc), &[], place, &nodeports);
         merge(&out, &mut frontends, &mut errors);
     }
     let mut next: HashMap<String, HashMap<String, MemoEntry>> = HashMap::new();
@@ -330,13 +382,14 @@ pub fn compute_with(snapshot: &Snapshot, node_name: &str, memo: &mut Memo) -> De
         let (name, entry) = kept.unwrap_or_else(|| {
             memo.recomputed += 1;
             let entry = MemoEntry {
-                out: compute_group(group.service, &group.slices, place),
+                out: compute_group(group.service, &group.slices, place, &nodeports),
                 service: group.service.cloned(),
                 slices: group.slices.into_iter().cloned().collect(),
             };
             (name.to_owned(), entry)
         });
         merge(&entry.out, &mut frontends, &mut errors);
+        merge_health_check(&entry.out, &mut health_checks, &mut errors);
         topology_notes.extend(entry.out.topology_notes.iter().cloned());
         for (addr, name) in &entry.out.names {
             backend_names
@@ -367,22 +420,25 @@ pub fn compute_with(snapshot: &Snapshot, node_name: &str, memo: &mut Memo) -> De
         frontends,
         node_addresses,
         backend_names,
+        health_checks,
         errors,
         topology_notes: topology_notes.into_iter().collect(),
     }
 }
 
-/// Validates one Service and its slices and lists the frontends it claims.
+/// Validates one Service and its slices and lists the frontends it claims, on a node whose
+/// `NodePort` addresses are `nodeports`.
 fn compute_group(
     service: Option<&Arc<Svc>>,
     slices: &[&Arc<Slice>],
     place: Place<'_>,
+    nodeports: &[IpAddr],
 ) -> GroupOutput {
     let mut out = GroupOutput::default();
     let slices: Vec<&Slice> = slices.iter().map(|s| &***s).collect();
     let slice_index = SliceIndex::build(&slices, place, &mut out.errors);
     if let Some(view) = service.and_then(|svc| ServiceView::parse(svc, &mut out.errors)) {
-        service_claims(&view, &slice_index, place.zone, &mut out);
+        service_claims(&view, &slice_index, place.zone, nodeports, &mut out);
         out.names = endpoints::target_names(&slices);
     }
     // Kept per Service for as long as it exists: no room for growth (a vector grown by pushes
@@ -415,6 +471,38 @@ fn merge(
     }
 }
 
+/// Adds one Service's health-check node port to `health_checks`; a port already taken by an
+/// earlier Service is reported on the later one.
+fn merge_health_check(
+    out: &GroupOutput,
+    health_checks: &mut BTreeMap<u16, HealthCheck>,
+    errors: &mut Vec<ObjectError>,
+) {
+    let Some((port, check)) = &out.health_check else {
+        return;
+    };
+    match health_checks.entry(*port) {
+        Entry::Vacant(slot) => {
+            slot.insert(check.clone());
+        }
+        Entry::Occupied(taken) => errors.push(health_check_conflict(*port, check, taken.get())),
+    }
+}
+
+/// The error reported on the Service `later` when its health-check node port is `owner`'s.
+fn health_check_conflict(port: u16, later: &HealthCheck, owner: &HealthCheck) -> ObjectError {
+    ObjectError {
+        kind: "Service",
+        namespace: later.namespace.to_string(),
+        name: later.name.to_string(),
+        field: "spec.healthCheckNodePort".to_owned(),
+        reason: format!(
+            "{port} is already the health-check node port of Service {}/{}",
+            owner.namespace, owner.name
+        ),
+    }
+}
+
 /// The error reported on `claim` when its key is already taken by the Service port `owner`.
 fn conflict_error(claim: &Claim, owner: &ServicePortRef) -> ObjectError {
     let me = &claim.frontend.service;
@@ -430,67 +518,210 @@ fn conflict_error(claim: &Claim, owner: &ServicePortRef) -> ObjectError {
     }
 }
 
-/// The frontends of one validated Service.
+/// The frontends of one validated Service on a node whose `NodePort` addresses are
+/// `nodeports`.
 ///
-/// Today only the `ClusterIP`s (scope [`Scope::Internal`], governed by
-/// `internalTrafficPolicy`); `NodePort`, `LoadBalancer` and `externalIPs` frontends (scope
-/// [`Scope::External`], `externalTrafficPolicy`) will be added here from the same view.
+/// Every served `ClusterIP` (scope [`Scope::Internal`], `internalTrafficPolicy`). Then every
+/// external address: each of `spec.externalIPs`, each load balancer ingress IP, and (for
+/// `NodePort` and `LoadBalancer` Services) each node address at the ports' `nodePort`s, of a
+/// family the Service serves. An external address gets two frontends: scope
+/// [`Scope::External`] for traffic from outside (`externalTrafficPolicy`; source ranges on load
+/// balancer IPs), and scope [`Scope::Internal`] for pods and host processes reaching it, which
+/// may use every endpoint of the cluster, as kube-proxy serves them.
 fn service_claims(
     view: &ServiceView<'_>,
     slices: &SliceIndex<'_>,
     zone: Option<&str>,
+    nodeports: &[IpAddr],
     out: &mut GroupOutput,
 ) {
-    let namespace: Arc<str> = view.namespace.into();
-    let name: Arc<str> = view.name.into();
-    let port_names: Vec<Arc<str>> = view.ports.iter().map(|p| p.name.into()).collect();
+    let claimer = Claimer {
+        view,
+        slices,
+        zone,
+        namespace: view.namespace.into(),
+        name: view.name.into(),
+        port_names: view.ports.iter().map(|p| p.name.into()).collect(),
+    };
     for (ip_index, &addr) in view.cluster_ips.iter().enumerate() {
         if !view.serves(addr) {
             continue;
         }
-        for (port, port_name) in view.ports.iter().zip(&port_names) {
-            let key = FrontendKey {
-                addr,
-                port: port.port,
-                proto: port.proto,
+        for (pos, port) in view.ports.iter().enumerate() {
+            let what = ClaimWhat {
                 scope: Scope::Internal,
-            };
-            let endpoints =
-                slices.endpoints(view.namespace, view.name, addr, port.name, port.proto);
-            let selection = select_backends(&endpoints, view.internal_traffic_policy, zone);
-            if let Some(why) = selection.hints_ignored {
-                out.topology_notes.push(TopologyNote {
-                    namespace: view.namespace.to_owned(),
-                    name: view.name.to_owned(),
-                    why,
-                });
-            }
-            let on_empty = match view.internal_traffic_policy {
-                TrafficPolicy::Local if selection.any_usable => {
-                    EmptyAction::Drop(DropReason::InternalTrafficPolicyLocal)
-                }
-                TrafficPolicy::Local | TrafficPolicy::Cluster => EmptyAction::Reject,
-            };
-            out.claims.push(Claim {
-                key,
-                frontend: Frontend {
-                    service: ServicePortRef {
-                        namespace: Arc::clone(&namespace),
-                        name: Arc::clone(&name),
-                        port_name: Arc::clone(port_name),
-                    },
-                    affinity_timeout: view.affinity_timeout,
-                    local_only: view.internal_traffic_policy == TrafficPolicy::Local,
-                    backends: selection.backends,
-                    kept_backends: selection.kept_backends,
-                    unready_backends: selection.unready_backends,
-                    on_empty,
-                },
+                kind: FrontendKind::ClusterIp,
+                policy: view.internal_traffic_policy,
+                local_drop: DropReason::InternalTrafficPolicyLocal,
+                source_ranges: &[],
                 field: view.cluster_ip_field(ip_index),
-                port_index: port.index,
-            });
+            };
+            claimer.claim(out, addr, pos, port.port, &what);
         }
     }
+    external_claims(&claimer, nodeports, out);
+    if let Some(port) = view.health_check_node_port
+        && view.external_traffic_policy == TrafficPolicy::Local
+    {
+        out.health_check = Some((
+            port,
+            HealthCheck {
+                namespace: Arc::clone(&claimer.namespace),
+                name: Arc::clone(&claimer.name),
+                local_endpoints: local_ready_endpoints(view, slices),
+            },
+        ));
+    }
+}
+
+/// The frontends of a Service's external addresses (see [`service_claims`]).
+fn external_claims(claimer: &Claimer<'_, '_>, nodeports: &[IpAddr], out: &mut GroupOutput) {
+    let view = claimer.view;
+    let served_families: Vec<bool> = (view.cluster_ips.iter())
+        .filter(|&&a| view.serves(a))
+        .map(IpAddr::is_ipv6)
+        .collect();
+    let external = (view.external_ips.iter())
+        .map(|&(i, a)| (a, FrontendKind::ExternalIp, ClaimField::ExternalIps(i)))
+        .chain(
+            (view.lb_ips.iter())
+                .map(|&(i, a)| (a, FrontendKind::LoadBalancerIp, ClaimField::LbIngress(i))),
+        )
+        .chain(
+            (nodeports.iter())
+                .filter(|_| view.has_node_ports())
+                .map(|&a| (a, FrontendKind::NodePort, ClaimField::ClusterIp)),
+        );
+    for (addr, kind, field) in external {
+        if !served_families.contains(&addr.is_ipv6()) {
+            continue;
+        }
+        for (pos, port) in view.ports.iter().enumerate() {
+            let (number, field) = match kind {
+                FrontendKind::NodePort => match port.node_port {
+                    Some(n) => (n, ClaimField::NodePort(port.index)),
+                    None => continue,
+                },
+                _ => (port.port, field),
+            };
+            for scope in [Scope::External, Scope::Internal] {
+                let outside = scope == Scope::External;
+                let what = ClaimWhat {
+                    scope,
+                    kind,
+                    policy: if outside {
+                        view.external_traffic_policy
+                    } else {
+                        TrafficPolicy::Cluster
+                    },
+                    local_drop: DropReason::ExternalTrafficPolicyLocal,
+                    source_ranges: if outside && kind == FrontendKind::LoadBalancerIp {
+                        &view.source_ranges
+                    } else {
+                        &[]
+                    },
+                    field,
+                };
+                claimer.claim(out, addr, pos, number, &what);
+            }
+        }
+    }
+}
+
+/// What a Service's health-check node port reports: its ready endpoints on this node, for the
+/// port and family that has the most (kube-proxy counts ready local endpoints; a terminating
+/// one does not count, so load balancers leave a node whose endpoints are all going away).
+fn local_ready_endpoints(view: &ServiceView<'_>, slices: &SliceIndex<'_>) -> usize {
+    let mut most = 0;
+    for &addr in view.cluster_ips.iter().filter(|&&a| view.serves(a)) {
+        for port in &view.ports {
+            let endpoints =
+                slices.endpoints(view.namespace, view.name, addr, port.name, port.proto);
+            let ready = (endpoints.iter())
+                .filter(|c| c.local && c.conditions.ready)
+                .count();
+            most = most.max(ready);
+        }
+    }
+    most
+}
+
+/// Claims the frontends of one validated Service (what they share).
+struct Claimer<'v, 'a> {
+    view: &'v ServiceView<'a>,
+    slices: &'v SliceIndex<'a>,
+    zone: Option<&'v str>,
+    namespace: Arc<str>,
+    name: Arc<str>,
+    /// Of `view.ports`, by position.
+    port_names: Vec<Arc<str>>,
+}
+
+impl Claimer<'_, '_> {
+    /// Claims `addr:number` for the port at `pos` in `view.ports`, as `what` says.
+    fn claim(
+        &self,
+        out: &mut GroupOutput,
+        addr: IpAddr,
+        pos: usize,
+        number: u16,
+        what: &ClaimWhat<'_>,
+    ) {
+        let view = self.view;
+        let port = &view.ports[pos];
+        let endpoints =
+            self.slices
+                .endpoints(view.namespace, view.name, addr, port.name, port.proto);
+        let selection = select_backends(&endpoints, what.policy, self.zone);
+        if let Some(why) = selection.hints_ignored {
+            out.topology_notes.push(TopologyNote {
+                namespace: view.namespace.to_owned(),
+                name: view.name.to_owned(),
+                why,
+            });
+        }
+        let on_empty = match what.policy {
+            TrafficPolicy::Local if selection.any_usable => EmptyAction::Drop(what.local_drop),
+            TrafficPolicy::Local | TrafficPolicy::Cluster => EmptyAction::Reject,
+        };
+        out.claims.push(Claim {
+            key: FrontendKey {
+                addr,
+                port: number,
+                proto: port.proto,
+                scope: what.scope,
+            },
+            frontend: Frontend {
+                service: ServicePortRef {
+                    namespace: Arc::clone(&self.namespace),
+                    name: Arc::clone(&self.name),
+                    port_name: Arc::clone(&self.port_names[pos]),
+                },
+                kind: what.kind,
+                source_ranges: what.source_ranges.to_vec(),
+                affinity_timeout: view.affinity_timeout,
+                local_only: what.policy == TrafficPolicy::Local,
+                backends: selection.backends,
+                kept_backends: selection.kept_backends,
+                unready_backends: selection.unready_backends,
+                on_empty,
+            },
+            field: what.field,
+            port_index: port.index,
+        });
+    }
+}
+
+/// How to claim one frontend of a Service port.
+struct ClaimWhat<'r> {
+    scope: Scope,
+    kind: FrontendKind,
+    policy: TrafficPolicy,
+    /// Why new connections are dropped when the policy is Local and only remote endpoints
+    /// exist.
+    local_drop: DropReason,
+    source_ranges: &'r [IpNet],
+    field: ClaimField,
 }
 
 /// Groups objects by namespace/name (sorted), keeping one of each group when all its members

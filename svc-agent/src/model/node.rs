@@ -2,6 +2,7 @@
 
 use std::{borrow::Borrow, collections::BTreeSet, net::IpAddr};
 
+use ipnet::IpNet;
 use k8s_openapi::api::core::v1::Node;
 
 use super::{LABEL_TOPOLOGY_ZONE, ObjectError};
@@ -66,6 +67,101 @@ pub fn node_addresses<N: Borrow<Node>>(
         }
     }
     (addresses.into_iter().collect(), errors)
+}
+
+/// Which node addresses serve `NodePort`s (kube-proxy's `--nodeport-addresses`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum NodePortAddresses {
+    /// Every `InternalIP` and `ExternalIP` of the Node (the flag's empty value).
+    #[default]
+    All,
+    /// The Node's primary address of each family: its first `InternalIP` of the family in
+    /// `status.addresses` order (its first `ExternalIP` when it has no `InternalIP` of the
+    /// family), as kube-proxy's `primary`.
+    Primary,
+    /// The Node's addresses inside any of these prefixes.
+    Cidrs(Vec<IpNet>),
+}
+
+impl NodePortAddresses {
+    /// Parses the flag's value: empty for [`Self::All`], `primary`, or comma-separated CIDRs
+    /// (host bits cleared).
+    ///
+    /// # Errors
+    /// Names the entry that is neither.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let text = text.trim();
+        if text.is_empty() {
+            return Ok(Self::All);
+        }
+        if text == "primary" {
+            return Ok(Self::Primary);
+        }
+        let mut cidrs = Vec::new();
+        for part in text.split(',').map(str::trim) {
+            match part.parse::<IpNet>() {
+                Ok(net) => cidrs.push(net.trunc()),
+                Err(_) => {
+                    return Err(format!(
+                        "{part:?} is not a CIDR (expected `primary` or comma-separated CIDRs \
+                         such as 198.18.0.0/24,2001:db8::/64)"
+                    ));
+                }
+            }
+        }
+        Ok(Self::Cidrs(cidrs))
+    }
+}
+
+/// The addresses of the Node named `node_name` that serve `NodePort`s under `which`, sorted
+/// and deduplicated (errors in the Node are reported by [`node_addresses`]).
+#[must_use]
+pub fn nodeport_addresses<N: Borrow<Node>>(
+    nodes: &[N],
+    node_name: &str,
+    which: &NodePortAddresses,
+) -> Vec<IpAddr> {
+    let Ok(Some(node)) = this_node(nodes, node_name) else {
+        return Vec::new();
+    };
+    // In the Node's order, as (InternalIP, address).
+    let listed: Vec<(bool, IpAddr)> = node
+        .status
+        .as_ref()
+        .and_then(|s| s.addresses.as_deref())
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|a| {
+            let internal = match a.type_.as_str() {
+                "InternalIP" => true,
+                "ExternalIP" => false,
+                _ => return None,
+            };
+            a.address.parse().ok().map(|ip| (internal, ip))
+        })
+        .collect();
+    let mut out: BTreeSet<IpAddr> = match which {
+        NodePortAddresses::All => listed.iter().map(|&(_, ip)| ip).collect(),
+        NodePortAddresses::Cidrs(cidrs) => listed
+            .iter()
+            .map(|&(_, ip)| ip)
+            .filter(|ip| cidrs.iter().any(|c| c.contains(ip)))
+            .collect(),
+        NodePortAddresses::Primary => [false, true]
+            .into_iter()
+            .filter_map(|v6| {
+                let of_family = |internal: bool| {
+                    listed
+                        .iter()
+                        .find(|&&(i, ip)| i == internal && ip.is_ipv6() == v6)
+                        .map(|&(_, ip)| ip)
+                };
+                of_family(true).or_else(|| of_family(false))
+            })
+            .collect(),
+    };
+    out.retain(|ip| !ip.is_loopback() && !ip.is_unspecified());
+    out.into_iter().collect()
 }
 
 /// The zone of the Node named `node_name`: its `topology.kubernetes.io/zone` label, `None`
@@ -284,5 +380,37 @@ status:
             assert_eq!(errors.len(), 1);
             assert_eq!(errors[0].field, "metadata.name");
         }
+    }
+
+    #[test]
+    fn nodeport_addresses_follow_the_flag() {
+        let nodes: Vec<Node> = vec![yaml(NODE2), yaml(NODE1)];
+        let ips =
+            |list: &[&str]| -> Vec<IpAddr> { list.iter().map(|a| a.parse().unwrap()).collect() };
+        let all = NodePortAddresses::parse("").unwrap();
+        assert_eq!(
+            nodeport_addresses(&nodes, "node1", &all),
+            ips(&["198.18.100.11", "203.0.113.11", "2001:db8:100::11"])
+        );
+        let primary = NodePortAddresses::parse("primary").unwrap();
+        assert_eq!(
+            nodeport_addresses(&nodes, "node1", &primary),
+            ips(&["198.18.100.11", "2001:db8:100::11"])
+        );
+        let cidrs = NodePortAddresses::parse(" 203.0.113.1/24 , 2001:db8::/32").unwrap();
+        assert_eq!(
+            cidrs,
+            NodePortAddresses::Cidrs(vec![
+                "203.0.113.0/24".parse().unwrap(),
+                "2001:db8::/32".parse().unwrap()
+            ])
+        );
+        assert_eq!(
+            nodeport_addresses(&nodes, "node1", &cidrs),
+            ips(&["203.0.113.11", "2001:db8:100::11"])
+        );
+        assert_eq!(nodeport_addresses(&nodes, "node9", &all), ips(&[]));
+        let err = NodePortAddresses::parse("198.18.0.0/24,eth0").unwrap_err();
+        assert!(err.contains("\"eth0\" is not a CIDR"), "{err}");
     }
 }

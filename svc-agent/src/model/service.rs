@@ -2,9 +2,11 @@
 
 use std::{net::IpAddr, time::Duration};
 
+use ipnet::IpNet;
+
 use super::{
     LABEL_HEADLESS, LABEL_SERVICE_PROXY_NAME, ObjectError, Protocol, namespace_of,
-    svc::{Svc, SvcPort, SvcSpec},
+    svc::{Svc, SvcLbIngress, SvcPort, SvcSpec},
 };
 
 /// `sessionAffinityConfig.clientIP.timeoutSeconds` when the Service sets none.
@@ -19,6 +21,17 @@ pub(crate) enum TrafficPolicy {
     Cluster,
     /// Only endpoints on this node.
     Local,
+}
+
+/// `spec.type`, for a Service the dataplane serves (`ExternalName` is DNS only).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum ServiceType {
+    /// `ClusterIP` (the default).
+    ClusterIp,
+    /// `NodePort`: also on every node address at each port's `nodePort`.
+    NodePort,
+    /// `LoadBalancer`: as `NodePort`, and on the load balancer's ingress IPs.
+    LoadBalancer,
 }
 
 /// A validated Service that has virtual IPs to program.
@@ -36,6 +49,18 @@ pub(crate) struct ServiceView<'a> {
     pub ports: Vec<PortView<'a>>,
     pub internal_traffic_policy: TrafficPolicy,
     pub affinity_timeout: Option<Duration>,
+    pub type_: ServiceType,
+    /// `spec.externalIPs`, with their index.
+    pub external_ips: Vec<(usize, IpAddr)>,
+    /// `status.loadBalancer.ingress[].ip` of a `LoadBalancer` whose `ipMode` is not `Proxy`
+    /// (with `Proxy` the load balancer delivers to the node, which must not capture the IP),
+    /// with their index.
+    pub lb_ips: Vec<(usize, IpAddr)>,
+    /// `spec.loadBalancerSourceRanges` (host bits cleared); empty: every client.
+    pub source_ranges: Vec<IpNet>,
+    pub external_traffic_policy: TrafficPolicy,
+    /// `spec.healthCheckNodePort` (0 or absent: none).
+    pub health_check_node_port: Option<u16>,
 }
 
 /// A validated Service port.
@@ -47,7 +72,7 @@ pub(crate) struct PortView<'a> {
     pub name: &'a str,
     pub port: u16,
     pub proto: Protocol,
-    /// Kept for the `NodePort` frontends to come.
+    /// `nodePort` (absent or 0: none).
     pub node_port: Option<u16>,
 }
 
@@ -77,17 +102,22 @@ impl<'a> ServiceView<'a> {
             checker.fail("metadata.name".to_owned(), "missing".to_owned());
         }
 
-        match spec.type_.as_deref() {
-            None | Some("ClusterIP" | "NodePort" | "LoadBalancer") => {}
+        let type_ = match spec.type_.as_deref() {
+            None | Some("ClusterIP") => ServiceType::ClusterIp,
+            Some("NodePort") => ServiceType::NodePort,
+            Some("LoadBalancer") => ServiceType::LoadBalancer,
             Some("ExternalName") => return None, // DNS only.
-            Some(other) => checker.fail(
-                "spec.type".to_owned(),
-                format!(
-                    "unknown type {other:?} (expected ClusterIP, NodePort, LoadBalancer or \
-                     ExternalName)"
-                ),
-            ),
-        }
+            Some(other) => {
+                checker.fail(
+                    "spec.type".to_owned(),
+                    format!(
+                        "unknown type {other:?} (expected ClusterIP, NodePort, LoadBalancer or \
+                         ExternalName)"
+                    ),
+                );
+                ServiceType::ClusterIp
+            }
+        };
 
         let (cluster_ips, cluster_ips_listed) = checker.cluster_ips(spec)?;
         let ip_families = checker.ip_families(spec);
@@ -105,6 +135,26 @@ impl<'a> ServiceView<'a> {
             spec.internal_traffic_policy.as_deref(),
         );
         let affinity_timeout = checker.affinity(spec);
+        let external_traffic_policy = checker.traffic_policy(
+            "spec.externalTrafficPolicy",
+            spec.external_traffic_policy.as_deref(),
+        );
+        let external_ips = checker.addresses(
+            "spec.externalIPs",
+            spec.external_ips.as_deref().unwrap_or_default(),
+        );
+        let lb_ips = if type_ == ServiceType::LoadBalancer {
+            checker.lb_ips(svc.load_balancer_ingress.as_deref().unwrap_or_default())
+        } else {
+            Vec::new()
+        };
+        let source_ranges = checker.source_ranges(
+            spec.load_balancer_source_ranges
+                .as_deref()
+                .unwrap_or_default(),
+        );
+        let health_check_node_port =
+            checker.optional_port("spec.healthCheckNodePort", spec.health_check_node_port);
 
         if checker.failed {
             return None;
@@ -118,7 +168,21 @@ impl<'a> ServiceView<'a> {
             ports,
             internal_traffic_policy,
             affinity_timeout,
+            type_,
+            external_ips,
+            lb_ips,
+            source_ranges,
+            external_traffic_policy,
+            health_check_node_port,
         })
+    }
+
+    /// Whether the Service is served on node addresses at its ports' `nodePort`s.
+    pub(crate) fn has_node_ports(&self) -> bool {
+        matches!(
+            self.type_,
+            ServiceType::NodePort | ServiceType::LoadBalancer
+        )
     }
 
     /// Whether `addr`, one of `cluster_ips`, is served: its family is in `spec.ipFamilies`, or
@@ -247,22 +311,13 @@ impl Checker<'_, '_> {
             );
         }
         // 0 means "not allocated" (the API server allocates one for NodePort Services).
-        let node_port = match port.node_port {
-            None | Some(0) => Some(None),
-            Some(n) => u16::try_from(n).ok().map(Some),
-        };
-        if node_port.is_none() {
-            self.fail(
-                field("nodePort"),
-                format!("{} is not in 1..=65535", port.node_port.unwrap_or_default()),
-            );
-        }
+        let node_port = self.optional_port(&field("nodePort"), port.node_port);
         Some(PortView {
             index,
             name: port.name.as_deref().unwrap_or_default(),
             port: number?,
             proto: proto?,
-            node_port: node_port?,
+            node_port,
         })
     }
 
@@ -292,6 +347,94 @@ impl Checker<'_, '_> {
                 );
             }
         }
+    }
+
+    /// A port number that may be unset: absent or 0 is `None`; outside 1..=65535 an error
+    /// (and `None`).
+    fn optional_port(&mut self, field: &str, value: Option<i32>) -> Option<u16> {
+        match value {
+            None | Some(0) => None,
+            Some(n) => {
+                let port = u16::try_from(n).ok();
+                if port.is_none() {
+                    self.fail(field.to_owned(), format!("{n} is not in 1..=65535"));
+                }
+                port
+            }
+        }
+    }
+
+    /// A list of addresses (`spec.externalIPs`), with their index; each must be a unicast IP.
+    fn addresses(&mut self, field: &str, list: &[String]) -> Vec<(usize, IpAddr)> {
+        let mut out = Vec::with_capacity(list.len());
+        for (i, text) in list.iter().enumerate() {
+            if let Some(ip) = self.unicast(format!("{field}[{i}]"), text) {
+                out.push((i, ip));
+            }
+        }
+        out
+    }
+
+    /// `text` as a unicast IP address, or an error on `field`.
+    fn unicast(&mut self, field: String, text: &str) -> Option<IpAddr> {
+        match text.parse::<IpAddr>() {
+            Ok(ip) if ip.is_unspecified() || ip.is_multicast() || ip.is_loopback() => {
+                self.fail(field, format!("{text:?} cannot be a service address"));
+                None
+            }
+            Ok(ip) => Some(ip),
+            Err(_) => {
+                self.fail(field, format!("{text:?} is not an IP address"));
+                None
+            }
+        }
+    }
+
+    /// The load balancer's ingress IPs the node captures: those whose `ipMode` is `VIP` (or
+    /// unset); `Proxy` ones are skipped, entries with only a `hostname` too.
+    fn lb_ips(&mut self, ingress: &[SvcLbIngress]) -> Vec<(usize, IpAddr)> {
+        let mut out = Vec::new();
+        for (i, entry) in ingress.iter().enumerate() {
+            let field = |name: &str| format!("status.loadBalancer.ingress[{i}].{name}");
+            let capture = match entry.ip_mode.as_deref() {
+                None | Some("VIP") => true,
+                Some("Proxy") => false,
+                Some(other) => {
+                    self.fail(
+                        field("ipMode"),
+                        format!("unknown ipMode {other:?} (expected VIP or Proxy)"),
+                    );
+                    false
+                }
+            };
+            let Some(text) = entry.ip.as_deref().filter(|t| !t.is_empty()) else {
+                continue;
+            };
+            if let Some(ip) = self.unicast(field("ip"), text)
+                && capture
+            {
+                out.push((i, ip));
+            }
+        }
+        out
+    }
+
+    /// `spec.loadBalancerSourceRanges` as prefixes (surrounding spaces allowed, as kube-proxy
+    /// allows them; host bits cleared).
+    fn source_ranges(&mut self, list: &[String]) -> Vec<IpNet> {
+        let mut out = Vec::with_capacity(list.len());
+        for (i, text) in list.iter().enumerate() {
+            match text.trim().parse::<IpNet>() {
+                Ok(net) => out.push(net.trunc()),
+                Err(_) => self.fail(
+                    format!("spec.loadBalancerSourceRanges[{i}]"),
+                    format!("{text:?} is not an IP prefix (CIDR)"),
+                ),
+            }
+        }
+        out.sort();
+        out.dedup();
+        out
     }
 
     fn traffic_policy(&mut self, field: &str, value: Option<&str>) -> TrafficPolicy {

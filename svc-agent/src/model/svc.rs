@@ -26,6 +26,17 @@ pub struct Svc {
     pub metadata: SvcMeta,
     /// `spec`.
     pub spec: Option<SvcSpec>,
+    /// `status.loadBalancer.ingress` (none when the Service has no such list).
+    pub load_balancer_ingress: Option<Vec<SvcLbIngress>>,
+}
+
+/// One of a Service's `status.loadBalancer.ingress`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SvcLbIngress {
+    /// `ip` (none for a load balancer named by `hostname` only).
+    pub ip: Option<String>,
+    /// `ipMode` (`VIP`, the default, or `Proxy`).
+    pub ip_mode: Option<String>,
 }
 
 /// A Service's `metadata`: its identity and the labels and annotations the model reads.
@@ -69,6 +80,14 @@ pub struct SvcSpec {
     pub publish_not_ready_addresses: Option<bool>,
     /// `trafficDistribution`.
     pub traffic_distribution: Option<String>,
+    /// `externalIPs`.
+    pub external_ips: Option<Vec<String>>,
+    /// `externalTrafficPolicy`.
+    pub external_traffic_policy: Option<String>,
+    /// `healthCheckNodePort`.
+    pub health_check_node_port: Option<i32>,
+    /// `loadBalancerSourceRanges`.
+    pub load_balancer_source_ranges: Option<Vec<String>>,
 }
 
 /// One of a Service's `ports`.
@@ -99,6 +118,18 @@ impl From<Service> for Svc {
         Self {
             metadata: SvcMeta::from(svc.metadata),
             spec: svc.spec.map(SvcSpec::from),
+            load_balancer_ingress: svc
+                .status
+                .and_then(|s| s.load_balancer)
+                .and_then(|lb| lb.ingress)
+                .map(|list| {
+                    list.into_iter()
+                        .map(|i| SvcLbIngress {
+                            ip: i.ip,
+                            ip_mode: i.ip_mode,
+                        })
+                        .collect()
+                }),
         }
     }
 }
@@ -143,6 +174,10 @@ impl From<ServiceSpec> for SvcSpec {
             selector: spec.selector,
             publish_not_ready_addresses: spec.publish_not_ready_addresses,
             traffic_distribution: spec.traffic_distribution,
+            external_ips: spec.external_ips,
+            external_traffic_policy: spec.external_traffic_policy,
+            health_check_node_port: spec.health_check_node_port,
+            load_balancer_source_ranges: spec.load_balancer_source_ranges,
         }
     }
 }
@@ -177,7 +212,10 @@ mod tests {
              \x20 sessionAffinityConfig: {clientIP: {timeoutSeconds: 60}}\n\
              \x20 internalTrafficPolicy: Local\n  publishNotReadyAddresses: true\n\
              \x20 trafficDistribution: PreferClose\n  externalName: x.example\n\
-             \x20 ports: [{name: http, port: 80, protocol: TCP, nodePort: 30080, targetPort: http}]\n",
+             \x20 ports: [{name: http, port: 80, protocol: TCP, nodePort: 30080, targetPort: http}]\n\
+             \x20 externalIPs: [198.18.0.50]\n  externalTrafficPolicy: Local\n\
+             \x20 healthCheckNodePort: 32000\n  loadBalancerSourceRanges: [198.18.0.0/24]\n\
+             status:\n  loadBalancer:\n    ingress: [{ip: 198.18.0.60, ipMode: VIP}, {hostname: lb.example}]\n",
         );
         let one = |k: &str, v: &str| Some(BTreeMap::from([(k.to_owned(), v.to_owned())]));
         assert_eq!(
@@ -208,7 +246,18 @@ mod tests {
                     selector: one("app", "web"),
                     publish_not_ready_addresses: Some(true),
                     traffic_distribution: Some("PreferClose".into()),
+                    external_ips: Some(vec!["198.18.0.50".into()]),
+                    external_traffic_policy: Some("Local".into()),
+                    health_check_node_port: Some(32000),
+                    load_balancer_source_ranges: Some(vec!["198.18.0.0/24".into()]),
                 }),
+                load_balancer_ingress: Some(vec![
+                    SvcLbIngress {
+                        ip: Some("198.18.0.60".into()),
+                        ip_mode: Some("VIP".into()),
+                    },
+                    SvcLbIngress::default(),
+                ]),
             }
         );
         // Unread labels and annotations leave nothing behind.

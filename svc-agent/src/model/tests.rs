@@ -325,6 +325,8 @@ fn documentation_example_gives_one_frontend_with_three_backends() {
     assert_eq!(
         f,
         &Frontend {
+            kind: crate::model::FrontendKind::ClusterIp,
+            source_ranges: Vec::new(),
             service: ServicePortRef {
                 namespace: "default".into(),
                 name: "frontend-svc".into(),
@@ -2441,3 +2443,5 @@ metadata: {}
     let _ = compute_any_order(&snap, "");
     let _ = compute_any_order(&snap, "node1");
 }
+
+mod external;

@@ -1111,6 +1111,8 @@ mod tests {
             scope: Scope::Internal,
         };
         let frontend = Frontend {
+            kind: crate::model::FrontendKind::ClusterIp,
+            source_ranges: Vec::new(),
             service: ServicePortRef {
                 namespace: "shop".into(),
                 name: "api".into(),

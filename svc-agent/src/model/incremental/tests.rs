@@ -9,8 +9,8 @@ use std::{
 use k8s_openapi::{
     api::{
         core::v1::{
-            Node, NodeAddress as K8sNodeAddress, NodeStatus, ObjectReference, Service, ServicePort,
-            ServiceSpec,
+            LoadBalancerIngress, LoadBalancerStatus, Node, NodeAddress as K8sNodeAddress,
+            NodeStatus, ObjectReference, Service, ServicePort, ServiceSpec, ServiceStatus,
         },
         discovery::v1::{
             Endpoint, EndpointConditions, EndpointHints, EndpointPort, EndpointSlice, ForNode,
@@ -751,6 +751,10 @@ struct ServiceGen {
     headless: bool,
     /// `TRAFFIC_DISTRIBUTIONS` index of `spec.trafficDistribution`, or none.
     traffic_distribution: Option<usize>,
+    /// 0: `ClusterIP`; 1: `NodePort` (`nodePort` 30000 + the port's index); 2: as 1 and a
+    /// `LoadBalancer` with `externalTrafficPolicy: Local`, health-check node port 32000, an
+    /// ingress IP and an external IP (one of them also a node address).
+    exposure: usize,
 }
 
 #[derive(Clone, Debug)]
@@ -844,10 +848,22 @@ fn service_gen() -> impl Strategy<Value = ServiceGen> {
         prop::bool::weighted(0.3),
         prop::bool::weighted(0.1),
         prop::option::weighted(0.3, 0..TRAFFIC_DISTRIBUTIONS.len()),
+        prop_oneof![5 => Just(0usize), 2 => Just(1usize), 2 => Just(2usize)],
     )
         .prop_map(
-            |(namespace, implicit_namespace, name, ips, ports, local, headless, distribution)| {
+            |(
+                namespace,
+                implicit_namespace,
+                name,
+                ips,
+                ports,
+                local,
+                headless,
+                distribution,
+                exposure,
+            )| {
                 ServiceGen {
+                    exposure,
                     namespace,
                     implicit_namespace,
                     name,
@@ -959,6 +975,7 @@ fn topology_service_gen() -> impl Strategy<Value = ServiceGen> {
         s.ports = vec![0];
         s.local = false;
         s.headless = false;
+        s.exposure = 0;
         s
     })
 }
@@ -1080,6 +1097,8 @@ impl ServiceGen {
                                 name: Some(name.to_owned()),
                                 port,
                                 protocol: Some(protocol.to_owned()),
+                                node_port: (self.exposure > 0)
+                                    .then(|| 30000 + i32::try_from(p).unwrap_or_default()),
                                 ..ServicePort::default()
                             }
                         })
@@ -1088,9 +1107,22 @@ impl ServiceGen {
                 traffic_distribution: self
                     .traffic_distribution
                     .map(|d| TRAFFIC_DISTRIBUTIONS[d].to_owned()),
+                type_: Some(["ClusterIP", "NodePort", "LoadBalancer"][self.exposure].to_owned()),
+                external_traffic_policy: (self.exposure == 2).then(|| "Local".to_owned()),
+                health_check_node_port: (self.exposure == 2).then_some(32000),
+                external_ips: (self.exposure == 2)
+                    .then(|| vec!["198.18.100.1".to_owned(), "198.18.7.1".to_owned()]),
                 ..ServiceSpec::default()
             }),
-            status: None,
+            status: (self.exposure == 2).then(|| ServiceStatus {
+                load_balancer: Some(LoadBalancerStatus {
+                    ingress: Some(vec![LoadBalancerIngress {
+                        ip: Some("198.18.8.1".to_owned()),
+                        ..LoadBalancerIngress::default()
+                    }]),
+                }),
+                ..ServiceStatus::default()
+            }),
         }
     }
 }
