@@ -24,6 +24,11 @@ pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DI
 pub const PROG_TC_FROM_POD: &str = "svc_tc_from_pod";
 /// Name of the TC program for packets going to a pod (egress on the host end of its veth).
 pub const PROG_TC_TO_POD: &str = "svc_tc_to_pod";
+/// Name of the TC program for packets from outside (ingress on a node-facing interface).
+pub const PROG_TC_FROM_WORLD: &str = "svc_tc_from_world";
+/// Name of the TC program for packets leaving towards the outside (egress on a node-facing
+/// interface).
+pub const PROG_TC_TO_WORLD: &str = "svc_tc_to_world";
 /// Name of the cgroup `connect4` program (connect-time translation, IPv4).
 pub const PROG_SOCK_CONNECT4: &str = "svc_sock_conn4";
 /// Name of the cgroup `connect6` program (connect-time translation, IPv6).
@@ -325,7 +330,12 @@ impl IfacePatterns {
 /// before must stay open until this returns: the programs' instructions name them by the
 /// descriptors the object was loaded with; once loaded, the programs hold their maps.
 pub fn load_programs(ebpf: &mut Ebpf) -> anyhow::Result<()> {
-    for name in [PROG_TC_FROM_POD, PROG_TC_TO_POD] {
+    for name in [
+        PROG_TC_FROM_POD,
+        PROG_TC_TO_POD,
+        PROG_TC_FROM_WORLD,
+        PROG_TC_TO_WORLD,
+    ] {
         loaded::<SchedClassifier>(ebpf, name)?;
     }
     for name in PROGS_SOCK {

@@ -28,6 +28,9 @@ pub mod addr_flags {
     /// kube-proxy rejects it per `ClusterIP`. Node addresses, external and load-balancer IPs
     /// (other scopes, later) never get it: their other ports belong to someone else.
     pub const CLUSTER_IP: u32 = 1 << 2;
+    /// The address of at least one external-scope frontend (a node address with `NodePort`s,
+    /// an external or load-balancer IP): the node-facing programs' first test.
+    pub const EXTERNAL: u32 = 1 << 3;
 }
 
 /// Key of `ADDRS_V1`.

@@ -129,8 +129,11 @@ pub struct CtValue {
     pub backend_id: u32,
     /// The frontend (service port) id, for its counters.
     pub frontend_id: u32,
+    /// Both entries of an external flow to a remote endpoint: the source port it was given on
+    /// the node's SNAT address (`svc_common::nat`), network order; 0: not SNAT'd.
+    pub snat_port: Be16,
     /// Explicit padding, always zero.
-    pub _pad2: u32,
+    pub _pad2: u16,
     /// When the entry was last used: `CLOCK_MONOTONIC` ns at the last tick
     /// (`bpf_ktime_get_coarse_ns`; timeouts are seconds).
     pub last_seen_ns: u64,
@@ -143,6 +146,7 @@ crate::assert_layout!(
     state = 18,
     backend_id = 20,
     frontend_id = 24,
+    snat_port = 28,
     last_seen_ns = 32
 );
 

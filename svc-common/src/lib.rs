@@ -20,6 +20,7 @@ pub mod conntrack;
 pub mod csum;
 pub mod frag;
 pub mod ids;
+pub mod nat;
 pub mod net;
 pub mod service;
 pub mod sock;
@@ -50,6 +51,8 @@ pub const MAP_NAMES: &[&str] = &[
     "CT_NEW_V1",
     "FRAG_V1",
     "FRONTEND_NAMES_V1",
+    "SNAT_CONFIG_V1",
+    "SNAT_V1",
 ];
 
 /// Default map sizes (the agent's flags override them at load time).
@@ -68,6 +71,8 @@ pub mod sizes {
     pub const CT_NEW: u32 = 262_144;
     /// `AFFINITY_V1` entries: (client, service port) pairs with `ClientIP` affinity.
     pub const AFFINITY: u32 = 262_144;
+    /// `SNAT_V1` entries: one per external connection to a remote endpoint. Not preallocated.
+    pub const SNAT: u32 = 262_144;
     /// `ADDRS_V1` entries: every frontend and backend address fits (each has at least one
     /// entry in `SERVICES_V1` or `BACKENDS_V1`). Not preallocated.
     pub const ADDRS: u32 = SERVICES + BACKENDS;

@@ -23,7 +23,8 @@ pub mod scope {
     /// From inside the cluster (pods, host processes): `ClusterIP`, and LB/external IPs reached
     /// from inside.
     pub const INTERNAL: u8 = 0;
-    /// From outside the cluster: `NodePort`, `LoadBalancer`, external IPs (a later issue).
+    /// From outside the cluster (packets arriving on a node-facing interface): `NodePort`,
+    /// `LoadBalancer` ingress and external IPs.
     pub const EXTERNAL: u8 = 1;
 }
 
@@ -38,9 +39,13 @@ pub mod flags {
     /// The slots hold terminating endpoints (no ready one exists): session affinity may stick
     /// to a terminating backend.
     pub const SERVES_TERMINATING: u16 = 1 << 2;
-    /// New connections only go to endpoints on this node (internalTrafficPolicy Local): session
-    /// affinity may only stick to a local backend.
+    /// New connections only go to endpoints on this node (the scope's traffic policy is Local):
+    /// session affinity may only stick to a local backend.
     pub const LOCAL_ONLY: u16 = 1 << 3;
+    /// The frontend is on a node, external or load-balancer address, not a `ClusterIP`: the
+    /// address's other ports are not refused (they belong to the node or someone else). The
+    /// agent reads it back when it rebuilds `ADDRS_V1`; the programs do not need it.
+    pub const EXTERNAL_ADDR: u16 = 1 << 4;
 }
 
 /// Key of `SERVICES_V1`.

@@ -86,11 +86,19 @@ pub enum PktCounter {
     /// A TCP/UDP packet, `connect()` or `sendto()` to a `ClusterIP` on a port and protocol the
     /// Service does not have: rejected (also counted under `rejected`).
     UnlistedPort = 20,
+    /// A packet from outside to a `NodePort`, external or load-balancer address whose
+    /// destination was rewritten (also counted under `dnat`'s siblings per frontend).
+    ExtDnat = 21,
+    /// A packet of an external flow to a remote endpoint whose source became the node's
+    /// address and a port of the SNAT range.
+    Snat = 22,
+    /// A reply to an SNAT'd flow whose destination became the client again.
+    RevSnat = 23,
 }
 
 impl PktCounter {
     /// Every counter, in index order.
-    pub const ALL: [Self; 21] = [
+    pub const ALL: [Self; 24] = [
         Self::NonIp,
         Self::Ipv4,
         Self::Ipv6,
@@ -112,6 +120,9 @@ impl PktCounter {
         Self::CtMissMidflow,
         Self::FragUntracked,
         Self::UnlistedPort,
+        Self::ExtDnat,
+        Self::Snat,
+        Self::RevSnat,
     ];
     /// Number of entries in `PKT_STATS_V1`.
     pub const COUNT: u32 = Self::ALL.len() as u32;
@@ -141,6 +152,9 @@ impl PktCounter {
             Self::CtMissMidflow => "ct_miss_midflow",
             Self::FragUntracked => "frag_untracked",
             Self::UnlistedPort => "unlisted_port",
+            Self::ExtDnat => "ext_dnat",
+            Self::Snat => "snat",
+            Self::RevSnat => "rev_snat",
         }
     }
 }
@@ -168,7 +182,8 @@ pub enum DropReason {
     /// A service port with no endpoint at all, and the rejection reply could not be built
     /// (IPv4 options on a non-TCP request, a TCP reset answering a reset).
     NoEndpoints = 0,
-    /// internalTrafficPolicy Local and no endpoint on this node.
+    /// internalTrafficPolicy (or, from outside, externalTrafficPolicy) Local and no endpoint
+    /// on this node.
     NoLocalEndpoint = 1,
     /// A backend slot points at a backend id the backends map does not hold.
     BackendMissing = 2,
@@ -184,11 +199,21 @@ pub enum DropReason {
     /// same backend, so replies of the two could not be told apart. The new flow's first
     /// packet is dropped (the client retries; the tuple frees when the other connection closes).
     CtReplyClash = 6,
+    /// A client outside `loadBalancerSourceRanges` reached a load balancer IP.
+    SourceRange = 7,
+    /// An external flow to a remote endpoint needs SNAT, and the node has no SNAT address of
+    /// the packet's family.
+    NatNoAddress = 8,
+    /// Every SNAT port tried for the flow's (node address, endpoint) pair was taken.
+    NatPortsExhausted = 9,
+    /// The SNAT table (`SNAT_V1`) refused the flow's entry (full): the flow is dropped, never
+    /// translated without a way back.
+    NatTableFull = 10,
 }
 
 impl DropReason {
     /// Every reason, in index order.
-    pub const ALL: [Self; 7] = [
+    pub const ALL: [Self; 11] = [
         Self::NoEndpoints,
         Self::NoLocalEndpoint,
         Self::BackendMissing,
@@ -196,6 +221,10 @@ impl DropReason {
         Self::RewriteFailed,
         Self::UnlistedPort,
         Self::CtReplyClash,
+        Self::SourceRange,
+        Self::NatNoAddress,
+        Self::NatPortsExhausted,
+        Self::NatTableFull,
     ];
     /// Number of entries in `DROP_STATS_V1`.
     pub const COUNT: u32 = Self::ALL.len() as u32;
@@ -211,6 +240,10 @@ impl DropReason {
             Self::RewriteFailed => "rewrite_failed",
             Self::UnlistedPort => "unlisted_port_dropped",
             Self::CtReplyClash => "ct_reply_clash",
+            Self::SourceRange => "source_range",
+            Self::NatNoAddress => "nat_no_address",
+            Self::NatPortsExhausted => "nat_ports_exhausted",
+            Self::NatTableFull => "nat_table_full",
         }
     }
 }

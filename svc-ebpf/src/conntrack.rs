@@ -189,6 +189,7 @@ pub fn ct_create(pkt: &Parsed, chosen: &Chosen, now: u64) -> Result<(), DropReas
         _pad: 0,
         backend_id: chosen.backend_id,
         frontend_id: chosen.frontend_id,
+        snat_port: Be16(0),
         _pad2: 0,
         last_seen_ns: now,
     };

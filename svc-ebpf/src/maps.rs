@@ -15,6 +15,7 @@ use svc_common::{
     conntrack::{CtKey, CtValue},
     frag::{FRAG_ENTRIES, FragKey, FragValue},
     ids::{self, IdCursor},
+    nat::{SNAT_CONFIG_ENTRIES, SnatConfig, SnatValue},
     service::{Backend, BackendName, FrontendName, ServiceKey, ServiceValue},
     sizes,
     stats::{Counter, DropReason, PktCounter},
@@ -99,3 +100,15 @@ pub static ADDRS_V1: HashMap<AddrKey, AddrValue> =
 /// programs. See `svc_common::frag`.
 #[map]
 pub static FRAG_V1: LruHashMap<FragKey, FragValue> = LruHashMap::with_max_entries(FRAG_ENTRIES, 0);
+
+/// The node's SNAT address per family and the SNAT port range. Writer: the agent (at start).
+/// Key: `u32` (`svc_common::nat::SNAT_V4`, `SNAT_V6`). See `svc_common::nat`.
+#[map]
+pub static SNAT_CONFIG_V1: Array<SnatConfig> = Array::with_max_entries(SNAT_CONFIG_ENTRIES, 0);
+
+/// Source NAT of external flows to remote endpoints: reply tuple -> client. Writer: the
+/// node-facing program (new flows); the agent removes the entries of ended flows. Not LRU: a
+/// live flow's entry is never evicted; a full table drops new flows. See `svc_common::nat`.
+#[map]
+pub static SNAT_V1: HashMap<CtKey, SnatValue> =
+    HashMap::with_max_entries(sizes::SNAT, BPF_F_NO_PREALLOC);

@@ -5,14 +5,142 @@
 //! sum), and `bpf_l4_csum_replace` with `BPF_F_PSEUDO_HDR` treats PARTIAL, COMPLETE and plain
 //! packets alike correctly; `BPF_F_MARK_MANGLED_0` keeps a UDP "no checksum" zero as zero.
 
-use aya_ebpf::programs::TcContext;
+use aya_ebpf::{bindings::BPF_NOEXIST, programs::TcContext};
 use svc_common::{
+    Be16,
     addr::{Addr, FAMILY_V4},
+    conntrack::{CtKey, dir, flow_hash},
     csum,
+    nat::{PORT_TRIES, SnatValue, candidate_port, config_index},
     net::ipproto,
+    service::backend_flags,
+    stats::DropReason,
 };
 
-use crate::parse::{ETH_HLEN, Parsed, ptr_at};
+use crate::{
+    maps::{BACKENDS_V1, CT_NEW_V1, SNAT_CONFIG_V1, SNAT_V1},
+    parse::{ETH_HLEN, Parsed, ptr_at},
+};
+
+/// `EEXIST` (errno), as map updates return it negated.
+const EEXIST: i32 = 17;
+
+/// Gives the new external flow `pkt`, just recorded in `CT_NEW_V1` and sent to the backend
+/// `backend_id`, an SNAT port when that endpoint runs on another node (else returns 0: no
+/// SNAT): the first free one of [`PORT_TRIES`] candidates of the range, from a point chosen by
+/// a hash of the flow's tuple, taken by inserting its reply key into `SNAT_V1` only if absent.
+/// Both conntrack entries of the flow note the port. Returns it (network order). When no port
+/// can be had, the flow's pair is removed again and the reason returned. A subprogram of its
+/// own; one key on its stack, reused.
+#[inline(never)]
+pub fn snat_new_flow(pkt: &Parsed, backend_id: u32, now: u64) -> Result<u16, DropReason> {
+    // SAFETY: copied out at once.
+    let backend = match unsafe { BACKENDS_V1.get(&backend_id) } {
+        Some(b) if b.flags & backend_flags::LOCAL == 0 => (b.addr, b.port),
+        _ => return Ok(0),
+    };
+    let (addr, port) = (&backend.0, backend.1.0);
+    // The flow's forward key, then its reply key (endpoint -> client), then SNAT keys.
+    let mut key = CtKey {
+        src: pkt.src,
+        dst: pkt.dst,
+        sport: Be16(pkt.sport),
+        dport: Be16(pkt.dport),
+        proto: pkt.proto,
+        family: pkt.family,
+        dir: dir::FORWARD,
+        _pad: 0,
+    };
+    let taken = take_port(&mut key, pkt, addr, port, now);
+    // Back to the forward key, then the reply key: note the port, or forget the flow.
+    key.src = pkt.src;
+    key.dst = pkt.dst;
+    key.sport = Be16(pkt.sport);
+    key.dport = Be16(pkt.dport);
+    key.dir = dir::FORWARD;
+    note_port(&key, taken);
+    key.src = *addr;
+    key.sport = Be16(port);
+    key.dst = pkt.src;
+    key.dport = Be16(pkt.sport);
+    key.dir = dir::REPLY;
+    note_port(&key, taken);
+    taken
+}
+
+/// Sets the SNAT port of the `CT_NEW_V1` entry `key`, or removes the entry when there is none.
+#[inline(always)]
+fn note_port(key: &CtKey, taken: Result<u16, DropReason>) {
+    match taken {
+        Ok(snat_port) => {
+            if let Some(entry) = CT_NEW_V1.get_ptr_mut(key) {
+                // SAFETY: a pointer into the map's value.
+                unsafe { (*entry).snat_port = Be16(snat_port) };
+            }
+        }
+        Err(_) => {
+            let _ = CT_NEW_V1.remove(key);
+        }
+    }
+}
+
+/// The tuple hash new flows take SNAT ports by: [`flow_hash`] of the flow's forward key. A
+/// subprogram of its own: the hash's words would otherwise take the caller's stack.
+#[inline(never)]
+fn snat_hash(key: &CtKey) -> u32 {
+    flow_hash(key)
+}
+
+/// The port-taking part of [`snat_new_flow`]; `key` holds the flow's forward key on entry and
+/// is left as an SNAT key.
+#[inline(always)]
+fn take_port(
+    key: &mut CtKey,
+    pkt: &Parsed,
+    addr: &Addr,
+    port: u16,
+    now: u64,
+) -> Result<u16, DropReason> {
+    let Some(cfg) = SNAT_CONFIG_V1.get(config_index(pkt.family)) else {
+        return Err(DropReason::NatNoAddress);
+    };
+    if cfg.enabled == 0 {
+        return Err(DropReason::NatNoAddress);
+    }
+    let hash = snat_hash(key);
+    key.src = *addr;
+    key.dst = cfg.addr;
+    key.sport = Be16(port);
+    key.dir = dir::REPLY;
+    let value = SnatValue {
+        client: pkt.src,
+        client_port: Be16(pkt.sport),
+        _pad: 0,
+        last_seen_ns: now,
+    };
+    let mut n = 0;
+    while n < PORT_TRIES {
+        let candidate = candidate_port(hash, n, cfg.port_min, cfg.port_max).to_be();
+        key.dport = Be16(candidate);
+        match SNAT_V1.insert(&*key, &value, u64::from(BPF_NOEXIST)) {
+            Ok(()) => return Ok(candidate),
+            Err(e) if e == -EEXIST => {}
+            Err(_) => return Err(DropReason::NatTableFull),
+        }
+        n += 1;
+    }
+    Err(DropReason::NatPortsExhausted)
+}
+
+/// Rewrites the source of an external flow's packet (already sent to its remote endpoint) to
+/// the node's SNAT address and `port` (network order).
+#[inline(never)]
+pub fn snat_source(ctx: &TcContext, pkt: &Parsed, port: u16) -> Result<(), DropReason> {
+    let Some(cfg) = SNAT_CONFIG_V1.get(config_index(pkt.family)).copied() else {
+        return Err(DropReason::NatNoAddress);
+    };
+    nat_rewrite(ctx, pkt, End::Src, &cfg.addr, port).map_err(|()| DropReason::RewriteFailed)
+}
 
 /// `BPF_F_PSEUDO_HDR` (uapi): the changed field is part of the pseudo header.
 const BPF_F_PSEUDO_HDR: u64 = 1 << 4;

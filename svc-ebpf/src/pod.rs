@@ -27,6 +27,7 @@ use svc_common::{
     conntrack::{CtValue, dir, flow_hash, state},
     frag::frag_flags,
     net::ipproto,
+    service::scope,
     stats::{DropReason, PktCounter},
 };
 
@@ -86,8 +87,8 @@ pub fn from_pod(ctx: &TcContext) -> i32 {
     }
 }
 
-/// What happened to a TCP/UDP packet from a pod.
-enum Outcome {
+/// What happened to a TCP/UDP packet for a service (from a pod, or from outside).
+pub enum Outcome {
     /// Not addressed to a service: untouched.
     NotService,
     /// Sent to a backend (destination rewritten).
@@ -100,34 +101,55 @@ enum Outcome {
 
 /// Where a translated packet goes: backend address and port (network order); for the reply
 /// leg of a hairpinned flow, the service address and port to put back as its source.
-struct Target {
-    addr: Addr,
-    port: u16,
-    hairpin_reply: bool,
-    frontend_id: u32,
-    backend_id: u32,
+pub struct Target {
+    /// The backend's address (the service address, for a hairpinned flow's reply leg).
+    pub addr: Addr,
+    /// The backend's port (the service port, for a hairpinned flow's reply leg).
+    pub port: u16,
+    /// The reply leg of a hairpinned flow.
+    pub hairpin_reply: bool,
+    /// The frontend's id.
+    pub frontend_id: u32,
+    /// The backend's id.
+    pub backend_id: u32,
     /// A TCP packet that is not a SYN found no entry: chosen by a hash of its tuple.
-    midflow_miss: bool,
+    pub midflow_miss: bool,
     /// The packet's flow is new: its backend was chosen just now.
-    new_flow: bool,
+    pub new_flow: bool,
+    /// An external flow to a remote endpoint: its source port on the node's SNAT address
+    /// (network order); 0: no SNAT.
+    pub snat_port: u16,
+    /// The scope of the frontends the packet may be for (`svc_common::service::scope`).
+    pub scope: u8,
 }
 
-/// The service story of one packet: conntrack -> service -> backend -> rewrite. Each step is
-/// a subprogram with its own stack frame; only the target travels between them.
+impl Target {
+    /// Nothing chosen yet, for a packet to a frontend of `scope`.
+    #[inline(always)]
+    pub const fn new(scope: u8) -> Self {
+        Self {
+            addr: [0; 16],
+            port: 0,
+            hairpin_reply: false,
+            frontend_id: 0,
+            backend_id: 0,
+            midflow_miss: false,
+            new_flow: false,
+            snat_port: 0,
+            scope,
+        }
+    }
+}
+
+/// The service story of one packet from a pod: conntrack -> service -> backend -> rewrite.
+/// Each step is a subprogram with its own stack frame (the node-facing path calls the same
+/// steps, see `world.rs`); only the target travels between them.
 #[inline(never)]
 fn to_service(ctx: &TcContext, pkt: &parse::Parsed) -> Outcome {
     // Timeouts are seconds: the coarse clock (CLOCK_MONOTONIC at the last tick) is enough and
     // cheaper than reading the clock source. SAFETY: the helper has no preconditions.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
-    let mut target = Target {
-        addr: [0; 16],
-        port: 0,
-        hairpin_reply: false,
-        frontend_id: 0,
-        backend_id: 0,
-        midflow_miss: false,
-        new_flow: false,
-    };
+    let mut target = Target::new(scope::INTERNAL);
     // 1. A flow already translated keeps its backend, as long as the backend exists (and a SYN
     //    opening a new connection on a reused tuple chooses again).
     if !established_backend(pkt, now, &mut target) {
@@ -177,7 +199,7 @@ fn to_service(ctx: &TcContext, pkt: &parse::Parsed) -> Outcome {
 /// connection on its tuple) is removed with its pair, so the new flow's packets never meet
 /// it. Then flows nothing answered yet (`CT_NEW_V1`: a retransmitted SYN keeps its backend).
 #[inline(never)]
-fn established_backend(pkt: &parse::Parsed, now: u64, target: &mut Target) -> bool {
+pub fn established_backend(pkt: &parse::Parsed, now: u64, target: &mut Target) -> bool {
     let fwd = ct_key(pkt, dir::FORWARD);
     let mut e = CtValue::default();
     if ct_lookup(Table::Answered, &fwd, pkt, now, &mut e) {
@@ -219,20 +241,23 @@ fn set_target(target: &mut Target, e: &CtValue) {
     target.port = e.port.0;
     target.frontend_id = e.frontend_id;
     target.backend_id = e.backend_id;
+    target.snat_port = e.snat_port.0;
 }
 
-/// Chooses a backend for a new flow to a service and records the flow; `Translated` means
-/// `target` holds the backend. A TCP packet that is not a SYN belongs to a connection whose
-/// entry was lost (evicted, expired, its backend gone): it chooses by a hash of its tuple, not
-/// at random, so with an unchanged set of backends it lands where its connection was.
+/// Chooses a backend for a new flow to a frontend of `target.scope` and records the flow;
+/// `Translated` means `target` holds the backend. A TCP packet that is not a SYN belongs to a
+/// connection whose entry was lost (evicted, expired, its backend gone): it chooses by a hash
+/// of its tuple, not at random, so with an unchanged set of backends it lands where its
+/// connection was.
 #[inline(never)]
-fn new_flow_backend(pkt: &parse::Parsed, now: u64, target: &mut Target) -> Outcome {
+pub fn new_flow_backend(pkt: &parse::Parsed, now: u64, target: &mut Target) -> Outcome {
     let mut chosen = Chosen::default();
     let midflow = pkt.proto == ipproto::TCP && !is_syn(pkt);
     if midflow {
         chosen.tuple_hash = Some(flow_hash(&ct_key(pkt, dir::FORWARD)));
     }
     let mut key = lb_frontend_key(pkt);
+    key.scope = target.scope;
     match lb_select_for_client(&mut key, &pkt.src, pkt.family, now, &mut chosen) {
         Choice::NotService => Outcome::NotService,
         Choice::Drop(reason) => Outcome::Drop(reason),
@@ -279,7 +304,7 @@ pub fn to_pod(ctx: &TcContext) -> i32 {
 
 /// Whether `addr` is a frontend or backend address (`flag`), per `ADDRS_V1`.
 #[inline(always)]
-fn addr_has(addr: &Addr, family: u8, flag: u32) -> bool {
+pub fn addr_has(addr: &Addr, family: u8, flag: u32) -> bool {
     addr_flags_of(addr, family) & flag != 0
 }
 
@@ -328,10 +353,12 @@ fn later_fragment(
 }
 
 /// A reply from a backend gets the service address back as its source; the first reply of a
-/// flow (not a reset: a refused connection is no answer) moves its pair to `CT_V1`. A
-/// subprogram of its own (its own stack frame, as the ICMP one has).
+/// flow (not a reset: a refused connection is no answer) moves its pair to `CT_V1`. Used on
+/// the way to a pod and on the way out of a node-facing interface (an endpoint of this node
+/// answering an external client). A subprogram of its own (its own stack frame, as the ICMP
+/// one has).
 #[inline(never)]
-fn reply_to_pod(ctx: &TcContext, pkt: &parse::Parsed) -> i32 {
+pub fn reply_to_pod(ctx: &TcContext, pkt: &parse::Parsed) -> i32 {
     // Timeouts are seconds: the coarse clock (CLOCK_MONOTONIC at the last tick) is enough and
     // cheaper than reading the clock source. SAFETY: the helper has no preconditions.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
@@ -376,7 +403,7 @@ fn bounce(ctx: &TcContext) -> i32 {
 
 /// A service without endpoints: answer with a reset or port unreachable, else drop.
 #[inline(always)]
-fn reject_or_drop(ctx: &TcContext, pkt: &parse::Parsed) -> i32 {
+pub fn reject_or_drop(ctx: &TcContext, pkt: &parse::Parsed) -> i32 {
     let len = ctx.len();
     if reject::reject(ctx, pkt).is_ok() {
         stats::count(PktCounter::Rejected, len);
@@ -407,8 +434,9 @@ fn reject_unlisted(ctx: &TcContext, pkt: &parse::Parsed) -> i32 {
     }
 }
 
+/// Drops the packet, counted under `reason`.
 #[inline(always)]
-fn drop(ctx: &TcContext, reason: DropReason) -> i32 {
+pub fn drop(ctx: &TcContext, reason: DropReason) -> i32 {
     stats::count_drop(reason, ctx.len());
     TC_ACT_SHOT
 }

@@ -36,7 +36,9 @@ use svc_common::{
     addrs::{AddrKey, AddrValue, addr_flags},
     ids::{self, IdCursor},
     net::ipproto,
-    service::{Backend, BackendName, FrontendName, ServiceKey, ServiceValue, scope},
+    service::{
+        Backend, BackendName, FrontendName, ServiceKey, ServiceValue, flags as service_flags, scope,
+    },
     stats::Counter,
 };
 
@@ -488,7 +490,7 @@ struct Held {
     slot_refs: HashMap<u32, u32>,
     /// Per address: how many frontend entries (slot 0) are at it, how many of them are
     /// `ClusterIPs` (internal scope), and how many `BACKENDS_V1` entries.
-    addr_refs: HashMap<AddrKey, [u32; 3]>,
+    addr_refs: HashMap<AddrKey, [u32; 4]>,
     /// Addresses whose counts changed since the last pass settled them.
     touched: BTreeSet<AddrKey>,
 }
@@ -523,20 +525,22 @@ impl Held {
             }
             return;
         }
-        let cluster_ip = u32::from(k.scope == scope::INTERNAL);
-        self.count_addr(addr_key(k.addr, k.family), [1, cluster_ip, 0], up);
+        let flags = frontend_flags(k, v);
+        let cluster_ip = u32::from(flags & addr_flags::CLUSTER_IP != 0);
+        let external = u32::from(flags & addr_flags::EXTERNAL != 0);
+        self.count_addr(addr_key(k.addr, k.family), [1, cluster_ip, 0, external], up);
     }
 
     fn count_backend(&mut self, b: &Backend, up: bool) {
-        self.count_addr(addr_key(b.addr, b.family), [0, 0, 1], up);
+        self.count_addr(addr_key(b.addr, b.family), [0, 0, 1, 0], up);
     }
 
-    fn count_addr(&mut self, key: AddrKey, by: [u32; 3], up: bool) {
+    fn count_addr(&mut self, key: AddrKey, by: [u32; 4], up: bool) {
         let n = self.addr_refs.entry(key).or_default();
         for (n, by) in n.iter_mut().zip(by) {
             *n = if up { *n + by } else { n.saturating_sub(by) };
         }
-        if *n == [0; 3] {
+        if *n == [0; 4] {
             self.addr_refs.remove(&key);
         }
         self.touched.insert(key);
@@ -544,7 +548,7 @@ impl Held {
 
     /// The `ADDRS_V1` flags the held entries give `key`.
     fn flags(&self, key: &AddrKey) -> u32 {
-        let [frontends, cluster_ips, backends] =
+        let [frontends, cluster_ips, backends, externals] =
             self.addr_refs.get(key).copied().unwrap_or_default();
         let mut flags = 0;
         if frontends > 0 {
@@ -555,6 +559,9 @@ impl Held {
         }
         if backends > 0 {
             flags |= addr_flags::BACKEND;
+        }
+        if externals > 0 {
+            flags |= addr_flags::EXTERNAL;
         }
         flags
     }
@@ -1173,9 +1180,10 @@ impl<M: DatapathMaps> Reconciler<M> {
             .filter(|(id, b)| self.held.current.backends.get(id) != Some(b))
             .collect();
         let mut need: BTreeMap<AddrKey, u32> = BTreeMap::new();
-        for item in batch.iter().filter(|i| i.after.is_some()) {
+        for item in batch.iter() {
+            let Some(after) = &item.after else { continue };
             let k = &item.slot0;
-            *need.entry(addr_key(k.addr, k.family)).or_default() |= frontend_flags(k);
+            *need.entry(addr_key(k.addr, k.family)).or_default() |= frontend_flags(k, &after.value);
         }
         for (_, b) in &backends {
             *need.entry(addr_key(b.addr, b.family)).or_default() |= addr_flags::BACKEND;
@@ -1647,12 +1655,16 @@ fn concerns_udp(
         || stale.backends.iter().any(|b| !known.contains(b))
 }
 
-/// The `ADDRS_V1` flags a frontend entry gives its address.
-fn frontend_flags(k: &ServiceKey) -> u32 {
-    if k.scope == scope::INTERNAL {
-        addr_flags::FRONTEND | addr_flags::CLUSTER_IP
-    } else {
+/// The `ADDRS_V1` flags a frontend entry (slot 0) gives its address: a `ClusterIP`'s unlisted
+/// ports are refused, an external-scope frontend is the node-facing programs' business (as
+/// `render::addresses` derives them).
+fn frontend_flags(k: &ServiceKey, v: &ServiceValue) -> u32 {
+    if k.scope == scope::EXTERNAL {
+        addr_flags::FRONTEND | addr_flags::EXTERNAL
+    } else if v.flags & service_flags::EXTERNAL_ADDR != 0 {
         addr_flags::FRONTEND
+    } else {
+        addr_flags::FRONTEND | addr_flags::CLUSTER_IP
     }
 }
 

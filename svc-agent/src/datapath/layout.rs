@@ -228,6 +228,19 @@ fn unsupported(key: &FrontendKey, fe: &model::Frontend) -> Option<String> {
     if key.proto == Protocol::Sctp {
         return Some("SCTP is not translated by this datapath yet".to_owned());
     }
+    // Kept out rather than open to every client: a load balancer IP whose allowed client
+    // prefixes (of its own family; kube-proxy ignores the other family's) are not enforced.
+    if fe
+        .source_ranges
+        .iter()
+        .any(|r| r.addr().is_ipv4() == key.addr.is_ipv4())
+    {
+        return Some(
+            "loadBalancerSourceRanges are not enforced by this datapath yet: the load balancer \
+             IP is not served from outside rather than served to every client"
+                .to_owned(),
+        );
+    }
     if fe.backends.len() > usize::from(u16::MAX) {
         return Some(format!(
             "{} endpoints; at most {} per port",

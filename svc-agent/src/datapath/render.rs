@@ -16,7 +16,7 @@ use svc_common::{
 };
 
 use super::{ids::IdMap, layout::Layout};
-use crate::model::{self, DesiredState, EmptyAction, FrontendKey, Protocol, Scope};
+use crate::model::{self, DesiredState, EmptyAction, FrontendKey, FrontendKind, Protocol, Scope};
 
 /// Key of a backend's id: address and port (shared by all frontends that use it).
 pub type BackendRef = (IpAddr, u16);
@@ -68,13 +68,15 @@ pub fn addresses(
     backends: &BTreeMap<u32, Backend>,
 ) -> BTreeMap<AddrKey, AddrValue> {
     let mut out: BTreeMap<AddrKey, AddrValue> = BTreeMap::new();
-    // Internal-scope frontends are ClusterIPs (the only kind today): their unlisted ports
-    // are rejected. Addresses of other scopes (node, external, load-balancer IPs) must not be.
-    let frontends = services.keys().filter(|k| k.slot == 0).map(|k| {
-        let flags = if k.scope == scope::INTERNAL {
-            addr_flags::FRONTEND | addr_flags::CLUSTER_IP
-        } else {
+    // ClusterIPs' unlisted ports are rejected; node, external and load-balancer addresses'
+    // (flagged on their frontends) must not be: their other ports are someone else's.
+    let frontends = services.iter().filter(|(k, _)| k.slot == 0).map(|(k, v)| {
+        let flags = if k.scope == scope::EXTERNAL {
+            addr_flags::FRONTEND | addr_flags::EXTERNAL
+        } else if v.flags & service::flags::EXTERNAL_ADDR != 0 {
             addr_flags::FRONTEND
+        } else {
+            addr_flags::FRONTEND | addr_flags::CLUSTER_IP
         };
         (k.addr, k.family, flags)
     });
@@ -194,6 +196,9 @@ pub(crate) fn slot0_value(fe: &model::Frontend, frontend_id: u32) -> ServiceValu
     }
     if fe.local_only {
         flags |= service::flags::LOCAL_ONLY;
+    }
+    if fe.kind != FrontendKind::ClusterIp {
+        flags |= service::flags::EXTERNAL_ADDR;
     }
     let affinity = fe
         .affinity_timeout
@@ -409,7 +414,7 @@ mod tests {
     }
 
     #[test]
-    fn only_internal_scope_frontend_addresses_are_cluster_ips() {
+    fn only_cluster_ip_frontend_addresses_refuse_unlisted_ports() {
         let key = |ip: &str, scope| ServiceKey {
             scope,
             ..frontend_key(&FrontendKey {
@@ -418,8 +423,15 @@ mod tests {
             })
         };
         let value = ServiceValue::default();
+        let external_addr = ServiceValue {
+            flags: service::flags::EXTERNAL_ADDR,
+            ..value
+        };
         let services = BTreeMap::from([
             (key("198.19.0.10", scope::INTERNAL), value),
+            // A node address with a NodePort: both scopes, neither refuses other ports.
+            (key("198.18.0.1", scope::INTERNAL), external_addr),
+            (key("198.18.0.1", scope::EXTERNAL), external_addr),
             (key("198.19.0.11", scope::EXTERNAL), value),
             (key("2001:db8:f::10", scope::INTERNAL), value),
         ]);
@@ -437,10 +449,12 @@ mod tests {
         let cluster_ip = addr_flags::FRONTEND | addr_flags::CLUSTER_IP;
         assert_eq!(flags("198.19.0.10"), Some(cluster_ip | addr_flags::BACKEND));
         assert_eq!(flags("2001:db8:f::10"), Some(cluster_ip));
+        let external = addr_flags::FRONTEND | addr_flags::EXTERNAL;
         assert_eq!(
             flags("198.19.0.11"),
-            Some(addr_flags::FRONTEND),
+            Some(external),
             "an external-scope address keeps its other ports"
         );
+        assert_eq!(flags("198.18.0.1"), Some(external), "a node address too");
     }
 }
