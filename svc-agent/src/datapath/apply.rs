@@ -1180,7 +1180,7 @@ impl<M: DatapathMaps> Reconciler<M> {
             .filter(|(id, b)| self.held.current.backends.get(id) != Some(b))
             .collect();
         let mut need: BTreeMap<AddrKey, u32> = BTreeMap::new();
-        for item in batch.iter() {
+        for item in batch {
             let Some(after) = &item.after else { continue };
             let k = &item.slot0;
             *need.entry(addr_key(k.addr, k.family)).or_default() |= frontend_flags(k, &after.value);
