@@ -26,6 +26,7 @@ mod pod;
 mod reject;
 mod sock;
 mod stats;
+mod world;
 
 use aya_ebpf::{macros::classifier, programs::TcContext};
 
@@ -48,6 +49,28 @@ pub fn svc_tc_from_pod(ctx: TcContext) -> i32 {
 )]
 pub fn svc_tc_to_pod(ctx: TcContext) -> i32 {
     pod::to_pod(&ctx)
+}
+
+/// TC ingress on a node-facing interface: packets from the outside world (`NodePort`, external
+/// and load-balancer addresses; replies to SNAT'd flows).
+#[classifier]
+#[expect(
+    clippy::needless_pass_by_value,
+    reason = "the classifier macro fixes the signature"
+)]
+pub fn svc_tc_from_world(ctx: TcContext) -> i32 {
+    world::from_world(&ctx)
+}
+
+/// TC egress on a node-facing interface: replies of local endpoints to external clients get
+/// the frontend address back as their source.
+#[classifier]
+#[expect(
+    clippy::needless_pass_by_value,
+    reason = "the classifier macro fixes the signature"
+)]
+pub fn svc_tc_to_world(ctx: TcContext) -> i32 {
+    world::to_world(&ctx)
 }
 
 #[cfg(not(test))]
