@@ -46,7 +46,7 @@ pub struct RunArgs {
     #[arg(long, default_value = "svcpod*,lxc*,veth*", env = "SVC_POD_IFACES")]
     pub pod_ifaces: String,
     /// Comma-separated globs naming the node-facing interfaces (the node's uplinks, where
-    /// NodePort, external and load-balancer traffic arrives); they get `svc_tc_from_world`
+    /// `NodePort`, external and load-balancer traffic arrives); they get `svc_tc_from_world`
     /// (ingress) and `svc_tc_to_world` (egress). The default covers the names uplinks get:
     /// `eth*` (kind nodes, most cloud VMs, older naming), `ens*`/`enp*`/`eno*` (systemd's
     /// predictable names for slot, PCI and on-board NICs), `bond*` (bonded uplinks); pod veths

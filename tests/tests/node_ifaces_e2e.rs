@@ -209,22 +209,37 @@ fn node_facing_interfaces_get_the_world_programs_are_taken_over_and_change_roles
     let pod_if = bed.pod("client").host_ifname.clone();
     let (eth0, pod_index) = (ifindex(&node1, ETH0), ifindex(&node1, &pod_if));
 
+    let before = each_interface_in_its_role(&bed, &node1, &pod_if, (eth0, pod_index));
+    let after = taken_over_after_sigkill(&mut bed, &node1, &before, (eth0, pod_index));
+    renamed_across_roles(&bed, &node1, eth0, &after);
+    drop(backends);
+    bed.finish();
+}
+
+/// Step 1: `eth0` is node-facing and the pod's veth pod-facing, on their hooks and in their
+/// pins; traffic between the nodes crosses both uplinks. Returns `eth0`'s pinned links.
+fn each_interface_in_its_role(
+    bed: &TestBed,
+    node1: &Node,
+    pod_if: &str,
+    (eth0, pod_index): (u32, u32),
+) -> BTreeMap<TcHook, (u32, u32)> {
     // Each interface in its role, on the hooks and in the pins.
     let agent = bed.agent(0);
-    let hooks = tcx(&node1, ETH0).expect("querying eth0");
+    let hooks = tcx(node1, ETH0).expect("querying eth0");
     assert_eq!(
         role_on_hooks(&hooks),
         Some(IfaceRole::NodeFacing),
         "{ETH0}: {hooks:?}"
     );
-    let pod_hooks = tcx(&node1, &pod_if).expect("querying the pod's veth");
+    let pod_hooks = tcx(node1, pod_if).expect("querying the pod's veth");
     assert_eq!(
         role_on_hooks(&pod_hooks),
         Some(IfaceRole::PodFacing),
         "{pod_if}: {pod_hooks:?}"
     );
-    let before = assert_pinned_role(&bed, 0, eth0, IfaceRole::NodeFacing);
-    assert_pinned_role(&bed, 0, pod_index, IfaceRole::PodFacing);
+    let before = assert_pinned_role(bed, 0, eth0, IfaceRole::NodeFacing);
+    assert_pinned_role(bed, 0, pod_index, IfaceRole::PodFacing);
     let table = agent.inspect("links").expect("inspect links");
     for (pin, role) in [
         (format!("tc/{eth0}/ingress"), "node-facing"),
@@ -246,7 +261,7 @@ fn node_facing_interfaces_get_the_world_programs_are_taken_over_and_change_roles
     ] {
         wait_log(agent, &words).unwrap_or_else(|e| panic!("{e:#}"));
     }
-    let answer = pod_to_pod(&bed, "client", "server").unwrap_or_else(|e| panic!("{e:#}"));
+    let answer = pod_to_pod(bed, "client", "server").unwrap_or_else(|e| panic!("{e:#}"));
     assert_eq!(answer.label, "server");
     bed.step(&format!(
         "node1: {ETH0} (ifindex {eth0}) runs {PROG_TC_FROM_WORLD} / {PROG_TC_TO_WORLD} \
@@ -255,13 +270,25 @@ fn node_facing_interfaces_get_the_world_programs_are_taken_over_and_change_roles
         before.values().map(|(link, _)| link).collect::<Vec<_>>()
     ));
 
+    before
+}
+
+/// Step 2: node1's agent is killed with SIGKILL and started again: `eth0` keeps its links, which
+/// run the new agent's programs. Returns `eth0`'s pinned links now.
+fn taken_over_after_sigkill(
+    bed: &mut TestBed,
+    node1: &Node,
+    before: &BTreeMap<TcHook, (u32, u32)>,
+    (eth0, pod_index): (u32, u32),
+) -> BTreeMap<TcHook, (u32, u32)> {
     // SIGKILL, then a new agent: the same links, this agent's programs.
+    let hooks = tcx(node1, ETH0).expect("querying eth0");
     let killed = bed.agents.remove(0);
     let status = killed.kill().expect("killing node1's agent");
-    let kept = tcx(&node1, ETH0).expect("querying eth0");
+    let kept = tcx(node1, ETH0).expect("querying eth0");
     assert_eq!(kept, hooks, "{ETH0}'s hooks changed while no agent ran");
-    pod_to_pod(&bed, "client", "server").unwrap_or_else(|e| panic!("while no agent runs: {e:#}"));
-    let agent = Agent::start(&bed.agent_bin, &node1, bed.manifests.path())
+    pod_to_pod(bed, "client", "server").unwrap_or_else(|e| panic!("while no agent runs: {e:#}"));
+    let agent = Agent::start(&bed.agent_bin, node1, bed.manifests.path())
         .unwrap_or_else(|e| panic!("restarting node1's agent: {e:#}"));
     bed.agents.insert(0, agent);
     let line = wait_log(
@@ -273,7 +300,7 @@ fn node_facing_interfaces_get_the_world_programs_are_taken_over_and_change_roles
         ],
     )
     .unwrap_or_else(|e| panic!("{e:#}"));
-    let after = assert_pinned_role(&bed, 0, eth0, IfaceRole::NodeFacing);
+    let after = assert_pinned_role(bed, 0, eth0, IfaceRole::NodeFacing);
     for hook in TcHook::ALL {
         let ((link_before, prog_before), (link_after, prog_after)) = (before[&hook], after[&hook]);
         assert_eq!(
@@ -289,15 +316,15 @@ fn node_facing_interfaces_get_the_world_programs_are_taken_over_and_change_roles
             hook.name()
         );
     }
-    let now = wait_role(bed.agent(0), &node1, ETH0, IfaceRole::NodeFacing);
+    let now = wait_role(bed.agent(0), node1, ETH0, IfaceRole::NodeFacing);
     let ids: Vec<u32> = now.iter().map(|(_, _, id)| *id).collect();
     assert_eq!(
         ids,
         [after[&TcHook::Ingress].1, after[&TcHook::Egress].1],
         "{ETH0}'s hooks run other programs than its pins say: {now:?}"
     );
-    assert_pinned_role(&bed, 0, pod_index, IfaceRole::PodFacing);
-    pod_to_pod(&bed, "client", "server").unwrap_or_else(|e| panic!("after the restart: {e:#}"));
+    assert_pinned_role(bed, 0, pod_index, IfaceRole::PodFacing);
+    pod_to_pod(bed, "client", "server").unwrap_or_else(|e| panic!("after the restart: {e:#}"));
     bed.step(&format!(
         "node1's agent killed ({status}) and restarted: {ETH0}'s links {:?} kept, programs \
          {:?} -> {ids:?}; agent: {}",
@@ -306,6 +333,18 @@ fn node_facing_interfaces_get_the_world_programs_are_taken_over_and_change_roles
         line.split_once("INFO ").map_or(line.as_str(), |(_, s)| s)
     ));
 
+    after
+}
+
+/// Step 3: `eth0` renamed into the pod-facing patterns and back: its programs are swapped in
+/// place both times (same links). Leaves `eth0` without its routes (they went with the link
+/// down), so it comes last.
+fn renamed_across_roles(
+    bed: &TestBed,
+    node1: &Node,
+    eth0: u32,
+    after: &BTreeMap<TcHook, (u32, u32)>,
+) {
     // Renamed into the pod-facing patterns and back: the programs are swapped in place.
     let renamed = format!("{POD_IFNAME_PREFIX}90");
     node1
@@ -323,8 +362,8 @@ fn node_facing_interfaces_get_the_world_programs_are_taken_over_and_change_roles
         ],
     )
     .unwrap_or_else(|e| panic!("{e:#}"));
-    wait_role(bed.agent(0), &node1, &renamed, IfaceRole::PodFacing);
-    let as_pod = assert_pinned_role(&bed, 0, eth0, IfaceRole::PodFacing);
+    wait_role(bed.agent(0), node1, &renamed, IfaceRole::PodFacing);
+    let as_pod = assert_pinned_role(bed, 0, eth0, IfaceRole::PodFacing);
     node1
         .ns
         .ip_batch(&[
@@ -337,8 +376,8 @@ fn node_facing_interfaces_get_the_world_programs_are_taken_over_and_change_roles
         &["changed role, pod-facing to node-facing", "iface=eth0 "],
     )
     .unwrap_or_else(|e| panic!("{e:#}"));
-    wait_role(bed.agent(0), &node1, ETH0, IfaceRole::NodeFacing);
-    let back = assert_pinned_role(&bed, 0, eth0, IfaceRole::NodeFacing);
+    wait_role(bed.agent(0), node1, ETH0, IfaceRole::NodeFacing);
+    let back = assert_pinned_role(bed, 0, eth0, IfaceRole::NodeFacing);
     for hook in TcHook::ALL {
         assert_eq!(
             (as_pod[&hook].0, back[&hook].0),
@@ -348,13 +387,11 @@ fn node_facing_interfaces_get_the_world_programs_are_taken_over_and_change_roles
         );
     }
     assert_eq!(
-        back, after,
+        &back, after,
         "back in its role, eth0 runs this agent's world programs again"
     );
     bed.step(&format!(
         "{ETH0} renamed to {renamed}: {PROG_TC_FROM_POD} / {PROG_TC_TO_POD} on the same links; \
          renamed back: {PROG_TC_FROM_WORLD} / {PROG_TC_TO_WORLD} again"
     ));
-    drop(backends);
-    bed.finish();
 }
