@@ -41,9 +41,23 @@ pub struct RunArgs {
     /// This node's name (decides which endpoints are local).
     #[arg(long, env = "NODE_NAME")]
     pub node_name: String,
-    /// Comma-separated globs naming the pod-facing interfaces (host ends of pod veths).
+    /// Comma-separated globs naming the pod-facing interfaces (host ends of pod veths); they get
+    /// `svc_tc_from_pod` (ingress) and `svc_tc_to_pod` (egress).
     #[arg(long, default_value = "svcpod*,lxc*,veth*", env = "SVC_POD_IFACES")]
     pub pod_ifaces: String,
+    /// Comma-separated globs naming the node-facing interfaces (the node's uplinks, where
+    /// `NodePort`, external and load-balancer traffic arrives); they get `svc_tc_from_world`
+    /// (ingress) and `svc_tc_to_world` (egress). The default covers the names uplinks get:
+    /// `eth*` (kind nodes, most cloud VMs, older naming), `ens*`/`enp*`/`eno*` (systemd's
+    /// predictable names for slot, PCI and on-board NICs), `bond*` (bonded uplinks); pod veths
+    /// (`veth*`, `lxc*`) and bridges match none of them. An empty value: no node-facing
+    /// interfaces. A name both lists match is node-facing (with a warning).
+    #[arg(
+        long,
+        default_value = "eth*,ens*,enp*,eno*,bond*",
+        env = "SVC_NODE_IFACES"
+    )]
+    pub node_ifaces: String,
     /// Standalone mode: read `Service`, `EndpointSlice`, `Node` and `Pod` objects from the YAML/JSON
     /// files in this directory and follow its changes live; Services with a selector get their
     /// endpoints from the Pods, as the `EndpointSlice` controller computes them. Without it, the
@@ -159,7 +173,7 @@ impl RunArgs {
                 bail!("--{flag} 0: a map needs at least one entry");
             }
         }
-        crate::loader::IfacePatterns::parse(&self.pod_ifaces).context("--pod-ifaces")?;
+        self.iface_roles()?;
         self.metrics_addr()?;
         self.healthz_addr()?;
         if self.healthz_stale_after == 0 {
@@ -184,6 +198,15 @@ impl RunArgs {
             crate::cgroup::check_cgroup_dir(cgroup)?;
         }
         Ok(())
+    }
+
+    /// `--pod-ifaces` and `--node-ifaces`, parsed: which interfaces get which TC programs.
+    pub fn iface_roles(&self) -> anyhow::Result<crate::ifaces::RolePatterns> {
+        Ok(crate::ifaces::RolePatterns::new(
+            crate::loader::IfacePatterns::parse(&self.pod_ifaces).context("--pod-ifaces")?,
+            crate::loader::IfacePatterns::parse_or_none(&self.node_ifaces)
+                .context("--node-ifaces")?,
+        ))
     }
 
     /// The map-size flags with their values.
@@ -458,6 +481,9 @@ mod tests {
         let err = |args: &[&str]| format!("{:#}", run_args(args).check().unwrap_err());
         assert!(err(&["--max-backends", "0"]).contains("--max-backends 0"));
         assert!(err(&["--pod-ifaces", " , "]).contains("--pod-ifaces"));
+        assert!(err(&["--node-ifaces", "eth0,["]).contains("--node-ifaces"));
+        run_args(&["--node-ifaces", ""]).check().unwrap();
+        run_args(&["--node-ifaces", "eth0"]).check().unwrap();
         assert!(err(&["--socket-lb", "host-only"]).contains("--socket-lb host-only"));
         assert!(
             err(&["--from-dir", "/nonexistent/svc-manifests"])

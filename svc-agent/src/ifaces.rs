@@ -1,28 +1,39 @@
-//! Following pod-facing interfaces as they appear and disappear (netlink link events).
+//! Following the interfaces the TC programs go on as they appear, change and disappear
+//! (netlink link events), each in its role.
+//!
+//! An interface has one of two roles, decided from its name by two lists of patterns
+//! ([`RolePatterns`]): **pod-facing** (`--pod-ifaces`: the host end of a pod's veth; programs
+//! `svc_tc_from_pod` on ingress, `svc_tc_to_pod` on egress) or **node-facing** (`--node-ifaces`:
+//! the node's uplinks; `svc_tc_from_world` on ingress, `svc_tc_to_world` on egress). A name that
+//! matches both lists is node-facing (an uplink that also matches a pod pattern must not get the
+//! pod programs), said once per name with a warning. One watch, one tracker and one set of
+//! links serve both roles: the role only picks the programs.
 //!
 //! [`IfaceWatch`] joins the rtnetlink link group (`RTNLGRP_LINK`) of the calling thread's
 //! network namespace first and lists the links (an `RTM_GETLINK` dump on a second socket)
 //! second, so a link created in between is seen at least once: in the listing, as an event or
 //! both. [`IfaceTracker`] turns the listing and the events into [`IfaceEvent`]s for the links
-//! whose names match the patterns, keyed by ifindex: the kernel sends `RTM_NEWLINK` for every
+//! whose names give them a role, keyed by ifindex: the kernel sends `RTM_NEWLINK` for every
 //! flag, carrier or address change, and again for links the listing already showed, and those
 //! give no event. When the event socket overflows (`ENOBUFS`: events were lost) the watch lists
 //! again and diffs what it knew against the listing, like a relist in kube-rs, so a lost event
 //! delays a change but never hides it.
 //!
-//! [`PodIfaceLinks`] puts the two pod-facing TC programs on each interface of an
+//! [`IfaceLinks`] puts the two programs of its role on each interface of an
 //! [`IfaceEvent::Appeared`], through TCX links pinned at `links/tc/<ifindex>/{ingress,egress}`
-//! (see `pins`), so they stay attached when the agent exits. A pin an earlier agent left on a
-//! hook where its link is still attached gets this agent's program through `BPF_LINK_UPDATE`
-//! (aya's `attach_to_link`): the kernel swaps the program in place, so every packet meets
-//! exactly one of the two, and the link keeps its pin and its place among other TCX programs.
-//! A pin whose link is no longer attached there (the interface was deleted and its ifindex
-//! reused while no agent ran) is replaced by a new link. A hook that has this agent's program
-//! already is left alone, so nothing is attached twice. Renamed out of the patterns, an
-//! interface loses its pins (and with them its programs); gone, its pins are removed (the
-//! kernel already dropped the links from it). [`attach_listed`] does this for the interfaces
-//! there at startup and then removes the pins of interfaces that vanished while no agent ran;
-//! [`follow`] does it for every later event.
+//! (see `pins`; the role shows in which program a pinned link runs), so they stay attached when
+//! the agent exits. A pin an earlier agent left on a hook where its link is still attached gets
+//! this agent's program through `BPF_LINK_UPDATE` (aya's `attach_to_link`): the kernel swaps the
+//! program in place, so every packet meets exactly one of the two, and the link keeps its pin
+//! and its place among other TCX programs. The same update swaps the programs of an interface
+//! renamed into the other role (and takes over an earlier agent's link of the other role). A
+//! pin whose link is no longer attached there (the interface was deleted and its ifindex reused
+//! while no agent ran) is replaced by a new link. A hook that has this agent's program already
+//! is left alone, so nothing is attached twice. Renamed out of both lists, an interface loses
+//! its pins (and with them its programs); gone, its pins are removed (the kernel already
+//! dropped the links from it). [`attach_listed`] does this for the interfaces there at startup
+//! and then removes the pins of interfaces that vanished while no agent ran; [`follow`] does it
+//! for every later event.
 //!
 //! Netlink comes from the rust-netlink family: `rtnetlink` 0.24 (the dump and the multicast
 //! subscription), with its `netlink-packet-route` 0.34, `netlink-proto` 0.14 and `netlink-sys`
@@ -33,7 +44,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, VecDeque},
-    fs,
+    fmt, fs,
     path::{Path, PathBuf},
     time::{Duration, Instant},
 };
@@ -61,7 +72,9 @@ use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
 use crate::{
-    loader::{IfacePatterns, PROG_TC_FROM_POD, PROG_TC_TO_POD},
+    loader::{
+        IfacePatterns, PROG_TC_FROM_POD, PROG_TC_FROM_WORLD, PROG_TC_TO_POD, PROG_TC_TO_WORLD,
+    },
     pins::{self, PinnedTcLink, TcHook, TcPinAction},
 };
 
@@ -72,16 +85,106 @@ const EVENT_RCVBUF: usize = 4 << 20;
 /// A failed listing is tried this many times before the watch gives up.
 const LIST_ATTEMPTS: u32 = 3;
 
-/// The pod-facing programs and where they go: from-pod on ingress, to-pod on egress of the
-/// host end of a pod's veth.
-const POD_PROGRAMS: [(&str, TcHook); 2] = [
-    (PROG_TC_FROM_POD, TcHook::Ingress),
-    (PROG_TC_TO_POD, TcHook::Egress),
-];
-
 /// How long detaching from an interface renamed out of the patterns may take to show on its
 /// hooks (the kernel releases an unpinned link asynchronously, normally within milliseconds).
 const DETACH_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// The longest program name the kernel keeps (`BPF_OBJ_NAME_LEN` less the terminating NUL):
+/// `svc_tc_from_world` is known to it as `svc_tc_from_wor`.
+const KERNEL_PROG_NAME_LEN: usize = 15;
+
+/// What a followed interface is for, which decides the two TC programs it carries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum IfaceRole {
+    /// The host end of a pod's veth (`--pod-ifaces`): `svc_tc_from_pod` on ingress (packets
+    /// from the pod), `svc_tc_to_pod` on egress (packets to it).
+    PodFacing,
+    /// One of the node's uplinks (`--node-ifaces`): `svc_tc_from_world` on ingress (packets
+    /// from outside the node), `svc_tc_to_world` on egress (packets leaving it).
+    NodeFacing,
+}
+
+impl IfaceRole {
+    /// Both roles.
+    pub const ALL: [Self; 2] = [Self::PodFacing, Self::NodeFacing];
+
+    /// `pod-facing` or `node-facing`: how logs, docs and `inspect links` name the role.
+    #[must_use]
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::PodFacing => "pod-facing",
+            Self::NodeFacing => "node-facing",
+        }
+    }
+
+    /// The program this role puts on `hook`.
+    #[must_use]
+    pub const fn program(self, hook: TcHook) -> &'static str {
+        match (self, hook) {
+            (Self::PodFacing, TcHook::Ingress) => PROG_TC_FROM_POD,
+            (Self::PodFacing, TcHook::Egress) => PROG_TC_TO_POD,
+            (Self::NodeFacing, TcHook::Ingress) => PROG_TC_FROM_WORLD,
+            (Self::NodeFacing, TcHook::Egress) => PROG_TC_TO_WORLD,
+        }
+    }
+
+    /// The role's programs with their hooks, ingress first.
+    #[must_use]
+    pub const fn programs(self) -> [(&'static str, TcHook); 2] {
+        [
+            (self.program(TcHook::Ingress), TcHook::Ingress),
+            (self.program(TcHook::Egress), TcHook::Egress),
+        ]
+    }
+
+    /// The role and hook of a TC program, by its name as the kernel reports it (at most 15
+    /// bytes, see [`KERNEL_PROG_NAME_LEN`]) or in full; `None` for any other program.
+    #[must_use]
+    pub fn of_program(name: &str) -> Option<(Self, TcHook)> {
+        let kernel = |full: &'static str| &full[..full.len().min(KERNEL_PROG_NAME_LEN)];
+        Self::ALL.into_iter().find_map(|role| {
+            TcHook::ALL.into_iter().find_map(|hook| {
+                let full = role.program(hook);
+                (name == full || name == kernel(full)).then_some((role, hook))
+            })
+        })
+    }
+}
+
+impl fmt::Display for IfaceRole {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// The two pattern lists that give an interface its role by name (`--pod-ifaces`,
+/// `--node-ifaces`).
+#[derive(Clone, Debug)]
+pub struct RolePatterns {
+    pod: IfacePatterns,
+    node: IfacePatterns,
+}
+
+impl RolePatterns {
+    /// Pod-facing interfaces match `pod`, node-facing ones `node` (which may be empty: then no
+    /// interface is node-facing).
+    #[must_use]
+    pub const fn new(pod: IfacePatterns, node: IfacePatterns) -> Self {
+        Self { pod, node }
+    }
+
+    /// The role of an interface called `name` (`None`: neither list names it), and whether
+    /// both lists match it (then it is node-facing).
+    #[must_use]
+    pub fn classify(&self, name: &str) -> (Option<IfaceRole>, bool) {
+        match (self.pod.matches(name), self.node.matches(name)) {
+            (true, true) => (Some(IfaceRole::NodeFacing), true),
+            (false, true) => (Some(IfaceRole::NodeFacing), false),
+            (true, false) => (Some(IfaceRole::PodFacing), false),
+            (false, false) => (None, false),
+        }
+    }
+}
 
 /// One link's state as rtnetlink reports it, for links of this namespace only.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -112,18 +215,20 @@ enum Incoming {
     Other,
 }
 
-/// What happened to a pod-facing interface: one whose name matches the patterns.
+/// What happened to a followed interface: one whose name gives it a role.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum IfaceEvent {
-    /// A matching interface is there: created, moved into the namespace, renamed into the
+    /// An interface with a role is there: created, moved into the namespace, renamed into the
     /// patterns, or found by a listing.
     Appeared {
         /// Interface index.
         index: u32,
         /// Interface name.
         name: String,
+        /// Its role.
+        role: IfaceRole,
     },
-    /// A matching interface got another matching name.
+    /// An interface with a role got another name that gives it a role (the same or the other).
     Renamed {
         /// Interface index.
         index: u32,
@@ -131,15 +236,22 @@ pub enum IfaceEvent {
         from: String,
         /// The name it has now.
         to: String,
+        /// The role it had.
+        from_role: IfaceRole,
+        /// The role it has now.
+        role: IfaceRole,
     },
-    /// A matching interface stopped being one.
+    /// An interface with a role stopped having one.
     Disappeared {
         /// Interface index.
         index: u32,
         /// The name it had.
         name: String,
-        /// `None` when the interface is gone (deleted or moved to another namespace); its new,
-        /// non-matching name when it was renamed out of the patterns and still exists.
+        /// The role it had.
+        role: IfaceRole,
+        /// `None` when the interface is gone (deleted or moved to another namespace); its new
+        /// name, which no pattern matches, when it was renamed out of the patterns and still
+        /// exists.
         renamed_to: Option<String>,
     },
 }
@@ -161,6 +273,16 @@ impl IfaceEvent {
         match self {
             Self::Appeared { name, .. } | Self::Disappeared { name, .. } => name,
             Self::Renamed { to, .. } => to,
+        }
+    }
+
+    /// The interface's role after the event (the role it had when it lost it).
+    #[must_use]
+    pub const fn role(&self) -> IfaceRole {
+        match self {
+            Self::Appeared { role, .. }
+            | Self::Renamed { role, .. }
+            | Self::Disappeared { role, .. } => *role,
         }
     }
 }
@@ -197,60 +319,86 @@ fn translate(msg: &NetlinkMessage<RouteNetlinkMessage>) -> Incoming {
     }
 }
 
-/// The matching interfaces known so far, by ifindex: turns link changes and listings into
-/// [`IfaceEvent`]s, each change of a matching interface once. Pure: no netlink, no eBPF.
+/// The interfaces with a role known so far, by ifindex: turns link changes and listings into
+/// [`IfaceEvent`]s, each change of such an interface once. Pure apart from one warning per
+/// name that both pattern lists match: no netlink, no eBPF.
 #[derive(Clone, Debug)]
 pub struct IfaceTracker {
-    patterns: IfacePatterns,
-    matching: BTreeMap<u32, String>,
+    patterns: RolePatterns,
+    known: BTreeMap<u32, (String, IfaceRole)>,
+    /// Names both lists matched, each warned about once.
+    overlapping: BTreeSet<String>,
 }
 
 impl IfaceTracker {
     /// A tracker that knows no interface yet.
     #[must_use]
-    pub const fn new(patterns: IfacePatterns) -> Self {
+    pub const fn new(patterns: RolePatterns) -> Self {
         Self {
             patterns,
-            matching: BTreeMap::new(),
+            known: BTreeMap::new(),
+            overlapping: BTreeSet::new(),
         }
+    }
+
+    /// The role of `name`; warns the first time a name matches both lists.
+    fn role_of(&mut self, name: &str) -> Option<IfaceRole> {
+        let (role, both) = self.patterns.classify(name);
+        if both && self.overlapping.insert(name.to_owned()) {
+            warn!(
+                iface = %name,
+                "the interface matches both --pod-ifaces and --node-ifaces: it is node-facing \
+                 (narrow one of the lists to silence this)"
+            );
+        }
+        role
+    }
+
+    /// The names both pattern lists matched so far (each warned about once).
+    pub fn overlapping(&self) -> impl Iterator<Item = &str> {
+        self.overlapping.iter().map(String::as_str)
     }
 
     /// Applies one link change; returns the event it makes, if any.
     pub fn apply(&mut self, change: LinkChange) -> Option<IfaceEvent> {
         match change {
             LinkChange::Present { index, name } => {
-                let matches = self.patterns.matches(&name);
-                match self.matching.get(&index) {
-                    None if matches => {
-                        self.matching.insert(index, name.clone());
-                        Some(IfaceEvent::Appeared { index, name })
+                let role = self.role_of(&name);
+                match (self.known.get(&index), role) {
+                    (None, Some(role)) => {
+                        self.known.insert(index, (name.clone(), role));
+                        Some(IfaceEvent::Appeared { index, name, role })
                     }
-                    None => None,
-                    Some(known) if *known == name => None,
-                    Some(_) if matches => {
-                        let from = self.matching.insert(index, name.clone())?;
+                    (None, None) => None,
+                    (Some((known, _)), _) if *known == name => None,
+                    (Some(_), Some(role)) => {
+                        let (from, from_role) = self.known.insert(index, (name.clone(), role))?;
                         Some(IfaceEvent::Renamed {
                             index,
                             from,
                             to: name,
+                            from_role,
+                            role,
                         })
                     }
-                    Some(_) => {
-                        let old = self.matching.remove(&index)?;
+                    (Some(_), None) => {
+                        let (old, role) = self.known.remove(&index)?;
                         Some(IfaceEvent::Disappeared {
                             index,
                             name: old,
+                            role,
                             renamed_to: Some(name),
                         })
                     }
                 }
             }
             LinkChange::Removed { index } => {
-                self.matching
+                self.known
                     .remove(&index)
-                    .map(|name| IfaceEvent::Disappeared {
+                    .map(|(name, role)| IfaceEvent::Disappeared {
                         index,
                         name,
+                        role,
                         renamed_to: None,
                     })
             }
@@ -265,7 +413,7 @@ impl IfaceTracker {
     {
         let listed: BTreeMap<u32, String> = links.into_iter().collect();
         let gone: Vec<u32> = self
-            .matching
+            .known
             .keys()
             .filter(|index| !listed.contains_key(index))
             .copied()
@@ -285,12 +433,12 @@ impl IfaceTracker {
     /// Forgets interface `index`, so its next `RTM_NEWLINK` makes it appear again (used when
     /// attaching to it failed). Returns whether it was known.
     pub fn forget(&mut self, index: u32) -> bool {
-        self.matching.remove(&index).is_some()
+        self.known.remove(&index).is_some()
     }
 
-    /// The matching interfaces known now: `(ifindex, name)`, by ifindex.
-    pub fn matching(&self) -> impl Iterator<Item = (u32, &str)> {
-        self.matching.iter().map(|(i, n)| (*i, n.as_str()))
+    /// The interfaces with a role known now: `(ifindex, name, role)`, by ifindex.
+    pub fn matching(&self) -> impl Iterator<Item = (u32, &str, IfaceRole)> {
+        self.known.iter().map(|(i, (n, r))| (*i, n.as_str(), *r))
     }
 }
 
@@ -316,9 +464,9 @@ impl std::fmt::Debug for IfaceWatch {
 
 impl IfaceWatch {
     /// Joins `RTNLGRP_LINK` in the calling thread's network namespace, then lists its links:
-    /// the matching ones come first out of [`IfaceWatch::next`] as [`IfaceEvent::Appeared`].
+    /// those with a role come first out of [`IfaceWatch::next`] as [`IfaceEvent::Appeared`].
     /// Needs a tokio runtime (the two netlink connections run as tasks).
-    pub async fn start(patterns: IfacePatterns) -> anyhow::Result<Self> {
+    pub async fn start(patterns: RolePatterns) -> anyhow::Result<Self> {
         let (mut conn, _, events) = rtnetlink::new_multicast_connection(&[MulticastGroup::Link])
             .context("joining the rtnetlink link group (RTNLGRP_LINK)")?;
         if let Err(e) = conn.socket_mut().socket_ref().set_rx_buf_sz(EVENT_RCVBUF) {
@@ -338,14 +486,17 @@ impl IfaceWatch {
             ready: VecDeque::new(),
         };
         watch.relist().await?;
+        let count = |role| watch.ready.iter().filter(|e| e.role() == role).count();
         info!(
             matching = watch.ready.len(),
-            "following pod-facing interfaces (rtnetlink link events)"
+            pod_facing = count(IfaceRole::PodFacing),
+            node_facing = count(IfaceRole::NodeFacing),
+            "following pod-facing interfaces and node-facing interfaces (rtnetlink link events)"
         );
         Ok(watch)
     }
 
-    /// The next change of a pod-facing interface. Fails only when netlink does (the event
+    /// The next change of a followed interface. Fails only when netlink does (the event
     /// connection closed, listings keep failing); the watch is of no further use then.
     pub async fn next(&mut self) -> anyhow::Result<IfaceEvent> {
         loop {
@@ -372,8 +523,8 @@ impl IfaceWatch {
         self.tracker.forget(index)
     }
 
-    /// The matching interfaces known now: `(ifindex, name)`.
-    pub fn matching(&self) -> impl Iterator<Item = (u32, &str)> {
+    /// The interfaces with a role known now: `(ifindex, name, role)`.
+    pub fn matching(&self) -> impl Iterator<Item = (u32, &str, IfaceRole)> {
         self.tracker.matching()
     }
 
@@ -436,15 +587,15 @@ impl HookOutcome {
     }
 }
 
-/// The pod-facing TC programs' pinned links, by ifindex: which interfaces have them.
+/// The pinned links of the TC programs, by ifindex: which interfaces have them, in which role.
 #[derive(Debug)]
-pub struct PodIfaceLinks {
+pub struct IfaceLinks {
     pin_dir: PathBuf,
-    /// ifindex -> the interface's name.
-    by_index: HashMap<u32, String>,
+    /// ifindex -> the interface's name and the role its programs are for.
+    by_index: HashMap<u32, (String, IfaceRole)>,
 }
 
-impl PodIfaceLinks {
+impl IfaceLinks {
     /// No attachment known yet; links are pinned below `pin_dir` (`<bpffs>/svc/v1`).
     #[must_use]
     pub fn new(pin_dir: &Path) -> Self {
@@ -454,32 +605,40 @@ impl PodIfaceLinks {
         }
     }
 
-    /// Whether the programs are on interface `index` (as far as this knows).
+    /// The role whose programs are on interface `index` (as far as this knows); `None` when
+    /// none are.
     #[must_use]
-    pub fn is_attached(&self, index: u32) -> bool {
-        self.by_index.contains_key(&index)
+    pub fn attached(&self, index: u32) -> Option<IfaceRole> {
+        self.by_index.get(&index).map(|(_, role)| *role)
     }
 
-    /// Acts on one event and logs what it did: attaches (or takes over an earlier agent's
-    /// pinned links) on [`IfaceEvent::Appeared`] and on a rename of an interface it had not
-    /// attached to, unpins (detaches) on a rename out of the patterns, removes the pins of a
+    /// Acts on one event and logs what it did: attaches its role's programs (or takes over an
+    /// earlier agent's pinned links) on [`IfaceEvent::Appeared`] and on a rename of an
+    /// interface it had not attached to, swaps the programs in place on a rename into the
+    /// other role, unpins (detaches) on a rename out of the patterns, removes the pins of a
     /// gone interface. Fails only when attaching did; then the links made by this attempt are
-    /// removed again, and those of an earlier agent stay (they still translate).
+    /// removed again, and those of an earlier agent (or of the interface's earlier role) stay.
     pub fn apply(&mut self, ebpf: &mut Ebpf, event: &IfaceEvent) -> anyhow::Result<()> {
         match event {
-            IfaceEvent::Appeared { index, name } => self.attach(ebpf, *index, name),
-            IfaceEvent::Renamed { index, from, to } => {
-                if let Some(known) = self.by_index.get_mut(index) {
+            IfaceEvent::Appeared { index, name, role } => self.attach(ebpf, *index, name, *role),
+            IfaceEvent::Renamed {
+                index,
+                from,
+                to,
+                role,
+                ..
+            } => match self.by_index.get_mut(index) {
+                Some((known, known_role)) if *known_role == *role => {
                     known.clone_from(to);
-                    info!(iface = %to, ifindex = index, %from, "pod-facing interface renamed; its programs stay (pins are by ifindex)");
+                    info!(iface = %to, ifindex = index, %from, role = %role, "{role} interface renamed; its programs stay (pins are by ifindex)");
                     Ok(())
-                } else {
-                    self.attach(ebpf, *index, to)
                 }
-            }
+                _ => self.attach(ebpf, *index, to, *role),
+            },
             IfaceEvent::Disappeared {
                 index,
                 name,
+                role,
                 renamed_to,
             } => {
                 // Pins go even when this agent never attached there (an attach that failed
@@ -493,18 +652,18 @@ impl PodIfaceLinks {
                     // The kernel dropped the links from the interface; the pins only keep the
                     // link objects.
                     if let Err(e) = self.unpin(*index) {
-                        warn!(iface = %name, ifindex = index, error = %format!("{e:#}"), "pod-facing interface gone: removing its link pins failed");
+                        warn!(iface = %name, ifindex = index, role = %role, error = %format!("{e:#}"), "{role} interface gone: removing its link pins failed");
                     } else {
-                        info!(iface = %name, ifindex = index, "pod-facing interface gone: removed its TC link pins");
+                        info!(iface = %name, ifindex = index, role = %role, "{role} interface gone: removed its TC link pins");
                     }
                     return Ok(());
                 };
                 match self.detach(*index, to) {
                     Ok(()) => {
-                        info!(iface = %name, ifindex = index, renamed_to = %to, "renamed out of the pod-facing patterns: unpinned and detached its programs");
+                        info!(iface = %name, ifindex = index, renamed_to = %to, role = %role, "renamed out of the {role} patterns: unpinned and detached its programs");
                     }
                     Err(e) => {
-                        warn!(iface = %name, ifindex = index, renamed_to = %to, error = %format!("{e:#}"), "renamed out of the pod-facing patterns: detaching failed");
+                        warn!(iface = %name, ifindex = index, renamed_to = %to, role = %role, error = %format!("{e:#}"), "renamed out of the {role} patterns: detaching failed");
                     }
                 }
                 Ok(())
@@ -512,10 +671,18 @@ impl PodIfaceLinks {
         }
     }
 
-    /// Puts both programs on `name` unless they are there already.
-    fn attach(&mut self, ebpf: &mut Ebpf, index: u32, name: &str) -> anyhow::Result<()> {
-        if self.by_index.contains_key(&index) {
-            debug!(iface = %name, ifindex = index, "programs already attached");
+    /// Puts both programs of `role` on `name` unless they are there already; swaps them in
+    /// place when the interface carries the other role's programs.
+    fn attach(
+        &mut self,
+        ebpf: &mut Ebpf,
+        index: u32,
+        name: &str,
+        role: IfaceRole,
+    ) -> anyhow::Result<()> {
+        let previous = self.attached(index);
+        if previous == Some(role) {
+            debug!(iface = %name, ifindex = index, role = %role, "programs already attached");
             return Ok(());
         }
         // The event is about `index`; make sure the name still means that interface (it may
@@ -526,7 +693,7 @@ impl PodIfaceLinks {
             Err(e) => bail!("{name} (ifindex {index}) is no longer there: {e}"),
         }
         let mut outcomes = Vec::new();
-        for (prog_name, hook) in POD_PROGRAMS {
+        for (prog_name, hook) in role.programs() {
             match pin_tc_program(ebpf, &self.pin_dir, name, index, prog_name, hook) {
                 Ok(outcome) => outcomes.push((hook, outcome)),
                 Err(e) => {
@@ -544,14 +711,18 @@ impl PodIfaceLinks {
             bail!("internal: {} hook outcomes for {name}", outcomes.len());
         };
         let pins = pins::tc_iface_dir(&self.pin_dir, index);
-        if ingress == HookOutcome::Attached && egress == HookOutcome::Attached {
-            info!(iface = %name, ifindex = index, pins = %pins.display(), "attached {PROG_TC_FROM_POD} (ingress) and {PROG_TC_TO_POD} (egress), links pinned");
-        } else if ingress == HookOutcome::Replaced && egress == HookOutcome::Replaced {
-            info!(iface = %name, ifindex = index, pins = %pins.display(), "took over the pinned TC links of an earlier agent: its programs replaced in place (BPF_LINK_UPDATE)");
+        let [(ingress_prog, _), (egress_prog, _)] = role.programs();
+        let both = |outcome| ingress == outcome && egress == outcome;
+        if let Some(from_role) = previous {
+            info!(iface = %name, ifindex = index, pins = %pins.display(), from_role = %from_role, role = %role, ingress = ingress.name(), egress = egress.name(), "interface changed role, {from_role} to {role}: programs swapped in place (BPF_LINK_UPDATE), now {ingress_prog} (ingress) and {egress_prog} (egress)");
+        } else if both(HookOutcome::Attached) {
+            info!(iface = %name, ifindex = index, pins = %pins.display(), role = %role, "{role} interface: attached {ingress_prog} (ingress) and {egress_prog} (egress), links pinned");
+        } else if both(HookOutcome::Replaced) {
+            info!(iface = %name, ifindex = index, pins = %pins.display(), role = %role, "{role} interface: took over the pinned TC links of an earlier agent: its programs replaced in place by {ingress_prog} (ingress) and {egress_prog} (egress) (BPF_LINK_UPDATE)");
         } else {
-            info!(iface = %name, ifindex = index, pins = %pins.display(), ingress = ingress.name(), egress = egress.name(), "pod-facing programs in place");
+            info!(iface = %name, ifindex = index, pins = %pins.display(), role = %role, ingress = ingress.name(), egress = egress.name(), "{role} programs in place: {ingress_prog} (ingress), {egress_prog} (egress)");
         }
-        self.by_index.insert(index, name.to_owned());
+        self.by_index.insert(index, (name.to_owned(), role));
         Ok(())
     }
 
@@ -675,53 +846,60 @@ fn pin_tc_program(
     Ok(HookOutcome::Attached)
 }
 
-/// Attaches the pod-facing programs to the interfaces of the watch's first listing (taking
-/// over an earlier agent's pinned links), then removes the pins of every interface that is
-/// not pod-facing any more: deleted or renamed away while no agent ran (removing a pin
-/// detaches what is still attached). Call it once, right after [`IfaceWatch::start`], before
+/// Attaches each interface's programs (by its role) to the interfaces of the watch's first
+/// listing (taking over an earlier agent's pinned links, whichever role they ran for), then
+/// removes the pins of every interface that has no role any more: deleted or renamed away
+/// while no agent ran (removing a pin detaches what is still attached). Call it once, right after [`IfaceWatch::start`], before
 /// [`follow`]. An interface that fails is logged, keeps whatever pins it had and is retried on
 /// its next link event.
 pub fn attach_listed(
     ebpf: &mut Ebpf,
     watch: &mut IfaceWatch,
-    links: &mut PodIfaceLinks,
+    links: &mut IfaceLinks,
 ) -> anyhow::Result<()> {
-    let listed: BTreeSet<u32> = watch.matching().map(|(index, _)| index).collect();
+    let listed: BTreeSet<u32> = watch.matching().map(|(index, ..)| index).collect();
     for event in std::mem::take(&mut watch.ready) {
-        if let Err(e) = links.apply(ebpf, &event) {
-            warn!(
-                iface = %event.name(), ifindex = event.index(), error = %format!("{e:#}"),
-                "could not attach the pod-facing programs; retried on this interface's next link event"
-            );
-            watch.forget(event.index());
-        }
+        apply_or_retry_later(ebpf, &mut watch.tracker, links, &event);
     }
     let dir = pins::tc_dir(&links.pin_dir);
     let stale = pins::stale_tc_pins(&pins::pin_groups(&dir)?, &listed);
     for path in pins::remove_relative(&dir, &stale)? {
-        info!(pin = %path.display(), "removed stale TC link pins: the interface went, or stopped being pod-facing, while no agent ran");
+        info!(pin = %path.display(), "removed stale TC link pins: the interface went, or stopped being pod-facing or node-facing, while no agent ran");
     }
     Ok(())
 }
 
-/// Keeps the pod-facing programs on every matching interface of this namespace for as long as
-/// it runs: attaches to each that appears, detaches from each renamed away, removes the pins
-/// of each that goes. A failed attach is logged with the interface's name and retried on the
-/// interface's next link event; the agent goes on. Returns only when netlink fails.
+/// Keeps each role's programs on every interface of this namespace with that role for as long
+/// as it runs: attaches to each that appears, swaps the programs of each renamed into the other
+/// role, detaches from each renamed away, removes the pins of each that goes. A failed attach
+/// is logged with the interface's name and retried on the interface's next link event; the
+/// agent goes on. Returns only when netlink fails.
 pub async fn follow(
     ebpf: &mut Ebpf,
     mut watch: IfaceWatch,
-    mut links: PodIfaceLinks,
+    mut links: IfaceLinks,
 ) -> anyhow::Result<()> {
     loop {
         let event = watch.next().await?;
-        if let Err(e) = links.apply(ebpf, &event) {
-            warn!(
-                iface = %event.name(), ifindex = event.index(), error = %format!("{e:#}"),
-                "could not attach the pod-facing programs; retried on this interface's next link event"
-            );
-            watch.forget(event.index());
-        }
+        apply_or_retry_later(ebpf, &mut watch.tracker, &mut links, &event);
+    }
+}
+
+/// Applies `event`; when that fails, logs it and makes the tracker forget the interface, so
+/// its next link event tries again.
+fn apply_or_retry_later(
+    ebpf: &mut Ebpf,
+    tracker: &mut IfaceTracker,
+    links: &mut IfaceLinks,
+    event: &IfaceEvent,
+) {
+    if let Err(e) = links.apply(ebpf, event) {
+        let role = event.role();
+        warn!(
+            iface = %event.name(), ifindex = event.index(), role = %role, error = %format!("{e:#}"),
+            "could not attach the {role} programs; retried on this interface's next link event"
+        );
+        tracker.forget(event.index());
     }
 }
 
@@ -731,8 +909,19 @@ mod tests {
 
     use super::*;
 
-    fn patterns() -> IfacePatterns {
-        IfacePatterns::parse("svcpod*,lxc*").unwrap()
+    const POD: IfaceRole = IfaceRole::PodFacing;
+    const NODE: IfaceRole = IfaceRole::NodeFacing;
+
+    fn patterns() -> RolePatterns {
+        RolePatterns::new(
+            IfacePatterns::parse("svcpod*,lxc*").unwrap(),
+            IfacePatterns::parse_or_none("ens*,bond*").unwrap(),
+        )
+    }
+
+    /// The role `patterns()` gives `name`.
+    fn role(name: &str) -> IfaceRole {
+        patterns().classify(name).0.expect("a name with a role")
     }
 
     fn link_msg(family: AddressFamily, index: u32, name: Option<&str>) -> LinkMessage {
@@ -763,6 +952,7 @@ mod tests {
         IfaceEvent::Appeared {
             index,
             name: name.to_owned(),
+            role: role(name),
         }
     }
 
@@ -770,7 +960,27 @@ mod tests {
         IfaceEvent::Disappeared {
             index,
             name: name.to_owned(),
+            role: role(name),
             renamed_to: None,
+        }
+    }
+
+    fn renamed(index: u32, from: &str, to: &str) -> IfaceEvent {
+        IfaceEvent::Renamed {
+            index,
+            from: from.to_owned(),
+            to: to.to_owned(),
+            from_role: role(from),
+            role: role(to),
+        }
+    }
+
+    fn renamed_away(index: u32, name: &str, to: &str) -> IfaceEvent {
+        IfaceEvent::Disappeared {
+            index,
+            name: name.to_owned(),
+            role: role(name),
+            renamed_to: Some(to.to_owned()),
         }
     }
 
@@ -829,7 +1039,7 @@ mod tests {
         assert_eq!(t.apply(present(2, "eth0")), None);
         assert_eq!(t.apply(LinkChange::Removed { index: 2 }), None);
         assert_eq!(t.apply(present(5, "lxc12")), Some(appeared(5, "lxc12")));
-        assert_eq!(t.matching().collect::<Vec<_>>(), [(5, "lxc12")]);
+        assert_eq!(t.matching().collect::<Vec<_>>(), [(5, "lxc12", POD)]);
     }
 
     #[test]
@@ -853,19 +1063,11 @@ mod tests {
         t.apply(present(5, "svcpod0"));
         assert_eq!(
             t.apply(present(5, "svcpod9")),
-            Some(IfaceEvent::Renamed {
-                index: 5,
-                from: "svcpod0".into(),
-                to: "svcpod9".into()
-            })
+            Some(renamed(5, "svcpod0", "svcpod9"))
         );
         assert_eq!(
             t.apply(present(5, "moved0")),
-            Some(IfaceEvent::Disappeared {
-                index: 5,
-                name: "svcpod9".into(),
-                renamed_to: Some("moved0".into())
-            })
+            Some(renamed_away(5, "svcpod9", "moved0"))
         );
         assert_eq!(t.apply(present(5, "moved1")), None);
         assert_eq!(t.apply(present(5, "lxcab")), Some(appeared(5, "lxcab")));
@@ -895,14 +1097,7 @@ mod tests {
         // After lost events: 3 was renamed away, 7 came.
         assert_eq!(
             t.resync([(3, "other".to_owned()), (7, "lxc7".to_owned())]),
-            [
-                IfaceEvent::Disappeared {
-                    index: 3,
-                    name: "svcpod0".into(),
-                    renamed_to: Some("other".into())
-                },
-                appeared(7, "lxc7")
-            ]
+            [renamed_away(3, "svcpod0", "other"), appeared(7, "lxc7")]
         );
         assert_eq!(t.resync([(7, "lxc7".to_owned())]), []);
     }
@@ -938,7 +1133,7 @@ mod tests {
                 appeared(6, "svcpod0")
             ]
         );
-        assert_eq!(t.matching().collect::<Vec<_>>(), [(6, "svcpod0")]);
+        assert_eq!(t.matching().collect::<Vec<_>>(), [(6, "svcpod0", POD)]);
     }
 
     #[test]
@@ -951,13 +1146,134 @@ mod tests {
     }
 
     #[test]
-    fn events_name_their_interface() {
-        let renamed = IfaceEvent::Renamed {
-            index: 2,
-            from: "svcpod0".into(),
-            to: "svcpod1".into(),
-        };
-        assert_eq!((renamed.index(), renamed.name()), (2, "svcpod1"));
+    fn events_name_their_interface_and_role() {
+        let event = renamed(2, "svcpod0", "ens3");
+        assert_eq!(
+            (event.index(), event.name(), event.role()),
+            (2, "ens3", NODE)
+        );
         assert_eq!(gone(3, "svcpod3").name(), "svcpod3");
+        assert_eq!(gone(3, "svcpod3").role(), POD);
+        assert_eq!(renamed_away(4, "bond0", "x").role(), NODE);
+    }
+
+    #[test]
+    fn each_role_has_its_programs_on_its_hooks() {
+        assert_eq!(
+            POD.programs(),
+            [
+                (PROG_TC_FROM_POD, TcHook::Ingress),
+                (PROG_TC_TO_POD, TcHook::Egress)
+            ]
+        );
+        assert_eq!(
+            NODE.programs(),
+            [
+                (PROG_TC_FROM_WORLD, TcHook::Ingress),
+                (PROG_TC_TO_WORLD, TcHook::Egress)
+            ]
+        );
+        for role in IfaceRole::ALL {
+            for (program, hook) in role.programs() {
+                assert_eq!(IfaceRole::of_program(program), Some((role, hook)));
+            }
+        }
+        // As the kernel reports them (15 bytes at most).
+        assert_eq!(
+            IfaceRole::of_program("svc_tc_from_wor"),
+            Some((NODE, TcHook::Ingress))
+        );
+        assert_eq!(
+            IfaceRole::of_program("svc_tc_to_world"),
+            Some((NODE, TcHook::Egress))
+        );
+        assert_eq!(
+            IfaceRole::of_program("svc_tc_from_pod"),
+            Some((POD, TcHook::Ingress))
+        );
+        for other in ["svc_sock_conn4", "svc_tc_from", "svc_tc_from_worl", "", "x"] {
+            assert_eq!(IfaceRole::of_program(other), None, "{other}");
+        }
+        assert_eq!(
+            (POD.to_string(), NODE.to_string()),
+            ("pod-facing".to_owned(), "node-facing".to_owned())
+        );
+    }
+
+    #[test]
+    fn node_facing_wins_where_both_lists_match() {
+        let both = RolePatterns::new(
+            IfacePatterns::parse("svcpod*,veth*,eth1").unwrap(),
+            IfacePatterns::parse("eth*").unwrap(),
+        );
+        assert_eq!(both.classify("eth0"), (Some(NODE), false));
+        assert_eq!(both.classify("eth1"), (Some(NODE), true));
+        assert_eq!(both.classify("veth1"), (Some(POD), false));
+        assert_eq!(both.classify("lo"), (None, false));
+        // An empty node list: nothing is node-facing.
+        let none = RolePatterns::new(
+            IfacePatterns::parse("svcpod*").unwrap(),
+            IfacePatterns::parse_or_none("").unwrap(),
+        );
+        assert_eq!(none.classify("eth0"), (None, false));
+        assert_eq!(none.classify("svcpod0"), (Some(POD), false));
+
+        // The tracker warns once per name, however often the name comes back.
+        let mut t = IfaceTracker::new(both);
+        assert_eq!(
+            t.apply(present(4, "eth1")),
+            Some(IfaceEvent::Appeared {
+                index: 4,
+                name: "eth1".into(),
+                role: NODE
+            })
+        );
+        for _ in 0..3 {
+            assert_eq!(t.apply(present(4, "eth1")), None);
+        }
+        t.resync([(4, "eth1".to_owned())]);
+        t.apply(LinkChange::Removed { index: 4 });
+        t.apply(present(9, "eth1"));
+        assert_eq!(t.overlapping().collect::<Vec<_>>(), ["eth1"]);
+    }
+
+    #[test]
+    fn a_rename_can_move_an_interface_between_roles() {
+        let mut t = IfaceTracker::new(patterns());
+        assert_eq!(t.apply(present(5, "svcpod0")), Some(appeared(5, "svcpod0")));
+        // Pod-facing to node-facing: the same interface, another role.
+        let event = t.apply(present(5, "ens5")).unwrap();
+        assert_eq!(
+            event,
+            IfaceEvent::Renamed {
+                index: 5,
+                from: "svcpod0".into(),
+                to: "ens5".into(),
+                from_role: POD,
+                role: NODE
+            }
+        );
+        assert_eq!(t.matching().collect::<Vec<_>>(), [(5, "ens5", NODE)]);
+        // Inside the node-facing role: a plain rename.
+        assert_eq!(
+            t.apply(present(5, "bond0")),
+            Some(renamed(5, "ens5", "bond0"))
+        );
+        // And back, then out of both lists.
+        assert_eq!(
+            t.apply(present(5, "lxc5")),
+            Some(renamed(5, "bond0", "lxc5"))
+        );
+        assert_eq!(
+            t.apply(present(5, "eth0")),
+            Some(renamed_away(5, "lxc5", "eth0"))
+        );
+        assert_eq!(t.apply(present(5, "ens9")), Some(appeared(5, "ens9")));
+        // A listing after lost events sees the role change as a rename too.
+        assert_eq!(
+            t.resync([(5, "svcpod3".to_owned())]),
+            [renamed(5, "ens9", "svcpod3")]
+        );
+        assert_eq!(t.overlapping().count(), 0);
     }
 }

@@ -24,11 +24,19 @@ pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DI
 pub const PROG_TC_FROM_POD: &str = "svc_tc_from_pod";
 /// Name of the TC program for packets going to a pod (egress on the host end of its veth).
 pub const PROG_TC_TO_POD: &str = "svc_tc_to_pod";
-/// Name of the TC program for packets from outside (ingress on a node-facing interface).
+/// Name of the TC program for packets coming from the outside world (ingress on a node-facing
+/// interface).
 pub const PROG_TC_FROM_WORLD: &str = "svc_tc_from_world";
-/// Name of the TC program for packets leaving towards the outside (egress on a node-facing
+/// Name of the TC program for packets going to the outside world (egress on a node-facing
 /// interface).
 pub const PROG_TC_TO_WORLD: &str = "svc_tc_to_world";
+/// Every TC program; `svc-agent run` loads them all and attaches them by interface role.
+pub const PROGS_TC: [&str; 4] = [
+    PROG_TC_FROM_POD,
+    PROG_TC_TO_POD,
+    PROG_TC_FROM_WORLD,
+    PROG_TC_TO_WORLD,
+];
 /// Name of the cgroup `connect4` program (connect-time translation, IPv4).
 pub const PROG_SOCK_CONNECT4: &str = "svc_sock_conn4";
 /// Name of the cgroup `connect6` program (connect-time translation, IPv6).
@@ -299,24 +307,36 @@ pub fn ensure_bpffs(path: &Path) -> anyhow::Result<()> {
     .with_context(|| format!("mounting a bpf filesystem at {}", path.display()))
 }
 
-/// Interface-name patterns (shell globs such as `svcpod*`, `lxc*`) that select the pod-facing
-/// interfaces the TC programs attach to.
-#[derive(Clone, Debug)]
+/// Interface-name patterns (shell globs such as `svcpod*`, `lxc*`, `eth*`) that select the
+/// interfaces of one role (pod-facing, node-facing) the TC programs attach to.
+#[derive(Clone, Debug, Default)]
 pub struct IfacePatterns(Vec<glob::Pattern>);
 
 impl IfacePatterns {
-    /// Parses a comma-separated list of globs.
+    /// Parses a comma-separated list of globs; at least one is needed.
     pub fn parse(list: &str) -> anyhow::Result<Self> {
-        let pats = list
-            .split(',')
-            .map(str::trim)
-            .filter(|p| !p.is_empty())
-            .map(|p| glob::Pattern::new(p).with_context(|| format!("bad interface pattern `{p}`")))
-            .collect::<anyhow::Result<Vec<_>>>()?;
+        let pats = Self::parse_or_none(list)?;
         if pats.is_empty() {
             bail!("no interface pattern given");
         }
-        Ok(Self(pats))
+        Ok(pats)
+    }
+
+    /// Parses a comma-separated list of globs; an empty list (or only commas and blanks) gives
+    /// patterns that match no interface.
+    pub fn parse_or_none(list: &str) -> anyhow::Result<Self> {
+        list.split(',')
+            .map(str::trim)
+            .filter(|p| !p.is_empty())
+            .map(|p| glob::Pattern::new(p).with_context(|| format!("bad interface pattern `{p}`")))
+            .collect::<anyhow::Result<Vec<_>>>()
+            .map(Self)
+    }
+
+    /// Whether there is no pattern at all (no interface matches).
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
     }
 
     /// Whether `name` matches one of the patterns.
@@ -330,12 +350,7 @@ impl IfacePatterns {
 /// before must stay open until this returns: the programs' instructions name them by the
 /// descriptors the object was loaded with; once loaded, the programs hold their maps.
 pub fn load_programs(ebpf: &mut Ebpf) -> anyhow::Result<()> {
-    for name in [
-        PROG_TC_FROM_POD,
-        PROG_TC_TO_POD,
-        PROG_TC_FROM_WORLD,
-        PROG_TC_TO_WORLD,
-    ] {
+    for name in PROGS_TC {
         loaded::<SchedClassifier>(ebpf, name)?;
     }
     for name in PROGS_SOCK {
@@ -400,6 +415,10 @@ mod tests {
         assert!(!p.matches("lxcab"));
         assert!(IfacePatterns::parse(" , ").is_err());
         assert!(IfacePatterns::parse("[").is_err());
+        let none = IfacePatterns::parse_or_none(" , ").unwrap();
+        assert!(none.is_empty() && !none.matches("eth0") && !none.matches(""));
+        assert!(IfacePatterns::parse_or_none("eth0,[").is_err());
+        assert!(!IfacePatterns::parse_or_none("eth0").unwrap().is_empty());
     }
 
     #[test]

@@ -188,10 +188,10 @@ fn remove_other_layouts(others: &[pins::OtherLayout]) {
     }
 }
 
-/// The pod interface task: follows pod-facing interfaces once the programs are attached, for
-/// the agent's life; fails as soon as loading or attaching them does (the start fails at once,
-/// also while the source still waits for its first sync).
-async fn follow_pod_ifaces(
+/// The interface task: follows pod-facing and node-facing interfaces once the programs are
+/// attached, for the agent's life; fails as soon as loading or attaching them does (the start
+/// fails at once, also while the source still waits for its first sync).
+async fn follow_ifaces(
     attached: tokio::sync::oneshot::Receiver<anyhow::Result<startup::Attached>>,
 ) -> anyhow::Result<()> {
     let startup::Attached {
@@ -234,9 +234,10 @@ async fn run(bpffs: &std::path::Path, args: &RunArgs) -> anyhow::Result<()> {
     // Another layout's pins (an upgrade or a rollback): this layout is built beside them and
     // they are removed after the first sync (svc-ebpf/DESIGN.md, "Layout versions").
     let others = other_layouts(bpffs)?;
-    let patterns = loader::IfacePatterns::parse(&args.pod_ifaces)?;
-    // Pod-facing interfaces, those there now (the watch's first listing) and those that appear
-    // later (netlink link events), get the TC programs; they are followed for the agent's life.
+    let patterns = args.iface_roles()?;
+    // Pod-facing and node-facing interfaces, those there now (the watch's first listing) and
+    // those that appear later (netlink link events), get their role's TC programs; they are
+    // followed for the agent's life.
     let watch = ifaces::IfaceWatch::start(patterns).await?;
     // The maps are created (or adopted), the programs loaded (verifier) and attached on a thread
     // of its own while the source lists and computes: the first pass waits for the maps only
@@ -300,17 +301,17 @@ async fn run(bpffs: &std::path::Path, args: &RunArgs) -> anyhow::Result<()> {
             }
         }
     };
-    // Pod-facing interfaces and signals have tasks of their own: neither waits behind a pass
-    // (which holds this task for seconds at 100,000 Services).
-    let mut pod_ifaces = tokio::spawn(follow_pod_ifaces(attached));
+    // Interfaces and signals have tasks of their own: neither waits behind a pass (which holds
+    // this task for seconds at 100,000 Services).
+    let mut ifaces = tokio::spawn(follow_ifaces(attached));
     let (stop, stopping) = on_stop_signal(term);
     tokio::select! {
         r = source => r?,
-        r = &mut pod_ifaces => r.context("the pod interface task failed")??,
+        r = &mut ifaces => r.context("the interface task failed")??,
         _ = stopping => {}
     }
     stop.abort();
-    pod_ifaces.abort();
+    ifaces.abort();
     info!(
         links = %pins::links_dir(&pin_dir).display(),
         "stopping: the programs stay attached through their pinned links and keep translating \

@@ -4,15 +4,17 @@
 //! <bpffs>/svc/                              PIN_ROOT: one directory per map layout version
 //! <bpffs>/svc/v1/                           PIN_SUBDIR: everything of layout 1, nothing else
 //!   <MAP_NAME>                              every map of svc_common::MAP_NAMES
-//!   links/tc/<ifindex>/ingress              TCX link: svc_tc_from_pod, ingress of a pod's veth (host end)
-//!   links/tc/<ifindex>/egress               TCX link: svc_tc_to_pod, egress of the same interface
+//!   links/tc/<ifindex>/ingress              TCX link, ingress: svc_tc_from_pod (pod-facing) or svc_tc_from_world (node-facing)
+//!   links/tc/<ifindex>/egress               TCX link, egress: svc_tc_to_pod or svc_tc_to_world, same interface
 //!   links/cgroup/<cgroup id>/<program>      cgroup link of one connect-time program (svc_sock_*)
 //! ```
 //!
 //! A pinned link keeps its program attached after the agent exits, however it exits: the
 //! datapath goes on translating with the pinned maps (conntrack and affinity included) while
 //! no agent runs. TC links are keyed by ifindex, which a rename does not change; the cgroup id
-//! is the inode number of the cgroup's directory.
+//! is the inode number of the cgroup's directory. The interface's role (`ifaces::IfaceRole`) is
+//! not in the layout: the program a TC link runs says it, so a link taken over or swapped to
+//! the other role keeps its pin.
 //!
 //! A link is pinned under `<name>-new` first and renamed over `<name>` (bpffs renames
 //! atomically, replacing what was there): at every instant each hook has a pinned link, the
@@ -44,12 +46,12 @@ pub const CGROUP: &str = "cgroup";
 /// Suffix of a link being pinned, before it is renamed over its final name.
 const REPLACING: &str = "-new";
 
-/// A TC hook of a pod-facing interface.
+/// A TC hook of a followed (pod-facing or node-facing) interface.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum TcHook {
-    /// Ingress of the host end of a pod's veth: packets from the pod.
+    /// Ingress: packets from the pod (pod-facing) or from outside the node (node-facing).
     Ingress,
-    /// Egress of the host end of a pod's veth: packets to the pod.
+    /// Egress: packets to the pod (pod-facing) or leaving the node (node-facing).
     Egress,
 }
 
@@ -85,7 +87,7 @@ pub fn tc_dir(pin_dir: &Path) -> PathBuf {
     links_dir(pin_dir).join(TC)
 }
 
-/// `<pin dir>/links/tc/<ifindex>`: the links of one pod-facing interface.
+/// `<pin dir>/links/tc/<ifindex>`: the links of one followed interface.
 #[must_use]
 pub fn tc_iface_dir(pin_dir: &Path, ifindex: u32) -> PathBuf {
     tc_dir(pin_dir).join(ifindex.to_string())
@@ -120,15 +122,15 @@ pub struct PinnedTcLink {
     pub program_id: u32,
 }
 
-/// What to do on one TC hook of a pod-facing interface.
+/// What to do on one TC hook of a followed interface.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TcPinAction {
     /// Nothing is pinned: attach a new link and pin it.
     Attach,
     /// This agent's program is pinned and on the hook already: nothing to do.
     Keep,
-    /// An earlier agent's link, on this hook: give it this agent's program in place
-    /// (`BPF_LINK_UPDATE`).
+    /// An earlier agent's link on this hook, or this agent's link running the interface's
+    /// other role's program: give it the program wanted now in place (`BPF_LINK_UPDATE`).
     Update,
     /// A pin whose link is not on this hook (its interface was deleted and the ifindex reused
     /// while no agent ran, or it is no TCX link): attach a new link and pin it over the stale one.
@@ -160,7 +162,7 @@ pub fn tc_pin_action(pinned: Option<PinnedTcLink>, on_hook: &[u32], ours: u32) -
 pub type PinGroup = (String, Vec<String>);
 
 /// What to remove of `links/tc` (paths relative to it), given its groups and the ifindexes
-/// of the interfaces that are pod-facing now: the directory of every other ifindex (an
+/// of the interfaces that have a role now: the directory of every other ifindex (an
 /// interface deleted, or renamed out of the patterns, while no agent ran; removing its pins
 /// detaches what is still attached), and in the others any file that is not a hook's pin (a
 /// `-new` left by an agent killed while pinning).
@@ -664,7 +666,7 @@ mod tests {
             ]
         );
         assert!(stale_tc_pins(&groups[..1], &live).is_empty());
-        // No pod-facing interface at all: every pin goes.
+        // No followed interface at all: every pin goes.
         assert_eq!(stale_tc_pins(&groups, &BTreeSet::new()).len(), groups.len());
     }
 

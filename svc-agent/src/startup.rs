@@ -16,14 +16,15 @@
 //!    anything from them (else it would bring deleted entries back), and the reconciler is
 //!    handed over only after step 5;
 //! 3. loads the programs (verifier);
-//! 4. attaches the connect-time programs to the cgroup, then the pod-facing ones to the
-//!    interfaces of the first listing, each taking over an earlier agent's pinned link;
+//! 4. attaches the connect-time programs to the cgroup, then the TC programs to the
+//!    pod-facing and node-facing interfaces of the first listing (each its role's pair), each
+//!    taking over an earlier agent's pinned link;
 //! 5. finishes a map migration;
 //! 6. says it is done ([`Attaching::wait`], which the agent calls before it says "svc-agent
 //!    running" and before it removes another layout's pins) and hands the object, the
-//!    interface watch and the links ([`Attached`]) to the task that follows pod interfaces.
+//!    interface watch and the links ([`Attached`]) to the task that follows interfaces.
 //!
-//! A failure at any step reaches both the first pass (through [`Datapath`]) and the pod
+//! A failure at any step reaches both the first pass (through [`Datapath`]) and the
 //! interface task, which fails the start as soon as it happens (also while the source still
 //! waits for the API server).
 //!
@@ -45,7 +46,7 @@ use tracing::{debug, info};
 
 use crate::{
     datapath::{AyaMaps, Reconciler, ReconcilerHandle},
-    ifaces::{IfaceWatch, PodIfaceLinks},
+    ifaces::{IfaceLinks, IfaceWatch},
     loader,
 };
 
@@ -60,20 +61,21 @@ pub struct Plan {
     pub globals: loader::Globals,
     /// `--cgroup` as `svc-agent run` resolved it (empty: connect-time translation off).
     pub cgroup: String,
-    /// The pod-facing interfaces, listed; the thread attaches to those of the listing.
+    /// The pod-facing and node-facing interfaces, listed; the thread attaches to those of the
+    /// listing.
     pub watch: IfaceWatch,
     /// Where the `CT_V1` pressure thread reports its counts.
     pub metrics: crate::metrics::Recorder,
 }
 
-/// The programs loaded and attached, for the task that follows pod interfaces from then on.
+/// The programs loaded and attached, for the task that follows interfaces from then on.
 pub struct Attached {
     /// The object, its programs loaded (and attached).
     pub ebpf: Ebpf,
     /// The interface watch, its first listing handled.
     pub watch: IfaceWatch,
-    /// The pinned links of the pod-facing programs.
-    pub links: PodIfaceLinks,
+    /// The pinned links of the TC programs (both roles).
+    pub links: IfaceLinks,
 }
 
 /// The reconciler, once the thread has built it. Dropping it waits for the thread (see the
@@ -156,7 +158,7 @@ impl Report {
 
 /// Starts the thread that loads the maps and the programs and attaches the programs as `plan`
 /// says. Returns the reconciler's handle for the source, the handle to wait for the attach
-/// on, and the receiver of the outcome for the pod interface task.
+/// on, and the receiver of the outcome for the interface task.
 ///
 /// # Errors
 /// When the thread cannot be started.
@@ -239,10 +241,11 @@ fn load_and_attach(plan: Plan, report: &mut Report) -> anyhow::Result<Attached> 
     loader::load_programs(&mut ebpf).context("loading the programs")?;
     let verified = since.elapsed();
     info!(took_ms = ms(verified), "programs loaded (verifier)");
-    // Connect-time programs, then pod-facing ones: each takes over what an earlier agent of
-    // this layout pinned (same maps, so at once), or goes beside another layout's.
+    // Connect-time programs, then the TC ones (pod-facing and node-facing interfaces): each
+    // takes over what an earlier agent of this layout pinned (same maps, so at once), or goes
+    // beside another layout's.
     crate::cgroup::attach_from_arg(&mut ebpf, &cgroup, &pin_dir)?;
-    let mut links = PodIfaceLinks::new(&pin_dir);
+    let mut links = IfaceLinks::new(&pin_dir);
     crate::ifaces::attach_listed(&mut ebpf, &mut watch, &mut links)?;
     // Maps of another size were migrated: the programs now attached use the new maps; what the
     // old programs added meanwhile is copied over and the old maps' pins go. Only then may the

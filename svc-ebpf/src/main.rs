@@ -51,7 +51,7 @@ pub fn svc_tc_to_pod(ctx: TcContext) -> i32 {
     pod::to_pod(&ctx)
 }
 
-/// TC ingress on a node-facing interface: packets from the outside world (NodePort, external
+/// TC ingress on a node-facing interface: packets from the outside world (`NodePort`, external
 /// and load-balancer addresses; replies to SNAT'd flows).
 #[classifier]
 #[expect(

@@ -42,7 +42,7 @@ use nix::sys::{
 };
 pub use svc_agent::model::Protocol;
 
-use crate::netns::{Netns, Node, POD_IFNAME_PREFIX, Pod, Process, Topology, sockd};
+use crate::netns::{ETH0, Netns, Node, POD_IFNAME_PREFIX, Pod, Process, Topology, sockd};
 
 /// The namespace every object of the tests lives in.
 pub const NAMESPACE: &str = "default";
@@ -796,6 +796,11 @@ impl Agent {
             .args(["run", "--node-name", &node.name, "--pod-ifaces"])
             .arg(format!("{POD_IFNAME_PREFIX}*"))
             .args(source);
+        // The node's uplink (its underlay interface) carries the node-facing programs, as on a
+        // real node (where the default patterns find it): every end-to-end test runs with them.
+        if supports_flag(binary, "--node-ifaces")? {
+            cmd.arg("--node-ifaces").arg(ETH0);
+        }
         for (flag, value) in sizes {
             cmd.arg(flag).arg(value.to_string());
         }

@@ -72,8 +72,8 @@ fn agent_takes(binary: &std::path::Path, flag: &str) -> bool {
     String::from_utf8_lossy(&help.stdout).contains(flag)
 }
 
-/// Starts `svc-agent run` in `node`'s namespace and cgroup, following `svcpod*` and an empty
-/// directory of objects (without `--from-dir` the agent follows a Kubernetes API server), and
+/// Starts `svc-agent run` in `node`'s namespace and cgroup, following `svcpod*` (pod-facing),
+/// `eth0` (node-facing: the node's uplink) and an empty directory of objects (without `--from-dir` the agent follows a Kubernetes API server), and
 /// waits until it says it is running.
 fn start_agent(node: &Node) -> Process {
     let binary = agent_binary();
@@ -86,6 +86,7 @@ fn start_agent(node: &Node) -> Process {
         .arg(&node.bpffs)
         .args(["run", "--node-name", &node.name, "--pod-ifaces"])
         .arg(format!("{POD_IFNAME_PREFIX}*"))
+        .args(["--node-ifaces", netns::ETH0])
         .arg("--from-dir")
         .arg(&objects)
         .args([
@@ -271,8 +272,8 @@ fn agent_follows_pod_interfaces_created_deleted_and_renamed_after_it_started() {
     assert!(node1.pod_ifnames.is_empty(), "node1 starts without pods");
     let mut agent = start_agent(&node1);
     assert!(
-        agent.output().contains("matching=0"),
-        "the agent found a pod interface at startup:\n{}",
+        agent.output().contains("pod_facing=0 node_facing=1"),
+        "the agent should find no pod interface and eth0 at startup:\n{}",
         agent.output()
     );
     step(&format!(

@@ -1180,10 +1180,14 @@ fn pins_of_interfaces_changed_while_no_agent_ran_are_cleaned_up() {
         ifindex(&node1, &moved_if),
         ifindex(&node1, &stays_if),
     );
+    // The node's uplink is node-facing (`--node-ifaces eth0`) and keeps its pins throughout.
+    let uplink_idx = ifindex(&node1, netns::ETH0);
     assert_eq!(
         tc_pinned_ifindexes(&node1),
-        [gone_idx, moved_idx, stays_idx].into_iter().collect(),
-        "every pod interface gets pinned links"
+        [uplink_idx, gone_idx, moved_idx, stays_idx]
+            .into_iter()
+            .collect(),
+        "every pod interface and the uplink get pinned links"
     );
     let moved_progs = tcx_both(&node1, &moved_if);
     let status = c.take_agent(0).kill().expect("killing svc-agent");
@@ -1227,7 +1231,7 @@ fn pins_of_interfaces_changed_while_no_agent_ran_are_cleaned_up() {
     }
     assert_eq!(
         tc_pinned_ifindexes(&node1),
-        [stays_idx, late_idx].into_iter().collect(),
+        [uplink_idx, stays_idx, late_idx].into_iter().collect(),
         "pins after the restart"
     );
     let hooks = wait_for(

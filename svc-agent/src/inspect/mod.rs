@@ -523,6 +523,10 @@ pub struct PinnedLinkView {
     pub program_id: u32,
     /// That program's name (as the kernel keeps it: at most 15 bytes), or `?`.
     pub program: String,
+    /// For a TC link, the role of its interface as the program says (`pod-facing`,
+    /// `node-facing`); `null` for connect-time links and programs of no role.
+    #[serde(default)]
+    pub role: Option<String>,
 }
 
 /// Every link pinned below `<pin dir>/links`, in path order.
@@ -543,6 +547,10 @@ pub fn read_links(bpffs: &Path) -> anyhow::Result<Vec<PinnedLinkView>> {
                 names.insert(prog.id(), prog.name_as_str().unwrap_or("?").to_owned());
             }
         }
+        let program = names
+            .get(&info.program_id())
+            .cloned()
+            .unwrap_or_else(|| "?".to_owned());
         views.push(PinnedLinkView {
             pin: path.strip_prefix(&base).unwrap_or(&path).to_owned(),
             link_id: info.id(),
@@ -550,10 +558,9 @@ pub fn read_links(bpffs: &Path) -> anyhow::Result<Vec<PinnedLinkView>> {
                 .link_type()
                 .map_or_else(|_| "?".to_owned(), |t| format!("{t:?}").to_lowercase()),
             program_id: info.program_id(),
-            program: names
-                .get(&info.program_id())
-                .cloned()
-                .unwrap_or_else(|| "?".to_owned()),
+            role: crate::ifaces::IfaceRole::of_program(&program)
+                .map(|(role, _)| role.name().to_owned()),
+            program,
         });
     }
     Ok(views)
@@ -591,7 +598,7 @@ pub fn format_links(
         return output::json(links);
     }
     let base = pins::links_dir(&pin_dir(bpffs));
-    let mut t = Table::new(&["PIN", "TYPE", "LINK", "PROGRAM_ID", "PROGRAM"]);
+    let mut t = Table::new(&["PIN", "TYPE", "LINK", "PROGRAM_ID", "PROGRAM", "ROLE"]);
     for l in links {
         t.row(vec![
             l.pin.display().to_string(),
@@ -599,6 +606,7 @@ pub fn format_links(
             l.link_id.to_string(),
             l.program_id.to_string(),
             l.program.clone(),
+            l.role.clone().unwrap_or_else(|| "-".to_owned()),
         ]);
     }
     Ok(t.render(&format!(
@@ -831,6 +839,15 @@ mod tests {
                 link_type: "cgroup".to_owned(),
                 program_id: 40,
                 program: "svc_sock_conn4".to_owned(),
+                role: None,
+            },
+            PinnedLinkView {
+                pin: PathBuf::from("tc/2/egress"),
+                link_id: 10,
+                link_type: "tcx".to_owned(),
+                program_id: 33,
+                program: "svc_tc_to_world".to_owned(),
+                role: Some("node-facing".to_owned()),
             },
             PinnedLinkView {
                 pin: PathBuf::from("tc/7/ingress"),
@@ -838,15 +855,20 @@ mod tests {
                 link_type: "tcx".to_owned(),
                 program_id: 31,
                 program: "svc_tc_from_pod".to_owned(),
+                role: Some("pod-facing".to_owned()),
             },
         ];
         assert_eq!(
             format_links(bpffs, &links, Format::Table).unwrap(),
-            "PIN                         TYPE    LINK  PROGRAM_ID  PROGRAM\n\
-             cgroup/4242/svc_sock_conn4  cgroup  12    40          svc_sock_conn4\n\
-             tc/7/ingress                tcx     9     31          svc_tc_from_pod\n\
-             2 links pinned in /sys/fs/bpf/svc/v1/links\n"
+            "PIN                         TYPE    LINK  PROGRAM_ID  PROGRAM          ROLE\n\
+             cgroup/4242/svc_sock_conn4  cgroup  12    40          svc_sock_conn4   -\n\
+             tc/2/egress                 tcx     10    33          svc_tc_to_world  node-facing\n\
+             tc/7/ingress                tcx     9     31          svc_tc_from_pod  pod-facing\n\
+             3 links pinned in /sys/fs/bpf/svc/v1/links\n"
         );
+        let json = format_links(bpffs, &links, Format::Json).unwrap();
+        assert!(json.contains("\"role\": \"node-facing\""), "{json}");
+        assert!(json.contains("\"role\": null"), "{json}");
         let back: Vec<PinnedLinkView> =
             serde_json::from_str(&format_links(bpffs, &links, Format::Json).unwrap()).unwrap();
         assert_eq!(back, links);
