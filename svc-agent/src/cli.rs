@@ -23,7 +23,7 @@ pub struct Cli {
 pub enum Command {
     /// Load and attach the dataplane (taking over what an earlier agent pinned), then keep it
     /// programmed until stopped. The dataplane stays in place when the agent stops.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Show the dataplane's state from its pinned maps.
     Inspect {
         /// What to show.
@@ -128,6 +128,16 @@ pub struct RunArgs {
         env = "SVC_HEALTHZ_BIND_ADDRESS"
     )]
     pub healthz_bind_address: String,
+    /// Which node addresses serve `NodePort`s (kube-proxy's flag): empty for every
+    /// `InternalIP` and `ExternalIP` of this node's Node object, `primary` for its first
+    /// `InternalIP` of each family, or comma-separated CIDRs (the node's addresses inside them).
+    #[arg(long, default_value = "", env = "SVC_NODEPORT_ADDRESSES")]
+    pub nodeport_addresses: String,
+    /// Source ports external flows to other nodes' endpoints get on this node's address
+    /// (`MIN-MAX`); reserved on the node (`net.ipv4.ip_local_reserved_ports`) so its own
+    /// sockets never take them. The default is above Linux's default ephemeral range.
+    #[arg(long, default_value = "61000-65535", env = "SVC_SNAT_PORT_RANGE")]
+    pub snat_port_range: String,
     /// `/healthz` and `/livez` answer 503 once a change has waited this long to be programmed
     /// (kube-proxy: twice its 30 s sync period).
     #[arg(
@@ -156,6 +166,23 @@ impl RunArgs {
         bind_address("healthz-bind-address", &self.healthz_bind_address)
     }
 
+    /// `--nodeport-addresses`, parsed.
+    ///
+    /// # Errors
+    /// Names the entry that is neither `primary` nor a CIDR.
+    pub fn nodeport_addresses(&self) -> anyhow::Result<crate::model::NodePortAddresses> {
+        crate::model::NodePortAddresses::parse(&self.nodeport_addresses)
+            .map_err(|e| anyhow::anyhow!("--nodeport-addresses: {e}"))
+    }
+
+    /// `--snat-port-range`, parsed.
+    ///
+    /// # Errors
+    /// Says what is wrong with it.
+    pub fn snat_ports(&self) -> anyhow::Result<crate::datapath::snat::PortRange> {
+        crate::datapath::snat::PortRange::parse(&self.snat_port_range).context("--snat-port-range")
+    }
+
     /// `--healthz-stale-after` as a duration.
     #[must_use]
     pub fn healthz_stale_after(&self) -> std::time::Duration {
@@ -174,6 +201,8 @@ impl RunArgs {
             }
         }
         self.iface_roles()?;
+        self.nodeport_addresses()?;
+        self.snat_ports()?;
         self.metrics_addr()?;
         self.healthz_addr()?;
         if self.healthz_stale_after == 0 {
@@ -427,7 +456,7 @@ mod tests {
         }
         command_line.extend(args);
         match Cli::try_parse_from(command_line).unwrap().command {
-            Command::Run(args) => args,
+            Command::Run(args) => *args,
             other => panic!("{other:?}"),
         }
     }

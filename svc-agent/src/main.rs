@@ -239,6 +239,12 @@ async fn run(bpffs: &std::path::Path, args: &RunArgs) -> anyhow::Result<()> {
     // those that appear later (netlink link events), get their role's TC programs; they are
     // followed for the agent's life.
     let watch = ifaces::IfaceWatch::start(patterns).await?;
+    // External flows to other nodes' endpoints get source ports of this range: the node's own
+    // sockets must never pick them (svc-ebpf/DESIGN.md, "North-south").
+    let snat_ports = args.snat_ports()?;
+    if let Err(e) = svc_agent::datapath::snat::reserve_ports(&snat_ports) {
+        warn!(error = %format!("{e:#}"), "could not reserve the SNAT ports: a node socket that picks one may see replies of an SNAT'd flow");
+    }
     // The maps are created (or adopted), the programs loaded (verifier) and attached on a thread
     // of its own while the source lists and computes: the first pass waits for the maps only
     // (svc-ebpf/DESIGN.md, "A starting agent, in this order").
@@ -249,6 +255,7 @@ async fn run(bpffs: &std::path::Path, args: &RunArgs) -> anyhow::Result<()> {
         cgroup: args.socket_lb.cgroup(&args.cgroup).to_owned(),
         watch,
         metrics: recorder.clone(),
+        snat_ports,
     })?;
     // After the first sync, and once this layout's programs are attached: another layout's
     // programs go only once this layout's maps hold the desired state (until then its TC links
@@ -282,7 +289,8 @@ async fn run(bpffs: &std::path::Path, args: &RunArgs) -> anyhow::Result<()> {
                     &args.node_name,
                     coalesce,
                     args.audit_interval(),
-                );
+                )
+                .with_nodeport_addresses(args.nodeport_addresses()?);
                 directory.report_to(recorder.clone());
                 directory.sync(&mut datapath)?;
                 running()?;
@@ -295,6 +303,7 @@ async fn run(bpffs: &std::path::Path, args: &RunArgs) -> anyhow::Result<()> {
                     events: !args.no_events,
                     audit_interval: args.audit_interval(),
                     metrics: recorder.clone(),
+                    nodeport_addresses: args.nodeport_addresses()?,
                 };
                 info!(node = %args.node_name, "following the Kubernetes API server");
                 svc_agent::source::kube::follow(client, &options, &mut datapath, running).await

@@ -89,6 +89,14 @@ pub struct Standalone {
 }
 
 impl Standalone {
+    /// `NodePort`s listen on the node addresses `which` picks (`--nodeport-addresses`; the
+    /// default: every node address).
+    #[must_use]
+    pub fn with_nodeport_addresses(mut self, which: model::NodePortAddresses) -> Self {
+        self.model = model::Model::with_nodeport_addresses(&self.node_name, which);
+        self
+    }
+
     /// Follows `dir` for node `node_name`; `coalesce` is how long to wait for more changes
     /// after one arrives; every `audit_interval` the full computation and diff run as an
     /// audit (`source::audit`).

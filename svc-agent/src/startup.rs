@@ -66,6 +66,8 @@ pub struct Plan {
     pub watch: IfaceWatch,
     /// Where the `CT_V1` pressure thread reports its counts.
     pub metrics: crate::metrics::Recorder,
+    /// The SNAT port range (`--snat-port-range`).
+    pub snat_ports: crate::datapath::snat::PortRange,
 }
 
 /// The programs loaded and attached, for the task that follows interfaces from then on.
@@ -210,6 +212,7 @@ fn load_and_attach(plan: Plan, report: &mut Report) -> anyhow::Result<Attached> 
         cgroup,
         mut watch,
         metrics,
+        snat_ports,
     } = plan;
     let pin_dir = loader::pin_dir(&bpffs);
     let since = Instant::now();
@@ -220,7 +223,7 @@ fn load_and_attach(plan: Plan, report: &mut Report) -> anyhow::Result<Attached> 
         "maps ready (pinned ones adopted, missing ones created)"
     );
     let since = Instant::now();
-    let reconciler = reconciler(&mut ebpf).context("adopting the maps")?;
+    let reconciler = reconciler(&mut ebpf, snat_ports).context("adopting the maps")?;
     info!(
         took_ms = ms(since.elapsed()),
         frontends = reconciler.current().services.len(),
@@ -261,17 +264,24 @@ fn load_and_attach(plan: Plan, report: &mut Report) -> anyhow::Result<Attached> 
     Ok(Attached { ebpf, watch, links })
 }
 
-/// The reconciler over the loaded maps (adopting what they hold), with its helper threads: the
+/// The reconciler over the loaded maps (adopting what they hold), with its helper threads (and
+/// the SNAT one, `datapath::snat`): the
 /// one that clears flow state a pass ends (UDP flows, affinity, UDP sockets' backends), so the
 /// next change never waits behind a pass over the connection table, and the one that destroys
 /// connected UDP sockets translated to ended backends (svc-ebpf/DESIGN.md, "Connected UDP
 /// sockets of ended backends").
-fn reconciler(ebpf: &mut Ebpf) -> anyhow::Result<Reconciler<AyaMaps>> {
+fn reconciler(
+    ebpf: &mut Ebpf,
+    snat_ports: crate::datapath::snat::PortRange,
+) -> anyhow::Result<Reconciler<AyaMaps>> {
+    // Before the connection tables are taken out of the object: its thread reads them.
+    let snat = crate::datapath::snat::Snat::start(ebpf, snat_ports)?;
     let maps = AyaMaps::take(ebpf)?;
     let flow_tables = maps.flow_tables()?;
     let mut reconciler = Reconciler::adopt(maps)?;
     reconciler.sweep_in_background(flow_tables)?;
     reconciler.send_ended_to(crate::sockets::SocketDestroyer::start(ebpf)?);
+    reconciler.follow_snat(snat);
     Ok(reconciler)
 }
 

@@ -693,6 +693,8 @@ pub struct Reconciler<M: DatapathMaps> {
     cursors: [u32; 2],
     /// The thread that clears flow state off the pass; `None`: the pass clears it.
     sweeper: Option<Sweeper>,
+    /// `SNAT_CONFIG_V1`, following the node's addresses after each pass; `None`: not written.
+    snat: Option<super::snat::Snat>,
     /// What the next pass tries again.
     pending: Pending,
     /// The next [`ReconcileReport::retry_after`].
@@ -754,6 +756,7 @@ impl<M: DatapathMaps> Reconciler<M> {
             replies: ReplySchedule::new(UDP_REPLY_GRACE),
             cursors,
             sweeper: None,
+            snat: None,
             pending: Pending::default(),
             backoff: RETRY_MIN,
         };
@@ -786,6 +789,12 @@ impl<M: DatapathMaps> Reconciler<M> {
     ) -> anyhow::Result<()> {
         self.sweeper = Some(Sweeper::start(tables, self.replies.grace())?);
         Ok(())
+    }
+
+    /// From now on, every pass writes `SNAT_CONFIG_V1` for the desired state's node addresses
+    /// when they changed (see `snat`).
+    pub fn follow_snat(&mut self, snat: super::snat::Snat) {
+        self.snat = Some(snat);
     }
 
     /// From now on, every pass that ends backends also sends them, as addresses, to `sender`
@@ -982,6 +991,9 @@ impl<M: DatapathMaps> Reconciler<M> {
         mut names: BTreeSet<u32>,
         mut frontend_names: BTreeSet<u32>,
     ) -> ReconcileReport {
+        if let Some(snat) = &mut self.snat {
+            snat.follow(&desired.node_addresses);
+        }
         let skipped = self.layout.skipped();
         let mut report = ReconcileReport {
             errors: skipped

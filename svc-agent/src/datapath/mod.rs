@@ -12,6 +12,7 @@ pub mod layout;
 pub mod names;
 pub mod pressure;
 pub mod render;
+pub mod snat;
 pub mod sweeper;
 
 pub use apply::{

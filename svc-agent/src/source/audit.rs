@@ -21,7 +21,12 @@ pub fn audit<M: DatapathMaps>(
     metrics: &Recorder,
 ) -> ReconcileReport {
     let started = std::time::Instant::now();
-    let oracle = model::compute(snapshot, node_name);
+    let which = model.nodeport_setting().clone();
+    let oracle = model::compute_with(
+        snapshot,
+        node_name,
+        &mut model::Memo::with_nodeport_addresses(which.clone()),
+    );
     let drift = model::Delta::between(model.state(), &oracle);
     if !drift.is_empty() {
         warn!(
@@ -31,7 +36,7 @@ pub fn audit<M: DatapathMaps>(
             nodes = drift.nodes,
             "audit: the incremental model drifted from the full computation; rebuilding it"
         );
-        *model = model::Model::new(node_name);
+        *model = model::Model::with_nodeport_addresses(node_name, which);
         model.replace(snapshot);
     }
     let report = rec.apply(model.state());

@@ -124,6 +124,8 @@ pub struct Options {
     pub audit_interval: Option<Duration>,
     /// Where passes, changes, watch failures and Events are reported (metrics, health).
     pub metrics: Metrics,
+    /// Which node addresses serve `NodePort`s (`--nodeport-addresses`).
+    pub nodeport_addresses: model::NodePortAddresses,
 }
 
 /// The three kinds the source follows.
@@ -573,7 +575,10 @@ pub async fn follow<M: DatapathMaps>(
         .then(|| EventPublisher::start(client, &options.node_name, metrics.clone()));
     let mut reporter = ProblemReporter::default();
     let mut said = SaidOnce::default();
-    let mut model = model::Model::new(&options.node_name);
+    let mut model = model::Model::with_nodeport_addresses(
+        &options.node_name,
+        options.nodeport_addresses.clone(),
+    );
     let mut first_sync = Some(on_first_sync);
     // Boxed: the three watch streams make a large future.
     Box::pin(run_loop(
