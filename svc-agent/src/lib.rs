@@ -5,6 +5,7 @@ pub mod cgroup;
 pub mod cli;
 pub mod datapath;
 pub mod health;
+pub mod healthcheck;
 pub mod ifaces;
 pub mod inspect;
 pub mod loader;

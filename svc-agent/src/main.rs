@@ -5,7 +5,7 @@ use clap::Parser as _;
 use svc_agent::{
     cli::{Cli, Command, Inspect, RunArgs, SocketLb},
     datapath::ReconcilerHandle as _,
-    ifaces, inspect, loader, metrics, pins, serve, standalone, startup,
+    healthcheck, ifaces, inspect, loader, metrics, pins, serve, standalone, startup,
 };
 use tracing::{info, warn};
 
@@ -230,6 +230,8 @@ async fn run(bpffs: &std::path::Path, args: &RunArgs) -> anyhow::Result<()> {
     // fails the start before anything is loaded.
     let recorder = metrics::Recorder::new(Some(bpffs.to_owned()), args.healthz_stale_after());
     serve::start(args.metrics_addr()?, args.healthz_addr()?, &recorder).await?;
+    // The health-check node ports, on a task of their own, following what each pass publishes.
+    let health_checks = healthcheck::Publisher::start(recorder.clone());
     let pin_dir = loader::pin_dir(bpffs);
     // Another layout's pins (an upgrade or a rollback): this layout is built beside them and
     // they are removed after the first sync (svc-ebpf/DESIGN.md, "Layout versions").
@@ -292,6 +294,7 @@ async fn run(bpffs: &std::path::Path, args: &RunArgs) -> anyhow::Result<()> {
                 )
                 .with_nodeport_addresses(args.nodeport_addresses()?);
                 directory.report_to(recorder.clone());
+                directory.serve_health_checks(health_checks.clone());
                 directory.sync(&mut datapath)?;
                 running()?;
                 directory.follow(datapath.reconciler()?).await
@@ -304,6 +307,7 @@ async fn run(bpffs: &std::path::Path, args: &RunArgs) -> anyhow::Result<()> {
                     audit_interval: args.audit_interval(),
                     metrics: recorder.clone(),
                     nodeport_addresses: args.nodeport_addresses()?,
+                    health_checks: Some(health_checks.clone()),
                 };
                 info!(node = %args.node_name, "following the Kubernetes API server");
                 svc_agent::source::kube::follow(client, &options, &mut datapath, running).await

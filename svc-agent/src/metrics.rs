@@ -10,7 +10,8 @@
 //! reports the table's fill every 30 s; the kernel's per-CPU counters (`PKT_STATS_V1`,
 //! `DROP_STATS_V1`) are read at scrape time with the code `inspect stats` uses. The
 //! [`Recorder`] also holds the agent's [`Health`] (`/healthz`, `/livez`), which the same
-//! reports drive.
+//! reports drive; the health-check node ports (`healthcheck`) read it and report their
+//! listeners to it.
 
 use std::{
     path::PathBuf,
@@ -234,6 +235,18 @@ pub const METRICS: &[Def] = &[
         &["kind"],
         "Lists after the first (watch expired, 410 Gone, reconnect), by kind; kind=directory: the directory source read every file again (replaced directory, lost events)",
     ),
+    def(
+        "svc_health_check_ports",
+        Type::Gauge,
+        &["state"],
+        "Health-check node ports (healthCheckNodePort of externalTrafficPolicy Local Services): state=served (listening), unbound (could not be bound: another process holds the port; tried again on every change and every 2 s)",
+    ),
+    def(
+        "svc_health_check_bind_failures_total",
+        Type::Counter,
+        &[],
+        "Attempts to listen on a health-check node port that failed (each is retried)",
+    ),
 ];
 
 /// The definition of `name`.
@@ -328,6 +341,8 @@ struct Metrics {
     events: Family<Labels2, Counter>,
     watch_failures: Family<Labels1, Counter>,
     relists: Family<Labels1, Counter>,
+    hc_ports: Family<Labels1, Gauge>,
+    hc_bind_failures: Counter,
 }
 
 /// kube-proxy's buckets for pass durations: 1 ms doubling to about 16 s.
@@ -346,6 +361,10 @@ fn programming_buckets() -> Histogram {
 }
 
 impl Metrics {
+    #[expect(
+        clippy::too_many_lines,
+        reason = "one registration per metric, in METRICS order: splitting it hides none"
+    )]
     fn register(registry: &mut Registry) -> Self {
         let m = Self {
             pass_duration: pass_buckets(),
@@ -370,6 +389,8 @@ impl Metrics {
             events: Family::default(),
             watch_failures: Family::default(),
             relists: Family::default(),
+            hc_ports: Family::default(),
+            hc_bind_failures: Counter::default(),
         };
         let r = registry;
         register(
@@ -430,6 +451,12 @@ impl Metrics {
         register(r, "svc_events_total", m.events.clone());
         register(r, "svc_watch_failures_total", m.watch_failures.clone());
         register(r, "svc_watch_relists_total", m.relists.clone());
+        register(r, "svc_health_check_ports", m.hc_ports.clone());
+        register(
+            r,
+            "svc_health_check_bind_failures_total",
+            m.hc_bind_failures.clone(),
+        );
         // Series that exist from the start, so a query sees 0 rather than nothing (the guards
         // `get_or_create` returns are dropped at once).
         for kind in [PassKind::Full, PassKind::Incremental, PassKind::Audit] {
@@ -694,6 +721,23 @@ impl Recorder {
         self.m().map("CT_V1", entries, capacity);
     }
 
+    /// The health-check node ports: `served` listening, `unbound` waiting to be bound.
+    pub fn health_check_ports(&self, served: usize, unbound: usize) {
+        let count = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
+        let ports = &self.m().hc_ports;
+        ports
+            .get_or_create(&[("state", "served")])
+            .set(count(served));
+        ports
+            .get_or_create(&[("state", "unbound")])
+            .set(count(unbound));
+    }
+
+    /// Listening on a health-check node port failed.
+    pub fn health_check_bind_failed(&self) {
+        self.m().hc_bind_failures.inc();
+    }
+
     /// The answer to a health probe, counted by code.
     #[must_use]
     pub fn probe(&self, probe: crate::health::Probe) -> (u16, String) {
@@ -747,6 +791,7 @@ mod tests {
         r.event("InvalidObject", EventResult::Dropped);
         r.watch_failed("Node");
         r.relisted("Node");
+        r.health_check_ports(0, 0);
         let text = r.render();
         let mut names = BTreeSet::new();
         for line in text.lines() {

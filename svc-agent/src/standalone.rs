@@ -16,6 +16,8 @@
 //! (`--coalesce-ms`). The reconciler's retries (frontends waiting for room) and the periodic
 //! audit (`--audit-interval`, `source::audit`: the full computation from the files, Services
 //! over Pods included, against the incremental state and the maps) run from the same loop.
+//! After the first pass and each pass that changed them, the health-check node ports go to
+//! their server (`healthcheck`, [`Standalone::serve_health_checks`]).
 //!
 //! The directory is watched with inotify (`notify`), and so is its parent, for the directory
 //! itself: when it is replaced (`mv dir dir.old; mkdir dir`, a `ConfigMap` volume's swap of a
@@ -37,6 +39,7 @@ use tracing::{info, warn};
 
 use crate::{
     datapath::{DatapathMaps, ReconcileReport, Reconciler, ReconcilerHandle},
+    healthcheck::Publisher,
     metrics::{PassKind, Recorder},
     model,
     source::{
@@ -86,6 +89,9 @@ pub struct Standalone {
     topology_notes: BTreeSet<model::TopologyNote>,
     /// Where passes and changes are reported (metrics, health).
     metrics: Recorder,
+    /// Where the health-check node ports go after a pass that changed them (`None`: not
+    /// served).
+    health_checks: Option<Publisher>,
 }
 
 impl Standalone {
@@ -123,12 +129,26 @@ impl Standalone {
             selections: BTreeMap::new(),
             topology_notes: BTreeSet::new(),
             metrics: Recorder::default(),
+            health_checks: None,
         }
     }
 
     /// Reports passes and changes to `metrics` from now on.
     pub fn report_to(&mut self, metrics: Recorder) {
         self.metrics = metrics;
+    }
+
+    /// Hands the health-check node ports to `publisher` after the first pass and after each
+    /// pass that changed them (`healthcheck`).
+    pub fn serve_health_checks(&mut self, publisher: Publisher) {
+        self.health_checks = Some(publisher);
+    }
+
+    /// Publishes the model's health checks (a cheap comparison when they did not change).
+    fn publish_health_checks(&self) {
+        if let Some(publisher) = &self.health_checks {
+            publisher.publish(&self.model.state().health_checks);
+        }
     }
 
     /// Reads what changed in the directory and, when something did (or nothing was applied
@@ -162,6 +182,8 @@ impl Standalone {
             let report = self.audit(rec);
             self.retry_at = report.retry_after.map(|d| now + d);
             let bad = self.model.state().errors.len() + self.slicer.errors().len();
+            // The audit may have rebuilt the model.
+            self.publish_health_checks();
             self.metrics
                 .pass(PassKind::Audit, started.elapsed(), rec, bad);
             return Ok(());
@@ -170,6 +192,8 @@ impl Standalone {
         // Computed before the reconciler is asked for: at the start, its maps may still be
         // being created meanwhile.
         let delta = computed.then(|| self.compute(&refresh));
+        let health_checks_changed =
+            !self.synced || audit || delta.as_ref().is_some_and(|d| d.health_checks);
         let rec = handle.reconciler()?;
         let mut report = match delta {
             Some(delta) if self.synced => rec.apply_delta(self.model.state(), &delta),
@@ -224,6 +248,9 @@ impl Standalone {
             (false, true) => PassKind::Full,
             (false, false) => PassKind::Incremental,
         };
+        if health_checks_changed {
+            self.publish_health_checks();
+        }
         let bad = self.model.state().errors.len() + self.slicer.errors().len();
         self.metrics.pass(kind, started.elapsed(), rec, bad);
         self.synced = true;
@@ -898,6 +925,53 @@ mod tests {
         assert_eq!(standalone.slicer.errors(), &computed.errors[..]);
         assert_eq!(standalone.slicer.selections(), computed.selections);
         refresh
+    }
+
+    /// The health-check node ports are published after the first pass and after each pass
+    /// that changed them (a count included), not after the others.
+    #[test]
+    fn passes_publish_the_health_check_ports_when_they_change() {
+        let dir = Dir::new("health-checks");
+        let mut s = Standalone::new(&dir.0, "node1", Duration::ZERO, None);
+        let (publisher, mut rx) = crate::healthcheck::Publisher::channel();
+        s.serve_health_checks(publisher);
+        let mut rec = Reconciler::adopt(crate::datapath::apply::tests::FakeMaps::default())
+            .expect("fake maps");
+        let lb = "apiVersion: v1\nkind: Service\nmetadata:\n  name: lb\nspec:\n  \
+                  clusterIP: 198.19.0.9\n  type: LoadBalancer\n  externalTrafficPolicy: Local\n  \
+                  healthCheckNodePort: 32000\n  ports:\n  - {name: http, port: 80, \
+                  targetPort: 8080, nodePort: 30080}\n";
+        let local = |ready: bool| {
+            format!(
+                "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: lb-1\n  \
+                 labels:\n    kubernetes.io/service-name: lb\naddressType: IPv4\nendpoints:\n\
+                 - addresses: [\"198.18.1.10\"]\n  conditions: {{ready: {ready}}}\n  nodeName: node1\n\
+                 ports:\n- {{name: http, port: 8080}}\n"
+            )
+        };
+        dir.write(&mut s, "lb.yaml", &[lb.to_owned(), local(true)]);
+        dir.write(&mut s, "node.yaml", &[node("z1")]);
+        s.sync(&mut rec).unwrap();
+        assert!(rx.has_changed().unwrap(), "the first pass publishes");
+        let checks = rx.borrow_and_update().clone();
+        assert_eq!(checks.len(), 1);
+        assert_eq!(
+            (&*checks[&32000].name, checks[&32000].local_endpoints),
+            ("lb", 1)
+        );
+        // Another Service changes: nothing to publish.
+        dir.write(&mut s, "a.yaml", &[svc("a", "198.19.0.1", "")]);
+        s.sync(&mut rec).unwrap();
+        assert!(!rx.has_changed().unwrap());
+        // The local endpoint turns not ready: the count goes to 0.
+        dir.write(&mut s, "lb.yaml", &[lb.to_owned(), local(false)]);
+        s.sync(&mut rec).unwrap();
+        assert!(rx.has_changed().unwrap());
+        assert_eq!(rx.borrow_and_update()[&32000].local_endpoints, 0);
+        // The Service goes: no port.
+        dir.remove(&mut s, "lb.yaml");
+        s.sync(&mut rec).unwrap();
+        assert!(rx.borrow_and_update().is_empty());
     }
 
     /// Each edit of the directory is handed to the model as the objects it changed (only

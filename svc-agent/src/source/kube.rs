@@ -24,6 +24,9 @@
 //!   and logged; each problem is published when it appears, not on every pass. A frontend
 //!   waiting for room is programmed as soon as room appears (the reconciler retries it).
 //!
+//! After the first pass and each pass that changed them, the health-check node ports go to
+//! their server (`healthcheck`, [`Options::health_checks`]).
+//!
 //! Services and slices that belong to another proxy (`service.kubernetes.io/service-proxy-name`)
 //! or to headless Services are filtered out by the API server (label selectors), as kube-proxy
 //! does; the model ignores them too.
@@ -126,6 +129,9 @@ pub struct Options {
     pub metrics: Metrics,
     /// Which node addresses serve `NodePort`s (`--nodeport-addresses`).
     pub nodeport_addresses: model::NodePortAddresses,
+    /// Where the health-check node ports go after the first pass and each pass that changed
+    /// them (`None`: not served).
+    pub health_checks: Option<crate::healthcheck::Publisher>,
 }
 
 /// The three kinds the source follows.
@@ -589,7 +595,13 @@ pub async fn follow<M: DatapathMaps>(
         |work| {
             let rec = rec.reconciler()?;
             let started = std::time::Instant::now();
-            let report = sync(&stores, &work, &options.node_name, &mut model, rec, metrics);
+            let (report, health_checks_changed) =
+                sync(&stores, &work, &options.node_name, &mut model, rec, metrics);
+            if let Some(publisher) = &options.health_checks
+                && (health_checks_changed || first_sync.is_some())
+            {
+                publisher.publish(&model.state().health_checks);
+            }
             metrics.pass(
                 work.kind(),
                 started.elapsed(),
@@ -693,7 +705,8 @@ async fn sleep_until(at: Option<Instant>) {
 
 /// One pass: hands what changed to the model and writes what that changed; after a relist,
 /// the whole stores and the whole maps; with the audit flag, then checks both against the full
-/// computation. Logs what it did.
+/// computation. Logs what it did. Also says whether the health checks may have changed (the
+/// model said so, or an audit may have rebuilt it).
 fn sync<M: DatapathMaps>(
     stores: &Stores,
     work: &Work,
@@ -701,7 +714,7 @@ fn sync<M: DatapathMaps>(
     model: &mut model::Model,
     rec: &mut Reconciler<M>,
     metrics: &Metrics,
-) -> ReconcileReport {
+) -> (ReconcileReport, bool) {
     if work.audit
         && *work
             == (Work {
@@ -710,20 +723,21 @@ fn sync<M: DatapathMaps>(
             })
     {
         // Nothing changed: only the audit (its own log line), no "synced" pass.
-        return super::audit::audit(&stores.snapshot(), node_name, model, rec, metrics);
+        let report = super::audit::audit(&stores.snapshot(), node_name, model, rec, metrics);
+        return (report, true);
     }
     let started = std::time::Instant::now();
     let computed;
     let full = !work.relisted.is_empty();
-    let mut report = if full {
-        model.replace(&stores.snapshot());
+    let (mut report, health_checks) = if full {
+        let delta = model.replace(&stores.snapshot());
         computed = started.elapsed();
-        rec.apply(model.state())
+        (rec.apply(model.state()), delta.health_checks)
     } else {
         stores.hand_over(work, model);
         let delta = model.update();
         computed = started.elapsed();
-        rec.apply_delta(model.state(), &delta)
+        (rec.apply_delta(model.state(), &delta), delta.health_checks)
     };
     if full {
         crate::memory::return_free_memory();
@@ -754,7 +768,7 @@ fn sync<M: DatapathMaps>(
         report.skipped.clone_from(&audit.skipped);
         report.retry_after = audit.retry_after;
     }
-    report
+    (report, health_checks || work.audit)
 }
 
 /// Logs each of a pass's errors when it appears, not on every pass (a frontend waiting for
