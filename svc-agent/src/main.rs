@@ -244,9 +244,7 @@ async fn run(bpffs: &std::path::Path, args: &RunArgs) -> anyhow::Result<()> {
     // External flows to other nodes' endpoints get source ports of this range: the node's own
     // sockets must never pick them (svc-ebpf/DESIGN.md, "North-south").
     let snat_ports = args.snat_ports()?;
-    if let Err(e) = svc_agent::datapath::snat::reserve_ports(&snat_ports) {
-        warn!(error = %format!("{e:#}"), "could not reserve the SNAT ports: a node socket that picks one may see replies of an SNAT'd flow");
-    }
+    svc_agent::datapath::snat::reserve_ports_or_warn(&snat_ports);
     // The maps are created (or adopted), the programs loaded (verifier) and attached on a thread
     // of its own while the source lists and computes: the first pass waits for the maps only
     // (svc-ebpf/DESIGN.md, "A starting agent, in this order").

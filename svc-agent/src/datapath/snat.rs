@@ -135,6 +135,14 @@ pub fn reserve_ports(ports: &PortRange) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// [`reserve_ports`], with a warning when it fails (SNAT still works; a node socket that picks
+/// one of the ports may then see the replies of an SNAT'd flow).
+pub fn reserve_ports_or_warn(ports: &PortRange) {
+    if let Err(e) = reserve_ports(ports) {
+        warn!(error = %format!("{e:#}"), "could not reserve the SNAT ports: a node socket that picks one may see replies of an SNAT'd flow");
+    }
+}
+
 /// Whether the `SNAT_V1` entry `key` (endpoint -> SNAT address and port) / `value` (client)
 /// belongs to a flow that ended: its reply entry (endpoint -> client), looked up with `flow`
 /// (answered table first, then unanswered: `(entry, unanswered)`), is gone or idle past its
