@@ -209,11 +209,15 @@ pub enum DropReason {
     /// The SNAT table (`SNAT_V1`) refused the flow's entry (full): the flow is dropped, never
     /// translated without a way back.
     NatTableFull = 10,
+    /// An SNAT'd packet (or the reply of an SNAT'd flow) the node has no route for: the
+    /// programs send these on themselves (the kernel would refuse a packet arriving with one of
+    /// the node's own addresses as its source).
+    NoRoute = 11,
 }
 
 impl DropReason {
     /// Every reason, in index order.
-    pub const ALL: [Self; 11] = [
+    pub const ALL: [Self; 12] = [
         Self::NoEndpoints,
         Self::NoLocalEndpoint,
         Self::BackendMissing,
@@ -225,6 +229,7 @@ impl DropReason {
         Self::NatNoAddress,
         Self::NatPortsExhausted,
         Self::NatTableFull,
+        Self::NoRoute,
     ];
     /// Number of entries in `DROP_STATS_V1`.
     pub const COUNT: u32 = Self::ALL.len() as u32;
@@ -244,6 +249,7 @@ impl DropReason {
             Self::NatNoAddress => "nat_no_address",
             Self::NatPortsExhausted => "nat_ports_exhausted",
             Self::NatTableFull => "nat_table_full",
+            Self::NoRoute => "no_route",
         }
     }
 }

@@ -29,15 +29,18 @@ const EEXIST: i32 = 17;
 /// `backend_id`, an SNAT port when that endpoint runs on another node (else returns 0: no
 /// SNAT): the first free one of [`PORT_TRIES`] candidates of the range, from a point chosen by
 /// a hash of the flow's tuple, taken by inserting its reply key into `SNAT_V1` only if absent.
-/// Both conntrack entries of the flow note the port. Returns it (network order). When no port
-/// can be had, the flow's pair is removed again and the reason returned. A subprogram of its
-/// own; one key on its stack, reused.
+/// Both conntrack entries of the flow note the port, and so does `port_out` (network order;
+/// left alone without SNAT). When no port can be had, the flow's pair is removed again and the
+/// reason returned. A subprogram of its own; one key on its stack, reused. (It writes the port
+/// through `port_out` rather than returning a `Result`, which would be returned through the
+/// caller's stack, on the path whose frames are at the verifier's limit.)
 #[inline(never)]
-pub fn snat_new_flow(pkt: &Parsed, backend_id: u32, now: u64) -> Result<u16, DropReason> {
+pub fn snat_new_flow(pkt: &Parsed, backend_id: u32, port_out: &mut u16) -> Option<DropReason> {
+    let now = crate::pod::coarse_now();
     // SAFETY: copied out at once.
     let backend = match unsafe { BACKENDS_V1.get(&backend_id) } {
         Some(b) if b.flags & backend_flags::LOCAL == 0 => (b.addr, b.port),
-        _ => return Ok(0),
+        _ => return None,
     };
     let (addr, port) = (&backend.0, backend.1.0);
     // The flow's forward key, then its reply key (endpoint -> client), then SNAT keys.
@@ -65,7 +68,13 @@ pub fn snat_new_flow(pkt: &Parsed, backend_id: u32, now: u64) -> Result<u16, Dro
     key.dport = Be16(pkt.sport);
     key.dir = dir::REPLY;
     note_port(&key, taken);
-    taken
+    match taken {
+        Ok(port) => {
+            *port_out = port;
+            None
+        }
+        Err(reason) => Some(reason),
+    }
 }
 
 /// Sets the SNAT port of the `CT_NEW_V1` entry `key`, or removes the entry when there is none.
@@ -133,13 +142,16 @@ fn take_port(
 }
 
 /// Rewrites the source of an external flow's packet (already sent to its remote endpoint) to
-/// the node's SNAT address and `port` (network order).
+/// the node's SNAT address and `port` (network order); `Some` says why it could not. (An
+/// `Option` comes back in a register; a `Result` would through the caller's stack.)
 #[inline(never)]
-pub fn snat_source(ctx: &TcContext, pkt: &Parsed, port: u16) -> Result<(), DropReason> {
+pub fn snat_source(ctx: &TcContext, pkt: &Parsed, port: u16) -> Option<DropReason> {
     let Some(cfg) = SNAT_CONFIG_V1.get(config_index(pkt.family)).copied() else {
-        return Err(DropReason::NatNoAddress);
+        return Some(DropReason::NatNoAddress);
     };
-    nat_rewrite(ctx, pkt, End::Src, &cfg.addr, port).map_err(|()| DropReason::RewriteFailed)
+    nat_rewrite(ctx, pkt, End::Src, &cfg.addr, port)
+        .err()
+        .map(|()| DropReason::RewriteFailed)
 }
 
 /// `BPF_F_PSEUDO_HDR` (uapi): the changed field is part of the pseudo header.

@@ -84,6 +84,8 @@ pub fn from_pod(ctx: &TcContext) -> i32 {
         }
         Outcome::Drop(DropReason::NoEndpoints) => reject_or_drop(ctx, &pkt),
         Outcome::Drop(reason) => drop(ctx, reason),
+        // Never from a pod (only SNAT'd external flows are forwarded by the program).
+        Outcome::Forward => TCX_NEXT,
     }
 }
 
@@ -97,6 +99,9 @@ pub enum Outcome {
     Hairpin,
     /// For a service, but dropped (or to be rejected, for `NoEndpoints`).
     Drop(DropReason),
+    /// Translated, and to be sent on by the program itself (`bpf_redirect`): the node-facing
+    /// path's SNAT'd packets, which the kernel's own forwarding would refuse.
+    Forward,
 }
 
 /// Where a translated packet goes: backend address and port (network order); for the reply
@@ -146,15 +151,12 @@ impl Target {
 /// steps, see `world.rs`); only the target travels between them.
 #[inline(never)]
 fn to_service(ctx: &TcContext, pkt: &parse::Parsed) -> Outcome {
-    // Timeouts are seconds: the coarse clock (CLOCK_MONOTONIC at the last tick) is enough and
-    // cheaper than reading the clock source. SAFETY: the helper has no preconditions.
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
     let mut target = Target::new(scope::INTERNAL);
     // 1. A flow already translated keeps its backend, as long as the backend exists (and a SYN
     //    opening a new connection on a reused tuple chooses again).
-    if !established_backend(pkt, now, &mut target) {
+    if !established_backend(pkt, &mut target) {
         // 2. A new flow: is it for a service? Which backend? Remember the choice.
-        match new_flow_backend(pkt, now, &mut target) {
+        match new_flow_backend(pkt, &mut target) {
             Outcome::Translated => {}
             other => return other,
         }
@@ -199,7 +201,8 @@ fn to_service(ctx: &TcContext, pkt: &parse::Parsed) -> Outcome {
 /// connection on its tuple) is removed with its pair, so the new flow's packets never meet
 /// it. Then flows nothing answered yet (`CT_NEW_V1`: a retransmitted SYN keeps its backend).
 #[inline(never)]
-pub fn established_backend(pkt: &parse::Parsed, now: u64, target: &mut Target) -> bool {
+pub fn established_backend(pkt: &parse::Parsed, target: &mut Target) -> bool {
+    let now = coarse_now();
     let fwd = ct_key(pkt, dir::FORWARD);
     let mut e = CtValue::default();
     if ct_lookup(Table::Answered, &fwd, pkt, now, &mut e) {
@@ -250,7 +253,8 @@ fn set_target(target: &mut Target, e: &CtValue) {
 /// of its tuple, not at random, so with an unchanged set of backends it lands where its
 /// connection was.
 #[inline(never)]
-pub fn new_flow_backend(pkt: &parse::Parsed, now: u64, target: &mut Target) -> Outcome {
+pub fn new_flow_backend(pkt: &parse::Parsed, target: &mut Target) -> Outcome {
+    let now = coarse_now();
     let mut chosen = Chosen::default();
     let midflow = pkt.proto == ipproto::TCP && !is_syn(pkt);
     if midflow {
@@ -274,6 +278,16 @@ pub fn new_flow_backend(pkt: &parse::Parsed, now: u64, target: &mut Target) -> O
             Outcome::Translated
         }
     }
+}
+
+/// `CLOCK_MONOTONIC` at the last tick, in ns: timeouts are seconds, so the coarse clock is
+/// enough and cheaper than reading the clock source. Each step reads it itself rather than
+/// taking it from its caller: a value carried across the steps costs every frame above them
+/// stack, and the deepest chain is at the verifier's limit.
+#[inline(always)]
+pub fn coarse_now() -> u64 {
+    // SAFETY: the helper has no preconditions.
+    unsafe { bpf_ktime_get_coarse_ns() }
 }
 
 /// Handles one packet to a pod. Returns the TC verdict.

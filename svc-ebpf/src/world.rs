@@ -17,8 +17,15 @@
 //!
 //! Every packet that stays on its way continues the TCX chain, as on the pod path.
 
-use aya_ebpf::{helpers::bpf_ktime_get_coarse_ns, programs::TcContext};
+use aya_ebpf::{
+    bindings::{
+        BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_REDIRECT, bpf_fib_lookup,
+    },
+    helpers::{bpf_fib_lookup, bpf_ktime_get_coarse_ns, bpf_redirect, bpf_redirect_neigh},
+    programs::TcContext,
+};
 use svc_common::{
+    addr::FAMILY_V4,
     addrs::addr_flags,
     conntrack::{CtValue, dir},
     nat::config_index,
@@ -65,6 +72,10 @@ pub fn from_world(ctx: &TcContext) -> i32 {
         }
         Outcome::Drop(DropReason::NoEndpoints) => reject_or_drop(ctx, &pkt),
         Outcome::Drop(reason) => drop(ctx, reason),
+        Outcome::Forward => {
+            stats::count(PktCounter::ExtDnat, ctx.len());
+            forward_out(ctx, pkt.family)
+        }
     }
 }
 
@@ -73,22 +84,19 @@ pub fn from_world(ctx: &TcContext) -> i32 {
 /// port) -> rewrite the destination (and the source, when SNAT'd). A subprogram of its own.
 #[inline(never)]
 fn to_external_service(ctx: &TcContext, pkt: &parse::Parsed) -> Outcome {
-    // Timeouts are seconds: the coarse clock is enough. SAFETY: no preconditions.
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
     let mut target = Target::new(scope::EXTERNAL);
-    if !established_backend(pkt, now, &mut target) {
-        match new_flow_backend(pkt, now, &mut target) {
+    if !established_backend(pkt, &mut target) {
+        match new_flow_backend(pkt, &mut target) {
             Outcome::Translated => {}
             other => return other,
         }
         if target.midflow_miss {
-            stats::count(PktCounter::CtMissMidflow, ctx.len());
+            stats::count_apart(PktCounter::CtMissMidflow, ctx.len());
         }
         // Recorded first, then given its SNAT port (an endpoint on another node), which both
         // entries of the pair note.
-        match snat_new_flow(pkt, target.backend_id, now) {
-            Ok(port) => target.snat_port = port,
-            Err(reason) => return Outcome::Drop(reason),
+        if let Some(reason) = snat_new_flow(pkt, target.backend_id, &mut target.snat_port) {
+            return Outcome::Drop(reason);
         }
     }
     stats::count_translated(
@@ -100,14 +108,17 @@ fn to_external_service(ctx: &TcContext, pkt: &parse::Parsed) -> Outcome {
     if nat_rewrite(ctx, pkt, End::Dst, &target.addr, target.port).is_err() {
         return Outcome::Drop(DropReason::RewriteFailed);
     }
-    if target.snat_port != 0 {
-        // The reply must come back through this node.
-        if let Err(reason) = snat_source(ctx, pkt, target.snat_port) {
-            return Outcome::Drop(reason);
-        }
-        stats::count(PktCounter::Snat, ctx.len());
+    if target.snat_port == 0 {
+        // To an endpoint of this node: the kernel routes it there.
+        return Outcome::Translated;
     }
-    Outcome::Translated
+    // The reply must come back through this node; the packet now has one of the node's
+    // addresses as its source, which the kernel refuses on input: sent on from here.
+    if let Some(reason) = snat_source(ctx, pkt, target.snat_port) {
+        return Outcome::Drop(reason);
+    }
+    stats::count_apart(PktCounter::Snat, ctx.len());
+    Outcome::Forward
 }
 
 /// Handles one packet leaving towards the outside. Returns the TC verdict.
@@ -175,5 +186,120 @@ fn snat_reply(ctx: &TcContext, pkt: &parse::Parsed) -> i32 {
     stats::count(PktCounter::RevSnat, ctx.len());
     stats::count(PktCounter::RevNat, ctx.len());
     stats::count_translated(entry.frontend_id, entry.backend_id, ctx.len(), false);
-    TCX_NEXT
+    // Its source is now a frontend address of this node: sent on from here (see
+    // `forward_out`).
+    forward_out(ctx, pkt.family)
+}
+
+/// `AF_INET` (uapi).
+const AF_INET: u8 = 2;
+/// `AF_INET6` (uapi).
+const AF_INET6: u8 = 10;
+/// Size of the FIB lookup's parameters (64 bytes), as the helper takes it.
+#[expect(
+    clippy::cast_possible_truncation,
+    clippy::cast_possible_wrap,
+    reason = "64 fits an i32"
+)]
+const FIB_PARAMS_LEN: i32 = core::mem::size_of::<bpf_fib_lookup>() as i32;
+/// Offset of the IPv4 TTL (the protocol follows it in the same 16-bit word).
+const IPV4_TTL: usize = parse::ETH_HLEN + 8;
+/// Offset of the IPv4 header checksum.
+const IPV4_CHECK: usize = parse::ETH_HLEN + 10;
+/// Offset of the IPv6 hop limit.
+const IPV6_HOP_LIMIT: usize = parse::ETH_HLEN + 7;
+/// Offset of the IPv4 source address (the destination follows).
+const IPV4_SRC: usize = parse::ETH_HLEN + 12;
+/// Offset of the IPv6 source address (the destination follows).
+const IPV6_SRC: usize = parse::ETH_HLEN + 8;
+
+/// Sends a translated packet on towards its (new) destination, as the kernel would forward it: the route and next hop from the kernel's FIB (`bpf_fib_lookup`),
+/// the TTL (hop limit) decremented, the Ethernet addresses of the next hop, out of the route's
+/// interface (`bpf_redirect`; `bpf_redirect_neigh` when the neighbour is not resolved yet).
+///
+/// Needed for packets whose source became one of the node's own addresses (SNAT, and the
+/// replies of SNAT'd flows, whose source is the frontend again): the kernel's input path drops
+/// a packet that arrives with a local source address (a "martian"). A packet with no route, or
+/// whose TTL runs out, is dropped, counted `no_route`. Returns the TC verdict. A subprogram of
+/// its own (the lookup's parameters take 64 bytes of stack); the addresses are read from the
+/// packet as it is now.
+#[inline(never)]
+fn forward_out(ctx: &TcContext, family: u8) -> i32 {
+    match try_forward_out(ctx, family) {
+        Ok(()) => TC_ACT_REDIRECT,
+        Err(reason) => drop(ctx, reason),
+    }
+}
+
+#[inline(always)]
+fn try_forward_out(ctx: &TcContext, family: u8) -> Result<(), DropReason> {
+    let bad = |_| DropReason::RewriteFailed;
+    // SAFETY: all-zero is a valid value of this plain C struct.
+    let mut fib: bpf_fib_lookup = unsafe { core::mem::zeroed() };
+    // SAFETY: ctx.skb.skb is this program's context.
+    fib.ifindex = unsafe { (*ctx.skb.skb).ingress_ifindex };
+    if family == FAMILY_V4 {
+        fib.family = AF_INET;
+        // Network order as in the packet, loaded as raw words.
+        fib.__bindgen_anon_3.ipv4_src = ctx.load(IPV4_SRC).map_err(bad)?;
+        fib.__bindgen_anon_4.ipv4_dst = ctx.load(IPV4_SRC + 4).map_err(bad)?;
+    } else {
+        fib.family = AF_INET6;
+        fib.__bindgen_anon_3.ipv6_src = ctx.load(IPV6_SRC).map_err(bad)?;
+        fib.__bindgen_anon_4.ipv6_dst = ctx.load(IPV6_SRC + 16).map_err(bad)?;
+    }
+    // SAFETY: the helper reads and writes `fib` only, within the size given.
+    let rc = unsafe {
+        bpf_fib_lookup(
+            ctx.skb.skb.cast(),
+            &raw mut fib,
+            FIB_PARAMS_LEN,
+            0,
+        )
+    };
+    let resolved = rc == i64::from(BPF_FIB_LKUP_RET_SUCCESS);
+    if !resolved && rc != i64::from(BPF_FIB_LKUP_RET_NO_NEIGH) {
+        return Err(DropReason::NoRoute);
+    }
+    decrement_ttl(ctx, family)?;
+    if resolved {
+        let mut macs = [0u8; 12];
+        macs[..6].copy_from_slice(&fib.dmac);
+        macs[6..].copy_from_slice(&fib.smac);
+        ctx.store(0, &macs, 0)
+            .map_err(|_| DropReason::RewriteFailed)?;
+        // SAFETY: no preconditions.
+        unsafe { bpf_redirect(fib.ifindex, 0) };
+    } else {
+        // SAFETY: no parameters: the kernel resolves the route's next hop itself.
+        unsafe { bpf_redirect_neigh(fib.ifindex, core::ptr::null_mut(), 0, 0) };
+    }
+    Ok(())
+}
+
+/// Takes one from the packet's TTL (hop limit), as a router does; one that would reach 0 is a
+/// drop (`no_route`).
+#[inline(always)]
+fn decrement_ttl(ctx: &TcContext, family: u8) -> Result<(), DropReason> {
+    if family == FAMILY_V4 {
+        let word: [u8; 2] = ctx.load(IPV4_TTL).map_err(|_| DropReason::RewriteFailed)?;
+        if word[0] <= 1 {
+            return Err(DropReason::NoRoute);
+        }
+        let new = [word[0] - 1, word[1]];
+        let (old16, new16) = (u16::from_ne_bytes(word), u16::from_ne_bytes(new));
+        ctx.l3_csum_replace(IPV4_CHECK, u64::from(old16), u64::from(new16), 2)
+            .map_err(|_| DropReason::RewriteFailed)?;
+        ctx.store(IPV4_TTL, &new, 0)
+            .map_err(|_| DropReason::RewriteFailed)
+    } else {
+        let hops: u8 = ctx
+            .load(IPV6_HOP_LIMIT)
+            .map_err(|_| DropReason::RewriteFailed)?;
+        if hops <= 1 {
+            return Err(DropReason::NoRoute);
+        }
+        ctx.store(IPV6_HOP_LIMIT, &(hops - 1), 0)
+            .map_err(|_| DropReason::RewriteFailed)
+    }
 }

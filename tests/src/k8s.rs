@@ -83,9 +83,24 @@ pub struct ServicePort {
     pub port: u16,
     /// `targetPort`.
     pub target_port: TargetPort,
+    /// `nodePort` (only printed for `NodePort` and `LoadBalancer` Services).
+    pub node_port: Option<u16>,
 }
 
-/// A `v1` Service of type `ClusterIP`, printed as `kubectl get -o yaml` would.
+/// `spec.type` of a [`Service`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ServiceType {
+    /// `ClusterIP`.
+    #[default]
+    ClusterIp,
+    /// `NodePort`.
+    NodePort,
+    /// `LoadBalancer`.
+    LoadBalancer,
+}
+
+/// A `v1` Service (of type `ClusterIP` unless set otherwise), printed as `kubectl get -o yaml`
+/// would.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Service {
     /// `metadata.name`.
@@ -106,6 +121,15 @@ pub struct Service {
     pub publish_not_ready_addresses: bool,
     /// `spec.trafficDistribution` (`PreferClose`, `PreferSameZone`, `PreferSameNode`).
     pub traffic_distribution: Option<String>,
+    /// `spec.type`.
+    pub type_: ServiceType,
+    /// `spec.externalTrafficPolicy` is `Local` (else `Cluster`; printed for `NodePort` and
+    /// `LoadBalancer` Services).
+    pub external_traffic_policy_local: bool,
+    /// `spec.externalIPs`.
+    pub external_ips: Vec<IpAddr>,
+    /// `status.loadBalancer.ingress[].ip` (with `ipMode: VIP`).
+    pub lb_ips: Vec<IpAddr>,
 }
 
 impl Service {
@@ -121,7 +145,46 @@ impl Service {
             selector: BTreeMap::new(),
             publish_not_ready_addresses: false,
             traffic_distribution: None,
+            type_: ServiceType::ClusterIp,
+            external_traffic_policy_local: false,
+            external_ips: Vec::new(),
+            lb_ips: Vec::new(),
         }
+    }
+
+    /// Makes it a `NodePort` Service (a `LoadBalancer` one stays one) whose last port so far has
+    /// `nodePort: node_port`.
+    #[must_use]
+    pub fn node_port(mut self, node_port: u16) -> Self {
+        if self.type_ == ServiceType::ClusterIp {
+            self.type_ = ServiceType::NodePort;
+        }
+        if let Some(last) = self.ports.last_mut() {
+            last.node_port = Some(node_port);
+        }
+        self
+    }
+
+    /// Makes it a `LoadBalancer` Service whose load balancer has these ingress IPs.
+    #[must_use]
+    pub fn load_balancer(mut self, ips: &[IpAddr]) -> Self {
+        self.type_ = ServiceType::LoadBalancer;
+        self.lb_ips = ips.to_vec();
+        self
+    }
+
+    /// Sets `spec.externalIPs`.
+    #[must_use]
+    pub fn external_ips(mut self, ips: &[IpAddr]) -> Self {
+        self.external_ips = ips.to_vec();
+        self
+    }
+
+    /// Sets `externalTrafficPolicy: Local`.
+    #[must_use]
+    pub fn external_traffic_policy_local(mut self) -> Self {
+        self.external_traffic_policy_local = true;
+        self
     }
 
     /// Sets `spec.trafficDistribution` (`PreferClose`, `PreferSameZone`, `PreferSameNode`).
@@ -159,6 +222,7 @@ impl Service {
             protocol,
             port,
             target_port: target_port.into(),
+            node_port: None,
         });
         self
     }
@@ -189,6 +253,21 @@ impl Service {
         } else {
             "Cluster"
         };
+        let exposed = self.type_ != ServiceType::ClusterIp;
+        if !self.external_ips.is_empty() {
+            y.push_str("  externalIPs:\n");
+            for ip in &self.external_ips {
+                let _ = writeln!(y, "  - {ip}");
+            }
+        }
+        if exposed {
+            let external = if self.external_traffic_policy_local {
+                "Local"
+            } else {
+                "Cluster"
+            };
+            let _ = writeln!(y, "  externalTrafficPolicy: {external}");
+        }
         let _ = writeln!(y, "  internalTrafficPolicy: {policy}\n  ipFamilies:");
         for ip in &self.cluster_ips {
             let _ = writeln!(y, "  - {}", family_name(ip.is_ipv6()));
@@ -201,6 +280,9 @@ impl Service {
         let _ = writeln!(y, "  ipFamilyPolicy: {family_policy}\n  ports:");
         for p in &self.ports {
             let _ = writeln!(y, "  - name: {}", p.name);
+            if let Some(node_port) = p.node_port.filter(|_| exposed) {
+                let _ = writeln!(y, "    nodePort: {node_port}");
+            }
             let _ = writeln!(y, "    port: {}", p.port);
             let _ = writeln!(y, "    protocol: {}", p.protocol.as_k8s());
             match &p.target_port {
@@ -225,7 +307,20 @@ impl Service {
         if let Some(value) = &self.traffic_distribution {
             let _ = writeln!(y, "  trafficDistribution: {value}");
         }
-        y.push_str("  type: ClusterIP\nstatus:\n  loadBalancer: {}\n");
+        let type_ = match self.type_ {
+            ServiceType::ClusterIp => "ClusterIP",
+            ServiceType::NodePort => "NodePort",
+            ServiceType::LoadBalancer => "LoadBalancer",
+        };
+        let _ = writeln!(y, "  type: {type_}\nstatus:");
+        if self.lb_ips.is_empty() {
+            y.push_str("  loadBalancer: {}\n");
+        } else {
+            y.push_str("  loadBalancer:\n    ingress:\n");
+            for ip in &self.lb_ips {
+                let _ = writeln!(y, "    - ip: {ip}\n      ipMode: VIP");
+            }
+        }
         y
     }
 }
@@ -989,7 +1084,8 @@ pub struct ProgrammedFrontend {
 }
 
 /// The frontends `inspect services -o json` shows, by `"<addr:port> <PROTO>"` (for example
-/// `"198.19.0.10:80 TCP"`, `"[2001:db8:f::10]:80 UDP"`).
+/// `"198.19.0.10:80 TCP"`, `"[2001:db8:f::10]:80 UDP"`; `"198.18.0.1:30080 TCP external"` for
+/// the external scope of a node, external or load-balancer address).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Programmed {
     /// The frontends.
@@ -1033,8 +1129,15 @@ impl Programmed {
                         .collect(),
                     row: None,
                 };
+                // The external scope of an address (traffic from outside) beside its internal
+                // one: `"<addr:port> <PROTO> external"`.
+                let scope = if r.scope == "external" {
+                    " external"
+                } else {
+                    ""
+                };
                 (
-                    format!("{} {}", r.frontend, r.protocol),
+                    format!("{} {}{scope}", r.frontend, r.protocol),
                     ProgrammedFrontend { row: Some(r), ..fe },
                 )
             })
