@@ -46,6 +46,12 @@ pub mod flags {
     /// address's other ports are not refused (they belong to the node or someone else). The
     /// agent reads it back when it rebuilds `ADDRS_V1`; the programs do not need it.
     pub const EXTERNAL_ADDR: u16 = 1 << 4;
+    /// With `EXTERNAL_ADDR`: a node address at a `nodePort` (for `inspect`; the programs do
+    /// not read it).
+    pub const KIND_NODE_PORT: u16 = 1 << 5;
+    /// With `EXTERNAL_ADDR`: a load balancer's ingress IP (for `inspect`). Neither kind bit:
+    /// one of the Service's `externalIPs`.
+    pub const KIND_LOAD_BALANCER: u16 = 1 << 6;
 }
 
 /// Key of `SERVICES_V1`.

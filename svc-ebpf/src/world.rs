@@ -249,14 +249,7 @@ fn try_forward_out(ctx: &TcContext, family: u8) -> Result<(), DropReason> {
         fib.__bindgen_anon_4.ipv6_dst = ctx.load(IPV6_SRC + 16).map_err(bad)?;
     }
     // SAFETY: the helper reads and writes `fib` only, within the size given.
-    let rc = unsafe {
-        bpf_fib_lookup(
-            ctx.skb.skb.cast(),
-            &raw mut fib,
-            FIB_PARAMS_LEN,
-            0,
-        )
-    };
+    let rc = unsafe { bpf_fib_lookup(ctx.skb.skb.cast(), &raw mut fib, FIB_PARAMS_LEN, 0) };
     let resolved = rc == i64::from(BPF_FIB_LKUP_RET_SUCCESS);
     if !resolved && rc != i64::from(BPF_FIB_LKUP_RET_NO_NEIGH) {
         return Err(DropReason::NoRoute);

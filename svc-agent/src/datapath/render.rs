@@ -197,9 +197,14 @@ pub(crate) fn slot0_value(fe: &model::Frontend, frontend_id: u32) -> ServiceValu
     if fe.local_only {
         flags |= service::flags::LOCAL_ONLY;
     }
-    if fe.kind != FrontendKind::ClusterIp {
-        flags |= service::flags::EXTERNAL_ADDR;
-    }
+    flags |= match fe.kind {
+        FrontendKind::ClusterIp => 0,
+        FrontendKind::ExternalIp => service::flags::EXTERNAL_ADDR,
+        FrontendKind::NodePort => service::flags::EXTERNAL_ADDR | service::flags::KIND_NODE_PORT,
+        FrontendKind::LoadBalancerIp => {
+            service::flags::EXTERNAL_ADDR | service::flags::KIND_LOAD_BALANCER
+        }
+    };
     let affinity = fe
         .affinity_timeout
         .map_or(0, |t| u32::try_from(t.as_secs()).unwrap_or(u32::MAX));

@@ -267,14 +267,16 @@ pub struct ServiceRow {
     pub port: u16,
     /// `TCP`, `UDP` or `SCTP`.
     pub protocol: String,
-    /// What kind of address: `ClusterIP` (scope internal), `External` (scope external).
+    /// What kind of address: `ClusterIP`, `NodePort` (a node address), `ExternalIP` or
+    /// `LoadBalancer` (an ingress IP); the last three have a frontend of each scope.
     #[serde(rename = "type")]
     pub kind: String,
     /// `internal` or `external`.
     pub scope: String,
     /// The frontend id (counters, affinity, conntrack entries name it).
     pub id: u32,
-    /// `Local` when new connections only go to endpoints on this node, else `Cluster`.
+    /// `Local` when new connections only go to endpoints on this node, else `Cluster` (the
+    /// scope's policy: `externalTrafficPolicy` for the external scope).
     pub internal_traffic_policy: String,
     /// `ClientIP` or `None`.
     pub session_affinity: String,
@@ -291,6 +293,19 @@ pub struct ServiceRow {
     pub bytes: u64,
     /// Its backend slots, in slot order.
     pub backends: Vec<BackendRow>,
+}
+
+/// The kind of address a frontend (slot 0 `flags`) is on, as `inspect services` names it.
+fn kind_name(f: u16) -> &'static str {
+    if f & flags::EXTERNAL_ADDR == 0 {
+        "ClusterIP"
+    } else if f & flags::KIND_NODE_PORT != 0 {
+        "NodePort"
+    } else if f & flags::KIND_LOAD_BALANCER != 0 {
+        "LoadBalancer"
+    } else {
+        "ExternalIP"
+    }
 }
 
 /// One backend slot of a frontend.
@@ -363,7 +378,7 @@ pub fn service_rows(view: &ServicesView) -> Vec<ServiceRow> {
             address: ip(&k.addr, k.family),
             port: k.port.to_host(),
             protocol: proto_name(k.proto).to_owned(),
-            kind: if internal { "ClusterIP" } else { "External" }.to_owned(),
+            kind: kind_name(v.flags).to_owned(),
             scope: if internal { "internal" } else { "external" }.to_owned(),
             id: v.id,
             internal_traffic_policy: if v.flags & flags::LOCAL_ONLY != 0 {
@@ -479,7 +494,13 @@ pub fn format_services(view: &ServicesView, format: Format) -> anyhow::Result<St
             r.port_name.clone().unwrap_or_default(),
             r.frontend.clone(),
             r.protocol.clone(),
-            r.kind.clone(),
+            // The external scope (traffic from outside the cluster) of a node, external or
+            // load-balancer address, beside its internal one (pods, host processes).
+            if r.scope == "external" {
+                format!("{} (outside)", r.kind)
+            } else {
+                r.kind.clone()
+            },
             r.internal_traffic_policy.clone(),
             if r.affinity_timeout_seconds == 0 {
                 "None".to_owned()
@@ -890,5 +911,21 @@ mod tests {
         std::fs::create_dir_all(dir.join("svc/v1")).unwrap();
         assert_eq!(unreadable_pins(&dir), None);
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn frontend_kinds_are_named_from_their_flags() {
+        use svc_common::service::flags;
+        assert_eq!(kind_name(0), "ClusterIP");
+        assert_eq!(kind_name(flags::LOCAL_ONLY), "ClusterIP");
+        assert_eq!(kind_name(flags::EXTERNAL_ADDR), "ExternalIP");
+        assert_eq!(
+            kind_name(flags::EXTERNAL_ADDR | flags::KIND_NODE_PORT),
+            "NodePort"
+        );
+        assert_eq!(
+            kind_name(flags::EXTERNAL_ADDR | flags::KIND_LOAD_BALANCER | flags::REJECT_EMPTY),
+            "LoadBalancer"
+        );
     }
 }

@@ -10,7 +10,9 @@
 //! client pod sends real requests to `frontend-svc`'s `ClusterIP`; the demo shows the
 //! selection, who answered, what the agent programmed and counted, then relabels one frontend
 //! Pod (`app: frontend` -> `app: canary`) and marks another not Ready, showing the traffic
-//! leave each.
+//! leave each. Last, a client outside the cluster (on the underlay) reaches the Service's
+//! `NodePort` on each node: node1 serves it from its own frontend Pod (the Pod sees the
+//! client's address), node2 through source NAT to that Pod on node1 (the Pod sees node2).
 //!
 //! Bounded (fixed request counts, every socket with a timeout, every wait with a deadline) and
 //! self-cleaning: the topology guard removes every namespace, mount, cgroup and process it
@@ -39,6 +41,8 @@ const MANIFESTS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../manifests/demo"
 const PODS_FILE: &str = "pods.yaml";
 /// `frontend-svc`'s `ClusterIP` and port, as in `frontend-svc.yaml`.
 const FRONTEND_VIP: &str = "198.19.0.10:80";
+/// `frontend-svc`'s `nodePort`, as in `frontend-svc.yaml`.
+const FRONTEND_NODE_PORT: u16 = 30080;
 /// `db-svc`'s `ClusterIP` and port, as in `db-svc.yaml`.
 const DB_VIP: &str = "198.19.0.20:5432";
 /// The frontend container port (`http`).
@@ -144,6 +148,7 @@ fn main() -> anyhow::Result<()> {
     check_only(&third, &[RELABELLED, NOT_READY])?;
     println!("  -> {NOT_READY} (not Ready) gets nothing either; one frontend Pod is left");
 
+    from_outside(&demo)?;
     teardown(demo)?;
     println!(
         "\ndone in {:.1} s: agents stopped, namespaces, mounts and cgroups removed",
@@ -437,6 +442,47 @@ fn write_pod(dir: &ManifestDir, pod: &PodObject) -> anyhow::Result<()> {
     let name = pod.metadata.name.as_deref().unwrap_or_default();
     let text = serde_saphyr::to_string(pod).with_context(|| format!("Pod {name} as YAML"))?;
     dir.write(&format!("pod-{name}.yaml"), &text)
+}
+
+/// The last step: from the client outside the cluster, requests to `frontend-svc`'s `NodePort`
+/// on each node; prints who answered and which client address the Pod saw.
+fn from_outside(demo: &Demo) -> anyhow::Result<()> {
+    let external = demo.topo.external();
+    let outside = IpAddr::from(external.ipv4);
+    println!(
+        "
+from outside the cluster ({outside}, on the underlay), to frontend-svc's NodePort:"
+    );
+    for node in demo.topo.nodes() {
+        let dst = SocketAddr::new(node.underlay_v4.into(), FRONTEND_NODE_PORT);
+        let answers = external.ns.run(move || {
+            (0..5)
+                .map(|i| k8s::tcp_request(dst, &format!("ext-{i}"), IO_TIMEOUT))
+                .collect::<anyhow::Result<Vec<_>>>()
+        })?;
+        let mut seen = BTreeMap::new();
+        for a in &answers {
+            ensure!(a.from == dst, "the answer came from {}, not {dst}", a.from);
+            *seen.entry((a.label.clone(), a.client_seen)).or_insert(0) += 1;
+        }
+        for ((label, client), n) in seen {
+            let how = if client == outside {
+                "the client's own address, kept"
+            } else {
+                "the node's address: source NAT, the reply returns through it"
+            };
+            println!(
+                "  {dst} ({}): {n} answered by {label}, which saw {client} ({how})",
+                node.name
+            );
+        }
+    }
+    println!(
+        "
+node2's counters for it (svc-agent inspect stats, zero rows left out):"
+    );
+    print!("{}", nonzero_rows(&demo.agents[1].inspect("stats")?));
+    Ok(())
 }
 
 /// Sends [`REQUESTS`] requests (each a new TCP connection) from the client pod to
