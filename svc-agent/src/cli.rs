@@ -133,6 +133,12 @@ pub struct RunArgs {
     /// `InternalIP` of each family, or comma-separated CIDRs (the node's addresses inside them).
     #[arg(long, default_value = "", env = "SVC_NODEPORT_ADDRESSES")]
     pub nodeport_addresses: String,
+    /// Entries of each external frontend's Maglev table (a prime; 0: off): new connections from
+    /// outside choose their endpoint by a hash of their tuple in it, the same on every node and
+    /// after a lost conntrack entry. Larger spreads more evenly (aim for 100 per endpoint);
+    /// each table takes 4 bytes per entry in `MAGLEV_V1`.
+    #[arg(long, default_value_t = svc_common::maglev::DEFAULT_SIZE, env = "SVC_MAGLEV_TABLE_SIZE")]
+    pub maglev_table_size: u32,
     /// Source ports external flows to other nodes' endpoints get on this node's address
     /// (`MIN-MAX`); reserved on the node (`net.ipv4.ip_local_reserved_ports`) so its own
     /// sockets never take them. The default is above Linux's default ephemeral range.
@@ -203,6 +209,8 @@ impl RunArgs {
         self.iface_roles()?;
         self.nodeport_addresses()?;
         self.snat_ports()?;
+        crate::datapath::maglev::check_size(self.maglev_table_size)
+            .context("--maglev-table-size")?;
         self.metrics_addr()?;
         self.healthz_addr()?;
         if self.healthz_stale_after == 0 {

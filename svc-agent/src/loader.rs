@@ -166,21 +166,24 @@ impl MapSizes {
 /// (see `svc-ebpf/src/sock.rs`): 0 translates sockets of every namespace.
 const GLOBAL_SOCK_LB_NETNS: &str = "SVC_SOCK_LB_NETNS";
 
+/// Name of the kernel global holding the external frontends' Maglev table size (see
+/// `svc-ebpf/src/lb.rs`; 0: off).
+const GLOBAL_MAGLEV_SIZE: &str = "SVC_MAGLEV_SIZE";
+
 /// Settings the programs read as load-time constants.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Globals {
     /// Translate at the socket only the sockets of the network namespace with this cookie (the
     /// node's own, `--socket-lb host-only`); 0: every socket in the cgroup (`all`).
     pub sock_lb_netns: u64,
+    /// The size of external frontends' Maglev tables (`--maglev-table-size`); 0: off.
+    pub maglev_size: u32,
 }
 
 impl Globals {
-    #[expect(
-        clippy::trivially_copy_pass_by_ref,
-        reason = "the loader keeps a reference to the value's bytes until it loads"
-    )]
     fn apply<'a>(&'a self, loader: &mut EbpfLoader<'a>) {
         loader.override_global(GLOBAL_SOCK_LB_NETNS, &self.sock_lb_netns, true);
+        loader.override_global(GLOBAL_MAGLEV_SIZE, &self.maglev_size, true);
     }
 }
 

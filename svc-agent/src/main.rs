@@ -105,6 +105,7 @@ fn load_settings(args: &RunArgs) -> anyhow::Result<(loader::MapSizes, loader::Gl
             SocketLb::HostOnly => loader::own_netns_cookie()?,
             SocketLb::All | SocketLb::Off => 0,
         },
+        maglev_size: args.maglev_table_size,
     };
     info!(
         socket_lb = ?args.socket_lb,
@@ -256,6 +257,7 @@ async fn run(bpffs: &std::path::Path, args: &RunArgs) -> anyhow::Result<()> {
         watch,
         metrics: recorder.clone(),
         snat_ports,
+        maglev_size: args.maglev_table_size,
     })?;
     // After the first sync, and once this layout's programs are attached: another layout's
     // programs go only once this layout's maps hold the desired state (until then its TC links

@@ -68,6 +68,8 @@ pub struct Plan {
     pub metrics: crate::metrics::Recorder,
     /// The SNAT port range (`--snat-port-range`).
     pub snat_ports: crate::datapath::snat::PortRange,
+    /// The external frontends' Maglev table size (`--maglev-table-size`; 0: off).
+    pub maglev_size: u32,
 }
 
 /// The programs loaded and attached, for the task that follows interfaces from then on.
@@ -213,6 +215,7 @@ fn load_and_attach(plan: Plan, report: &mut Report) -> anyhow::Result<Attached> 
         mut watch,
         metrics,
         snat_ports,
+        maglev_size,
     } = plan;
     let pin_dir = loader::pin_dir(&bpffs);
     let since = Instant::now();
@@ -223,7 +226,7 @@ fn load_and_attach(plan: Plan, report: &mut Report) -> anyhow::Result<Attached> 
         "maps ready (pinned ones adopted, missing ones created)"
     );
     let since = Instant::now();
-    let reconciler = reconciler(&mut ebpf, snat_ports).context("adopting the maps")?;
+    let reconciler = reconciler(&mut ebpf, snat_ports, maglev_size).context("adopting the maps")?;
     info!(
         took_ms = ms(since.elapsed()),
         frontends = reconciler.current().services.len(),
@@ -273,6 +276,7 @@ fn load_and_attach(plan: Plan, report: &mut Report) -> anyhow::Result<Attached> 
 fn reconciler(
     ebpf: &mut Ebpf,
     snat_ports: crate::datapath::snat::PortRange,
+    maglev_size: u32,
 ) -> anyhow::Result<Reconciler<AyaMaps>> {
     // Before the connection tables are taken out of the object: its thread reads them.
     let snat = crate::datapath::snat::Snat::start(ebpf, snat_ports)?;
@@ -282,6 +286,7 @@ fn reconciler(
     reconciler.sweep_in_background(flow_tables)?;
     reconciler.send_ended_to(crate::sockets::SocketDestroyer::start(ebpf)?);
     reconciler.follow_snat(snat);
+    reconciler.follow_maglev(crate::datapath::maglev::Maglev::take(ebpf, maglev_size)?);
     Ok(reconciler)
 }
 

@@ -20,6 +20,7 @@ pub mod conntrack;
 pub mod csum;
 pub mod frag;
 pub mod ids;
+pub mod maglev;
 pub mod nat;
 pub mod net;
 pub mod service;
@@ -53,6 +54,7 @@ pub const MAP_NAMES: &[&str] = &[
     "FRONTEND_NAMES_V1",
     "SNAT_CONFIG_V1",
     "SNAT_V1",
+    "MAGLEV_V1",
 ];
 
 /// Default map sizes (the agent's flags override them at load time).
@@ -73,6 +75,9 @@ pub mod sizes {
     pub const AFFINITY: u32 = 262_144;
     /// `SNAT_V1` entries: one per external connection to a remote endpoint. Not preallocated.
     pub const SNAT: u32 = 262_144;
+    /// `MAGLEV_V1` entries (chunks of 64 table entries): 4,096 external frontends with the
+    /// default table size (16 chunks each). Not preallocated.
+    pub const MAGLEV: u32 = 65_536;
     /// `ADDRS_V1` entries: every frontend and backend address fits (each has at least one
     /// entry in `SERVICES_V1` or `BACKENDS_V1`). Not preallocated.
     pub const ADDRS: u32 = SERVICES + BACKENDS;

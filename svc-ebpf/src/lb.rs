@@ -7,12 +7,14 @@ use svc_common::{
     Be16,
     addr::Addr,
     affinity::{self, AffinityKey, AffinityValue},
+    conntrack::{CtKey, dir, flow_hash},
+    maglev::{self, MaglevKey},
     service::{Backend, ServiceKey, ServiceValue, backend_flags, flags, scope},
     stats::DropReason,
 };
 
 use crate::{
-    maps::{AFFINITY_V1, BACKENDS_V1, SERVICES_V1},
+    maps::{AFFINITY_V1, BACKENDS_V1, MAGLEV_V1, SERVICES_V1},
     parse::Parsed,
 };
 
@@ -28,6 +30,9 @@ pub struct Chosen {
     /// Set by the caller: pick the slot by this hash of the flow's tuple instead of at random
     /// (a TCP packet that is not a SYN and lost its connection-table entry).
     pub tuple_hash: Option<u32>,
+    /// Set by the packet paths: the client's port (network order), which with the frontend and
+    /// the client's address makes the flow's tuple for an external frontend's Maglev table.
+    pub client_port: u16,
 }
 
 /// What the load balancer decided for a new flow.
@@ -75,7 +80,7 @@ pub fn lb_select_for_client(
     };
     out.frontend_id = frontend.id;
     if frontend.affinity_timeout == 0 || frontend.count == 0 {
-        return lb_pick_slot(key, &frontend, out);
+        return lb_pick_slot(key, &frontend, client, out);
     }
     let akey = AffinityKey {
         client: *client,
@@ -101,7 +106,7 @@ pub fn lb_select_for_client(
             return Choice::Backend;
         }
     }
-    let choice = lb_pick_slot(key, &frontend, out);
+    let choice = lb_pick_slot(key, &frontend, client, out);
     if let Choice::Backend = choice {
         let value = AffinityValue {
             backend_id: out.backend_id,
@@ -130,10 +135,65 @@ fn affinity_eligible(frontend: &ServiceValue, b: &Backend) -> bool {
         && (b.flags & backend_flags::LOCAL != 0 || frontend.flags & flags::LOCAL_ONLY == 0)
 }
 
-/// Picks slot `1 + random % count` of `frontend` (looked up with `key`; `out.tuple_hash`
-/// instead of a random number when set) and its backend.
+/// Size of the external frontends' Maglev tables (`svc_common::maglev`); 0: Maglev off. Set by
+/// the agent when it loads the programs (`--maglev-table-size`).
+#[unsafe(no_mangle)]
+static SVC_MAGLEV_SIZE: u32 = 0;
+
+/// The backend the external frontend `key` (slot 0, id `frontend_id`)'s Maglev table names for
+/// the flow from `client`:`out.client_port` (entry `flow_hash % M`), if the table has that chunk
+/// and the backend is still held. A subprogram of its own (the tuple it hashes and the table
+/// key need no room in the caller's frame).
+#[inline(never)]
+fn lb_maglev(key: &ServiceKey, frontend_id: u32, client: &Addr, out: &mut Chosen) -> bool {
+    // SAFETY: a load-time constant, read as a plain value.
+    let size = unsafe { core::ptr::read_volatile(&raw const SVC_MAGLEV_SIZE) };
+    if size == 0 {
+        return false;
+    }
+    let tuple = CtKey {
+        src: *client,
+        dst: key.addr,
+        sport: Be16(out.client_port),
+        dport: key.port,
+        proto: key.proto,
+        family: key.family,
+        dir: dir::FORWARD,
+        _pad: 0,
+    };
+    let (chunk, at) = maglev::locate(flow_hash(&tuple) % size);
+    let key = MaglevKey { frontend_id, chunk };
+    // SAFETY: read at once.
+    let Some(id) = (unsafe { MAGLEV_V1.get(&key) }).and_then(|c| c.backend_ids.get(at).copied())
+    else {
+        return false;
+    };
+    match lb_backend(id) {
+        Some(b) => {
+            out.backend_id = id;
+            out.backend = b;
+            true
+        }
+        None => false,
+    }
+}
+
+/// Picks the backend of a new flow from `client` to `frontend` (looked up with `key`): for an
+/// external frontend, its Maglev table's entry for the flow (see [`lb_maglev`]); otherwise
+/// slot `1 + random % count` (`out.tuple_hash` instead of a random number when set).
 #[inline(always)]
-fn lb_pick_slot(key: &mut ServiceKey, frontend: &ServiceValue, out: &mut Chosen) -> Choice {
+fn lb_pick_slot(
+    key: &mut ServiceKey,
+    frontend: &ServiceValue,
+    client: &Addr,
+    out: &mut Chosen,
+) -> Choice {
+    if frontend.count != 0
+        && key.scope == scope::EXTERNAL
+        && lb_maglev(key, frontend.id, client, out)
+    {
+        return Choice::Backend;
+    }
     if frontend.count == 0 {
         return Choice::Drop(if frontend.flags & flags::DROP_EMPTY != 0 {
             DropReason::NoLocalEndpoint

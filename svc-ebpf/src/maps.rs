@@ -15,6 +15,7 @@ use svc_common::{
     conntrack::{CtKey, CtValue},
     frag::{FRAG_ENTRIES, FragKey, FragValue},
     ids::{self, IdCursor},
+    maglev::{MaglevChunk, MaglevKey},
     nat::{SNAT_CONFIG_ENTRIES, SnatConfig, SnatValue},
     service::{Backend, BackendName, FrontendName, ServiceKey, ServiceValue},
     sizes,
@@ -112,3 +113,9 @@ pub static SNAT_CONFIG_V1: Array<SnatConfig> = Array::with_max_entries(SNAT_CONF
 #[map]
 pub static SNAT_V1: HashMap<CtKey, SnatValue> =
     HashMap::with_max_entries(sizes::SNAT, BPF_F_NO_PREALLOC);
+
+/// Maglev lookup tables of external frontends, in chunks of 64 backend ids. Writer: the agent.
+/// See `svc_common::maglev`.
+#[map]
+pub static MAGLEV_V1: HashMap<MaglevKey, MaglevChunk> =
+    HashMap::with_max_entries(sizes::MAGLEV, BPF_F_NO_PREALLOC);

@@ -255,8 +255,13 @@ fn set_target(target: &mut Target, e: &CtValue) {
 #[inline(never)]
 pub fn new_flow_backend(pkt: &parse::Parsed, target: &mut Target) -> Outcome {
     let now = coarse_now();
-    let mut chosen = Chosen::default();
+    let mut chosen = Chosen {
+        client_port: pkt.sport,
+        ..Chosen::default()
+    };
     let midflow = pkt.proto == ipproto::TCP && !is_syn(pkt);
+    // External flows choose by their tuple too (Maglev: the same choice on every node and
+    // after a lost entry); pod flows at random.
     if midflow {
         chosen.tuple_hash = Some(flow_hash(&ct_key(pkt, dir::FORWARD)));
     }

@@ -48,6 +48,8 @@ const CONNECTIONS: usize = 24;
 /// underlay and the pod CIDRs).
 const EXTERNAL_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 200, 1);
 const LB_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 201, 1);
+/// Flows the ECMP case sends through each node.
+const FLOWS: u16 = 12;
 
 /// One test's cluster; fields drop in order: servers, then agents and topology.
 struct Cluster {
@@ -386,6 +388,58 @@ fn established_external_connections_survive_an_agent_sigkill_and_restart() {
     }
     c.step("both external connections (local and SNAT'd) kept working");
     drop(sessions);
+    drop(c.backends);
+    c.bed.finish();
+}
+
+#[test]
+fn two_nodes_behind_an_ecmp_router_pick_the_same_endpoint_for_the_same_flow() {
+    let service = web().load_balancer(&[LB_IP.into()]);
+    // Two endpoints: agreeing by chance on every flow would be (1/2)^FLOWS.
+    let c = Cluster::start(&service, &["web-0", "web-1"]);
+    let dst = SocketAddr::new(LB_IP.into(), SERVICE_PORT);
+    for node in 0..2 {
+        c.wait_programmed(node, &format!("{dst} UDP external"));
+    }
+    // The same flows (client address and port, LB IP and port) through node1, then through
+    // node2, as an ECMP router would send them after a change of its next hops.
+    let mut picks: [BTreeMap<u16, String>; 2] = [BTreeMap::new(), BTreeMap::new()];
+    for (node, pick) in picks.iter_mut().enumerate() {
+        let via = c.topo.node(node).underlay_v4.to_string();
+        c.external_ns()
+            .ip(["route", "replace", &format!("{LB_IP}/32"), "via", &via])
+            .expect("routing the LB IP");
+        for port in 0..FLOWS {
+            let local_port = 40_000 + port;
+            let (answer, _) = c
+                .external_ns()
+                .run(|| {
+                    k8s::udp_request_from(local_port, dst, "ecmp", Duration::from_millis(700), 3)
+                })
+                .unwrap_or_else(|e| {
+                    panic!(
+                        "UDP from :{local_port} via node{}: {e:#}{}",
+                        node + 1,
+                        c.diag()
+                    )
+                });
+            pick.insert(local_port, answer.label);
+        }
+    }
+    assert_eq!(
+        picks[0],
+        picks[1],
+        "the same flows picked different endpoints on the two nodes{}",
+        c.diag()
+    );
+    let used: BTreeSet<&String> = picks[0].values().collect();
+    assert_eq!(
+        used.len(),
+        2,
+        "{FLOWS} flows all went to one endpoint: {:?}",
+        picks[0]
+    );
+    c.step("12 flows, through node1 and then node2: the same endpoint for each (Maglev)");
     drop(c.backends);
     c.bed.finish();
 }

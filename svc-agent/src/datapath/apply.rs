@@ -695,6 +695,8 @@ pub struct Reconciler<M: DatapathMaps> {
     sweeper: Option<Sweeper>,
     /// `SNAT_CONFIG_V1`, following the node's addresses after each pass; `None`: not written.
     snat: Option<super::snat::Snat>,
+    /// `MAGLEV_V1`, following the external frontends a pass touched; `None`: not written.
+    maglev: Option<super::maglev::Maglev>,
     /// What the next pass tries again.
     pending: Pending,
     /// The next [`ReconcileReport::retry_after`].
@@ -757,6 +759,7 @@ impl<M: DatapathMaps> Reconciler<M> {
             cursors,
             sweeper: None,
             snat: None,
+            maglev: None,
             pending: Pending::default(),
             backoff: RETRY_MIN,
         };
@@ -795,6 +798,13 @@ impl<M: DatapathMaps> Reconciler<M> {
     /// when they changed (see `snat`).
     pub fn follow_snat(&mut self, snat: super::snat::Snat) {
         self.snat = Some(snat);
+    }
+
+    /// From now on, every pass writes the Maglev tables of the external frontends it touched
+    /// (every one in a full pass) after its own writes, so the backends they name exist (see
+    /// `maglev`).
+    pub fn follow_maglev(&mut self, maglev: super::maglev::Maglev) {
+        self.maglev = Some(maglev);
     }
 
     /// From now on, every pass that ends backends also sends them, as addresses, to `sender`
@@ -1093,7 +1103,22 @@ impl<M: DatapathMaps> Reconciler<M> {
         );
         self.clear_due_replies(&mut report);
         self.schedule_retry(&mut report);
+        self.follow_tables(desired, items, pass);
         report
+    }
+
+    /// After a pass's own writes (the backends they name exist): the Maglev tables of the
+    /// external frontends the pass touched.
+    fn follow_tables(&mut self, desired: &DesiredState, items: &[Item], pass: Pass) {
+        if let Some(maglev) = &mut self.maglev {
+            maglev.follow(
+                desired,
+                items.iter().filter_map(|i| i.key),
+                &self.layout.frontend_ids,
+                &self.layout.backend_ids,
+                pass == Pass::Full,
+            );
+        }
     }
 
     /// The reachable pairs after the pass; then, when the pass ended pairs or removed

@@ -9,6 +9,7 @@ pub(crate) mod batch;
 pub mod flows;
 pub mod ids;
 pub mod layout;
+pub mod maglev;
 pub mod names;
 pub mod pressure;
 pub mod render;
