@@ -282,6 +282,29 @@ pub fn ct_promote(key: &CtKey, value: &CtValue) {
     let _ = CT_NEW_V1.remove(key);
 }
 
+/// As [`ct_promote`], from the forward entry `fwd`/`value` of a pair in `CT_NEW_V1` (an external
+/// flow's client sent its second packet): the reply leg is rebuilt from it (`peer_key`, the VIP
+/// and service port of the forward key as its value). A subprogram of its own, calling no other
+/// (it ends a call chain that is near the verifier's stack limit).
+#[inline(never)]
+pub fn ct_promote_forward(fwd: &CtKey, value: &CtValue) {
+    let reply = peer_key(fwd, value);
+    let back = CtValue {
+        addr: fwd.dst,
+        port: fwd.dport,
+        ..*value
+    };
+    if CT_V1.insert(fwd, value, u64::from(BPF_ANY)).is_err() {
+        return;
+    }
+    if CT_V1.insert(&reply, &back, u64::from(BPF_ANY)).is_err() {
+        let _ = CT_V1.remove(fwd);
+        return;
+    }
+    let _ = CT_NEW_V1.remove(fwd);
+    let _ = CT_NEW_V1.remove(&reply);
+}
+
 /// Whether a forward entry still points at a backend the agent holds (same address and port:
 /// ids are never reused while entries may point at them, but the check is cheap).
 ///

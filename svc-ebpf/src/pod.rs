@@ -33,8 +33,8 @@ use svc_common::{
 
 use crate::{
     conntrack::{
-        Table, ct_backend_alive, ct_create, ct_key, ct_lookup, ct_promote, ct_remove_pair,
-        ct_syn_leaves_terminating, ct_syn_opens_new, is_syn,
+        Table, ct_backend_alive, ct_create, ct_key, ct_lookup, ct_promote, ct_promote_forward,
+        ct_remove_pair, ct_syn_leaves_terminating, ct_syn_opens_new, is_syn,
     },
     frag::{frag_follow, frag_remember},
     icmp,
@@ -218,6 +218,11 @@ pub fn established_backend(pkt: &parse::Parsed, target: &mut Target) -> bool {
     if e.state & state::HAIRPIN_REPLY != 0 && pkt.tcp_flags & tcp_flags::RST == 0 {
         // The pod answers itself through the service: its flow is answered.
         ct_promote(&fwd, &e);
+    } else if target.scope == scope::EXTERNAL && !is_syn(pkt) && pkt.tcp_flags & tcp_flags::RST == 0
+    {
+        // From outside, the client's own second packet (its ACK of the SYN-ACK, its next
+        // datagram) answers the flow: a backend's SYN-ACK to a spoofed source proves nothing.
+        ct_promote_forward(&fwd, &e);
     }
     set_target(target, &e);
     true
@@ -318,7 +323,7 @@ pub fn to_pod(ctx: &TcContext) -> i32 {
     if !pkt.is_tcp_or_udp() || !addr_has(&pkt.src, pkt.family, addr_flags::BACKEND) {
         return TCX_NEXT;
     }
-    reply_to_pod(ctx, &pkt)
+    reply_to_pod(ctx, &pkt, true)
 }
 
 /// Whether `addr` is a frontend or backend address (`flag`), per `ADDRS_V1`.
@@ -371,13 +376,14 @@ fn later_fragment(
     }
 }
 
-/// A reply from a backend gets the service address back as its source; the first reply of a
-/// flow (not a reset: a refused connection is no answer) moves its pair to `CT_V1`. Used on
-/// the way to a pod and on the way out of a node-facing interface (an endpoint of this node
-/// answering an external client). A subprogram of its own (its own stack frame, as the ICMP
-/// one has).
+/// A reply from a backend gets the service address back as its source; on the way to a pod
+/// (`promote`), the first reply of a flow (not a reset: a refused connection is no answer)
+/// moves its pair to `CT_V1`. Also used on the way out of a node-facing interface (an endpoint
+/// of this node answering an external client), without promoting: a SYN-ACK leaving for an
+/// outside address may answer a spoofed SYN, so there the client's next packet promotes (see
+/// `established_backend`). A subprogram of its own (its own stack frame, as the ICMP one has).
 #[inline(never)]
-pub fn reply_to_pod(ctx: &TcContext, pkt: &parse::Parsed) -> i32 {
+pub fn reply_to_pod(ctx: &TcContext, pkt: &parse::Parsed, promote: bool) -> i32 {
     // Timeouts are seconds: the coarse clock (CLOCK_MONOTONIC at the last tick) is enough and
     // cheaper than reading the clock source. SAFETY: the helper has no preconditions.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
@@ -387,7 +393,7 @@ pub fn reply_to_pod(ctx: &TcContext, pkt: &parse::Parsed) -> i32 {
         if !ct_lookup(Table::Unanswered, &key, pkt, now, &mut entry) {
             return TCX_NEXT;
         }
-        if pkt.tcp_flags & tcp_flags::RST == 0 {
+        if promote && pkt.tcp_flags & tcp_flags::RST == 0 {
             ct_promote(&key, &entry);
         }
     }

@@ -34,10 +34,10 @@ use svc_common::{
 };
 
 use crate::{
-    conntrack::{Table, ct_key, ct_lookup, ct_promote},
+    conntrack::{Table, ct_key, ct_lookup},
     maps::{SNAT_CONFIG_V1, SNAT_V1},
     nat::{End, nat_rewrite, snat_new_flow, snat_source},
-    parse::{self, tcp_flags},
+    parse,
     pod::{
         Outcome, TCX_NEXT, Target, addr_has, drop, established_backend, new_flow_backend,
         reject_or_drop, reply_to_pod,
@@ -132,7 +132,7 @@ pub fn to_world(ctx: &TcContext) -> i32 {
     if !addr_has(&pkt.src, pkt.family, addr_flags::BACKEND) {
         return TCX_NEXT;
     }
-    reply_to_pod(ctx, &pkt)
+    reply_to_pod(ctx, &pkt, false)
 }
 
 /// Whether the packet is addressed to this node's SNAT address of its family, in the SNAT port
@@ -168,14 +168,12 @@ fn snat_reply(ctx: &TcContext, pkt: &parse::Parsed) -> i32 {
     // The reply as the endpoint would have sent it without SNAT (endpoint -> client): the
     // flow's reply entry. (The lookups read only the packet's protocol and flags.)
     key.dport = client_port;
+    // Not promoted here: the client's next packet does (see `established_backend`).
     let mut entry = CtValue::default();
-    if !ct_lookup(Table::Answered, &key, pkt, now, &mut entry) {
-        if !ct_lookup(Table::Unanswered, &key, pkt, now, &mut entry) {
-            return TCX_NEXT;
-        }
-        if pkt.tcp_flags & tcp_flags::RST == 0 {
-            ct_promote(&key, &entry);
-        }
+    if !ct_lookup(Table::Answered, &key, pkt, now, &mut entry)
+        && !ct_lookup(Table::Unanswered, &key, pkt, now, &mut entry)
+    {
+        return TCX_NEXT;
     }
     // The source is untouched by the first rewrite, so `pkt` still names it for the second.
     if nat_rewrite(ctx, pkt, End::Dst, &key.dst, client_port.0).is_err()
