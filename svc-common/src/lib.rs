@@ -22,6 +22,7 @@ pub mod frag;
 pub mod ids;
 pub mod nat;
 pub mod net;
+pub mod ranges;
 pub mod service;
 pub mod sock;
 pub mod stats;
@@ -53,6 +54,7 @@ pub const MAP_NAMES: &[&str] = &[
     "FRONTEND_NAMES_V1",
     "SNAT_CONFIG_V1",
     "SNAT_V1",
+    "SOURCE_RANGES_V1",
 ];
 
 /// Default map sizes (the agent's flags override them at load time).
