@@ -406,11 +406,7 @@ impl RangeMap for AyaMaps {
     }
     fn put_source_range(&mut self, key: &RangeKey, verdict: u32) -> anyhow::Result<()> {
         self.source_ranges
-            .insert(
-                &LpmKey::new(key.0, key.1),
-                SourceRangeValue { verdict },
-                0,
-            )
+            .insert(&LpmKey::new(key.0, key.1), SourceRangeValue { verdict }, 0)
             .context("writing SOURCE_RANGES_V1")
     }
     fn del_source_range(&mut self, key: &RangeKey) -> anyhow::Result<()> {
@@ -902,9 +898,7 @@ impl<M: DatapathMaps> Reconciler<M> {
             .copied()
             .chain(self.ranges.all_keys())
             .collect();
-        let (mut range_pass, held_back) =
-            self.ranges
-                .before(&mut self.maps, desired, range_keys);
+        let (mut range_pass, held_back) = self.ranges.before(&mut self.maps, desired, range_keys);
         range_pass.errors.extend(read_error);
         self.layout.hold_back(held_back);
         let changes = self.layout.plan(desired, candidates, self.maps.capacity());
@@ -1870,12 +1864,14 @@ pub(crate) mod tests {
             if self.fail_ranges {
                 anyhow::bail!("E2BIG: SOURCE_RANGES_V1 is full");
             }
-            self.log.push(format!("put range {}", ranges::describe(key)));
+            self.log
+                .push(format!("put range {}", ranges::describe(key)));
             self.source_ranges.insert(*key, verdict);
             Ok(())
         }
         fn del_source_range(&mut self, key: &RangeKey) -> anyhow::Result<()> {
-            self.log.push(format!("del range {}", ranges::describe(key)));
+            self.log
+                .push(format!("del range {}", ranges::describe(key)));
             self.source_ranges.remove(key);
             Ok(())
         }

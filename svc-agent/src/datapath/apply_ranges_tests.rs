@@ -3,10 +3,7 @@
 //! pass writes only what the change touched, a frontend whose entries cannot be written is not
 //! programmed (and retried), and a restart adopts what the map holds.
 
-use super::{
-    tests::FakeMaps,
-    *,
-};
+use super::{tests::FakeMaps, *};
 use crate::model::{Backend as MBackend, EmptyAction, Frontend, FrontendKind, ServicePortRef};
 
 const LB: &str = "198.19.7.1";
@@ -78,7 +75,10 @@ fn ranges_go_in_before_the_frontend_and_out_after_it() {
     assert!(report.errors.is_empty(), "{:?}", report.errors);
     let log = &r.maps.log;
     let slot0 = at(log, "put slot 0");
-    assert!(at(log, "put range 198.19.7.1:443/6 (deny)") < slot0, "{log:#?}");
+    assert!(
+        at(log, "put range 198.19.7.1:443/6 (deny)") < slot0,
+        "{log:#?}"
+    );
     assert!(at(log, "put range 198.19.7.1:443/6 <- 198.18.0.0/24") < slot0);
     assert_eq!(r.maps.source_ranges.len(), 2);
     // The ranges change (incremental): only the ranges are written, the old one after.
@@ -114,14 +114,22 @@ fn an_incremental_pass_writes_only_the_ranges_of_its_frontends() {
     d2.frontends.get_mut(&key(80)).unwrap().backends[0].port = 8080;
     let report = r.apply_delta(&d2, &delta(&[80]));
     assert!(report.errors.is_empty(), "{:?}", report.errors);
-    assert!(!r.maps.log.iter().any(|l| l.contains("range")), "{:#?}", r.maps.log);
+    assert!(
+        !r.maps.log.iter().any(|l| l.contains("range")),
+        "{:#?}",
+        r.maps.log
+    );
     // Ranges gone from the Service: the frontend stays, its entries go.
     r.maps.log.clear();
     let d3 = state(&[(443, &[]), (80, &[])]);
     assert!(r.apply_delta(&d3, &delta(&[443])).errors.is_empty());
     assert!(r.maps.source_ranges.is_empty());
     assert!(programmed(&r, 443));
-    assert!(!r.maps.log.iter().any(|l| l.starts_with("put slot")), "{:#?}", r.maps.log);
+    assert!(
+        !r.maps.log.iter().any(|l| l.starts_with("put slot")),
+        "{:#?}",
+        r.maps.log
+    );
 }
 
 #[test]
@@ -131,10 +139,19 @@ fn a_frontend_whose_ranges_cannot_be_written_is_not_programmed_until_they_are() 
     let mut r = Reconciler::adopt(maps).unwrap();
     let d = state(&[(443, &["198.18.0.0/24"]), (80, &[])]);
     let report = r.apply(&d);
-    assert!(!programmed(&r, 443), "a restricted LB IP without its ranges is never open");
-    assert!(programmed(&r, 80), "an unrestricted frontend is not concerned");
     assert!(
-        report.skipped.iter().any(|(k, why)| *k == key(443) && why.contains("SOURCE_RANGES_V1")),
+        !programmed(&r, 443),
+        "a restricted LB IP without its ranges is never open"
+    );
+    assert!(
+        programmed(&r, 80),
+        "an unrestricted frontend is not concerned"
+    );
+    assert!(
+        report
+            .skipped
+            .iter()
+            .any(|(k, why)| *k == key(443) && why.contains("SOURCE_RANGES_V1")),
         "{:?}",
         report.skipped
     );
@@ -171,7 +188,10 @@ fn a_restart_adopts_the_ranges_and_rewrites_nothing() {
         &ranges::frontend_part(&key(8443)),
         &"198.18.1.0/24".parse().unwrap(),
     );
-    again.maps.source_ranges.insert(stale, svc_common::ranges::verdict::ALLOW);
+    again
+        .maps
+        .source_ranges
+        .insert(stale, svc_common::ranges::verdict::ALLOW);
     let lost = *again.maps.source_ranges.keys().next().unwrap();
     again.maps.source_ranges.remove(&lost);
     again.maps.log.clear();

@@ -331,7 +331,12 @@ pub fn describe(key: &RangeKey) -> String {
     let port = Be16::to_host(k.port);
     match bits.checked_sub(FRONTEND_BITS) {
         Some(0) | None => format!("{}:{port}/{} (deny)", ip(&k.frontend), k.proto),
-        Some(n) => format!("{}:{port}/{} <- {}/{n}", ip(&k.frontend), k.proto, ip(&k.client)),
+        Some(n) => format!(
+            "{}:{port}/{} <- {}/{n}",
+            ip(&k.frontend),
+            k.proto,
+            ip(&k.client)
+        ),
     }
 }
 
@@ -431,7 +436,13 @@ mod tests {
         assert_eq!(bits, FRONTEND_BITS + 24);
         assert_eq!(data.client[..4], [198, 18, 0, 0]);
         assert!(data.client[4..].iter().all(|b| *b == 0));
-        assert_eq!(SourceRangeKey { client: [0; 16], ..data }, part);
+        assert_eq!(
+            SourceRangeKey {
+                client: [0; 16],
+                ..data
+            },
+            part
+        );
         let (bits, data) = allow_key(&part, &"2001:db8:7::5/48".parse().unwrap());
         assert_eq!(bits, FRONTEND_BITS + 48);
         assert_eq!(
@@ -440,10 +451,7 @@ mod tests {
         );
         // Back to the frontend (external scope: only those have entries).
         assert_eq!(frontend_of_part(&part), Some(k));
-        assert_eq!(
-            frontend_of_part(&SourceRangeKey { proto: 1, ..part }),
-            None
-        );
+        assert_eq!(frontend_of_part(&SourceRangeKey { proto: 1, ..part }), None);
     }
 
     #[test]
