@@ -468,6 +468,46 @@ impl Layout {
         self.held_back = held;
     }
 
+    /// The frontends of `candidates` (and each waiting one), sorted out for
+    /// [`plan`](Self::plan): those to remove (programmed, no longer wanted or not
+    /// programmable), those programmed and still wanted, and new ones; each group in key order.
+    /// Records (anew) which are not programmable, and why.
+    #[expect(
+        clippy::type_complexity,
+        reason = "three lists of one kind, named where they are taken apart"
+    )]
+    fn sort_out<'d>(
+        &mut self,
+        desired: &'d DesiredState,
+        candidates: impl IntoIterator<Item = FrontendKey>,
+    ) -> (
+        Vec<FrontendKey>,
+        Vec<(FrontendKey, &'d model::Frontend)>,
+        Vec<(FrontendKey, &'d model::Frontend)>,
+    ) {
+        let mut keys: BTreeSet<FrontendKey> = candidates.into_iter().collect();
+        keys.extend(self.waiting.keys().copied());
+        let (mut removed, mut programmed, mut new) = (Vec::new(), Vec::new(), Vec::new());
+        for key in keys {
+            self.waiting.remove(&key);
+            self.unsupported.remove(&key);
+            let mut fe = desired.frontends.get(&key);
+            let held_back = &mut self.held_back;
+            if let Some(why) = fe.and_then(|fe| unsupported(&key, fe).or(held_back.remove(&key))) {
+                self.unsupported.insert(key, why);
+                fe = None;
+            }
+            match (fe, self.targets.contains_key(&key)) {
+                (None, true) => removed.push(key),
+                (None, false) => {}
+                (Some(fe), true) => programmed.push((key, fe)),
+                (Some(fe), false) => new.push((key, fe)),
+            }
+        }
+        self.held_back.clear(); // Only for this plan.
+        (removed, programmed, new)
+    }
+
     /// Decides what each frontend of `candidates` (and each waiting one) gets, from its entry
     /// in `desired` (missing: removed), and updates the targets; see the module documentation
     /// for the order and the capacity rule. Returns one [`Change`] per frontend that is
@@ -479,27 +519,7 @@ impl Layout {
         candidates: impl IntoIterator<Item = FrontendKey>,
         cap: Capacity,
     ) -> Vec<Change> {
-        let mut keys: BTreeSet<FrontendKey> = candidates.into_iter().collect();
-        keys.extend(self.waiting.keys().copied());
-        let (mut removed, mut programmed, mut new) = (Vec::new(), Vec::new(), Vec::new());
-        for key in keys {
-            self.waiting.remove(&key);
-            self.unsupported.remove(&key);
-            let mut fe = desired.frontends.get(&key);
-            let held_back = self.held_back.remove(&key);
-            if let Some(why) = fe.and_then(|fe| unsupported(&key, fe).or(held_back)) {
-                self.unsupported.insert(key, why);
-                fe = None;
-            }
-            match (fe, self.targets.contains_key(&key)) {
-                (None, true) => removed.push(key),
-                (None, false) => {}
-                (Some(fe), true) => programmed.push((key, fe)),
-                (Some(fe), false) => new.push((key, fe)),
-            }
-        }
-        // Only for this plan.
-        self.held_back.clear();
+        let (removed, programmed, mut new) = self.sort_out(desired, candidates);
         let mut changes = Vec::new();
         // Backends a decision left unused stay in `BACKENDS_V1` until the end of the wave that
         // frees them ("limbo"): a frontend of the same wave may take them again as they are;
