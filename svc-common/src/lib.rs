@@ -23,6 +23,7 @@ pub mod ids;
 pub mod maglev;
 pub mod nat;
 pub mod net;
+pub mod ranges;
 pub mod service;
 pub mod sock;
 pub mod stats;
@@ -55,6 +56,7 @@ pub const MAP_NAMES: &[&str] = &[
     "SNAT_CONFIG_V1",
     "SNAT_V1",
     "MAGLEV_V1",
+    "SOURCE_RANGES_V1",
 ];
 
 /// Default map sizes (the agent's flags override them at load time).

@@ -199,7 +199,8 @@ pub enum DropReason {
     /// same backend, so replies of the two could not be told apart. The new flow's first
     /// packet is dropped (the client retries; the tuple frees when the other connection closes).
     CtReplyClash = 6,
-    /// A client outside `loadBalancerSourceRanges` reached a load balancer IP.
+    /// A new flow from a client outside the `loadBalancerSourceRanges` of the load balancer IP
+    /// it reached from outside (`SOURCE_RANGES_V1` said `DENY`): dropped.
     SourceRange = 7,
     /// An external flow to a remote endpoint needs SNAT, and the node has no SNAT address of
     /// the packet's family.

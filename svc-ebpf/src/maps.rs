@@ -4,7 +4,7 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap},
 };
 
 /// `BPF_F_NO_PREALLOC` (uapi): entries are allocated when inserted.
@@ -17,6 +17,7 @@ use svc_common::{
     ids::{self, IdCursor},
     maglev::{MaglevChunk, MaglevKey},
     nat::{SNAT_CONFIG_ENTRIES, SnatConfig, SnatValue},
+    ranges::{SOURCE_RANGES_ENTRIES, SourceRangeKey, SourceRangeValue},
     service::{Backend, BackendName, FrontendName, ServiceKey, ServiceValue},
     sizes,
     stats::{Counter, DropReason, PktCounter},
@@ -119,3 +120,10 @@ pub static SNAT_V1: HashMap<CtKey, SnatValue> =
 #[map]
 pub static MAGLEV_V1: HashMap<MaglevKey, MaglevChunk> =
     HashMap::with_max_entries(sizes::MAGLEV, BPF_F_NO_PREALLOC);
+
+/// `loadBalancerSourceRanges`: which clients may open new flows to a load balancer IP (longest
+/// prefix match over the frontend and the client's address). Writer: the agent. No
+/// preallocation (the kernel requires it of LPM tries). See `svc_common::ranges`.
+#[map]
+pub static SOURCE_RANGES_V1: LpmTrie<SourceRangeKey, SourceRangeValue> =
+    LpmTrie::with_max_entries(SOURCE_RANGES_ENTRIES, BPF_F_NO_PREALLOC);

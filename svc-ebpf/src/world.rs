@@ -5,7 +5,9 @@
 //! back as its destination and the frontend back as its source, and is routed back out ->
 //! otherwise, is the destination an external frontend address at all (`ADDRS_V1`, flag
 //! `EXTERNAL`; no: passed) -> the pod path's service story with the external scope: a flow
-//! already translated keeps its backend, a new one chooses among the frontend's slots (only
+//! already translated keeps its backend; a new one must come from a client in the frontend's
+//! `loadBalancerSourceRanges` when it has some (`SOURCE_RANGES_V1`; else dropped, counted
+//! `source_range`), then chooses among the frontend's slots (only
 //! local endpoints under `externalTrafficPolicy: Local`; none: dropped, counted
 //! `no_local_endpoint`), and a flow to an endpoint on another node gets the node's address and
 //! an SNAT port as its source so the reply comes back here. No endpoint at all: rejected (TCP
@@ -22,20 +24,23 @@ use aya_ebpf::{
         BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_REDIRECT, bpf_fib_lookup,
     },
     helpers::{bpf_fib_lookup, bpf_ktime_get_coarse_ns, bpf_redirect, bpf_redirect_neigh},
+    maps::lpm_trie::Key,
     programs::TcContext,
 };
 use svc_common::{
+    Be16,
     addr::FAMILY_V4,
     addrs::addr_flags,
     conntrack::{CtValue, dir},
     nat::config_index,
+    ranges::{LOOKUP_BITS, SourceRangeKey, verdict},
     service::scope,
     stats::{DropReason, PktCounter},
 };
 
 use crate::{
     conntrack::{Table, ct_key, ct_lookup},
-    maps::{SNAT_CONFIG_V1, SNAT_V1},
+    maps::{SNAT_CONFIG_V1, SNAT_V1, SOURCE_RANGES_V1},
     nat::{End, nat_rewrite, snat_new_flow, snat_source},
     parse,
     pod::{
@@ -80,12 +85,17 @@ pub fn from_world(ctx: &TcContext) -> i32 {
 }
 
 /// The service story of one packet from outside, with the pod path's steps: conntrack ->
-/// service (external scope) -> backend -> (a new flow to another node's endpoint: an SNAT
+/// (a new flow: source ranges) -> service (external scope) -> backend -> (a new flow to another node's endpoint: an SNAT
 /// port) -> rewrite the destination (and the source, when SNAT'd). A subprogram of its own.
 #[inline(never)]
 fn to_external_service(ctx: &TcContext, pkt: &parse::Parsed) -> Outcome {
     let mut target = Target::new(scope::EXTERNAL);
     if !established_backend(pkt, &mut target) {
+        // A new flow: its client must be in the frontend's `loadBalancerSourceRanges`, if it
+        // has some, before a backend is chosen (flows already translated keep going).
+        if !source_allowed(pkt) {
+            return Outcome::Drop(DropReason::SourceRange);
+        }
         match new_flow_backend(pkt, &mut target) {
             Outcome::Translated => {}
             other => return other,
@@ -119,6 +129,30 @@ fn to_external_service(ctx: &TcContext, pkt: &parse::Parsed) -> Outcome {
     }
     stats::count_apart(PktCounter::Snat, ctx.len());
     Outcome::Forward
+}
+
+/// Whether the packet's client may open a new flow to its destination (`SOURCE_RANGES_V1`, one
+/// longest-prefix lookup of the frontend and the client's full address): yes when the longest
+/// match says `ALLOW` (the client is in one of the frontend's ranges) or nothing matches (the
+/// frontend has no ranges, or is no frontend at all); no when it says `DENY`. A leaf subprogram
+/// of its own: its 40-byte key lives in its own frame, never beside the new-flow steps' on the
+/// deepest call chain (`to_external_service`, `new_flow_backend`, `ct_create`), which is at the
+/// verifier's stack limit.
+#[inline(never)]
+fn source_allowed(pkt: &parse::Parsed) -> bool {
+    let key = Key::new(
+        LOOKUP_BITS,
+        SourceRangeKey {
+            frontend: pkt.dst,
+            port: Be16(pkt.dport),
+            proto: pkt.proto,
+            family: pkt.family,
+            client: pkt.src,
+        },
+    );
+    SOURCE_RANGES_V1
+        .get(&key)
+        .is_none_or(|v| v.verdict == verdict::ALLOW)
 }
 
 /// Handles one packet leaving towards the outside. Returns the TC verdict.

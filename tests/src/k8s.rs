@@ -130,6 +130,8 @@ pub struct Service {
     pub external_ips: Vec<IpAddr>,
     /// `status.loadBalancer.ingress[].ip` (with `ipMode: VIP`).
     pub lb_ips: Vec<IpAddr>,
+    /// `spec.loadBalancerSourceRanges` (CIDRs as written).
+    pub source_ranges: Vec<String>,
 }
 
 impl Service {
@@ -149,6 +151,7 @@ impl Service {
             external_traffic_policy_local: false,
             external_ips: Vec::new(),
             lb_ips: Vec::new(),
+            source_ranges: Vec::new(),
         }
     }
 
@@ -170,6 +173,13 @@ impl Service {
     pub fn load_balancer(mut self, ips: &[IpAddr]) -> Self {
         self.type_ = ServiceType::LoadBalancer;
         self.lb_ips = ips.to_vec();
+        self
+    }
+
+    /// Sets `spec.loadBalancerSourceRanges`.
+    #[must_use]
+    pub fn load_balancer_source_ranges(mut self, cidrs: &[&str]) -> Self {
+        self.source_ranges = cidrs.iter().map(|c| (*c).to_owned()).collect();
         self
     }
 
@@ -277,7 +287,14 @@ impl Service {
         } else {
             "SingleStack"
         };
-        let _ = writeln!(y, "  ipFamilyPolicy: {family_policy}\n  ports:");
+        let _ = writeln!(y, "  ipFamilyPolicy: {family_policy}");
+        if !self.source_ranges.is_empty() {
+            y.push_str("  loadBalancerSourceRanges:\n");
+            for cidr in &self.source_ranges {
+                let _ = writeln!(y, "  - {cidr}");
+            }
+        }
+        y.push_str("  ports:\n");
         for p in &self.ports {
             let _ = writeln!(y, "  - name: {}", p.name);
             if let Some(node_port) = p.node_port.filter(|_| exposed) {

@@ -29,13 +29,17 @@ use std::{
 use anyhow::{Context as _, anyhow};
 use aya::{
     Ebpf,
-    maps::{HashMap as BpfHashMap, MapData, MapError, PerCpuHashMap},
+    maps::{
+        HashMap as BpfHashMap, MapData, MapError, PerCpuHashMap,
+        lpm_trie::{Key as LpmKey, LpmTrie},
+    },
 };
 use svc_common::{
     addr::{FAMILY_V4, to_v4},
     addrs::{AddrKey, AddrValue, addr_flags},
     ids::{self, IdCursor},
     net::ipproto,
+    ranges::{SourceRangeKey, SourceRangeValue},
     service::{
         Backend, BackendName, FrontendName, ServiceKey, ServiceValue, flags as service_flags, scope,
     },
@@ -47,6 +51,7 @@ use super::{
     flows::{ReplySchedule, StaleFlows, Sweep},
     layout::{Change, Layout, Target},
     names,
+    ranges::{self, RangeKey, RangeMap, RangePass, SourceRanges},
     render::{BackendRef, Capacity, Rendered, frontend_key},
     sweeper::{FlowSweeps, FlowTables, Sweeper, clear_now, clear_replies_now},
 };
@@ -55,9 +60,11 @@ use crate::{
     sockets::{EndedBackends, EndedSender},
 };
 
-/// Access to `SERVICES_V1` and `BACKENDS_V1` (written by the agent), the counters, and the
-/// kernel's flow state (`CT_V1`, `AFFINITY_V1`: the agent only deletes from those).
-pub trait DatapathMaps {
+/// Access to `SERVICES_V1` and `BACKENDS_V1` (written by the agent), the counters, the
+/// kernel's flow state (`CT_V1`, `AFFINITY_V1`: the agent only deletes from those), and
+/// `SOURCE_RANGES_V1` ([`RangeMap`]: part of every datapath, so no reconciler can program a
+/// restricted load balancer IP without its ranges).
+pub trait DatapathMaps: RangeMap {
     /// Every entry of `SERVICES_V1`.
     fn services(&self) -> anyhow::Result<BTreeMap<ServiceKey, ServiceValue>>;
     /// Every entry of `BACKENDS_V1`.
@@ -155,6 +162,7 @@ pub struct AyaMaps {
     names: BpfHashMap<MapData, u32, BackendName>,
     frontend_names: BpfHashMap<MapData, u32, FrontendName>,
     id_cursors: aya::maps::Array<MapData, IdCursor>,
+    source_ranges: LpmTrie<MapData, SourceRangeKey, SourceRangeValue>,
     cap: Capacity,
 }
 
@@ -198,6 +206,11 @@ impl AyaMaps {
                     .ok_or_else(|| anyhow!("no map ID_CURSORS_V1 in the object"))?,
             )
             .context("ID_CURSORS_V1")?,
+            source_ranges: LpmTrie::try_from(
+                ebpf.take_map("SOURCE_RANGES_V1")
+                    .ok_or_else(|| anyhow!("no map SOURCE_RANGES_V1 in the object"))?,
+            )
+            .context("SOURCE_RANGES_V1")?,
             cap: Capacity {
                 services: svc_max,
                 backends: be_max,
@@ -378,6 +391,32 @@ impl DatapathMaps for AyaMaps {
             |map, all| batch::update_batch(map, all),
             |map, (k, v)| map.insert(k, v, 0).context("writing ADDRS_V1"),
         )
+    }
+}
+
+impl RangeMap for AyaMaps {
+    fn source_ranges(&self) -> anyhow::Result<ranges::Entries> {
+        self.source_ranges
+            .iter()
+            .map(|r| {
+                r.map(|(k, v)| ((k.prefix_len(), k.data()), v.verdict))
+                    .context("reading SOURCE_RANGES_V1")
+            })
+            .collect()
+    }
+    fn put_source_range(&mut self, key: &RangeKey, verdict: u32) -> anyhow::Result<()> {
+        self.source_ranges
+            .insert(&LpmKey::new(key.0, key.1), SourceRangeValue { verdict }, 0)
+            .context("writing SOURCE_RANGES_V1")
+    }
+    fn del_source_range(&mut self, key: &RangeKey) -> anyhow::Result<()> {
+        match self.source_ranges.remove(&LpmKey::new(key.0, key.1)) {
+            Err(MapError::KeyNotFound) | Ok(()) => Ok(()),
+            Err(MapError::SyscallError(e)) if e.io_error.kind() == std::io::ErrorKind::NotFound => {
+                Ok(())
+            }
+            Err(e) => Err(e).context("deleting from SOURCE_RANGES_V1"),
+        }
     }
 }
 
@@ -699,6 +738,8 @@ pub struct Reconciler<M: DatapathMaps> {
     maglev: Option<super::maglev::Maglev>,
     /// What the next pass tries again.
     pending: Pending,
+    /// What `SOURCE_RANGES_V1` holds, per frontend (written around each pass: `ranges`).
+    ranges: SourceRanges,
     /// The next [`ReconcileReport::retry_after`].
     backoff: Duration,
 }
@@ -739,6 +780,7 @@ impl<M: DatapathMaps> Reconciler<M> {
         // cleared whatever frontend names them.
         let reachable = slot_pairs(&services);
         let addrs = maps.addrs()?;
+        let ranges = SourceRanges::adopt(maps.source_ranges()?);
         let current = Rendered {
             services,
             backends,
@@ -761,6 +803,7 @@ impl<M: DatapathMaps> Reconciler<M> {
             snat: None,
             maglev: None,
             pending: Pending::default(),
+            ranges,
             backoff: RETRY_MIN,
         };
         let mut errors = Vec::new();
@@ -854,6 +897,20 @@ impl<M: DatapathMaps> Reconciler<M> {
         );
         let mut candidates: BTreeSet<FrontendKey> = desired.frontends.keys().copied().collect();
         candidates.extend(self.layout.targets().map(|(k, _)| *k));
+        // Source ranges: what the map holds now, then every frontend's entries (see `ranges`).
+        let mut read_error = None;
+        match self.maps.source_ranges() {
+            Ok(entries) => self.ranges = SourceRanges::adopt(entries),
+            Err(e) => read_error = Some(format!("{e:#}")),
+        }
+        let range_keys: Vec<FrontendKey> = candidates
+            .iter()
+            .copied()
+            .chain(self.ranges.all_keys())
+            .collect();
+        let (mut range_pass, held_back) = self.ranges.before(&mut self.maps, desired, range_keys);
+        range_pass.errors.extend(read_error);
+        self.layout.hold_back(held_back);
         let changes = self.layout.plan(desired, candidates, self.maps.capacity());
         self.layout.forget_unreferenced();
         // The highest slot each frontend entry of the maps has.
@@ -903,6 +960,7 @@ impl<M: DatapathMaps> Reconciler<M> {
             Pass::Full,
             BTreeSet::new(),
             BTreeSet::new(),
+            range_pass,
         );
         self.drop_stray_counters(&mut report);
         report
@@ -952,6 +1010,13 @@ impl<M: DatapathMaps> Reconciler<M> {
         let pending = std::mem::take(&mut self.pending.frontends);
         let mut candidates = delta.frontends.clone();
         candidates.extend(pending.keys().copied());
+        // Source ranges first: a restricted frontend's entries are in place before it is
+        // reachable (see `ranges`); those whose writes failed before are tried again.
+        candidates.extend(self.ranges.pending_keys());
+        let (range_pass, held_back) =
+            self.ranges
+                .before(&mut self.maps, desired, candidates.iter().copied());
+        self.layout.hold_back(held_back);
         let changes = self.layout.plan(desired, candidates, self.maps.capacity());
         let mut items = Vec::new();
         let mut decided = BTreeSet::new();
@@ -988,11 +1053,19 @@ impl<M: DatapathMaps> Reconciler<M> {
             .iter()
             .filter_map(|k| self.layout.frontend_ids.get(k))
             .collect();
-        self.run(desired, &items, Pass::Delta, names, frontend_names)
+        self.run(
+            desired,
+            &items,
+            Pass::Delta,
+            names,
+            frontend_names,
+            range_pass,
+        )
     }
 
     /// One pass over `items` (see the type's documentation); `names`, `frontend_names`: more
-    /// backend and frontend ids whose name may have changed.
+    /// backend and frontend ids whose name may have changed; `range_pass`: the frontends whose
+    /// source ranges were written before the pass, whose stale entries go after it.
     fn run(
         &mut self,
         desired: &DesiredState,
@@ -1000,6 +1073,7 @@ impl<M: DatapathMaps> Reconciler<M> {
         pass: Pass,
         mut names: BTreeSet<u32>,
         mut frontend_names: BTreeSet<u32>,
+        range_pass: RangePass,
     ) -> ReconcileReport {
         if let Some(snat) = &mut self.snat {
             snat.follow(&desired.node_addresses);
@@ -1101,6 +1175,9 @@ impl<M: DatapathMaps> Reconciler<M> {
             &removed,
             &mut report,
         );
+        // Every frontend entry this pass removed is gone: their source ranges may go.
+        let range_errors = self.ranges.after(&mut self.maps, desired, range_pass);
+        report.errors.extend(range_errors);
         self.clear_due_replies(&mut report);
         self.schedule_retry(&mut report);
         self.follow_tables(desired, items, pass);
@@ -1177,7 +1254,10 @@ impl<M: DatapathMaps> Reconciler<M> {
             self.layout.frontend_ids.cursor(),
             self.layout.backend_ids.cursor(),
         ];
-        let waits = !self.pending.is_empty() || self.layout.is_waiting() || cursors != self.cursors;
+        let waits = !self.pending.is_empty()
+            || self.layout.is_waiting()
+            || self.ranges.is_pending()
+            || cursors != self.cursors;
         if waits {
             report.retry_after = Some(self.backoff);
             self.backoff = (self.backoff * 2).min(RETRY_MAX);
@@ -1718,7 +1798,8 @@ fn ip_of(addr: &[u8; 16], family: u8) -> IpAddr {
     }
 }
 
-fn frontend_of(k: &ServiceKey) -> Option<FrontendKey> {
+/// The frontend a `SERVICES_V1` key is of; `None` for a protocol the model does not know.
+pub(super) fn frontend_of(k: &ServiceKey) -> Option<FrontendKey> {
     Some(FrontendKey {
         addr: ip_of(&k.addr, k.family),
         port: k.port.to_host(),
@@ -1745,6 +1826,10 @@ fn describe(k: &ServiceKey) -> String {
 }
 
 #[cfg(test)]
+#[path = "apply_ranges_tests.rs"]
+mod ranges_tests;
+
+#[cfg(test)]
 pub(crate) mod tests {
     use std::collections::HashMap;
 
@@ -1769,7 +1854,7 @@ pub(crate) mod tests {
         services: BTreeMap<ServiceKey, ServiceValue>,
         backends: BTreeMap<u32, Backend>,
         addrs: BTreeMap<AddrKey, AddrValue>,
-        log: Vec<String>,
+        pub(super) log: Vec<String>,
         fail_slot: Option<u16>,
         cap: Option<Capacity>,
         /// (is backend, id) of every counter entry that exists.
@@ -1790,6 +1875,31 @@ pub(crate) mod tests {
         cursors: [u32; 2],
         /// Skips the checks that walk every entry (for timings at scale).
         lean: bool,
+        /// `SOURCE_RANGES_V1`.
+        pub(super) source_ranges: BTreeMap<RangeKey, u32>,
+        /// Writes to `SOURCE_RANGES_V1` fail (a full map).
+        pub(super) fail_ranges: bool,
+    }
+
+    impl RangeMap for FakeMaps {
+        fn source_ranges(&self) -> anyhow::Result<ranges::Entries> {
+            Ok(self.source_ranges.clone())
+        }
+        fn put_source_range(&mut self, key: &RangeKey, verdict: u32) -> anyhow::Result<()> {
+            if self.fail_ranges {
+                anyhow::bail!("E2BIG: SOURCE_RANGES_V1 is full");
+            }
+            self.log
+                .push(format!("put range {}", ranges::describe(key)));
+            self.source_ranges.insert(*key, verdict);
+            Ok(())
+        }
+        fn del_source_range(&mut self, key: &RangeKey) -> anyhow::Result<()> {
+            self.log
+                .push(format!("del range {}", ranges::describe(key)));
+            self.source_ranges.remove(key);
+            Ok(())
+        }
     }
 
     impl FakeMaps {

@@ -147,6 +147,9 @@ pub struct Layout {
     waiting: BTreeMap<FrontendKey, String>,
     /// Frontends this datapath cannot program, with why.
     unsupported: BTreeMap<FrontendKey, String>,
+    /// Frontends the next [`plan`](Self::plan) must not program, with why (restricted ones
+    /// whose `SOURCE_RANGES_V1` entries are not in place: see [`hold_back`](Self::hold_back)).
+    held_back: BTreeMap<FrontendKey, String>,
     /// Backend ids no frontend references any more whose entries stay until the end of the
     /// wave being decided (see [`plan`](Self::plan)).
     limbo: HashSet<u32>,
@@ -227,19 +230,6 @@ impl Refs {
 fn unsupported(key: &FrontendKey, fe: &model::Frontend) -> Option<String> {
     if key.proto == Protocol::Sctp {
         return Some("SCTP is not translated by this datapath yet".to_owned());
-    }
-    // Kept out rather than open to every client: a load balancer IP whose allowed client
-    // prefixes (of its own family; kube-proxy ignores the other family's) are not enforced.
-    if fe
-        .source_ranges
-        .iter()
-        .any(|r| r.addr().is_ipv4() == key.addr.is_ipv4())
-    {
-        return Some(
-            "loadBalancerSourceRanges are not enforced by this datapath yet: the load balancer \
-             IP is not served from outside rather than served to every client"
-                .to_owned(),
-        );
     }
     if fe.backends.len() > usize::from(u16::MAX) {
         return Some(format!(
@@ -470,6 +460,54 @@ impl Layout {
         }
     }
 
+    /// Makes the next [`plan`](Self::plan) leave out the frontends of `held` (when it decides
+    /// them), as it leaves out those it cannot program: a programmed one is removed. For a
+    /// restricted load balancer IP whose `SOURCE_RANGES_V1` entries could not be written: not
+    /// served from outside rather than served to every client.
+    pub fn hold_back(&mut self, held: BTreeMap<FrontendKey, String>) {
+        self.held_back = held;
+    }
+
+    /// The frontends of `candidates` (and each waiting one), sorted out for
+    /// [`plan`](Self::plan): those to remove (programmed, no longer wanted or not
+    /// programmable), those programmed and still wanted, and new ones; each group in key order.
+    /// Records (anew) which are not programmable, and why.
+    #[expect(
+        clippy::type_complexity,
+        reason = "three lists of one kind, named where they are taken apart"
+    )]
+    fn sort_out<'d>(
+        &mut self,
+        desired: &'d DesiredState,
+        candidates: impl IntoIterator<Item = FrontendKey>,
+    ) -> (
+        Vec<FrontendKey>,
+        Vec<(FrontendKey, &'d model::Frontend)>,
+        Vec<(FrontendKey, &'d model::Frontend)>,
+    ) {
+        let mut keys: BTreeSet<FrontendKey> = candidates.into_iter().collect();
+        keys.extend(self.waiting.keys().copied());
+        let (mut removed, mut programmed, mut new) = (Vec::new(), Vec::new(), Vec::new());
+        for key in keys {
+            self.waiting.remove(&key);
+            self.unsupported.remove(&key);
+            let mut fe = desired.frontends.get(&key);
+            let held_back = &mut self.held_back;
+            if let Some(why) = fe.and_then(|fe| unsupported(&key, fe).or(held_back.remove(&key))) {
+                self.unsupported.insert(key, why);
+                fe = None;
+            }
+            match (fe, self.targets.contains_key(&key)) {
+                (None, true) => removed.push(key),
+                (None, false) => {}
+                (Some(fe), true) => programmed.push((key, fe)),
+                (Some(fe), false) => new.push((key, fe)),
+            }
+        }
+        self.held_back.clear(); // Only for this plan.
+        (removed, programmed, new)
+    }
+
     /// Decides what each frontend of `candidates` (and each waiting one) gets, from its entry
     /// in `desired` (missing: removed), and updates the targets; see the module documentation
     /// for the order and the capacity rule. Returns one [`Change`] per frontend that is
@@ -481,24 +519,7 @@ impl Layout {
         candidates: impl IntoIterator<Item = FrontendKey>,
         cap: Capacity,
     ) -> Vec<Change> {
-        let mut keys: BTreeSet<FrontendKey> = candidates.into_iter().collect();
-        keys.extend(self.waiting.keys().copied());
-        let (mut removed, mut programmed, mut new) = (Vec::new(), Vec::new(), Vec::new());
-        for key in keys {
-            self.waiting.remove(&key);
-            self.unsupported.remove(&key);
-            let mut fe = desired.frontends.get(&key);
-            if let Some(why) = fe.and_then(|fe| unsupported(&key, fe)) {
-                self.unsupported.insert(key, why);
-                fe = None;
-            }
-            match (fe, self.targets.contains_key(&key)) {
-                (None, true) => removed.push(key),
-                (None, false) => {}
-                (Some(fe), true) => programmed.push((key, fe)),
-                (Some(fe), false) => new.push((key, fe)),
-            }
-        }
+        let (removed, programmed, mut new) = self.sort_out(desired, candidates);
         let mut changes = Vec::new();
         // Backends a decision left unused stay in `BACKENDS_V1` until the end of the wave that
         // frees them ("limbo"): a frontend of the same wave may take them again as they are;

@@ -1,7 +1,8 @@
 //! From desired state to BPF maps: stable ids ([`ids`]), the map contents the desired state
 //! means ([`render`], a pure function), what each frontend is programmed with and the capacity
 //! decisions, kept between passes ([`layout`]), the ordered writes of only what changed, in a
-//! full or an incremental pass ([`apply`]), and clearing the kernel's flow state that names
+//! full or an incremental pass ([`apply`]), the `loadBalancerSourceRanges` entries written around
+//! each pass ([`ranges`]), and clearing the kernel's flow state that names
 //! what a pass ended ([`flows`]).
 
 pub mod apply;
@@ -12,6 +13,7 @@ pub mod layout;
 pub mod maglev;
 pub mod names;
 pub mod pressure;
+pub mod ranges;
 pub mod render;
 pub mod snat;
 pub mod sweeper;

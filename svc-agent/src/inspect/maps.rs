@@ -53,6 +53,7 @@ const AGENT_ONLY: &[&str] = &[
     "ADDRS_V1",
     "BACKEND_NAMES_V1",
     "FRONTEND_NAMES_V1",
+    "SOURCE_RANGES_V1",
 ];
 
 /// `enum bpf_map_type` names (uapi) of the types this project uses.
@@ -64,6 +65,7 @@ fn type_name(t: u32) -> String {
         6 => "percpu_array".to_owned(),
         9 => "lru_hash".to_owned(),
         10 => "lru_percpu_hash".to_owned(),
+        11 => "lpm_trie".to_owned(),
         other => format!("type {other}"),
     }
 }
