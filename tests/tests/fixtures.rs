@@ -78,12 +78,15 @@ mod clusterip;
 mod conntrack;
 #[path = "fixtures/edges.rs"]
 mod edges;
+#[path = "fixtures/world.rs"]
+mod world;
 
 fn table() -> Vec<Fixture> {
     let mut rows = parse_rows();
     rows.extend(clusterip::rows());
     rows.extend(conntrack::rows());
     rows.extend(edges::rows());
+    rows.extend(world::rows());
     rows.extend(fragment_rows());
     rows.extend(malformed_rows());
     rows
