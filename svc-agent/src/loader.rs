@@ -250,8 +250,13 @@ fn check_object() -> anyhow::Result<()> {
 
 /// Loads the object with private, unpinned maps (fixture tests, one-off tools).
 pub fn load_object(sizes: MapSizes) -> anyhow::Result<Ebpf> {
+    load_object_with(sizes, Globals::default())
+}
+
+/// As [`load_object`], with the load-time constants `globals` (fixture rows of the shipped
+/// settings, e.g. Maglev on).
+pub fn load_object_with(sizes: MapSizes, globals: Globals) -> anyhow::Result<Ebpf> {
     check_object()?;
-    let globals = Globals::default();
     let mut loader = EbpfLoader::new();
     sizes.apply(&mut loader);
     globals.apply(&mut loader);
