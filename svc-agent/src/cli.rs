@@ -104,6 +104,11 @@ pub struct RunArgs {
     /// `SOCK_UDP_PIN_V1` entries: one per (unconnected UDP socket, service) pair.
     #[arg(long, default_value_t = svc_common::sock::SOCK_UDP_PIN_ENTRIES)]
     pub max_sock_pin_entries: u32,
+    /// `SNAT_V1` entries: one per external connection to an endpoint on another node (not
+    /// preallocated; not LRU: when full, new such connections are dropped, counted
+    /// `nat_table_full`, never translated without a way back).
+    #[arg(long, default_value_t = svc_common::sizes::SNAT)]
+    pub max_snat_entries: u32,
     /// cgroup v2 directory whose processes (and those of its descendants) get connect-time
     /// translation: `connect()`/`sendto()` to a service address go to a backend directly. An
     /// empty value disables it (as `--socket-lb off`).
@@ -247,7 +252,7 @@ impl RunArgs {
     }
 
     /// The map-size flags with their values.
-    fn sizes(&self) -> [(&'static str, u32); 6] {
+    fn sizes(&self) -> [(&'static str, u32); 7] {
         [
             ("max-service-entries", self.max_service_entries),
             ("max-backends", self.max_backends),
@@ -255,6 +260,7 @@ impl RunArgs {
             ("max-affinity-entries", self.max_affinity_entries),
             ("max-sock-revnat-entries", self.max_sock_revnat_entries),
             ("max-sock-pin-entries", self.max_sock_pin_entries),
+            ("max-snat-entries", self.max_snat_entries),
         ]
     }
 }

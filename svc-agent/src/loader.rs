@@ -82,6 +82,8 @@ pub struct MapSizes {
     pub sock_revnat: u32,
     /// `SOCK_UDP_PIN_V1` entries.
     pub sock_pin: u32,
+    /// `SNAT_V1` entries (one per external connection to a remote endpoint).
+    pub snat: u32,
 }
 
 impl Default for MapSizes {
@@ -94,6 +96,7 @@ impl Default for MapSizes {
             affinity: svc_common::sizes::AFFINITY,
             sock_revnat: svc_common::sock::SOCK_REVNAT_ENTRIES,
             sock_pin: svc_common::sock::SOCK_UDP_PIN_ENTRIES,
+            snat: svc_common::sizes::SNAT,
         }
     }
 }
@@ -110,11 +113,13 @@ impl MapSizes {
             affinity: 4096,
             sock_revnat: 4096,
             sock_pin: 4096,
+            snat: 4096,
         }
     }
 
     /// Approximate kernel memory the sized maps take, in bytes (key + value + per-entry
-    /// overhead of a preallocated hash element).
+    /// overhead of a preallocated hash element; `SNAT_V1`, not preallocated, takes memory only
+    /// for the entries it holds and is left out).
     #[must_use]
     pub fn approx_bytes(&self) -> u64 {
         const HASH_ELEM_OVERHEAD: u64 = 48;
@@ -130,7 +135,7 @@ impl MapSizes {
 
     /// The maps these sizes set, with their entries.
     #[must_use]
-    pub fn entries(&self) -> [(&'static str, u32); 12] {
+    pub fn entries(&self) -> [(&'static str, u32); 13] {
         [
             ("SERVICES_V1", self.services),
             ("BACKENDS_V1", self.backends),
@@ -144,6 +149,7 @@ impl MapSizes {
             ("SOCK_REVNAT_V1", self.sock_revnat),
             ("SOCK_UDP_PIN_V1", self.sock_pin),
             ("ADDRS_V1", self.services.saturating_add(self.backends)),
+            ("SNAT_V1", self.snat),
         ]
     }
 
@@ -244,8 +250,13 @@ fn check_object() -> anyhow::Result<()> {
 
 /// Loads the object with private, unpinned maps (fixture tests, one-off tools).
 pub fn load_object(sizes: MapSizes) -> anyhow::Result<Ebpf> {
+    load_object_with(sizes, Globals::default())
+}
+
+/// As [`load_object`], with the load-time constants `globals` (fixture rows of the shipped
+/// settings, e.g. Maglev on).
+pub fn load_object_with(sizes: MapSizes, globals: Globals) -> anyhow::Result<Ebpf> {
     check_object()?;
-    let globals = Globals::default();
     let mut loader = EbpfLoader::new();
     sizes.apply(&mut loader);
     globals.apply(&mut loader);

@@ -98,6 +98,7 @@ fn load_settings(args: &RunArgs) -> anyhow::Result<(loader::MapSizes, loader::Gl
         affinity: args.max_affinity_entries,
         sock_revnat: args.max_sock_revnat_entries,
         sock_pin: args.max_sock_pin_entries,
+        snat: args.max_snat_entries,
     };
     info!(?sizes, approx_mib = sizes.approx_bytes() >> 20, "map sizes");
     let globals = loader::Globals {

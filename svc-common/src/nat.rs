@@ -16,10 +16,13 @@
 //! of ended flows removed by the agent): key [`CtKey`](crate::conntrack::CtKey), the reply
 //! tuple as it arrives (endpoint -> SNAT address and port, direction `REPLY`); value
 //! [`SnatValue`], the client to put back as destination. The port is the key: a new flow's port
-//! is taken by inserting its key only if absent, so two flows never share one. A full table
-//! refuses the insert and the new flow is dropped (`nat_table_full`): never evicted under a
-//! live flow, as an LRU map would. The forward direction needs no lookup here: both conntrack
-//! entries of the flow carry the port (`CtValue::snat_port`).
+//! is taken by inserting its key only if absent, so two flows never share one; a taken key whose
+//! value already names the flow's client and port is the flow's own (its conntrack entries were
+//! evicted or expired before the agent removed the entry) and the flow keeps that port, so the
+//! endpoint goes on seeing the same connection. A full table refuses the insert and the new
+//! flow is dropped (`nat_table_full`): never evicted under a live flow, as an LRU map would.
+//! The forward direction needs no lookup here: both conntrack entries of the flow carry the
+//! port (`CtValue::snat_port`).
 //!
 //! Ports come from `[port_min, port_max]`, which the agent reserves on the node
 //! (`net.ipv4.ip_local_reserved_ports`): the node's own `connect()`s never pick them, so a

@@ -9,7 +9,7 @@ use aya_ebpf::{bindings::BPF_NOEXIST, programs::TcContext};
 use svc_common::{
     Be16,
     addr::{Addr, FAMILY_V4},
-    conntrack::{CtKey, dir, flow_hash},
+    conntrack::{CtKey, addr_eq, dir, flow_hash},
     csum,
     nat::{PORT_TRIES, SnatValue, candidate_port, config_index},
     net::ipproto,
@@ -28,12 +28,14 @@ const EEXIST: i32 = 17;
 /// Gives the new external flow `pkt`, just recorded in `CT_NEW_V1` and sent to the backend
 /// `backend_id`, an SNAT port when that endpoint runs on another node (else returns 0: no
 /// SNAT): the first free one of [`PORT_TRIES`] candidates of the range, from a point chosen by
-/// a hash of the flow's tuple, taken by inserting its reply key into `SNAT_V1` only if absent.
-/// Both conntrack entries of the flow note the port, and so does `port_out` (network order;
-/// left alone without SNAT). When no port can be had, the flow's pair is removed again and the
-/// reason returned. A subprogram of its own; one key on its stack, reused. (It writes the port
-/// through `port_out` rather than returning a `Result`, which would be returned through the
-/// caller's stack, on the path whose frames are at the verifier's limit.)
+/// a hash of the flow's tuple, taken by inserting its reply key into `SNAT_V1` only if absent
+/// (or kept, when the entry there already names the flow's client and port: a flow that lost
+/// its conntrack entries, see [`names_client`]). Both conntrack entries of the flow note the
+/// port, and so does `port_out` (network order; left alone without SNAT). When no port can be
+/// had, the flow's pair is removed again and the reason returned. A subprogram of its own; one
+/// key on its stack, reused. (It writes the port through `port_out` rather than returning a
+/// `Result`, which would be returned through the caller's stack, on the path whose frames are
+/// at the verifier's limit.)
 #[inline(never)]
 pub fn snat_new_flow(pkt: &Parsed, backend_id: u32, port_out: &mut u16) -> Option<DropReason> {
     let now = crate::pod::coarse_now();
@@ -133,12 +135,39 @@ fn take_port(
         key.dport = Be16(candidate);
         match SNAT_V1.insert(&*key, &value, u64::from(BPF_NOEXIST)) {
             Ok(()) => return Ok(candidate),
-            Err(e) if e == -EEXIST => {}
+            Err(e) if e == -EEXIST => {
+                if names_client(key, pkt, now) {
+                    return Ok(candidate);
+                }
+            }
             Err(_) => return Err(DropReason::NatTableFull),
         }
         n += 1;
     }
     Err(DropReason::NatPortsExhausted)
+}
+
+/// Whether the taken `SNAT_V1` entry `key` names the packet's client and port: the port of
+/// this very flow, whose conntrack entries were lost (evicted, expired) while its `SNAT_V1`
+/// entry stayed (the agent removes it only on its next sweep). The flow keeps it (the entry is
+/// refreshed): a new port would show the endpoint a new connection, which it resets. No other
+/// live flow can own it: the key fixes the endpoint, so its replies map to the reply entry
+/// (endpoint -> client and port) that [`crate::conntrack::ct_create`] just made this flow's own.
+/// A subprogram of its own: inlined, it would grow the frame of [`snat_new_flow`] past the
+/// verifier's 512 bytes for the whole call chain.
+#[inline(never)]
+fn names_client(key: &CtKey, pkt: &Parsed, now: u64) -> bool {
+    let Some(entry) = SNAT_V1.get_ptr_mut(key) else {
+        return false;
+    };
+    // SAFETY: a pointer into the map's value; a racing update only loses a refresh.
+    unsafe {
+        if !addr_eq(&(*entry).client, &pkt.src) || (*entry).client_port.0 != pkt.sport {
+            return false;
+        }
+        (*entry).last_seen_ns = now;
+    }
+    true
 }
 
 /// Rewrites the source of an external flow's packet (already sent to its remote endpoint) to

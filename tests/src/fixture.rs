@@ -12,8 +12,20 @@
 //! kernel-measured durations is reported. Later runs see the map state earlier runs left, which
 //! is what a flow's second and later packets see; a row that times something else (a new
 //! connection per packet) gives each timed run its own input ([`Fixture::timed_inputs`]).
+//!
+//! A row with an [`Uplink`] runs (setup, checked run, timed runs) in a network namespace of its
+//! own, built for it and deleted after it, with the frame arriving on the uplink's interface
+//! (`ingress_ifindex` and `ifindex` of the run's context): the kernel's FIB and neighbour
+//! tables the programs consult (`bpf_fib_lookup`) are that namespace's. Other rows run in the
+//! test's own namespace, whose tables they never read.
 
-use std::{fmt::Write as _, time::Duration};
+use std::{
+    cell::Cell,
+    fmt::Write as _,
+    process::Command,
+    sync::atomic::{AtomicU32, Ordering},
+    time::Duration,
+};
 
 use anyhow::{Context as _, anyhow, bail};
 use aya::{
@@ -21,10 +33,13 @@ use aya::{
     maps::PerCpuArray,
     programs::{Program, TestRun, TestRunOptions},
 };
-use svc_agent::loader::{self, MapSizes};
+use svc_agent::loader::{self, Globals, MapSizes};
 use svc_common::stats::{Counter, DropReason, PktCounter};
 
-use crate::packets::describe;
+use crate::{
+    netns::{Netns, TEST_PREFIX},
+    packets::describe,
+};
 
 /// TC verdicts (`TC_ACT_*`) a program can return.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -71,6 +86,19 @@ pub type Check = fn(&Ebpf, &Fixture) -> anyhow::Result<()>;
 /// The input of the `n`-th timed run of a row (see [`Fixture::timed_inputs`]).
 pub type TimedInput = fn(u32) -> Vec<u8>;
 
+/// The network a row's program runs in: a namespace of its own (see the module doc), built with
+/// `sysctls` and then the `ip` batch lines (interfaces, addresses, routes, neighbours), the
+/// frame arriving on interface `dev`.
+#[derive(Clone, Copy, Debug)]
+pub struct Uplink {
+    /// `key=value` sysctls set first (forwarding, which the FIB lookup checks on `dev`).
+    pub sysctls: &'static [&'static str],
+    /// `ip -batch` lines, one command each.
+    pub ip: &'static [&'static str],
+    /// The interface the frame arrives on.
+    pub dev: &'static str,
+}
+
 /// One row of a fixture table.
 #[derive(Clone)]
 pub struct Fixture {
@@ -92,6 +120,10 @@ pub struct Fixture {
     pub drops: Vec<(DropReason, u64)>,
     /// Map sizes for this row's object (small unless the row says otherwise).
     pub sizes: MapSizes,
+    /// Load-time constants of this row's object (the defaults unless the row says otherwise).
+    pub globals: Globals,
+    /// The network the row runs in (the test's own namespace when `None`).
+    pub uplink: Option<Uplink>,
     /// Map state to check after the run, beyond the counters above.
     pub check: Option<Check>,
     /// When set, timed run `n` gets this input instead of the row's (for example the SYN of
@@ -115,6 +147,8 @@ impl Fixture {
             counters: Vec::new(),
             drops: Vec::new(),
             sizes: MapSizes::small(),
+            globals: Globals::default(),
+            uplink: None,
             check: None,
             timed_inputs: None,
         }
@@ -166,9 +200,81 @@ pub struct Report {
 const OUT_HEADROOM: usize = 256;
 
 /// Runs one row: checks verdict, output bytes and counters, then (if `repeat > 1`) times
-/// `repeat` single runs.
+/// `repeat` single runs. A row with an [`Uplink`] runs in its namespace, removed afterwards.
 pub fn run(fixture: &Fixture, repeat: u32) -> anyhow::Result<Report> {
-    let mut ebpf = loader::load_object(fixture.sizes)?;
+    let Some(uplink) = fixture.uplink else {
+        return run_here(fixture, repeat);
+    };
+    let ns = RowNetns::build(&uplink)?;
+    ns.netns.run(|| {
+        let ifindex = nix::net::if_::if_nametoindex(uplink.dev)
+            .with_context(|| format!("interface {} of the row's namespace", uplink.dev))?;
+        ARRIVES_ON.set(ifindex);
+        run_here(fixture, repeat)
+    })
+}
+
+thread_local! {
+    /// The interface index frames of this thread's runs arrive on (0: none given, the test
+    /// runner's default: the namespace's loopback, `ingress_ifindex` 0).
+    static ARRIVES_ON: Cell<u32> = const { Cell::new(0) };
+}
+
+/// Numbers the namespaces of this process's rows.
+static ROW_NETNS: AtomicU32 = AtomicU32::new(0);
+
+/// A row's namespace, `svct<pid>x<n>-fx` (the harness's naming, so a run killed before its
+/// guard ran is cleaned up by the next topology's stale-run sweep); deleted on drop.
+struct RowNetns {
+    netns: Netns,
+}
+
+impl RowNetns {
+    fn build(uplink: &Uplink) -> anyhow::Result<Self> {
+        let name = format!(
+            "{TEST_PREFIX}{}x{}-fx",
+            std::process::id(),
+            1_000_000 + ROW_NETNS.fetch_add(1, Ordering::Relaxed)
+        );
+        ip(&["netns", "add", &name])?;
+        let ns = Self {
+            netns: Netns::named(&name),
+        };
+        if !uplink.sysctls.is_empty() {
+            ns.netns.sysctl(uplink.sysctls)?;
+        }
+        ns.netns.ip_batch(uplink.ip)?;
+        Ok(ns)
+    }
+}
+
+impl Drop for RowNetns {
+    fn drop(&mut self) {
+        if let Err(e) = ip(&["netns", "del", self.netns.name()]) {
+            eprintln!("removing the row's namespace {}: {e:#}", self.netns);
+        }
+    }
+}
+
+/// `ip args...`, failing with its stderr.
+fn ip(args: &[&str]) -> anyhow::Result<()> {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .context("running ip")?;
+    if !out.status.success() {
+        bail!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// [`run`] in the current namespace.
+fn run_here(fixture: &Fixture, repeat: u32) -> anyhow::Result<Report> {
+    let mut ebpf = loader::load_object_with(fixture.sizes, fixture.globals)?;
     // Programs first: loaded programs hold their maps, so a setup may take maps out.
     loader::load_programs(&mut ebpf)?;
     if let Some(setup) = fixture.setup {
@@ -315,9 +421,16 @@ fn raw_test_run(
     let prog = ebpf
         .program_mut(program)
         .ok_or_else(|| anyhow!("no program `{program}` in the object"))?;
+    // With an uplink: `struct __sk_buff` up to `ifindex`, with `ingress_ifindex` (offset 36)
+    // and `ifindex` (40) naming it; the kernel takes a shorter context as zero-filled.
+    let arrives_on = ARRIVES_ON.get();
+    let mut ctx = [0u8; 44];
+    ctx[36..40].copy_from_slice(&arrives_on.to_ne_bytes());
+    ctx[40..44].copy_from_slice(&arrives_on.to_ne_bytes());
     let opts = TestRunOptions {
         data_in: Some(input),
         data_out: Some(out),
+        ctx_in: (arrives_on != 0).then_some(&ctx[..]),
         repeat,
         ..TestRunOptions::default()
     };

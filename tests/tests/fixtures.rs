@@ -80,6 +80,8 @@ mod conntrack;
 mod edges;
 #[path = "fixtures/ranges.rs"]
 mod ranges;
+#[path = "fixtures/world.rs"]
+mod world;
 
 fn table() -> Vec<Fixture> {
     let mut rows = parse_rows();
@@ -87,6 +89,7 @@ fn table() -> Vec<Fixture> {
     rows.extend(conntrack::rows());
     rows.extend(edges::rows());
     rows.extend(ranges::rows());
+    rows.extend(world::rows());
     rows.extend(fragment_rows());
     rows.extend(malformed_rows());
     rows
