@@ -209,6 +209,12 @@ fn snat_reply(ctx: &TcContext, pkt: &parse::Parsed) -> i32 {
     {
         return TCX_NEXT;
     }
+    // The flow on that tuple must be the one that took this port: a stray packet to an older,
+    // not yet collected SNAT entry of the same client and endpoint (reached through another
+    // frontend since) is not this flow's reply.
+    if entry.snat_port.0 != pkt.dport {
+        return TCX_NEXT;
+    }
     // The source is untouched by the first rewrite, so `pkt` still names it for the second.
     if nat_rewrite(ctx, pkt, End::Dst, &key.dst, client_port.0).is_err()
         || nat_rewrite(ctx, pkt, End::Src, &entry.addr, entry.port.0).is_err()
