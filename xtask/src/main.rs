@@ -209,6 +209,19 @@ fn bench() -> anyhow::Result<()> {
         "svc-tests",
         "--bin",
         "svc-bench-sync",
+    ])?;
+    step(
+        "bench: north-south, an external client through NodePorts vs the pod directly (wrk, nginx)",
+    );
+    setup::bench_tools()?;
+    cargo(&[
+        "run",
+        "--quiet",
+        "--release",
+        "-p",
+        "svc-tests",
+        "--bin",
+        "svc-bench-northsouth",
     ])
 }
 

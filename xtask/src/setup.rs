@@ -32,6 +32,18 @@ const PACKAGES: &[&str] = &[
     "bpftool",
 ];
 
+/// What `cargo xtask bench` needs beyond [`PACKAGES`]: an HTTP server for the backends and a
+/// load generator (the north-south benchmark).
+const BENCH_PACKAGES: &[&str] = &["nginx-light", "wrk"];
+
+/// Installs the benchmark tools when missing; fast and silent when nothing is.
+///
+/// # Errors
+/// When `apt-get` fails.
+pub fn bench_tools() -> anyhow::Result<()> {
+    ensure_packages(BENCH_PACKAGES)
+}
+
 /// Installs whatever is missing; fast and silent when nothing is.
 pub fn run() -> anyhow::Result<()> {
     let t0 = std::time::Instant::now();
