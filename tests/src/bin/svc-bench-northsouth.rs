@@ -17,10 +17,10 @@
 //! per request (`Connection: close`: connections per second). Medians of `SVC_BENCH_REPS`
 //! (default 3) runs of `SVC_BENCH_SECS` (default 4) seconds; ratios to **direct**.
 //!
-//! Run as root: `cargo build -p svc-agent && cargo run --release -p svc-tests --bin
+//! Run as root: `cargo build --release -p svc-agent && cargo run --release -p svc-tests --bin
 //! svc-bench-northsouth` (or `cargo xtask bench`, which installs `nginx-light` and `wrk` first).
 //!
-//! The new-connection figures swing widely on a shared machine (TIME_WAIT reuse of the
+//! The new-connection figures swing widely on a shared machine (`TIME_WAIT` reuse of the
 //! client's ports, CPU contention): compare them within one run only. Through SNAT, each new
 //! connection holds a port of the node's range (`--snat-port-range`, 4,536 ports by default)
 //! per endpoint until its conntrack entry closes (10 s after the FINs) and the agent collects it
