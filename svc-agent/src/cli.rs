@@ -340,6 +340,9 @@ pub enum Inspect {
     Ct(CtArgs),
     /// Every pinned map: type, size, entries, fill and kernel memory.
     Maps(OutputArgs),
+    /// The source NAT table (`SNAT_V1`): each external flow to another node's endpoint, its
+    /// client, the node address and port it was given, the endpoint and its idle time.
+    Nat(OutputArgs),
 }
 
 /// `-o` of every `inspect` subcommand.

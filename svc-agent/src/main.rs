@@ -54,6 +54,10 @@ fn inspect_text(bpffs: &std::path::Path, what: &Inspect) -> anyhow::Result<Strin
         ),
         Inspect::Links(o) => inspect::format_links(bpffs, &inspect::read_links(bpffs)?, o.format),
         Inspect::Maps(o) => inspect::maps::format_maps(&inspect::maps::read_maps(bpffs)?, o.format),
+        Inspect::Nat(o) => {
+            let (entries, max) = inspect::nat::read_nat(bpffs)?;
+            inspect::nat::format_nat(&entries, max, inspect::ct::monotonic_ns()?, o.format)
+        }
     }
 }
 

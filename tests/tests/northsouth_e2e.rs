@@ -243,6 +243,23 @@ fn node_ports_reach_local_endpoints_directly_and_remote_ones_through_snat() {
             c.diag()
         );
     }
+    // `inspect nat` shows the SNAT'd flows: from the external client, as node1, to web-1.
+    let nat = k8s::agent_command(
+        &c.agent_bin,
+        c.agent(0).bpffs(),
+        &["inspect", "nat", "-o", "json"],
+    )
+    .expect("inspect nat");
+    let rows: Vec<svc_agent::inspect::nat::NatRow> =
+        serde_json::from_str(&nat).unwrap_or_else(|e| panic!("inspect nat -o json: {e}\n{nat}"));
+    let web1 = c.pod("web-1");
+    assert!(
+        rows.iter().any(|r| r.client_address == c.external_ip(false)
+            && r.translated
+                .starts_with(&format!("{}:", c.node_ip(0, false)))
+            && r.endpoint == format!("{}:{BACKEND_PORT}", web1.ipv4)),
+        "inspect nat on node1 does not show the SNAT'd flows to web-1:\n{nat}"
+    );
     // A pod reaches the NodePort too (any endpoint, its own address kept).
     let client = c.pod("client");
     let dst = SocketAddr::new(c.node_ip(1, false), NODE_PORT);

@@ -25,6 +25,7 @@ use crate::{datapath::names, loader::pin_dir, pins};
 
 pub mod ct;
 pub mod maps;
+pub mod nat;
 pub mod output;
 
 fn open_pinned(bpffs: &Path, name: &str) -> anyhow::Result<MapData> {
