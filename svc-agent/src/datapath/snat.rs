@@ -24,7 +24,7 @@ use aya::{
 };
 use svc_common::{
     addr::Addr,
-    conntrack::{CtKey, CtValue, dir, idle_timeout_ns},
+    conntrack::{CtKey, CtValue, dir, idle_timeout_ns, state},
     nat::{DEFAULT_PORT_MAX, DEFAULT_PORT_MIN, SNAT_V4, SNAT_V6, SnatConfig, SnatValue},
 };
 use tracing::{info, warn};
@@ -143,10 +143,17 @@ pub fn reserve_ports_or_warn(ports: &PortRange) {
     }
 }
 
+/// How long after a TCP flow closed (both FINs, or a reset) its SNAT port is kept, for the last
+/// ACKs and retransmitted FINs; then the port is free for new flows (rather than after the
+/// conntrack entry's whole closing timeout: a port held per closed connection bounds the new
+/// connections per second to one endpoint).
+pub const CLOSED_GRACE_NS: u64 = 2_000_000_000;
+
 /// Whether the `SNAT_V1` entry `key` (endpoint -> SNAT address and port) / `value` (client)
 /// belongs to a flow that ended: its reply entry (endpoint -> client), looked up with `flow`
-/// (answered table first, then unanswered: `(entry, unanswered)`), is gone or idle past its
-/// timeout at `now`.
+/// (answered table first, then unanswered: `(entry, unanswered)`), is gone, idle past its
+/// timeout at `now`, closed for [`CLOSED_GRACE_NS`], or now holds another port (the tuple's
+/// flow took a new one: this entry is an older flow's).
 pub fn ended(
     key: &CtKey,
     value: &SnatValue,
@@ -162,8 +169,10 @@ pub fn ended(
     match flow(&reply) {
         None => true,
         Some((entry, unanswered)) => {
-            now.saturating_sub(entry.last_seen_ns)
-                > idle_timeout_ns(unanswered, key.proto, entry.state)
+            let idle = now.saturating_sub(entry.last_seen_ns);
+            entry.snat_port != key.dport
+                || idle > idle_timeout_ns(unanswered, key.proto, entry.state)
+                || (entry.state & state::CLOSING != 0 && idle > CLOSED_GRACE_NS)
         }
     }
 }
@@ -297,8 +306,6 @@ fn collect(
 mod tests {
     use std::net::IpAddr;
 
-    use svc_common::conntrack::state;
-
     use super::*;
 
     fn addr(ip: &str, kind: NodeAddressKind) -> NodeAddress {
@@ -385,6 +392,7 @@ mod tests {
         let seen = |last_seen_ns, st| CtValue {
             last_seen_ns,
             state: st,
+            snat_port: svc_common::Be16(61_000),
             ..CtValue::default()
         };
         // The flow is looked up by its reply tuple: endpoint -> client.
@@ -403,9 +411,18 @@ mod tests {
             seen(now - 1_000_000_000, 0),
             false
         ))));
-        // Closing: 10 s; unanswered: 60 s.
-        let closed = seen(now - 11_000_000_000, state::CLOSING);
+        // Closed: kept 2 s for the last ACKs, then free (not the closing timeout's 10 s).
+        let just_closed = seen(now - 1_000_000_000, state::CLOSING);
+        assert!(!ended(&key, &value, now, |_| Some((just_closed, false))));
+        let closed = seen(now - 3_000_000_000, state::CLOSING);
         assert!(ended(&key, &value, now, |_| Some((closed, false))));
+        // The tuple's flow holds another port now: this entry is an older flow's.
+        let moved = CtValue {
+            snat_port: svc_common::Be16(61_001),
+            ..seen(now, 0)
+        };
+        assert!(ended(&key, &value, now, |_| Some((moved, false))));
+        // Unanswered: 60 s.
         let syn = seen(now - 30_000_000_000, 0);
         assert!(!ended(&key, &value, now, |_| Some((syn, true))));
         let old_syn = seen(now - 61_000_000_000, 0);
