@@ -95,6 +95,18 @@ fn get(ns: &Netns, addr: SocketAddr) -> anyhow::Result<Option<Reply>> {
     })
 }
 
+/// Whether `e` is a connection reset (or the peer closing mid-answer).
+fn is_reset(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>().is_some_and(|io| {
+            matches!(
+                io.kind(),
+                ErrorKind::ConnectionReset | ErrorKind::ConnectionAborted | ErrorKind::BrokenPipe
+            )
+        })
+    })
+}
+
 /// kube-proxy's body for `default/web` (tab-indented, no final newline).
 fn body(local_endpoints: usize) -> String {
     format!(
@@ -307,8 +319,16 @@ status:
         let external = &self.topo.external().ns;
         let started = Instant::now();
         loop {
-            let reply = get(external, addr)
-                .unwrap_or_else(|e| panic!("GET {addr} from the external client: {e:#}"));
+            let reply = match get(external, addr) {
+                Ok(reply) => reply,
+                // A connection the agent closed with its port (the Service went) while this
+                // request was on it: reset. Ask again; the bound below still holds.
+                Err(e) if is_reset(&e) && started.elapsed() < CHANGE_BOUND => {
+                    std::thread::sleep(Duration::from_millis(20));
+                    continue;
+                }
+                Err(e) => panic!("GET {addr} from the external client: {e:#}"),
+            };
             if done(&reply) {
                 return (reply, started.elapsed());
             }
