@@ -88,6 +88,23 @@ fn wrk(ns: &svc_tests::netns::Netns, url: &str, secs: u64, close: bool) -> anyho
         .with_context(|| format!("no Requests/sec in wrk's output:\n{out}"))
 }
 
+/// The drop reasons with packets in `inspect stats`'s text, appended to `out`.
+fn drop_reasons(stats: &str, out: &mut String) {
+    let _ = writeln!(out, "node2 `inspect stats` drop reasons with packets:");
+    for line in stats
+        .lines()
+        .skip_while(|l| !l.starts_with("DROP_REASON"))
+        .skip(1)
+    {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        if let [name, packets, _] = fields.as_slice()
+            && *packets != "0"
+        {
+            let _ = writeln!(out, "  {name} {packets}");
+        }
+    }
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
@@ -175,12 +192,27 @@ fn main() -> anyhow::Result<()> {
     let stats = bed.stats(1);
     let _ = writeln!(
         out,
-        "\nnode2 counters: ext_dnat {}, snat {}, rev_snat {}; drops {}",
+        "\nnode2 counters: ext_dnat {}, snat {}, rev_snat {}, ct_miss_midflow {}; drops {}",
         stats.get("ext_dnat").copied().unwrap_or_default(),
         stats.get("snat").copied().unwrap_or_default(),
         stats.get("rev_snat").copied().unwrap_or_default(),
+        stats.get("ct_miss_midflow").copied().unwrap_or_default(),
         stats.get("dropped").copied().unwrap_or_default(),
     );
+    let reasons = bed.agent(1).inspect("stats").unwrap_or_default();
+    let _ = writeln!(out, "node2 `inspect stats` drop reasons with packets:");
+    for line in reasons
+        .lines()
+        .skip_while(|l| !l.starts_with("DROP_REASON"))
+        .skip(1)
+    {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        if let [name, packets, _] = fields.as_slice()
+            && *packets != "0"
+        {
+            let _ = writeln!(out, "  {name} {packets}");
+        }
+    }
     print!("{out}");
     drop(server);
     bed.finish_allowing(&["nearly full"]);
