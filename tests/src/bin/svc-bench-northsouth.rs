@@ -199,20 +199,7 @@ fn main() -> anyhow::Result<()> {
         stats.get("ct_miss_midflow").copied().unwrap_or_default(),
         stats.get("dropped").copied().unwrap_or_default(),
     );
-    let reasons = bed.agent(1).inspect("stats").unwrap_or_default();
-    let _ = writeln!(out, "node2 `inspect stats` drop reasons with packets:");
-    for line in reasons
-        .lines()
-        .skip_while(|l| !l.starts_with("DROP_REASON"))
-        .skip(1)
-    {
-        let fields: Vec<&str> = line.split_whitespace().collect();
-        if let [name, packets, _] = fields.as_slice()
-            && *packets != "0"
-        {
-            let _ = writeln!(out, "  {name} {packets}");
-        }
-    }
+    drop_reasons(&bed.agent(1).inspect("stats").unwrap_or_default(), &mut out);
     print!("{out}");
     drop(server);
     bed.finish_allowing(&["nearly full"]);
