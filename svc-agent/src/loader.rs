@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context as _, anyhow, bail, ensure};
 use aya::{
     Ebpf, EbpfLoader,
-    programs::{CgroupSockAddr, SchedClassifier},
+    programs::{CgroupSockAddr, SchedClassifier, Xdp},
 };
 use svc_common::{MAP_NAMES, PIN_SUBDIR};
 
@@ -37,6 +37,9 @@ pub const PROGS_TC: [&str; 4] = [
     PROG_TC_FROM_WORLD,
     PROG_TC_TO_WORLD,
 ];
+/// Name of the XDP program for frames coming from the outside world (a node-facing interface,
+/// with `--xdp native|generic`).
+pub const PROG_XDP_FROM_WORLD: &str = "svc_xdp_from_world";
 /// Name of the cgroup `connect4` program (connect-time translation, IPv4).
 pub const PROG_SOCK_CONNECT4: &str = "svc_sock_conn4";
 /// Name of the cgroup `connect6` program (connect-time translation, IPv6).
@@ -370,6 +373,7 @@ pub fn load_programs(ebpf: &mut Ebpf) -> anyhow::Result<()> {
     for name in PROGS_SOCK {
         loaded::<CgroupSockAddr>(ebpf, name)?;
     }
+    loaded::<Xdp>(ebpf, PROG_XDP_FROM_WORLD)?;
     Ok(())
 }
 
@@ -399,6 +403,15 @@ pub trait LoadableProgram {
 }
 
 impl LoadableProgram for SchedClassifier {
+    fn is_loaded(&self) -> bool {
+        self.fd().is_ok()
+    }
+    fn load_now(&mut self) -> Result<(), aya::programs::ProgramError> {
+        self.load()
+    }
+}
+
+impl LoadableProgram for Xdp {
     fn is_loaded(&self) -> bool {
         self.fd().is_ok()
     }

@@ -44,6 +44,17 @@ pub const fn replace128(check: u16, old: &[u32; 4], new: &[u32; 4]) -> u16 {
     !fold(sum)
 }
 
+/// New checksum after a change whose 32-bit ones' complement difference is `diff` (what
+/// `bpf_csum_diff(old, n, new, n, 0)` returns for the changed words; the kernel's
+/// `inet_proto_csum_replace_by_diff`).
+#[must_use]
+pub const fn replace_diff(check: u16, diff: u32) -> u16 {
+    let sum = !check as u64 + diff as u64;
+    let sum = (sum & 0xffff_ffff) + (sum >> 32);
+    let sum = (sum & 0xffff_ffff) + (sum >> 32);
+    !fold(sum as u32)
+}
+
 /// UDP over IPv4 may carry no checksum (zero). An update keeps zero as zero, and a computed
 /// zero is sent as `0xffff` (RFC 768), because zero on the wire means "no checksum".
 #[must_use]
@@ -137,10 +148,21 @@ mod tests {
             inc = replace16(inc, w16(&data[20..]), w16(&new[20..]));
             inc = replace128(inc, &w128(&data[24..]), &w128(&new[24..]));
             let full = checksum(&new);
+            // The same change of the 128-bit field as one difference (bpf_csum_diff style).
+            let diff = w128(&data[24..])
+                .iter()
+                .zip(w128(&new[24..]))
+                .fold(0u64, |s, (o, n)| s + u64::from(!o) + u64::from(n));
+            let diff = (diff & 0xffff_ffff) + (diff >> 32);
+            let diff = ((diff & 0xffff_ffff) + (diff >> 32)) as u32;
+            let mut by_diff = replace32(check, w32(&data[8..]), w32(&new[8..]));
+            by_diff = replace16(by_diff, w16(&data[20..]), w16(&new[20..]));
+            by_diff = replace_diff(by_diff, diff);
             // 0x0000 and 0xffff are the same number in ones' complement; RFC 1624 arithmetic
             // never yields 0x0000 for non-zero data, a full recompute may. Compare as numbers.
             let norm = |c: u16| if c == 0xffff { 0 } else { c };
             assert_eq!(norm(inc), norm(full), "seed {seed}");
+            assert_eq!(norm(by_diff), norm(full), "seed {seed}: by difference");
         }
     }
 

@@ -19,6 +19,7 @@ pub mod affinity;
 pub mod conntrack;
 pub mod csum;
 pub mod frag;
+pub mod handoff;
 pub mod ids;
 pub mod maglev;
 pub mod nat;

@@ -214,11 +214,15 @@ pub enum DropReason {
     /// programs send these on themselves (the kernel would refuse a packet arriving with one of
     /// the node's own addresses as its source).
     NoRoute = 11,
+    /// The XDP program translated a packet it could not send on itself (the next hop's
+    /// neighbour entry is not resolved yet) and the driver keeps no metadata to hand it to the
+    /// TC program with its decision (see `handoff`).
+    XdpHandoff = 12,
 }
 
 impl DropReason {
     /// Every reason, in index order.
-    pub const ALL: [Self; 12] = [
+    pub const ALL: [Self; 13] = [
         Self::NoEndpoints,
         Self::NoLocalEndpoint,
         Self::BackendMissing,
@@ -231,6 +235,7 @@ impl DropReason {
         Self::NatPortsExhausted,
         Self::NatTableFull,
         Self::NoRoute,
+        Self::XdpHandoff,
     ];
     /// Number of entries in `DROP_STATS_V1`.
     pub const COUNT: u32 = Self::ALL.len() as u32;
@@ -251,6 +256,7 @@ impl DropReason {
             Self::NatPortsExhausted => "nat_ports_exhausted",
             Self::NatTableFull => "nat_table_full",
             Self::NoRoute => "no_route",
+            Self::XdpHandoff => "xdp_handoff",
         }
     }
 }

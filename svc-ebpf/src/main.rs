@@ -17,6 +17,7 @@
 
 mod conntrack;
 mod frag;
+mod frame;
 mod icmp;
 mod lb;
 mod maps;
@@ -27,8 +28,12 @@ mod reject;
 mod sock;
 mod stats;
 mod world;
+mod xdp;
 
-use aya_ebpf::{macros::classifier, programs::TcContext};
+use aya_ebpf::{
+    macros::{classifier, xdp},
+    programs::{TcContext, XdpContext},
+};
 
 /// TC ingress on a pod-facing interface (the host end of a pod's veth): packets *from* a pod.
 #[classifier]
@@ -71,6 +76,18 @@ pub fn svc_tc_from_world(ctx: TcContext) -> i32 {
 )]
 pub fn svc_tc_to_world(ctx: TcContext) -> i32 {
     world::to_world(&ctx)
+}
+
+/// XDP on a node-facing interface (`--xdp native|generic`): `NodePort`, external and
+/// load-balancer traffic to other nodes' endpoints translated and sent back out before the
+/// stack sees it; the rest handed to `svc_tc_from_world` (with its decision, when it has one).
+#[xdp]
+#[expect(
+    clippy::needless_pass_by_value,
+    reason = "the xdp macro fixes the signature"
+)]
+pub fn svc_xdp_from_world(ctx: XdpContext) -> u32 {
+    xdp::from_world(&ctx)
 }
 
 #[cfg(not(test))]

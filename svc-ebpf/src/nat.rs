@@ -1,4 +1,5 @@
-//! Address and port rewriting with checksum fix-ups by the kernel's own helpers.
+//! Address and port rewriting with checksum fix-ups by the kernel's own helpers (on an XDP
+//! frame, by the same arithmetic: see `frame`).
 //!
 //! The helpers are the right tool here, not hand-rolled arithmetic: packets a pod's stack
 //! sends over veth are usually `CHECKSUM_PARTIAL` (the L4 field holds only the pseudo-header
@@ -18,6 +19,7 @@ use svc_common::{
 };
 
 use crate::{
+    frame::{BPF_F_MARK_MANGLED_0, Frame},
     maps::{BACKENDS_V1, CT_NEW_V1, SNAT_CONFIG_V1, SNAT_V1},
     parse::{ETH_HLEN, Parsed, ptr_at},
 };
@@ -174,7 +176,7 @@ fn names_client(key: &CtKey, pkt: &Parsed, now: u64) -> bool {
 /// the node's SNAT address and `port` (network order); `Some` says why it could not. (An
 /// `Option` comes back in a register; a `Result` would through the caller's stack.)
 #[inline(never)]
-pub fn snat_source(ctx: &TcContext, pkt: &Parsed, port: u16) -> Option<DropReason> {
+pub fn snat_source<C: Frame>(ctx: &C, pkt: &Parsed, port: u16) -> Option<DropReason> {
     let Some(cfg) = SNAT_CONFIG_V1.get(config_index(pkt.family)).copied() else {
         return Some(DropReason::NatNoAddress);
     };
@@ -185,8 +187,6 @@ pub fn snat_source(ctx: &TcContext, pkt: &Parsed, port: u16) -> Option<DropReaso
 
 /// `BPF_F_PSEUDO_HDR` (uapi): the changed field is part of the pseudo header.
 const BPF_F_PSEUDO_HDR: u64 = 1 << 4;
-/// `BPF_F_MARK_MANGLED_0` (uapi): a zero UDP checksum stays zero, a computed zero becomes ffff.
-const BPF_F_MARK_MANGLED_0: u64 = 1 << 5;
 /// Offset of the IPv4 header checksum.
 const IPV4_CHECK: usize = ETH_HLEN + 10;
 
@@ -208,8 +208,8 @@ pub enum End {
 /// with the address (one store of bytes 10..20 of the header), and the `IPv6` address
 /// difference is summed here instead of by `bpf_csum_diff`.
 #[inline(never)]
-pub fn nat_rewrite(
-    ctx: &TcContext,
+pub fn nat_rewrite<C: Frame>(
+    ctx: &C,
     pkt: &Parsed,
     end: End,
     addr: &Addr,
@@ -240,21 +240,18 @@ pub fn nat_rewrite(
             u64::from(old),
             u64::from(new),
             BPF_F_PSEUDO_HDR | mangled | 4,
-        )
-        .map_err(|_| ())?;
-        ctx.store(IPV4_CHECK, &hdr, 0).map_err(|_| ())?;
+        )?;
+        ctx.store(IPV4_CHECK, &hdr)?;
     } else {
         let addr_off = ETH_HLEN + if end == End::Src { 8 } else { 24 };
         let diff = csum_diff128(&words(old_addr), &words(addr));
-        ctx.l4_csum_replace(check_off, 0, u64::from(diff), BPF_F_PSEUDO_HDR | mangled)
-            .map_err(|_| ())?;
-        ctx.store(addr_off, addr, 0).map_err(|_| ())?;
+        ctx.l4_csum_replace(check_off, 0, u64::from(diff), BPF_F_PSEUDO_HDR | mangled)?;
+        ctx.store(addr_off, addr)?;
     }
     if port != old_port {
         let port_off = pkt.l4_off + if end == End::Src { 0 } else { 2 };
-        ctx.l4_csum_replace(check_off, u64::from(old_port), u64::from(port), mangled | 2)
-            .map_err(|_| ())?;
-        ctx.store(port_off, &port, 0).map_err(|_| ())?;
+        ctx.l4_csum_replace(check_off, u64::from(old_port), u64::from(port), mangled | 2)?;
+        ctx.store(port_off, &port)?;
     }
     Ok(())
 }

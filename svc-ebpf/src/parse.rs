@@ -4,8 +4,8 @@
 //! Policy: a packet the parser cannot make sense of is *not ours*. It is counted under a named
 //! reason and handed to the kernel stack untouched, whose own validation decides its fate.
 
-use core::mem::size_of;
-
+use crate::frame::Frame;
+pub use crate::frame::ptr_at;
 use aya_ebpf::programs::TcContext;
 use network_types::{
     eth::EthHdr,
@@ -28,17 +28,6 @@ const PARSE_WINDOW: u32 = 128;
 const MAX_IPV6_EXT: usize = 4;
 /// Minimum length of an `ICMPv6` header (type, code, checksum, 4 bytes of body).
 const ICMPV6_HLEN: usize = 8;
-
-/// Returns a pointer to a `T` at `off` bytes into the packet, if all of it is in bounds.
-#[inline(always)]
-pub fn ptr_at<T>(ctx: &TcContext, off: usize) -> Option<*mut T> {
-    let start = ctx.data();
-    let end = ctx.data_end();
-    if start + off + size_of::<T>() > end {
-        return None;
-    }
-    Some((start + off) as *mut T)
-}
 
 /// Parses the headers of the frame in `ctx` (see [`parse`]), first from the linear part as it
 /// is; only when that did not see every header the caller needs and the packet has bytes
@@ -184,7 +173,7 @@ impl Parsed {
 
     /// Reads the ports (and TCP flags) of a complete TCP/UDP header.
     #[inline(always)]
-    fn read_ports(&mut self, ctx: &TcContext) {
+    fn read_ports<C: Frame>(&mut self, ctx: &C) {
         if !self.is_tcp_or_udp() {
             return;
         }
@@ -205,7 +194,7 @@ impl Parsed {
 
 /// Parses the headers of the frame in `ctx`.
 #[inline(always)]
-pub fn parse(ctx: &TcContext) -> Parsed {
+pub fn parse<C: Frame>(ctx: &C) -> Parsed {
     let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
         return Parsed::l3_only(PktCounter::NonIp);
     };
@@ -221,7 +210,7 @@ pub fn parse(ctx: &TcContext) -> Parsed {
 }
 
 #[inline(always)]
-fn parse_ipv4(ctx: &TcContext) -> Parsed {
+fn parse_ipv4<C: Frame>(ctx: &C) -> Parsed {
     let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, ETH_HLEN) else {
         return Parsed::l3_only(PktCounter::MalformedIp);
     };
@@ -309,7 +298,7 @@ fn addr_from_word(w: u32) -> Addr {
 }
 
 #[inline(always)]
-fn parse_ipv6(ctx: &TcContext) -> Parsed {
+fn parse_ipv6<C: Frame>(ctx: &C) -> Parsed {
     let Some(ip) = ptr_at::<Ipv6Hdr>(ctx, ETH_HLEN) else {
         return Parsed::l3_only(PktCounter::MalformedIp);
     };
@@ -381,7 +370,7 @@ fn parse_ipv6(ctx: &TcContext) -> Parsed {
 /// Checks the transport header at `off` is complete (inside the packet and inside the IP
 /// payload, which ends at `ip_end`) and names its counter.
 #[inline(always)]
-fn classify_l4(ctx: &TcContext, proto: u8, off: usize, ip_end: usize) -> PktCounter {
+fn classify_l4<C: Frame>(ctx: &C, proto: u8, off: usize, ip_end: usize) -> PktCounter {
     let (counter, hlen) = match proto {
         ipproto::TCP => (PktCounter::Tcp, TcpHdr::LEN),
         ipproto::UDP => (PktCounter::Udp, UdpHdr::LEN),

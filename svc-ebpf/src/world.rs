@@ -18,6 +18,12 @@
 //! is a backend address) gets the frontend address back as its source, as on the way to a pod.
 //!
 //! Every packet that stays on its way continues the TCX chain, as on the pod path.
+//!
+//! The decision ([`decide`]) is shared with the XDP program of the same interface (`xdp.rs`),
+//! through [`Frame`]: with XDP on, a packet XDP translated for this node, or translated and
+//! could not send on, arrives here with its decision in its metadata (`svc_common::handoff`)
+//! and is only let through or sent on; any other packet XDP passed is untouched, and decided
+//! here exactly as with XDP off.
 
 use aya_ebpf::{
     bindings::{
@@ -29,9 +35,10 @@ use aya_ebpf::{
 };
 use svc_common::{
     Be16,
-    addr::FAMILY_V4,
+    addr::{FAMILY_V4, FAMILY_V6},
     addrs::addr_flags,
     conntrack::{CtValue, dir},
+    csum, handoff,
     nat::config_index,
     ranges::{LOOKUP_BITS, SourceRangeKey, verdict},
     service::scope,
@@ -40,6 +47,7 @@ use svc_common::{
 
 use crate::{
     conntrack::{Table, ct_key, ct_lookup},
+    frame::{Frame, ptr_at},
     maps::{SNAT_CONFIG_V1, SNAT_V1, SOURCE_RANGES_V1},
     nat::{End, nat_rewrite, snat_new_flow, snat_source},
     parse,
@@ -50,37 +58,90 @@ use crate::{
     stats,
 };
 
+/// What the node-facing path decided for a TCP/UDP packet from outside.
+pub enum Decision {
+    /// Not for an external frontend, and no reply of a flow this node SNAT'd: untouched.
+    Untouched,
+    /// For a frontend without endpoints: to be rejected (TCP reset, ICMP port unreachable),
+    /// which only the TC program builds. Untouched so far.
+    Reject,
+    /// Translated for an endpoint of this node: the kernel routes it there.
+    Delivered,
+    /// Translated, and to be sent on by the program itself (its source is now one of the
+    /// node's addresses, which the kernel's input path refuses): see [`forward_route`].
+    Forward,
+    /// Dropped, for this reason (not counted yet).
+    Drop(DropReason),
+}
+
+/// Decides one packet from outside, translating it (but not sending it on, and not counting
+/// its parse counters or a drop): the steps both node-facing programs share.
+#[inline(always)]
+pub fn decide<C: Frame>(ctx: &C, pkt: &parse::Parsed) -> Decision {
+    // Later fragments and everything but TCP and UDP: not translated here (yet).
+    if pkt.frag == parse::frag::LATER || !pkt.is_tcp_or_udp() {
+        return Decision::Untouched;
+    }
+    if is_snat_reply(pkt) {
+        return snat_reply(ctx, pkt);
+    }
+    if !addr_has(&pkt.dst, pkt.family, addr_flags::EXTERNAL) {
+        return Decision::Untouched;
+    }
+    match to_external_service(ctx, pkt) {
+        // A node address's other ports are the node's.
+        Outcome::NotService => Decision::Untouched,
+        Outcome::Translated | Outcome::Hairpin => {
+            stats::count(PktCounter::ExtDnat, ctx.len());
+            Decision::Delivered
+        }
+        Outcome::Drop(DropReason::NoEndpoints) => Decision::Reject,
+        Outcome::Drop(reason) => Decision::Drop(reason),
+        Outcome::Forward => {
+            stats::count(PktCounter::ExtDnat, ctx.len());
+            Decision::Forward
+        }
+    }
+}
+
 /// Handles one packet arriving from outside. Returns the TC verdict.
 #[inline(always)]
 pub fn from_world(ctx: &TcContext) -> i32 {
+    // Decided by the XDP program already: acted on, not decided again (XDP counted it).
+    match xdp_decision(ctx) {
+        handoff::DELIVERED => return TCX_NEXT,
+        handoff::FORWARD_V4 => return forward_out(ctx, FAMILY_V4),
+        handoff::FORWARD_V6 => return forward_out(ctx, FAMILY_V6),
+        _ => {}
+    }
     let pkt = parse::parse_pulled(ctx, false);
     stats::count(pkt.l3, ctx.len());
     if let Some(l4) = pkt.l4 {
         stats::count(l4, ctx.len());
     }
-    // Later fragments and everything but TCP and UDP: not translated here (yet).
-    if pkt.frag == parse::frag::LATER || !pkt.is_tcp_or_udp() {
-        return TCX_NEXT;
+    match decide(ctx, &pkt) {
+        Decision::Untouched | Decision::Delivered => TCX_NEXT,
+        Decision::Reject => reject_or_drop(ctx, &pkt),
+        Decision::Drop(reason) => drop(ctx, reason),
+        Decision::Forward => forward_out(ctx, pkt.family),
     }
-    if is_snat_reply(&pkt) {
-        return snat_reply(ctx, &pkt);
+}
+
+/// The decision word the XDP program left in the packet's metadata (`svc_common::handoff`),
+/// or 0 when there is none of ours.
+#[inline(always)]
+fn xdp_decision(ctx: &TcContext) -> u32 {
+    // SAFETY: `skb` is this program's context.
+    let meta = unsafe { (*ctx.skb.skb).data_meta } as usize;
+    if meta + handoff::META_LEN > ctx.data() {
+        return 0;
     }
-    if !addr_has(&pkt.dst, pkt.family, addr_flags::EXTERNAL) {
-        return TCX_NEXT;
-    }
-    match to_external_service(ctx, &pkt) {
-        // A node address's other ports are the node's.
-        Outcome::NotService => TCX_NEXT,
-        Outcome::Translated | Outcome::Hairpin => {
-            stats::count(PktCounter::ExtDnat, ctx.len());
-            TCX_NEXT
-        }
-        Outcome::Drop(DropReason::NoEndpoints) => reject_or_drop(ctx, &pkt),
-        Outcome::Drop(reason) => drop(ctx, reason),
-        Outcome::Forward => {
-            stats::count(PktCounter::ExtDnat, ctx.len());
-            forward_out(ctx, pkt.family)
-        }
+    // SAFETY: the 4 bytes before the frame are the metadata, checked above.
+    let word = unsafe { (meta as *const u32).read_unaligned() };
+    if word & 0xffff_ff00 == handoff::MAGIC {
+        word
+    } else {
+        0
     }
 }
 
@@ -88,7 +149,7 @@ pub fn from_world(ctx: &TcContext) -> i32 {
 /// (a new flow: source ranges) -> service (external scope) -> backend -> (a new flow to another node's endpoint: an SNAT
 /// port) -> rewrite the destination (and the source, when SNAT'd). A subprogram of its own.
 #[inline(never)]
-fn to_external_service(ctx: &TcContext, pkt: &parse::Parsed) -> Outcome {
+fn to_external_service<C: Frame>(ctx: &C, pkt: &parse::Parsed) -> Outcome {
     let mut target = Target::new(scope::EXTERNAL);
     if !established_backend(pkt, &mut target) {
         // A new flow: its client must be in the frontend's `loadBalancerSourceRanges`, if it
@@ -186,10 +247,10 @@ fn is_snat_reply(pkt: &parse::Parsed) -> bool {
 /// not know, or whose flow has no conntrack entry any more, is passed to the node untouched
 /// (no socket has a reserved port: the node answers it with a reset). A subprogram of its own.
 #[inline(never)]
-fn snat_reply(ctx: &TcContext, pkt: &parse::Parsed) -> i32 {
+fn snat_reply<C: Frame>(ctx: &C, pkt: &parse::Parsed) -> Decision {
     let mut key = ct_key(pkt, dir::REPLY);
     let Some(nat) = SNAT_V1.get_ptr_mut(&key) else {
-        return TCX_NEXT;
+        return Decision::Untouched;
     };
     // Timeouts are seconds: the coarse clock is enough. SAFETY: no preconditions.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
@@ -207,26 +268,26 @@ fn snat_reply(ctx: &TcContext, pkt: &parse::Parsed) -> i32 {
     if !ct_lookup(Table::Answered, &key, pkt, now, &mut entry)
         && !ct_lookup(Table::Unanswered, &key, pkt, now, &mut entry)
     {
-        return TCX_NEXT;
+        return Decision::Untouched;
     }
     // The flow on that tuple must be the one that took this port: a stray packet to an older,
     // not yet collected SNAT entry of the same client and endpoint (reached through another
     // frontend since) is not this flow's reply.
     if entry.snat_port.0 != pkt.dport {
-        return TCX_NEXT;
+        return Decision::Untouched;
     }
     // The source is untouched by the first rewrite, so `pkt` still names it for the second.
     if nat_rewrite(ctx, pkt, End::Dst, &key.dst, client_port.0).is_err()
         || nat_rewrite(ctx, pkt, End::Src, &entry.addr, entry.port.0).is_err()
     {
-        return drop(ctx, DropReason::RewriteFailed);
+        return Decision::Drop(DropReason::RewriteFailed);
     }
     stats::count(PktCounter::RevSnat, ctx.len());
     stats::count(PktCounter::RevNat, ctx.len());
     stats::count_translated(entry.frontend_id, entry.backend_id, ctx.len(), false);
     // Its source is now a frontend address of this node: sent on from here (see
-    // `forward_out`).
-    forward_out(ctx, pkt.family)
+    // `forward_route`).
+    Decision::Forward
 }
 
 /// `AF_INET` (uapi).
@@ -240,10 +301,9 @@ const AF_INET6: u8 = 10;
     reason = "64 fits an i32"
 )]
 const FIB_PARAMS_LEN: i32 = core::mem::size_of::<bpf_fib_lookup>() as i32;
-/// Offset of the IPv4 TTL (the protocol follows it in the same 16-bit word).
+/// Offset of the IPv4 TTL (the protocol follows it in the same 16-bit word, then the header
+/// checksum).
 const IPV4_TTL: usize = parse::ETH_HLEN + 8;
-/// Offset of the IPv4 header checksum.
-const IPV4_CHECK: usize = parse::ETH_HLEN + 10;
 /// Offset of the IPv6 hop limit.
 const IPV6_HOP_LIMIT: usize = parse::ETH_HLEN + 7;
 /// Offset of the IPv4 source address (the destination follows).
@@ -251,86 +311,111 @@ const IPV4_SRC: usize = parse::ETH_HLEN + 12;
 /// Offset of the IPv6 source address (the destination follows).
 const IPV6_SRC: usize = parse::ETH_HLEN + 8;
 
-/// Sends a translated packet on towards its (new) destination, as the kernel would forward it: the route and next hop from the kernel's FIB (`bpf_fib_lookup`),
-/// the TTL (hop limit) decremented, the Ethernet addresses of the next hop, out of the route's
-/// interface (`bpf_redirect`; `bpf_redirect_neigh` when the neighbour is not resolved yet).
+/// Where a translated packet goes next, as the kernel's FIB says ([`forward_route`]).
+pub enum Route {
+    /// Out of this interface, the next hop's Ethernet addresses written and the TTL (hop
+    /// limit) decremented: ready to send.
+    Resolved(u32),
+    /// Out of this interface, whose neighbour entry for the next hop is not resolved yet:
+    /// untouched so far (only TC's `bpf_redirect_neigh` can resolve it).
+    Unresolved(u32),
+}
+
+/// Routes a translated packet as the kernel would forward it: the route and next hop from the
+/// kernel's FIB (`bpf_fib_lookup`), and when the next hop is resolved, its Ethernet addresses
+/// and the TTL (hop limit) decremented. A packet with no route, or whose TTL runs out, is a
+/// drop (`no_route`).
 ///
 /// Needed for packets whose source became one of the node's own addresses (SNAT, and the
 /// replies of SNAT'd flows, whose source is the frontend again): the kernel's input path drops
-/// a packet that arrives with a local source address (a "martian"). A packet with no route, or
-/// whose TTL runs out, is dropped, counted `no_route`. Returns the TC verdict. A subprogram of
-/// its own (the lookup's parameters take 64 bytes of stack); the addresses are read from the
-/// packet as it is now.
+/// a packet that arrives with a local source address (a "martian"). A subprogram of its own
+/// (the lookup's parameters take 64 bytes of stack); the addresses are read from the packet as
+/// it is now.
 #[inline(never)]
-fn forward_out(ctx: &TcContext, family: u8) -> i32 {
-    match try_forward_out(ctx, family) {
-        Ok(()) => TC_ACT_REDIRECT,
-        Err(reason) => drop(ctx, reason),
-    }
-}
-
-#[inline(always)]
-fn try_forward_out(ctx: &TcContext, family: u8) -> Result<(), DropReason> {
-    let bad = |_| DropReason::RewriteFailed;
+pub fn forward_route<C: Frame>(ctx: &C, family: u8) -> Result<Route, DropReason> {
     // SAFETY: all-zero is a valid value of this plain C struct.
     let mut fib: bpf_fib_lookup = unsafe { core::mem::zeroed() };
-    // SAFETY: ctx.skb.skb is this program's context.
-    fib.ifindex = unsafe { (*ctx.skb.skb).ingress_ifindex };
+    fib.ifindex = ctx.ingress_ifindex();
+    // Network order as in the packet, read as raw words.
     if family == FAMILY_V4 {
         fib.family = AF_INET;
-        // Network order as in the packet, loaded as raw words.
-        fib.__bindgen_anon_3.ipv4_src = ctx.load(IPV4_SRC).map_err(bad)?;
-        fib.__bindgen_anon_4.ipv4_dst = ctx.load(IPV4_SRC + 4).map_err(bad)?;
+        let addrs = ptr_at::<[u32; 2]>(ctx, IPV4_SRC).ok_or(DropReason::RewriteFailed)?;
+        // SAFETY: `ptr_at` checked the bytes are inside the packet; read unaligned.
+        let [src, dst] = unsafe { addrs.read_unaligned() };
+        fib.__bindgen_anon_3.ipv4_src = src;
+        fib.__bindgen_anon_4.ipv4_dst = dst;
     } else {
         fib.family = AF_INET6;
-        fib.__bindgen_anon_3.ipv6_src = ctx.load(IPV6_SRC).map_err(bad)?;
-        fib.__bindgen_anon_4.ipv6_dst = ctx.load(IPV6_SRC + 16).map_err(bad)?;
+        let addrs = ptr_at::<[[u32; 4]; 2]>(ctx, IPV6_SRC).ok_or(DropReason::RewriteFailed)?;
+        // SAFETY: as above.
+        let [src, dst] = unsafe { addrs.read_unaligned() };
+        fib.__bindgen_anon_3.ipv6_src = src;
+        fib.__bindgen_anon_4.ipv6_dst = dst;
     }
     // SAFETY: the helper reads and writes `fib` only, within the size given.
-    let rc = unsafe { bpf_fib_lookup(ctx.skb.skb.cast(), &raw mut fib, FIB_PARAMS_LEN, 0) };
-    let resolved = rc == i64::from(BPF_FIB_LKUP_RET_SUCCESS);
-    if !resolved && rc != i64::from(BPF_FIB_LKUP_RET_NO_NEIGH) {
+    let rc = unsafe { bpf_fib_lookup(ctx.raw(), &raw mut fib, FIB_PARAMS_LEN, 0) };
+    if rc == i64::from(BPF_FIB_LKUP_RET_NO_NEIGH) {
+        return Ok(Route::Unresolved(fib.ifindex));
+    }
+    if rc != i64::from(BPF_FIB_LKUP_RET_SUCCESS) {
         return Err(DropReason::NoRoute);
     }
     decrement_ttl(ctx, family)?;
-    if resolved {
-        let mut macs = [0u8; 12];
-        macs[..6].copy_from_slice(&fib.dmac);
-        macs[6..].copy_from_slice(&fib.smac);
-        ctx.store(0, &macs, 0)
-            .map_err(|_| DropReason::RewriteFailed)?;
-        // SAFETY: no preconditions.
-        unsafe { bpf_redirect(fib.ifindex, 0) };
-    } else {
-        // SAFETY: no parameters: the kernel resolves the route's next hop itself.
-        unsafe { bpf_redirect_neigh(fib.ifindex, core::ptr::null_mut(), 0, 0) };
+    let mut macs = [0u8; 12];
+    macs[..6].copy_from_slice(&fib.dmac);
+    macs[6..].copy_from_slice(&fib.smac);
+    ctx.store(0, &macs)
+        .map_err(|()| DropReason::RewriteFailed)?;
+    Ok(Route::Resolved(fib.ifindex))
+}
+
+/// Sends a translated packet on (see [`forward_route`]): `bpf_redirect` to a resolved next
+/// hop, `bpf_redirect_neigh` (TTL decremented here) when the neighbour is not resolved yet.
+/// Returns the TC verdict.
+#[inline(never)]
+fn forward_out(ctx: &TcContext, family: u8) -> i32 {
+    match forward_route(ctx, family) {
+        Ok(Route::Resolved(ifindex)) => {
+            // SAFETY: no preconditions.
+            unsafe { bpf_redirect(ifindex, 0) };
+            TC_ACT_REDIRECT
+        }
+        Ok(Route::Unresolved(ifindex)) => {
+            if let Err(reason) = decrement_ttl(ctx, family) {
+                return drop(ctx, reason);
+            }
+            // SAFETY: no parameters: the kernel resolves the route's next hop itself.
+            unsafe { bpf_redirect_neigh(ifindex, core::ptr::null_mut(), 0, 0) };
+            TC_ACT_REDIRECT
+        }
+        Err(reason) => drop(ctx, reason),
     }
-    Ok(())
 }
 
 /// Takes one from the packet's TTL (hop limit), as a router does; one that would reach 0 is a
 /// drop (`no_route`).
 #[inline(always)]
-fn decrement_ttl(ctx: &TcContext, family: u8) -> Result<(), DropReason> {
+fn decrement_ttl<C: Frame>(ctx: &C, family: u8) -> Result<(), DropReason> {
     if family == FAMILY_V4 {
-        let word: [u8; 2] = ctx.load(IPV4_TTL).map_err(|_| DropReason::RewriteFailed)?;
-        if word[0] <= 1 {
+        let hdr = ptr_at::<[u8; 4]>(ctx, IPV4_TTL).ok_or(DropReason::RewriteFailed)?;
+        // SAFETY: `ptr_at` checked TTL, protocol and checksum are inside the packet.
+        let [ttl, proto, c0, c1] = unsafe { hdr.read_unaligned() };
+        if ttl <= 1 {
             return Err(DropReason::NoRoute);
         }
-        let new = [word[0] - 1, word[1]];
-        let (old16, new16) = (u16::from_ne_bytes(word), u16::from_ne_bytes(new));
-        ctx.l3_csum_replace(IPV4_CHECK, u64::from(old16), u64::from(new16), 2)
-            .map_err(|_| DropReason::RewriteFailed)?;
-        ctx.store(IPV4_TTL, &new, 0)
-            .map_err(|_| DropReason::RewriteFailed)
+        let old = u16::from_ne_bytes([ttl, proto]);
+        let new = u16::from_ne_bytes([ttl - 1, proto]);
+        let check = csum::replace16(u16::from_ne_bytes([c0, c1]), old, new).to_ne_bytes();
+        ctx.store(IPV4_TTL, &[ttl - 1, proto, check[0], check[1]])
+            .map_err(|()| DropReason::RewriteFailed)
     } else {
-        let hops: u8 = ctx
-            .load(IPV6_HOP_LIMIT)
-            .map_err(|_| DropReason::RewriteFailed)?;
+        let hops = ptr_at::<u8>(ctx, IPV6_HOP_LIMIT).ok_or(DropReason::RewriteFailed)?;
+        // SAFETY: `ptr_at` checked the byte is inside the packet.
+        let hops = unsafe { *hops };
         if hops <= 1 {
             return Err(DropReason::NoRoute);
         }
-        ctx.store(IPV6_HOP_LIMIT, &(hops - 1), 0)
-            .map_err(|_| DropReason::RewriteFailed)
+        ctx.store(IPV6_HOP_LIMIT, &(hops - 1))
+            .map_err(|()| DropReason::RewriteFailed)
     }
 }

@@ -41,7 +41,7 @@ use crate::{
     packets::describe,
 };
 
-/// TC verdicts (`TC_ACT_*`) a program can return.
+/// Verdicts a program can return: TC's (`TC_ACT_*`) and XDP's (`XDP_*`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Verdict {
     /// `TCX_NEXT` (`TC_ACT_UNSPEC`, -1): on to the hook's next program, then on its way. What
@@ -53,6 +53,14 @@ pub enum Verdict {
     Shot,
     /// `TC_ACT_REDIRECT`: sent elsewhere by `bpf_redirect`.
     Redirect,
+    /// `XDP_DROP`.
+    XdpDrop,
+    /// `XDP_PASS`: on to the stack (and the TC programs).
+    XdpPass,
+    /// `XDP_TX`: sent back out of the interface it arrived on.
+    XdpTx,
+    /// `XDP_REDIRECT`: sent out of another interface by `bpf_redirect`.
+    XdpRedirect,
 }
 
 impl Verdict {
@@ -62,8 +70,12 @@ impl Verdict {
         match self {
             Self::Next => u32::MAX,
             Self::Ok => 0,
-            Self::Shot => 2,
+            // TC_ACT_SHOT and XDP_PASS share the number.
+            Self::Shot | Self::XdpPass => 2,
             Self::Redirect => 7,
+            Self::XdpDrop => 1,
+            Self::XdpTx => 3,
+            Self::XdpRedirect => 4,
         }
     }
 }
@@ -421,16 +433,26 @@ fn raw_test_run(
     let prog = ebpf
         .program_mut(program)
         .ok_or_else(|| anyhow!("no program `{program}` in the object"))?;
-    // With an uplink: `struct __sk_buff` up to `ifindex`, with `ingress_ifindex` (offset 36)
-    // and `ifindex` (40) naming it; the kernel takes a shorter context as zero-filled.
+    // With an uplink: for TC, `struct __sk_buff` up to `ifindex`, with `ingress_ifindex`
+    // (offset 36) and `ifindex` (40) naming it (the kernel takes a shorter context as
+    // zero-filled); for XDP, `struct xdp_md`: no metadata (`data` 0), `data_end` the frame's
+    // length, `ingress_ifindex` (offset 12) naming it.
     let arrives_on = ARRIVES_ON.get();
     let mut ctx = [0u8; 44];
-    ctx[36..40].copy_from_slice(&arrives_on.to_ne_bytes());
-    ctx[40..44].copy_from_slice(&arrives_on.to_ne_bytes());
+    let ctx_len = if matches!(prog, Program::Xdp(_)) {
+        let len = u32::try_from(input.len()).context("frame length")?;
+        ctx[4..8].copy_from_slice(&len.to_ne_bytes());
+        ctx[12..16].copy_from_slice(&arrives_on.to_ne_bytes());
+        24
+    } else {
+        ctx[36..40].copy_from_slice(&arrives_on.to_ne_bytes());
+        ctx[40..44].copy_from_slice(&arrives_on.to_ne_bytes());
+        44
+    };
     let opts = TestRunOptions {
         data_in: Some(input),
         data_out: Some(out),
-        ctx_in: (arrives_on != 0).then_some(&ctx[..]),
+        ctx_in: (arrives_on != 0).then_some(&ctx[..ctx_len]),
         repeat,
         ..TestRunOptions::default()
     };
