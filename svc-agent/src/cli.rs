@@ -58,6 +58,15 @@ pub struct RunArgs {
         env = "SVC_NODE_IFACES"
     )]
     pub node_ifaces: String,
+    /// The XDP fast path on node-facing interfaces: `native` (in the driver: `NodePort`,
+    /// external and load-balancer traffic to other nodes' endpoints is translated and sent
+    /// back out before the kernel builds a socket buffer), `generic` (the same program in the
+    /// stack, on any interface: for testing, or a driver without XDP), or `off` (the TC
+    /// programs serve all of it, identically). Off by default, as Cilium's acceleration is:
+    /// attaching native XDP resets some NICs' queues, so it is the operator's choice. Frames
+    /// must arrive with complete checksums, as from a wire (see svc-ebpf/DESIGN.md).
+    #[arg(long, value_enum, default_value_t = crate::pins::XdpAttach::Off, env = "SVC_XDP")]
+    pub xdp: crate::pins::XdpAttach,
     /// Standalone mode: read `Service`, `EndpointSlice`, `Node` and `Pod` objects from the YAML/JSON
     /// files in this directory and follow its changes live; Services with a selector get their
     /// endpoints from the Pods, as the `EndpointSlice` controller computes them. Without it, the

@@ -53,9 +53,10 @@ use anyhow::{Context as _, bail};
 use aya::{
     Ebpf,
     programs::{
-        LinkOrder, ProgramInfo, SchedClassifier, TcAttachType,
+        LinkOrder, ProgramInfo, SchedClassifier, TcAttachType, Xdp, XdpMode,
         links::{FdLink, LinkType},
         tc::{SchedClassifierLink, TcAttachOptions},
+        xdp::XdpLink,
     },
 };
 use futures_util::{StreamExt as _, TryStreamExt as _, stream::BoxStream};
@@ -74,8 +75,9 @@ use tracing::{debug, info, warn};
 use crate::{
     loader::{
         IfacePatterns, PROG_TC_FROM_POD, PROG_TC_FROM_WORLD, PROG_TC_TO_POD, PROG_TC_TO_WORLD,
+        PROG_XDP_FROM_WORLD,
     },
-    pins::{self, PinnedTcLink, TcHook, TcPinAction},
+    pins::{self, PinnedTcLink, TcHook, TcPinAction, XdpAttach},
 };
 
 /// Receive buffer asked for the event socket (the kernel caps it at `net.core.rmem_max`). The
@@ -587,21 +589,26 @@ impl HookOutcome {
     }
 }
 
-/// The pinned links of the TC programs, by ifindex: which interfaces have them, in which role.
+/// The pinned links of the TC programs (and of the XDP program, on node-facing interfaces
+/// with `--xdp native|generic`), by ifindex: which interfaces have them, in which role.
 #[derive(Debug)]
 pub struct IfaceLinks {
     pin_dir: PathBuf,
     /// ifindex -> the interface's name and the role its programs are for.
     by_index: HashMap<u32, (String, IfaceRole)>,
+    /// How the XDP program goes on node-facing interfaces.
+    xdp: XdpAttach,
 }
 
 impl IfaceLinks {
-    /// No attachment known yet; links are pinned below `pin_dir` (`<bpffs>/svc/v1`).
+    /// No attachment known yet; links are pinned below `pin_dir` (`<bpffs>/svc/v1`); the XDP
+    /// program goes on node-facing interfaces as `xdp` says.
     #[must_use]
-    pub fn new(pin_dir: &Path) -> Self {
+    pub fn new(pin_dir: &Path, xdp: XdpAttach) -> Self {
         Self {
             pin_dir: pin_dir.to_owned(),
             by_index: HashMap::new(),
+            xdp,
         }
     }
 
@@ -710,6 +717,23 @@ impl IfaceLinks {
         let [(_, ingress), (_, egress)] = outcomes[..] else {
             bail!("internal: {} hook outcomes for {name}", outcomes.len());
         };
+        // XDP: on a node-facing interface as `--xdp` says; off everywhere else (an earlier
+        // agent's XDP link of another mode, or on an interface now pod-facing, goes). A
+        // failure leaves the TC programs, which serve everything alone, and is only logged.
+        let xdp = if role == IfaceRole::NodeFacing {
+            self.xdp
+        } else {
+            XdpAttach::Off
+        };
+        match pin_xdp_program(ebpf, &self.pin_dir, name, index, xdp) {
+            Ok(Some(outcome)) => {
+                info!(iface = %name, ifindex = index, mode = xdp.name(), outcome = outcome.name(), "{role} interface: {PROG_XDP_FROM_WORLD} on XDP ({}), link pinned", xdp.name());
+            }
+            Ok(None) => {}
+            Err(e) => {
+                warn!(iface = %name, ifindex = index, mode = xdp.name(), error = %format!("{e:#}"), "XDP not attached: the TC programs serve this interface alone");
+            }
+        }
         let pins = pins::tc_iface_dir(&self.pin_dir, index);
         let [(ingress_prog, _), (egress_prog, _)] = role.programs();
         let both = |outcome| ingress == outcome && egress == outcome;
@@ -844,6 +868,83 @@ fn pin_tc_program(
         .with_context(|| format!("the link of {prog_name} on {iface} is no TCX link"))?;
     pins::pin_replacing(link, &path)?;
     Ok(HookOutcome::Attached)
+}
+
+/// Puts the XDP program on `iface` (ifindex `index`) in mode `xdp` through a link pinned at
+/// `links/tc/<index>/xdp-<mode>`, and removes the pin of any XDP link of another mode (the
+/// kernel refuses a second mode beside one attached; removing the pin detaches it, and the
+/// TC programs serve the interface meanwhile). An earlier agent's link of this mode gets this
+/// agent's program in place (`BPF_LINK_UPDATE`); one that is no longer attached (its interface
+/// went) is replaced by a new link. `Off`: only the removal; returns `None`.
+fn pin_xdp_program(
+    ebpf: &mut Ebpf,
+    pin_dir: &Path,
+    iface: &str,
+    index: u32,
+    xdp: XdpAttach,
+) -> anyhow::Result<Option<HookOutcome>> {
+    let dir = pins::tc_iface_dir(pin_dir, index);
+    for other in XdpAttach::PINS {
+        if Some(other) != xdp.pin_name() {
+            match fs::remove_file(dir.join(other)) {
+                Ok(()) => info!(
+                    iface,
+                    ifindex = index,
+                    pin = other,
+                    "removed the XDP link of another --xdp mode"
+                ),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    return Err(e)
+                        .with_context(|| format!("removing {}", dir.join(other).display()));
+                }
+            }
+        }
+    }
+    let (Some(pin), mode) = (
+        xdp.pin_name(),
+        match xdp {
+            XdpAttach::Native => XdpMode::Driver,
+            XdpAttach::Generic | XdpAttach::Off => XdpMode::Skb,
+        },
+    ) else {
+        return Ok(None);
+    };
+    let path = dir.join(pin);
+    let prog = crate::loader::loaded::<Xdp>(ebpf, PROG_XDP_FROM_WORLD)?;
+    let prog_id = prog.info()?.id();
+    if let Some((link, info)) = pins::open_link(&path)? {
+        if info.program_id() == prog_id {
+            return Ok(Some(HookOutcome::Kept));
+        }
+        // A link whose interface went (the ifindex reused since) refuses the update (ENOLINK).
+        match XdpLink::try_from(link).map(|link| prog.attach_to_link(link)) {
+            Ok(Ok(id)) => {
+                // The pin holds the link; dropping this handle only closes a descriptor.
+                drop(prog.take_link(id)?);
+                return Ok(Some(HookOutcome::Replaced));
+            }
+            Ok(Err(e)) => {
+                debug!(iface, pin = %path.display(), error = %e, "pinned XDP link not updatable: replacing it");
+            }
+            Err(e) => {
+                debug!(iface, pin = %path.display(), error = %e, "pin is no XDP link: replacing it");
+            }
+        }
+        fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+    }
+    let id = prog.attach_to_if_index(index, mode).with_context(|| {
+        format!(
+            "attaching {PROG_XDP_FROM_WORLD} to {iface} in {} mode",
+            xdp.name()
+        )
+    })?;
+    let link: FdLink = prog
+        .take_link(id)?
+        .try_into()
+        .with_context(|| format!("the XDP link on {iface} is no BPF link (kernel < 5.9?)"))?;
+    pins::pin_replacing(link, &path)?;
+    Ok(Some(HookOutcome::Attached))
 }
 
 /// Attaches each interface's programs (by its role) to the interfaces of the watch's first

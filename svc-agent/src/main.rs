@@ -242,11 +242,10 @@ async fn run(bpffs: &std::path::Path, args: &RunArgs) -> anyhow::Result<()> {
     // Another layout's pins (an upgrade or a rollback): this layout is built beside them and
     // they are removed after the first sync (svc-ebpf/DESIGN.md, "Layout versions").
     let others = other_layouts(bpffs)?;
-    let patterns = args.iface_roles()?;
     // Pod-facing and node-facing interfaces, those there now (the watch's first listing) and
     // those that appear later (netlink link events), get their role's TC programs; they are
     // followed for the agent's life.
-    let watch = ifaces::IfaceWatch::start(patterns).await?;
+    let watch = ifaces::IfaceWatch::start(args.iface_roles()?).await?;
     // External flows to other nodes' endpoints get source ports of this range: the node's own
     // sockets must never pick them (svc-ebpf/DESIGN.md, "North-south").
     let snat_ports = args.snat_ports()?;
@@ -263,6 +262,7 @@ async fn run(bpffs: &std::path::Path, args: &RunArgs) -> anyhow::Result<()> {
         metrics: recorder.clone(),
         snat_ports,
         maglev_size: args.maglev_table_size,
+        xdp: args.xdp,
     })?;
     // After the first sync, and once this layout's programs are attached: another layout's
     // programs go only once this layout's maps hold the desired state (until then its TC links

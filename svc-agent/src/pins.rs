@@ -6,6 +6,8 @@
 //!   <MAP_NAME>                              every map of svc_common::MAP_NAMES
 //!   links/tc/<ifindex>/ingress              TCX link, ingress: svc_tc_from_pod (pod-facing) or svc_tc_from_world (node-facing)
 //!   links/tc/<ifindex>/egress               TCX link, egress: svc_tc_to_pod or svc_tc_to_world, same interface
+//!   links/tc/<ifindex>/xdp-native           XDP link (node-facing, --xdp native): svc_xdp_from_world
+//!   links/tc/<ifindex>/xdp-generic          XDP link (node-facing, --xdp generic): svc_xdp_from_world
 //!   links/cgroup/<cgroup id>/<program>      cgroup link of one connect-time program (svc_sock_*)
 //! ```
 //!
@@ -73,6 +75,48 @@ impl TcHook {
     pub fn from_name(name: &str) -> Option<Self> {
         Self::ALL.into_iter().find(|h| h.name() == name)
     }
+}
+
+/// How the XDP program goes on node-facing interfaces (`--xdp`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum XdpAttach {
+    /// In the driver (`XDP_FLAGS_DRV_MODE`): before the kernel builds a socket buffer.
+    Native,
+    /// In the stack (`XDP_FLAGS_SKB_MODE`): any interface, after the socket buffer is built.
+    Generic,
+    /// No XDP: the TC programs serve everything.
+    Off,
+}
+
+impl XdpAttach {
+    /// The pin names of XDP links, one per mode.
+    pub const PINS: [&str; 2] = ["xdp-native", "xdp-generic"];
+
+    /// The link's pin name in an interface's directory (`None` for [`Self::Off`]).
+    #[must_use]
+    pub const fn pin_name(self) -> Option<&'static str> {
+        match self {
+            Self::Native => Some(Self::PINS[0]),
+            Self::Generic => Some(Self::PINS[1]),
+            Self::Off => None,
+        }
+    }
+
+    /// The flag's value (`native`, `generic`, `off`).
+    #[must_use]
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Native => "native",
+            Self::Generic => "generic",
+            Self::Off => "off",
+        }
+    }
+}
+
+/// Whether `name` is the pin of a link of a followed interface: a TC hook's or an XDP link's.
+#[must_use]
+pub fn is_iface_link_pin(name: &str) -> bool {
+    TcHook::from_name(name).is_some() || XdpAttach::PINS.contains(&name)
 }
 
 /// `<pin dir>/links`.
@@ -164,8 +208,8 @@ pub type PinGroup = (String, Vec<String>);
 /// What to remove of `links/tc` (paths relative to it), given its groups and the ifindexes
 /// of the interfaces that have a role now: the directory of every other ifindex (an
 /// interface deleted, or renamed out of the patterns, while no agent ran; removing its pins
-/// detaches what is still attached), and in the others any file that is not a hook's pin (a
-/// `-new` left by an agent killed while pinning).
+/// detaches what is still attached), and in the others any file that is not a hook's or an XDP
+/// link's pin (a `-new` left by an agent killed while pinning).
 #[must_use]
 pub fn stale_tc_pins(groups: &[PinGroup], live: &BTreeSet<u32>) -> Vec<PathBuf> {
     let mut stale = Vec::new();
@@ -180,7 +224,7 @@ pub fn stale_tc_pins(groups: &[PinGroup], live: &BTreeSet<u32>) -> Vec<PathBuf> 
         stale.extend(
             files
                 .iter()
-                .filter(|f| TcHook::from_name(f).is_none())
+                .filter(|f| !is_iface_link_pin(f))
                 .map(|f| Path::new(dir).join(f)),
         );
     }
@@ -646,11 +690,11 @@ mod tests {
     #[test]
     fn tc_pins_of_interfaces_no_longer_pod_facing_are_stale() {
         let groups = [
-            group("3", &["ingress", "egress"]),
+            group("3", &["ingress", "egress", "xdp-native"]),
             // Gone (or renamed out of the patterns) while no agent ran.
-            group("4", &["ingress", "egress"]),
+            group("4", &["ingress", "egress", "xdp-generic"]),
             // Killed between pinning and renaming.
-            group("5", &["ingress", "egress", "egress-new"]),
+            group("5", &["ingress", "egress", "egress-new", "xdp-generic-new"]),
             // Not a name the agent writes.
             group("05", &["ingress"]),
             group("junk", &[]),
@@ -661,6 +705,7 @@ mod tests {
             [
                 PathBuf::from("4"),
                 PathBuf::from("5/egress-new"),
+                PathBuf::from("5/xdp-generic-new"),
                 PathBuf::from("05"),
                 PathBuf::from("junk"),
             ]

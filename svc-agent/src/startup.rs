@@ -70,6 +70,8 @@ pub struct Plan {
     pub snat_ports: crate::datapath::snat::PortRange,
     /// The external frontends' Maglev table size (`--maglev-table-size`; 0: off).
     pub maglev_size: u32,
+    /// How the XDP program goes on node-facing interfaces (`--xdp`).
+    pub xdp: crate::pins::XdpAttach,
 }
 
 /// The programs loaded and attached, for the task that follows interfaces from then on.
@@ -216,6 +218,7 @@ fn load_and_attach(plan: Plan, report: &mut Report) -> anyhow::Result<Attached> 
         metrics,
         snat_ports,
         maglev_size,
+        xdp,
     } = plan;
     let pin_dir = loader::pin_dir(&bpffs);
     let since = Instant::now();
@@ -251,7 +254,7 @@ fn load_and_attach(plan: Plan, report: &mut Report) -> anyhow::Result<Attached> 
     // takes over what an earlier agent of this layout pinned (same maps, so at once), or goes
     // beside another layout's.
     crate::cgroup::attach_from_arg(&mut ebpf, &cgroup, &pin_dir)?;
-    let mut links = IfaceLinks::new(&pin_dir);
+    let mut links = IfaceLinks::new(&pin_dir, xdp);
     crate::ifaces::attach_listed(&mut ebpf, &mut watch, &mut links)?;
     // Maps of another size were migrated: the programs now attached use the new maps; what the
     // old programs added meanwhile is copied over and the old maps' pins go. Only then may the

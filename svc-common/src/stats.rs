@@ -94,11 +94,15 @@ pub enum PktCounter {
     Snat = 22,
     /// A reply to an SNAT'd flow whose destination became the client again.
     RevSnat = 23,
+    /// A frame the XDP program decided itself: sent back out (`XDP_TX`, `XDP_REDIRECT`),
+    /// dropped, or passed to TC with its decision (`svc_common::handoff`). Frames it passed
+    /// untouched are TC's and not counted here.
+    Xdp = 24,
 }
 
 impl PktCounter {
     /// Every counter, in index order.
-    pub const ALL: [Self; 24] = [
+    pub const ALL: [Self; 25] = [
         Self::NonIp,
         Self::Ipv4,
         Self::Ipv6,
@@ -123,6 +127,7 @@ impl PktCounter {
         Self::ExtDnat,
         Self::Snat,
         Self::RevSnat,
+        Self::Xdp,
     ];
     /// Number of entries in `PKT_STATS_V1`.
     pub const COUNT: u32 = Self::ALL.len() as u32;
@@ -155,6 +160,7 @@ impl PktCounter {
             Self::ExtDnat => "ext_dnat",
             Self::Snat => "snat",
             Self::RevSnat => "rev_snat",
+            Self::Xdp => "xdp",
         }
     }
 }

@@ -23,7 +23,11 @@ use aya_ebpf::{
     helpers::{bpf_redirect, bpf_xdp_adjust_meta},
     programs::XdpContext,
 };
-use svc_common::{addr::FAMILY_V4, handoff, stats::DropReason};
+use svc_common::{
+    addr::FAMILY_V4,
+    handoff,
+    stats::{DropReason, PktCounter},
+};
 
 use crate::{
     frame::Frame as _,
@@ -41,6 +45,7 @@ pub fn from_world(ctx: &XdpContext) -> u32 {
         return XDP_PASS;
     }
     let len = ctx.len();
+    stats::count(PktCounter::Xdp, len);
     stats::count(pkt.l3, len);
     if let Some(l4) = pkt.l4 {
         stats::count(l4, len);

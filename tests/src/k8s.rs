@@ -924,6 +924,10 @@ impl Agent {
         if supports_flag(binary, "--socket-lb")? {
             cmd.arg("--socket-lb").arg(socket_lb());
         }
+        // The XDP program on the uplink too, when the run asks for it.
+        if crate::netns::xdp_mode() != "off" {
+            cmd.arg("--xdp").arg(crate::netns::xdp_mode());
+        }
         // Test agents (`audit`) check their incremental passes against the full computation
         // every 2 s (the default is 5 min): any drift is a warning, and a test fails on an
         // agent's warnings. Benchmarks run the agent as shipped.

@@ -39,7 +39,9 @@ pub use plan::{
     v6_twin,
 };
 pub use process::{Process, STOP_GRACE};
-pub use topology::{BRIDGE, ETH0, External, Node, POD_IFNAME_PREFIX, Pod, Topology};
+pub use topology::{
+    BRIDGE, ETH0, External, Node, POD_IFNAME_PREFIX, Pod, Topology, XDP_ENV, xdp_mode,
+};
 
 /// Fails with a message saying why root is needed when the process is not root. Tests that
 /// build a [`Topology`] or load eBPF programs call this first (through [`Topology::new`]), so

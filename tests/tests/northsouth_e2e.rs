@@ -119,6 +119,42 @@ impl Cluster {
         &self.topo.external().ns
     }
 
+    /// With `--xdp generic|native` (`SVC_TEST_XDP`): node1's uplink has the XDP program on a
+    /// pinned XDP link of that mode, and it decided frames itself (counted `xdp`, in node1's
+    /// `stats`); with XDP off, it is nowhere and decided nothing.
+    fn expect_xdp_as_configured(&self, stats: &BTreeMap<String, u64>) {
+        let mode = svc_tests::netns::xdp_mode();
+        let links = k8s::agent_command(
+            &self.agent_bin,
+            self.agent(0).bpffs(),
+            &["inspect", "links", "-o", "json"],
+        )
+        .expect("inspect links");
+        let links: Vec<svc_agent::inspect::PinnedLinkView> = serde_json::from_str(&links)
+            .unwrap_or_else(|e| panic!("inspect links -o json: {e}\n{links}"));
+        let xdp: Vec<_> = links.iter().filter(|l| l.link_type == "xdp").collect();
+        let decided = stats.get("xdp").copied().unwrap_or_default();
+        if mode == "off" {
+            assert!(xdp.is_empty(), "XDP links with --xdp off: {xdp:?}");
+            assert_eq!(decided, 0, "XDP off, yet frames counted xdp{}", self.diag());
+            return;
+        }
+        assert!(
+            xdp.len() == 1
+                && xdp[0].pin.ends_with(format!("xdp-{mode}"))
+                && xdp[0].program.starts_with("svc_xdp_from_w"),
+            "node1 should have one XDP link, pinned as xdp-{mode}: {links:?}"
+        );
+        assert!(
+            decided > 0,
+            "--xdp {mode}: node1's XDP program decided no frame{}",
+            self.diag()
+        );
+        self.step(&format!(
+            "--xdp {mode}: XDP decided {decided} frames on node1"
+        ));
+    }
+
     /// Waits until node `node` programmed frontend `key` (`inspect services` key form).
     fn wait_programmed(&self, node: usize, key: &str) {
         let deadline = Instant::now() + SYNC_TIMEOUT;
@@ -243,6 +279,7 @@ fn node_ports_reach_local_endpoints_directly_and_remote_ones_through_snat() {
             c.diag()
         );
     }
+    c.expect_xdp_as_configured(&stats);
     // `inspect nat` shows the SNAT'd flows: from the external client, as node1, to web-1.
     let nat = k8s::agent_command(
         &c.agent_bin,

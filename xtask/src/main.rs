@@ -173,6 +173,28 @@ fn test(no_lint: bool) -> anyhow::Result<()> {
             &[("SVC_TEST_SOCKET_LB", mode)],
         )?;
     }
+    // The north-south cases again with the XDP program on the uplinks (`--xdp`), in both
+    // attach modes: XDP and TC together must serve exactly what TC alone does.
+    for xdp in ["generic", "native"] {
+        step(&format!(
+            "tier 3: north-south end to end with --xdp {xdp} (the underlay made a wire: full \
+             checksums, XDP on the bridge ports)"
+        ));
+        cargo_env(
+            &[
+                "test",
+                "-p",
+                "svc-tests",
+                "--test",
+                "northsouth_e2e",
+                "--test",
+                "source_ranges_e2e",
+                "--",
+                "--test-threads=1",
+            ],
+            &[("SVC_TEST_XDP", xdp)],
+        )?;
+    }
     Ok(())
 }
 

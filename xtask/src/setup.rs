@@ -28,6 +28,8 @@ const PACKAGES: &[&str] = &[
     "rust-web-clippy",
     // The netns harness and the agent's interface handling.
     "iproute2",
+    // Checksum offload off and GRO on for the underlay of the XDP end-to-end runs.
+    "ethtool",
     // Operators' and tests' view of loaded programs and maps.
     "bpftool",
 ];

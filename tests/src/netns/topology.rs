@@ -13,6 +13,10 @@ use std::{
 };
 
 use anyhow::{Context as _, anyhow, bail};
+use aya::{
+    Ebpf,
+    programs::{Xdp, XdpMode},
+};
 use nix::mount::{MsFlags, mount};
 
 use super::{
@@ -59,6 +63,62 @@ const NODE_SYSCTLS: &[&str] = &[
     "net.ipv4.conf.all.send_redirects=0",
     "net.ipv4.conf.default.send_redirects=0",
 ];
+
+/// Environment variable choosing how the end-to-end tests' agents attach the XDP program to
+/// the nodes' uplinks: `off` (the default), `generic` or `native` (`--xdp`). `cargo xtask
+/// test` runs the north-south cases once with each of `generic` and `native` besides.
+pub const XDP_ENV: &str = "SVC_TEST_XDP";
+
+/// The `--xdp` value the tests' agents run with (see [`XDP_ENV`]).
+///
+/// # Panics
+/// When the variable holds anything but `off`, `generic` or `native`.
+#[must_use]
+pub fn xdp_mode() -> &'static str {
+    match std::env::var(XDP_ENV).as_deref() {
+        Err(_) | Ok("" | "off") => "off",
+        Ok("generic") => "generic",
+        Ok("native") => "native",
+        Ok(other) => panic!("{XDP_ENV}={other:?}: expected off, generic or native"),
+    }
+}
+
+/// Makes the underlay behave like a wire for XDP runs: frames arrive with complete checksums
+/// (veth otherwise hands a local stack's `CHECKSUM_PARTIAL` packets over as they are, whose
+/// transport checksum field holds only the pseudo-header sum: XDP sees bytes, not the socket
+/// buffer's checksum state, so it could not rewrite them correctly; a NIC never delivers
+/// such frames), so transmit checksum offload is off on every underlay interface; and the
+/// bridge's ports take the frames nodes send back with `XDP_TX` at once: a veth kicks its
+/// peer's receive queue after `XDP_TX` only when the peer runs an XDP program itself (else
+/// the frames wait there until the peer receives something else), so each port runs one in
+/// native mode that passes every frame: svc's own, from an object of its own whose maps stay
+/// empty (no frontend, no SNAT address: every frame is untouched). The returned object holds
+/// those attachments. `hosts`: the namespaces whose `eth0` is on the underlay.
+fn like_a_wire<'a>(
+    underlay: &Netns,
+    ports: &[String],
+    hosts: impl Iterator<Item = &'a Netns>,
+) -> anyhow::Result<Ebpf> {
+    let mut ebpf = svc_agent::loader::load_object_with(
+        svc_agent::loader::MapSizes::small(),
+        svc_agent::loader::Globals::default(),
+    )?;
+    let prog = svc_agent::loader::loaded::<Xdp>(&mut ebpf, svc_agent::loader::PROG_XDP_FROM_WORLD)?;
+    underlay.run(|| {
+        for port in ports {
+            prog.attach(port, XdpMode::Driver)
+                .with_context(|| format!("a pass-through XDP program on the underlay's {port}"))?;
+        }
+        Ok(())
+    })?;
+    for port in ports {
+        underlay.exec(["ethtool", "-K", port, "tx", "off"])?;
+    }
+    for ns in hosts {
+        ns.exec(["ethtool", "-K", ETH0, "tx", "off"])?;
+    }
+    Ok(ebpf)
+}
 
 /// Sysctls for the underlay: a pure layer-2 segment, no IPv6 on the bridge or its ports.
 const UNDERLAY_SYSCTLS: &[&str] = &[
@@ -172,6 +232,8 @@ pub struct Topology {
     pods: Vec<Pod>,
     /// Each pod's socket helper (see [`super::sockd`]).
     sockds: Vec<Process>,
+    /// With XDP on, the underlay ports' pass-through XDP programs (see `like_a_wire`).
+    _wire: Option<Ebpf>,
     // Last, so the handles above are gone before the cleanup runs (they own nothing anyway).
     guard: RunGuard,
 }
@@ -237,6 +299,18 @@ impl Topology {
         let mut ports: Vec<String> = (1..=NODE_COUNT).map(|i| format!("n{i}")).collect();
         ports.push("ext".to_owned());
         ports.push("gw".to_owned());
+        let wire = if xdp_mode() == "off" {
+            None
+        } else {
+            Some(like_a_wire(
+                &underlay,
+                &ports,
+                nodes
+                    .iter()
+                    .map(|n| &n.ns)
+                    .chain([&external.ns, &black_hole]),
+            )?)
+        };
         wait_bridge_forwarding(&underlay, &ports)?;
         for ns in nodes
             .iter()
@@ -253,6 +327,7 @@ impl Topology {
             external,
             pods: Vec::new(),
             sockds: Vec::new(),
+            _wire: wire,
             guard,
         })
     }
