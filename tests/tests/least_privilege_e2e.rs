@@ -6,6 +6,11 @@
 //! client pod on node1: the agents program their maps and the client's connections reach the
 //! backend; node1's agent is then restarted and takes over its pinned links (which needs
 //! `CAP_SYS_ADMIN`: the programs on a TCX hook are opened by id), and traffic still flows.
+//! Last the backend is replaced by another: a connected UDP socket of the client pod that the
+//! connect-time programs sent to the old one is destroyed by the restarted agent (`setns` into
+//! the pod's namespace: `CAP_SYS_ADMIN`; `SOCK_DESTROY`: `CAP_NET_ADMIN`) and reaches the new
+//! one once connected again (per packet, `--socket-lb host-only`: nothing to destroy, the next
+//! datagram goes to the new backend).
 //! With `CAP_SYS_ADMIN` removed from the set the agent refuses to start, naming it, before it
 //! pins anything.
 //!
@@ -15,9 +20,9 @@
 
 use std::{
     ffi::{OsStr, OsString},
-    net::{IpAddr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket},
     path::Path,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use k8s_openapi::api::apps::v1::DaemonSet;
@@ -37,7 +42,12 @@ const IO_TIMEOUT: Duration = Duration::from_secs(2);
 /// Requests per address family after each start.
 const REQUESTS: usize = 10;
 const SERVICE_PORT: u16 = 80;
+/// The Service's UDP port (to the same backend port: the test servers answer TCP and UDP).
+const UDP_PORT: u16 = 53;
 const BACKEND_PORT: u16 = 8080;
+/// How long the agents may take to apply a change of the directory, and the restarted agent
+/// to destroy the socket of the ended backend.
+const SYNC_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The capabilities the `DaemonSet` adds to the agent's container, which drops every other.
 fn daemonset_capabilities() -> Vec<Cap> {
@@ -181,32 +191,19 @@ fn the_daemonsets_capabilities_run_the_agent_and_serve_a_cluster_ip() {
     caps::check(mask(&granted), true).expect("the DaemonSet grants what the agent checks for");
     let launcher = launcher(&granted);
     let launcher: Vec<&OsStr> = launcher.iter().map(OsString::as_os_str).collect();
-    let mut bed = TestBed::new(&[(0, "client"), (1, "web")]);
+    let mut bed = TestBed::new(&[(0, "client"), (1, "web"), (1, "web2")]);
     let (v4, v6) = (vip4(40), vip6(40));
-    let svc = Service::cluster_ip("web", &[v4, v6]).port(
-        "http",
-        Protocol::Tcp,
-        SERVICE_PORT,
-        BACKEND_PORT,
-    );
-    let mut docs = vec![svc.to_yaml()];
-    for vip in [v4, v6] {
-        docs.push(
-            EndpointSlice::new("web", vip.is_ipv6())
-                .ports_of(&svc, &[])
-                .ready_pods(&bed.topo, [bed.pod("web")])
-                .to_yaml(),
-        );
-    }
     bed.manifests
-        .write("web.yaml", &k8s::documents(&docs))
+        .write("web.yaml", &service_yaml(&bed, &[v4, v6], "web"))
         .expect("writing the Service");
     let backends = k8s::Backends::new();
-    let web = bed.pod("web");
-    for ip in [IpAddr::from(web.ipv4), web.ipv6.into()] {
-        backends
-            .serve(&web.ns, "web", SocketAddr::new(ip, BACKEND_PORT))
-            .expect("serving web");
+    for name in ["web", "web2"] {
+        let pod = bed.pod(name);
+        for ip in [IpAddr::from(pod.ipv4), pod.ipv6.into()] {
+            backends
+                .serve(&pod.ns, name, SocketAddr::new(ip, BACKEND_PORT))
+                .unwrap_or_else(|e| panic!("serving {name}: {e:#}"));
+        }
     }
     bed.start_agents_under(&launcher);
     for (node, agent) in bed.agents.iter().enumerate() {
@@ -221,8 +218,13 @@ fn the_daemonsets_capabilities_run_the_agent_and_serve_a_cluster_ip() {
         |vip: IpAddr| SocketAddr::new(bed.pod_ip("web", vip), BACKEND_PORT).to_string();
     for node in 0..2 {
         let programmed = bed.programmed(node);
-        for vip in [v4, v6] {
-            let key = frontend_key(SocketAddr::new(vip, SERVICE_PORT), Protocol::Tcp);
+        for (vip, port, proto) in [v4, v6].into_iter().flat_map(|v| {
+            [
+                (v, SERVICE_PORT, Protocol::Tcp),
+                (v, UDP_PORT, Protocol::Udp),
+            ]
+        }) {
+            let key = frontend_key(SocketAddr::new(vip, port), proto);
             assert_eq!(
                 programmed.backends(&key),
                 Some([want_backend(vip)].into()),
@@ -232,7 +234,7 @@ fn the_daemonsets_capabilities_run_the_agent_and_serve_a_cluster_ip() {
             );
         }
     }
-    bed.step("both agents programmed web's two frontends");
+    bed.step("both agents programmed web's four frontends (2 VIPs x TCP/UDP) with web behind each");
     requests_reach_the_backend(&bed, &[v4, v6], "first");
 
     // A restart under the same capabilities takes over the pinned links (the programs on
@@ -262,8 +264,105 @@ fn the_daemonsets_capabilities_run_the_agent_and_serve_a_cluster_ip() {
          of {took_over} interfaces (BPF_LINK_UPDATE)"
     ));
     requests_reach_the_backend(&bed, &[v4, v6], "after-restart");
+    udp_socket_of_the_ended_backend_moves_on(&mut bed, v4, v6);
     drop(backends);
     bed.finish();
+}
+
+/// The Service `web` on `vips` (TCP 80 and UDP 53 to 8080) with `backend` its one endpoint.
+fn service_yaml(bed: &TestBed, vips: &[IpAddr], backend: &str) -> String {
+    let svc = Service::cluster_ip("web", vips)
+        .port("http", Protocol::Tcp, SERVICE_PORT, BACKEND_PORT)
+        .port("dns", Protocol::Udp, UDP_PORT, BACKEND_PORT);
+    let mut docs = vec![svc.to_yaml()];
+    for vip in vips {
+        docs.push(
+            EndpointSlice::new("web", vip.is_ipv6())
+                .ports_of(&svc, &[])
+                .ready_pods(&bed.topo, [bed.pod(backend)])
+                .to_yaml(),
+        );
+    }
+    k8s::documents(&docs)
+}
+
+/// The first word of the answer to `request` on the connected `socket` (the server's label).
+fn ask(socket: &UdpSocket, request: &str) -> anyhow::Result<String> {
+    socket.send(request.as_bytes())?;
+    let mut buf = [0u8; 512];
+    let n = socket.recv(&mut buf)?;
+    let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+    Ok(text
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_owned())
+}
+
+/// A connected UDP socket of the client pod talks to `web`; `web` leaves the Service for
+/// `web2`. At the socket (`--socket-lb all`) node1's agent, running with the `DaemonSet`'s
+/// capabilities, destroys it in the pod's namespace (`ECONNABORTED`), and connected again it
+/// reaches `web2`; per packet the next datagram on it reaches `web2`.
+fn udp_socket_of_the_ended_backend_moves_on(bed: &mut TestBed, v4: IpAddr, v6: IpAddr) {
+    let dst = SocketAddr::new(v4, UDP_PORT);
+    let client = bed.pod("client").ns.clone();
+    let socket = client
+        .run(|| {
+            let socket = k8s::udp_socket(SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), 0))?;
+            socket.connect(dst)?;
+            socket.set_read_timeout(Some(IO_TIMEOUT))?;
+            let label = ask(&socket, "hello")?;
+            anyhow::ensure!(label == "web", "answered by {label}");
+            Ok(socket)
+        })
+        .unwrap_or_else(|e| panic!("a connected UDP socket to {dst}: {e:#}{}", bed.diag()));
+    let before: Vec<usize> = bed.agents.iter().map(Agent::syncs).collect();
+    bed.manifests
+        .write("web.yaml", &service_yaml(bed, &[v4, v6], "web2"))
+        .expect("writing the Service");
+    for (agent, before) in bed.agents.iter_mut().zip(before) {
+        agent
+            .wait_syncs(before + 1, SYNC_TIMEOUT)
+            .unwrap_or_else(|e| panic!("{e:#}"));
+    }
+    if k8s::pods_at_socket() {
+        let deadline = Instant::now() + SYNC_TIMEOUT;
+        let error = loop {
+            if let Some(error) = socket.take_error().expect("SO_ERROR") {
+                break error;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the socket connected to web was not destroyed within {SYNC_TIMEOUT:?}; \
+                 node1's agent:\n{}",
+                bed.agent(0).log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert_eq!(
+            error.raw_os_error(),
+            Some(nix::libc::ECONNABORTED),
+            "{error}"
+        );
+        let log = bed.agent(0).log();
+        assert!(
+            log.contains(
+                "destroyed 1 connected UDP sockets of ended backends in 1 network namespaces"
+            ),
+            "node1's agent did not log the destroy:\n{log}"
+        );
+        socket.connect(dst).expect("connecting the socket again");
+    }
+    let label = ask(&socket, "again").unwrap_or_else(|e| panic!("asking {dst} again: {e}"));
+    assert_eq!(label, "web2", "after web left the Service");
+    bed.step(&format!(
+        "web replaced by web2: the client's connected UDP socket {}, then reached web2",
+        if k8s::pods_at_socket() {
+            "was destroyed by node1's agent (ECONNABORTED) in the pod's namespace"
+        } else {
+            "(translated per packet) was left alone"
+        }
+    ));
 }
 
 #[test]
