@@ -3,8 +3,8 @@
 //! diverge) and no way to gain others (`setpriv`: bounding set, no inheritable or ambient
 //! capabilities, `no_new_privs` as `allowPrivilegeEscalation: false`). Two emulated nodes, an
 //! agent on each started that way, a `ClusterIP` Service whose one backend is on node2 and a
-//! client pod on node1: the agents program their maps and the client's connections reach the
-//! backend; node1's agent is then restarted and takes over its pinned links (which needs
+//! client pod on node1: the agents program their maps (`inspect services`, also run with those
+//! capabilities, shows them) and the client's connections reach the backend; node1's agent is then restarted and takes over its pinned links (which needs
 //! `CAP_SYS_ADMIN`: the programs on a TCX hook are opened by id), and traffic still flows.
 //! Last the backend is replaced by another: a connected UDP socket of the client pod that the
 //! connect-time programs sent to the old one is destroyed by the restarted agent (`setns` into
@@ -235,6 +235,22 @@ fn the_daemonsets_capabilities_run_the_agent_and_serve_a_cluster_ip() {
         }
     }
     bed.step("both agents programmed web's four frontends (2 VIPs x TCP/UDP) with web behind each");
+    // What an operator runs in the agent's container (`kubectl exec ds/svc-agent -- svc-agent
+    // inspect services`) works with its capabilities too.
+    let out = std::process::Command::new(launcher[0])
+        .args(&launcher[1..])
+        .arg(&bed.agent_bin)
+        .arg("--bpffs")
+        .arg(bed.agent(0).bpffs())
+        .args(["inspect", "services", "-o", "json"])
+        .output()
+        .expect("running inspect under setpriv");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains(&format!("\"{v4}:{SERVICE_PORT}\"")),
+        "inspect services with the DaemonSet's capabilities: {out:?}"
+    );
+
     requests_reach_the_backend(&bed, &[v4, v6], "first");
 
     // A restart under the same capabilities takes over the pinned links (the programs on
