@@ -13,9 +13,31 @@ pub struct Cli {
     /// pinned in `svc/v1`.
     #[arg(long, global = true, default_value = "/sys/fs/bpf", env = "SVC_BPFFS")]
     pub bpffs: PathBuf,
+    /// How log lines (stderr) are written: `text`, one human-readable line per event, or
+    /// `json`, one JSON object per line (`timestamp`, `level`, `message`, the event's fields,
+    /// `target`), for log collectors. A fatal error is the last line, in the same format.
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value_t = LogFormat::Text,
+        env = "SVC_LOG_FORMAT"
+    )]
+    pub log_format: LogFormat,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
+}
+
+/// `--log-format`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum LogFormat {
+    /// `2026-01-01T00:00:00.000000Z  INFO svc_agent: svc-agent running node=node1`.
+    #[default]
+    Text,
+    /// `{"timestamp":"...","level":"INFO","message":"svc-agent running","node":"node1",
+    /// "target":"svc_agent"}`.
+    Json,
 }
 
 /// Subcommands.
@@ -158,6 +180,11 @@ pub struct RunArgs {
     /// sockets never take them. The default is above Linux's default ephemeral range.
     #[arg(long, default_value = "61000-65535", env = "SVC_SNAT_PORT_RANGE")]
     pub snat_port_range: String,
+    /// Where the node's `/proc/sys/net` is (`ipv4/ip_local_reserved_ports` is written there,
+    /// see `--snat-port-range`). A container's own `/proc/sys` is read-only: the `DaemonSet`
+    /// mounts the host's at `/host/proc/sys/net`.
+    #[arg(long, default_value = "/proc/sys/net", env = "SVC_PROC_SYS_NET")]
+    pub proc_sys_net: PathBuf,
     /// `/healthz` and `/livez` answer 503 once a change has waited this long to be programmed
     /// (kube-proxy: twice its 30 s sync period).
     #[arg(

@@ -1,6 +1,7 @@
 //! svc-agent: loads the svc eBPF dataplane, programs Kubernetes Services into its maps and
 //! lets operators inspect it.
 
+pub mod caps;
 pub mod cgroup;
 pub mod cli;
 pub mod datapath;

@@ -3,21 +3,44 @@
 use anyhow::Context as _;
 use clap::Parser as _;
 use svc_agent::{
-    cli::{Cli, Command, Inspect, RunArgs, SocketLb},
+    cli::{Cli, Command, Inspect, LogFormat, RunArgs, SocketLb},
     datapath::ReconcilerHandle as _,
     healthcheck, ifaces, inspect, loader, metrics, pins, serve, standalone, startup,
 };
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
+    let cli = Cli::parse();
+    let format = cli.log_format;
+    init_logging(format);
+    let result = dispatch(cli).await;
+    match result {
+        // With JSON logs the fatal error is a log line like the others (`anyhow`'s `Error: ...`
+        // would be the one line a collector cannot parse).
+        Err(e) if format == LogFormat::Json => {
+            error!("{e:#}");
+            std::process::exit(1);
+        }
+        result => result,
+    }
+}
+
+/// Log lines on stderr in `format`, at `RUST_LOG`'s levels (default `info`).
+fn init_logging(format: LogFormat) {
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
-        .with_writer(std::io::stderr)
-        .init();
-    let cli = Cli::parse();
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        // The event's fields (`message` among them) at the top level of each object.
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+async fn dispatch(cli: Cli) -> anyhow::Result<()> {
     if matches!(cli.command, Command::Inspect { .. }) {
         // On stderr: the tables on stdout stay as they are for scripts.
         eprintln!("{}", inspect::agent_status(&cli.bpffs));
@@ -210,11 +233,21 @@ async fn follow_ifaces(
     ifaces::follow(&mut ebpf, watch, links).await
 }
 
+/// The arguments, and the capabilities: a missing one is named (and what it is for), rather
+/// than a bare `EPERM` from the kernel halfway through the start.
+fn check_first(args: &RunArgs) -> anyhow::Result<()> {
+    args.check()?;
+    svc_agent::caps::check(
+        svc_agent::caps::effective()?,
+        args.socket_lb != SocketLb::Off,
+    )
+}
+
 async fn run(bpffs: &std::path::Path, args: &RunArgs) -> anyhow::Result<()> {
     let started = std::time::Instant::now();
     // Everything that can be checked is checked before anything touches the kernel or the
     // bpffs: a bad argument fails the start with nothing loaded, attached or pinned.
-    args.check()?;
+    check_first(args)?;
     let (sizes, globals) = load_settings(args)?;
     // The API server's configuration is checked before anything touches the kernel, so a bad
     // kubeconfig (or no cluster at all) fails the start with nothing loaded or attached.
@@ -249,7 +282,7 @@ async fn run(bpffs: &std::path::Path, args: &RunArgs) -> anyhow::Result<()> {
     // External flows to other nodes' endpoints get source ports of this range: the node's own
     // sockets must never pick them (svc-ebpf/DESIGN.md, "North-south").
     let snat_ports = args.snat_ports()?;
-    svc_agent::datapath::snat::reserve_ports_or_warn(&snat_ports);
+    svc_agent::datapath::snat::reserve_ports_or_warn(&args.proc_sys_net, &snat_ports);
     // The maps are created (or adopted), the programs loaded (verifier) and attached on a thread
     // of its own while the source lists and computes: the first pass waits for the maps only
     // (svc-ebpf/DESIGN.md, "A starting agent, in this order").

@@ -814,6 +814,27 @@ impl Agent {
             &source,
             format!("synced {}", dir.display()),
             (&TEST_MAP_SIZES, AGENT_START_TIMEOUT, true),
+            &[],
+        )
+    }
+
+    /// Like [`start`](Self::start), but started by `launcher` (a program and its arguments,
+    /// which execs `svc-agent` with the arguments that follow: `setpriv ... --`), so the agent
+    /// runs as the launcher sets it up (its pid is still the agent's).
+    pub fn start_under(
+        launcher: &[&OsStr],
+        binary: &Path,
+        node: &Node,
+        dir: &Path,
+    ) -> anyhow::Result<Self> {
+        let source = [OsStr::new("--from-dir"), dir.as_os_str()];
+        Self::start_with(
+            binary,
+            node,
+            &source,
+            format!("synced {}", dir.display()),
+            (&TEST_MAP_SIZES, AGENT_START_TIMEOUT, true),
+            launcher,
         )
     }
 
@@ -838,6 +859,7 @@ impl Agent {
             &source,
             format!("synced {}", dir.display()),
             (&known, AGENT_START_TIMEOUT, true),
+            &[],
         )
     }
 
@@ -864,7 +886,14 @@ impl Agent {
     ) -> anyhow::Result<Self> {
         let source = [OsStr::new("--kubeconfig"), kubeconfig.as_os_str()];
         let sync_line = "synced from the API server".to_owned();
-        Self::start_with(binary, node, &source, sync_line, (sizes, timeout, true))
+        Self::start_with(
+            binary,
+            node,
+            &source,
+            sync_line,
+            (sizes, timeout, true),
+            &[],
+        )
     }
 
     /// Starts the agent on `node` following `source` with the agent's own default map sizes
@@ -892,7 +921,7 @@ impl Agent {
             .into_iter()
             .chain(flags.iter().map(OsStr::new))
             .collect();
-        Self::start_with(binary, node, &flags, sync_line, (&[], timeout, false))
+        Self::start_with(binary, node, &flags, sync_line, (&[], timeout, false), &[])
     }
 
     fn start_with(
@@ -901,8 +930,16 @@ impl Agent {
         source: &[&OsStr],
         sync_line: String,
         (sizes, timeout, audit): (&[(&str, u32)], Duration, bool),
+        launcher: &[&OsStr],
     ) -> anyhow::Result<Self> {
-        let mut cmd = Command::new(binary);
+        let mut cmd = match launcher.split_first() {
+            Some((program, args)) => {
+                let mut cmd = Command::new(program);
+                cmd.args(args).arg(binary);
+                cmd
+            }
+            None => Command::new(binary),
+        };
         cmd.arg("--bpffs")
             .arg(&node.bpffs)
             .args(["run", "--node-name", &node.name, "--pod-ifaces"])

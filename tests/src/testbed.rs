@@ -128,6 +128,23 @@ impl TestBed {
         ));
     }
 
+    /// Like [`start_agents`](Self::start_agents), each agent started by `launcher` (see
+    /// [`Agent::start_under`]).
+    ///
+    /// # Panics
+    /// When an agent does not start.
+    pub fn start_agents_under(&mut self, launcher: &[&std::ffi::OsStr]) {
+        for node in self.topo.nodes() {
+            let agent = Agent::start_under(launcher, &self.agent_bin, node, self.manifests.path())
+                .unwrap_or_else(|e| panic!("starting svc-agent on {}: {e:#}", node.name));
+            self.agents.push(agent);
+        }
+        self.step(&format!(
+            "svc-agent running on every node under `{}`",
+            launcher.join(std::ffi::OsStr::new(" ")).display()
+        ));
+    }
+
     /// Like [`start_agents`](Self::start_agents) with other map sizes (`(flag, entries)`, see
     /// [`Agent::start_sized`]).
     ///

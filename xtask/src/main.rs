@@ -137,6 +137,8 @@ fn test(no_lint: bool) -> anyhow::Result<()> {
         "--lib",
         "--bins",
     ])?;
+    step("tier 1: the agent binary's log formats (no root)");
+    cargo(&["test", "-p", "svc-agent", "--test", "log_format"])?;
     step("tier 1: the test API server with the real kube client; deployment manifests");
     cargo(&[
         "test",

@@ -13,6 +13,7 @@
 use std::{
     fs,
     ops::RangeInclusive,
+    path::Path,
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -35,8 +36,9 @@ use crate::model::{NodeAddress, NodeAddressKind};
 /// How often ended flows' entries are removed from `SNAT_V1`.
 pub const GC_EVERY: Duration = Duration::from_secs(10);
 
-/// The sysctl holding the ports the node's automatic port choice skips (both families).
-const RESERVED_PORTS: &str = "/proc/sys/net/ipv4/ip_local_reserved_ports";
+/// The sysctl holding the ports the node's automatic port choice skips (both families), below
+/// `/proc/sys/net` (`--proc-sys-net`: a container sees the host's at a mount of its own).
+const RESERVED_PORTS: &str = "ipv4/ip_local_reserved_ports";
 
 /// The SNAT port range (`--snat-port-range`).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -122,14 +124,17 @@ pub fn reserved_with(current: &str, ports: &PortRange) -> Option<String> {
     })
 }
 
-/// Reserves `ports` on this node (network namespace) so its own sockets never pick them.
+/// Reserves `ports` on this node (network namespace) so its own sockets never pick them, in
+/// `proc_sys_net` (`/proc/sys/net`, or where a container has the host's mounted).
 ///
 /// # Errors
 /// When the sysctl cannot be read or written.
-pub fn reserve_ports(ports: &PortRange) -> anyhow::Result<()> {
-    let current = fs::read_to_string(RESERVED_PORTS).context(RESERVED_PORTS)?;
+pub fn reserve_ports(proc_sys_net: &Path, ports: &PortRange) -> anyhow::Result<()> {
+    let path = proc_sys_net.join(RESERVED_PORTS);
+    let current =
+        fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
     if let Some(wanted) = reserved_with(&current, ports) {
-        fs::write(RESERVED_PORTS, &wanted).with_context(|| format!("writing {RESERVED_PORTS}"))?;
+        fs::write(&path, &wanted).with_context(|| format!("writing {}", path.display()))?;
         info!(reserved = %wanted, "SNAT ports reserved for this node's own sockets (ip_local_reserved_ports)");
     }
     Ok(())
@@ -137,8 +142,8 @@ pub fn reserve_ports(ports: &PortRange) -> anyhow::Result<()> {
 
 /// [`reserve_ports`], with a warning when it fails (SNAT still works; a node socket that picks
 /// one of the ports may then see the replies of an SNAT'd flow).
-pub fn reserve_ports_or_warn(ports: &PortRange) {
-    if let Err(e) = reserve_ports(ports) {
+pub fn reserve_ports_or_warn(proc_sys_net: &Path, ports: &PortRange) {
+    if let Err(e) = reserve_ports(proc_sys_net, ports) {
         warn!(error = %format!("{e:#}"), "could not reserve the SNAT ports: a node socket that picks one may see replies of an SNAT'd flow");
     }
 }
