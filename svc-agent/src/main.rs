@@ -35,6 +35,10 @@ async fn main() -> anyhow::Result<()> {
 /// What `svc-agent inspect` prints (stdout), or why it cannot (nothing pinned, another
 /// layout's pins: said plainly, exit 1).
 fn inspect_text(bpffs: &std::path::Path, what: &Inspect) -> anyhow::Result<String> {
+    if let Inspect::Trace(args) = what {
+        // Bad arguments are said before anything is read.
+        args.packet()?;
+    }
     if let Some(why) = inspect::unreadable_pins(bpffs) {
         anyhow::bail!(why);
     }
@@ -54,6 +58,12 @@ fn inspect_text(bpffs: &std::path::Path, what: &Inspect) -> anyhow::Result<Strin
         ),
         Inspect::Links(o) => inspect::format_links(bpffs, &inspect::read_links(bpffs)?, o.format),
         Inspect::Maps(o) => inspect::maps::format_maps(&inspect::maps::read_maps(bpffs)?, o.format),
+        Inspect::Trace(args) => {
+            let packet = args.packet()?;
+            let maps = inspect::trace::pinned::PinnedMaps::open(bpffs)?;
+            let walk = inspect::trace::trace(&maps, &packet, inspect::ct::monotonic_ns()?);
+            inspect::trace::format_trace(&walk, args.output.format)
+        }
         Inspect::Nat(o) => {
             let (entries, max) = inspect::nat::read_nat(bpffs)?;
             inspect::nat::format_nat(&entries, max, inspect::ct::monotonic_ns()?, o.format)

@@ -27,6 +27,7 @@ pub mod ct;
 pub mod maps;
 pub mod nat;
 pub mod output;
+pub mod trace;
 
 fn open_pinned(bpffs: &Path, name: &str) -> anyhow::Result<MapData> {
     let path = pin_dir(bpffs).join(name);
