@@ -347,6 +347,39 @@ pub enum Inspect {
     /// connection tables, frontend, slots and why, affinity, Maglev, SNAT, the verdict and the
     /// rewritten packet.
     Trace(TraceArgs),
+    /// What the maps hold against what a standalone directory's objects say they should hold,
+    /// per Service: missing, extra and different frontends. Exit code 0: no drift; 1: drift;
+    /// 2: an error. (The API server as the source, `--kubeconfig`, is not supported yet.)
+    Diff(DiffArgs),
+}
+
+/// Arguments of `inspect diff`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct DiffArgs {
+    /// Output format (`wide` is `table`).
+    #[command(flatten)]
+    pub output: OutputArgs,
+    /// The directory of YAML, as `svc-agent run --from-dir` reads it.
+    #[arg(long)]
+    pub from_dir: PathBuf,
+    /// This node's name, as `svc-agent run --node-name` (decides which endpoints are local).
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: String,
+    /// As `svc-agent run --nodeport-addresses`.
+    #[arg(long, default_value = "", env = "SVC_NODEPORT_ADDRESSES")]
+    pub nodeport_addresses: String,
+}
+
+impl DiffArgs {
+    /// `--node-name` checked and `--nodeport-addresses` parsed.
+    ///
+    /// # Errors
+    /// Names the flag that is wrong.
+    pub fn checked(&self) -> anyhow::Result<crate::model::NodePortAddresses> {
+        check_node_name(&self.node_name)?;
+        crate::model::NodePortAddresses::parse(&self.nodeport_addresses)
+            .map_err(|e| anyhow::anyhow!("--nodeport-addresses: {e}"))
+    }
 }
 
 /// Arguments of `inspect trace`.

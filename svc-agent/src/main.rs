@@ -24,6 +24,9 @@ async fn main() -> anyhow::Result<()> {
     }
     match cli.command {
         Command::Run(args) => run(&cli.bpffs, &args).await,
+        Command::Inspect {
+            what: Inspect::Diff(args),
+        } => std::process::exit(inspect_diff(&cli.bpffs, &args)),
         Command::Inspect { what } => {
             print!("{}", inspect_text(&cli.bpffs, &what)?);
             Ok(())
@@ -64,9 +67,42 @@ fn inspect_text(bpffs: &std::path::Path, what: &Inspect) -> anyhow::Result<Strin
             let walk = inspect::trace::trace(&maps, &packet, inspect::ct::monotonic_ns()?);
             inspect::trace::format_trace(&walk, args.output.format)
         }
+        // Dispatched before (`inspect_diff`: exit codes of its own); never reached.
+        Inspect::Diff(_) => anyhow::bail!("inspect diff sets its own exit code"),
         Inspect::Nat(o) => {
             let (entries, max) = inspect::nat::read_nat(bpffs)?;
             inspect::nat::format_nat(&entries, max, inspect::ct::monotonic_ns()?, o.format)
+        }
+    }
+}
+
+/// `svc-agent inspect diff`: prints the drift and returns the exit code (0: none, 1: drift,
+/// 2: an error, said on stderr).
+fn inspect_diff(bpffs: &std::path::Path, args: &svc_agent::cli::DiffArgs) -> i32 {
+    let run = || -> anyhow::Result<(String, bool)> {
+        let nodeports = args.checked()?;
+        if let Some(why) = inspect::unreadable_pins(bpffs) {
+            anyhow::bail!(why);
+        }
+        let (state, notes) =
+            inspect::diff::desired_from_dir(&args.from_dir, &args.node_name, nodeports)?;
+        for note in notes {
+            eprintln!("{note}");
+        }
+        let desired = inspect::diff::desired_states(&state);
+        let (have, backends) = inspect::diff::read_have(bpffs)?;
+        let rows = inspect::diff::compare(&desired, &have, &backends);
+        let text = inspect::diff::format_diff(&rows, &desired, args.output.format)?;
+        Ok((text, !rows.is_empty()))
+    };
+    match run() {
+        Ok((text, drift)) => {
+            print!("{text}");
+            i32::from(drift)
+        }
+        Err(e) => {
+            eprintln!("Error: {e:#}");
+            2
         }
     }
 }

@@ -24,6 +24,7 @@ use self::output::Table;
 use crate::{datapath::names, loader::pin_dir, pins};
 
 pub mod ct;
+pub mod diff;
 pub mod maps;
 pub mod nat;
 pub mod output;
