@@ -879,3 +879,58 @@ fn arguments_are_checked() {
     let p = packet(CLIENT, Some(0), VIP, 80);
     assert!(p.check().is_err());
 }
+
+#[test]
+fn ipv6_packets_walk_the_same_steps() {
+    let v6 = |s: &str| s.parse::<std::net::Ipv6Addr>().unwrap().octets();
+    let mut m = Mem::default();
+    m.addrs.insert(
+        AddrKey {
+            addr: v6("2001:db8:f::10"),
+            family: 6,
+            _pad: [0; 3],
+        },
+        addr_flags::FRONTEND | addr_flags::CLUSTER_IP,
+    );
+    m.backends.insert(
+        10,
+        Backend {
+            addr: v6("2001:db8:2::10"),
+            port: be(8080),
+            family: 6,
+            flags: backend_flags::LOCAL,
+        },
+    );
+    m.frontend(
+        ServiceKey {
+            addr: v6("2001:db8:f::10"),
+            family: 6,
+            ..fkey(VIP, 80, scope::INTERNAL)
+        },
+        1,
+        0,
+        &[10],
+    );
+    let p = Packet {
+        src: "2001:db8:1::20".parse().unwrap(),
+        sport: Some(40_000),
+        dst: "[2001:db8:f::10]:80".parse().unwrap(),
+        proto: ipproto::TCP,
+        from_outside: false,
+        syn: true,
+    };
+    let t = trace(&m, &p, NOW);
+    assert_eq!(t.verdict, "translated", "{t:#?}");
+    assert_eq!(
+        t.rewritten,
+        Some(Rewritten {
+            source: "[2001:db8:1::20]:40000".into(),
+            destination: "[2001:db8:2::10]:8080".into()
+        })
+    );
+    // Its entry, once made, is found by the same tuple.
+    m.ct_pair(fwd(&p), 10, 0, false, 0);
+    let t = trace(&m, &Packet { syn: false, ..p }, NOW);
+    assert_eq!(t.flow.as_deref(), Some("established"));
+    assert_eq!(t.backend.unwrap().endpoint, "[2001:db8:2::10]:8080");
+}
