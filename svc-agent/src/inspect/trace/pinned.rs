@@ -1,5 +1,6 @@
 //! The thin reader of `inspect trace`: [`TraceMaps`] over the pinned maps. The maps only the
-//! agent writes and the walk lists (`SERVICES_V1`, `BACKENDS_V1`, the names) are read whole;
+//! agent writes and the walk lists (`SERVICES_V1`, `BACKENDS_V1`, the names) are read whole
+//! (with batched lookups);
 //! the others are looked up one key at a time, as the programs look them up (conntrack and
 //! affinity tables can hold millions of entries).
 
@@ -21,7 +22,12 @@ use svc_common::{
 };
 
 use super::TraceMaps;
-use crate::{datapath::names, inspect::open_pinned, loader::pin_dir, pins};
+use crate::{
+    datapath::{batch, names},
+    inspect::open_pinned,
+    loader::pin_dir,
+    pins,
+};
 
 /// The pinned maps `inspect trace` reads (see the module docs).
 pub struct PinnedMaps {
@@ -97,12 +103,10 @@ impl PinnedMaps {
         let socket_programs = std::fs::read_dir(pins::links_dir(&pin_dir(bpffs)).join("cgroup"))
             .is_ok_and(|mut d| d.next().is_some());
         Ok(Self {
-            services: services
-                .iter()
+            services: batch::entries(&services)
                 .collect::<Result<_, _>>()
                 .context("reading SERVICES_V1")?,
-            backends: backends
-                .iter()
+            backends: batch::entries(&backends)
                 .collect::<Result<_, _>>()
                 .context("reading BACKENDS_V1")?,
             backend_names: crate::inspect::read_names(
