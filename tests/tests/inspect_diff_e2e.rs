@@ -226,6 +226,8 @@ fn diff_says_what_the_maps_hold_against_the_directory() {
         [("web".into(), "internal".into(), "missing".into())],
         "{drift:#?}"
     );
+    // Its slot (web-0's) stays behind, which no program reads now: stray.
+    assert_eq!(drift[0].extra_backends, ["slot 1 (stray)"], "{drift:#?}");
     bed.step("web's frontend entry removed behind the agent's back: reported missing, exit 1");
 
     let (code, _, err) = diff(&bed, &bed.topo.run_dir().join("no-such-dir"), "json");

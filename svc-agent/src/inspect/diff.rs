@@ -51,12 +51,44 @@ pub struct FrontendState {
     pub slots: BTreeMap<String, Option<u8>>,
     /// The Service (`namespace/name`) and port name (`FRONTEND_NAMES_V1`).
     pub name: Option<(String, String)>,
+    /// Whether slot 0 exists (false: only stray slots were found).
+    pub entry: bool,
+    /// Slot entries past the frontend's count, or of a frontend without slot 0: what no
+    /// program reads and no pass of the agent leaves behind.
+    pub stray: Vec<u16>,
 }
 
 /// Every frontend of `services` (slot 0 entries) in id-free form, its slots resolved through
-/// `backends` and its name through `names` (by frontend id).
+/// `backends` and its name through `names` (by frontend id); slot entries no frontend counts
+/// are noted as `stray` (under a state without `entry` when slot 0 is missing).
 #[must_use]
 pub fn frontend_states(
+    services: &BTreeMap<ServiceKey, ServiceValue>,
+    backends: &BTreeMap<u32, Backend>,
+    names: &BTreeMap<u32, (String, String)>,
+) -> BTreeMap<ServiceKey, FrontendState> {
+    let mut out = counted_states(services, backends, names);
+    for k in services.keys().filter(|k| k.slot != 0) {
+        let slot0 = ServiceKey { slot: 0, ..*k };
+        let counted = services.get(&slot0).is_some_and(|v| k.slot <= v.count);
+        if !counted {
+            out.entry(slot0)
+                .or_insert_with(|| FrontendState {
+                    flags: 0,
+                    affinity_timeout: 0,
+                    slots: BTreeMap::new(),
+                    name: None,
+                    entry: false,
+                    stray: Vec::new(),
+                })
+                .stray
+                .push(k.slot);
+        }
+    }
+    out
+}
+
+fn counted_states(
     services: &BTreeMap<ServiceKey, ServiceValue>,
     backends: &BTreeMap<u32, Backend>,
     names: &BTreeMap<u32, (String, String)>,
@@ -81,6 +113,8 @@ pub fn frontend_states(
                 affinity_timeout: v.affinity_timeout,
                 slots,
                 name: names.get(&v.id).cloned(),
+                entry: true,
+                stray: Vec::new(),
             };
             (*k, state)
         })
@@ -242,7 +276,8 @@ pub struct DiffRow {
     pub fields: Vec<FieldDiff>,
     /// Endpoints the objects put in the slots and the maps' slots lack (`addr:port`).
     pub missing_backends: Vec<String>,
-    /// Endpoints in the maps' slots the objects do not have there.
+    /// Endpoints in the maps' slots the objects do not have there, and slot entries no frontend
+    /// counts (`slot N (stray)`).
     pub extra_backends: Vec<String>,
     /// Endpoints kept for established flows (in no slot) that `BACKENDS_V1` lacks, or holds
     /// with other flags.
@@ -334,6 +369,18 @@ fn row(key: &ServiceKey, name: Option<&(String, String)>, drift: &str) -> DiffRo
     }
 }
 
+/// `slot N (stray)` for each stray slot entry of `state`.
+fn stray_words(state: Option<&FrontendState>) -> Vec<String> {
+    state
+        .map(|s| {
+            s.stray
+                .iter()
+                .map(|n| format!("slot {n} (stray)"))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// The frontends of `desired` and `have` (the maps, id-free) that differ, sorted by Service,
 /// port name, then frontend; `have_backends` is `BACKENDS_V1` by endpoint (`addr:port` ->
 /// flags), for the kept backends.
@@ -345,9 +392,10 @@ pub fn compare(
 ) -> Vec<DiffRow> {
     let mut rows = Vec::new();
     for (key, want) in &desired.frontends {
-        let Some(got) = have.get(key) else {
+        let Some(got) = have.get(key).filter(|g| g.entry) else {
             let mut r = row(key, want.name.as_ref(), "missing");
             r.missing_backends = want.slots.keys().cloned().collect();
+            r.extra_backends = stray_words(have.get(key));
             rows.push(r);
             continue;
         };
@@ -392,6 +440,7 @@ pub fn compare(
             .keys()
             .filter(|e| !want.slots.contains_key(*e))
             .cloned()
+            .chain(stray_words(Some(got)))
             .collect();
         for (endpoint, wflags) in desired.kept.get(key).into_iter().flatten() {
             if have_backends.get(endpoint) != Some(wflags) {
@@ -409,7 +458,12 @@ pub fn compare(
     for (key, got) in have {
         if !desired.frontends.contains_key(key) {
             let mut r = row(key, got.name.as_ref(), "extra");
-            r.extra_backends = got.slots.keys().cloned().collect();
+            r.extra_backends = got
+                .slots
+                .keys()
+                .cloned()
+                .chain(stray_words(Some(got)))
+                .collect();
             rows.push(r);
         }
     }

@@ -172,6 +172,8 @@ fn missing_extra_and_different_frontends_are_reported_per_service() {
             affinity_timeout: 0,
             slots: BTreeMap::new(),
             name: Some(("default/old".to_owned(), "http".to_owned())),
+            entry: true,
+            stray: Vec::new(),
         },
     );
     backends.remove("198.18.2.12:8080");
@@ -234,4 +236,48 @@ fn a_directory_that_cannot_be_listed_is_an_error_and_bad_files_are_notes() {
         notes.iter().any(|n| n.contains("no Node named node1")),
         "{notes:?}"
     );
+}
+
+#[test]
+fn slot_entries_no_frontend_counts_are_stray() {
+    let k = ServiceKey {
+        addr: from_v4([198, 19, 0, 10]),
+        port: svc_common::Be16::from_host(80),
+        slot: 0,
+        proto: 6,
+        family: 4,
+        scope: 0,
+        _pad: 0,
+    };
+    let v = |id, count| ServiceValue {
+        id,
+        count,
+        ..ServiceValue::default()
+    };
+    // One slot counted, slot 2 past the count; another frontend's slot 1 without its slot 0.
+    let other = ServiceKey {
+        port: svc_common::Be16::from_host(81),
+        ..k
+    };
+    let services = BTreeMap::from([
+        (k, v(1, 1)),
+        (ServiceKey { slot: 1, ..k }, v(7, 0)),
+        (ServiceKey { slot: 2, ..k }, v(8, 0)),
+        (ServiceKey { slot: 1, ..other }, v(7, 0)),
+    ]);
+    let states = frontend_states(&services, &BTreeMap::new(), &BTreeMap::new());
+    assert_eq!(
+        (states[&k].entry, states[&k].stray.as_slice()),
+        (true, &[2][..])
+    );
+    assert_eq!(states[&k].slots.keys().collect::<Vec<_>>(), ["slot 1"]);
+    assert_eq!(
+        (states[&other].entry, states[&other].stray.as_slice()),
+        (false, &[1][..])
+    );
+    let rows = compare(&Desired::default(), &states, &BTreeMap::new());
+    assert_eq!(rows.len(), 2);
+    assert!(rows.iter().all(|r| r.drift == "extra"));
+    assert_eq!(rows[0].extra_backends, ["slot 1", "slot 2 (stray)"]);
+    assert_eq!(rows[1].extra_backends, ["slot 1 (stray)"]);
 }
