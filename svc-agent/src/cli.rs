@@ -379,6 +379,101 @@ pub enum Inspect {
     /// The source NAT table (`SNAT_V1`): each external flow to another node's endpoint, its
     /// client, the node address and port it was given, the endpoint and its idle time.
     Nat(OutputArgs),
+    /// The decision the kernel would take for one packet, step by step from the live maps:
+    /// connection tables, frontend, slots and why, affinity, Maglev, SNAT, the verdict and the
+    /// rewritten packet.
+    Trace(TraceArgs),
+    /// What the maps hold against what a standalone directory's objects say they should hold,
+    /// per Service: missing, extra and different frontends. Exit code 0: no drift; 1: drift;
+    /// 2: an error. (The API server as the source, `--kubeconfig`, is not supported yet.)
+    Diff(DiffArgs),
+}
+
+/// Arguments of `inspect diff`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct DiffArgs {
+    /// Output format (`wide` is `table`).
+    #[command(flatten)]
+    pub output: OutputArgs,
+    /// The directory of YAML, as `svc-agent run --from-dir` reads it.
+    #[arg(long)]
+    pub from_dir: PathBuf,
+    /// This node's name, as `svc-agent run --node-name` (decides which endpoints are local).
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: String,
+    /// As `svc-agent run --nodeport-addresses`.
+    #[arg(long, default_value = "", env = "SVC_NODEPORT_ADDRESSES")]
+    pub nodeport_addresses: String,
+}
+
+impl DiffArgs {
+    /// `--node-name` checked and `--nodeport-addresses` parsed.
+    ///
+    /// # Errors
+    /// Names the flag that is wrong.
+    pub fn checked(&self) -> anyhow::Result<crate::model::NodePortAddresses> {
+        check_node_name(&self.node_name)?;
+        crate::model::NodePortAddresses::parse(&self.nodeport_addresses)
+            .map_err(|e| anyhow::anyhow!("--nodeport-addresses: {e}"))
+    }
+}
+
+/// Arguments of `inspect trace`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct TraceArgs {
+    /// Output format (`wide` is `table`).
+    #[command(flatten)]
+    pub output: OutputArgs,
+    /// The packet's source: `ADDR` (a new flow, its port not known) or `ADDR:PORT` (IPv6 in
+    /// brackets: `[2001:db8::1]:40000`), which also looks the flow up in the connection tables.
+    #[arg(long, value_name = "ADDR[:PORT]", value_parser = crate::inspect::trace::parse_source)]
+    pub from: (std::net::IpAddr, Option<u16>),
+    /// The packet's destination, `ADDR:PORT`.
+    #[arg(long, value_name = "ADDR:PORT", value_parser = crate::inspect::trace::parse_destination)]
+    pub to: std::net::SocketAddr,
+    /// Its protocol.
+    #[arg(long, value_enum)]
+    pub proto: CtProto,
+    /// The packet arrives on a node-facing interface (a client outside the cluster: `NodePort`,
+    /// external and load-balancer IPs, their external scope). Default: from a pod or a process
+    /// of this node.
+    #[arg(long)]
+    pub from_outside: bool,
+    /// TCP only: `syn` (a SYN without ACK, opening a connection; the default) or `ack` (any
+    /// later segment of a connection).
+    #[arg(long, value_enum)]
+    pub tcp_flags: Option<TcpFlags>,
+}
+
+/// `inspect trace --tcp-flags`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TcpFlags {
+    /// A SYN without ACK: a client opening a connection.
+    Syn,
+    /// Any later segment (ACK set): a packet of an open connection.
+    Ack,
+}
+
+impl TraceArgs {
+    /// The packet these arguments describe.
+    ///
+    /// # Errors
+    /// Says what is wrong: two address families, `--tcp-flags` with UDP, port 0.
+    pub fn packet(&self) -> anyhow::Result<crate::inspect::trace::Packet> {
+        if self.proto == CtProto::Udp && self.tcp_flags.is_some() {
+            bail!("--tcp-flags is for TCP packets (--proto tcp)");
+        }
+        let packet = crate::inspect::trace::Packet {
+            src: self.from.0,
+            sport: self.from.1,
+            dst: self.to,
+            proto: self.proto.number(),
+            from_outside: self.from_outside,
+            syn: self.tcp_flags != Some(TcpFlags::Ack),
+        };
+        packet.check()?;
+        Ok(packet)
+    }
 }
 
 /// `-o` of every `inspect` subcommand.
@@ -455,6 +550,85 @@ impl CtArgs {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn inspect_trace_takes_a_packet_and_refuses_what_no_packet_is() {
+        let parse = |args: &[&str]| {
+            Cli::try_parse_from([&["svc-agent", "inspect", "trace"], args].concat()).map(
+                |c| match c.command {
+                    Command::Inspect {
+                        what: Inspect::Trace(t),
+                    } => t,
+                    other => panic!("{other:?}"),
+                },
+            )
+        };
+        let t = parse(&[
+            "--from",
+            "198.18.1.10:40000",
+            "--to",
+            "198.19.0.10:80",
+            "--proto",
+            "tcp",
+            "--tcp-flags",
+            "ack",
+            "--from-outside",
+            "-o",
+            "json",
+        ])
+        .unwrap();
+        let p = t.packet().unwrap();
+        assert_eq!(
+            (p.sport, p.dst.port(), p.proto, p.syn, p.from_outside),
+            (Some(40_000), 80, 6, false, true)
+        );
+        assert_eq!(t.output.format, crate::inspect::Format::Json);
+        let t = parse(&[
+            "--from",
+            "2001:db8::1",
+            "--to",
+            "[2001:db8::10]:53",
+            "--proto",
+            "udp",
+        ])
+        .unwrap();
+        assert!(t.packet().unwrap().sport.is_none());
+        // Two families; --tcp-flags with UDP; no port in --to; a name.
+        let t = parse(&[
+            "--from",
+            "198.18.1.10",
+            "--to",
+            "[2001:db8::10]:53",
+            "--proto",
+            "udp",
+        ])
+        .unwrap();
+        assert!(t.packet().is_err());
+        let t = parse(&[
+            "--from",
+            "198.18.1.10",
+            "--to",
+            "198.19.0.10:53",
+            "--proto",
+            "udp",
+            "--tcp-flags",
+            "syn",
+        ])
+        .unwrap();
+        assert!(t.packet().unwrap_err().to_string().contains("--tcp-flags"));
+        assert!(
+            parse(&[
+                "--from",
+                "198.18.1.10",
+                "--to",
+                "198.19.0.10",
+                "--proto",
+                "tcp"
+            ])
+            .is_err()
+        );
+        assert!(parse(&["--from", "web", "--to", "198.19.0.10:80", "--proto", "tcp"]).is_err());
+    }
 
     #[test]
     fn inspect_takes_an_output_format_and_ct_filters() {

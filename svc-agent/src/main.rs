@@ -47,6 +47,9 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
     }
     match cli.command {
         Command::Run(args) => run(&cli.bpffs, &args).await,
+        Command::Inspect {
+            what: Inspect::Diff(args),
+        } => std::process::exit(inspect_diff(&cli.bpffs, &args)),
         Command::Inspect { what } => {
             print!("{}", inspect_text(&cli.bpffs, &what)?);
             Ok(())
@@ -58,6 +61,10 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
 /// What `svc-agent inspect` prints (stdout), or why it cannot (nothing pinned, another
 /// layout's pins: said plainly, exit 1).
 fn inspect_text(bpffs: &std::path::Path, what: &Inspect) -> anyhow::Result<String> {
+    if let Inspect::Trace(args) = what {
+        // Bad arguments are said before anything is read.
+        args.packet()?;
+    }
     if let Some(why) = inspect::unreadable_pins(bpffs) {
         anyhow::bail!(why);
     }
@@ -77,9 +84,48 @@ fn inspect_text(bpffs: &std::path::Path, what: &Inspect) -> anyhow::Result<Strin
         ),
         Inspect::Links(o) => inspect::format_links(bpffs, &inspect::read_links(bpffs)?, o.format),
         Inspect::Maps(o) => inspect::maps::format_maps(&inspect::maps::read_maps(bpffs)?, o.format),
+        Inspect::Trace(args) => {
+            let packet = args.packet()?;
+            let maps = inspect::trace::pinned::PinnedMaps::open(bpffs)?;
+            let walk = inspect::trace::trace(&maps, &packet, inspect::ct::monotonic_ns()?);
+            inspect::trace::format_trace(&walk, args.output.format)
+        }
+        // Dispatched before (`inspect_diff`: exit codes of its own); never reached.
+        Inspect::Diff(_) => anyhow::bail!("inspect diff sets its own exit code"),
         Inspect::Nat(o) => {
             let (entries, max) = inspect::nat::read_nat(bpffs)?;
             inspect::nat::format_nat(&entries, max, inspect::ct::monotonic_ns()?, o.format)
+        }
+    }
+}
+
+/// `svc-agent inspect diff`: prints the drift and returns the exit code (0: none, 1: drift,
+/// 2: an error, said on stderr).
+fn inspect_diff(bpffs: &std::path::Path, args: &svc_agent::cli::DiffArgs) -> i32 {
+    let run = || -> anyhow::Result<(String, bool)> {
+        let nodeports = args.checked()?;
+        if let Some(why) = inspect::unreadable_pins(bpffs) {
+            anyhow::bail!(why);
+        }
+        let (state, notes) =
+            inspect::diff::desired_from_dir(&args.from_dir, &args.node_name, nodeports)?;
+        for note in notes {
+            eprintln!("{note}");
+        }
+        let desired = inspect::diff::desired_states(&state);
+        let (have, backends) = inspect::diff::read_have(bpffs)?;
+        let rows = inspect::diff::compare(&desired, &have, &backends);
+        let text = inspect::diff::format_diff(&rows, &desired, args.output.format)?;
+        Ok((text, !rows.is_empty()))
+    };
+    match run() {
+        Ok((text, drift)) => {
+            print!("{text}");
+            i32::from(drift)
+        }
+        Err(e) => {
+            eprintln!("Error: {e:#}");
+            2
         }
     }
 }

@@ -76,7 +76,7 @@ fn endpoint(addr: &[u8; 16], family: u8, port: u16) -> String {
     }
 }
 
-fn state_words(st: u8) -> String {
+pub(crate) fn state_words(st: u8) -> String {
     let names = [
         (state::FIN_FORWARD, "fin-from-client"),
         (state::FIN_REPLY, "fin-from-backend"),

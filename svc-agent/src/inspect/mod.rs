@@ -24,9 +24,11 @@ use self::output::Table;
 use crate::{datapath::names, loader::pin_dir, pins};
 
 pub mod ct;
+pub mod diff;
 pub mod maps;
 pub mod nat;
 pub mod output;
+pub mod trace;
 
 fn open_pinned(bpffs: &Path, name: &str) -> anyhow::Result<MapData> {
     let path = pin_dir(bpffs).join(name);
