@@ -961,9 +961,10 @@ impl Agent {
         if supports_flag(binary, "--socket-lb")? {
             cmd.arg("--socket-lb").arg(socket_lb());
         }
-        // The XDP program on the uplink too, when the run asks for it.
+        // The XDP program on the uplink too, when the run asks for it: by the environment
+        // (`--xdp`'s variable), so a launcher (`env SVC_XDP=...`) may choose otherwise.
         if crate::netns::xdp_mode() != "off" {
-            cmd.arg("--xdp").arg(crate::netns::xdp_mode());
+            cmd.env("SVC_XDP", crate::netns::xdp_mode());
         }
         // Test agents (`audit`) check their incremental passes against the full computation
         // every 2 s (the default is 5 min): any drift is a warning, and a test fails on an

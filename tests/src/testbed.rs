@@ -37,12 +37,31 @@ impl TestBed {
     /// built: tests fail, never skip.
     #[must_use]
     pub fn new(pods: &[(usize, &str)]) -> Self {
+        Self::build(pods, false)
+    }
+
+    /// [`new`](Self::new) on an underlay made a wire whatever the run's XDP mode (see
+    /// [`Topology::new_on_a_wire`]): for tests that turn XDP on themselves.
+    ///
+    /// # Panics
+    /// As [`new`](Self::new).
+    #[must_use]
+    pub fn new_on_a_wire(pods: &[(usize, &str)]) -> Self {
+        Self::build(pods, true)
+    }
+
+    fn build(pods: &[(usize, &str)], wire: bool) -> Self {
         if let Err(e) = netns::require_root() {
             panic!("{e:#}");
         }
         let agent_bin = k8s::agent_binary().unwrap_or_else(|e| panic!("{e:#}"));
         let started = Instant::now();
-        let mut topo = Topology::new().expect("building the topology");
+        let topo = if wire {
+            Topology::new_on_a_wire()
+        } else {
+            Topology::new()
+        };
+        let mut topo = topo.expect("building the topology");
         for (node, name) in pods {
             topo.add_pod(*node, name)
                 .unwrap_or_else(|e| panic!("adding pod {name}: {e:#}"));

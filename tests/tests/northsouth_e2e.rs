@@ -69,7 +69,18 @@ impl Cluster {
     /// on node1, `service` with those endpoints written, the agents started and the
     /// Service's external frontend programmed on both nodes.
     fn start(service: &Service, endpoints: &[&str]) -> Self {
-        let mut bed = TestBed::new(&[(0, "web-0"), (1, "web-1"), (0, "client")]);
+        Self::start_on(service, endpoints, false)
+    }
+
+    /// [`start`](Self::start), on an underlay made a wire (`wire`) whatever the run's XDP mode:
+    /// for tests that turn XDP on themselves.
+    fn start_on(service: &Service, endpoints: &[&str], wire: bool) -> Self {
+        let pods = [(0, "web-0"), (1, "web-1"), (0, "client")];
+        let mut bed = if wire {
+            TestBed::new_on_a_wire(&pods)
+        } else {
+            TestBed::new(&pods)
+        };
         let backends = Backends::new();
         for name in ["web-0", "web-1"] {
             let pod = bed.pod(name);
@@ -124,6 +135,25 @@ impl Cluster {
     /// `stats`); with XDP off, it is nowhere and decided nothing.
     fn expect_xdp_as_configured(&self, stats: &BTreeMap<String, u64>) {
         let mode = svc_tests::netns::xdp_mode();
+        self.expect_xdp_link(mode);
+        let decided = stats.get("xdp").copied().unwrap_or_default();
+        if mode == "off" {
+            assert_eq!(decided, 0, "XDP off, yet frames counted xdp{}", self.diag());
+        } else {
+            assert!(
+                decided > 0,
+                "--xdp {mode}: node1's XDP program decided no frame{}",
+                self.diag()
+            );
+            self.step(&format!(
+                "--xdp {mode}: XDP decided {decided} frames on node1"
+            ));
+        }
+    }
+
+    /// node1's pinned XDP links are what `--xdp mode` asks for: none for `off`, else one,
+    /// pinned as `xdp-<mode>`, running `svc_xdp_from_world`.
+    fn expect_xdp_link(&self, mode: &str) {
         let links = k8s::agent_command(
             &self.agent_bin,
             self.agent(0).bpffs(),
@@ -133,26 +163,16 @@ impl Cluster {
         let links: Vec<svc_agent::inspect::PinnedLinkView> = serde_json::from_str(&links)
             .unwrap_or_else(|e| panic!("inspect links -o json: {e}\n{links}"));
         let xdp: Vec<_> = links.iter().filter(|l| l.link_type == "xdp").collect();
-        let decided = stats.get("xdp").copied().unwrap_or_default();
         if mode == "off" {
             assert!(xdp.is_empty(), "XDP links with --xdp off: {xdp:?}");
-            assert_eq!(decided, 0, "XDP off, yet frames counted xdp{}", self.diag());
-            return;
+        } else {
+            assert!(
+                xdp.len() == 1
+                    && xdp[0].pin.ends_with(format!("xdp-{mode}"))
+                    && xdp[0].program.starts_with("svc_xdp_from_w"),
+                "node1 should have one XDP link, pinned as xdp-{mode}: {links:?}"
+            );
         }
-        assert!(
-            xdp.len() == 1
-                && xdp[0].pin.ends_with(format!("xdp-{mode}"))
-                && xdp[0].program.starts_with("svc_xdp_from_w"),
-            "node1 should have one XDP link, pinned as xdp-{mode}: {links:?}"
-        );
-        assert!(
-            decided > 0,
-            "--xdp {mode}: node1's XDP program decided no frame{}",
-            self.diag()
-        );
-        self.step(&format!(
-            "--xdp {mode}: XDP decided {decided} frames on node1"
-        ));
     }
 
     /// Waits until node `node` programmed frontend `key` (`inspect services` key form).
@@ -399,25 +419,7 @@ fn external_and_load_balancer_ips_routed_to_a_node_are_served() {
 #[test]
 fn established_external_connections_survive_an_agent_sigkill_and_restart() {
     let mut c = Cluster::start(&web(), &["web-0", "web-1"]);
-    let dst = SocketAddr::new(c.node_ip(0, false), NODE_PORT);
-    // Connections until one lands on each endpoint (local and SNAT'd).
-    let mut sessions: BTreeMap<String, TcpSession> = BTreeMap::new();
-    for i in 0..64 {
-        let mut s = c
-            .external_ns()
-            .run(|| TcpSession::connect(dst, IO_TIMEOUT))
-            .expect("connecting from outside");
-        let answer = s.ask(&format!("open-{i}")).expect("first request");
-        sessions.entry(answer.label).or_insert(s);
-        if sessions.len() == 2 {
-            break;
-        }
-    }
-    assert_eq!(
-        sessions.len(),
-        2,
-        "64 connections did not reach both endpoints"
-    );
+    let mut sessions = sessions_to_both_endpoints(&c);
     let node = c.topo.node(0).clone();
     let agent: Agent = c.bed.agents.remove(0);
     agent.kill().expect("killing node1's agent");
@@ -441,6 +443,61 @@ fn established_external_connections_survive_an_agent_sigkill_and_restart() {
         }
     }
     c.step("both external connections (local and SNAT'd) kept working");
+    drop(sessions);
+    drop(c.backends);
+    c.bed.finish();
+}
+
+/// Connections from outside until one lands on each endpoint (local and SNAT'd), by endpoint.
+fn sessions_to_both_endpoints(c: &Cluster) -> BTreeMap<String, TcpSession> {
+    let dst = SocketAddr::new(c.node_ip(0, false), NODE_PORT);
+    let mut sessions: BTreeMap<String, TcpSession> = BTreeMap::new();
+    for i in 0..64 {
+        let mut s = c
+            .external_ns()
+            .run(|| TcpSession::connect(dst, IO_TIMEOUT))
+            .expect("connecting from outside");
+        let answer = s.ask(&format!("open-{i}")).expect("first request");
+        sessions.entry(answer.label).or_insert(s);
+        if sessions.len() == 2 {
+            return sessions;
+        }
+    }
+    panic!("64 connections did not reach both endpoints");
+}
+
+#[test]
+fn xdp_mode_changes_across_restarts_keep_established_external_connections() {
+    let mut c = Cluster::start_on(&web(), &["web-0", "web-1"], true);
+    let mut sessions = sessions_to_both_endpoints(&c);
+    let node = c.topo.node(0).clone();
+    // Each restart takes over the earlier agent's links: XDP on, off, in the other mode.
+    for mode in ["generic", "off", "native", "generic"] {
+        let agent: Agent = c.bed.agents.remove(0);
+        agent.kill().expect("killing node1's agent");
+        let env = format!("SVC_XDP={mode}");
+        let launcher = [std::ffi::OsStr::new("env"), std::ffi::OsStr::new(&env)];
+        let restarted =
+            Agent::start_under(&launcher, &c.bed.agent_bin, &node, c.bed.manifests.path())
+                .expect("restarting node1's agent");
+        c.bed.agents.insert(0, restarted);
+        c.expect_xdp_link(mode);
+        for (label, s) in &mut sessions {
+            let answer = s.ask(&format!("xdp-{mode}")).unwrap_or_else(|e| {
+                panic!(
+                    "{label} after a restart with --xdp {mode}: {e:#}{}",
+                    c.diag()
+                )
+            });
+            assert_eq!(&answer.label, label, "the connection kept its endpoint");
+        }
+        // New connections too, through both endpoints.
+        let fresh = sessions_to_both_endpoints(&c);
+        assert_eq!(fresh.len(), 2);
+        c.step(&format!(
+            "node1's agent restarted with --xdp {mode}: its links as asked, both connections and new ones served"
+        ));
+    }
     drop(sessions);
     drop(c.backends);
     c.bed.finish();

@@ -241,7 +241,18 @@ pub struct Topology {
 impl Topology {
     /// Builds the underlay, [`NODE_COUNT`] nodes and the external client, and waits (bounded)
     /// until every link is up. Fails first thing, with a message saying so, when not root.
+    /// With XDP on ([`xdp_mode`]), the underlay is made a wire (see `like_a_wire`).
     pub fn new() -> anyhow::Result<Self> {
+        Self::build(xdp_mode() != "off")
+    }
+
+    /// [`new`](Self::new), the underlay made a wire whatever [`xdp_mode`] says: for tests that
+    /// turn XDP on themselves.
+    pub fn new_on_a_wire() -> anyhow::Result<Self> {
+        Self::build(true)
+    }
+
+    fn build(wire: bool) -> anyhow::Result<Self> {
         require_root()?;
         if !Path::new(CGROUP2_ROOT).join("cgroup.controllers").exists() {
             bail!(
@@ -299,9 +310,7 @@ impl Topology {
         let mut ports: Vec<String> = (1..=NODE_COUNT).map(|i| format!("n{i}")).collect();
         ports.push("ext".to_owned());
         ports.push("gw".to_owned());
-        let wire = if xdp_mode() == "off" {
-            None
-        } else {
+        let wire = if wire {
             Some(like_a_wire(
                 &underlay,
                 &ports,
@@ -310,6 +319,8 @@ impl Topology {
                     .map(|n| &n.ns)
                     .chain([&external.ns, &black_hole]),
             )?)
+        } else {
+            None
         };
         wait_bridge_forwarding(&underlay, &ports)?;
         for ns in nodes
