@@ -6,9 +6,12 @@
 //! - `SNAT_CONFIG_V1` follows the node's addresses: the SNAT address of each family is the
 //!   node's first `InternalIP` of the family (its first `ExternalIP` without one; none: SNAT
 //!   of that family is off and such flows are dropped, counted `nat_no_address`);
-//! - entries of ended flows leave `SNAT_V1`: a thread looks every [`GC_EVERY`] at each entry's
-//!   flow (its reply entry in `CT_V1` or `CT_NEW_V1`) and removes the entries whose flow is
-//!   gone or idle past its timeout. The table is not LRU, so without this it would fill.
+//! - entries of ended flows leave `SNAT_V1`: a thread looks at each entry's flow (its reply
+//!   entry in `CT_V1` or `CT_NEW_V1`) and removes the entries whose flow is gone or idle past
+//!   its timeout, pass after pass, pausing between passes ten times as long as the last pass
+//!   took, within [`GC_PAUSE_MIN`]..[`GC_PAUSE_MAX`] (see [`gc_pause`]). The table is not LRU,
+//!   so without this it would fill; and a closed flow's port is free again only once its
+//!   entry is gone, so the pause bounds new connections per endpoint.
 
 use std::{
     fs,
@@ -33,8 +36,20 @@ use tracing::{info, warn};
 use super::render::map_addr;
 use crate::model::{NodeAddress, NodeAddressKind};
 
-/// How often ended flows' entries are removed from `SNAT_V1`.
-pub const GC_EVERY: Duration = Duration::from_secs(10);
+/// The shortest pause between two passes over `SNAT_V1` (a small table).
+pub const GC_PAUSE_MIN: Duration = Duration::from_secs(1);
+/// The longest pause between two passes over `SNAT_V1` (a table whose pass takes a second or
+/// more).
+pub const GC_PAUSE_MAX: Duration = Duration::from_secs(10);
+
+/// The pause after a pass over `SNAT_V1` that took `pass`: ten times as long, so the thread
+/// spends at most a tenth of its time walking the table, within [`GC_PAUSE_MIN`] and
+/// [`GC_PAUSE_MAX`]. A port is held from its flow's close (plus the 2 s grace) until the
+/// next pass: with a small table, about a second, not ten.
+#[must_use]
+pub fn gc_pause(pass: Duration) -> Duration {
+    pass.saturating_mul(10).clamp(GC_PAUSE_MIN, GC_PAUSE_MAX)
+}
 
 /// The sysctl holding the ports the node's automatic port choice skips (both families), below
 /// `/proc/sys/net` (`--proc-sys-net`: a container sees the host's at a mount of its own).
@@ -211,13 +226,16 @@ impl Snat {
         std::thread::Builder::new()
             .name("svc-snat-gc".into())
             .spawn(move || {
+                let mut pause = GC_PAUSE_MAX;
                 loop {
-                    std::thread::sleep(GC_EVERY);
+                    std::thread::sleep(pause);
                     let Ok(mut guard) = tables.lock() else { return };
                     let (table, ct, ct_new) = &mut *guard;
+                    let began = std::time::Instant::now();
                     if let Err(e) = collect(table, ct, ct_new) {
                         warn!(error = %format!("{e:#}"), "removing ended flows from SNAT_V1 failed");
                     }
+                    pause = gc_pause(began.elapsed());
                 }
             })
             .context("starting the SNAT_V1 thread")?;
@@ -318,6 +336,15 @@ mod tests {
             addr: ip.parse().unwrap(),
             kind,
         }
+    }
+
+    #[test]
+    fn gc_pauses_ten_times_the_pass_within_bounds() {
+        assert_eq!(gc_pause(Duration::ZERO), GC_PAUSE_MIN);
+        assert_eq!(gc_pause(Duration::from_millis(30)), GC_PAUSE_MIN);
+        assert_eq!(gc_pause(Duration::from_millis(300)), Duration::from_secs(3));
+        assert_eq!(gc_pause(Duration::from_secs(2)), GC_PAUSE_MAX);
+        assert_eq!(gc_pause(Duration::MAX), GC_PAUSE_MAX);
     }
 
     #[test]
