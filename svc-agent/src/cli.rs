@@ -369,6 +369,13 @@ pub enum Inspect {
     /// Programmed frontends: the Service port each one is, type, policy, affinity and its
     /// backend slots (the Pod behind each, ready/terminating/local).
     Services(OutputArgs),
+    /// Every backend (`BACKENDS_V1`): its endpoint, the Pod behind it, flags, how many frontend
+    /// slots hold it and of which Services, and its packet counters.
+    Backends(BackendsArgs),
+    /// Every `ClientIP` session affinity entry (`AFFINITY_V1`): client (address or network
+    /// namespace), frontend and Service, backend and Pod, idle time, and whether the kernel
+    /// would still honour it (and why not).
+    Affinity(OutputArgs),
     /// Pinned program links: where each is pinned, its kernel link and program.
     Links(OutputArgs),
     /// Both connection tables (`CT_V1` answered flows, `CT_NEW_V1` unanswered ones): each
@@ -503,6 +510,32 @@ pub struct CtArgs {
     /// Only entries of this Service's frontends (`namespace/name`, from `FRONTEND_NAMES_V1`).
     #[arg(long, value_parser = parse_service)]
     pub service: Option<String>,
+}
+
+/// Arguments of `inspect backends`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct BackendsArgs {
+    /// Output format.
+    #[command(flatten)]
+    pub output: OutputArgs,
+    /// Only backends at this address.
+    #[arg(long)]
+    pub addr: Option<std::net::IpAddr>,
+    /// Only backends a frontend of this Service (`namespace/name`, from `FRONTEND_NAMES_V1`)
+    /// offers in a slot.
+    #[arg(long, value_parser = parse_service)]
+    pub service: Option<String>,
+}
+
+impl BackendsArgs {
+    /// The filter these arguments describe.
+    #[must_use]
+    pub fn filter(&self) -> crate::inspect::backends::BackendsFilter {
+        crate::inspect::backends::BackendsFilter {
+            addr: self.addr,
+            service: self.service.clone(),
+        }
+    }
 }
 
 /// `inspect ct --proto`.
@@ -673,6 +706,39 @@ mod tests {
         );
         assert!(parse(&["ct", "--service", "web"]).is_err());
         assert!(parse(&["ct", "--proto", "sctp"]).is_err());
+        let Command::Inspect {
+            what: Inspect::Backends(b),
+        } = parse(&[
+            "backends",
+            "--service",
+            "default/web",
+            "--addr",
+            "2001:db8::10",
+            "-o",
+            "json",
+        ])
+        .unwrap()
+        .command
+        else {
+            panic!()
+        };
+        assert_eq!(b.output.format, crate::inspect::Format::Json);
+        assert_eq!(
+            b.filter(),
+            crate::inspect::backends::BackendsFilter {
+                addr: Some("2001:db8::10".parse().unwrap()),
+                service: Some("default/web".to_owned()),
+            }
+        );
+        assert!(parse(&["backends", "--service", "web"]).is_err());
+        assert!(matches!(
+            parse(&["affinity", "-o", "wide"]).unwrap().command,
+            Command::Inspect {
+                what: Inspect::Affinity(OutputArgs {
+                    format: crate::inspect::Format::Wide
+                })
+            }
+        ));
         assert!(parse(&["maps", "-o", "yaml"]).is_err());
     }
 

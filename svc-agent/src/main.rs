@@ -75,6 +75,17 @@ fn inspect_text(bpffs: &std::path::Path, what: &Inspect) -> anyhow::Result<Strin
             o.format,
         ),
         Inspect::Services(o) => inspect::format_services(&inspect::read_services(bpffs)?, o.format),
+        Inspect::Backends(args) => inspect::backends::format_backends(
+            &inspect::read_services(bpffs)?,
+            &args.filter(),
+            args.output.format,
+        ),
+        Inspect::Affinity(o) => inspect::affinity::format_affinity(
+            &inspect::affinity::read_affinity(bpffs)?,
+            &inspect::read_services(bpffs)?,
+            inspect::ct::monotonic_ns()?,
+            o.format,
+        ),
         Inspect::Ct(args) => inspect::ct::format_ct(
             &inspect::ct::read_ct(bpffs)?,
             inspect::ct::monotonic_ns()?,

@@ -23,6 +23,8 @@ pub use self::output::Format;
 use self::output::Table;
 use crate::{datapath::names, loader::pin_dir, pins};
 
+pub mod affinity;
+pub mod backends;
 pub mod ct;
 pub mod diff;
 pub mod maps;
