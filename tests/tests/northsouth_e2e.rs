@@ -90,17 +90,7 @@ impl Cluster {
                     .unwrap_or_else(|e| panic!("serving on {name}: {e:#}"));
             }
         }
-        let mut docs = vec![service.to_yaml()];
-        for ipv6 in [false, true] {
-            let mut slice = EndpointSlice::new(&service.name, ipv6).ports_of(service, &[]);
-            for name in endpoints {
-                slice = slice.endpoint(Endpoint::ready(&bed.topo, bed.pod(name), ipv6));
-            }
-            docs.push(slice.to_yaml());
-        }
-        bed.manifests
-            .write("web.yaml", &k8s::documents(&docs))
-            .expect("writing the Service");
+        write_service(&bed, service, endpoints);
         bed.start_agents();
         let cluster = Self { backends, bed };
         for node in 0..2 {
@@ -108,6 +98,25 @@ impl Cluster {
             cluster.wait_programmed(node, &key);
         }
         cluster
+    }
+
+    /// Waits until node `node` programmed frontend `key` with exactly `pods`' IPv4 addresses
+    /// as its backends (on [`BACKEND_PORT`]).
+    fn wait_backends(&self, node: usize, key: &str, pods: &[&str]) {
+        let want: BTreeSet<String> = pods
+            .iter()
+            .map(|p| format!("{}:{BACKEND_PORT}", self.pod(p).ipv4))
+            .collect();
+        let deadline = Instant::now() + SYNC_TIMEOUT;
+        while self.programmed(node).backends(key).unwrap_or_default() != want {
+            assert!(
+                Instant::now() < deadline,
+                "node{} did not program {key} with {want:?} within {SYNC_TIMEOUT:?}:{}",
+                node + 1,
+                self.diag()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// Node `node`'s underlay address of a family.
@@ -444,6 +453,73 @@ fn established_external_connections_survive_an_agent_sigkill_and_restart() {
     }
     c.step("both external connections (local and SNAT'd) kept working");
     drop(sessions);
+    drop(c.backends);
+    c.bed.finish();
+}
+
+/// Writes `service` with `endpoints` (ready, both families) to the agents' directory.
+fn write_service(bed: &TestBed, service: &Service, endpoints: &[&str]) {
+    let mut docs = vec![service.to_yaml()];
+    for ipv6 in [false, true] {
+        let mut slice = EndpointSlice::new(&service.name, ipv6).ports_of(service, &[]);
+        for name in endpoints {
+            slice = slice.endpoint(Endpoint::ready(&bed.topo, bed.pod(name), ipv6));
+        }
+        docs.push(slice.to_yaml());
+    }
+    bed.manifests
+        .write("web.yaml", &k8s::documents(&docs))
+        .expect("writing the Service");
+}
+
+#[test]
+fn udp_to_a_node_port_follows_its_endpoints_as_they_cycle() {
+    let c = Cluster::start(&web(), &["web-0", "web-1"]);
+    let dst = SocketAddr::new(c.node_ip(0, false), NODE_PORT);
+    let key = format!("{dst} UDP external");
+    // One socket for the whole test: a client that keeps its source port, as a DNS or game
+    // client does, through node1 (web-0 local, web-1 through SNAT).
+    let session = c
+        .external_ns()
+        .run(|| UdpSession::open(dst, Duration::from_millis(700)))
+        .expect("opening a UDP socket outside");
+    let ask = |what: &str| -> String {
+        session
+            .ask(what, 3)
+            .unwrap_or_else(|e| panic!("UDP {what} to {dst} from outside: {e:#}{}", c.diag()))
+            .0
+            .label
+    };
+    let first = ask("start");
+    let other = if first == "web-0" { "web-1" } else { "web-0" };
+    for (gone, stays) in [(first.as_str(), other), (other, first.as_str())] {
+        // The endpoint the flow goes to leaves: its next datagram goes to the one that stays.
+        write_service(&c.bed, &web(), &[stays]);
+        c.wait_backends(0, &key, &[stays]);
+        for i in 0..3 {
+            assert_eq!(ask(&format!("without-{gone}-{i}")), stays);
+        }
+        // It comes back: the flow stays where it is now.
+        write_service(&c.bed, &web(), &["web-0", "web-1"]);
+        c.wait_backends(0, &key, &["web-0", "web-1"]);
+        assert_eq!(ask(&format!("{gone}-back")), stays);
+        c.step(&format!(
+            "{gone} left and came back: the datagrams went to {stays}"
+        ));
+    }
+    // No endpoint at all: rejected (port unreachable), nothing answers.
+    write_service(&c.bed, &web(), &[]);
+    c.wait_backends(0, &key, &[]);
+    assert!(
+        session.ask("none", 1).is_err(),
+        "a datagram to {dst} without endpoints was answered"
+    );
+    // One comes back: the same socket is answered again.
+    write_service(&c.bed, &web(), &["web-1"]);
+    c.wait_backends(0, &key, &["web-1"]);
+    assert_eq!(ask("again"), "web-1");
+    c.step("no endpoints: unanswered; web-1 back: answered, through SNAT, on the same socket");
+    drop(session);
     drop(c.backends);
     c.bed.finish();
 }
