@@ -165,8 +165,10 @@ pub struct RunArgs {
     )]
     pub healthz_bind_address: String,
     /// Which node addresses serve `NodePort`s (kube-proxy's flag): empty for every
-    /// `InternalIP` and `ExternalIP` of this node's Node object, `primary` for its first
-    /// `InternalIP` of each family, or comma-separated CIDRs (the node's addresses inside them).
+    /// `InternalIP` and `ExternalIP` of this node's Node object and every address of the
+    /// node-facing interfaces (`--node-ifaces`), `primary` for the Node's first `InternalIP` of
+    /// each family, or comma-separated CIDRs (those addresses inside them). With a value, the
+    /// health-check node ports listen on those addresses only, as kube-proxy's.
     #[arg(long, default_value = "", env = "SVC_NODEPORT_ADDRESSES")]
     pub nodeport_addresses: String,
     /// Entries of each external frontend's Maglev table (a prime; 0: off): new connections from
@@ -411,17 +413,34 @@ pub struct DiffArgs {
     /// As `svc-agent run --nodeport-addresses`.
     #[arg(long, default_value = "", env = "SVC_NODEPORT_ADDRESSES")]
     pub nodeport_addresses: String,
+    /// As `svc-agent run --node-ifaces`: the addresses of these interfaces (in the network
+    /// namespace `inspect diff` runs in, the node's) serve `NodePort`s too.
+    #[arg(
+        long,
+        default_value = "eth*,ens*,enp*,eno*,bond*",
+        env = "SVC_NODE_IFACES"
+    )]
+    pub node_ifaces: String,
 }
 
 impl DiffArgs {
-    /// `--node-name` checked and `--nodeport-addresses` parsed.
+    /// `--node-name` checked, `--nodeport-addresses` and `--node-ifaces` parsed.
     ///
     /// # Errors
     /// Names the flag that is wrong.
-    pub fn checked(&self) -> anyhow::Result<crate::model::NodePortAddresses> {
+    pub fn checked(
+        &self,
+    ) -> anyhow::Result<(crate::model::NodePortAddresses, crate::ifaces::RolePatterns)> {
         check_node_name(&self.node_name)?;
-        crate::model::NodePortAddresses::parse(&self.nodeport_addresses)
-            .map_err(|e| anyhow::anyhow!("--nodeport-addresses: {e}"))
+        let nodeports = crate::model::NodePortAddresses::parse(&self.nodeport_addresses)
+            .map_err(|e| anyhow::anyhow!("--nodeport-addresses: {e}"))?;
+        // Only the node-facing list matters here (no pod-facing patterns).
+        let roles = crate::ifaces::RolePatterns::new(
+            crate::loader::IfacePatterns::parse_or_none("")?,
+            crate::loader::IfacePatterns::parse_or_none(&self.node_ifaces)
+                .context("--node-ifaces")?,
+        );
+        Ok((nodeports, roles))
     }
 }
 

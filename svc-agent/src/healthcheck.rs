@@ -35,10 +35,13 @@
 //! in place (a count that changes never closes a listener, so a probe never meets a closed
 //! port because an endpoint moved).
 //!
-//! **Where**: on every address of the node, both families: one dual-stack `[::]` socket
-//! (`IPV6_V6ONLY` off), or `0.0.0.0` alone on a kernel without IPv6. (kube-proxy listens on
-//! the addresses of `--nodeport-addresses` when that is set; the agent has no such flag yet:
-//! [`Hosts::Only`] is there for it.)
+//! **Where**, as kube-proxy: without `--nodeport-addresses`, on every address of the node, both
+//! families (one dual-stack `[::]` socket, `IPV6_V6ONLY` off, or `0.0.0.0` alone on a kernel
+//! without IPv6); with it (`primary` or CIDRs), only on the node addresses it picks (the
+//! `NodePort` addresses, [`hosts_for`]), one socket each, following them as they change (the
+//! sources hand them over after each pass, [`Publisher::publish_hosts`]; a change reopens
+//! every port on the new addresses). No address picked: every port waits, as one that
+//! cannot be bound.
 //!
 //! **A port that cannot be bound** (another process holds it) is logged once with the port, the
 //! Service and the OS error (a warning), counted (`svc_health_check_bind_failures_total`), and
@@ -67,7 +70,10 @@ use tracing::{debug, info, warn};
 
 #[cfg(doc)]
 use crate::{health::Health, model};
-use crate::{metrics::Recorder, model::HealthCheck};
+use crate::{
+    metrics::Recorder,
+    model::{HealthCheck, NodePortAddresses},
+};
 
 /// The health-check ports to serve: port -> what it answers for.
 pub type Checks = BTreeMap<u16, HealthCheck>;
@@ -91,6 +97,17 @@ pub enum Hosts {
     Wildcard,
     /// These addresses only (one listener each).
     Only(Vec<IpAddr>),
+}
+
+/// The addresses health-check ports listen on for the `NodePort` setting `which` when the
+/// node's `NodePort` addresses are `nodeports`: every address without the flag, those
+/// addresses with it.
+#[must_use]
+pub fn hosts_for(which: &NodePortAddresses, nodeports: &[IpAddr]) -> Hosts {
+    match which {
+        NodePortAddresses::All => Hosts::Wildcard,
+        NodePortAddresses::Primary | NodePortAddresses::Cidrs(_) => Hosts::Only(nodeports.to_vec()),
+    }
 }
 
 /// What one request gets (see the [module docs](self)).
@@ -148,6 +165,7 @@ fn response(answer: Answer) -> Response<Full<Bytes>> {
 #[derive(Clone, Debug)]
 pub struct Publisher {
     tx: Arc<watch::Sender<Arc<Checks>>>,
+    hosts: Arc<watch::Sender<Hosts>>,
 }
 
 impl Publisher {
@@ -161,8 +179,12 @@ impl Publisher {
     #[must_use]
     pub fn start_on(recorder: Recorder, hosts: Hosts) -> Self {
         let (tx, rx) = watch::channel(Arc::new(Checks::new()));
-        tokio::spawn(follow(rx, Ports::new(recorder, hosts)));
-        Self { tx: Arc::new(tx) }
+        let (hosts_tx, hosts_rx) = watch::channel(hosts.clone());
+        tokio::spawn(follow(rx, hosts_rx, Ports::new(recorder, hosts)));
+        Self {
+            tx: Arc::new(tx),
+            hosts: Arc::new(hosts_tx),
+        }
     }
 
     /// A publisher without a serving task, and the channel's other end (for tests of what the
@@ -170,7 +192,37 @@ impl Publisher {
     #[cfg(test)]
     pub(crate) fn channel() -> (Self, watch::Receiver<Arc<Checks>>) {
         let (tx, rx) = watch::channel(Arc::new(Checks::new()));
-        (Self { tx: Arc::new(tx) }, rx)
+        let (hosts, _) = watch::channel(Hosts::Wildcard);
+        (
+            Self {
+                tx: Arc::new(tx),
+                hosts: Arc::new(hosts),
+            },
+            rx,
+        )
+    }
+
+    /// The model's health checks and `NodePort` addresses, after a pass: both published (each
+    /// a cheap comparison when it did not change).
+    pub fn publish_from(&self, model: &crate::model::Model) {
+        self.publish_hosts(hosts_for(
+            model.nodeport_setting(),
+            model.nodeport_addresses(),
+        ));
+        self.publish(&model.state().health_checks);
+    }
+
+    /// The addresses to listen on from now on ([`hosts_for`] the model's `NodePort`
+    /// addresses); the task is woken only when they differ from the last ones.
+    pub fn publish_hosts(&self, hosts: Hosts) {
+        self.hosts.send_if_modified(|current| {
+            if *current == hosts {
+                false
+            } else {
+                *current = hosts;
+                true
+            }
+        });
     }
 
     /// The health checks to serve from now on (what the model's state holds after a pass).
@@ -190,13 +242,24 @@ impl Publisher {
 
 /// The serving task: follows the channel until every [`Publisher`] is gone, retrying ports
 /// that could not be bound every [`RETRY`] meanwhile.
-async fn follow(mut rx: watch::Receiver<Arc<Checks>>, mut ports: Ports) {
+async fn follow(
+    mut rx: watch::Receiver<Arc<Checks>>,
+    mut hosts: watch::Receiver<Hosts>,
+    mut ports: Ports,
+) {
     loop {
+        let now = hosts.borrow_and_update().clone();
+        ports.set_hosts(&now).await;
         let desired = Arc::clone(&rx.borrow_and_update());
         ports.follow(&desired);
         let retry = ports.unbound_count() > 0;
         tokio::select! {
             changed = rx.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+            }
+            changed = hosts.changed() => {
                 if changed.is_err() {
                     break;
                 }
@@ -251,6 +314,34 @@ impl Ports {
             hosts,
             served: BTreeMap::new(),
             unbound: BTreeMap::new(),
+        }
+    }
+
+    /// Listens on `hosts` from now on: when they differ from the current ones, every served
+    /// port is closed (its sockets closed when this returns) and waits to be bound on them
+    /// (the next [`follow`](Self::follow)).
+    pub async fn set_hosts(&mut self, hosts: &Hosts) {
+        if self.hosts == *hosts {
+            return;
+        }
+        info!(from = ?self.hosts, to = ?hosts, ports = self.served.len(),
+            "health-check ports move to other addresses (the NodePort addresses changed)");
+        self.hosts = hosts.clone();
+        for (port, mut served) in std::mem::take(&mut self.served) {
+            let check = read(&served.check);
+            // Aborted tasks drop their sockets when they next run: wait for that, so the
+            // same port can be bound again at once.
+            for task in std::mem::take(&mut served.tasks) {
+                task.abort();
+                let _ = task.await;
+            }
+            self.unbound.insert(
+                port,
+                Unbound {
+                    check,
+                    error: String::new(),
+                },
+            );
         }
     }
 
@@ -379,6 +470,10 @@ fn bind(hosts: &Hosts, port: u16) -> io::Result<Vec<TcpListener>> {
                 Err(e) => Err(e),
             }
         }
+        Hosts::Only(ips) if ips.is_empty() => Err(io::Error::new(
+            io::ErrorKind::AddrNotAvailable,
+            "no node address is picked by --nodeport-addresses",
+        )),
         Hosts::Only(ips) => ips
             .iter()
             .map(|&ip| listen(SocketAddr::new(ip, port), false))
@@ -613,6 +708,46 @@ mod tests {
         assert_eq!(status, "HTTP/1.1 200 OK");
         assert_eq!(header(&headers, WEIGHT_HEADER), Some("1"));
         assert_eq!(body, "");
+    }
+
+    #[tokio::test]
+    async fn ports_move_with_the_nodeport_addresses() {
+        let recorder = Recorder::default();
+        recorder.up_to_date();
+        let mut ports = loopback_ports(&recorder);
+        let port = free_port();
+        let checks = Checks::from([(port, check("web", 1))]);
+        ports.follow(&checks);
+        let other = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2));
+        assert!(
+            tokio::net::TcpStream::connect((LOOPBACK, port))
+                .await
+                .is_ok()
+        );
+        assert!(tokio::net::TcpStream::connect((other, port)).await.is_err());
+
+        ports.set_hosts(&Hosts::Only(vec![other])).await;
+        ports.follow(&checks);
+        assert_eq!(ports.served().collect::<Vec<_>>(), [port]);
+        assert!(tokio::net::TcpStream::connect((other, port)).await.is_ok());
+        assert!(
+            tokio::net::TcpStream::connect((LOOPBACK, port))
+                .await
+                .is_err()
+        );
+
+        // No address picked: the port waits, saying why.
+        ports.set_hosts(&Hosts::Only(vec![])).await;
+        ports.follow(&checks);
+        assert_eq!(ports.served().count(), 0);
+        let why = ports.unbound_error(port).expect("waiting");
+        assert!(why.contains("--nodeport-addresses"), "{why}");
+        assert!(tokio::net::TcpStream::connect((other, port)).await.is_err());
+
+        let all = NodePortAddresses::All;
+        assert_eq!(hosts_for(&all, &[other]), Hosts::Wildcard);
+        let primary = NodePortAddresses::Primary;
+        assert_eq!(hosts_for(&primary, &[other]), Hosts::Only(vec![other]));
     }
 
     #[tokio::test]

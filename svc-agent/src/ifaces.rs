@@ -557,7 +557,7 @@ impl Drop for IfaceWatch {
 }
 
 /// Every link of the namespace, `(ifindex, name)` (an `RTM_GETLINK` dump).
-async fn list_links(handle: &Handle) -> anyhow::Result<Vec<(u32, String)>> {
+pub(crate) async fn list_links(handle: &Handle) -> anyhow::Result<Vec<(u32, String)>> {
     let links: Vec<LinkMessage> = handle
         .link()
         .get()

@@ -7,6 +7,7 @@ pub mod cli;
 pub mod datapath;
 pub mod health;
 pub mod healthcheck;
+pub mod hostaddrs;
 pub mod ifaces;
 pub mod inspect;
 pub mod loader;

@@ -5,7 +5,7 @@ use clap::Parser as _;
 use svc_agent::{
     cli::{Cli, Command, Inspect, LogFormat, RunArgs, SocketLb},
     datapath::ReconcilerHandle as _,
-    healthcheck, ifaces, inspect, loader, metrics, pins, serve, standalone, startup,
+    healthcheck, hostaddrs, ifaces, inspect, loader, metrics, pins, serve, standalone, startup,
 };
 use tracing::{error, info, warn};
 
@@ -49,7 +49,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Run(args) => run(&cli.bpffs, &args).await,
         Command::Inspect {
             what: Inspect::Diff(args),
-        } => std::process::exit(inspect_diff(&cli.bpffs, &args)),
+        } => std::process::exit(inspect_diff(&cli.bpffs, &args).await),
         Command::Inspect { what } => {
             print!("{}", inspect_text(&cli.bpffs, &what)?);
             Ok(())
@@ -112,14 +112,16 @@ fn inspect_text(bpffs: &std::path::Path, what: &Inspect) -> anyhow::Result<Strin
 
 /// `svc-agent inspect diff`: prints the drift and returns the exit code (0: none, 1: drift,
 /// 2: an error, said on stderr).
-fn inspect_diff(bpffs: &std::path::Path, args: &svc_agent::cli::DiffArgs) -> i32 {
-    let run = || -> anyhow::Result<(String, bool)> {
-        let nodeports = args.checked()?;
+async fn inspect_diff(bpffs: &std::path::Path, args: &svc_agent::cli::DiffArgs) -> i32 {
+    let run = async || -> anyhow::Result<(String, bool)> {
+        let (nodeports, roles) = args.checked()?;
         if let Some(why) = inspect::unreadable_pins(bpffs) {
             anyhow::bail!(why);
         }
+        // The node-facing interfaces' addresses serve NodePorts too, as in the agent.
+        let host = svc_agent::hostaddrs::current(&roles).await?;
         let (state, notes) =
-            inspect::diff::desired_from_dir(&args.from_dir, &args.node_name, nodeports)?;
+            inspect::diff::desired_from_dir(&args.from_dir, &args.node_name, nodeports, host)?;
         for note in notes {
             eprintln!("{note}");
         }
@@ -129,7 +131,7 @@ fn inspect_diff(bpffs: &std::path::Path, args: &svc_agent::cli::DiffArgs) -> i32
         let text = inspect::diff::format_diff(&rows, &desired, args.output.format)?;
         Ok((text, !rows.is_empty()))
     };
-    match run() {
+    match run().await {
         Ok((text, drift)) => {
             print!("{text}");
             i32::from(drift)
@@ -139,6 +141,23 @@ fn inspect_diff(bpffs: &std::path::Path, args: &svc_agent::cli::DiffArgs) -> i32
             2
         }
     }
+}
+
+/// The standalone source on `dir` as `args` configure it, reporting to `recorder` and
+/// serving health-check ports through `health_checks`.
+fn standalone(
+    dir: &std::path::Path,
+    args: &RunArgs,
+    recorder: &metrics::Recorder,
+    health_checks: &healthcheck::Publisher,
+) -> anyhow::Result<standalone::Standalone> {
+    let coalesce = std::time::Duration::from_millis(args.coalesce_ms);
+    let mut directory =
+        standalone::Standalone::new(dir, &args.node_name, coalesce, args.audit_interval())
+            .with_nodeport_addresses(args.nodeport_addresses()?);
+    directory.report_to(recorder.clone());
+    directory.serve_health_checks(health_checks.clone());
+    Ok(directory)
 }
 
 /// `svc-agent cleanup`: removes every layout's pins. Unpinned links release their programs
@@ -336,6 +355,8 @@ async fn run(bpffs: &std::path::Path, args: &RunArgs) -> anyhow::Result<()> {
     // those that appear later (netlink link events), get their role's TC programs; they are
     // followed for the agent's life.
     let watch = ifaces::IfaceWatch::start(args.iface_roles()?).await?;
+    // Their addresses serve NodePorts with the Node's (a change recomputes those Services).
+    let host_addresses = hostaddrs::follow(args.iface_roles()?).await?;
     // External flows to other nodes' endpoints get source ports of this range: the node's own
     // sockets must never pick them (svc-ebpf/DESIGN.md, "North-south").
     let snat_ports = args.snat_ports()?;
@@ -380,16 +401,8 @@ async fn run(bpffs: &std::path::Path, args: &RunArgs) -> anyhow::Result<()> {
         match client {
             Err(dir) => {
                 // The first sync happens before "running" is announced.
-                let coalesce = std::time::Duration::from_millis(args.coalesce_ms);
-                let mut directory = standalone::Standalone::new(
-                    dir,
-                    &args.node_name,
-                    coalesce,
-                    args.audit_interval(),
-                )
-                .with_nodeport_addresses(args.nodeport_addresses()?);
-                directory.report_to(recorder.clone());
-                directory.serve_health_checks(health_checks.clone());
+                let mut directory = standalone(dir, args, &recorder, &health_checks)?;
+                directory.follow_host_addresses(host_addresses);
                 directory.sync(&mut datapath)?;
                 running()?;
                 directory.follow(datapath.reconciler()?).await
@@ -403,6 +416,7 @@ async fn run(bpffs: &std::path::Path, args: &RunArgs) -> anyhow::Result<()> {
                     metrics: recorder.clone(),
                     nodeport_addresses: args.nodeport_addresses()?,
                     health_checks: Some(health_checks.clone()),
+                    host_addresses: Some(host_addresses),
                 };
                 info!(node = %args.node_name, "following the Kubernetes API server");
                 svc_agent::source::kube::follow(client, &options, &mut datapath, running).await

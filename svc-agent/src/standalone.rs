@@ -35,11 +35,13 @@ use std::{
 
 use anyhow::Context as _;
 use notify::Watcher as _;
+use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::{
     datapath::{DatapathMaps, ReconcileReport, Reconciler, ReconcilerHandle},
     healthcheck::Publisher,
+    hostaddrs::HostAddresses,
     metrics::{PassKind, Recorder},
     model,
     source::{
@@ -92,6 +94,8 @@ pub struct Standalone {
     /// Where the health-check node ports go after a pass that changed them (`None`: not
     /// served).
     health_checks: Option<Publisher>,
+    /// The node-facing interfaces' addresses (`hostaddrs`), when followed.
+    host_addresses: Option<watch::Receiver<HostAddresses>>,
 }
 
 impl Standalone {
@@ -130,7 +134,29 @@ impl Standalone {
             topology_notes: BTreeSet::new(),
             metrics: Recorder::default(),
             health_checks: None,
+            host_addresses: None,
         }
+    }
+
+    /// Serves `NodePort`s on the addresses of the node-facing interfaces too, as `addresses`
+    /// follows them (`hostaddrs::follow`): a change is a pass of its own, which recomputes
+    /// only the Services with node ports.
+    pub fn follow_host_addresses(&mut self, addresses: watch::Receiver<HostAddresses>) {
+        self.host_addresses = Some(addresses);
+    }
+
+    /// Hands the model the node-facing interfaces' addresses when they changed since the last
+    /// call; returns whether they did.
+    fn take_host_addresses(&mut self) -> bool {
+        let Some(rx) = &mut self.host_addresses else {
+            return false;
+        };
+        let now = Arc::clone(&rx.borrow_and_update());
+        if *now == self.model.host_addresses() {
+            return false;
+        }
+        self.model.set_host_addresses(now.to_vec());
+        true
     }
 
     /// Reports passes and changes to `metrics` from now on.
@@ -147,7 +173,7 @@ impl Standalone {
     /// Publishes the model's health checks (a cheap comparison when they did not change).
     fn publish_health_checks(&self) {
         if let Some(publisher) = &self.health_checks {
-            publisher.publish(&self.model.state().health_checks);
+            publisher.publish_from(&self.model);
         }
     }
 
@@ -168,14 +194,16 @@ impl Standalone {
         self.watch()?;
         let refresh = self.source.refresh(Instant::now())?;
         log_refresh(&refresh);
+        let hosts = self.take_host_addresses();
         let now = Instant::now();
         let retry = self.retry_at.is_some_and(|t| t <= now);
         let audit = self.audit_at.is_some_and(|t| t <= now);
-        if self.synced && !refresh.changed && !retry && !audit {
+        let changed = refresh.changed || hosts;
+        if self.synced && !changed && !retry && !audit {
             return Ok(());
         }
         let started = Instant::now();
-        if audit && self.synced && !refresh.changed && !retry {
+        if audit && self.synced && !changed && !retry {
             // Nothing changed: only the audit (its own log line), no "synced" pass.
             self.audit_at = self.audit_interval.map(|i| now + i);
             let rec = handle.reconciler()?;
@@ -188,12 +216,12 @@ impl Standalone {
                 .pass(PassKind::Audit, started.elapsed(), rec, bad);
             return Ok(());
         }
-        let computed = !self.synced || refresh.changed;
+        let computed = !self.synced || changed;
         // Computed before the reconciler is asked for: at the start, its maps may still be
         // being created meanwhile.
         let delta = computed.then(|| self.compute(&refresh));
         let health_checks_changed =
-            !self.synced || audit || delta.as_ref().is_some_and(|d| d.health_checks);
+            !self.synced || audit || hosts || delta.as_ref().is_some_and(|d| d.health_checks);
         let rec = handle.reconciler()?;
         let mut report = match delta {
             Some(delta) if self.synced => rec.apply_delta(self.model.state(), &delta),
@@ -430,6 +458,9 @@ impl Standalone {
                     // More changes usually follow the first: take them in the same pass.
                     tokio::time::sleep(self.coalesce).await;
                 }
+                () = host_addresses_changed(self.host_addresses.as_mut()) => {
+                    self.metrics.queued();
+                }
                 () = tokio::time::sleep_until(deadline.into()) => {}
             }
             let pending = std::mem::take(
@@ -490,6 +521,17 @@ impl Standalone {
         };
         Ok(self.watch.insert(watch))
     }
+}
+
+/// Returns when the node-facing interfaces' addresses changed (never without a receiver, or
+/// once its sender is gone).
+async fn host_addresses_changed(rx: Option<&mut watch::Receiver<HostAddresses>>) {
+    if let Some(rx) = rx
+        && rx.changed().await.is_ok()
+    {
+        return;
+    }
+    std::future::pending::<()>().await;
 }
 
 /// The watch on the directory (and its parent) and what its events noted since the last pass.

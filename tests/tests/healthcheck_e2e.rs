@@ -9,7 +9,9 @@
 //!   `X-Load-Balancing-Endpoint-Weight: 1`);
 //! - node1's endpoint turns not ready (the slice file rewritten): node1 answers 503 with
 //!   `localEndpoints` 0 within the bound, node2 still 200;
-//! - the Service is deleted: the port closes on both nodes (connection refused).
+//! - the Service is deleted: the port closes on both nodes (connection refused);
+//! - with `--nodeport-addresses` (IPv4 prefixes), the ports listen on those node addresses
+//!   only (IPv6 refused) and follow an address added to and removed from node1's uplink.
 //!
 //! Needs root and the agent binary (`cargo build -p svc-agent`): fails, never skips, without
 //! them. Runs with `SVC_TEST_SOCKET_LB=all` and `=host-only` alike.
@@ -204,6 +206,12 @@ status:
     /// A cluster with web-0 on node1 and web-1 on node2, its agents following `api` (the test
     /// API server) or the directory, the Service and its slice stored, the agents started.
     fn start(api: bool) -> Self {
+        Self::start_with(api, None)
+    }
+
+    /// [`start`](Self::start); with `nodeport_addresses`, the directory's agents run with
+    /// that `--nodeport-addresses`.
+    fn start_with(api: bool, nodeport_addresses: Option<&str>) -> Self {
         let bed = TestBed::new(&[(0, "web-0"), (1, "web-1")]);
         let feed = if api {
             let rt = tokio::runtime::Builder::new_multi_thread()
@@ -234,7 +242,13 @@ status:
         let mut c = Self { feed, bed };
         c.store(true);
         match &c.feed {
-            Feed::Dir => c.bed.start_agents(),
+            Feed::Dir => match nodeport_addresses {
+                Some(cidrs) => {
+                    let env = format!("SVC_NODEPORT_ADDRESSES={cidrs}");
+                    c.bed.start_agents_under(&["env".as_ref(), env.as_ref()]);
+                }
+                None => c.bed.start_agents(),
+            },
             Feed::Api(api) => {
                 let kubeconfig = c.topo.run_dir().join("kubeconfig");
                 api.server
@@ -397,6 +411,101 @@ fn run(api: bool) {
             took.as_secs_f64() * 1e3
         ));
     }
+    c.finish();
+}
+
+/// With `--nodeport-addresses`, as kube-proxy: the ports listen on the node addresses it picks
+/// only (here IPv4), and follow them: an address added to node1's uplink inside the prefixes
+/// gets node1's port too (and serves the node port), and loses both when it goes.
+#[test]
+fn health_check_node_ports_listen_on_the_nodeport_addresses_only() {
+    let extra = std::net::Ipv4Addr::new(198, 18, 203, 1);
+    let cidrs = format!(
+        "{}/32,{}/32,198.18.203.0/24",
+        svc_tests::netns::node_underlay_v4(0),
+        svc_tests::netns::node_underlay_v4(1)
+    );
+    let c = Cluster::start_with(false, Some(&cidrs));
+    for node in 0..2 {
+        c.expect(node, false, 200, 1, &format!("node{} over IPv4", node + 1));
+        let v6 = c.port_of(node, true);
+        let refused = get(&c.topo.external().ns, v6).unwrap_or_else(|e| panic!("GET {v6}: {e:#}"));
+        assert!(
+            refused.is_none(),
+            "{v6} is outside --nodeport-addresses, yet answers: {refused:?}"
+        );
+        c.step(&format!("{v6}: refused (outside --nodeport-addresses)"));
+    }
+
+    let node1 = c.topo.node(0);
+    node1
+        .ns
+        .ip([
+            "addr",
+            "add",
+            &format!("{extra}/32"),
+            "dev",
+            svc_tests::netns::ETH0,
+        ])
+        .expect("adding an address to node1's uplink");
+    c.topo
+        .external()
+        .ns
+        .ip([
+            "route",
+            "add",
+            &format!("{extra}/32"),
+            "via",
+            &node1.underlay_v4.to_string(),
+        ])
+        .expect("routing it to node1");
+    let addr = SocketAddr::new(extra.into(), HEALTH_PORT);
+    let started = Instant::now();
+    loop {
+        match get(&c.topo.external().ns, addr) {
+            Ok(Some(reply)) if reply.status == 200 && reply.body == body(1) => break,
+            Ok(_) => {}
+            Err(e) if is_reset(&e) => {}
+            Err(e) => panic!("GET {addr}: {e:#}"),
+        }
+        assert!(
+            started.elapsed() < CHANGE_BOUND,
+            "{addr} (added to node1) does not answer within {CHANGE_BOUND:?}; agent log:\n{}",
+            c.agent(0).log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let key = format!("{extra}:{NODE_PORT} TCP external");
+    assert!(
+        c.programmed(0).backends(&key).is_some(),
+        "node1 answers health checks on {extra} but does not serve its node port{}",
+        c.diag()
+    );
+    c.step(&format!(
+        "{addr}: added to node1's uplink, answers 200 after {:.0} ms (and {key} is served)",
+        started.elapsed().as_secs_f64() * 1e3
+    ));
+    node1
+        .ns
+        .ip([
+            "addr",
+            "del",
+            &format!("{extra}/32"),
+            "dev",
+            svc_tests::netns::ETH0,
+        ])
+        .expect("removing it");
+    let started = Instant::now();
+    while c.programmed(0).backends(&key).is_some() {
+        assert!(
+            started.elapsed() < CHANGE_BOUND,
+            "node1 still serves {key} after the address went{}",
+            c.diag()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The Node's own address still answers (the ports were reopened on what remains).
+    c.expect(0, false, 200, 1, "node1 after its extra address went");
     c.finish();
 }
 

@@ -28,10 +28,12 @@ const SERVICE_PORT: u16 = 80;
 const BACKEND_PORT: u16 = 8080;
 const NODE_PORT: u16 = 30185;
 
-/// `svc-agent inspect diff` on node1's pins and `dir`: exit code, stdout, stderr.
+/// `svc-agent inspect diff` on node1's pins and `dir`, run in node1's network namespace (as on
+/// a node: the node-facing interfaces' addresses serve node ports): exit code, stdout, stderr.
 fn diff(bed: &TestBed, dir: &std::path::Path, format: &str) -> (i32, String, String) {
     let node = bed.topo.node(0);
-    let out = Command::new(&bed.agent_bin)
+    let mut command = Command::new(&bed.agent_bin);
+    command
         .arg("--bpffs")
         .arg(&node.bpffs)
         .args([
@@ -44,9 +46,11 @@ fn diff(bed: &TestBed, dir: &std::path::Path, format: &str) -> (i32, String, Str
             "--from-dir",
         ])
         .arg(dir)
-        .env("NO_COLOR", "1")
-        .output()
-        .expect("running svc-agent inspect diff");
+        .env("NO_COLOR", "1");
+    let out = node
+        .ns
+        .run(move || Ok(command.output()?))
+        .expect("running svc-agent inspect diff in node1's namespace");
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).into_owned(),

@@ -12,6 +12,8 @@
 //! - An external IP and a load-balancer IP routed to a node are served like the `NodePort`;
 //!   pods reach them too (any endpoint).
 //! - Established external connections (SNAT'd and not) survive an agent SIGKILL and restart.
+//! - Addresses added to a node's uplink (not in its Node object) serve node ports on that node
+//!   only, until they are removed.
 //!
 //! Needs root and the agent binary (`cargo build -p svc-agent`): fails, never skips, without
 //! them. Runs with `SVC_TEST_SOCKET_LB=all` and `=host-only` alike (external clients are never
@@ -28,7 +30,7 @@ use svc_tests::{
         self, Agent, Answer, Backends, Endpoint, EndpointSlice, Protocol, Service, TcpSession,
         UdpSession,
     },
-    netns::Netns,
+    netns::{ETH0, Netns},
     testbed::{TestBed, vip4, vip6},
 };
 
@@ -48,6 +50,10 @@ const CONNECTIONS: usize = 24;
 /// underlay and the pod CIDRs).
 const EXTERNAL_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 200, 1);
 const LB_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 201, 1);
+/// Addresses added to node1's uplink (not in its Node object) by the interface-address case.
+const EXTRA_NODE_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 202, 1);
+const EXTRA_NODE_IP6: std::net::Ipv6Addr =
+    std::net::Ipv6Addr::new(0x2001, 0xdb8, 0x202, 0, 0, 0, 0, 1);
 /// Flows the ECMP case sends through each node.
 const FLOWS: u16 = 12;
 
@@ -421,6 +427,75 @@ fn external_and_load_balancer_ips_routed_to_a_node_are_served() {
             "{dst} from outside (through node1) and from a pod"
         ));
     }
+    drop(c.backends);
+    c.bed.finish();
+}
+
+#[test]
+fn node_ports_follow_the_addresses_of_the_node_facing_interfaces() {
+    let c = Cluster::start(&web(), &["web-0", "web-1"]);
+    let node1 = c.topo.node(0);
+    let via = |ipv6: bool| c.node_ip(0, ipv6).to_string();
+    // Addresses the Node object does not list, added to node1's uplink as an operator (or a
+    // keepalived VIP) would, and routed to node1 by the external client.
+    let extra = [
+        (IpAddr::from(EXTRA_NODE_IP), false),
+        (IpAddr::from(EXTRA_NODE_IP6), true),
+    ];
+    for &(ip, ipv6) in &extra {
+        let prefix = if ipv6 { 128 } else { 32 };
+        let mut add = vec!["addr".to_owned(), "add".to_owned()];
+        add.extend([format!("{ip}/{prefix}"), "dev".into(), ETH0.into()]);
+        if ipv6 {
+            add.push("nodad".into());
+        }
+        node1
+            .ns
+            .ip(&add)
+            .expect("adding an address to node1's uplink");
+        let route = format!("{ip}/{prefix}");
+        let family = if ipv6 { "-6" } else { "-4" };
+        c.external_ns()
+            .ip([family, "route", "add", &route, "via", &via(ipv6)])
+            .expect("routing the address to node1");
+    }
+    for &(ip, ipv6) in &extra {
+        let dst = SocketAddr::new(ip, NODE_PORT);
+        c.wait_programmed(0, &format!("{dst} TCP external"));
+        let tcp = c.tcp_from_outside(dst);
+        c.expect_local_and_snat(0, ipv6, &tcp);
+        assert!(
+            c.programmed(1)
+                .backends(&format!("{dst} TCP external"))
+                .is_none(),
+            "node2 does not have {ip}, yet serves a node port on it{}",
+            c.diag()
+        );
+        c.step(&format!(
+            "{dst}: an address of node1's uplink only, served as a node port (node2 does not)"
+        ));
+    }
+    for &(ip, ipv6) in &extra {
+        let prefix = if ipv6 { 128 } else { 32 };
+        node1
+            .ns
+            .ip(["addr", "del", &format!("{ip}/{prefix}"), "dev", ETH0])
+            .expect("removing the address");
+        let key = format!("{} TCP external", SocketAddr::new(ip, NODE_PORT));
+        let deadline = Instant::now() + SYNC_TIMEOUT;
+        while c.programmed(0).backends(&key).is_some() {
+            assert!(
+                Instant::now() < deadline,
+                "node1 still serves {key} {SYNC_TIMEOUT:?} after the address went{}",
+                c.diag()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    // The Node object's addresses were never affected.
+    let dst = SocketAddr::new(c.node_ip(0, false), NODE_PORT);
+    c.expect_local_and_snat(0, false, &c.tcp_from_outside(dst));
+    c.step("the addresses removed: their node ports go, the Node's address still serves");
     drop(c.backends);
     c.bed.finish();
 }

@@ -193,6 +193,7 @@ pub fn desired_from_dir(
     dir: &Path,
     node_name: &str,
     nodeports: NodePortAddresses,
+    host_addresses: Vec<std::net::IpAddr>,
 ) -> anyhow::Result<(DesiredState, Vec<String>)> {
     std::fs::read_dir(dir)
         .with_context(|| format!("--from-dir {}: cannot list that directory", dir.display()))?;
@@ -231,7 +232,7 @@ pub fn desired_from_dir(
     let desired = model::compute_with(
         &snapshot,
         node_name,
-        &mut model::Memo::with_nodeport_addresses(nodeports),
+        &mut model::Memo::with_nodeport_addresses(nodeports).with_host_addresses(host_addresses),
     );
     for e in &desired.errors {
         notes.push(format!("skipped: {e}"));

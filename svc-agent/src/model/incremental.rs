@@ -339,7 +339,10 @@ pub struct Model {
     zone: Option<String>,
     /// Which node addresses serve `NodePort`s (a setting).
     which_nodeports: NodePortAddresses,
-    /// This node's `NodePort` addresses, from `nodes` as of the last update.
+    /// The node-facing interfaces' addresses (`crate::hostaddrs`), as last given.
+    host_addresses: Vec<IpAddr>,
+    /// This node's `NodePort` addresses, from `nodes` and `host_addresses` as of the last
+    /// update.
     nodeports: Vec<IpAddr>,
 
     // The current objects, by the identity `compute` gives them. Several copies only come
@@ -400,6 +403,7 @@ impl Model {
             node_name: node_name.to_owned(),
             zone: None,
             which_nodeports: which,
+            host_addresses: Vec::new(),
             nodeports: Vec::new(),
             services: HashMap::new(),
             slices: HashMap::new(),
@@ -459,6 +463,30 @@ impl Model {
         &self.which_nodeports
     }
 
+    /// The addresses of the node-facing interfaces are now `addresses` (sorted,
+    /// deduplicated; `crate::hostaddrs`): with the Node's, they are the node addresses
+    /// `NodePort`s serve. When they differ from the last ones, the next update recomputes the
+    /// Services with node ports whose addresses change. Kept across [`replace`](Self::replace).
+    pub fn set_host_addresses(&mut self, addresses: Vec<IpAddr>) {
+        if addresses != self.host_addresses {
+            self.host_addresses = addresses;
+            self.nodes_dirty = true;
+        }
+    }
+
+    /// This node's `NodePort` addresses as of the last update (the Node's and the node-facing
+    /// interfaces' addresses `--nodeport-addresses` picks, [`nodeport_addresses`]).
+    #[must_use]
+    pub fn nodeport_addresses(&self) -> &[IpAddr] {
+        &self.nodeports
+    }
+
+    /// The addresses of the node-facing interfaces the model was last given.
+    #[must_use]
+    pub fn host_addresses(&self) -> &[IpAddr] {
+        &self.host_addresses
+    }
+
     /// Recomputes only the dirty Services and returns what changed in [`state`](Self::state).
     pub fn update(&mut self) -> Delta {
         self.recomputed = 0;
@@ -476,7 +504,12 @@ impl Model {
         let mut forced = HashSet::new();
         if self.nodes_dirty {
             let zone = node_zone(&self.nodes, &self.node_name);
-            let nodeports = nodeport_addresses(&self.nodes, &self.node_name, &self.which_nodeports);
+            let nodeports = nodeport_addresses(
+                &self.nodes,
+                &self.node_name,
+                &self.which_nodeports,
+                &self.host_addresses,
+            );
             if zone != self.zone {
                 rezoned = true;
                 self.dirty

@@ -197,6 +197,8 @@ pub fn compute(snapshot: &Snapshot, node_name: &str) -> DesiredState {
 pub struct Memo {
     /// Which node addresses serve `NodePort`s (a setting, kept across resets).
     which_nodeports: NodePortAddresses,
+    /// The node-facing interfaces' addresses (`crate::hostaddrs`; kept across resets).
+    host_addresses: Vec<IpAddr>,
     node_name: String,
     zone: Option<String>,
     /// This node's `NodePort` addresses as of the last pass.
@@ -218,12 +220,21 @@ impl Memo {
         }
     }
 
+    /// The same memo for passes where the node-facing interfaces have `addresses` (they
+    /// serve `NodePort`s with the Node's, see [`nodeport_addresses`]).
+    #[must_use]
+    pub fn with_host_addresses(mut self, addresses: Vec<IpAddr>) -> Self {
+        self.host_addresses = addresses;
+        self
+    }
+
     /// Starts afresh when the node's name, zone or `NodePort` addresses changed (every result
     /// depends on them).
     fn prepare(&mut self, node_name: &str, zone: Option<String>, nodeports: Vec<IpAddr>) {
         if self.node_name != node_name || self.zone != zone || self.nodeports != nodeports {
             *self = Self {
                 which_nodeports: std::mem::take(&mut self.which_nodeports),
+                host_addresses: std::mem::take(&mut self.host_addresses),
                 node_name: node_name.to_owned(),
                 zone,
                 nodeports,
@@ -327,7 +338,12 @@ struct Group<'a> {
 /// The result is exactly what [`compute`] returns for the same snapshot.
 pub fn compute_with(snapshot: &Snapshot, node_name: &str, memo: &mut Memo) -> DesiredState {
     let mut errors = Vec::new();
-    let nodeports = nodeport_addresses(&snapshot.nodes, node_name, &memo.which_nodeports);
+    let nodeports = nodeport_addresses(
+        &snapshot.nodes,
+        node_name,
+        &memo.which_nodeports,
+        &memo.host_addresses,
+    );
     memo.prepare(node_name, node_zone(&snapshot.nodes, node_name), nodeports);
     let zone = memo.zone.clone();
     let nodeports = memo.nodeports.clone();

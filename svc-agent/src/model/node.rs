@@ -72,14 +72,15 @@ pub fn node_addresses<N: Borrow<Node>>(
 /// Which node addresses serve `NodePort`s (kube-proxy's `--nodeport-addresses`).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub enum NodePortAddresses {
-    /// Every `InternalIP` and `ExternalIP` of the Node (the flag's empty value).
+    /// Every `InternalIP` and `ExternalIP` of the Node and every address of the node-facing
+    /// interfaces (the flag's empty value).
     #[default]
     All,
     /// The Node's primary address of each family: its first `InternalIP` of the family in
     /// `status.addresses` order (its first `ExternalIP` when it has no `InternalIP` of the
     /// family), as kube-proxy's `primary`.
     Primary,
-    /// The Node's addresses inside any of these prefixes.
+    /// The Node's and the node-facing interfaces' addresses inside any of these prefixes.
     Cidrs(Vec<IpNet>),
 }
 
@@ -113,21 +114,23 @@ impl NodePortAddresses {
     }
 }
 
-/// The addresses of the Node named `node_name` that serve `NodePort`s under `which`, sorted
-/// and deduplicated (errors in the Node are reported by [`node_addresses`]).
+/// The node addresses that serve `NodePort`s under `which`, sorted and deduplicated: those of
+/// the Node named `node_name` (errors in it are reported by [`node_addresses`]) and `host`, the
+/// addresses of the node-facing interfaces (`hostaddrs`), as kube-proxy serves node ports on
+/// the addresses of the node's interfaces. [`NodePortAddresses::Primary`] takes the Node's
+/// primary addresses only; the others take both sources (no Node object: the interfaces'
+/// addresses alone).
 #[must_use]
 pub fn nodeport_addresses<N: Borrow<Node>>(
     nodes: &[N],
     node_name: &str,
     which: &NodePortAddresses,
+    host: &[IpAddr],
 ) -> Vec<IpAddr> {
-    let Ok(Some(node)) = this_node(nodes, node_name) else {
-        return Vec::new();
-    };
+    let node = this_node(nodes, node_name).ok().flatten();
     // In the Node's order, as (InternalIP, address).
     let listed: Vec<(bool, IpAddr)> = node
-        .status
-        .as_ref()
+        .and_then(|node| node.status.as_ref())
         .and_then(|s| s.addresses.as_deref())
         .unwrap_or_default()
         .iter()
@@ -140,11 +143,10 @@ pub fn nodeport_addresses<N: Borrow<Node>>(
             a.address.parse().ok().map(|ip| (internal, ip))
         })
         .collect();
+    let both = || listed.iter().map(|&(_, ip)| ip).chain(host.iter().copied());
     let mut out: BTreeSet<IpAddr> = match which {
-        NodePortAddresses::All => listed.iter().map(|&(_, ip)| ip).collect(),
-        NodePortAddresses::Cidrs(cidrs) => listed
-            .iter()
-            .map(|&(_, ip)| ip)
+        NodePortAddresses::All => both().collect(),
+        NodePortAddresses::Cidrs(cidrs) => both()
             .filter(|ip| cidrs.iter().any(|c| c.contains(ip)))
             .collect(),
         NodePortAddresses::Primary => [false, true]
@@ -389,12 +391,12 @@ status:
             |list: &[&str]| -> Vec<IpAddr> { list.iter().map(|a| a.parse().unwrap()).collect() };
         let all = NodePortAddresses::parse("").unwrap();
         assert_eq!(
-            nodeport_addresses(&nodes, "node1", &all),
+            nodeport_addresses(&nodes, "node1", &all, &[]),
             ips(&["198.18.100.11", "203.0.113.11", "2001:db8:100::11"])
         );
         let primary = NodePortAddresses::parse("primary").unwrap();
         assert_eq!(
-            nodeport_addresses(&nodes, "node1", &primary),
+            nodeport_addresses(&nodes, "node1", &primary, &[]),
             ips(&["198.18.100.11", "2001:db8:100::11"])
         );
         let cidrs = NodePortAddresses::parse(" 203.0.113.1/24 , 2001:db8::/32").unwrap();
@@ -406,10 +408,41 @@ status:
             ])
         );
         assert_eq!(
-            nodeport_addresses(&nodes, "node1", &cidrs),
+            nodeport_addresses(&nodes, "node1", &cidrs, &[]),
             ips(&["203.0.113.11", "2001:db8:100::11"])
         );
-        assert_eq!(nodeport_addresses(&nodes, "node9", &all), ips(&[]));
+        assert_eq!(nodeport_addresses(&nodes, "node9", &all, &[]), ips(&[]));
+
+        // The node-facing interfaces' addresses join the Node's, except under `primary`; the
+        // CIDRs narrow both; without a Node object they are all there is.
+        let host = ips(&["198.18.100.11", "198.18.7.1", "2001:db8:7::1"]);
+        assert_eq!(
+            nodeport_addresses(&nodes, "node1", &all, &host),
+            ips(&[
+                "198.18.7.1",
+                "198.18.100.11",
+                "203.0.113.11",
+                "2001:db8:7::1",
+                "2001:db8:100::11"
+            ])
+        );
+        assert_eq!(
+            nodeport_addresses(&nodes, "node1", &primary, &host),
+            ips(&["198.18.100.11", "2001:db8:100::11"])
+        );
+        let narrow = NodePortAddresses::parse("198.18.7.0/24,2001:db8:100::/64").unwrap();
+        assert_eq!(
+            nodeport_addresses(&nodes, "node1", &narrow, &host),
+            ips(&["198.18.7.1", "2001:db8:100::11"])
+        );
+        assert_eq!(
+            nodeport_addresses(&nodes, "node9", &all, &host),
+            ips(&["198.18.7.1", "198.18.100.11", "2001:db8:7::1"])
+        );
+        assert_eq!(
+            nodeport_addresses(&nodes, "node9", &primary, &host),
+            ips(&[])
+        );
         let err = NodePortAddresses::parse("198.18.0.0/24,eth0").unwrap_err();
         assert!(err.contains("\"eth0\" is not a CIDR"), "{err}");
     }

@@ -22,10 +22,11 @@ pub fn audit<M: DatapathMaps>(
 ) -> ReconcileReport {
     let started = std::time::Instant::now();
     let which = model.nodeport_setting().clone();
+    let host = model.host_addresses().to_vec();
     let oracle = model::compute_with(
         snapshot,
         node_name,
-        &mut model::Memo::with_nodeport_addresses(which.clone()),
+        &mut model::Memo::with_nodeport_addresses(which.clone()).with_host_addresses(host.clone()),
     );
     let drift = model::Delta::between(model.state(), &oracle);
     if !drift.is_empty() {
@@ -37,6 +38,7 @@ pub fn audit<M: DatapathMaps>(
             "audit: the incremental model drifted from the full computation; rebuilding it"
         );
         *model = model::Model::with_nodeport_addresses(node_name, which);
+        model.set_host_addresses(host);
         model.replace(snapshot);
     }
     let report = rec.apply(model.state());

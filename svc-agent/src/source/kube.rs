@@ -60,11 +60,15 @@ use kube::{
         watcher,
     },
 };
-use tokio::{sync::mpsc, time::Instant};
+use tokio::{
+    sync::{mpsc, watch},
+    time::Instant,
+};
 use tracing::{debug, info, warn};
 
 use crate::{
     datapath::{DatapathMaps, ReconcileReport, Reconciler, ReconcilerHandle},
+    hostaddrs::HostAddresses,
     metrics::{EventResult, PassKind, Recorder as Metrics},
     model::{self, DesiredState, LABEL_HEADLESS, LABEL_SERVICE_PROXY_NAME, ObjectError, Snapshot},
 };
@@ -132,6 +136,9 @@ pub struct Options {
     /// Where the health-check node ports go after the first pass and each pass that changed
     /// them (`None`: not served).
     pub health_checks: Option<crate::healthcheck::Publisher>,
+    /// The node-facing interfaces' addresses (`hostaddrs::follow`; `None`: not followed):
+    /// they serve `NodePort`s with the Node's; a change is a pass of its own.
+    pub host_addresses: Option<watch::Receiver<HostAddresses>>,
 }
 
 /// The three kinds the source follows.
@@ -169,6 +176,8 @@ enum Update {
     Listing,
     /// The watch failed; the watcher retries after a backoff.
     Failed(Kind, watcher::Error),
+    /// The node-facing interfaces' addresses changed.
+    HostAddresses,
 }
 
 /// An object's namespace and name, as the stores key it.
@@ -205,6 +214,8 @@ struct Work {
     slices: BTreeSet<ObjectKey>,
     /// The Node changed.
     nodes: bool,
+    /// The node-facing interfaces' addresses changed.
+    host_addresses: bool,
     /// The periodic audit is due.
     audit: bool,
 }
@@ -530,16 +541,19 @@ fn strip_node(node: &mut Node) {
     }
 }
 
-/// Follows the API server and keeps the maps programmed from it, until an error that cannot be
-/// retried (none today: API failures are retried forever). `on_first_sync` runs once the first
-/// complete state has been applied; its error ends the source. The reconciler is first asked
-/// for when the first pass begins (it may still be being built while the stores list).
-pub async fn follow<M: DatapathMaps>(
-    client: Client,
-    options: &Options,
-    rec: &mut impl ReconcilerHandle<M>,
-    on_first_sync: impl FnOnce() -> anyhow::Result<()>,
-) -> anyhow::Result<()> {
+/// An [`Update::HostAddresses`] for each change of the node-facing interfaces' addresses
+/// (none without a receiver).
+fn host_address_changes(rx: Option<watch::Receiver<HostAddresses>>) -> impl Stream<Item = Update> {
+    stream::unfold(rx, |rx| async move {
+        let mut rx = rx?;
+        rx.changed().await.ok()?;
+        Some((Update::HostAddresses, Some(rx)))
+    })
+}
+
+/// The stores the watches fill and the stream of what they report (with the node-facing
+/// interfaces' address changes).
+fn watch_all(client: &Client, options: &Options) -> (Stores, impl Stream<Item = Update> + use<>) {
     let (nodes, nodes_writer) = reflector::store();
     let stores = Stores {
         services: LeanStore::new(Kind::Service),
@@ -573,8 +587,29 @@ pub async fn follow<M: DatapathMaps>(
     .default_backoff()
     .reflect(nodes_writer)
     .map(|e| update(Kind::Node, e));
-    let updates = stream::select(services_stream, stream::select(slices_stream, nodes_stream));
+    let updates = stream::select(
+        stream::select(
+            services_stream,
+            host_address_changes(options.host_addresses.clone()),
+        ),
+        stream::select(slices_stream, nodes_stream),
+    );
 
+    (stores, updates)
+}
+
+/// Follows the API server and keeps the maps programmed from it, until an error that cannot be
+/// retried (none today: API failures are retried forever). `on_first_sync` runs once the first
+/// complete state has been applied; its error ends the source. The reconciler is first asked
+/// for when the first pass begins (it may still be being built while the stores list).
+pub async fn follow<M: DatapathMaps>(
+    client: Client,
+    options: &Options,
+    rec: &mut impl ReconcilerHandle<M>,
+    on_first_sync: impl FnOnce() -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    let (stores, updates) = watch_all(&client, options);
+    let host_addresses = options.host_addresses.clone();
     let metrics = &options.metrics;
     let events = options
         .events
@@ -595,12 +630,15 @@ pub async fn follow<M: DatapathMaps>(
         |work| {
             let rec = rec.reconciler()?;
             let started = std::time::Instant::now();
+            if let Some(rx) = &host_addresses {
+                model.set_host_addresses(rx.borrow().to_vec());
+            }
             let (report, health_checks_changed) =
                 sync(&stores, &work, &options.node_name, &mut model, rec, metrics);
             if let Some(publisher) = &options.health_checks
-                && (health_checks_changed || first_sync.is_some())
+                && (health_checks_changed || work.host_addresses || first_sync.is_some())
             {
-                publisher.publish(&model.state().health_checks);
+                publisher.publish_from(&model);
             }
             metrics.pass(
                 work.kind(),
@@ -672,6 +710,7 @@ async fn run_loop(
                         work.relisted.insert(kind);
                     }
                     Update::Listing => continue,
+                    Update::HostAddresses => work.host_addresses = true,
                     Update::Failed(kind, e) => {
                         metrics.watch_failed(kind.as_str());
                         warn!(kind = %kind, error = %e,

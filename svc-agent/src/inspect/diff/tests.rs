@@ -60,7 +60,7 @@ const NODE: &str = "apiVersion: v1\nkind: Node\nmetadata:\n  name: node1\n";
 
 fn desired(dir: &Dir) -> Desired {
     let (state, notes) =
-        desired_from_dir(&dir.0, "node1", NodePortAddresses::default()).expect("reading");
+        desired_from_dir(&dir.0, "node1", NodePortAddresses::default(), vec![]).expect("reading");
     assert!(notes.is_empty(), "{notes:?}");
     desired_states(&state)
 }
@@ -223,6 +223,7 @@ fn a_directory_that_cannot_be_listed_is_an_error_and_bad_files_are_notes() {
         Path::new("/nonexistent/svc-diff"),
         "node1",
         NodePortAddresses::default(),
+        vec![],
     )
     .unwrap_err();
     assert!(
@@ -230,7 +231,8 @@ fn a_directory_that_cannot_be_listed_is_an_error_and_bad_files_are_notes() {
         "{e:#}"
     );
     let dir = Dir::new("bad", &[("bad.yaml", "kind: [".to_owned())]);
-    let (_, notes) = desired_from_dir(&dir.0, "node1", NodePortAddresses::default()).unwrap();
+    let (_, notes) =
+        desired_from_dir(&dir.0, "node1", NodePortAddresses::default(), vec![]).unwrap();
     assert!(notes.iter().any(|n| n.contains("bad.yaml")), "{notes:?}");
     assert!(
         notes.iter().any(|n| n.contains("no Node named node1")),

@@ -213,6 +213,61 @@ fn nodeport_addresses_restrict_where_node_ports_listen() {
 }
 
 #[test]
+fn node_facing_interface_addresses_serve_node_ports_too() {
+    let snap = with_node(
+        vec![node_port("web", ""), web("plain", "198.19.0.11", "")],
+        vec![two_endpoints("web")],
+    );
+    let mut model = Model::new("node1");
+    model.replace(&snap);
+    assert!(
+        !model
+            .state()
+            .frontends
+            .contains_key(&ext("198.18.9.1", 30080))
+    );
+
+    // An interface address appears: only the NodePort Service is recomputed, and its node
+    // port is served there too (both scopes), as by the full computation with that address.
+    let host: Vec<IpAddr> = vec!["198.18.9.1".parse().unwrap()];
+    model.set_host_addresses(host.clone());
+    let delta = model.update();
+    assert_eq!(model.recomputed(), 1);
+    assert!(
+        delta.frontends.contains(&ext("198.18.9.1", 30080)),
+        "{delta:?}"
+    );
+    assert!(
+        delta.frontends.contains(&tcp("198.18.9.1", 30080)),
+        "{delta:?}"
+    );
+    let oracle = compute_with(
+        &snap,
+        "node1",
+        &mut Memo::default().with_host_addresses(host.clone()),
+    );
+    assert!(Delta::between(model.state(), &oracle).is_empty());
+    assert_eq!(
+        model.nodeport_addresses(),
+        ["198.18.0.1", "198.18.5.1", "198.18.9.1", "2001:db8::1"]
+            .map(|a| a.parse::<IpAddr>().unwrap())
+    );
+
+    // The same addresses again: nothing to do. Gone: its frontends go.
+    model.set_host_addresses(host);
+    assert!(model.update().is_empty());
+    model.set_host_addresses(vec![]);
+    let delta = model.update();
+    assert!(delta.frontends.contains(&ext("198.18.9.1", 30080)));
+    assert!(
+        !model
+            .state()
+            .frontends
+            .contains_key(&ext("198.18.9.1", 30080))
+    );
+}
+
+#[test]
 fn bad_external_fields_are_errors_naming_the_field() {
     let cases = [
         ("  externalIPs: [198.18.7.1, nope]\n", "spec.externalIPs[1]"),
