@@ -377,7 +377,7 @@ pub enum Inspect {
     /// Every `ClientIP` session affinity entry (`AFFINITY_V1`): client (address or network
     /// namespace), frontend and Service, backend and Pod, idle time, and whether the kernel
     /// would still honour it (and why not).
-    Affinity(OutputArgs),
+    Affinity(AffinityArgs),
     /// Pinned program links: where each is pinned, its kernel link and program.
     Links(OutputArgs),
     /// Both connection tables (`CT_V1` answered flows, `CT_NEW_V1` unanswered ones): each
@@ -392,9 +392,9 @@ pub enum Inspect {
     /// connection tables, frontend, slots and why, affinity, Maglev, SNAT, the verdict and the
     /// rewritten packet.
     Trace(TraceArgs),
-    /// What the maps hold against what a standalone directory's objects say they should hold,
-    /// per Service: missing, extra and different frontends. Exit code 0: no drift; 1: drift;
-    /// 2: an error. (The API server as the source, `--kubeconfig`, is not supported yet.)
+    /// What the maps hold against what the objects say they should hold (a standalone
+    /// directory's, `--from-dir`, or the API server's, as `run` follows them), per Service:
+    /// missing, extra and different frontends. Exit code 0: no drift; 1: drift; 2: an error.
     Diff(DiffArgs),
 }
 
@@ -404,9 +404,14 @@ pub struct DiffArgs {
     /// Output format (`wide` is `table`).
     #[command(flatten)]
     pub output: OutputArgs,
-    /// The directory of YAML, as `svc-agent run --from-dir` reads it.
+    /// The directory of YAML, as `svc-agent run --from-dir` reads it. Without it: the
+    /// objects of the API server, listed once as `run` follows them.
+    #[arg(long, conflicts_with = "kubeconfig")]
+    pub from_dir: Option<PathBuf>,
+    /// As `svc-agent run --kubeconfig`: the kubeconfig file to reach the API server with.
+    /// Without it: the in-cluster service account, then `KUBECONFIG`, then `~/.kube/config`.
     #[arg(long)]
-    pub from_dir: PathBuf,
+    pub kubeconfig: Option<PathBuf>,
     /// This node's name, as `svc-agent run --node-name` (decides which endpoints are local).
     #[arg(long, env = "NODE_NAME")]
     pub node_name: String,
@@ -544,6 +549,32 @@ pub struct BackendsArgs {
     /// offers in a slot.
     #[arg(long, value_parser = parse_service)]
     pub service: Option<String>,
+}
+
+/// Arguments of `inspect affinity`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct AffinityArgs {
+    /// Output format.
+    #[command(flatten)]
+    pub output: OutputArgs,
+    /// Only entries of this client address (entries of the packet path; connect-time entries
+    /// are keyed by network namespace).
+    #[arg(long)]
+    pub client: Option<std::net::IpAddr>,
+    /// Only entries of this Service's frontends (`namespace/name`, from `FRONTEND_NAMES_V1`).
+    #[arg(long, value_parser = parse_service)]
+    pub service: Option<String>,
+}
+
+impl AffinityArgs {
+    /// The filter these arguments describe.
+    #[must_use]
+    pub fn filter(&self) -> crate::inspect::affinity::AffinityFilter {
+        crate::inspect::affinity::AffinityFilter {
+            client: self.client,
+            service: self.service.clone(),
+        }
+    }
 }
 
 impl BackendsArgs {
@@ -750,14 +781,23 @@ mod tests {
             }
         );
         assert!(parse(&["backends", "--service", "web"]).is_err());
-        assert!(matches!(
-            parse(&["affinity", "-o", "wide"]).unwrap().command,
-            Command::Inspect {
-                what: Inspect::Affinity(OutputArgs {
-                    format: crate::inspect::Format::Wide
-                })
+        let Command::Inspect {
+            what: Inspect::Affinity(a),
+        } = parse(&["affinity", "-o", "wide", "--client", "198.18.0.2"])
+            .unwrap()
+            .command
+        else {
+            panic!("affinity parses as itself");
+        };
+        assert_eq!(a.output.format, crate::inspect::Format::Wide);
+        assert_eq!(
+            a.filter(),
+            crate::inspect::affinity::AffinityFilter {
+                client: Some("198.18.0.2".parse().unwrap()),
+                service: None,
             }
-        ));
+        );
+        assert!(parse(&["affinity", "--service", "web"]).is_err());
         assert!(parse(&["maps", "-o", "yaml"]).is_err());
     }
 

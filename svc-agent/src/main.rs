@@ -80,11 +80,12 @@ fn inspect_text(bpffs: &std::path::Path, what: &Inspect) -> anyhow::Result<Strin
             &args.filter(),
             args.output.format,
         ),
-        Inspect::Affinity(o) => inspect::affinity::format_affinity(
+        Inspect::Affinity(args) => inspect::affinity::format_affinity(
             &inspect::affinity::read_affinity(bpffs)?,
             &inspect::read_services(bpffs)?,
             inspect::ct::monotonic_ns()?,
-            o.format,
+            &args.filter(),
+            args.output.format,
         ),
         Inspect::Ct(args) => inspect::ct::format_ct(
             &inspect::ct::read_ct(bpffs)?,
@@ -120,8 +121,15 @@ async fn inspect_diff(bpffs: &std::path::Path, args: &svc_agent::cli::DiffArgs) 
         }
         // The node-facing interfaces' addresses serve NodePorts too, as in the agent.
         let host = svc_agent::hostaddrs::current(&roles).await?;
-        let (state, notes) =
-            inspect::diff::desired_from_dir(&args.from_dir, &args.node_name, nodeports, host)?;
+        let (state, notes) = if let Some(dir) = &args.from_dir {
+            inspect::diff::desired_from_dir(dir, &args.node_name, nodeports, host)?
+        } else {
+            let connection = svc_agent::source::kube::Connection {
+                kubeconfig: args.kubeconfig.clone(),
+            };
+            let client = connection.client().await?;
+            inspect::diff::desired_from_api(&client, &args.node_name, nodeports, host).await?
+        };
         for note in notes {
             eprintln!("{note}");
         }

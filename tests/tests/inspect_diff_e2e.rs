@@ -9,7 +9,10 @@
 //!   backend), `api`'s `extra` and `new`'s `missing`, exit 1, in JSON and as a table;
 //! - the next agent programs the edit (no drift), is stopped, and web's `ClusterIP` frontend
 //!   entry is removed from `SERVICES_V1` behind its back: diff reports it `missing`;
-//! - a directory that does not exist: exit 2 with the reason.
+//! - a directory that does not exist: exit 2 with the reason;
+//! - with the API server as the source (`--kubeconfig`, the test API server): no drift while
+//!   an agent follows it; the agent stopped and an endpoint removed from the API: web's
+//!   frontends `different`, exit 1.
 //!
 //! Needs root and the agent binary (`cargo build -p svc-agent`): fails, never skips, without
 //! them.
@@ -20,6 +23,7 @@ use aya::maps::{HashMap as BpfHashMap, Map, MapData};
 use svc_agent::inspect::diff::DiffRow;
 use svc_common::service::{ServiceKey, ServiceValue};
 use svc_tests::{
+    apiserver::{ApiServer, Options},
     k8s::{self, Agent, Backends, EndpointSlice, Protocol, Service},
     testbed::{TestBed, vip4},
 };
@@ -31,6 +35,16 @@ const NODE_PORT: u16 = 30185;
 /// `svc-agent inspect diff` on node1's pins and `dir`, run in node1's network namespace (as on
 /// a node: the node-facing interfaces' addresses serve node ports): exit code, stdout, stderr.
 fn diff(bed: &TestBed, dir: &std::path::Path, format: &str) -> (i32, String, String) {
+    diff_with(bed, "--from-dir", dir, format)
+}
+
+/// [`diff`] with the objects from `source` (`--from-dir` or `--kubeconfig`) at `path`.
+fn diff_with(
+    bed: &TestBed,
+    source: &str,
+    path: &std::path::Path,
+    format: &str,
+) -> (i32, String, String) {
     let node = bed.topo.node(0);
     let mut command = Command::new(&bed.agent_bin);
     command
@@ -43,9 +57,9 @@ fn diff(bed: &TestBed, dir: &std::path::Path, format: &str) -> (i32, String, Str
             &node.name,
             "-o",
             format,
-            "--from-dir",
+            source,
         ])
-        .arg(dir)
+        .arg(path)
         .env("NO_COLOR", "1");
     let out = node
         .ns
@@ -241,4 +255,78 @@ fn diff_says_what_the_maps_hold_against_the_directory() {
 
     drop(backends);
     bed.finish();
+}
+
+#[test]
+fn diff_compares_the_maps_with_the_api_server() {
+    let mut bed = TestBed::new(&[(0, "web-0"), (1, "web-1")]);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("a Tokio runtime");
+    let node1 = bed.topo.node(0);
+    let server = rt
+        .block_on(ApiServer::start_in(
+            &node1.ns,
+            SocketAddr::new(node1.underlay_v4.into(), 0),
+            Options::default(),
+        ))
+        .expect("starting the API server in node1's namespace");
+    for node in bed.topo.nodes() {
+        server
+            .apply_yaml(&k8s::node_yaml(node))
+            .expect("storing the Node");
+    }
+    let web = Service::cluster_ip("web", &[vip4(175)])
+        .port("http", Protocol::Tcp, SERVICE_PORT, BACKEND_PORT)
+        .node_port(NODE_PORT);
+    let slice = |bed: &TestBed, pods: &[&str]| {
+        EndpointSlice::new("web", false)
+            .ports_of(&web, &[])
+            .ready_pods(&bed.topo, pods.iter().map(|p| bed.pod(p)))
+            .to_yaml()
+    };
+    server
+        .apply_yaml(&k8s::documents(&[
+            web.to_yaml(),
+            slice(&bed, &["web-0", "web-1"]),
+        ]))
+        .expect("storing web");
+    let kubeconfig = bed.topo.run_dir().join("kubeconfig");
+    server
+        .write_kubeconfig(&kubeconfig)
+        .expect("writing the kubeconfig");
+    let agent = Agent::start_kube(&bed.agent_bin, bed.topo.node(0), &kubeconfig)
+        .unwrap_or_else(|e| panic!("starting svc-agent on node1: {e:#}"));
+    bed.agents.push(agent);
+    let (code, out, err) = diff_with(&bed, "--kubeconfig", &kubeconfig, "json");
+    assert_eq!(code, 0, "{out}\n{err}");
+    bed.step("the agent follows the API server: inspect diff --kubeconfig says no drift");
+
+    stop(&mut bed);
+    server
+        .apply_yaml(&slice(&bed, &["web-0"]))
+        .expect("updating web's slice");
+    let (code, out, err) = diff_with(&bed, "--kubeconfig", &kubeconfig, "json");
+    assert_eq!(code, 1, "{out}\n{err}");
+    let drift: Vec<DiffRow> =
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("diff JSON: {e}\n{out}"));
+    assert_eq!(
+        summary(&drift),
+        [
+            ("web".into(), "external".into(), "different".into()),
+            ("web".into(), "internal".into(), "different".into()),
+            ("web".into(), "internal".into(), "different".into()),
+        ],
+        "{drift:#?}"
+    );
+    let web1 = SocketAddr::new(bed.pod("web-1").ipv4.into(), BACKEND_PORT).to_string();
+    for row in &drift {
+        assert_eq!(row.extra_backends, std::slice::from_ref(&web1), "{row:#?}");
+    }
+    bed.step("agent stopped, web-1 removed in the API: web's 3 frontends different, exit 1");
+    bed.finish();
+    drop(server);
+    drop(rt);
 }

@@ -192,9 +192,12 @@ pub fn format_affinity(
     table: &AffinityTable,
     view: &ServicesView,
     now_ns: u64,
+    filter: &AffinityFilter,
     format: Format,
 ) -> anyhow::Result<String> {
-    let rows = affinity_rows(table, view, now_ns);
+    let all = affinity_rows(table, view, now_ns);
+    let total = all.len();
+    let rows: Vec<AffinityRow> = all.into_iter().filter(|r| filter.matches(r)).collect();
     if format == Format::Json {
         return output::json(&rows);
     }
@@ -234,11 +237,42 @@ pub fn format_affinity(
         t.row(cells);
     }
     let honoured = rows.iter().filter(|r| r.honoured).count();
+    let shown = if filter.is_empty() {
+        String::new()
+    } else {
+        format!("{} shown of ", rows.len())
+    };
     Ok(t.render(&format!(
-        "AFFINITY_V1: {} of {} entries, {honoured} honoured",
-        rows.len(),
+        "AFFINITY_V1: {shown}{total} of {} entries, {honoured} honoured",
         table.max_entries
     )))
+}
+
+/// Which entries `inspect affinity` shows (all by default).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AffinityFilter {
+    /// Only entries of this client address.
+    pub client: Option<IpAddr>,
+    /// Only entries of this Service's frontends (`namespace/name`).
+    pub service: Option<String>,
+}
+
+impl AffinityFilter {
+    /// Whether no filter is set.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.client.is_none() && self.service.is_none()
+    }
+
+    /// Whether `row` passes the filter.
+    #[must_use]
+    pub fn matches(&self, row: &AffinityRow) -> bool {
+        self.client.is_none_or(|c| row.client_address == Some(c))
+            && self
+                .service
+                .as_ref()
+                .is_none_or(|s| row.service.as_ref() == Some(s))
+    }
 }
 
 #[cfg(test)]
@@ -361,14 +395,38 @@ mod tests {
             max_entries: 65_536,
         };
         assert_eq!(
-            format_affinity(&table, &view, NOW, Format::Table).unwrap(),
+            format_affinity(
+                &table,
+                &view,
+                NOW,
+                &AffinityFilter::default(),
+                Format::Table
+            )
+            .unwrap(),
             "CLIENT          FRONTEND                  SERVICE          BACKEND                POD            IDLE  HONOURED\n\
              198.18.2.10     198.19.0.141:80/TCP       default/sticky   198.18.1.10:8080       default/web-0  30s   yes\n\
              netns:4242      198.19.0.141:80/TCP       default/sticky   198.18.1.10:8080       default/web-0  601s  no (expired)\n\
              2001:db8:2::10  [2001:db8:f::141]:80/TCP  default/sticky6  [2001:db8:1::10]:8080  -              1s    no (backend not local)\n\
              AFFINITY_V1: 3 of 65536 entries, 1 honoured\n"
         );
-        let json = format_affinity(&table, &view, NOW, Format::Json).unwrap();
+        let only = |client: Option<&str>, service: Option<&str>| AffinityFilter {
+            client: client.map(|c| c.parse().unwrap()),
+            service: service.map(ToOwned::to_owned),
+        };
+        let text = |filter| format_affinity(&table, &view, NOW, &filter, Format::Table).unwrap();
+        let by_client = text(only(Some("198.18.2.10"), None));
+        assert_eq!(by_client.lines().count(), 3, "{by_client}");
+        assert!(
+            by_client.ends_with("AFFINITY_V1: 1 shown of 3 of 65536 entries, 1 honoured\n"),
+            "{by_client}"
+        );
+        let by_service = text(only(None, Some("default/sticky")));
+        assert_eq!(by_service.lines().count(), 4, "{by_service}");
+        assert!(!by_service.contains("sticky6"), "{by_service}");
+        let none = text(only(Some("198.18.2.10"), Some("default/sticky6")));
+        assert!(none.contains("0 shown of 3"), "{none}");
+        let json =
+            format_affinity(&table, &view, NOW, &AffinityFilter::default(), Format::Json).unwrap();
         let back: Vec<AffinityRow> = serde_json::from_str(&json).unwrap();
         assert_eq!(back, affinity_rows(&table, &view, NOW));
         assert_eq!(
@@ -388,7 +446,8 @@ mod tests {
         let raw: serde_json::Value = serde_json::from_str(&json).unwrap();
         assert_eq!(raw[1]["clientNetns"], 4242);
         assert_eq!(raw[0]["timeoutSeconds"], 600);
-        let wide = format_affinity(&table, &view, NOW, Format::Wide).unwrap();
+        let wide =
+            format_affinity(&table, &view, NOW, &AffinityFilter::default(), Format::Wide).unwrap();
         assert!(
             wide.lines()
                 .nth(1)
@@ -475,7 +534,14 @@ mod tests {
             )],
             max_entries: 8,
         };
-        let text = format_affinity(&table, &view, NOW, Format::Table).unwrap();
+        let text = format_affinity(
+            &table,
+            &view,
+            NOW,
+            &AffinityFilter::default(),
+            Format::Table,
+        )
+        .unwrap();
         assert!(
             text.lines().nth(1).unwrap().split_whitespace().eq([
                 "198.18.2.10",

@@ -184,6 +184,37 @@ pub fn desired_states(desired: &DesiredState) -> Desired {
     }
 }
 
+/// What the API server's objects say for node `node_name` (one listing, with the agent's own
+/// selectors), and what computing them had to say (objects skipped, no Node), for stderr.
+///
+/// # Errors
+/// When a listing fails.
+pub async fn desired_from_api(
+    client: &kube::Client,
+    node_name: &str,
+    nodeports: NodePortAddresses,
+    host_addresses: Vec<std::net::IpAddr>,
+) -> anyhow::Result<(DesiredState, Vec<String>)> {
+    let snapshot = crate::source::kube::list_snapshot(client, node_name).await?;
+    let mut notes = Vec::new();
+    if snapshot.nodes.is_empty() {
+        notes.push(format!(
+            "the API server has no Node named {node_name}: it has no node addresses from a Node \
+             (NodePorts only on the node-facing interfaces' addresses) and every endpoint is \
+             remote, as for an agent run with that --node-name"
+        ));
+    }
+    let desired = model::compute_with(
+        &snapshot,
+        node_name,
+        &mut model::Memo::with_nodeport_addresses(nodeports).with_host_addresses(host_addresses),
+    );
+    for e in &desired.errors {
+        notes.push(format!("skipped: {e}"));
+    }
+    Ok((desired, notes))
+}
+
 /// What the directory's objects say for node `node_name`, and what reading them had to say
 /// (files with errors, objects skipped), for stderr.
 ///

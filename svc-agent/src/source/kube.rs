@@ -501,6 +501,31 @@ fn list_config() -> watcher::Config {
     watcher::Config::default().any_semantic()
 }
 
+/// One listing of what the source follows, with the watches' selectors (Services and
+/// `EndpointSlice`s of this proxy, the Node named `node_name`), as the model keeps it: what a
+/// relist would hand the model (`inspect diff` compares the maps with it).
+///
+/// # Errors
+/// When a listing fails (which kind, and the API server's error).
+pub async fn list_snapshot(client: &Client, node_name: &str) -> anyhow::Result<Snapshot> {
+    use kube::api::ListParams;
+    let services = Api::<Service>::all(client.clone())
+        .list(&ListParams::default().labels(&not_ours_selector()))
+        .await
+        .context("listing Services")?;
+    let slices = Api::<EndpointSlice>::all(client.clone())
+        .list(
+            &ListParams::default().labels(&format!("{LABEL_SERVICE_NAME},{}", not_ours_selector())),
+        )
+        .await
+        .context("listing EndpointSlices")?;
+    let nodes = Api::<Node>::all(client.clone())
+        .list(&ListParams::default().fields(&format!("metadata.name={node_name}")))
+        .await
+        .context("listing the Node")?;
+    Ok(Snapshot::new(services.items, slices.items, nodes.items))
+}
+
 /// The label selector that leaves out objects of other proxies and of headless Services.
 fn not_ours_selector() -> String {
     format!("!{LABEL_SERVICE_PROXY_NAME},!{LABEL_HEADLESS}")
