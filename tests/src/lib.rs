@@ -5,6 +5,8 @@ pub mod apiserver;
 pub mod bench_objects;
 pub mod fixture;
 pub mod k8s;
+pub mod loadgen;
+pub mod loadgen_table;
 pub mod netns;
 pub mod packets;
 pub mod testbed;
