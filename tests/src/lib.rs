@@ -6,6 +6,7 @@ pub mod bench_objects;
 pub mod fixture;
 pub mod k8s;
 pub mod loadgen;
+pub mod loadgen_remote;
 pub mod loadgen_table;
 pub mod netns;
 pub mod packets;
