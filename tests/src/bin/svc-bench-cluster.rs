@@ -441,8 +441,13 @@ impl Run<'_> {
             std::thread::sleep(Duration::from_secs(1));
         }
         stop_clients.store(true, Ordering::Relaxed);
-        let (client_threads, cpu_before) = started?;
-        let load = generated?.context("the load generator")?;
+        // The generator's own error says more than "it ended early".
+        let load = match (generated, started) {
+            (Ok(Err(e)), _) => return Err(e.context("the load generator")),
+            (Err(e), _) | (_, Err(e)) => return Err(e),
+            (Ok(Ok(load)), Ok(started)) => (load, started),
+        };
+        let (load, (client_threads, cpu_before)) = load;
         progress(&format!(
             "load done in {:.1} s; {} writes acknowledged by the API server",
             load.as_secs_f64(),
