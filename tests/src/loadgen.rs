@@ -298,9 +298,15 @@ impl<'a> State<'a> {
         self.slices.get(&service).cloned().unwrap_or_default()
     }
 
-    /// A pool pod not among `service`'s endpoints, rotating over the pool.
-    fn free_pod(&mut self, service: usize) -> usize {
-        let used: BTreeSet<usize> = self.slice(service).iter().map(|e| e.pod).collect();
+    /// A pool pod neither among `service`'s endpoints nor in `taken`, rotating over the pool
+    /// (the plan's checks leave enough pods for one).
+    fn free_pod(&mut self, service: usize, taken: &[usize]) -> usize {
+        let used: BTreeSet<usize> = self
+            .slice(service)
+            .iter()
+            .map(|e| e.pod)
+            .chain(taken.iter().copied())
+            .collect();
         let start = self.next_pod.get(&service).copied().unwrap_or(service);
         let n = self.pool.len();
         let pod = (0..n)
@@ -313,16 +319,18 @@ impl<'a> State<'a> {
 
     /// Creating `service` with `replicas` ready endpoints: its slice, then the Service.
     fn create(&mut self, service: usize, replicas: usize, phase: Phase) -> Vec<Planned> {
-        let mut endpoints = Vec::new();
+        let mut pods = Vec::new();
         for _ in 0..replicas {
-            let pod = self.free_pod(service);
-            endpoints.push(SliceEndpoint {
+            let pod = self.free_pod(service, &pods);
+            pods.push(pod);
+        }
+        let endpoints: Vec<SliceEndpoint> = pods
+            .into_iter()
+            .map(|pod| SliceEndpoint {
                 pod,
                 condition: Condition::Ready,
-            });
-            self.slices.insert(service, endpoints.clone());
-        }
-        self.slices.remove(&service);
+            })
+            .collect();
         vec![
             self.write(
                 service,
@@ -372,7 +380,7 @@ impl<'a> State<'a> {
         let old: Vec<usize> = self.slice(service).iter().map(|e| e.pod).collect();
         let mut out = Vec::new();
         for old_pod in old {
-            let new_pod = self.free_pod(service);
+            let new_pod = self.free_pod(service, &[]);
             let set = |pod: usize, c: Condition| {
                 move |s: &mut Vec<SliceEndpoint>| {
                     for e in s.iter_mut().filter(|e| e.pod == pod) {
@@ -401,22 +409,11 @@ impl<'a> State<'a> {
 
     /// An HPA scale-up by `step` endpoints and the scale-down after it: four writes.
     fn hpa(&mut self, service: usize, step: usize) -> Vec<Planned> {
-        let added: Vec<usize> = (0..step)
-            .map(|_| {
-                let pod = self.free_pod(service);
-                // Taken now, so the next pick is another pod.
-                self.slices.entry(service).or_default().push(SliceEndpoint {
-                    pod,
-                    condition: Condition::NotReady,
-                });
-                pod
-            })
-            .collect();
-        // The picks above were bookkeeping; the writes below make the changes.
-        self.slices
-            .entry(service)
-            .or_default()
-            .retain(|e| !added.contains(&e.pod));
+        let mut added = Vec::new();
+        for _ in 0..step {
+            let pod = self.free_pod(service, &added);
+            added.push(pod);
+        }
         let set = |c: Condition, added: Vec<usize>| {
             move |s: &mut Vec<SliceEndpoint>| {
                 for e in s.iter_mut().filter(|e| added.contains(&e.pod)) {
