@@ -514,8 +514,16 @@ impl Run<'_> {
                             let _ = tx.send(Msg::Write(Box::new(w.clone())));
                         }
                     };
+                    let t = Instant::now();
                     generator.run(&plan[..setup], 0, send).await?;
+                    let written = t.elapsed();
                     barrier(&to_observers)?;
+                    eprintln!(
+                        "  setup: {setup} writes acknowledged in {:.2} s, shown on every node \
+                         {:.2} s later",
+                        written.as_secs_f64(),
+                        t.elapsed().saturating_sub(written).as_secs_f64()
+                    );
                     let _ = handshake.setup_done.send(());
                     handshake
                         .go
@@ -563,8 +571,23 @@ fn observe(bpffs: &Path, rx: &Receiver<Msg>) -> anyhow::Result<Observed> {
     let mut barriers: Vec<Sender<()>> = Vec::new();
     let mut closed = false;
     loop {
-        loop {
-            match rx.try_recv() {
+        // Nothing to look for: wait for the next message instead of polling.
+        let first = if pending.is_empty() && !closed {
+            rx.recv().ok()
+        } else {
+            None
+        };
+        closed |= pending.is_empty() && first.is_none();
+        for msg in first
+            .into_iter()
+            .map(Ok)
+            .chain(std::iter::from_fn(|| match rx.try_recv() {
+                Ok(msg) => Some(Ok(msg)),
+                Err(TryRecvError::Empty) => None,
+                Err(TryRecvError::Disconnected) => Some(Err(())),
+            }))
+        {
+            match msg {
                 Ok(Msg::Write(w)) => {
                     if w.planned.expect != Expect::Unchanged
                         && pending.insert(w.service.clone(), *w).is_some()
@@ -573,8 +596,7 @@ fn observe(bpffs: &Path, rx: &Receiver<Msg>) -> anyhow::Result<Observed> {
                     }
                 }
                 Ok(Msg::Barrier(tx)) => barriers.push(tx),
-                Err(TryRecvError::Empty) => break,
-                Err(TryRecvError::Disconnected) => {
+                Err(()) => {
                     closed = true;
                     break;
                 }
