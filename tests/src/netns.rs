@@ -34,9 +34,9 @@ pub use cleanup::{
 pub use ns::{NETNS_RUN_DIR, Netns};
 pub use plan::{
     BLACK_HOLE_V4, BLACK_HOLE_V6, EXTERNAL_V4, EXTERNAL_V6, FIRST_POD_HOST, Ipv4Cidr, Ipv6Cidr,
-    MAX_PODS_PER_NODE, NODE_COUNT, SERVICE_V4, SERVICE_V6, TEST_PREFIX, UNDERLAY_V4, UNDERLAY_V6,
-    node_pod_cidr_v4, node_pod_cidr_v6, node_underlay_v4, node_underlay_v6, pod_v4, pod_v6,
-    v6_twin,
+    MAX_NODES, MAX_PODS_PER_NODE, NODE_COUNT, SERVICE_V4, SERVICE_V6, TEST_PREFIX, UNDERLAY_V4,
+    UNDERLAY_V6, node_pod_cidr_v4, node_pod_cidr_v6, node_underlay_v4, node_underlay_v6, pod_v4,
+    pod_v6, v6_twin,
 };
 pub use process::{Process, STOP_GRACE};
 pub use topology::{

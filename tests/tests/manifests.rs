@@ -548,3 +548,27 @@ fn the_kind_cluster_has_no_kube_proxy() {
     let docs = documents(Path::new(KIND));
     assert_eq!(docs[0]["networking"]["kubeProxyMode"], "none");
 }
+
+#[test]
+fn the_kind_echo_pods_are_their_api_types_and_fit_the_load_generator() {
+    let path = Path::new(KIND)
+        .parent()
+        .expect("manifests/kind")
+        .join("echo.yaml");
+    let text = std::fs::read_to_string(&path).expect("manifests/kind/echo.yaml");
+    let problems = text_problems("manifests/kind/echo.yaml", &text);
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+    let docs = documents(&path);
+    let deployment: Deployment = one(&docs, "Deployment");
+    let spec = deployment.spec.expect("a Deployment spec");
+    // `cargo xtask kind bench` selects them by this label in this namespace, and needs
+    // replicas + a rollout's surge + an HPA step of pods (3 + 1 + 2 by default).
+    assert_eq!(deployment.metadata.namespace.as_deref(), Some("svc-bench"));
+    let labels = spec
+        .template
+        .metadata
+        .and_then(|m| m.labels)
+        .unwrap_or_default();
+    assert_eq!(labels.get("app").map(String::as_str), Some("svc-echo"));
+    assert!(spec.replicas.unwrap_or(1) >= 6);
+}

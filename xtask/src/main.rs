@@ -1,8 +1,10 @@
-//! Project tasks: `cargo xtask setup | build | test | demo | lint`.
+//! Project tasks: `cargo xtask setup | build | test | demo | lint | bench | kind`.
 //!
 //! Every task that needs the eBPF toolchain runs `setup` first; `setup` is idempotent and takes
 //! well under a second when everything is already installed.
 
+mod cluster;
+mod kind;
 mod setup;
 
 use std::process::Command;
@@ -37,7 +39,24 @@ enum Task {
     /// the control plane's table (`svc-bench-sync`: change latency, cold sync, memory, burst and
     /// churn CPU at 1k/10k/30k/100k Services, following the API server and a directory; the
     /// `SVC_BENCH_*` variables narrow it, see the README).
-    Bench,
+    Bench {
+        /// One benchmark instead of today's set.
+        #[command(subcommand)]
+        what: Option<BenchWhat>,
+    },
+    /// kind clusters (needs Docker, kind and kubectl): `up`, `bench`, `down`.
+    Kind {
+        #[command(subcommand)]
+        action: kind::Action,
+    },
+}
+
+/// The benchmarks `cargo xtask bench` can run alone.
+#[derive(Subcommand)]
+enum BenchWhat {
+    /// Emulated nodes (netns, one agent each) under rollouts, HPA steps and Service churn:
+    /// programming latency per node, failed requests, agent CPU and memory.
+    Cluster,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -55,11 +74,15 @@ fn main() -> anyhow::Result<()> {
             setup::run()?;
             test(no_lint)
         }
-        Task::Bench => {
+        Task::Bench { what } => {
             setup::run()?;
             require_root("the benchmarks load eBPF programs and create network namespaces")?;
-            bench()
+            match what {
+                None => bench(),
+                Some(BenchWhat::Cluster) => cluster::run(),
+            }
         }
+        Task::Kind { action } => kind::run(&action),
         Task::Demo => {
             setup::run()?;
             require_root("the demo creates network namespaces and loads eBPF programs")?;
@@ -139,7 +162,10 @@ fn test(no_lint: bool) -> anyhow::Result<()> {
     ])?;
     step("tier 1: the agent binary's log formats (no root)");
     cargo(&["test", "-p", "svc-agent", "--test", "log_format"])?;
-    step("tier 1: the test API server with the real kube client; deployment manifests");
+    step(
+        "tier 1: the test API server with the real kube client; the load generator through it; \
+         deployment manifests",
+    );
     cargo(&[
         "test",
         "-p",
@@ -148,6 +174,8 @@ fn test(no_lint: bool) -> anyhow::Result<()> {
         "apiserver",
         "--test",
         "manifests",
+        "--test",
+        "loadgen",
     ])?;
     require_root(
         "tiers 2 and 3 load eBPF programs (BPF_PROG_TEST_RUN) and create network namespaces",

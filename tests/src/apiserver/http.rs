@@ -30,7 +30,9 @@ use super::{
 /// The body of every response.
 pub(crate) type Body = UnsyncBoxBody<Bytes, io::Error>;
 
-/// The largest request body accepted (`POST`/`PATCH` of an Event).
+/// The largest request body accepted (`POST`/`PATCH` of an Event; with
+/// [`Options::writable`](super::Options::writable), `POST`/`PUT` of a Service or an
+/// `EndpointSlice`).
 const MAX_BODY: usize = 1 << 20;
 
 /// Answers one request, recording it.
@@ -41,9 +43,13 @@ pub(crate) async fn handle(shared: &Arc<Shared>, request: Request<Incoming>) -> 
     let params = Params::parse(&query);
     let response = match shared.take_failure() {
         Some(code) => injected_failure(code),
-        None if method == Method::POST || method == Method::PATCH => {
+        None if method == Method::POST
+            || method == Method::PATCH
+            || method == Method::PUT
+            || method == Method::DELETE =>
+        {
             match read_body(request).await {
-                Ok(body) => write(shared, &method, &path, &body),
+                Ok(body) => write_any(shared, &method, &path, &body),
                 Err(response) => response,
             }
         }
@@ -149,7 +155,7 @@ fn get(shared: &Shared, filter: &Filter) -> Response<Body> {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Writes (Events only)
+// Writes (Events; Services and EndpointSlices when the server is writable)
 // ---------------------------------------------------------------------------------------------
 
 async fn read_body(request: Request<Incoming>) -> Result<Bytes, Response<Body>> {
@@ -164,6 +170,18 @@ async fn read_body(request: Request<Incoming>) -> Result<Bytes, Response<Body>> 
     }
 }
 
+/// A write: a controller's (see [`write_object`]) when the server is writable and it is one,
+/// else an Event's (see [`write`]).
+fn write_any(shared: &Shared, method: &Method, path: &str, body: &[u8]) -> Response<Body> {
+    if shared.options.writable
+        && let Some((kind @ (Kind::Service | Kind::EndpointSlice), Some(namespace), name)) =
+            parse_path(path)
+    {
+        return write_object(shared, method, kind, &namespace, name, body);
+    }
+    write(shared, method, path, body)
+}
+
 /// `POST .../events` creates an Event (`409 AlreadyExists` if the name is taken); `PATCH
 /// .../events/NAME` applies a JSON merge patch (RFC 7386) to one. Other kinds are read-only
 /// (`405`), as the agent must never write them.
@@ -175,12 +193,17 @@ fn write(shared: &Shared, method: &Method, path: &str, body: &[u8]) -> Response<
             "the server could not find the requested resource",
         );
     };
-    if kind != Kind::Event || namespace.is_none() {
+    if kind != Kind::Event
+        || namespace.is_none()
+        || !(*method == Method::POST || *method == Method::PATCH)
+    {
         return status_response(
             StatusCode::METHOD_NOT_ALLOWED,
             "MethodNotAllowed",
             &format!(
-                "the test API server accepts {method} only for namespaced events.k8s.io/v1 Events"
+                "the test API server accepts {method} only for namespaced events.k8s.io/v1 Events \
+                 (POST, PATCH; and POST, PUT, DELETE for Services and EndpointSlices when \
+                 started writable)"
             ),
         );
     }
@@ -263,6 +286,175 @@ fn write(shared: &Shared, method: &Method, path: &str, body: &[u8]) -> Response<
         ),
         Err((code, reason, message)) => status_response(code, reason, &message),
     }
+}
+
+/// A controller's write of a Service or an `EndpointSlice` (only with
+/// [`Options::writable`](super::Options::writable)), as the real API server answers it:
+/// `POST` to the collection creates (`201`; `409 AlreadyExists` if the name is taken; the name
+/// must be given, `generateName` is not served), `PUT` to the object replaces it (`200`; `404`
+/// if it does not exist; `409 Conflict` when the body carries a `metadata.resourceVersion`
+/// other than the stored one: optimistic concurrency; none: an unconditional update, which the
+/// real server allows for these kinds), `DELETE` removes it (`200` with its last state; `404`).
+fn write_object(
+    shared: &Shared,
+    method: &Method,
+    kind: Kind,
+    namespace: &str,
+    name: Option<String>,
+    body: &[u8],
+) -> Response<Body> {
+    let plural = kind.plural();
+    let key = |name: &str| Key {
+        kind,
+        namespace: namespace.to_owned(),
+        name: name.to_owned(),
+    };
+    if *method == Method::DELETE {
+        let Some(name) = name else {
+            return status_response(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "MethodNotAllowed",
+                "DELETE of a whole collection is not served",
+            );
+        };
+        return match shared.change(|store| store.delete(&key(&name))) {
+            Some(last) => json_response(StatusCode::OK, last.json.clone()),
+            None => status_response(
+                StatusCode::NOT_FOUND,
+                "NotFound",
+                &format!("{plural} \"{name}\" not found"),
+            ),
+        };
+    }
+    let creating = *method == Method::POST;
+    let (object, object_name, asked_rv) =
+        match object_to_write(method, kind, namespace, name.as_deref(), body) {
+            Ok(parts) => parts,
+            Err(response) => return *response,
+        };
+    let result = shared.change(|store| {
+        let existing = store.objects().get(&key(&object_name)).cloned();
+        match (&existing, creating) {
+            (Some(_), true) => Err((
+                StatusCode::CONFLICT,
+                "AlreadyExists",
+                format!("{plural} \"{object_name}\" already exists"),
+            )),
+            (None, false) => Err((
+                StatusCode::NOT_FOUND,
+                "NotFound",
+                format!("{plural} \"{object_name}\" not found"),
+            )),
+            (Some(existing), false)
+                if asked_rv.as_ref().is_some_and(|asked| {
+                    existing
+                        .value
+                        .pointer("/metadata/resourceVersion")
+                        .and_then(Value::as_str)
+                        != Some(asked.as_str())
+                }) =>
+            {
+                Err((
+                    StatusCode::CONFLICT,
+                    "Conflict",
+                    format!(
+                        "Operation cannot be fulfilled on {plural} \"{object_name}\": the object \
+                         has been modified; please apply your changes to the latest version and \
+                         try again"
+                    ),
+                ))
+            }
+            _ => store
+                .apply(object)
+                .map_err(|e| (StatusCode::UNPROCESSABLE_ENTITY, "Invalid", e)),
+        }
+    });
+    match result {
+        Ok(stored) => json_response(
+            if creating {
+                StatusCode::CREATED
+            } else {
+                StatusCode::OK
+            },
+            stored.json.clone(),
+        ),
+        Err((code, reason, message)) => status_response(code, reason, &message),
+    }
+}
+
+/// The object a `POST` or `PUT` of [`write_object`] writes, checked against the URL: the
+/// object (with `apiVersion`, `kind` and the namespace set), its name, and the
+/// `resourceVersion` it asks to replace (none: unconditional).
+fn object_to_write(
+    method: &Method,
+    kind: Kind,
+    namespace: &str,
+    name: Option<&str>,
+    body: &[u8],
+) -> Result<(Value, String, Option<String>), Box<Response<Body>>> {
+    let creating = *method == Method::POST;
+    if *method != Method::PUT && !creating {
+        return Err(Box::new(status_response(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "MethodNotAllowed",
+            &format!(
+                "the test API server does not serve {method} for {}",
+                kind.plural()
+            ),
+        )));
+    }
+    if creating == name.is_some() {
+        return Err(Box::new(status_response(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "MethodNotAllowed",
+            "POST goes to the collection, PUT to the object",
+        )));
+    }
+    let Ok(mut object) = serde_json::from_slice::<Value>(body) else {
+        return Err(Box::new(bad_request("the request body is not JSON")));
+    };
+    if !object.is_object() {
+        return Err(Box::new(bad_request(
+            "the request body is not a JSON object",
+        )));
+    }
+    object["apiVersion"] = kind.api_version().into();
+    object["kind"] = kind.name().into();
+    if !object["metadata"].is_object() {
+        object["metadata"] = json!({});
+    }
+    let object_ns = object
+        .pointer("/metadata/namespace")
+        .and_then(Value::as_str);
+    if object_ns.is_some_and(|ns| ns != namespace) {
+        return Err(Box::new(bad_request(
+            "the namespace of the object does not match the URL",
+        )));
+    }
+    object["metadata"]["namespace"] = namespace.into();
+    let object_name = object
+        .pointer("/metadata/name")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_owned();
+    if object_name.is_empty() {
+        return Err(Box::new(status_response(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "Invalid",
+            "metadata.name is required (generateName is not served)",
+        )));
+    }
+    if name.is_some_and(|n| n != object_name) {
+        return Err(Box::new(bad_request(
+            "the name of the object does not match the URL",
+        )));
+    }
+    let asked_rv = object
+        .pointer("/metadata/resourceVersion")
+        .and_then(Value::as_str)
+        .filter(|rv| !rv.is_empty())
+        .map(str::to_owned);
+    Ok((object, object_name, asked_rv))
 }
 
 /// Applies a JSON merge patch (RFC 7386): objects merge key by key, `null` removes a key,

@@ -37,6 +37,9 @@
 //!   (`409 AlreadyExists` for a taken name), `PATCH` applies a JSON merge patch, as `kube`'s
 //!   event `Recorder` does; every other write gets `405`, since the agent must never write
 //!   anything else.
+//! - **Controller writes**, only on a server started with [`Options::writable`] (a load
+//!   generator's, never the agent's): `POST`, `PUT` (with `resourceVersion` preconditions) and
+//!   `DELETE` of Services and `EndpointSlices`, answered like the real server answers them.
 //!
 //! Fault injection: [`ApiServer::drop_watches`] aborts every open watch mid-stream,
 //! [`ApiServer::fail_next`] fails the next requests with `503` (or any code with
@@ -100,6 +103,11 @@ pub struct Options {
     pub max_watches: usize,
     /// The longest a watch stays open (also when `timeoutSeconds` asks for longer).
     pub max_watch_duration: Duration,
+    /// Whether clients may also create (`POST`), replace (`PUT`) and delete (`DELETE`)
+    /// Services and `EndpointSlices`, as controllers and a load generator do
+    /// (`svc_tests::loadgen`). Off by default: the agent must never write them, and a server
+    /// that refuses proves it does not.
+    pub writable: bool,
 }
 
 impl Default for Options {
@@ -114,6 +122,7 @@ impl Default for Options {
             max_objects: 100_000,
             max_watches: 128,
             max_watch_duration: Duration::from_secs(30 * 60),
+            writable: false,
         }
     }
 }

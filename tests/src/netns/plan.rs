@@ -87,8 +87,13 @@ impl fmt::Display for Ipv6Cidr {
 /// prefix is `svct<pid>x<counter>`.
 pub const TEST_PREFIX: &str = "svct";
 
-/// Number of emulated nodes in a [`Topology`](super::Topology).
+/// Number of emulated nodes in a [`Topology`](super::Topology) (see
+/// [`Topology::with_nodes`](super::Topology::with_nodes) for more).
 pub const NODE_COUNT: usize = 2;
+
+/// Most emulated nodes a [`Topology`](super::Topology) takes (their underlay addresses `.11` to
+/// `.20`, pod CIDRs `198.18.1.0/24` to `198.18.10.0/24`).
+pub const MAX_NODES: usize = 10;
 
 /// Most pods one node takes (pods are `.10` up to `.10 + MAX_PODS_PER_NODE - 1`).
 pub const MAX_PODS_PER_NODE: u32 = 90;
@@ -197,7 +202,7 @@ mod tests {
     fn every_address_is_in_the_allowed_ranges() {
         let v4 = Ipv4Cidr::new(Ipv4Addr::new(198, 18, 0, 0), 15);
         let v6 = Ipv6Cidr::new(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0), 32);
-        for n in 0..NODE_COUNT {
+        for n in 0..MAX_NODES {
             assert!(v4.contains(node_underlay_v4(n)));
             assert!(v6.contains(node_underlay_v6(n)));
             for slot in 0..MAX_PODS_PER_NODE {
@@ -208,5 +213,13 @@ mod tests {
             }
         }
         assert!(v4.contains(SERVICE_V4.addr) && v6.contains(SERVICE_V6.addr));
+        // The most nodes still leave the external client and the black hole their addresses,
+        // and their pod CIDRs stay clear of the underlay and the service range.
+        let last = node_underlay_v4(MAX_NODES - 1);
+        assert!(last < EXTERNAL_V4 && last < BLACK_HOLE_V4, "{last}");
+        for n in 0..MAX_NODES {
+            let cidr = node_pod_cidr_v4(n);
+            assert!(!UNDERLAY_V4.contains(cidr.addr) && !SERVICE_V4.contains(cidr.addr));
+        }
     }
 }

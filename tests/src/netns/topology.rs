@@ -24,7 +24,7 @@ use super::{
     cleanup::{self, CGROUP2_ROOT},
     cmd,
     plan::{
-        BLACK_HOLE_V4, BLACK_HOLE_V6, EXTERNAL_V4, EXTERNAL_V6, Ipv4Cidr, Ipv6Cidr,
+        BLACK_HOLE_V4, BLACK_HOLE_V6, EXTERNAL_V4, EXTERNAL_V6, Ipv4Cidr, Ipv6Cidr, MAX_NODES,
         MAX_PODS_PER_NODE, NODE_COUNT, TEST_PREFIX, UNDERLAY_V4, UNDERLAY_V6, node_pod_cidr_v4,
         node_pod_cidr_v6, node_underlay_v4, node_underlay_v6, pod_v4, pod_v6,
     },
@@ -243,16 +243,26 @@ impl Topology {
     /// until every link is up. Fails first thing, with a message saying so, when not root.
     /// With XDP on ([`xdp_mode`]), the underlay is made a wire (see `like_a_wire`).
     pub fn new() -> anyhow::Result<Self> {
-        Self::build(xdp_mode() != "off")
+        Self::build(xdp_mode() != "off", NODE_COUNT)
+    }
+
+    /// [`new`](Self::new) with `nodes` nodes (1 to [`MAX_NODES`]) instead of [`NODE_COUNT`]:
+    /// every node routes to every other node's pods, the external client reaches every pod
+    /// CIDR through node 0.
+    pub fn with_nodes(nodes: usize) -> anyhow::Result<Self> {
+        if !(1..=MAX_NODES).contains(&nodes) {
+            bail!("a topology has 1 to {MAX_NODES} nodes, not {nodes}");
+        }
+        Self::build(xdp_mode() != "off", nodes)
     }
 
     /// [`new`](Self::new), the underlay made a wire whatever [`xdp_mode`] says: for tests that
     /// turn XDP on themselves.
     pub fn new_on_a_wire() -> anyhow::Result<Self> {
-        Self::build(true)
+        Self::build(true, NODE_COUNT)
     }
 
-    fn build(wire: bool) -> anyhow::Result<Self> {
+    fn build(wire: bool, node_count: usize) -> anyhow::Result<Self> {
         require_root()?;
         if !Path::new(CGROUP2_ROOT).join("cgroup.controllers").exists() {
             bail!(
@@ -276,10 +286,10 @@ impl Topology {
         ])?;
 
         let mut nodes = Vec::new();
-        for index in 0..NODE_COUNT {
+        for index in 0..node_count {
             nodes.push(guard.add_node(&underlay, index)?);
         }
-        let external = guard.add_external(&underlay, &nodes[0])?;
+        let external = guard.add_external(&underlay, &nodes[0], node_count)?;
         let black_hole = guard.add_black_hole(&underlay)?;
 
         // Each node reaches the other nodes' pods through their underlay address.
@@ -307,7 +317,7 @@ impl Topology {
             node.ns.ip_batch(&routes)?;
         }
 
-        let mut ports: Vec<String> = (1..=NODE_COUNT).map(|i| format!("n{i}")).collect();
+        let mut ports: Vec<String> = (1..=node_count).map(|i| format!("n{i}")).collect();
         ports.push("ext".to_owned());
         ports.push("gw".to_owned());
         let wire = if wire {
@@ -347,10 +357,11 @@ impl Topology {
     /// `svcpod<N>` (node), addresses, routes both ways; waits until the veth is up.
     pub fn add_pod(&mut self, node: usize, name: &str) -> anyhow::Result<Pod> {
         let index = self.pods.len();
+        let count = self.nodes.len();
         let n = self
             .nodes
             .get_mut(node)
-            .ok_or_else(|| anyhow!("no node {node}: the topology has {NODE_COUNT} (0-based)"))?;
+            .ok_or_else(|| anyhow!("no node {node}: the topology has {count} (0-based)"))?;
         let slot = u32::try_from(n.pod_ifnames.len()).unwrap_or(u32::MAX);
         if slot >= MAX_PODS_PER_NODE {
             bail!("node {} already has {MAX_PODS_PER_NODE} pods", n.name);
@@ -432,7 +443,8 @@ impl Topology {
     /// Node `index` (0-based).
     ///
     /// # Panics
-    /// When `index >= NODE_COUNT`.
+    /// When there is no node `index` (there are [`NODE_COUNT`] unless built
+    /// [`with_nodes`](Self::with_nodes)).
     #[must_use]
     pub fn node(&self, index: usize) -> &Node {
         &self.nodes[index]
@@ -519,7 +531,12 @@ impl RunGuard {
         Ok(node)
     }
 
-    fn add_external(&self, underlay: &Netns, via: &Node) -> anyhow::Result<External> {
+    fn add_external(
+        &self,
+        underlay: &Netns,
+        via: &Node,
+        node_count: usize,
+    ) -> anyhow::Result<External> {
         let ns = self.add_netns("ext", &[COMMON_SYSCTLS])?;
         Self::plug_into_bridge(&ns, underlay, "ext")?;
         let mut lines = vec![
@@ -529,7 +546,7 @@ impl RunGuard {
                 UNDERLAY_V6.len
             ),
         ];
-        for index in 0..NODE_COUNT {
+        for index in 0..node_count {
             lines.push(format!(
                 "route add {} via {}",
                 node_pod_cidr_v4(index),
