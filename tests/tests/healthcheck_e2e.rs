@@ -24,12 +24,11 @@ use std::{
 
 use anyhow::Context as _;
 use svc_tests::{
-    apiserver::{ApiServer, Kind, Options},
+    apiserver::{ClusterApi, Kind, Options},
     k8s::{self, Endpoint, EndpointSlice, Protocol, Service},
     netns::Netns,
     testbed::{TestBed, vip4},
 };
-use tokio::runtime::Runtime;
 
 /// The Service's `healthCheckNodePort`.
 const HEALTH_PORT: u16 = 32000;
@@ -122,13 +121,7 @@ enum Feed {
     /// The manifest directory (`--from-dir`).
     Dir,
     /// The test API server in node1's namespace (`--kubeconfig`).
-    Api(Box<Api>),
-}
-
-/// The test API server and the runtime it serves on (kept until the server is dropped).
-struct Api {
-    server: ApiServer,
-    _runtime: Runtime,
+    Api(Box<ClusterApi>),
 }
 
 struct Cluster {
@@ -214,28 +207,9 @@ status:
     fn start_with(api: bool, nodeport_addresses: Option<&str>) -> Self {
         let bed = TestBed::new(&[(0, "web-0"), (1, "web-1")]);
         let feed = if api {
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(1)
-                .enable_all()
-                .build()
-                .expect("a Tokio runtime");
-            let node1 = bed.topo.node(0);
-            let server = rt
-                .block_on(ApiServer::start_in(
-                    &node1.ns,
-                    SocketAddr::new(node1.underlay_v4.into(), 0),
-                    Options::default(),
-                ))
-                .expect("starting the API server in node1's namespace");
-            for node in bed.topo.nodes() {
-                server
-                    .apply_yaml(&k8s::node_yaml(node))
-                    .expect("storing the Node");
-            }
-            Feed::Api(Box::new(Api {
-                server,
-                _runtime: rt,
-            }))
+            let api = ClusterApi::start(&bed.topo, Options::default())
+                .expect("starting the test API server");
+            Feed::Api(Box::new(api))
         } else {
             Feed::Dir
         };
@@ -250,12 +224,8 @@ status:
                 None => c.bed.start_agents(),
             },
             Feed::Api(api) => {
-                let kubeconfig = c.topo.run_dir().join("kubeconfig");
-                api.server
-                    .write_kubeconfig(&kubeconfig)
-                    .expect("writing the kubeconfig");
                 for node in c.bed.topo.nodes() {
-                    let agent = k8s::Agent::start_kube(&c.bed.agent_bin, node, &kubeconfig)
+                    let agent = k8s::Agent::start_kube(&c.bed.agent_bin, node, &api.kubeconfig)
                         .unwrap_or_else(|e| panic!("starting svc-agent on {}: {e:#}", node.name));
                     c.bed.agents.push(agent);
                 }

@@ -23,7 +23,7 @@ use aya::maps::{HashMap as BpfHashMap, Map, MapData};
 use svc_agent::inspect::diff::DiffRow;
 use svc_common::service::{ServiceKey, ServiceValue};
 use svc_tests::{
-    apiserver::{ApiServer, Options},
+    apiserver::{ClusterApi, Options},
     k8s::{self, Agent, Backends, EndpointSlice, Protocol, Service},
     testbed::{TestBed, vip4},
 };
@@ -260,24 +260,8 @@ fn diff_says_what_the_maps_hold_against_the_directory() {
 #[test]
 fn diff_compares_the_maps_with_the_api_server() {
     let mut bed = TestBed::new(&[(0, "web-0"), (1, "web-1")]);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .expect("a Tokio runtime");
-    let node1 = bed.topo.node(0);
-    let server = rt
-        .block_on(ApiServer::start_in(
-            &node1.ns,
-            SocketAddr::new(node1.underlay_v4.into(), 0),
-            Options::default(),
-        ))
-        .expect("starting the API server in node1's namespace");
-    for node in bed.topo.nodes() {
-        server
-            .apply_yaml(&k8s::node_yaml(node))
-            .expect("storing the Node");
-    }
+    let api = ClusterApi::start(&bed.topo, Options::default()).expect("the test API server");
+    let server = &api.server;
     let web = Service::cluster_ip("web", &[vip4(175)])
         .port("http", Protocol::Tcp, SERVICE_PORT, BACKEND_PORT)
         .node_port(NODE_PORT);
@@ -293,10 +277,7 @@ fn diff_compares_the_maps_with_the_api_server() {
             slice(&bed, &["web-0", "web-1"]),
         ]))
         .expect("storing web");
-    let kubeconfig = bed.topo.run_dir().join("kubeconfig");
-    server
-        .write_kubeconfig(&kubeconfig)
-        .expect("writing the kubeconfig");
+    let kubeconfig = api.kubeconfig.clone();
     let agent = Agent::start_kube(&bed.agent_bin, bed.topo.node(0), &kubeconfig)
         .unwrap_or_else(|e| panic!("starting svc-agent on node1: {e:#}"));
     bed.agents.push(agent);
@@ -327,6 +308,5 @@ fn diff_compares_the_maps_with_the_api_server() {
     }
     bed.step("agent stopped, web-1 removed in the API: web's 3 frontends different, exit 1");
     bed.finish();
-    drop(server);
-    drop(rt);
+    drop(api);
 }

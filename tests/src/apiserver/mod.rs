@@ -570,6 +570,53 @@ async fn serve(listener: TcpListener, shared: Arc<Shared>, mut stop: oneshot::Re
     connections.shutdown().await;
 }
 
+/// A test API server as the end-to-end tests run it: in node1's namespace on its underlay
+/// address (every node's agent reaches it), every node's Node stored, a kubeconfig for it in
+/// the run directory, and the Tokio runtime it serves on (dropped after the server).
+#[derive(Debug)]
+pub struct ClusterApi {
+    /// The server.
+    pub server: ApiServer,
+    /// A kubeconfig for it (`<run dir>/kubeconfig`).
+    pub kubeconfig: std::path::PathBuf,
+    /// The runtime it serves on.
+    pub runtime: tokio::runtime::Runtime,
+}
+
+impl ClusterApi {
+    /// Starts it for `topo` with `options`.
+    ///
+    /// # Errors
+    /// When the runtime, the server or the kubeconfig cannot be made, or a Node not stored.
+    pub fn start(topo: &crate::netns::Topology, options: Options) -> anyhow::Result<Self> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .context("a Tokio runtime")?;
+        let node1 = topo.node(0);
+        let server = runtime
+            .block_on(ApiServer::start_in(
+                &node1.ns,
+                SocketAddr::new(node1.underlay_v4.into(), 0),
+                options,
+            ))
+            .context("starting the API server in node1's namespace")?;
+        for node in topo.nodes() {
+            server
+                .apply_yaml(&crate::k8s::node_yaml(node))
+                .with_context(|| format!("storing the Node {}", node.name))?;
+        }
+        let kubeconfig = topo.run_dir().join("kubeconfig");
+        server.write_kubeconfig(&kubeconfig)?;
+        Ok(Self {
+            server,
+            kubeconfig,
+            runtime,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::Instant;
