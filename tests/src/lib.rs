@@ -7,4 +7,5 @@ pub mod fixture;
 pub mod k8s;
 pub mod netns;
 pub mod packets;
+pub mod peers;
 pub mod testbed;

@@ -3,6 +3,7 @@
 //! Every task that needs the eBPF toolchain runs `setup` first; `setup` is idempotent and takes
 //! well under a second when everything is already installed.
 
+mod peers;
 mod setup;
 
 use std::process::Command;
@@ -37,7 +38,20 @@ enum Task {
     /// the control plane's table (`svc-bench-sync`: change latency, cold sync, memory, burst and
     /// churn CPU at 1k/10k/30k/100k Services, following the API server and a directory; the
     /// `SVC_BENCH_*` variables narrow it, see the README).
-    Bench,
+    Bench {
+        /// One benchmark instead of the default set.
+        #[command(subcommand)]
+        what: Option<BenchWhat>,
+    },
+}
+
+/// `cargo xtask bench <what>`: benchmarks that run on their own.
+#[derive(Subcommand)]
+enum BenchWhat {
+    /// kube-proxy's iptables and nftables rules and svc side by side (client pod -> ClusterIP
+    /// -> 3 nginx pods at 1 / 1,000 / 10,000 / 30,000 Services; `MODES`, `SIZES`, `REPS`,
+    /// `DUR`, ... narrow it, see the README).
+    Peers,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -55,10 +69,13 @@ fn main() -> anyhow::Result<()> {
             setup::run()?;
             test(no_lint)
         }
-        Task::Bench => {
+        Task::Bench { what } => {
             setup::run()?;
             require_root("the benchmarks load eBPF programs and create network namespaces")?;
-            bench()
+            match what {
+                None => bench(),
+                Some(BenchWhat::Peers) => peers::run(),
+            }
         }
         Task::Demo => {
             setup::run()?;
