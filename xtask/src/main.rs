@@ -48,7 +48,7 @@ enum Task {
 /// `cargo xtask bench <what>`: benchmarks that run on their own.
 #[derive(Subcommand)]
 enum BenchWhat {
-    /// kube-proxy's iptables and nftables rules and svc side by side (client pod -> ClusterIP
+    /// kube-proxy's iptables and nftables rules and svc side by side (client pod -> `ClusterIP`
     /// -> 3 nginx pods at 1 / 1,000 / 10,000 / 30,000 Services; `MODES`, `SIZES`, `REPS`,
     /// `DUR`, ... narrow it, see the README).
     Peers,

@@ -268,8 +268,7 @@ fn main() -> anyhow::Result<()> {
         if Command::new("sh")
             .args(["-c", &format!("command -v {tool}")])
             .output()
-            .map(|o| !o.status.success())
-            .unwrap_or(true)
+            .map_or(true, |o| !o.status.success())
         {
             bail!("{tool} is not installed: run `cargo xtask bench peers` (it installs it)");
         }

@@ -602,11 +602,10 @@ impl Bed {
     /// What `svc-agent --version` says.
     #[must_use]
     pub fn agent_version(bin: &Path) -> String {
-        Command::new(bin)
-            .arg("--version")
-            .output()
-            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
-            .unwrap_or_else(|e| format!("unknown ({e})"))
+        Command::new(bin).arg("--version").output().map_or_else(
+            |e| format!("unknown ({e})"),
+            |o| String::from_utf8_lossy(&o.stdout).trim().to_owned(),
+        )
     }
 
     /// Stops what runs, then removes everything (the topology's guard).

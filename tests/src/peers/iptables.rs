@@ -26,42 +26,51 @@ use super::services::{
 /// kube-proxy's `largeClusterEndpointsThreshold`: above it, endpoint rules carry no comments.
 pub const LARGE_CLUSTER_ENDPOINTS: usize = 1_000;
 
+/// The `filter` table and the start of `nat` (its fixed chains), the same for every sync.
+const HEAD: &str = concat!(
+    "*filter\n",
+    ":KUBE-NODEPORTS - [0:0]\n",
+    ":KUBE-SERVICES - [0:0]\n",
+    ":KUBE-EXTERNAL-SERVICES - [0:0]\n",
+    ":KUBE-FORWARD - [0:0]\n",
+    ":KUBE-PROXY-FIREWALL - [0:0]\n",
+    "-A INPUT -m conntrack --ctstate NEW -m comment --comment \"kubernetes load balancer firewall\" -j KUBE-PROXY-FIREWALL\n",
+    "-A INPUT -m comment --comment \"kubernetes health check service ports\" -j KUBE-NODEPORTS\n",
+    "-A INPUT -m conntrack --ctstate NEW -m comment --comment \"kubernetes externally-visible service portals\" -j KUBE-EXTERNAL-SERVICES\n",
+    "-A FORWARD -m conntrack --ctstate NEW -m comment --comment \"kubernetes load balancer firewall\" -j KUBE-PROXY-FIREWALL\n",
+    "-A FORWARD -m comment --comment \"kubernetes forwarding rules\" -j KUBE-FORWARD\n",
+    "-A FORWARD -m conntrack --ctstate NEW -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n",
+    "-A FORWARD -m conntrack --ctstate NEW -m comment --comment \"kubernetes externally-visible service portals\" -j KUBE-EXTERNAL-SERVICES\n",
+    "-A OUTPUT -m conntrack --ctstate NEW -m comment --comment \"kubernetes load balancer firewall\" -j KUBE-PROXY-FIREWALL\n",
+    "-A OUTPUT -m conntrack --ctstate NEW -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n",
+    "-A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP\n",
+    "-A KUBE-FORWARD -m comment --comment \"kubernetes forwarding rules\" -m mark --mark 0x4000/0x4000 -j ACCEPT\n",
+    "-A KUBE-FORWARD -m comment --comment \"kubernetes forwarding conntrack rule\" -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT\n",
+    "COMMIT\n",
+    "*nat\n",
+    ":KUBE-SERVICES - [0:0]\n",
+    ":KUBE-NODEPORTS - [0:0]\n",
+    ":KUBE-POSTROUTING - [0:0]\n",
+    ":KUBE-MARK-MASQ - [0:0]\n"
+);
+
+/// The fixed `nat` rules: the built-in chains' jumps, masquerading, the masquerade mark.
+const NAT_FIXED: &str = concat!(
+    "-A PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n",
+    "-A OUTPUT -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n",
+    "-A POSTROUTING -m comment --comment \"kubernetes postrouting rules\" -j KUBE-POSTROUTING\n",
+    "-A KUBE-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN\n",
+    "-A KUBE-POSTROUTING -j MARK --xor-mark 0x4000\n",
+    "-A KUBE-POSTROUTING -m comment --comment \"kubernetes service traffic requiring SNAT\" -j MASQUERADE --random-fully\n",
+    "-A KUBE-MARK-MASQ -j MARK --or-mark 0x4000\n",
+);
+
 /// The `iptables-restore` input for `services`.
 #[must_use]
 pub fn render(services: &[ServiceSpec]) -> String {
     let endpoints: usize = services.iter().map(|s| s.endpoints.len()).sum();
     let large = endpoints > LARGE_CLUSTER_ENDPOINTS;
-    let mut o = String::new();
-    o.push_str("*filter\n");
-    for c in [
-        "KUBE-NODEPORTS",
-        "KUBE-SERVICES",
-        "KUBE-EXTERNAL-SERVICES",
-        "KUBE-FORWARD",
-        "KUBE-PROXY-FIREWALL",
-    ] {
-        let _ = writeln!(o, ":{c} - [0:0]");
-    }
-    o.push_str(concat!(
-        "-A INPUT -m conntrack --ctstate NEW -m comment --comment \"kubernetes load balancer firewall\" -j KUBE-PROXY-FIREWALL\n",
-        "-A INPUT -m comment --comment \"kubernetes health check service ports\" -j KUBE-NODEPORTS\n",
-        "-A INPUT -m conntrack --ctstate NEW -m comment --comment \"kubernetes externally-visible service portals\" -j KUBE-EXTERNAL-SERVICES\n",
-        "-A FORWARD -m conntrack --ctstate NEW -m comment --comment \"kubernetes load balancer firewall\" -j KUBE-PROXY-FIREWALL\n",
-        "-A FORWARD -m comment --comment \"kubernetes forwarding rules\" -j KUBE-FORWARD\n",
-        "-A FORWARD -m conntrack --ctstate NEW -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n",
-        "-A FORWARD -m conntrack --ctstate NEW -m comment --comment \"kubernetes externally-visible service portals\" -j KUBE-EXTERNAL-SERVICES\n",
-        "-A OUTPUT -m conntrack --ctstate NEW -m comment --comment \"kubernetes load balancer firewall\" -j KUBE-PROXY-FIREWALL\n",
-        "-A OUTPUT -m conntrack --ctstate NEW -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n",
-        "-A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP\n",
-        "-A KUBE-FORWARD -m comment --comment \"kubernetes forwarding rules\" -m mark --mark 0x4000/0x4000 -j ACCEPT\n",
-        "-A KUBE-FORWARD -m comment --comment \"kubernetes forwarding conntrack rule\" -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT\n",
-        "COMMIT\n",
-        "*nat\n",
-        ":KUBE-SERVICES - [0:0]\n",
-        ":KUBE-NODEPORTS - [0:0]\n",
-        ":KUBE-POSTROUTING - [0:0]\n",
-        ":KUBE-MARK-MASQ - [0:0]\n",
-    ));
+    let mut o = String::from(HEAD);
     let chains: Vec<(String, Vec<String>)> = services
         .iter()
         .map(|s| {
@@ -79,15 +88,7 @@ pub fn render(services: &[ServiceSpec]) -> String {
             let _ = writeln!(o, ":{sep} - [0:0]");
         }
     }
-    o.push_str(concat!(
-        "-A PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n",
-        "-A OUTPUT -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n",
-        "-A POSTROUTING -m comment --comment \"kubernetes postrouting rules\" -j KUBE-POSTROUTING\n",
-        "-A KUBE-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN\n",
-        "-A KUBE-POSTROUTING -j MARK --xor-mark 0x4000\n",
-        "-A KUBE-POSTROUTING -m comment --comment \"kubernetes service traffic requiring SNAT\" -j MASQUERADE --random-fully\n",
-        "-A KUBE-MARK-MASQ -j MARK --or-mark 0x4000\n",
-    ));
+    o.push_str(NAT_FIXED);
     for (s, (svc, _)) in services.iter().zip(&chains) {
         let _ = writeln!(
             o,
@@ -160,32 +161,32 @@ mod tests {
         ];
         let svcs = services::services(2, &be).unwrap();
         let text = render(&svcs);
-        let svc1 = iptables_svc_chain(&svcs[0]);
-        let svc2 = iptables_svc_chain(&svcs[1]);
+        let chain1 = iptables_svc_chain(&svcs[0]);
+        let chain2 = iptables_svc_chain(&svcs[1]);
         let sep = |i: usize, j: usize| iptables_sep_chain(&svcs[i], svcs[i].endpoints[j]);
         let nat = text.split("*nat\n").nth(1).unwrap();
         let rules: Vec<&str> = nat.lines().filter(|l| l.starts_with("-A ")).collect();
         let expected_tail = [
             format!(
-                "-A KUBE-SERVICES -m comment --comment \"default/svc-1:http cluster IP\" -m tcp -p tcp -d 198.19.0.1/32 --dport 80 -j {svc1}"
+                "-A KUBE-SERVICES -m comment --comment \"default/svc-1:http cluster IP\" -m tcp -p tcp -d 198.19.0.1/32 --dport 80 -j {chain1}"
             ),
             format!(
-                "-A KUBE-SERVICES -m comment --comment \"default/svc-2:http cluster IP\" -m tcp -p tcp -d 198.19.255.1/32 --dport 80 -j {svc2}"
+                "-A KUBE-SERVICES -m comment --comment \"default/svc-2:http cluster IP\" -m tcp -p tcp -d 198.19.255.1/32 --dport 80 -j {chain2}"
             ),
             "-A KUBE-SERVICES -m comment --comment \"kubernetes service nodeports; NOTE: this must be the last rule in this chain\" -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS".to_owned(),
             format!(
-                "-A {svc1} -m comment --comment \"default/svc-1:http cluster IP\" -m tcp -p tcp -d 198.19.0.1/32 --dport 80 ! -s 198.18.0.0/16 -j KUBE-MARK-MASQ"
+                "-A {chain1} -m comment --comment \"default/svc-1:http cluster IP\" -m tcp -p tcp -d 198.19.0.1/32 --dport 80 ! -s 198.18.0.0/16 -j KUBE-MARK-MASQ"
             ),
             format!(
-                "-A {svc1} -m comment --comment \"default/svc-1:http -> 198.18.128.3:5000\" -m statistic --mode random --probability 0.3333333333 -j {}",
+                "-A {chain1} -m comment --comment \"default/svc-1:http -> 198.18.128.3:5000\" -m statistic --mode random --probability 0.3333333333 -j {}",
                 sep(0, 0)
             ),
             format!(
-                "-A {svc1} -m comment --comment \"default/svc-1:http -> 198.18.128.4:5000\" -m statistic --mode random --probability 0.5000000000 -j {}",
+                "-A {chain1} -m comment --comment \"default/svc-1:http -> 198.18.128.4:5000\" -m statistic --mode random --probability 0.5000000000 -j {}",
                 sep(0, 1)
             ),
             format!(
-                "-A {svc1} -m comment --comment \"default/svc-1:http -> 198.18.128.5:5000\" -j {}",
+                "-A {chain1} -m comment --comment \"default/svc-1:http -> 198.18.128.5:5000\" -j {}",
                 sep(0, 2)
             ),
             format!(
@@ -219,7 +220,7 @@ mod tests {
             ]
         );
         // Every chain is declared once, before the rules; two tables, two commits.
-        assert_eq!(text.matches(&format!(":{svc2} - [0:0]")).count(), 1);
+        assert_eq!(text.matches(&format!(":{chain2} - [0:0]")).count(), 1);
         assert_eq!(text.matches("COMMIT\n").count(), 2);
         assert_eq!(rules.len(), 7 + 3 + 2 * (1 + 3 + 2 * 3));
     }

@@ -40,7 +40,7 @@ pub enum Mode {
     None,
     /// kube-proxy's iptables mode, `iptables-legacy-restore`.
     Iptables,
-    /// kube-proxy's iptables mode through `iptables-nft-restore` (nf_tables underneath).
+    /// kube-proxy's iptables mode through `iptables-nft-restore` (`nf_tables` underneath).
     IptablesNft,
     /// kube-proxy's nftables mode.
     Nftables,

@@ -20,65 +20,38 @@ use super::services::{
 /// The table kube-proxy owns.
 pub const TABLE: &str = "ip kube-proxy";
 
-/// The `nft -f` input for `services`.
-#[must_use]
-pub fn render(services: &[ServiceSpec]) -> String {
-    let mut o = String::new();
+/// Declares `name` (a base chain when `spec` is not empty) in `o` and appends its `rules` to
+/// `r`: every chain is declared before any rule, since a rule may only jump to a chain that
+/// exists.
+fn chain(o: &mut String, r: &mut String, name: &str, spec: &str, rules: &[&str]) {
     let t = TABLE;
-    let key = "ipv4_addr . inet_proto . inet_service";
-    let _ = writeln!(o, "add table {t} {{ comment \"rules for kube-proxy\" ; }}");
-    // Sets and maps before the rules that name them (nft resolves `@name` as it parses).
-    let _ = writeln!(
-        o,
-        "add set {t} cluster-ips {{ type ipv4_addr ; comment \"Active ClusterIPs\" ; }}"
-    );
-    let _ = writeln!(
-        o,
-        "add set {t} nodeport-ips {{ type ipv4_addr ; comment \"IPs that accept NodePort traffic\" ; }}"
-    );
-    let _ = writeln!(
-        o,
-        "add map {t} firewall-ips {{ type {key} : verdict ; comment \"destinations that are subject to LoadBalancerSourceRanges\" ; }}"
-    );
-    let _ = writeln!(
-        o,
-        "add map {t} no-endpoint-services {{ type {key} : verdict ; comment \"vmap to drop or reject packets to services with no endpoints\" ; }}"
-    );
-    let _ = writeln!(
-        o,
-        "add map {t} no-endpoint-nodeports {{ type inet_proto . inet_service : verdict ; comment \"vmap to drop or reject packets to service nodeports with no endpoints\" ; }}"
-    );
-    let _ = writeln!(
-        o,
-        "add map {t} service-ips {{ type {key} : verdict ; comment \"ClusterIP, ExternalIP and LoadBalancer IP traffic\" ; }}"
-    );
-    let _ = writeln!(
-        o,
-        "add map {t} service-nodeports {{ type inet_proto . inet_service : verdict ; comment \"NodePort traffic\" ; }}"
-    );
-    // Every chain is declared before any rule (a rule may only jump to a chain that exists):
-    // declarations go to `o`, rules to `r`, appended after them.
-    let mut r = String::new();
-    let chain = |o: &mut String, r: &mut String, name: &str, spec: &str, rules: &[&str]| {
-        if spec.is_empty() {
-            let _ = writeln!(o, "add chain {t} {name}");
-        } else {
-            let _ = writeln!(o, "add chain {t} {name} {{ {spec} ; }}");
-        }
-        for rule in rules {
-            let _ = writeln!(r, "add rule {t} {name} {rule}");
-        }
-    };
-    chain(
-        &mut o,
-        &mut r,
-        "mark-for-masquerade",
-        "",
-        &["mark set mark or 0x4000"],
-    );
-    chain(
-        &mut o,
-        &mut r,
+    if spec.is_empty() {
+        let _ = writeln!(o, "add chain {t} {name}");
+    } else {
+        let _ = writeln!(o, "add chain {t} {name} {{ {spec} ; }}");
+    }
+    for rule in rules {
+        let _ = writeln!(r, "add rule {t} {name} {rule}");
+    }
+}
+
+/// The table's sets and maps (declared before the rules that name them: nft resolves `@name`
+/// as it reads a rule).
+const SETS: &[&str] = &[
+    "set cluster-ips { type ipv4_addr ; comment \"Active ClusterIPs\" ; }",
+    "set nodeport-ips { type ipv4_addr ; comment \"IPs that accept NodePort traffic\" ; }",
+    "map firewall-ips { type ipv4_addr . inet_proto . inet_service : verdict ; comment \"destinations that are subject to LoadBalancerSourceRanges\" ; }",
+    "map no-endpoint-services { type ipv4_addr . inet_proto . inet_service : verdict ; comment \"vmap to drop or reject packets to services with no endpoints\" ; }",
+    "map no-endpoint-nodeports { type inet_proto . inet_service : verdict ; comment \"vmap to drop or reject packets to service nodeports with no endpoints\" ; }",
+    "map service-ips { type ipv4_addr . inet_proto . inet_service : verdict ; comment \"ClusterIP, ExternalIP and LoadBalancer IP traffic\" ; }",
+    "map service-nodeports { type inet_proto . inet_service : verdict ; comment \"NodePort traffic\" ; }",
+];
+
+/// The base and helper chains: (name, base-chain spec or empty, rules). `cluster-ips-check`'s
+/// rule naming the service CIDR follows them.
+const CHAINS: &[(&str, &str, &[&str])] = &[
+    ("mark-for-masquerade", "", &["mark set mark or 0x4000"]),
+    (
         "masquerading",
         "",
         &[
@@ -86,122 +59,114 @@ pub fn render(services: &[ServiceSpec]) -> String {
             "mark set mark xor 0x4000",
             "masquerade fully-random",
         ],
-    );
-    chain(&mut o, &mut r, "services", "", &[]);
-    chain(
-        &mut o,
-        &mut r,
+    ),
+    (
+        "services",
+        "",
+        &[
+            "ip daddr . meta l4proto . th dport vmap @service-ips",
+            "ip daddr @nodeport-ips meta l4proto . th dport vmap @service-nodeports",
+        ],
+    ),
+    (
         "service-endpoints-check",
         "",
         &["ip daddr . meta l4proto . th dport vmap @no-endpoint-services"],
-    );
-    chain(
-        &mut o,
-        &mut r,
+    ),
+    (
         "filter-prerouting",
         "type filter hook prerouting priority -110",
         &["ct state new jump firewall-check"],
-    );
-    chain(
-        &mut o,
-        &mut r,
+    ),
+    (
         "filter-forward",
         "type filter hook forward priority -110",
         &[
             "ct state new jump service-endpoints-check",
             "ct state new jump cluster-ips-check",
         ],
-    );
-    chain(
-        &mut o,
-        &mut r,
+    ),
+    (
         "filter-input",
         "type filter hook input priority -110",
         &[
             "ct state new jump nodeport-endpoints-check",
             "ct state new jump service-endpoints-check",
         ],
-    );
-    chain(
-        &mut o,
-        &mut r,
+    ),
+    (
         "filter-output",
         "type filter hook output priority -110",
         &[
             "ct state new jump service-endpoints-check",
             "ct state new jump firewall-check",
         ],
-    );
-    chain(
-        &mut o,
-        &mut r,
+    ),
+    (
         "filter-output-post-dnat",
         "type filter hook output priority -90",
         &["ct state new jump cluster-ips-check"],
-    );
-    chain(
-        &mut o,
-        &mut r,
+    ),
+    (
         "nat-output",
         "type nat hook output priority -100",
         &["jump services"],
-    );
-    chain(
-        &mut o,
-        &mut r,
+    ),
+    (
         "nat-postrouting",
         "type nat hook postrouting priority 100",
         &["jump masquerading"],
-    );
-    chain(
-        &mut o,
-        &mut r,
+    ),
+    (
         "nat-prerouting",
         "type nat hook prerouting priority -100",
         &["jump services"],
-    );
-    chain(
-        &mut o,
-        &mut r,
+    ),
+    (
         "nodeport-endpoints-check",
         "",
         &["ip daddr @nodeport-ips meta l4proto . th dport vmap @no-endpoint-nodeports"],
-    );
-    let drop_unallocated = format!(
-        "ip daddr {{ {SERVICE_CIDR} }} drop comment \"Drop traffic to unallocated ClusterIPs\""
-    );
-    chain(
-        &mut o,
-        &mut r,
+    ),
+    (
         "cluster-ips-check",
         "",
-        &[
-            "ip daddr @cluster-ips reject comment \"Reject traffic to invalid ports of ClusterIPs\"",
-            &drop_unallocated,
-        ],
-    );
-    chain(
-        &mut o,
-        &mut r,
+        &["ip daddr @cluster-ips reject comment \"Reject traffic to invalid ports of ClusterIPs\""],
+    ),
+    (
         "firewall-check",
         "",
         &["ip daddr . meta l4proto . th dport vmap @firewall-ips"],
-    );
-    chain(
-        &mut o,
-        &mut r,
+    ),
+    (
         "reject-chain",
         "comment \"helper for @no-endpoint-services / @no-endpoint-nodeports\"",
         &["reject"],
-    );
+    ),
+];
+
+/// The table, its sets and maps, and the base and helper chains: the same for every sync.
+fn fixed(o: &mut String, r: &mut String) {
+    let t = TABLE;
+    let _ = writeln!(o, "add table {t} {{ comment \"rules for kube-proxy\" ; }}");
+    for set in SETS {
+        let _ = writeln!(o, "add {} {t} {}", &set[..3], &set[4..]);
+    }
+    for (name, spec, rules) in CHAINS {
+        chain(o, r, name, spec, rules);
+    }
     let _ = writeln!(
         r,
-        "add rule {t} services ip daddr . meta l4proto . th dport vmap @service-ips"
+        "add rule {t} cluster-ips-check ip daddr {{ {SERVICE_CIDR} }} drop comment \"Drop traffic to unallocated ClusterIPs\""
     );
-    let _ = writeln!(
-        r,
-        "add rule {t} services ip daddr @nodeport-ips meta l4proto . th dport vmap @service-nodeports"
-    );
+}
+
+/// The `nft -f` input for `services`.
+#[must_use]
+pub fn render(services: &[ServiceSpec]) -> String {
+    let mut o = String::new();
+    let mut r = String::new();
+    let t = TABLE;
+    fixed(&mut o, &mut r);
     for s in services {
         let svc = nft_service_chain(s);
         let eps: Vec<String> = s
