@@ -117,9 +117,19 @@ impl Cell {
     }
 }
 
+/// `v` with `digits` decimals, `-` when absent; never `-0.0`.
 fn opt(v: Option<f64>, digits: usize) -> String {
-    v.filter(|x| x.is_finite())
-        .map_or_else(|| "-".to_owned(), |x| format!("{x:.digits$}"))
+    v.filter(|x| x.is_finite()).map_or_else(
+        || "-".to_owned(),
+        |x| {
+            let s = format!("{x:.digits$}");
+            if s.starts_with('-') && s[1..].chars().all(|c| c == '0' || c == '.') {
+                s[1..].to_owned()
+            } else {
+                s
+            }
+        },
+    )
 }
 
 /// The Markdown table of `cells`, ratios and differences against the [`BASELINE`] cell.
@@ -135,9 +145,7 @@ pub fn markdown(cells: &[Cell]) -> String {
     for c in cells {
         let m = c.medians();
         let ratio = |v: f64, b: fn(&Medians) -> f64| opt(base.as_ref().map(|bm| v / b(bm)), 2);
-        let over = |v: f64, b: fn(&Medians) -> f64| {
-            opt(base.as_ref().map(|bm| v - b(bm)), 1).replace("-0.0", "0.0")
-        };
+        let over = |v: f64, b: fn(&Medians) -> f64| opt(base.as_ref().map(|bm| v - b(bm)), 1);
         let _ = writeln!(
             o,
             "| {} | {} | {} | {} | {:.0} | {} | {:.1} | {} | {:.0} | {:.0} | {} | {:.1} | {} | \
@@ -249,6 +257,9 @@ mod tests {
         assert_eq!(median(&[7.0]), Some(7.0));
         assert_eq!(median(&[]), None);
         assert_eq!(median(&[f64::NAN, 5.0]), Some(5.0));
+        assert_eq!(opt(Some(-0.04), 1), "0.0");
+        assert_eq!(opt(Some(-1.25), 1), "-1.2");
+        assert_eq!(opt(None, 1), "-");
     }
 
     fn rep(conn_rps: f64, conn_us: f64, ka_rps: f64, ka_us: f64) -> Rep {
