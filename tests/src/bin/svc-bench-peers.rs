@@ -220,8 +220,11 @@ fn run_mode(
             // The translation really happened where the mode says: connect-time for
             // ebpf-socket (no packet DNAT'd), per packet for ebpf-tc (no socket translated).
             let after = bed.counters()?;
-            let d =
-                |k: &str| after.get(k).copied().unwrap_or(0) - before.get(k).copied().unwrap_or(0);
+            let d = |k: &str| {
+                let get =
+                    |m: &std::collections::BTreeMap<String, u64>| m.get(k).copied().unwrap_or(0);
+                get(&after).saturating_sub(get(&before))
+            };
             let requests: u64 = cell.reps.iter().map(|r| r.conn.requests).sum();
             let (sock, dnat, rev) = (d("sock_xlate"), d("dnat"), d("rev_nat"));
             notes.push(format!(
