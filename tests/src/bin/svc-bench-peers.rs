@@ -20,6 +20,7 @@
 //! repetition). Run as root with a release `svc-agent` next to this binary (or `SVC_AGENT_BIN`).
 
 use std::{
+    collections::BTreeMap,
     fmt::Write as _,
     fs,
     path::{Path, PathBuf},
@@ -136,6 +137,42 @@ fn utc_stamp() -> String {
     tool_version("date", &["-u", "+%Y%m%dT%H%M%SZ"])
 }
 
+/// Checks that the translation happened where `mode` says, from the agent's counters before
+/// the runs and now: at `connect()` for ebpf-socket (no packet DNAT'd), per packet for ebpf-tc
+/// (no socket translated), at least once per measured connection. Returns the evidence line.
+fn check_path(
+    bed: &Bed,
+    mode: Mode,
+    services: u32,
+    before: &BTreeMap<String, u64>,
+    requests: u64,
+) -> anyhow::Result<String> {
+    let after = bed.counters()?;
+    let d = |k: &str| {
+        let get = |m: &BTreeMap<String, u64>| m.get(k).copied().unwrap_or(0);
+        get(&after).saturating_sub(get(before))
+    };
+    let (sock, dnat, rev) = (d("sock_xlate"), d("dnat"), d("rev_nat"));
+    if mode == Mode::EbpfSocket {
+        ensure!(
+            sock >= requests && dnat == 0,
+            "ebpf-socket was not translated at connect(): sock_xlate +{sock} for {requests} \
+             connections, dnat +{dnat}"
+        );
+    } else {
+        ensure!(
+            dnat >= requests && sock == 0,
+            "ebpf-tc was not translated by TC: dnat +{dnat} for {requests} connections, \
+             sock_xlate +{sock}"
+        );
+    }
+    Ok(format!(
+        "{mode} S={services}: during the runs sock_xlate +{sock}, dnat +{dnat}, rev_nat +{rev} \
+         ({requests} new connections measured); node netfilter: {} conntrack entries",
+        bed.conntrack_count()
+    ))
+}
+
 /// Measures every size of one mode on one fresh node; appends the cells and evidence lines.
 fn run_mode(
     cfg: &Config,
@@ -217,34 +254,8 @@ fn run_mode(
             cell.reps.push(rep);
         }
         if let Some(before) = before {
-            // The translation really happened where the mode says: connect-time for
-            // ebpf-socket (no packet DNAT'd), per packet for ebpf-tc (no socket translated).
-            let after = bed.counters()?;
-            let d = |k: &str| {
-                let get =
-                    |m: &std::collections::BTreeMap<String, u64>| m.get(k).copied().unwrap_or(0);
-                get(&after).saturating_sub(get(&before))
-            };
             let requests: u64 = cell.reps.iter().map(|r| r.conn.requests).sum();
-            let (sock, dnat, rev) = (d("sock_xlate"), d("dnat"), d("rev_nat"));
-            notes.push(format!(
-                "{mode} S={}: during the runs sock_xlate +{sock}, dnat +{dnat}, rev_nat +{rev} \
-                 ({requests} new connections measured); node netfilter: {} conntrack entries",
-                s.unwrap_or(0),
-                bed.conntrack_count()
-            ));
-            match mode {
-                Mode::EbpfSocket => ensure!(
-                    sock >= requests && dnat == 0,
-                    "ebpf-socket was not translated at connect(): sock_xlate +{sock} for \
-                     {requests} connections, dnat +{dnat}"
-                ),
-                _ => ensure!(
-                    dnat >= requests && sock == 0,
-                    "ebpf-tc was not translated by TC: dnat +{dnat} for {requests} connections, \
-                     sock_xlate +{sock}"
-                ),
-            }
+            notes.push(check_path(&bed, mode, s.unwrap_or(0), &before, requests)?);
         }
         cells.push(cell);
     }
