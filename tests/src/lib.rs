@@ -10,4 +10,5 @@ pub mod loadgen_remote;
 pub mod loadgen_table;
 pub mod netns;
 pub mod packets;
+pub mod peers;
 pub mod testbed;

@@ -5,6 +5,7 @@
 
 mod cluster;
 mod kind;
+mod peers;
 mod setup;
 
 use std::process::Command;
@@ -57,6 +58,10 @@ enum BenchWhat {
     /// Emulated nodes (netns, one agent each) under rollouts, HPA steps and Service churn:
     /// programming latency per node, failed requests, agent CPU and memory.
     Cluster,
+    /// kube-proxy's iptables and nftables rules and svc side by side (client pod -> `ClusterIP`
+    /// -> 3 nginx pods at 1 / 1,000 / 10,000 / 30,000 Services; `MODES`, `SIZES`, `REPS`,
+    /// `DUR`, ... narrow it, see the README).
+    Peers,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -80,6 +85,7 @@ fn main() -> anyhow::Result<()> {
             match what {
                 None => bench(),
                 Some(BenchWhat::Cluster) => cluster::run(),
+                Some(BenchWhat::Peers) => peers::run(),
             }
         }
         Task::Kind { action } => kind::run(&action),

@@ -35,8 +35,9 @@ const PACKAGES: &[&str] = &[
 ];
 
 /// What `cargo xtask bench` needs beyond [`PACKAGES`]: an HTTP server for the backends and a
-/// load generator (the north-south benchmark).
-const BENCH_PACKAGES: &[&str] = &["nginx-light", "wrk"];
+/// load generator (the north-south benchmark); kube-proxy's tools for `cargo xtask bench
+/// peers` (its rules loaded by `iptables-restore` and `nft -f`, conntrack flushed between runs).
+const BENCH_PACKAGES: &[&str] = &["nginx-light", "wrk", "iptables", "nftables", "conntrack"];
 
 /// Installs the benchmark tools when missing; fast and silent when nothing is.
 ///
