@@ -6,19 +6,11 @@
 //! rollouts, agent CPU and peak RSS. `SVC_BENCH_NODES` (default 3, up to 10) and the other
 //! `SVC_BENCH_*` variables of that binary shape the run.
 
-use crate::{RELEASE_BINS, cargo, step};
+use crate::{RELEASE_BINS, cargo, run_bin, step};
 
 /// Builds the agent and the benchmark (release) and runs the benchmark.
 pub fn run() -> anyhow::Result<()> {
     cargo(&RELEASE_BINS)?;
     step("bench cluster: emulated nodes, one svc-agent each, under a rollout/HPA/churn load");
-    cargo(&[
-        "run",
-        "--quiet",
-        "--release",
-        "-p",
-        "svc-tests",
-        "--bin",
-        "svc-bench-cluster",
-    ])
+    run_bin("svc-bench-cluster")
 }

@@ -93,17 +93,22 @@ fn main() -> anyhow::Result<()> {
             setup::run()?;
             require_root("the demo creates network namespaces and loads eBPF programs")?;
             cargo(&RELEASE_BINS)?;
-            cargo(&[
-                "run",
-                "--quiet",
-                "--release",
-                "-p",
-                "svc-tests",
-                "--bin",
-                "svc-demo",
-            ])
+            run_bin("svc-demo")
         }
     }
+}
+
+/// Runs the release build of `svc-tests`' binary `name` (built by [`RELEASE_BINS`]).
+fn run_bin(name: &str) -> anyhow::Result<()> {
+    cargo(&[
+        "run",
+        "--quiet",
+        "--release",
+        "-p",
+        "svc-tests",
+        "--bin",
+        name,
+    ])
 }
 
 /// Builds the agent and the demo/benchmark binaries (release).
@@ -259,28 +264,12 @@ fn bench() -> anyhow::Result<()> {
         "bench: the control plane, API server and directory to maps (change latency, cold sync, \
          memory, burst, churn CPU)",
     );
-    cargo(&[
-        "run",
-        "--quiet",
-        "--release",
-        "-p",
-        "svc-tests",
-        "--bin",
-        "svc-bench-sync",
-    ])?;
+    run_bin("svc-bench-sync")?;
     step(
         "bench: north-south, an external client through NodePorts vs the pod directly (wrk, nginx)",
     );
     setup::bench_tools()?;
-    cargo(&[
-        "run",
-        "--quiet",
-        "--release",
-        "-p",
-        "svc-tests",
-        "--bin",
-        "svc-bench-northsouth",
-    ])
+    run_bin("svc-bench-northsouth")
 }
 
 fn require_root(why: &str) -> anyhow::Result<()> {

@@ -6,7 +6,7 @@
 //! and the benchmark (release), and runs it; `MODES`, `SIZES`, `SKIP`, `REPS`, `DUR`, `PIN`, ...
 //! pass through the environment. Results land in `target/bench/peers-<UTC>.{md,csv,raw.csv}`.
 
-use crate::{RELEASE_BINS, cargo, setup, step};
+use crate::{RELEASE_BINS, cargo, run_bin, setup, step};
 
 /// Runs the peers benchmark (the caller checked for root).
 pub fn run() -> anyhow::Result<()> {
@@ -17,13 +17,5 @@ pub fn run() -> anyhow::Result<()> {
          iptables and nftables rules, and svc (connect-time and TC), at 1 / 1,000 / 10,000 / \
          30,000 Services",
     );
-    cargo(&[
-        "run",
-        "--quiet",
-        "--release",
-        "-p",
-        "svc-tests",
-        "--bin",
-        "svc-bench-peers",
-    ])
+    run_bin("svc-bench-peers")
 }
