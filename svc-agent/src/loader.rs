@@ -363,17 +363,32 @@ impl IfacePatterns {
     }
 }
 
-/// Loads every program into the kernel (without attaching). Maps taken out of the object
-/// before must stay open until this returns: the programs' instructions name them by the
-/// descriptors the object was loaded with; once loaded, the programs hold their maps.
-pub fn load_programs(ebpf: &mut Ebpf) -> anyhow::Result<()> {
-    for name in PROGS_TC {
+/// Loads the programs an agent attaches into the kernel (without attaching): the TC and
+/// connect-time ones, and the XDP one when `xdp` says it goes on the node-facing interfaces
+/// (it is the largest for the verifier, about half the load time). Maps taken out of the
+/// object before must stay open until this returns: the programs' instructions name them by
+/// the descriptors the object was loaded with; once loaded, the programs hold their maps.
+pub fn load_programs(ebpf: &mut Ebpf, xdp: bool) -> anyhow::Result<()> {
+    for name in PROGS_TC.iter().chain(&PROGS_SOCK) {
+        load_program(ebpf, name)?;
+    }
+    if xdp {
+        load_program(ebpf, PROG_XDP_FROM_WORLD)?;
+    }
+    Ok(())
+}
+
+/// Loads program `name` (any of this object's: TC, connect-time or XDP) if it was not yet.
+pub fn load_program(ebpf: &mut Ebpf, name: &str) -> anyhow::Result<()> {
+    if PROGS_TC.contains(&name) {
         loaded::<SchedClassifier>(ebpf, name)?;
-    }
-    for name in PROGS_SOCK {
+    } else if PROGS_SOCK.contains(&name) {
         loaded::<CgroupSockAddr>(ebpf, name)?;
+    } else if name == PROG_XDP_FROM_WORLD {
+        loaded::<Xdp>(ebpf, name)?;
+    } else {
+        bail!("no program {name} in the object");
     }
-    loaded::<Xdp>(ebpf, PROG_XDP_FROM_WORLD)?;
     Ok(())
 }
 

@@ -247,7 +247,7 @@ fn load_and_attach(plan: Plan, report: &mut Report) -> anyhow::Result<Attached> 
         Some(reconciler)
     };
     let since = Instant::now();
-    loader::load_programs(&mut ebpf).context("loading the programs")?;
+    loader::load_programs(&mut ebpf, xdp.pin_name().is_some()).context("loading the programs")?;
     let verified = since.elapsed();
     info!(took_ms = ms(verified), "programs loaded (verifier)");
     // Connect-time programs, then the TC ones (pod-facing and node-facing interfaces): each

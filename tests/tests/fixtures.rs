@@ -2,7 +2,9 @@
 //!
 //! `cargo test -p svc-tests --test fixtures` runs every row; `... -- ROW` runs one row;
 //! `SVC_FIXTURE_REPEAT=N` sets how many kernel runs measure each row's ns/packet (default 2000;
-//! 1 turns measuring off).
+//! 1 turns measuring off). Rows run on as many threads as there are CPUs (the verifier is most
+//! of a row's time); the figures are printed as one table at the end. For figures to quote,
+//! run one thread (`-- --test-threads=1`), as `cargo xtask bench` does.
 
 use libtest_mimic::{Arguments, Failed, Trial};
 use svc_agent::loader::PROG_TC_FROM_POD as FROM_POD;
@@ -314,7 +316,7 @@ fn map_names_match() -> anyhow::Result<()> {
 /// per load) each one takes is printed: the figure to watch when the packet path grows.
 fn verifier_budget() -> anyhow::Result<()> {
     let mut ebpf = svc_agent::loader::load_object(svc_agent::loader::MapSizes::small())?;
-    svc_agent::loader::load_programs(&mut ebpf)?;
+    svc_agent::loader::load_programs(&mut ebpf, true)?;
     let mut figures = Vec::new();
     for (name, prog) in ebpf.programs() {
         let info = prog.info()?;
@@ -322,14 +324,26 @@ fn verifier_budget() -> anyhow::Result<()> {
         figures.push(format!("{name} {n}"));
     }
     figures.sort();
-    print!("[verified insns: {}] ", figures.join(", "));
+    figure(
+        "object/programs_verify_within_budget",
+        format!("verified insns: {}", figures.join(", ")),
+    );
     Ok(())
 }
 
+/// The figures rows measured, printed as one table when every row has run.
+static FIGURES: std::sync::Mutex<Vec<(String, String)>> = std::sync::Mutex::new(Vec::new());
+
+/// Records a figure of row `row` for the table printed at the end.
+fn figure(row: &str, what: String) {
+    FIGURES
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .push((row.to_owned(), what));
+}
+
 fn main() {
-    let mut args = Arguments::from_args();
-    // Rows print their ns/packet inline; one thread keeps each figure on its row's line.
-    args.test_threads = Some(1);
+    let args = Arguments::from_args();
     if !nix::unistd::geteuid().is_root() {
         eprintln!(
             "the packet fixture tests need root (BPF_PROG_TEST_RUN loads programs); run them as root"
@@ -352,12 +366,26 @@ fn main() {
         Trial::test(f.name.clone(), move || match fixture::run(&f, repeat) {
             Ok(report) => {
                 if let Some(d) = report.per_packet {
-                    print!("[{:>5} ns/pkt] ", d.as_nanos());
+                    figure(&f.name, format!("{:>5} ns/pkt", d.as_nanos()));
                 }
                 Ok(())
             }
             Err(e) => Err(Failed::from(format!("{e:#}"))),
         })
     }));
-    libtest_mimic::run(&args, trials).exit();
+    let conclusion = libtest_mimic::run(&args, trials);
+    let mut figures = std::mem::take(
+        &mut *FIGURES
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner),
+    );
+    if !figures.is_empty() {
+        figures.sort();
+        let width = figures.iter().map(|(row, _)| row.len()).max().unwrap_or(0);
+        println!("figures (kernel-timed median per row; one thread for figures to quote):");
+        for (row, what) in figures {
+            println!("  {row:<width$}  {what}");
+        }
+    }
+    conclusion.exit();
 }

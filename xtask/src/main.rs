@@ -252,6 +252,7 @@ fn bench() -> anyhow::Result<()> {
             "fixtures",
             "--",
             "perf/",
+            "--test-threads=1",
         ])
         .env("SVC_FIXTURE_REPEAT", "20000")
         .current_dir(workspace_root())
