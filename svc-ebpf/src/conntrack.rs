@@ -3,6 +3,8 @@
 //! move to `CT_V1` when the backend first answers, and expire when idle (see
 //! `svc_common::conntrack`).
 
+use core::mem::MaybeUninit;
+
 use aya_ebpf::{bindings::BPF_ANY, maps::LruHashMap};
 use svc_common::{
     Be16,
@@ -56,9 +58,17 @@ fn idle_timeout(table: Table, proto: u8, st: u8) -> u64 {
 /// Finds a live entry for `key` in `table`, refreshing it, and copies it to `out`. A FIN
 /// records its direction; the second direction's FIN, or a reset, puts the flow on the short
 /// timeout. Both entries of the pair get the new state, so the backend's half of a half-closed
-/// connection keeps its entry. A subprogram of its own: callers keep one value on their stack.
+/// connection keeps its entry. A subprogram of its own: callers keep one value on their stack,
+/// uninitialised (`out` is written exactly when an entry is found): zeroing it first was a call
+/// to a byte-at-a-time `memset` on every packet (bpf-linker has LLVM expand `memset` as a call).
 #[inline(never)]
-pub fn ct_lookup(table: Table, key: &CtKey, pkt: &Parsed, now: u64, out: &mut CtValue) -> bool {
+pub fn ct_lookup(
+    table: Table,
+    key: &CtKey,
+    pkt: &Parsed,
+    now: u64,
+    out: &mut MaybeUninit<CtValue>,
+) -> bool {
     match table {
         Table::Answered => lookup_in(&CT_V1, table, key, pkt, now, out),
         Table::Unanswered => lookup_in(&CT_NEW_V1, table, key, pkt, now, out),
@@ -72,7 +82,7 @@ fn lookup_in(
     key: &CtKey,
     pkt: &Parsed,
     now: u64,
-    out: &mut CtValue,
+    out: &mut MaybeUninit<CtValue>,
 ) -> bool {
     let Some(entry) = map.get_ptr_mut(key) else {
         return false;
@@ -92,7 +102,7 @@ fn lookup_in(
         } else if now.saturating_sub((*entry).last_seen_ns) > REFRESH_NS {
             (*entry).last_seen_ns = now;
         }
-        *out = *entry;
+        let out = out.write(*entry);
         if changed {
             ct_sync_peer(table, key, out);
         }

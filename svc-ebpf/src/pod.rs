@@ -16,6 +16,8 @@
 //! ([`TCX_NEXT`]): other programs on the hook, and classic tc filters behind them, see it.
 //! Only a packet sent back out of the interface (hairpin, reject) or dropped ends it.
 
+use core::mem::MaybeUninit;
+
 use aya_ebpf::{
     bindings::{TC_ACT_REDIRECT, TC_ACT_SHOT, TC_ACT_UNSPEC},
     helpers::{bpf_ktime_get_coarse_ns, bpf_redirect},
@@ -204,27 +206,34 @@ fn to_service(ctx: &TcContext, pkt: &parse::Parsed) -> Outcome {
 pub fn established_backend(pkt: &parse::Parsed, target: &mut Target) -> bool {
     let now = coarse_now();
     let fwd = ct_key(pkt, dir::FORWARD);
-    let mut e = CtValue::default();
-    if ct_lookup(Table::Answered, &fwd, pkt, now, &mut e) {
-        if may_keep(pkt, &e) {
-            set_target(target, &e);
+    let mut slot = MaybeUninit::<CtValue>::uninit();
+    if ct_lookup(Table::Answered, &fwd, pkt, now, &mut slot) {
+        // SAFETY: the lookup found the entry, so it wrote it.
+        let e = unsafe { slot.assume_init_ref() };
+        if may_keep(pkt, e) {
+            set_target(target, e);
             return true;
         }
-        ct_remove_pair(Table::Answered, &fwd, &e);
+        ct_remove_pair(Table::Answered, &fwd, e);
     }
-    if !ct_lookup(Table::Unanswered, &fwd, pkt, now, &mut e) || !may_keep(pkt, &e) {
+    if !ct_lookup(Table::Unanswered, &fwd, pkt, now, &mut slot) {
+        return false;
+    }
+    // SAFETY: as above.
+    let e = unsafe { slot.assume_init_ref() };
+    if !may_keep(pkt, e) {
         return false;
     }
     if e.state & state::HAIRPIN_REPLY != 0 && pkt.tcp_flags & tcp_flags::RST == 0 {
         // The pod answers itself through the service: its flow is answered.
-        ct_promote(&fwd, &e);
+        ct_promote(&fwd, e);
     } else if target.scope == scope::EXTERNAL && !is_syn(pkt) && pkt.tcp_flags & tcp_flags::RST == 0
     {
         // From outside, the client's own second packet (its ACK of the SYN-ACK, its next
         // datagram) answers the flow: a backend's SYN-ACK to a spoofed source proves nothing.
-        ct_promote_forward(&fwd, &e);
+        ct_promote_forward(&fwd, e);
     }
-    set_target(target, &e);
+    set_target(target, e);
     true
 }
 
@@ -388,15 +397,18 @@ pub fn reply_to_pod(ctx: &TcContext, pkt: &parse::Parsed, promote: bool) -> i32 
     // cheaper than reading the clock source. SAFETY: the helper has no preconditions.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
     let key = ct_key(pkt, dir::REPLY);
-    let mut entry = CtValue::default();
-    if !ct_lookup(Table::Answered, &key, pkt, now, &mut entry) {
-        if !ct_lookup(Table::Unanswered, &key, pkt, now, &mut entry) {
+    let mut slot = MaybeUninit::<CtValue>::uninit();
+    if !ct_lookup(Table::Answered, &key, pkt, now, &mut slot) {
+        if !ct_lookup(Table::Unanswered, &key, pkt, now, &mut slot) {
             return TCX_NEXT;
         }
         if promote && pkt.tcp_flags & tcp_flags::RST == 0 {
-            ct_promote(&key, &entry);
+            // SAFETY: the lookup found the entry, so it wrote it.
+            ct_promote(&key, unsafe { slot.assume_init_ref() });
         }
     }
+    // SAFETY: one of the lookups found the entry.
+    let entry = unsafe { slot.assume_init_ref() };
     if nat_rewrite(ctx, pkt, End::Src, &entry.addr, entry.port.0).is_err() {
         return drop(ctx, DropReason::RewriteFailed);
     }

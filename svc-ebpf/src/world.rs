@@ -25,6 +25,8 @@
 //! and is only let through or sent on; any other packet XDP passed is untouched, and decided
 //! here exactly as with XDP off.
 
+use core::mem::MaybeUninit;
+
 use aya_ebpf::{
     bindings::{
         BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_REDIRECT, bpf_fib_lookup,
@@ -264,12 +266,14 @@ fn snat_reply<C: Frame>(ctx: &C, pkt: &parse::Parsed) -> Decision {
     // flow's reply entry. (The lookups read only the packet's protocol and flags.)
     key.dport = client_port;
     // Not promoted here: the client's next packet does (see `established_backend`).
-    let mut entry = CtValue::default();
-    if !ct_lookup(Table::Answered, &key, pkt, now, &mut entry)
-        && !ct_lookup(Table::Unanswered, &key, pkt, now, &mut entry)
+    let mut slot = MaybeUninit::<CtValue>::uninit();
+    if !ct_lookup(Table::Answered, &key, pkt, now, &mut slot)
+        && !ct_lookup(Table::Unanswered, &key, pkt, now, &mut slot)
     {
         return Decision::Untouched;
     }
+    // SAFETY: one of the lookups found the entry, so it wrote it.
+    let entry = unsafe { slot.assume_init_ref() };
     // The flow on that tuple must be the one that took this port: a stray packet to an older,
     // not yet collected SNAT entry of the same client and endpoint (reached through another
     // frontend since) is not this flow's reply.
