@@ -11,4 +11,5 @@ pub mod loadgen_table;
 pub mod netns;
 pub mod packets;
 pub mod peers;
+pub mod procfs;
 pub mod testbed;

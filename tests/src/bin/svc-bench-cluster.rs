@@ -33,7 +33,6 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    fs,
     net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
     sync::{
@@ -59,6 +58,7 @@ use svc_tests::{
     loadgen_remote,
     loadgen_table::{self, NodeRow},
     netns::{MAX_NODES, Pod, Topology},
+    procfs::{cpu_time, status_kib},
     testbed::vip4,
 };
 
@@ -88,8 +88,6 @@ const AGENT_START: Duration = Duration::from_secs(60);
     reason = "Duration::from_mins needs Rust 1.91; the workspace supports 1.89"
 )]
 const CLIENT_BOUND: Duration = Duration::from_secs(600);
-/// Clock ticks per second of `/proc/<pid>/stat`.
-const USER_HZ: u64 = 100;
 
 type ServicesMap = BpfHashMap<MapData, ServiceKey, ServiceValue>;
 type BackendsMap = BpfHashMap<MapData, u32, Backend>;
@@ -706,32 +704,4 @@ fn send_requests(vips: &[IpAddr], stop: &AtomicBool, phase: &AtomicU8) -> Reques
         }
     }
     out
-}
-
-/// A `kB` line of `/proc/<pid>/status` (`VmHWM:`), in KiB.
-fn status_kib(pid: u32, name: &str) -> anyhow::Result<u64> {
-    let status = fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let line = status
-        .lines()
-        .find(|l| l.starts_with(name))
-        .with_context(|| format!("no {name} in /proc/{pid}/status"))?;
-    line.split_whitespace()
-        .nth(1)
-        .with_context(|| format!("bad line {line:?}"))?
-        .parse()
-        .with_context(|| format!("bad line {line:?}"))
-}
-
-/// utime + stime of `pid`.
-fn cpu_time(pid: u32) -> anyhow::Result<Duration> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    let rest = stat.rsplit_once(')').context("bad /proc/<pid>/stat")?.1;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: u64 = fields
-        .get(11..13)
-        .context("short /proc/<pid>/stat")?
-        .iter()
-        .map(|f| f.parse::<u64>())
-        .sum::<Result<_, _>>()?;
-    Ok(Duration::from_millis(ticks * 1000 / USER_HZ))
 }

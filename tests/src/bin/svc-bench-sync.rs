@@ -68,6 +68,7 @@ use svc_tests::{
     bench_objects::{PORT, V4_SERVICES, service_json, slice_json, vip},
     k8s::{self, Agent, AgentSource},
     netns::{self, Node, Topology},
+    procfs::{cpu_time, status_kib},
 };
 
 /// Service counts measured by default.
@@ -104,9 +105,6 @@ const SYNC_SECS: u64 = 600;
 const SERVICES_PER_FILE: u32 = 1_000;
 /// How often the map is looked at while waiting for a change.
 const POLL: Duration = Duration::from_micros(50);
-/// Clock ticks per second of `/proc/<pid>/stat` (`USER_HZ`, 100 on Linux whatever the kernel's
-/// `HZ`).
-const USER_HZ: u64 = 100;
 
 fn main() -> anyhow::Result<()> {
     netns::require_root()?;
@@ -782,35 +780,6 @@ fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
     let doy = (153 * ((m + 9) % 12) + 2) / 5 + d - 1;
     let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
     era * 146_097 + doe - 719_468
-}
-
-/// A `kB` line of `/proc/<pid>/status` (`VmRSS:`, `VmHWM:`), in KiB.
-fn status_kib(pid: u32, name: &str) -> anyhow::Result<u64> {
-    let status = fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let line = status
-        .lines()
-        .find(|l| l.starts_with(name))
-        .with_context(|| format!("no {name} in /proc/{pid}/status"))?;
-    Ok(line
-        .split_whitespace()
-        .nth(1)
-        .with_context(|| format!("bad line {line:?}"))?
-        .parse()?)
-}
-
-/// utime + stime of `pid`.
-fn cpu_time(pid: u32) -> anyhow::Result<Duration> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    // After the command's closing parenthesis: field 3 (state) on; utime and stime are 14, 15.
-    let rest = stat.rsplit_once(')').context("bad /proc/<pid>/stat")?.1;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: u64 = fields
-        .get(11..13)
-        .context("short /proc/<pid>/stat")?
-        .iter()
-        .map(|f| f.parse::<u64>())
-        .sum::<Result<_, _>>()?;
-    Ok(Duration::from_millis(ticks * 1000 / USER_HZ))
 }
 
 /// The BPF maps `pid` holds a descriptor of: how many (distinct `map_id`s) and the sum of their

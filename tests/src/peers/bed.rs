@@ -102,15 +102,6 @@ fn kernel_kib() -> anyhow::Result<u64> {
     Ok(sum)
 }
 
-/// A process's `VmRSS`, KiB.
-fn rss_kib(pid: u32) -> anyhow::Result<u64> {
-    let text = fs::read_to_string(format!("/proc/{pid}/status"))?;
-    text.lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .with_context(|| format!("no VmRSS for pid {pid}"))
-}
-
 /// What one sync produced.
 #[derive(Clone, Debug)]
 pub struct Sync {
@@ -531,7 +522,7 @@ impl Bed {
             Duration::from_secs(self.cfg.sync_timeout),
         )?;
         let ms = t0.elapsed().as_secs_f64() * 1e3;
-        let rss = rss_kib(process.pid())?;
+        let rss = crate::procfs::status_kib(process.pid(), "VmRSS")?;
         self.agent = Some(AgentRun { process });
         let maps: Vec<MapRow> =
             serde_json::from_str(&self.agent_cmd(&["inspect", "maps", "-o", "json"])?)
