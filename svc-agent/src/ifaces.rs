@@ -884,15 +884,19 @@ fn pin_xdp_program(
     xdp: XdpAttach,
 ) -> anyhow::Result<Option<HookOutcome>> {
     let dir = pins::tc_iface_dir(pin_dir, index);
+    let mut removed_other = false;
     for other in XdpAttach::PINS {
         if Some(other) != xdp.pin_name() {
             match fs::remove_file(dir.join(other)) {
-                Ok(()) => info!(
-                    iface,
-                    ifindex = index,
-                    pin = other,
-                    "removed the XDP link of another --xdp mode"
-                ),
+                Ok(()) => {
+                    removed_other = true;
+                    info!(
+                        iface,
+                        ifindex = index,
+                        pin = other,
+                        "removed the XDP link of another --xdp mode"
+                    );
+                }
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                 Err(e) => {
                     return Err(e)
@@ -933,7 +937,7 @@ fn pin_xdp_program(
         }
         fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
     }
-    let id = prog.attach_to_if_index(index, mode).with_context(|| {
+    let id = attach_xdp(prog, index, mode, removed_other).with_context(|| {
         format!(
             "attaching {PROG_XDP_FROM_WORLD} to {iface} in {} mode",
             xdp.name()
@@ -945,6 +949,46 @@ fn pin_xdp_program(
         .with_context(|| format!("the XDP link on {iface} is no BPF link (kernel < 5.9?)"))?;
     pins::pin_replacing(link, &path)?;
     Ok(Some(HookOutcome::Attached))
+}
+
+/// How long an XDP attach waits for the link of another mode, whose pin was just removed, to
+/// leave the interface: the kernel frees an unpinned link after an RCU grace period, from a
+/// work item, and refuses a second mode meanwhile (`EEXIST`; seen on a busy node).
+const OTHER_MODE_GONE: Duration = Duration::from_secs(2);
+
+/// Attaches `prog` to interface `index` in `mode`; after removing another mode's link
+/// (`removed_other`), tries again while the kernel still has it attached, for at most
+/// [`OTHER_MODE_GONE`] (blocking: this happens once, when `--xdp` changed across a restart).
+fn attach_xdp(
+    prog: &mut Xdp,
+    index: u32,
+    mode: XdpMode,
+    removed_other: bool,
+) -> Result<aya::programs::xdp::XdpLinkId, aya::programs::ProgramError> {
+    let deadline = Instant::now() + OTHER_MODE_GONE;
+    loop {
+        match prog.attach_to_if_index(index, mode) {
+            Err(e) if removed_other && Instant::now() < deadline && is_eexist(&e) => {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            other => return other,
+        }
+    }
+}
+
+/// Whether `e` or an error below it is `EEXIST`.
+fn is_eexist(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next = Some(e);
+    while let Some(err) = next {
+        if err
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.raw_os_error() == Some(nix::errno::Errno::EEXIST as i32))
+        {
+            return true;
+        }
+        next = err.source();
+    }
+    false
 }
 
 /// Attaches each interface's programs (by its role) to the interfaces of the watch's first
@@ -1009,6 +1053,20 @@ mod tests {
     use rtnetlink::packet_core::NetlinkHeader;
 
     use super::*;
+
+    #[test]
+    fn eexist_is_found_below_the_attach_error() {
+        let exists = || std::io::Error::from_raw_os_error(nix::errno::Errno::EEXIST as i32);
+        assert!(is_eexist(&exists()));
+        let attach = aya::programs::ProgramError::SyscallError(aya::sys::SyscallError {
+            call: "bpf_link_create",
+            io_error: exists(),
+        });
+        assert!(is_eexist(&attach));
+        let busy = std::io::Error::from_raw_os_error(nix::errno::Errno::EBUSY as i32);
+        assert!(!is_eexist(&busy));
+        assert!(!is_eexist(&aya::programs::ProgramError::NotLoaded));
+    }
 
     const POD: IfaceRole = IfaceRole::PodFacing;
     const NODE: IfaceRole = IfaceRole::NodeFacing;

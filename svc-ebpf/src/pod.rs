@@ -131,11 +131,12 @@ pub struct Target {
 }
 
 impl Target {
-    /// Nothing chosen yet, for a packet to a frontend of `scope`.
+    /// Nothing chosen yet for `pkt`, a packet to a frontend of `scope`. The address starts as
+    /// the packet's own destination (copied; a zeroed array would be a `memset` call).
     #[inline(always)]
-    pub const fn new(scope: u8) -> Self {
+    pub const fn new(pkt: &parse::Parsed, scope: u8) -> Self {
         Self {
-            addr: [0; 16],
+            addr: pkt.dst,
             port: 0,
             hairpin_reply: false,
             frontend_id: 0,
@@ -153,7 +154,7 @@ impl Target {
 /// steps, see `world.rs`); only the target travels between them.
 #[inline(never)]
 fn to_service(ctx: &TcContext, pkt: &parse::Parsed) -> Outcome {
-    let mut target = Target::new(scope::INTERNAL);
+    let mut target = Target::new(pkt, scope::INTERNAL);
     // 1. A flow already translated keeps its backend, as long as the backend exists (and a SYN
     //    opening a new connection on a reused tuple chooses again).
     if !established_backend(pkt, &mut target) {
@@ -344,10 +345,11 @@ pub fn addr_has(addr: &Addr, family: u8, flag: u32) -> bool {
 /// The `ADDRS_V1` flags of `addr` (0: neither frontend nor backend).
 #[inline(always)]
 fn addr_flags_of(addr: &Addr, family: u8) -> u32 {
+    // The padding as a literal: `[0; 3]` would be a `memset` call (see `parse::addr_from_word`).
     let key = AddrKey {
         addr: *addr,
         family,
-        _pad: [0; 3],
+        _pad: [0, 0, 0],
     };
     // SAFETY: the value is read at once.
     unsafe { ADDRS_V1.get(&key) }.map_or(0, |v| v.flags)

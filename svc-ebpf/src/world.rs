@@ -152,7 +152,7 @@ fn xdp_decision(ctx: &TcContext) -> u32 {
 /// port) -> rewrite the destination (and the source, when SNAT'd). A subprogram of its own.
 #[inline(never)]
 fn to_external_service<C: Frame>(ctx: &C, pkt: &parse::Parsed) -> Outcome {
-    let mut target = Target::new(scope::EXTERNAL);
+    let mut target = Target::new(pkt, scope::EXTERNAL);
     if !established_backend(pkt, &mut target) {
         // A new flow: its client must be in the frontend's `loadBalancerSourceRanges`, if it
         // has some, before a backend is chosen (flows already translated keep going).

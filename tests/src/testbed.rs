@@ -104,6 +104,24 @@ impl TestBed {
         &self.topo.node(pod.node).name
     }
 
+    /// Serves the echo protocol (TCP and UDP, answering with the pod's name) in each pod of
+    /// `names` on its IPv4 address and `port`, with `backends`.
+    ///
+    /// # Panics
+    /// When a pod is unknown or its sockets cannot be bound (naming the pod).
+    pub fn serve_pods(&self, backends: &k8s::Backends, names: &[&str], port: u16) {
+        for &name in names {
+            let pod = self.pod(name);
+            backends
+                .serve(
+                    &pod.ns,
+                    name,
+                    std::net::SocketAddr::new(pod.ipv4.into(), port),
+                )
+                .unwrap_or_else(|e| panic!("serving {name}: {e:#}"));
+        }
+    }
+
     /// The pod called `name`.
     ///
     /// # Panics

@@ -94,10 +94,7 @@ impl Cluster {
 
     /// Serves the echo protocol on `pod`'s IPv4 address, answering as `pod`'s name.
     fn serve(&self, pod: &str) {
-        let p = self.pod(pod);
-        self.backends
-            .serve(&p.ns, pod, SocketAddr::new(p.ipv4.into(), BACKEND_PORT))
-            .unwrap_or_else(|e| panic!("serving {pod}: {e:#}"));
+        self.serve_pods(&self.backends, &[pod], BACKEND_PORT);
     }
 
     /// Starts the agents with `sizes` (flags this agent lacks are left out).

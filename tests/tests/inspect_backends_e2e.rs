@@ -157,12 +157,7 @@ fn inspect_backends_and_affinity_show_what_a_real_connection_left() {
     let mut bed = TestBed::new(&[(0, "client"), (0, "web-0"), (1, "web-1")]);
     let servers = Backends::new();
     write_manifests(&bed);
-    for pod in ["web-0", "web-1"] {
-        let p = bed.pod(pod);
-        servers
-            .serve(&p.ns, pod, SocketAddr::new(p.ipv4.into(), BACKEND_PORT))
-            .unwrap_or_else(|e| panic!("serving {pod}: {e:#}"));
-    }
+    bed.serve_pods(&servers, &["web-0", "web-1"], BACKEND_PORT);
     let agent = Agent::start(&bed.agent_bin, bed.topo.node(0), bed.manifests.path())
         .unwrap_or_else(|e| panic!("starting svc-agent on node1: {e:#}"));
     bed.agents.push(agent);

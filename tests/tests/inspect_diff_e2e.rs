@@ -168,16 +168,7 @@ fn remove_web_clusterip(bed: &TestBed) {
 fn diff_says_what_the_maps_hold_against_the_directory() {
     let mut bed = TestBed::new(&[(0, "web-0"), (1, "web-1"), (0, "api-0")]);
     let backends = Backends::new();
-    for name in ["web-0", "web-1", "api-0"] {
-        let pod = bed.pod(name);
-        backends
-            .serve(
-                &pod.ns,
-                name,
-                SocketAddr::new(pod.ipv4.into(), BACKEND_PORT),
-            )
-            .unwrap_or_else(|e| panic!("serving {name}: {e:#}"));
-    }
+    bed.serve_pods(&backends, &["web-0", "web-1", "api-0"], BACKEND_PORT);
     write(&bed, &["web-0", "web-1"], true, false);
     start(&mut bed);
     assert!(rows(&bed, 0).is_empty());

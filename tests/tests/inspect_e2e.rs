@@ -348,12 +348,7 @@ fn inspect_names_services_from_pinned_state_with_the_agent_running_and_stopped()
         bed: TestBed::new(&[(0, "client"), (0, "web-0"), (1, "web-1")]),
     };
     c.write(true);
-    for pod in ["web-0", "web-1"] {
-        let p = c.pod(pod);
-        c.backends
-            .serve(&p.ns, pod, SocketAddr::new(p.ipv4.into(), BACKEND_PORT))
-            .unwrap_or_else(|e| panic!("serving {pod}: {e:#}"));
-    }
+    c.serve_pods(&c.backends, &["web-0", "web-1"], BACKEND_PORT);
     c.start_agent();
     traffic(&c);
     let running = check_services(&c, true);

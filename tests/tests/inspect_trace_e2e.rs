@@ -59,16 +59,7 @@ impl Cluster {
     fn start() -> Self {
         let mut bed = TestBed::new(&[(0, "client"), (0, "web-0"), (1, "web-1"), (0, "old-0")]);
         let backends = Backends::new();
-        for name in ["web-0", "web-1", "old-0"] {
-            let pod = bed.pod(name);
-            backends
-                .serve(
-                    &pod.ns,
-                    name,
-                    SocketAddr::new(pod.ipv4.into(), BACKEND_PORT),
-                )
-                .unwrap_or_else(|e| panic!("serving {name}: {e:#}"));
-        }
+        bed.serve_pods(&backends, &["web-0", "web-1", "old-0"], BACKEND_PORT);
         let web = Service::cluster_ip("web", &[vip4(170)])
             .port("http", Protocol::Tcp, SERVICE_PORT, BACKEND_PORT)
             .node_port(NODE_PORT)

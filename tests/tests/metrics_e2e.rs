@@ -463,12 +463,7 @@ fn metrics_follow_passes_and_traffic_and_health_turns_stale_and_back() {
         bed: TestBed::new(&[(0, "client"), (0, "web-0"), (1, "web-1")]),
     };
     c.write(&["web-0", "web-1"]);
-    for pod in ["web-0", "web-1"] {
-        let p = c.pod(pod);
-        c.backends
-            .serve(&p.ns, pod, SocketAddr::new(p.ipv4.into(), BACKEND_PORT))
-            .unwrap_or_else(|e| panic!("serving {pod}: {e:#}"));
-    }
+    c.serve_pods(&c.backends, &["web-0", "web-1"], BACKEND_PORT);
     start_agent(&mut c);
     check_first_sync(&c);
     check_traffic(&c);
