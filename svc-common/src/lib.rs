@@ -58,6 +58,7 @@ pub const MAP_NAMES: &[&str] = &[
     "SNAT_V1",
     "MAGLEV_V1",
     "SOURCE_RANGES_V1",
+    "PENDING_STATS_V1",
 ];
 
 /// Default map sizes (the agent's flags override them at load time).

@@ -9,7 +9,8 @@
 //! atomics (the BPF target has none in Rust); no preallocation and no entry before the first
 //! flow so memory follows the ids in use, not capacity times CPUs. (The agent created every
 //! entry before: an entry of a per-CPU hash costs the kernel's per-CPU allocator about 16 us,
-//! 2 s of a 30,000-Service cold sync.)
+//! 2 s of a 30,000-Service cold sync.) Packets of established flows reach them through
+//! `PENDING_STATS_V1`, a per-CPU write-back cache ([`Pending`]): readers add what it holds.
 //!
 //! Map `PKT_STATS_V1` (per-CPU array, written by every kernel program, read by the agent's
 //! `inspect` and metrics): key `u32` = a [`PktCounter`] index, value [`Counter`] (host byte
@@ -30,6 +31,48 @@ pub struct Counter {
 }
 crate::assert_layout!(Counter, size = 16, packets = 0, bytes = 8);
 impl_pod!(Counter);
+
+/// Entries of `PENDING_STATS_V1` per CPU.
+pub const PENDING_SLOTS: u32 = 64;
+
+/// Value of `PENDING_STATS_V1` (per-CPU array of [`PENDING_SLOTS`] entries, written by the
+/// kernel programs, read by `inspect`; host order): a write-back cache in front of
+/// `SVC_STATS_V1` and `BACKEND_STATS_V1` for the packets of established flows. A packet whose
+/// (frontend, backend) pair holds its slot ([`pending_slot`]) adds to it (one array lookup);
+/// one of another pair first adds the slot's packets to the two per-id hashes (the two hash
+/// lookups every packet paid before) and takes the slot. What a slot holds is counted nowhere
+/// else, so readers add it to the pair's ids (the ids they hold); a pair whose ids are gone
+/// is dropped at its flush, as established packets never create counters. `packets` 0: free.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Pending {
+    /// The frontend id the counts belong to.
+    pub frontend_id: u32,
+    /// The backend id the counts belong to.
+    pub backend_id: u32,
+    /// Packets not yet added to the per-id hashes.
+    pub packets: u64,
+    /// Their bytes.
+    pub bytes: u64,
+}
+crate::assert_layout!(
+    Pending,
+    size = 24,
+    frontend_id = 0,
+    backend_id = 4,
+    packets = 8,
+    bytes = 16
+);
+impl_pod!(Pending);
+
+/// The `PENDING_STATS_V1` slot of the pair (`frontend_id`, `backend_id`): a multiplicative hash
+/// of both, so the backends of one frontend spread over the slots.
+#[inline]
+#[must_use]
+pub const fn pending_slot(frontend_id: u32, backend_id: u32) -> u32 {
+    (frontend_id ^ backend_id.rotate_left(16)).wrapping_mul(0x9e37_79b1) >> 26
+}
+const _: () = assert!(1 << (32 - 26) == PENDING_SLOTS);
 
 /// Index into `PKT_STATS_V1`: what the parser saw.
 #[repr(u32)]

@@ -20,7 +20,7 @@ use svc_common::{
     ranges::{SOURCE_RANGES_ENTRIES, SourceRangeKey, SourceRangeValue},
     service::{Backend, BackendName, FrontendName, ServiceKey, ServiceValue},
     sizes,
-    stats::{Counter, DropReason, PktCounter},
+    stats::{Counter, DropReason, PENDING_SLOTS, Pending, PktCounter},
 };
 
 /// Parser and translation counters. Writer: every program. Key: `u32` [`PktCounter`] index.
@@ -91,6 +91,12 @@ pub static ID_CURSORS_V1: Array<IdCursor> = Array::with_max_entries(ids::COUNT, 
 #[map]
 pub static BACKEND_STATS_V1: PerCpuHashMap<u32, Counter> =
     PerCpuHashMap::with_max_entries(sizes::BACKENDS, BPF_F_NO_PREALLOC);
+
+/// Packets of established flows not yet added to `SVC_STATS_V1` / `BACKEND_STATS_V1`, per CPU:
+/// a write-back cache of [`PENDING_SLOTS`] (frontend, backend) pairs. Writer: the programs;
+/// read by `inspect`, which adds it to the per-id sums. See `svc_common::stats::Pending`.
+#[map]
+pub static PENDING_STATS_V1: PerCpuArray<Pending> = PerCpuArray::with_max_entries(PENDING_SLOTS, 0);
 
 /// Frontend and backend addresses: the pod programs' first test. Writer: the agent. See
 /// `svc_common::addrs`. No preallocation: memory follows the addresses in use.

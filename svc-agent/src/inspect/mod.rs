@@ -14,7 +14,7 @@ use svc_common::{
     service::{
         Backend, BackendName, FrontendName, ServiceKey, ServiceValue, backend_flags, flags, scope,
     },
-    stats::{Counter, DropReason, PktCounter},
+    stats::{Counter, DropReason, PENDING_SLOTS, Pending, PktCounter},
 };
 
 use serde::{Deserialize, Serialize};
@@ -186,17 +186,60 @@ fn read_keyed_counters(bpffs: &Path, name: &str) -> anyhow::Result<BTreeMap<u32,
         .collect()
 }
 
+/// Every CPU's `PENDING_STATS_V1` slots (empty when it is not pinned: pins of an agent that
+/// predates it).
+fn read_pending(bpffs: &Path) -> anyhow::Result<Vec<Pending>> {
+    if !pin_dir(bpffs).join("PENDING_STATS_V1").exists() {
+        return Ok(Vec::new());
+    }
+    let map: PerCpuArray<_, Pending> =
+        PerCpuArray::try_from(Map::PerCpuArray(open_pinned(bpffs, "PENDING_STATS_V1")?))?;
+    let mut out = Vec::new();
+    for i in 0..PENDING_SLOTS {
+        out.extend(map.get(&i, 0).context("reading PENDING_STATS_V1")?.iter());
+    }
+    Ok(out)
+}
+
+/// Adds the packets `PENDING_STATS_V1` holds (`slots`: every CPU's) to the per-id sums of
+/// `SVC_STATS_V1` (`frontends`) and `BACKEND_STATS_V1` (`backends`), for ids they hold: what
+/// the slots' next flushes will add (a flush adds to existing entries only).
+pub fn add_pending(
+    slots: &[Pending],
+    frontends: &mut BTreeMap<u32, Counter>,
+    backends: &mut BTreeMap<u32, Counter>,
+) {
+    for s in slots.iter().filter(|s| s.packets != 0) {
+        for (sums, id) in [
+            (&mut *frontends, s.frontend_id),
+            (&mut *backends, s.backend_id),
+        ] {
+            if let Some(c) = sums.get_mut(&id) {
+                c.packets += s.packets;
+                c.bytes += s.bytes;
+            }
+        }
+    }
+}
+
 /// Reads the pinned service and backend maps.
 pub fn read_services(bpffs: &Path) -> anyhow::Result<ServicesView> {
     let services: BpfHashMap<_, ServiceKey, ServiceValue> =
         BpfHashMap::try_from(Map::HashMap(open_pinned(bpffs, "SERVICES_V1")?))?;
     let backends: BpfHashMap<_, u32, Backend> =
         BpfHashMap::try_from(Map::HashMap(open_pinned(bpffs, "BACKENDS_V1")?))?;
+    let mut frontend_stats = read_keyed_counters(bpffs, "SVC_STATS_V1")?;
+    let mut backend_stats = read_keyed_counters(bpffs, "BACKEND_STATS_V1")?;
+    add_pending(
+        &read_pending(bpffs)?,
+        &mut frontend_stats,
+        &mut backend_stats,
+    );
     Ok(ServicesView {
         services: services.iter().collect::<Result<_, _>>()?,
         backends: backends.iter().collect::<Result<_, _>>()?,
-        frontend_stats: read_keyed_counters(bpffs, "SVC_STATS_V1")?,
-        backend_stats: read_keyed_counters(bpffs, "BACKEND_STATS_V1")?,
+        frontend_stats,
+        backend_stats,
         names: read_names(bpffs, "BACKEND_NAMES_V1", |n: &BackendName| {
             names::display(n)
         })?,
@@ -681,6 +724,30 @@ mod tests {
     use svc_common::{Be16, addr::from_v4};
 
     use super::*;
+
+    #[test]
+    fn pending_packets_add_to_the_ids_held_and_only_those() {
+        let c = |packets, bytes| Counter { packets, bytes };
+        let mut frontends = BTreeMap::from([(1, c(5, 500)), (2, c(1, 100))]);
+        let mut backends = BTreeMap::from([(10, c(5, 500)), (11, c(1, 100))]);
+        let slot = |frontend_id, backend_id, packets, bytes| Pending {
+            frontend_id,
+            backend_id,
+            packets,
+            bytes,
+        };
+        let slots = [
+            // Two CPUs' slots of one pair, a pair whose backend counters were deleted, a free
+            // slot that still names an id.
+            slot(1, 10, 2, 200),
+            slot(1, 10, 1, 60),
+            slot(2, 12, 4, 400),
+            slot(2, 11, 0, 0),
+        ];
+        add_pending(&slots, &mut frontends, &mut backends);
+        assert_eq!(frontends, BTreeMap::from([(1, c(8, 760)), (2, c(5, 500))]));
+        assert_eq!(backends, BTreeMap::from([(10, c(8, 760)), (11, c(1, 100))]));
+    }
 
     #[test]
     fn stats_tables_have_one_line_per_counter_and_a_count() {
