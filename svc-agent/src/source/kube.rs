@@ -67,7 +67,7 @@ use tokio::{
 use tracing::{debug, info, warn};
 
 use crate::{
-    datapath::{DatapathMaps, ReconcileReport, Reconciler, ReconcilerHandle},
+    datapath::{DatapathMaps, ReconcileReport, ReconcilerHandle},
     hostaddrs::HostAddresses,
     metrics::{EventResult, PassKind, Recorder as Metrics},
     model::{self, DesiredState, LABEL_HEADLESS, LABEL_SERVICE_PROXY_NAME, ObjectError, Snapshot},
@@ -653,13 +653,13 @@ pub async fn follow<M: DatapathMaps>(
         options.audit_interval,
         metrics,
         |work| {
-            let rec = rec.reconciler()?;
             let started = std::time::Instant::now();
             if let Some(rx) = &host_addresses {
                 model.set_host_addresses(rx.borrow().to_vec());
             }
             let (report, health_checks_changed) =
-                sync(&stores, &work, &options.node_name, &mut model, rec, metrics);
+                sync(&stores, &work, &options.node_name, &mut model, rec, metrics)?;
+            let rec = rec.reconciler()?;
             if let Some(publisher) = &options.health_checks
                 && (health_checks_changed || work.host_addresses || first_sync.is_some())
             {
@@ -770,15 +770,20 @@ async fn sleep_until(at: Option<Instant>) {
 /// One pass: hands what changed to the model and writes what that changed; after a relist,
 /// the whole stores and the whole maps; with the audit flag, then checks both against the full
 /// computation. Logs what it did. Also says whether the health checks may have changed (the
-/// model said so, or an audit may have rebuilt it).
+/// model said so, or an audit may have rebuilt it). The model computes before the reconciler
+/// is asked for: at the start its maps may still be being created (about 0.3 s of the first
+/// pass at 30,000 Services runs meanwhile).
+///
+/// # Errors
+/// When the reconciler could not be built (the first pass).
 fn sync<M: DatapathMaps>(
     stores: &Stores,
     work: &Work,
     node_name: &str,
     model: &mut model::Model,
-    rec: &mut Reconciler<M>,
+    handle: &mut impl ReconcilerHandle<M>,
     metrics: &Metrics,
-) -> (ReconcileReport, bool) {
+) -> anyhow::Result<(ReconcileReport, bool)> {
     if work.audit
         && *work
             == (Work {
@@ -787,26 +792,31 @@ fn sync<M: DatapathMaps>(
             })
     {
         // Nothing changed: only the audit (its own log line), no "synced" pass.
+        let rec = handle.reconciler()?;
         let report = super::audit::audit(&stores.snapshot(), node_name, model, rec, metrics);
-        return (report, true);
+        return Ok((report, true));
     }
     let started = std::time::Instant::now();
-    let computed;
     let full = !work.relisted.is_empty();
-    let (mut report, health_checks) = if full {
-        let delta = model.replace(&stores.snapshot());
-        computed = started.elapsed();
-        (rec.apply(model.state()), delta.health_checks)
+    let delta = if full {
+        model.replace(&stores.snapshot())
     } else {
         stores.hand_over(work, model);
-        let delta = model.update();
-        computed = started.elapsed();
-        (rec.apply_delta(model.state(), &delta), delta.health_checks)
+        model.update()
     };
+    let computed = started.elapsed();
+    let rec = handle.reconciler()?;
+    let waited = started.elapsed().saturating_sub(computed);
+    let mut report = if full {
+        rec.apply(model.state())
+    } else {
+        rec.apply_delta(model.state(), &delta)
+    };
+    let health_checks = delta.health_checks;
     if full {
         crate::memory::return_free_memory();
     }
-    let took = started.elapsed();
+    let took = started.elapsed().saturating_sub(waited);
     let relisted: Vec<String> = work.relisted.iter().map(ToString::to_string).collect();
     let state = model.state();
     info!(
@@ -824,6 +834,7 @@ fn sync<M: DatapathMaps>(
         relisted = relisted.join(","),
         compute_us = computed.as_micros(),
         took_us = took.as_micros(),
+        waited_for_maps_us = waited.as_micros(),
         "synced from the API server"
     );
     if work.audit {
@@ -832,7 +843,7 @@ fn sync<M: DatapathMaps>(
         report.skipped.clone_from(&audit.skipped);
         report.retry_after = audit.retry_after;
     }
-    (report, health_checks || work.audit)
+    Ok((report, health_checks || work.audit))
 }
 
 /// Logs each of a pass's errors when it appears, not on every pass (a frontend waiting for
