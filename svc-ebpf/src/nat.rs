@@ -225,8 +225,13 @@ pub fn nat_rewrite<C: Frame>(
         End::Src => (&pkt.src, pkt.sport),
         End::Dst => (&pkt.dst, pkt.dport),
     };
-    if pkt.family == FAMILY_V4 && port != old_port && pkt.l4_off == IPV4_CHECK + 10 {
-        return nat_rewrite_v4_with_ports(ctx, pkt, end, addr, port, (check_off, mangled));
+    if port != old_port {
+        if pkt.family == FAMILY_V4 && pkt.l4_off == IPV4_CHECK + 10 {
+            return nat_rewrite_v4_with_ports(ctx, pkt, end, addr, port, (check_off, mangled));
+        }
+        if pkt.family != FAMILY_V4 && pkt.l4_off == IPV6_PORTS {
+            return nat_rewrite_v6_with_ports(ctx, pkt, end, addr, port, (check_off, mangled));
+        }
     }
     if pkt.family == FAMILY_V4 {
         let old = u32::from_ne_bytes([old_addr[0], old_addr[1], old_addr[2], old_addr[3]]);
@@ -296,6 +301,47 @@ fn nat_rewrite_v4_with_ports<C: Frame>(
     )?;
     ctx.l4_csum_replace(check_off, u64::from(old_port), u64::from(port), mangled | 2)?;
     ctx.store(IPV4_CHECK, &bytes)
+}
+
+/// Offset of the transport header right after an IPv6 header without extension headers.
+const IPV6_PORTS: usize = ETH_HLEN + 40;
+
+/// [`nat_rewrite`] of an IPv6 packet whose port changes too and whose transport header follows
+/// the fixed header: the address and the ports are written with one store (destination and
+/// ports: 20 contiguous bytes; source and ports: 36, the destination rewritten as it is).
+#[inline(always)]
+fn nat_rewrite_v6_with_ports<C: Frame>(
+    ctx: &C,
+    pkt: &Parsed,
+    end: End,
+    addr: &Addr,
+    port: u16,
+    (check_off, mangled): (usize, u64),
+) -> Result<(), ()> {
+    let (old_addr, old_port) = match end {
+        End::Src => (&pkt.src, pkt.sport),
+        End::Dst => (&pkt.dst, pkt.dport),
+    };
+    let diff = csum_diff128(&words(old_addr), &words(addr));
+    ctx.l4_csum_replace(check_off, 0, u64::from(diff), BPF_F_PSEUDO_HDR | mangled)?;
+    ctx.l4_csum_replace(check_off, u64::from(old_port), u64::from(port), mangled | 2)?;
+    if end == End::Dst {
+        let at = ETH_HLEN + 24;
+        let bytes = ptr_at::<[u8; 20]>(ctx, at).ok_or(())?;
+        // SAFETY: `ptr_at` checked the bytes are inside the packet.
+        let mut bytes = unsafe { *bytes };
+        bytes[..16].copy_from_slice(addr);
+        bytes[18..].copy_from_slice(&port.to_ne_bytes());
+        ctx.store(at, &bytes)
+    } else {
+        let at = ETH_HLEN + 8;
+        let bytes = ptr_at::<[u8; 36]>(ctx, at).ok_or(())?;
+        // SAFETY: as above.
+        let mut bytes = unsafe { *bytes };
+        bytes[..16].copy_from_slice(addr);
+        bytes[32..34].copy_from_slice(&port.to_ne_bytes());
+        ctx.store(at, &bytes)
+    }
 }
 
 /// What `bpf_csum_diff(old, 16, new, 16, 0)` returns: the 32-bit ones' complement sum of the
