@@ -71,7 +71,12 @@ pub fn slice_json(i: u32, width: u32, count: u32) -> Value {
     let eps: Vec<Value> = (0..count)
         .map(|j| {
             let (ip, _) = endpoint(i, j, width);
-            json!({"addresses": [ip.to_string()], "conditions": {"ready": true, "serving": true, "terminating": false}, "nodeName": "node2"})
+            // As the EndpointSlice controller writes it: every endpoint names its Pod (a
+            // Deployment's: the ReplicaSet's hash and five characters).
+            let pod = format!("svc-{i}-7d9f8b6c4-{j:05}");
+            let uid = format!("4c1f2a9e-0b7d-4e3a-9c5f-{i:08x}{j:04x}");
+            json!({"addresses": [ip.to_string()], "conditions": {"ready": true, "serving": true, "terminating": false}, "nodeName": "node2",
+                   "targetRef": {"kind": "Pod", "namespace": NAMESPACE, "name": pod, "uid": uid}})
         })
         .collect();
     let (_, port) = endpoint(i, 0, width);
