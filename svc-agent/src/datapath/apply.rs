@@ -50,7 +50,7 @@ use super::{
     batch,
     flows::{ReplySchedule, StaleFlows, Sweep},
     layout::{Change, Layout, Target},
-    names,
+    names::{self, Packed},
     ranges::{self, RangeKey, RangeMap, RangePass, SourceRanges},
     render::{BackendRef, Capacity, Rendered, frontend_key},
     sweeper::{FlowSweeps, FlowTables, Sweeper, clear_now, clear_replies_now},
@@ -534,6 +534,14 @@ struct Held {
     touched: BTreeSet<AddrKey>,
 }
 
+/// A names map as read from the kernel, packed as the reconciler holds it.
+fn packed<T: aya::Pod>(values: BTreeMap<u32, T>) -> BTreeMap<u32, Packed<T>> {
+    values
+        .into_iter()
+        .map(|(id, v)| (id, Packed::new(&v)))
+        .collect()
+}
+
 fn addr_key(addr: [u8; 16], family: u8) -> AddrKey {
     AddrKey {
         addr,
@@ -786,8 +794,8 @@ impl<M: DatapathMaps> Reconciler<M> {
             backends,
             reachable,
             skipped: Vec::new(),
-            names: maps.backend_names()?,
-            frontend_names: maps.frontend_names()?,
+            names: packed(maps.backend_names()?),
+            frontend_names: packed(maps.frontend_names()?),
         };
         let mut r = Self {
             maps,
@@ -1575,10 +1583,10 @@ impl<M: DatapathMaps> Reconciler<M> {
                     self.layout.referenced(id) && self.held.current.backends.contains_key(&id)
                 })
                 .and_then(|a| desired.backend_names.get(&a))
-                .map(|n| BackendName::new(n));
+                .map(|n| Packed::new(&BackendName::new(n)));
             let maps = &mut self.maps;
             let done = names::settle(id, want, &mut self.held.current.names, |id, n| match n {
-                Some(n) => maps.put_backend_name(id, n),
+                Some(n) => maps.put_backend_name(id, &n.get()),
                 None => maps.del_backend_name(id),
             });
             if let Some(Err(e)) = done {
@@ -1627,7 +1635,7 @@ impl<M: DatapathMaps> Reconciler<M> {
                 .and_then(|key| desired.frontends.get(key))
                 .map(|f| {
                     let s = &f.service;
-                    names::frontend_name(&s.namespace, &s.name, &s.port_name)
+                    Packed::new(&names::frontend_name(&s.namespace, &s.name, &s.port_name))
                 });
             let maps = &mut self.maps;
             let done =
@@ -1636,7 +1644,7 @@ impl<M: DatapathMaps> Reconciler<M> {
                     want,
                     &mut self.held.current.frontend_names,
                     |id, n| match n {
-                        Some(n) => maps.put_frontend_name(id, n),
+                        Some(n) => maps.put_frontend_name(id, &n.get()),
                         None => maps.del_frontend_name(id),
                     },
                 );
@@ -3603,8 +3611,9 @@ pub(crate) mod tests {
             );
             prop_assert_eq!(&r.current().services, &m.services);
             prop_assert_eq!(&r.current().backends, &m.backends);
-            prop_assert_eq!(&r.current().names, &m.names);
-            prop_assert_eq!(&r.current().frontend_names, &m.frontend_names);
+            let cur = r.current();
+            prop_assert_eq!(&cur.names, &packed(m.names.clone()));
+            prop_assert_eq!(&cur.frontend_names, &packed(m.frontend_names.clone()));
             let now = canon(m);
             let skipped: BTreeSet<FrontendKey> = report.skipped.iter().map(|(k, _)| *k).collect();
             for (k, v) in m.services.iter().filter(|(k, _)| k.slot == 0) {

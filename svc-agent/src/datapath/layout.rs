@@ -31,6 +31,7 @@ use svc_common::service::{Backend, BackendName, ServiceKey, ServiceValue};
 
 use super::{
     ids::IdMap,
+    names::Packed,
     render::{BackendRef, Capacity, Rendered, backend_value, frontend_key, slot0_value},
 };
 use crate::model::{self, DesiredState, FrontendKey, Protocol};
@@ -347,7 +348,11 @@ impl Layout {
                 let s = &fe.service;
                 out.frontend_names.insert(
                     t.value.id,
-                    super::names::frontend_name(&s.namespace, &s.name, &s.port_name),
+                    Packed::new(&super::names::frontend_name(
+                        &s.namespace,
+                        &s.name,
+                        &s.port_name,
+                    )),
                 );
             }
         }
@@ -359,7 +364,7 @@ impl Layout {
                 .backend_addr(*id)
                 .and_then(|a| desired.backend_names.get(&a));
             if let Some(name) = name {
-                out.names.insert(*id, BackendName::new(name));
+                out.names.insert(*id, Packed::new(&BackendName::new(name)));
             }
         }
         out.skipped = self.skipped();

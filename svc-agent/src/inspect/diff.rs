@@ -148,7 +148,8 @@ pub fn desired_states(desired: &DesiredState) -> Desired {
     let names: BTreeMap<u32, (String, String)> = rendered
         .frontend_names
         .iter()
-        .map(|(id, n): (&u32, &FrontendName)| {
+        .map(|(id, n)| {
+            let n: FrontendName = n.get();
             (*id, (names::display(&n.service), names::display(&n.port)))
         })
         .collect();
