@@ -2205,7 +2205,7 @@ pub(crate) mod tests {
             let mut d = state(&[("198.19.0.10", &["198.18.1.10", "198.18.2.10"])]);
             for (addr, name) in names {
                 d.backend_names
-                    .insert(addr.parse().unwrap(), (*name).to_owned());
+                    .insert(addr.parse().unwrap(), (*name).into());
             }
             d
         };
@@ -3471,10 +3471,8 @@ pub(crate) mod tests {
             }
             for (j, name) in names.iter().enumerate() {
                 if let Some(n) = name {
-                    d.backend_names.insert(
-                        BACKENDS[j].parse().unwrap(),
-                        NAMES[usize::from(*n)].to_owned(),
-                    );
+                    d.backend_names
+                        .insert(BACKENDS[j].parse().unwrap(), NAMES[usize::from(*n)].into());
                 }
             }
             d

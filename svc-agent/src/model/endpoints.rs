@@ -31,7 +31,7 @@
 //! (preferring a local one); here the most usable copy wins (ready, then serving, then not
 //! terminating, then local), which does not depend on the order of the slices.
 
-use std::{collections::BTreeMap, fmt, net::IpAddr};
+use std::{collections::BTreeMap, fmt, net::IpAddr, sync::Arc};
 
 use super::{
     Backend, ObjectError, Protocol, Slice, SliceEndpoint as Endpoint, namespace_of,
@@ -471,8 +471,9 @@ fn parse_endpoint(
 
 /// `namespace/name` of every endpoint's `targetRef` (its namespace defaulting to the slice's),
 /// by the endpoint's first address; endpoints without a named `targetRef` or a valid address
-/// are left out.
-pub(crate) fn target_names(slices: &[&Slice]) -> Vec<(IpAddr, String)> {
+/// are left out. Shared strings: the model keeps each name in a Service's output, in the
+/// per-address counts and in the desired state, one allocation for all three.
+pub(crate) fn target_names(slices: &[&Slice]) -> Vec<(IpAddr, Arc<str>)> {
     let mut names = Vec::new();
     for slice in slices {
         let namespace = namespace_of(slice.namespace.as_ref());
@@ -484,7 +485,7 @@ pub(crate) fn target_names(slices: &[&Slice]) -> Vec<(IpAddr, String)> {
                 continue;
             };
             let target_namespace = target.namespace.as_deref().unwrap_or(namespace);
-            names.push((addr, format!("{target_namespace}/{}", target.name)));
+            names.push((addr, format!("{target_namespace}/{}", target.name).into()));
         }
     }
     names

@@ -213,20 +213,20 @@ fn identical<T>(a: &[Arc<T>], b: &[Arc<T>]) -> bool {
 /// always one name: a sorted vector (one small allocation) rather than a `BTreeMap`, whose
 /// first node takes about 300 bytes, per endpoint address of the cluster.
 #[derive(Debug, Default)]
-struct NameCounts(Vec<(String, usize)>);
+struct NameCounts(Vec<(Arc<str>, usize)>);
 
 impl NameCounts {
-    /// Counts one more listing of `name`.
-    fn add(&mut self, name: &str) {
-        match self.0.binary_search_by(|(n, _)| n.as_str().cmp(name)) {
+    /// Counts one more listing of `name` (shared with the group output that lists it).
+    fn add(&mut self, name: &Arc<str>) {
+        match self.0.binary_search_by(|(n, _)| (**n).cmp(name)) {
             Ok(i) => self.0[i].1 += 1,
-            Err(i) => self.0.insert(i, (name.to_owned(), 1)),
+            Err(i) => self.0.insert(i, (Arc::clone(name), 1)),
         }
     }
 
     /// Counts one listing of `name` less (none left: the name goes).
     fn take(&mut self, name: &str) {
-        if let Ok(i) = self.0.binary_search_by(|(n, _)| n.as_str().cmp(name)) {
+        if let Ok(i) = self.0.binary_search_by(|(n, _)| (**n).cmp(name)) {
             self.0[i].1 -= 1;
             if self.0[i].1 == 0 {
                 self.0.remove(i);
@@ -239,7 +239,7 @@ impl NameCounts {
     }
 
     /// The smallest name listed.
-    fn smallest(&self) -> Option<&String> {
+    fn smallest(&self) -> Option<&Arc<str>> {
         self.0.first().map(|(n, _)| n)
     }
 }
@@ -811,8 +811,8 @@ impl Model {
     /// multisets, recording the addresses touched.
     fn move_names(
         &mut self,
-        before: &[(IpAddr, String)],
-        after: &[(IpAddr, String)],
+        before: &[(IpAddr, Arc<str>)],
+        after: &[(IpAddr, Arc<str>)],
         addrs: &mut BTreeSet<IpAddr>,
     ) {
         for (addr, target) in before {

@@ -129,7 +129,7 @@ pub struct DesiredState {
     /// Who is behind each endpoint address: `namespace/name` of its `targetRef` in the
     /// `EndpointSlice`s (a Pod), for the debug tool. An address two slices name differently
     /// gets the smaller name.
-    pub backend_names: BTreeMap<IpAddr, String>,
+    pub backend_names: BTreeMap<IpAddr, Arc<str>>,
     /// The health-check node ports to serve (`spec.healthCheckNodePort` of Services with
     /// `externalTrafficPolicy: Local`), by port; a port two Services name belongs to the
     /// first by namespace/name.
@@ -283,7 +283,7 @@ struct GroupOutput {
     errors: Vec<ObjectError>,
     topology_notes: Vec<TopologyNote>,
     /// The `targetRef` names of the slices' endpoints, by address.
-    names: Vec<(IpAddr, String)>,
+    names: Vec<(IpAddr, Arc<str>)>,
     /// The Service's `healthCheckNodePort` and what it answers.
     health_check: Option<(u16, HealthCheck)>,
 }
@@ -380,7 +380,7 @@ pub fn compute_with(snapshot: &Snapshot, node_name: &str, memo: &mut Memo) -> De
     }
 
     let mut frontends = BTreeMap::new();
-    let mut backend_names: BTreeMap<IpAddr, String> = BTreeMap::new();
+    let mut backend_names: BTreeMap<IpAddr, Arc<str>> = BTreeMap::new();
     let mut topology_notes = BTreeSet::new();
     let mut health_checks = BTreeMap::new();
     for svc in nameless {
