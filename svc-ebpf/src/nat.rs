@@ -187,8 +187,6 @@ pub fn snat_source<C: Frame>(ctx: &C, pkt: &Parsed, port: u16) -> Option<DropRea
 
 /// `BPF_F_PSEUDO_HDR` (uapi): the changed field is part of the pseudo header.
 const BPF_F_PSEUDO_HDR: u64 = 1 << 4;
-/// Offset of the IPv4 header checksum.
-const IPV4_CHECK: usize = ETH_HLEN + 10;
 
 /// Which end of the packet to rewrite.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -202,12 +200,15 @@ pub enum End {
 /// Rewrites the address and port (`port` network order) of `end` and fixes every checksum.
 /// A subprogram of its own (its own stack frame).
 ///
-/// Each helper call costs; the transport checksum needs the helpers (they know whether the
-/// packet is `CHECKSUM_PARTIAL`, which decides whether the port change goes into the field),
-/// but the IPv4 header checksum is plain arithmetic: it is updated here and written together
-/// with the address (one store of bytes 10..20 of the header, with the ports when they change
-/// and follow the header: [`nat_rewrite_v4_with_ports`]), and the `IPv6` address
-/// difference is summed here instead of by `bpf_csum_diff`.
+/// The transport checksum first, by the helpers: they know whether the packet is
+/// `CHECKSUM_PARTIAL`, which decides whether the port change goes into the field. Then the
+/// bytes, with as few stores as the layout allows (each helper call costs): the IPv4 header
+/// checksum is plain arithmetic, written with the address; when the port changes and the
+/// transport header follows the IP header directly (no IPv4 options, no IPv6 extension
+/// headers: nearly every packet), the port goes in the same store (IPv4: checksum, addresses
+/// and ports are 14 contiguous bytes; IPv6: destination and ports 20, source to ports 36).
+/// The transport checksum, at byte 6 or 16 of its header, is outside every stored range. The
+/// `IPv6` address difference is summed here instead of by `bpf_csum_diff`.
 #[inline(never)]
 pub fn nat_rewrite<C: Frame>(
     ctx: &C,
@@ -225,123 +226,91 @@ pub fn nat_rewrite<C: Frame>(
         End::Src => (&pkt.src, pkt.sport),
         End::Dst => (&pkt.dst, pkt.dport),
     };
-    if port != old_port {
-        if pkt.family == FAMILY_V4 && pkt.l4_off == IPV4_CHECK + 10 {
-            return nat_rewrite_v4_with_ports(ctx, pkt, end, addr, port, (check_off, mangled));
-        }
-        if pkt.family != FAMILY_V4 && pkt.l4_off == IPV6_PORTS {
-            return nat_rewrite_v6_with_ports(ctx, pkt, end, addr, port, (check_off, mangled));
-        }
-    }
-    if pkt.family == FAMILY_V4 {
-        let old = u32::from_ne_bytes([old_addr[0], old_addr[1], old_addr[2], old_addr[3]]);
-        let new = u32::from_ne_bytes([addr[0], addr[1], addr[2], addr[3]]);
-        // Header bytes 10..20 (checksum, source, destination) as they are now.
-        let hdr = ptr_at::<[u8; 10]>(ctx, IPV4_CHECK).ok_or(())?;
-        // SAFETY: `ptr_at` checked the bytes are inside the packet.
-        let mut hdr = unsafe { *hdr };
-        let check = csum::replace32(u16::from_ne_bytes([hdr[0], hdr[1]]), old, new);
-        hdr[..2].copy_from_slice(&check.to_ne_bytes());
-        let at = if end == End::Src { 2 } else { 6 };
-        hdr[at..at + 4].copy_from_slice(&new.to_ne_bytes());
+    let v4 = pkt.family == FAMILY_V4;
+    let (old4, new4) = (word(old_addr), word(addr));
+    if v4 {
         ctx.l4_csum_replace(
             check_off,
-            u64::from(old),
-            u64::from(new),
+            u64::from(old4),
+            u64::from(new4),
             BPF_F_PSEUDO_HDR | mangled | 4,
         )?;
-        ctx.store(IPV4_CHECK, &hdr)?;
     } else {
-        let addr_off = ETH_HLEN + if end == End::Src { 8 } else { 24 };
         let diff = csum_diff128(&words(old_addr), &words(addr));
         ctx.l4_csum_replace(check_off, 0, u64::from(diff), BPF_F_PSEUDO_HDR | mangled)?;
-        ctx.store(addr_off, addr)?;
     }
-    if port != old_port {
-        let port_off = pkt.l4_off + if end == End::Src { 0 } else { 2 };
+    let port_changes = port != old_port;
+    if port_changes {
         ctx.l4_csum_replace(check_off, u64::from(old_port), u64::from(port), mangled | 2)?;
-        ctx.store(port_off, &port)?;
+    }
+    let src = end == End::Src;
+    let ports_follow = port_changes && pkt.l4_off == if v4 { IPV4_PORTS } else { IPV6_PORTS };
+    match (v4, ports_follow, src) {
+        (true, true, _) => return store_v4::<C, 14>(ctx, src, old4, new4, port),
+        (true, false, _) => store_v4::<C, 10>(ctx, src, old4, new4, port)?,
+        (false, true, false) => return store_v6::<C, 20>(ctx, false, addr, port),
+        (false, true, true) => return store_v6::<C, 36>(ctx, true, addr, port),
+        (false, false, _) => ctx.store(ETH_HLEN + if src { 8 } else { 24 }, addr)?,
+    }
+    if port_changes {
+        ctx.store(pkt.l4_off + if src { 0 } else { 2 }, &port)?;
     }
     Ok(())
 }
 
-/// [`nat_rewrite`] of an IPv4 packet whose port changes too and whose transport header follows
-/// a header without options (nearly every packet): the IPv4 checksum, both addresses and both
-/// ports are 14 contiguous bytes, written with one store instead of two (the transport
-/// checksum, at byte 6 or 16 of its header, is outside them and updated first, by the helper).
+/// Offset of the IPv4 header checksum.
+const IPV4_CHECK: usize = ETH_HLEN + 10;
+/// Offset of the transport header after an IPv4 header without options.
+const IPV4_PORTS: usize = ETH_HLEN + 20;
+/// Offset of the transport header after an IPv6 header without extension headers.
+const IPV6_PORTS: usize = ETH_HLEN + 40;
+
+/// Writes the IPv4 header checksum (updated for the address change `old` -> `new`) and the new
+/// address (the source with `src`, else the destination) with one store of the `N` bytes from
+/// the header checksum on: 10 (checksum and addresses) or 14 (the ports too, which must follow
+/// the header: the port of the same end is `port`).
 #[inline(always)]
-fn nat_rewrite_v4_with_ports<C: Frame>(
+fn store_v4<C: Frame, const N: usize>(
     ctx: &C,
-    pkt: &Parsed,
-    end: End,
-    addr: &Addr,
+    src: bool,
+    old: u32,
+    new: u32,
     port: u16,
-    (check_off, mangled): (usize, u64),
 ) -> Result<(), ()> {
-    let (old_addr, old_port) = match end {
-        End::Src => (&pkt.src, pkt.sport),
-        End::Dst => (&pkt.dst, pkt.dport),
-    };
-    let old = u32::from_ne_bytes([old_addr[0], old_addr[1], old_addr[2], old_addr[3]]);
-    let new = u32::from_ne_bytes([addr[0], addr[1], addr[2], addr[3]]);
-    // Header bytes 10..20 (checksum, source, destination) and the ports, as they are now.
-    let bytes = ptr_at::<[u8; 14]>(ctx, IPV4_CHECK).ok_or(())?;
+    let bytes = ptr_at::<[u8; N]>(ctx, IPV4_CHECK).ok_or(())?;
     // SAFETY: `ptr_at` checked the bytes are inside the packet.
     let mut bytes = unsafe { *bytes };
     let check = csum::replace32(u16::from_ne_bytes([bytes[0], bytes[1]]), old, new);
     bytes[..2].copy_from_slice(&check.to_ne_bytes());
-    let (at, port_at) = if end == End::Src { (2, 10) } else { (6, 12) };
+    let at = if src { 2 } else { 6 };
     bytes[at..at + 4].copy_from_slice(&new.to_ne_bytes());
-    bytes[port_at..port_at + 2].copy_from_slice(&port.to_ne_bytes());
-    ctx.l4_csum_replace(
-        check_off,
-        u64::from(old),
-        u64::from(new),
-        BPF_F_PSEUDO_HDR | mangled | 4,
-    )?;
-    ctx.l4_csum_replace(check_off, u64::from(old_port), u64::from(port), mangled | 2)?;
+    if N == 14 {
+        let at = if src { 10 } else { 12 };
+        bytes[at..at + 2].copy_from_slice(&port.to_ne_bytes());
+    }
     ctx.store(IPV4_CHECK, &bytes)
 }
 
-/// Offset of the transport header right after an IPv6 header without extension headers.
-const IPV6_PORTS: usize = ETH_HLEN + 40;
-
-/// [`nat_rewrite`] of an IPv6 packet whose port changes too and whose transport header follows
-/// the fixed header: the address and the ports are written with one store (destination and
-/// ports: 20 contiguous bytes; source and ports: 36, the destination rewritten as it is).
+/// Writes an IPv6 address (the source with `src`, else the destination) and the port of the
+/// same end with one store of the `N` bytes from the address on: the destination and the
+/// ports (20), or the source, the destination as it is, and the ports (36). The ports must
+/// follow the fixed header.
 #[inline(always)]
-fn nat_rewrite_v6_with_ports<C: Frame>(
+fn store_v6<C: Frame, const N: usize>(
     ctx: &C,
-    pkt: &Parsed,
-    end: End,
+    src: bool,
     addr: &Addr,
     port: u16,
-    (check_off, mangled): (usize, u64),
 ) -> Result<(), ()> {
-    let (old_addr, old_port) = match end {
-        End::Src => (&pkt.src, pkt.sport),
-        End::Dst => (&pkt.dst, pkt.dport),
-    };
-    let diff = csum_diff128(&words(old_addr), &words(addr));
-    ctx.l4_csum_replace(check_off, 0, u64::from(diff), BPF_F_PSEUDO_HDR | mangled)?;
-    ctx.l4_csum_replace(check_off, u64::from(old_port), u64::from(port), mangled | 2)?;
-    if end == End::Dst {
-        let at = ETH_HLEN + 24;
-        let bytes = ptr_at::<[u8; 20]>(ctx, at).ok_or(())?;
-        // SAFETY: `ptr_at` checked the bytes are inside the packet.
-        let mut bytes = unsafe { *bytes };
-        bytes[..16].copy_from_slice(addr);
-        bytes[18..].copy_from_slice(&port.to_ne_bytes());
-        ctx.store(at, &bytes)
-    } else {
-        let at = ETH_HLEN + 8;
-        let bytes = ptr_at::<[u8; 36]>(ctx, at).ok_or(())?;
-        // SAFETY: as above.
-        let mut bytes = unsafe { *bytes };
-        bytes[..16].copy_from_slice(addr);
-        bytes[32..34].copy_from_slice(&port.to_ne_bytes());
-        ctx.store(at, &bytes)
-    }
+    let at = ETH_HLEN + if src { 8 } else { 24 };
+    let bytes = ptr_at::<[u8; N]>(ctx, at).ok_or(())?;
+    // SAFETY: `ptr_at` checked the bytes are inside the packet.
+    let mut bytes = unsafe { *bytes };
+    bytes[..16].copy_from_slice(addr);
+    // The ports are the last 4 bytes: the source's first.
+    let port_at = if src { N - 4 } else { N - 2 };
+    bytes[port_at..port_at + 2].copy_from_slice(&port.to_ne_bytes());
+    ctx.store(at, &bytes)
 }
 
 /// What `bpf_csum_diff(old, 16, new, 16, 0)` returns: the 32-bit ones' complement sum of the
@@ -363,6 +332,12 @@ fn csum_diff128(old: &[u32; 4], new: &[u32; 4]) -> u32 {
     sum as u32
 }
 
+/// The first four bytes of `a` as a word (an IPv4 address), as they lie in memory.
+#[inline(always)]
+fn word(a: &Addr) -> u32 {
+    u32::from_ne_bytes([a[0], a[1], a[2], a[3]])
+}
+
 #[inline(always)]
 fn words(a: &Addr) -> [u32; 4] {
     [
@@ -380,8 +355,7 @@ fn words(a: &Addr) -> [u32; 4] {
 pub fn nat_rewrite_l3(ctx: &TcContext, pkt: &Parsed, end: End, addr: &Addr) -> Result<(), ()> {
     let old_addr = if end == End::Src { &pkt.src } else { &pkt.dst };
     if pkt.family == FAMILY_V4 {
-        let old = u32::from_ne_bytes([old_addr[0], old_addr[1], old_addr[2], old_addr[3]]);
-        let new = u32::from_ne_bytes([addr[0], addr[1], addr[2], addr[3]]);
+        let (old, new) = (word(old_addr), word(addr));
         let addr_off = ETH_HLEN + if end == End::Src { 12 } else { 16 };
         ctx.l3_csum_replace(IPV4_CHECK, u64::from(old), u64::from(new), 4)
             .map_err(|_| ())?;
