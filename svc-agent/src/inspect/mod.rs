@@ -174,6 +174,16 @@ pub struct ServicesView {
 fn read_keyed_counters(bpffs: &Path, name: &str) -> anyhow::Result<BTreeMap<u32, Counter>> {
     let map: PerCpuHashMap<_, u32, Counter> =
         PerCpuHashMap::try_from(Map::PerCpuHashMap(open_pinned(bpffs, name)?))?;
+    sum_keyed_counters(&map)
+}
+
+/// A per-CPU counter hash (`SVC_STATS_V1`, `BACKEND_STATS_V1`) summed over CPUs, by id.
+///
+/// # Errors
+/// When the map cannot be read.
+pub fn sum_keyed_counters(
+    map: &PerCpuHashMap<MapData, u32, Counter>,
+) -> anyhow::Result<BTreeMap<u32, Counter>> {
     map.iter()
         .map(|r| {
             let (id, per_cpu) = r?;
