@@ -27,12 +27,16 @@ use std::{
     net::IpAddr,
 };
 
-use svc_common::service::{Backend, BackendName, ServiceKey, ServiceValue};
+use smallvec::SmallVec;
+use svc_common::{
+    Be16,
+    service::{Backend, BackendName, ServiceKey, ServiceValue},
+};
 
 use super::{
     ids::IdMap,
     names::Packed,
-    render::{BackendRef, Capacity, Rendered, backend_value, frontend_key, slot0_value},
+    render::{BackendRef, Capacity, Rendered, backend_value, frontend_key, map_addr, slot0_value},
 };
 use crate::model::{self, DesiredState, FrontendKey, Protocol};
 
@@ -157,10 +161,10 @@ pub struct Layout {
 }
 
 /// A sorted set of ids: almost always one (one backend id per address and port), so a sorted
-/// vector (one small allocation) rather than a `BTreeSet`, whose first node takes about 70
-/// bytes.
+/// list with room for two inline (no allocation) rather than a `BTreeSet`, whose first node
+/// takes about 70 bytes.
 #[derive(Clone, Debug, Default)]
-struct Ids(Vec<u32>);
+struct Ids(SmallVec<[u32; 2]>);
 
 impl Ids {
     fn insert(&mut self, id: u32) {
@@ -193,26 +197,30 @@ impl<'a> IntoIterator for &'a Ids {
 /// backend in a slot and the value it asks for. Almost always one or two: a sorted vector (one
 /// small allocation) rather than a `BTreeMap`, whose first node takes about 700 bytes (45 MB
 /// of the agent's heap at 90,000 backends).
+/// Who references one backend id: each frontend (in key order), whether it has the backend in
+/// a slot, and the `BACKENDS_V1` flags it asks for (the address, port and family are the id's
+/// own, from `backend_ids`). Almost every backend has one referrer, held inline: at 90,000
+/// backends a vector each (four entries' room and a whole `Backend` per entry) was 15 MiB.
 #[derive(Clone, Debug, Default)]
-struct Refs(Vec<(FrontendKey, (bool, Backend))>);
+struct Refs(SmallVec<[(FrontendKey, bool, u8); 1]>);
 
 impl Refs {
-    fn get(&self, key: &FrontendKey) -> Option<&(bool, Backend)> {
+    fn get(&self, key: &FrontendKey) -> Option<(bool, u8)> {
         self.0
-            .binary_search_by(|(k, _)| k.cmp(key))
+            .binary_search_by(|(k, _, _)| k.cmp(key))
             .ok()
-            .map(|i| &self.0[i].1)
+            .map(|i| (self.0[i].1, self.0[i].2))
     }
 
-    fn insert(&mut self, key: FrontendKey, value: (bool, Backend)) {
-        match self.0.binary_search_by(|(k, _)| k.cmp(&key)) {
-            Ok(i) => self.0[i].1 = value,
-            Err(i) => self.0.insert(i, (key, value)),
+    fn insert(&mut self, key: FrontendKey, slot: bool, flags: u8) {
+        match self.0.binary_search_by(|(k, _, _)| k.cmp(&key)) {
+            Ok(i) => self.0[i] = (key, slot, flags),
+            Err(i) => self.0.insert(i, (key, slot, flags)),
         }
     }
 
     fn remove(&mut self, key: &FrontendKey) {
-        if let Ok(i) = self.0.binary_search_by(|(k, _)| k.cmp(key)) {
+        if let Ok(i) = self.0.binary_search_by(|(k, _, _)| k.cmp(key)) {
             self.0.remove(i);
         }
     }
@@ -221,9 +229,9 @@ impl Refs {
         self.0.is_empty()
     }
 
-    /// The values, in key order.
-    fn values(&self) -> impl DoubleEndedIterator<Item = &(bool, Backend)> {
-        self.0.iter().map(|(_, v)| v)
+    /// `(in a slot, flags)` of each referrer, in key order.
+    fn values(&self) -> impl DoubleEndedIterator<Item = (bool, u8)> + '_ {
+        self.0.iter().map(|(_, slot, flags)| (*slot, *flags))
     }
 }
 
@@ -279,11 +287,19 @@ impl Layout {
     #[must_use]
     pub fn backend(&self, id: u32) -> Option<Backend> {
         let by = self.refs.get(&id)?;
-        by.values()
+        let (_, flags) = by
+            .values()
             .rev()
             .find(|(slot, _)| *slot)
-            .or_else(|| by.values().next())
-            .map(|(_, b)| *b)
+            .or_else(|| by.values().next())?;
+        let (addr, port) = *self.backend_ids.key_of(id)?;
+        let (addr, family) = map_addr(addr);
+        Some(Backend {
+            addr,
+            port: Be16::from_host(port),
+            family,
+            flags,
+        })
     }
 
     /// The address of backend `id`, while it has an id.
@@ -433,12 +449,12 @@ impl Layout {
                 )
                 .collect();
             for (id, slot) in uses {
-                let value = asked
+                let flags = asked
                     .get(&id)
                     .and_then(|by| by.get(&key))
                     .filter(|(was_slot, _)| *was_slot == slot)
-                    .map_or(backends[&id], |(_, b)| *b);
-                self.add_ref(id, key, slot, value);
+                    .map_or(backends[&id].flags, |(_, flags)| flags);
+                self.add_ref(id, key, slot, flags);
             }
             self.entries += target.entries();
             self.targets.insert(key, target);
@@ -671,11 +687,11 @@ impl Layout {
         let kept = ids(&fe.kept_backends);
         let unready = ids(&fe.unready_backends);
         for (b, id) in fe.backends.iter().zip(&wanted) {
-            self.add_ref(*id, key, true, backend_value(b));
+            self.add_ref(*id, key, true, backend_value(b).flags);
         }
         let others = fe.kept_backends.iter().chain(&fe.unready_backends);
         for (b, id) in others.zip(kept.iter().chain(&unready)) {
-            self.add_ref(*id, key, false, backend_value(b));
+            self.add_ref(*id, key, false, backend_value(b).flags);
         }
         let target = Target {
             value: slot0_value(fe, id),
@@ -733,7 +749,7 @@ impl Layout {
         }
     }
 
-    fn add_ref(&mut self, id: u32, key: FrontendKey, slot: bool, value: Backend) {
+    fn add_ref(&mut self, id: u32, key: FrontendKey, slot: bool, flags: u8) {
         self.limbo.remove(&id);
         let by = self.refs.entry(id).or_default();
         if by.is_empty()
@@ -741,7 +757,7 @@ impl Layout {
         {
             self.by_addr.entry(r.0).or_default().insert(id);
         }
-        by.insert(key, (slot, value));
+        by.insert(key, slot, flags);
     }
 }
 
@@ -757,19 +773,17 @@ mod tests {
             proto: Protocol::Tcp,
             scope: model::Scope::Internal,
         };
-        let value = |flags| Backend {
-            flags,
-            ..Backend::default()
-        };
         let mut refs = Refs::default();
-        refs.insert(key(81), (true, value(1)));
-        refs.insert(key(80), (false, value(2)));
-        refs.insert(key(82), (true, value(3)));
+        refs.insert(key(81), true, 1);
+        // One referrer: held inline.
+        assert!(!refs.0.spilled());
+        refs.insert(key(80), false, 2);
+        refs.insert(key(82), true, 3);
         // Asked again: replaced, not added.
-        refs.insert(key(81), (false, value(4)));
-        let in_order: Vec<u8> = refs.values().map(|(_, b)| b.flags).collect();
+        refs.insert(key(81), false, 4);
+        let in_order: Vec<u8> = refs.values().map(|(_, flags)| flags).collect();
         assert_eq!(in_order, [2, 4, 3]);
-        assert_eq!(refs.get(&key(81)), Some(&(false, value(4))));
+        assert_eq!(refs.get(&key(81)), Some((false, 4)));
         refs.remove(&key(80));
         refs.remove(&key(79));
         assert_eq!(refs.get(&key(80)), None);

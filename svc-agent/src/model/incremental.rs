@@ -52,6 +52,8 @@ use std::{
 
 use k8s_openapi::api::core::v1::Node;
 
+use smallvec::SmallVec;
+
 use super::{
     Delta, DesiredState, FrontendKey, GroupOutput, NodePortAddresses, ObjectError, Place, Slice,
     Snapshot, Svc, TopologyNote, compute_group, conflict_error, kept_copies, merge_health_check,
@@ -210,10 +212,11 @@ fn identical<T>(a: &[Arc<T>], b: &[Arc<T>]) -> bool {
 }
 
 /// How many times each `targetRef` name is listed for one address, sorted by name. Almost
-/// always one name: a sorted vector (one small allocation) rather than a `BTreeMap`, whose
-/// first node takes about 300 bytes, per endpoint address of the cluster.
+/// always one name: a sorted list with room for one inline (no allocation; a vector's first
+/// allocation has room for four, about 110 bytes), rather than a `BTreeMap`, whose first node
+/// takes about 300 bytes, per endpoint address of the cluster.
 #[derive(Debug, Default)]
-struct NameCounts(Vec<(Arc<str>, usize)>);
+struct NameCounts(SmallVec<[(Arc<str>, usize); 1]>);
 
 impl NameCounts {
     /// Counts one more listing of `name` (shared with the group output that lists it).
@@ -244,10 +247,11 @@ impl NameCounts {
     }
 }
 
-/// A sorted set of names: almost always one (a Service's one slice), so a sorted vector (one
-/// small allocation) rather than a `BTreeSet`, whose first node takes about 540 bytes.
+/// A sorted set of names: almost always one (a Service's one slice), so a sorted list with
+/// room for one inline (no allocation) rather than a `BTreeSet`, whose first node takes about
+/// 540 bytes.
 #[derive(Debug, Default)]
-struct SortedNames(Vec<Name>);
+struct SortedNames(SmallVec<[Name; 1]>);
 
 impl SortedNames {
     fn insert(&mut self, name: Name) {
@@ -306,8 +310,8 @@ struct Claimant {
 /// Who claims one frontend key.
 #[derive(Debug, Default)]
 struct KeyClaims {
-    /// Sorted; the first owns the key.
-    claimants: Vec<Claimant>,
+    /// Sorted; the first owns the key. Almost always one, held inline.
+    claimants: SmallVec<[Claimant; 1]>,
     /// The conflict error of each claimant after the first, in claimant order.
     conflicts: Vec<ObjectError>,
 }
