@@ -2193,7 +2193,8 @@ pub(crate) mod tests {
                     kept_backends: vec![],
                     unready_backends: vec![],
                     on_empty: EmptyAction::Reject,
-                },
+                }
+                .into(),
             );
         }
         d
@@ -2247,7 +2248,7 @@ pub(crate) mod tests {
             ("198.19.0.11", &["198.18.1.11"]),
         ]);
         for (i, fe) in d.frontends.values_mut().enumerate() {
-            fe.service.port_name = ["http", ""][i].into();
+            std::sync::Arc::make_mut(fe).service.port_name = ["http", ""][i].into();
         }
         assert!(r.apply(&d).errors.is_empty());
         let id = |r: &Reconciler<FakeMaps>, vip: &str| {
@@ -2611,7 +2612,10 @@ pub(crate) mod tests {
 
     fn desired(frontends: &[(FrontendKey, Frontend)]) -> DesiredState {
         DesiredState {
-            frontends: frontends.iter().cloned().collect(),
+            frontends: frontends
+                .iter()
+                .map(|(k, fe)| (*k, fe.clone().into()))
+                .collect(),
             ..DesiredState::default()
         }
     }
@@ -3466,7 +3470,8 @@ pub(crate) mod tests {
                         kept_backends: with(2),
                         unready_backends: with(3),
                         on_empty: EmptyAction::Reject,
-                    },
+                    }
+                    .into(),
                 );
             }
             for (j, name) in names.iter().enumerate() {
@@ -3821,7 +3826,8 @@ pub(crate) mod tests {
                     kept_backends: vec![],
                     unready_backends: vec![],
                     on_empty: EmptyAction::Reject,
-                },
+                }
+                .into(),
             );
         }
         d

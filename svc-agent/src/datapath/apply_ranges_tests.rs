@@ -44,7 +44,7 @@ fn state(frontends: &[(u16, &[&str])]) -> DesiredState {
     DesiredState {
         frontends: frontends
             .iter()
-            .map(|(port, ranges)| (key(*port), lb(ranges)))
+            .map(|(port, ranges)| (key(*port), lb(ranges).into()))
             .collect(),
         ..DesiredState::default()
     }
@@ -111,7 +111,7 @@ fn an_incremental_pass_writes_only_the_ranges_of_its_frontends() {
     r.maps.log.clear();
     // Another frontend changes: no range entry is written or removed.
     let mut d2 = d.clone();
-    d2.frontends.get_mut(&key(80)).unwrap().backends[0].port = 8080;
+    std::sync::Arc::make_mut(d2.frontends.get_mut(&key(80)).unwrap()).backends[0].port = 8080;
     let report = r.apply_delta(&d2, &delta(&[80]));
     assert!(report.errors.is_empty(), "{:?}", report.errors);
     assert!(

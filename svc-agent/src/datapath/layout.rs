@@ -512,7 +512,7 @@ impl Layout {
         for key in keys {
             self.waiting.remove(&key);
             self.unsupported.remove(&key);
-            let mut fe = desired.frontends.get(&key);
+            let mut fe = desired.frontends.get(&key).map(|fe| &**fe);
             let held_back = &mut self.held_back;
             if let Some(why) = fe.and_then(|fe| unsupported(&key, fe).or(held_back.remove(&key))) {
                 self.unsupported.insert(key, why);

@@ -417,7 +417,10 @@ mod tests {
 
     fn state(frontends: &[(FrontendKey, Frontend)]) -> DesiredState {
         DesiredState {
-            frontends: frontends.iter().cloned().collect(),
+            frontends: frontends
+                .iter()
+                .map(|(k, fe)| (*k, fe.clone().into()))
+                .collect(),
             ..DesiredState::default()
         }
     }

@@ -275,7 +275,9 @@ mod tests {
             vec![],
         );
         fe.affinity_timeout = Some(Duration::from_hours(3));
-        desired.frontends.insert(fe_key("198.19.0.10", 80), fe);
+        desired
+            .frontends
+            .insert(fe_key("198.19.0.10", 80), fe.into());
         let r = render(
             &desired,
             &mut IdMap::default(),
@@ -303,7 +305,8 @@ mod tests {
             frontend(
                 vec![backend("198.18.1.10", 5000)],
                 vec![backend("198.18.1.11", 5000)],
-            ),
+            )
+            .into(),
         );
         let (mut f, mut b) = (IdMap::default(), IdMap::default());
         let r = render(&d, &mut f, &mut b, cap());
@@ -324,7 +327,7 @@ mod tests {
         let mut d = DesiredState::default();
         let mut fe = frontend(vec![backend("198.18.1.10", 5000)], vec![]);
         fe.unready_backends = vec![backend("198.18.1.11", 5000)];
-        d.frontends.insert(fe_key("198.19.0.10", 80), fe);
+        d.frontends.insert(fe_key("198.19.0.10", 80), fe.into());
         let (mut f, mut b) = (IdMap::default(), IdMap::default());
         let r = render(&d, &mut f, &mut b, cap());
         assert_eq!(r.services.len(), 2, "slot 0 and one slot");
@@ -345,10 +348,10 @@ mod tests {
     fn empty_frontends_carry_what_to_do() {
         let mut d = DesiredState::default();
         d.frontends
-            .insert(fe_key("198.19.0.10", 80), frontend(vec![], vec![]));
+            .insert(fe_key("198.19.0.10", 80), frontend(vec![], vec![]).into());
         let mut drop = frontend(vec![], vec![backend("198.18.2.10", 1)]);
         drop.on_empty = EmptyAction::Drop(model::DropReason::InternalTrafficPolicyLocal);
-        d.frontends.insert(fe_key("198.19.0.11", 80), drop);
+        d.frontends.insert(fe_key("198.19.0.11", 80), drop.into());
         let r = render(&d, &mut IdMap::default(), &mut IdMap::default(), cap());
         assert_eq!(
             r.services[&frontend_key(&fe_key("198.19.0.10", 80))].flags,
@@ -365,11 +368,11 @@ mod tests {
         let mut d = DesiredState::default();
         d.frontends.insert(
             fe_key("198.19.0.10", 80),
-            frontend(vec![backend("198.18.1.10", 5000)], vec![]),
+            frontend(vec![backend("198.18.1.10", 5000)], vec![]).into(),
         );
         d.frontends.insert(
             fe_key("198.19.0.11", 80),
-            frontend(vec![backend("198.18.1.10", 5000)], vec![]),
+            frontend(vec![backend("198.18.1.10", 5000)], vec![]).into(),
         );
         let (mut f, mut b) = (IdMap::default(), IdMap::default());
         let r1 = render(&d, &mut f, &mut b, cap());
@@ -386,14 +389,16 @@ mod tests {
             frontend(
                 vec![backend("198.18.1.10", 1), backend("198.18.1.11", 1)],
                 vec![],
-            ),
+            )
+            .into(),
         );
         d.frontends.insert(
             fe_key("198.19.0.11", 80),
             frontend(
                 vec![backend("198.18.1.12", 1), backend("198.18.1.13", 1)],
                 vec![],
-            ),
+            )
+            .into(),
         );
         let r = render(
             &d,

@@ -276,11 +276,15 @@ impl SortedNames {
     }
 }
 
+/// The copies of one object (namespace and name) a source lists: almost always one, held
+/// inline (a vector's first allocation has room for four).
+type Copies<T> = SmallVec<[Arc<T>; 1]>;
+
 /// One Service group as last computed: its inputs and what it contributes.
 #[derive(Debug)]
 struct Group {
     service: Option<Arc<Svc>>,
-    slices: Vec<Arc<Slice>>,
+    slices: Copies<Slice>,
     out: GroupOutput,
 }
 
@@ -351,14 +355,14 @@ pub struct Model {
 
     // The current objects, by the identity `compute` gives them. Several copies only come
     // from `replace` (the file source may list an object twice).
-    services: HashMap<Name, Vec<Arc<Svc>>>,
-    slices: HashMap<Name, Vec<Arc<Slice>>>,
+    services: HashMap<Name, Copies<Svc>>,
+    slices: HashMap<Name, Copies<Slice>>,
     nodes: Vec<Arc<Node>>,
     /// The slice keys whose used copies belong to each group.
     slices_by_owner: HashMap<Name, SortedNames>,
 
     // What the objects contribute.
-    groups: HashMap<Arc<Name>, Group>,
+    groups: HashMap<Arc<Name>, Box<Group>>,
     /// The ownership index: every claimed frontend key's claimants.
     claims: HashMap<FrontendKey, KeyClaims>,
     /// The keys with more than one claimant (their `conflicts` are errors).
@@ -588,7 +592,7 @@ impl Model {
         });
         let diff = replace_objects(&self.services, &services);
         for key in diff.removed {
-            self.put_service(key, Vec::new());
+            self.put_service(key, Copies::new());
         }
         for (key, copies) in diff.changed {
             self.put_service(key, copies);
@@ -596,7 +600,7 @@ impl Model {
         let slices = sorted_by_name(&snapshot.slices, |s| (&s.namespace, &s.name));
         let diff = replace_objects(&self.slices, &slices);
         for key in diff.removed {
-            self.put_slice(key, Vec::new());
+            self.put_slice(key, Copies::new());
         }
         for (key, copies) in diff.changed {
             self.put_slice(key, copies);
@@ -622,7 +626,7 @@ impl Model {
     }
 
     /// Records the copies of the Service `key` (none: deleted) and marks what they affect.
-    fn put_service(&mut self, key: Name, copies: Vec<Arc<Svc>>) {
+    fn put_service(&mut self, key: Name, copies: Copies<Svc>) {
         debug_assert!(
             copies.iter().all(|s| Name::of(&s.metadata) == key),
             "a Service set under another name than its own: {key:?}"
@@ -649,7 +653,7 @@ impl Model {
 
     /// Records the copies of the slice `key` (none: deleted) and marks the groups they
     /// belonged to and belong to now.
-    fn put_slice(&mut self, key: Name, copies: Vec<Arc<Slice>>) {
+    fn put_slice(&mut self, key: Name, copies: Copies<Slice>) {
         debug_assert!(
             copies.iter().all(|s| Name::of_slice(s) == key),
             "an EndpointSlice set under another name than its own: {key:?}"
@@ -716,7 +720,7 @@ impl Model {
                 .and_then(|copies| kept("Service", &name, copies).first())
                 .cloned()
         };
-        let mut slices = Vec::new();
+        let mut slices = Copies::new();
         for key in self
             .slices_by_owner
             .get(&name)
@@ -745,7 +749,7 @@ impl Model {
             None if empty => return,
             None => (Arc::new(name), GroupOutput::default()),
         };
-        let out = if empty {
+        let mut out = if empty {
             GroupOutput::default()
         } else {
             self.recomputed += 1;
@@ -754,7 +758,10 @@ impl Model {
             compute_group(service.as_ref(), &refs, place, &self.nodeports)
         };
 
-        if before.claims != out.claims {
+        if before.claims == out.claims {
+            // The same frontends: keep the copies the desired state shares.
+            out.claims = before.claims;
+        } else {
             for claim in &before.claims {
                 if let Some(entry) = self.claims.get_mut(&claim.key) {
                     entry.claimants.retain(|c| c.group != id);
@@ -802,11 +809,11 @@ impl Model {
         if !empty {
             self.groups.insert(
                 id,
-                Group {
+                Box::new(Group {
                     service,
                     slices,
                     out,
-                },
+                }),
             );
         }
     }
@@ -869,13 +876,18 @@ impl Model {
         let owner = entry.claimants.first().map(claim);
         match owner {
             Some(owner) => match self.state.frontends.get_mut(&key) {
-                Some(current) if *current == owner.frontend => {}
+                Some(current) if *current == owner.frontend => {
+                    // Recomputed the same: hold the owner's copy, so there is one.
+                    *current = Arc::clone(&owner.frontend);
+                }
                 Some(current) => {
-                    current.clone_from(&owner.frontend);
+                    *current = Arc::clone(&owner.frontend);
                     delta.frontends.insert(key);
                 }
                 None => {
-                    self.state.frontends.insert(key, owner.frontend.clone());
+                    self.state
+                        .frontends
+                        .insert(key, Arc::clone(&owner.frontend));
                     delta.frontends.insert(key);
                 }
             },
@@ -982,13 +994,13 @@ struct Replacement<T> {
     /// Names no longer in the set.
     removed: Vec<Name>,
     /// Names whose copies are not the same objects as before, with their new copies.
-    changed: Vec<(Name, Vec<Arc<T>>)>,
+    changed: Vec<(Name, Copies<T>)>,
 }
 
 /// Compares the objects of a store with `objects` (sorted by name, see `sorted_by_name`),
 /// allocating only for what changed.
 fn replace_objects<T>(
-    store: &HashMap<Name, Vec<Arc<T>>>,
+    store: &HashMap<Name, Copies<T>>,
     objects: &[(&str, &str, &Arc<T>)],
 ) -> Replacement<T> {
     let mut replacement = Replacement {
@@ -1056,7 +1068,7 @@ impl Model {
     ///
     /// `namespace/name` must be every copy's own (`default` when it names no namespace).
     pub fn set_service_copies(&mut self, namespace: &str, name: &str, copies: Vec<Arc<Svc>>) {
-        self.put_service(Name::new(namespace, name), copies);
+        self.put_service(Name::new(namespace, name), copies.into_iter().collect());
     }
 
     /// The `EndpointSlice` `namespace/name` is now `copies` (empty: deleted), in the source's
@@ -1065,7 +1077,7 @@ impl Model {
     ///
     /// `namespace/name` must be every copy's own (`default` when it names no namespace).
     pub fn set_slice_copies(&mut self, namespace: &str, name: &str, copies: Vec<Arc<Slice>>) {
-        self.put_slice(Name::new(namespace, name), copies);
+        self.put_slice(Name::new(namespace, name), copies.into_iter().collect());
     }
 }
 

@@ -123,7 +123,7 @@ pub fn lean_slices(slices: &[Arc<EndpointSlice>]) -> Vec<Arc<Slice>> {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct DesiredState {
     /// Every virtual address the dataplane captures, with its backends.
-    pub frontends: BTreeMap<FrontendKey, Frontend>,
+    pub frontends: BTreeMap<FrontendKey, Arc<Frontend>>,
     /// This node's addresses (from its Node object), sorted; where `NodePorts` will listen.
     pub node_addresses: Vec<NodeAddress>,
     /// Who is behind each endpoint address: `namespace/name` of its `targetRef` in the
@@ -292,7 +292,7 @@ struct GroupOutput {
 #[derive(Clone, Debug, PartialEq)]
 struct Claim {
     key: FrontendKey,
-    frontend: Frontend,
+    frontend: Arc<Frontend>,
     /// The field to blame if the key is taken.
     field: ClaimField,
     /// The index of the port in `spec.ports`.
@@ -460,9 +460,6 @@ fn compute_group(
     // Kept per Service for as long as it exists: no room for growth (a vector grown by pushes
     // holds up to twice what it needs; the claims alone took 27 MB at 30,000 Services).
     out.claims.shrink_to_fit();
-    for claim in &mut out.claims {
-        claim.frontend.shrink_to_fit();
-    }
     out.errors.shrink_to_fit();
     out.topology_notes.shrink_to_fit();
     out.names.shrink_to_fit();
@@ -473,7 +470,7 @@ fn compute_group(
 /// earlier port of the same one) is reported on the later claim's field.
 fn merge(
     out: &GroupOutput,
-    frontends: &mut BTreeMap<FrontendKey, Frontend>,
+    frontends: &mut BTreeMap<FrontendKey, Arc<Frontend>>,
     errors: &mut Vec<ObjectError>,
 ) {
     errors.extend(out.errors.iter().cloned());
@@ -700,6 +697,22 @@ impl Claimer<'_, '_> {
             TrafficPolicy::Local if selection.any_usable => EmptyAction::Drop(what.local_drop),
             TrafficPolicy::Local | TrafficPolicy::Cluster => EmptyAction::Reject,
         };
+        let mut frontend = Frontend {
+            service: ServicePortRef {
+                namespace: Arc::clone(&self.namespace),
+                name: Arc::clone(&self.name),
+                port_name: Arc::clone(&self.port_names[pos]),
+            },
+            kind: what.kind,
+            source_ranges: what.source_ranges.to_vec(),
+            affinity_timeout: view.affinity_timeout,
+            local_only: what.policy == TrafficPolicy::Local,
+            backends: selection.backends,
+            kept_backends: selection.kept_backends,
+            unready_backends: selection.unready_backends,
+            on_empty,
+        };
+        frontend.shrink_to_fit();
         out.claims.push(Claim {
             key: FrontendKey {
                 addr,
@@ -707,21 +720,9 @@ impl Claimer<'_, '_> {
                 proto: port.proto,
                 scope: what.scope,
             },
-            frontend: Frontend {
-                service: ServicePortRef {
-                    namespace: Arc::clone(&self.namespace),
-                    name: Arc::clone(&self.name),
-                    port_name: Arc::clone(&self.port_names[pos]),
-                },
-                kind: what.kind,
-                source_ranges: what.source_ranges.to_vec(),
-                affinity_timeout: view.affinity_timeout,
-                local_only: what.policy == TrafficPolicy::Local,
-                backends: selection.backends,
-                kept_backends: selection.kept_backends,
-                unready_backends: selection.unready_backends,
-                on_empty,
-            },
+            // Shared with the desired state: one copy per frontend (a Service's output is kept
+            // for as long as the Service exists).
+            frontend: Arc::new(frontend),
             field: what.field,
             port_index: port.index,
         });

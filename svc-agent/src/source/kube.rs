@@ -1220,7 +1220,7 @@ mod tests {
             on_empty: EmptyAction::Reject,
         };
         let desired = DesiredState {
-            frontends: [(key, frontend)].into(),
+            frontends: [(key, frontend.into())].into(),
             ..DesiredState::default()
         };
         let report = ReconcileReport {

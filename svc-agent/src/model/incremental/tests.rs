@@ -595,6 +595,33 @@ fn zoned_node1(zone: Option<&str>) -> Vec<Arc<Node>> {
 }
 
 #[test]
+fn the_desired_state_holds_the_owners_copy_of_each_frontend() {
+    let mut m = Checked::new();
+    m.service("default", "a", Some(web("a", "198.19.0.1", "")));
+    m.slice(
+        "default",
+        "a-1",
+        Some(web_slice("a-1", "a", &[("198.18.0.1", "pod-1")])),
+    );
+    m.update();
+    let shared = |m: &Checked| {
+        let group = &m.model.groups[&Name::new("default", "a")];
+        Arc::ptr_eq(
+            &m.state().frontends[&tcp80("198.19.0.1")],
+            &group.out.claims[0].frontend,
+        )
+    };
+    assert!(shared(&m), "one copy, not two");
+    // A zone appears: every Service is recomputed; a's frontend comes out the same (no delta)
+    // and the state takes the new output's copy.
+    m.nodes(zoned_node1(Some("zone-a")));
+    let delta = m.update();
+    assert_eq!(m.model.recomputed(), 1);
+    assert!(delta.frontends.is_empty());
+    assert!(shared(&m), "still one copy after a recompute");
+}
+
+#[test]
 fn a_zone_change_recomputes_every_service_and_notes_follow() {
     let mut m = Checked::new();
     m.service("default", "a", Some(web("a", "198.19.0.1", "")));
