@@ -330,7 +330,7 @@ fn parse_slice<'a>(
     place: Place<'_>,
     errors: &mut Vec<ObjectError>,
 ) -> Option<SliceView<'a>> {
-    let namespace = namespace_of(slice.namespace.as_ref());
+    let namespace = namespace_of(slice.namespace.as_deref());
     let name = slice.name.as_deref().unwrap_or_default();
     let error = |field: String, reason: String| ObjectError {
         kind: "EndpointSlice",
@@ -345,7 +345,7 @@ fn parse_slice<'a>(
         fatal.push(error("metadata.name".to_owned(), "missing".to_owned()));
     }
 
-    let ipv6 = match slice.address_type.as_str() {
+    let ipv6 = match &*slice.address_type {
         "IPv4" => false,
         "IPv6" => true,
         "FQDN" => return None,
@@ -476,7 +476,7 @@ fn parse_endpoint(
 pub(crate) fn target_names(slices: &[&Slice]) -> Vec<(IpAddr, Arc<str>)> {
     let mut names = Vec::new();
     for slice in slices {
-        let namespace = namespace_of(slice.namespace.as_ref());
+        let namespace = namespace_of(slice.namespace.as_deref());
         for ep in &slice.endpoints {
             let Some(target) = ep.target.as_deref() else {
                 continue;

@@ -168,7 +168,7 @@ impl Name {
     /// (empty when none).
     fn of(meta: &super::SvcMeta) -> Self {
         Self::new(
-            namespace_of(meta.namespace.as_ref()),
+            namespace_of(meta.namespace.as_deref()),
             meta.name.as_deref().unwrap_or_default(),
         )
     }
@@ -176,7 +176,7 @@ impl Name {
     /// [`of`](Self::of) for a slice.
     fn of_slice(slice: &Slice) -> Self {
         Self::new(
-            namespace_of(slice.namespace.as_ref()),
+            namespace_of(slice.namespace.as_deref()),
             slice.name.as_deref().unwrap_or_default(),
         )
     }
@@ -588,7 +588,7 @@ impl Model {
     /// as by `compute`.
     pub fn replace(&mut self, snapshot: &Snapshot) -> Delta {
         let services = sorted_by_name(&snapshot.services, |s| {
-            (&s.metadata.namespace, &s.metadata.name)
+            (s.metadata.namespace.as_deref(), s.metadata.name.as_deref())
         });
         let diff = replace_objects(&self.services, &services);
         for key in diff.removed {
@@ -597,7 +597,9 @@ impl Model {
         for (key, copies) in diff.changed {
             self.put_service(key, copies);
         }
-        let slices = sorted_by_name(&snapshot.slices, |s| (&s.namespace, &s.name));
+        let slices = sorted_by_name(&snapshot.slices, |s| {
+            (s.namespace.as_deref(), s.name.as_deref())
+        });
         let diff = replace_objects(&self.slices, &slices);
         for key in diff.removed {
             self.put_slice(key, Copies::new());

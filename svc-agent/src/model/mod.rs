@@ -32,6 +32,7 @@ mod endpoints;
 mod error;
 mod frontend;
 mod incremental;
+pub mod intern;
 mod node;
 mod pods;
 mod service;
@@ -352,13 +353,13 @@ pub fn compute_with(snapshot: &Snapshot, node_name: &str, memo: &mut Memo) -> De
     let services = unique_objects(
         "Service",
         &snapshot.services,
-        |s| (&s.metadata.namespace, &s.metadata.name),
+        |s| (s.metadata.namespace.as_deref(), s.metadata.name.as_deref()),
         &mut errors,
     );
     let slices = unique_objects(
         "EndpointSlice",
         &snapshot.slices,
-        |s| (&s.namespace, &s.name),
+        |s| (s.namespace.as_deref(), s.name.as_deref()),
         &mut errors,
     );
     // Each Service with the slices naming it, sorted by namespace/name, so conflicts are
@@ -367,7 +368,7 @@ pub fn compute_with(snapshot: &Snapshot, node_name: &str, memo: &mut Memo) -> De
     let mut groups: BTreeMap<(&str, &str), Group<'_>> = BTreeMap::new();
     let mut nameless = Vec::new();
     for svc in services {
-        let namespace = namespace_of(svc.metadata.namespace.as_ref());
+        let namespace = namespace_of(svc.metadata.namespace.as_deref());
         match svc.metadata.name.as_deref().filter(|n| !n.is_empty()) {
             Some(name) => groups.entry((namespace, name)).or_default().service = Some(svc),
             None => nameless.push(svc),
@@ -552,9 +553,9 @@ fn service_claims(
         view,
         slices,
         zone,
-        namespace: view.namespace.into(),
+        namespace: intern::intern(view.namespace),
         name: view.name.into(),
-        port_names: view.ports.iter().map(|p| p.name.into()).collect(),
+        port_names: view.ports.iter().map(|p| intern::intern(p.name)).collect(),
     };
     for (ip_index, &addr) in view.cluster_ips.iter().enumerate() {
         if !view.serves(addr) {
@@ -749,7 +750,7 @@ struct ClaimWhat<'r> {
 fn unique_objects<'a, T: PartialEq>(
     kind: &'static str,
     objects: &'a [T],
-    meta: impl Fn(&'a T) -> (&'a Option<String>, &'a Option<String>),
+    meta: impl Fn(&'a T) -> (Option<&'a str>, Option<&'a str>),
     errors: &mut Vec<ObjectError>,
 ) -> Vec<&'a T> {
     let named = sorted_by_name(objects, meta);
@@ -769,17 +770,13 @@ fn unique_objects<'a, T: PartialEq>(
 /// object.
 fn sorted_by_name<'a, T>(
     objects: &'a [T],
-    meta: impl Fn(&'a T) -> (&'a Option<String>, &'a Option<String>),
+    meta: impl Fn(&'a T) -> (Option<&'a str>, Option<&'a str>),
 ) -> Vec<(&'a str, &'a str, &'a T)> {
     let mut named: Vec<(&str, &str, &T)> = objects
         .iter()
         .map(|object| {
             let (namespace, name) = meta(object);
-            (
-                namespace_of(namespace.as_ref()),
-                name.as_deref().unwrap_or_default(),
-                object,
-            )
+            (namespace_of(namespace), name.unwrap_or_default(), object)
         })
         .collect();
     named.sort_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
@@ -827,12 +824,12 @@ fn kept_copies<C, T: PartialEq + ?Sized>(
 /// proxy.
 fn slice_owner(slice: &Slice) -> Option<(&str, &str)> {
     let service = slice.service_name.as_ref()?;
-    Some((namespace_of(slice.namespace.as_ref()), service))
+    Some((namespace_of(slice.namespace.as_deref()), service))
 }
 
 /// The namespace an object lives in (`default` when it names none, like `kubectl apply`).
-fn namespace_of(namespace: Option<&String>) -> &str {
-    namespace.map_or(DEFAULT_NAMESPACE, String::as_str)
+fn namespace_of(namespace: Option<&str>) -> &str {
+    namespace.unwrap_or(DEFAULT_NAMESPACE)
 }
 
 #[cfg(test)]

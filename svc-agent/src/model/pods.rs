@@ -278,13 +278,13 @@ pub fn slices_from_pods(
     let services = unique_objects(
         "Service",
         services,
-        |s| (&s.metadata.namespace, &s.metadata.name),
+        |s| (s.metadata.namespace.as_deref(), s.metadata.name.as_deref()),
         &mut Vec::new(), // `compute` reports duplicate Services itself.
     );
     let pods = unique_objects(
         "Pod",
         pods,
-        |p| (&p.metadata.namespace, &p.metadata.name),
+        |p| (p.metadata.namespace.as_deref(), p.metadata.name.as_deref()),
         &mut out.errors,
     );
     let selector_services: Vec<SelectorService<'_>> = services
@@ -538,7 +538,7 @@ fn selector_service<'a>(
         return None;
     }
     let name = svc.metadata.name.as_deref().filter(|n| !n.is_empty())?;
-    let namespace = namespace_of(svc.metadata.namespace.as_ref());
+    let namespace = namespace_of(svc.metadata.namespace.as_deref());
     let mut ports = Vec::new();
     for (i, port) in spec.ports.iter().flatten().enumerate() {
         // An unknown protocol or a bad port number is reported by `compute`.
@@ -612,7 +612,7 @@ fn service_families(spec: &SvcSpec) -> Vec<Family> {
         .ip_families
         .iter()
         .flatten()
-        .filter_map(|f| match f.as_str() {
+        .filter_map(|f| match &**f {
             "IPv4" => Some(Family::V4),
             "IPv6" => Some(Family::V6),
             _ => None,
@@ -637,7 +637,7 @@ fn service_families(spec: &SvcSpec) -> Vec<Family> {
 
 /// Validates one Pod; `None` (with one error per bad field) when it cannot be used.
 fn parse_pod<'a>(pod: &'a Pod, errors: &mut Vec<ObjectError>) -> Option<PodView<'a>> {
-    let namespace = namespace_of(pod.metadata.namespace.as_ref());
+    let namespace = namespace_of(pod.metadata.namespace.as_deref());
     let name = pod.metadata.name.as_deref().unwrap_or_default();
     let mut failed = false;
     let mut fail = |field: String, reason: String| {
@@ -1973,7 +1973,7 @@ mod tests {
             let mut named: BTreeMap<Key, Vec<Slice>> = BTreeMap::new();
             for slice in slices {
                 let key = key_of(
-                    namespace_of(slice.namespace.as_ref()),
+                    namespace_of(slice.namespace.as_deref()),
                     slice.name.as_deref().unwrap_or_default(),
                 );
                 named.entry(key).or_default().push((**slice).clone());

@@ -90,7 +90,7 @@ impl<'a> ServiceView<'a> {
             return None;
         }
         let spec = svc.spec.as_ref()?;
-        let namespace = namespace_of(svc.metadata.namespace.as_ref());
+        let namespace = namespace_of(svc.metadata.namespace.as_deref());
         let name = svc.metadata.name.as_deref().unwrap_or_default();
         let mut checker = Checker {
             namespace,
@@ -279,7 +279,7 @@ impl Checker<'_, '_> {
         let list = spec.ip_families.as_deref().filter(|l| !l.is_empty())?;
         let (mut v4, mut v6) = (false, false);
         for (i, family) in list.iter().enumerate() {
-            match family.as_str() {
+            match &**family {
                 "IPv4" => v4 = true,
                 "IPv6" => v6 = true,
                 other => self.fail(

@@ -11,21 +11,26 @@
 
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointPort, EndpointSlice};
 
-use super::LABEL_SERVICE_NAME;
+use std::sync::Arc;
+
+use super::{
+    LABEL_SERVICE_NAME,
+    intern::{intern, intern_opt},
+};
 
 /// An `EndpointSlice`, reduced to what the model reads.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Slice {
-    /// `metadata.namespace`.
-    pub namespace: Option<String>,
+    /// `metadata.namespace` (shared: see [`intern`](super::intern)).
+    pub namespace: Option<Arc<str>>,
     /// `metadata.name`.
     pub name: Option<String>,
     /// `metadata.uid` (the Kubernetes source names it in Events).
     pub uid: Option<String>,
     /// The value of the `kubernetes.io/service-name` label: the Service it belongs to.
     pub service_name: Option<String>,
-    /// `addressType`.
-    pub address_type: String,
+    /// `addressType` (shared).
+    pub address_type: Arc<str>,
     /// `ports`.
     pub ports: Box<[SlicePort]>,
     /// `endpoints`.
@@ -35,12 +40,12 @@ pub struct Slice {
 /// One of a slice's `ports`.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct SlicePort {
-    /// `name`.
-    pub name: Option<String>,
+    /// `name` (shared).
+    pub name: Option<Arc<str>>,
     /// `port` (none: all ports).
     pub port: Option<i32>,
-    /// `protocol` (none: TCP).
-    pub protocol: Option<String>,
+    /// `protocol` (none: TCP; shared).
+    pub protocol: Option<Arc<str>>,
 }
 
 /// One of a slice's `endpoints`.
@@ -54,8 +59,8 @@ pub struct SliceEndpoint {
     pub serving: Option<bool>,
     /// `conditions.terminating` (none: false).
     pub terminating: Option<bool>,
-    /// `nodeName`.
-    pub node_name: Option<String>,
+    /// `nodeName` (shared).
+    pub node_name: Option<Arc<str>>,
     /// The names of `hints.forNodes` (empty: none).
     pub for_nodes: Box<[String]>,
     /// The names of `hints.forZones` (empty: none).
@@ -67,8 +72,8 @@ pub struct SliceEndpoint {
 /// An endpoint's `targetRef` (usually a Pod).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Target {
-    /// `targetRef.namespace` (none: the slice's).
-    pub namespace: Option<String>,
+    /// `targetRef.namespace` (none: the slice's; shared).
+    pub namespace: Option<Arc<str>>,
     /// `targetRef.name`.
     pub name: String,
 }
@@ -81,11 +86,11 @@ impl From<EndpointSlice> for Slice {
             .labels
             .and_then(|mut labels| labels.remove(LABEL_SERVICE_NAME));
         Self {
-            namespace: meta.namespace,
+            namespace: intern_opt(meta.namespace.as_deref()),
             name: meta.name,
             uid: meta.uid,
             service_name,
-            address_type: slice.address_type,
+            address_type: intern(&slice.address_type),
             ports: slice
                 .ports
                 .unwrap_or_default()
@@ -110,9 +115,9 @@ impl From<&EndpointSlice> for Slice {
 impl From<EndpointPort> for SlicePort {
     fn from(port: EndpointPort) -> Self {
         Self {
-            name: port.name,
+            name: intern_opt(port.name.as_deref()),
             port: port.port,
-            protocol: port.protocol,
+            protocol: intern_opt(port.protocol.as_deref()),
         }
     }
 }
@@ -127,7 +132,7 @@ impl From<Endpoint> for SliceEndpoint {
             ready: conditions.ready,
             serving: conditions.serving,
             terminating: conditions.terminating,
-            node_name: ep.node_name,
+            node_name: intern_opt(ep.node_name.as_deref()),
             for_nodes: names(
                 hints
                     .for_nodes
@@ -142,7 +147,7 @@ impl From<Endpoint> for SliceEndpoint {
                 .target_ref
                 .and_then(|t| {
                     t.name.filter(|n| !n.is_empty()).map(|name| Target {
-                        namespace: t.namespace,
+                        namespace: intern_opt(t.namespace.as_deref()),
                         name,
                     })
                 })

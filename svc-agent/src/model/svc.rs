@@ -7,7 +7,7 @@
 //! (validation and its errors stay in the model), so the code that reads them reads the same
 //! paths.
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, sync::Arc};
 
 use k8s_openapi::{
     api::core::v1::{Service, ServicePort, ServiceSpec},
@@ -16,6 +16,7 @@ use k8s_openapi::{
 
 use super::{
     LABEL_HEADLESS, LABEL_SERVICE_PROXY_NAME,
+    intern::{intern, intern_opt},
     pods::{ANNOTATION_TOPOLOGY_AWARE_HINTS, ANNOTATION_TOPOLOGY_MODE},
 };
 
@@ -42,8 +43,8 @@ pub struct SvcLbIngress {
 /// A Service's `metadata`: its identity and the labels and annotations the model reads.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct SvcMeta {
-    /// `namespace`.
-    pub namespace: Option<String>,
+    /// `namespace` (shared: see [`intern`](super::intern)).
+    pub namespace: Option<Arc<str>>,
     /// `name`.
     pub name: Option<String>,
     /// `uid` (the Kubernetes source names it in Events).
@@ -58,32 +59,32 @@ pub struct SvcMeta {
 /// A Service's `spec`, the fields the model reads.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct SvcSpec {
-    /// `type`.
-    pub type_: Option<String>,
+    /// `type` (shared).
+    pub type_: Option<Arc<str>>,
     /// `clusterIP`.
     pub cluster_ip: Option<String>,
     /// `clusterIPs`.
     pub cluster_ips: Option<Vec<String>>,
-    /// `ipFamilies`.
-    pub ip_families: Option<Vec<String>>,
+    /// `ipFamilies` (shared values).
+    pub ip_families: Option<Vec<Arc<str>>>,
     /// `ports`.
     pub ports: Option<Vec<SvcPort>>,
-    /// `internalTrafficPolicy`.
-    pub internal_traffic_policy: Option<String>,
-    /// `sessionAffinity`.
-    pub session_affinity: Option<String>,
+    /// `internalTrafficPolicy` (shared).
+    pub internal_traffic_policy: Option<Arc<str>>,
+    /// `sessionAffinity` (shared).
+    pub session_affinity: Option<Arc<str>>,
     /// `sessionAffinityConfig.clientIP.timeoutSeconds`.
     pub affinity_timeout_seconds: Option<i32>,
     /// `selector`.
     pub selector: Option<BTreeMap<String, String>>,
     /// `publishNotReadyAddresses`.
     pub publish_not_ready_addresses: Option<bool>,
-    /// `trafficDistribution`.
-    pub traffic_distribution: Option<String>,
+    /// `trafficDistribution` (shared).
+    pub traffic_distribution: Option<Arc<str>>,
     /// `externalIPs`.
     pub external_ips: Option<Vec<String>>,
-    /// `externalTrafficPolicy`.
-    pub external_traffic_policy: Option<String>,
+    /// `externalTrafficPolicy` (shared).
+    pub external_traffic_policy: Option<Arc<str>>,
     /// `healthCheckNodePort`.
     pub health_check_node_port: Option<i32>,
     /// `loadBalancerSourceRanges`.
@@ -93,12 +94,12 @@ pub struct SvcSpec {
 /// One of a Service's `ports`.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct SvcPort {
-    /// `name`.
-    pub name: Option<String>,
+    /// `name` (shared).
+    pub name: Option<Arc<str>>,
     /// `port`.
     pub port: i32,
-    /// `protocol`.
-    pub protocol: Option<String>,
+    /// `protocol` (shared).
+    pub protocol: Option<Arc<str>>,
     /// `nodePort`.
     pub node_port: Option<i32>,
     /// `targetPort`.
@@ -113,7 +114,8 @@ fn only(map: Option<BTreeMap<String, String>>, keys: &[&str]) -> Option<BTreeMap
 }
 
 impl From<Service> for Svc {
-    /// Keeps what the model reads, moving the strings (nothing is copied).
+    /// Keeps what the model reads: the strings unique to the object are moved, the few-valued
+    /// ones shared (see [`intern`](super::intern)).
     fn from(svc: Service) -> Self {
         Self {
             metadata: SvcMeta::from(svc.metadata),
@@ -143,7 +145,7 @@ impl From<&Service> for Svc {
 impl From<ObjectMeta> for SvcMeta {
     fn from(meta: ObjectMeta) -> Self {
         Self {
-            namespace: meta.namespace,
+            namespace: intern_opt(meta.namespace.as_deref()),
             name: meta.name,
             uid: meta.uid,
             labels: only(meta.labels, &[LABEL_SERVICE_PROXY_NAME, LABEL_HEADLESS]),
@@ -158,24 +160,26 @@ impl From<ObjectMeta> for SvcMeta {
 impl From<ServiceSpec> for SvcSpec {
     fn from(spec: ServiceSpec) -> Self {
         Self {
-            type_: spec.type_,
+            type_: intern_opt(spec.type_.as_deref()),
             cluster_ip: spec.cluster_ip,
             cluster_ips: spec.cluster_ips,
-            ip_families: spec.ip_families,
+            ip_families: spec
+                .ip_families
+                .map(|list| list.iter().map(|f| intern(f)).collect()),
             ports: spec
                 .ports
                 .map(|ports| ports.into_iter().map(SvcPort::from).collect()),
-            internal_traffic_policy: spec.internal_traffic_policy,
-            session_affinity: spec.session_affinity,
+            internal_traffic_policy: intern_opt(spec.internal_traffic_policy.as_deref()),
+            session_affinity: intern_opt(spec.session_affinity.as_deref()),
             affinity_timeout_seconds: spec
                 .session_affinity_config
                 .and_then(|c| c.client_ip)
                 .and_then(|c| c.timeout_seconds),
             selector: spec.selector,
             publish_not_ready_addresses: spec.publish_not_ready_addresses,
-            traffic_distribution: spec.traffic_distribution,
+            traffic_distribution: intern_opt(spec.traffic_distribution.as_deref()),
             external_ips: spec.external_ips,
-            external_traffic_policy: spec.external_traffic_policy,
+            external_traffic_policy: intern_opt(spec.external_traffic_policy.as_deref()),
             health_check_node_port: spec.health_check_node_port,
             load_balancer_source_ranges: spec.load_balancer_source_ranges,
         }
@@ -185,9 +189,9 @@ impl From<ServiceSpec> for SvcSpec {
 impl From<ServicePort> for SvcPort {
     fn from(port: ServicePort) -> Self {
         Self {
-            name: port.name,
+            name: intern_opt(port.name.as_deref()),
             port: port.port,
-            protocol: port.protocol,
+            protocol: intern_opt(port.protocol.as_deref()),
             node_port: port.node_port,
             target_port: port.target_port,
         }

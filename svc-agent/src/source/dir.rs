@@ -89,10 +89,10 @@ fn modified_recently(path: &Path) -> bool {
 pub type ObjectName = (String, String);
 
 /// The name the model gives an object of its `namespace` and `name`.
-fn object_name(namespace: Option<&String>, name: Option<&String>) -> ObjectName {
+fn object_name(namespace: Option<&str>, name: Option<&str>) -> ObjectName {
     (
-        namespace.map_or_else(|| DEFAULT_NAMESPACE.to_owned(), Clone::clone),
-        name.cloned().unwrap_or_default(),
+        namespace.unwrap_or(DEFAULT_NAMESPACE).to_owned(),
+        name.unwrap_or_default().to_owned(),
     )
 }
 
@@ -105,22 +105,22 @@ trait Named {
 impl<T: Metadata<Ty = ObjectMeta>> Named for T {
     fn object_name(&self) -> ObjectName {
         let meta = self.metadata();
-        object_name(meta.namespace.as_ref(), meta.name.as_ref())
+        object_name(meta.namespace.as_deref(), meta.name.as_deref())
     }
 }
 
 impl Named for Svc {
     fn object_name(&self) -> ObjectName {
         object_name(
-            self.metadata.namespace.as_ref(),
-            self.metadata.name.as_ref(),
+            self.metadata.namespace.as_deref(),
+            self.metadata.name.as_deref(),
         )
     }
 }
 
 impl Named for Slice {
     fn object_name(&self) -> ObjectName {
-        object_name(self.namespace.as_ref(), self.name.as_ref())
+        object_name(self.namespace.as_deref(), self.name.as_deref())
     }
 }
 
