@@ -44,6 +44,7 @@ use k8s_openapi::{
     api::core::v1::{Node, Pod},
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
+use smallvec::SmallVec;
 
 use super::files::{Budget, DocumentError, Loaded, is_manifest, load_file};
 use crate::model::{DEFAULT_NAMESPACE, HandWrittenSlices, Slice, Svc};
@@ -153,7 +154,8 @@ type Copy<T> = (Arc<OsStr>, Arc<T>);
 /// document order.
 #[derive(Debug)]
 struct Index<T> {
-    by_name: HashMap<ObjectName, Vec<Copy<T>>>,
+    /// Almost every name has one copy: held inline.
+    by_name: HashMap<ObjectName, SmallVec<[Copy<T>; 1]>>,
 }
 
 impl<T> Default for Index<T> {
@@ -205,7 +207,7 @@ impl<T: Named + PartialEq> Index<T> {
         let entries = self.by_name.entry(name.clone()).or_default();
         entries.retain(|(f, _)| f != file);
         let at = entries.partition_point(|(f, _)| **f < **file);
-        entries.splice(at..at, copies.into_iter().map(|c| (Arc::clone(file), c)));
+        entries.insert_many(at, copies.into_iter().map(|c| (Arc::clone(file), c)));
         if entries.is_empty() {
             self.by_name.remove(name);
         }
@@ -575,6 +577,7 @@ impl DirSource {
                 state.stamp = stamp;
             }
         } else {
+            loaded.shrink_to_fit();
             let state = FileState {
                 stamp,
                 used: loaded,

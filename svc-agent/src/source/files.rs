@@ -50,6 +50,17 @@ pub struct Loaded {
 }
 
 impl Loaded {
+    /// Drops the room for growth (what a file defines is kept for as long as the file exists:
+    /// a vector grown by pushes has room for four objects where a file usually holds one).
+    pub fn shrink_to_fit(&mut self) {
+        self.snapshot.services.shrink_to_fit();
+        self.snapshot.slices.shrink_to_fit();
+        self.snapshot.nodes.shrink_to_fit();
+        self.pods.shrink_to_fit();
+        self.skipped.shrink_to_fit();
+        self.errors.shrink_to_fit();
+    }
+
     /// Appends everything `other` found after what `self` found.
     pub fn extend(&mut self, other: Loaded) {
         self.snapshot.services.extend(other.snapshot.services);
