@@ -453,9 +453,13 @@ fn parse_endpoint(
     };
     let local = !place.node.is_empty() && ep.node_name.as_deref() == Some(place.node);
     let node = (!place.node.is_empty()).then_some(place.node);
+    let (for_nodes, for_zones) = ep
+        .hints
+        .as_deref()
+        .map_or((&[][..], &[][..]), |h| (&h.for_nodes, &h.for_zones));
     let hints = Hints {
-        node: Hint::of(ep.for_nodes.iter().map(String::as_str), node),
-        zone: Hint::of(ep.for_zones.iter().map(String::as_str), place.zone),
+        node: Hint::of(for_nodes.iter().map(|n| &**n), node),
+        zone: Hint::of(for_zones.iter().map(|z| &**z), place.zone),
     };
     Ok(SliceEndpoint {
         addr,

@@ -64,7 +64,7 @@ pub use pods::{
     HandWrittenSlices, IgnoredSlice, LABEL_MANAGED_BY, MANAGED_BY, MAX_ENDPOINTS_PER_SLICE,
     PodSliceChanges, PodSlicer, PodSlices, Selection, slices_from_pods,
 };
-pub use slice::{Slice, SliceEndpoint, SlicePort, Target};
+pub use slice::{Slice, SliceEndpoint, SliceHints, SlicePort, Target};
 pub use svc::{Svc, SvcLbIngress, SvcMeta, SvcPort, SvcSpec};
 
 use ipnet::IpNet;

@@ -61,12 +61,19 @@ pub struct SliceEndpoint {
     pub terminating: Option<bool>,
     /// `nodeName` (shared).
     pub node_name: Option<Arc<str>>,
-    /// The names of `hints.forNodes` (empty: none).
-    pub for_nodes: Box<[String]>,
-    /// The names of `hints.forZones` (empty: none).
-    pub for_zones: Box<[String]>,
+    /// `hints`, when it names a node or a zone (most endpoints have none: boxed, 8 bytes).
+    pub hints: Option<Box<SliceHints>>,
     /// `targetRef`'s namespace and name, when it has a name.
     pub target: Option<Box<Target>>,
+}
+
+/// An endpoint's `hints`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SliceHints {
+    /// The names of `forNodes` (shared).
+    pub for_nodes: Box<[Arc<str>]>,
+    /// The names of `forZones` (shared).
+    pub for_zones: Box<[Arc<str>]>,
 }
 
 /// An endpoint's `targetRef` (usually a Pod).
@@ -126,23 +133,22 @@ impl From<Endpoint> for SliceEndpoint {
     fn from(ep: Endpoint) -> Self {
         let conditions = ep.conditions.unwrap_or_default();
         let hints = ep.hints.unwrap_or_default();
-        let names = |list: Option<Vec<String>>| list.unwrap_or_default().into_boxed_slice();
+        let hints = SliceHints {
+            for_nodes: (hints.for_nodes.iter().flatten())
+                .map(|n| intern(&n.name))
+                .collect(),
+            for_zones: (hints.for_zones.iter().flatten())
+                .map(|z| intern(&z.name))
+                .collect(),
+        };
+        let hinted = !hints.for_nodes.is_empty() || !hints.for_zones.is_empty();
         Self {
             address: ep.addresses.into_iter().next(),
             ready: conditions.ready,
             serving: conditions.serving,
             terminating: conditions.terminating,
             node_name: intern_opt(ep.node_name.as_deref()),
-            for_nodes: names(
-                hints
-                    .for_nodes
-                    .map(|list| list.into_iter().map(|n| n.name).collect()),
-            ),
-            for_zones: names(
-                hints
-                    .for_zones
-                    .map(|list| list.into_iter().map(|z| z.name).collect()),
-            ),
+            hints: hinted.then(|| Box::new(hints)),
             target: ep
                 .target_ref
                 .and_then(|t| {
@@ -207,8 +213,10 @@ mod tests {
                         serving: None,
                         terminating: Some(true),
                         node_name: Some("node1".into()),
-                        for_nodes: vec!["node1".into(), "node2".into()].into(),
-                        for_zones: vec!["z1".into()].into(),
+                        hints: Some(Box::new(SliceHints {
+                            for_nodes: vec!["node1".into(), "node2".into()].into(),
+                            for_zones: vec!["z1".into()].into(),
+                        })),
                         target: Some(Box::new(Target {
                             namespace: Some("shop".into()),
                             name: "web-0".into(),
