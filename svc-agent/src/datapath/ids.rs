@@ -14,7 +14,7 @@
 //! idle; affinity: at most a day); the kernel's affinity check (`AffinityValue::check`) covers
 //! a refreshed affinity entry even then.
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, ops::RangeBounds};
 
 /// Ids for keys of type `K`, from 1 to `u32::MAX` (0 is never used).
 #[derive(Debug, Clone)]
@@ -81,6 +81,11 @@ impl<K: Ord + Clone> IdMap<K> {
     /// Every key that has an id.
     pub fn keys(&self) -> impl Iterator<Item = &K> {
         self.by_key.keys()
+    }
+
+    /// The keys in `range` with their ids, in key order.
+    pub fn range(&self, range: impl RangeBounds<K>) -> impl Iterator<Item = (&K, u32)> {
+        self.by_key.range(range).map(|(k, id)| (k, *id))
     }
 
     /// The key that holds `id`, if any.

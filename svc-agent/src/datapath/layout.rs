@@ -142,10 +142,8 @@ pub struct Layout {
     pub backend_ids: IdMap<BackendRef>,
     targets: BTreeMap<FrontendKey, Target>,
     /// Per backend id: the frontends that reference it, each with whether in a slot and the
-    /// value it asks for.
+    /// flags it asks for. (The ids at an address are a range of `backend_ids`.)
     refs: HashMap<u32, Refs>,
-    /// Backend ids by address (for names).
-    by_addr: HashMap<IpAddr, Ids>,
     /// `SERVICES_V1` entries the targets take.
     entries: u64,
     /// Frontends left out because a map is full, with why; decided again at every pass.
@@ -160,47 +158,11 @@ pub struct Layout {
     limbo: HashSet<u32>,
 }
 
-/// A sorted set of ids: almost always one (one backend id per address and port), so a sorted
-/// list with room for two inline (no allocation) rather than a `BTreeSet`, whose first node
-/// takes about 70 bytes.
-#[derive(Clone, Debug, Default)]
-struct Ids(SmallVec<[u32; 2]>);
-
-impl Ids {
-    fn insert(&mut self, id: u32) {
-        if let Err(i) = self.0.binary_search(&id) {
-            self.0.insert(i, id);
-        }
-    }
-
-    fn remove(&mut self, id: u32) {
-        if let Ok(i) = self.0.binary_search(&id) {
-            self.0.remove(i);
-        }
-    }
-
-    fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-}
-
-impl<'a> IntoIterator for &'a Ids {
-    type Item = &'a u32;
-    type IntoIter = std::slice::Iter<'a, u32>;
-
-    fn into_iter(self) -> Self::IntoIter {
-        self.0.iter()
-    }
-}
-
-/// The frontends that reference one backend id, in key order, each with whether it has the
-/// backend in a slot and the value it asks for. Almost always one or two: a sorted vector (one
-/// small allocation) rather than a `BTreeMap`, whose first node takes about 700 bytes (45 MB
-/// of the agent's heap at 90,000 backends).
 /// Who references one backend id: each frontend (in key order), whether it has the backend in
 /// a slot, and the `BACKENDS_V1` flags it asks for (the address, port and family are the id's
-/// own, from `backend_ids`). Almost every backend has one referrer, held inline: at 90,000
-/// backends a vector each (four entries' room and a whole `Backend` per entry) was 15 MiB.
+/// own, from `backend_ids`). A sorted list, not a `BTreeMap` (whose first node takes about
+/// 700 bytes); almost every backend has one referrer, held inline: at 90,000 backends a vector
+/// each (four entries' room and a whole `Backend` per entry) was 15 MiB.
 #[derive(Clone, Debug, Default)]
 struct Refs(SmallVec<[(FrontendKey, bool, u8); 1]>);
 
@@ -308,9 +270,13 @@ impl Layout {
         self.backend_ids.key_of(id).map(|r| r.0)
     }
 
-    /// The referenced backend ids at `addr`.
+    /// The referenced backend ids at `addr` (every backend id is referenced between passes:
+    /// an id no frontend references is freed by the pass that leaves it).
     pub fn backends_at(&self, addr: &IpAddr) -> impl Iterator<Item = u32> + '_ {
-        self.by_addr.get(addr).into_iter().flatten().copied()
+        self.backend_ids
+            .range((*addr, 0)..=(*addr, u16::MAX))
+            .map(|(_, id)| id)
+            .filter(|id| self.refs.contains_key(id))
     }
 
     /// Frontends left out (map full, or not programmable), with why, in key order.
@@ -405,7 +371,6 @@ impl Layout {
         let asked = std::mem::take(&mut self.refs);
         self.frontend_ids = IdMap::default();
         self.backend_ids = IdMap::default();
-        self.by_addr.clear();
         self.entries = 0;
         for (id, b) in backends {
             self.backend_ids.adopt(backend_ref(b), *id);
@@ -740,24 +705,12 @@ impl Layout {
                 continue;
             };
             self.backend_ids.remove(&r);
-            if let Some(ids) = self.by_addr.get_mut(&r.0) {
-                ids.remove(id);
-                if ids.is_empty() {
-                    self.by_addr.remove(&r.0);
-                }
-            }
         }
     }
 
     fn add_ref(&mut self, id: u32, key: FrontendKey, slot: bool, flags: u8) {
         self.limbo.remove(&id);
-        let by = self.refs.entry(id).or_default();
-        if by.is_empty()
-            && let Some(r) = self.backend_ids.key_of(id)
-        {
-            self.by_addr.entry(r.0).or_default().insert(id);
-        }
-        by.insert(key, slot, flags);
+        self.refs.entry(id).or_default().insert(key, slot, flags);
     }
 }
 
