@@ -138,6 +138,20 @@ pub trait DatapathMaps: RangeMap {
     fn put_addrs(&mut self, entries: &[(AddrKey, AddrValue)]) -> Vec<anyhow::Result<()>> {
         entries.iter().map(|(k, v)| self.put_addr(k, v)).collect()
     }
+    /// Writes `BACKEND_NAMES_V1` entries in order; each one's result, in order (as
+    /// [`put_services`](Self::put_services)).
+    fn put_backend_names(&mut self, entries: &[(u32, BackendName)]) -> Vec<anyhow::Result<()>> {
+        (entries.iter())
+            .map(|(id, n)| self.put_backend_name(*id, n))
+            .collect()
+    }
+    /// Writes `FRONTEND_NAMES_V1` entries in order; each one's result, in order (as
+    /// [`put_services`](Self::put_services)).
+    fn put_frontend_names(&mut self, entries: &[(u32, FrontendName)]) -> Vec<anyhow::Result<()>> {
+        (entries.iter())
+            .map(|(id, n)| self.put_frontend_name(*id, n))
+            .collect()
+    }
 }
 
 /// Which counters: `SVC_STATS_V1` (frontend ids) or `BACKEND_STATS_V1` (backend ids).
@@ -390,6 +404,22 @@ impl DatapathMaps for AyaMaps {
             entries,
             |map, all| batch::update_batch(map, all),
             |map, (k, v)| map.insert(k, v, 0).context("writing ADDRS_V1"),
+        )
+    }
+    fn put_backend_names(&mut self, entries: &[(u32, BackendName)]) -> Vec<anyhow::Result<()>> {
+        batch::write_in_batches(
+            &mut self.names,
+            entries,
+            |map, all| batch::update_batch(map, all),
+            |map, (id, n)| map.insert(id, n, 0).context("writing BACKEND_NAMES_V1"),
+        )
+    }
+    fn put_frontend_names(&mut self, entries: &[(u32, FrontendName)]) -> Vec<anyhow::Result<()>> {
+        batch::write_in_batches(
+            &mut self.frontend_names,
+            entries,
+            |map, all| batch::update_batch(map, all),
+            |map, (id, n)| map.insert(id, n, 0).context("writing FRONTEND_NAMES_V1"),
         )
     }
 }
@@ -1575,25 +1605,33 @@ impl<M: DatapathMaps> Reconciler<M> {
         ids: BTreeSet<u32>,
         errors: &mut Vec<String>,
     ) {
-        for id in ids {
-            let want = self
-                .layout
-                .backend_addr(id)
-                .filter(|_| {
-                    self.layout.referenced(id) && self.held.current.backends.contains_key(&id)
-                })
-                .and_then(|a| desired.backend_names.get(&a))
-                .map(|n| Packed::new(&BackendName::new(n)));
-            let maps = &mut self.maps;
-            let done = names::settle(id, want, &mut self.held.current.names, |id, n| match n {
-                Some(n) => maps.put_backend_name(id, &n.get()),
-                None => maps.del_backend_name(id),
-            });
-            if let Some(Err(e)) = done {
-                self.pending.names.insert(id);
+        let wants: Vec<(u32, Option<Packed<BackendName>>)> = (ids.into_iter())
+            .map(|id| {
+                let want = (self.layout.backend_addr(id))
+                    .filter(|_| {
+                        self.layout.referenced(id) && self.held.current.backends.contains_key(&id)
+                    })
+                    .and_then(|a| desired.backend_names.get(&a))
+                    .map(|n| Packed::new(&BackendName::new(n)));
+                (id, want)
+            })
+            .collect();
+        let pending = &mut self.pending;
+        names::settle_many(
+            &mut self.maps,
+            wants,
+            &mut self.held.current.names,
+            |maps, chunk| {
+                let values: Vec<(u32, BackendName)> =
+                    chunk.iter().map(|(id, n)| (*id, n.get())).collect();
+                maps.put_backend_names(&values)
+            },
+            M::del_backend_name,
+            |id, e| {
+                pending.names.insert(id);
                 errors.push(format!("backend {id} name: {e:#}"));
-            }
-        }
+            },
+        );
     }
 
     /// Brings the `FRONTEND_NAMES_V1` entries of `ids` in line, as
@@ -1620,39 +1658,37 @@ impl<M: DatapathMaps> Reconciler<M> {
                     .map(|(_, v)| v.id),
             );
         }
-        for id in ids {
-            let want = self
-                .layout
-                .frontend_ids
-                .key_of(id)
-                .filter(|key| {
-                    self.held
-                        .current
-                        .services
-                        .get(&frontend_key(key))
-                        .is_some_and(|v| v.id == id)
-                })
-                .and_then(|key| desired.frontends.get(key))
-                .map(|f| {
-                    let s = &f.service;
-                    Packed::new(&names::frontend_name(&s.namespace, &s.name, &s.port_name))
-                });
-            let maps = &mut self.maps;
-            let done =
-                names::settle(
-                    id,
-                    want,
-                    &mut self.held.current.frontend_names,
-                    |id, n| match n {
-                        Some(n) => maps.put_frontend_name(id, &n.get()),
-                        None => maps.del_frontend_name(id),
-                    },
-                );
-            if let Some(Err(e)) = done {
-                self.pending.frontend_names.insert(id);
+        let wants: Vec<(u32, Option<Packed<FrontendName>>)> = (ids.into_iter())
+            .map(|id| {
+                let want = (self.layout.frontend_ids.key_of(id))
+                    .filter(|key| {
+                        (self.held.current.services.get(&frontend_key(key)))
+                            .is_some_and(|v| v.id == id)
+                    })
+                    .and_then(|key| desired.frontends.get(key))
+                    .map(|f| {
+                        let s = &f.service;
+                        Packed::new(&names::frontend_name(&s.namespace, &s.name, &s.port_name))
+                    });
+                (id, want)
+            })
+            .collect();
+        let pending = &mut self.pending;
+        names::settle_many(
+            &mut self.maps,
+            wants,
+            &mut self.held.current.frontend_names,
+            |maps, chunk| {
+                let values: Vec<(u32, FrontendName)> =
+                    chunk.iter().map(|(id, n)| (*id, n.get())).collect();
+                maps.put_frontend_names(&values)
+            },
+            M::del_frontend_name,
+            |id, e| {
+                pending.frontend_names.insert(id);
                 errors.push(format!("frontend {id} name: {e:#}"));
-            }
-        }
+            },
+        );
     }
 
     /// Writes the id cursors to `ID_CURSORS_V1` when rendering moved them.

@@ -50,28 +50,63 @@ impl<T: aya::Pod> Packed<T> {
     }
 }
 
-/// Brings the name of id `id` from what `current` holds to `want` (None: no name) through
-/// `write` (`Some`: write that name, `None`: delete it): writes it when new or changed,
-/// deletes it when `want` is None. `current` follows what succeeded. None when nothing had to
-/// be done; else the write's or delete's result.
-pub fn settle<V: PartialEq>(
-    id: u32,
-    want: Option<V>,
+/// How many names [`settle_many`] hands to one `put` (one `BPF_MAP_UPDATE_BATCH` call in the
+/// real maps; a chunk's values are built only for it).
+const SETTLE_CHUNK: usize = 4096;
+
+/// Brings the names of the ids in `wants` from what `current` holds to what each asks for
+/// (`None`: no name): new or changed names are written through `put`, a chunk at a time (it
+/// returns each entry's result, in order), names no longer wanted are deleted through `del`.
+/// `current` follows what succeeded; each failure goes to `failed` with its id. At 90,000
+/// backends a cold start writes 90,000 names: in 22 calls instead of 90,000.
+pub fn settle_many<S, V: PartialEq>(
+    maps: &mut S,
+    wants: impl IntoIterator<Item = (u32, Option<V>)>,
     current: &mut BTreeMap<u32, V>,
-    write: impl FnOnce(u32, Option<&V>) -> anyhow::Result<()>,
-) -> Option<anyhow::Result<()>> {
-    let had = current.get(&id);
-    if want.as_ref() == had {
-        return None;
+    mut put: impl FnMut(&mut S, &[(u32, V)]) -> Vec<anyhow::Result<()>>,
+    mut del: impl FnMut(&mut S, u32) -> anyhow::Result<()>,
+    mut failed: impl FnMut(u32, anyhow::Error),
+) {
+    let mut chunk: Vec<(u32, V)> = Vec::new();
+    for (id, want) in wants {
+        if want.as_ref() == current.get(&id) {
+            continue;
+        }
+        match want {
+            Some(name) => chunk.push((id, name)),
+            None => match del(maps, id) {
+                Ok(()) => {
+                    current.remove(&id);
+                }
+                Err(e) => failed(id, e),
+            },
+        }
+        if chunk.len() == SETTLE_CHUNK {
+            let results = put(maps, &chunk);
+            record(&mut chunk, results, current, &mut failed);
+        }
     }
-    Some(write(id, want.as_ref()).map(|()| match want {
-        Some(n) => {
-            current.insert(id, n);
+    if !chunk.is_empty() {
+        let results = put(maps, &chunk);
+        record(&mut chunk, results, current, &mut failed);
+    }
+}
+
+/// Records the written names of `chunk` (emptied) in `current`, each failure in `failed`.
+fn record<V>(
+    chunk: &mut Vec<(u32, V)>,
+    results: Vec<anyhow::Result<()>>,
+    current: &mut BTreeMap<u32, V>,
+    failed: &mut impl FnMut(u32, anyhow::Error),
+) {
+    for ((id, name), result) in chunk.drain(..).zip(results) {
+        match result {
+            Ok(()) => {
+                current.insert(id, name);
+            }
+            Err(e) => failed(id, e),
         }
-        None => {
-            current.remove(&id);
-        }
-    }))
+    }
 }
 
 /// The `FRONTEND_NAMES_V1` value of port `port` (name; empty: unnamed) of the Service
@@ -247,24 +282,68 @@ mod tests {
     }
 
     #[test]
-    fn settle_writes_changes_deletes_removals_and_keeps_failures_out() {
+    fn settle_many_writes_changes_in_chunks_deletes_removals_and_keeps_failures_out() {
         let mut current = BTreeMap::new();
-        let ok = |_, _: Option<&u8>| Ok(());
-        assert!(settle(1, Some(5u8), &mut current, ok).is_some());
-        assert_eq!(current, BTreeMap::from([(1, 5)]));
-        assert!(
-            settle(1, Some(5u8), &mut current, ok).is_none(),
-            "unchanged: not written"
+        let mut calls = Vec::new();
+        let wants = (0..SETTLE_CHUNK as u32 + 3).map(|id| (id, Some(id)));
+        let mut failures = Vec::new();
+        settle_many(
+            &mut (),
+            wants,
+            &mut current,
+            |(), chunk| {
+                calls.push(chunk.len());
+                // Id 7's write fails: not recorded, reported.
+                (chunk.iter().map(|(id, _)| {
+                    if *id == 7 {
+                        Err(anyhow::anyhow!("E2BIG"))
+                    } else {
+                        Ok(())
+                    }
+                }))
+                .collect()
+            },
+            |(), _| Ok(()),
+            |id, _| failures.push(id),
         );
-        let failed = settle(1, None, &mut current, |_, _| anyhow::bail!("EPERM"));
-        assert!(failed.is_some_and(|r| r.is_err()));
-        assert_eq!(
-            current,
-            BTreeMap::from([(1, 5)]),
-            "a failed delete is not recorded"
+        assert_eq!(calls, [SETTLE_CHUNK, 3], "one call per chunk");
+        assert_eq!(failures, [7]);
+        assert_eq!(current.len(), SETTLE_CHUNK + 2);
+        assert!(!current.contains_key(&7));
+
+        // Unchanged names are not written; a changed one is; removals are deleted, a failed
+        // delete is kept.
+        let mut written = Vec::new();
+        let mut deleted = Vec::new();
+        let mut failures = Vec::new();
+        settle_many(
+            &mut (),
+            [
+                (1, Some(1)),
+                (2, Some(20)),
+                (3, None),
+                (4, None),
+                (9999, None),
+            ],
+            &mut current,
+            |(), chunk| {
+                written.extend(chunk.iter().copied());
+                chunk.iter().map(|_| Ok(())).collect()
+            },
+            |(), id| {
+                deleted.push(id);
+                if id == 4 {
+                    anyhow::bail!("EPERM")
+                }
+                Ok(())
+            },
+            |id, _| failures.push(id),
         );
-        assert!(settle(1, None::<u8>, &mut current, ok).is_some());
-        assert!(current.is_empty());
-        assert!(settle(1, None::<u8>, &mut current, ok).is_none());
+        assert_eq!(written, [(2, 20)]);
+        assert_eq!(deleted, [3, 4], "9999 has no name: nothing to delete");
+        assert_eq!(failures, [4]);
+        assert_eq!(current.get(&2), Some(&20));
+        assert!(!current.contains_key(&3));
+        assert_eq!(current.get(&4), Some(&4), "a failed delete is not recorded");
     }
 }
