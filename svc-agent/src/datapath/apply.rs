@@ -50,7 +50,7 @@ use super::{
     batch,
     flows::{ReplySchedule, StaleFlows, Sweep},
     layout::{Change, Layout, Target},
-    names::{self, Packed},
+    names::{self, Fingerprint},
     ranges::{self, RangeKey, RangeMap, RangePass, SourceRanges},
     render::{BackendRef, Capacity, Rendered, frontend_key},
     sweeper::{FlowSweeps, FlowTables, Sweeper, clear_now, clear_replies_now},
@@ -565,10 +565,10 @@ struct Held {
 }
 
 /// A names map as read from the kernel, packed as the reconciler holds it.
-fn packed<T: aya::Pod>(values: BTreeMap<u32, T>) -> BTreeMap<u32, Packed<T>> {
+fn fingerprints<T: aya::Pod>(values: BTreeMap<u32, T>) -> BTreeMap<u32, Fingerprint<T>> {
     values
         .into_iter()
-        .map(|(id, v)| (id, Packed::new(&v)))
+        .map(|(id, v)| (id, Fingerprint::of(&v)))
         .collect()
 }
 
@@ -824,8 +824,8 @@ impl<M: DatapathMaps> Reconciler<M> {
             backends,
             reachable,
             skipped: Vec::new(),
-            names: packed(maps.backend_names()?),
-            frontend_names: packed(maps.frontend_names()?),
+            names: fingerprints(maps.backend_names()?),
+            frontend_names: fingerprints(maps.frontend_names()?),
         };
         let mut r = Self {
             maps,
@@ -1605,27 +1605,20 @@ impl<M: DatapathMaps> Reconciler<M> {
         ids: BTreeSet<u32>,
         errors: &mut Vec<String>,
     ) {
-        let wants: Vec<(u32, Option<Packed<BackendName>>)> = (ids.into_iter())
-            .map(|id| {
-                let want = (self.layout.backend_addr(id))
-                    .filter(|_| {
-                        self.layout.referenced(id) && self.held.current.backends.contains_key(&id)
-                    })
-                    .and_then(|a| desired.backend_names.get(&a))
-                    .map(|n| Packed::new(&BackendName::new(n)));
-                (id, want)
-            })
-            .collect();
+        let (layout, backends) = (&self.layout, &self.held.current.backends);
+        let wants = ids.into_iter().map(|id| {
+            let want = (layout.backend_addr(id))
+                .filter(|_| layout.referenced(id) && backends.contains_key(&id))
+                .and_then(|a| desired.backend_names.get(&a))
+                .map(|n| BackendName::new(n));
+            (id, want)
+        });
         let pending = &mut self.pending;
         names::settle_many(
             &mut self.maps,
             wants,
             &mut self.held.current.names,
-            |maps, chunk| {
-                let values: Vec<(u32, BackendName)> =
-                    chunk.iter().map(|(id, n)| (*id, n.get())).collect();
-                maps.put_backend_names(&values)
-            },
+            M::put_backend_names,
             M::del_backend_name,
             |id, e| {
                 pending.names.insert(id);
@@ -1658,31 +1651,23 @@ impl<M: DatapathMaps> Reconciler<M> {
                     .map(|(_, v)| v.id),
             );
         }
-        let wants: Vec<(u32, Option<Packed<FrontendName>>)> = (ids.into_iter())
-            .map(|id| {
-                let want = (self.layout.frontend_ids.key_of(id))
-                    .filter(|key| {
-                        (self.held.current.services.get(&frontend_key(key)))
-                            .is_some_and(|v| v.id == id)
-                    })
-                    .and_then(|key| desired.frontends.get(key))
-                    .map(|f| {
-                        let s = &f.service;
-                        Packed::new(&names::frontend_name(&s.namespace, &s.name, &s.port_name))
-                    });
-                (id, want)
-            })
-            .collect();
+        let (ids_of, services) = (&self.layout.frontend_ids, &self.held.current.services);
+        let wants = ids.into_iter().map(|id| {
+            let want = (ids_of.key_of(id))
+                .filter(|key| services.get(&frontend_key(key)).is_some_and(|v| v.id == id))
+                .and_then(|key| desired.frontends.get(key))
+                .map(|f| {
+                    let s = &f.service;
+                    names::frontend_name(&s.namespace, &s.name, &s.port_name)
+                });
+            (id, want)
+        });
         let pending = &mut self.pending;
         names::settle_many(
             &mut self.maps,
             wants,
             &mut self.held.current.frontend_names,
-            |maps, chunk| {
-                let values: Vec<(u32, FrontendName)> =
-                    chunk.iter().map(|(id, n)| (*id, n.get())).collect();
-                maps.put_frontend_names(&values)
-            },
+            M::put_frontend_names,
             M::del_frontend_name,
             |id, e| {
                 pending.frontend_names.insert(id);
@@ -3651,8 +3636,8 @@ pub(crate) mod tests {
             prop_assert_eq!(&r.current().services, &m.services);
             prop_assert_eq!(&r.current().backends, &m.backends);
             let cur = r.current();
-            prop_assert_eq!(&cur.names, &packed(m.names.clone()));
-            prop_assert_eq!(&cur.frontend_names, &packed(m.frontend_names.clone()));
+            prop_assert_eq!(&cur.names, &fingerprints(m.names.clone()));
+            prop_assert_eq!(&cur.frontend_names, &fingerprints(m.frontend_names.clone()));
             let now = canon(m);
             let skipped: BTreeSet<FrontendKey> = report.skipped.iter().map(|(k, _)| *k).collect();
             for (k, v) in m.services.iter().filter(|(k, _)| k.slot == 0) {

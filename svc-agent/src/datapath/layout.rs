@@ -35,7 +35,7 @@ use svc_common::{
 
 use super::{
     ids::IdMap,
-    names::Packed,
+    names::Fingerprint,
     render::{BackendRef, Capacity, Rendered, backend_value, frontend_key, map_addr, slot0_value},
 };
 use crate::model::{self, DesiredState, FrontendKey, Protocol};
@@ -330,7 +330,7 @@ impl Layout {
                 let s = &fe.service;
                 out.frontend_names.insert(
                     t.value.id,
-                    Packed::new(&super::names::frontend_name(
+                    Fingerprint::of(&super::names::frontend_name(
                         &s.namespace,
                         &s.name,
                         &s.port_name,
@@ -346,7 +346,8 @@ impl Layout {
                 .backend_addr(*id)
                 .and_then(|a| desired.backend_names.get(&a));
             if let Some(name) = name {
-                out.names.insert(*id, Packed::new(&BackendName::new(name)));
+                out.names
+                    .insert(*id, Fingerprint::of(&BackendName::new(name)));
             }
         }
         out.skipped = self.skipped();

@@ -3,50 +3,64 @@
 //! `SERVICES_V1` so `svc-agent inspect` can show them from pinned state, with no agent
 //! running. No program reads them.
 
-use std::{collections::BTreeMap, marker::PhantomData};
+use std::{
+    collections::BTreeMap,
+    hash::{DefaultHasher, Hasher},
+    marker::PhantomData,
+};
 
 use svc_common::service::{BackendName, FrontendName, Name};
 
-/// A map value held in memory as its bytes up to the last non-zero one (the rest are zero): a
-/// `BackendName` is 256 bytes of which a Pod's `namespace/name` uses a few dozen, and the
-/// reconciler holds one per backend (about 20 MiB at 90,000 backends as whole values). Equal
-/// exactly when the values are equal; [`Packed::get`] gives the value back.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Packed<T> {
-    bytes: Box<[u8]>,
-    value: PhantomData<T>,
+/// What the reconciler remembers of a names map value: a 64-bit hash of its bytes. It only
+/// needs to know whether the map holds what it would write (the values are written from the
+/// desired state, never from memory). A `BackendName` is 256 bytes of which a Pod's
+/// `namespace/name` uses a few dozen; even packed to those, one per backend and frontend took
+/// about 8 MiB at 30,000 Services. Two different values share a fingerprint with probability
+/// 2^-64: at worst a name stays stale until it changes again (no program reads these maps).
+pub struct Fingerprint<T> {
+    hash: u64,
+    value: PhantomData<fn() -> T>,
 }
 
-impl<T: aya::Pod> Packed<T> {
-    /// Packs `value`.
+impl<T: aya::Pod> Fingerprint<T> {
+    /// The fingerprint of `value`.
     #[must_use]
-    pub fn new(value: &T) -> Self {
+    pub fn of(value: &T) -> Self {
         // SAFETY: the map value types implement `Pod` through `svc_common::impl_pod`: `repr(C)`
         // without implicit padding (asserted at compile time), so every byte is initialised.
         let raw = unsafe {
             std::slice::from_raw_parts(std::ptr::from_ref(value).cast::<u8>(), size_of::<T>())
         };
-        let end = raw.iter().rposition(|&b| b != 0).map_or(0, |i| i + 1);
+        // The same keys every time (not `RandomState`): fingerprints are compared only within
+        // the process, and a fixed function keeps them reproducible.
+        let mut hasher = DefaultHasher::new();
+        hasher.write(raw);
         Self {
-            bytes: raw[..end].into(),
+            hash: hasher.finish(),
             value: PhantomData,
         }
     }
+}
 
-    /// The value packed.
-    #[must_use]
-    pub fn get(&self) -> T {
-        let mut value = std::mem::MaybeUninit::<T>::zeroed();
-        // SAFETY: `bytes` is at most `size_of::<T>()` long (a prefix of a `T`'s bytes); the rest
-        // stays zero, and every bit pattern is a valid `T` (`Pod`).
-        unsafe {
-            std::ptr::copy_nonoverlapping(
-                self.bytes.as_ptr(),
-                value.as_mut_ptr().cast::<u8>(),
-                self.bytes.len(),
-            );
-            value.assume_init()
-        }
+impl<T> Clone for Fingerprint<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<T> Copy for Fingerprint<T> {}
+
+impl<T> PartialEq for Fingerprint<T> {
+    fn eq(&self, other: &Self) -> bool {
+        self.hash == other.hash
+    }
+}
+
+impl<T> Eq for Fingerprint<T> {}
+
+impl<T> std::fmt::Debug for Fingerprint<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Fingerprint({:016x})", self.hash)
     }
 }
 
@@ -59,17 +73,17 @@ const SETTLE_CHUNK: usize = 4096;
 /// returns each entry's result, in order), names no longer wanted are deleted through `del`.
 /// `current` follows what succeeded; each failure goes to `failed` with its id. At 90,000
 /// backends a cold start writes 90,000 names: in 22 calls instead of 90,000.
-pub fn settle_many<S, V: PartialEq>(
+pub fn settle_many<S, T: aya::Pod>(
     maps: &mut S,
-    wants: impl IntoIterator<Item = (u32, Option<V>)>,
-    current: &mut BTreeMap<u32, V>,
-    mut put: impl FnMut(&mut S, &[(u32, V)]) -> Vec<anyhow::Result<()>>,
+    wants: impl IntoIterator<Item = (u32, Option<T>)>,
+    current: &mut BTreeMap<u32, Fingerprint<T>>,
+    mut put: impl FnMut(&mut S, &[(u32, T)]) -> Vec<anyhow::Result<()>>,
     mut del: impl FnMut(&mut S, u32) -> anyhow::Result<()>,
     mut failed: impl FnMut(u32, anyhow::Error),
 ) {
-    let mut chunk: Vec<(u32, V)> = Vec::new();
+    let mut chunk: Vec<(u32, T)> = Vec::new();
     for (id, want) in wants {
-        if want.as_ref() == current.get(&id) {
+        if want.as_ref().map(Fingerprint::of) == current.get(&id).copied() {
             continue;
         }
         match want {
@@ -93,16 +107,16 @@ pub fn settle_many<S, V: PartialEq>(
 }
 
 /// Records the written names of `chunk` (emptied) in `current`, each failure in `failed`.
-fn record<V>(
-    chunk: &mut Vec<(u32, V)>,
+fn record<T: aya::Pod>(
+    chunk: &mut Vec<(u32, T)>,
     results: Vec<anyhow::Result<()>>,
-    current: &mut BTreeMap<u32, V>,
+    current: &mut BTreeMap<u32, Fingerprint<T>>,
     failed: &mut impl FnMut(u32, anyhow::Error),
 ) {
     for ((id, name), result) in chunk.drain(..).zip(results) {
         match result {
             Ok(()) => {
-                current.insert(id, name);
+                current.insert(id, Fingerprint::of(&name));
             }
             Err(e) => failed(id, e),
         }
@@ -175,33 +189,24 @@ mod tests {
     use super::*;
 
     #[test]
-    fn packed_values_keep_only_their_used_bytes_and_come_back_exactly() {
+    fn fingerprints_are_equal_exactly_when_the_values_are() {
         let short = BackendName::new("default/web-0");
-        let packed = Packed::new(&short);
-        assert_eq!(packed.bytes.len(), 2 + "default/web-0".len());
-        assert_eq!(packed.get(), short);
-        let long = "n/".to_owned() + &"x".repeat(300);
-        let cut = BackendName::new(&long);
-        assert_eq!(Packed::new(&cut).get(), cut);
-        assert_eq!(
-            Packed::new(&BackendName::default()).get(),
-            BackendName::default()
-        );
-        // Equal exactly when the values are: a name that ends where another goes on differs.
+        assert_eq!(Fingerprint::of(&short), Fingerprint::of(&short));
+        // A name that ends where another goes on differs, and so does a cut one.
         assert_ne!(
-            Packed::new(&short),
-            Packed::new(&BackendName::new("default/web-01"))
+            Fingerprint::of(&short),
+            Fingerprint::of(&BackendName::new("default/web-01"))
         );
-        let port = FrontendName::new("default/web", "http");
-        let packed = Packed::new(&port);
-        assert_eq!(packed.bytes.len(), 160 + 2 + 4);
-        assert_eq!(packed.get(), port);
-        assert_eq!(
-            Packed::new(&FrontendName::new("default/web", ""))
-                .bytes
-                .len(),
-            2 + 11
+        let long = "n/".to_owned() + &"x".repeat(300);
+        assert_ne!(
+            Fingerprint::of(&BackendName::new(&long)),
+            Fingerprint::of(&BackendName::new(&long[..200]))
         );
+        assert_ne!(
+            Fingerprint::of(&FrontendName::new("default/web", "http")),
+            Fingerprint::of(&FrontendName::new("default/web", ""))
+        );
+        assert_eq!(size_of::<Fingerprint<BackendName>>(), 8);
     }
 
     #[test]
@@ -286,6 +291,7 @@ mod tests {
         let mut current = BTreeMap::new();
         let mut calls = Vec::new();
         let wants = (0..SETTLE_CHUNK as u32 + 3).map(|id| (id, Some(id)));
+        let print = |v: u32| Fingerprint::of(&v);
         let mut failures = Vec::new();
         settle_many(
             &mut (),
@@ -342,8 +348,12 @@ mod tests {
         assert_eq!(written, [(2, 20)]);
         assert_eq!(deleted, [3, 4], "9999 has no name: nothing to delete");
         assert_eq!(failures, [4]);
-        assert_eq!(current.get(&2), Some(&20));
+        assert_eq!(current.get(&2), Some(&print(20)));
         assert!(!current.contains_key(&3));
-        assert_eq!(current.get(&4), Some(&4), "a failed delete is not recorded");
+        assert_eq!(
+            current.get(&4),
+            Some(&print(4)),
+            "a failed delete is not recorded"
+        );
     }
 }

@@ -15,7 +15,7 @@ use svc_common::{
     },
 };
 
-use super::{ids::IdMap, layout::Layout, names::Packed};
+use super::{ids::IdMap, layout::Layout, names::Fingerprint};
 use crate::model::{self, DesiredState, EmptyAction, FrontendKey, FrontendKind, Protocol, Scope};
 
 /// Key of a backend's id: address and port (shared by all frontends that use it).
@@ -35,11 +35,11 @@ pub struct Rendered {
     /// Frontends left out, with why (capacity, unsupported protocol).
     pub skipped: Vec<(FrontendKey, String)>,
     /// `BACKEND_NAMES_V1`: the name of every backend in `backends` whose address has one in
-    /// the desired state (packed: a few dozen bytes of each 256-byte value are used).
-    pub names: BTreeMap<u32, Packed<BackendName>>,
+    /// the desired state (as its fingerprint: see [`Fingerprint`]).
+    pub names: BTreeMap<u32, Fingerprint<BackendName>>,
     /// `FRONTEND_NAMES_V1`: the Service port of every frontend in `services` (by the id of its
-    /// slot 0; packed).
-    pub frontend_names: BTreeMap<u32, Packed<FrontendName>>,
+    /// slot 0; as its fingerprint).
+    pub frontend_names: BTreeMap<u32, Fingerprint<FrontendName>>,
 }
 
 /// Map capacities the rendering must fit into.

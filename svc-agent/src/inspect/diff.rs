@@ -145,12 +145,13 @@ pub fn desired_states(desired: &DesiredState) -> Desired {
             backends: u32::MAX,
         },
     );
-    let names: BTreeMap<u32, (String, String)> = rendered
-        .frontend_names
-        .iter()
-        .map(|(id, n)| {
-            let n: FrontendName = n.get();
-            (*id, (names::display(&n.service), names::display(&n.port)))
+    // The name of each rendered frontend (by its slot 0's id), as `FRONTEND_NAMES_V1` holds it.
+    let names: BTreeMap<u32, (String, String)> = (desired.frontends.iter())
+        .filter_map(|(key, fe)| {
+            let id = rendered.services.get(&render::frontend_key(key))?.id;
+            let s = &fe.service;
+            let n: FrontendName = names::frontend_name(&s.namespace, &s.name, &s.port_name);
+            Some((id, (names::display(&n.service), names::display(&n.port))))
         })
         .collect();
     let frontends = frontend_states(&rendered.services, &rendered.backends, &names);
