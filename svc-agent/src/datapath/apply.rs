@@ -383,44 +383,19 @@ impl DatapathMaps for AyaMaps {
         }
     }
     fn put_services(&mut self, entries: &[(ServiceKey, ServiceValue)]) -> Vec<anyhow::Result<()>> {
-        batch::write_in_batches(
-            &mut self.services,
-            entries,
-            |map, all| batch::update_batch(map, all),
-            |map, (k, v)| map.insert(k, v, 0).context("writing SERVICES_V1"),
-        )
+        batch::write_entries(&mut self.services, entries, "SERVICES_V1")
     }
     fn put_backends(&mut self, entries: &[(u32, Backend)]) -> Vec<anyhow::Result<()>> {
-        batch::write_in_batches(
-            &mut self.backends,
-            entries,
-            |map, all| batch::update_batch(map, all),
-            |map, (id, b)| map.insert(id, b, 0).context("writing BACKENDS_V1"),
-        )
+        batch::write_entries(&mut self.backends, entries, "BACKENDS_V1")
     }
     fn put_addrs(&mut self, entries: &[(AddrKey, AddrValue)]) -> Vec<anyhow::Result<()>> {
-        batch::write_in_batches(
-            &mut self.addrs,
-            entries,
-            |map, all| batch::update_batch(map, all),
-            |map, (k, v)| map.insert(k, v, 0).context("writing ADDRS_V1"),
-        )
+        batch::write_entries(&mut self.addrs, entries, "ADDRS_V1")
     }
     fn put_backend_names(&mut self, entries: &[(u32, BackendName)]) -> Vec<anyhow::Result<()>> {
-        batch::write_in_batches(
-            &mut self.names,
-            entries,
-            |map, all| batch::update_batch(map, all),
-            |map, (id, n)| map.insert(id, n, 0).context("writing BACKEND_NAMES_V1"),
-        )
+        batch::write_entries(&mut self.names, entries, "BACKEND_NAMES_V1")
     }
     fn put_frontend_names(&mut self, entries: &[(u32, FrontendName)]) -> Vec<anyhow::Result<()>> {
-        batch::write_in_batches(
-            &mut self.frontend_names,
-            entries,
-            |map, all| batch::update_batch(map, all),
-            |map, (id, n)| map.insert(id, n, 0).context("writing FRONTEND_NAMES_V1"),
-        )
+        batch::write_entries(&mut self.frontend_names, entries, "FRONTEND_NAMES_V1")
     }
 }
 

@@ -18,6 +18,7 @@ use std::{
     os::fd::{AsFd as _, AsRawFd as _, BorrowedFd},
 };
 
+use anyhow::Context as _;
 use aya::{
     Pod,
     maps::{HashMap as BpfHashMap, IterableMap as _, MapData},
@@ -281,6 +282,24 @@ pub fn update_batch<K: Pod, V: Pod>(
     } else {
         Err(io::Error::last_os_error())
     }
+}
+
+/// Writes `entries` into the hash map `map` (`name` for errors) in order, in batches (see
+/// [`write_in_batches`]); each entry's result, in order.
+pub fn write_entries<K: Pod, V: Pod>(
+    map: &mut BpfHashMap<MapData, K, V>,
+    entries: &[(K, V)],
+    name: &'static str,
+) -> Vec<anyhow::Result<()>> {
+    write_in_batches(
+        map,
+        entries,
+        |map, all| update_batch(map, all),
+        |map, (k, v)| {
+            map.insert(k, v, 0)
+                .with_context(|| format!("writing {name}"))
+        },
+    )
 }
 
 /// Writes `entries` in order and returns each one's result, in order. More than

@@ -68,6 +68,20 @@ impl Checked {
         self.model.set_slice(namespace, name, slice);
     }
 
+    /// Service `default/a` (198.19.0.1) with slice `a-1` (one endpoint, 198.18.0.1, Pod
+    /// `pod-1`), updated.
+    fn with_service_a() -> Self {
+        let mut m = Self::new();
+        m.service("default", "a", Some(web("a", "198.19.0.1", "")));
+        m.slice(
+            "default",
+            "a-1",
+            Some(web_slice("a-1", "a", &[("198.18.0.1", "pod-1")])),
+        );
+        m.update();
+        m
+    }
+
     fn nodes(&mut self, nodes: Vec<Arc<Node>>) {
         self.objects.nodes.clone_from(&nodes);
         self.model.set_nodes(nodes);
@@ -303,14 +317,7 @@ fn a_deleted_slice_takes_its_endpoints_away() {
 
 #[test]
 fn a_deleted_service_keeps_its_slices_for_when_it_comes_back() {
-    let mut m = Checked::new();
-    m.service("default", "a", Some(web("a", "198.19.0.1", "")));
-    m.slice(
-        "default",
-        "a-1",
-        Some(web_slice("a-1", "a", &[("198.18.0.1", "pod-1")])),
-    );
-    m.update();
+    let mut m = Checked::with_service_a();
     m.service("default", "a", None);
     let delta = m.update();
     assert!(m.state().frontends.is_empty());
@@ -596,14 +603,7 @@ fn zoned_node1(zone: Option<&str>) -> Vec<Arc<Node>> {
 
 #[test]
 fn the_desired_state_holds_the_owners_copy_of_each_frontend() {
-    let mut m = Checked::new();
-    m.service("default", "a", Some(web("a", "198.19.0.1", "")));
-    m.slice(
-        "default",
-        "a-1",
-        Some(web_slice("a-1", "a", &[("198.18.0.1", "pod-1")])),
-    );
-    m.update();
+    let mut m = Checked::with_service_a();
     let shared = |m: &Checked| {
         let group = &m.model.groups[&Name::new("default", "a")];
         Arc::ptr_eq(
