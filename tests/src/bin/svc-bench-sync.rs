@@ -19,6 +19,10 @@
 //!   logs after its first pass (load, verifier, attach, list or read, compute, write), from the
 //!   line's own timestamp; and the agent's own figure for that first pass when it logs one
 //!   (`took_us` of the API server source; the directory source logs none).
+//! - **sync CPU**: the agent's CPU time (utime + stime, all threads: load, verifier, list,
+//!   compute, write) at the end of the cold sync. Steadier than the cold sync's wall time on a
+//!   small, busy machine, where the agent's threads, the kernel and the test API server share
+//!   the cores.
 //! - **RSS / HWM**: the agent's `VmRSS` after the cold sync and its peak `VmHWM` at the end.
 //! - **change latency**: one `EndpointSlice` at a time loses its last endpoint, then gets it
 //!   back; each of the two writes is timed until the frontend's entry in the pinned
@@ -388,6 +392,8 @@ fn futures_block<F: std::future::Future>(future: F) -> F::Output {
 struct Row {
     cold_sync: Duration,
     first_pass: Option<Duration>,
+    /// The agent's CPU time at the end of the cold sync.
+    sync_cpu: Option<Duration>,
     rss_kib: u64,
     hwm_kib: u64,
     latencies: Vec<Duration>,
@@ -443,6 +449,7 @@ fn run_case(agent_bin: &Path, config: &Config, case: Case) -> anyhow::Result<Row
         }
     }
     row.rss_kib = status_kib(agent.pid(), "VmRSS:")?;
+    row.sync_cpu = Some(cpu_time(agent.pid())?);
     row.memlock = Some(maps_memlock(agent.pid())?);
 
     let map = open_services(&node.bpffs)?;
@@ -830,12 +837,13 @@ fn mib(kib: u64) -> String {
 
 fn header() -> String {
     format!(
-        "{:<6} {:>8} {:>3}  {:<19} {:>8}  {:<19} {:>7}  {:<18} {:<19} {:>8} {:>4} {:>7} {:>17}  {:<22} {:<12} {:>7}  notes",
+        "{:<6} {:>8} {:>3}  {:<19} {:>8} {:>8}  {:<19} {:>7}  {:<18} {:<19} {:>8} {:>4} {:>7} {:>17}  {:<22} {:<12} {:>7}  notes",
         "source",
         "services",
         "eps",
         "cold sync",
         "1st pass",
+        "sync CPU",
         "RSS",
         "HWM",
         "change p50",
@@ -900,13 +908,15 @@ impl Row {
             },
         );
         let mut line = format!(
-            "{:<6} {:>8} {:>3}  {:<19} {:>8}  {:<19} {:>7}  {:<18} {:<19} {:>8} {:>4} {:>7} {:>17}  {:<22} {:<12} {:>7}  ",
+            "{:<6} {:>8} {:>3}  {:<19} {:>8} {:>8}  {:<19} {:>7}  {:<18} {:<19} {:>8} {:>4} {:>7} {:>17}  {:<22} {:<12} {:>7}  ",
             case.source.name(),
             case.services,
             case.endpoints,
             judged(format!("{:.0}ms", ms(self.cold_sync)), cold_target),
             self.first_pass
                 .map_or_else(|| "n/a".to_owned(), |d| format!("{:.0}ms", ms(d))),
+            self.sync_cpu
+                .map_or_else(|| "-".to_owned(), |d| format!("{:.2}s", d.as_secs_f64())),
             judged(mib(self.rss_kib), rss_target),
             mib(self.hwm_kib),
             latency(50, 5.0, "<=5"),
@@ -941,7 +951,8 @@ fn footer(config: &Config, memlock: Option<(usize, u64)>) -> String {
         "\ncold sync: spawning svc-agent (empty maps) to its \"svc-agent running\" line, logged \
          after its first pass (load, verifier, attach, list/read, compute, write);\n1st pass: \
          the agent's own time for that pass (compute + write; logged by the API server source \
-         only, n/a for dir);"
+         only, n/a for dir);\nsync CPU: the agent's CPU time (utime+stime, every thread) when \
+         the cold sync ended;"
     );
     let _ = writeln!(
         out,
