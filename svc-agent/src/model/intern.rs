@@ -85,8 +85,9 @@ mod tests {
             let _ = intern(&format!("intern-test-churn-again-{i}"));
         }
         let pool = POOL.lock().unwrap();
+        // Without sweeps it would hold all 8,192 (other tests intern meanwhile: some slack).
         assert!(
-            pool.values.len() <= 2 * SWEEP_FLOOR + 64,
+            pool.values.len() < 4 * SWEEP_FLOOR,
             "{} values pooled",
             pool.values.len()
         );
