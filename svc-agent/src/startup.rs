@@ -42,7 +42,7 @@ use std::{
 
 use anyhow::{Context as _, anyhow};
 use aya::Ebpf;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use crate::{
     datapath::{AyaMaps, Reconciler, ReconcilerHandle},
@@ -263,11 +263,39 @@ fn load_and_attach(plan: Plan, report: &mut Report) -> anyhow::Result<Attached> 
         migration.finish(&pin_dir)?;
         report.reconciler(Ok(reconciler));
     }
+    // Only this build's programs record flows now: the record of the pods they translate for
+    // can be completed (svc-ebpf/DESIGN.md, "Replies to pods translated at the socket").
+    fill_tc_clients(&pin_dir);
     info!(
         took_ms = ms(since.elapsed().saturating_sub(verified)),
         "programs attached"
     );
     Ok(Attached { ebpf, watch, links })
+}
+
+/// Completes `TC_CLIENTS_V1` from the connection tables and marks it ready
+/// ([`crate::datapath::tc_clients`]). A failure only leaves replies to pods on their conntrack
+/// lookups: logged, not fatal.
+fn fill_tc_clients(pin_dir: &std::path::Path) {
+    use crate::datapath::tc_clients::{Filled, TcClientMaps, fill_and_mark_ready};
+    let since = Instant::now();
+    match TcClientMaps::pinned(pin_dir).and_then(|mut maps| fill_and_mark_ready(&mut maps)) {
+        Ok(Filled::AlreadyReady) => {}
+        Ok(Filled::Ready(clients)) => info!(
+            clients,
+            took_ms = ms(since.elapsed()),
+            "recorded the clients of the connection tables' flows: replies to other pods skip conntrack"
+        ),
+        Ok(Filled::TooMany(clients)) => warn!(
+            clients,
+            "too many distinct clients in the connection tables to record them all: every reply \
+             from a backend address keeps its conntrack lookups until the next start"
+        ),
+        Err(e) => warn!(
+            "could not record the clients of the connection tables' flows (every reply from a \
+             backend address keeps its conntrack lookups until the next start): {e:#}"
+        ),
+    }
 }
 
 /// The reconciler over the loaded maps (adopting what they hold), with its helper threads (and

@@ -28,6 +28,7 @@ pub mod ranges;
 pub mod service;
 pub mod sock;
 pub mod stats;
+pub mod tc_clients;
 
 pub use net::{Be16, Be32};
 
@@ -59,6 +60,8 @@ pub const MAP_NAMES: &[&str] = &[
     "MAGLEV_V1",
     "SOURCE_RANGES_V1",
     "PENDING_STATS_V1",
+    "TC_CLIENTS_V1",
+    "TC_CLIENTS_READY_V1",
 ];
 
 /// Default map sizes (the agent's flags override them at load time).

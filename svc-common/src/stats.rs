@@ -236,7 +236,8 @@ pub enum DropReason {
     NoLocalEndpoint = 1,
     /// A backend slot points at a backend id the backends map does not hold.
     BackendMissing = 2,
-    /// The connection table refused the pair of entries (forward and reply).
+    /// The connection table refused the pair of entries (forward and reply), or the pod's
+    /// record in `TC_CLIENTS_V1` (written before them) could not be written.
     CtInsertFailed = 3,
     /// Rewriting the packet (store or checksum helper) failed.
     RewriteFailed = 4,

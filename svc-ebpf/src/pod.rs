@@ -8,8 +8,9 @@
 //! fragment is translated like a whole packet and remembered; a later one gets what its first
 //! got (`frag.rs`).
 //!
-//! To a pod (egress): is the source a backend address at all (one lookup; no: passed) -> a
-//! reply from a backend gets the service address back as its source (and the first reply of a
+//! To a pod (egress): is the source a backend address at all (one lookup; no: passed) -> does
+//! the pod have flows translated here at all (one lookup; no: passed, the usual case for pods
+//! translated at `connect()`) -> a reply from a backend gets the service address back as its source (and the first reply of a
 //! flow moves it to the table of answered flows; later fragments of a reply: as their first).
 //!
 //! Every packet that stays on its way, translated or not, continues the TCX chain
@@ -31,6 +32,7 @@ use svc_common::{
     net::ipproto,
     service::scope,
     stats::{DropReason, PktCounter},
+    tc_clients::{TC_CLIENTS_READY, TcClient},
 };
 
 use crate::{
@@ -41,7 +43,7 @@ use crate::{
     frag::{frag_follow, frag_remember},
     icmp,
     lb::{Choice, Chosen, lb_backend, lb_frontend_key, lb_select_for_client},
-    maps::ADDRS_V1,
+    maps::{ADDRS_V1, TC_CLIENTS_READY_V1, TC_CLIENTS_V1},
     nat::{End, nat_rewrite},
     parse::{self, tcp_flags},
     reject, stats,
@@ -158,7 +160,11 @@ fn to_service(ctx: &TcContext, pkt: &parse::Parsed) -> Outcome {
     // 1. A flow already translated keeps its backend, as long as the backend exists (and a SYN
     //    opening a new connection on a reused tuple chooses again).
     if !established_backend(pkt, &mut target) {
-        // 2. A new flow: is it for a service? Which backend? Remember the choice.
+        // 2. A new flow: is it for a service? Which backend? Remember the choice, and that
+        //    this pod has flows translated here (before any entry: its replies need both).
+        if !mark_tc_client(pkt) {
+            return Outcome::Drop(DropReason::CtInsertFailed);
+        }
         match new_flow_backend(pkt, &mut target) {
             Outcome::Translated => {}
             other => return other,
@@ -329,11 +335,52 @@ pub fn to_pod(ctx: &TcContext) -> i32 {
             Err(()) => drop(ctx, DropReason::RewriteFailed),
         };
     }
-    // Only a backend address can send replies to translate.
-    if !pkt.is_tcp_or_udp() || !addr_has(&pkt.src, pkt.family, addr_flags::BACKEND) {
+    // Only a backend address can send replies to translate, and only to a pod with flows
+    // translated here (pods translated at `connect()` talk to the backend itself).
+    if !pkt.is_tcp_or_udp()
+        || !addr_has(&pkt.src, pkt.family, addr_flags::BACKEND)
+        || !may_have_tc_flows(&pkt.dst, pkt.family)
+    {
         return TCX_NEXT;
     }
     reply_to_pod(ctx, &pkt, true)
+}
+
+/// Records that the packet's source (a pod) has a flow translated here, unless it is recorded
+/// already (a lookup: no write, no lock, for a pod's every flow after its first). False when
+/// it could not be recorded. A leaf subprogram of its own (its key in its own frame).
+#[inline(never)]
+fn mark_tc_client(pkt: &parse::Parsed) -> bool {
+    let key = AddrKey {
+        addr: pkt.src,
+        family: pkt.family,
+        _pad: [0, 0, 0],
+    };
+    // SAFETY: only tested for presence.
+    if unsafe { TC_CLIENTS_V1.get(&key) }.is_some() {
+        return true;
+    }
+    let value = TcClient {
+        since_ns: coarse_now(),
+    };
+    TC_CLIENTS_V1.insert(&key, &value, 0).is_ok()
+}
+
+/// Whether `addr` (a pod) may have flows translated here (`svc_common::tc_clients`): it is in
+/// `TC_CLIENTS_V1`, or the agent has not yet filled that map with the clients of flows an
+/// older build recorded.
+#[inline(always)]
+fn may_have_tc_flows(addr: &Addr, family: u8) -> bool {
+    let key = AddrKey {
+        addr: *addr,
+        family,
+        _pad: [0, 0, 0],
+    };
+    // SAFETY: only tested for presence.
+    unsafe { TC_CLIENTS_V1.get(&key) }.is_some()
+        || TC_CLIENTS_READY_V1
+            .get(0)
+            .is_none_or(|r| r.ready != TC_CLIENTS_READY)
 }
 
 /// Whether `addr` is a frontend or backend address (`flag`), per `ADDRS_V1`.

@@ -30,11 +30,14 @@ use std::{
 use anyhow::{Context as _, anyhow, bail};
 use aya::{
     Ebpf,
-    maps::PerCpuArray,
+    maps::{Array, PerCpuArray},
     programs::{Program, TestRun, TestRunOptions},
 };
 use svc_agent::loader::{self, Globals, MapSizes};
-use svc_common::stats::{Counter, DropReason, PktCounter};
+use svc_common::{
+    stats::{Counter, DropReason, PktCounter},
+    tc_clients::{TC_CLIENTS_READY, TcClientsReady},
+};
 
 use crate::{
     netns::{Netns, TEST_PREFIX},
@@ -291,6 +294,8 @@ fn run_here(fixture: &Fixture, repeat: u32) -> anyhow::Result<Report> {
     // other programs, e.g. an earlier packet). The XDP one only for its own rows: it is about
     // half of a row's time in the verifier.
     loader::load_programs(&mut ebpf, fixture.program == loader::PROG_XDP_FROM_WORLD)?;
+    // As a started agent leaves it (`datapath::tc_clients`); a setup may undo it.
+    set_tc_clients_ready(&mut ebpf, true)?;
     if let Some(setup) = fixture.setup {
         setup(&mut ebpf).context("row setup (writing its map entries)")?;
     }
@@ -506,6 +511,21 @@ pub fn program_map(ebpf: &Ebpf, program: &str, name: &str) -> anyhow::Result<aya
         }
     }
     bail!("program `{program}` uses no map named {name}")
+}
+
+/// Marks `TC_CLIENTS_V1` complete (`ready`), as the agent does once its programs are attached,
+/// or not complete (an agent that has not filled it yet: every reply from a backend address is
+/// looked up in conntrack).
+pub fn set_tc_clients_ready(ebpf: &mut Ebpf, ready: bool) -> anyhow::Result<()> {
+    let map = ebpf
+        .map_mut("TC_CLIENTS_READY_V1")
+        .ok_or_else(|| anyhow!("no map TC_CLIENTS_READY_V1"))?;
+    let mut array: Array<_, TcClientsReady> = Array::try_from(map)?;
+    let value = TcClientsReady {
+        ready: if ready { TC_CLIENTS_READY } else { 0 },
+    };
+    array.set(0, value, 0)?;
+    Ok(())
 }
 
 /// Reads the drop counters, summed over CPUs, indexed by [`DropReason`].

@@ -1,0 +1,52 @@
+//! Which pods have flows translated by the TC programs: the reply path's second test.
+//!
+//! With `--socket-lb all` (the default) a pod's connection to a service is translated at
+//! `connect()`: the pod talks to the backend's own address and no conntrack entry exists. The
+//! backend's answers still come from a backend address, so the address test (`ADDRS_V1`) alone
+//! cannot tell them from replies to reverse-translate, and each one paid two conntrack misses.
+//! This map names the pods (by address) that the TC programs translated a flow for: a reply
+//! to any other address cannot match a conntrack entry and is passed after one lookup in a
+//! small map.
+//!
+//! Map `TC_CLIENTS_V1` (LRU hash, [`TC_CLIENTS_ENTRIES`] entries; written by the pod program
+//! `svc_tc_from_pod` when it records a new flow of a pod, before the flow's first packet goes
+//! on; read by `svc_tc_to_pod`): key [`AddrKey`](crate::addrs::AddrKey) (the pod's address,
+//! network order), value [`TcClient`]. Entries are never removed by the agent; the LRU evicts
+//! the least recently used one when the map is full. Every reply looked up refreshes its
+//! client's entry, so only an address idle longer than [`TC_CLIENTS_ENTRIES`] others were
+//! used could lose it while it still has a flow (a node has a few hundred pods).
+//!
+//! Map `TC_CLIENTS_READY_V1` (array of one [`TcClientsReady`]; written by the agent, read by
+//! `svc_tc_to_pod`): until it says [`TC_CLIENTS_READY`], `TC_CLIENTS_V1` may miss clients of
+//! flows recorded by an older build (which did not mark them), and every reply from a backend
+//! address is looked up in conntrack as before. The agent marks it ready once its programs are
+//! attached and it has added the client of every reply entry in `CT_V1` and `CT_NEW_V1`.
+
+use crate::impl_pod;
+
+/// Entries of `TC_CLIENTS_V1`.
+pub const TC_CLIENTS_ENTRIES: u32 = 65_536;
+
+/// [`TcClientsReady::ready`] once `TC_CLIENTS_V1` names every client with a translated flow.
+pub const TC_CLIENTS_READY: u32 = 1;
+
+/// Value of `TC_CLIENTS_V1`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TcClient {
+    /// `CLOCK_MONOTONIC` (coarse) in ns when the entry was written: the client's first flow
+    /// translated at TC since the entry was last evicted (0: written by the agent).
+    pub since_ns: u64,
+}
+crate::assert_layout!(TcClient, size = 8, since_ns = 0);
+
+/// Value of `TC_CLIENTS_READY_V1` (key `0u32`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TcClientsReady {
+    /// [`TC_CLIENTS_READY`], or 0 while the agent has not filled `TC_CLIENTS_V1` yet.
+    pub ready: u32,
+}
+crate::assert_layout!(TcClientsReady, size = 4, ready = 0);
+
+impl_pod!(TcClient, TcClientsReady);
