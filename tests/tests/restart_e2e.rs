@@ -10,7 +10,10 @@
 //!   backend, no request may fail, the restarted agent's first sync must write nothing,
 //!   conntrack and affinity entries must be the same ones, and the TC links must be the same
 //!   links with the new programs in them (`BPF_LINK_UPDATE`), the cgroup links new ones, the
-//!   old programs off every hook. At the end `svc-agent cleanup` removes everything.
+//!   old programs off every hook. While killed, the record of pods with TC flows
+//!   (`TC_CLIENTS_V1`) is marked not filled, as a build without it leaves it: the restarted
+//!   agent must fill it from the connection tables (naming the client when its flows are
+//!   translated at TC, not when at the socket); after the graceful stop it must read nothing. At the end `svc-agent cleanup` removes everything.
 //! - **Stale pins**: interfaces deleted, renamed away or created while no agent ran: the new
 //!   agent removes the pins of the first two (detaching the renamed one), attaches to the new
 //!   one, and goes on following interfaces.
@@ -39,7 +42,7 @@ use std::{
 
 use anyhow::{Context as _, ensure};
 use aya::{
-    maps::{HashMap as BpfHashMap, Map, MapData},
+    maps::{Array, HashMap as BpfHashMap, Map, MapData},
     programs::{SchedClassifier, TcAttachType},
 };
 use svc_agent::{
@@ -48,10 +51,12 @@ use svc_agent::{
 };
 use svc_common::{
     addr::{self, FAMILY_V4, FAMILY_V6},
+    addrs::AddrKey,
     affinity::{AffinityKey, AffinityValue},
     conntrack::{CtKey, CtValue, dir},
     net::ipproto,
     sock::{SockRevNatKey, SockRevNatValue},
+    tc_clients::{TC_CLIENTS_READY, TcClient, TcClientsReady},
 };
 use svc_tests::{
     apiserver::{ApiServer, Options as ApiOptions},
@@ -289,6 +294,70 @@ fn ct_forward(bpffs: &Path) -> anyhow::Result<BTreeMap<(addr::Addr, u16, addr::A
             )
         })
         .collect())
+}
+
+/// `TC_CLIENTS_READY_V1`'s value: whether `TC_CLIENTS_V1` names every client.
+fn tc_clients_ready(bpffs: &Path) -> anyhow::Result<u32> {
+    let map: Array<_, TcClientsReady> =
+        Array::try_from(Map::Array(open_pinned(bpffs, "TC_CLIENTS_READY_V1")?))?;
+    Ok(map.get(&0, 0)?.ready)
+}
+
+fn set_tc_clients_ready(bpffs: &Path, ready: u32) -> anyhow::Result<()> {
+    let mut map: Array<_, TcClientsReady> =
+        Array::try_from(Map::Array(open_pinned(bpffs, "TC_CLIENTS_READY_V1")?))?;
+    map.set(0, TcClientsReady { ready }, 0)?;
+    Ok(())
+}
+
+/// The pods `TC_CLIENTS_V1` names (address, family).
+fn tc_clients(bpffs: &Path) -> anyhow::Result<BTreeSet<(addr::Addr, u8)>> {
+    let map: BpfHashMap<_, AddrKey, TcClient> =
+        BpfHashMap::try_from(Map::LruHashMap(open_pinned(bpffs, "TC_CLIENTS_V1")?))?;
+    Ok(map
+        .keys()
+        .filter_map(Result::ok)
+        .map(|k| (k.addr, k.family))
+        .collect())
+}
+
+/// After a restart: the record of the pods with flows translated at TC is complete and names
+/// the long-lived flows' client (both families). With `filled`, the map had been left not
+/// ready (as an older build leaves it), and the new agent must have filled it from the
+/// connection tables, saying so; otherwise it was ready and the agent read nothing.
+fn check_tc_clients(node: &Node, log: &str, flows: &[(SocketAddr, SocketAddr)], filled: bool) {
+    let said = log
+        .lines()
+        .find(|l| l.contains("recorded the clients of the connection tables' flows"));
+    if filled {
+        let line = said.unwrap_or_else(|| panic!("the agent did not fill TC_CLIENTS_V1:\n{log}"));
+        assert!(
+            k8s::pods_at_socket() || !line.contains("clients=0 "),
+            "the agent found no client in the connection tables: {line}"
+        );
+    } else {
+        assert!(
+            said.is_none(),
+            "a ready TC_CLIENTS_V1 was filled again:\n{log}"
+        );
+    }
+    let ready = tc_clients_ready(&node.bpffs).unwrap_or_else(|e| panic!("{e:#}"));
+    assert_eq!(
+        ready, TC_CLIENTS_READY,
+        "TC_CLIENTS_READY_V1 after the restart"
+    );
+    let recorded = tc_clients(&node.bpffs).unwrap_or_else(|e| panic!("{e:#}"));
+    // At the socket, the client's connections never reach conntrack: replies to it skip it.
+    let at_socket = k8s::pods_at_socket();
+    for (client, _) in flows {
+        assert_eq!(
+            recorded.contains(&map_addr(client.ip())),
+            !at_socket,
+            "TC_CLIENTS_V1 and the client {} of a long-lived flow (pods at the socket: \
+             {at_socket}): {recorded:?}",
+            client.ip()
+        );
+    }
 }
 
 /// The connect-time reverse entries (`(socket cookie, backend, port)` => service address and
@@ -936,6 +1005,11 @@ fn restart_under_load(
         status
     };
     load.set_phase(down_phase);
+    if !graceful {
+        // As an agent of a build without the record of TC clients leaves the map: not filled.
+        // The programs go on looking replies up in conntrack; the next agent fills it.
+        set_tc_clients_ready(&node1.bpffs, 0).unwrap_or_else(|e| panic!("{e:#}"));
+    }
     // Nothing of the datapath went with the agent.
     assert_eq!(
         tcx_both(&node1, &client_if),
@@ -973,6 +1047,7 @@ fn restart_under_load(
             .any(|l| l.contains("attached connect-time translation") && l.contains("replaced=8")),
         "the restarted agent did not replace the 8 connect-time links:\n{log}"
     );
+    check_tc_clients(&node1, &log, flows, !graceful);
     c.step(&format!(
         "{kind}: agent running again {:.0} ms after the stop; its first sync: {}",
         downtime.as_secs_f64() * 1e3,
