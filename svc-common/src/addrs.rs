@@ -46,6 +46,24 @@ pub struct AddrKey {
 }
 crate::assert_layout!(AddrKey, size = 20, addr = 0, family = 16);
 
+impl AddrKey {
+    /// The key of `addr` (network order) in `family`, padding zeroed.
+    #[expect(
+        clippy::inline_always,
+        reason = "the kernel programs build keys on their deepest call chains: it must not become a BPF-to-BPF call"
+    )]
+    #[inline(always)]
+    #[must_use]
+    pub const fn new(addr: Addr, family: u8) -> Self {
+        // The padding as a literal: `[0; 3]` would be a `memset` call in the kernel programs.
+        Self {
+            addr,
+            family,
+            _pad: [0, 0, 0],
+        }
+    }
+}
+
 /// Value of `ADDRS_V1`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

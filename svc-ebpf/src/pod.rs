@@ -351,11 +351,7 @@ pub fn to_pod(ctx: &TcContext) -> i32 {
 /// it could not be recorded. A leaf subprogram of its own (its key in its own frame).
 #[inline(never)]
 fn mark_tc_client(pkt: &parse::Parsed) -> bool {
-    let key = AddrKey {
-        addr: pkt.src,
-        family: pkt.family,
-        _pad: [0, 0, 0],
-    };
+    let key = AddrKey::new(pkt.src, pkt.family);
     // SAFETY: only tested for presence.
     if unsafe { TC_CLIENTS_V1.get(&key) }.is_some() {
         return true;
@@ -371,11 +367,7 @@ fn mark_tc_client(pkt: &parse::Parsed) -> bool {
 /// older build recorded.
 #[inline(always)]
 fn may_have_tc_flows(addr: &Addr, family: u8) -> bool {
-    let key = AddrKey {
-        addr: *addr,
-        family,
-        _pad: [0, 0, 0],
-    };
+    let key = AddrKey::new(*addr, family);
     // SAFETY: only tested for presence.
     unsafe { TC_CLIENTS_V1.get(&key) }.is_some()
         || TC_CLIENTS_READY_V1
@@ -392,12 +384,7 @@ pub fn addr_has(addr: &Addr, family: u8, flag: u32) -> bool {
 /// The `ADDRS_V1` flags of `addr` (0: neither frontend nor backend).
 #[inline(always)]
 fn addr_flags_of(addr: &Addr, family: u8) -> u32 {
-    // The padding as a literal: `[0; 3]` would be a `memset` call (see `parse::addr_from_word`).
-    let key = AddrKey {
-        addr: *addr,
-        family,
-        _pad: [0, 0, 0],
-    };
+    let key = AddrKey::new(*addr, family);
     // SAFETY: the value is read at once.
     unsafe { ADDRS_V1.get(&key) }.map_or(0, |v| v.flags)
 }

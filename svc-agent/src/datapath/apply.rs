@@ -547,14 +547,6 @@ fn fingerprints<T: aya::Pod>(values: BTreeMap<u32, T>) -> BTreeMap<u32, Fingerpr
         .collect()
 }
 
-fn addr_key(addr: [u8; 16], family: u8) -> AddrKey {
-    AddrKey {
-        addr,
-        family,
-        _pad: [0; 3],
-    }
-}
-
 impl Held {
     fn new(current: Rendered) -> Self {
         let mut held = Self::default();
@@ -580,11 +572,15 @@ impl Held {
         let flags = frontend_flags(k, v);
         let cluster_ip = u32::from(flags & addr_flags::CLUSTER_IP != 0);
         let external = u32::from(flags & addr_flags::EXTERNAL != 0);
-        self.count_addr(addr_key(k.addr, k.family), [1, cluster_ip, 0, external], up);
+        self.count_addr(
+            AddrKey::new(k.addr, k.family),
+            [1, cluster_ip, 0, external],
+            up,
+        );
     }
 
     fn count_backend(&mut self, b: &Backend, up: bool) {
-        self.count_addr(addr_key(b.addr, b.family), [0, 0, 1, 0], up);
+        self.count_addr(AddrKey::new(b.addr, b.family), [0, 0, 1, 0], up);
     }
 
     fn count_addr(&mut self, key: AddrKey, by: [u32; 4], up: bool) {
@@ -1313,10 +1309,11 @@ impl<M: DatapathMaps> Reconciler<M> {
         for item in batch {
             let Some(after) = &item.after else { continue };
             let k = &item.slot0;
-            *need.entry(addr_key(k.addr, k.family)).or_default() |= frontend_flags(k, &after.value);
+            *need.entry(AddrKey::new(k.addr, k.family)).or_default() |=
+                frontend_flags(k, &after.value);
         }
         for (_, b) in &backends {
-            *need.entry(addr_key(b.addr, b.family)).or_default() |= addr_flags::BACKEND;
+            *need.entry(AddrKey::new(b.addr, b.family)).or_default() |= addr_flags::BACKEND;
         }
         self.raise_addrs(&need, &mut report.errors);
         let mut broken = BTreeSet::new();

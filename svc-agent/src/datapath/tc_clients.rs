@@ -90,11 +90,7 @@ impl TcClientMaps {
 /// its key runs from the backend to the client.
 #[must_use]
 pub fn client_of(key: &CtKey) -> Option<AddrKey> {
-    (key.dir == dir::REPLY).then_some(AddrKey {
-        addr: key.dst,
-        family: key.family,
-        _pad: [0; 3],
-    })
+    (key.dir == dir::REPLY).then_some(AddrKey::new(key.dst, key.family))
 }
 
 /// Records the client of every reply entry in the connection tables and marks the map ready,
