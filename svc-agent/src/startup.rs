@@ -286,10 +286,10 @@ fn fill_tc_clients(pin_dir: &std::path::Path) {
             took_ms = ms(since.elapsed()),
             "recorded the clients of the connection tables' flows: replies to other pods skip conntrack"
         ),
-        Ok(Filled::TooMany(clients)) => warn!(
-            clients,
-            "too many distinct clients in the connection tables to record them all: every reply \
-             from a backend address keeps its conntrack lookups until the next start"
+        Ok(Filled::TooMany) => warn!(
+            most = crate::datapath::tc_clients::Clients::ROOM,
+            "more distinct clients in the connection tables than can be recorded safely: every \
+             reply from a backend address keeps its conntrack lookups until a start finds fewer"
         ),
         Err(e) => warn!(
             "could not record the clients of the connection tables' flows (every reply from a \

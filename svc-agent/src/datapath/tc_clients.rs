@@ -32,9 +32,9 @@ pub enum Filled {
     AlreadyReady,
     /// These many distinct clients were recorded and the map marked ready.
     Ready(usize),
-    /// Too many distinct clients to record safely: the map stays not ready (replies from
-    /// backends keep their conntrack lookups).
-    TooMany(usize),
+    /// More than [`Clients::ROOM`] distinct clients: too many to record safely; the map stays
+    /// not ready (replies from backends keep their conntrack lookups).
+    TooMany,
 }
 
 /// The maps [`fill_and_mark_ready`] reads and writes.
@@ -93,6 +93,23 @@ pub fn client_of(key: &CtKey) -> Option<AddrKey> {
     (key.dir == dir::REPLY).then_some(AddrKey::new(key.dst, key.family))
 }
 
+/// The distinct clients of reply entries, gathered while the connection tables are read, up
+/// to half of `TC_CLIENTS_V1` (see the module documentation).
+#[derive(Debug, Default)]
+pub struct Clients(BTreeSet<AddrKey>);
+
+impl Clients {
+    /// The most clients recorded at once.
+    pub const ROOM: usize = (TC_CLIENTS_ENTRIES / 2) as usize;
+
+    /// Adds the client of `key`, if it is a reply entry; false once there are more than
+    /// [`ROOM`](Self::ROOM) (reading can stop: none will be recorded).
+    pub fn add(&mut self, key: &CtKey) -> bool {
+        self.0.extend(client_of(key));
+        self.0.len() <= Self::ROOM
+    }
+}
+
 /// Records the client of every reply entry in the connection tables and marks the map ready,
 /// unless it is ready already or the clients would not fit (see the module documentation).
 /// Call it once the agent's programs are attached.
@@ -107,17 +124,16 @@ pub fn fill_and_mark_ready(maps: &mut TcClientMaps) -> anyhow::Result<Filled> {
     if ready.ready == TC_CLIENTS_READY {
         return Ok(Filled::AlreadyReady);
     }
-    let mut clients = BTreeSet::new();
+    let mut clients = Clients::default();
     for table in &maps.conntrack {
         for entry in super::batch::entries(table) {
             let (key, _) = entry.context("reading a connection table")?;
-            clients.extend(client_of(&key));
+            if !clients.add(&key) {
+                return Ok(Filled::TooMany);
+            }
         }
     }
-    let room = usize::try_from(TC_CLIENTS_ENTRIES / 2).unwrap_or(usize::MAX);
-    if clients.len() > room {
-        return Ok(Filled::TooMany(clients.len()));
-    }
+    let Clients(clients) = clients;
     for client in &clients {
         maps.clients
             .insert(client, TcClient { since_ns: 0 }, 0)
@@ -142,9 +158,13 @@ mod tests {
     use super::*;
 
     fn key(d: u8) -> CtKey {
+        reply_to([2; 16], d)
+    }
+
+    fn reply_to(client: [u8; 16], d: u8) -> CtKey {
         CtKey {
             src: [1; 16],
-            dst: [2; 16],
+            dst: client,
             sport: svc_common::Be16(1),
             dport: svc_common::Be16(2),
             proto: 6,
@@ -160,5 +180,27 @@ mod tests {
         assert_eq!(client.addr, [2; 16]);
         assert_eq!(client.family, FAMILY_V6);
         assert_eq!(client_of(&key(dir::FORWARD)), None);
+    }
+
+    #[test]
+    fn clients_are_gathered_once_each_up_to_the_room_and_reading_stops_beyond() {
+        let client = |i: usize| {
+            let mut a = [0u8; 16];
+            a[..8].copy_from_slice(&i.to_be_bytes());
+            a
+        };
+        let mut clients = Clients::default();
+        for i in 0..Clients::ROOM {
+            // Two flows of each client, and a forward entry, which names none.
+            assert!(clients.add(&reply_to(client(i), dir::REPLY)));
+            assert!(clients.add(&reply_to(client(i), dir::REPLY)));
+            assert!(clients.add(&reply_to(client(i + Clients::ROOM), dir::FORWARD)));
+        }
+        assert_eq!(clients.0.len(), Clients::ROOM);
+        assert!(clients.0.contains(&AddrKey::new(client(0), FAMILY_V6)));
+        assert!(
+            !clients.add(&reply_to(client(Clients::ROOM), dir::REPLY)),
+            "one client more than the room must stop the fill"
+        );
     }
 }
