@@ -273,27 +273,29 @@ fn load_and_attach(plan: Plan, report: &mut Report) -> anyhow::Result<Attached> 
     Ok(Attached { ebpf, watch, links })
 }
 
-/// Completes `TC_CLIENTS_V1` from the connection tables and marks it ready
+/// Completes `TC_CLIENTS_V1` over the flows an older build tracked and marks it ready
 /// ([`crate::datapath::tc_clients`]). A failure only leaves replies to pods on their conntrack
 /// lookups: logged, not fatal.
 fn fill_tc_clients(pin_dir: &std::path::Path) {
-    use crate::datapath::tc_clients::{Filled, TcClientMaps, fill_and_mark_ready};
+    use crate::datapath::tc_clients::{
+        Filled, TcClientMaps, attached_interfaces, fill_and_mark_ready,
+    };
     let since = Instant::now();
-    match TcClientMaps::pinned(pin_dir).and_then(|mut maps| fill_and_mark_ready(&mut maps)) {
+    let filled = attached_interfaces(pin_dir).and_then(|interfaces| {
+        let mut maps = TcClientMaps::pinned(pin_dir)?;
+        fill_and_mark_ready(&mut maps, &interfaces)
+    });
+    match filled {
         Ok(Filled::AlreadyReady) => {}
-        Ok(Filled::Ready(clients)) => info!(
-            clients,
+        Ok(Filled::Ready(interfaces)) => info!(
+            interfaces,
             took_ms = ms(since.elapsed()),
-            "recorded the clients of the connection tables' flows: replies to other pods skip conntrack"
-        ),
-        Ok(Filled::TooMany) => warn!(
-            most = crate::datapath::tc_clients::Clients::ROOM,
-            "more distinct clients in the connection tables than can be recorded safely: every \
-             reply from a backend address keeps its conntrack lookups until a start finds fewer"
+            "recorded the pods with flows translated at TC (all interfaces when the connection \
+             tables hold any): replies to other pods skip conntrack"
         ),
         Err(e) => warn!(
-            "could not record the clients of the connection tables' flows (every reply from a \
-             backend address keeps its conntrack lookups until the next start): {e:#}"
+            "could not complete the record of pods with flows translated at TC (every reply from \
+             a backend address keeps its conntrack lookups until the next start): {e:#}"
         ),
     }
 }

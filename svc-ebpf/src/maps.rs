@@ -135,14 +135,15 @@ pub static MAGLEV_V1: HashMap<MaglevKey, MaglevChunk> =
 pub static SOURCE_RANGES_V1: LpmTrie<SourceRangeKey, SourceRangeValue> =
     LpmTrie::with_max_entries(SOURCE_RANGES_ENTRIES, BPF_F_NO_PREALLOC);
 
-/// Pods the TC programs translated a flow for (by address): replies to any other pod skip
-/// conntrack. Writer: the pod program (a pod's new flow). See `svc_common::tc_clients`.
+/// Pods the TC programs translated a flow for (by pod-facing interface): replies to any other
+/// pod skip conntrack. Writer: the pod program (a pod's new flow); the agent at start. See
+/// `svc_common::tc_clients`.
 #[map]
-pub static TC_CLIENTS_V1: LruHashMap<AddrKey, TcClient> =
+pub static TC_CLIENTS_V1: LruHashMap<u32, TcClient> =
     LruHashMap::with_max_entries(TC_CLIENTS_ENTRIES, 0);
 
-/// Whether `TC_CLIENTS_V1` names every client with a translated flow (key `0u32`). Writer: the
-/// agent, once it added the clients of the conntrack entries an older build left. See
+/// Whether `TC_CLIENTS_V1` names every pod with a translated flow (key `0u32`). Writer: the
+/// agent, once it recorded the pods of the conntrack entries an older build left. See
 /// `svc_common::tc_clients`.
 #[map]
 pub static TC_CLIENTS_READY_V1: Array<TcClientsReady> = Array::with_max_entries(1, 0);

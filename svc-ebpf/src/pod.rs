@@ -9,8 +9,8 @@
 //! got (`frag.rs`).
 //!
 //! To a pod (egress): is the source a backend address at all (one lookup; no: passed) -> does
-//! the pod have flows translated here at all (one lookup; no: passed, the usual case for pods
-//! translated at `connect()`) -> a reply from a backend gets the service address back as its source (and the first reply of a
+//! the pod (its interface) have flows translated here at all (one lookup; no: passed, the
+//! usual case for pods translated at `connect()`) -> a reply from a backend gets the service address back as its source (and the first reply of a
 //! flow moves it to the table of answered flows; later fragments of a reply: as their first).
 //!
 //! Every packet that stays on its way, translated or not, continues the TCX chain
@@ -162,7 +162,7 @@ fn to_service(ctx: &TcContext, pkt: &parse::Parsed) -> Outcome {
     if !established_backend(pkt, &mut target) {
         // 2. A new flow: is it for a service? Which backend? Remember the choice, and that
         //    this pod has flows translated here (before any entry: its replies need both).
-        if !mark_tc_client(pkt) {
+        if !mark_tc_client(ctx) {
             return Outcome::Drop(DropReason::CtInsertFailed);
         }
         match new_flow_backend(pkt, &mut target) {
@@ -339,19 +339,28 @@ pub fn to_pod(ctx: &TcContext) -> i32 {
     // translated here (pods translated at `connect()` talk to the backend itself).
     if !pkt.is_tcp_or_udp()
         || !addr_has(&pkt.src, pkt.family, addr_flags::BACKEND)
-        || !may_have_tc_flows(&pkt.dst, pkt.family)
+        || !may_have_tc_flows(ctx)
     {
         return TCX_NEXT;
     }
     reply_to_pod(ctx, &pkt, true)
 }
 
-/// Records that the packet's source (a pod) has a flow translated here, unless it is recorded
-/// already (a lookup: no write, no lock, for a pod's every flow after its first). False when
-/// it could not be recorded. A leaf subprogram of its own (its key in its own frame).
-#[inline(never)]
-fn mark_tc_client(pkt: &parse::Parsed) -> bool {
-    let key = AddrKey::new(pkt.src, pkt.family);
+/// The pod-facing interface the packet is on (the host end of the pod's veth): the same one
+/// for a pod's packets both ways.
+#[inline(always)]
+fn pod_interface(ctx: &TcContext) -> u32 {
+    // SAFETY: `skb` is this program's context; a plain field read.
+    unsafe { (*ctx.skb.skb).ifindex }
+}
+
+/// Records that the pod behind the packet's interface has a flow translated here, unless it is
+/// recorded already (a lookup: no write, no lock, for a pod's every flow after its first).
+/// Keyed by the interface, not the source address a pod may forge. False when it could not be
+/// recorded.
+#[inline(always)]
+fn mark_tc_client(ctx: &TcContext) -> bool {
+    let key = pod_interface(ctx);
     // SAFETY: only tested for presence.
     if unsafe { TC_CLIENTS_V1.get(&key) }.is_some() {
         return true;
@@ -362,12 +371,12 @@ fn mark_tc_client(pkt: &parse::Parsed) -> bool {
     TC_CLIENTS_V1.insert(&key, &value, 0).is_ok()
 }
 
-/// Whether `addr` (a pod) may have flows translated here (`svc_common::tc_clients`): it is in
-/// `TC_CLIENTS_V1`, or the agent has not yet filled that map with the clients of flows an
-/// older build recorded.
+/// Whether the pod behind the packet's interface may have flows translated here
+/// (`svc_common::tc_clients`): its interface is in `TC_CLIENTS_V1`, or the agent has not yet
+/// recorded the interfaces of flows an older build tracked.
 #[inline(always)]
-fn may_have_tc_flows(addr: &Addr, family: u8) -> bool {
-    let key = AddrKey::new(*addr, family);
+fn may_have_tc_flows(ctx: &TcContext) -> bool {
+    let key = pod_interface(ctx);
     // SAFETY: only tested for presence.
     unsafe { TC_CLIENTS_V1.get(&key) }.is_some()
         || TC_CLIENTS_READY_V1

@@ -11,9 +11,9 @@
 //!   conntrack and affinity entries must be the same ones, and the TC links must be the same
 //!   links with the new programs in them (`BPF_LINK_UPDATE`), the cgroup links new ones, the
 //!   old programs off every hook. While killed, the record of pods with TC flows
-//!   (`TC_CLIENTS_V1`) is marked not filled, as a build without it leaves it: the restarted
-//!   agent must fill it from the connection tables (naming the client when its flows are
-//!   translated at TC, not when at the socket); after the graceful stop it must read nothing. At the end `svc-agent cleanup` removes everything.
+//!   (`TC_CLIENTS_V1`) is marked not complete, as a build without it leaves it: the restarted
+//!   agent must complete it (naming the client's interface when its flows are translated at
+//!   TC, not when at the socket); after the graceful stop it must read nothing. At the end `svc-agent cleanup` removes everything.
 //! - **Stale pins**: interfaces deleted, renamed away or created while no agent ran: the new
 //!   agent removes the pins of the first two (detaching the renamed one), attaches to the new
 //!   one, and goes on following interfaces.
@@ -51,7 +51,6 @@ use svc_agent::{
 };
 use svc_common::{
     addr::{self, FAMILY_V4, FAMILY_V6},
-    addrs::AddrKey,
     affinity::{AffinityKey, AffinityValue},
     conntrack::{CtKey, CtValue, dir},
     net::ipproto,
@@ -310,30 +309,29 @@ fn set_tc_clients_ready(bpffs: &Path, ready: u32) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The pods `TC_CLIENTS_V1` names (address, family).
-fn tc_clients(bpffs: &Path) -> anyhow::Result<BTreeSet<(addr::Addr, u8)>> {
-    let map: BpfHashMap<_, AddrKey, TcClient> =
+/// The pod-facing interfaces `TC_CLIENTS_V1` names.
+fn tc_clients(bpffs: &Path) -> anyhow::Result<BTreeSet<u32>> {
+    let map: BpfHashMap<_, u32, TcClient> =
         BpfHashMap::try_from(Map::LruHashMap(open_pinned(bpffs, "TC_CLIENTS_V1")?))?;
-    Ok(map
-        .keys()
-        .filter_map(Result::ok)
-        .map(|k| (k.addr, k.family))
-        .collect())
+    Ok(map.keys().filter_map(Result::ok).collect())
 }
 
-/// After a restart: the record of the pods with flows translated at TC is complete and names
-/// the long-lived flows' client (both families). With `filled`, the map had been left not
-/// ready (as an older build leaves it), and the new agent must have filled it from the
-/// connection tables, saying so; otherwise it was ready and the agent read nothing.
-fn check_tc_clients(node: &Node, log: &str, flows: &[(SocketAddr, SocketAddr)], filled: bool) {
+/// After a restart: the record of pods with flows translated at TC is complete and names the
+/// client's interface exactly when its flows are translated at TC. With `filled`, the map had
+/// been left not ready (as an older build leaves it), and the new agent must have completed
+/// it, saying so; otherwise it was ready and the agent read nothing.
+fn check_tc_clients(node: &Node, log: &str, client_if: &str, filled: bool) {
+    let at_socket = k8s::pods_at_socket();
     let said = log
         .lines()
-        .find(|l| l.contains("recorded the clients of the connection tables' flows"));
+        .find(|l| l.contains("recorded the pods with flows translated at TC"));
     if filled {
         let line = said.unwrap_or_else(|| panic!("the agent did not fill TC_CLIENTS_V1:\n{log}"));
-        assert!(
-            k8s::pods_at_socket() || !line.contains("clients=0 "),
-            "the agent found no client in the connection tables: {line}"
+        // At TC the connection tables hold the long-lived flows: every interface is recorded.
+        assert_eq!(
+            line.contains("interfaces=0 "),
+            at_socket,
+            "interfaces recorded (pods at the socket: {at_socket}): {line}"
         );
     } else {
         assert!(
@@ -348,16 +346,12 @@ fn check_tc_clients(node: &Node, log: &str, flows: &[(SocketAddr, SocketAddr)], 
     );
     let recorded = tc_clients(&node.bpffs).unwrap_or_else(|e| panic!("{e:#}"));
     // At the socket, the client's connections never reach conntrack: replies to it skip it.
-    let at_socket = k8s::pods_at_socket();
-    for (client, _) in flows {
-        assert_eq!(
-            recorded.contains(&map_addr(client.ip())),
-            !at_socket,
-            "TC_CLIENTS_V1 and the client {} of a long-lived flow (pods at the socket: \
-             {at_socket}): {recorded:?}",
-            client.ip()
-        );
-    }
+    assert_eq!(
+        recorded.contains(&ifindex(node, client_if)),
+        !at_socket,
+        "TC_CLIENTS_V1 and the client's interface {client_if} (pods at the socket: \
+         {at_socket}): {recorded:?}"
+    );
 }
 
 /// The connect-time reverse entries (`(socket cookie, backend, port)` => service address and
@@ -1047,7 +1041,7 @@ fn restart_under_load(
             .any(|l| l.contains("attached connect-time translation") && l.contains("replaced=8")),
         "the restarted agent did not replace the 8 connect-time links:\n{log}"
     );
-    check_tc_clients(&node1, &log, flows, !graceful);
+    check_tc_clients(&node1, &log, &client_if, !graceful);
     c.step(&format!(
         "{kind}: agent running again {:.0} ms after the stop; its first sync: {}",
         downtime.as_secs_f64() * 1e3,

@@ -1,28 +1,27 @@
-//! Filling `TC_CLIENTS_V1` with the clients of flows an older build recorded, then marking it
-//! ready (`svc_common::tc_clients`).
+//! Completing `TC_CLIENTS_V1` over the flows an older build tracked, then marking it ready
+//! (`svc_common::tc_clients`).
 //!
-//! The pod program records each pod it translates a new flow for in `TC_CLIENTS_V1`, and the
-//! reply path passes a backend's packet to any other pod without a conntrack lookup, but only
-//! once `TC_CLIENTS_READY_V1` says the map is complete. When the map is new (a node's first
-//! agent, or an upgrade from a build without it), the connection tables may hold flows whose
-//! clients nobody recorded. Once the agent's programs are attached (no older program adds flows
-//! any more), [`fill_and_mark_ready`] reads both connection tables, records the client of
-//! every reply entry, and marks the map ready. Until then every reply from a backend address is
-//! looked up in conntrack, as before the map existed.
+//! The pod program records the interface of each pod it translates a new flow for in
+//! `TC_CLIENTS_V1`, and the reply path passes a backend's packet to any other pod without a
+//! conntrack lookup, but only once `TC_CLIENTS_READY_V1` says the map is complete. When the
+//! map is new (a node's first agent, or an upgrade from a build without it), the connection
+//! tables may hold flows whose pods nobody recorded. Once the agent's programs are attached
+//! (no older program adds flows any more), [`fill_and_mark_ready`] looks for a translated
+//! flow in both connection tables; if there is one, it records every interface the agent
+//! attached to (a flow names its client's address, not the interface it is behind), then
+//! marks the map ready. Until then every reply from a backend address is looked up in
+//! conntrack, as before the map existed.
 //!
-//! The map is marked ready only if every client found fits with room to spare (half of
-//! [`TC_CLIENTS_ENTRIES`]): filling an LRU past its size would evict clients with live flows,
-//! whose replies would then go untranslated. A node with more distinct clients (external
-//! clients of `NodePort`s count too) stays on the conntrack lookups, and says so.
+//! Recording every interface costs the pods of that moment the lookups they paid before (until
+//! they are replaced: a new pod has a new interface); it never leaves a flow untranslated.
 
-use std::{collections::BTreeSet, path::Path};
+use std::path::Path;
 
 use anyhow::Context as _;
 use aya::maps::{Array, HashMap as BpfHashMap, Map, MapData};
 use svc_common::{
-    addrs::AddrKey,
     conntrack::{CtKey, CtValue, dir},
-    tc_clients::{TC_CLIENTS_ENTRIES, TC_CLIENTS_READY, TcClient, TcClientsReady},
+    tc_clients::{TC_CLIENTS_READY, TcClient, TcClientsReady},
 };
 
 /// What [`fill_and_mark_ready`] did.
@@ -30,11 +29,9 @@ use svc_common::{
 pub enum Filled {
     /// The map was ready already (an agent of this layout marked it): nothing read.
     AlreadyReady,
-    /// These many distinct clients were recorded and the map marked ready.
+    /// The map is ready now, with these many interfaces recorded (0: the connection tables
+    /// held no translated flow).
     Ready(usize),
-    /// More than [`Clients::ROOM`] distinct clients: too many to record safely; the map stays
-    /// not ready (replies from backends keep their conntrack lookups).
-    TooMany,
 }
 
 /// The maps [`fill_and_mark_ready`] reads and writes.
@@ -42,7 +39,7 @@ pub struct TcClientMaps {
     /// `CT_V1` and `CT_NEW_V1`.
     pub conntrack: [BpfHashMap<MapData, CtKey, CtValue>; 2],
     /// `TC_CLIENTS_V1`.
-    pub clients: BpfHashMap<MapData, AddrKey, TcClient>,
+    pub clients: BpfHashMap<MapData, u32, TcClient>,
     /// `TC_CLIENTS_READY_V1`.
     pub ready: Array<MapData, TcClientsReady>,
 }
@@ -86,37 +83,43 @@ impl TcClientMaps {
     }
 }
 
-/// The client (as `TC_CLIENTS_V1` keys it) of a connection-table entry that is a reply entry:
-/// its key runs from the backend to the client.
+/// Whether a connection-table entry is the reply entry of a translated flow (its key runs
+/// from the backend to the client, whose replies the reply path looks up).
 #[must_use]
-pub fn client_of(key: &CtKey) -> Option<AddrKey> {
-    (key.dir == dir::REPLY).then_some(AddrKey::new(key.dst, key.family))
+pub fn is_reply_entry(key: &CtKey) -> bool {
+    key.dir == dir::REPLY
 }
 
-/// The distinct clients of reply entries, gathered while the connection tables are read, up
-/// to half of `TC_CLIENTS_V1` (see the module documentation).
-#[derive(Debug, Default)]
-pub struct Clients(BTreeSet<AddrKey>);
-
-impl Clients {
-    /// The most clients recorded at once.
-    pub const ROOM: usize = (TC_CLIENTS_ENTRIES / 2) as usize;
-
-    /// Adds the client of `key`, if it is a reply entry; false once there are more than
-    /// [`ROOM`](Self::ROOM) (reading can stop: none will be recorded).
-    pub fn add(&mut self, key: &CtKey) -> bool {
-        self.0.extend(client_of(key));
-        self.0.len() <= Self::ROOM
+/// The interfaces the agent's TC programs are attached to (the directories of
+/// `<pin dir>/links/tc`; node-facing ones too, which the reply path to pods never sees).
+///
+/// # Errors
+/// When the directory cannot be read.
+pub fn attached_interfaces(pin_dir: &Path) -> anyhow::Result<Vec<u32>> {
+    let dir = crate::pins::tc_dir(pin_dir);
+    let mut out = Vec::new();
+    let entries = match std::fs::read_dir(&dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", dir.display())),
+    };
+    for entry in entries {
+        let entry = entry.with_context(|| format!("reading {}", dir.display()))?;
+        if let Some(ifindex) = entry.file_name().to_str().and_then(|n| n.parse().ok()) {
+            out.push(ifindex);
+        }
     }
+    out.sort_unstable();
+    Ok(out)
 }
 
-/// Records the client of every reply entry in the connection tables and marks the map ready,
-/// unless it is ready already or the clients would not fit (see the module documentation).
-/// Call it once the agent's programs are attached.
+/// Marks the map ready, after recording `interfaces` if the connection tables hold a
+/// translated flow; does nothing when it is ready already (see the module documentation).
+/// Call it once the agent's programs are attached, with the interfaces they are attached to.
 ///
 /// # Errors
 /// When a map cannot be read or written; the map is then left not ready.
-pub fn fill_and_mark_ready(maps: &mut TcClientMaps) -> anyhow::Result<Filled> {
+pub fn fill_and_mark_ready(maps: &mut TcClientMaps, interfaces: &[u32]) -> anyhow::Result<Filled> {
     let ready = maps
         .ready
         .get(&0, 0)
@@ -124,19 +127,20 @@ pub fn fill_and_mark_ready(maps: &mut TcClientMaps) -> anyhow::Result<Filled> {
     if ready.ready == TC_CLIENTS_READY {
         return Ok(Filled::AlreadyReady);
     }
-    let mut clients = Clients::default();
-    for table in &maps.conntrack {
+    let mut tracked = false;
+    'tables: for table in &maps.conntrack {
         for entry in super::batch::entries(table) {
             let (key, _) = entry.context("reading a connection table")?;
-            if !clients.add(&key) {
-                return Ok(Filled::TooMany);
+            if is_reply_entry(&key) {
+                tracked = true;
+                break 'tables;
             }
         }
     }
-    let Clients(clients) = clients;
-    for client in &clients {
+    let recorded: &[u32] = if tracked { interfaces } else { &[] };
+    for ifindex in recorded {
         maps.clients
-            .insert(client, TcClient { since_ns: 0 }, 0)
+            .insert(ifindex, TcClient { since_ns: 0 }, 0)
             .context("writing TC_CLIENTS_V1")?;
     }
     maps.ready
@@ -148,7 +152,7 @@ pub fn fill_and_mark_ready(maps: &mut TcClientMaps) -> anyhow::Result<Filled> {
             0,
         )
         .context("writing TC_CLIENTS_READY_V1")?;
-    Ok(Filled::Ready(clients.len()))
+    Ok(Filled::Ready(recorded.len()))
 }
 
 #[cfg(test)]
@@ -158,13 +162,9 @@ mod tests {
     use super::*;
 
     fn key(d: u8) -> CtKey {
-        reply_to([2; 16], d)
-    }
-
-    fn reply_to(client: [u8; 16], d: u8) -> CtKey {
         CtKey {
             src: [1; 16],
-            dst: client,
+            dst: [2; 16],
             sport: svc_common::Be16(1),
             dport: svc_common::Be16(2),
             proto: 6,
@@ -175,32 +175,20 @@ mod tests {
     }
 
     #[test]
-    fn a_reply_entry_names_its_destination_as_the_client_and_a_forward_entry_names_none() {
-        let client = client_of(&key(dir::REPLY)).expect("a reply entry has a client");
-        assert_eq!(client.addr, [2; 16]);
-        assert_eq!(client.family, FAMILY_V6);
-        assert_eq!(client_of(&key(dir::FORWARD)), None);
+    fn only_a_reply_entry_says_a_translated_flow_is_tracked() {
+        assert!(is_reply_entry(&key(dir::REPLY)));
+        assert!(!is_reply_entry(&key(dir::FORWARD)));
     }
 
     #[test]
-    fn clients_are_gathered_once_each_up_to_the_room_and_reading_stops_beyond() {
-        let client = |i: usize| {
-            let mut a = [0u8; 16];
-            a[..8].copy_from_slice(&i.to_be_bytes());
-            a
-        };
-        let mut clients = Clients::default();
-        for i in 0..Clients::ROOM {
-            // Two flows of each client, and a forward entry, which names none.
-            assert!(clients.add(&reply_to(client(i), dir::REPLY)));
-            assert!(clients.add(&reply_to(client(i), dir::REPLY)));
-            assert!(clients.add(&reply_to(client(i + Clients::ROOM), dir::FORWARD)));
+    fn attached_interfaces_are_the_numeric_directories_of_the_tc_links() {
+        let tmp = std::env::temp_dir().join(format!("svc-tc-clients-{}", std::process::id()));
+        let tc = crate::pins::tc_dir(&tmp);
+        assert_eq!(attached_interfaces(&tmp).unwrap(), Vec::<u32>::new());
+        for name in ["12", "3", "not-an-ifindex"] {
+            std::fs::create_dir_all(tc.join(name)).unwrap();
         }
-        assert_eq!(clients.0.len(), Clients::ROOM);
-        assert!(clients.0.contains(&AddrKey::new(client(0), FAMILY_V6)));
-        assert!(
-            !clients.add(&reply_to(client(Clients::ROOM), dir::REPLY)),
-            "one client more than the room must stop the fill"
-        );
+        assert_eq!(attached_interfaces(&tmp).unwrap(), vec![3, 12]);
+        std::fs::remove_dir_all(&tmp).unwrap();
     }
 }
