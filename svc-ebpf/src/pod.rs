@@ -10,8 +10,9 @@
 //!
 //! To a pod (egress): is the source a backend address at all (one lookup; no: passed) -> does
 //! the pod (its interface) have flows translated here at all (one lookup; no: passed, the
-//! usual case for pods translated at `connect()`) -> a reply from a backend gets the service address back as its source (and the first reply of a
-//! flow moves it to the table of answered flows; later fragments of a reply: as their first).
+//! usual case for pods translated at `connect()`) -> a reply from a backend gets the service
+//! address back as its source (and the first reply of a flow moves it to the table of answered
+//! flows; later fragments of a reply: as their first).
 //!
 //! Every packet that stays on its way, translated or not, continues the TCX chain
 //! ([`TCX_NEXT`]): other programs on the hook, and classic tc filters behind them, see it.
